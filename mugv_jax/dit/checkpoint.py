@@ -1,0 +1,131 @@
+"""Release checkpoints (`dit.pt` or safetensors, release names) in and out of the JAX model.
+
+Loading is strict: names and shapes are checked against the schema for the config before any
+tensor is read, and the error names every missing, unexpected or mis-shaped tensor. Tensors are
+read and converted one at a time (safetensors lazily, `.pt` memory-mapped with weights_only=True).
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from converters.layouts import jax as jax_layout
+from converters.schema import check_state_dict_shapes, release_schema
+from mugv.config import DiTConfig, get_config
+from mugv_jax.dit.model import MUGDiT, RuntimeOptions
+
+
+class ReleaseCheckpoint:
+    """Read-only view of a flat {name: tensor} release checkpoint, one tensor at a time."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        if not os.path.isfile(self.path):
+            raise FileNotFoundError(f"checkpoint file not found: {self.path}")
+        if self.path.endswith(".safetensors"):
+            from safetensors import safe_open
+            self._st = safe_open(self.path, framework="pt")
+            self._shapes = {k: tuple(self._st.get_slice(k).get_shape()) for k in self._st.keys()}
+            self._pt = None
+        else:
+            import torch
+            try:
+                sd = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:  # noqa: BLE001 - re-raised with the file named
+                raise ValueError(f"cannot read {self.path} as a torch state dict "
+                                 f"(weights_only=True): {e}") from e
+            if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+                raise ValueError(f"{self.path} is not a flat {{name: tensor}} state dict like the "
+                                 f"release dit.pt (top-level keys: {list(sd)[:8]})")
+            self._pt = sd
+            self._shapes = {k: tuple(v.shape) for k, v in sd.items()}
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return dict(self._shapes)
+
+    def get(self, name: str) -> np.ndarray:
+        """One tensor as float32 numpy (bf16/fp16 widen exactly)."""
+        import torch
+        t = self._pt[name] if self._pt is not None else self._st.get_tensor(name)
+        if t.is_floating_point() and t.dtype != torch.float32:
+            t = t.to(torch.float32)
+        return t.numpy()
+
+
+def abstract_model(config: DiTConfig, options: RuntimeOptions | None = None) -> MUGDiT:
+    """The model with ShapeDtypeStruct parameters: shapes and logical axes, nothing allocated."""
+    return nnx.eval_shape(lambda: MUGDiT(config, rngs=nnx.Rngs(0), options=options))
+
+
+def init(config: DiTConfig | str, seed: int = 0, options: RuntimeOptions | None = None) -> MUGDiT:
+    """A freshly initialised model (reference-trainer initialisation)."""
+    return MUGDiT(get_config(config), rngs=nnx.Rngs(seed), options=options)
+
+
+def _path(p) -> str:
+    return ".".join(str(k) for k in p)
+
+
+def model_from_params(config: DiTConfig, params: dict[str, np.ndarray],
+                      options: RuntimeOptions | None = None) -> MUGDiT:
+    """Build a model from a flat {JAX path: array} dict; every parameter must be present."""
+    graphdef, state = nnx.split(abstract_model(config, options))
+    flat = nnx.to_flat_state(state)
+    for path, var in flat:
+        key = _path(path)
+        if key not in params:
+            raise KeyError(f"no value for JAX parameter {key}")
+        arr = params[key]
+        want = tuple(var.get_value().shape)
+        if tuple(arr.shape) != want:
+            raise ValueError(f"JAX parameter {key}: got shape {list(arr.shape)}, expected {list(want)}")
+        var.set_value(jnp.asarray(arr, jnp.float32))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def load(path: str | os.PathLike, config: DiTConfig | str = "10b", *,
+         options: RuntimeOptions | None = None, progress: bool = False) -> MUGDiT:
+    """Load a release-layout DiT checkpoint (safetensors or torch `.pt`) into a JAX model.
+
+    The returned model is called like the release model:
+    `model(x, timestep, y, mask=..., x_mask=..., fps=..., frame_indice=...)` → [B, 48, T, H, W].
+    """
+    config = get_config(config)
+    ckpt = ReleaseCheckpoint(path)
+    check_state_dict_shapes(ckpt.shapes(), release_schema(config), ckpt.path)
+    shapes = jax_layout.jax_param_shapes(config)
+    params: dict[str, np.ndarray] = {}
+    names = list(release_schema(config))
+    if progress:
+        from tqdm import tqdm
+        names = tqdm(names, desc=f"loading {os.path.basename(ckpt.path)}", unit="tensor")
+    for name in names:
+        jpath, layer, arr = jax_layout.release_to_jax(name, ckpt.get(name), config)
+        if layer is None:
+            params[jpath] = arr
+        else:
+            if jpath not in params:
+                params[jpath] = np.empty(shapes[jpath], np.float32)
+            params[jpath][layer] = arr
+    return model_from_params(config, params, options)
+
+
+def flat_params(model: MUGDiT) -> dict[str, jax.Array]:
+    return {_path(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def iter_release_tensors(model: MUGDiT) -> Iterator[tuple[str, np.ndarray]]:
+    """(release name, float32 array) for every parameter, one at a time (JAX parameter order)."""
+    params = {k: np.asarray(v) for k, v in flat_params(model).items()}
+    yield from jax_layout.jax_to_release_all(params, model.config)
+
+
+def export_release_state_dict(model: MUGDiT) -> dict[str, np.ndarray]:
+    """The model's parameters as a release-layout {name: float32 array} dict, in release order."""
+    tensors = dict(iter_release_tensors(model))
+    return {name: tensors[name] for name in release_schema(model.config)}

@@ -1,0 +1,37 @@
+"""Small, safe file helpers: atomic safetensors writes and checked reads."""
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+
+
+def save_atomic(tensors: dict[str, np.ndarray], path: str | os.PathLike, metadata: dict | None = None) -> None:
+    """Write to a temporary file in the target directory, then rename: a crash never leaves a
+    half-written file under the final name, and an existing file stays intact until the end."""
+    from safetensors.numpy import save_file
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=directory)
+    os.close(fd)
+    try:
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_tensors(path: str | os.PathLike, required: tuple[str, ...] = (), what: str = "file"):
+    from safetensors.numpy import load_file
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} not found: {path}")
+    tensors = load_file(path)
+    missing = [k for k in required if k not in tensors]
+    if missing:
+        raise KeyError(f"{what} {path} lacks tensor(s) {missing}; it has {sorted(tensors)}")
+    return tensors
