@@ -29,6 +29,8 @@ DEFAULT_RULES: tuple[tuple[str, object], ...] = (
     ("frequency", None),     # sinusoidal feature width (256)
     ("patch", None),         # patch kernel axes and per-patch output features
     ("channels", None),      # latent channels
+    ("conv_in", None),       # VAE convolution input / output channels
+    ("conv_out", None),
     # activations
     ("batch", ("data", "fsdp")),
     ("length", "context"),   # video token axis: context parallel
@@ -68,6 +70,25 @@ def logical_to_spec(logical_axes: Sequence[str | None], rules=DEFAULT_RULES,
     return PartitionSpec(*spec)
 
 
+def spec_for_shape(shape: Sequence[int], logical_axes: Sequence[str | None] | None, mesh: Mesh,
+                   rules=DEFAULT_RULES) -> PartitionSpec:
+    """Like logical_to_spec, but a mesh axis is dropped where the dimension does not divide by it
+    (e.g. 2 heads over tensor=4): that dimension is replicated instead of failing."""
+    if logical_axes is None:
+        return PartitionSpec()
+    spec = logical_to_spec(logical_axes, rules, mesh)
+    out = []
+    for dim, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+        kept, size = [], 1
+        for a in axes:
+            if dim % (size * mesh.shape[a]) == 0:
+                kept.append(a)
+                size *= mesh.shape[a]
+        out.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+    return PartitionSpec(*out)
+
+
 @contextlib.contextmanager
 def activation_sharding(mesh: Mesh, rules=DEFAULT_RULES):
     """Within this context, `constrain` pins activations to the mesh by their logical names."""
@@ -85,7 +106,7 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     if ctx is None:
         return x
     mesh, rules = ctx
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(logical_axes, rules, mesh)))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec_for_shape(x.shape, logical_axes, mesh, rules)))
 
 
 def param_logical_axes(module) -> dict[str, tuple]:

@@ -1,0 +1,116 @@
+"""Release `vae.pt` layout ↔ `VideoVAE`: strict loading and bit-exact export.
+
+Module attributes mirror the release's module tree and parameters keep PyTorch layout, so a
+variable's dotted path is its release name and values move without any transform; the
+round trip release → JAX → release is therefore bit-exact by construction (and tested).
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mugv.vae_config import VAEConfig, get_vae_config, release_vae_schema
+from mugv_jax.vae.layers import F32, Buffer
+from mugv_jax.vae.model import VideoVAE
+
+
+def _named_variables(state: nnx.State, config: VAEConfig) -> dict[str, nnx.Variable]:
+    """{release name: variable} of a model state, in release order."""
+    by_name = {".".join(str(p) for p in path): var for path, var in nnx.to_flat_state(state)}
+    schema = release_vae_schema(config)
+    if set(by_name) != set(schema):
+        # The module tree and the schema are two descriptions of one layout; they must agree.
+        raise RuntimeError(f"VideoVAE variables and release_vae_schema disagree: "
+                           f"{sorted(set(by_name) ^ set(schema))[:10]}")
+    return {name: by_name[name] for name in schema}
+
+
+def _flat_variables(model: VideoVAE) -> dict[str, nnx.Variable]:
+    return _named_variables(nnx.state(model, nnx.Any(nnx.Param, Buffer)), model.config)
+
+
+def release_state(model: VideoVAE) -> dict[str, jax.Array | jax.ShapeDtypeStruct]:
+    """{release name: value} in release order, without copying (abstract models give shapes)."""
+    return {name: var.get_value() for name, var in _flat_variables(model).items()}
+
+
+def export_release_state_dict(model: VideoVAE) -> dict[str, np.ndarray]:
+    """The model as the release's flat state dict: float32 numpy arrays in PyTorch layout."""
+    return {name: np.array(value) for name, value in release_state(model).items()}
+
+
+def _read_safetensors(path: str) -> tuple[dict[str, tuple[int, ...]], Callable[[str], np.ndarray]]:
+    from safetensors import safe_open
+
+    handle = safe_open(path, framework="pt")
+    shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
+    return shapes, lambda name: _torch_to_f32(handle.get_tensor(name), name, path)
+
+
+def _read_torch(path: str) -> tuple[dict[str, tuple[int, ...]], Callable[[str], np.ndarray]]:
+    import torch
+
+    # mmap: tensors are read from disk one at a time as they are converted.
+    sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"{path} is not a flat {{name: tensor}} state dict")
+    shapes = {k: tuple(v.shape) for k, v in sd.items()}
+    return shapes, lambda name: _torch_to_f32(sd[name], name, path)
+
+
+def _torch_to_f32(t, name: str, path: str) -> np.ndarray:
+    import torch
+
+    if not t.is_floating_point():
+        raise ValueError(f"tensor {name!r} in {path} has dtype {t.dtype}; expected a floating tensor")
+    return t.detach().to(torch.float32).contiguous().numpy()
+
+
+def read_release_tensors(path: str | os.PathLike):
+    """(shapes, get) for a `.safetensors` file or a torch state dict (`.pt`/`.pth`/`.bin`)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"VAE checkpoint {path} does not exist")
+    if path.endswith(".safetensors"):
+        return _read_safetensors(path)
+    return _read_torch(path)
+
+
+def check_strict(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], path: str):
+    """Raise ValueError listing every missing, unexpected or mis-shaped tensor of `path`."""
+    problems = []
+    for name, shape in expected.items():
+        if name not in found:
+            problems.append(f"missing tensor {name!r} (model expects shape {shape}) in {path}")
+        elif tuple(found[name]) != tuple(shape):
+            problems.append(f"tensor {name!r} in {path} has shape {tuple(found[name])}, "
+                            f"the model expects {tuple(shape)}")
+    for name in found:
+        if name not in expected:
+            problems.append(f"unexpected tensor {name!r} (shape {tuple(found[name])}) in {path}: "
+                            f"not part of the model")
+    if problems:
+        shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
+        raise ValueError(f"strict load of {path} failed ({len(problems)} problems):\n  " + "\n  ".join(shown))
+
+
+def load(path: str | os.PathLike, config: "VAEConfig | str" = "release", *, compute_dtype=F32) -> VideoVAE:
+    """A `VideoVAE` holding the tensors of a release-layout checkpoint (strict, float32 params).
+
+    The model is built abstractly first, so no random weights are ever allocated.
+    """
+    config = get_vae_config(config)
+    path = os.fspath(path)
+    abstract = nnx.eval_shape(lambda: VideoVAE(config, rngs=nnx.Rngs(0), compute_dtype=compute_dtype))
+    graphdef, state = nnx.split(abstract)
+    variables = _named_variables(state, config)
+    shapes, get = read_release_tensors(path)
+    check_strict({n: tuple(v.get_value().shape) for n, v in variables.items()}, shapes, path)
+    for name, var in variables.items():
+        var.set_value(jnp.asarray(get(name), dtype=var.get_value().dtype))
+    return nnx.merge(graphdef, state)
