@@ -1,0 +1,42 @@
+"""Defaults shared by every training config (reference-trainer values, spec.md §2)."""
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.model = "tiny"                 # mugv.config.PRESETS
+    c.model_overrides = ml_collections.ConfigDict()  # DiTConfig field overrides
+    c.init_from = ""                 # release-layout checkpoint to start from ("" = random init)
+    c.seed = 0
+    c.num_steps = 100
+    c.compute_dtype = "float32"      # "bfloat16" for real runs
+    c.attention = "xla"
+    c.remat = "none"                 # none | full | dots | dots_no_batch
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.ici = dict(data=-1, fsdp=1, tensor=1, context=1)   # -1: all remaining devices
+    c.mesh.dcn = dict(data=1, fsdp=1, tensor=1, context=1)    # multi-slice factors
+
+    c.optim = ml_collections.ConfigDict(dict(
+        learning_rate=1e-5, warmup_steps=100, schedule="constant", decay_steps=0, final_lr_ratio=0.0,
+        b1=0.9, b2=0.999, eps=1e-10, weight_decay=0.0, clip_norm=1.0, ema_decay=0.9999,
+        grad_accum_steps=1))
+    c.objective = ml_collections.ConfigDict(dict(
+        shift_num_frames=ml_collections.FieldReference(None, field_type=int),
+        i2v_prob=0.0, i2v_mode="first", caption_dropout_prob=0.1))
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "synthetic"
+    # (latent frames, latent height, latent width, global batch size); one shape per batch.
+    c.data.buckets = ((2, 4, 6, 8),)
+    c.data.text_len = 8
+    c.data.num_prompts = 4
+    c.data.fps = 24.0
+
+    c.log_every = 10
+    c.checkpoint_every = 100
+    c.keep_checkpoints = 3
+    c.async_checkpoint = True
+    c.max_nonfinite_in_a_row = 10
+    c.profile = ml_collections.ConfigDict(dict(start_step=-1, num_steps=3))
+    return c

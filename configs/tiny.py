@@ -1,0 +1,29 @@
+"""The tiny model on synthetic caption-dependent latents: the bundled main job and the tests.
+
+`--config=configs/tiny.py` (default) or `configs/tiny.py:i2v` to train with image-to-video
+conditioning frames as well.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from base import base_config  # noqa: E402
+
+
+def get_config(arg: str | None = None):
+    c = base_config()
+    c.model = "tiny"
+    c.num_steps = 200
+    c.optim.learning_rate = 3e-3
+    c.optim.warmup_steps = 20
+    c.optim.ema_decay = 0.99
+    c.objective.caption_dropout_prob = 0.0
+    c.data.buckets = ((2, 4, 6, 16), (3, 4, 4, 16))
+    c.log_every = 20
+    c.checkpoint_every = 100
+    if arg == "i2v":
+        c.objective.i2v_prob = 0.5
+        c.objective.i2v_mode = "quarter"
+    elif arg:
+        raise ValueError(f"configs/tiny.py: unknown argument {arg!r} (known: i2v)")
+    return c

@@ -1,0 +1,210 @@
+"""Train MUG-DiT with JAX: `python -m mugv_jax.train --config=configs/tiny.py --workdir=DIR`.
+
+Configs are Python files returning an ml_collections ConfigDict (`--config=configs/mugv_10b.py:video_720`
+picks a stage), overridable per field (`--config.optim.learning_rate=3e-5`). `--workdir` holds
+checkpoints/, tensorboard/ (event files + metrics.jsonl) and config.json. Re-running the same
+command resumes from the newest readable checkpoint. SIGTERM saves at the next step boundary and
+exits 0. Multi-host: run the same command on every host (jax.distributed is initialised from the
+environment when `--distributed` is set).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import sys
+import time
+
+import jax
+import numpy as np
+
+from mugv import flops as flops_lib
+from mugv.config import DiTConfig, get_config
+from mugv.geometry import num_video_tokens
+from mugv_jax import checkpointing, data as data_lib, mesh as mesh_lib, objective as obj
+from mugv_jax import trainer as trainer_lib
+from mugv_jax.dit.model import RuntimeOptions
+from mugv_jax.metrics import MetricsWriter
+
+log = logging.getLogger("mugv.train")
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def model_config_from(config) -> DiTConfig:
+    return get_config(config.model, **dict(config.get("model_overrides", {}) or {}))
+
+
+def _dataclass_from(cls, section):
+    known = {f.name for f in dataclasses.fields(cls)}
+    values = dict(section)
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields in config: {sorted(unknown)}")
+    return cls(**values)
+
+
+def build_source(config, model_cfg: DiTConfig):
+    d = config.data
+    buckets = [data_lib.Bucket(*map(int, b)) for b in d.buckets]
+    if d.source == "synthetic":
+        return data_lib.SyntheticTextToLatent(
+            buckets, in_channels=model_cfg.in_channels, text_dim=model_cfg.text_dim,
+            text_len=int(d.text_len), num_prompts=int(d.num_prompts), fps=float(d.fps), seed=int(config.seed))
+    raise ValueError(f"config.data.source={d.source!r} is not available (known: 'synthetic')")
+
+
+def _init_params_from(path: str, model_cfg: DiTConfig):
+    from flax import nnx
+    from mugv_jax import dit
+    model = dit.load(path, model_cfg, progress=True)
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def _local_batch(batch: dict) -> dict:
+    """This process's share of a global host batch (every process builds the same global batch)."""
+    n, i = jax.process_count(), jax.process_index()
+    if n == 1:
+        return batch
+    return {k: np.array_split(v, n)[i] for k, v in batch.items()}
+
+
+def train(config, workdir: str) -> dict:
+    """Run (or resume) training; returns a summary {step, loss, skipped, stopped_by}."""
+    model_cfg = model_config_from(config)
+    options = RuntimeOptions(compute_dtype=config.compute_dtype, attention=config.attention, remat=config.remat)
+    optim = _dataclass_from(trainer_lib.OptimConfig, config.optim)
+    objective = _dataclass_from(obj.ObjectiveConfig, config.objective)
+    mesh = mesh_lib.build_mesh(dict(config.mesh.ici), dict(config.mesh.get("dcn", {}) or {}))
+    trainer = trainer_lib.Trainer(model_cfg, options, optim, objective, mesh)
+    source = build_source(config, model_cfg)
+    is_main = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+    resolved = json.loads(config.to_json_best_effort())
+    resolved["model_resolved"] = model_cfg.to_dict()
+    if is_main:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(resolved, f, indent=2)
+    log.info("%s; model %s (%d layers, hidden %d)", mesh_lib.describe(mesh), config.model,
+             model_cfg.depth, model_cfg.hidden_size)
+
+    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(config.keep_checkpoints),
+                                      use_async=bool(config.async_checkpoint))
+    restored = ckpt.restore_latest(trainer.abstract_state())
+    it = data_lib.DataIterator(source)
+    if restored is not None:
+        step0, state, data_state, _ = restored
+        it.set_state(data_state)
+        log.info("resumed from %s at step %d", ckpt.directory, step0)
+    else:
+        params = _init_params_from(config.init_from, model_cfg) if config.init_from else None
+        state = trainer.init_state(int(config.seed), params)
+    step = int(jax.device_get(state["step"]))
+
+    writer = MetricsWriter(os.path.join(workdir, "tensorboard"), enabled=is_main)
+    device_kind = jax.devices()[0].device_kind
+    peak = flops_lib.peak_flops_for(device_kind)
+    n_dev = mesh.size
+    stop = {"signal": None}
+    prev_handler = signal.signal(signal.SIGTERM, lambda sig, frame: stop.update(signal=sig))
+
+    def save(force=False):
+        ckpt.save(step, state, it.get_state(), {**resolved, "model": model_cfg.to_dict()}, force=force)
+
+    total = int(config.num_steps)
+    summary = {"step": step, "loss": None, "skipped": 0, "stopped_by": "num_steps"}
+    window_t, window_steps = time.perf_counter(), 0
+    profiling = False
+    try:
+        while step < total:
+            if config.profile.start_step >= 0 and step == config.profile.start_step and is_main:
+                jax.profiler.start_trace(os.path.join(workdir, "profile"))
+                profiling = True
+            host_batch = next(it)
+            bucket = source.bucket_for(it.position - 1)
+            host_batch.pop("prompt_id", None)
+            batch = trainer.put_batch(_local_batch(host_batch))
+            state, metrics = trainer.train_step(state, batch)
+            step += 1
+            window_steps += 1
+            if profiling and step >= config.profile.start_step + config.profile.num_steps:
+                jax.profiler.stop_trace()
+                profiling = False
+            if step % int(config.log_every) == 0 or step == total:
+                m = jax.device_get(metrics)
+                dt = (time.perf_counter() - window_t) / window_steps
+                n_tokens = num_video_tokens(bucket.latent_shape, model_cfg)
+                text_tokens = host_batch["y"].shape[2]
+                sf = flops_lib.step_flops(model_cfg, bucket.batch_size, n_tokens, text_tokens)
+                scalars = {
+                    "loss": m["loss"], "grad_norm": m["grad_norm"], "learning_rate": m["learning_rate"],
+                    "step_time": dt, "samples_per_second": bucket.batch_size / dt,
+                    "tokens_per_second": bucket.batch_size * n_tokens / dt,
+                    "tflops_per_device": sf.train / dt / n_dev / 1e12,
+                    "mfu": flops_lib.mfu(sf.train, dt, n_dev, peak),
+                    "skipped_steps": int(jax.device_get(state["skipped"])),
+                }
+                for q, v in enumerate(m["loss_by_t_quartile"]):
+                    scalars[f"loss_by_t/q{q}"] = v
+                writer.write(step, scalars)
+                writer.console(step, total, scalars)
+                summary.update(loss=float(m["loss"]), skipped=scalars["skipped_steps"])
+                window_t, window_steps = time.perf_counter(), 0
+            nonfinite = int(jax.device_get(metrics["nonfinite_in_a_row"]))
+            if nonfinite:
+                log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", step, nonfinite)
+                if nonfinite >= int(config.max_nonfinite_in_a_row):
+                    raise NonFiniteLossError(
+                        f"{nonfinite} non-finite steps in a row (limit config.max_nonfinite_in_a_row="
+                        f"{config.max_nonfinite_in_a_row}) at step {step}; last good checkpoint under "
+                        f"{ckpt.directory}")
+            if stop["signal"] is not None:
+                log.warning("SIGTERM received: saving step %d and exiting", step)
+                save(force=True)
+                summary["stopped_by"] = "sigterm"
+                break
+            if step % int(config.checkpoint_every) == 0 or step == total:
+                save()
+        summary["step"] = step
+        summary["skipped"] = int(jax.device_get(state["skipped"]))
+        ckpt.wait()
+    finally:
+        signal.signal(signal.SIGTERM, prev_handler)
+        if profiling:
+            jax.profiler.stop_trace()
+        writer.close()
+        ckpt.close()
+    summary["state"] = state
+    return summary
+
+
+def main(argv):
+    from absl import flags
+    FLAGS = flags.FLAGS
+    if FLAGS.distributed:
+        jax.distributed.initialize()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    summary = train(FLAGS.config, FLAGS.workdir)
+    print(f"finished at step {summary['step']} ({summary['stopped_by']}); last loss {summary['loss']}; "
+          f"skipped steps {summary['skipped']}; workdir {FLAGS.workdir}")
+
+
+def _define_flags():
+    from absl import flags
+    from ml_collections import config_flags
+    config_flags.DEFINE_config_file("config", None, "training config file (configs/*.py[:arg])",
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", None, "checkpoints, logs and samples go here")
+    flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-host)")
+    flags.mark_flags_as_required(["config", "workdir"])
+
+
+if __name__ == "__main__":
+    from absl import app
+    _define_flags()
+    app.run(main)

@@ -1,0 +1,39 @@
+"""Small builders shared by the trainer tests."""
+import jax
+import numpy as np
+
+from mugv.config import get_config
+from mugv_jax import mesh as mesh_lib
+from mugv_jax import objective as obj
+from mugv_jax import trainer as tr
+from mugv_jax.data import Bucket, SyntheticTextToLatent
+from mugv_jax.dit.model import RuntimeOptions
+
+AXES = ("data", "fsdp", "tensor", "context")
+TINY = get_config("tiny")
+
+
+def make_mesh(shape):
+    n = int(np.prod(shape))
+    return mesh_lib.build_mesh(dict(zip(AXES, shape)), devices=jax.devices()[:n])
+
+
+def make_trainer(shape=(1, 1, 1, 1), optim=None, objective=None, config=TINY):
+    return tr.Trainer(config, RuntimeOptions(), optim or tr.OptimConfig(learning_rate=1e-3, warmup_steps=0),
+                      objective or obj.ObjectiveConfig(i2v_prob=0.5, caption_dropout_prob=0.25),
+                      make_mesh(shape))
+
+
+def make_source(batch=8, buckets=None):
+    return SyntheticTextToLatent(buckets or [Bucket(3, 4, 6, batch)], in_channels=TINY.in_channels,
+                                 text_dim=TINY.text_dim)
+
+
+def host_batch(source, index=0):
+    b = source.batch(index)
+    b.pop("prompt_id")
+    return b
+
+
+def to_numpy(tree):
+    return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
