@@ -48,6 +48,12 @@ def _dataclass_from(cls, section):
     return cls(**values)
 
 
+def build_iterator(config, model_cfg: DiTConfig):
+    """The batch iterator for config.data: `next()` gives a host batch (dict of numpy arrays with
+    latents/y/mask/fps), `get_state()`/`set_state()` make its position part of a checkpoint."""
+    return data_lib.DataIterator(build_source(config, model_cfg))
+
+
 def build_source(config, model_cfg: DiTConfig):
     d = config.data
     buckets = [data_lib.Bucket(*map(int, b)) for b in d.buckets]
@@ -81,7 +87,6 @@ def train(config, workdir: str) -> dict:
     objective = _dataclass_from(obj.ObjectiveConfig, config.objective)
     mesh = mesh_lib.build_mesh(dict(config.mesh.ici), dict(config.mesh.get("dcn", {}) or {}))
     trainer = trainer_lib.Trainer(model_cfg, options, optim, objective, mesh)
-    source = build_source(config, model_cfg)
     is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
     resolved = json.loads(config.to_json_best_effort())
@@ -95,7 +100,7 @@ def train(config, workdir: str) -> dict:
     ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(config.keep_checkpoints),
                                       use_async=bool(config.async_checkpoint))
     restored = ckpt.restore_latest(trainer.abstract_state())
-    it = data_lib.DataIterator(source)
+    it = build_iterator(config, model_cfg)
     if restored is not None:
         step0, state, data_state, _ = restored
         it.set_state(data_state)
@@ -125,8 +130,8 @@ def train(config, workdir: str) -> dict:
                 jax.profiler.start_trace(os.path.join(workdir, "profile"))
                 profiling = True
             host_batch = next(it)
-            bucket = source.bucket_for(it.position - 1)
             host_batch.pop("prompt_id", None)
+            batch_size, latent_shape = host_batch["latents"].shape[0], host_batch["latents"].shape[2:]
             batch = trainer.put_batch(_local_batch(host_batch))
             state, metrics = trainer.train_step(state, batch)
             step += 1
@@ -137,13 +142,13 @@ def train(config, workdir: str) -> dict:
             if step % int(config.log_every) == 0 or step == total:
                 m = jax.device_get(metrics)
                 dt = (time.perf_counter() - window_t) / window_steps
-                n_tokens = num_video_tokens(bucket.latent_shape, model_cfg)
+                n_tokens = num_video_tokens(tuple(latent_shape), model_cfg)
                 text_tokens = host_batch["y"].shape[2]
-                sf = flops_lib.step_flops(model_cfg, bucket.batch_size, n_tokens, text_tokens)
+                sf = flops_lib.step_flops(model_cfg, batch_size, n_tokens, text_tokens)
                 scalars = {
                     "loss": m["loss"], "grad_norm": m["grad_norm"], "learning_rate": m["learning_rate"],
-                    "step_time": dt, "samples_per_second": bucket.batch_size / dt,
-                    "tokens_per_second": bucket.batch_size * n_tokens / dt,
+                    "step_time": dt, "samples_per_second": batch_size / dt,
+                    "tokens_per_second": batch_size * n_tokens / dt,
                     "tflops_per_device": sf.train / dt / n_dev / 1e12,
                     "mfu": flops_lib.mfu(sf.train, dt, n_dev, peak),
                     "skipped_steps": int(jax.device_get(state["skipped"])),
