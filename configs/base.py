@@ -23,6 +23,7 @@ def base_config() -> ml_collections.ConfigDict:
         grad_accum_steps=1))
     c.objective = ml_collections.ConfigDict(dict(
         shift_num_frames=ml_collections.FieldReference(None, field_type=int),
+        shift_ratio=ml_collections.FieldReference(None, field_type=float),
         i2v_prob=0.0, i2v_mode="first", caption_dropout_prob=0.1))
 
     c.data = ml_collections.ConfigDict()

@@ -34,6 +34,7 @@ flags.DEFINE_float("fps", 30.0, "fps conditioning value (the release samples wit
 flags.DEFINE_integer("seed", 42, "noise seed")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype")
 flags.DEFINE_bool("bf16_shift", False, "round the timestep-shift ratio to bf16 like the release")
+flags.DEFINE_float("shift", None, "fixed timestep-shift ratio (default: the resolution/length rule)")
 flags.mark_flags_as_required(["checkpoint", "text"])
 
 
@@ -76,7 +77,8 @@ def main(argv):
     print(f"sampling latents {list(shape)} ({FLAGS.steps} steps, cfg {FLAGS.cfg_scale})", file=sys.stderr)
     out = sampler.sample(model, z, y, mask, neg_y, neg_mask, height=FLAGS.height, width=FLAGS.width,
                          num_steps=FLAGS.steps, guidance_scale=FLAGS.cfg_scale, frame_mask=frame_mask,
-                         key=key, fps=FLAGS.fps, round_shift_to_bf16=FLAGS.bf16_shift, progress=True)
+                         key=key, fps=FLAGS.fps, round_shift_to_bf16=FLAGS.bf16_shift, progress=True,
+                         shift=FLAGS.shift)
     out = np.asarray(out)
     if not np.all(np.isfinite(out)):
         raise RuntimeError("sampling produced non-finite latents; nothing was written")

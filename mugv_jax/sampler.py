@@ -82,7 +82,7 @@ def make_guided_velocity(model, *, in_channels: int | None = None):
 def sample(model, z, cond_y, cond_mask, neg_y, neg_mask, *, height: int, width: int,
            num_steps: int = 25, guidance_scale: float = 4.0, frame_mask=None, noise=None,
            key=None, fps=30.0, frame_indice=None, round_shift_to_bf16: bool = False,
-           progress: bool = False, velocity_fn: Callable | None = None):
+           progress: bool = False, velocity_fn: Callable | None = None, shift: float | None = None):
     """Denoise latents z [B, C, T, h, w] from t = 1000 to 0.
 
     z: the starting latents; frames with frame_mask = 1 are replaced by noise at the first step,
@@ -90,7 +90,8 @@ def sample(model, z, cond_y, cond_mask, neg_y, neg_mask, *, height: int, width: 
     noise: ε for that first step (default: drawn from `key`). frame_mask: [B, T] in [0, 1]
     (default all ones = text-to-video). Fractional masks hold a frame clean until t ≤ m·1000 and
     then inject fresh noise, as the release's scheduler does.
-    height, width: pixel size, used only for the timestep shift.
+    height, width: pixel size, used only for the timestep shift. shift: a fixed shift ratio that
+    replaces the resolution/length rule (use the one the model was trained with).
     """
     z = jnp.asarray(z, jnp.float32)
     b, _, t_lat = z.shape[:3]
@@ -117,7 +118,7 @@ def sample(model, z, cond_y, cond_mask, neg_y, neg_mask, *, height: int, width: 
         frame_indice = jnp.arange(t_lat + 2, dtype=jnp.int32)[None]
     velocity = velocity_fn or make_guided_velocity(model)
 
-    ratio = shift_ratio(height, width, t_lat, round_to_bf16=round_shift_to_bf16)
+    ratio = shift if shift is not None else shift_ratio(height, width, t_lat, round_to_bf16=round_shift_to_bf16)
     timesteps = sampling_timesteps(num_steps, ratio)
     noise_added = jnp.zeros((b, t_lat), bool)
     steps = range(num_steps)

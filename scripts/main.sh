@@ -1,14 +1,11 @@
 #!/usr/bin/env bash
-# The main job on the bundled default data. Today: load the bundled tiny DiT checkpoint (release
-# layout), sample video latents with classifier-free guidance from the bundled caption features,
-# and write them to outputs/. It grows into data preparation → training → sampling as those land.
+# The main job on the bundled default data. Today: train the tiny MUG-DiT with the real JAX trainer
+# on caption-dependent synthetic latents, export its EMA weights in the release layout, sample every
+# caption with classifier-free guidance and report whether each sample lands nearest its own
+# caption's latents (outputs/main/report.md). It grows into real-video data preparation → VAE →
+# training → decoded samples as those pieces land. Re-running resumes/reuses outputs/main.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 py="$(bash "$root/scripts/ensure_venv.sh")"
 cd "$root"
-out="${MUGV_OUT:-outputs}"
-exec "$py" -m mugv_jax.sample \
-  --checkpoint=assets/dit_tiny/weights.safetensors --model=tiny \
-  --text=assets/dit_tiny/text_features.safetensors \
-  --num_frames=33 --height=64 --width=96 --steps=25 --cfg_scale=4.0 --fps=30 \
-  --out="$out/sample_latents.safetensors" "$@"
+exec "$py" -m mugv_jax.demo --config=configs/tiny.py --workdir="${MUGV_OUT:-outputs}/main" "$@"

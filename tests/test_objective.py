@@ -92,3 +92,16 @@ def test_objective_config_validation():
         obj.ObjectiveConfig(i2v_mode="last")
     with pytest.raises(ValueError, match="caption_dropout_prob"):
         obj.ObjectiveConfig(caption_dropout_prob=1.5)
+
+
+def test_fixed_shift_ratio_overrides_the_resolution_rule():
+    b = {"latents": jnp.zeros((4096, 1, 1, 2, 2)), "y": jnp.zeros((4096, 1, 2, 3)),
+         "mask": jnp.ones((4096, 2), jnp.int32), "fps": jnp.full((4096,), 24.0)}
+    key = jax.random.PRNGKey(0)
+    _, _, t_rule = obj.prepare(key, b, jnp.zeros((2, 3)), obj.ObjectiveConfig())
+    _, _, t_fixed = obj.prepare(key, b, jnp.zeros((2, 3)), obj.ObjectiveConfig(shift_ratio=1.0))
+    raw = obj.sample_logit_normal_t(jax.random.split(key, 4)[0], 4096)
+    np.testing.assert_allclose(t_fixed, raw, rtol=1e-6)  # r = 1: no shift
+    # 16×16 px, 1 frame: r = 1/32 pulls every t towards 0.
+    np.testing.assert_allclose(t_rule, obj.shift_t(raw, 1 / 32), rtol=1e-5)
+    assert float(jnp.median(t_rule)) < 50

@@ -20,8 +20,8 @@ sys.path.insert(0, os.path.join(ROOT, "configs"))
 import tiny as tiny_config  # noqa: E402
 
 # Learning: mean loss of the last 20 steps must fall below this fraction of the best caption-blind
-# constant prediction's loss (measured: ≈0.45 after 150 steps).
-LEARNED_LOSS_RATIO = 0.7
+# constant prediction's loss (measured: 0.31 after 150 steps with the tiny config's fixed shift).
+LEARNED_LOSS_RATIO = 0.5
 
 
 def _config(**overrides):
