@@ -6,7 +6,7 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.model = "tiny"                 # mugv.config.PRESETS
     c.model_overrides = ml_collections.ConfigDict()  # DiTConfig field overrides
-    c.init_from = ""                 # release-layout checkpoint to start from ("" = random init)
+    c.init_from = ""                 # release file (.pt/.safetensors) or jax:DIR[@STEP] ("" = random init)
     c.seed = 0
     c.num_steps = 100
     c.compute_dtype = "float32"      # "bfloat16" for real runs

@@ -64,10 +64,18 @@ def build_source(config, model_cfg: DiTConfig):
     raise ValueError(f"config.data.source={d.source!r} is not available (known: 'synthetic')")
 
 
-def _init_params_from(path: str, model_cfg: DiTConfig):
+def _init_params_from(spec: str, model_cfg: DiTConfig, weights: str = "raw"):
+    """Initial parameters from `jax:DIR[@STEP]` (an orbax checkpoint, e.g. written by
+    `python -m converters convert`) or a release-layout file (.pt / .safetensors)."""
+    if spec.startswith("jax:"):
+        from converters.loaders import jax_params
+        found, params = jax_params(spec, weights=weights)
+        if found != model_cfg:
+            raise ValueError(f"config.init_from={spec} holds a {found} model, but the run's model is {model_cfg}")
+        return params
     from flax import nnx
     from mugv_jax import dit
-    model = dit.load(path, model_cfg, progress=True)
+    model = dit.load(spec.removeprefix("release:"), model_cfg, progress=True)
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 

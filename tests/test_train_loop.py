@@ -179,3 +179,25 @@ def test_sigterm_saves_at_the_step_boundary_and_exits_zero(tmp_path):
     assert len(steps) == 1 and steps[0] >= 2
     saved = json.load(open(tmp_path / "config.json"))
     assert saved["data"]["buckets"] == [[2, 4, 6, 8]]  # the --config override was applied
+
+
+@pytest.mark.parametrize("kind", ["release", "jax"])
+def test_init_from_release_file_or_converted_jax_checkpoint(tmp_path, kind):
+    from converters.convert import convert
+    from tests.helpers import DIT_WEIGHTS, dit_weights
+    from mugv_jax.dit.checkpoint import model_from_params
+    from mugv_jax import dit
+    spec = DIT_WEIGHTS
+    if kind == "jax":
+        convert(f"release:{DIT_WEIGHTS}", f"jax:{tmp_path / 'converted'}", model="tiny")
+        spec = f"jax:{tmp_path / 'converted'}"
+    c = _config(num_steps=0, init_from=spec)
+    summary = train_lib.train(c, str(tmp_path / "run"))
+    flat = {}
+    def walk(node, prefix=""):
+        for k, v in node.items():
+            walk(v, f"{prefix}{k}.") if isinstance(v, dict) else flat.__setitem__(prefix + k, np.asarray(v))
+    walk(jax.device_get(summary["state"]["params"]))
+    exported = dit.export_release_state_dict(model_from_params(train_lib.model_config_from(c), flat))
+    for name, ref in dit_weights().items():
+        np.testing.assert_array_equal(exported[name], ref)

@@ -1,0 +1,99 @@
+"""`python -m converters {convert,inspect,verify}`: checkpoints between release, Megatron and JAX.
+
+    python -m converters convert --src release:dit.pt --dst jax:/ckpt/jax [--model 10b]
+        [--dtype keep|float32|bfloat16] [--tp N --pp M] [--weights raw|ema] [--force]
+    python -m converters inspect PATH
+    python -m converters verify A B [--atol 1e-6]
+
+FORMAT is release, megatron (torch_dist; reading also detects legacy), megatron-legacy or jax;
+`PATH@N` names a JAX step or a Megatron iteration. Errors print one message and exit 2; verify
+exits 1 when the checkpoints differ.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from converters.formats import FORMATS
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m converters", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("convert", help="convert a checkpoint to another format")
+    c.add_argument("--src", required=True, help=f"FORMAT:PATH[@N] or PATH; FORMAT in {FORMATS}")
+    c.add_argument("--dst", required=True, help="FORMAT:PATH[@N]")
+    c.add_argument("--model", help="model preset (1b, 4b, 10b, 18b, debug, tiny); default: the "
+                                   "checkpoint's stored config, else detected from the shapes")
+    c.add_argument("--dtype", default="keep", choices=["keep", "float32", "bfloat16"],
+                   help="keep (default, bit-exact) or cast every tensor")
+    c.add_argument("--tp", type=int, default=1, help="tensor-parallel size (Megatron outputs)")
+    c.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (Megatron outputs)")
+    c.add_argument("--weights", default="raw", choices=["raw", "ema"],
+                   help="JAX source: the trained params (raw) or their EMA")
+    c.add_argument("--max-shard-size", type=float, default=None, metavar="GB",
+                   help="sharded release output: shard size in GB (default 5)")
+    c.add_argument("--force", action="store_true", help="replace an existing output")
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    i = sub.add_parser("inspect", help="format, config, tensor count, dtypes and size")
+    i.add_argument("path", help="[FORMAT:]PATH[@N]")
+    i.add_argument("--weights", default="raw", choices=["raw", "ema"])
+    i.add_argument("--json", action="store_true", help="print JSON")
+
+    v = sub.add_parser("verify", help="compare two checkpoints (any formats) tensor by tensor")
+    v.add_argument("a", help="[FORMAT:]PATH[@N]")
+    v.add_argument("b", help="[FORMAT:]PATH[@N]")
+    v.add_argument("--atol", type=float, default=0.0, help="0 (default): bit-identical")
+    v.add_argument("--weights", default="raw", choices=["raw", "ema"])
+    v.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def _run(args) -> int:
+    from converters import convert as api
+    if args.command == "convert":
+        shard = None if args.max_shard_size is None else int(args.max_shard_size * 1e9)
+        r = api.convert(args.src, args.dst, model=args.model, dtype=args.dtype, tp=args.tp,
+                        pp=args.pp, weights=args.weights, force=args.force,
+                        progress=not args.quiet, max_shard_bytes=shard)
+        print(f"wrote {r.dst}: {r.tensors} tensors, {api.human_bytes(r.bytes_written)}, "
+              f"config {api.describe_config(r.config)} [{r.config_origin}]")
+        return 0
+    if args.command == "inspect":
+        info = api.inspect(args.path, weights=args.weights)
+        if args.json:
+            print(json.dumps(info, indent=2, default=str))
+        else:
+            for k, v in info.items():
+                if k == "size":
+                    v = f"{api.human_bytes(v)} ({v} bytes)"
+                elif k == "dtypes":
+                    v = ", ".join(f"{n} x {d}" for d, n in v.items())
+                print(f"{k}: {v}")
+        return 0
+    if args.command == "verify":
+        r = api.verify(args.a, args.b, atol=args.atol, weights=args.weights, progress=not args.quiet)
+        mode = "bit-identical" if args.atol == 0 else f"within atol {args.atol:g}"
+        if r.equal:
+            print(f"equal ({mode}): {r.compared} tensors")
+            return 0
+        print(f"DIFFERENT ({mode}): {len(r.problems)} problems over {r.compared} compared tensors")
+        for line in r.problems[:50]:
+            print(f"  {line}")
+        if len(r.problems) > 50:
+            print(f"  … {len(r.problems) - 50} more")
+        return 1
+    raise AssertionError(args.command)
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    except (ValueError, KeyError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"error: {msg}", file=sys.stderr)
+        return 2

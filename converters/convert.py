@@ -1,0 +1,169 @@
+"""convert / verify / inspect: compositions of a reader and a writer, one tensor at a time."""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+import sys
+
+import numpy as np
+
+from converters.detect import describe_config, resolve_config
+from converters.formats import Spec, detect_format, make_writer, open_reader, output_path, parse_spec
+from converters.formats.base import (DTYPE_NAMES, Entry, atomic_output, cast, check_output_free,
+                                     dtype_name)
+from converters.schema import release_schema
+from mugv.config import DiTConfig, get_config
+
+
+def _progress(iterable, total: int, desc: str, enabled: bool):
+    if not enabled:
+        return iterable
+    from tqdm import tqdm
+    return tqdm(iterable, total=total, desc=desc, unit="tensor", file=sys.stderr, leave=False)
+
+
+def _spec(s) -> Spec:
+    return parse_spec(s) if isinstance(s, str) else s
+
+
+def open_checked(spec, *, model: DiTConfig | str | None = None, weights: str = "raw"):
+    """(reader, config, where the config came from), the checkpoint checked strictly against
+    the release schema of that config (error names every missing/unexpected/mis-shaped tensor)."""
+    reader = open_reader(_spec(spec), weights=weights)
+    try:
+        config, origin = resolve_config(reader.entries(), model=None if model is None else get_config(model),
+                                        stored=reader.stored_config, source=reader.path)
+    except BaseException:
+        reader.close()
+        raise
+    # Readers that regroup heads (Megatron) use the resolved config.
+    reader.layout_config = config
+    return reader, config, origin
+
+
+@dataclasses.dataclass
+class ConvertResult:
+    src: str
+    dst: str
+    config: DiTConfig
+    config_origin: str
+    tensors: int
+    bytes_written: int
+
+
+def convert(src, dst, *, model: DiTConfig | str | None = None, dtype: str = "keep", tp: int = 1,
+            pp: int = 1, weights: str = "raw", force: bool = False, progress: bool = False,
+            max_shard_bytes: int | None = None) -> ConvertResult:
+    """Convert the checkpoint `src` into `dst` (specs "FORMAT:PATH[@N]").
+
+    `dtype` is "keep" (bit-exact) or a floating dtype every tensor is cast to. The output is
+    written under a temporary name and renamed when complete; an existing `dst` is refused
+    unless `force`.
+    """
+    src, dst = _spec(src), _spec(dst)
+    if dtype != "keep" and dtype not in DTYPE_NAMES:
+        raise ValueError(f"--dtype must be keep or one of {sorted(DTYPE_NAMES)}, got {dtype!r}")
+    out_dtype = None if dtype == "keep" else DTYPE_NAMES[dtype]
+    out = output_path(dst)
+    check_output_free(out, force)
+    reader, config, origin = open_checked(src, model=model, weights=weights)
+    with reader:
+        found = reader.entries()
+        entries = {n: Entry(found[n].shape, out_dtype or found[n].dtype) for n in release_schema(config)}
+        with atomic_output(out, force) as tmp:
+            writer = make_writer(dst, tmp, config, entries, tp=tp, pp=pp, max_shard_bytes=max_shard_bytes)
+            try:
+                desc = f"{os.path.basename(os.path.normpath(src.path))} → {dst.format}"
+                for name, array in _progress(reader.items(), len(entries), desc, progress):
+                    writer.write(name, cast(array, out_dtype))
+                writer.check_complete()
+                writer.finish()
+            except BaseException:
+                writer.abort()
+                raise
+    return ConvertResult(str(src), str(dst), config, origin, len(entries),
+                         sum(e.nbytes for e in entries.values()))
+
+
+@dataclasses.dataclass
+class VerifyResult:
+    equal: bool
+    compared: int
+    problems: list[str]
+    max_abs_diff: float
+
+
+def _bits(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+
+
+def _weights_for(spec, weights: str) -> str:
+    # Only JAX checkpoints keep an EMA; the other side of a comparison has just its weights.
+    spec = _spec(spec)
+    return weights if (spec.format or detect_format(spec.path)) == "jax" else "raw"
+
+
+def verify(a, b, *, atol: float = 0.0, weights: str = "raw", progress: bool = False,
+           limit: int = 20) -> VerifyResult:
+    """Compare two checkpoints tensor by tensor in release names. atol 0 means bit-identical
+    (same dtype, same bytes); otherwise |a - b| <= atol everywhere, dtypes may differ."""
+    ra, _, _ = open_checked(a, weights=_weights_for(a, weights))
+    with ra:
+        rb, _, _ = open_checked(b, weights=_weights_for(b, weights))
+        with rb:
+            ea, eb = ra.entries(), rb.entries()
+            problems = [f"only in {ra.path}: {n}" for n in ea if n not in eb]
+            problems += [f"only in {rb.path}: {n}" for n in eb if n not in ea]
+            compared, worst = 0, 0.0
+            for name, x in _progress(ra.items(), len(ea), "verify", progress):
+                if name not in eb:
+                    continue
+                y = rb.get(name)
+                compared += 1
+                if x.shape != y.shape:
+                    problems.append(f"{name}: shape {list(x.shape)} vs {list(y.shape)}")
+                    continue
+                if atol == 0:
+                    if x.dtype != y.dtype:
+                        problems.append(f"{name}: dtype {dtype_name(x.dtype)} vs {dtype_name(y.dtype)}")
+                    elif not np.array_equal(_bits(x), _bits(y)):
+                        diff = float(np.max(np.abs(x.astype(np.float64) - y.astype(np.float64))))
+                        worst = max(worst, diff)
+                        problems.append(f"{name}: values differ (max |a-b| = {diff:.3g})")
+                else:
+                    diff = float(np.max(np.abs(x.astype(np.float64) - y.astype(np.float64)), initial=0.0))
+                    worst = max(worst, diff)
+                    if not diff <= atol:
+                        problems.append(f"{name}: max |a-b| = {diff:.3g} > atol {atol:g}")
+    return VerifyResult(not problems, compared, problems, worst)
+
+
+def inspect(spec, *, weights: str = "raw") -> dict:
+    """Format, config, tensor count, dtypes and size of a checkpoint (no tensor data is read)."""
+    spec = _spec(spec)
+    reader = open_reader(spec, weights=weights)
+    with reader:
+        entries = reader.entries()
+        info: dict = {"path": spec.path, "format": reader.format}
+        info.update(reader.describe())
+        try:
+            config, origin = resolve_config(entries, model=None, stored=reader.stored_config,
+                                            source=reader.path)
+            info["config"] = f"{describe_config(config)} [{origin}]"
+        except ValueError as e:
+            info["config"] = f"not usable: {e}"
+        dtypes = collections.Counter(dtype_name(e.dtype) for e in entries.values())
+        info["tensors"] = len(entries)
+        info["parameters"] = int(sum(np.prod(e.shape, dtype=np.int64) for e in entries.values()))
+        info["dtypes"] = dict(dtypes)
+        info["size"] = sum(e.nbytes for e in entries.values())
+    return info
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return str(n)

@@ -1,0 +1,413 @@
+"""Orbax checkpoints of the JAX trainer (mugv_jax/checkpointing.py), read and written per tensor.
+
+A trainer checkpoint is `<manager dir>/<step>/` with items `state` (params and ema: nested dicts
+keyed by the JAX layout's dotted paths, converters/layouts/jax.py), `data` and `config`
+({"model": DiTConfig dict}). `PATH@STEP` picks a step, else the newest.
+
+Reading opens each array of `state/params` (or `state/ema`) with tensorstore directly (orbax's
+own read spec and context), so one layer of a stacked array is read at a time. If the stored
+chunks span several layers (the trainer writes one chunk per device shard, layers included),
+that array is first copied chunk by chunk into a raw staging file (under $TMPDIR), which bounds
+memory by one storage chunk (orbax caps chunks at 2 GiB) rather than by the array.
+
+Writing produces a CheckpointManager directory with one step whose `state` item holds `params`
+and `ema` (= params) and whose `config` item holds {"model": config}. Nothing else (no optimizer
+state, step counter or data position): it is a set of weights a run initialises from, not a run
+to resume. Tensors are staged on disk as they arrive, then saved by orbax's StandardSave with a
+handler that streams each array into tensorstore one layer at a time, one chunk per layer.
+"""
+from __future__ import annotations
+
+import ast
+import asyncio
+import collections
+import contextlib
+import json
+import os
+import re
+import tempfile
+from typing import Iterator
+
+import numpy as np
+
+from converters.formats.base import Entry, RawStore, Reader, Writer
+from converters.layouts import jax as jax_layout
+from converters.schema import release_schema
+from mugv.config import DiTConfig, get_config
+
+DEFAULT_STEP = 0
+# Writes handed to tensorstore but not yet committed, at most (see StreamingHandler). Each holds
+# its data about three times over (input, chunk, compressed); on the 1B preset 4 / 128 MiB was
+# both the fastest and the smallest of 1..64 writes (docs/benchmarks.md).
+_IN_FLIGHT_BYTES = 128 * 2**20
+_IN_FLIGHT_WRITES = 4
+
+
+# ---------------------------------------------------------------------------------------------
+# Locating a checkpoint
+
+
+def _steps(manager_dir: str) -> list[int]:
+    if not os.path.isdir(manager_dir):
+        return []
+    # Orbax writes a step under a temporary name and renames it when complete: a plain number
+    # is a finished step.
+    return sorted(int(n) for n in os.listdir(manager_dir)
+                  if n.isdigit() and os.path.isdir(os.path.join(manager_dir, n, "state")))
+
+
+def is_jax_checkpoint(path: str) -> bool:
+    return (os.path.isfile(os.path.join(path, "state", "_METADATA"))
+            or bool(_steps(path)) or bool(_steps(os.path.join(path, "checkpoints"))))
+
+
+def resolve_step_dir(path: str, step: int | None) -> tuple[str, int | None, list[int]]:
+    """(step directory, step, all steps) for a manager dir, a workdir, or a step dir."""
+    if os.path.isfile(os.path.join(path, "state", "_METADATA")):
+        base = os.path.basename(os.path.normpath(path))
+        return path, (int(base) if base.isdigit() else None), []
+    manager = path
+    if not _steps(path) and _steps(os.path.join(path, "checkpoints")):
+        manager = os.path.join(path, "checkpoints")
+    steps = _steps(manager)
+    if not steps:
+        raise FileNotFoundError(f"{path}: no orbax checkpoint (no <step>/state directory)")
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise FileNotFoundError(f"{path}: no step {step} (steps present: {steps})")
+    return os.path.join(manager, str(step)), step, steps
+
+
+# ---------------------------------------------------------------------------------------------
+# Names
+
+
+def _tiny_release_names() -> dict[str, dict[int | None, str]]:
+    """JAX path → {layer or None: release name}. Names do not depend on sizes, so a two-layer
+    stand-in model gives the map for every config."""
+    cfg = get_config("tiny")
+    out: dict[str, dict[int | None, str]] = {}
+    for path, shape in jax_layout.jax_param_shapes(cfg).items():
+        if jax_layout.is_stacked(path):
+            out[path] = {i: jax_layout.jax_to_release(path, np.zeros(shape[1:], np.float32), cfg, i)[0]
+                         for i in range(2)}
+        else:
+            out[path] = {None: jax_layout.jax_to_release(path, np.zeros(shape, np.float32), cfg)[0]}
+    return out
+
+
+_NAMES = _tiny_release_names()
+_BLOCK = re.compile(r"^blocks\.\d+\.(.+)$")
+
+
+_GLOBAL_PATHS = {names[None]: p for p, names in _NAMES.items() if None in names}
+_BLOCK_PATHS = {_BLOCK.match(names[0]).group(1): p for p, names in _NAMES.items() if 0 in names}
+
+
+def jax_path_of(release_name: str) -> tuple[str, int | None]:
+    """(JAX path, layer or None) of a release tensor; KeyError naming it if it has none."""
+    if release_name in _GLOBAL_PATHS:
+        return _GLOBAL_PATHS[release_name], None
+    m = re.match(r"^blocks\.(\d+)\.(.+)$", release_name)
+    if m and m.group(2) in _BLOCK_PATHS:
+        return _BLOCK_PATHS[m.group(2)], int(m.group(1))
+    raise KeyError(f"release tensor {release_name!r} has no JAX layout counterpart")
+
+
+def release_name_of(jax_path: str, layer: int | None) -> str:
+    if layer is None:
+        return _NAMES[jax_path][None]
+    return re.sub(r"^blocks\.\d+\.", f"blocks.{layer}.", _NAMES[jax_path][0])
+
+
+def _config_from_jax_shapes(shapes: dict[str, tuple], source: str) -> DiTConfig:
+    """Detect the config from JAX-layout shapes via the release-name detector."""
+    from converters.detect import detect_config
+    need = {"x_embedder.kernel", "blocks.attn.q_norm.scale", "blocks.mlp.fc1.kernel",
+            "y_embedder.fc1.kernel", "t_embedder.fc1.kernel", "final_layer.linear.kernel"}
+    missing = sorted(need - set(shapes))
+    if missing:
+        raise ValueError(f"{source}: cannot detect the model configuration, no {missing}")
+    kt, kh, kw, cin, c = shapes["x_embedder.kernel"]
+    depth, d = shapes["blocks.attn.q_norm.scale"]
+    f = shapes["blocks.mlp.fc1.kernel"][2]
+    release = {
+        "x_embedder.proj.weight": (c, cin, kt, kh, kw),
+        "blocks.0.attn.q_norm.weight": (d,),
+        f"blocks.{depth - 1}.attn.q_norm.weight": (d,),
+        "blocks.0.mlp.fc1.weight": (f, c),
+        "y_embedder.y_proj.fc1.weight": tuple(reversed(shapes["y_embedder.fc1.kernel"])),
+        "t_embedder.mlp.0.weight": tuple(reversed(shapes["t_embedder.fc1.kernel"])),
+        "final_layer.linear.weight": tuple(reversed(shapes["final_layer.linear.kernel"])),
+    }
+    return detect_config(release)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+class JaxReader(Reader):
+    format = "jax"
+
+    def __init__(self, path: str, step: int | None = None, weights: str = "raw"):
+        import tensorstore as ts
+        from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
+        if weights not in ("raw", "ema"):
+            raise ValueError(f"weights must be 'raw' or 'ema', got {weights!r}")
+        self.path = path
+        self.step_dir, self.step, self.steps = resolve_step_dir(path, step)
+        self.weights = weights
+        self.state_dir = os.path.join(self.step_dir, "state")
+        meta_path = os.path.join(self.state_dir, "_METADATA")
+        with open(meta_path) as f:
+            meta = json.load(f)
+        use_ocdbt, use_zarr3 = bool(meta.get("use_ocdbt", True)), bool(meta.get("use_zarr3", False))
+        tree = [ast.literal_eval(k) for k in meta["tree_metadata"]]
+        self.state_keys = sorted({k[0] for k in tree})
+        root = "params" if weights == "raw" else "ema"
+        paths = [".".join(k[1:]) for k in tree if k[0] == root]
+        if not paths:
+            raise ValueError(f"{self.step_dir}: the state holds no {root!r} "
+                             f"(entries: {self.state_keys})")
+        self._ctx = ts_utils.get_ts_context(use_ocdbt=use_ocdbt)
+        self._arrays = {}
+        for p in paths:
+            spec = ts_utils.ArrayReadSpec(self.state_dir, f"{root}.{p}", use_zarr3, use_ocdbt=use_ocdbt)
+            self._arrays[p] = ts.open(spec.json, context=self._ctx).result()
+        shapes = {p: tuple(a.shape) for p, a in self._arrays.items()}
+        self.stored_config = None
+        config_file = os.path.join(self.step_dir, "config", "metadata")
+        if os.path.isfile(config_file):
+            with open(config_file) as f:
+                model = json.load(f).get("model")
+            if isinstance(model, dict):
+                self.stored_config = DiTConfig.from_dict(model)
+        config = self.stored_config or _config_from_jax_shapes(shapes, self.step_dir)
+        self.layout_config = config
+        want = jax_layout.jax_param_shapes(config)
+        bad = [f"{p}: {list(s)} in checkpoint, model expects {list(want[p])}"
+               for p, s in shapes.items() if p in want and tuple(want[p]) != s]
+        if bad:
+            raise ValueError(f"{self.step_dir} ({root}) does not match the model schema:\n  "
+                             + "\n  ".join(bad))
+        schema = release_schema(config)
+        self._src: dict[str, tuple[str, int | None]] = {}
+        self._entries: dict[str, Entry] = {}
+        for p, a in self._arrays.items():
+            dtype = np.dtype(a.dtype.numpy_dtype)
+            if p not in want:
+                # Reported as unexpected by the strict schema check.
+                self._src[f"{root}.{p}"] = (p, None)
+                self._entries[f"{root}.{p}"] = Entry(a.shape, dtype)
+                continue
+            layers = range(a.shape[0]) if jax_layout.is_stacked(p) else [None]
+            for layer in layers:
+                name = release_name_of(p, layer)
+                self._src[name] = (p, layer)
+                self._entries[name] = Entry(schema[name], dtype)
+
+    def entries(self) -> dict[str, Entry]:
+        return dict(self._entries)
+
+    def _to_release(self, path: str, layer: int | None, array: np.ndarray) -> tuple[str, np.ndarray]:
+        return jax_layout.jax_to_release(path, array, self.layout_config, layer=layer)
+
+    def get(self, name: str) -> np.ndarray:
+        if name not in self._src:
+            raise KeyError(f"{self.step_dir}: no tensor {name!r}")
+        path, layer = self._src[name]
+        a = self._arrays[path]
+        data = a.read().result() if layer is None else a[layer].read().result()
+        return self._to_release(path, layer, data)[1]
+
+    def items(self) -> Iterator[tuple[str, np.ndarray]]:
+        for path, a in self._arrays.items():
+            if path not in jax_layout.jax_param_shapes(self.layout_config):
+                raise KeyError(f"{self.step_dir}: unexpected parameter {path}")
+            if not jax_layout.is_stacked(path):
+                yield self._to_release(path, None, a.read().result())
+            elif a.chunk_layout.read_chunk.shape[0] == 1:
+                for i in range(a.shape[0]):
+                    yield self._to_release(path, i, a[i].read().result())
+            else:
+                yield from self._staged_layers(path, a)
+
+    def _staged_layers(self, path: str, a) -> Iterator[tuple[str, np.ndarray]]:
+        # Reading layer by layer would decode every chunk once per layer; copy each chunk once.
+        chunk = tuple(a.chunk_layout.read_chunk.shape)
+        store = RawStore(tempfile.mkdtemp(prefix="mugv-convert-"))
+        try:
+            store.create(path, tuple(a.shape), np.dtype(a.dtype.numpy_dtype))
+            grid = [range(0, n, c) for n, c in zip(a.shape, chunk)]
+            for starts in np.ndindex(*[len(g) for g in grid]):
+                region = tuple(slice(g[i], min(g[i] + c, n))
+                               for g, i, c, n in zip(grid, starts, chunk, a.shape))
+                store.write_region(path, region, a[region].read().result())
+            for i in range(a.shape[0]):
+                yield self._to_release(path, i, store.read(path, i))
+        finally:
+            store.close()
+
+    def describe(self) -> dict:
+        d = {"step directory": self.step_dir, "step": self.step, "weights": self.weights,
+             "state entries": self.state_keys}
+        if self.steps:
+            d["steps present"] = self.steps
+        return d
+
+
+def _full_params(path: str, step: int | None, weights: str) -> tuple[DiTConfig, dict[str, np.ndarray]]:
+    reader = JaxReader(path, step, weights)
+    config = reader.layout_config
+    want = jax_layout.jax_param_shapes(config)
+    missing = sorted(set(want) - set(reader._arrays))
+    unexpected = sorted(set(reader._arrays) - set(want))
+    if missing or unexpected:
+        raise ValueError(f"{reader.step_dir}: {weights} weights do not match the model: "
+                         f"missing {missing}, unexpected {unexpected}")
+    return config, {p: np.asarray(reader._arrays[p].read().result(), np.float32) for p in want}
+
+
+def load_params(path: str, step: int | None = None, weights: str = "raw") -> tuple[DiTConfig, dict]:
+    """(config, nested float32 params dict) from a JAX checkpoint: what `Trainer.init_state(seed,
+    params)` takes. Holds the whole model, as the model will."""
+    from mugv_jax.trainer import _unflatten
+    config, flat = _full_params(path, step, weights)
+    return config, _unflatten(flat)
+
+
+def load_model(path: str, step: int | None = None, weights: str = "raw", options=None):
+    """The Flax MUG-DiT with the weights of a JAX checkpoint (`jax:PATH`)."""
+    from mugv_jax.dit.checkpoint import model_from_params
+    config, flat = _full_params(path, step, weights)
+    return model_from_params(config, flat, options)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+class _Staged(np.ndarray):
+    """A zero-strided stand-in for an array parked in a RawStore (carries shape, dtype, key)."""
+
+
+def _stand_in(key: str, entry: Entry) -> _Staged:
+    base = np.lib.stride_tricks.as_strided(np.zeros((), entry.dtype), entry.shape, (0,) * len(entry.shape))
+    out = base.view(_Staged)
+    out.staged_key = key
+    return out
+
+
+@contextlib.contextmanager
+def _streaming_numpy_handler(store: RawStore):
+    """Route orbax's numpy-array saving through a handler that reads stand-ins from `store`.
+
+    Orbax picks the handler from a process-global registry; it is swapped for the duration of
+    one save and restored after. Its typestr stays 'np.ndarray', so the checkpoint's metadata is
+    what saving real numpy arrays would give, and restores the same way.
+    """
+    import tensorstore as ts
+    from orbax.checkpoint._src.serialization import ocdbt_utils
+    from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
+    from orbax.checkpoint._src.serialization import type_handler_registry as registry
+    from orbax.checkpoint._src.serialization.type_handlers import NumpyHandler
+
+    class StreamingHandler(NumpyHandler):
+        async def _background_serialize(self, values, infos, args=None):
+            args = args or [None] * len(values)
+            plain = [(v, i, a) for v, i, a in zip(values, infos, args) if not isinstance(v, _Staged)]
+            if plain:
+                await super()._background_serialize(*map(list, zip(*plain)))
+            # Each committed write is an OCDBT manifest update; keeping a few in flight lets
+            # tensorstore batch them, and the byte cap bounds the memory they hold.
+            pending: collections.deque = collections.deque()
+            in_flight = 0
+
+            async def drain(max_bytes, max_count):
+                nonlocal in_flight
+                while pending and (in_flight > max_bytes or len(pending) > max_count):
+                    future, nbytes, _ = pending.popleft()
+                    await future.commit
+                    in_flight -= nbytes
+
+            async def put(target, data):
+                nonlocal in_flight
+                pending.append((target.write(data), data.nbytes, data))
+                in_flight += data.nbytes
+                await drain(_IN_FLIGHT_BYTES, _IN_FLIGHT_WRITES)
+
+            staged = [(v, i, a) for v, i, a in zip(values, infos, args) if isinstance(v, _Staged)]
+            for _, info, _ in staged:
+                await info.await_path_creation()
+            specs = [ts_utils.build_array_write_spec(
+                info=info, arg=arg, global_shape=tuple(value.shape),
+                # One layer per write (and so per chunk): readers can take one layer.
+                local_shape=((1, *value.shape[1:]) if jax_layout.is_stacked(value.staged_key)
+                             else tuple(value.shape)),
+                dtype=value.dtype, use_ocdbt=info.is_ocdbt_checkpoint,
+                process_index=ocdbt_utils.get_process_index_for_subdir(
+                    use_ocdbt=info.is_ocdbt_checkpoint)) for value, info, arg in staged]
+            # Opening creates each array's metadata: one commit each, so all at once.
+            stores = await asyncio.gather(*[
+                ts.open(ts.Spec(spec.json), create=True, open=True, context=info.ts_context)
+                for spec, (_, info, _) in zip(specs, staged)])
+            for (value, _, _), t in zip(staged, stores):
+                key = value.staged_key
+                if jax_layout.is_stacked(key):
+                    for i in range(value.shape[0]):
+                        await put(t[i:i + 1], store.read(key, i)[None])
+                else:
+                    await put(t, store.read(key))
+            await drain(0, 0)
+
+    original = registry.get_type_handler(np.ndarray)
+    registry.GLOBAL_TYPE_HANDLER_REGISTRY.add(np.ndarray, StreamingHandler(deepcopy_host_arrays=False),
+                                              override=True, ignore_warnings=True)
+    try:
+        yield
+    finally:
+        registry.GLOBAL_TYPE_HANDLER_REGISTRY.add(np.ndarray, original, override=True, ignore_warnings=True)
+
+
+class JaxWriter(Writer):
+    format = "jax"
+
+    def __init__(self, target: str, tmp: str, config: DiTConfig, entries: dict[str, Entry], *,
+                 step: int = DEFAULT_STEP):
+        super().__init__(target, config, entries)
+        self.tmp, self.step = tmp, step
+        shapes = jax_layout.jax_param_shapes(config)
+        dtypes: dict[str, np.dtype] = {}
+        for name, e in self.entries.items():
+            path, _ = jax_path_of(name)
+            if dtypes.setdefault(path, e.dtype) != e.dtype:
+                raise ValueError(f"{target}: the layers of JAX parameter {path} would have mixed "
+                                 f"dtypes ({dtypes[path]} and {e.dtype}); pass --dtype")
+        # Next to the output (same filesystem, removed with it), not inside: orbax owns that.
+        self.staging = RawStore(tmp + ".staging")
+        for path, shape in shapes.items():
+            if path in dtypes:
+                self.staging.create(path, shape, dtypes[path])
+
+    def _write(self, name: str, array: np.ndarray) -> None:
+        path, layer, jarr = jax_layout.release_to_jax(name, array, self.config)
+        self.staging.write(path, jarr, index=layer)
+
+    def finish(self) -> None:
+        import orbax.checkpoint as ocp
+        from mugv_jax.trainer import _unflatten
+        params = _unflatten({p: _stand_in(p, self.staging.entry(p)) for p in self.staging._arrays})
+        options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
+        manager = ocp.CheckpointManager(self.tmp, options=options, item_names=("state", "config"))
+        with _streaming_numpy_handler(self.staging):
+            manager.save(self.step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave({"params": params, "ema": params}),
+                config=ocp.args.JsonSave({"model": self.config.to_dict()})))
+            manager.wait_until_finished()
+        manager.close()
+        self.staging.close()
+
+    def abort(self) -> None:
+        self.staging.close()

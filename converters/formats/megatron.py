@@ -1,0 +1,497 @@
+"""Megatron-Core checkpoints: `torch_dist` (dist_checkpointing) and the legacy per-rank files.
+
+Both sit in a save directory with `latest_checkpointed_iteration.txt` and `iter_XXXXXXX/`
+(megatron-trainer.md §3.1); names and per-head regrouping come from converters/layouts/megatron.py.
+
+torch_dist (`iter_XXXXXXX/{.metadata, __0_0.distcp, common.pt, metadata.json}`): written and read
+with `megatron.core.dist_checkpointing` in one process. Layer tensors are stacked as
+`decoder.layers.<sub>` [depth, …], each layer saved as its own chunk (the shape Megatron's layer
+stack saves), non-layer tensors under their plain names, all full (un-split) tensors; TP/PP do
+not change it. Reading loads one layer per call (DCP reads only the chunks that overlap it).
+Writing stages the tensors on disk first because DCP saves a whole state dict in one call; the
+staged files are memory-mapped into that call, so the data goes file → page cache → file.
+
+Legacy (`iter_XXXXXXX/mp_rank_{tp:02d}[_{pp:03d}]/model_optim_rng.pt`, each `{"model": {…}}`):
+column-parallel tensors cut along dim 0, row-parallel along dim 1 (after the per-head regroup),
+layers split evenly over PP stages with stage-local indices; x_embedder and the start/end tokens
+on the first stage, final_layer on the last, the t/fps/caption embedders on every stage
+(reference §2.2). Written with `torchzip` (no whole state dict in memory), read with
+`torch.load(weights_only=True, mmap=True)`.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import warnings
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from converters.formats.base import (Entry, RawStore, Reader, Writer, from_torch,
+                                     numpy_dtype_of_torch, torch_dtype_of)
+from converters.formats import torchzip
+from converters.layouts import megatron as layout
+from mugv.config import DiTConfig
+
+TRACKER = "latest_checkpointed_iteration.txt"
+CHECKPOINT_VERSION = 3.0
+DEFAULT_ITERATION = 1
+# Entries that are not model weights (or not release weights): skipped when reading.
+_SKIP_PREFIXES = ("optimizer.", "rng_state")
+_NULL_CAPTION = "context_embedder.drop_emb"
+_LAYER = re.compile(r"^" + re.escape(layout.LAYER_PREFIX) + r"(\d+)\.(.+)$")
+_RANK_DIR = re.compile(r"^mp_rank_(\d+)(?:_(\d+))?$")
+
+
+def _is_skipped(key: str) -> bool:
+    return key.startswith(_SKIP_PREFIXES) or "_extra_state" in key or key == _NULL_CAPTION
+
+
+def _split_layer(name: str) -> tuple[int | None, str]:
+    m = _LAYER.match(name)
+    return (int(m.group(1)), m.group(2)) if m else (None, name)
+
+
+def iter_dir_name(iteration: int | str) -> str:
+    return "release" if iteration == "release" else f"iter_{int(iteration):07d}"
+
+
+def check_parallel(config: DiTConfig, tp: int, pp: int) -> None:
+    """TP must give every rank whole heads and an even MLP split; PP an even layer split."""
+    problems = []
+    if tp < 1 or pp < 1:
+        problems.append(f"TP and PP must be >= 1 (got TP {tp}, PP {pp})")
+    else:
+        if config.num_heads % tp:
+            problems.append(f"TP {tp} does not divide {config.num_heads} attention heads")
+        if config.mlp_hidden_size % tp:
+            problems.append(f"TP {tp} does not divide the MLP width {config.mlp_hidden_size}")
+        if config.depth % pp:
+            problems.append(f"PP {pp} does not divide {config.depth} layers evenly")
+    if problems:
+        raise ValueError("cannot lay out the model for Megatron: " + "; ".join(problems))
+
+
+def resolve_iteration_dir(path: str, iteration: int | None, marker) -> tuple[str, int | str]:
+    """The iter_XXXXXXX directory of a save directory (via the tracker, or `iteration`), or
+    `path` itself when `marker(path)` says it already is one."""
+    if marker(path):
+        base = os.path.basename(os.path.normpath(path))
+        m = re.match(r"^iter_(\d+)$", base)
+        return path, (int(m.group(1)) if m else base)
+    if iteration is None:
+        tracker = os.path.join(path, TRACKER)
+        if not os.path.isfile(tracker):
+            raise FileNotFoundError(f"{path}: not a Megatron checkpoint (no {TRACKER}, and not an "
+                                    f"iteration directory)")
+        text = open(tracker).read().strip()
+        iteration = "release" if text == "release" else int(text)
+    d = os.path.join(path, iter_dir_name(iteration))
+    if not marker(d):
+        raise FileNotFoundError(f"{path}: iteration {iteration} has no checkpoint at {d}")
+    return d, iteration
+
+
+def is_torch_dist_dir(d: str) -> bool:
+    return os.path.isfile(os.path.join(d, "metadata.json")) and os.path.isfile(os.path.join(d, ".metadata"))
+
+
+def is_legacy_dir(d: str) -> bool:
+    return os.path.isdir(d) and any(_RANK_DIR.match(n) for n in os.listdir(d))
+
+
+def detect_variant(path: str) -> str:
+    """'torch_dist' or 'legacy' for a save directory or an iteration directory."""
+    candidates = [path]
+    tracker = os.path.join(path, TRACKER)
+    if os.path.isfile(tracker):
+        text = open(tracker).read().strip()
+        candidates.append(os.path.join(path, iter_dir_name("release" if text == "release" else int(text))))
+    for d in candidates:
+        if is_torch_dist_dir(d):
+            return "torch_dist"
+        if is_legacy_dir(d):
+            return "legacy"
+    raise FileNotFoundError(f"{path}: neither a torch_dist nor a legacy Megatron checkpoint")
+
+
+def _stage_of(release_name: str, config: DiTConfig, pp: int) -> list[tuple[int, str]]:
+    """(PP stage, stage-local Megatron name) of every copy of a release tensor."""
+    mname = layout.megatron_name(release_name)
+    layer, suffix = _split_layer(mname)
+    if layer is not None:
+        per = config.depth // pp
+        return [(layer // per, f"{layout.LAYER_PREFIX}{layer % per}.{suffix}")]
+    if mname.startswith(("x_embedder.", "start_token", "end_token")):
+        return [(0, mname)]
+    if mname.startswith("final_layer."):
+        return [(pp - 1, mname)]
+    return [(s, mname) for s in range(pp)]
+
+
+def _ensure_process_group() -> None:
+    """dist_checkpointing needs torch.distributed: a one-process gloo group unless one exists."""
+    import torch.distributed as dist
+    if dist.is_initialized():
+        if dist.get_world_size() != 1:
+            raise RuntimeError("the converters save/load torch_dist from a single process; "
+                               f"this process is in a world of {dist.get_world_size()}")
+        return
+    from mugv_megatron import cpu_shim, parallel
+    cpu_shim.apply()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{parallel.free_port()}",
+                            rank=0, world_size=1)
+
+
+# Only these may appear in a torch_dist `.metadata`, which torch reads with plain pickle.
+_DCP_MODULES = ("torch.distributed.checkpoint.", "megatron.core.dist_checkpointing.")
+_DCP_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"),
+                ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset")}
+
+
+class _MetadataCheck(pickle.Unpickler):
+    def find_class(self, module, name):
+        import torch
+        if (module.startswith(_DCP_MODULES) or (module, name) in _DCP_GLOBALS
+                or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
+
+
+def _check_dcp_metadata(ckpt_dir: str) -> None:
+    path = os.path.join(ckpt_dir, ".metadata")
+    with open(path, "rb") as f:
+        try:
+            _MetadataCheck(f).load()
+        except (pickle.UnpicklingError, EOFError, AttributeError, ImportError) as e:
+            raise ValueError(f"{path}: refusing to read torch_dist metadata ({e}); it may only "
+                             f"hold torch.distributed.checkpoint metadata objects") from e
+
+
+# ---------------------------------------------------------------------------------------------
+# torch_dist
+
+
+class TorchDistReader(Reader):
+    format = "megatron"
+
+    def __init__(self, path: str, iteration: int | None = None):
+        import json
+        self.path = path
+        self.dir, self.iteration = resolve_iteration_dir(path, iteration, is_torch_dist_dir)
+        with open(os.path.join(self.dir, "metadata.json")) as f:
+            backend = json.load(f).get("sharded_backend")
+        if backend != "torch_dist":
+            raise ValueError(f"{self.dir}: sharded backend {backend!r}, only 'torch_dist' is supported")
+        _check_dcp_metadata(self.dir)
+        _ensure_process_group()
+        from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
+        self._strategy = TorchDistLoadShardedStrategy()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            meta = self._strategy.load_tensors_metadata(Path(self.dir))
+        self.skipped = sorted(k for k in meta if _is_skipped(k))
+        # release name → (DCP key, layer or None, depth of the stack, per-layer shape, torch dtype)
+        self._src: dict[str, tuple] = {}
+        self._entries: dict[str, Entry] = {}
+        for key, st in meta.items():
+            if _is_skipped(key):
+                continue
+            shape, dtype = tuple(st.global_shape), st.dtype
+            if key.startswith(layout.LAYER_PREFIX):
+                sub = key[len(layout.LAYER_PREFIX):]
+                for i in range(shape[0]):
+                    self._add(f"{layout.LAYER_PREFIX}{i}.{sub}", (key, i, shape[0], shape[1:], dtype))
+            else:
+                self._add(key, (key, None, None, shape, dtype))
+        self.stored_config = None
+        common = os.path.join(self.dir, "common.pt")
+        if os.path.isfile(common):
+            try:
+                state = torchzip.load_torch_file(common, allow_namespace=True)
+            except ValueError:
+                # A trainer's common.pt may hold objects outside the weights-only allowlist; the
+                # config is then detected from the tensor shapes.
+                state = {}
+            cfg = state.get("mugv", {}).get("model") if isinstance(state, dict) else None
+            if cfg:
+                self.stored_config = DiTConfig.from_dict(cfg)
+
+    def _add(self, mname: str, src: tuple) -> None:
+        try:
+            name = layout.release_name(mname)
+        except KeyError:
+            name = mname  # reported as unexpected by the strict schema check
+        self._src[name] = (mname, *src)
+        self._entries[name] = Entry(src[3], numpy_dtype_of_torch(src[4]))
+
+    def entries(self) -> dict[str, Entry]:
+        return dict(self._entries)
+
+    def _load(self, names: list[str]) -> dict[str, np.ndarray]:
+        import torch
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor
+        sd = {}
+        for name in names:
+            _, key, layer, depth, shape, dtype = self._src[name]
+            if layer is None:
+                sd[name] = ShardedTensor.from_rank_offsets(key, torch.empty(shape, dtype=dtype), replica_id=0)
+            else:
+                sd[name] = ShardedTensor.from_rank_offsets(
+                    key, torch.empty((1, *shape), dtype=dtype), (0, layer, depth), replica_id=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loaded = self._strategy.load(sd, Path(self.dir))
+        out = {}
+        for name in names:
+            mname, _, layer, *_ = self._src[name]
+            t = loaded[name][0] if layer is not None else loaded[name]
+            ((_, array),) = layout.megatron_to_release(mname, from_torch(t), self._config_for_layout())
+            out[name] = np.ascontiguousarray(array)
+        return out
+
+    def _config_for_layout(self) -> DiTConfig:
+        # The per-head regroup needs heads and head dim; both follow from the shapes.
+        if getattr(self, "layout_config", None) is None:
+            from converters.detect import detect_config
+            self.layout_config = self.stored_config or detect_config(self.entries())
+        return self.layout_config
+
+    def get(self, name: str) -> np.ndarray:
+        if name not in self._src:
+            raise KeyError(f"{self.dir}: no tensor {name!r}")
+        return self._load([name])[name]
+
+    def items(self) -> Iterator[tuple[str, np.ndarray]]:
+        by_layer: dict = {}
+        for name, src in self._src.items():
+            by_layer.setdefault(src[2], []).append(name)
+        for layer in [None] + sorted(k for k in by_layer if k is not None):
+            names = by_layer.get(layer, [])
+            if names:
+                yield from self._load(names).items()
+
+    def describe(self) -> dict:
+        return {"variant": "torch_dist", "directory": self.dir, "iteration": self.iteration,
+                "skipped entries": len(self.skipped)}
+
+
+class TorchDistWriter(Writer):
+    format = "megatron"
+
+    def __init__(self, target: str, tmp: str, config: DiTConfig, entries: dict[str, Entry], *,
+                 tp: int = 1, pp: int = 1, iteration: int = DEFAULT_ITERATION):
+        super().__init__(target, config, entries)
+        check_parallel(config, tp, pp)
+        self.tmp, self.iteration = tmp, iteration
+        os.makedirs(tmp)
+        self.iter_dir = os.path.join(tmp, iter_dir_name(iteration))
+        os.makedirs(self.iter_dir)
+        self.staging = RawStore(os.path.join(tmp, ".staging"))
+        _ensure_process_group()
+
+    def _write(self, name: str, array: np.ndarray) -> None:
+        for mname, marr in layout.release_to_megatron(name, array, self.config):
+            self.staging.create(mname, marr.shape, marr.dtype)
+            self.staging.write(mname, np.ascontiguousarray(marr))
+
+    def finish(self) -> None:
+        import torch
+        from megatron.core import dist_checkpointing
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor
+        from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+        depth = self.config.depth
+        sd: dict = {}
+        for mname in list(self.staging._arrays):
+            entry = self.staging.entry(mname)
+            # Each staged tensor is its own file, so the mapped storage is exactly the tensor and
+            # dist_checkpointing writes it without a copy.
+            t = torch.from_file(self.staging.file(mname), shared=False,
+                                size=int(np.prod(entry.shape, dtype=np.int64)),
+                                dtype=torch_dtype_of(entry.dtype)).view(entry.shape)
+            layer, suffix = _split_layer(mname)
+            if layer is None:
+                sd[mname] = ShardedTensor.from_rank_offsets(mname, t, replica_id=0)
+            else:
+                sd[mname] = ShardedTensor.from_rank_offsets(
+                    layout.LAYER_PREFIX + suffix, t.view(1, *entry.shape), (0, layer, depth), replica_id=0)
+        sd["mugv"] = {"model": self.config.to_dict()}
+        sd["iteration"] = self.iteration
+        sd["checkpoint_version"] = CHECKPOINT_VERSION
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dist_checkpointing.save(sd, self.iter_dir, sharded_strategy=TorchDistSaveShardedStrategy(
+                "torch_dist", 1, thread_count=1))
+        del sd
+        self.staging.close()
+        with open(os.path.join(self.tmp, TRACKER), "w") as f:
+            f.write(str(self.iteration))
+
+    def abort(self) -> None:
+        self.staging.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Legacy per-rank files
+
+
+def rank_dir_name(tp_rank: int, pp_rank: int, pp: int) -> str:
+    return f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+
+
+def _concat(arrays, axis):
+    return np.concatenate(arrays, axis=axis)
+
+
+class LegacyReader(Reader):
+    format = "megatron"
+
+    def __init__(self, path: str, iteration: int | None = None):
+        self.path = path
+        self.dir, self.iteration = resolve_iteration_dir(path, iteration, is_legacy_dir)
+        ranks = {}
+        for n in os.listdir(self.dir):
+            m = _RANK_DIR.match(n)
+            if m:
+                ranks[(int(m.group(1)), int(m.group(2) or 0))] = os.path.join(self.dir, n)
+        self.tp = 1 + max(t for t, _ in ranks)
+        self.pp = 1 + max(p for _, p in ranks)
+        missing = [(t, p) for t in range(self.tp) for p in range(self.pp) if (t, p) not in ranks]
+        if missing:
+            raise ValueError(f"{self.dir}: incomplete legacy checkpoint, no directory for "
+                             f"(TP rank, PP rank) {missing} of a TP {self.tp} x PP {self.pp} grid")
+        self._models: dict[tuple[int, int], dict] = {}
+        self.files = {}
+        self.stored_config = None
+        for (t, p), d in sorted(ranks.items()):
+            f = os.path.join(d, "model_optim_rng.pt")
+            if not os.path.isfile(f):
+                raise FileNotFoundError(f"{d}: no model_optim_rng.pt")
+            state = torchzip.load_torch_file(f, allow_namespace=True)
+            if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+                keys = list(state)[:8] if isinstance(state, dict) else type(state).__name__
+                raise ValueError(f"{f}: expected a dict with a 'model' state dict (keys: {keys}); "
+                                 f"virtual-pipeline checkpoints (model0, model1, …) are not supported")
+            self._models[(t, p)] = state["model"]
+            self.files[(t, p)] = f
+            cfg = state.get("mugv", {}).get("model") if isinstance(state.get("mugv"), dict) else None
+            if cfg and self.stored_config is None:
+                self.stored_config = DiTConfig.from_dict(cfg)
+        # Stage-local layer indices → global: stages hold consecutive layers.
+        offsets, total = [], 0
+        for p in range(self.pp):
+            offsets.append(total)
+            layers = {_split_layer(k)[0] for k in self._models[(0, p)]} - {None}
+            total += (max(layers) + 1) if layers else 0
+        self.depth = total
+        # release name → (PP stage, stage-local Megatron name, global Megatron name)
+        self._src: dict[str, tuple[int, str, str]] = {}
+        self._entries: dict[str, Entry] = {}
+        self.skipped = []
+        import torch
+        for p in range(self.pp):
+            for local, value in self._models[(0, p)].items():
+                if _is_skipped(local):
+                    self.skipped.append(local)
+                    continue
+                if not isinstance(value, torch.Tensor):
+                    raise ValueError(f"{self.files[(0, p)]}: model entry {local!r} is a "
+                                     f"{type(value).__name__}, not a tensor")
+                layer, suffix = _split_layer(local)
+                gname = local if layer is None else f"{layout.LAYER_PREFIX}{layer + offsets[p]}.{suffix}"
+                try:
+                    name = layout.release_name(gname)
+                except KeyError:
+                    name = gname
+                if name in self._src:
+                    continue  # an embedder replicated on every stage: the first copy is used
+                shape = list(value.shape)
+                rule = layout.tp_split_rule(gname)
+                if rule != "replicated":
+                    shape[0 if rule == "column" else 1] *= self.tp
+                self._src[name] = (p, local, gname)
+                self._entries[name] = Entry(shape, numpy_dtype_of_torch(value.dtype))
+
+    def entries(self) -> dict[str, Entry]:
+        return dict(self._entries)
+
+    def _config_for_layout(self) -> DiTConfig:
+        if getattr(self, "layout_config", None) is None:
+            from converters.detect import detect_config
+            self.layout_config = self.stored_config or detect_config(self.entries())
+        return self.layout_config
+
+    def get(self, name: str) -> np.ndarray:
+        if name not in self._src:
+            raise KeyError(f"{self.dir}: no tensor {name!r}")
+        p, local, gname = self._src[name]
+        shards = []
+        for t in range(self.tp):
+            value = self._models[(t, p)].get(local)
+            if value is None:
+                raise ValueError(f"{self.files[(t, p)]}: tensor {local} is missing on TP rank {t} "
+                                 f"(present on rank 0)")
+            shards.append(from_torch(value))
+        full = layout.tp_merge(gname, shards, _concat)
+        want = self._entries[name].shape
+        if tuple(full.shape) != want:
+            raise ValueError(f"{self.dir}: tensor {gname} merges to {list(full.shape)} over TP "
+                             f"{self.tp}, expected {list(want)}")
+        ((_, array),) = layout.megatron_to_release(gname, full, self._config_for_layout())
+        return np.ascontiguousarray(array)
+
+    def describe(self) -> dict:
+        return {"variant": "legacy", "directory": self.dir, "iteration": self.iteration,
+                "tp": self.tp, "pp": self.pp, "layers": self.depth, "skipped entries": len(self.skipped)}
+
+
+class LegacyWriter(Writer):
+    format = "megatron-legacy"
+
+    def __init__(self, target: str, tmp: str, config: DiTConfig, entries: dict[str, Entry], *,
+                 tp: int = 1, pp: int = 1, iteration: int = DEFAULT_ITERATION):
+        super().__init__(target, config, entries)
+        check_parallel(config, tp, pp)
+        self.tp, self.pp, self.tmp, self.iteration = tp, pp, tmp, iteration
+        it_dir = os.path.join(tmp, iter_dir_name(iteration))
+        # (TP rank, PP stage) → {stage-local Megatron name: slot}
+        slots: dict[tuple[int, int], dict] = {(t, p): {} for t in range(tp) for p in range(pp)}
+        self._route: dict[str, list[tuple[int, str]]] = {}
+        for name, e in self.entries.items():
+            mname = layout.megatron_name(name)
+            # A zero-strided stand-in gives each rank's shard shape without allocating.
+            stand_in = np.lib.stride_tricks.as_strided(np.zeros((), e.dtype), e.shape, (0,) * len(e.shape))
+            self._route[name] = _stage_of(name, config, pp)
+            for p, local in self._route[name]:
+                for t in range(tp):
+                    shard = layout.tp_shard(mname, stand_in, t, tp)
+                    key = str(len(slots[(t, p)]))
+                    slots[(t, p)][local] = torchzip.TensorSlot(key, Entry(shard.shape, e.dtype))
+        self._files: dict[tuple[int, int], torchzip.StreamingTorchFile] = {}
+        for (t, p), rank_slots in slots.items():
+            d = os.path.join(it_dir, rank_dir_name(t, p, pp))
+            os.makedirs(d)
+            obj = {"model": rank_slots, "checkpoint_version": CHECKPOINT_VERSION,
+                   "iteration": iteration, "mugv": {"model": config.to_dict()}}
+            self._files[(t, p)] = torchzip.StreamingTorchFile(
+                os.path.join(d, "model_optim_rng.pt"), obj, list(rank_slots.values()))
+        self._slots = slots
+
+    def _write(self, name: str, array: np.ndarray) -> None:
+        ((mname, marr),) = layout.release_to_megatron(name, array, self.config)
+        for p, local in self._route[name]:
+            for t in range(self.tp):
+                shard = np.ascontiguousarray(layout.tp_shard(mname, marr, t, self.tp))
+                self._files[(t, p)].write(self._slots[(t, p)][local].key, shard)
+
+    def finish(self) -> None:
+        for f in self._files.values():
+            f.close()
+        with open(os.path.join(self.tmp, TRACKER), "w") as f:
+            f.write(str(self.iteration))
+
+    def abort(self) -> None:
+        for f in self._files.values():
+            f.abort()

@@ -1,0 +1,322 @@
+"""The official release layout: a flat {name: tensor} as one `.pt`, one `.safetensors`, or shards
+with a Hugging Face index (`model.safetensors.index.json` / `pytorch_model.bin.index.json`).
+
+Safetensors are read and written here directly (an 8-byte header length, a JSON header, the raw
+bytes), one tensor at a time with plain file I/O; `.pt` files through `torchzip` (streaming
+writer, `torch.load(weights_only=True, mmap=True)` reader).
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from typing import Iterator
+
+import numpy as np
+
+from converters.formats.base import (BF16, Entry, Reader, Writer, from_torch,
+                                     numpy_dtype_of_torch, pwrite_all)
+from converters.formats import torchzip
+from mugv.config import DiTConfig
+
+ST_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
+
+_ST_DTYPES = {"F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+              "BF16": BF16, "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
+              "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8),
+              "BOOL": np.dtype(np.bool_)}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+# A header bigger than this is not a safetensors header (the format caps it at 100 MB).
+_MAX_HEADER = 100 * 2**20
+
+
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+
+def kind_of(path: str) -> str:
+    """'safetensors' or 'torch' for a single file (by suffix), else 'sharded': a directory of
+    shards, named by the directory or by its index json."""
+    if os.path.isfile(path):
+        return "safetensors" if path.endswith(".safetensors") else "torch"
+    if path.endswith(".safetensors"):
+        return "safetensors"
+    if path.endswith(TORCH_SUFFIXES) and not path.endswith(".index.json"):
+        return "torch"
+    return "sharded"
+
+
+def output_path(path: str) -> str:
+    """What a release output creates: the file, or the shard directory (for an index json)."""
+    return os.path.dirname(path) if path.endswith(".index.json") else path
+
+
+# ---------------------------------------------------------------------------------------------
+# safetensors
+
+
+class SafetensorsFile:
+    def __init__(self, path: str):
+        self.path = path
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"checkpoint file not found: {path}")
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError(f"{path} is not a safetensors file (shorter than 8 bytes)")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(_MAX_HEADER, size - 8):
+                raise ValueError(f"{path} is not a safetensors file (header length {n} of a "
+                                 f"{size}-byte file)")
+            try:
+                header = json.loads(f.read(n))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ValueError(f"{path} is not a safetensors file (unreadable header: {e})") from e
+            if not isinstance(header, dict):
+                raise ValueError(f"{path} is not a safetensors file (header is not a JSON object)")
+        self.metadata = header.pop("__metadata__", None) or {}
+        self._base = 8 + n
+        self._info: dict[str, tuple[Entry, int]] = {}
+        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            dtype = _ST_DTYPES.get(info["dtype"])
+            if dtype is None:
+                raise ValueError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+            entry = Entry(info["shape"], dtype)
+            begin, end = info["data_offsets"]
+            if end - begin != entry.nbytes or self._base + end > size:
+                raise ValueError(f"{path}: tensor {name} (shape {info['shape']}, {info['dtype']}) "
+                                 f"has byte range [{begin}, {end}) that does not fit its shape or "
+                                 f"the {size}-byte file")
+            self._info[name] = (entry, self._base + begin)
+
+    def entries(self) -> dict[str, Entry]:
+        return {k: e for k, (e, _) in self._info.items()}
+
+    def get(self, name: str) -> np.ndarray:
+        entry, offset = self._info[name]
+        count = int(np.prod(entry.shape, dtype=np.int64))
+        return np.fromfile(self.path, dtype=entry.dtype, count=count, offset=offset).reshape(entry.shape)
+
+
+class SafetensorsOut:
+    """A safetensors file laid out from the entries up front, filled one tensor at a time."""
+
+    def __init__(self, path: str, entries: dict[str, Entry], metadata: dict[str, str] | None = None):
+        self.path = path
+        header: dict = {}
+        if metadata:
+            header["__metadata__"] = metadata
+        offset = 0
+        self._offsets = {}
+        for name, e in entries.items():
+            if e.dtype not in _ST_NAMES:
+                raise ValueError(f"{path}: safetensors cannot store {name} as {e.dtype}")
+            header[name] = {"dtype": _ST_NAMES[e.dtype], "shape": list(e.shape),
+                            "data_offsets": [offset, offset + e.nbytes]}
+            self._offsets[name] = offset
+            offset += e.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+        self._base = 8 + len(raw)
+        with open(path, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            f.truncate(self._base + offset)
+        self._fd = os.open(path, os.O_WRONLY)
+
+    def write(self, name: str, array: np.ndarray) -> None:
+        pwrite_all(self._fd, array, self._base + self._offsets[name])
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = None
+
+    abort = close
+
+
+# ---------------------------------------------------------------------------------------------
+# torch .pt / .bin (flat state dict)
+
+
+class TorchStateFile:
+    def __init__(self, path: str):
+        self.path = path
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"checkpoint file not found: {path}")
+        sd = torchzip.load_torch_file(path)
+        import torch
+        if not isinstance(sd, dict):
+            raise ValueError(f"{path} holds a {type(sd).__name__}, not a flat {{name: tensor}} "
+                             f"state dict like the release dit.pt")
+        for name, value in sd.items():
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(f"{path}: entry {name!r} is a {type(value).__name__}, not a tensor "
+                                 f"(expected a flat {{name: tensor}} state dict like the release dit.pt)")
+        self._sd = sd
+
+    def entries(self) -> dict[str, Entry]:
+        return {k: Entry(v.shape, numpy_dtype_of_torch(v.dtype)) for k, v in self._sd.items()}
+
+    def get(self, name: str) -> np.ndarray:
+        return from_torch(self._sd[name])
+
+
+def _open_file(path: str):
+    return SafetensorsFile(path) if path.endswith(".safetensors") else TorchStateFile(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Readers and writers
+
+
+def _index_path(path: str) -> str:
+    if path.endswith(".index.json"):
+        return path
+    for name in (ST_INDEX, BIN_INDEX):
+        if os.path.isfile(os.path.join(path, name)):
+            return os.path.join(path, name)
+    raise FileNotFoundError(f"{path}: no {ST_INDEX} or {BIN_INDEX} in the directory")
+
+
+class ReleaseReader(Reader):
+    format = "release"
+
+    def __init__(self, path: str):
+        self.path = path
+        self.kind = kind_of(path)
+        self._files: dict[str, object] = {}
+        self._where: dict[str, str] = {}
+        self._entries: dict[str, Entry] = {}
+        if self.kind == "sharded":
+            index = _index_path(path)
+            self.index = index
+            with open(index) as f:
+                try:
+                    weight_map = json.load(f)["weight_map"]
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise ValueError(f"{index}: not a sharded-checkpoint index with a weight_map "
+                                     f"({type(e).__name__}: {e})") from e
+            root = os.path.dirname(index)
+            for shard in dict.fromkeys(weight_map.values()):
+                shard_path = os.path.join(root, shard)
+                if not os.path.isfile(shard_path):
+                    raise FileNotFoundError(f"{index} names shard {shard}, which does not exist")
+                f = _open_file(shard_path)
+                self._files[shard_path] = f
+                for name, entry in f.entries().items():
+                    if weight_map.get(name) != shard:
+                        raise ValueError(f"{shard_path}: tensor {name} is not mapped to this "
+                                         f"shard by {index}")
+                    self._entries[name] = entry
+                    self._where[name] = shard_path
+            missing = [n for n in weight_map if n not in self._entries]
+            if missing:
+                raise ValueError(f"{index} maps {len(missing)} tensors that no shard holds "
+                                 f"(first: {missing[:5]})")
+        else:
+            f = _open_file(path)
+            self._files[path] = f
+            for name, entry in f.entries().items():
+                self._entries[name] = entry
+                self._where[name] = path
+        meta = getattr(next(iter(self._files.values())), "metadata", {}) if self._files else {}
+        if "mugv_config" in meta:
+            self.stored_config = DiTConfig.from_dict(json.loads(meta["mugv_config"]))
+
+    def entries(self) -> dict[str, Entry]:
+        return dict(self._entries)
+
+    def get(self, name: str) -> np.ndarray:
+        if name not in self._where:
+            raise KeyError(f"{self.path}: no tensor {name!r}")
+        return self._files[self._where[name]].get(name)
+
+    def items(self) -> Iterator[tuple[str, np.ndarray]]:
+        for name in self._entries:
+            yield name, self.get(name)
+
+    def describe(self) -> dict:
+        d = {"layout": {"sharded": "sharded with an index", "safetensors": "single safetensors",
+                        "torch": "single torch file"}[self.kind]}
+        if self.kind == "sharded":
+            d["index"] = self.index
+            d["shards"] = len(self._files)
+        return d
+
+
+def _plan_shards(entries: dict[str, Entry], max_bytes: int) -> list[list[str]]:
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, e in entries.items():
+        if shards[-1] and size + e.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += e.nbytes
+    return shards
+
+
+class ReleaseWriter(Writer):
+    format = "release"
+
+    def __init__(self, target: str, tmp: str, config: DiTConfig, entries: dict[str, Entry], *,
+                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES):
+        super().__init__(target, config, entries)
+        self.kind = kind_of(target)
+        self._outs: dict[str, object] = {}
+        self._where: dict[str, str] = {}
+        meta = {"format": "pt", "mugv_config": json.dumps(config.to_dict())}
+        if self.kind == "sharded":
+            index_name = os.path.basename(target) if target.endswith(".index.json") else ST_INDEX
+            if index_name not in (ST_INDEX, BIN_INDEX):
+                raise ValueError(f"{target}: a sharded release is named by its index, "
+                                 f"{ST_INDEX} or {BIN_INDEX}")
+            os.makedirs(tmp)
+            safetensors = index_name == ST_INDEX
+            plan = _plan_shards(self.entries, max_shard_bytes)
+            stem, ext = ("model", "safetensors") if safetensors else ("pytorch_model", "bin")
+            weight_map = {}
+            for i, names in enumerate(plan):
+                shard = f"{stem}-{i + 1:05d}-of-{len(plan):05d}.{ext}"
+                sub = {n: self.entries[n] for n in names}
+                out = self._open(os.path.join(tmp, shard), sub, meta if safetensors else None)
+                self._outs[shard] = out
+                for n in names:
+                    self._where[n] = shard
+                    weight_map[n] = shard
+            total = sum(e.nbytes for e in self.entries.values())
+            with open(os.path.join(tmp, index_name), "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        else:
+            self._outs[target] = self._open(tmp, self.entries,
+                                            meta if self.kind == "safetensors" else None)
+            self._where = {n: target for n in self.entries}
+
+    @staticmethod
+    def _open(path: str, entries: dict[str, Entry], meta):
+        if path.endswith(".safetensors") or meta is not None:
+            return SafetensorsOut(path, entries, meta)
+        # The release .pt is a flat {name: tensor}: nothing else may go in it.
+        slots = {n: torchzip.TensorSlot(str(i), e) for i, (n, e) in enumerate(entries.items())}
+        out = torchzip.StreamingTorchFile(path, slots, list(slots.values()))
+        out.keys = {n: s.key for n, s in slots.items()}
+        return out
+
+    def _write(self, name: str, array: np.ndarray) -> None:
+        out = self._outs[self._where[name]]
+        if isinstance(out, torchzip.StreamingTorchFile):
+            out.write(out.keys[name], array)
+        else:
+            out.write(name, array)
+
+    def finish(self) -> None:
+        for out in self._outs.values():
+            out.close()
+
+    def abort(self) -> None:
+        for out in self._outs.values():
+            out.abort()
