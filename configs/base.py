@@ -40,4 +40,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.async_checkpoint = True
     c.max_nonfinite_in_a_row = 10
     c.profile = ml_collections.ConfigDict(dict(start_step=-1, num_steps=3))
+    # Latents sampled from the EMA for the first `count` captions of the first batch, written to
+    # <workdir>/samples/ every `every` steps (0 = off) and at the end.
+    c.sample = ml_collections.ConfigDict(dict(every=0, count=2, steps=10, cfg_scale=2.0))
     return c

@@ -57,16 +57,10 @@ def _pad_text(y, mask, length):
     return y, mask
 
 
-def make_guided_velocity(model, *, in_channels: int | None = None):
-    """A jitted v(z, t, y, mask, x_mask, fps, frame_indice) with classifier-free guidance.
-
-    y/mask hold [conditional; unconditional] along the batch; z and t are one batch each, run
-    twice in one model call; returns v_u + s·(v_c − v_u) over the velocity channels.
-    """
-    from flax import nnx
+def make_guided_velocity_from_params(params, config, options, *, in_channels: int | None = None):
+    """Like make_guided_velocity, over a (possibly sharded) parameter pytree: the trainer samples
+    from its EMA without gathering the weights to one host."""
     from mugv_jax.dit.model import forward
-    config, options = model.config, model.options
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     c = in_channels or config.in_channels
 
     @jax.jit
@@ -77,6 +71,17 @@ def make_guided_velocity(model, *, in_channels: int | None = None):
         return v_u + scale * (v_c - v_u)
 
     return lambda *args: velocity(params, *args)
+
+
+def make_guided_velocity(model, *, in_channels: int | None = None):
+    """A jitted v(z, t, y, mask, x_mask, fps, frame_indice, scale) with classifier-free guidance.
+
+    y/mask hold [conditional; unconditional] along the batch; z and t are one batch each, run
+    twice in one model call; returns v_u + s·(v_c − v_u) over the velocity channels.
+    """
+    from flax import nnx
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return make_guided_velocity_from_params(params, model.config, model.options, in_channels=in_channels)
 
 
 def sample(model, z, cond_y, cond_mask, neg_y, neg_mask, *, height: int, width: int,

@@ -79,6 +79,30 @@ def _init_params_from(spec: str, model_cfg: DiTConfig, weights: str = "raw"):
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
+def _write_samples(state, captions: dict, config, model_cfg, options, workdir: str, step: int) -> str:
+    """Sample latents from the EMA weights for fixed training captions (null caption as negative)
+    and write them to <workdir>/samples/step_XXXXXXXX.safetensors."""
+    from mugv_jax import sampler
+    from mugv_jax.safetensors_io import save_atomic
+    velocity = sampler.make_guided_velocity_from_params(state["ema"], model_cfg, options)
+    null = np.asarray(jax.device_get(state["null_text"]))
+    f, h, w = captions["latent_shape"]
+    out = []
+    for i in range(captions["y"].shape[0]):
+        length = captions["y"].shape[2]
+        z = sampler.sample(None, np.zeros((1, model_cfg.in_channels, f, h, w), np.float32),
+                           captions["y"][i:i + 1], captions["mask"][i:i + 1], null[None, None, :length],
+                           np.ones((1, length), np.int32), height=h * 8, width=w * 8,
+                           num_steps=int(config.sample.steps), guidance_scale=float(config.sample.cfg_scale),
+                           key=jax.random.PRNGKey(int(config.seed) + i), fps=float(captions["fps"][i]),
+                           shift=config.objective.get("shift_ratio"), velocity_fn=velocity)
+        out.append(np.asarray(z)[0])
+    path = os.path.join(workdir, "samples", f"step_{step:08d}.safetensors")
+    save_atomic({"latents": np.stack(out), "y": captions["y"], "mask": captions["mask"]}, path,
+                metadata={"step": str(step), "weights": "ema"})
+    return path
+
+
 def _local_batch(batch: dict) -> dict:
     """This process's share of a global host batch (every process builds the same global batch)."""
     n, i = jax.process_count(), jax.process_index()
@@ -128,6 +152,8 @@ def train(config, workdir: str) -> dict:
     def save(force=False):
         ckpt.save(step, state, it.get_state(), {**resolved, "model": model_cfg.to_dict()}, force=force)
 
+    sample_every = int(config.sample.every)
+    captions = None
     total = int(config.num_steps)
     summary = {"step": step, "loss": None, "skipped": 0, "stopped_by": "num_steps"}
     window_t, window_steps = time.perf_counter(), 0
@@ -139,6 +165,10 @@ def train(config, workdir: str) -> dict:
                 profiling = True
             host_batch = next(it)
             host_batch.pop("prompt_id", None)
+            if captions is None and sample_every > 0:
+                n = int(config.sample.count)
+                captions = {"y": host_batch["y"][:n], "mask": host_batch["mask"][:n],
+                            "fps": host_batch["fps"][:n], "latent_shape": host_batch["latents"].shape[2:]}
             batch_size, latent_shape = host_batch["latents"].shape[0], host_batch["latents"].shape[2:]
             batch = trainer.put_batch(_local_batch(host_batch))
             state, metrics = trainer.train_step(state, batch)
@@ -182,6 +212,9 @@ def train(config, workdir: str) -> dict:
                 break
             if step % int(config.checkpoint_every) == 0 or step == total:
                 save()
+            if sample_every > 0 and (step % sample_every == 0 or step == total) and is_main:
+                path = _write_samples(state, captions, config, model_cfg, options, workdir, step)
+                log.info("step %d: wrote samples %s", step, path)
         summary["step"] = step
         summary["skipped"] = int(jax.device_get(state["skipped"]))
         ckpt.wait()

@@ -38,7 +38,7 @@ def _config(**overrides):
 
 
 def test_tiny_model_learns_caption_dependent_latents(tmp_path):
-    c = _config(num_steps=150, checkpoint_every=1000)
+    c = _config(num_steps=150, checkpoint_every=1000, **{"sample.every": 100, "sample.steps": 3})
     c.data.buckets = ((2, 4, 6, 16),)
     train_lib.train(c, str(tmp_path))
     rows = [json.loads(l) for l in open(tmp_path / "tensorboard" / "metrics.jsonl")]
@@ -46,6 +46,12 @@ def test_tiny_model_learns_caption_dependent_latents(tmp_path):
     src = train_lib.build_source(c, train_lib.model_config_from(c))
     baseline = src.constant_baseline_loss(src.buckets[0])
     assert final < LEARNED_LOSS_RATIO * baseline, (final, baseline)
+    # Samples from the EMA were written at step 100 and at the end.
+    from safetensors.numpy import load_file
+    samples = sorted(os.listdir(tmp_path / "samples"))
+    assert samples == ["step_00000100.safetensors", "step_00000150.safetensors"]
+    lat = load_file(str(tmp_path / "samples" / samples[-1]))["latents"]
+    assert lat.shape == (2, 24, 2, 4, 6) and np.all(np.isfinite(lat))
     # The event files are there for TensorBoard, with the promised scalars.
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tensorboard"))
     assert {"loss", "grad_norm", "learning_rate", "step_time", "tokens_per_second", "tflops_per_device",

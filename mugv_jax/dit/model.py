@@ -35,6 +35,9 @@ REMAT_POLICIES: dict[str, Callable | None] = {
     "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block in backward
     "dots": jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs, recompute the rest
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    # Keep weight-matmul outputs in pinned host memory instead of HBM (GPU/TPU with host offload;
+    # the CPU backend has no separate host memory space).
+    "offload_dots": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
 }
 
 
