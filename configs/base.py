@@ -27,7 +27,10 @@ def base_config() -> ml_collections.ConfigDict:
         i2v_prob=0.0, i2v_mode="first", caption_dropout_prob=0.1))
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "synthetic"
+    c.data.source = "synthetic"      # "synthetic" | "shards" (python -m mugv_data prepare)
+    c.data.path = ""                 # shards: the prepared dataset directory
+    c.data.batch_size = 8            # shards: global batch size for every bucket
+    c.data.num_workers = 0           # shards: grain worker processes
     # (latent frames, latent height, latent width, global batch size); one shape per batch.
     c.data.buckets = ((2, 4, 6, 8),)
     c.data.text_len = 8

@@ -49,9 +49,26 @@ def _dataclass_from(cls, section):
 
 
 def build_iterator(config, model_cfg: DiTConfig):
-    """The batch iterator for config.data: `next()` gives a host batch (dict of numpy arrays with
-    latents/y/mask/fps), `get_state()`/`set_state()` make its position part of a checkpoint."""
-    return data_lib.DataIterator(build_source(config, model_cfg))
+    """The batch iterator for config.data: `next()` gives a batch (dict of numpy arrays with
+    latents/y/mask/fps), `get_state()`/`set_state()` make its position part of a checkpoint.
+
+    `synthetic` yields the global batch on every process; `shards` (array_record shards written by
+    `python -m mugv_data prepare`) yields this process's slice (`returns_local`)."""
+    d = config.data
+    if d.source != "shards":
+        return data_lib.DataIterator(build_source(config, model_cfg))
+    from mugv_data.loader import ShardLoader
+    if not d.get("path"):
+        raise ValueError("config.data.source='shards' needs config.data.path (a prepared dataset directory)")
+    loader = ShardLoader(d.path, int(d.batch_size), text_len=int(d.text_len), seed=int(config.seed),
+                         process_index=jax.process_index(), process_count=jax.process_count(),
+                         num_workers=int(d.get("num_workers", 0)))
+    if (loader.latent_channels, loader.text_dim) != (model_cfg.in_channels, model_cfg.text_dim):
+        raise ValueError(f"dataset {d.path} has {loader.latent_channels} latent channels and text width "
+                         f"{loader.text_dim}; model {config.model} expects {model_cfg.in_channels} and "
+                         f"{model_cfg.text_dim} (set config.model_overrides.text_dim)")
+    loader.returns_local = True
+    return loader
 
 
 def build_source(config, model_cfg: DiTConfig):
@@ -103,10 +120,10 @@ def _write_samples(state, captions: dict, config, model_cfg, options, workdir: s
     return path
 
 
-def _local_batch(batch: dict) -> dict:
+def _local_batch(batch: dict, already_local: bool) -> dict:
     """This process's share of a global host batch (every process builds the same global batch)."""
     n, i = jax.process_count(), jax.process_index()
-    if n == 1:
+    if n == 1 or already_local:
         return batch
     return {k: np.array_split(v, n)[i] for k, v in batch.items()}
 
@@ -169,8 +186,10 @@ def train(config, workdir: str) -> dict:
                 n = int(config.sample.count)
                 captions = {"y": host_batch["y"][:n], "mask": host_batch["mask"][:n],
                             "fps": host_batch["fps"][:n], "latent_shape": host_batch["latents"].shape[2:]}
-            batch_size, latent_shape = host_batch["latents"].shape[0], host_batch["latents"].shape[2:]
-            batch = trainer.put_batch(_local_batch(host_batch))
+            returns_local = getattr(it, "returns_local", False)
+            batch_size = host_batch["latents"].shape[0] * (jax.process_count() if returns_local else 1)
+            latent_shape = host_batch["latents"].shape[2:]
+            batch = trainer.put_batch(_local_batch(host_batch, returns_local))
             state, metrics = trainer.train_step(state, batch)
             step += 1
             window_steps += 1

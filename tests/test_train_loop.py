@@ -207,3 +207,33 @@ def test_init_from_release_file_or_converted_jax_checkpoint(tmp_path, kind):
     exported = dit.export_release_state_dict(model_from_params(train_lib.model_config_from(c), flat))
     for name, ref in dit_weights().items():
         np.testing.assert_array_equal(exported[name], ref)
+
+
+def test_trains_from_prepared_array_record_shards(tmp_path):
+    """The trainer reads the data pipeline's shards (procedural clips, stand-in encoders) and
+    resumes the loader's position with the checkpoint."""
+    from absl import flags
+    from mugv_data import encode, procedural, shards
+    from mugv_data.encode import ClipInput, PixelBucket
+    from mugv_data.text import HashingTextEncoder
+    flags.FLAGS.mark_as_parsed()
+    buckets = [PixelBucket(17, 32, 48)]
+    clips = (ClipInput(c.sample_id, "procedural", c.caption, c.frames, c.fps)
+             for c in procedural.generate(12, seed=3, num_frames=17, size=32))
+    lat, txt = encode.PatchMeanEncoder(), HashingTextEncoder(dim=64, max_length=8)
+    examples = list(encode.encode_clips(clips, buckets, lat, txt, batch_size=4))
+    ds = shards.write_shards(lambda: examples, str(tmp_path / "data"), buckets=encode.latent_buckets(buckets, lat),
+                             latent_channels=24, text_dim=64)
+    c = _config(num_steps=3, checkpoint_every=3)
+    c.data.source, c.data.path, c.data.batch_size, c.data.text_len = "shards", ds, 4, 8
+    summary = train_lib.train(c, str(tmp_path / "run"))
+    assert summary["step"] == 3 and np.isfinite(summary["loss"])
+    cfg = checkpointing.read_config(str(tmp_path / "run" / "checkpoints"))
+    assert cfg["data"]["source"] == "shards"
+    t = make_trainer((8, 1, 1, 1))
+    _, _, data_state, _ = checkpointing.Checkpointer(str(tmp_path / "run" / "checkpoints")).restore_latest(
+        t.abstract_state())
+    assert data_state["step"] == 3
+    c.model_overrides.text_dim = 32
+    with pytest.raises(ValueError, match="text width 64"):
+        train_lib.train(c, str(tmp_path / "run2"))

@@ -1,0 +1,253 @@
+"""Raw videos → filtered clips: PyAV decode, shot splitting, quality filters, dedup, manifest.
+
+Every decision is recorded: `process_videos` writes one JSONL line per clip (kept or dropped, with
+the reason and the measured metrics) and one per video that could not be decoded. A corrupt or
+truncated file is a recorded `decode_error`, never an exception out of the pipeline.
+
+Numbers are on 8-bit luma (0–255). The paper (reference paper.md §1.1) keeps Laplacian variance in
+[200, 2000] and optical-flow magnitude in [1, 20] px; with no flow model here the motion score is
+the mean absolute luma difference of 3 evenly spaced frame pairs (start, middle, end), with its own
+thresholds (`FilterConfig.motion_min/max`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+
+class VideoDecodeError(Exception):
+    """A video that PyAV cannot open or decode; carries the path for the manifest."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, reason
+
+
+def decode_video(path: str, max_frames: int | None = None) -> tuple[np.ndarray, float]:
+    """All frames as uint8 RGB [T, H, W, 3] and the stream's average fps."""
+    import av  # local: the loader side must not need PyAV
+
+    frames = []
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                raise VideoDecodeError(path, "no video stream")
+            stream = container.streams.video[0]
+            fps = float(stream.average_rate) if stream.average_rate else 0.0
+            for frame in container.decode(stream):
+                frames.append(frame.to_ndarray(format="rgb24"))
+                if max_frames is not None and len(frames) >= max_frames:
+                    break
+    except VideoDecodeError:
+        raise
+    except Exception as e:  # PyAV raises a zoo of FFmpeg error types; all mean "unreadable"
+        raise VideoDecodeError(path, f"{type(e).__name__}: {e}") from e
+    if not frames:
+        raise VideoDecodeError(path, "no decodable frames")
+    if fps <= 0:
+        raise VideoDecodeError(path, "stream has no frame rate")
+    return np.stack(frames), fps
+
+
+def luma(frames: np.ndarray) -> np.ndarray:
+    """[..., H, W, 3] uint8 → [..., H, W] float32 BT.601 luma in 0–255."""
+    f = frames.astype(np.float32)
+    return 0.299 * f[..., 0] + 0.587 * f[..., 1] + 0.114 * f[..., 2]
+
+
+def colour_histograms(frames: np.ndarray, bins: int = 8) -> np.ndarray:
+    """[T, 3·bins] per-channel histograms, each channel normalised to sum 1."""
+    q = (frames.astype(np.int32) * bins) // 256
+    t = frames.shape[0]
+    out = np.empty((t, 3, bins), np.float32)
+    for c in range(3):
+        flat = q[..., c].reshape(t, -1)
+        out[:, c] = np.stack([np.bincount(row, minlength=bins) for row in flat]) / flat.shape[1]
+    return out.reshape(t, 3 * bins)
+
+
+def detect_shots(frames: np.ndarray, threshold: float = 0.4, min_shot_frames: int = 1,
+                 bins: int = 8) -> list[tuple[int, int]]:
+    """Hard cuts by colour-histogram change: [(start, end)) frame ranges covering the video.
+
+    The distance between consecutive frames is half the L1 distance of their histograms, taken in
+    the channel that changed most (0 = identical, 1 = disjoint), so a cut between scenes that
+    differ in one colour only is not diluted by the two that match. A cut is placed before frame t
+    when it exceeds `threshold`. Gradual transitions (fades) are not detected (see docs/data.md).
+    """
+    n = frames.shape[0]
+    if n == 0:
+        return []
+    h = colour_histograms(frames, bins).reshape(n, 3, bins)
+    d = 0.5 * np.abs(np.diff(h, axis=0)).sum(axis=2).max(axis=1)
+    cuts = [0]
+    for t in np.nonzero(d > threshold)[0] + 1:
+        if t - cuts[-1] >= min_shot_frames:
+            cuts.append(int(t))
+    cuts.append(n)
+    return [(a, b) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+
+
+def laplacian_variance(gray: np.ndarray) -> float:
+    """Variance of the 4-neighbour Laplacian (OpenCV's ksize=1 kernel) over the interior."""
+    g = gray.astype(np.float64)
+    lap = g[1:-1, :-2] + g[1:-1, 2:] + g[:-2, 1:-1] + g[2:, 1:-1] - 4 * g[1:-1, 1:-1]
+    return float(lap.var())
+
+
+def _sample_indices(n: int, k: int = 3) -> list[int]:
+    return sorted({int(round(i)) for i in np.linspace(0, n - 1, k)})
+
+
+def motion_score(frames: np.ndarray) -> float:
+    """Mean |Δluma| of the (start, middle, end) consecutive-frame pairs; 0 for a single frame."""
+    n = frames.shape[0]
+    if n < 2:
+        return 0.0
+    starts = sorted({int(round(i)) for i in np.linspace(0, n - 2, 3)})
+    return float(np.mean([np.abs(luma(frames[i + 1]) - luma(frames[i])).mean() for i in starts]))
+
+
+def dhash(frame: np.ndarray, size: int = 8) -> int:
+    """64-bit difference hash of a frame: sign of horizontal gradients of a 9×8 block-mean image."""
+    g = luma(frame)
+    h, w = g.shape
+    ys = np.linspace(0, h, size + 1).astype(int)
+    xs = np.linspace(0, w, size + 2).astype(int)
+    small = np.array([[g[ys[i]:max(ys[i + 1], ys[i] + 1), xs[j]:max(xs[j + 1], xs[j] + 1)].mean()
+                       for j in range(size + 1)] for i in range(size)])
+    bits = (small[:, 1:] > small[:, :-1]).ravel()
+    return int(sum(1 << i for i, b in enumerate(bits) if b))
+
+
+def hamming(a: int, b: int) -> int:
+    return bin(a ^ b).count("1")
+
+
+@dataclasses.dataclass(frozen=True)
+class FilterConfig:
+    shot_threshold: float = 0.4
+    min_seconds: float = 1.0
+    max_seconds: float = 60.0
+    min_height: int = 64
+    min_width: int = 64
+    sharpness_min: float = 200.0   # paper.md §1.1 (OpenCV Laplacian variance)
+    sharpness_max: float = 2000.0
+    motion_min: float = 0.5        # mean |Δluma|; below: static
+    motion_max: float = 60.0       # above: too dynamic (flashes, shake)
+    black_luma: float = 16.0       # mean luma below this: black
+    dedup_hamming: int = 4         # dHash distance at or below this: near-duplicate
+
+
+def clip_metrics(frames: np.ndarray) -> dict:
+    idx = _sample_indices(frames.shape[0])
+    gray = luma(frames[idx])
+    sharp = [laplacian_variance(g) for g in gray]
+    return {
+        "sharpness": float(np.median(sharp)),
+        "motion": motion_score(frames),
+        "mean_luma": float(luma(frames[:: max(1, frames.shape[0] // 8)]).mean()),
+        "dhash": f"{dhash(frames[frames.shape[0] // 2]):016x}",
+    }
+
+
+def judge(metrics: dict, *, num_frames: int, fps: float, height: int, width: int,
+          cfg: FilterConfig) -> str | None:
+    """The first failed filter's name, or None to keep. Order: cheap/decisive checks first."""
+    seconds = num_frames / fps
+    if seconds < cfg.min_seconds:
+        return "too_short"
+    if seconds > cfg.max_seconds:
+        return "too_long"
+    if height < cfg.min_height or width < cfg.min_width:
+        return "low_resolution"
+    if metrics["mean_luma"] < cfg.black_luma:
+        return "black"
+    if metrics["motion"] < cfg.motion_min:
+        return "static"
+    if metrics["motion"] > cfg.motion_max:
+        return "too_dynamic"
+    if metrics["sharpness"] < cfg.sharpness_min:
+        return "blurry"
+    if metrics["sharpness"] > cfg.sharpness_max:
+        return "too_sharp"
+    return None
+
+
+@dataclasses.dataclass
+class Clip:
+    clip_id: str
+    video: str
+    start: int
+    end: int
+    fps: float
+    frames: np.ndarray  # [T, H, W, 3] uint8
+    caption: str = ""
+
+
+def split_and_filter(video_id: str, frames: np.ndarray, fps: float, cfg: FilterConfig,
+                     seen_hashes: dict[str, int] | None = None) -> Iterator[tuple[Clip, dict]]:
+    """Every shot of one decoded video with its manifest record (`kept`, `reason`, metrics).
+
+    `seen_hashes` (clip_id → dHash) carries dedup state across videos; a kept clip is added to it.
+    """
+    seen = {} if seen_hashes is None else seen_hashes
+    t, h, w, _ = frames.shape
+    for k, (a, b) in enumerate(detect_shots(frames, cfg.shot_threshold)):
+        clip = Clip(f"{video_id}#{k:04d}", video_id, a, b, fps, frames[a:b])
+        m = clip_metrics(clip.frames)
+        reason = judge(m, num_frames=b - a, fps=fps, height=h, width=w, cfg=cfg)
+        dup_of = None
+        if reason is None:
+            hv = int(m["dhash"], 16)
+            dup_of = next((cid for cid, other in seen.items() if hamming(hv, other) <= cfg.dedup_hamming), None)
+            if dup_of is not None:
+                reason = "near_duplicate"
+            else:
+                seen[clip.clip_id] = hv
+        rec = {"clip_id": clip.clip_id, "video": video_id, "start": a, "end": b, "fps": fps,
+               "num_frames": b - a, "height": h, "width": w, "kept": reason is None,
+               "reason": reason, "metrics": m}
+        if dup_of is not None:
+            rec["duplicate_of"] = dup_of
+        yield clip, rec
+
+
+def process_videos(paths: Sequence[str], manifest_path: str, cfg: FilterConfig = FilterConfig(),
+                   max_frames: int | None = None, progress: bool = False) -> list[Clip]:
+    """Decode, split, filter and dedup `paths`; write the JSONL manifest; return the kept clips.
+
+    The manifest is written to a temporary name and renamed at the end, so a crash never leaves a
+    manifest that looks complete.
+    """
+    kept: list[Clip] = []
+    seen: dict[str, int] = {}
+    tmp = manifest_path + ".tmp"
+    it: Iterable[str] = paths
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(paths, desc="videos", unit="video")
+    with open(tmp, "w") as f:
+        for path in it:
+            video_id = os.path.basename(path)
+            try:
+                frames, fps = decode_video(path, max_frames)
+            except VideoDecodeError as e:
+                f.write(json.dumps({"video": video_id, "path": path, "kept": False,
+                                    "reason": "decode_error", "error": e.reason}) + "\n")
+                continue
+            for clip, rec in split_and_filter(video_id, frames, fps, cfg, seen):
+                f.write(json.dumps(rec) + "\n")
+                if rec["kept"]:
+                    kept.append(clip)
+    os.replace(tmp, manifest_path)
+    return kept
+
+
+def read_manifest(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,202 @@
+"""A grain loader over mugv_data shards: bucketed, seeded, per-host sharded, resumable.
+
+Batch plan (a pure function of (seed, epoch), identical on every host):
+  * each bucket's record ids are permuted with a generator seeded by (seed, epoch, bucket) and cut
+    into global batches of that bucket's batch size (the remainder is dropped);
+  * the batches of all buckets are permuted with (seed, epoch).
+Global step s is batch s mod N of epoch s div N. Host p of P reads items [p·b/P, (p+1)·b/P) of
+each global batch, so every host is in the same bucket at every step (one compiled shape per step)
+and the hosts together read exactly the global batch.
+
+Batch s is a pure function of s, so the iterator's state is just {"step": s, ...}: resuming builds
+the grain pipeline from step s and yields the identical next batch, with or without workers.
+
+Unreadable records: a record whose bytes do not decode is skipped and replaced by the next
+readable record of the same bucket in that epoch's order (deterministically, so resumption is
+still exact); `skipped` counts them and `skipped_records` names the first few.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import sys
+from typing import Mapping
+
+import numpy as np
+
+from mugv_data.shards import RecordReader, read_index
+
+_MAX_REPORTED = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class LatentBucket:
+    """Duck-compatible with mugv_jax.data.Bucket (latent units, global batch size)."""
+    frames: int
+    height: int
+    width: int
+    batch_size: int
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return (self.frames, self.height, self.width)
+
+
+class BatchPlan:
+    def __init__(self, bucket_ids: np.ndarray, batch_sizes: Mapping[int, int], seed: int, shuffle: bool):
+        self.bucket_ids, self.batch_sizes, self.seed, self.shuffle = bucket_ids, dict(batch_sizes), seed, shuffle
+        self.members = {b: np.nonzero(bucket_ids == b)[0] for b in self.batch_sizes}
+        self.batches_per_epoch = sum(len(m) // self.batch_sizes[b] for b, m in self.members.items())
+        if self.batches_per_epoch == 0:
+            counts = {b: len(m) for b, m in self.members.items()}
+            raise ValueError(f"no bucket has a full batch: records per bucket {counts}, "
+                             f"batch sizes {self.batch_sizes}")
+
+    @functools.lru_cache(maxsize=4)
+    def epoch(self, e: int) -> tuple[list[tuple[int, np.ndarray]], dict[int, np.ndarray]]:
+        """[(bucket, record ids)] batches in order, and each bucket's permuted ids (for refills)."""
+        orders, batches = {}, []
+        for b in sorted(self.members):
+            ids = self.members[b]
+            if self.shuffle:
+                ids = ids[np.random.default_rng([self.seed, e, b]).permutation(len(ids))]
+            orders[b] = ids
+            bs = self.batch_sizes[b]
+            batches += [(b, ids[i * bs:(i + 1) * bs]) for i in range(len(ids) // bs)]
+        if self.shuffle:
+            batches = [batches[i] for i in np.random.default_rng([self.seed, e]).permutation(len(batches))]
+        return batches, orders
+
+    def batch(self, step: int) -> tuple[int, np.ndarray, np.ndarray]:
+        e, i = divmod(step, self.batches_per_epoch)
+        batches, orders = self.epoch(e)
+        b, ids = batches[i]
+        return b, ids, orders[b]
+
+
+class _LoadBatch:
+    """step → host-local batch dict. Picklable for grain worker processes."""
+
+    def __init__(self, ds_dir: str, plan: BatchPlan, text_len: int, process_index: int, process_count: int):
+        self.reader = RecordReader(ds_dir)
+        self.plan, self.text_len = plan, text_len
+        self.process_index, self.process_count = process_index, process_count
+
+    def _read(self, idx: int):
+        try:
+            return self.reader[int(idx)], None
+        except Exception as e:  # any decode failure of one record is that record's problem
+            return None, f"record {int(idx)}: {type(e).__name__}: {str(e)[:200]}"
+
+    def __call__(self, step: int) -> dict:
+        bucket, ids, order = self.plan.batch(int(step))
+        n = len(ids) // self.process_count
+        mine = ids[self.process_index * n:(self.process_index + 1) * n]
+        # Refills come from the bucket's order after this batch's last item, cyclically.
+        pos = int(np.nonzero(order == ids[-1])[0][0]) + 1
+        examples, skipped = [], []
+        for idx in mine:
+            ex, err = self._read(idx)
+            tries = 0
+            while ex is None:
+                skipped.append(err)
+                if tries >= len(order):
+                    raise RuntimeError(f"no readable record left in bucket {bucket} of {self.reader.ds_dir}; "
+                                       f"last error: {err}")
+                idx = order[(pos + tries) % len(order)]
+                tries += 1
+                ex, err = self._read(idx)
+            pos += tries
+            examples.append(ex)
+        return self._collate(examples, bucket, step, skipped)
+
+    def _collate(self, examples, bucket, step, skipped) -> dict:
+        L = self.text_len
+        shapes = {ex["latents"].shape for ex in examples}
+        if len(shapes) != 1:
+            raise ValueError(f"bucket {bucket} at step {step} mixes latent shapes {sorted(shapes)} "
+                             f"in {self.reader.ds_dir}")
+        d = examples[0]["text"].shape[1]
+        y = np.zeros((len(examples), 1, L, d), np.float32)
+        mask = np.zeros((len(examples), L), np.int32)
+        for i, ex in enumerate(examples):
+            n = min(int(ex["text_len"]), L)
+            y[i, 0, :n] = ex["text"][:n]
+            mask[i, :n] = 1
+        return {
+            "latents": np.stack([ex["latents"] for ex in examples]).astype(np.float32),
+            "y": y, "mask": mask,
+            "fps": np.array([ex["fps"] for ex in examples], np.float32),
+            "bucket_id": np.full((len(examples),), bucket, np.int32),
+            "_skipped": skipped,
+        }
+
+
+class ShardLoader:
+    """Iterator over host-local batches; `get_state`/`set_state` JSON-able (checkpoint with the model).
+
+    batch_size: one int for every bucket, or {bucket_id: global batch size}; buckets left out of
+    the mapping are not read. text_len: the padded caption length L of `y`/`mask`.
+    """
+
+    def __init__(self, ds_dir: str, batch_size: int | Mapping[int, int], *, text_len: int, seed: int = 0,
+                 shuffle: bool = True, process_index: int = 0, process_count: int = 1, num_workers: int = 0,
+                 start_step: int = 0):
+        index = read_index(ds_dir)
+        self.ds_dir, self.text_len, self.seed, self.num_workers = ds_dir, text_len, seed, num_workers
+        shapes = index["buckets"]
+        bucket_ids = np.asarray(index["bucket_ids"], np.int64)
+        if isinstance(batch_size, int):
+            present = sorted(set(bucket_ids.tolist()))
+            batch_size = {b: batch_size for b in present}
+        for b, bs in batch_size.items():
+            if not 0 <= b < len(shapes):
+                raise ValueError(f"bucket {b} not in {ds_dir}/index.json (has {len(shapes)} buckets)")
+            if bs % process_count:
+                raise ValueError(f"bucket {b}: global batch size {bs} not divisible by process_count={process_count}")
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"process_index {process_index} out of range for process_count {process_count}")
+        self.plan = BatchPlan(bucket_ids, batch_size, seed, shuffle)
+        self.buckets = [LatentBucket(*shapes[b], batch_size=bs) for b, bs in sorted(batch_size.items())]
+        self.latent_channels, self.text_dim = index["latent_channels"], index["text_dim"]
+        self._load = _LoadBatch(ds_dir, self.plan, text_len, process_index, process_count)
+        self.step = start_step
+        self.skipped = 0
+        self.skipped_records: list[str] = []
+        self._it = None
+
+    def _make_iter(self):
+        import grain
+
+        ds = grain.MapDataset.range(self.step, sys.maxsize).map(self._load).to_iter_dataset()
+        if self.num_workers > 0:
+            ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.num_workers))
+        return iter(ds)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._it is None:
+            self._it = self._make_iter()
+        batch = next(self._it)
+        self.step += 1
+        skipped = batch.pop("_skipped")
+        self.skipped += len(skipped)
+        self.skipped_records.extend(skipped[: max(0, _MAX_REPORTED - len(self.skipped_records))])
+        return batch
+
+    def get_state(self) -> dict:
+        return {"step": self.step, "seed": self.seed, "skipped": self.skipped,
+                "skipped_records": list(self.skipped_records)}
+
+    def set_state(self, state: dict) -> None:
+        if int(state.get("seed", self.seed)) != self.seed:
+            raise ValueError(f"loader state was saved with seed {state['seed']}, this loader has {self.seed}")
+        self.step = int(state["step"])
+        self.skipped = int(state.get("skipped", 0))
+        self.skipped_records = list(state.get("skipped_records", []))
+        self._it = None
+
+    def close(self) -> None:
+        self._it = None
