@@ -174,7 +174,19 @@ def _check_dcp_metadata(ckpt_dir: str) -> None:
 # torch_dist
 
 
-class TorchDistReader(Reader):
+class _MegatronReader(Reader):
+    """What both Megatron readers share: the config the per-head regroup needs (heads and head
+    dim), from the checkpoint's stored config or else detected from the shapes."""
+    stored_config: DiTConfig | None = None
+
+    def _config_for_layout(self) -> DiTConfig:
+        if getattr(self, "layout_config", None) is None:
+            from converters.detect import detect_config
+            self.layout_config = self.stored_config or detect_config(self.entries())
+        return self.layout_config
+
+
+class TorchDistReader(_MegatronReader):
     format = "megatron"
 
     def __init__(self, path: str, iteration: int | None = None):
@@ -251,13 +263,6 @@ class TorchDistReader(Reader):
             ((_, array),) = layout.megatron_to_release(mname, from_torch(t), self._config_for_layout())
             out[name] = np.ascontiguousarray(array)
         return out
-
-    def _config_for_layout(self) -> DiTConfig:
-        # The per-head regroup needs heads and head dim; both follow from the shapes.
-        if getattr(self, "layout_config", None) is None:
-            from converters.detect import detect_config
-            self.layout_config = self.stored_config or detect_config(self.entries())
-        return self.layout_config
 
     def get(self, name: str) -> np.ndarray:
         if name not in self._src:
@@ -345,7 +350,7 @@ def _concat(arrays, axis):
     return np.concatenate(arrays, axis=axis)
 
 
-class LegacyReader(Reader):
+class LegacyReader(_MegatronReader):
     format = "megatron"
 
     def __init__(self, path: str, iteration: int | None = None):
@@ -416,12 +421,6 @@ class LegacyReader(Reader):
 
     def entries(self) -> dict[str, Entry]:
         return dict(self._entries)
-
-    def _config_for_layout(self) -> DiTConfig:
-        if getattr(self, "layout_config", None) is None:
-            from converters.detect import detect_config
-            self.layout_config = self.stored_config or detect_config(self.entries())
-        return self.layout_config
 
     def get(self, name: str) -> np.ndarray:
         if name not in self._src:
