@@ -8,6 +8,7 @@ conditioning frames at their clean latent and modulates them with t = 0.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -57,19 +58,26 @@ def _pad_text(y, mask, length):
     return y, mask
 
 
-def make_guided_velocity_from_params(params, config, options, *, in_channels: int | None = None):
-    """Like make_guided_velocity, over a (possibly sharded) parameter pytree: the trainer samples
-    from its EMA without gathering the weights to one host."""
+@functools.lru_cache(maxsize=None)
+def _jitted_guided_velocity(config, options, in_channels: int):
+    """One compiled guided-velocity function per (model config, runtime options): every sampling
+    call with the same model reuses it instead of re-tracing a fresh closure."""
     from mugv_jax.dit.model import forward
-    c = in_channels or config.in_channels
 
     @jax.jit
     def velocity(params, z, t, y, mask, x_mask, fps, frame_indice, scale):
         out = forward(params, config, options, jnp.concatenate([z, z]), jnp.concatenate([t, t]), y,
                       mask, jnp.concatenate([x_mask, x_mask]), fps, frame_indice)
-        v_c, v_u = jnp.split(out[:, :c], 2)
+        v_c, v_u = jnp.split(out[:, :in_channels], 2)
         return v_u + scale * (v_c - v_u)
 
+    return velocity
+
+
+def make_guided_velocity_from_params(params, config, options, *, in_channels: int | None = None):
+    """Like make_guided_velocity, over a (possibly sharded) parameter pytree: the trainer samples
+    from its EMA without gathering the weights to one host."""
+    velocity = _jitted_guided_velocity(config, options, in_channels or config.in_channels)
     return lambda *args: velocity(params, *args)
 
 
