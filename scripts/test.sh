@@ -5,6 +5,7 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 py="$(bash "$root/scripts/ensure_venv.sh")"
+export MUGV_CHROMIUM="$(bash "$root/scripts/ensure_chromium.sh")"
 cd "$root"
 workers="${MUGV_TEST_WORKERS:-2}"
 if [ "$workers" = "0" ]; then
