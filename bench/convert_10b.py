@@ -15,6 +15,11 @@ process and reports wall time, throughput and memory:
                 decides whether a conversion fits
 Everything is deleted at the end. Peak disk use is about three copies of the checkpoint (source,
 staging, output during a jax or torch_dist write).
+
+--low-disk keeps at most two formats on disk (peak: the .pt plus the JAX output, params and EMA):
+every result is verified against the copy it was made from and that copy is deleted before the
+next write, so the chain .pt = jax = .safetensors = torch_dist = .safetensors is bit-exact
+link by link, and therefore end to end.
 """
 from __future__ import annotations
 
@@ -119,6 +124,8 @@ def main() -> int:
     p.add_argument("--preset", default="10b")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--workdir", default=None, help="default: a new temporary directory")
+    p.add_argument("--low-disk", action="store_true",
+                   help="verify link by link, deleting each source once its successor is verified")
     p.add_argument("--step", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.step:
@@ -139,6 +146,22 @@ def main() -> int:
         ("verify release .pt = from torch_dist", "verify:|@D/dit.pt|@D/from_td.safetensors", None),
     ]
     cleanup = {3: ["@D/jax", "@D/from_jax.safetensors"], 6: ["@D/torch_dist", "@D/from_td.safetensors"]}
+    if args.low_disk:
+        steps = [
+            ("write synthetic release .pt", "write", None),
+            ("release .pt → jax", "convert:|release:@D/dit.pt|jax:@D/jax", "@D/jax"),
+            ("verify release .pt = jax", "verify:|@D/dit.pt|@D/jax", None),
+            ("jax → release .safetensors", "convert:|jax:@D/jax|release:@D/from_jax.safetensors", "@D/from_jax.safetensors"),
+            ("verify jax = release .safetensors", "verify:|@D/jax|@D/from_jax.safetensors", None),
+            ("release .safetensors → megatron torch_dist",
+             "convert:|release:@D/from_jax.safetensors|megatron:@D/torch_dist", "@D/torch_dist"),
+            ("verify release .safetensors = torch_dist", "verify:|@D/from_jax.safetensors|@D/torch_dist", None),
+            ("torch_dist → release .safetensors", "convert:|megatron:@D/torch_dist|release:@D/from_td.safetensors",
+             "@D/from_td.safetensors"),
+            ("verify torch_dist = release .safetensors", "verify:|@D/torch_dist|@D/from_td.safetensors", None),
+        ]
+        cleanup = {2: ["@D/dit.pt"], 4: ["@D/jax"], 6: ["@D/from_jax.safetensors"],
+                   8: ["@D/torch_dist", "@D/from_td.safetensors"]}
     print(f"preset {args.preset}, {args.dtype}, workdir {args.workdir}", flush=True)
     rows = []
     try:

@@ -207,6 +207,7 @@ class TorchDistReader(_MegatronReader):
         self.skipped = sorted(k for k in meta if _is_skipped(k))
         # release name → (DCP key, layer or None, depth of the stack, per-layer shape, torch dtype)
         self._src: dict[str, tuple] = {}
+        self._layer_cache: tuple = (None, {})
         self._entries: dict[str, Entry] = {}
         for key, st in meta.items():
             if _is_skipped(key):
@@ -267,7 +268,17 @@ class TorchDistReader(_MegatronReader):
     def get(self, name: str) -> np.ndarray:
         if name not in self._src:
             raise KeyError(f"{self.dir}: no tensor {name!r}")
-        return self._load([name])[name]
+        # Each strategy.load call costs a pass over the checkpoint's metadata, so a caller that
+        # walks release names (verify, layer by layer) would pay it per tensor: load the whole
+        # layer on first touch and keep that one layer (bounded memory: one layer).
+        layer = self._src[name][2]
+        if layer is None:
+            return self._load([name])[name]
+        if self._layer_cache[0] != layer:
+            self._layer_cache = (None, {})
+            names = [n for n, src in self._src.items() if src[2] == layer]
+            self._layer_cache = (layer, self._load(names))
+        return self._layer_cache[1][name]
 
     def items(self) -> Iterator[tuple[str, np.ndarray]]:
         by_layer: dict = {}
