@@ -1,9 +1,10 @@
 """Benchmark the mugv_data loader: examples/s and MB/s of decoded float32 batches.
 
     python bench/data_loader.py --data=/tmp/d/mugv_clips/1.0.0 --batch-size=8 --text-len=32 --workers=0
-    python bench/data_loader.py --synthetic=256 --latent=3,16,16 --workers=2
+    python bench/data_loader.py --synthetic=256 --latent=3,16,16 --workers=2 --latent-dtype=float32
 
-`--synthetic=N` first writes N random examples (one bucket) to a temporary directory.
+`--synthetic=N` first writes N random examples (one bucket) to a temporary directory, with bf16
+latents (the default storage) or float32 ones.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _synthetic(n: int, latent: tuple[int, int, int], text_dim: int, text_len: int) -> str:
+def _synthetic(n: int, latent: tuple[int, int, int], text_dim: int, text_len: int, latent_dtype: str) -> str:
     import numpy as np
 
     from mugv_data import shards
@@ -32,7 +33,7 @@ def _synthetic(n: int, latent: tuple[int, int, int], text_dim: int, text_len: in
                    "fps": 24.0, "num_frames": 8 * latent[0], "height": 8 * latent[1], "width": 8 * latent[2]}
 
     return shards.write_shards(examples, tempfile.mkdtemp(prefix="mugv-bench-"), buckets=[latent],
-                               latent_channels=24, text_dim=text_dim)
+                               latent_channels=24, text_dim=text_dim, latent_dtype=latent_dtype)
 
 
 def main() -> None:
@@ -49,10 +50,11 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--latent-dtype", default="bfloat16", choices=["bfloat16", "float32"])
     a = p.parse_args()
     from mugv_data.loader import ShardLoader
 
-    data = a.data or _synthetic(a.synthetic, tuple(int(v) for v in a.latent.split(",")), a.text_dim, a.text_len)
+    data = a.data or _synthetic(a.synthetic, tuple(int(v) for v in a.latent.split(",")), a.text_dim, a.text_len, a.latent_dtype)
     loader = ShardLoader(data, a.batch_size, text_len=a.text_len, num_workers=a.workers)
     for _ in range(a.warmup):
         next(loader)
@@ -62,7 +64,7 @@ def main() -> None:
         n += b["latents"].shape[0]
         nbytes += sum(v.nbytes for v in b.values())
     dt = time.perf_counter() - t
-    print(f"{data}: workers={a.workers} batch={a.batch_size} {a.steps} batches in {dt:.2f}s: "
+    print(f"{data}: {a.latent_dtype if not a.data else 'as stored'} workers={a.workers} batch={a.batch_size} {a.steps} batches in {dt:.2f}s: "
           f"{n / dt:.1f} examples/s, {nbytes / dt / 2**20:.1f} MB/s, skipped={loader.skipped}")
 
 

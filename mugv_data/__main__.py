@@ -22,74 +22,77 @@ def _buckets(spec: str):
     return out
 
 
-def _captions(path: str | None) -> dict:
-    if not path:
-        return {}
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    return {r["video"]: r["caption"] for r in rows}
+def _aes_suffix(value: str | None):
+    if value in (None, "", "none"):
+        return None
+    if value == "score":
+        return "score"
+    try:
+        return float(value)
+    except ValueError:
+        raise SystemExit(f"--aes-suffix: {value!r} is not none, score or a number") from None
 
 
-def _clip_inputs(args, manifest_path):
-    """Yields ClipInputs of the requested source; for files, runs clips.process_videos first."""
-    from mugv_data import bundled, clips, procedural
-    from mugv_data.encode import ClipInput
+def _spec(args):
+    from mugv_data import bundled, clips
+    from mugv_data.pipeline import PrepareSpec
 
     if args.videos == "builtin:procedural":
-        for c in procedural.generate(args.procedural_count, seed=args.seed, num_frames=args.procedural_frames,
-                                     size=args.procedural_size):
-            yield ClipInput(c.sample_id, "procedural", c.caption, c.frames, c.fps)
-        return
-    if args.videos.startswith("builtin:"):
-        paths = bundled.files(args.videos.split(":", 1)[1])
+        source, paths = "procedural", []
+    elif args.videos.startswith("builtin:"):
+        source, paths = "files", bundled.files(args.videos.split(":", 1)[1])
     else:
+        source = "files"
         paths = sorted(p for p in glob.glob(os.path.join(args.videos, "**", "*"), recursive=True)
                        if p.lower().endswith(VIDEO_EXTS))
         if not paths:
             raise SystemExit(f"--videos: no video files ({', '.join(VIDEO_EXTS)}) under {args.videos}")
-    captions = _captions(args.captions)
     cfg = clips.FilterConfig(shot_threshold=args.shot_threshold, min_seconds=args.min_seconds,
                              min_height=args.min_size, min_width=args.min_size,
                              sharpness_min=args.sharpness_min, sharpness_max=args.sharpness_max,
-                             motion_min=args.motion_min, motion_max=args.motion_max)
-    kept = clips.process_videos(paths, manifest_path, cfg, max_frames=args.max_frames, progress=True)
-    for c in kept:
-        cap = captions.get(c.video) or bundled.caption_for(c.video)
-        yield ClipInput(c.clip_id, c.video, cap, c.frames, c.fps)
+                             motion=args.motion_scorer, motion_min=args.motion_min, motion_max=args.motion_max,
+                             aesthetic=args.aesthetic_scorer, aesthetic_min=args.aesthetic_min,
+                             captioner=args.captioner)
+    return PrepareSpec(source=source, buckets=_buckets(args.buckets), paths=paths, filters=cfg,
+                       captions=args.captions, vae=args.vae, vae_preset=args.vae_preset,
+                       text_encoder=args.text_encoder, text_len=args.text_len, batch_size=args.batch_size,
+                       max_frames=args.max_frames, aes_suffix=_aes_suffix(args.aes_suffix),
+                       plugins=tuple(args.plugin or ()), procedural_count=args.procedural_count,
+                       procedural_frames=args.procedural_frames, procedural_size=args.procedural_size,
+                       seed=args.seed)
 
 
 def prepare(args) -> None:
-    from tqdm import tqdm
+    import numpy as np
 
     from mugv_data import encode, shards, text
+    from mugv_data.pipeline import PrepareSource
 
     os.makedirs(args.out, exist_ok=True)
-    buckets = _buckets(args.buckets)
-    if args.vae == "patch-mean":
-        lat = encode.PatchMeanEncoder()
-    elif args.vae == "tiny-random":
-        lat = encode.JaxVAEEncoder(None, "tiny", micro_frame_size=None, micro_batch_size=None)
-    else:
-        lat = encode.JaxVAEEncoder(args.vae, args.vae_preset)
-    txt = text.get_encoder(args.text_encoder, max_length=args.text_len)
-    dropped = []
-
-    def examples():
-        clips_in = _clip_inputs(args, os.path.join(args.out, "manifest.jsonl"))
-        it = encode.encode_clips(clips_in, buckets, lat, txt, batch_size=args.batch_size,
-                                 on_drop=lambda sid, why: dropped.append({"sample_id": sid, "reason": why}))
-        yield from tqdm(it, desc="encoded clips", unit="clip")
-
-    ds = shards.write_shards(examples, args.out, buckets=encode.latent_buckets(buckets, lat),
+    spec = _spec(args)
+    source = PrepareSource(spec, os.path.join(args.out, "manifest.jsonl"))
+    lat, txt = source.worker.latent_encoder(), source.worker.text_encoder()
+    beam_options = None
+    if args.beam_runner:
+        beam_options = shards.beam_pipeline_options(args.beam_runner, args.beam_workers, args.beam_option or ())
+    ds = shards.write_shards(source, args.out, buckets=encode.latent_buckets(spec.buckets, lat),
                              latent_channels=lat.latent_channels, text_dim=txt.dim, name=args.name,
-                             num_shards=args.num_shards,
+                             num_shards=args.num_shards, latent_dtype=args.latent_dtype,
+                             beam_options=beam_options,
                              extra_index={"text_encoder": txt.name, "vae": args.vae,
-                                          "pixel_buckets": [[b.frames, b.height, b.width] for b in buckets]})
+                                          "pixel_buckets": [[b.frames, b.height, b.width] for b in spec.buckets],
+                                          "dit_overrides": text.dit_overrides(txt)})
     null_f, null_m = text.null_features(txt)
-    import numpy as np
     np.savez(os.path.join(args.out, "null_text.npz"), y=null_f, mask=null_m)
+    neg_f, neg_m = text.negative_features(txt, args.negative_prompt)
+    np.savez(os.path.join(args.out, "negative_text.npz"), y=neg_f, mask=neg_m, prompt=args.negative_prompt)
     index = shards.read_index(ds)
-    print(f"{index['num_examples']} examples in {ds}; {len(dropped)} clips fit no bucket")
+    dropped = 0
+    manifest = os.path.join(args.out, "manifest.jsonl")
+    if spec.source == "files" and os.path.exists(manifest):
+        with open(manifest) as f:
+            dropped = sum(1 for line in f if line.strip() and not json.loads(line)["kept"])
+    print(f"{index['num_examples']} examples in {ds}; {dropped} clips or files dropped (see manifest.jsonl)")
 
 
 def main(argv=None) -> None:
@@ -103,9 +106,20 @@ def main(argv=None) -> None:
     pr.add_argument("--buckets", default="17x32x32", help="FRAMESxHEIGHTxWIDTH[,...] in pixels")
     pr.add_argument("--vae", default="tiny-random", help="tiny-random | patch-mean | path to vae.pt/.safetensors")
     pr.add_argument("--vae-preset", default="release")
-    pr.add_argument("--text-encoder", default="minilm", choices=["minilm", "hashing"])
+    pr.add_argument("--text-encoder", default="minilm", help="minilm | hashing | t5:<local T5 model dir>")
     pr.add_argument("--text-len", type=int, default=32)
-    pr.add_argument("--captions", help="JSONL of {video, caption} for --videos=DIR")
+    pr.add_argument("--captions", help="CSV or JSONL with caption, clip_id or video, optional aesthetic")
+    pr.add_argument("--aes-suffix", help="append ' aesthetic score: X.X.' to captions: none | score | a number")
+    pr.add_argument("--negative-prompt", default=None, help="negative prompt (default: the release's)")
+    pr.add_argument("--latent-dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    pr.add_argument("--beam-runner", help="build the shards on Apache Beam: DirectRunner, DataflowRunner, ...")
+    pr.add_argument("--beam-workers", type=int, default=0, help="DirectRunner worker processes")
+    pr.add_argument("--beam-option", action="append", help="extra Beam pipeline flag (repeatable)")
+    pr.add_argument("--plugin", action="append", help="module to import that registers scorers/captioners")
+    pr.add_argument("--motion-scorer", default="farneback", help="farneback | frame_difference | registered name")
+    pr.add_argument("--aesthetic-scorer", help="registered aesthetic scorer name (none ships offline)")
+    pr.add_argument("--aesthetic-min", type=float, default=4.5)
+    pr.add_argument("--captioner", help="registered captioner name (none ships offline)")
     pr.add_argument("--batch-size", type=int, default=4)
     pr.add_argument("--num-shards", type=int)
     pr.add_argument("--max-frames", type=int, default=300, help="frames decoded per video (memory bound)")
@@ -118,8 +132,8 @@ def main(argv=None) -> None:
     pr.add_argument("--min-size", type=int, default=64)
     pr.add_argument("--sharpness-min", type=float, default=200.0)
     pr.add_argument("--sharpness-max", type=float, default=2000.0)
-    pr.add_argument("--motion-min", type=float, default=0.5)
-    pr.add_argument("--motion-max", type=float, default=60.0)
+    pr.add_argument("--motion-min", type=float, default=1.0)
+    pr.add_argument("--motion-max", type=float, default=20.0)
     ir = sub.add_parser("import-reference", help="reference CSV + .pt → shards")
     ir.add_argument("--csv", required=True)
     ir.add_argument("--out", required=True)
@@ -131,6 +145,9 @@ def main(argv=None) -> None:
     er.add_argument("--text-len", type=int, default=300)
     args = p.parse_args(argv)
     if args.cmd == "prepare":
+        if args.negative_prompt is None:
+            from mugv_data.text import NEGATIVE_PROMPT
+            args.negative_prompt = NEGATIVE_PROMPT
         prepare(args)
     elif args.cmd == "import-reference":
         from mugv_data.reference_format import import_reference

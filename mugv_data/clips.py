@@ -5,9 +5,10 @@ the reason and the measured metrics) and one per video that could not be decoded
 truncated file is a recorded `decode_error`, never an exception out of the pipeline.
 
 Numbers are on 8-bit luma (0–255). The paper (reference paper.md §1.1) keeps Laplacian variance in
-[200, 2000] and optical-flow magnitude in [1, 20] px; with no flow model here the motion score is
-the mean absolute luma difference of 3 evenly spaced frame pairs (start, middle, end), with its own
-thresholds (`FilterConfig.motion_min/max`).
+[200, 2000], optical-flow magnitude in [1, 20] px on 3 evenly spaced frame pairs (here OpenCV's
+Farnebäck flow by default; RAFT or any flow plugs in through `scorers`) and aesthetic score ≥ 4.5
+(a pluggable scorer; none ships offline). Dedup is a separate pass over records in order
+(`Deduper`), so the per-video work (`process_video`) is independent and can run on Beam workers.
 """
 from __future__ import annotations
 
@@ -104,12 +105,10 @@ def _sample_indices(n: int, k: int = 3) -> list[int]:
 
 
 def motion_score(frames: np.ndarray) -> float:
-    """Mean |Δluma| of the (start, middle, end) consecutive-frame pairs; 0 for a single frame."""
-    n = frames.shape[0]
-    if n < 2:
-        return 0.0
-    starts = sorted({int(round(i)) for i in np.linspace(0, n - 2, 3)})
-    return float(np.mean([np.abs(luma(frames[i + 1]) - luma(frames[i])).mean() for i in starts]))
+    """Mean |Δluma| of the (start, middle, end) consecutive-frame pairs; 0 for a single frame
+    (the `frame_difference` motion scorer)."""
+    from mugv_data.scorers import FrameDifferenceScorer
+    return FrameDifferenceScorer()(frames)
 
 
 def dhash(frame: np.ndarray, size: int = 8) -> int:
@@ -137,22 +136,45 @@ class FilterConfig:
     min_width: int = 64
     sharpness_min: float = 200.0   # paper.md §1.1 (OpenCV Laplacian variance)
     sharpness_max: float = 2000.0
-    motion_min: float = 0.5        # mean |Δluma|; below: static
-    motion_max: float = 60.0       # above: too dynamic (flashes, shake)
+    motion: str = "farneback"      # a name in scorers.MOTION_SCORERS
+    motion_min: float = 1.0        # paper.md §1.1, flow px/frame; below: static
+    motion_max: float = 20.0       # above: too dynamic (flashes, shake)
     black_luma: float = 16.0       # mean luma below this: black
     dedup_hamming: int = 4         # dHash distance at or below this: near-duplicate
+    aesthetic: str | None = None   # a name in scorers.AESTHETIC_SCORERS; None: no aesthetic filter
+    aesthetic_min: float = 4.5     # paper.md §1.1
+    captioner: str | None = None   # a name in scorers.CAPTIONERS; None: captions from a manifest
 
 
-def clip_metrics(frames: np.ndarray) -> dict:
+@dataclasses.dataclass
+class Scorers:
+    """The scorer objects a FilterConfig names, built once per process (they may hold models)."""
+    motion: object
+    aesthetic: object | None = None
+    captioner: object | None = None
+
+    @classmethod
+    def from_config(cls, cfg: "FilterConfig") -> "Scorers":
+        from mugv_data import scorers
+        return cls(scorers.build("motion", cfg.motion), scorers.build("aesthetic", cfg.aesthetic),
+                   scorers.build("captioner", cfg.captioner))
+
+
+def clip_metrics(frames: np.ndarray, motion=None) -> dict:
     idx = _sample_indices(frames.shape[0])
     gray = luma(frames[idx])
     sharp = [laplacian_variance(g) for g in gray]
     return {
         "sharpness": float(np.median(sharp)),
-        "motion": motion_score(frames),
+        "motion": float((motion or _default_motion())(frames)),
         "mean_luma": float(luma(frames[:: max(1, frames.shape[0] // 8)]).mean()),
         "dhash": f"{dhash(frames[frames.shape[0] // 2]):016x}",
     }
+
+
+def _default_motion():
+    from mugv_data.scorers import build
+    return build("motion", FilterConfig.motion)
 
 
 def judge(metrics: dict, *, num_frames: int, fps: float, height: int, width: int,
@@ -175,6 +197,8 @@ def judge(metrics: dict, *, num_frames: int, fps: float, height: int, width: int
         return "blurry"
     if metrics["sharpness"] > cfg.sharpness_max:
         return "too_sharp"
+    if metrics.get("aesthetic") is not None and metrics["aesthetic"] < cfg.aesthetic_min:
+        return "low_aesthetic"
     return None
 
 
@@ -187,45 +211,90 @@ class Clip:
     fps: float
     frames: np.ndarray  # [T, H, W, 3] uint8
     caption: str = ""
+    aesthetic: float | None = None
+
+
+class Deduper:
+    """Near-duplicate removal over manifest records in order: a kept record within
+    `max_hamming` of an earlier kept one becomes `near_duplicate` (with `duplicate_of`)."""
+
+    def __init__(self, max_hamming: int = 4):
+        self.max_hamming = max_hamming
+        self.seen: dict[str, int] = {}
+
+    def __call__(self, rec: dict) -> dict:
+        if not rec.get("kept"):
+            return rec
+        hv = int(rec["metrics"]["dhash"], 16)
+        dup_of = next((cid for cid, other in self.seen.items() if hamming(hv, other) <= self.max_hamming), None)
+        if dup_of is None:
+            self.seen[rec["clip_id"]] = hv
+            return rec
+        return dict(rec, kept=False, reason="near_duplicate", duplicate_of=dup_of)
 
 
 def split_and_filter(video_id: str, frames: np.ndarray, fps: float, cfg: FilterConfig,
-                     seen_hashes: dict[str, int] | None = None) -> Iterator[tuple[Clip, dict]]:
+                     seen_hashes: dict[str, int] | None = None, *, scorers: Scorers | None = None,
+                     dedup: bool = True) -> Iterator[tuple[Clip, dict]]:
     """Every shot of one decoded video with its manifest record (`kept`, `reason`, metrics).
 
     `seen_hashes` (clip_id → dHash) carries dedup state across videos; a kept clip is added to it.
+    `dedup=False` leaves dedup to a later `Deduper` pass. The aesthetic scorer (costly) runs only
+    on clips that passed every other filter; a configured captioner only on kept clips.
     """
-    seen = {} if seen_hashes is None else seen_hashes
+    sc = scorers or Scorers.from_config(cfg)
+    deduper = Deduper(cfg.dedup_hamming)
+    if seen_hashes is not None:
+        deduper.seen = seen_hashes
     t, h, w, _ = frames.shape
     for k, (a, b) in enumerate(detect_shots(frames, cfg.shot_threshold)):
         clip = Clip(f"{video_id}#{k:04d}", video_id, a, b, fps, frames[a:b])
-        m = clip_metrics(clip.frames)
+        m = clip_metrics(clip.frames, sc.motion)
         reason = judge(m, num_frames=b - a, fps=fps, height=h, width=w, cfg=cfg)
-        dup_of = None
-        if reason is None:
-            hv = int(m["dhash"], 16)
-            dup_of = next((cid for cid, other in seen.items() if hamming(hv, other) <= cfg.dedup_hamming), None)
-            if dup_of is not None:
-                reason = "near_duplicate"
-            else:
-                seen[clip.clip_id] = hv
+        if reason is None and sc.aesthetic is not None:
+            m["aesthetic"] = float(sc.aesthetic(clip.frames))
+            clip.aesthetic = m["aesthetic"]
+            reason = judge(m, num_frames=b - a, fps=fps, height=h, width=w, cfg=cfg)
         rec = {"clip_id": clip.clip_id, "video": video_id, "start": a, "end": b, "fps": fps,
                "num_frames": b - a, "height": h, "width": w, "kept": reason is None,
-               "reason": reason, "metrics": m}
-        if dup_of is not None:
-            rec["duplicate_of"] = dup_of
+               "reason": reason, "metrics": m, "motion_scorer": getattr(sc.motion, "name", "custom")}
+        if dedup:
+            rec = deduper(rec)
+        if rec["kept"] and sc.captioner is not None:
+            clip.caption = str(sc.captioner(clip.frames, fps))
+            rec["caption"], rec["caption_source"] = clip.caption, getattr(sc.captioner, "name", "captioner")
         yield clip, rec
 
 
+def process_video(path: str, cfg: FilterConfig, *, scorers: Scorers | None = None,
+                  max_frames: int | None = None) -> tuple[list[dict], list[Clip]]:
+    """One video's manifest records and its clips that passed the filters, before dedup.
+    An undecodable file gives one `decode_error` record and no clips."""
+    video_id = os.path.basename(path)
+    try:
+        frames, fps = decode_video(path, max_frames)
+    except VideoDecodeError as e:
+        return [{"clip_id": None, "video": video_id, "path": path, "kept": False, "reason": "decode_error",
+                 "error": e.reason}], []
+    recs, kept = [], []
+    for clip, rec in split_and_filter(video_id, frames, fps, cfg, scorers=scorers, dedup=False):
+        recs.append(rec)
+        if rec["kept"]:
+            kept.append(clip)
+    return recs, kept
+
+
 def process_videos(paths: Sequence[str], manifest_path: str, cfg: FilterConfig = FilterConfig(),
-                   max_frames: int | None = None, progress: bool = False) -> list[Clip]:
+                   max_frames: int | None = None, progress: bool = False,
+                   scorers: Scorers | None = None) -> list[Clip]:
     """Decode, split, filter and dedup `paths`; write the JSONL manifest; return the kept clips.
 
     The manifest is written to a temporary name and renamed at the end, so a crash never leaves a
     manifest that looks complete.
     """
+    sc = scorers or Scorers.from_config(cfg)
     kept: list[Clip] = []
-    seen: dict[str, int] = {}
+    deduper = Deduper(cfg.dedup_hamming)
     tmp = manifest_path + ".tmp"
     it: Iterable[str] = paths
     if progress:
@@ -233,17 +302,13 @@ def process_videos(paths: Sequence[str], manifest_path: str, cfg: FilterConfig =
         it = tqdm(paths, desc="videos", unit="video")
     with open(tmp, "w") as f:
         for path in it:
-            video_id = os.path.basename(path)
-            try:
-                frames, fps = decode_video(path, max_frames)
-            except VideoDecodeError as e:
-                f.write(json.dumps({"video": video_id, "path": path, "kept": False,
-                                    "reason": "decode_error", "error": e.reason}) + "\n")
-                continue
-            for clip, rec in split_and_filter(video_id, frames, fps, cfg, seen):
+            recs, clips_ = process_video(path, cfg, scorers=sc, max_frames=max_frames)
+            by_id = {c.clip_id: c for c in clips_}
+            for rec in recs:
+                rec = deduper(rec)
                 f.write(json.dumps(rec) + "\n")
                 if rec["kept"]:
-                    kept.append(clip)
+                    kept.append(by_id[rec["clip_id"]])
     os.replace(tmp, manifest_path)
     return kept
 

@@ -124,7 +124,7 @@ class _LoadBatch:
             y[i, 0, :n] = ex["text"][:n]
             mask[i, :n] = 1
         return {
-            "latents": np.stack([ex["latents"] for ex in examples]).astype(np.float32),
+            "latents": np.stack([ex["latents"] for ex in examples]).astype(np.float32, copy=False),
             "y": y, "mask": mask,
             "fps": np.array([ex["fps"] for ex in examples], np.float32),
             "bucket_id": np.full((len(examples),), bucket, np.int32),
@@ -200,3 +200,72 @@ class ShardLoader:
 
     def close(self) -> None:
         self._it = None
+
+
+class MixedLoader:
+    """Draws each batch from one of several loaders (datasets or training stages) by weight.
+
+    `weights`: a sequence of non-negative floats, one per loader, or a callable step → such a
+    sequence (a curriculum, e.g. annealing the image:video ratio). The loader used at step s is
+    drawn from a generator seeded by (seed, s), so the choice is a pure function of the step: a
+    resumed run makes the same choices, and each child resumes from its own state. Children need
+    `__next__`, `get_state` and `set_state` (ShardLoader, mugv_jax.data.DataIterator).
+    """
+
+    def __init__(self, loaders, weights, seed: int = 0):
+        self.loaders = list(loaders)
+        if not self.loaders:
+            raise ValueError("MixedLoader needs at least one loader")
+        self.weights, self.seed, self.step = weights, int(seed), 0
+        self.counts = [0] * len(self.loaders)
+        self.last_index: int | None = None
+        for attr in ("latent_channels", "text_dim", "returns_local"):
+            values = {getattr(l, attr) for l in self.loaders if hasattr(l, attr)}
+            if len(values) > 1:
+                raise ValueError(f"MixedLoader children disagree on {attr}: {sorted(map(str, values))}")
+            if values:
+                setattr(self, attr, values.pop())
+
+    def probabilities(self, step: int) -> np.ndarray:
+        w = self.weights(step) if callable(self.weights) else self.weights
+        w = np.asarray(w, np.float64)
+        if w.shape != (len(self.loaders),) or not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+            raise ValueError(f"mixing weights at step {step} must be {len(self.loaders)} finite non-negative "
+                             f"floats with a positive sum, got {w.tolist()}")
+        return w / w.sum()
+
+    def choose(self, step: int) -> int:
+        p = self.probabilities(step)
+        u = np.random.default_rng([self.seed, step]).random()
+        return int(min(np.searchsorted(np.cumsum(p), u, side="right"), len(p) - 1))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        i = self.choose(self.step)
+        batch = next(self.loaders[i])
+        self.step += 1
+        self.counts[i] += 1
+        self.last_index = i
+        return batch
+
+    def get_state(self) -> dict:
+        return {"step": self.step, "seed": self.seed, "counts": list(self.counts),
+                "loaders": [l.get_state() for l in self.loaders]}
+
+    def set_state(self, state: dict) -> None:
+        if int(state.get("seed", self.seed)) != self.seed:
+            raise ValueError(f"mixed loader state was saved with seed {state['seed']}, this one has {self.seed}")
+        if len(state["loaders"]) != len(self.loaders):
+            raise ValueError(f"mixed loader state has {len(state['loaders'])} children, this one has "
+                             f"{len(self.loaders)}")
+        self.step = int(state["step"])
+        self.counts = [int(c) for c in state.get("counts", [0] * len(self.loaders))]
+        for l, s in zip(self.loaders, state["loaders"]):
+            l.set_state(s)
+
+    def close(self) -> None:
+        for l in self.loaders:
+            if hasattr(l, "close"):
+                l.close()

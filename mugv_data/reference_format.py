@@ -127,11 +127,12 @@ def write_reference(examples, out_dir: str, *, source: str = "generated", text_l
 
 
 def import_reference(csv_path: str, out_dir: str, *, fps: float = 24.0, name: str = "mugv_clips",
-                     num_shards: int | None = None) -> str:
+                     num_shards: int | None = None, latent_dtype: str = "bfloat16") -> str:
     """Reference CSV + .pt → mugv_data shards (one bucket per distinct latent shape).
 
     The reference format carries no fps or pixel frame count (its loader hard-codes fps 24), so
-    `fps` is recorded for every clip and `num_frames` is 0 (unknown). Rows are held in memory
+    `fps` is recorded for every clip and `num_frames` is 0 (unknown). Latents are stored as bf16
+    by default (the reference trainer casts them to bf16 too); `latent_dtype="float32"` keeps them. Rows are held in memory
     (fine for the sizes this path is for: checking parity with the reference trainer).
     """
     from mugv_data.shards import write_shards
@@ -152,4 +153,4 @@ def import_reference(csv_path: str, out_dir: str, *, fps: float = 24.0, name: st
                    "bucket_id": shapes.index((f, h, w))}
 
     return write_shards(examples, out_dir, buckets=shapes, latent_channels=channels.pop(),
-                        text_dim=dims.pop(), name=name, num_shards=num_shards)
+                        text_dim=dims.pop(), name=name, num_shards=num_shards, latent_dtype=latent_dtype)

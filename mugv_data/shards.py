@@ -1,7 +1,11 @@
-"""array_record shards through a tensorflow-datasets builder (no TensorFlow, no Beam).
+"""array_record shards through a tensorflow-datasets builder (no TensorFlow), in one process or
+on Apache Beam (tfds's Beam path: DirectRunner here, Dataflow/Flink/Spark for millions of clips).
 
 One example per clip:
-  latents   float32 [C, F, H, W]   normalised VAE latents (the VAE's (z − shift)/scale, once)
+  latents   bf16 [C, F, H, W]      normalised VAE latents (the VAE's (z − shift)/scale, once),
+                                   stored as their uint16 bit patterns (`latent_dtype="bfloat16"`,
+                                   the default; half the bytes of float32) or as float32. Readers
+                                   always get float32.
   text      float32 [n, D]         caption token features, only the n valid tokens
   text_len  int32                  n
   fps, num_frames, height, width   the clip's pixel-space frame rate, frame count and size
@@ -13,7 +17,8 @@ Layout: `<out>/<name>/<version>/` holds tfds's `*.array_record-NNNNN-of-MMMMM`, 
 loader can plan batches without decoding latents). tfds writes into an `incomplete.*` directory
 and renames it when every shard is done, so a crash leaves nothing a reader would open; a second
 `write_shards` on a finished directory reuses it (idempotent). `disable_shuffling` keeps records
-in generator order, which `index.json` relies on.
+in key order: integer keys that both paths assign the same way, so the Beam path writes the same
+records in the same order as the one-process path (shard boundaries may differ).
 """
 from __future__ import annotations
 
@@ -21,10 +26,11 @@ import glob
 import json
 import os
 import threading
-from typing import Callable, Iterable, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
+LATENT_DTYPES = ("bfloat16", "float32")
 VERSION = "1.0.0"
 INDEX_FILE = "index.json"
 # Serialises first use of a reader: grain maps on a thread pool, and concurrent first imports of
@@ -37,12 +43,39 @@ def _tfds():
     return tfds
 
 
-def feature_spec(latent_channels: int, text_dim: int):
+def _storage_dtype(latent_dtype: str):
+    if latent_dtype not in LATENT_DTYPES:
+        raise ValueError(f"latent_dtype must be one of {LATENT_DTYPES}, got {latent_dtype!r}")
+    # bf16 goes in as its raw 16-bit patterns: tfds's numpy-only codec has no bfloat16 type.
+    return np.uint16 if latent_dtype == "bfloat16" else np.float32
+
+
+def to_storage(latents, latent_dtype: str) -> np.ndarray:
+    """Latents as stored: float32, or bf16 (round to nearest even) bit patterns as uint16."""
+    if latent_dtype == "float32":
+        return np.asarray(latents, np.float32)
+    import ml_dtypes
+    a = np.asarray(latents)
+    if a.dtype != ml_dtypes.bfloat16:
+        a = a.astype(np.float32).astype(ml_dtypes.bfloat16)
+    return a.view(np.uint16)
+
+
+def from_storage(latents: np.ndarray) -> np.ndarray:
+    """Stored latents → float32 (uint16 means bf16 bits; float32 shards are read as they are)."""
+    if latents.dtype == np.uint16:
+        import ml_dtypes
+        return latents.view(ml_dtypes.bfloat16).astype(np.float32)
+    return np.asarray(latents, np.float32)
+
+
+def feature_spec(latent_channels: int, text_dim: int, latent_dtype: str = "bfloat16"):
     tfds = _tfds()
     T = tfds.features.Tensor
     return tfds.features.FeaturesDict({
         # `bytes` encoding: raw little-endian buffers, so the round trip is bit-exact.
-        "latents": T(shape=(latent_channels, None, None, None), dtype=np.float32, encoding="bytes"),
+        "latents": T(shape=(latent_channels, None, None, None), dtype=_storage_dtype(latent_dtype),
+                     encoding="bytes"),
         "text": T(shape=(None, text_dim), dtype=np.float32, encoding="bytes"),
         "text_len": np.int32, "fps": np.float32, "num_frames": np.int32,
         "height": np.int32, "width": np.int32, "bucket_id": np.int32,
@@ -52,6 +85,13 @@ def feature_spec(latent_channels: int, text_dim: int):
 
 
 _BUILDER_CLS = None
+
+
+def _keyed(examples) -> Iterator[tuple[int, dict]]:
+    """(key, example) in key order: a source's own keys, or positions for a plain callable."""
+    if hasattr(examples, "keyed_examples"):
+        return examples.keyed_examples()
+    return enumerate(examples())
 
 
 def _builder_cls():
@@ -66,39 +106,65 @@ def _builder_cls():
             # for them through importlib_resources, which is not installed.
             code_path = None
 
-            def __init__(self, *, examples: Callable[[], Iterable[dict]] | None, latent_channels: int,
-                         text_dim: int, **kwargs):
+            def __init__(self, *, examples, latent_channels: int, text_dim: int,
+                         latent_dtype: str = "bfloat16", beam: bool = False, **kwargs):
                 self._examples, self._channels, self._text_dim = examples, latent_channels, text_dim
+                self._latent_dtype, self._beam = latent_dtype, beam
                 self.records: list[dict] = []
                 super().__init__(**kwargs)
 
             def _info(self):
-                return tfds.core.DatasetInfo(builder=self, features=feature_spec(self._channels, self._text_dim),
-                                             disable_shuffling=True)
+                return tfds.core.DatasetInfo(
+                    builder=self, features=feature_spec(self._channels, self._text_dim, self._latent_dtype),
+                    disable_shuffling=True)
 
             def _split_generators(self, dl_manager):
+                if self._examples is None:
+                    raise ValueError(f"no examples given and no finished dataset in {self.data_dir}")
+                if self._beam:
+                    return {"train": _beam_transform(self._examples, self._channels, self._text_dim,
+                                                     self._latent_dtype)}
                 return {"train": self._generate_examples()}
 
             def _generate_examples(self):
-                if self._examples is None:
-                    raise ValueError(f"no examples given and no finished dataset in {self.data_dir}")
-                for ex in self._examples():
-                    ex = _check_example(ex, self._channels, self._text_dim)
-                    self.records.append({"sample_id": ex["sample_id"], "bucket_id": int(ex["bucket_id"])})
-                    yield ex["sample_id"], ex
+                for key, ex in _keyed(self._examples):
+                    ex = _check_example(ex, self._channels, self._text_dim, self._latent_dtype)
+                    self.records.append({"key": key, "sample_id": ex["sample_id"],
+                                         "bucket_id": int(ex["bucket_id"])})
+                    yield key, ex
 
         _BUILDER_CLS = MugvClips
     return _BUILDER_CLS
 
 
-def _check_example(ex: dict, channels: int, text_dim: int) -> dict:
-    lat = np.asarray(ex["latents"], np.float32)
+def _beam_transform(source, channels: int, text_dim: int, latent_dtype: str):
+    """The split as a Beam PTransform: the source's keyed examples, checked and converted on the
+    workers. tfds's BeamWriter then writes them in key order (disable_shuffling)."""
+    import apache_beam as beam
+
+    if not hasattr(source, "beam_examples"):
+        raise ValueError("the Beam path needs a source with beam_examples(pipeline) (e.g. "
+                         "mugv_data.pipeline.PrepareSource), not a plain callable")
+
+    def check(kv):
+        return kv[0], _check_example(kv[1], channels, text_dim, latent_dtype)
+
+    @beam.ptransform_fn
+    def expand(pbegin):
+        return source.beam_examples(pbegin) | "CheckExamples" >> beam.Map(check)
+
+    return expand()  # pylint: disable=no-value-for-parameter
+
+
+def _check_example(ex: dict, channels: int, text_dim: int, latent_dtype: str = "float32") -> dict:
+    lat = np.asarray(ex["latents"])
     if lat.ndim != 4 or lat.shape[0] != channels:
         raise ValueError(f"example {ex.get('sample_id')!r}: latents must be [{channels}, F, H, W], got {lat.shape}")
     text = np.asarray(ex["text"], np.float32)
     if text.ndim != 2 or text.shape[1] != text_dim:
         raise ValueError(f"example {ex.get('sample_id')!r}: text must be [n, {text_dim}], got {text.shape}")
-    out = dict(ex, latents=lat, text=text)
+    out = {k: v for k, v in ex.items() if not k.startswith("_")}  # private fields stay out of shards
+    out.update(latents=to_storage(lat, latent_dtype), text=text)
     out.setdefault("text_len", text.shape[0])
     if int(out["text_len"]) != text.shape[0]:
         raise ValueError(f"example {ex['sample_id']!r}: text_len {out['text_len']} != text rows {text.shape[0]}")
@@ -109,35 +175,62 @@ def dataset_dir(out_dir: str, name: str = "mugv_clips") -> str:
     return os.path.join(out_dir, name, VERSION)
 
 
-def write_shards(examples: Callable[[], Iterable[dict]], out_dir: str, *, buckets: Sequence[Sequence[int]],
+def beam_pipeline_options(runner: str, workers: int = 0, extra: Sequence[str] = ()):
+    """PipelineOptions for `runner`; for the DirectRunner, `workers` > 0 runs that many worker
+    processes (multi_processing). Other runners take their own flags through `extra` (see
+    docs/data.md: Dataflow, Flink, Spark)."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    flags = [f"--runner={runner}", *extra]
+    if runner == "DirectRunner" and workers > 0:
+        if not any(f.startswith("--direct_num_workers") for f in extra):
+            flags.append(f"--direct_num_workers={workers}")
+        if not any(f.startswith("--direct_running_mode") for f in extra):
+            flags.append("--direct_running_mode=multi_processing")
+    return PipelineOptions(flags)
+
+
+def write_shards(examples, out_dir: str, *, buckets: Sequence[Sequence[int]],
                  latent_channels: int, text_dim: int, name: str = "mugv_clips",
-                 num_shards: int | None = None, extra_index: dict | None = None) -> str:
+                 num_shards: int | None = None, extra_index: dict | None = None,
+                 latent_dtype: str = "bfloat16", beam_options=None) -> str:
     """Write (or reuse) the dataset `out_dir/name/VERSION`; returns that directory.
 
-    `examples` is a zero-argument callable so nothing is encoded when the dataset already exists.
-    `buckets[i]` is bucket i's latent (F, H, W).
+    `examples` is a zero-argument callable returning examples, or a keyed source (an object with
+    `keyed_examples()` and, for Beam, `beam_examples(pipeline)`), so nothing is encoded when the
+    dataset already exists. `buckets[i]` is bucket i's latent (F, H, W). `beam_options` (Beam
+    PipelineOptions, e.g. from `beam_pipeline_options`) runs the build on Apache Beam.
     """
+    from etils import epath  # tfds's path library: local paths, and gs:// etc. for remote runners
+
+    _storage_dtype(latent_dtype)
     final = dataset_dir(out_dir, name)
     index_path = os.path.join(final, INDEX_FILE)
-    if os.path.exists(index_path):
+    if epath.Path(index_path).exists():
         return final
     records = None
-    if not os.path.isdir(final):
+    if not epath.Path(final).is_dir():
         tfds = _tfds()
         root = os.path.join(out_dir, name)
-        os.makedirs(root, exist_ok=True)
+        epath.Path(root).mkdir(parents=True, exist_ok=True)
         # tfds names its directory after the builder class; it builds (through its own
         # `incomplete.*` directory) under a private parent, then one rename publishes it.
         builder = _builder_cls()(examples=examples, latent_channels=latent_channels, text_dim=text_dim,
+                                 latent_dtype=latent_dtype, beam=beam_options is not None,
                                  data_dir=os.path.join(root, ".tfds"), file_format="array_record")
-        config = tfds.download.DownloadConfig(num_shards=num_shards) if num_shards else None
-        builder.download_and_prepare(download_config=config)
-        os.replace(str(builder.data_dir), final)
-        records = builder.records
+        kw = {}
+        if num_shards:
+            kw["num_shards"] = num_shards
+        if beam_options is not None:
+            kw["beam_options"] = beam_options
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(**kw) if kw else None)
+        epath.Path(builder.data_dir).rename(final)
+        records = sorted(builder.records, key=lambda r: r["key"])
     if not records:
-        # A build published before a crash (or reused by tfds): the shards themselves say it all.
+        # Beam workers, or a build published before a crash: the shards themselves say it all.
         records = scan_records(final)
     index = {"num_examples": len(records), "latent_channels": latent_channels, "text_dim": text_dim,
+             "latent_dtype": latent_dtype,
              "buckets": [list(map(int, b)) for b in buckets],
              "bucket_ids": [r["bucket_id"] for r in records],
              "sample_ids": [r["sample_id"] for r in records], **(extra_index or {})}
@@ -147,10 +240,10 @@ def write_shards(examples: Callable[[], Iterable[dict]], out_dir: str, *, bucket
 
 
 def _atomic_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-    os.replace(tmp, path)
+    from etils import epath
+    tmp = epath.Path(f"{path}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj))
+    tmp.rename(path)
 
 
 def shard_files(ds_dir: str) -> list[str]:
@@ -200,6 +293,7 @@ class RecordReader:
     def __getitem__(self, index: int) -> dict:
         raw = self.raw(index)
         ex = self._features.deserialize_example_np(raw)
+        ex["latents"] = from_storage(ex["latents"])
         for k in ("caption", "sample_id", "source_id"):
             if isinstance(ex[k], bytes):
                 ex[k] = ex[k].decode()

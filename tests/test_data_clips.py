@@ -15,7 +15,7 @@ PALETTE = [(120, 120, 120), (70, 70, 180), (180, 70, 70), (70, 180, 70), (180, 1
            (180, 70, 180)]
 
 
-def textured_scene(seed: int, num_frames: int, *, shift: int = 1, blur: bool = False) -> np.ndarray:
+def textured_scene(seed: int, num_frames: int, *, shift: int = 3, blur: bool = False) -> np.ndarray:
     """A 4-px block texture (Laplacian variance ≈ 700, inside [200, 2000]) scrolling `shift` px
     per frame; `blur` box-filters it far below 200."""
     rng = np.random.default_rng(seed)
@@ -53,6 +53,9 @@ def test_filters_drop_planted_bad_clips_with_reasons():
                    (68, 84, False, "near_duplicate")]
     assert recs[5]["duplicate_of"] == recs[0]["clip_id"]
     assert 200 <= recs[0]["metrics"]["sharpness"] <= 2000
+    # Farnebäck flow (the default motion scorer) measures the planted 3 px/frame scroll.
+    assert recs[0]["motion_scorer"] == "farneback" and abs(recs[0]["metrics"]["motion"] - 3.0) < 0.1
+    assert recs[2]["metrics"]["motion"] < 0.01
     assert recs[3]["metrics"]["sharpness"] < 200
 
 

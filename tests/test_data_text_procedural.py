@@ -76,7 +76,8 @@ def test_loader_side_imports_no_jax():
     import subprocess
     import sys
     code = ("import sys, mugv_data.loader, mugv_data.shards, mugv_data.reference_format, mugv_data.clips, "
-            "mugv_data.procedural, mugv_data.text, mugv_data.bundled, mugv_data.encode; "
+            "mugv_data.procedural, mugv_data.text, mugv_data.bundled, mugv_data.encode, mugv_data.scorers, "
+            "mugv_data.pipeline; "
             "print(sorted(m for m in ('jax', 'torch', 'tensorflow') if m in sys.modules))")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)

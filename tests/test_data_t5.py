@@ -1,0 +1,77 @@
+"""T5TextEncoder: the T5-XXL loading path, run on a tiny random T5 encoder + Unigram tokenizer that
+this test builds and saves (the real model cannot be downloaded here)."""
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from mugv.config import PRESETS
+from mugv_data import text
+
+
+@pytest.fixture(scope="module")
+def t5_dir(tmp_path_factory):
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+
+    path = str(tmp_path_factory.mktemp("t5"))
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    # The T5 ids: pad 0, EOS 1, unk 2.
+    trainer = trainers.UnigramTrainer(vocab_size=60, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>")
+    tok.train_from_iterator(["a red square moving left", "a blue circle moving up",
+                             "a green triangle moving down", "ugly, blurry, lowres, bad anatomy"] * 5, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                    extra_ids=0).save_pretrained(path)
+    # T5 v1.1 structure (gated-GELU, relative position buckets) at toy size.
+    cfg = T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+                   feed_forward_proj="gated-gelu", relative_attention_num_buckets=8,
+                   relative_attention_max_distance=16, layer_norm_epsilon=1e-6)
+    torch.manual_seed(0)
+    T5EncoderModel(cfg).save_pretrained(path)
+    return path
+
+
+def test_t5_encoder_features_masks_and_dit_width(t5_dir):
+    enc = text.get_encoder(f"t5:{t5_dir}", max_length=24)
+    assert isinstance(enc, text.T5TextEncoder) and enc.dim == 32 and enc.max_length == 24
+    caps = ["a red square moving left", "a blue circle moving up", ""]
+    feats, mask = enc.encode(caps)
+    assert feats.shape == (3, 24, 32) and feats.dtype == np.float32 and mask.dtype == np.int32
+    ids = [enc.tokenizer(c)["input_ids"] for c in caps]
+    assert all(i[-1] == 1 for i in ids)  # EOS appended, as the release tokenises
+    assert mask.sum(1).tolist() == [len(i) for i in ids] and mask.sum(1)[2] == 1
+    assert np.all(np.diff(mask, axis=1) <= 0) and not np.any(feats[mask == 0])
+    assert np.abs(feats[0, :3] - feats[1, :3]).max() > 1e-3
+    # The attention mask is passed to T5: valid rows do not depend on how much padding follows.
+    longer, _ = text.T5TextEncoder(t5_dir, max_length=40).encode(caps)
+    np.testing.assert_allclose(longer[:, :24], feats, rtol=0, atol=1e-5)
+    # The same numbers as calling the model directly on unpadded ids (float32).
+    with torch.no_grad():
+        direct = enc.model(input_ids=torch.tensor([ids[0]])).last_hidden_state.numpy()[0]
+    np.testing.assert_allclose(feats[0, :len(ids[0])], direct, rtol=0, atol=1e-5)
+    # The DiT's caption width and token count follow the encoder.
+    over = text.dit_overrides(enc)
+    assert over == {"text_dim": 32, "max_text_tokens": 24}
+    assert dataclasses.replace(PRESETS["tiny"], **over).text_dim == 32
+
+
+def test_t5_null_and_negative_features(t5_dir):
+    enc = text.T5TextEncoder(t5_dir, max_length=16)
+    null_y, null_m = text.null_features(enc)
+    assert null_y.shape == (16, 32) and null_m.tolist() == [1] + [0] * 15  # EOS only
+    neg_y, neg_m = text.negative_features(enc)  # the release's tag list, truncated to 16 tokens
+    assert neg_m.sum() == 16 and not np.array_equal(neg_y, null_y)
+    assert text.NEGATIVE_PROMPT.startswith("ugly, blurry, lowres") and text.NEGATIVE_PROMPT.endswith("username, blurry")
+    assert text.with_aesthetic_suffix("a cat", 6.0) == "a cat aesthetic score: 6.0."
+    assert text.with_aesthetic_suffix("a cat", 4.46) == "a cat aesthetic score: 4.5."
+    assert text.with_aesthetic_suffix("a cat", None) == "a cat"
+
+
+def test_t5_missing_directory_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "nope")):
+        text.T5TextEncoder(str(tmp_path / "nope"))
