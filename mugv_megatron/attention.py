@@ -9,6 +9,11 @@ Under sequence parallelism the column-parallel projections all-gather the sequen
 always sees every token (start and end tokens included, exactly once) and the row-parallel output
 projection reduce-scatters back to the local chunk. Text keys/values are replicated, not
 sequence-split, so the KV projection runs with sequence parallelism off.
+
+Under context parallelism each rank holds one chunk of the sequence; self-attention all-gathers
+the (normed, rotated) keys and values over the CP group (`mugv_megatron.context_parallel`), and
+the core attention is built with a CP = 1 config because it then sees an ordinary attention of
+local queries against all keys.
 """
 from __future__ import annotations
 
@@ -24,8 +29,9 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.utils import divide
 
+from mugv_megatron import context_parallel
 from mugv_megatron.rope import apply_rope
-from mugv_megatron.transformer_config import without_sequence_parallel
+from mugv_megatron.transformer_config import without_context_parallel, without_sequence_parallel
 
 
 @dataclass
@@ -66,7 +72,8 @@ class _AttentionBase(MegatronModule):
         self.k_layernorm = build_module(submodules.k_layernorm, config=config,
                                         hidden_size=self.head_dim, eps=config.layernorm_epsilon)
         self.core_attention = build_module(
-            submodules.core_attention, config=config, layer_number=layer_number,
+            submodules.core_attention, config=without_context_parallel(config),
+            layer_number=layer_number,
             attn_mask_type=AttnMaskType.no_mask, attention_type=attention_type,
             softmax_scale=1.0 / math.sqrt(self.head_dim))
         self.linear_proj = build_module(
@@ -96,12 +103,19 @@ class SelfAttention(_AttentionBase):
 
     def forward(self, hidden: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor,
                 key_padding: Optional[torch.Tensor] = None):
-        """hidden [S_local, B, C] → (output [S_local, B, C], output bias [C])."""
-        qkv, _ = self.linear_qkv(hidden)                     # [S, B, 3·C/tp]
+        """hidden [S_local, B, C] → (output [S_local, B, C], output bias [C]).
+
+        rope_cos/rope_sin cover this rank's context-parallel chunk (all of it under sequence
+        parallelism, whose column-parallel projection gathers the chunk); key_padding [B, 1, 1,
+        S_total] indexes the whole sequence.
+        """
+        qkv, _ = self.linear_qkv(hidden)                     # [S_cp, B, 3·C/tp]
         s, b = qkv.shape[:2]
         q, k, v = qkv.view(s, b, self.heads_per_rank, 3, self.head_dim).unbind(3)
         q = apply_rope(self.q_layernorm(q), rope_cos, rope_sin)
         k = apply_rope(self.k_layernorm(k), rope_cos, rope_sin)
+        k = context_parallel.gather_keys_values(k)
+        v = context_parallel.gather_keys_values(v)
         return self._attend(q, k, v, key_padding)
 
 

@@ -110,18 +110,40 @@ class MUGDiTLayer(MegatronModule):
         return self._gated(hidden, gate2, out, bias)
 
 
-class MUGDiTBlock(MegatronModule):
-    """The stack of layers; named `decoder` in the model so parameters read decoder.layers.{i}."""
+def stage_layers(config) -> tuple[int, int]:
+    """(first global layer index, layer count) of this pipeline stage, by megatron's own rules."""
+    if config.pipeline_model_parallel_size == 1:
+        return 0, config.num_layers
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+    return get_transformer_layer_offset(config), get_num_layers_to_build(config)
 
-    def __init__(self, config, layer_spec: ModuleSpec):
+
+class MUGDiTBlock(MegatronModule):
+    """The stack of layers; named `decoder` in the model so parameters read decoder.layers.{i}.
+
+    Under pipeline parallelism a stage holds global layers [layer_offset, layer_offset +
+    num_layers); its state dict numbers them from 0, as megatron's blocks do. Both default to
+    megatron's split of `config.num_layers` for this pipeline rank.
+    """
+
+    def __init__(self, config, layer_spec: ModuleSpec, *, num_layers: Optional[int] = None,
+                 layer_offset: Optional[int] = None):
         super().__init__(config=config)
+        default_offset, default_count = stage_layers(config)
+        self.layer_offset = default_offset if layer_offset is None else layer_offset
+        count = default_count if num_layers is None else num_layers
+        if count < 1 or self.layer_offset < 0 or self.layer_offset + count > config.num_layers:
+            raise ValueError(f"layers [{self.layer_offset}, {self.layer_offset + count}) are not "
+                             f"within the model's {config.num_layers} layers")
         self.layers = torch.nn.ModuleList(
-            [build_module(layer_spec, config=config, layer_number=i + 1)
-             for i in range(config.num_layers)])
+            [build_module(layer_spec, config=config, layer_number=self.layer_offset + i + 1)
+             for i in range(count)])
 
     def forward(self, hidden: torch.Tensor, inputs: LayerInputs, on_layer_output=None):
+        """`on_layer_output(i, hidden)` is called after each layer with its global index i."""
         for i, layer in enumerate(self.layers):
             hidden = layer(hidden, inputs)
             if on_layer_output is not None:
-                on_layer_output(i, hidden)
+                on_layer_output(self.layer_offset + i, hidden)
         return hidden

@@ -15,6 +15,18 @@ with zero tokens to a multiple of the TP size and split evenly; the padding is m
 self-attention keys and dropped at the end. Every rank therefore computes exactly the
 single-device model: each special token exists once, and cross-attention queries cover every
 rank's chunk (the reference gets both wrong, megatron-trainer.md §2.8).
+
+Context parallelism (CP > 1): the padded sequence is cut into CP contiguous chunks before the
+sequence-parallel split; see `mugv_megatron.context_parallel` for attention and gradients.
+
+Pipeline parallelism (PP > 1): a stage holds its slice of the layers; every stage holds all the
+embedders (patch, timestep, fps, caption, start/end tokens, timestep_block), because every layer
+needs the modulation table and the text, and recomputes the conditioning from the same batch.
+Their parameters are flagged `pipeline_parallel`, so megatron's finalize_model_grads sums their
+grads over the pipeline group (config.has_cond_embedder). Only the last stage has the final
+layer. A stage after the first takes its input hidden state from `set_input_tensor` (megatron's
+schedules call it) and a stage before the last returns the hidden state [S_local, B, C];
+`mugv_megatron.pipeline` runs the schedule.
 """
 from __future__ import annotations
 
@@ -23,9 +35,11 @@ from typing import Optional
 import torch
 
 from megatron.core import parallel_state, tensor_parallel
+from megatron.core.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 
 from mugv.config import DiTConfig
+from mugv_megatron import context_parallel
 from mugv_megatron.embedders import (CaptionEmbedder, FinalLayer, PatchEmbed3D, SinusoidEmbedder,
                                      unpatchify)
 from mugv_megatron.layer import LayerInputs, MODULATION_ROWS, MUGDiTBlock
@@ -34,8 +48,20 @@ from mugv_megatron.rope import rope_angles, rope_cos_sin
 SPECIAL_TOKEN_INIT_STD = 0.02
 
 
+def _pipeline_position(tc) -> tuple[bool, bool]:
+    if tc.pipeline_model_parallel_size == 1:
+        return True, True
+    return (parallel_state.is_pipeline_first_stage(ignore_virtual=True),
+            parallel_state.is_pipeline_last_stage(ignore_virtual=True))
+
+
 class MUGDiT(MegatronModule):
-    def __init__(self, config: DiTConfig, transformer_config, layer_spec):
+    def __init__(self, config: DiTConfig, transformer_config, layer_spec, *,
+                 pre_process: Optional[bool] = None, post_process: Optional[bool] = None,
+                 layer_offset: Optional[int] = None, num_layers: Optional[int] = None):
+        """`pre_process` / `post_process` (first / last pipeline stage) and the stage's layers
+        (`layer_offset`, `num_layers`) default to this rank's place in megatron's pipeline
+        group; without pipeline parallelism: both True, all layers."""
         super().__init__(config=transformer_config)
         if config.patch_size[0] != 1:
             raise ValueError(
@@ -45,7 +71,19 @@ class MUGDiT(MegatronModule):
         if tc.num_layers != config.depth:
             raise ValueError(f"transformer config has {tc.num_layers} layers, DiTConfig.depth is "
                              f"{config.depth}")
+        if tc.context_parallel_size != context_parallel.size():
+            raise ValueError(
+                f"transformer config has context-parallel size {tc.context_parallel_size}, "
+                f"megatron's parallel state {context_parallel.size()}")
         self.dit_config = config
+        # Read by megatron's pipeline schedules and finalize_model_grads (no word embeddings to
+        # tie between the first and last stage).
+        self.model_type = ModelType.encoder_or_decoder
+        self.share_embeddings_and_output_weights = False
+        first, last = _pipeline_position(tc)
+        self.pre_process = first if pre_process is None else pre_process
+        self.post_process = last if post_process is None else post_process
+        self._input_tensor = None
         dtype = tc.params_dtype
         c = config.hidden_size
         self.x_embedder = PatchEmbed3D(config, dtype)
@@ -56,8 +94,26 @@ class MUGDiT(MegatronModule):
         self.timestep_block = torch.nn.Sequential(
             torch.nn.SiLU(), torch.nn.Linear(c, MODULATION_ROWS * c, dtype=dtype))
         self.context_embedder = CaptionEmbedder(config, dtype)
-        self.decoder = MUGDiTBlock(tc, layer_spec)
-        self.final_layer = FinalLayer(config, dtype, tc.sequence_parallel)
+        # Replicated on every pipeline stage: their grads are summed over the pipeline group.
+        for module in (self.x_embedder, self.timestep_embedder, self.fps_embedder,
+                       self.timestep_block, self.context_embedder):
+            for p in module.parameters():
+                setattr(p, "pipeline_parallel", True)
+        for p in (self.start_token, self.end_token):
+            setattr(p, "pipeline_parallel", True)
+        self.decoder = MUGDiTBlock(tc, layer_spec, num_layers=num_layers,
+                                   layer_offset=layer_offset)
+        self.final_layer = (FinalLayer(config, dtype, tc.sequence_parallel) if self.post_process
+                            else None)
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """The hidden state from the previous pipeline stage (megatron's schedules pass a list)."""
+        if isinstance(input_tensor, (list, tuple)):
+            if len(input_tensor) != 1:
+                raise ValueError(
+                    f"MUGDiT takes one input tensor per stage, got {len(input_tensor)}")
+            input_tensor = input_tensor[0]
+        self._input_tensor = input_tensor
 
     # -----------------------------------------------------------------------------------------
 
@@ -95,6 +151,11 @@ class MUGDiT(MegatronModule):
         x_mask [B, T] (True = generated frame; default all True); fps [B];
         frame_indice [B, T+2] (default 0..T+1). If `activations` is a dict it receives the
         intermediate tensors under the golden-vector names (x_embedder, t_embedder.call0, …).
+
+        Under pipeline parallelism every stage is called with the same inputs; a stage before
+        the last returns its hidden state [S_local, B, C] instead of the video, a stage after
+        the first reads its input from `set_input_tensor`. Under context parallelism every CP
+        rank returns the whole video.
         """
         self._check_inputs(x, timestep, y, mask, x_mask, fps, frame_indice)
         cfg = self.dit_config
@@ -105,12 +166,15 @@ class MUGDiT(MegatronModule):
             if activations is not None:
                 activations[name] = tensor.detach().float().cpu()
 
-        # 1. Patches.
-        patches = self.x_embedder(x.to(device=device, dtype=dtype))
-        grid = tuple(patches.shape[2:])
-        tokens = patches.flatten(2).transpose(1, 2)                       # [B, N, C]
-        capture("x_embedder", tokens)
-        n = tokens.shape[1]
+        # 1. Patches (the first pipeline stage embeds them; later stages only need the grid).
+        pt, ph, pw = cfg.patch_size
+        grid = (-(-frames // pt), -(-height // ph), -(-width // pw))
+        n = grid[0] * grid[1] * grid[2]
+        tokens = None
+        if self.pre_process:
+            patches = self.x_embedder(x.to(device=device, dtype=dtype))
+            tokens = patches.flatten(2).transpose(1, 2)                   # [B, N, C]
+            capture("x_embedder", tokens)
 
         # 2. Timestep / fps conditioning.
         t = timestep.to(device)
@@ -139,34 +203,51 @@ class MUGDiT(MegatronModule):
 
         # 4. Sequence with start/end tokens, per-token timestep choice, RoPE.
         c = cfg.hidden_size
-        seq = torch.cat([self.start_token.view(1, 1, c).expand(b, 1, c), tokens,
-                         self.end_token.view(1, 1, c).expand(b, 1, c)], dim=1)
         length = n + 2
         tp_group = parallel_state.get_tensor_model_parallel_group()
         tp = tp_group.size()
         sp = self.config.sequence_parallel
-        padded = -(-length // tp) * tp if sp else length
-        hidden = torch.nn.functional.pad(seq, (0, 0, 0, padded - length)).transpose(0, 1)
-        hidden = hidden.contiguous()                                              # [S, B, C]
+        cp = context_parallel.size()
+        multiple = cp * (tp if sp else 1)
+        padded = -(-length // multiple) * multiple
+        cp_lo, cp_hi = context_parallel.shard_bounds(padded)
 
         generated = (torch.ones(b, frames, dtype=torch.bool) if x_mask is None
                      else x_mask.to(torch.bool)).to(device)
         per_video_token = generated.repeat_interleave(n // frames, dim=1)         # [B, N]
         noisy = torch.zeros(padded, b, dtype=torch.bool, device=device)
         noisy[1:length - 1] = per_video_token.t()
+        noisy = noisy[cp_lo:cp_hi]
 
         if frame_indice is None:
             frame_indice = torch.arange(frames + 2).expand(b, -1)
         cos, sin = rope_cos_sin(rope_angles(grid, frame_indice.cpu(), cfg, total_tokens=padded),
                                 dtype, device)
+        cos, sin = cos[cp_lo:cp_hi], sin[cp_lo:cp_hi]
         self_key_padding = None
         if padded > length:
             self_key_padding = (torch.arange(padded, device=device) >= length).view(1, 1, 1, -1)
             self_key_padding = self_key_padding.expand(b, -1, -1, -1)
 
+        if self.pre_process:
+            seq = torch.cat([self.start_token.view(1, 1, c).expand(b, 1, c), tokens,
+                             self.end_token.view(1, 1, c).expand(b, 1, c)], dim=1)
+            hidden = torch.nn.functional.pad(seq, (0, 0, 0, padded - length)).transpose(0, 1)
+            hidden = hidden[cp_lo:cp_hi].contiguous()                          # [S_cp, B, C]
+            if sp:
+                hidden = tensor_parallel.scatter_to_sequence_parallel_region(hidden,
+                                                                             group=tp_group)
+        else:
+            hidden = self._input_tensor
+            local = (cp_hi - cp_lo) // (tp if sp else 1)
+            if hidden is None or tuple(hidden.shape) != (local, b, c):
+                raise ValueError(
+                    f"pipeline stage {parallel_state.get_pipeline_model_parallel_rank()}: the "
+                    f"input tensor from the previous stage must be [{local}, {b}, {c}], got "
+                    f"{None if hidden is None else list(hidden.shape)}")
+
         if sp:
-            hidden = tensor_parallel.scatter_to_sequence_parallel_region(hidden, group=tp_group)
-            chunk = padded // tp
+            chunk = (cp_hi - cp_lo) // tp
             rank = tp_group.rank()
             noisy = noisy[rank * chunk:(rank + 1) * chunk]
             # Replicated conditioning used by local tokens only: sum its grads over the ranks.
@@ -178,13 +259,20 @@ class MUGDiT(MegatronModule):
                              rope_cos=cos, rope_sin=sin, self_key_padding=self_key_padding,
                              context=context, context_padding=context_padding)
 
+        def gather_sequence(h):
+            """Local tokens → the whole padded sequence (no grads: for inspection only)."""
+            if sp:
+                h = tensor_parallel.gather_from_sequence_parallel_region(
+                    h, tensor_parallel_output_grad=False, group=tp_group)
+            return context_parallel.gather_output(h)
+
         def capture_block(i, h):
             if activations is not None:
-                full = (tensor_parallel.gather_from_sequence_parallel_region(
-                    h, tensor_parallel_output_grad=False, group=tp_group) if sp else h)
-                capture(f"blocks.{i}", full[:length].transpose(0, 1))
+                capture(f"blocks.{i}", gather_sequence(h.detach())[:length].transpose(0, 1))
 
         hidden = self.decoder(hidden, inputs, on_layer_output=capture_block)
+        if not self.post_process:
+            return hidden
 
         # 5. Final layer, back to video.
         emb = torch.where(noisy.unsqueeze(-1), e_t.unsqueeze(0), e_0.unsqueeze(0))
@@ -192,6 +280,7 @@ class MUGDiT(MegatronModule):
         if sp:
             out = tensor_parallel.gather_from_sequence_parallel_region(
                 out, tensor_parallel_output_grad=False, group=tp_group)
+        out = context_parallel.gather_output(out)
         out = out[1:length - 1].transpose(0, 1)                                   # [B, N, P·C]
         capture("final_layer", out)
         video = unpatchify(out, grid, cfg)

@@ -16,14 +16,36 @@ INIT_METHOD_STD = 0.014
 gelu_tanh = functools.partial(F.gelu, approximate="tanh")
 
 
+def _parallel_state_size(getter_name: str) -> int:
+    from megatron.core import parallel_state
+    if not parallel_state.model_parallel_is_initialized():
+        return 1
+    return getattr(parallel_state, getter_name)()
+
+
 def make_transformer_config(config: DiTConfig, *, tensor_parallel_size: int = 1,
                             sequence_parallel: bool = False,
                             params_dtype: torch.dtype = torch.float32,
-                            perform_initialization: bool = True):
+                            perform_initialization: bool = True,
+                            context_parallel_size: int | None = None,
+                            pipeline_parallel_size: int | None = None):
+    """The megatron config of the layer stack.
+
+    Context- and pipeline-parallel sizes default to megatron's parallel state (1 when it is not
+    initialised), so that a model built after `parallel.setup(..., context_parallel_size=2)`
+    is a context-parallel model without every caller passing the sizes.
+    """
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    if context_parallel_size is None:
+        context_parallel_size = _parallel_state_size("get_context_parallel_world_size")
+    if pipeline_parallel_size is None:
+        pipeline_parallel_size = _parallel_state_size("get_pipeline_model_parallel_world_size")
+    if config.depth % pipeline_parallel_size:
+        raise ValueError(f"DiTConfig.depth {config.depth} is not divisible by the "
+                         f"pipeline-parallel size {pipeline_parallel_size}")
     on_gpu = torch.cuda.is_available()
-    return TransformerConfig(
+    tc = TransformerConfig(
         num_layers=config.depth,
         hidden_size=config.hidden_size,
         num_attention_heads=config.num_heads,
@@ -52,6 +74,14 @@ def make_transformer_config(config: DiTConfig, *, tensor_parallel_size: int = 1,
         rotary_interleaved=True,
         tensor_model_parallel_size=tensor_parallel_size,
         sequence_parallel=sequence_parallel and tensor_parallel_size > 1,
+        context_parallel_size=context_parallel_size,
+        pipeline_model_parallel_size=pipeline_parallel_size,
+        # Stages exchange [S_local, B, C] activations; S depends on each clip's latent size.
+        pipeline_dtype=params_dtype,
+        variable_seq_lengths=True,
+        # No experts; megatron rejects variable_seq_lengths with the default "allgather"
+        # dispatcher whether or not MoE is used.
+        moe_token_dispatcher_type="alltoall",
         params_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
         fp16=params_dtype == torch.float16,
@@ -61,6 +91,11 @@ def make_transformer_config(config: DiTConfig, *, tensor_parallel_size: int = 1,
         # Output projections scaled by depth, as Megatron's default scaled init does.
         output_layer_init_method=_normal_init(INIT_METHOD_STD / math.sqrt(2.0 * config.depth)),
     )
+    # Every pipeline stage holds the conditioning embedders (their parameters are flagged
+    # `pipeline_parallel`); this tells megatron's finalize_model_grads to sum their grads
+    # over the pipeline group. Not a TransformerConfig field, read with getattr by megatron.
+    tc.has_cond_embedder = pipeline_parallel_size > 1
+    return tc
 
 
 def without_sequence_parallel(tc):
@@ -68,6 +103,15 @@ def without_sequence_parallel(tc):
     if not tc.sequence_parallel:
         return tc
     return dataclasses.replace(tc, sequence_parallel=False)
+
+
+def without_context_parallel(tc):
+    """The same config with context parallelism off, for the core attention: the layer gathers
+    the keys/values over the context-parallel group itself, so the kernel sees a plain
+    (queries-local, keys-global) attention. megatron's local DotProductAttention refuses CP>1."""
+    if tc.context_parallel_size == 1:
+        return tc
+    return dataclasses.replace(tc, context_parallel_size=1)
 
 
 def _normal_init(std: float):
