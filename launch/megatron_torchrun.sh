@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Megatron-Core MUG-DiT training on one node (or one node of a manual multi-node run) with torchrun.
+#
+#   CONFIG=configs/mugv_10b.py:video_720 WORKDIR=/ckpt/run1 TP_SIZE=4 SP=1 \
+#       bash launch/megatron_torchrun.sh --config.init_from=/models/dit.pt
+#
+# Variables (defaults in brackets): CONFIG [configs/tiny.py], WORKDIR [runs/megatron],
+# GPUS_PER_NODE [all visible GPUs], NNODES [1], NODE_RANK [0], MASTER_ADDR [127.0.0.1],
+# MASTER_PORT [29500], TP_SIZE [1], SP [0 = off, 1 = sequence parallel], PP_SIZE [1], CP_SIZE [1].
+# Data parallel = world size / TP_SIZE. PP_SIZE and CP_SIZE > 1 are refused by the trainer until
+# they are wired in (docs/megatron_training.md). Extra arguments go to mugv_megatron.train.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+CONFIG=${CONFIG:-configs/tiny.py}
+WORKDIR=${WORKDIR:-runs/megatron}
+GPUS_PER_NODE=${GPUS_PER_NODE:-$(nvidia-smi -L 2>/dev/null | wc -l)}
+GPUS_PER_NODE=$(( GPUS_PER_NODE > 0 ? GPUS_PER_NODE : 1 ))
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
+MASTER_PORT=${MASTER_PORT:-29500}
+TP_SIZE=${TP_SIZE:-1}
+SP=${SP:-0}
+PP_SIZE=${PP_SIZE:-1}
+CP_SIZE=${CP_SIZE:-1}
+PYTHON=${PYTHON:-python}
+
+# Recommended environment of the reference launchers (megatron-trainer.md §6.1).
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
+export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}   # TP/SP comm/compute ordering
+export NVTE_APPLY_QK_LAYER_SCALING=${NVTE_APPLY_QK_LAYER_SCALING:-0}
+export NVTE_ALLOW_NONDETERMINISTIC_ALGO=${NVTE_ALLOW_NONDETERMINISTIC_ALGO:-1}
+export NVTE_FLASH_ATTN=${NVTE_FLASH_ATTN:-0}                           # cuDNN fused attention
+export NVTE_FUSED_ATTN=${NVTE_FUSED_ATTN:-1}
+export TORCH_LOGS=${TORCH_LOGS:-recompiles}
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton-cache-${USER:-$(id -u)}}
+export NCCL_IB_SL=${NCCL_IB_SL:-1}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
+
+SP_FLAG=--nosp
+[[ "$SP" == 1 ]] && SP_FLAG=--sp
+
+# exec (no pipe): torchrun must receive SIGTERM directly to pass it on to the ranks.
+exec torchrun --nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" --node_rank "$NODE_RANK" \
+    --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
+    -m mugv_megatron.train --config="$CONFIG" --workdir="$WORKDIR" \
+    --tp="$TP_SIZE" "$SP_FLAG" --pp="$PP_SIZE" --cp="$CP_SIZE" "$@"

@@ -1,0 +1,183 @@
+"""Optimizer and learning-rate schedule of the Megatron trainer: the JAX trainer's AdamW, exactly.
+
+`mugv_jax.trainer.make_optimizer` is optax `clip_by_global_norm(clip) → adamw(schedule, b1, b2,
+eps, weight_decay)`. Its update k (0-based, counting applied updates only) uses
+lr = schedule(k): linear warmup from 0 over `warmup_steps`, then constant or cosine decay to
+`final_lr_ratio`. Clipping multiplies every gradient by clip/‖g‖ when ‖g‖ ≥ clip (no epsilon,
+unlike torch's clip_grad_norm_), and AdamW's decay is decoupled (applied to every parameter,
+scaled by lr) — torch.optim.AdamW computes the same update.
+
+Two implementations of the step, chosen by `build`:
+  * `TorchAdamW` (CPU, or GPU without the distributed optimizer): torch.optim.AdamW over the
+    model's own float32 parameters (which are the master weights).
+  * `MegatronAdam` (CUDA): megatron.core's DistributedOptimizer (ZeRO-1 over data parallel)
+    over a megatron DistributedDataParallel model whose parameters are float32; compute is
+    bfloat16 through autocast, so the parameters are the fp32 master weights here too.
+Both skip the whole update (moments and count untouched) when the loss or the gradient norm is
+not finite, which is what the JAX trainer's `jnp.where(finite, new, old)` does.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.distributed as dist
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """Field for field `mugv_jax.trainer.OptimConfig` (the `config.optim` section)."""
+    learning_rate: float = 1e-5
+    warmup_steps: int = 100
+    schedule: str = "constant"
+    decay_steps: int = 0
+    final_lr_ratio: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-10
+    weight_decay: float = 0.0
+    clip_norm: float = 1.0
+    ema_decay: float = 0.9999
+    grad_accum_steps: int = 1
+
+    def __post_init__(self):
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"optim.schedule must be 'constant' or 'cosine', got {self.schedule!r}")
+        if self.schedule == "cosine" and self.decay_steps <= 0:
+            raise ValueError("optim.decay_steps must be > 0 for the cosine schedule")
+        if self.grad_accum_steps < 1:
+            raise ValueError(f"optim.grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+
+
+def learning_rate(cfg: OptimConfig, count: int) -> float:
+    """The learning rate of update number `count` (0-based), as optax's joined schedule."""
+    if cfg.warmup_steps > 0 and count < cfg.warmup_steps:
+        return cfg.learning_rate * count / max(cfg.warmup_steps, 1)
+    k = count - max(cfg.warmup_steps, 0)
+    if cfg.schedule == "constant":
+        return cfg.learning_rate
+    k = min(k, cfg.decay_steps)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * k / cfg.decay_steps))
+    return cfg.learning_rate * ((1.0 - cfg.final_lr_ratio) * cosine + cfg.final_lr_ratio)
+
+
+def grad_norm(params, tp_group=None) -> torch.Tensor:
+    """Global L2 norm of the gradients of `params` (this rank's TP shards): TP-split tensors are
+    summed over the TP group, replicated ones counted once."""
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+    device = next(iter(params)).device
+    sq = torch.zeros((), dtype=torch.float64, device=device)
+    for p in params:
+        if p.grad is not None and param_is_not_tensor_parallel_duplicate(p):
+            sq += p.grad.detach().double().square().sum()
+    if tp_group is not None and tp_group.size() > 1:
+        dist.all_reduce(sq, group=tp_group)
+    return sq.sqrt().float()
+
+
+def clip_scale(norm: float, clip: float) -> float:
+    """optax.clip_by_global_norm's factor."""
+    return 1.0 if norm < clip else clip / norm
+
+
+class TorchAdamW:
+    """torch.optim.AdamW over the float32 parameters, with the JAX trainer's clipping and schedule."""
+
+    kind = "torch_adamw"
+
+    def __init__(self, params, cfg: OptimConfig, tp_group=None):
+        self.cfg, self.tp_group = cfg, tp_group
+        self.params = [p for p in params if p.requires_grad]
+        # foreach=False: the per-tensor loop is what the checkpoint-resume test pins bit-exactly.
+        self.opt = torch.optim.AdamW(self.params, lr=0.0, betas=(cfg.b1, cfg.b2), eps=cfg.eps,
+                                     weight_decay=cfg.weight_decay, foreach=False)
+        self.count = 0   # applied updates (optax's schedule count)
+
+    def zero_grad(self):
+        for p in self.params:
+            p.grad = None
+
+    def grad_norm(self) -> torch.Tensor:
+        return grad_norm(self.params, self.tp_group)
+
+    @torch.no_grad()
+    def apply(self, norm: float) -> float:
+        """Clip with the precomputed global norm and take one AdamW step; returns the lr used."""
+        scale = clip_scale(norm, self.cfg.clip_norm)
+        if scale != 1.0:
+            for p in self.params:
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+        lr = learning_rate(self.cfg, self.count)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        self.opt.step()
+        self.count += 1
+        return lr
+
+    def moments(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Adam state of parameter `p` (created zero if no step was taken yet)."""
+        st = self.opt.state[p]
+        if not st:
+            st["step"] = torch.tensor(0.0)
+            st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return {"exp_avg": st["exp_avg"], "exp_avg_sq": st["exp_avg_sq"]}
+
+    def set_count(self, count: int) -> None:
+        self.count = int(count)
+        for p in self.params:
+            self.moments(p)
+            self.opt.state[p]["step"] = torch.tensor(float(count))
+
+
+class MegatronAdam:
+    """megatron.core's (distributed) Adam on a DistributedDataParallel-wrapped float32 model."""
+
+    kind = "megatron_distributed"
+
+    def __init__(self, ddp_model, cfg: OptimConfig, use_distributed_optimizer: bool = True):
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        self.cfg = cfg
+        ocfg = OptimizerConfig(optimizer="adam", lr=cfg.learning_rate, min_lr=0.0,
+                               weight_decay=cfg.weight_decay, adam_beta1=cfg.b1, adam_beta2=cfg.b2,
+                               adam_eps=cfg.eps, clip_grad=cfg.clip_norm, bf16=False, fp16=False,
+                               params_dtype=torch.float32,
+                               use_distributed_optimizer=use_distributed_optimizer)
+        self.model = ddp_model
+        self.opt = get_megatron_optimizer(ocfg, [ddp_model])
+        self.count = 0
+
+    def zero_grad(self):
+        self.model.zero_grad_buffer()
+        self.opt.zero_grad()
+
+    def grad_norm(self) -> torch.Tensor:
+        # Copies the (already DP-reduced) main grads into the optimizer's fp32 shards first.
+        self.opt.prepare_grads()
+        return torch.as_tensor(float(self.opt.get_grad_norm()))
+
+    @torch.no_grad()
+    def apply(self, norm: float) -> float:
+        from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+        lr = learning_rate(self.cfg, self.count)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+            # Megatron exempts biases and norms from decay by default; optax decays everything.
+            group["weight_decay"] = self.cfg.weight_decay
+        scale = clip_scale(norm, self.cfg.clip_norm)
+        if scale != 1.0:
+            # clip_grad_by_total_norm_fp32 scales by max_norm / (norm + 1e-6); pass the max_norm
+            # that makes the factor exactly optax's.
+            clip_grad_by_total_norm_fp32(self.opt.get_parameters(), scale * (norm + 1e-6), norm)
+        self.opt.step_with_ready_grads()
+        self.count += 1
+        return lr
+
+
+def build(model, cfg: OptimConfig, *, use_megatron: bool, tp_group=None):
+    """`MegatronAdam` when asked for (needs a megatron DDP-wrapped model), else `TorchAdamW`."""
+    if use_megatron:
+        return MegatronAdam(model, cfg)
+    return TorchAdamW(model.parameters(), cfg, tp_group)

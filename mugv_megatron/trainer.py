@@ -1,0 +1,191 @@
+"""The Megatron-Core train step: objective, gradient reductions, AdamW, EMA, non-finite skip.
+
+Needs megatron's parallel state (`mugv_megatron.parallel.setup`, or a launcher that
+initialised torch.distributed first). Tensor and sequence parallelism are the model's;
+data parallelism is here: every DP rank takes its slice of the global batch and of one global
+draw of noise/timesteps/masks (`objective.draw` seeded by (seed, step)), so the DP size, like
+gradient accumulation, changes memory and schedule but not the math.
+
+Precision: the model's parameters are float32 and are the master weights; `compute_dtype`
+"bfloat16" runs the forward and backward under `torch.autocast(bfloat16)` (matmuls and
+attention in bf16; the model keeps norms, RoPE, sinusoids and modulation in float32), gradients
+and optimizer state stay float32. We use autocast rather than megatron's Float16Module so that
+the EMA and the checkpoint read the fp32 weights directly on every rank.
+
+Reductions after backward: the data-parallel mean of every gradient (all-reduce on the CPU
+path, megatron DDP's bucketed reduce(-scatter) on GPU), then megatron's own tensor-parallel sum
+for replicated parameters that see sequence-split tokens or are q/k norms
+(`_allreduce_non_tensor_model_parallel_grads`, what `finalize_model_grads` runs).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from mugv.config import DiTConfig
+from mugv_megatron import dit, optim
+from mugv_megatron import objective as obj
+from mugv_megatron.ema import EMA
+
+T_QUARTILES = 4
+
+
+class Trainer:
+    def __init__(self, model_config: DiTConfig, optim_config: optim.OptimConfig,
+                 objective: obj.ObjectiveConfig, *, seed: int = 0, compute_dtype: str = "float32",
+                 sequence_parallel: bool = False, use_megatron_optimizer: bool | None = None,
+                 release_state: dict | None = None, use_te: bool | None = None):
+        from megatron.core import parallel_state as ps
+        if compute_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"compute_dtype must be 'float32' or 'bfloat16', got {compute_dtype!r}")
+        if not ps.model_parallel_is_initialized():
+            raise RuntimeError("megatron parallel state is not initialised: call "
+                               "mugv_megatron.parallel.setup(...) before building the Trainer")
+        self.model_config, self.optim, self.objective = model_config, optim_config, objective
+        self.seed = int(seed)
+        self.bf16 = compute_dtype == "bfloat16"
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+            else torch.device("cpu")
+        self.tp_group = ps.get_tensor_model_parallel_group()
+        self.dp_group = ps.get_data_parallel_group()
+        self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        # Every rank draws the same initial weights (replicated tensors must agree over TP/DP;
+        # megatron cuts TP shards from a full CPU-initialised tensor).
+        torch.manual_seed(self.seed)
+        self.module = dit.build_model(model_config, sequence_parallel=sequence_parallel, use_te=use_te)
+        if release_state is not None:
+            dit.load_release_state(self.module, release_state, source="config.init_from")
+        self.module.train()
+        gen = torch.Generator().manual_seed(self.seed + 1)
+        self.null_text = (torch.randn(model_config.max_text_tokens, model_config.text_dim, generator=gen)
+                          / math.sqrt(model_config.text_dim)).to(self.device)
+        if use_megatron_optimizer is None:
+            use_megatron_optimizer = torch.cuda.is_available()
+        self.model = self.module
+        if use_megatron_optimizer:
+            from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+            ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                                       use_distributed_optimizer=True)
+            self.model = DistributedDataParallel(config=self.module.config, ddp_config=ddp_config,
+                                                 module=self.module)
+        else:
+            from megatron.core.distributed import DistributedDataParallelConfig
+            # megatron's TP grad reduction reads the DDP config of the model it is given.
+            self.module.ddp_config = DistributedDataParallelConfig()
+        self.optimizer = optim.build(self.model, optim_config, use_megatron=use_megatron_optimizer,
+                                     tp_group=self.tp_group)
+        self.ema = EMA(self.module.named_parameters(), optim_config.ema_decay)
+        self.step, self.nonfinite, self.skipped = 0, 0, 0
+
+    # --- counters (checkpointed) --------------------------------------------------------------
+
+    def counters(self) -> dict:
+        # `seed` keys every step's draws (like the JAX state's rng), so it travels with the state.
+        return {"step": self.step, "nonfinite": self.nonfinite, "skipped": self.skipped, "seed": self.seed}
+
+    def set_counters(self, c: dict) -> None:
+        self.step, self.nonfinite, self.skipped = int(c["step"]), int(c["nonfinite"]), int(c["skipped"])
+        self.seed = int(c["seed"])
+
+    # --- pieces -------------------------------------------------------------------------------
+
+    def draws(self, global_shape: tuple[int, ...], step: int | None = None) -> obj.Draws:
+        """The step's random numbers for the global batch, from (seed, step) alone."""
+        step = self.step if step is None else step
+        return obj.draw(np.random.default_rng([self.seed, 2, step]), global_shape, self.objective)
+
+    def forward_loss(self, inputs: dict, target: torch.Tensor):
+        """(loss, per-sample loss) of prepared inputs, under autocast when computing in bf16."""
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            out = self.model(**inputs)
+        pred = out[:, : self.model_config.in_channels].float()
+        return obj.masked_frame_mse(pred, target, inputs["x_mask"])
+
+    def _finalize_grads(self) -> None:
+        from megatron.core.distributed.finalize_model_grads import (
+            _allreduce_non_tensor_model_parallel_grads, finalize_model_grads)
+        if self.optimizer.kind == "megatron_distributed":
+            finalize_model_grads([self.model])
+            return
+        if self.dp_size > 1:
+            grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+            flat = torch._utils._flatten_dense_tensors(grads)
+            dist.all_reduce(flat, group=self.dp_group)
+            flat /= self.dp_size
+            for g, s in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+                g.copy_(s)
+        _allreduce_non_tensor_model_parallel_grads([self.module], self.module.config)
+
+    def loss_and_grads(self, batch: dict, draws: obj.Draws):
+        """Forward + backward of this rank's batch (all micro-batches) and the gradient
+        reductions. Returns (mean loss of the local batch, per-t-quartile sums and counts)."""
+        accum = self.optim.grad_accum_steps
+        b = draws.u.shape[0]
+        if b % accum:
+            raise ValueError(f"batch {b} per data-parallel rank is not divisible by "
+                             f"optim.grad_accum_steps={accum}")
+        mb = b // accum
+        total = torch.zeros((), device=self.device)
+        q_sum = torch.zeros(T_QUARTILES, device=self.device)
+        q_count = torch.zeros(T_QUARTILES, device=self.device)
+        self.optimizer.zero_grad()
+        for i in range(accum):
+            sl = slice(i * mb, (i + 1) * mb)
+            part = {k: v[sl] for k, v in batch.items() if v is not None}
+            inputs, target, t = obj.prepare(part, self.null_text, self.objective,
+                                            draws.slice(sl.start, sl.stop), self.device)
+            loss, per_sample = self.forward_loss(inputs, target)
+            (loss / accum).backward()
+            total += loss.detach() / accum
+            quart = (t / (1000.0 / T_QUARTILES)).long().clamp(0, T_QUARTILES - 1)
+            q_sum.index_add_(0, quart, per_sample.detach())
+            q_count.index_add_(0, quart, torch.ones_like(per_sample))
+        self._finalize_grads()
+        return total, q_sum, q_count
+
+    # --- the step -----------------------------------------------------------------------------
+
+    def local_rows(self, global_batch_size: int) -> slice:
+        if global_batch_size % self.dp_size:
+            raise ValueError(f"global batch {global_batch_size} is not divisible by the "
+                             f"data-parallel size {self.dp_size}")
+        per = global_batch_size // self.dp_size
+        return slice(self.dp_rank * per, (self.dp_rank + 1) * per)
+
+    def train_step(self, batch: dict, *, local: bool = False, draws: obj.Draws | None = None) -> dict:
+        """One optimizer step on a host batch (numpy dict: latents, y, mask, fps[, frame_indice]).
+
+        `batch` is the global batch (every rank passes the same one, e.g. the synthetic source)
+        or, with local=True, this DP rank's slice of it (the shard loader). `draws` (for the
+        global batch) replaces the step's own random numbers: the hook the parity tests use."""
+        b = batch["latents"].shape[0] * (self.dp_size if local else 1)
+        rows = self.local_rows(b)
+        if draws is None:
+            draws = self.draws((b, *batch["latents"].shape[1:]))
+        draws = draws.slice(rows.start, rows.stop)
+        if not local:
+            batch = {k: v[rows] for k, v in batch.items() if v is not None}
+        loss, q_sum, q_count = self.loss_and_grads(batch, draws)
+        if self.dp_size > 1:
+            stats = torch.cat([loss.view(1), q_sum, q_count])
+            dist.all_reduce(stats, group=self.dp_group)
+            loss, q_sum, q_count = stats[0] / self.dp_size, stats[1:5], stats[5:]
+        norm = float(self.optimizer.grad_norm())
+        loss_v = float(loss)
+        finite = math.isfinite(loss_v) and math.isfinite(norm)
+        if finite:
+            lr = self.optimizer.apply(norm)
+            self.ema.update()
+            self.nonfinite = 0
+        else:
+            lr = optim.learning_rate(self.optim, self.optimizer.count)
+            self.nonfinite += 1
+            self.skipped += 1
+        self.optimizer.zero_grad()
+        self.step += 1
+        return {"loss": loss_v, "grad_norm": norm, "learning_rate": lr, "finite": finite,
+                "loss_by_t_quartile": (q_sum / q_count.clamp_min(1)).tolist(),
+                "nonfinite_in_a_row": self.nonfinite}
