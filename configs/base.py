@@ -7,6 +7,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = "tiny"                 # mugv.config.PRESETS
     c.model_overrides = ml_collections.ConfigDict()  # DiTConfig field overrides
     c.init_from = ""                 # release file (.pt/.safetensors) or jax:DIR[@STEP] ("" = random init)
+    # Which weights of a jax: init_from to start from: "raw" params or the online "ema" (the
+    # curriculum stages hand over the EMA; docs/training_recipe.md).
+    c.init_weights = "raw"
+    c.mode = "pretrain"              # "pretrain" | "preference" (mugv_jax/preference.py)
     c.seed = 0
     c.num_steps = 100
     c.compute_dtype = "float32"      # "bfloat16" for real runs
@@ -36,6 +40,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.text_len = 8
     c.data.num_prompts = 4
     c.data.fps = 24.0
+    # Image:video mixing (curriculum stage 1): a second child loader of single-frame buckets drawn
+    # with probability image_fraction, annealed linearly from image_fraction_start to
+    # image_fraction_end over anneal_steps (mugv_data.loader.MixedLoader). Off while
+    # image_fraction_start and image_fraction_end are 0.
+    c.data.mix = ml_collections.ConfigDict(dict(
+        image_buckets=(), image_path="", image_fraction_start=0.0, image_fraction_end=0.0,
+        anneal_steps=0))
 
     c.log_every = 10
     c.checkpoint_every = 100
@@ -46,4 +57,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Latents sampled from the EMA for the first `count` captions of the first batch, written to
     # <workdir>/samples/ every `every` steps (0 = off) and at the end.
     c.sample = ml_collections.ConfigDict(dict(every=0, count=2, steps=10, cfg_scale=2.0))
+    # Held-out loss at fixed timesteps with fixed noise every `every` steps (0 = off) and at the
+    # end (mugv_jax/validation.py).
+    c.validation = ml_collections.ConfigDict(dict(
+        every=0, num_batches=2, t_values=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9), seed=1234,
+        weights="ema", path=""))
     return c

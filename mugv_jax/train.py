@@ -25,6 +25,7 @@ from mugv.config import DiTConfig, get_config
 from mugv.geometry import num_video_tokens
 from mugv_jax import checkpointing, data as data_lib, mesh as mesh_lib, objective as obj
 from mugv_jax import trainer as trainer_lib
+from mugv_jax import validation
 from mugv_jax.dit.model import RuntimeOptions
 from mugv_jax.metrics import MetricsWriter
 
@@ -53,8 +54,12 @@ def build_iterator(config, model_cfg: DiTConfig):
     latents/y/mask/fps), `get_state()`/`set_state()` make its position part of a checkpoint.
 
     `synthetic` yields the global batch on every process; `shards` (array_record shards written by
-    `python -m mugv_data prepare`) yields this process's slice (`returns_local`)."""
+    `python -m mugv_data prepare`) yields this process's slice (`returns_local`).
+    With config.data.mix on, images and video are mixed by an annealed ratio (MixedLoader)."""
     d = config.data
+    mix = d.get("mix")
+    if mix is not None and (float(mix.image_fraction_start) > 0 or float(mix.image_fraction_end) > 0):
+        return _image_video_iterator(config, model_cfg)
     if d.source != "shards":
         return data_lib.DataIterator(build_source(config, model_cfg))
     from mugv_data.loader import ShardLoader
@@ -69,6 +74,45 @@ def build_iterator(config, model_cfg: DiTConfig):
                          f"{model_cfg.text_dim} (set config.model_overrides.text_dim)")
     loader.returns_local = True
     return loader
+
+
+def image_fraction(step: int, start: float, end: float, anneal_steps: int) -> float:
+    """Linear anneal of the image share from `start` to `end` over `anneal_steps`, then constant."""
+    if anneal_steps <= 0:
+        return float(end)
+    return float(start + (end - start) * min(max(step, 0), anneal_steps) / anneal_steps)
+
+
+def _image_video_iterator(config, model_cfg: DiTConfig):
+    """MixedLoader over [images, video]: the image child is the data config with the image buckets
+    (synthetic) or image dataset (shards); weights follow `image_fraction(step)`."""
+    from mugv_data.loader import MixedLoader
+    mix = config.data.mix
+    for name in ("image_fraction_start", "image_fraction_end"):
+        if not 0.0 <= float(mix[name]) <= 1.0:
+            raise ValueError(f"config.data.mix.{name} must be in [0, 1], got {mix[name]}")
+    video_cfg = config.copy_and_resolve_references()
+    video_cfg.data.mix.image_fraction_start = video_cfg.data.mix.image_fraction_end = 0.0
+    image_cfg = video_cfg.copy_and_resolve_references()
+    if config.data.source == "shards":
+        if not mix.image_path:
+            raise ValueError("config.data.mix.image_path must name the prepared image dataset")
+        image_cfg.data.path = mix.image_path
+    else:
+        if not mix.image_buckets:
+            raise ValueError("config.data.mix.image_buckets must list (1, h, w, batch) image buckets")
+        bad = [b for b in mix.image_buckets if int(b[0]) != 1]
+        if bad:
+            raise ValueError(f"config.data.mix.image_buckets must have 1 latent frame, got {bad}")
+        image_cfg.data.buckets = tuple(tuple(b) for b in mix.image_buckets)
+    start, end, steps = float(mix.image_fraction_start), float(mix.image_fraction_end), int(mix.anneal_steps)
+
+    def weights(step):
+        f = image_fraction(step, start, end, steps)
+        return (f, 1.0 - f)
+
+    return MixedLoader([build_iterator(image_cfg, model_cfg), build_iterator(video_cfg, model_cfg)],
+                       weights, seed=int(config.seed))
 
 
 def build_source(config, model_cfg: DiTConfig):
@@ -130,6 +174,11 @@ def _local_batch(batch: dict, already_local: bool) -> dict:
 
 def train(config, workdir: str) -> dict:
     """Run (or resume) training; returns a summary {step, loss, skipped, stopped_by}."""
+    if config.get("mode", "pretrain") == "preference":
+        from mugv_jax import preference
+        return preference.train_preference(config, workdir)
+    if config.get("mode", "pretrain") != "pretrain":
+        raise ValueError(f"config.mode must be 'pretrain' or 'preference', got {config.mode!r}")
     model_cfg = model_config_from(config)
     options = RuntimeOptions(compute_dtype=config.compute_dtype, attention=config.attention, remat=config.remat)
     optim = _dataclass_from(trainer_lib.OptimConfig, config.optim)
@@ -155,7 +204,11 @@ def train(config, workdir: str) -> dict:
         it.set_state(data_state)
         log.info("resumed from %s at step %d", ckpt.directory, step0)
     else:
-        params = _init_params_from(config.init_from, model_cfg) if config.init_from else None
+        params = (_init_params_from(config.init_from, model_cfg, config.get("init_weights", "raw"))
+                  if config.init_from else None)
+        if config.init_from:
+            log.info("initialised from %s (%s weights) with a fresh optimizer", config.init_from,
+                     config.get("init_weights", "raw"))
         state = trainer.init_state(int(config.seed), params)
     step = int(jax.device_get(state["step"]))
 
@@ -170,12 +223,26 @@ def train(config, workdir: str) -> dict:
         ckpt.save(step, state, it.get_state(), {**resolved, "model": model_cfg.to_dict()}, force=force)
 
     sample_every = int(config.sample.every)
+    validator = validation.from_config(config, trainer)
+    val_every = int(config.validation.every) if validator is not None else 0
+    val_weights = str(config.validation.get("weights", "ema")) if validator is not None else "ema"
+    if val_weights not in ("ema", "raw"):
+        raise ValueError(f"config.validation.weights must be 'ema' or 'raw', got {val_weights!r}")
+
+    def validate():
+        vals = validator.evaluate(state["params" if val_weights == "raw" else "ema"])
+        writer.write(step, vals)
+        log.info("step %d: validation loss %.5f (%s weights)", step, vals["val/loss"], val_weights)
+        return vals
+
     captions = None
     total = int(config.num_steps)
     summary = {"step": step, "loss": None, "skipped": 0, "stopped_by": "num_steps"}
     window_t, window_steps = time.perf_counter(), 0
     profiling = False
     try:
+        if validator is not None and restored is None:
+            validate()  # the starting point of the curve
         while step < total:
             if config.profile.start_step >= 0 and step == config.profile.start_step and is_main:
                 jax.profiler.start_trace(os.path.join(workdir, "profile"))
@@ -231,6 +298,8 @@ def train(config, workdir: str) -> dict:
                 break
             if step % int(config.checkpoint_every) == 0 or step == total:
                 save()
+            if val_every > 0 and (step % val_every == 0 or step == total):
+                summary["validation"] = validate()
             if sample_every > 0 and (step % sample_every == 0 or step == total) and is_main:
                 path = _write_samples(state, captions, config, model_cfg, options, workdir, step)
                 log.info("step %d: wrote samples %s", step, path)
@@ -250,8 +319,9 @@ def train(config, workdir: str) -> dict:
 def main(argv):
     from absl import flags
     FLAGS = flags.FLAGS
-    if FLAGS.distributed:
-        jax.distributed.initialize()
+    if FLAGS.distributed or FLAGS.coordinator_address:
+        from mugv_jax import distributed
+        distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     summary = train(FLAGS.config, FLAGS.workdir)
@@ -265,7 +335,12 @@ def _define_flags():
     config_flags.DEFINE_config_file("config", None, "training config file (configs/*.py[:arg])",
                                     lock_config=True)
     flags.DEFINE_string("workdir", None, "checkpoints, logs and samples go here")
-    flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-host)")
+    flags.DEFINE_bool("distributed", False, "multi-host: call jax.distributed.initialize(); with no "
+                      "other flag JAX detects the cluster (TPU pod, Slurm srun)")
+    flags.DEFINE_string("coordinator_address", None, "multi-host: host:port of process 0 "
+                        "(or MUGV_COORDINATOR_ADDRESS); implies --distributed")
+    flags.DEFINE_integer("num_processes", None, "multi-host: number of processes (or MUGV_NUM_PROCESSES)")
+    flags.DEFINE_integer("process_id", None, "multi-host: this process's index (or MUGV_PROCESS_ID)")
     flags.mark_flags_as_required(["config", "workdir"])
 
 
