@@ -3,8 +3,9 @@
 Layout (the converters' `megatron:` reader reads the weights out of it):
   <workdir>/checkpoints/latest_checkpointed_iteration.txt      the newest complete step
   <workdir>/checkpoints/iter_XXXXXXX/{.metadata, *.distcp, common.pt, metadata.json}
-Sharded entries (global, un-split shapes; TP shards and DP replicas are resolved by
-dist_checkpointing, so a checkpoint loads under any TP size):
+Sharded entries (global, un-split shapes; TP shards, pipeline stages and DP/CP replicas are
+resolved by dist_checkpointing, so a checkpoint loads under any TP and PP size: a stage writes its
+layers at their global index, the embedders every stage holds are written by the first stage):
   <megatron name>                            model weights (fp32 master weights), non-layer tensors
   decoder.layers.<suffix>                    layer weights stacked [depth, …]
   optimizer.state.exp_avg.<key>              Adam first moment, per weight (same key as above)
@@ -55,34 +56,56 @@ def iter_dir(directory: str, step: int) -> str:
 
 def _parallel():
     from megatron.core import parallel_state as ps
+    # Context-parallel ranks hold replicas of everything, like data-parallel ones.
     return (ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size(),
-            ps.get_data_parallel_rank())
+            ps.get_data_parallel_rank(with_context_parallel=True),
+            ps.get_pipeline_model_parallel_rank())
 
 
-def sharded_tensor(name: str, tensor: torch.Tensor, depth: int, prefix: str = ""):
+def stage_replicated(name: str) -> bool:
+    """Held by every pipeline stage (the embedders and special tokens): only the first stage's
+    copy is the main replica. Layers are split over the stages, the final layer is on the last."""
+    return not name.startswith((layout.LAYER_PREFIX, "final_layer."))
+
+
+def sharded_tensor(name: str, tensor: torch.Tensor, depth: int, prefix: str = "",
+                   layer_offset: int = 0):
     """The ShardedTensor of this rank's shard of Megatron tensor `name` (TP split by the
-    converters' rule; layers stacked along a prepended axis; `data` is `tensor` itself, which is
-    how megatron's optimizer finds the parameter behind a key)."""
+    converters' rule; layers stacked along a prepended axis at their global index, the stage's
+    `layer_offset` plus the local one, so a checkpoint loads under any PP size; `data` is `tensor`
+    itself, which is how megatron's optimizer finds the parameter behind a key)."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
-    tp_rank, tp, dp_rank = _parallel()
+    tp_rank, tp, dp_rank, pp_rank = _parallel()
     m = _LAYER.match(name)
     offsets, prepend = [], 0
     key = name
     if m:
         key, prepend = layout.LAYER_PREFIX + m.group(2), 1
-        offsets.append((0, int(m.group(1)), depth))
+        index = layer_offset + int(m.group(1))
+        if not 0 <= index < depth:
+            raise ValueError(f"{name}: layer {index} (offset {layer_offset}) outside the model's "
+                             f"{depth} layers")
+        offsets.append((0, index, depth))
     rule = layout.tp_split_rule(name)
     if rule != "replicated" and tp > 1:
         offsets.append(((0 if rule == "column" else 1) + prepend, tp_rank, tp))
-    replica = (tp_rank if rule == "replicated" else 0, dp_rank)
+    replica = (tp_rank if rule == "replicated" else 0,
+               pp_rank if stage_replicated(name) else 0, dp_rank)
     return ShardedTensor.from_rank_offsets(prefix + key, tensor, *offsets, replica_id=replica,
                                            prepend_axis_num=prepend)
+
+
+def layer_offset(model) -> int:
+    """Global index of the stage's first layer (0 without pipeline parallelism)."""
+    return int(getattr(model.decoder, "layer_offset", 0))
 
 
 def model_sharded_state_dict(model, depth: int, keep_vars: bool = False) -> dict:
     """keep_vars: the Parameter objects themselves as data (megatron's optimizer maps its state
     to keys through their identity), else their plain tensors (loaded in place)."""
-    return {n: sharded_tensor(n, p if keep_vars else p.data, depth) for n, p in model.named_parameters()}
+    off = layer_offset(model)
+    return {n: sharded_tensor(n, p if keep_vars else p.data, depth, layer_offset=off)
+            for n, p in model.named_parameters()}
 
 
 def _state_dict(trainer, *, loading: bool) -> dict:
@@ -90,20 +113,22 @@ def _state_dict(trainer, *, loading: bool) -> dict:
     are fresh copies, so that a checkpoint failing half-way leaves the trainer untouched."""
     from megatron.core.dist_checkpointing.mapping import ShardedObject
     depth = trainer.model_config.depth
+    off = layer_offset(trainer.module)
     opt = trainer.optimizer
     fresh = (lambda t: t.detach().clone()) if loading and opt.kind == "torch_adamw" else (lambda t: t)
     if opt.kind == "torch_adamw":
-        model_sd = {n: sharded_tensor(n, fresh(p.data), depth) for n, p in trainer.module.named_parameters()}
+        model_sd = {n: sharded_tensor(n, fresh(p.data), depth, layer_offset=off)
+                    for n, p in trainer.module.named_parameters()}
     else:
         model_sd = model_sharded_state_dict(trainer.module, depth, keep_vars=True)
     sd: dict = {"model": model_sd}
-    sd["ema"] = {n: sharded_tensor(n, fresh(t), depth, "optimizer.state.exp_moving_avg.")
+    sd["ema"] = {n: sharded_tensor(n, fresh(t), depth, "optimizer.state.exp_moving_avg.", off)
                  for n, t in trainer.ema.shadow.items()}
     if opt.kind == "torch_adamw":
         moments = {}
         for n, p in trainer.module.named_parameters():
             for kind, t in opt.moments(p).items():
-                moments[f"{kind}.{n}"] = sharded_tensor(n, fresh(t), depth, f"optimizer.state.{kind}.")
+                moments[f"{kind}.{n}"] = sharded_tensor(n, fresh(t), depth, f"optimizer.state.{kind}.", off)
         sd["optimizer"] = moments
     else:
         sd["optimizer"] = opt.opt.sharded_state_dict(

@@ -111,7 +111,9 @@ def _sequential_schedule(model, micro_batches, loss_fn, forward_only: bool) -> l
                 losses.append(loss.detach().float())
                 output = loss * scale
             else:
-                dist.send(output.detach().contiguous(), dst=next_rank)
+                # Under bf16 autocast the stage output is bf16; the wire carries the
+                # params dtype both ways, which the receiver allocates without a handshake.
+                dist.send(output.detach().to(dtype).contiguous(), dst=next_rank)
             saved.append((received, output))
     module.set_input_tensor(None)
     if forward_only:
@@ -120,9 +122,9 @@ def _sequential_schedule(model, micro_batches, loss_fn, forward_only: bool) -> l
         if last:
             output.backward()
         else:
-            grad = torch.empty_like(output)
+            grad = torch.empty(output.shape, dtype=dtype, device=device)
             dist.recv(grad, src=next_rank)
-            output.backward(grad)
+            output.backward(grad.to(output.dtype))
         if not first:
             dist.send(received.grad.contiguous(), dst=prev_rank)
     return losses

@@ -64,18 +64,18 @@ def megatron_options(config, overrides: dict | None = None) -> dict:
     opts = dict(_configs_megatron().megatron_section())
     opts.update(dict(config.get("megatron", {}) or {}))
     opts.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    if int(opts["pp"]) > 1 or int(opts["cp"]) > 1:
-        raise NotImplementedError(
-            f"pipeline parallel (pp={opts['pp']}) and context parallel (cp={opts['cp']}) are not "
-            f"wired into the Megatron trainer yet; use tp/sp and data parallelism")
+    for key in ("tp", "pp", "cp"):
+        if int(opts[key]) < 1:
+            raise ValueError(f"config.megatron.{key} must be >= 1, got {opts[key]}")
     if opts["sp"] and int(opts["tp"]) < 2:
         raise ValueError("config.megatron.sp (sequence parallel) needs config.megatron.tp >= 2")
     return opts
 
 
-def init_distributed(tp: int) -> None:
+def init_distributed(tp: int, cp: int = 1, pp: int = 1) -> None:
     """torch.distributed from torchrun's environment (or a one-process world), then megatron's
-    parallel state with tensor-parallel size `tp` (data parallel = world / tp)."""
+    parallel state with tensor-, context- and pipeline-parallel sizes `tp`, `cp`, `pp`
+    (data parallel = world / (tp·cp·pp))."""
     if not dist.is_initialized() and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
         on_gpu = torch.cuda.is_available()
         if on_gpu:
@@ -83,9 +83,11 @@ def init_distributed(tp: int) -> None:
         dist.init_process_group("nccl" if on_gpu else "gloo", init_method="env://",
                                 timeout=datetime.timedelta(minutes=30))
     world = dist.get_world_size() if dist.is_initialized() else 1
-    if world % tp:
-        raise ValueError(f"world size {world} is not divisible by config.megatron.tp={tp}")
-    parallel.setup(tp, rank=dist.get_rank() if dist.is_initialized() else 0, world_size=world)
+    if world % (tp * cp * pp):
+        raise ValueError(f"world size {world} is not divisible by config.megatron.tp={tp} × "
+                         f"cp={cp} × pp={pp}")
+    parallel.setup(tp, rank=dist.get_rank() if dist.is_initialized() else 0, world_size=world,
+                   context_parallel_size=cp, pipeline_parallel_size=pp)
 
 
 def build_iterator(config, model_cfg: DiTConfig, dp_rank: int, dp_size: int):
@@ -135,7 +137,10 @@ def train(config, workdir: str, overrides: dict | None = None) -> dict:
     model_cfg = model_config_from(config)
     optim_cfg = _dataclass_from(optim.OptimConfig, config.optim)
     objective = _dataclass_from(obj.ObjectiveConfig, config.objective)
-    init_distributed(int(opts["tp"]))
+    if model_cfg.depth % int(opts["pp"]):
+        raise ValueError(f"config.megatron.pp={opts['pp']} does not divide the model's "
+                         f"{model_cfg.depth} layers")
+    init_distributed(int(opts["tp"]), int(opts["cp"]), int(opts["pp"]))
     rank = dist.get_rank()
     is_main = rank == 0
     if int(config.sample.every) > 0 and is_main:
@@ -161,10 +166,10 @@ def train(config, workdir: str, overrides: dict | None = None) -> dict:
     meta = checkpointing.restore_latest(ckpt_dir, trainer) if has_ckpt else None
     if meta is None and has_ckpt and config.init_from:
         # Every checkpoint was unreadable: start as a fresh run would, from init_from.
-        from mugv_megatron import dit
+        from mugv_megatron import pipeline
         from mugv_megatron.ema import EMA
-        dit.load_release_state(trainer.module, _release_state(config.init_from, model_cfg),
-                               source=config.init_from)
+        pipeline.load_release_state(trainer.module, _release_state(config.init_from, model_cfg),
+                                    source=config.init_from)
         trainer.ema = EMA(trainer.module.named_parameters(), optim_cfg.ema_decay)
     if meta is not None:
         it.set_state(meta["data"])
@@ -172,8 +177,9 @@ def train(config, workdir: str, overrides: dict | None = None) -> dict:
             log.info("resumed from %s at step %d", ckpt_dir, trainer.step)
     tp = ps.get_tensor_model_parallel_world_size()
     if is_main:
-        log.info("Megatron-Core: world %d = TP %d x DP %d%s; model %s (%d layers, hidden %d); optimizer %s",
-                 dist.get_world_size(), tp, dp_size, " + SP" if opts["sp"] else "", config.model,
+        log.info("Megatron-Core: world %d = TP %d x CP %d x PP %d x DP %d%s; model %s (%d layers, "
+                 "hidden %d); optimizer %s", dist.get_world_size(), tp, trainer.cp_size,
+                 trainer.pp_size, dp_size, " + SP" if opts["sp"] else "", config.model,
                  model_cfg.depth, model_cfg.hidden_size, trainer.optimizer.kind)
 
     writer = MetricsWriter(os.path.join(workdir, "tensorboard"), enabled=is_main)
@@ -269,8 +275,9 @@ def _define_flags():
                                     lock_config=True)
     flags.DEFINE_string("workdir", None, "checkpoints, logs and config.json go here")
     flags.DEFINE_integer("tp", None, "tensor-parallel size (overrides config.megatron.tp)")
-    flags.DEFINE_integer("pp", None, "pipeline-parallel size (only 1 is supported by the trainer yet)")
-    flags.DEFINE_integer("cp", None, "context-parallel size (only 1 is supported by the trainer yet)")
+    flags.DEFINE_integer("pp", None, "pipeline-parallel size (overrides config.megatron.pp; must "
+                         "divide the depth)")
+    flags.DEFINE_integer("cp", None, "context-parallel size (overrides config.megatron.cp)")
     flags.DEFINE_bool("sp", None, "sequence parallel (overrides config.megatron.sp)")
     flags.DEFINE_bool("distributed_optimizer", None, "megatron DistributedOptimizer on CUDA "
                       "(overrides config.megatron.distributed_optimizer; torch AdamW otherwise)")

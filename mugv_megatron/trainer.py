@@ -16,6 +16,20 @@ Reductions after backward: the data-parallel mean of every gradient (all-reduce 
 path, megatron DDP's bucketed reduce(-scatter) on GPU), then megatron's own tensor-parallel sum
 for replicated parameters that see sequence-split tokens or are q/k norms
 (`_allreduce_non_tensor_model_parallel_grads`, what `finalize_model_grads` runs).
+
+Context and pipeline parallelism (CP > 1 or PP > 1) run the step through
+`mugv_megatron.pipeline`: the stage is wrapped in megatron's DDP (`pipeline.wrap_ddp`),
+gradient-accumulation micro-batches become the schedule's micro-batches, and
+`pipeline.forward_backward` scales each loss by CP / micro-batches and runs megatron's
+`finalize_model_grads` (mean over DP×CP, which with the CP factor is the CP sum; the replicated
+embedders summed over the pipeline stages; SP/q-k-norm grads summed over TP). The loss is
+computed on the last stage and broadcast over the pipeline group. The global gradient norm counts
+each TP shard once and each replicated embedder once (on the first stage; the other stages' copies
+are flagged `shared`, which megatron's own norm also skips) and is summed over TP × PP; grads are
+already identical over DP and CP. Whether a step is finite is agreed over the whole world, so no
+rank updates while another skips. EMA and optimizer state are per stage (each rank's own
+parameters). A stage's initial weights are drawn with the seed offset by the pipeline rank (so the
+stages' layers differ), then the replicated embedders are broadcast from the first stage.
 """
 from __future__ import annotations
 
@@ -26,7 +40,7 @@ import torch
 import torch.distributed as dist
 
 from mugv.config import DiTConfig
-from mugv_megatron import dit, optim
+from mugv_megatron import dit, optim, pipeline
 from mugv_megatron import objective as obj
 from mugv_megatron.ema import EMA
 
@@ -52,12 +66,22 @@ class Trainer:
         self.tp_group = ps.get_tensor_model_parallel_group()
         self.dp_group = ps.get_data_parallel_group()
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-        # Every rank draws the same initial weights (replicated tensors must agree over TP/DP;
-        # megatron cuts TP shards from a full CPU-initialised tensor).
-        torch.manual_seed(self.seed)
+        self.pp_size = ps.get_pipeline_model_parallel_world_size()
+        self.pp_rank = ps.get_pipeline_model_parallel_rank()
+        self.cp_size = ps.get_context_parallel_world_size()
+        # CP or PP: the step runs through megatron's DDP and mugv_megatron.pipeline.
+        self.staged = self.pp_size > 1 or self.cp_size > 1
+        # Every rank of a stage draws the same initial weights (replicated tensors must agree
+        # over TP/CP/DP; megatron cuts TP shards from a full CPU-initialised tensor).
+        torch.manual_seed(self.seed + self.pp_rank)
         self.module = dit.build_model(model_config, sequence_parallel=sequence_parallel, use_te=use_te)
+        if self.pp_size > 1:
+            self._sync_replicated_embedders()
         if release_state is not None:
-            dit.load_release_state(self.module, release_state, source="config.init_from")
+            if self.pp_size > 1:
+                pipeline.load_release_state(self.module, release_state, source="config.init_from")
+            else:
+                dit.load_release_state(self.module, release_state, source="config.init_from")
         self.module.train()
         gen = torch.Generator().manual_seed(self.seed + 1)
         self.null_text = (torch.randn(model_config.max_text_tokens, model_config.text_dim, generator=gen)
@@ -65,7 +89,9 @@ class Trainer:
         if use_megatron_optimizer is None:
             use_megatron_optimizer = torch.cuda.is_available()
         self.model = self.module
-        if use_megatron_optimizer:
+        if self.staged and not use_megatron_optimizer:
+            self.model = pipeline.wrap_ddp(self.module)
+        elif use_megatron_optimizer:
             from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
             ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                        use_distributed_optimizer=True)
@@ -75,10 +101,23 @@ class Trainer:
             from megatron.core.distributed import DistributedDataParallelConfig
             # megatron's TP grad reduction reads the DDP config of the model it is given.
             self.module.ddp_config = DistributedDataParallelConfig()
-        self.optimizer = optim.build(self.model, optim_config, use_megatron=use_megatron_optimizer,
-                                     tp_group=self.tp_group)
+        self.optimizer = optim.build(self.model if use_megatron_optimizer else self.module, optim_config,
+                                     use_megatron=use_megatron_optimizer, tp_group=self.tp_group)
         self.ema = EMA(self.module.named_parameters(), optim_config.ema_decay)
         self.step, self.nonfinite, self.skipped = 0, 0, 0
+
+    def _sync_replicated_embedders(self) -> None:
+        """Every stage holds the embedders: give them the first stage's initial values, and flag
+        the later stages' copies `shared` so that no gradient norm counts them twice."""
+        from megatron.core import parallel_state as ps
+        group = ps.get_pipeline_model_parallel_group()
+        src = ps.get_pipeline_model_parallel_first_rank()
+        with torch.no_grad():
+            for p in self.module.parameters():
+                if getattr(p, "pipeline_parallel", False):
+                    dist.broadcast(p.data, src=src, group=group)
+                    if self.pp_rank > 0:
+                        p.shared = True
 
     # --- counters (checkpointed) --------------------------------------------------------------
 
@@ -128,6 +167,8 @@ class Trainer:
             raise ValueError(f"batch {b} per data-parallel rank is not divisible by "
                              f"optim.grad_accum_steps={accum}")
         mb = b // accum
+        if self.staged:
+            return self._staged_loss_and_grads(batch, draws, accum, mb)
         total = torch.zeros((), device=self.device)
         q_sum = torch.zeros(T_QUARTILES, device=self.device)
         q_count = torch.zeros(T_QUARTILES, device=self.device)
@@ -145,6 +186,58 @@ class Trainer:
             q_count.index_add_(0, quart, torch.ones_like(per_sample))
         self._finalize_grads()
         return total, q_sum, q_count
+
+    def _staged_loss_and_grads(self, batch: dict, draws: obj.Draws, accum: int, mb: int):
+        """The CP/PP path: micro-batches through `pipeline.forward_backward`; the grads (reduced
+        by megatron's finalize_model_grads into `main_grad`) become `p.grad` for the optimizer."""
+        from megatron.core import parallel_state as ps
+        q_sum = torch.zeros(T_QUARTILES, device=self.device)
+        q_count = torch.zeros(T_QUARTILES, device=self.device)
+        self.optimizer.zero_grad()
+        if hasattr(self.model, "zero_grad_buffer"):
+            self.model.zero_grad_buffer()
+        micro = []
+        for i in range(accum):
+            sl = slice(i * mb, (i + 1) * mb)
+            part = {k: v[sl] for k, v in batch.items() if v is not None}
+            inputs, target, t = obj.prepare(part, self.null_text, self.objective,
+                                            draws.slice(sl.start, sl.stop), self.device)
+            micro.append({**{k: v for k, v in inputs.items() if v is not None}, "target": target, "t": t})
+        c = self.model_config.in_channels
+
+        def loss_fn(output, m):
+            loss, per_sample = obj.masked_frame_mse(output[:, :c].float(), m["target"], m["x_mask"])
+            quart = (m["t"] / (1000.0 / T_QUARTILES)).long().clamp(0, T_QUARTILES - 1)
+            q_sum.index_add_(0, quart, per_sample.detach())
+            q_count.index_add_(0, quart, torch.ones_like(per_sample))
+            return loss
+
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            loss = pipeline.forward_backward(self.model, micro, loss_fn)
+        if self.pp_size > 1:
+            # Only the last stage saw the per-sample losses.
+            stats = torch.cat([q_sum, q_count])
+            dist.broadcast(stats, src=ps.get_pipeline_model_parallel_last_rank(),
+                           group=ps.get_pipeline_model_parallel_group())
+            q_sum, q_count = stats[:T_QUARTILES], stats[T_QUARTILES:]
+        if self.optimizer.kind == "torch_adamw":
+            for p in self.module.parameters():
+                p.grad = p.main_grad
+        return loss, q_sum, q_count
+
+    def grad_norm(self) -> float:
+        """Global gradient norm over every parameter of the model, whatever the layout."""
+        if not self.staged or self.optimizer.kind != "torch_adamw":
+            return float(self.optimizer.grad_norm())
+        from megatron.core import parallel_state as ps
+        from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+        from megatron.core.transformer.module import param_is_not_shared
+        sq = torch.zeros((), dtype=torch.float64, device=self.device)
+        for p in self.module.parameters():
+            if p.grad is not None and param_is_not_shared(p) and param_is_not_tensor_parallel_duplicate(p):
+                sq += p.grad.detach().double().square().sum()
+        dist.all_reduce(sq, group=ps.get_model_parallel_group())   # TP × PP
+        return float(sq.sqrt().float())
 
     # --- the step -----------------------------------------------------------------------------
 
@@ -173,9 +266,14 @@ class Trainer:
             stats = torch.cat([loss.view(1), q_sum, q_count])
             dist.all_reduce(stats, group=self.dp_group)
             loss, q_sum, q_count = stats[0] / self.dp_size, stats[1:5], stats[5:]
-        norm = float(self.optimizer.grad_norm())
+        norm = self.grad_norm()
         loss_v = float(loss)
         finite = math.isfinite(loss_v) and math.isfinite(norm)
+        if dist.get_world_size() > 1:
+            # Every rank must take the same decision, or stages/replicas would drift apart.
+            flag = torch.tensor([1 if finite else 0], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            finite = bool(int(flag))
         if finite:
             lr = self.optimizer.apply(norm)
             self.ema.update()

@@ -448,3 +448,37 @@ def test_a_killed_conversion_leaves_nothing_that_looks_complete(tmp_path):
     names = os.listdir(tmp_path)
     assert "out.pt" not in names
     assert names and all(n.startswith(".out.pt.partial-") for n in names)
+
+
+# ---------------------------------------------------------------------------------------------
+# The Megatron trainer's EMA (optimizer.state.exp_moving_avg.<name>)
+
+
+def test_megatron_training_checkpoint_reads_params_or_ema(tmp_path):
+    """weights="ema" reads the EMA the Megatron trainer stores next to its weights (stacked
+    layers included), weights="raw" the weights; a checkpoint without an EMA is refused."""
+    from converters.formats.megatron import TorchDistReader
+    from mugv_megatron import checkpointing, optim, parallel
+    from mugv_megatron import objective as mobj
+    from mugv_megatron.trainer import Trainer
+    parallel.setup(1)
+    tr = Trainer(TINY, optim.OptimConfig(), mobj.ObjectiveConfig(), seed=3, use_megatron_optimizer=False)
+    with torch.no_grad():
+        for i, t in enumerate(tr.ema.shadow.values()):
+            # Distinct from the weights everywhere, so reading the wrong set cannot pass.
+            t.mul_(0.5).add_(1.0 + i)
+    ckdir = str(tmp_path / "checkpoints")
+    checkpointing.save(ckdir, tr, {"position": 0})
+    for weights, tensors in (("raw", dict(tr.module.named_parameters())), ("ema", tr.ema.shadow)):
+        want = mlayout.megatron_state_to_release({n: t.detach().numpy() for n, t in tensors.items()}, TINY)
+        reader = TorchDistReader(ckdir, weights=weights)
+        got = dict(reader.items())
+        assert set(got) == set(want), set(got) ^ set(want)
+        for name, value in want.items():
+            assert np.array_equal(got[name], np.asarray(value)), (weights, name)
+        assert reader.describe()["weights"] == weights
+    assert "decoder.layers.mlp.linear_fc1.weight" in TorchDistReader(ckdir, weights="ema").skipped
+    convert(DIT_WEIGHTS, f"megatron:{tmp_path}/plain")
+    with pytest.raises(ValueError, match=r"plain/iter_0000001: --weights ema needs a Megatron "
+                                         r"training checkpoint with an EMA"):
+        TorchDistReader(str(tmp_path / "plain"), weights="ema")

@@ -1,7 +1,8 @@
 """The Megatron-Core trainer: schedule, objective, exact resume, torch_dist layout, NaN skip, CLI.
 
 Runs at TP=1 in this process (megatron's one-process gloo world) on the tiny model; the
-TP=2 trainer step is checked in tests/test_cross_backend_training.py.
+TP=2 trainer step is checked in tests/test_cross_backend_training.py, PP=2 and CP=2 in
+tests/test_megatron_trainer_pp_cp.py.
 """
 import json
 import math
@@ -209,14 +210,23 @@ def test_run_stops_after_the_nonfinite_limit(tmp_path, monkeypatch):
         train.train(config, str(tmp_path / "run"))
 
 
-def test_pipeline_and_context_parallel_are_refused():
+def test_parallel_sizes_are_checked_before_set_up(tmp_path):
+    """pp/cp reach the trainer (tests/test_megatron_trainer_pp_cp.py runs them); sizes that
+    cannot work are refused, naming the option, before any process group is touched."""
     from mugv_megatron import train
     import ml_collections
-    c = ml_collections.ConfigDict({"megatron": {"pp": 2}})
-    with pytest.raises(NotImplementedError, match="not wired into the Megatron trainer"):
-        train.megatron_options(c)
-    with pytest.raises(NotImplementedError, match="context parallel"):
-        train.megatron_options(ml_collections.ConfigDict(), {"cp": 2})
+    opts = train.megatron_options(ml_collections.ConfigDict({"megatron": {"pp": 2}}), {"cp": 2})
+    assert (opts["pp"], opts["cp"]) == (2, 2)
+    with pytest.raises(ValueError, match="config.megatron.cp must be >= 1"):
+        train.megatron_options(ml_collections.ConfigDict(), {"cp": 0})
+    sys.path.insert(0, str(ROOT / "configs"))
+    try:
+        from tiny import get_config as tiny_config
+    finally:
+        sys.path.pop(0)
+    config = tiny_config()
+    with pytest.raises(ValueError, match=r"config.megatron.pp=3 does not divide the model's 2 layers"):
+        train.train(config, str(tmp_path / "run"), {"pp": 3})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,6 +6,11 @@ on the same batches (data position carried over) and the same random numbers (th
 draws, rebuilt from its PRNG key, passed through the trainer's `draws` hook: the two backends'
 generators differ by design). That must land where JAX's own 5 steps land. The Megatron
 checkpoint converted back to JAX must equal the step-3 JAX state bit for bit.
+
+The reverse: the JAX step-0 state (golden weights, its null caption and EMA) converted to
+Megatron, which trains 3 steps on the same batches and JAX's random numbers and checkpoints;
+`megatron_to_jax` converts that, and JAX resumes for 2 steps with its own generator (the seed
+travels in the checkpoint). That must land where JAX's own 5 steps land.
 """
 import numpy as np
 import pytest
@@ -69,6 +74,11 @@ def runs(tmp_path_factory):
     params = nnx.to_pure_dict(nnx.state(dit.load(WEIGHTS, CFG), nnx.Param))
     state = trainer.init_state(SEED, params)
     rng_key = np.asarray(state["rng"])
+    run_config = {"model": CFG.to_dict(), "optim": OPTIM, "objective": OBJECTIVE, "seed": SEED}
+    j0dir = str(root / "jax_step0")
+    ck = Checkpointer(j0dir, use_async=False)
+    ck.save(0, state, {"position": 0}, run_config)
+    ck.close()
     for i in range(3):
         state, _ = trainer.train_step(state, trainer.put_batch(batch_at(i)))
     jdir = str(root / "jax")
@@ -80,7 +90,8 @@ def runs(tmp_path_factory):
     for i in range(3, 5):
         state, _ = trainer.train_step(state, trainer.put_batch(batch_at(i)))
     at5 = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), state)
-    return dict(root=root, jdir=jdir, at3=at3, at5=at5, rng_key=rng_key)
+    return dict(root=root, jdir=jdir, j0dir=j0dir, at3=at3, at5=at5, rng_key=rng_key,
+                trainer=trainer)
 
 
 @pytest.fixture(scope="module")
@@ -156,4 +167,70 @@ def test_megatron_back_to_jax_is_exact(runs, megatron_resumed, tmp_path):
     adam_b, _ = ts._adam_states(b["opt_state"])
     assert int(adam_a.count) == int(adam_b.count) == 3
     for x, y in zip(jax.tree.leaves((adam_a.mu, adam_a.nu)), jax.tree.leaves((adam_b.mu, adam_b.nu))):
+        assert np.array_equal(x, y)
+
+
+# ---------------------------------------------------------------------------------------------
+# The reverse: Megatron trains 3 steps, converts, JAX trains 2 more
+
+
+@pytest.fixture(scope="module")
+def jax_resumed(runs):
+    import jax
+    from mugv_jax.checkpointing import Checkpointer
+    from mugv_megatron import checkpointing
+    root = runs["root"]
+    m0dir, mdir, jdir = str(root / "megatron_step0"), str(root / "megatron_3"), str(root / "jax_from_megatron")
+    ts.jax_to_megatron(runs["j0dir"], m0dir)
+    mt = ts._megatron_trainer({"optim": OPTIM, "objective": OBJECTIVE}, CFG, seed=99)
+    meta = checkpointing.restore_latest(m0dir, mt)
+    assert mt.step == 0 and meta["data"] == {"position": 0}
+    for i in range(3):
+        b = batch_at(i)
+        mt.train_step(b, draws=jax_draws(runs["rng_key"], mt.step, b["latents"].shape))
+    checkpointing.save(mdir, mt, {"position": 3}, meta["config"])
+    assert ts.megatron_to_jax(mdir, jdir) == 3
+    trainer = runs["trainer"]     # its train_step is compiled already
+    ck = Checkpointer(jdir, use_async=False)
+    state, data, _ = ck.restore(3, trainer.abstract_state())
+    ck.close()
+    at3 = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), state)
+    for i in range(data["position"], data["position"] + 2):
+        state, _ = trainer.train_step(state, trainer.put_batch(batch_at(i)))
+    at5 = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), state)
+    return dict(at3=at3, at5=at5, data=data, mt=mt)
+
+
+def _max_rms(got: dict, want: dict) -> tuple[float, float]:
+    worst, sq, n = 0.0, 0.0, 0
+    for name, value in want.items():
+        d = np.abs(got[name] - value)
+        worst, sq, n = max(worst, float(d.max())), sq + float((d ** 2).sum()), n + d.size
+    return worst, (sq / n) ** 0.5
+
+
+def test_megatron_3_steps_then_jax_2_equals_jax_5(runs, jax_resumed):
+    import jax
+    assert jax_resumed["data"] == {"position": 3}
+    at3, at5 = jax_resumed["at3"], jax_resumed["at5"]
+    assert int(at3["step"]) == 3 and int(at5["step"]) == 5
+    adam, _ = ts._adam_states(at5["opt_state"])
+    assert int(adam.count) == 5
+    # The generator is JAX's own again (the same key the JAX run used).
+    assert np.array_equal(np.asarray(at3["rng"]), runs["rng_key"])
+    # The conversion itself is exact: the JAX step-3 state holds the Megatron trainer's weights.
+    mt = jax_resumed["mt"]
+    want3 = {k: np.asarray(v) for k, v in _release_of_megatron(dict(mt.module.named_parameters())).items()}
+    got3 = ts.jax_tree_to_release(at3["params"], CFG)
+    for name, value in want3.items():
+        assert np.array_equal(got3[name], value), name
+    got = ts.jax_tree_to_release(at5["params"], CFG)
+    want = ts.jax_tree_to_release(runs["at5"]["params"], CFG)
+    worst, rms = _max_rms(got, want)
+    print(f"reverse: max |Δw| {worst:.2e} (bound {MAX_ABS:.0e}), rms {rms:.2e} (bound {RMS:.0e})")
+    assert worst <= MAX_ABS and rms <= RMS
+    ema_worst, _ = _max_rms(ts.jax_tree_to_release(at5["ema"], CFG),
+                            ts.jax_tree_to_release(runs["at5"]["ema"], CFG))
+    assert ema_worst <= MAX_ABS
+    for x, y in zip(jax.tree.leaves(at5["null_text"]), jax.tree.leaves(runs["at5"]["null_text"])):
         assert np.array_equal(x, y)

@@ -41,6 +41,8 @@ DEFAULT_ITERATION = 1
 # Entries that are not model weights (or not release weights): skipped when reading.
 _SKIP_PREFIXES = ("optimizer.", "rng_state")
 _NULL_CAPTION = "context_embedder.drop_emb"
+# The Megatron trainer's EMA of the weights (mugv_megatron/checkpointing.py).
+EMA_PREFIX = "optimizer.state.exp_moving_avg."
 _LAYER = re.compile(r"^" + re.escape(layout.LAYER_PREFIX) + r"(\d+)\.(.+)$")
 _RANK_DIR = re.compile(r"^mp_rank_(\d+)(?:_(\d+))?$")
 
@@ -189,9 +191,13 @@ class _MegatronReader(Reader):
 class TorchDistReader(_MegatronReader):
     format = "megatron"
 
-    def __init__(self, path: str, iteration: int | None = None):
+    def __init__(self, path: str, iteration: int | None = None, weights: str = "raw"):
+        """weights: "raw" (the model weights) or "ema" (the Megatron trainer's EMA, stored as
+        `optimizer.state.exp_moving_avg.<megatron name>` with the same stacking)."""
         import json
-        self.path = path
+        if weights not in ("raw", "ema"):
+            raise ValueError(f"weights must be 'raw' or 'ema', got {weights!r}")
+        self.path, self.weights = path, weights
         self.dir, self.iteration = resolve_iteration_dir(path, iteration, is_torch_dist_dir)
         with open(os.path.join(self.dir, "metadata.json")) as f:
             backend = json.load(f).get("sharded_backend")
@@ -204,21 +210,28 @@ class TorchDistReader(_MegatronReader):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             meta = self._strategy.load_tensors_metadata(Path(self.dir))
-        self.skipped = sorted(k for k in meta if _is_skipped(k))
+        if weights == "ema":
+            # The EMA entries read as the weights; everything else (the raw weights too) is skipped.
+            chosen = {k[len(EMA_PREFIX):]: k for k in meta if k.startswith(EMA_PREFIX)}
+            if not chosen:
+                raise ValueError(f"{self.dir}: --weights ema needs a Megatron training checkpoint "
+                                 f"with an EMA ({EMA_PREFIX}<name> entries); this one has none")
+        else:
+            chosen = {k: k for k in meta if not _is_skipped(k)}
+        self.skipped = sorted(set(meta) - set(chosen.values()))
         # release name → (DCP key, layer or None, depth of the stack, per-layer shape, torch dtype)
         self._src: dict[str, tuple] = {}
         self._layer_cache: tuple = (None, {})
         self._entries: dict[str, Entry] = {}
-        for key, st in meta.items():
-            if _is_skipped(key):
-                continue
+        for name, key in chosen.items():
+            st = meta[key]
             shape, dtype = tuple(st.global_shape), st.dtype
-            if key.startswith(layout.LAYER_PREFIX):
-                sub = key[len(layout.LAYER_PREFIX):]
+            if name.startswith(layout.LAYER_PREFIX):
+                sub = name[len(layout.LAYER_PREFIX):]
                 for i in range(shape[0]):
                     self._add(f"{layout.LAYER_PREFIX}{i}.{sub}", (key, i, shape[0], shape[1:], dtype))
             else:
-                self._add(key, (key, None, None, shape, dtype))
+                self._add(name, (key, None, None, shape, dtype))
         self.stored_config = None
         common = os.path.join(self.dir, "common.pt")
         if os.path.isfile(common):
@@ -291,7 +304,7 @@ class TorchDistReader(_MegatronReader):
 
     def describe(self) -> dict:
         return {"variant": "torch_dist", "directory": self.dir, "iteration": self.iteration,
-                "skipped entries": len(self.skipped)}
+                "weights": self.weights, "skipped entries": len(self.skipped)}
 
 
 class TorchDistWriter(Writer):
