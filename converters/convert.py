@@ -99,9 +99,10 @@ def _bits(a: np.ndarray) -> np.ndarray:
 
 
 def _weights_for(spec, weights: str) -> str:
-    # Only JAX checkpoints keep an EMA; the other side of a comparison has just its weights.
+    # Only training checkpoints (JAX, Megatron torch_dist) keep an EMA; the other side of a
+    # comparison has just its weights.
     spec = _spec(spec)
-    return weights if (spec.format or detect_format(spec.path)) == "jax" else "raw"
+    return weights if (spec.format or detect_format(spec.path)) in ("jax", "megatron") else "raw"
 
 
 def verify(a, b, *, atol: float = 0.0, weights: str = "raw", progress: bool = False,

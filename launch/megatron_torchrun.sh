@@ -7,8 +7,8 @@
 # Variables (defaults in brackets): CONFIG [configs/tiny.py], WORKDIR [runs/megatron],
 # GPUS_PER_NODE [all visible GPUs], NNODES [1], NODE_RANK [0], MASTER_ADDR [127.0.0.1],
 # MASTER_PORT [29500], TP_SIZE [1], SP [0 = off, 1 = sequence parallel], PP_SIZE [1], CP_SIZE [1].
-# Data parallel = world size / TP_SIZE. PP_SIZE and CP_SIZE > 1 are refused by the trainer until
-# they are wired in (docs/megatron_training.md). Extra arguments go to mugv_megatron.train.
+# Data parallel = world size / (TP_SIZE * CP_SIZE * PP_SIZE). Extra arguments go to
+# mugv_megatron.train (docs/megatron_training.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -18,6 +18,7 @@ from safetensors.torch import load_file as load_torch_st
 from converters import detect
 from converters.convert import convert, inspect, verify
 from converters.formats import jax as jax_fmt
+from converters.formats import open_reader
 from converters.layouts import jax as jax_layout
 from converters.layouts import megatron as mlayout
 from converters.loaders import release_state
@@ -356,8 +357,8 @@ def test_unsafe_or_broken_files_are_refused_with_the_file_named(tmp_path):
         inspect(str(tmp_path / "mc"))
 
 
-def test_ema_needs_a_jax_source(tmp_path):
-    with pytest.raises(ValueError, match="--weights ema needs a JAX checkpoint"):
+def test_ema_needs_a_training_checkpoint(tmp_path):
+    with pytest.raises(ValueError, match="--weights ema needs a JAX or Megatron torch_dist training checkpoint"):
         convert(DIT_WEIGHTS, f"jax:{tmp_path}/x", weights="ema")
 
 
@@ -478,6 +479,12 @@ def test_megatron_training_checkpoint_reads_params_or_ema(tmp_path):
             assert np.array_equal(got[name], np.asarray(value)), (weights, name)
         assert reader.describe()["weights"] == weights
     assert "decoder.layers.mlp.linear_fc1.weight" in TorchDistReader(ckdir, weights="ema").skipped
+    # The same through convert/verify (what `python -m converters convert --weights ema` runs).
+    convert(f"megatron:{ckdir}", f"release:{tmp_path}/ema.safetensors", weights="ema")
+    ema_release = dict(open_reader(f"release:{tmp_path}/ema.safetensors").items())
+    want = mlayout.megatron_state_to_release({n: t.detach().numpy() for n, t in tr.ema.shadow.items()}, TINY)
+    assert all(np.array_equal(ema_release[n], np.asarray(v)) for n, v in want.items())
+    assert verify(f"megatron:{ckdir}", f"{tmp_path}/ema.safetensors", weights="ema").equal
     convert(DIT_WEIGHTS, f"megatron:{tmp_path}/plain")
     with pytest.raises(ValueError, match=r"plain/iter_0000001: --weights ema needs a Megatron "
                                          r"training checkpoint with an EMA"):

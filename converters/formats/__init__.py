@@ -67,9 +67,9 @@ def detect_format(path: str) -> str:
 def open_reader(spec: Spec | str, *, weights: str = "raw") -> Reader:
     spec = parse_spec(spec) if isinstance(spec, str) else spec
     fmt = spec.format or detect_format(spec.path)
-    if weights != "raw" and fmt != "jax":
-        raise ValueError(f"{spec}: --weights {weights} needs a JAX checkpoint (the {fmt} format "
-                         f"holds one set of weights)")
+    if weights != "raw" and fmt not in ("jax", "megatron"):
+        raise ValueError(f"{spec}: --weights {weights} needs a JAX or Megatron torch_dist training "
+                         f"checkpoint (the {fmt} format holds one set of weights)")
     if not os.path.exists(spec.path):
         raise FileNotFoundError(f"{spec.path} does not exist")
     if fmt == "release":
@@ -78,8 +78,12 @@ def open_reader(spec: Spec | str, *, weights: str = "raw") -> Reader:
     if fmt in ("megatron", "megatron-legacy"):
         from converters.formats import megatron
         variant = megatron.detect_variant(spec.path) if fmt == "megatron" else "legacy"
-        cls = megatron.TorchDistReader if variant == "torch_dist" else megatron.LegacyReader
-        return cls(spec.path, spec.number)
+        if variant == "torch_dist":
+            return megatron.TorchDistReader(spec.path, spec.number, weights)
+        if weights != "raw":
+            raise ValueError(f"{spec}: --weights {weights} needs a torch_dist training checkpoint "
+                             f"(legacy mp_rank_* checkpoints hold one set of weights)")
+        return megatron.LegacyReader(spec.path, spec.number)
     if fmt == "jax":
         from converters.formats.jax import JaxReader
         return JaxReader(spec.path, spec.number, weights)
