@@ -109,6 +109,29 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec_for_shape(x.shape, logical_axes, mesh, rules)))
 
 
+def current_context():
+    """(mesh, rules) of the enclosing `activation_sharding`, or None."""
+    return getattr(_state, "ctx", None)
+
+
+def mesh_axes_for(logical_name: str, mesh: Mesh, rules=DEFAULT_RULES) -> tuple[str, ...]:
+    """The mesh axes (present and larger than 1) that shard a logical axis under the rules."""
+    entry = logical_to_spec((logical_name,), rules, mesh)[0]
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def logical_axis_size(logical_name: str) -> int:
+    """How many ways the enclosing `activation_sharding` splits a logical axis (1 outside one)."""
+    ctx = current_context()
+    if ctx is None:
+        return 1
+    mesh, rules = ctx
+    size = 1
+    for a in mesh_axes_for(logical_name, mesh, rules):
+        size *= mesh.shape[a]
+    return size
+
+
 def param_logical_axes(module) -> dict[str, tuple]:
     """{dotted param path: logical axes} for every nnx.Param of a module."""
     from flax import nnx

@@ -148,18 +148,22 @@ class Trainer:
 
     # --- batches ------------------------------------------------------------------------------
 
-    def batch_sharding(self, batch: dict):
+    def batch_sharding(self, batch: dict, processes: int = 1):
+        """Shardings of a batch whose arrays hold `1/processes` of the global rows each (every
+        process passes an equal slice), chosen from the global shape: a local shape could make
+        `spec_for_shape` drop a mesh axis that divides the global batch but not the local one."""
         def spec(x):
+            shape = (np.shape(x)[0] * processes, *np.shape(x)[1:])
             names = ("batch",) + (None,) * (np.ndim(x) - 1)
-            return NamedSharding(self.mesh, sharding.spec_for_shape(np.shape(x), names, self.mesh, self.rules))
+            return NamedSharding(self.mesh, sharding.spec_for_shape(shape, names, self.mesh, self.rules))
         return {k: spec(v) for k, v in batch.items()}
 
     def put_batch(self, batch: dict):
         """Host batch → global arrays sharded over (data, fsdp). Multi-process: each process passes
-        its local part and the global batch is assembled."""
-        shardings = self.batch_sharding(batch)
+        its local part (equal row counts) and the global batch is assembled."""
         if jax.process_count() == 1:
-            return jax.device_put(batch, shardings)
+            return jax.device_put(batch, self.batch_sharding(batch))
+        shardings = self.batch_sharding(batch, jax.process_count())
         return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in batch.items()}
 
     # --- the step -----------------------------------------------------------------------------

@@ -23,7 +23,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mugv.config import DiTConfig
-from mugv_jax.attention import dot_product_attention
+from mugv_jax import context_parallel as cp
+from mugv_jax.attention import BACKENDS, dot_product_attention
 from mugv_jax.dit import ops
 from mugv_jax.sharding import constrain
 
@@ -47,8 +48,19 @@ class RuntimeOptions:
     compute_dtype: jnp.dtype = F32
     attention: str = "xla"
     remat: str = "none"
+    # "none" | "ulysses" | "ring" over the mesh axes of the logical `length` axis
+    # (mugv_jax/context_parallel.py). `attention="xla+ring"` sets both from one config string.
+    context_parallel: str = "none"
 
     def __post_init__(self):
+        if "+" in self.attention:
+            backend, mode = self.attention.split("+", 1)
+            object.__setattr__(self, "attention", backend)
+            object.__setattr__(self, "context_parallel", mode)
+        if self.attention not in BACKENDS:
+            raise ValueError(f"unknown attention backend {self.attention!r}; choose from {sorted(BACKENDS)}")
+        if self.context_parallel not in cp.MODES:
+            raise ValueError(f"unknown context_parallel mode {self.context_parallel!r}; choose from {cp.MODES}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"unknown remat policy {self.remat!r}; choose from {sorted(REMAT_POLICIES)}")
         object.__setattr__(self, "compute_dtype", jnp.dtype(self.compute_dtype))
@@ -193,7 +205,7 @@ def _dense(x, p, opts: RuntimeOptions, n_in: int = 1):
 
 def _block(p, x, cond, config: DiTConfig, opts: RuntimeOptions):
     """One MUG-DiT block on the float32 residual stream x [B, N+2, C]."""
-    token_mask, mod_t, mod_0, rope_cos, rope_sin, text, text_mask = cond
+    token_mask, mod_t, mod_0, rope_cos, rope_sin, text, text_mask, self_mask = cond
     eps = config.norm_eps
     dt = opts.compute_dtype
     # AdaLN-single: per-block table + shared projection, per token t or t=0 (float32).
@@ -209,7 +221,8 @@ def _block(p, x, cond, config: DiTConfig, opts: RuntimeOptions):
     q = ops.apply_rope(ops.rms_norm(q, p["attn"]["q_norm"]["scale"], eps), rope_cos, rope_sin)
     k = ops.apply_rope(ops.rms_norm(k, p["attn"]["k_norm"]["scale"], eps), rope_cos, rope_sin)
     q = constrain(q, ("batch", "length", "act_heads", None))
-    a = dot_product_attention(q, k, v, implementation=opts.attention, precision=opts.precision)
+    a = cp.self_attention(q, k, v, key_mask=self_mask, mode=opts.context_parallel,
+                          implementation=opts.attention, precision=opts.precision)
     a = _dense(a, p["attn"]["proj"], opts, n_in=2)
     x = x + gate_msa * a.astype(F32)
 
@@ -353,22 +366,31 @@ def forward(params, config: DiTConfig, opts: RuntimeOptions, x, timestep, y, mas
     start = jnp.broadcast_to(params["start_token"].astype(F32), (b, 1, config.hidden_size))
     end = jnp.broadcast_to(params["end_token"].astype(F32), (b, 1, config.hidden_size))
     h = jnp.concatenate([start, tokens, end], axis=1)
+    # Context parallel shards the token axis: pad it to a multiple of the degree; padded tokens
+    # are masked out as keys and dropped at the end.
+    n_tok = n_video + 2
+    n_pad = -n_tok % cp.sequence_multiple()
+    h = jnp.pad(h, ((0, 0), (0, n_pad), (0, 0)))
     h = constrain(h, ("batch", "length", "act_embed"))
 
     # Which tokens take the real-t modulation: generated frames' tokens; never start/end.
     frame_mask = (jnp.ones((b, t), bool) if x_mask is None else jnp.asarray(x_mask).astype(bool))
     frame_mask = jnp.pad(frame_mask, ((0, 0), (0, gt * pt - t)))[:, ::pt]
     video_mask = jnp.broadcast_to(frame_mask[:, :, None], (b, gt, gh * gw)).reshape(b, n_video)
-    token_mask = jnp.pad(video_mask, ((0, 0), (1, 1)), constant_values=False)
+    token_mask = jnp.pad(video_mask, ((0, 0), (1, 1 + n_pad)), constant_values=False)
 
     if frame_indice is None:
         frame_indice = jnp.arange(gt + 2, dtype=jnp.int32)[None]
     frame_indice = jnp.broadcast_to(jnp.asarray(frame_indice), (b, gt + 2))
     angles = ops.rope_angles(ops.rope_positions(frame_indice, (gt, gh, gw), config), config)
+    angles = jnp.pad(angles, ((0, 0), (0, n_pad), (0, 0)))
     rope_cos, rope_sin = ops.rope_cos_sin(angles)
+    rope_cos = constrain(rope_cos, ("batch", "length", None, None))
+    rope_sin = constrain(rope_sin, ("batch", "length", None, None))
+    self_mask = None if n_pad == 0 else jnp.broadcast_to(jnp.arange(n_tok + n_pad) < n_tok, (b, n_tok + n_pad))
 
     cond = (token_mask, mod_t.reshape(b, 6, -1), mod_0.reshape(b, 6, -1), rope_cos, rope_sin,
-            text, text_mask)
+            text, text_mask, self_mask)
 
     def body(carry, layer_params):
         out = _block(layer_params, carry, cond, config, opts)
@@ -380,11 +402,11 @@ def forward(params, config: DiTConfig, opts: RuntimeOptions, x, timestep, y, mas
     h, per_block = jax.lax.scan(body, h, params["blocks"])
     if capture:
         for i in range(config.depth):
-            acts[f"blocks.{i}"] = per_block[i]
+            acts[f"blocks.{i}"] = per_block[i][:, :n_tok]
 
     # Final layer on video tokens, modulated by the pre-t_block conditioning vector.
     fl = params["final_layer"]
-    hv = h[:, 1:-1]
+    hv = h[:, 1:1 + n_video]
     c_sel = ops.select_per_token(video_mask, cond_t, cond_0)
     table = fl["scale_shift_table"].astype(F32)
     hv = ops.modulate(ops.layer_norm(hv, config.norm_eps), c_sel + table[0], c_sel + table[1])
