@@ -17,7 +17,9 @@ def save_atomic(tensors: dict[str, np.ndarray], path: str | os.PathLike, metadat
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=directory)
     os.close(fd)
     try:
-        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp, metadata=metadata)
+        # asarray(order="C"), not ascontiguousarray: the latter turns 0-d tensors (the VAE's
+        # scalar `logvar`) into shape (1,), which a strict load then rejects.
+        save_file({k: np.asarray(v, order="C") for k, v in tensors.items()}, tmp, metadata=metadata)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -6,10 +6,12 @@
 """
 from mugv.vae_config import VAE_PRESETS, VAEConfig, get_vae_config, latent_size, release_vae_schema
 from mugv_jax.vae.checkpoint import export_release_state_dict, load, release_state
+from mugv_jax.vae.init import random_vae
 from mugv_jax.vae.jitted import JittedVAE, jit
 from mugv_jax.vae.model import VideoVAE
+from mugv_jax.vae.tiling import Tiled, Tiling
 
 __all__ = [
-    "JittedVAE", "VAEConfig", "VAE_PRESETS", "VideoVAE", "export_release_state_dict", "get_vae_config",
-    "jit", "latent_size", "load", "release_state", "release_vae_schema",
+    "JittedVAE", "Tiled", "Tiling", "VAEConfig", "VAE_PRESETS", "VideoVAE", "export_release_state_dict",
+    "get_vae_config", "jit", "latent_size", "load", "random_vae", "release_state", "release_vae_schema",
 ]
