@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The main job on the bundled default data. Today: train the tiny MUG-DiT with the real JAX trainer
-# on caption-dependent synthetic latents, export its EMA weights in the release layout, sample every
-# caption with classifier-free guidance and report whether each sample lands nearest its own
-# caption's latents (outputs/main/report.md). It grows into real-video data preparation → VAE →
-# training → decoded samples as those pieces land. Re-running resumes/reuses outputs/main.
+# The main job on the bundled default data: procedural captioned clips + the bundled real videos →
+# a small video VAE → latent shards → a small MUG-DiT trained with the real JAX trainer →
+# text-to-video and image-to-video samples for held-out prompts, decoded to mp4 →
+# ${MUGV_OUT:-outputs}/main/report.html. About 15 minutes on a 2-core CPU, offline.
+# Re-running reuses finished stages (--redo=data,vae,encode,dit,sample repeats one and those after it);
+# Ctrl-C leaves a resumable state. `--quick` is the shortened version the tests run.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 py="$(bash "$root/scripts/ensure_venv.sh")"
 cd "$root"
-exec "$py" -m mugv_jax.demo --config=configs/tiny.py --workdir="${MUGV_OUT:-outputs}/main" "$@"
+exec "$py" -m mugv_jax.demo --workdir="${MUGV_OUT:-outputs}/main" "$@"
