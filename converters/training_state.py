@@ -24,6 +24,7 @@ import numpy as np
 from converters.layouts import jax as jax_layout
 from converters.layouts import megatron as mlayout
 from mugv.config import DiTConfig
+from mugv.training import unflatten as _unflatten
 
 
 def _flatten(tree, prefix: str = "") -> dict[str, np.ndarray]:
@@ -34,17 +35,6 @@ def _flatten(tree, prefix: str = "") -> dict[str, np.ndarray]:
             out.update(_flatten(v, f"{prefix}.{k}" if prefix else k))
     else:
         out[prefix] = np.asarray(jax.device_get(tree))
-    return out
-
-
-def _unflatten(flat: dict) -> dict:
-    out: dict = {}
-    for path, v in flat.items():
-        node = out
-        *parents, leaf = path.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = v
     return out
 
 

@@ -35,6 +35,7 @@ import sys
 import numpy as np
 
 from mugv.config import DiTConfig
+from mugv.training import unflatten as _unflatten
 
 # Per parameter path: (axis, kind) for every axis that grows. "rep" replicates an output axis,
 # "sum" replicates a contracted input axis and divides by e. Negative axes count from the end so
@@ -104,17 +105,6 @@ def _flatten(tree, prefix=""):
             out.update(_flatten(v, key + "."))
         else:
             out[key] = v
-    return out
-
-
-def _unflatten(flat):
-    out: dict = {}
-    for path, v in flat.items():
-        node = out
-        *parents, leaf = path.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = v
     return out
 
 

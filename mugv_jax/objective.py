@@ -9,48 +9,15 @@ and do not count. Caption dropout replaces a whole caption with the null text fe
 """
 from __future__ import annotations
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
 
-from mugv.geometry import SPATIAL_DOWNSAMPLE
-
-BASE_RESOLUTION = 512 * 512
-
-
-@dataclasses.dataclass(frozen=True)
-class ObjectiveConfig:
-    # Frame count used in the shift; None = the batch's real latent frame count.
-    shift_num_frames: int | None = None
-    # A fixed shift ratio instead of the resolution/length rule (None = the rule). Toy resolutions
-    # give r < 1, which trains almost only near-clean timesteps; the tiny configs use 1.0.
-    shift_ratio: float | None = None
-    # Probability per sample that its first frames become conditioning frames (image-to-video).
-    i2v_prob: float = 0.0
-    # "first": one conditioning frame; "quarter": uniformly 1..max(1, T//4) frames.
-    i2v_mode: str = "first"
-    # Probability per sample that the whole caption is replaced by the null text features.
-    caption_dropout_prob: float = 0.1
-
-    def __post_init__(self):
-        if self.i2v_mode not in ("first", "quarter"):
-            raise ValueError(f"objective.i2v_mode must be 'first' or 'quarter', got {self.i2v_mode!r}")
-        for name in ("i2v_prob", "caption_dropout_prob"):
-            p = getattr(self, name)
-            if not 0.0 <= p <= 1.0:
-                raise ValueError(f"objective.{name} must be in [0, 1], got {p}")
-
+from mugv.training import BASE_RESOLUTION, ObjectiveConfig, shift_ratio  # noqa: F401 (re-exported)
 
 def sample_logit_normal_t(key, batch: int) -> jax.Array:
     """t = sigmoid(u)·1000, u ~ N(0, 1)."""
     return jax.nn.sigmoid(jax.random.normal(key, (batch,), jnp.float32)) * 1000.0
-
-
-def shift_ratio(latent_shape: tuple[int, int, int], shift_num_frames: int | None = None) -> float:
-    frames, h, w = latent_shape
-    f = shift_num_frames if shift_num_frames is not None else frames
-    return float(((h * SPATIAL_DOWNSAMPLE) * (w * SPATIAL_DOWNSAMPLE) / BASE_RESOLUTION) ** 0.5 * f ** 0.5)
 
 
 def shift_t(t: jax.Array, ratio: float) -> jax.Array:

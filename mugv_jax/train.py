@@ -9,7 +9,6 @@ environment when `--distributed` is set).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -21,8 +20,9 @@ import jax
 import numpy as np
 
 from mugv import flops as flops_lib
-from mugv.config import DiTConfig, get_config
+from mugv.config import DiTConfig
 from mugv.geometry import num_video_tokens
+from mugv.training import dataclass_from as _dataclass_from, model_config_from  # noqa: F401
 from mugv_jax import checkpointing, data as data_lib, mesh as mesh_lib, objective as obj
 from mugv_jax import trainer as trainer_lib
 from mugv_jax import validation
@@ -34,19 +34,6 @@ log = logging.getLogger("mugv.train")
 
 class NonFiniteLossError(RuntimeError):
     pass
-
-
-def model_config_from(config) -> DiTConfig:
-    return get_config(config.model, **dict(config.get("model_overrides", {}) or {}))
-
-
-def _dataclass_from(cls, section):
-    known = {f.name for f in dataclasses.fields(cls)}
-    values = dict(section)
-    unknown = set(values) - known
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} fields in config: {sorted(unknown)}")
-    return cls(**values)
 
 
 def build_iterator(config, model_cfg: DiTConfig):

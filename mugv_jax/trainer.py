@@ -11,7 +11,6 @@ gradient accumulation over micro-batches.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import jax
@@ -22,6 +21,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mugv.config import DiTConfig
+from mugv.training import OptimConfig  # noqa: F401 (re-exported)
+from mugv.training import unflatten as _unflatten
 from mugv_jax import objective as obj
 from mugv_jax import sharding
 from mugv_jax.dit import checkpoint as dit_ckpt
@@ -29,22 +30,6 @@ from mugv_jax.dit.model import RuntimeOptions, forward
 
 # Loss is also reported per quarter of the (shifted) timestep range.
 T_QUARTILES = 4
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimConfig:
-    learning_rate: float = 1e-5
-    warmup_steps: int = 100
-    schedule: str = "constant"      # "constant" | "cosine"
-    decay_steps: int = 0            # cosine: steps after warmup to reach final_lr_ratio
-    final_lr_ratio: float = 0.0
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-10
-    weight_decay: float = 0.0
-    clip_norm: float = 1.0
-    ema_decay: float = 0.9999
-    grad_accum_steps: int = 1
 
 
 def learning_rate_schedule(cfg: OptimConfig) -> optax.Schedule:
@@ -68,17 +53,6 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
         optax.adamw(learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                     weight_decay=cfg.weight_decay),
     )
-
-
-def _unflatten(flat: dict[str, object]) -> dict:
-    out: dict = {}
-    for path, v in flat.items():
-        node = out
-        *parents, leaf = path.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = v
-    return out
 
 
 def param_logical_axes(config: DiTConfig) -> dict:

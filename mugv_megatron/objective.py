@@ -20,28 +20,7 @@ import dataclasses
 import numpy as np
 import torch
 
-from mugv.geometry import SPATIAL_DOWNSAMPLE
-
-BASE_RESOLUTION = 512 * 512
-
-
-@dataclasses.dataclass(frozen=True)
-class ObjectiveConfig:
-    """Field for field `mugv_jax.objective.ObjectiveConfig` (the `config.objective` section)."""
-    shift_num_frames: int | None = None
-    shift_ratio: float | None = None
-    i2v_prob: float = 0.0
-    i2v_mode: str = "first"
-    caption_dropout_prob: float = 0.1
-
-    def __post_init__(self):
-        if self.i2v_mode not in ("first", "quarter"):
-            raise ValueError(f"objective.i2v_mode must be 'first' or 'quarter', got {self.i2v_mode!r}")
-        for name in ("i2v_prob", "caption_dropout_prob"):
-            p = getattr(self, name)
-            if not 0.0 <= p <= 1.0:
-                raise ValueError(f"objective.{name} must be in [0, 1], got {p}")
-
+from mugv.training import BASE_RESOLUTION, ObjectiveConfig, shift_ratio  # noqa: F401 (re-exported)
 
 @dataclasses.dataclass(frozen=True)
 class Draws:
@@ -69,12 +48,6 @@ def draw(rng: np.random.Generator, latent_shape: tuple[int, ...], config: Object
     n_cond = np.where(apply, np.minimum(n_cond, frames - 1 if frames > 1 else 0), 0)
     drop = rng.random(b) < config.caption_dropout_prob
     return Draws(u, eps, n_cond.astype(np.int64), drop)
-
-
-def shift_ratio(latent_shape: tuple[int, int, int], shift_num_frames: int | None = None) -> float:
-    frames, h, w = latent_shape
-    f = shift_num_frames if shift_num_frames is not None else frames
-    return float(((h * SPATIAL_DOWNSAMPLE) * (w * SPATIAL_DOWNSAMPLE) / BASE_RESOLUTION) ** 0.5 * f ** 0.5)
 
 
 def shift_t(t: torch.Tensor, ratio: float) -> torch.Tensor:

@@ -18,36 +18,12 @@ not finite, which is what the JAX trainer's `jnp.where(finite, new, old)` does.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch
 import torch.distributed as dist
 
-
-@dataclasses.dataclass(frozen=True)
-class OptimConfig:
-    """Field for field `mugv_jax.trainer.OptimConfig` (the `config.optim` section)."""
-    learning_rate: float = 1e-5
-    warmup_steps: int = 100
-    schedule: str = "constant"
-    decay_steps: int = 0
-    final_lr_ratio: float = 0.0
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-10
-    weight_decay: float = 0.0
-    clip_norm: float = 1.0
-    ema_decay: float = 0.9999
-    grad_accum_steps: int = 1
-
-    def __post_init__(self):
-        if self.schedule not in ("constant", "cosine"):
-            raise ValueError(f"optim.schedule must be 'constant' or 'cosine', got {self.schedule!r}")
-        if self.schedule == "cosine" and self.decay_steps <= 0:
-            raise ValueError("optim.decay_steps must be > 0 for the cosine schedule")
-        if self.grad_accum_steps < 1:
-            raise ValueError(f"optim.grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+from mugv.training import OptimConfig  # noqa: F401 (re-exported)
 
 
 def learning_rate(cfg: OptimConfig, count: int) -> float:

@@ -11,7 +11,6 @@ newest readable checkpoint; SIGTERM saves at the next step boundary and exits 0.
 """
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import json
 import logging
@@ -24,8 +23,9 @@ import torch
 import torch.distributed as dist
 
 from mugv import flops as flops_lib
-from mugv.config import DiTConfig, get_config
+from mugv.config import DiTConfig
 from mugv.geometry import num_video_tokens
+from mugv.training import dataclass_from as _dataclass_from, model_config_from  # noqa: F401
 from mugv_megatron import checkpointing, optim, parallel
 from mugv_megatron import objective as obj
 
@@ -34,19 +34,6 @@ log = logging.getLogger("mugv.megatron.train")
 
 class NonFiniteLossError(RuntimeError):
     pass
-
-
-def model_config_from(config) -> DiTConfig:
-    return get_config(config.model, **dict(config.get("model_overrides", {}) or {}))
-
-
-def _dataclass_from(cls, section):
-    known = {f.name for f in dataclasses.fields(cls)}
-    values = dict(section)
-    unknown = set(values) - known
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} fields in config: {sorted(unknown)}")
-    return cls(**values)
 
 
 def _configs_megatron():
