@@ -34,7 +34,6 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from mugv_jax import objective as obj
@@ -161,20 +160,8 @@ class PreferenceTrainer(trainer_lib.Trainer):
         key = jax.random.fold_in(state["rng"], state["step"])
         grad_fn = jax.value_and_grad(self.losses, has_aux=True)
         (loss, metrics), grads = grad_fn(state["params"], state["ref"], batch, key)
-        grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, new_opt = self.optimizer.update(grads, state["opt_state"], state["params"])
-        new_params = optax.apply_updates(state["params"], updates)
-        d = self.optim.ema_decay
-        new_ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state["ema"], new_params)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-        new_state = dict(state)
-        new_state.update(params=keep(new_params, state["params"]), opt_state=keep(new_opt, state["opt_state"]),
-                         ema=keep(new_ema, state["ema"]), step=state["step"] + 1,
-                         nonfinite=jnp.where(finite, 0, state["nonfinite"] + 1),
-                         skipped=state["skipped"] + jnp.where(finite, 0, 1))
-        metrics.update(grad_norm=grad_norm, learning_rate=self.schedule(state["step"]), finite=finite,
-                       nonfinite_in_a_row=new_state["nonfinite"])
+        new_state, step_metrics = self.apply_gradients(state, loss, grads)
+        metrics.update(step_metrics)
         return new_state, metrics
 
     def _compiled(self, name, fn, state, batch, donate):

@@ -182,9 +182,9 @@ class Trainer:
         (loss, aux, grads), _ = jax.lax.scan(body, zeros, micro)
         return loss / accum, aux, jax.tree.map(lambda g: g / accum, grads)
 
-    def _step_fn(self, state, batch):
-        key = jax.random.fold_in(state["rng"], state["step"])
-        loss, aux, grads = self.loss_and_grads(state["params"], state["null_text"], batch, key)
+    def apply_gradients(self, state, loss, grads):
+        """Optimizer + EMA update, kept only when the loss and the gradient norm are finite
+        (`jnp.where`, no host round trip); returns the new state and the step's common metrics."""
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt = self.optimizer.update(grads, state["opt_state"], state["params"])
@@ -201,11 +201,15 @@ class Trainer:
             nonfinite=jnp.where(finite, 0, state["nonfinite"] + 1),
             skipped=state["skipped"] + jnp.where(finite, 0, 1),
         )
-        metrics = {
-            "loss": loss, "grad_norm": grad_norm, "learning_rate": self.schedule(state["step"]),
-            "finite": finite, "loss_by_t_quartile": aux["q_sum"] / jnp.maximum(aux["q_count"], 1),
-            "nonfinite_in_a_row": new_state["nonfinite"],
-        }
+        metrics = {"grad_norm": grad_norm, "learning_rate": self.schedule(state["step"]), "finite": finite,
+                   "nonfinite_in_a_row": new_state["nonfinite"]}
+        return new_state, metrics
+
+    def _step_fn(self, state, batch):
+        key = jax.random.fold_in(state["rng"], state["step"])
+        loss, aux, grads = self.loss_and_grads(state["params"], state["null_text"], batch, key)
+        new_state, metrics = self.apply_gradients(state, loss, grads)
+        metrics.update(loss=loss, loss_by_t_quartile=aux["q_sum"] / jnp.maximum(aux["q_count"], 1))
         return new_state, metrics
 
     def train_step(self, state, batch):
