@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def _synthetic(n: int, latent: tuple[int, int, int], text_dim: int, text_len: int, latent_dtype: str) -> str:
     import numpy as np
 
-    from mugv_data import shards
+    from mugv.data import shards
 
     rng = np.random.default_rng(0)
 
@@ -52,7 +52,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--latent-dtype", default="bfloat16", choices=["bfloat16", "float32"])
     a = p.parse_args()
-    from mugv_data.loader import ShardLoader
+    from mugv.data.loader import ShardLoader
 
     data = a.data or _synthetic(a.synthetic, tuple(int(v) for v in a.latent.split(",")), a.text_dim, a.text_len, a.latent_dtype)
     loader = ShardLoader(data, a.batch_size, text_len=a.text_len, num_workers=a.workers)

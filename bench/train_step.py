@@ -42,7 +42,7 @@ def main():
     from mugv.config import get_config
     from mugv.geometry import num_video_tokens
     from mugv_jax import mesh as mesh_lib, objective as obj, trainer as tr
-    from mugv_jax.data import Bucket, SyntheticTextToLatent
+    from mugv.data.synthetic import Bucket, SyntheticTextToLatent
     from mugv_jax.dit.model import RuntimeOptions
 
     cfg = get_config(args.model, **({"depth": args.depth} if args.depth else {}))

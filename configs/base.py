@@ -1,6 +1,8 @@
 """Defaults shared by every training config (reference-trainer values, spec.md §2)."""
 import ml_collections
 
+from mugv.training import megatron_section
+
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -42,11 +44,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.fps = 24.0
     # Image:video mixing (curriculum stage 1): a second child loader of single-frame buckets drawn
     # with probability image_fraction, annealed linearly from image_fraction_start to
-    # image_fraction_end over anneal_steps (mugv_data.loader.MixedLoader). Off while
+    # image_fraction_end over anneal_steps (mugv.data.loader.MixedLoader). Off while
     # image_fraction_start and image_fraction_end are 0.
     c.data.mix = ml_collections.ConfigDict(dict(
         image_buckets=(), image_path="", image_fraction_start=0.0, image_fraction_end=0.0,
         anneal_steps=0))
+
+    # The Megatron backend's execution settings (mugv.training.MegatronOptions).
+    c.megatron = megatron_section()
 
     c.log_every = 10
     c.checkpoint_every = 100

@@ -5,13 +5,10 @@ latent shards → small MUG-DiT → held-out text-to-video and image-to-video sa
 `configs/main.py:quick` is the shortened version the test suite runs end to end.
 See docs/main_job.md.
 """
-import os
-import sys
 
 import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from base import base_config  # noqa: E402
+from configs.base import base_config
 
 # (colour, shape, direction) combinations never shown in training: the model has to compose the
 # colour and the direction it learned from clips of the other shapes. One per colour, every

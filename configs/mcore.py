@@ -1,42 +1,17 @@
-"""A training config plus the Megatron-Core section: `--config=configs/mcore.py:tiny`.
+"""Another config by name, for Megatron launch scripts: `--config=configs/mcore.py:tiny`.
 
-The argument names another config in this directory and its argument (`tiny`, `tiny:i2v`,
-`mugv_10b:video_720`); the result is that config with `config.megatron` added, so that every
-Megatron field can be overridden like any other (`--config.megatron.tp=4`). `mugv_megatron.train`
-also accepts a plain config (`--config=configs/tiny.py`) and adds the same defaults itself.
+The argument names a config in this directory and its argument (`tiny`, `tiny:i2v`,
+`mugv_10b:video_720`). Every config already carries the `megatron` section (configs/base.py,
+fields in mugv.training.MegatronOptions), so this is the same as `--config=configs/<name>.py:<arg>`;
+it stays for the launch scripts and docs that name it.
 """
-import importlib.util
-import os
-
-import ml_collections
-
-_HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def megatron_section() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(
-        tp=1,                        # tensor-parallel size
-        sp=False,                    # sequence parallel (needs tp > 1)
-        pp=1,                        # pipeline-parallel size (not wired into the trainer yet)
-        cp=1,                        # context-parallel size (not wired into the trainer yet)
-        distributed_optimizer=True,  # megatron DistributedOptimizer on CUDA (torch AdamW on CPU)
-        use_te=ml_collections.FieldReference(None, field_type=bool),  # None: TE when it imports
-    ))
-
-
-def with_megatron(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    if "megatron" not in config:
-        with config.unlocked():
-            config.megatron = megatron_section()
-    return config
+import importlib
 
 
 def get_config(arg: str | None = None):
     name, _, sub = (arg or "tiny").partition(":")
-    path = os.path.join(_HERE, f"{name}.py")
-    if not os.path.isfile(path):
-        raise ValueError(f"configs/mcore.py: no config {path} (argument {arg!r})")
-    spec = importlib.util.spec_from_file_location(f"_mugv_config_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return with_megatron(module.get_config(sub) if sub else module.get_config())
+    try:
+        module = importlib.import_module(f"configs.{name}")
+    except ModuleNotFoundError:
+        raise ValueError(f"configs/mcore.py: no config configs/{name}.py (argument {arg!r})") from None
+    return module.get_config(sub) if sub else module.get_config()

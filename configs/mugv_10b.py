@@ -21,13 +21,10 @@ the small model's tuned rate is reused after expansion). Buckets are (latent fra
 latent width, global batch); pixel = latent × 8, pixel frames = 8·(latent frames − 1) + 1
 (7 latent frames = 49 frames ≈ 2 s at 24 fps, 10 = 73 ≈ 3 s, 14 = 105 ≈ 5 s at 21 fps).
 """
-import os
-import sys
 
 import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from base import base_config  # noqa: E402
+from configs.base import base_config
 
 DEFAULT_ROOT = "runs/mugv_10b"
 EXPANDED = "expanded"

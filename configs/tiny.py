@@ -3,11 +3,8 @@
 `--config=configs/tiny.py` (default) or `configs/tiny.py:i2v` to train with image-to-video
 conditioning frames as well.
 """
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from base import base_config  # noqa: E402
+from configs.base import base_config
 
 
 def get_config(arg: str | None = None):

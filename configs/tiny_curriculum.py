@@ -10,13 +10,10 @@ buckets, batch sizes and schedule. ROOT defaults to runs/tiny_curriculum.
 Toy stand-ins: "images" are one-latent-frame buckets, "360p" is 4×6 latents, "720p" is 8×12,
 "2 s → 5 s" is 2 → 3 latent frames; the SFT "curated subset" is a two-caption synthetic set.
 """
-import os
-import sys
 
 import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from base import base_config  # noqa: E402
+from configs.base import base_config
 
 DEFAULT_ROOT = "runs/tiny_curriculum"
 EXPANDED = "expanded"  # the widened small model, written by mugv_jax.expand

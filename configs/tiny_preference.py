@@ -2,16 +2,13 @@
 
 `--config=configs/tiny_preference.py:LABELS_JSONL` (clips in <dir of LABELS>/clips/). Write a toy
 labelled set in the documented format with
-`python -c "from mugv_jax.preference import write_synthetic; write_synthetic('DIR')"`.
+`python -c "from mugv.data.preference import write_synthetic; write_synthetic('DIR')"`.
 Set init_from to the SFT checkpoint (the frozen reference model is the starting weights).
 """
-import os
-import sys
 
 import ml_collections
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from base import base_config  # noqa: E402
+from configs.base import base_config
 
 
 def get_config(labels: str | None = None):

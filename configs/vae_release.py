@@ -3,11 +3,7 @@
 `--config=configs/vae_release.py[:final]`; set `data.videos` to a directory of videos. Starts from
 random weights unless `init_from` names a release `vae.pt`/`.safetensors`.
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from vae_tiny import vae_train_config  # noqa: E402
+from configs.vae_tiny import vae_train_config
 
 
 def get_config(arg: str | None = None):

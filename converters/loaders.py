@@ -38,9 +38,10 @@ def jax_model(spec, *, weights: str = "raw", options=None):
     return load_model(spec.path, spec.number, weights, options)
 
 
-def release_state(spec, *, model=None) -> dict[str, np.ndarray]:
-    """Any checkpoint as a release-layout {name: array} (whole model in memory), release order."""
-    reader, config, _ = open_checked(spec, model=model)
+def release_state(spec, *, model=None, weights: str = "raw") -> dict[str, np.ndarray]:
+    """Any checkpoint as a release-layout {name: array} (whole model in memory), release order;
+    `weights="ema"` takes a training checkpoint's EMA."""
+    reader, config, _ = open_checked(spec, model=model, weights=weights)
     with reader:
         state = dict(reader.items())
     return {name: state[name] for name in release_schema(config)}

@@ -178,7 +178,7 @@ def megatron_to_jax(src: str, dst: str, run_config: dict | None = None) -> int:
     opt_state = fill(jtrainer.optimizer.init(trees["params"]))
     state = {"params": trees["params"], "opt_state": opt_state, "ema": trees["ema"],
              "null_text": mt.null_text.cpu().numpy(), "step": np.int32(mt.step),
-             "rng": jax.random.PRNGKey(int(run_cfg.get("seed", 0))),
+             "rng": np.asarray([int(run_cfg.get("seed", 0)), 0], np.uint32),
              "nonfinite": np.int32(mt.nonfinite), "skipped": np.int32(mt.skipped)}
     shardings = jax.tree.map(lambda a: a.sharding, abstract)
     state = jax.device_put(jax.tree.map(lambda v, a: jnp.asarray(v, a.dtype), state, abstract), shardings)

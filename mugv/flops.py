@@ -76,3 +76,34 @@ def mfu(train_flops: float, step_seconds: float, num_devices: int, peak_per_devi
     if not peak_per_device or step_seconds <= 0:
         return None
     return train_flops / (step_seconds * num_devices * peak_per_device)
+
+
+# How much of the forward each activation-recompute setting runs again in the backward pass, as
+# matmul FLOPs: "full" reruns the whole block; policies that keep every matmul output (JAX "dots",
+# "offload_dots") rerun only element-wise work, which model FLOPs ignore; those that keep only
+# non-batched matmuls (JAX "dots_no_batch") or Megatron's "selective" rerun the attention core
+# (q·kᵀ and attn·v, batched over heads). One table for both trainers.
+RECOMPUTE = {
+    "none": "none", "dots": "none", "offload_dots": "none",
+    "full": "full",
+    "selective": "attention", "dots_no_batch": "attention",
+}
+
+
+def attention_core_flops_per_sample(config: DiTConfig, num_video_tokens: int, num_text_tokens: int) -> float:
+    n, c, l = num_video_tokens + 2, config.hidden_size, num_text_tokens
+    return float(config.depth * (2 * 2 * n * n * c + 2 * 2 * n * l * c))
+
+
+def hardware_step_flops(config: DiTConfig, batch_size: int, num_video_tokens: int, num_text_tokens: int,
+                        recompute: str = "none") -> float:
+    """FLOPs a step actually executes: model FLOPs plus what `recompute` runs again."""
+    if recompute not in RECOMPUTE:
+        raise ValueError(f"unknown recompute/remat setting {recompute!r}; known: {sorted(RECOMPUTE)}")
+    model = step_flops(config, batch_size, num_video_tokens, num_text_tokens)
+    kind = RECOMPUTE[recompute]
+    if kind == "full":
+        return model.train + model.forward
+    if kind == "attention":
+        return model.train + batch_size * attention_core_flops_per_sample(config, num_video_tokens, num_text_tokens)
+    return model.train

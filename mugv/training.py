@@ -58,6 +58,18 @@ class ObjectiveConfig:
                 raise ValueError(f"objective.{name} must be in [0, 1], got {p}")
 
 
+@dataclasses.dataclass(frozen=True)
+class PreferenceConfig:
+    """The loss fields of `config.preference` (the section also names the label files)."""
+    beta_dpo: float = 200.0
+    beta_kto: float = 200.0
+    sft_weight: float = 0.1
+    kto_desirable_weight: float = 1.0
+    kto_undesirable_weight: float = 1.0
+    # Timesteps t = sigmoid(u)·1000 (logit-normal) shifted by this ratio (None = resolution rule).
+    shift_ratio: float | None = None
+
+
 def shift_ratio(latent_shape: tuple[int, int, int], shift_num_frames: int | None = None) -> float:
     """The timestep-shift ratio of spec.md §2: sqrt(pixels / 512²) · sqrt(latent frames)."""
     frames, h, w = latent_shape
@@ -90,3 +102,42 @@ def unflatten(flat: dict[str, object]) -> dict:
             node = node.setdefault(p, {})
         node[leaf] = v
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class MegatronOptions:
+    """`config.megatron`: how the Megatron backend runs (the JAX backend's counterparts are
+    `mesh`, `attention` and `remat`; each backend ignores the other's execution settings)."""
+    tp: int = 1                        # tensor-parallel size
+    sp: bool = False                   # sequence parallel (needs tp > 1)
+    pp: int = 1                        # pipeline-parallel size (must divide the depth)
+    cp: int = 1                        # context-parallel size
+    distributed_optimizer: bool = True  # megatron's DistributedOptimizer on CUDA (torch AdamW on CPU)
+    use_te: bool | None = None         # Transformer Engine layers; None = when it imports
+
+    def __post_init__(self):
+        for key in ("tp", "pp", "cp"):
+            if int(getattr(self, key)) < 1:
+                raise ValueError(f"config.megatron.{key} must be >= 1, got {getattr(self, key)}")
+        if self.sp and int(self.tp) < 2:
+            raise ValueError("config.megatron.sp (sequence parallel) needs config.megatron.tp >= 2")
+
+
+def megatron_section():
+    """The `config.megatron` ConfigDict with MegatronOptions' defaults (None-default fields keep
+    their type so `--config.megatron.use_te=true` works)."""
+    import ml_collections
+    section = ml_collections.ConfigDict()
+    for f in dataclasses.fields(MegatronOptions):
+        if f.default is None:
+            section[f.name] = ml_collections.FieldReference(None, field_type=bool)
+        else:
+            section[f.name] = f.default
+    return section
+
+
+def preference_config_from(config) -> PreferenceConfig:
+    """PreferenceConfig from `config.preference` (its label-file and evaluation fields are the
+    task's, not the loss's)."""
+    fields = {f.name for f in dataclasses.fields(PreferenceConfig)}
+    return PreferenceConfig(**{k: v for k, v in dict(config.preference).items() if k in fields})

@@ -65,7 +65,8 @@ def _spec(args):
 def prepare(args) -> None:
     import numpy as np
 
-    from mugv_data import encode, shards, text
+    from mugv_data import encode, text
+    from mugv.data import shards
     from mugv_data.pipeline import PrepareSource
 
     os.makedirs(args.out, exist_ok=True)
@@ -154,7 +155,7 @@ def main(argv=None) -> None:
         print(import_reference(args.csv, args.out, fps=args.fps))
     else:
         from mugv_data.reference_format import write_reference
-        from mugv_data.shards import RecordReader
+        from mugv.data.shards import RecordReader
         r = RecordReader(args.data)
         print(write_reference((r[i] for i in range(len(r))), args.out, source=args.source, text_len=args.text_len))
 

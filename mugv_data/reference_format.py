@@ -135,7 +135,7 @@ def import_reference(csv_path: str, out_dir: str, *, fps: float = 24.0, name: st
     by default (the reference trainer casts them to bf16 too); `latent_dtype="float32"` keeps them. Rows are held in memory
     (fine for the sizes this path is for: checking parity with the reference trainer).
     """
-    from mugv_data.shards import write_shards
+    from mugv.data.shards import write_shards
 
     rows = list(read_csv(csv_path))
     shapes = sorted({tuple(r["latents"].shape[1:]) for r in rows})

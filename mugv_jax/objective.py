@@ -6,6 +6,7 @@ constant — the reference hard-codes 10); x_t = (1−τ')·x0 + τ'·ε; target
 prediction is output channels 0..C−1. Loss: squared error averaged per sample over its generated
 frames, then over the batch. Conditioning (image-to-video) frames keep x0, are modulated with t=0
 and do not count. Caption dropout replaces a whole caption with the null text features.
+The random numbers are mugv.rng's (one definition for every backend), keyed by (seed, step).
 """
 from __future__ import annotations
 
@@ -13,11 +14,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from mugv import rng as ref_rng
 from mugv.training import BASE_RESOLUTION, ObjectiveConfig, shift_ratio  # noqa: F401 (re-exported)
+from mugv_jax import rng
 
-def sample_logit_normal_t(key, batch: int) -> jax.Array:
-    """t = sigmoid(u)·1000, u ~ N(0, 1)."""
-    return jax.nn.sigmoid(jax.random.normal(key, (batch,), jnp.float32)) * 1000.0
+def logit_normal_t(u) -> jax.Array:
+    """t = sigmoid(u)·1000 for standard-normal u."""
+    return jax.nn.sigmoid(u) * 1000.0
 
 
 def shift_t(t: jax.Array, ratio: float) -> jax.Array:
@@ -31,29 +34,32 @@ def noisy_latents(x0, eps, t):
     return (1.0 - tau) * x0 + tau * eps
 
 
-def conditioning_frame_mask(key, batch: int, frames: int, config: ObjectiveConfig) -> jax.Array:
-    """x_mask [B, T]: True = generated frame, False = conditioning frame (a prefix)."""
-    k_apply, k_len = jax.random.split(key)
-    apply = jax.random.uniform(k_apply, (batch,)) < config.i2v_prob
+def draws(k, latent_shape: tuple[int, ...], config: ObjectiveConfig) -> dict:
+    """The step's random numbers (mugv.rng's definition) for a global batch of latents
+    [B, C, T, H, W] under key `k` = mugv_jax.rng.key(seed, step): u, eps, n_cond, drop."""
+    b, frames = latent_shape[0], latent_shape[2]
+    apply = rng.uniforms(k, ref_rng.TAG_I2V_APPLY, b) < jnp.float32(config.i2v_prob)
     if config.i2v_mode == "first":
-        n_cond = jnp.ones((batch,), jnp.int32)
+        n_cond = jnp.ones((b,), jnp.int32)
     else:
-        n_cond = jax.random.randint(k_len, (batch,), 1, max(1, frames // 4) + 1)
+        n_cond = 1 + rng.randints(k, ref_rng.TAG_I2V_FRAMES, b, max(1, frames // 4))
     n_cond = jnp.where(apply, jnp.minimum(n_cond, frames - 1 if frames > 1 else 0), 0)
-    return jnp.arange(frames)[None, :] >= n_cond[:, None]
+    return {"u": rng.normals(k, ref_rng.TAG_T, b),
+            "eps": rng.normals(k, ref_rng.TAG_NOISE, b, tuple(latent_shape[1:])),
+            "n_cond": n_cond,
+            "drop": rng.uniforms(k, ref_rng.TAG_CAPTION_DROP, b) < jnp.float32(config.caption_dropout_prob)}
 
 
-def drop_captions(key, y, mask, null_text, prob: float):
-    """Replace whole captions with the null features [L_max, D] (mask all valid) with prob `prob`."""
-    b, _, length, _ = y.shape
+def drop_captions(y, mask, null_text, drop):
+    """Replace the captions where `drop` [B] is set by the null features [L_max, D] (mask all valid)."""
+    length = y.shape[2]
     if length > null_text.shape[0]:
         raise ValueError(f"caption length {length} exceeds the model's max_text_tokens "
                          f"{null_text.shape[0]} (the null caption has that many rows)")
-    drop = jax.random.uniform(key, (b,)) < prob
     null = jnp.broadcast_to(null_text[:length].astype(y.dtype), y.shape[1:])
     y = jnp.where(drop[:, None, None, None], null[None], y)
     mask = jnp.where(drop[:, None], jnp.ones_like(mask), mask)
-    return y, mask, drop
+    return y, mask
 
 
 def masked_frame_mse(pred, target, x_mask):
@@ -67,22 +73,25 @@ def masked_frame_mse(pred, target, x_mask):
     return jnp.mean(per_sample), per_sample
 
 
-def prepare(key, batch: dict, null_text, config: ObjectiveConfig):
-    """Draw timesteps, noise, conditioning frames and caption dropout for one batch.
-
-    Returns the model inputs, the velocity target and the per-sample raw t (for quartile metrics).
-    """
+def inputs_from_draws(batch: dict, null_text, config: ObjectiveConfig, d: dict):
+    """Model inputs, velocity target and raw per-sample t of a batch under the draws `d`."""
     x0 = batch["latents"].astype(jnp.float32)
-    b, _, frames, h, w = x0.shape
-    k_t, k_eps, k_cond, k_drop = jax.random.split(key, 4)
+    frames, h, w = x0.shape[2:]
     ratio = config.shift_ratio if config.shift_ratio is not None else \
         shift_ratio((frames, h, w), config.shift_num_frames)
-    t = shift_t(sample_logit_normal_t(k_t, b), ratio)
-    eps = jax.random.normal(k_eps, x0.shape, jnp.float32)
-    x_mask = conditioning_frame_mask(k_cond, b, frames, config)
-    xt = noisy_latents(x0, eps, t)
-    xt = jnp.where(x_mask[:, None, :, None, None], xt, x0)  # conditioning frames stay clean
-    y, mask, _ = drop_captions(k_drop, batch["y"], batch["mask"], null_text, config.caption_dropout_prob)
+    t = shift_t(logit_normal_t(d["u"]), ratio)
+    eps = d["eps"]
+    x_mask = jnp.arange(frames)[None, :] >= jnp.asarray(d["n_cond"])[:, None]
+    xt = jnp.where(x_mask[:, None, :, None, None], noisy_latents(x0, eps, t), x0)  # conditioning frames stay clean
+    y, mask = drop_captions(batch["y"], batch["mask"], null_text, jnp.asarray(d["drop"]))
     inputs = dict(x=xt, timestep=t, y=y, mask=mask, x_mask=x_mask, fps=batch["fps"],
                   frame_indice=batch.get("frame_indice"))
     return inputs, x0 - eps, t
+
+
+def prepare(k, batch: dict, null_text, config: ObjectiveConfig):
+    """Draw (mugv.rng, key `k` = mugv_jax.rng.key(seed, step)) and build one batch's model inputs.
+
+    Returns the model inputs, the velocity target and the per-sample raw t (for quartile metrics).
+    """
+    return inputs_from_draws(batch, null_text, config, draws(k, batch["latents"].shape, config))

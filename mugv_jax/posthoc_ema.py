@@ -69,9 +69,7 @@ def sweep(averages: Sequence, decays: Sequence[float], evaluate: Callable[[objec
 def _run_pieces(run: str):
     """(config, Trainer) of a training workdir from its config.json."""
     import ml_collections
-    from mugv_jax import mesh as mesh_lib, objective as obj, trainer as trainer_lib
     from mugv_jax import train as train_lib
-    from mugv_jax.dit.model import RuntimeOptions
     path = os.path.join(run, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--run {run}: no config.json (a workdir of python -m mugv_jax.train)")
@@ -79,18 +77,14 @@ def _run_pieces(run: str):
         d = json.load(f)
     d.pop("model_resolved", None)
     config = ml_collections.ConfigDict(d)
-    model_cfg = train_lib.model_config_from(config)
-    options = RuntimeOptions(compute_dtype=config.compute_dtype, attention=config.attention, remat=config.remat)
-    trainer = trainer_lib.Trainer(model_cfg, options, train_lib._dataclass_from(trainer_lib.OptimConfig, config.optim),
-                                  train_lib._dataclass_from(obj.ObjectiveConfig, config.objective),
-                                  mesh_lib.build_mesh(dict(config.mesh.ici), dict(config.mesh.get("dcn", {}) or {})))
-    return config, trainer
+    return config, train_lib.build_trainer(config)
 
 
 def main(argv=None) -> int:
     from tqdm import tqdm
     from converters.formats.jax import resolve_step_dir
     from converters.loaders import jax_params
+    from mugv.run import validation as run_validation
     from mugv_jax import validation
     from mugv_jax.expand import save_params
     p = argparse.ArgumentParser(prog="python -m mugv_jax.posthoc_ema", description=__doc__.split("\n\n")[0])
@@ -107,8 +101,10 @@ def main(argv=None) -> int:
     config, trainer = _run_pieces(a.run)
     if a.num_batches:
         config.validation.num_batches = a.num_batches
-    validator = validation.Validator(trainer, validation.heldout_batches(config, trainer.model_config),
-                                     t_values=tuple(config.validation.t_values), seed=int(config.validation.seed))
+    vset = run_validation.ValidationSet(
+        run_validation.with_noise(run_validation.heldout_batches(config, trainer.model_config),
+                                  int(config.validation.seed)), t_values=tuple(config.validation.t_values))
+    validator = validation.Validator(trainer, vset)
     loaded = (jax_params(f"jax:{a.run}@{s}", weights=a.weights)[1]
               for s in tqdm(steps, desc="reading checkpoints", unit="ckpt"))
     averages = combine(loaded, steps, decays)

@@ -46,7 +46,7 @@ def main(argv):
 
     from mugv.geometry import latent_shape
     from mugv_jax import dit, sampler
-    from mugv_jax.safetensors_io import load_tensors, save_atomic
+    from mugv.safetensors_io import load_tensors, save_atomic
 
     options = dit.RuntimeOptions(compute_dtype=jnp.dtype(FLAGS.dtype))
     t0 = time.time()

@@ -5,13 +5,12 @@ The state is a plain pytree (dict) so that orbax saves and restores it onto any 
   opt_state   optax AdamW (+ clipping) state, sharded like params
   ema         float32 exponential moving average of params, sharded like params
   null_text   [max_text_tokens, text_dim] features that replace dropped captions (not trained)
-  step        int32, rng (uint32 key data), nonfinite (consecutive skipped steps), skipped (total)
+  step        int32, rng (uint32 [seed, 0]: the key word of mugv.rng's draws), nonfinite (consecutive skipped steps), skipped (total)
 One `jax.jit` with explicit in/out shardings and donated state does a whole step, including
 gradient accumulation over micro-batches.
 """
 from __future__ import annotations
 
-import math
 
 import jax
 import jax.numpy as jnp
@@ -20,11 +19,13 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from mugv import rng as rng_ref
 from mugv.config import DiTConfig
 from mugv.training import OptimConfig  # noqa: F401 (re-exported)
 from mugv.training import unflatten as _unflatten
 from mugv_jax import objective as obj
-from mugv_jax import sharding
+from mugv_jax import rng, sharding
+from converters.layouts import jax as jax_layout
 from mugv_jax.dit import checkpoint as dit_ckpt
 from mugv_jax.dit.model import RuntimeOptions, forward
 
@@ -60,6 +61,25 @@ def param_logical_axes(config: DiTConfig) -> dict:
     return _unflatten(sharding.param_logical_axes(dit_ckpt.abstract_model(config)))
 
 
+def params_from_release(items, config: DiTConfig) -> dict:
+    """Nested float32 params from release-layout (name, array) pairs (e.g. another backend's
+    checkpoint read by the converters), stacking each block tensor at its layer."""
+    shapes = jax_layout.jax_param_shapes(config)
+    flat: dict[str, np.ndarray] = {}
+    for name, array in items:
+        jpath, layer, arr = jax_layout.release_to_jax(name, np.asarray(array, np.float32), config)
+        if layer is None:
+            flat[jpath] = arr
+        else:
+            if jpath not in flat:
+                flat[jpath] = np.empty(shapes[jpath], np.float32)
+            flat[jpath][layer] = arr
+    missing = sorted(set(shapes) - set(flat))
+    if missing:
+        raise KeyError(f"release tensors for JAX parameters {missing} are missing")
+    return _unflatten(flat)
+
+
 class Trainer:
     """Holds the static pieces of training (config, mesh, optimizer) and builds jitted steps."""
 
@@ -75,15 +95,14 @@ class Trainer:
 
     def _fresh_state(self, params, seed: int):
         c = self.model_config
-        null_text = jax.random.normal(jax.random.PRNGKey(seed + 1), (c.max_text_tokens, c.text_dim),
-                                      jnp.float32) / math.sqrt(c.text_dim)
+        null_text = jnp.asarray(rng_ref.null_text(seed, c.max_text_tokens, c.text_dim))
         return {
             "params": params,
             "opt_state": self.optimizer.init(params),
             "ema": jax.tree.map(jnp.copy, params),
             "null_text": null_text,
             "step": jnp.zeros((), jnp.int32),
-            "rng": jax.random.PRNGKey(seed),
+            "rng": jnp.asarray([seed, 0], jnp.uint32),
             "nonfinite": jnp.zeros((), jnp.int32),
             "skipped": jnp.zeros((), jnp.int32),
         }
@@ -205,8 +224,12 @@ class Trainer:
                    "nonfinite_in_a_row": new_state["nonfinite"]}
         return new_state, metrics
 
+    def step_key(self, state):
+        """mugv.rng's key of this step: (the run's seed word, step)."""
+        return rng.key(state["rng"][0], state["step"])
+
     def _step_fn(self, state, batch):
-        key = jax.random.fold_in(state["rng"], state["step"])
+        key = self.step_key(state)
         loss, aux, grads = self.loss_and_grads(state["params"], state["null_text"], batch, key)
         new_state, metrics = self.apply_gradients(state, loss, grads)
         metrics.update(loss=loss, loss_by_t_quartile=aux["q_sum"] / jnp.maximum(aux["q_count"], 1))

@@ -13,6 +13,7 @@ layers at their global index, the embedders every stage holds are written by the
   optimizer.state.exp_moving_avg.<key>       EMA of the weights (the name the reference's
                                              ema_restore.py expects, megatron-trainer.md §3.5)
   context_embedder.drop_emb                  the null caption for dropped captions (not trained)
+  optimizer.state.reference_model.<key>      preference runs: the frozen reference weights
   rng_state                                  torch RNG states, one object per rank
 common.pt: iteration, checkpoint_version, and `mugv`: model config, trainer counters (step,
 consecutive non-finite, skipped), optimizer kind and update count, data-iterator state.
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 TRACKER = "latest_checkpointed_iteration.txt"
 CHECKPOINT_VERSION = 3.0
 NULL_TEXT_KEY = "context_embedder.drop_emb"
+REF_PREFIX = "optimizer.state.reference_model."  # skipped by weight readers like the moments
 _ITER = re.compile(r"^iter_(\d{7})$")
 _LAYER = re.compile(r"^" + re.escape(layout.LAYER_PREFIX) + r"(\d+)\.(.+)$")
 
@@ -133,6 +135,9 @@ def _state_dict(trainer, *, loading: bool) -> dict:
     else:
         sd["optimizer"] = opt.opt.sharded_state_dict(
             model_sd, is_loading=loading, metadata={"distrib_optim_sharding_type": "fully_sharded_model_space"})
+    if getattr(trainer, "ref", None) is not None:
+        # Preference runs: the frozen reference model (the weights the run started from).
+        sd["ref"] = {n: sharded_tensor(n, fresh(t), depth, REF_PREFIX, off) for n, t in trainer.ref.items()}
     sd["null_text"] = sharded_tensor(NULL_TEXT_KEY, fresh(trainer.null_text), depth)
     rank, world = dist.get_rank(), dist.get_world_size()
     rng = {"cpu": torch.get_rng_state()}
@@ -232,6 +237,8 @@ def load(path: str, trainer) -> dict:
         for n, t in trainer.ema.shadow.items():
             t.copy_(loaded["ema"][n])
         trainer.null_text.copy_(loaded["null_text"])
+        for n, t in (loaded.get("ref") or {}).items():
+            trainer.ref[n].copy_(t)
     opt = trainer.optimizer
     if opt.kind == "torch_adamw":
         opt.set_count(meta["optimizer"]["count"])

@@ -1,62 +1,58 @@
 """Train MUG-DiT on Megatron-Core: `python -m mugv_megatron.train --config=configs/tiny.py --workdir=DIR`.
 
-The same configs as `mugv_jax.train` (objective, optim, data, checkpoint/log cadence); the
-Megatron section (`config.megatron`: tp, sp, pp, cp, distributed_optimizer, use_te) comes from
-`--config=configs/mcore.py:tiny` or is added with its defaults, and the flags `--tp`, `--sp`,
-`--pp`, `--cp` override it. One process per GPU under torchrun (launch/megatron_torchrun.sh);
-without a launcher it runs as a one-process world (CPU works for the tiny config).
-`--workdir` holds checkpoints/ (torch_dist, see mugv_megatron/checkpointing.py), tensorboard/
-(event files + metrics.jsonl) and config.json. Re-running the same command resumes from the
-newest readable checkpoint; SIGTERM saves at the next step boundary and exits 0.
+The same configs, tasks and run loop as `mugv_jax.train` (mugv.run.driver: data and image:video
+mixing, validation, preference mode, init_from any format with `init_weights`, checkpoint/log
+cadence, SIGTERM, non-finite steps); `config.megatron` (tp, sp, pp, cp, distributed_optimizer,
+use_te; mugv.training.MegatronOptions) says how to run, and `--tp`, `--sp`, `--pp`, `--cp`
+override it. One process per GPU under torchrun (launch/megatron_torchrun.sh); without a launcher
+it runs as a one-process world (CPU works for the tiny config). `--workdir` holds checkpoints/
+(torch_dist, see mugv_megatron/checkpointing.py), tensorboard/ (event files + metrics.jsonl) and
+config.json. Re-running the same command resumes from the newest readable checkpoint.
+
+Recipe fields this backend cannot honour are refused by name (`refused_fields`): sampling during
+training (`config.sample.every`; sample with `python -m mugv_jax.sample` from a converted
+checkpoint). The JAX backend's execution settings (`mesh`, `attention`, `remat`) are not read here,
+as the JAX backend does not read `config.megatron`.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import logging
 import os
-import signal
 import sys
-import time
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
-from mugv import flops as flops_lib
 from mugv.config import DiTConfig
-from mugv.geometry import num_video_tokens
-from mugv.training import dataclass_from as _dataclass_from, model_config_from  # noqa: F401
-from mugv_megatron import checkpointing, optim, parallel
+from mugv.data.preference import batch_kind
+from mugv.run import driver, tasks
+from mugv.run.validation import ValidationSet
+from mugv.training import (MegatronOptions, dataclass_from, model_config_from, preference_config_from)
+from mugv_megatron import checkpointing, evaluation, optim, parallel
 from mugv_megatron import objective as obj
 
 log = logging.getLogger("mugv.megatron.train")
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
-
-
-def _configs_megatron():
-    # configs/mcore.py by path (configs/ is not a package).
-    import importlib.util
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "mcore.py")
-    spec = importlib.util.spec_from_file_location("_mugv_configs_mcore", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def megatron_options(config, overrides: dict | None = None) -> dict:
-    """config.megatron (defaults from configs/mcore.py) with non-None overrides applied."""
-    opts = dict(_configs_megatron().megatron_section())
-    opts.update(dict(config.get("megatron", {}) or {}))
+    """config.megatron (defaults: mugv.training.MegatronOptions) with non-None overrides applied."""
+    opts = dataclasses.asdict(MegatronOptions())
+    opts.update({k: v for k, v in dict(config.get("megatron", {}) or {}).items()})
     opts.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    for key in ("tp", "pp", "cp"):
-        if int(opts[key]) < 1:
-            raise ValueError(f"config.megatron.{key} must be >= 1, got {opts[key]}")
-    if opts["sp"] and int(opts["tp"]) < 2:
-        raise ValueError("config.megatron.sp (sequence parallel) needs config.megatron.tp >= 2")
-    return opts
+    return dataclasses.asdict(dataclass_from(MegatronOptions, opts))
+
+
+def refused_fields(config) -> list[str]:
+    """Recipe fields of `config` set to something the Megatron backend cannot do."""
+    out = []
+    if int(config.get("sample", {}).get("every", 0) or 0) > 0:
+        out.append(f"config.sample.every={config.sample.every} (the megatron backend does not sample during "
+                   f"training; convert a checkpoint and use python -m mugv_jax.sample)")
+    return out
 
 
 def init_distributed(tp: int, cp: int = 1, pp: int = 1) -> None:
@@ -77,167 +73,166 @@ def init_distributed(tp: int, cp: int = 1, pp: int = 1) -> None:
                    context_parallel_size=cp, pipeline_parallel_size=pp)
 
 
-def build_iterator(config, model_cfg: DiTConfig, dp_rank: int, dp_size: int):
-    """The data iterator (same sources as the JAX trainer); returns (iterator, returns_local)."""
-    d = config.data
-    if d.source == "synthetic":
-        from mugv_jax import data as data_lib   # numpy only
-        buckets = [data_lib.Bucket(*map(int, b)) for b in d.buckets]
-        src = data_lib.SyntheticTextToLatent(
-            buckets, in_channels=model_cfg.in_channels, text_dim=model_cfg.text_dim,
-            text_len=int(d.text_len), num_prompts=int(d.num_prompts), fps=float(d.fps), seed=int(config.seed))
-        return data_lib.DataIterator(src), False
-    if d.source != "shards":
-        raise ValueError(f"config.data.source={d.source!r} is not available (known: 'synthetic', 'shards')")
-    from mugv_data.loader import ShardLoader
-    if not d.get("path"):
-        raise ValueError("config.data.source='shards' needs config.data.path (a prepared dataset directory)")
-    # Ranks of one data-parallel replica (its TP group) read the same slice.
-    loader = ShardLoader(d.path, int(d.batch_size), text_len=int(d.text_len), seed=int(config.seed),
-                         process_index=dp_rank, process_count=dp_size,
-                         num_workers=int(d.get("num_workers", 0)))
-    if (loader.latent_channels, loader.text_dim) != (model_cfg.in_channels, model_cfg.text_dim):
-        raise ValueError(f"dataset {d.path} has {loader.latent_channels} latent channels and text width "
-                         f"{loader.text_dim}; model {config.model} expects {model_cfg.in_channels} and "
-                         f"{model_cfg.text_dim} (set config.model_overrides.text_dim)")
-    return loader, True
-
-
-def _release_state(spec: str, model_cfg: DiTConfig):
+def release_state_from(spec: str, model_cfg: DiTConfig, weights: str = "raw") -> dict | None:
+    """Release-layout {name: tensor} of `config.init_from` in any format: a release file
+    (.pt/.safetensors/index), `jax:DIR[@STEP]` or `megatron:DIR[@ITER]` (weights "raw" or "ema")."""
     if not spec:
         return None
-    if spec.startswith(("jax:", "megatron:")):
-        raise ValueError(f"config.init_from={spec}: the Megatron trainer starts from release-layout "
-                         f"files (.pt/.safetensors); convert with `python -m converters convert "
-                         f"--src {spec} --dst release:dit.safetensors` first")
-    from mugv_megatron.dit import read_release_checkpoint
-    return read_release_checkpoint(spec.removeprefix("release:"))
+    from converters.loaders import release_state
+    state = release_state(spec, model=model_cfg, weights=weights)
+    return {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in state.items()}
+
+
+class MegatronBackend:
+    """The Megatron side of a DiT run (pretraining or preference) for mugv.run.driver."""
+    name = "megatron"
+
+    def __init__(self, config, workdir: str, task, resolved: dict, overrides: dict | None = None):
+        from megatron.core import parallel_state as ps
+        refused = refused_fields(config)
+        if refused:
+            raise ValueError("the megatron backend cannot honour " + "; ".join(refused))
+        self.config, self.task = config, task
+        self.opts = opts = megatron_options(config, overrides)
+        self.model_cfg = model_cfg = model_config_from(config)
+        self.optim_cfg = dataclass_from(optim.OptimConfig, config.optim)
+        self.objective = dataclass_from(obj.ObjectiveConfig, config.objective)
+        if model_cfg.depth % int(opts["pp"]):
+            raise ValueError(f"config.megatron.pp={opts['pp']} does not divide the model's "
+                             f"{model_cfg.depth} layers")
+        if task.name == "preference" and (int(opts["pp"]) > 1 or int(opts["cp"]) > 1):
+            raise ValueError(f"config.mode='preference' on the megatron backend runs with tensor, sequence and "
+                             f"data parallelism: set config.megatron.pp=1 and config.megatron.cp=1 (got "
+                             f"pp={opts['pp']}, cp={opts['cp']})")
+        init_distributed(int(opts["tp"]), int(opts["cp"]), int(opts["pp"]))
+        self.checkpoint_dir = self.ckpt_dir = os.path.join(workdir, "checkpoints")
+        self.run_config = {**resolved, "megatron": opts}
+        self.is_main = dist.get_rank() == 0
+        self.data_shard = (ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
+        self.num_devices = dist.get_world_size()
+        self.device_kind = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+        self.recompute = "none"
+        self.trainer = None
+        self.step = 0
+        self._profiler = None
+
+    def _build(self, release_state: dict | None):
+        from mugv_megatron.trainer import Trainer
+        opts, config = self.opts, self.config
+        kwargs = dict(seed=int(config.seed), compute_dtype=config.compute_dtype,
+                      sequence_parallel=bool(opts["sp"]),
+                      use_megatron_optimizer=torch.cuda.is_available() and bool(opts["distributed_optimizer"]),
+                      use_te=opts["use_te"], release_state=release_state)
+        if self.task.name == "preference":
+            from mugv_megatron.preference import PreferenceTrainer
+            return PreferenceTrainer(self.model_cfg, self.optim_cfg, self.objective,
+                                     preference=preference_config_from(config), **kwargs)
+        return Trainer(self.model_cfg, self.optim_cfg, self.objective, **kwargs)
+
+    def _describe(self) -> None:
+        if self.is_main:
+            t = self.trainer
+            log.info("Megatron-Core: world %d = TP %d x CP %d x PP %d x DP %d%s; model %s (%d layers, hidden %d); "
+                     "optimizer %s", dist.get_world_size(), self.opts["tp"], t.cp_size, t.pp_size, t.dp_size,
+                     " + SP" if self.opts["sp"] else "", self.config.model, self.model_cfg.depth,
+                     self.model_cfg.hidden_size, t.optimizer.kind)
+
+    # --- state -----------------------------------------------------------------------------------
+
+    def restore(self):
+        if not checkpointing.steps(self.ckpt_dir):
+            return None
+        self.trainer = self._build(None)
+        meta = checkpointing.restore_latest(self.ckpt_dir, self.trainer)
+        if meta is None:
+            self.trainer = None   # every checkpoint unreadable: start as a fresh run would
+            return None
+        self.step = self.trainer.step
+        self._describe()
+        return meta["data"]
+
+    def initialize(self) -> None:
+        c = self.config
+        weights = c.get("init_weights", "raw")
+        state = release_state_from(c.init_from, self.model_cfg, weights)
+        if state is not None:
+            log.info("initialised from %s (%s weights) with a fresh optimizer", c.init_from, weights)
+        self.trainer = self._build(state)
+        self.step = self.trainer.step
+        self._describe()
+
+    # --- steps -----------------------------------------------------------------------------------
+
+    def train_step(self, batch: dict):
+        m = self.trainer.train_step(batch, local=True)
+        self.step = self.trainer.step
+        return m
+
+    def fetch(self, metrics) -> dict:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return dict(metrics)
+
+    def nonfinite_in_a_row(self, metrics) -> int:
+        return int(metrics["nonfinite_in_a_row"])
+
+    def skipped(self) -> int:
+        return 0 if self.trainer is None else int(self.trainer.skipped)
+
+    def evaluate(self, request) -> dict:
+        if isinstance(request, ValidationSet):
+            return request.summarize(evaluation.validation_per_t(self.trainer, request))
+        if isinstance(request, tasks.PreferenceEvaluation):
+            sums: dict = {}
+            for i, b in enumerate(request.batches):
+                kind = batch_kind(b)
+                for k, v in self.trainer.evaluate(b, request.seed, i).items():
+                    sums.setdefault(f"{kind}/{k}", []).append(float(v))
+            return {f"heldout/{k}": float(np.mean(v)) for k, v in sums.items()}
+        raise TypeError(f"the megatron backend cannot evaluate {type(request).__name__}")
+
+    # --- checkpoints -----------------------------------------------------------------------------
+
+    def save(self, data_state: dict, *, force: bool = False) -> None:
+        checkpointing.save(self.ckpt_dir, self.trainer, data_state, self.run_config,
+                           keep=int(self.config.keep_checkpoints))
+
+    def checkpoints(self) -> list[str]:
+        return [checkpointing.iter_dir(self.ckpt_dir, s) for s in checkpointing.steps(self.ckpt_dir)]
+
+    def any_process(self, flag: bool) -> bool:
+        t = torch.tensor([1 if flag else 0], device=self.trainer.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(int(t))
+
+    def finish(self) -> None:
+        pass
+
+    # --- extras ----------------------------------------------------------------------------------
+
+    def start_profile(self, directory: str) -> None:
+        acts = [torch.profiler.ProfilerActivity.CPU]
+        if torch.cuda.is_available():
+            acts.append(torch.profiler.ProfilerActivity.CUDA)
+        self._profiler = torch.profiler.profile(
+            activities=acts, on_trace_ready=torch.profiler.tensorboard_trace_handler(directory))
+        self._profiler.start()
+
+    def stop_profile(self) -> None:
+        if self._profiler is not None:
+            self._profiler.stop()
+            self._profiler = None
 
 
 def train(config, workdir: str, overrides: dict | None = None) -> dict:
-    """Run (or resume) training; returns a summary {step, loss, skipped, stopped_by}."""
-    from megatron.core import parallel_state as ps
-    from mugv_jax.metrics import MetricsWriter   # tensorboardX + jsonl, no jax import
-    from mugv_megatron.trainer import Trainer
-
-    opts = megatron_options(config, overrides)
-    model_cfg = model_config_from(config)
-    optim_cfg = _dataclass_from(optim.OptimConfig, config.optim)
-    objective = _dataclass_from(obj.ObjectiveConfig, config.objective)
-    if model_cfg.depth % int(opts["pp"]):
-        raise ValueError(f"config.megatron.pp={opts['pp']} does not divide the model's "
-                         f"{model_cfg.depth} layers")
-    init_distributed(int(opts["tp"]), int(opts["cp"]), int(opts["pp"]))
-    rank = dist.get_rank()
-    is_main = rank == 0
-    if int(config.sample.every) > 0 and is_main:
-        log.warning("config.sample.every is ignored by the Megatron trainer (sampling is in mugv_jax)")
-    os.makedirs(workdir, exist_ok=True)
+    """Run (or resume) training; returns the driver's summary plus the `trainer`."""
+    task = tasks.for_config(config)
     resolved = json.loads(config.to_json_best_effort())
-    resolved["megatron"] = opts
-    resolved["model_resolved"] = model_cfg.to_dict()
-    if is_main:
-        tmp = os.path.join(workdir, "config.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(resolved, f, indent=2)
-        os.replace(tmp, os.path.join(workdir, "config.json"))
-    use_megatron_opt = torch.cuda.is_available() and bool(opts["distributed_optimizer"])
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    has_ckpt = bool(checkpointing.steps(ckpt_dir))
-    trainer = Trainer(model_cfg, optim_cfg, objective, seed=int(config.seed),
-                      compute_dtype=config.compute_dtype, sequence_parallel=bool(opts["sp"]),
-                      use_megatron_optimizer=use_megatron_opt, use_te=opts["use_te"],
-                      release_state=None if has_ckpt else _release_state(config.init_from, model_cfg))
-    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-    it, returns_local = build_iterator(config, model_cfg, dp_rank, dp_size)
-    meta = checkpointing.restore_latest(ckpt_dir, trainer) if has_ckpt else None
-    if meta is None and has_ckpt and config.init_from:
-        # Every checkpoint was unreadable: start as a fresh run would, from init_from.
-        from mugv_megatron import pipeline
-        from mugv_megatron.ema import EMA
-        pipeline.load_release_state(trainer.module, _release_state(config.init_from, model_cfg),
-                                    source=config.init_from)
-        trainer.ema = EMA(trainer.module.named_parameters(), optim_cfg.ema_decay)
-    if meta is not None:
-        it.set_state(meta["data"])
-        if is_main:
-            log.info("resumed from %s at step %d", ckpt_dir, trainer.step)
-    tp = ps.get_tensor_model_parallel_world_size()
-    if is_main:
-        log.info("Megatron-Core: world %d = TP %d x CP %d x PP %d x DP %d%s; model %s (%d layers, "
-                 "hidden %d); optimizer %s", dist.get_world_size(), tp, trainer.cp_size,
-                 trainer.pp_size, dp_size, " + SP" if opts["sp"] else "", config.model,
-                 model_cfg.depth, model_cfg.hidden_size, trainer.optimizer.kind)
-
-    writer = MetricsWriter(os.path.join(workdir, "tensorboard"), enabled=is_main)
-    device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    peak = flops_lib.peak_flops_for(device_name)
-    n_dev = dist.get_world_size()
-    stop = {"signal": None}
-    prev_handler = signal.signal(signal.SIGTERM, lambda sig, frame: stop.update(signal=sig))
-    keep = int(config.keep_checkpoints)
-
-    def save():
-        checkpointing.save(ckpt_dir, trainer, it.get_state(), resolved, keep=keep)
-
-    total = int(config.num_steps)
-    summary = {"step": trainer.step, "loss": None, "skipped": trainer.skipped, "stopped_by": "num_steps"}
-    window_t, window_steps = time.perf_counter(), 0
-    try:
-        while trainer.step < total:
-            host_batch = next(it)
-            host_batch.pop("prompt_id", None)
-            batch_size = host_batch["latents"].shape[0] * (dp_size if returns_local else 1)
-            latent_shape = host_batch["latents"].shape[2:]
-            m = trainer.train_step(host_batch, local=returns_local)
-            step = trainer.step
-            window_steps += 1
-            if step % int(config.log_every) == 0 or step == total:
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                dt = (time.perf_counter() - window_t) / window_steps
-                n_tokens = num_video_tokens(tuple(latent_shape), model_cfg)
-                sf = flops_lib.step_flops(model_cfg, batch_size, n_tokens, host_batch["y"].shape[2])
-                scalars = {
-                    "loss": m["loss"], "grad_norm": m["grad_norm"], "learning_rate": m["learning_rate"],
-                    "step_time": dt, "samples_per_second": batch_size / dt,
-                    "tokens_per_second": batch_size * n_tokens / dt,
-                    "tflops_per_device": sf.train / dt / n_dev / 1e12,
-                    "mfu": flops_lib.mfu(sf.train, dt, n_dev, peak),
-                    "skipped_steps": trainer.skipped,
-                }
-                for q, v in enumerate(m["loss_by_t_quartile"]):
-                    scalars[f"loss_by_t/q{q}"] = v
-                writer.write(step, scalars)
-                writer.console(step, total, scalars)
-                summary.update(loss=m["loss"], skipped=trainer.skipped)
-                window_t, window_steps = time.perf_counter(), 0
-            if m["nonfinite_in_a_row"]:
-                log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)",
-                            step, m["nonfinite_in_a_row"])
-                if m["nonfinite_in_a_row"] >= int(config.max_nonfinite_in_a_row):
-                    last = checkpointing.steps(ckpt_dir)
-                    raise NonFiniteLossError(
-                        f"{m['nonfinite_in_a_row']} non-finite steps in a row (limit "
-                        f"config.max_nonfinite_in_a_row={config.max_nonfinite_in_a_row}) at step {step}; "
-                        f"last good checkpoint: "
-                        f"{checkpointing.iter_dir(ckpt_dir, last[-1]) if last else 'none'}")
-            # Every rank must agree to stop, or the collective save would hang on the others.
-            flag = torch.tensor([0 if stop["signal"] is None else 1], device=trainer.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            if int(flag):
-                log.warning("SIGTERM received: saving step %d and exiting", step)
-                save()
-                summary["stopped_by"] = "sigterm"
-                break
-            if step % int(config.checkpoint_every) == 0 or step == total:
-                save()
-        summary["step"] = trainer.step
-        summary["skipped"] = trainer.skipped
-    finally:
-        signal.signal(signal.SIGTERM, prev_handler)
-        writer.close()
-    summary["trainer"] = trainer
+    resolved["model_resolved"] = task.model_cfg.to_dict()
+    backend = MegatronBackend(config, workdir, task, resolved, overrides)
+    resolved["megatron"] = backend.opts
+    summary = driver.run(config, workdir, backend, task, resolved=resolved)
+    summary["trainer"] = backend.trainer
     return summary
 
 

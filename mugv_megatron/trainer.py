@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from mugv import rng
 from mugv.config import DiTConfig
 from mugv_megatron import dit, optim, pipeline
 from mugv_megatron import objective as obj
@@ -83,9 +84,8 @@ class Trainer:
             else:
                 dit.load_release_state(self.module, release_state, source="config.init_from")
         self.module.train()
-        gen = torch.Generator().manual_seed(self.seed + 1)
-        self.null_text = (torch.randn(model_config.max_text_tokens, model_config.text_dim, generator=gen)
-                          / math.sqrt(model_config.text_dim)).to(self.device)
+        self.null_text = torch.from_numpy(rng.null_text(self.seed, model_config.max_text_tokens,
+                                                        model_config.text_dim)).to(self.device)
         if use_megatron_optimizer is None:
             use_megatron_optimizer = torch.cuda.is_available()
         self.model = self.module
@@ -132,9 +132,13 @@ class Trainer:
     # --- pieces -------------------------------------------------------------------------------
 
     def draws(self, global_shape: tuple[int, ...], step: int | None = None) -> obj.Draws:
-        """The step's random numbers for the global batch, from (seed, step) alone."""
+        """The step's random numbers (mugv.rng: the JAX trainer's too) for the global batch."""
         step = self.step if step is None else step
-        return obj.draw(np.random.default_rng([self.seed, 2, step]), global_shape, self.objective)
+        o = self.objective
+        d = rng.pretrain_draws(self.seed, step, np.arange(global_shape[0]), tuple(global_shape[1:]),
+                               i2v_prob=o.i2v_prob, i2v_mode=o.i2v_mode,
+                               caption_dropout_prob=o.caption_dropout_prob)
+        return obj.Draws(d["u"], d["eps"], d["n_cond"], d["drop"])
 
     def forward_loss(self, inputs: dict, target: torch.Tensor):
         """(loss, per-sample loss) of prepared inputs, under autocast when computing in bf16."""
@@ -248,6 +252,27 @@ class Trainer:
         per = global_batch_size // self.dp_size
         return slice(self.dp_rank * per, (self.dp_rank + 1) * per)
 
+    def apply_update(self, loss: float, norm: float) -> tuple[bool, float]:
+        """The optimizer + EMA update of the gradients in place, taken only when the loss and the
+        gradient norm are finite on every rank; advances the counters. Returns (finite, lr)."""
+        finite = math.isfinite(loss) and math.isfinite(norm)
+        if dist.get_world_size() > 1:
+            # Every rank must take the same decision, or stages/replicas would drift apart.
+            flag = torch.tensor([1 if finite else 0], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            finite = bool(int(flag))
+        if finite:
+            lr = self.optimizer.apply(norm)
+            self.ema.update()
+            self.nonfinite = 0
+        else:
+            lr = optim.learning_rate(self.optim, self.optimizer.count)
+            self.nonfinite += 1
+            self.skipped += 1
+        self.optimizer.zero_grad()
+        self.step += 1
+        return finite, lr
+
     def train_step(self, batch: dict, *, local: bool = False, draws: obj.Draws | None = None) -> dict:
         """One optimizer step on a host batch (numpy dict: latents, y, mask, fps[, frame_indice]).
 
@@ -266,24 +291,9 @@ class Trainer:
             stats = torch.cat([loss.view(1), q_sum, q_count])
             dist.all_reduce(stats, group=self.dp_group)
             loss, q_sum, q_count = stats[0] / self.dp_size, stats[1:5], stats[5:]
-        norm = self.grad_norm()
         loss_v = float(loss)
-        finite = math.isfinite(loss_v) and math.isfinite(norm)
-        if dist.get_world_size() > 1:
-            # Every rank must take the same decision, or stages/replicas would drift apart.
-            flag = torch.tensor([1 if finite else 0], device=self.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-            finite = bool(int(flag))
-        if finite:
-            lr = self.optimizer.apply(norm)
-            self.ema.update()
-            self.nonfinite = 0
-        else:
-            lr = optim.learning_rate(self.optim, self.optimizer.count)
-            self.nonfinite += 1
-            self.skipped += 1
-        self.optimizer.zero_grad()
-        self.step += 1
+        norm = self.grad_norm()
+        finite, lr = self.apply_update(loss_v, norm)
         return {"loss": loss_v, "grad_norm": norm, "learning_rate": lr, "finite": finite,
                 "loss_by_t_quartile": (q_sum / q_count.clamp_min(1)).tolist(),
                 "nonfinite_in_a_row": self.nonfinite}

@@ -1,25 +1,22 @@
 """Training configs: every stage builds a valid run description."""
-import os
-import sys
 
 import pytest
 
 from mugv_jax import objective as obj
-from mugv_jax import train as train_lib
+from mugv.training import dataclass_from, model_config_from
 from mugv_jax import trainer as tr
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
-import mugv_10b  # noqa: E402
-import tiny  # noqa: E402
+from configs import mugv_10b
+from configs import tiny
 
 
 @pytest.mark.parametrize("stage", sorted(mugv_10b.STAGES))
 def test_10b_stage_configs_are_complete(stage):
     c = mugv_10b.get_config(stage)
-    model = train_lib.model_config_from(c)
+    model = model_config_from(c)
     assert model.hidden_size == 3456 and model.depth == 56
-    train_lib._dataclass_from(tr.OptimConfig, c.optim)
-    train_lib._dataclass_from(obj.ObjectiveConfig, c.objective)
+    dataclass_from(tr.OptimConfig, c.optim)
+    dataclass_from(obj.ObjectiveConfig, c.objective)
     assert c.data.text_len <= model.max_text_tokens
     for frames, h, w, batch in c.data.buckets:
         assert frames >= 1 and h >= 2 and w >= 2 and batch >= 1
@@ -34,6 +31,6 @@ def test_unknown_stage_and_fields_are_named():
     c.optim.unlock()
     c.optim.learning_rat = 1.0
     with pytest.raises(ValueError, match="learning_rat"):
-        train_lib._dataclass_from(tr.OptimConfig, c.optim)
+        dataclass_from(tr.OptimConfig, c.optim)
     with pytest.raises(ValueError, match="unknown argument"):
         tiny.get_config("nonsense")

@@ -11,7 +11,7 @@ import pytest
 from mugv.config import DiTConfig
 from mugv_jax import objective as obj
 from mugv_jax import trainer as tr
-from mugv_jax.data import Bucket, SyntheticTextToLatent
+from mugv.data.synthetic import Bucket, SyntheticTextToLatent
 from mugv_jax.dit.model import RuntimeOptions
 from tests.trainer_helpers import make_mesh, to_numpy
 

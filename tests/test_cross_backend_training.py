@@ -44,7 +44,7 @@ TP = 2
 
 
 def make_case():
-    from mugv_jax.data import Bucket, SyntheticTextToLatent
+    from mugv.data.synthetic import Bucket, SyntheticTextToLatent
     src = SyntheticTextToLatent([Bucket(3, 4, 6, LATENT[0])], in_channels=CFG.in_channels,
                                 text_dim=CFG.text_dim, text_len=8)
     batch = src.batch(0)

@@ -1,18 +1,18 @@
 """Curriculum stages as configs: image:video annealing, stage-to-stage hand-over of weights."""
 import functools
 import os
-import sys
 import tempfile
 
 import jax
 import numpy as np
 import pytest
 
+from mugv.training import model_config_from
+from mugv.run import data as run_data
 from mugv_jax import train as train_lib
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
-import mugv_10b  # noqa: E402
-import tiny_curriculum  # noqa: E402
+from configs import mugv_10b
+from configs import tiny_curriculum
 
 STAGE1_STEPS = 8
 
@@ -61,7 +61,7 @@ def test_stage2_starts_from_stage1_ema_with_fresh_optimizer_and_new_buckets():
     assert all(float(np.max(np.abs(x))) == 0.0 for x in jax.tree.leaves(s2["state"]["opt_state"])
                if np.ndim(x) > 0)
     # Its data iterator yields its own buckets.
-    it = train_lib.build_iterator(c2, train_lib.model_config_from(c2))
+    it = run_data.build_iterator(c2, model_config_from(c2))
     shapes = {next(it)["latents"].shape for _ in range(4)}
     assert shapes == {(b[3], 24, b[0], b[1], b[2]) for b in c2.data.buckets}
 
@@ -70,10 +70,10 @@ def test_image_fraction_is_annealed_toward_video():
     c = tiny_curriculum.get_config("stage1_image_video")
     start, end = c.data.mix.image_fraction_start, c.data.mix.image_fraction_end
     assert start > end
-    assert train_lib.image_fraction(0, start, end, 100) == pytest.approx(start)
-    assert train_lib.image_fraction(50, start, end, 100) == pytest.approx((start + end) / 2)
-    assert train_lib.image_fraction(500, start, end, 100) == pytest.approx(end)
-    it = train_lib.build_iterator(c, train_lib.model_config_from(c))
+    assert run_data.image_fraction(0, start, end, 100) == pytest.approx(start)
+    assert run_data.image_fraction(50, start, end, 100) == pytest.approx((start + end) / 2)
+    assert run_data.image_fraction(500, start, end, 100) == pytest.approx(end)
+    it = run_data.build_iterator(c, model_config_from(c))
     n = c.data.mix.anneal_steps
     frames = [next(it)["latents"].shape[2] for _ in range(n)]
     early = np.mean([f == 1 for f in frames[: n // 4]])
@@ -82,7 +82,7 @@ def test_image_fraction_is_annealed_toward_video():
     # The mixed iterator resumes where it was.
     state = it.get_state()
     a = next(it)
-    it2 = train_lib.build_iterator(c, train_lib.model_config_from(c))
+    it2 = run_data.build_iterator(c, model_config_from(c))
     it2.set_state(state)
     np.testing.assert_array_equal(next(it2)["latents"], a["latents"])
 

@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 from absl import flags
 
-from mugv_data import shards
+from mugv.data import shards
 from mugv_data.__main__ import main
 from tests.test_data_clips import _write_mp4, textured_scene
 

@@ -7,8 +7,8 @@ import torch
 from absl import flags
 
 from mugv_data import reference_format as ref
-from mugv_data import shards
-from mugv_data.loader import ShardLoader
+from mugv.data import shards
+from mugv.data.loader import ShardLoader
 
 MEAN = np.array([-0.0194091796875, 0.09619140625, -0.796875, 0.1591796875, -0.2578125, 0.359375,
                  -0.3203125, -0.287109375, -0.0069580078125, 0.3046875, 0.310546875, -0.451171875,

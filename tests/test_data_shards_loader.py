@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from absl import flags
 
-from mugv_data import encode, procedural, shards
+from mugv_data import encode, procedural
+from mugv.data import shards
 from mugv_data.encode import ClipInput, PixelBucket
-from mugv_data.loader import ShardLoader
+from mugv.data.loader import ShardLoader
 from mugv_data.text import HashingTextEncoder
 
 BUCKETS = [PixelBucket(17, 32, 32), PixelBucket(9, 48, 48)]
@@ -226,7 +227,7 @@ def test_loader_skips_and_counts_an_unreadable_record(dataset, tmp_path):
 
 
 def _mixed(ds_dir, weights, seed=0):
-    from mugv_data.loader import MixedLoader
+    from mugv.data.loader import MixedLoader
     # Two "datasets": the same shards read as two different streams (bucket 0 only, bucket 1 only).
     return MixedLoader([ShardLoader(ds_dir, {0: 4}, text_len=TEXT_LEN, seed=1),
                         ShardLoader(ds_dir, {1: 2}, text_len=TEXT_LEN, seed=2)], weights, seed=seed)

@@ -5,9 +5,10 @@ import os
 import numpy as np
 from absl import flags
 
-from mugv_data import procedural, shards
+from mugv_data import procedural
+from mugv.data import shards
 from mugv_data.__main__ import main
-from mugv_data.loader import ShardLoader
+from mugv.data.loader import ShardLoader
 from mugv_data.text import HashingTextEncoder, MiniLMEncoder, null_features
 
 
@@ -75,7 +76,7 @@ def test_prepare_cli_procedural(tmp_path):
 def test_loader_side_imports_no_jax():
     import subprocess
     import sys
-    code = ("import sys, mugv_data.loader, mugv_data.shards, mugv_data.reference_format, mugv_data.clips, "
+    code = ("import sys, mugv.data.loader, mugv.data.shards, mugv_data.reference_format, mugv_data.clips, "
             "mugv_data.procedural, mugv_data.text, mugv_data.bundled, mugv_data.encode, mugv_data.scorers, "
             "mugv_data.pipeline; "
             "print(sorted(m for m in ('jax', 'torch', 'tensorflow') if m in sys.modules))")

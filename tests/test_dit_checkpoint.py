@@ -77,7 +77,7 @@ def test_save_atomic_keeps_scalars_and_transposed_views(tmp_path):
     """0-d tensors stay 0-d (the VAE's scalar `logvar` must load strictly) and a transposed view is
     written in its logical order, not its buffer's."""
     from safetensors.numpy import load_file
-    from mugv_jax.safetensors_io import save_atomic
+    from mugv.safetensors_io import save_atomic
     view = np.arange(6, dtype=np.float32).reshape(2, 3).T
     save_atomic({"logvar": np.zeros((), np.float32), "view": view}, tmp_path / "x.safetensors")
     got = load_file(str(tmp_path / "x.safetensors"))

@@ -19,6 +19,7 @@ import torch
 
 from converters.layouts import megatron as layout
 from mugv.config import get_config
+from mugv.run.driver import NonFiniteLossError
 from mugv_megatron import checkpointing, optim, parallel
 from mugv_megatron import objective as obj
 
@@ -30,7 +31,7 @@ OBJECTIVE = obj.ObjectiveConfig(i2v_prob=0.5, i2v_mode="quarter", caption_dropou
 
 
 def source():
-    from mugv_jax.data import Bucket, SyntheticTextToLatent
+    from mugv.data.synthetic import Bucket, SyntheticTextToLatent
     return SyntheticTextToLatent([Bucket(3, 4, 6, 4), Bucket(2, 4, 4, 4)],
                                  in_channels=CFG.in_channels, text_dim=CFG.text_dim)
 
@@ -103,7 +104,7 @@ def test_prepare_applies_draws_as_spec():
 @pytest.fixture(scope="module")
 def resumed(tmp_path_factory):
     """4 steps straight vs 2 steps → checkpoint → fresh trainer (other init seed) → 2 steps."""
-    from mugv_jax.data import DataIterator
+    from mugv.data.synthetic import DataIterator
     ckdir = str(tmp_path_factory.mktemp("megatron_ckpt") / "checkpoints")
     straight, it = make_trainer(), DataIterator(source())
     run(straight, it, 4)
@@ -170,7 +171,7 @@ def test_wrong_model_checkpoint_fails_loudly(resumed):
 
 
 def test_nonfinite_step_is_skipped_and_counted():
-    from mugv_jax.data import DataIterator
+    from mugv.data.synthetic import DataIterator
     tr, it = make_trainer(), DataIterator(source())
     run(tr, it, 1)
     before = full_state(tr)
@@ -189,13 +190,9 @@ def test_nonfinite_step_is_skipped_and_counted():
 
 
 def test_run_stops_after_the_nonfinite_limit(tmp_path, monkeypatch):
-    from mugv_jax import data as data_lib
+    from mugv.data import synthetic as data_lib
     from mugv_megatron import train
-    sys.path.insert(0, str(ROOT / "configs"))
-    try:
-        from tiny import get_config as tiny_config
-    finally:
-        sys.path.pop(0)
+    from configs.tiny import get_config as tiny_config
     config = tiny_config()
     config.num_steps, config.max_nonfinite_in_a_row, config.log_every = 10, 3, 1
     config.data.buckets = ((2, 4, 4, 4),)
@@ -206,7 +203,7 @@ def test_run_stops_after_the_nonfinite_limit(tmp_path, monkeypatch):
         b["latents"] = np.full_like(b["latents"], np.nan)
         return b
     monkeypatch.setattr(data_lib.SyntheticTextToLatent, "batch", nan_batch)
-    with pytest.raises(train.NonFiniteLossError, match="3 non-finite steps in a row"):
+    with pytest.raises(NonFiniteLossError, match="3 non-finite steps in a row"):
         train.train(config, str(tmp_path / "run"))
 
 
@@ -219,11 +216,7 @@ def test_parallel_sizes_are_checked_before_set_up(tmp_path):
     assert (opts["pp"], opts["cp"]) == (2, 2)
     with pytest.raises(ValueError, match="config.megatron.cp must be >= 1"):
         train.megatron_options(ml_collections.ConfigDict(), {"cp": 0})
-    sys.path.insert(0, str(ROOT / "configs"))
-    try:
-        from tiny import get_config as tiny_config
-    finally:
-        sys.path.pop(0)
+    from configs.tiny import get_config as tiny_config
     config = tiny_config()
     with pytest.raises(ValueError, match=r"config.megatron.pp=3 does not divide the model's 2 layers"):
         train.train(config, str(tmp_path / "run"), {"pp": 3})
@@ -260,11 +253,7 @@ def test_cli_sigterm_saves_and_resumes(tmp_path):
     k = steps[0]
     # Resume in this process to k + 2 with the same config.
     from mugv_megatron import train
-    sys.path.insert(0, str(ROOT / "configs"))
-    try:
-        from tiny import get_config as tiny_config
-    finally:
-        sys.path.pop(0)
+    from configs.tiny import get_config as tiny_config
     config = tiny_config()
     config.num_steps, config.log_every, config.data.buckets = k + 2, 1, ((2, 4, 4, 4),)
     summary = train.train(config, str(workdir))

@@ -18,12 +18,10 @@ import pytest
 from mugv_jax import checkpointing
 from mugv_jax import distributed
 from mugv_jax import train as train_lib
-from mugv_jax.dit.model import RuntimeOptions
 from tests.trainer_helpers import to_numpy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "configs"))
-import tiny as tiny_config  # noqa: E402
+from configs import tiny as tiny_config
 
 STEPS = 3
 # float32; the only difference is where the gradient all-reduce sums (gloo across processes vs
@@ -82,11 +80,7 @@ def test_two_processes_match_one_process(tmp_path):
     np.testing.assert_allclose(multi_losses, ref_losses, rtol=RTOL)
 
     # The checkpoint both processes wrote restores onto this process's 8 devices.
-    trainer = train_lib.trainer_lib.Trainer(
-        train_lib.model_config_from(c), RuntimeOptions(),
-        train_lib._dataclass_from(train_lib.trainer_lib.OptimConfig, c.optim),
-        train_lib._dataclass_from(train_lib.obj.ObjectiveConfig, c.objective),
-        jax.tree.leaves(ref["state"]["params"])[0].sharding.mesh)
+    trainer = train_lib.build_trainer(c)  # this process's 8 devices, the config's mesh
     ckpt = checkpointing.Checkpointer(os.path.join(multi, "checkpoints"), use_async=False)
     state, data_state, _ = ckpt.restore(STEPS, trainer.abstract_state())
     ckpt.close()

@@ -1,10 +1,11 @@
 """The rectified-flow objective (spec.md §2), piece by piece against hand-computed values."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mugv import rng as ref_rng
 from mugv_jax import objective as obj
+from mugv_jax import rng
 
 
 def test_shift_ratio_and_shifted_t_by_hand():
@@ -20,7 +21,7 @@ def test_shift_ratio_and_shifted_t_by_hand():
 
 
 def test_logit_normal_timesteps():
-    t = np.asarray(obj.sample_logit_normal_t(jax.random.PRNGKey(0), 20000))
+    t = np.asarray(obj.logit_normal_t(rng.normals(rng.key(0, 0), ref_rng.TAG_T, 20000)))
     assert t.min() > 0 and t.max() < 1000
     # sigmoid(N(0,1)): median 500; P(t < sigmoid(1)·1000) = Φ(1) ≈ 0.8413.
     assert abs(np.median(t) - 500) < 10
@@ -45,40 +46,49 @@ def test_masked_frame_mse_by_hand():
     assert float(loss) == pytest.approx(3.75)
 
 
+def _x_mask(batch, frames, config):
+    b = {"latents": jnp.zeros((batch, 1, frames, 1, 1)), "y": jnp.zeros((batch, 1, 2, 3)),
+         "mask": jnp.ones((batch, 2), jnp.int32), "fps": jnp.full((batch,), 24.0)}
+    inputs, _, _ = obj.prepare(rng.key(1, 0), b, jnp.zeros((2, 3)), config)
+    return np.asarray(inputs["x_mask"])
+
+
 def test_conditioning_frames_are_a_prefix_with_the_configured_probability():
-    key = jax.random.PRNGKey(1)
-    first = np.asarray(obj.conditioning_frame_mask(key, 4000, 8, obj.ObjectiveConfig(i2v_prob=0.3)))
+    first = _x_mask(4000, 8, obj.ObjectiveConfig(i2v_prob=0.3))
     n_cond = (~first).sum(1)
     assert set(np.unique(n_cond)) == {0, 1}
     assert abs(np.mean(n_cond == 1) - 0.3) < 0.03
-    quarter = np.asarray(obj.conditioning_frame_mask(key, 4000, 8, obj.ObjectiveConfig(
-        i2v_prob=1.0, i2v_mode="quarter")))
+    quarter = _x_mask(4000, 8, obj.ObjectiveConfig(i2v_prob=1.0, i2v_mode="quarter"))
     n_cond = (~quarter).sum(1)
     assert set(np.unique(n_cond)) == {1, 2}  # 1..T//4 with T = 8
     # conditioning frames are exactly the first k frames
     for row, k in zip(quarter[:50], n_cond[:50]):
         assert not row[:k].any() and row[k:].all()
     # a single frame (image) can never be all-conditioning
-    assert np.asarray(obj.conditioning_frame_mask(key, 16, 1, obj.ObjectiveConfig(i2v_prob=1.0))).all()
+    assert _x_mask(16, 1, obj.ObjectiveConfig(i2v_prob=1.0)).all()
 
 
 def test_whole_caption_dropout_to_null_features():
     y = jnp.ones((3, 1, 4, 2))
     mask = jnp.array([[1, 1, 0, 0]] * 3)
     null = jnp.arange(12.0).reshape(6, 2)
-    y_all, m_all, drop = obj.drop_captions(jax.random.PRNGKey(0), y, mask, null, 1.0)
-    assert bool(drop.all())
-    np.testing.assert_array_equal(y_all[:, 0], np.broadcast_to(np.asarray(null[:4]), (3, 4, 2)))
-    np.testing.assert_array_equal(m_all, np.ones((3, 4)))
-    y_none, m_none, drop = obj.drop_captions(jax.random.PRNGKey(0), y, mask, null, 0.0)
-    assert not bool(drop.any())
-    np.testing.assert_array_equal(y_none, y) and np.testing.assert_array_equal(m_none, mask)
+    y_some, m_some = obj.drop_captions(y, mask, null, jnp.array([True, False, True]))
+    for i in (0, 2):
+        np.testing.assert_array_equal(y_some[i, 0], np.asarray(null[:4]))
+        np.testing.assert_array_equal(m_some[i], np.ones(4))
+    np.testing.assert_array_equal(y_some[1], y[1])
+    np.testing.assert_array_equal(m_some[1], mask[1])
+    # The drop rate is the configured probability.
+    b = {"latents": jnp.zeros((4000, 1, 1, 1, 1)), "y": jnp.zeros((4000, 1, 2, 3)),
+         "mask": jnp.zeros((4000, 2), jnp.int32), "fps": jnp.full((4000,), 24.0)}
+    inputs, _, _ = obj.prepare(rng.key(2, 5), b, jnp.ones((2, 3)), obj.ObjectiveConfig(caption_dropout_prob=0.25))
+    assert abs(float(np.mean(np.asarray(inputs["mask"])[:, 0])) - 0.25) < 0.03
 
 
 def test_prepare_keeps_conditioning_frames_clean():
     b = {"latents": jnp.ones((4, 2, 4, 2, 2)) * 3.0, "y": jnp.zeros((4, 1, 3, 5)),
          "mask": jnp.ones((4, 3), jnp.int32), "fps": jnp.full((4,), 24.0)}
-    inputs, target, t = obj.prepare(jax.random.PRNGKey(0), b, jnp.zeros((8, 5)),
+    inputs, target, t = obj.prepare(rng.key(0, 0), b, jnp.zeros((8, 5)),
                                     obj.ObjectiveConfig(i2v_prob=1.0, caption_dropout_prob=0.0))
     x = np.asarray(inputs["x"])
     assert not np.asarray(inputs["x_mask"])[:, 0].any()
@@ -97,10 +107,10 @@ def test_objective_config_validation():
 def test_fixed_shift_ratio_overrides_the_resolution_rule():
     b = {"latents": jnp.zeros((4096, 1, 1, 2, 2)), "y": jnp.zeros((4096, 1, 2, 3)),
          "mask": jnp.ones((4096, 2), jnp.int32), "fps": jnp.full((4096,), 24.0)}
-    key = jax.random.PRNGKey(0)
+    key = rng.key(0, 0)
     _, _, t_rule = obj.prepare(key, b, jnp.zeros((2, 3)), obj.ObjectiveConfig())
     _, _, t_fixed = obj.prepare(key, b, jnp.zeros((2, 3)), obj.ObjectiveConfig(shift_ratio=1.0))
-    raw = obj.sample_logit_normal_t(jax.random.split(key, 4)[0], 4096)
+    raw = obj.logit_normal_t(rng.normals(key, ref_rng.TAG_T, 4096))
     np.testing.assert_allclose(t_fixed, raw, rtol=1e-6)  # r = 1: no shift
     # 16×16 px, 1 frame: r = 1/32 pulls every t towards 0.
     np.testing.assert_allclose(t_rule, obj.shift_t(raw, 1 / 32), rtol=1e-5)

@@ -1,17 +1,15 @@
 """The planner's memory figures equal what a real sharded run allocates."""
 import os
-import sys
 
 import jax
-import pytest
 
 from mugv_jax import plan as plan_lib
+from mugv.data.synthetic import Bucket
 from mugv_jax import train as train_lib
 from tests.trainer_helpers import host_batch, make_source
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "configs"))
-import tiny as tiny_config  # noqa: E402
+from configs import tiny as tiny_config
 
 
 def _device0_bytes(tree):
@@ -29,13 +27,9 @@ def test_planner_memory_matches_a_real_step():
     assert p.mesh == {"data": 2, "fsdp": 4, "tensor": 1, "context": 1} and p.bucket == (3, 4, 6, 8)
 
     # The real thing on the same mesh: state after one step, and the compiled step's own analysis.
-    model_cfg = train_lib.model_config_from(c)
-    trainer = train_lib.trainer_lib.Trainer(
-        model_cfg, train_lib.RuntimeOptions(), train_lib._dataclass_from(train_lib.trainer_lib.OptimConfig, c.optim),
-        train_lib._dataclass_from(train_lib.obj.ObjectiveConfig, c.objective),
-        train_lib.mesh_lib.build_mesh(dict(c.mesh.ici)))
+    trainer = train_lib.build_trainer(c)
     state = trainer.init_state(0)
-    batch = trainer.put_batch(host_batch(make_source(8, [train_lib.data_lib.Bucket(3, 4, 6, 8)])))
+    batch = trainer.put_batch(host_batch(make_source(8, [Bucket(3, 4, 6, 8)])))
     batch_bytes = _device0_bytes(batch)
     new_state, metrics = trainer.train_step(state, batch)
     assert bool(metrics["finite"])

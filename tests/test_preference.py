@@ -1,17 +1,16 @@
 """Preference optimisation: DPO/KTO against hand-computed values, and a short DPO+KTO run."""
 import json
 import math
-import os
-import sys
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mugv.data import preference as D
 from mugv_jax import preference as P
+from mugv_jax import train as train_lib
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
-import tiny_preference  # noqa: E402
+from configs import tiny_preference
 
 
 def _sig(x):
@@ -46,7 +45,7 @@ def test_label_format_errors_name_file_and_line(tmp_path):
     p.write_text(json.dumps({"source": "a", "winner": "x", "loser": "y"}) + "\n"
                  + json.dumps({"source": "b", "clip": "x", "label": "meh"}) + "\n")
     with pytest.raises(ValueError, match=r"l.jsonl:2: 'label' must be"):
-        P.read_labels(str(p))
+        D.read_labels(str(p))
 
 
 @pytest.fixture(scope="module")
@@ -54,35 +53,35 @@ def run(tmp_path_factory):
     d = tmp_path_factory.mktemp("pref")
     # Pairs only: the KTO path is covered by hand-computed values above; each extra loss kind in a
     # run costs two more compiles of the tiny model.
-    labels = P.write_synthetic(str(d / "train"), seed=0, labels=False)
+    labels = D.write_synthetic(str(d / "train"), seed=0, labels=False)
     # Held-out: different captions and patterns (another seed), same kind of artifact.
-    heldout = P.write_synthetic(str(d / "heldout"), seed=1, pairs_per_prompt=1, labels=False)
+    heldout = D.write_synthetic(str(d / "heldout"), seed=1, pairs_per_prompt=1, labels=False)
     c = tiny_preference.get_config(labels)
     c.preference.heldout_labels = heldout
     c.num_steps = 24
     c.preference.eval_every = 24
     c.async_checkpoint = False
-    return P.train_preference(c, str(d / "run")), d
+    return train_lib.train(c, str(d / "run")), d
 
 
 def test_interleaving_alternates_sources(tmp_path):
-    path = P.write_synthetic(str(tmp_path), seed=0)
-    it = P.PreferenceIterator(P.read_labels(path), P.ClipStore(str(tmp_path / "clips")), 8)
-    kinds = [P.batch_kind(it.batch(i)) for i in range(4)]
+    path = D.write_synthetic(str(tmp_path), seed=0)
+    it = D.PreferenceIterator(D.read_labels(path), D.ClipStore(str(tmp_path / "clips")), 8)
+    kinds = [D.batch_kind(it.batch(i)) for i in range(4)]
     assert kinds == ["dpo", "kto", "dpo", "kto"]
     b = it.batch(1)
     assert b["latents"].shape == (8, 24, 2, 4, 4) and set(np.unique(b["label"])) <= {0.0, 1.0}
     np.testing.assert_array_equal(it.batch(2)["latents_w"], it.batch(2)["latents_w"])
     it.step = 5
     state = it.get_state()
-    it2 = P.PreferenceIterator(P.read_labels(path), P.ClipStore(str(tmp_path / "clips")), 8)
+    it2 = D.PreferenceIterator(D.read_labels(path), D.ClipStore(str(tmp_path / "clips")), 8)
     it2.set_state(state)
     np.testing.assert_array_equal(next(it2)["latents"], it.batch(5)["latents"])
 
 
 def test_short_run_improves_heldout_preferences(run):
     s, _ = run
-    first, last = s["heldout"][0], s["heldout"][-1]
+    first, last = s["evaluations"][0], s["evaluations"][-1]
     assert first["step"] == 0 and last["step"] == 24
     # At the start policy == reference: margin 0, loss log 2 (measured after 40 interleaved
     # DPO/KTO steps: held-out DPO margin 27, loss 0.003).
@@ -97,8 +96,8 @@ def test_rdpo_pairs_regenerate_real_clips_with_the_policy(run):
     s, d = run
     from mugv.config import get_config
     from mugv_jax.dit.model import RuntimeOptions
-    it = P.PreferenceIterator(P.read_labels(str(d / "heldout" / "labels.jsonl")),
-                              P.ClipStore(str(d / "heldout" / "clips")), 8)
+    it = D.PreferenceIterator(D.read_labels(str(d / "heldout" / "labels.jsonl")),
+                              D.ClipStore(str(d / "heldout" / "clips")), 8)
     pairs = it.batch(0)
     real = {"latents": pairs["latents_w"], **{k: pairs[k] for k in ("y", "mask", "fps")}}
     params = s["state"]["params"]
@@ -106,7 +105,7 @@ def test_rdpo_pairs_regenerate_real_clips_with_the_policy(run):
                          strength=0.3, num_steps=6)
     heavy = P.rdpo_pairs(params, get_config("tiny"), RuntimeOptions(), real, s["state"]["null_text"],
                          strength=1.0, num_steps=6)
-    assert P.batch_kind(light) == "dpo"
+    assert D.batch_kind(light) == "dpo"
     np.testing.assert_array_equal(light["latents_w"], real["latents"])
     assert light["latents_l"].shape == real["latents"].shape and np.all(np.isfinite(light["latents_l"]))
     dist = lambda b: float(np.mean(np.square(b["latents_l"] - b["latents_w"])))

@@ -12,12 +12,14 @@ import numpy as np
 import pytest
 
 from mugv_jax import checkpointing
+from mugv.training import model_config_from
+from mugv.run import data as run_data
+from mugv.run.driver import NonFiniteLossError
 from mugv_jax import train as train_lib
 from tests.trainer_helpers import host_batch, make_source, make_trainer, to_numpy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "configs"))
-import tiny as tiny_config  # noqa: E402
+from configs import tiny as tiny_config
 
 # Learning: mean loss of the last 20 steps must fall below this fraction of the best caption-blind
 # constant prediction's loss (measured: 0.31 after 150 steps with the tiny config's fixed shift).
@@ -43,7 +45,7 @@ def test_tiny_model_learns_caption_dependent_latents(tmp_path):
     train_lib.train(c, str(tmp_path))
     rows = [json.loads(l) for l in open(tmp_path / "tensorboard" / "metrics.jsonl")]
     final = np.mean([r["loss"] for r in rows[-20:]])
-    src = train_lib.build_source(c, train_lib.model_config_from(c))
+    src = run_data.synthetic_source(c, model_config_from(c))
     baseline = src.constant_baseline_loss(src.buckets[0])
     assert final < LEARNED_LOSS_RATIO * baseline, (final, baseline)
     # Samples from the EMA were written at step 100 and at the end.
@@ -112,11 +114,11 @@ def test_non_finite_limit_stops_the_run(tmp_path, monkeypatch):
             b = self.inner.batch(i)
             return dict(b, latents=np.full_like(b["latents"], np.nan)) if i >= 2 else b
 
-    real = train_lib.build_source
-    monkeypatch.setattr(train_lib, "build_source", lambda c, m: NaNSource(real(c, m)))
+    real = run_data.synthetic_source
+    monkeypatch.setattr(run_data, "synthetic_source", lambda c, m: NaNSource(real(c, m)))
     c = _config(num_steps=20, checkpoint_every=1000, max_nonfinite_in_a_row=3)
     c.data.buckets = ((2, 4, 6, 8),)
-    with pytest.raises(train_lib.NonFiniteLossError, match="3 non-finite steps in a row"):
+    with pytest.raises(NonFiniteLossError, match="3 non-finite steps in a row"):
         train_lib.train(c, str(tmp_path))
 
 
@@ -204,7 +206,7 @@ def test_init_from_release_file_or_converted_jax_checkpoint(tmp_path, kind):
         for k, v in node.items():
             walk(v, f"{prefix}{k}.") if isinstance(v, dict) else flat.__setitem__(prefix + k, np.asarray(v))
     walk(jax.device_get(summary["state"]["params"]))
-    exported = dit.export_release_state_dict(model_from_params(train_lib.model_config_from(c), flat))
+    exported = dit.export_release_state_dict(model_from_params(model_config_from(c), flat))
     for name, ref in dit_weights().items():
         np.testing.assert_array_equal(exported[name], ref)
 
@@ -213,7 +215,8 @@ def test_trains_from_prepared_array_record_shards(tmp_path):
     """The trainer reads the data pipeline's shards (procedural clips, stand-in encoders) and
     resumes the loader's position with the checkpoint."""
     from absl import flags
-    from mugv_data import encode, procedural, shards
+    from mugv_data import encode, procedural
+    from mugv.data import shards
     from mugv_data.encode import ClipInput, PixelBucket
     from mugv_data.text import HashingTextEncoder
     flags.FLAGS.mark_as_parsed()

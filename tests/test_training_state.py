@@ -36,7 +36,7 @@ RMS = 1e-4 * OPTIM["learning_rate"]
 
 
 def source():
-    from mugv_jax.data import Bucket, SyntheticTextToLatent
+    from mugv.data.synthetic import Bucket, SyntheticTextToLatent
     return SyntheticTextToLatent([Bucket(*BUCKET)], in_channels=CFG.in_channels, text_dim=CFG.text_dim)
 
 
@@ -47,20 +47,13 @@ def batch_at(i):
 
 
 def jax_draws(rng_key, step, shape):
-    """The random numbers mugv_jax.objective.prepare draws at `step`, as Megatron Draws."""
-    import jax
+    """The random numbers both trainers draw at `step` (mugv.rng), as Megatron Draws."""
+    seed = int(rng_key[0])
+    from mugv import rng
     from mugv_megatron import objective as mobj
-    key = jax.random.fold_in(rng_key, step)
-    k_t, k_eps, k_cond, k_drop = jax.random.split(key, 4)
-    b, _, frames = shape[:3]
-    u = np.asarray(jax.random.normal(k_t, (b,), np.float32))
-    eps = np.asarray(jax.random.normal(k_eps, shape, np.float32))
-    k_apply, k_len = jax.random.split(k_cond)
-    apply = np.asarray(jax.random.uniform(k_apply, (b,))) < OBJECTIVE["i2v_prob"]
-    n = np.asarray(jax.random.randint(k_len, (b,), 1, max(1, frames // 4) + 1))
-    n_cond = np.where(apply, np.minimum(n, frames - 1), 0)
-    drop = np.asarray(jax.random.uniform(k_drop, (b,))) < OBJECTIVE["caption_dropout_prob"]
-    return mobj.Draws(u, eps, n_cond.astype(np.int64), drop)
+    d = rng.pretrain_draws(seed, step, np.arange(shape[0]), tuple(shape[1:]), i2v_prob=OBJECTIVE["i2v_prob"],
+                           i2v_mode=OBJECTIVE["i2v_mode"], caption_dropout_prob=OBJECTIVE["caption_dropout_prob"])
+    return mobj.Draws(d["u"], d["eps"], d["n_cond"], d["drop"])
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +66,7 @@ def runs(tmp_path_factory):
     trainer = ts._jax_trainer({"optim": OPTIM, "objective": OBJECTIVE}, CFG)
     params = nnx.to_pure_dict(nnx.state(dit.load(WEIGHTS, CFG), nnx.Param))
     state = trainer.init_state(SEED, params)
-    rng_key = np.asarray(state["rng"])
+    rng_key = np.asarray(state["rng"])  # [seed, 0]: the seed word of mugv.rng's key
     run_config = {"model": CFG.to_dict(), "optim": OPTIM, "objective": OBJECTIVE, "seed": SEED}
     j0dir = str(root / "jax_step0")
     ck = Checkpointer(j0dir, use_async=False)

@@ -1,6 +1,5 @@
 """VAE training (issue 9, item 5): objective pieces, frozen spatial part, and a real training run."""
 import os
-import sys
 import time
 
 import jax.numpy as jnp
@@ -11,8 +10,7 @@ import mugv_jax.vae as vae
 from mugv_jax.vae import losses
 from mugv_jax.vae.training import _optimizer, train_vae
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
-import vae_tiny  # noqa: E402
+from configs import vae_tiny
 
 
 def _config(**loss):

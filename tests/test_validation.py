@@ -1,11 +1,11 @@
 """Validation at fixed timesteps with fixed noise: deterministic, and it falls as the model trains."""
 import json
 
-import jax
 
-from mugv_jax import validation
+from mugv.run import validation as run_validation
+from mugv.training import model_config_from
 from mugv_jax import train as train_lib
-from mugv_jax import trainer as tr
+from mugv_jax import validation
 from tests.test_curriculum import STAGE1_STEPS, stage1_run
 
 
@@ -18,20 +18,18 @@ def test_validation_logged_and_decreasing():
     root, c, s = stage1_run()
     rows = _rows(root)
     assert [r["step"] for r in rows] == [0, STAGE1_STEPS // 2, STAGE1_STEPS]
-    assert all(validation.t_key(t) in rows[0] for t in c.validation.t_values)
+    assert all(run_validation.t_key(t) in rows[0] for t in c.validation.t_values)
     # Measured 2.547 -> 2.523 -> 2.399 (EMA weights, 8 steps).
     assert rows[-1]["val/loss"] < rows[0]["val/loss"] - 0.05, rows
 
 
 def test_validation_is_deterministic_and_matches_the_log():
     root, c, s = stage1_run()
-    model_cfg = train_lib.model_config_from(c)
-    from mugv_jax import mesh as mesh_lib, objective as obj
-    from mugv_jax.dit.model import RuntimeOptions
-    trainer = tr.Trainer(model_cfg, RuntimeOptions(), tr.OptimConfig(), obj.ObjectiveConfig(),
-                         mesh_lib.build_mesh(dict(c.mesh.ici)))
-    v1 = validation.from_config(c, trainer)
-    v2 = validation.from_config(c, trainer)  # rebuilt from the config: same batches, same noise
+    model_cfg = model_config_from(c)
+    trainer = train_lib.build_trainer(c)
+    v1 = validation.Validator(trainer, run_validation.from_config(c, model_cfg))
+    # Rebuilt from the config: same batches, same noise.
+    v2 = validation.Validator(trainer, run_validation.from_config(c, model_cfg))
     ema = s["state"]["ema"]
     a, b = v1.evaluate(ema), v2.evaluate(ema)
     assert a == b
@@ -39,4 +37,4 @@ def test_validation_is_deterministic_and_matches_the_log():
     # Different weights give a different number (it is not a constant).
     assert abs(v1.evaluate_loss(s["state"]["params"]) - a["val/loss"]) > 1e-6
     c.validation.every = 0
-    assert validation.from_config(c, trainer) is None
+    assert run_validation.from_config(c, model_cfg) is None

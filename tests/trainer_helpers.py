@@ -6,7 +6,7 @@ from mugv.config import get_config
 from mugv_jax import mesh as mesh_lib
 from mugv_jax import objective as obj
 from mugv_jax import trainer as tr
-from mugv_jax.data import Bucket, SyntheticTextToLatent
+from mugv.data.synthetic import Bucket, SyntheticTextToLatent
 from mugv_jax.dit.model import RuntimeOptions
 
 AXES = ("data", "fsdp", "tensor", "context")

@@ -159,7 +159,8 @@ def prompts_of(meta: dict) -> list[dict]:
 
 def stage_encode(config, stages: Stages, vae_record: dict, meta: dict, train: np.ndarray,
                  held_out: np.ndarray) -> dict:
-    from mugv_data import shards, text
+    from mugv_data import text
+    from mugv.data import shards
     d = stages.start("encode", keep_partial=False)
     jv = load_vae(stages, vae_record)
     latents = encode_batched(jv, train, ENC_BATCH, "VAE-encoding training clips")
@@ -265,7 +266,7 @@ def stage_dit(config, stages: Stages, encode_record: dict) -> dict:
     from mugv_jax import dit
     from mugv_jax import train as train_lib
     from mugv_jax.dit.checkpoint import model_from_params
-    from mugv_jax.safetensors_io import save_atomic
+    from mugv.safetensors_io import save_atomic
 
     d = stages.start("dit", keep_partial=True)
     c = dit_train_config(config, stages, encode_record)

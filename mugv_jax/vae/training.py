@@ -7,7 +7,7 @@ losses.py. The final stage adds a small patch discriminator (hinge GAN) and can 
 spatial autoencoder.
 
 Machinery shared with the DiT trainer: orbax checkpoints (`mugv_jax.checkpointing.Checkpointer`,
-`<workdir>/checkpoints/<step>/`) and metrics (`mugv_jax.metrics.MetricsWriter`, TensorBoard +
+`<workdir>/checkpoints/<step>/`) and metrics (`mugv.run.metrics.MetricsWriter`, TensorBoard +
 `<workdir>/logs/metrics.jsonl`). Held-out PSNR/SSIM are measured on the last frames of every
 clip (`data.holdout_fraction`), which training never samples.
 
@@ -336,7 +336,7 @@ class Trainer:
 
 def save_release(tensors: dict[str, np.ndarray], path: str) -> None:
     """Atomic safetensors write (0-d tensors stay 0-d: the release's scalar `logvar`)."""
-    from mugv_jax.safetensors_io import save_atomic
+    from mugv.safetensors_io import save_atomic
     save_atomic(tensors, path)
 
 
@@ -363,7 +363,7 @@ def train_vae(config, workdir: str, clips: Iterable[np.ndarray] | None = None, p
     `steps` done) returns its stored result without building anything.
     """
     from mugv_jax.checkpointing import Checkpointer
-    from mugv_jax.metrics import MetricsWriter
+    from mugv.run.metrics import MetricsWriter
 
     vae_cfg = resolve_vae_config(config)
     _check(config, vae_cfg)

@@ -31,6 +31,10 @@ class MetricsWriter:
                                      **{k: (None if v is None else float(v)) for k, v in scalars.items()}}) + "\n")
         self.jsonl.flush()
 
+    def print(self, line: str) -> None:
+        if self.enabled:
+            print(line, file=sys.stderr, flush=True)
+
     def console(self, step: int, total: int, s: dict[str, float]) -> None:
         if not self.enabled:
             return

@@ -24,14 +24,14 @@ from typing import Mapping
 
 import numpy as np
 
-from mugv_data.shards import RecordReader, read_index
+from mugv.data.shards import RecordReader, read_index
 
 _MAX_REPORTED = 32
 
 
 @dataclasses.dataclass(frozen=True)
 class LatentBucket:
-    """Duck-compatible with mugv_jax.data.Bucket (latent units, global batch size)."""
+    """Duck-compatible with mugv.data.synthetic.Bucket (latent units, global batch size)."""
     frames: int
     height: int
     width: int
@@ -209,7 +209,7 @@ class MixedLoader:
     sequence (a curriculum, e.g. annealing the image:video ratio). The loader used at step s is
     drawn from a generator seeded by (seed, s), so the choice is a pure function of the step: a
     resumed run makes the same choices, and each child resumes from its own state. Children need
-    `__next__`, `get_state` and `set_state` (ShardLoader, mugv_jax.data.DataIterator).
+    `__next__`, `get_state` and `set_state` (ShardLoader, mugv.data.synthetic.DataIterator).
     """
 
     def __init__(self, loaders, weights, seed: int = 0):

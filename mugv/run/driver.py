@@ -1,0 +1,190 @@
+"""The one run loop every trainer uses: JAX and Megatron, pretraining, preference and the VAE.
+
+    python -m mugv_jax.train ...      → run(config, workdir, JaxBackend, PretrainTask | PreferenceTask)
+    python -m mugv_megatron.train ... → run(config, workdir, MegatronBackend, PretrainTask | PreferenceTask)
+    python -m mugv_jax.vae train ...  → run(config, workdir, VAEBackend, VAETask)
+
+The driver owns what must not drift between them: config.json, the data iterator and its position
+in every checkpoint, resume from the newest readable checkpoint (else a fresh start, from
+`config.init_from` when set), the checkpoint / log / evaluation / sample cadence, metrics (one
+FLOPs/MFU definition, mugv/flops.py), SIGTERM (save at the next step boundary, exit 0) and
+non-finite steps (skipped by the backend, counted; `config.max_nonfinite_in_a_row` in a row stop
+the run naming the last good checkpoint).
+
+A *task* is the kind of run: its data, what it logs, how it is evaluated, what it leaves behind.
+A *backend* holds the model state on its framework and does one step, one evaluation, one save.
+Both are small objects with the methods below; nothing here imports jax or torch.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any, Protocol
+
+from mugv.run.metrics import MetricsWriter
+
+log = logging.getLogger("mugv.run")
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class Backend(Protocol):
+    name: str                       # "jax" | "megatron": used in errors naming refused fields
+    is_main: bool                   # this process writes config.json, logs and samples
+    data_shard: tuple[int, int]     # (index, count): which rows of every global batch it reads
+    num_devices: int
+    device_kind: str
+    step: int                       # optimizer steps taken (restored or 0)
+    checkpoint_dir: str             # where its checkpoints are
+
+    def restore(self) -> dict | None: ...           # newest readable checkpoint's data state, or None
+    def initialize(self) -> None: ...               # fresh state (config.init_from or random)
+    def train_step(self, batch: dict) -> Any: ...   # one step; returns a backend metrics handle
+    def fetch(self, handle) -> dict: ...            # the handle's metrics as host floats / lists
+    def nonfinite_in_a_row(self, handle) -> int: ...
+    def skipped(self) -> int: ...
+    def evaluate(self, request) -> dict: ...        # the task's evaluation on the current weights
+    def save(self, data_state: dict, *, force: bool = False) -> None: ...
+    def checkpoints(self) -> list[str]: ...         # complete checkpoints, oldest first
+    def any_process(self, flag: bool) -> bool: ...  # True if any process of the run says so
+    def finish(self) -> None: ...                   # wait for asynchronous saves, release files
+
+
+class Task(Protocol):
+    name: str
+    log_dir: str                    # under the workdir: TensorBoard events + metrics.jsonl
+
+    def iterator(self, shard: tuple[int, int]): ...
+    def evaluation(self) -> Any: ...                # request for backend.evaluate, or None
+    def evaluate_every(self) -> int: ...
+    def scalars(self, batch: dict, fetched: dict, seconds: float, backend: Backend) -> dict: ...
+    def console(self, step: int, total: int, scalars: dict) -> str: ...
+
+
+def check_init(config) -> None:
+    """`init_weights="ema"` reads the EMA of a training checkpoint; a release file has one set."""
+    spec, weights = str(config.get("init_from", "") or ""), str(config.get("init_weights", "raw"))
+    if weights not in ("raw", "ema"):
+        raise ValueError(f"config.init_weights must be 'raw' or 'ema', got {weights!r}")
+    if spec and weights == "ema" and not spec.startswith(("jax:", "megatron:")):
+        raise ValueError(f"config.init_weights='ema' takes the EMA of a training checkpoint (jax:DIR or "
+                         f"megatron:DIR), but config.init_from={spec!r} is a release file with one set of "
+                         f"weights: set config.init_weights='raw'")
+
+
+def write_json_atomic(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def run(config, workdir: str, backend: Backend, task: Task, *, resolved: dict | None = None) -> dict:
+    """Run (or resume) `task` on `backend` until config.num_steps; returns a summary
+    {step, loss, skipped, stopped_by, evaluations}."""
+    os.makedirs(workdir, exist_ok=True)
+    resolved = resolved if resolved is not None else json.loads(config.to_json_best_effort())
+    if backend.is_main:
+        write_json_atomic(os.path.join(workdir, "config.json"), resolved)
+
+    it = task.iterator(backend.data_shard)
+    data_state = backend.restore()
+    restored = data_state is not None
+    if restored:
+        it.set_state(data_state)
+        log.info("resumed from %s at step %d (%s backend)", backend.checkpoint_dir, backend.step, backend.name)
+    else:
+        check_init(config)
+        backend.initialize()
+    evaluation = task.evaluation()
+    eval_every = task.evaluate_every() if evaluation is not None else 0
+    sample_every = int(config.get("sample", {}).get("every", 0) or 0) if hasattr(backend, "write_samples") else 0
+    profile = config.get("profile")
+    profile_start = int(profile.start_step) if profile is not None else -1
+    profile_steps = int(profile.num_steps) if profile is not None else 0
+
+    writer = MetricsWriter(os.path.join(workdir, task.log_dir), enabled=backend.is_main)
+    stop = {"signal": None}
+    prev_handler = signal.signal(signal.SIGTERM, lambda sig, frame: stop.update(signal=sig))
+    total = int(config.num_steps)
+    summary: dict = {"step": backend.step, "loss": None, "skipped": backend.skipped(),
+                     "stopped_by": "num_steps", "evaluations": []}
+
+    def evaluate():
+        vals = backend.evaluate(evaluation)
+        writer.write(backend.step, vals)
+        summary["evaluations"].append({"step": backend.step, **vals})
+        if backend.is_main:
+            log.info("step %d: %s", backend.step, " ".join(f"{k}={v:.5g}" for k, v in sorted(vals.items())))
+        return vals
+
+    def save(force=False):
+        backend.save(it.get_state(), force=force)
+
+    window_t, window_steps = time.perf_counter(), 0
+    profiling = False
+    first_batch = None
+    try:
+        if evaluation is not None and not restored:
+            evaluate()  # the starting point of the curve
+        while backend.step < total:
+            if profile_start >= 0 and backend.step == profile_start and backend.is_main:
+                backend.start_profile(os.path.join(workdir, "profile"))
+                profiling = True
+            batch = next(it)
+            if first_batch is None:
+                first_batch = batch
+            handle = backend.train_step(batch)
+            window_steps += 1
+            step = backend.step
+            if profiling and step >= profile_start + profile_steps:
+                backend.stop_profile()
+                profiling = False
+            if step % int(config.log_every) == 0 or step == total:
+                fetched = backend.fetch(handle)  # waits for the step: time the window after it
+                dt = (time.perf_counter() - window_t) / window_steps
+                scalars = task.scalars(batch, fetched, dt, backend)
+                scalars["skipped_steps"] = backend.skipped()
+                writer.write(step, scalars)
+                if backend.is_main:
+                    writer.print(task.console(step, total, scalars))
+                summary.update(loss=scalars.get("loss"), skipped=scalars["skipped_steps"])
+                window_t, window_steps = time.perf_counter(), 0
+            nonfinite = backend.nonfinite_in_a_row(handle)
+            if nonfinite:
+                log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", step, nonfinite)
+                if nonfinite >= int(config.max_nonfinite_in_a_row):
+                    good = backend.checkpoints()
+                    raise NonFiniteLossError(
+                        f"{nonfinite} non-finite steps in a row (limit config.max_nonfinite_in_a_row="
+                        f"{config.max_nonfinite_in_a_row}) at step {step}; last good checkpoint: "
+                        f"{good[-1] if good else 'none'}")
+            # Every process must agree to stop, or the collective save would hang on the others.
+            if backend.any_process(stop["signal"] is not None):
+                log.warning("SIGTERM received: saving step %d and exiting", step)
+                save(force=True)
+                summary["stopped_by"] = "sigterm"
+                break
+            if step % int(config.checkpoint_every) == 0 or step == total:
+                save()
+            if eval_every > 0 and (step % eval_every == 0 or step == total):
+                evaluate()
+            if sample_every > 0 and (step % sample_every == 0 or step == total) and backend.is_main:
+                path = backend.write_samples(first_batch, step)
+                log.info("step %d: wrote samples %s", step, path)
+        summary["step"] = backend.step
+        summary["skipped"] = backend.skipped()
+        backend.finish()
+    finally:
+        signal.signal(signal.SIGTERM, prev_handler)
+        if profiling:
+            backend.stop_profile()
+        writer.close()
+        if hasattr(it, "close"):
+            it.close()
+    return summary
