@@ -21,6 +21,23 @@ def megatron_section() -> ml_collections.ConfigDict:
         cp=1,                        # context-parallel size (not wired into the trainer yet)
         distributed_optimizer=True,  # megatron DistributedOptimizer on CUDA (torch AdamW on CPU)
         use_te=ml_collections.FieldReference(None, field_type=bool),  # None: TE when it imports
+        # Parameter dtype: "float32" (the parameters are the master weights; bf16 compute through
+        # autocast) or "bfloat16" (bf16 weights, fp32 main weights in the distributed optimizer,
+        # as the reference trains). None: bfloat16 when compute_dtype is bfloat16 and the
+        # distributed optimizer runs (GPU), else float32.
+        params_dtype=ml_collections.FieldReference(None, field_type=str),
+        # Activation recompute: "none", "full" (every layer re-run in backward: the reference's
+        # setting, least memory, +1 forward of the layers in hardware FLOPs) or "selective" (core
+        # attention re-run; only useful with the unfused local attention).
+        recompute="none",
+        # With the distributed optimizer only (ignored by the torch-AdamW path): reduce-scatter
+        # gradient buckets while backward still runs, and all-gather updated parameter buckets
+        # during the next forward instead of right after the update.
+        overlap_grad_reduce=True,
+        overlap_param_gather=True,
+        # Checkpoints written by a forked writer while training continues; published (renamed,
+        # named in the tracker) once every rank's writer is done.
+        async_save=True,
     ))
 
 

@@ -16,16 +16,30 @@ layers at their global index, the embedders every stage holds are written by the
   rng_state                                  torch RNG states, one object per rank
 common.pt: iteration, checkpoint_version, and `mugv`: model config, trainer counters (step,
 consecutive non-finite, skipped), optimizer kind and update count, data-iterator state.
-With megatron's DistributedOptimizer (GPU) the optimizer entries come from its own
-`sharded_state_dict` in `fully_sharded_model_space`, which writes the same
-`optimizer.state.<exp_avg|exp_avg_sq|fp32_param>.<key>` names.
+
+With megatron's DistributedOptimizer the optimizer entries come from its own
+`sharded_state_dict` in the `fully_reshardable` format (megatron.core 0.16; the
+`fully_sharded_model_space` format is deprecated there): the DP-sharded state is gathered into
+whole per-parameter tensors under the parameter's own sharded key, so it loads under any DP, TP
+and PP size. Names: `optimizer.state.exp_avg.<key>` and `optimizer.state.exp_avg_sq.<key>` (the
+same as the torch-AdamW path's) and `optimizer.state.param.<key>`, the fp32 main weights (with
+bf16 parameters the model entries are bf16, as in the reference's checkpoints). The EMA of the
+main weights (sharded over DP like them) is gathered the same way into
+`optimizer.state.exp_moving_avg.<key>`. The gathers run over NCCL on GPU and over the gloo DP
+group on CPU (megatron's memory-efficient variant, which gathers on DP rank 0 only).
 
 A checkpoint is written to `iter_XXXXXXX.tmp`, renamed when complete, and only then named in
 the tracker (also written to a temporary file and renamed), so a crash never leaves a partial
-checkpoint that looks complete.
+checkpoint that looks complete. `save(..., async_save=True)` returns once the state is staged in
+host memory (a forked writer per rank then writes it); the rename and the tracker update run in
+the save's finalize step, on every rank once all writers are done, from `finalize_async()` (the
+train loop calls it each step; the next save and the end of the run call it blocking). A run
+killed before its finalize leaves only the `.tmp` directory, which restore never picks and the
+next save removes.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -43,6 +57,8 @@ TRACKER = "latest_checkpointed_iteration.txt"
 CHECKPOINT_VERSION = 3.0
 NULL_TEXT_KEY = "context_embedder.drop_emb"
 _ITER = re.compile(r"^iter_(\d{7})$")
+_TMP = re.compile(r"^iter_(\d{7})\.tmp$")
+OPTIMIZER_SHARDING = "fully_reshardable"
 _LAYER = re.compile(r"^" + re.escape(layout.LAYER_PREFIX) + r"(\d+)\.(.+)$")
 
 
@@ -122,8 +138,14 @@ def _state_dict(trainer, *, loading: bool) -> dict:
     else:
         model_sd = model_sharded_state_dict(trainer.module, depth, keep_vars=True)
     sd: dict = {"model": model_sd}
-    sd["ema"] = {n: sharded_tensor(n, fresh(t), depth, "optimizer.state.exp_moving_avg.", off)
-                 for n, t in trainer.ema.shadow.items()}
+    if opt.kind == "torch_adamw":
+        ema = {n: fresh(t) for n, t in trainer.ema.full_state().items()}
+    elif loading:
+        ema = {n: torch.zeros(p.shape, dtype=torch.float32) for n, p in trainer.module.named_parameters()}
+    else:
+        ema = trainer.ema.full_state()
+    sd["ema"] = {n: sharded_tensor(n, t, depth, "optimizer.state.exp_moving_avg.", off)
+                 for n, t in ema.items()}
     if opt.kind == "torch_adamw":
         moments = {}
         for n, p in trainer.module.named_parameters():
@@ -131,8 +153,9 @@ def _state_dict(trainer, *, loading: bool) -> dict:
                 moments[f"{kind}.{n}"] = sharded_tensor(n, fresh(t), depth, f"optimizer.state.{kind}.", off)
         sd["optimizer"] = moments
     else:
-        sd["optimizer"] = opt.opt.sharded_state_dict(
-            model_sd, is_loading=loading, metadata={"distrib_optim_sharding_type": "fully_sharded_model_space"})
+        metadata = {"distrib_optim_sharding_type": OPTIMIZER_SHARDING,
+                    "distrib_optim_fully_reshardable_mem_efficient": not torch.cuda.is_available()}
+        sd["optimizer"] = opt.opt.sharded_state_dict(model_sd, is_loading=loading, metadata=metadata)
     sd["null_text"] = sharded_tensor(NULL_TEXT_KEY, fresh(trainer.null_text), depth)
     rank, world = dist.get_rank(), dist.get_world_size()
     rng = {"cpu": torch.get_rng_state()}
@@ -142,38 +165,40 @@ def _state_dict(trainer, *, loading: bool) -> dict:
     return sd
 
 
-def save(directory: str, trainer, data_state: dict, run_config: dict | None = None,
-         keep: int = 3) -> str:
-    """Write the trainer's full state at its current step; returns the iteration directory."""
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
-    step = trainer.step
-    final = iter_dir(directory, step)
-    tmp = final + ".tmp"
-    rank0 = dist.get_rank() == 0
-    if rank0:
-        os.makedirs(directory, exist_ok=True)
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)
-        os.makedirs(tmp)
+_ASYNC_QUEUE = None
+
+
+def _async_queue():
+    global _ASYNC_QUEUE
+    if _ASYNC_QUEUE is None:
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+        # One forked writer per save: it sees the state as it was when forked, so training
+        # may change the weights in place while it writes.
+        _ASYNC_QUEUE = AsyncCallsQueue(persistent=False)
+    return _ASYNC_QUEUE
+
+
+def pending_saves() -> int:
+    """Async saves scheduled and not yet published (this process)."""
+    return 0 if _ASYNC_QUEUE is None else _ASYNC_QUEUE.get_num_unfinalized_calls()
+
+
+def finalize_async(blocking: bool = False) -> int:
+    """Publish the async saves whose writers are done on every rank (all of them, waiting, with
+    blocking=True); returns how many were published. Collective: call on every rank."""
+    if not pending_saves():
+        return 0
+    return len(_async_queue().maybe_finalize_async_calls(blocking=blocking))
+
+
+def _publish(directory: str, step: int, keep: int) -> None:
+    """Rename the complete `iter_XXXXXXX.tmp`, name it in the tracker, prune old ones."""
     dist.barrier()
-    sd = _state_dict(trainer, loading=False)
-    sd["iteration"] = step
-    sd["checkpoint_version"] = CHECKPOINT_VERSION
-    sd["mugv"] = {"model": trainer.model_config.to_dict(), "trainer": trainer.counters(),
-                  "optimizer": {"kind": trainer.optimizer.kind, "count": trainer.optimizer.count},
-                  "data": dict(data_state), "config": run_config or {}}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        # One writer thread per rank: CPU tests share two cores. (The writer reports through a
-        # spawn-context multiprocessing manager: a script calling this needs a __main__ guard.)
-        dist_checkpointing.save(sd, tmp, sharded_strategy=TorchDistSaveShardedStrategy(
-            "torch_dist", 1, thread_count=1))
-    dist.barrier()
-    if rank0:
+    if dist.get_rank() == 0:
+        final = iter_dir(directory, step)
         if os.path.exists(final):
             shutil.rmtree(final)
-        os.replace(tmp, final)
+        os.replace(final + ".tmp", final)
         tracker_tmp = os.path.join(directory, TRACKER + ".tmp")
         with open(tracker_tmp, "w") as f:
             f.write(str(step))
@@ -181,6 +206,46 @@ def save(directory: str, trainer, data_state: dict, run_config: dict | None = No
         for old in steps(directory)[:-keep] if keep > 0 else []:
             shutil.rmtree(iter_dir(directory, old), ignore_errors=True)
     dist.barrier()
+
+
+def save(directory: str, trainer, data_state: dict, run_config: dict | None = None,
+         keep: int = 3, *, async_save: bool = False) -> str:
+    """Write the trainer's full state at its current step; returns the iteration directory
+    (published on return, or, with async_save, by a later `finalize_async`)."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+    # One save in flight: the previous one is published (or has failed) before this starts.
+    finalize_async(blocking=True)
+    step = trainer.step
+    final = iter_dir(directory, step)
+    tmp = final + ".tmp"
+    if dist.get_rank() == 0:
+        os.makedirs(directory, exist_ok=True)
+        # Left by a run killed before its save was finalized (or by a failed write).
+        for name in os.listdir(directory):
+            if _TMP.match(name):
+                shutil.rmtree(os.path.join(directory, name))
+        os.makedirs(tmp)
+    dist.barrier()
+    trainer.sync_params()
+    sd = _state_dict(trainer, loading=False)
+    sd["iteration"] = step
+    sd["checkpoint_version"] = CHECKPOINT_VERSION
+    sd["mugv"] = {"model": trainer.model_config.to_dict(), "trainer": trainer.counters(),
+                  "optimizer": {"kind": trainer.optimizer.kind, "count": trainer.optimizer.count},
+                  "data": dict(data_state), "config": run_config or {}}
+    # One writer thread per rank: CPU tests share two cores. (The writer reports through a
+    # spawn-context multiprocessing manager: a script calling this needs a __main__ guard.)
+    strategy = TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        request = dist_checkpointing.save(sd, tmp, sharded_strategy=strategy,
+                                          async_sharded_save=async_save)
+    if not async_save:
+        _publish(directory, step, keep)
+        return final
+    request.add_finalize_fn(functools.partial(_publish, directory, step, keep))
+    _async_queue().schedule_async_request(request)
     return final
 
 
@@ -229,8 +294,7 @@ def load(path: str, trainer) -> dict:
     with torch.no_grad():
         for n, p in trainer.module.named_parameters():
             p.copy_(loaded["model"][n])
-        for n, t in trainer.ema.shadow.items():
-            t.copy_(loaded["ema"][n])
+        trainer.ema.load_full_state(loaded["ema"])
         trainer.null_text.copy_(loaded["null_text"])
     opt = trainer.optimizer
     if opt.kind == "torch_adamw":
@@ -242,6 +306,7 @@ def load(path: str, trainer) -> dict:
     else:
         opt.opt.load_state_dict(loaded["optimizer"])
         opt.count = int(meta["optimizer"]["count"])
+        trainer.sync_params()
     if "rng_state" in loaded:
         rng = loaded["rng_state"]
         torch.set_rng_state(rng["cpu"])

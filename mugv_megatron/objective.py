@@ -6,12 +6,16 @@ channels 0..C−1; per-sample squared error over generated frames, averaged over
 Conditioning (image-to-video) frames keep x0, are modulated with t=0 and do not count; caption
 dropout replaces a whole caption with the null text features.
 
-Randomness is separated from the math: `draw` makes every random number of a step in numpy
-from a generator the trainer seeds with (seed, step), for the *global* batch, and `prepare`
-turns a batch plus those draws into model inputs. So tensor-parallel ranks see identical noise,
-data-parallel ranks take their slice of one global draw (the DP size never changes the math),
-a resumed run redraws exactly the same numbers, and a test can feed the same draws to the JAX
-objective.
+Randomness is separated from the math: `prepare` turns a batch plus its `Draws` into model
+inputs. The trainer's own draws come from per-sample streams (`SampleStreams`): sample i of the
+global batch at step s draws u, ε, its conditioning-frame count and its caption drop from one
+torch generator seeded by (seed, s, i), on the training device. So a rank draws only its own
+rows, and the value of a row does not depend on which rank draws it, on the DP size, on
+gradient accumulation or on TP/CP/PP (ranks of one data-parallel replica draw the same rows);
+a resumed run redraws exactly the same numbers. A torch generator's stream is device-specific
+(mt19937 on CPU, Philox on CUDA), so a CPU and a GPU run of one seed draw different numbers,
+each reproducibly. `draw` makes a global draw from one numpy generator instead: what the parity
+tests feed to both backends (`Trainer.train_step(draws=...)`).
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ from mugv.training import BASE_RESOLUTION, ObjectiveConfig, shift_ratio  # noqa:
 
 @dataclasses.dataclass(frozen=True)
 class Draws:
-    """The random numbers of one step, for the global batch (numpy, float32 / int / bool)."""
+    """The random numbers of one step for a run of rows (numpy arrays or torch tensors)."""
     u: np.ndarray          # [B] standard normal; t = sigmoid(u)·1000 before the shift
     eps: np.ndarray        # [B, C, T, H, W] standard normal noise
     n_cond: np.ndarray     # [B] conditioning (clean) frames at the start of each sample
@@ -48,6 +52,71 @@ def draw(rng: np.random.Generator, latent_shape: tuple[int, ...], config: Object
     n_cond = np.where(apply, np.minimum(n_cond, frames - 1 if frames > 1 else 0), 0)
     drop = rng.random(b) < config.caption_dropout_prob
     return Draws(u, eps, n_cond.astype(np.int64), drop)
+
+
+def sample_seed(seed: int, step: int, index: int) -> int:
+    """The 64-bit generator seed of global sample `index` at `step` (SeedSequence mixing, so
+    neighbouring (seed, step, index) triples give unrelated streams)."""
+    return int(np.random.SeedSequence([int(seed), 2, int(step), int(index)]).generate_state(1, np.uint64)[0])
+
+
+def draw_samples(seed: int, step: int, indices, sample_shape: tuple[int, ...], config: ObjectiveConfig,
+                 device: torch.device | str = "cpu") -> Draws:
+    """The draws of global samples `indices` at `step` (torch tensors on `device`).
+
+    Per sample, in this order from its own generator: u (scalar normal), ε [C, T, H, W] (normal),
+    then three uniforms: image-to-video applies (< i2v_prob), the conditioning-frame count
+    (1 + ⌊r·max(1, T // 4)⌋ for mode "quarter"; 1 for "first"), caption dropped (<
+    caption_dropout_prob). Nothing leaves the device: the counts are computed there.
+    """
+    indices = list(indices)
+    frames = int(sample_shape[1])
+    device = torch.device(device)
+    us, eps, uniforms = [], [], []
+    for i in indices:
+        g = torch.Generator(device=device)
+        g.manual_seed(sample_seed(seed, step, i))
+        us.append(torch.randn((), generator=g, device=device))
+        eps.append(torch.randn(tuple(sample_shape), generator=g, device=device))
+        uniforms.append(torch.rand(3, generator=g, device=device))
+    if not indices:
+        return Draws(torch.zeros(0, device=device), torch.zeros((0, *sample_shape), device=device),
+                     torch.zeros(0, dtype=torch.int64, device=device),
+                     torch.zeros(0, dtype=torch.bool, device=device))
+    r = torch.stack(uniforms)                       # [B, 3]
+    if config.i2v_mode == "first":
+        n_cond = torch.ones(len(indices), dtype=torch.int64, device=device)
+    else:
+        most = max(1, frames // 4)
+        n_cond = (r[:, 1] * most).long().clamp(max=most - 1) + 1
+    n_cond = n_cond.clamp(max=frames - 1 if frames > 1 else 0)
+    n_cond = torch.where(r[:, 0] < config.i2v_prob, n_cond, torch.zeros_like(n_cond))
+    return Draws(torch.stack(us), torch.stack(eps), n_cond, r[:, 2] < config.caption_dropout_prob)
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleStreams:
+    """The draws of global rows [start, stop) at one step, made on demand: `slice(a, b)` draws
+    local rows a..b-1 only (one micro-batch), so a rank never holds the noise of the others."""
+    seed: int
+    step: int
+    start: int
+    stop: int
+    sample_shape: tuple[int, ...]
+    config: ObjectiveConfig
+    device: str = "cpu"
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def slice(self, start: int, stop: int) -> Draws:
+        if not 0 <= start <= stop <= len(self):
+            raise ValueError(f"rows [{start}, {stop}) outside the {len(self)} drawn rows")
+        return draw_samples(self.seed, self.step, range(self.start + start, self.start + stop),
+                            self.sample_shape, self.config, self.device)
+
+    def materialize(self) -> Draws:
+        return self.slice(0, len(self))
 
 
 def shift_t(t: torch.Tensor, ratio: float) -> torch.Tensor:

@@ -147,17 +147,16 @@ def train(config, workdir: str, overrides: dict | None = None) -> dict:
     trainer = Trainer(model_cfg, optim_cfg, objective, seed=int(config.seed),
                       compute_dtype=config.compute_dtype, sequence_parallel=bool(opts["sp"]),
                       use_megatron_optimizer=use_megatron_opt, use_te=opts["use_te"],
+                      params_dtype=opts["params_dtype"], recompute=opts["recompute"],
+                      overlap_grad_reduce=bool(opts["overlap_grad_reduce"]),
+                      overlap_param_gather=bool(opts["overlap_param_gather"]),
                       release_state=None if has_ckpt else _release_state(config.init_from, model_cfg))
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     it, returns_local = build_iterator(config, model_cfg, dp_rank, dp_size)
     meta = checkpointing.restore_latest(ckpt_dir, trainer) if has_ckpt else None
     if meta is None and has_ckpt and config.init_from:
         # Every checkpoint was unreadable: start as a fresh run would, from init_from.
-        from mugv_megatron import pipeline
-        from mugv_megatron.ema import EMA
-        pipeline.load_release_state(trainer.module, _release_state(config.init_from, model_cfg),
-                                    source=config.init_from)
-        trainer.ema = EMA(trainer.module.named_parameters(), optim_cfg.ema_decay)
+        trainer.reinitialize_from(_release_state(config.init_from, model_cfg), source=config.init_from)
     if meta is not None:
         it.set_state(meta["data"])
         if is_main:
@@ -178,7 +177,8 @@ def train(config, workdir: str, overrides: dict | None = None) -> dict:
     keep = int(config.keep_checkpoints)
 
     def save():
-        checkpointing.save(ckpt_dir, trainer, it.get_state(), resolved, keep=keep)
+        checkpointing.save(ckpt_dir, trainer, it.get_state(), resolved, keep=keep,
+                           async_save=bool(opts["async_save"]))
 
     total = int(config.num_steps)
     summary = {"step": trainer.step, "loss": None, "skipped": trainer.skipped, "stopped_by": "num_steps"}
@@ -190,6 +190,7 @@ def train(config, workdir: str, overrides: dict | None = None) -> dict:
             batch_size = host_batch["latents"].shape[0] * (dp_size if returns_local else 1)
             latent_shape = host_batch["latents"].shape[2:]
             m = trainer.train_step(host_batch, local=returns_local)
+            checkpointing.finalize_async()
             step = trainer.step
             window_steps += 1
             if step % int(config.log_every) == 0 or step == total:
@@ -204,6 +205,9 @@ def train(config, workdir: str, overrides: dict | None = None) -> dict:
                     "tokens_per_second": batch_size * n_tokens / dt,
                     "tflops_per_device": sf.train / dt / n_dev / 1e12,
                     "mfu": flops_lib.mfu(sf.train, dt, n_dev, peak),
+                    "hfu": flops_lib.mfu(flops_lib.hardware_step_flops(
+                        model_cfg, batch_size, n_tokens, host_batch["y"].shape[2], trainer.recompute).train,
+                        dt, n_dev, peak),
                     "skipped_steps": trainer.skipped,
                 }
                 for q, v in enumerate(m["loss_by_t_quartile"]):
@@ -216,6 +220,7 @@ def train(config, workdir: str, overrides: dict | None = None) -> dict:
                 log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)",
                             step, m["nonfinite_in_a_row"])
                 if m["nonfinite_in_a_row"] >= int(config.max_nonfinite_in_a_row):
+                    checkpointing.finalize_async(blocking=True)
                     last = checkpointing.steps(ckpt_dir)
                     raise NonFiniteLossError(
                         f"{m['nonfinite_in_a_row']} non-finite steps in a row (limit "
@@ -232,6 +237,7 @@ def train(config, workdir: str, overrides: dict | None = None) -> dict:
                 break
             if step % int(config.checkpoint_every) == 0 or step == total:
                 save()
+        checkpointing.finalize_async(blocking=True)
         summary["step"] = trainer.step
         summary["skipped"] = trainer.skipped
     finally:
