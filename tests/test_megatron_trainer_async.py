@@ -109,10 +109,22 @@ def test_process_killed_before_finalize_leaves_previous_checkpoint(tmp_path):
     script = tmp_path / "killed.py"
     script.write_text(KILLED_RUN.format(root=str(ROOT), ckdir=ckdir))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, str(script)], cwd=str(ROOT), env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
-    assert "scheduled" in proc.stdout
+    log = tmp_path / "killed.log"
+    # Its own session: what the killed run leaves behind (the checkpoint writer it forked, the
+    # multiprocessing manager its saves report through) is ended with it, and holds no pipe of ours.
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, str(script)], cwd=str(ROOT), env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            code = proc.wait(timeout=600)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    text = log.read_text()
+    assert code == -signal.SIGKILL, text[-3000:]
+    assert "scheduled" in text
     assert checkpointing.steps(ckdir) == [1] and tracker(ckdir) == "1"
     tr = make_trainer(seed=7)
     meta = checkpointing.restore_latest(ckdir, tr)
