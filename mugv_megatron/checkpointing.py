@@ -17,16 +17,19 @@ layers at their global index, the embedders every stage holds are written by the
 common.pt: iteration, checkpoint_version, and `mugv`: model config, trainer counters (step,
 consecutive non-finite, skipped), optimizer kind and update count, data-iterator state.
 
-With megatron's DistributedOptimizer the optimizer entries come from its own
-`sharded_state_dict` in the `fully_reshardable` format (megatron.core 0.16; the
-`fully_sharded_model_space` format is deprecated there): the DP-sharded state is gathered into
-whole per-parameter tensors under the parameter's own sharded key, so it loads under any DP, TP
-and PP size. Names: `optimizer.state.exp_avg.<key>` and `optimizer.state.exp_avg_sq.<key>` (the
-same as the torch-AdamW path's) and `optimizer.state.param.<key>`, the fp32 main weights (with
-bf16 parameters the model entries are bf16, as in the reference's checkpoints). The EMA of the
-main weights (sharded over DP like them) is gathered the same way into
-`optimizer.state.exp_moving_avg.<key>`. The gathers run over NCCL on GPU and over the gloo DP
-group on CPU (megatron's memory-efficient variant, which gathers on DP rank 0 only).
+With megatron's DistributedOptimizer (ZeRO-1: main weights and moments split over DP in
+flat bucket ranges) each rank's ranges are gathered into whole per-parameter tensors and written
+under the same names and sharding as the torch-AdamW path's, plus the fp32 main weights:
+`optimizer.state.exp_avg.<key>`, `optimizer.state.exp_avg_sq.<key>`,
+`optimizer.state.param.<key>` (with bf16 parameters the model entries are bf16, as in the
+reference's checkpoints, and these are the exact weights) and the EMA of the main weights,
+`optimizer.state.exp_moving_avg.<key>`. On load each rank takes its ranges back out, so the
+checkpoint reshards over DP, TP and PP. We do not use the optimizer's own `sharded_state_dict`:
+in megatron.core 0.16.1 `fully_sharded_model_space` is deprecated (its flattened ShardedTensors
+are no longer accepted), `dp_reshardable` only reshards over DP and stores bucket layouts, and
+`fully_reshardable` indexes its gathered buffer, from which the end-of-bucket padding was
+removed, with padded offsets: with more than one bucket (overlap_grad_reduce's 40M-element
+buckets) it writes and reads shifted elements ("param range exceeds unpadded buffer").
 
 A checkpoint is written to `iter_XXXXXXX.tmp`, renamed when complete, and only then named in
 the tracker (also written to a temporary file and renamed), so a crash never leaves a partial
@@ -58,7 +61,6 @@ CHECKPOINT_VERSION = 3.0
 NULL_TEXT_KEY = "context_embedder.drop_emb"
 _ITER = re.compile(r"^iter_(\d{7})$")
 _TMP = re.compile(r"^iter_(\d{7})\.tmp$")
-OPTIMIZER_SHARDING = "fully_reshardable"
 _LAYER = re.compile(r"^" + re.escape(layout.LAYER_PREFIX) + r"(\d+)\.(.+)$")
 
 
@@ -147,15 +149,15 @@ def _state_dict(trainer, *, loading: bool) -> dict:
     sd["ema"] = {n: sharded_tensor(n, t, depth, "optimizer.state.exp_moving_avg.", off)
                  for n, t in ema.items()}
     if opt.kind == "torch_adamw":
-        moments = {}
-        for n, p in trainer.module.named_parameters():
-            for kind, t in opt.moments(p).items():
-                moments[f"{kind}.{n}"] = sharded_tensor(n, fresh(t), depth, f"optimizer.state.{kind}.", off)
-        sd["optimizer"] = moments
+        states = {n: {k: fresh(t) for k, t in opt.moments(p).items()}
+                  for n, p in trainer.module.named_parameters()}
+    elif loading:
+        states = {n: {k: torch.zeros(p.shape, dtype=torch.float32) for k in opt.STATE_KEYS}
+                  for n, p in trainer.module.named_parameters()}
     else:
-        metadata = {"distrib_optim_sharding_type": OPTIMIZER_SHARDING,
-                    "distrib_optim_fully_reshardable_mem_efficient": not torch.cuda.is_available()}
-        sd["optimizer"] = opt.opt.sharded_state_dict(model_sd, is_loading=loading, metadata=metadata)
+        states = opt.full_states()
+    sd["optimizer"] = {f"{kind}.{n}": sharded_tensor(n, t, depth, f"optimizer.state.{kind}.", off)
+                       for n, per in states.items() for kind, t in per.items()}
     sd["null_text"] = sharded_tensor(NULL_TEXT_KEY, fresh(trainer.null_text), depth)
     rank, world = dist.get_rank(), dist.get_world_size()
     rng = {"cpu": torch.get_rng_state()}
@@ -304,9 +306,9 @@ def load(path: str, trainer) -> dict:
                 for kind, t in opt.moments(p).items():
                     t.copy_(loaded["optimizer"][f"{kind}.{n}"])
     else:
-        opt.opt.load_state_dict(loaded["optimizer"])
-        opt.count = int(meta["optimizer"]["count"])
-        trainer.sync_params()
+        opt.load_full_states({n: {k: loaded["optimizer"][f"{k}.{n}"] for k in opt.STATE_KEYS}
+                              for n, _ in trainer.module.named_parameters()},
+                             meta["optimizer"]["count"])
     if "rng_state" in loaded:
         rng = loaded["rng_state"]
         torch.set_rng_state(rng["cpu"])

@@ -152,6 +152,66 @@ class MegatronAdam:
                 out[p] = (groups[gi]["params"][order], r.start, r.end)
         return out
 
+    STATE_KEYS = ("param", "exp_avg", "exp_avg_sq")
+
+    def _states(self) -> dict[torch.nn.Parameter, tuple[dict[str, torch.Tensor], int, int]]:
+        """model parameter → ({param: fp32 main shard, exp_avg, exp_avg_sq}, start, end)."""
+        out = {}
+        for dopt in self.distributed_optimizers():
+            if any(not dopt.optimizer.state[m] for g in dopt.optimizer.param_groups for m in g["params"]):
+                # Zero moments, as before any update (torch's Adam then also needs its step).
+                dopt.init_state_fn(dopt.optimizer, dopt.config)
+                self.set_count(self.count)
+            for p in dopt.model_param_group_index_map:
+                r = dopt._get_model_param_range_map(p)["param"]
+                tensors = dopt._get_main_param_and_optimizer_states(p)
+                out[p] = ({k: tensors[k] for k in self.STATE_KEYS}, r.start, r.end)
+        return out
+
+    @torch.no_grad()
+    def full_states(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Per parameter name, its whole fp32 main weight and Adam moments (CPU tensors of the
+        parameter's shape), gathered over the DP group: each element is held by exactly one
+        rank, so a sum of zero-filled copies is exact. Collective over DP."""
+        states = self._states()
+        out = {}
+        for n, p in self.model.module.named_parameters():
+            out[n] = {}
+            for k in self.STATE_KEYS:
+                full = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
+                if p in states:
+                    tensors, start, end = states[p]
+                    full[start:end] = tensors[k].reshape(-1)
+                dist.all_reduce(full, group=self.data_parallel_group)
+                out[n][k] = full.view(p.shape).cpu()
+        return out
+
+    @torch.no_grad()
+    def load_full_states(self, tensors: dict[str, dict[str, torch.Tensor]], count: int) -> None:
+        """Inverse of `full_states` (any DP size wrote them: each rank takes its ranges), then the
+        model's weights from the main weights and the update count everywhere."""
+        names = {p: n for n, p in self.model.module.named_parameters()}
+        for p, (own, start, end) in self._states().items():
+            for k in self.STATE_KEYS:
+                own[k].copy_(tensors[names[p]][k].reshape(-1)[start:end].to(own[k]))
+        self.set_count(count)
+        for dopt in self.distributed_optimizers():
+            dopt._copy_main_params_to_model_params()
+        self.model.start_param_sync(force_sync=True)
+
+    def set_count(self, count: int) -> None:
+        """The update count, and Adam's own step (bias correction) for every main weight:
+        per-parameter state in torch's Adam, per group in TE's / apex's fused Adam."""
+        self.count = int(count)
+        for dopt in self.distributed_optimizers():
+            inner = dopt.optimizer
+            for group in inner.param_groups:
+                if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+                    group["step"] = self.count
+                    continue
+                for m in group["params"]:
+                    inner.state[m]["step"] = torch.tensor(float(self.count))
+
     @torch.no_grad()
     def set_main_params(self, tensors: dict[str, torch.Tensor]) -> None:
         """Overwrite the fp32 main weights from full (TP-local) tensors by parameter name, then

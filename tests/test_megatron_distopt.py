@@ -66,9 +66,12 @@ def _worker(rank, port, port1, out):
     from mugv_megatron.trainer import Trainer
     parallel.setup(1, rank=rank, world_size=DP, master_port=port, timeout=datetime.timedelta(minutes=5))
     assert distopt_cpu.apply()
+    from converters.layouts import megatron as layout
     data = batches()
     res = {}
     a = Trainer(CFG, OPTIM, OBJECTIVE, seed=SEED, use_megatron_optimizer=False)
+    release = {k: torch.from_numpy(np.array(v)) for k, v in layout.megatron_state_to_release(
+        {n: p.detach().numpy() for n, p in a.module.named_parameters()}, CFG).items()}
     b = Trainer(CFG, OPTIM, OBJECTIVE, seed=SEED, use_megatron_optimizer=True, overlap_grad_reduce=True,
                 overlap_param_gather=True, ddp_bucket_size=BUCKET)
     res["b.buckets"] = len(b.model.bucket_groups)
@@ -81,6 +84,7 @@ def _worker(rank, port, port1, out):
             res[f"{name}.loss.{step}"], res[f"{name}.norm.{step}"] = m["loss"], m["grad_norm"]
     res["b.draws.0"] = used[0]
     res["a.weights"], res["b.weights"] = weights(a), weights(b)
+    res["a.init"] = {n: t.detach().clone() for n, t in release.items()}
     res["a.ema"], res["b.ema"] = dict(a.ema.full_state()), b.ema.full_state()
     res["a.moments"] = {n: {k: t.clone() for k, t in a.optimizer.moments(p).items()}
                         for n, p in a.module.named_parameters()}
@@ -90,11 +94,15 @@ def _worker(rank, port, port1, out):
     b.train_step(data[2])
     res["b.weights.3"] = weights(b)
 
-    c = Trainer(CFG, OPTIM, OBJECTIVE, seed=SEED, compute_dtype="bfloat16", use_megatron_optimizer=True)
+    # From A's initial weights: the main weights take them exactly, the bf16 parameters rounded.
+    c = Trainer(CFG, OPTIM, OBJECTIVE, seed=SEED, compute_dtype="bfloat16", use_megatron_optimizer=True,
+                release_state=release)
+    res["c.main.init"] = {n: st["param"] for n, st in c.optimizer.full_states().items()}
     for step in range(2):
         m = c.train_step(data[step])
         res[f"c.loss.{step}"] = m["loss"]
     res["c.weights"] = weights(c)
+    res["c.main"] = {n: st["param"] for n, st in c.optimizer.full_states().items()}
     shards = c.optimizer.main_shards()
     res["c.main_dtypes"] = sorted({str(main.dtype) for main, _, _ in shards.values()})
     res["c.rounding_mismatches"] = sum(
@@ -113,6 +121,9 @@ def _worker(rank, port, port1, out):
            "count": d.optimizer.count}
     d.train_step(data[2])
     one["weights.3"] = weights(d)
+    from mugv_megatron import device_check
+    one["device_check"] = device_check.run(os.path.join(out, "device_check"), model="tiny",
+                                           bucket_size=BUCKET)
     torch.save(one, os.path.join(out, "dp1.pt"))
     parallel.teardown()
 
@@ -149,7 +160,8 @@ def test_distributed_optimizer_step_matches_torch_adamw(runs):
     # Two updates of at most lr = 1e-3 each.
     diff = max(float((r["a.weights"][n] - r["b.weights"][n]).abs().max()) for n in r["a.weights"])
     assert diff < 1e-6, diff
-    assert _max_rel(r["b.ema"], r["a.ema"]) < 1e-6
+    ema_diff = max(float((r["a.ema"][n] - r["b.ema"][n]).abs().max()) for n in r["a.ema"])
+    assert ema_diff < 1e-6, ema_diff
     moved = max(float((r["a.weights"][n] - r["a.ema"][n]).abs().max()) for n in r["a.weights"])
     assert moved > 1e-4   # the EMA is not the weights
 
@@ -185,7 +197,7 @@ def test_checkpoint_layout(runs):
     shape = (CFG.depth, CFG.mlp_hidden_size, CFG.hidden_size)
     for prefix in ("", "optimizer.state.exp_avg.", "optimizer.state.exp_avg_sq.",
                    "optimizer.state.param.", "optimizer.state.exp_moving_avg."):
-        assert tuple(meta[prefix + key].shape) == shape, prefix
+        assert tuple(meta[prefix + key].global_shape) == shape, prefix
     reader = TorchDistReader(str(ckdir))
     want = layout.megatron_state_to_release(
         {n: w.numpy() for n, w in runs["ranks"][0]["b.weights"].items()}, CFG)
@@ -196,17 +208,36 @@ def test_checkpoint_layout(runs):
 
 
 def test_bf16_parameters_with_fp32_main_weights(runs):
+    from converters.layouts import megatron as layout
     r = runs["ranks"][0]
+    init = layout.megatron_state_to_release({n: t.numpy() for n, t in r["c.main.init"].items()}, CFG)
+    for n, t in r["a.init"].items():
+        assert np.array_equal(init[n], t.numpy()), n        # release weights taken exactly
     assert {str(w.dtype) for w in r["c.weights"].values()} == {"torch.bfloat16"}
     assert r["c.main_dtypes"] == ["torch.float32"]
     # After each update the bf16 parameters are exactly the main weights rounded.
     assert r["c.rounding_mismatches"] == 0
     assert {str(t.dtype) for t in r["c.ema"].values()} == {"torch.float32"}
-    # bf16 compute of the same step: within bf16 precision of the fp32 run.
+    # Same start, batches and draws as A, computed in bf16: the loss within bf16 precision. An
+    # Adam update moves a weight by at most 1.0014·lr in its first two steps (b1 0.9, b2 0.999),
+    # so where bf16 gradients flip both updates' signs the main weights differ by up to
+    # 2·2.0014·lr (measured 3.98e-3, on 0.28 % of the weights more than lr); typically far less
+    # (RMS measured 1.07e-4).
     for step in range(2):
-        assert r[f"c.loss.{step}"] == pytest.approx(r[f"a.loss.{step}"], rel=2e-2)
-    diff = max(float((r["c.weights"][n].float() - r["a.weights"][n]).abs().max()) for n in r["a.weights"])
-    assert diff < 2e-2, diff
+        assert r[f"c.loss.{step}"] == pytest.approx(r[f"a.loss.{step}"], rel=1e-3)
+    diff = torch.cat([(r["c.main"][n] - r["a.weights"][n]).flatten() for n in r["a.weights"]]).abs()
+    lr = OPTIM.learning_rate
+    assert 0 < float(diff.max()) < 2 * 2.0014 * lr + 1e-5, float(diff.max())
+    assert float(diff.square().mean().sqrt()) < 0.25 * lr
+    assert float((diff > lr).float().mean()) < 0.01
+
+
+def test_gpu_device_check_script_runs_tiny_on_cpu(runs):
+    """mugv_megatron.device_check (the GPU check of this path, 10B width) on the tiny model: its
+    checks pass and it measured what it reports."""
+    got = runs["dp1"]["device_check"]
+    assert got["model"] == "tiny, 2 layers" and got["buckets"] > 1
+    assert len(got["losses"]) == 2 and got["step3_loss_restored"] == got["step3_loss"]
 
 
 def test_each_rank_draws_its_own_rows_of_the_global_draw(runs):
