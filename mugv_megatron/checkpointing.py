@@ -91,7 +91,7 @@ def sharded_tensor(name: str, tensor: torch.Tensor, depth: int, prefix: str = ""
     """The ShardedTensor of this rank's shard of Megatron tensor `name` (TP split by the
     converters' rule; layers stacked along a prepended axis at their global index, the stage's
     `layer_offset` plus the local one, so a checkpoint loads under any PP size; `data` is `tensor`
-    itself, which is how megatron's optimizer finds the parameter behind a key)."""
+    itself: saved from, or loaded into)."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
     tp_rank, tp, dp_rank, pp_rank = _parallel()
     m = _LAYER.match(name)
@@ -118,27 +118,16 @@ def layer_offset(model) -> int:
     return int(getattr(model.decoder, "layer_offset", 0))
 
 
-def model_sharded_state_dict(model, depth: int, keep_vars: bool = False) -> dict:
-    """keep_vars: the Parameter objects themselves as data (megatron's optimizer maps its state
-    to keys through their identity), else their plain tensors (loaded in place)."""
-    off = layer_offset(model)
-    return {n: sharded_tensor(n, p if keep_vars else p.data, depth, layer_offset=off)
-            for n, p in model.named_parameters()}
-
-
 def _state_dict(trainer, *, loading: bool) -> dict:
-    """The sharded state dict to save, or (loading) to load into: then the CPU path's targets
-    are fresh copies, so that a checkpoint failing half-way leaves the trainer untouched."""
+    """The sharded state dict to save, or (loading) to load into: then the targets are fresh
+    tensors, so that a checkpoint failing half-way leaves the trainer untouched."""
     from megatron.core.dist_checkpointing.mapping import ShardedObject
     depth = trainer.model_config.depth
     off = layer_offset(trainer.module)
     opt = trainer.optimizer
-    fresh = (lambda t: t.detach().clone()) if loading and opt.kind == "torch_adamw" else (lambda t: t)
-    if opt.kind == "torch_adamw":
-        model_sd = {n: sharded_tensor(n, fresh(p.data), depth, layer_offset=off)
-                    for n, p in trainer.module.named_parameters()}
-    else:
-        model_sd = model_sharded_state_dict(trainer.module, depth, keep_vars=True)
+    fresh = (lambda t: t.detach().clone()) if loading else (lambda t: t)
+    model_sd = {n: sharded_tensor(n, fresh(p.data), depth, layer_offset=off)
+                for n, p in trainer.module.named_parameters()}
     sd: dict = {"model": model_sd}
     if opt.kind == "torch_adamw":
         ema = {n: fresh(t) for n, t in trainer.ema.full_state().items()}
