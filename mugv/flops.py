@@ -2,9 +2,12 @@
 
 Model FLOPs count the matmuls of the forward pass (2·m·n·k each) from the actual step geometry —
 video tokens incl. start/end, text tokens, bidirectional self-attention over all tokens — and a
-training step is 3× forward (backward = 2× forward). Recompute is not counted (that is hardware
-FLOPs, reported separately by the trainers from their remat policy). Element-wise work (norms,
-softmax, RoPE, modulation) is ignored, as is customary.
+training step is 3× forward (backward = 2× forward). Recompute is not counted: MFU is model
+FLOPs over time. Hardware FLOPs (`hardware_step_flops`, for HFU) add the matmuls that the
+recompute policy runs a second time in backward, with one table for both trainers' policies:
+JAX's remat policies (`mugv_jax/dit/model.py`) and Megatron's recompute modes
+(`mugv_megatron/recompute.py`). Element-wise work (norms, softmax, RoPE, modulation) is
+ignored, as is customary.
 """
 from __future__ import annotations
 
@@ -32,11 +35,18 @@ class StepFlops:
         return self.train / num_devices
 
 
-def forward_flops_per_sample(config: DiTConfig, num_video_tokens: int, num_text_tokens: int) -> float:
+def _attention_flops_per_layer(config: DiTConfig, num_video_tokens: int, num_text_tokens: int) -> float:
+    """The batched (activation × activation) matmuls of one layer: scores and values of self-
+    attention over all tokens and of cross-attention against the text."""
+    c, n, l = config.hidden_size, num_video_tokens + 2, num_text_tokens
+    return float(2 * 2 * n * n * c + 2 * 2 * n * l * c)
+
+
+def _layer_flops(config: DiTConfig, num_video_tokens: int, num_text_tokens: int) -> float:
     c, f = config.hidden_size, config.mlp_hidden_size
     n = num_video_tokens + 2
     l = num_text_tokens
-    per_layer = (
+    return float(
         2 * n * c * 3 * c            # fused qkv
         + 2 * 2 * n * n * c          # q·kᵀ and attn·v over all heads
         + 2 * n * c * c              # self-attn output projection
@@ -46,6 +56,11 @@ def forward_flops_per_sample(config: DiTConfig, num_video_tokens: int, num_text_
         + 2 * n * c * c              # cross-attn output projection
         + 2 * 2 * n * c * f          # MLP fc1 + fc2
     )
+
+
+def forward_flops_per_sample(config: DiTConfig, num_video_tokens: int, num_text_tokens: int) -> float:
+    c, l = config.hidden_size, num_text_tokens
+    per_layer = _layer_flops(config, num_video_tokens, num_text_tokens)
     patch_in = config.in_channels * config.patch_volume
     patch_out = config.out_channels * config.patch_volume
     outside = (
@@ -63,6 +78,45 @@ def step_flops(config: DiTConfig, batch_size: int, num_video_tokens: int, num_te
     return StepFlops(forward=fwd, train=3.0 * fwd)
 
 
+# What each recompute policy runs twice, as a part of the layers' forward matmuls. Keeping every
+# matmul output (JAX "dots") recomputes only element-wise work; keeping the weight matmuls but not
+# the batched ones (JAX "dots_no_batch" / "offload_dots", whose batch-dimension dots are the
+# attention scores and values; Megatron "selective", which re-runs the core attention) recomputes
+# the attention matmuls; "full" re-runs each layer's whole forward (embedders and final layer,
+# outside the remat'd blocks, are never recomputed).
+RECOMPUTE_PARTS = {
+    "none": "nothing",
+    "dots": "nothing",
+    "dots_no_batch": "attention",
+    "offload_dots": "attention",
+    "selective": "attention",
+    "full": "layers",
+}
+
+
+def recompute_flops_per_sample(config: DiTConfig, num_video_tokens: int, num_text_tokens: int,
+                               policy: str) -> float:
+    """Forward matmul FLOPs that `policy` (a JAX remat policy or a Megatron recompute mode)
+    re-runs during backward, per sample."""
+    if policy not in RECOMPUTE_PARTS:
+        raise ValueError(f"unknown recompute/remat policy {policy!r}; known: {sorted(RECOMPUTE_PARTS)}")
+    part = RECOMPUTE_PARTS[policy]
+    if part == "nothing":
+        return 0.0
+    if part == "attention":
+        return config.depth * _attention_flops_per_layer(config, num_video_tokens, num_text_tokens)
+    return config.depth * _layer_flops(config, num_video_tokens, num_text_tokens)
+
+
+def hardware_step_flops(config: DiTConfig, batch_size: int, num_video_tokens: int, num_text_tokens: int,
+                        policy: str) -> StepFlops:
+    """`step_flops` plus what the recompute policy runs again (train only; the forward pass
+    itself is the same)."""
+    model = step_flops(config, batch_size, num_video_tokens, num_text_tokens)
+    extra = batch_size * recompute_flops_per_sample(config, num_video_tokens, num_text_tokens, policy)
+    return StepFlops(forward=model.forward, train=model.train + extra)
+
+
 def peak_flops_for(device_kind: str) -> float | None:
     """Peak bf16 FLOP/s for a device kind string (jax `device_kind`, torch device name)."""
     kind = device_kind.lower()
@@ -77,33 +131,3 @@ def mfu(train_flops: float, step_seconds: float, num_devices: int, peak_per_devi
         return None
     return train_flops / (step_seconds * num_devices * peak_per_device)
 
-
-# How much of the forward each activation-recompute setting runs again in the backward pass, as
-# matmul FLOPs: "full" reruns the whole block; policies that keep every matmul output (JAX "dots",
-# "offload_dots") rerun only element-wise work, which model FLOPs ignore; those that keep only
-# non-batched matmuls (JAX "dots_no_batch") or Megatron's "selective" rerun the attention core
-# (q·kᵀ and attn·v, batched over heads). One table for both trainers.
-RECOMPUTE = {
-    "none": "none", "dots": "none", "offload_dots": "none",
-    "full": "full",
-    "selective": "attention", "dots_no_batch": "attention",
-}
-
-
-def attention_core_flops_per_sample(config: DiTConfig, num_video_tokens: int, num_text_tokens: int) -> float:
-    n, c, l = num_video_tokens + 2, config.hidden_size, num_text_tokens
-    return float(config.depth * (2 * 2 * n * n * c + 2 * 2 * n * l * c))
-
-
-def hardware_step_flops(config: DiTConfig, batch_size: int, num_video_tokens: int, num_text_tokens: int,
-                        recompute: str = "none") -> float:
-    """FLOPs a step actually executes: model FLOPs plus what `recompute` runs again."""
-    if recompute not in RECOMPUTE:
-        raise ValueError(f"unknown recompute/remat setting {recompute!r}; known: {sorted(RECOMPUTE)}")
-    model = step_flops(config, batch_size, num_video_tokens, num_text_tokens)
-    kind = RECOMPUTE[recompute]
-    if kind == "full":
-        return model.train + model.forward
-    if kind == "attention":
-        return model.train + batch_size * attention_core_flops_per_sample(config, num_video_tokens, num_text_tokens)
-    return model.train

@@ -112,8 +112,24 @@ class MegatronOptions:
     sp: bool = False                   # sequence parallel (needs tp > 1)
     pp: int = 1                        # pipeline-parallel size (must divide the depth)
     cp: int = 1                        # context-parallel size
-    distributed_optimizer: bool = True  # megatron's DistributedOptimizer on CUDA (torch AdamW on CPU)
+    distributed_optimizer: bool = True  # megatron's DistributedOptimizer (torch AdamW without CUDA)
     use_te: bool | None = None         # Transformer Engine layers; None = when it imports
+    # Parameter dtype: "float32" (the parameters are the master weights; bf16 compute through
+    # autocast) or "bfloat16" (bf16 weights, fp32 main weights in the distributed optimizer, as
+    # the reference trains). None: bfloat16 when compute_dtype is bfloat16 and the distributed
+    # optimizer runs (GPU), else float32.
+    params_dtype: str | None = None
+    # Activation recompute: "none", "full" (every layer re-run in backward: the reference's
+    # setting, least memory) or "selective" (the attention cores re-run). Counted in the hardware
+    # FLOPs, not the model FLOPs (mugv/flops.py), like the JAX backend's `remat`.
+    recompute: str = "none"
+    # Distributed optimizer only: reduce-scatter gradient buckets while backward still runs, and
+    # all-gather updated parameter buckets during the next forward.
+    overlap_grad_reduce: bool = True
+    overlap_param_gather: bool = True
+    # Checkpoints written by a forked writer while training continues; published (renamed, named
+    # in the tracker) once every rank's writer is done.
+    async_save: bool = True
 
     def __post_init__(self):
         for key in ("tp", "pp", "cp"):
@@ -121,6 +137,11 @@ class MegatronOptions:
                 raise ValueError(f"config.megatron.{key} must be >= 1, got {getattr(self, key)}")
         if self.sp and int(self.tp) < 2:
             raise ValueError("config.megatron.sp (sequence parallel) needs config.megatron.tp >= 2")
+        if self.recompute not in ("none", "full", "selective"):
+            raise ValueError(f"config.megatron.recompute must be 'none', 'full' or 'selective', got {self.recompute!r}")
+        if self.params_dtype not in (None, "float32", "bfloat16"):
+            raise ValueError(f"config.megatron.params_dtype must be None, 'float32' or 'bfloat16', "
+                             f"got {self.params_dtype!r}")
 
 
 def megatron_section():
@@ -130,7 +151,8 @@ def megatron_section():
     section = ml_collections.ConfigDict()
     for f in dataclasses.fields(MegatronOptions):
         if f.default is None:
-            section[f.name] = ml_collections.FieldReference(None, field_type=bool)
+            kind = str if "str" in str(f.type) else bool
+            section[f.name] = ml_collections.FieldReference(None, field_type=kind)
         else:
             section[f.name] = f.default
     return section

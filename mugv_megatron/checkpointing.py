@@ -17,16 +17,33 @@ layers at their global index, the embedders every stage holds are written by the
   rng_state                                  torch RNG states, one object per rank
 common.pt: iteration, checkpoint_version, and `mugv`: model config, trainer counters (step,
 consecutive non-finite, skipped), optimizer kind and update count, data-iterator state.
-With megatron's DistributedOptimizer (GPU) the optimizer entries come from its own
-`sharded_state_dict` in `fully_sharded_model_space`, which writes the same
-`optimizer.state.<exp_avg|exp_avg_sq|fp32_param>.<key>` names.
+
+With megatron's DistributedOptimizer (ZeRO-1: main weights and moments split over DP in
+flat bucket ranges) each rank's ranges are gathered into whole per-parameter tensors and written
+under the same names and sharding as the torch-AdamW path's, plus the fp32 main weights:
+`optimizer.state.exp_avg.<key>`, `optimizer.state.exp_avg_sq.<key>`,
+`optimizer.state.param.<key>` (with bf16 parameters the model entries are bf16, as in the
+reference's checkpoints, and these are the exact weights) and the EMA of the main weights,
+`optimizer.state.exp_moving_avg.<key>`. On load each rank takes its ranges back out, so the
+checkpoint reshards over DP, TP and PP. We do not use the optimizer's own `sharded_state_dict`:
+in megatron.core 0.16.1 `fully_sharded_model_space` is deprecated (its flattened ShardedTensors
+are no longer accepted), `dp_reshardable` only reshards over DP and stores bucket layouts, and
+`fully_reshardable` indexes its gathered buffer, from which the end-of-bucket padding was
+removed, with padded offsets: with more than one bucket (overlap_grad_reduce's 40M-element
+buckets) it writes and reads shifted elements ("param range exceeds unpadded buffer").
 
 A checkpoint is written to `iter_XXXXXXX.tmp`, renamed when complete, and only then named in
 the tracker (also written to a temporary file and renamed), so a crash never leaves a partial
-checkpoint that looks complete.
+checkpoint that looks complete. `save(..., async_save=True)` returns once the state is staged in
+host memory (a forked writer per rank then writes it); the rename and the tracker update run in
+the save's finalize step, on every rank once all writers are done, from `finalize_async()` (the
+train loop calls it each step; the next save and the end of the run call it blocking). A run
+killed before its finalize leaves only the `.tmp` directory, which restore never picks and the
+next save removes.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -45,6 +62,7 @@ CHECKPOINT_VERSION = 3.0
 NULL_TEXT_KEY = "context_embedder.drop_emb"
 REF_PREFIX = "optimizer.state.reference_model."  # skipped by weight readers like the moments
 _ITER = re.compile(r"^iter_(\d{7})$")
+_TMP = re.compile(r"^iter_(\d{7})\.tmp$")
 _LAYER = re.compile(r"^" + re.escape(layout.LAYER_PREFIX) + r"(\d+)\.(.+)$")
 
 
@@ -75,7 +93,7 @@ def sharded_tensor(name: str, tensor: torch.Tensor, depth: int, prefix: str = ""
     """The ShardedTensor of this rank's shard of Megatron tensor `name` (TP split by the
     converters' rule; layers stacked along a prepended axis at their global index, the stage's
     `layer_offset` plus the local one, so a checkpoint loads under any PP size; `data` is `tensor`
-    itself, which is how megatron's optimizer finds the parameter behind a key)."""
+    itself: saved from, or loaded into)."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
     tp_rank, tp, dp_rank, pp_rank = _parallel()
     m = _LAYER.match(name)
@@ -102,39 +120,35 @@ def layer_offset(model) -> int:
     return int(getattr(model.decoder, "layer_offset", 0))
 
 
-def model_sharded_state_dict(model, depth: int, keep_vars: bool = False) -> dict:
-    """keep_vars: the Parameter objects themselves as data (megatron's optimizer maps its state
-    to keys through their identity), else their plain tensors (loaded in place)."""
-    off = layer_offset(model)
-    return {n: sharded_tensor(n, p if keep_vars else p.data, depth, layer_offset=off)
-            for n, p in model.named_parameters()}
-
-
 def _state_dict(trainer, *, loading: bool) -> dict:
-    """The sharded state dict to save, or (loading) to load into: then the CPU path's targets
-    are fresh copies, so that a checkpoint failing half-way leaves the trainer untouched."""
+    """The sharded state dict to save, or (loading) to load into: then the targets are fresh
+    tensors, so that a checkpoint failing half-way leaves the trainer untouched."""
     from megatron.core.dist_checkpointing.mapping import ShardedObject
     depth = trainer.model_config.depth
     off = layer_offset(trainer.module)
     opt = trainer.optimizer
-    fresh = (lambda t: t.detach().clone()) if loading and opt.kind == "torch_adamw" else (lambda t: t)
-    if opt.kind == "torch_adamw":
-        model_sd = {n: sharded_tensor(n, fresh(p.data), depth, layer_offset=off)
-                    for n, p in trainer.module.named_parameters()}
-    else:
-        model_sd = model_sharded_state_dict(trainer.module, depth, keep_vars=True)
+    fresh = (lambda t: t.detach().clone()) if loading else (lambda t: t)
+    model_sd = {n: sharded_tensor(n, fresh(p.data), depth, layer_offset=off)
+                for n, p in trainer.module.named_parameters()}
     sd: dict = {"model": model_sd}
-    sd["ema"] = {n: sharded_tensor(n, fresh(t), depth, "optimizer.state.exp_moving_avg.", off)
-                 for n, t in trainer.ema.shadow.items()}
     if opt.kind == "torch_adamw":
-        moments = {}
-        for n, p in trainer.module.named_parameters():
-            for kind, t in opt.moments(p).items():
-                moments[f"{kind}.{n}"] = sharded_tensor(n, fresh(t), depth, f"optimizer.state.{kind}.", off)
-        sd["optimizer"] = moments
+        ema = {n: fresh(t) for n, t in trainer.ema.full_state().items()}
+    elif loading:
+        ema = {n: torch.zeros(p.shape, dtype=torch.float32) for n, p in trainer.module.named_parameters()}
     else:
-        sd["optimizer"] = opt.opt.sharded_state_dict(
-            model_sd, is_loading=loading, metadata={"distrib_optim_sharding_type": "fully_sharded_model_space"})
+        ema = trainer.ema.full_state()
+    sd["ema"] = {n: sharded_tensor(n, t, depth, "optimizer.state.exp_moving_avg.", off)
+                 for n, t in ema.items()}
+    if opt.kind == "torch_adamw":
+        states = {n: {k: fresh(t) for k, t in opt.moments(p).items()}
+                  for n, p in trainer.module.named_parameters()}
+    elif loading:
+        states = {n: {k: torch.zeros(p.shape, dtype=torch.float32) for k in opt.STATE_KEYS}
+                  for n, p in trainer.module.named_parameters()}
+    else:
+        states = opt.full_states()
+    sd["optimizer"] = {f"{kind}.{n}": sharded_tensor(n, t, depth, f"optimizer.state.{kind}.", off)
+                       for n, per in states.items() for kind, t in per.items()}
     if getattr(trainer, "ref", None) is not None:
         # Preference runs: the frozen reference model (the weights the run started from).
         sd["ref"] = {n: sharded_tensor(n, fresh(t), depth, REF_PREFIX, off) for n, t in trainer.ref.items()}
@@ -147,38 +161,40 @@ def _state_dict(trainer, *, loading: bool) -> dict:
     return sd
 
 
-def save(directory: str, trainer, data_state: dict, run_config: dict | None = None,
-         keep: int = 3) -> str:
-    """Write the trainer's full state at its current step; returns the iteration directory."""
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
-    step = trainer.step
-    final = iter_dir(directory, step)
-    tmp = final + ".tmp"
-    rank0 = dist.get_rank() == 0
-    if rank0:
-        os.makedirs(directory, exist_ok=True)
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)
-        os.makedirs(tmp)
+_ASYNC_QUEUE = None
+
+
+def _async_queue():
+    global _ASYNC_QUEUE
+    if _ASYNC_QUEUE is None:
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+        # One forked writer per save: it sees the state as it was when forked, so training
+        # may change the weights in place while it writes.
+        _ASYNC_QUEUE = AsyncCallsQueue(persistent=False)
+    return _ASYNC_QUEUE
+
+
+def pending_saves() -> int:
+    """Async saves scheduled and not yet published (this process)."""
+    return 0 if _ASYNC_QUEUE is None else _ASYNC_QUEUE.get_num_unfinalized_calls()
+
+
+def finalize_async(blocking: bool = False) -> int:
+    """Publish the async saves whose writers are done on every rank (all of them, waiting, with
+    blocking=True); returns how many were published. Collective: call on every rank."""
+    if not pending_saves():
+        return 0
+    return len(_async_queue().maybe_finalize_async_calls(blocking=blocking))
+
+
+def _publish(directory: str, step: int, keep: int) -> None:
+    """Rename the complete `iter_XXXXXXX.tmp`, name it in the tracker, prune old ones."""
     dist.barrier()
-    sd = _state_dict(trainer, loading=False)
-    sd["iteration"] = step
-    sd["checkpoint_version"] = CHECKPOINT_VERSION
-    sd["mugv"] = {"model": trainer.model_config.to_dict(), "trainer": trainer.counters(),
-                  "optimizer": {"kind": trainer.optimizer.kind, "count": trainer.optimizer.count},
-                  "data": dict(data_state), "config": run_config or {}}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        # One writer thread per rank: CPU tests share two cores. (The writer reports through a
-        # spawn-context multiprocessing manager: a script calling this needs a __main__ guard.)
-        dist_checkpointing.save(sd, tmp, sharded_strategy=TorchDistSaveShardedStrategy(
-            "torch_dist", 1, thread_count=1))
-    dist.barrier()
-    if rank0:
+    if dist.get_rank() == 0:
+        final = iter_dir(directory, step)
         if os.path.exists(final):
             shutil.rmtree(final)
-        os.replace(tmp, final)
+        os.replace(final + ".tmp", final)
         tracker_tmp = os.path.join(directory, TRACKER + ".tmp")
         with open(tracker_tmp, "w") as f:
             f.write(str(step))
@@ -186,6 +202,46 @@ def save(directory: str, trainer, data_state: dict, run_config: dict | None = No
         for old in steps(directory)[:-keep] if keep > 0 else []:
             shutil.rmtree(iter_dir(directory, old), ignore_errors=True)
     dist.barrier()
+
+
+def save(directory: str, trainer, data_state: dict, run_config: dict | None = None,
+         keep: int = 3, *, async_save: bool = False) -> str:
+    """Write the trainer's full state at its current step; returns the iteration directory
+    (published on return, or, with async_save, by a later `finalize_async`)."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+    # One save in flight: the previous one is published (or has failed) before this starts.
+    finalize_async(blocking=True)
+    step = trainer.step
+    final = iter_dir(directory, step)
+    tmp = final + ".tmp"
+    if dist.get_rank() == 0:
+        os.makedirs(directory, exist_ok=True)
+        # Left by a run killed before its save was finalized (or by a failed write).
+        for name in os.listdir(directory):
+            if _TMP.match(name):
+                shutil.rmtree(os.path.join(directory, name))
+        os.makedirs(tmp)
+    dist.barrier()
+    trainer.sync_params()
+    sd = _state_dict(trainer, loading=False)
+    sd["iteration"] = step
+    sd["checkpoint_version"] = CHECKPOINT_VERSION
+    sd["mugv"] = {"model": trainer.model_config.to_dict(), "trainer": trainer.counters(),
+                  "optimizer": {"kind": trainer.optimizer.kind, "count": trainer.optimizer.count},
+                  "data": dict(data_state), "config": run_config or {}}
+    # One writer thread per rank: CPU tests share two cores. (The writer reports through a
+    # spawn-context multiprocessing manager: a script calling this needs a __main__ guard.)
+    strategy = TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        request = dist_checkpointing.save(sd, tmp, sharded_strategy=strategy,
+                                          async_sharded_save=async_save)
+    if not async_save:
+        _publish(directory, step, keep)
+        return final
+    request.add_finalize_fn(functools.partial(_publish, directory, step, keep))
+    _async_queue().schedule_async_request(request)
     return final
 
 
@@ -234,8 +290,7 @@ def load(path: str, trainer) -> dict:
     with torch.no_grad():
         for n, p in trainer.module.named_parameters():
             p.copy_(loaded["model"][n])
-        for n, t in trainer.ema.shadow.items():
-            t.copy_(loaded["ema"][n])
+        trainer.ema.load_full_state(loaded["ema"])
         trainer.null_text.copy_(loaded["null_text"])
         for n, t in (loaded.get("ref") or {}).items():
             trainer.ref[n].copy_(t)
@@ -247,8 +302,9 @@ def load(path: str, trainer) -> dict:
                 for kind, t in opt.moments(p).items():
                     t.copy_(loaded["optimizer"][f"{kind}.{n}"])
     else:
-        opt.opt.load_state_dict(loaded["optimizer"])
-        opt.count = int(meta["optimizer"]["count"])
+        opt.load_full_states({n: {k: loaded["optimizer"][f"{k}.{n}"] for k in opt.STATE_KEYS}
+                              for n, _ in trainer.module.named_parameters()},
+                             meta["optimizer"]["count"])
     if "rng_state" in loaded:
         rng = loaded["rng_state"]
         torch.set_rng_state(rng["cpu"])

@@ -20,6 +20,7 @@ from megatron.core import parallel_state
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
+from mugv_megatron import recompute
 from mugv_megatron.embedders import ScaleShiftTable
 
 MODULATION_ROWS = 6
@@ -141,9 +142,10 @@ class MUGDiTBlock(MegatronModule):
              for i in range(count)])
 
     def forward(self, hidden: torch.Tensor, inputs: LayerInputs, on_layer_output=None):
-        """`on_layer_output(i, hidden)` is called after each layer with its global index i."""
+        """`on_layer_output(i, hidden)` is called after each layer with its global index i.
+        Under config recompute "full" each layer is re-run in backward (mugv_megatron.recompute)."""
         for i, layer in enumerate(self.layers):
-            hidden = layer(hidden, inputs)
+            hidden = recompute.layer_forward(self.config, layer, hidden, inputs)
             if on_layer_output is not None:
                 on_layer_output(self.layer_offset + i, hidden)
         return hidden

@@ -6,12 +6,15 @@ channels 0..C−1; per-sample squared error over generated frames, averaged over
 Conditioning (image-to-video) frames keep x0, are modulated with t=0 and do not count; caption
 dropout replaces a whole caption with the null text features.
 
-Randomness is separated from the math: `draw` makes every random number of a step in numpy
-from a generator the trainer seeds with (seed, step), for the *global* batch, and `prepare`
-turns a batch plus those draws into model inputs. So tensor-parallel ranks see identical noise,
-data-parallel ranks take their slice of one global draw (the DP size never changes the math),
-a resumed run redraws exactly the same numbers, and a test can feed the same draws to the JAX
-objective.
+Randomness is separated from the math: `prepare` turns a batch plus its `Draws` into model
+inputs. The trainer's own draws are mugv.rng's (the JAX trainer's too): sample i of the global
+batch at step s gets u, ε, its conditioning-frame count and its caption drop from Threefry-2x32
+of (seed, s, i), computed on the training device (mugv_megatron/rng.py). So a rank draws only its
+own rows (`SampleStreams`, one micro-batch at a time), and the value of a row does not depend on
+which rank draws it, on the DP size, on gradient accumulation or on TP/CP/PP; a resumed run
+redraws exactly the same numbers, and CPU and GPU runs draw the same numbers. `draw` makes a
+global draw from one numpy generator instead: what some parity tests feed to both backends
+(`Trainer.train_step(draws=...)`).
 """
 from __future__ import annotations
 
@@ -20,11 +23,13 @@ import dataclasses
 import numpy as np
 import torch
 
+from mugv import rng as ref_rng
 from mugv.training import BASE_RESOLUTION, ObjectiveConfig, shift_ratio  # noqa: F401 (re-exported)
+from mugv_megatron import rng
 
 @dataclasses.dataclass(frozen=True)
 class Draws:
-    """The random numbers of one step, for the global batch (numpy, float32 / int / bool)."""
+    """The random numbers of one step for a run of rows (numpy arrays or torch tensors)."""
     u: np.ndarray          # [B] standard normal; t = sigmoid(u)·1000 before the shift
     eps: np.ndarray        # [B, C, T, H, W] standard normal noise
     n_cond: np.ndarray     # [B] conditioning (clean) frames at the start of each sample
@@ -48,6 +53,49 @@ def draw(rng: np.random.Generator, latent_shape: tuple[int, ...], config: Object
     n_cond = np.where(apply, np.minimum(n_cond, frames - 1 if frames > 1 else 0), 0)
     drop = rng.random(b) < config.caption_dropout_prob
     return Draws(u, eps, n_cond.astype(np.int64), drop)
+
+
+def draw_samples(seed: int, step: int, indices, sample_shape: tuple[int, ...], config: ObjectiveConfig,
+                 device: torch.device | str = "cpu") -> Draws:
+    """The draws of global samples `indices` at `step` (torch tensors on `device`): mugv.rng's
+    pretraining draws (u, ε [C, T, H, W], conditioning-frame count, caption drop), the same
+    numbers the JAX trainer draws for those samples."""
+    rows = torch.as_tensor(list(indices), dtype=torch.int64, device=torch.device(device))
+    frames = int(sample_shape[1])
+    apply = rng.uniforms(seed, step, ref_rng.TAG_I2V_APPLY, rows) < config.i2v_prob
+    if config.i2v_mode == "first":
+        n_cond = torch.ones(len(rows), dtype=torch.int64, device=rows.device)
+    else:
+        n_cond = 1 + rng.randints(seed, step, ref_rng.TAG_I2V_FRAMES, rows, max(1, frames // 4))
+    n_cond = torch.where(apply, n_cond.clamp(max=frames - 1 if frames > 1 else 0), torch.zeros_like(n_cond))
+    return Draws(rng.normals(seed, step, ref_rng.TAG_T, rows, ()),
+                 rng.normals(seed, step, ref_rng.TAG_NOISE, rows, tuple(sample_shape)),
+                 n_cond, rng.uniforms(seed, step, ref_rng.TAG_CAPTION_DROP, rows) < config.caption_dropout_prob)
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleStreams:
+    """The draws of global rows [start, stop) at one step, made on demand: `slice(a, b)` draws
+    local rows a..b-1 only (one micro-batch), so a rank never holds the noise of the others."""
+    seed: int
+    step: int
+    start: int
+    stop: int
+    sample_shape: tuple[int, ...]
+    config: ObjectiveConfig
+    device: str = "cpu"
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def slice(self, start: int, stop: int) -> Draws:
+        if not 0 <= start <= stop <= len(self):
+            raise ValueError(f"rows [{start}, {stop}) outside the {len(self)} drawn rows")
+        return draw_samples(self.seed, self.step, range(self.start + start, self.start + stop),
+                            self.sample_shape, self.config, self.device)
+
+    def materialize(self) -> Draws:
+        return self.slice(0, len(self))
 
 
 def shift_t(t: torch.Tensor, ratio: float) -> torch.Tensor:

@@ -111,7 +111,7 @@ class MegatronBackend:
         self.data_shard = (ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
         self.num_devices = dist.get_world_size()
         self.device_kind = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-        self.recompute = "none"
+        self.recompute = opts["recompute"]
         self.trainer = None
         self.step = 0
         self._profiler = None
@@ -122,7 +122,9 @@ class MegatronBackend:
         kwargs = dict(seed=int(config.seed), compute_dtype=config.compute_dtype,
                       sequence_parallel=bool(opts["sp"]),
                       use_megatron_optimizer=torch.cuda.is_available() and bool(opts["distributed_optimizer"]),
-                      use_te=opts["use_te"], release_state=release_state)
+                      use_te=opts["use_te"], params_dtype=opts["params_dtype"], recompute=opts["recompute"],
+                      overlap_grad_reduce=bool(opts["overlap_grad_reduce"]),
+                      overlap_param_gather=bool(opts["overlap_param_gather"]), release_state=release_state)
         if self.task.name == "preference":
             from mugv_megatron.preference import PreferenceTrainer
             return PreferenceTrainer(self.model_cfg, self.optim_cfg, self.objective,
@@ -165,6 +167,7 @@ class MegatronBackend:
 
     def train_step(self, batch: dict):
         m = self.trainer.train_step(batch, local=True)
+        checkpointing.finalize_async()  # publishes a finished asynchronous save
         self.step = self.trainer.step
         return m
 
@@ -194,10 +197,13 @@ class MegatronBackend:
     # --- checkpoints -----------------------------------------------------------------------------
 
     def save(self, data_state: dict, *, force: bool = False) -> None:
+        # SIGTERM (force) saves synchronously: the process is about to exit.
         checkpointing.save(self.ckpt_dir, self.trainer, data_state, self.run_config,
-                           keep=int(self.config.keep_checkpoints))
+                           keep=int(self.config.keep_checkpoints),
+                           async_save=bool(self.opts["async_save"]) and not force)
 
     def checkpoints(self) -> list[str]:
+        checkpointing.finalize_async(blocking=True)
         return [checkpointing.iter_dir(self.ckpt_dir, s) for s in checkpointing.steps(self.ckpt_dir)]
 
     def any_process(self, flag: bool) -> bool:
@@ -206,7 +212,7 @@ class MegatronBackend:
         return bool(int(t))
 
     def finish(self) -> None:
-        pass
+        checkpointing.finalize_async(blocking=True)
 
     # --- extras ----------------------------------------------------------------------------------
 

@@ -2,15 +2,29 @@
 
 Needs megatron's parallel state (`mugv_megatron.parallel.setup`, or a launcher that
 initialised torch.distributed first). Tensor and sequence parallelism are the model's;
-data parallelism is here: every DP rank takes its slice of the global batch and of one global
-draw of noise/timesteps/masks (`objective.draw` seeded by (seed, step)), so the DP size, like
-gradient accumulation, changes memory and schedule but not the math.
+data parallelism is here: every DP rank takes its slice of the global batch and draws the
+noise/timesteps/masks of its own rows only, one micro-batch at a time, from per-sample streams
+keyed by (seed, step, global sample index) on the training device (`objective.SampleStreams`),
+so the DP size, like gradient accumulation, changes memory and schedule but not the math.
 
-Precision: the model's parameters are float32 and are the master weights; `compute_dtype`
-"bfloat16" runs the forward and backward under `torch.autocast(bfloat16)` (matmuls and
-attention in bf16; the model keeps norms, RoPE, sinusoids and modulation in float32), gradients
-and optimizer state stay float32. We use autocast rather than megatron's Float16Module so that
-the EMA and the checkpoint read the fp32 weights directly on every rank.
+Precision, two layouts:
+  * float32 parameters (the CPU path, and the GPU path with the torch optimizer or
+    `params_dtype="float32"`): the parameters are the master weights; `compute_dtype`
+    "bfloat16" runs forward and backward under `torch.autocast(bfloat16)` (matmuls and
+    attention in bf16; the model keeps norms, RoPE, sinusoids and modulation in float32).
+  * bfloat16 parameters with megatron's DistributedOptimizer (the default on GPU when computing
+    in bf16, as the reference trainer runs): the model holds bf16 weights, the optimizer keeps
+    the fp32 main weights sharded over data parallel (ZeRO-1), gradients are accumulated and
+    reduce-scattered in fp32 (`grad_reduce_in_fp32`), and the forward still runs under autocast.
+    The EMA then tracks the fp32 main weights, sharded the same way (`ema.ShardedEMA`).
+
+Activation recompute (`recompute`: "none", "full" = every layer re-run in backward, "selective"
+= core attention re-run) is set on the model's TransformerConfig (`mugv_megatron.recompute`).
+With the distributed optimizer, `overlap_grad_reduce` reduce-scatters gradient buckets during
+backward and `overlap_param_gather` all-gathers the updated parameters bucket by bucket in the
+next forward (megatron DDP's forward pre-hooks): until then a rank's copy of the other ranks'
+parameter shards is stale, so anything reading the weights between steps calls `sync_params()`
+(the checkpoint does).
 
 Reductions after backward: the data-parallel mean of every gradient (all-reduce on the CPU
 path, megatron DDP's bucketed reduce(-scatter) on GPU), then megatron's own tensor-parallel sum
@@ -33,17 +47,19 @@ stages' layers differ), then the replicated embedders are broadcast from the fir
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from mugv import rng
 from mugv.config import DiTConfig
-from mugv_megatron import dit, optim, pipeline
+from mugv_megatron import dit, optim, pipeline, recompute as recompute_lib
 from mugv_megatron import objective as obj
-from mugv_megatron.ema import EMA
+from mugv_megatron.ema import EMA, ShardedEMA
+
+PARAMS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 T_QUARTILES = 4
 
@@ -52,16 +68,41 @@ class Trainer:
     def __init__(self, model_config: DiTConfig, optim_config: optim.OptimConfig,
                  objective: obj.ObjectiveConfig, *, seed: int = 0, compute_dtype: str = "float32",
                  sequence_parallel: bool = False, use_megatron_optimizer: bool | None = None,
-                 release_state: dict | None = None, use_te: bool | None = None):
+                 release_state: dict | None = None, use_te: bool | None = None,
+                 params_dtype: str | None = None, recompute: str = "none",
+                 overlap_grad_reduce: bool = False, overlap_param_gather: bool = False,
+                 ddp_bucket_size: int | None = None):
+        """`use_megatron_optimizer` (default: CUDA present) selects megatron's DDP +
+        DistributedOptimizer; `params_dtype` (None: "bfloat16" with it when computing in bf16,
+        else "float32"); the overlaps apply only with it (megatron DDP's buckets, of
+        `ddp_bucket_size` elements when given)."""
         from megatron.core import parallel_state as ps
         if compute_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"compute_dtype must be 'float32' or 'bfloat16', got {compute_dtype!r}")
         if not ps.model_parallel_is_initialized():
             raise RuntimeError("megatron parallel state is not initialised: call "
                                "mugv_megatron.parallel.setup(...) before building the Trainer")
+        if use_megatron_optimizer is None:
+            use_megatron_optimizer = torch.cuda.is_available()
+        if use_megatron_optimizer and not torch.cuda.is_available():
+            from mugv_megatron import distopt_cpu
+            if not distopt_cpu.is_applied():
+                raise ValueError("config.megatron.distributed_optimizer: megatron's "
+                                 "DistributedOptimizer needs CUDA (or, for tests, "
+                                 "mugv_megatron.distopt_cpu.apply() on CPU)")
+        self.bf16 = compute_dtype == "bfloat16"
+        if params_dtype is None:
+            params_dtype = "bfloat16" if self.bf16 and use_megatron_optimizer else "float32"
+        if params_dtype not in PARAMS_DTYPES:
+            raise ValueError(f"config.megatron.params_dtype must be one of {sorted(PARAMS_DTYPES)} "
+                             f"or None, got {params_dtype!r}")
+        if params_dtype == "bfloat16" and not (use_megatron_optimizer and self.bf16):
+            raise ValueError("config.megatron.params_dtype='bfloat16' needs compute_dtype='bfloat16' "
+                             "and the distributed optimizer (which keeps the fp32 main weights)")
+        self.params_dtype = params_dtype
+        self.recompute = recompute_lib.check(recompute)
         self.model_config, self.optim, self.objective = model_config, optim_config, objective
         self.seed = int(seed)
-        self.bf16 = compute_dtype == "bfloat16"
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
             else torch.device("cpu")
         self.tp_group = ps.get_tensor_model_parallel_group()
@@ -75,36 +116,73 @@ class Trainer:
         # Every rank of a stage draws the same initial weights (replicated tensors must agree
         # over TP/CP/DP; megatron cuts TP shards from a full CPU-initialised tensor).
         torch.manual_seed(self.seed + self.pp_rank)
-        self.module = dit.build_model(model_config, sequence_parallel=sequence_parallel, use_te=use_te)
+        self.module = dit.build_model(model_config, sequence_parallel=sequence_parallel, use_te=use_te,
+                                      params_dtype=PARAMS_DTYPES[params_dtype])
+        recompute_lib.apply(self.module, self.recompute)
         if self.pp_size > 1:
             self._sync_replicated_embedders()
         if release_state is not None:
-            if self.pp_size > 1:
-                pipeline.load_release_state(self.module, release_state, source="config.init_from")
-            else:
-                dit.load_release_state(self.module, release_state, source="config.init_from")
+            self._load_release_state(release_state, "config.init_from")
         self.module.train()
         self.null_text = torch.from_numpy(rng.null_text(self.seed, model_config.max_text_tokens,
                                                         model_config.text_dim)).to(self.device)
-        if use_megatron_optimizer is None:
-            use_megatron_optimizer = torch.cuda.is_available()
         self.model = self.module
+        # megatron's own schedule (GPU) can overlap the grad reduction across micro-batches; the
+        # CPU sequential schedule of PP/CP runs without DDP's no-sync hooks.
+        self.overlap_grad_reduce = bool(overlap_grad_reduce) and use_megatron_optimizer and not (
+            self.staged and not torch.cuda.is_available())
+        self.overlap_param_gather = bool(overlap_param_gather) and use_megatron_optimizer
         if self.staged and not use_megatron_optimizer:
             self.model = pipeline.wrap_ddp(self.module)
         elif use_megatron_optimizer:
             from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-            ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                                       use_distributed_optimizer=True)
+            ddp_config = DistributedDataParallelConfig(
+                grad_reduce_in_fp32=True, overlap_grad_reduce=self.overlap_grad_reduce,
+                overlap_param_gather=self.overlap_param_gather, use_distributed_optimizer=True,
+                bucket_size=ddp_bucket_size)
             self.model = DistributedDataParallel(config=self.module.config, ddp_config=ddp_config,
                                                  module=self.module)
+            if self.overlap_grad_reduce:
+                # What megatron's schedules call between micro-batches and after the last one.
+                self.module.config.no_sync_func = self.model.no_sync
+                self.module.config.grad_sync_func = self.model.start_grad_sync
         else:
             from megatron.core.distributed import DistributedDataParallelConfig
             # megatron's TP grad reduction reads the DDP config of the model it is given.
             self.module.ddp_config = DistributedDataParallelConfig()
         self.optimizer = optim.build(self.model if use_megatron_optimizer else self.module, optim_config,
-                                     use_megatron=use_megatron_optimizer, tp_group=self.tp_group)
-        self.ema = EMA(self.module.named_parameters(), optim_config.ema_decay)
+                                     use_megatron=use_megatron_optimizer, tp_group=self.tp_group,
+                                     bf16_params=params_dtype == "bfloat16",
+                                     overlap_param_gather=self.overlap_param_gather)
+        if release_state is not None and params_dtype != "float32":
+            # The model holds the release weights rounded to bf16; the main weights take them exact.
+            self.optimizer.set_main_params(pipeline.stage_state(self.module, release_state))
+        self.ema = self._new_ema()
         self.step, self.nonfinite, self.skipped = 0, 0, 0
+
+    def _new_ema(self):
+        if self.optimizer.kind == "megatron_distributed":
+            return ShardedEMA(self.module, self.optimizer, self.optim.ema_decay)
+        return EMA(self.module.named_parameters(), self.optim.ema_decay)
+
+    def reinitialize_from(self, release_state: dict, source: str = "config.init_from") -> None:
+        """Weights (and main weights and EMA) from a release state dict, as a fresh run starts."""
+        self._load_release_state(release_state, source)
+        if self.optimizer.kind == "megatron_distributed":
+            self.optimizer.set_main_params(pipeline.stage_state(self.module, release_state))
+        self.ema = self._new_ema()
+
+    def _load_release_state(self, release_state: dict, source: str) -> None:
+        if self.pp_size > 1:
+            pipeline.load_release_state(self.module, release_state, source=source)
+        else:
+            dit.load_release_state(self.module, release_state, source=source)
+
+    def sync_params(self) -> None:
+        """Bring every rank's full copy of the weights up to date (the parameter all-gather is
+        deferred to the next forward under `overlap_param_gather`)."""
+        if self.overlap_param_gather:
+            self.model.start_param_sync(force_sync=True)
 
     def _sync_replicated_embedders(self) -> None:
         """Every stage holds the embedders: give them the first stage's initial values, and flag
@@ -131,14 +209,18 @@ class Trainer:
 
     # --- pieces -------------------------------------------------------------------------------
 
-    def draws(self, global_shape: tuple[int, ...], step: int | None = None) -> obj.Draws:
-        """The step's random numbers (mugv.rng: the JAX trainer's too) for the global batch."""
+    def draws(self, global_shape: tuple[int, ...], step: int | None = None,
+              rows: slice | None = None) -> obj.Draws:
+        """The step's random numbers for rows `rows` (default: all) of a global batch of latents
+        `global_shape`, from (seed, step, sample index) alone, on the training device."""
+        return self.streams(global_shape, step, rows).materialize()
+
+    def streams(self, global_shape: tuple[int, ...], step: int | None = None,
+                rows: slice | None = None) -> obj.SampleStreams:
         step = self.step if step is None else step
-        o = self.objective
-        d = rng.pretrain_draws(self.seed, step, np.arange(global_shape[0]), tuple(global_shape[1:]),
-                               i2v_prob=o.i2v_prob, i2v_mode=o.i2v_mode,
-                               caption_dropout_prob=o.caption_dropout_prob)
-        return obj.Draws(d["u"], d["eps"], d["n_cond"], d["drop"])
+        rows = slice(0, global_shape[0]) if rows is None else rows
+        return obj.SampleStreams(self.seed, int(step), rows.start, rows.stop, tuple(global_shape[1:]),
+                                 self.objective, str(self.device))
 
     def forward_loss(self, inputs: dict, target: torch.Tensor):
         """(loss, per-sample loss) of prepared inputs, under autocast when computing in bf16."""
@@ -166,7 +248,10 @@ class Trainer:
         """Forward + backward of this rank's batch (all micro-batches) and the gradient
         reductions. Returns (mean loss of the local batch, per-t-quartile sums and counts)."""
         accum = self.optim.grad_accum_steps
-        b = draws.u.shape[0]
+        b = batch["latents"].shape[0]
+        if len(draws.u if isinstance(draws, obj.Draws) else draws) != b:
+            raise ValueError(f"draws for {len(draws.u if isinstance(draws, obj.Draws) else draws)} rows, "
+                             f"batch of {b}")
         if b % accum:
             raise ValueError(f"batch {b} per data-parallel rank is not divisible by "
                              f"optim.grad_accum_steps={accum}")
@@ -182,8 +267,13 @@ class Trainer:
             part = {k: v[sl] for k, v in batch.items() if v is not None}
             inputs, target, t = obj.prepare(part, self.null_text, self.objective,
                                             draws.slice(sl.start, sl.stop), self.device)
-            loss, per_sample = self.forward_loss(inputs, target)
-            (loss / accum).backward()
+            # Megatron DDP reduces a bucket as soon as its grads are in: only after the last
+            # micro-batch.
+            no_sync = self.model.no_sync if hasattr(self.model, "no_sync") and i < accum - 1 \
+                else contextlib.nullcontext
+            with no_sync():
+                loss, per_sample = self.forward_loss(inputs, target)
+                (loss / accum).backward()
             total += loss.detach() / accum
             quart = (t / (1000.0 / T_QUARTILES)).long().clamp(0, T_QUARTILES - 1)
             q_sum.index_add_(0, quart, per_sample.detach())
@@ -278,12 +368,14 @@ class Trainer:
 
         `batch` is the global batch (every rank passes the same one, e.g. the synthetic source)
         or, with local=True, this DP rank's slice of it (the shard loader). `draws` (for the
-        global batch) replaces the step's own random numbers: the hook the parity tests use."""
+        global batch) replaces the step's own random numbers (`streams`, drawn per micro-batch for
+        this rank's rows only): the hook the parity tests use."""
         b = batch["latents"].shape[0] * (self.dp_size if local else 1)
         rows = self.local_rows(b)
         if draws is None:
-            draws = self.draws((b, *batch["latents"].shape[1:]))
-        draws = draws.slice(rows.start, rows.stop)
+            draws = self.streams((b, *batch["latents"].shape[1:]), rows=rows)
+        else:
+            draws = draws.slice(rows.start, rows.stop)
         if not local:
             batch = {k: v[rows] for k, v in batch.items() if v is not None}
         loss, q_sum, q_count = self.loss_and_grads(batch, draws)

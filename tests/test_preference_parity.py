@@ -2,11 +2,14 @@
 held-out metrics on Megatron as on JAX, on the same pairs, from the same weights, through the
 same run loop (mugv.run.driver with mugv.run.tasks.PreferenceTask) and the same draws (mugv.rng).
 
-Tolerance: at step 0 policy and reference are the same weights, so every margin is exactly 0 on
-both backends. Afterwards the implicit rewards are β·(e − e_ref) with β = 200: float32 rounding
-differences of ~1e-7 in the per-sample errors e become ~1e-5 in a margin and about half that in a
-loss of ~0.69 — hence a bound of 2e-5 relative on losses (measured below), and 2e-5 absolute on
-rewards and margins.
+Tolerances. Step 1 starts from identical weights on both backends, so its losses and rewards
+differ only by float32 summation order: 1e-5 relative. Afterwards the weights themselves differ at
+rounding level (Adam turns rounding-level gradients into steps of up to lr; tests/
+test_cross_backend_training.py), which moves a per-sample error e by a few 1e-6 over four steps
+(measured: up to 2.1e-6). The implicit rewards are β·(e − e_ref) with β = 200, so rewards and
+margins are held to β·5e-6 = 1e-3 absolute; a DPO loss −log σ(m) moves by at most loss·|Δm|, so
+losses are held to 1e-3 relative (measured: 4e-5). At step 0 policy and reference are the same
+weights: every held-out margin is exactly 0 on both backends.
 """
 import json
 import os
@@ -21,8 +24,10 @@ from mugv_megatron import train as megatron_train
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden", "dit_tiny", "weights.safetensors")
 STEPS = 4
-LOSS_REL = 2e-5
-REWARD_ABS = 2e-5
+STEP1_REL = 1e-5
+ERR_ABS = 5e-6                 # per-sample error difference once the weights have diverged
+REWARD_ABS = 200 * ERR_ABS     # β · ERR_ABS
+LOSS_REL = REWARD_ABS          # |Δ(−log σ(m))| ≤ loss · |Δm|
 
 
 def _config(labels, heldout):
@@ -63,12 +68,14 @@ def test_per_step_losses_match(runs):
         kind = "dpo" if "dpo/loss" in a else "kto"
         kinds.append(kind)
         assert f"{kind}/loss" in b, (a, b)
+        first = a["step"] == 1
         for key in ("loss", "preference_loss", "sft_loss"):
             k = f"{kind}/{key}"
-            assert abs(a[k] - b[k]) <= LOSS_REL * abs(a[k]), (k, a[k], b[k])
-        for key in ("reward_margin",):
-            k = f"{kind}/{key}"
-            assert abs(a[k] - b[k]) <= REWARD_ABS, (k, a[k], b[k])
+            tol = (STEP1_REL if first else LOSS_REL) * abs(a[k])
+            assert abs(a[k] - b[k]) <= tol, (k, a["step"], a[k], b[k])
+        k = f"{kind}/reward_margin"
+        tol = STEP1_REL * max(abs(a[k]), 1.0) if first else REWARD_ABS
+        assert abs(a[k] - b[k]) <= tol, (k, a["step"], a[k], b[k])
     assert set(kinds) == {"dpo", "kto"}
 
 

@@ -77,3 +77,17 @@ def test_null_text_is_the_same_everywhere():
     np.testing.assert_array_equal(a, ref.null_text(4, 12, 16))
     assert abs(a.std() * 4 - 1) < 0.15  # N(0, 1/dim)
     assert not np.allclose(a, ref.null_text(5, 12, 16))
+
+
+def test_megatron_draws_equal_the_reference():
+    import torch
+    from mugv_megatron import objective as mobj
+    cfg = ObjectiveConfig(i2v_prob=0.5, i2v_mode="quarter", caption_dropout_prob=0.3)
+    d = mobj.draw_samples(11, 37, range(2, 6), (3, 8, 4, 6), cfg)
+    r = ref.pretrain_draws(11, 37, np.arange(2, 6), (3, 8, 4, 6), i2v_prob=0.5, i2v_mode="quarter",
+                           caption_dropout_prob=0.3)
+    np.testing.assert_array_equal(d.n_cond.numpy(), r["n_cond"])
+    np.testing.assert_array_equal(d.drop.numpy(), r["drop"])
+    np.testing.assert_allclose(d.u.numpy(), r["u"], atol=NORMAL_ABS, rtol=0)
+    np.testing.assert_allclose(d.eps.numpy(), r["eps"], atol=NORMAL_ABS, rtol=0)
+    assert d.eps.dtype == torch.float32

@@ -69,7 +69,7 @@ class PretrainTask:
         n_tokens = num_video_tokens(tuple(batch["latents"].shape[2:]), self.model_cfg)
         text_tokens = batch["y"].shape[2]
         sf = flops_lib.step_flops(self.model_cfg, b, n_tokens, text_tokens)
-        hw = flops_lib.hardware_step_flops(self.model_cfg, b, n_tokens, text_tokens, backend.recompute)
+        hw = flops_lib.hardware_step_flops(self.model_cfg, b, n_tokens, text_tokens, backend.recompute).train
         peak = flops_lib.peak_flops_for(backend.device_kind)
         n_dev = backend.num_devices
         out = {"loss": fetched["loss"], "grad_norm": fetched["grad_norm"],
