@@ -64,6 +64,10 @@ class CrossAttentionSubmodules:
     linear_proj: Union[ModuleSpec, type] = None
 
 
+# TE's attention type of every core attention here: the one whose padding mask is a pair.
+CORE_ATTENTION_TYPE = "cross"
+
+
 def trailing_padding(batch: int, padded: int, length: int,
                      device=None) -> Optional[torch.Tensor]:
     """[B, 1, 1, padded] key padding (True = padding) of a sequence of `length` tokens padded to
@@ -147,7 +151,7 @@ class _AttentionBase(MegatronModule):
         self.core_attention = build_module(
             submodules.core_attention, config=without_context_parallel(config),
             layer_number=layer_number,
-            attn_mask_type=AttnMaskType.no_mask, attention_type="cross",
+            attn_mask_type=AttnMaskType.no_mask, attention_type=CORE_ATTENTION_TYPE,
             softmax_scale=1.0 / math.sqrt(self.head_dim))
         self.linear_proj = build_module(
             submodules.linear_proj, config.num_attention_heads * self.head_dim, config.hidden_size,

@@ -315,3 +315,94 @@ def test_kernel_backends_run_per_shard_under_a_mesh():
     want = cp.self_attention(q, k, v, key_mask=pad, precision=hi)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     assert not np.any(np.asarray(got[:, 14:]))
+
+
+# --- every shipped config ---------------------------------------------------------------------
+
+def _shipped_configs():
+    """(label, config) for every configs/*.py training config and each of its stages/arguments."""
+    import importlib
+    import pathlib
+    import sys
+    root = pathlib.Path(__file__).resolve().parent.parent
+    sys.path.insert(0, str(root / "configs"))
+    out = []
+    for path in sorted((root / "configs").glob("*.py")):
+        module = importlib.import_module(f"configs.{path.stem}")
+        if not hasattr(module, "get_config") or path.stem in ("mcore",):
+            continue
+        args = list(getattr(module, "STAGES", {})) or {"tiny": [None, "i2v"],
+                                                       "main": ["quick", "full"]}.get(path.stem, [None])
+        for arg in args:
+            config = module.get_config(arg) if arg is not None else module.get_config()
+            if "attention" in config:          # the VAE configs have no DiT
+                out.append((f"{path.stem}:{arg or ''}", config))
+    return out
+
+
+def _launch_attention_overrides():
+    """Attention backends the launch scripts set on top of a config (--config.attention=X)."""
+    import pathlib
+    root = pathlib.Path(__file__).resolve().parent.parent / "launch"
+    found = set()
+    for path in root.iterdir():
+        found.update(re.findall(r"--config\.attention=([\w+]+)", path.read_text()))
+    return found
+
+
+def test_no_shipped_config_selects_an_arbitrary_mask(pretend_cuda):
+    """Every config, stage and bucket, with the launch scripts' overrides, on both trainers:
+    JAX's cuDNN path passes JAX's checks (no bias) and Megatron's core attention gets TE
+    padding masks for every TP/SP/CP layout the launch scripts can set."""
+    import pathlib
+    from mugv import geometry
+    from mugv.training import model_config_from
+    from mugv_jax.dit.model import RuntimeOptions
+    from mugv_megatron.attention import (CORE_ATTENTION_TYPE, padding_mask_arguments,
+                                         trailing_padding)
+    from mugv_megatron.model import padded_length
+
+    configs = _shipped_configs()
+    assert {"mugv_10b:video_720", "tiny:", "tiny_curriculum:sft"} <= {n for n, _ in configs}
+    overrides = _launch_attention_overrides()
+    assert "cudnn" in overrides            # launch/jax_gpu_slurm.sbatch
+    checked_cudnn = 0
+    for name, c in configs:
+        model = model_config_from(c)
+        h, d = model.num_heads, model.head_dim
+        backends = {c.attention} | (overrides if c.compute_dtype == "bfloat16" else set())
+        buckets = {(f, hh, ww) for f, hh, ww, _ in c.data.buckets}
+        text_len = c.data.text_len
+        for attention_name in backends:
+            opts = RuntimeOptions(attention=attention_name, compute_dtype=c.compute_dtype)
+            if opts.attention != "cudnn":
+                continue
+            for latent in buckets:
+                n = geometry.num_tokens(latent, model)
+                q = jax.ShapeDtypeStruct((1, n, h, d), jnp.bfloat16)
+                kt = jax.ShapeDtypeStruct((1, text_len, h, d), jnp.bfloat16)
+                text_mask = jnp.arange(text_len)[None] < max(1, text_len // 2)
+                jax.eval_shape(lambda q, k: attention.dot_product_attention(
+                    q, k, k, key_mask=text_mask, implementation="cudnn"), q, kt)
+                jax.eval_shape(lambda q: cp.self_attention(
+                    q, q, q, key_mask=jnp.ones((1, n), bool), implementation="cudnn"), q)
+                checked_cudnn += 1
+        # Megatron: every layout megatron_torchrun.sh / megatron_slurm.sbatch can set.
+        for tp in (t for t in (1, 2, 4, 8) if h % t == 0):
+            for sp in ((False, True) if tp > 1 else (False,)):
+                for cp_size in (1, 2, 4):
+                    for latent in buckets:
+                        length = geometry.num_tokens(latent, model)
+                        padded = padded_length(length, tp=tp, sp=sp, cp=cp_size)
+                        q = torch.empty(padded // cp_size, 1, h // tp, d, device="meta")
+                        k = torch.empty(padded, 1, h // tp, d, device="meta")
+                        kt = torch.empty(text_len, 1, h // tp, d, device="meta")
+                        self_pad = trailing_padding(1, padded, length)
+                        text_pad = (torch.arange(text_len) >= max(1, text_len // 2)).view(1, 1, 1, -1)
+                        for kv, pad in ((k, self_pad), (kt, text_pad)):
+                            mask, kind = padding_mask_arguments(q.shape[0], pad)
+                            check_te_core_attention_call(q, kv, kv, mask, kind, CORE_ATTENTION_TYPE)
+    assert checked_cudnn > 0
+    # And nothing in the Megatron code names the arbitrary mask type.
+    src = pathlib.Path(__file__).resolve().parent.parent / "mugv_megatron"
+    assert not [p.name for p in src.glob("*.py") if "AttnMaskType.arbitrary" in p.read_text()]
