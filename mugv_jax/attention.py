@@ -11,7 +11,19 @@ Head dim 72 (the release's): Pallas kernels on TPU want the head dim on the 128-
 "splash" zero-pads q/k/v to 128 (exact: zero columns add nothing to q·kᵀ and come out as zero
 output columns that are cut off; the softmax scale uses the true head dim). cuDNN and the generic
 Pallas kernel take 72 directly (a multiple of 8). See docs/scaling.md for the cost.
-Context parallelism (ring, Ulysses) wraps these in mugv_jax/context_parallel.py.
+
+Masks. Every backend takes a per-key validity mask. The fused kernels want it in their own form:
+cuDNN as per-sample sequence lengths (`cudnn_arguments`: its boolean `mask` argument becomes an
+additive bias, which selects the slower bias kernels and is refused in the [B,1,1,S] shape), the
+Pallas kernels as segment ids / a key-validity row. Two facts about a mask let the kernels skip
+work: `key_mask_prefix` (valid keys come first, as padding does) and `pad_queries` (self-attention
+over a padded sequence: the padded positions are queries too; their output rows are zero).
+
+Sharding. The kernel backends are custom calls that XLA's partitioner cannot split (a Pallas call
+would be all-gathered and computed whole on every device), so under `sharding.activation_sharding`
+they run inside a `shard_map` over the batch, head and (for queries) length axes; each device
+calls the kernel on its own shard. Context parallelism (ring, Ulysses) wraps these in
+mugv_jax/context_parallel.py, which calls `local_attention` inside its own shard_map.
 """
 from __future__ import annotations
 
@@ -19,6 +31,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+from mugv_jax import sharding
 
 _MASKED = -1e30
 
@@ -48,15 +63,41 @@ def _zero_if_no_key(out, key_mask):
 
 # --- cuDNN ---------------------------------------------------------------------------------------
 
-def _cudnn_attention(q, k, v, key_mask, precision):
+def cudnn_arguments(q, k, v, key_mask, *, key_mask_prefix: bool = False, pad_queries: bool = False):
+    """(q, k, v, keyword arguments) of `jax.nn.dot_product_attention` for cuDNN's padding kernels.
+
+    The mask becomes per-sample lengths (mask type PADDING, no bias): `key_value_seq_lengths` is
+    the count of valid keys, and with `pad_queries` `query_seq_lengths` the same count. A key mask
+    that is not known to be a prefix (a caption mask, which the data pipeline writes as a prefix
+    but nothing enforces) has its keys and values reordered valid-first, stably: attention does not
+    depend on the order of the keys, and the text is short. A sample without any valid key gets
+    length 1 (cuDNN is never handed an empty sequence); the caller zeroes its output.
+    """
+    if key_mask is None:
+        return q, k, v, {}
+    key_mask = key_mask.astype(bool)
+    lengths = jnp.sum(key_mask, axis=-1, dtype=jnp.int32)
+    if pad_queries:
+        if not key_mask_prefix or q.shape[1] != k.shape[1]:
+            raise ValueError("pad_queries needs a prefix key mask over the queries' own sequence")
+        return q, k, v, dict(query_seq_lengths=lengths, key_value_seq_lengths=lengths)
+    if not key_mask_prefix:
+        order = jnp.argsort(jnp.logical_not(key_mask).astype(jnp.int8), axis=-1, stable=True)
+        take = lambda x: jnp.take_along_axis(x, order[:, :, None, None], axis=1)
+        k, v = take(k), take(v)
+    return q, k, v, dict(key_value_seq_lengths=jnp.maximum(lengths, 1))
+
+
+def _cudnn_attention(q, k, v, key_mask, precision, key_mask_prefix=False, pad_queries=False):
     if jax.default_backend() != "gpu":
         raise RuntimeError(f"attention='cudnn' needs an NVIDIA GPU, but the JAX backend is "
                            f"{jax.default_backend()!r}; use attention='xla' (or 'splash' on TPU)")
     if q.dtype not in (jnp.bfloat16, jnp.float16):
         raise ValueError(f"attention='cudnn' runs in bfloat16/float16, got {q.dtype}; set "
                          f"compute_dtype='bfloat16' or use attention='xla'")
-    mask = None if key_mask is None else key_mask[:, None, None, :]
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+    q, k, v, kwargs = cudnn_arguments(q, k, v, key_mask, key_mask_prefix=key_mask_prefix,
+                                      pad_queries=pad_queries)
+    out = jax.nn.dot_product_attention(q, k, v, implementation="cudnn", **kwargs)
     return _zero_if_no_key(out, key_mask)
 
 
@@ -108,7 +149,7 @@ def _pallas_forward(q, k, v, key_mask, block: int = 128):
         in_specs=[pl.BlockSpec((None, bq, d_p), lambda i, j: (i, j, 0)),
                   pl.BlockSpec((None, nk_p, d_p), lambda i, j: (i, 0, 0)),
                   pl.BlockSpec((None, nk_p, d_p), lambda i, j: (i, 0, 0)),
-                  pl.BlockSpec((None, 1, nk_p), lambda i, j: (i // h, 0, 0))],
+                  pl.BlockSpec((None, 1, nk_p), lambda i, j: (jax.lax.div(i, h), 0, 0))],
         out_specs=pl.BlockSpec((None, bq, d_p), lambda i, j: (i, j, 0)),
         out_shape=jax.ShapeDtypeStruct((b * h, nq_p, d_p), q.dtype),
         interpret=jax.default_backend() == "cpu",
@@ -172,21 +213,77 @@ def _splash_attention(q, k, v, key_mask, precision, interpret: bool = False):
 
 BACKENDS = {"xla": _xla_attention, "cudnn": _cudnn_attention, "pallas": _pallas_attention,
             "splash": _splash_attention}
+# Custom calls that XLA's SPMD partitioner cannot split: run per shard under a mesh.
+KERNEL_BACKENDS = ("cudnn", "pallas", "splash")
+
+_Q_AXES = ("batch", "length", "act_heads", None)
+_KV_AXES = ("batch", None, "act_heads", None)
+
+
+def _backend(implementation: str):
+    try:
+        return BACKENDS[implementation]
+    except KeyError:
+        raise ValueError(f"unknown attention implementation {implementation!r}; "
+                         f"available: {sorted(BACKENDS)}") from None
+
+
+def local_attention(q, k, v, *, key_mask=None, implementation: str = "xla", precision=None,
+                    key_mask_prefix: bool = False, pad_queries: bool = False):
+    """`dot_product_attention` on arrays this device holds whole (inside a shard_map, or with no
+    mesh): the backend is called directly."""
+    fn = _backend(implementation)
+    if implementation == "cudnn":
+        out = fn(q, k, v, key_mask, precision, key_mask_prefix=key_mask_prefix,
+                 pad_queries=pad_queries)
+    else:
+        out = fn(q, k, v, key_mask, precision)
+    if pad_queries and key_mask is not None:
+        # Padded positions are not queries: zero rows, the same from every backend.
+        out = jnp.where(key_mask[:, :, None, None], out, jnp.zeros_like(out))
+    return out
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                           key_mask: jax.Array | None = None, implementation: str = "xla",
-                          precision=None) -> jax.Array:
+                          precision=None, key_mask_prefix: bool = False,
+                          pad_queries: bool = False) -> jax.Array:
     """softmax(q·kᵀ/√d)·v over [batch, length, heads, head_dim] inputs.
 
     key_mask: [batch, kv_length] bool, True where a key may be attended to.
+    key_mask_prefix: the valid keys of every sample come first (a padding mask).
+    pad_queries: q and k are one sequence (self-attention) and key_mask also marks which queries
+      are padding; their output rows are zero. Needs key_mask_prefix.
+    Under `sharding.activation_sharding` a kernel backend runs per shard: batch and heads as the
+    rules shard them, queries also split over `length` (the keys whole: XLA gathers them).
     """
-    try:
-        fn = BACKENDS[implementation]
-    except KeyError:
-        raise ValueError(f"unknown attention implementation {implementation!r}; "
-                         f"available: {sorted(BACKENDS)}") from None
-    return fn(q, k, v, key_mask, precision)
+    _backend(implementation)
+    if pad_queries and not key_mask_prefix:
+        raise ValueError("pad_queries=True needs key_mask_prefix=True (padding comes last)")
+    ctx = sharding.current_context()
+    if ctx is None or implementation not in KERNEL_BACKENDS:
+        return local_attention(q, k, v, key_mask=key_mask, implementation=implementation,
+                               precision=precision, key_mask_prefix=key_mask_prefix,
+                               pad_queries=pad_queries)
+    mesh, rules = ctx
+    q_spec = sharding.spec_for_shape(q.shape, _Q_AXES, mesh, rules)
+    kv_spec = sharding.spec_for_shape(k.shape, _KV_AXES, mesh, rules)
+    if (q_spec[0], q_spec[2]) != (kv_spec[0], kv_spec[2]):
+        raise ValueError(f"attention: queries {q.shape} and keys {k.shape} shard batch/heads "
+                         f"differently ({q_spec} vs {kv_spec})")
+    if q_spec[1] is not None:
+        # A length shard of the queries is not the prefix the key mask describes.
+        pad_queries = False
+    body = functools.partial(local_attention, implementation=implementation, precision=precision,
+                             key_mask_prefix=key_mask_prefix, pad_queries=pad_queries)
+    if key_mask is None:
+        return jax.shard_map(lambda q_, k_, v_: body(q_, k_, v_), mesh=mesh,
+                             in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec,
+                             check_vma=False)(q, k, v)
+    mask_spec = PartitionSpec(kv_spec[0], None)
+    return jax.shard_map(lambda q_, k_, v_, m_: body(q_, k_, v_, key_mask=m_), mesh=mesh,
+                         in_specs=(q_spec, kv_spec, kv_spec, mask_spec), out_specs=q_spec,
+                         check_vma=False)(q, k, v, key_mask)
 
 
 def head_dim_cost(head_dim: int, lanes: int = SPLASH_LANES) -> float:

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from mugv_jax import sharding
-from mugv_jax.attention import dot_product_attention
+from mugv_jax.attention import dot_product_attention, local_attention
 
 MODES = ("none", "ulysses", "ring")
 _QKV_AXES = ("batch", "length", "act_heads", None)
@@ -38,14 +38,18 @@ def sequence_multiple() -> int:
 
 def self_attention(q, k, v, *, key_mask=None, mode: str = "none", implementation: str = "xla",
                    precision=None):
-    """Bidirectional self-attention over [batch, length, heads, head_dim], context parallel."""
+    """Bidirectional self-attention over [batch, length, heads, head_dim], context parallel.
+
+    key_mask marks the model's trailing sequence padding (valid tokens first), so the fused kernels
+    take it as sequence lengths for keys and queries alike; padded query rows come out zero.
+    """
     if mode not in MODES:
         raise ValueError(f"unknown context_parallel mode {mode!r}; choose from {MODES}")
     ctx = sharding.current_context()
     degree = sequence_multiple()
     if mode == "none" or ctx is None or degree == 1:
         return dot_product_attention(q, k, v, key_mask=key_mask, implementation=implementation,
-                                     precision=precision)
+                                     precision=precision, key_mask_prefix=True, pad_queries=True)
     mesh, rules = ctx
     if q.shape[1] % degree:
         raise ValueError(f"context parallel: sequence length {q.shape[1]} is not a multiple of the "
@@ -79,8 +83,9 @@ def _ulysses(q, k, v, key_mask, *, axis, implementation, precision):
     # [b, n/c, h, d] → [b, n, h/c, d]: chunks are concatenated in device order = sequence order.
     to_heads = lambda x: jax.lax.all_to_all(x, axis, split_axis=2, concat_axis=1, tiled=True)
     full_mask = jax.lax.all_gather(key_mask, axis, axis=1, tiled=True)
-    out = dot_product_attention(to_heads(q), to_heads(k), to_heads(v), key_mask=full_mask,
-                                implementation=implementation, precision=precision)
+    out = local_attention(to_heads(q), to_heads(k), to_heads(v), key_mask=full_mask,
+                          implementation=implementation, precision=precision,
+                          key_mask_prefix=True, pad_queries=True)
     return jax.lax.all_to_all(out, axis, split_axis=1, concat_axis=2, tiled=True)
 
 

@@ -14,6 +14,15 @@ Under context parallelism each rank holds one chunk of the sequence; self-attent
 the (normed, rotated) keys and values over the CP group (`mugv_megatron.context_parallel`), and
 the core attention is built with a CP = 1 config because it then sees an ordinary attention of
 local queries against all keys.
+
+Masks reach the core attention in the form Transformer Engine's fused kernels take
+(`padding_mask_arguments`): mask type `padding` with a (query padding, key padding) pair of
+boolean [B, 1, 1, S] tensors, True = padding, valid tokens first. TE reads a padding mask as
+sequence lengths (it counts the unmasked positions); an `arbitrary` mask would switch its flash
+and fused attention off and materialise the [B, h, Sq, Sk] scores. Both core attentions are of
+TE's cross-attention type, because that is the type that takes the pair, and self-attention under
+context parallelism is a cross-attention in shape (local queries, gathered keys). Queries are
+never marked as padding: the padded positions' outputs are computed like any other and dropped.
 """
 from __future__ import annotations
 
@@ -22,8 +31,10 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
+import torch.nn.functional as F
 
 from megatron.core import parallel_state
+from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
@@ -53,11 +64,75 @@ class CrossAttentionSubmodules:
     linear_proj: Union[ModuleSpec, type] = None
 
 
-def _mask_for(key_padding: Optional[torch.Tensor], queries: int):
-    """[B, 1, 1, Sk] key-padding mask (True = ignore) → ([B, 1, Sq, Sk] view, mask type)."""
+# TE's attention type of every core attention here: the one whose padding mask is a pair.
+CORE_ATTENTION_TYPE = "cross"
+
+
+def trailing_padding(batch: int, padded: int, length: int,
+                     device=None) -> Optional[torch.Tensor]:
+    """[B, 1, 1, padded] key padding (True = padding) of a sequence of `length` tokens padded to
+    `padded`; None when nothing is padded."""
+    if padded == length:
+        return None
+    pad = (torch.arange(padded, device=device) >= length).view(1, 1, 1, -1)
+    return pad.expand(batch, -1, -1, -1)
+
+
+def padding_mask_arguments(queries: int, key_padding: Optional[torch.Tensor]):
+    """(attention_mask, attn_mask_type) for the core attention of `queries` local queries.
+
+    key_padding: [B, 1, 1, Sk] bool, True = padding, valid keys first (the model's trailing
+    sequence padding, or the caption mask, which the model puts valid-first).
+    """
     if key_padding is None:
         return None, AttnMaskType.no_mask
-    return key_padding.expand(-1, -1, queries, -1), AttnMaskType.arbitrary
+    b = key_padding.shape[0]
+    query_padding = torch.zeros(b, 1, 1, queries, dtype=torch.bool, device=key_padding.device)
+    return (query_padding, key_padding.to(torch.bool)), AttnMaskType.padding
+
+
+def _key_padding_of(attention_mask):
+    """The key half of a (query, key) padding pair (the query half is never set here)."""
+    if isinstance(attention_mask, (tuple, list)):
+        return attention_mask[1]
+    return attention_mask
+
+
+class LocalDotProductAttention(DotProductAttention):
+    """megatron.core's unfused DotProductAttention, called with TE's (query, key) padding pair:
+    the [B, 1, 1, Sk] key half broadcasts over the queries in its masked fill."""
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, **kwargs):
+        return super().forward(query, key, value, _key_padding_of(attention_mask),
+                               attn_mask_type=attn_mask_type, **kwargs)
+
+
+class SDPAttention(MegatronModule):
+    """Core attention through torch's scaled_dot_product_attention (flash, memory-efficient or
+    cuDNN kernels on CUDA: O(S) memory, where megatron's local DotProductAttention materialises
+    the scores), with megatron's core-attention interface: [S, B, h, d] in, [S, B, h·d] out."""
+
+    def __init__(self, config, layer_number: int, attn_mask_type: AttnMaskType,
+                 attention_type: str, attention_dropout: Optional[float] = None,
+                 softmax_scale: Optional[float] = None, **kwargs):
+        super().__init__(config=config)
+        dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        if dropout:
+            raise ValueError(f"SDPAttention has no attention dropout (got {dropout})")
+        self.layer_number = layer_number
+        self.attn_mask_type = attn_mask_type
+        self.attention_type = attention_type
+        self.softmax_scale = softmax_scale
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None,
+                attention_bias=None, packed_seq_params=None):
+        if attention_bias is not None or packed_seq_params is not None:
+            raise ValueError("SDPAttention takes neither attention_bias nor packed sequences")
+        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))     # [B, h, S, d]
+        key_padding = _key_padding_of(attention_mask)
+        keep = None if key_padding is None else ~key_padding               # True = attend
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=self.softmax_scale)
+        return out.permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1], -1)
 
 
 class _AttentionBase(MegatronModule):
@@ -71,10 +146,12 @@ class _AttentionBase(MegatronModule):
                                         hidden_size=self.head_dim, eps=config.layernorm_epsilon)
         self.k_layernorm = build_module(submodules.k_layernorm, config=config,
                                         hidden_size=self.head_dim, eps=config.layernorm_epsilon)
+        # TE's cross type for both (see the module docstring); `attention_type` names the layer.
+        self.attention_type = attention_type
         self.core_attention = build_module(
             submodules.core_attention, config=without_context_parallel(config),
             layer_number=layer_number,
-            attn_mask_type=AttnMaskType.no_mask, attention_type=attention_type,
+            attn_mask_type=AttnMaskType.no_mask, attention_type=CORE_ATTENTION_TYPE,
             softmax_scale=1.0 / math.sqrt(self.head_dim))
         self.linear_proj = build_module(
             submodules.linear_proj, config.num_attention_heads * self.head_dim, config.hidden_size,
@@ -83,7 +160,7 @@ class _AttentionBase(MegatronModule):
             tp_comm_buffer_name="proj", tp_group=self.tp_group)
 
     def _attend(self, q, k, v, key_padding):
-        mask, mask_type = _mask_for(key_padding, q.shape[0])
+        mask, mask_type = padding_mask_arguments(q.shape[0], key_padding)
         context = self.core_attention(q.contiguous(), k.contiguous(), v.contiguous(), mask,
                                       attn_mask_type=mask_type)
         return self.linear_proj(context)

@@ -40,12 +40,39 @@ from megatron.core.transformer.module import MegatronModule
 
 from mugv.config import DiTConfig
 from mugv_megatron import context_parallel
+from mugv_megatron.attention import trailing_padding
 from mugv_megatron.embedders import (CaptionEmbedder, FinalLayer, PatchEmbed3D, SinusoidEmbedder,
                                      unpatchify)
 from mugv_megatron.layer import LayerInputs, MODULATION_ROWS, MUGDiTBlock
 from mugv_megatron.rope import rope_angles, rope_cos_sin
 
 SPECIAL_TOKEN_INIT_STD = 0.02
+
+
+def padded_length(length: int, *, tp: int, sp: bool, cp: int) -> int:
+    """The sequence length after padding to an even split over CP chunks and SP ranks."""
+    multiple = cp * (tp if sp else 1)
+    return -(-length // multiple) * multiple
+
+
+def valid_tokens_first(text: torch.Tensor, valid: torch.Tensor):
+    """(text [B, L, C], valid [B, L]) with each sample's valid caption tokens moved to the front.
+
+    The fused attention kernels read a padding mask as a length (TE counts the unmasked keys), so
+    the caption must be valid-first; the data pipeline writes it so, and a caption in any other
+    order is reordered here, which changes nothing: text tokens are only attended to, as a set
+    (no position enters cross-attention). Checked on the host, where the mask is read anyway.
+    """
+    host = valid.cpu()
+    empty = (~host.any(dim=1)).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"samples {empty} have no valid text token in `mask`")
+    counts = host.sum(dim=1, keepdim=True)
+    if torch.equal(host, torch.arange(host.shape[1]).unsqueeze(0) < counts):
+        return text, valid
+    order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices
+    text = text.gather(1, order.unsqueeze(-1).expand_as(text))
+    return text, valid.gather(1, order)
 
 
 def _pipeline_position(tc) -> tuple[bool, bool]:
@@ -195,9 +222,7 @@ class MUGDiT(MegatronModule):
         capture("y_embedder", text[:, None])
         valid = (torch.ones(text.shape[:2], dtype=torch.bool) if mask is None
                  else mask.to(torch.bool)).to(device)
-        empty = (~valid.any(dim=1)).nonzero().flatten().tolist()
-        if empty:
-            raise ValueError(f"samples {empty} have no valid text token in `mask`")
+        text, valid = valid_tokens_first(text, valid)
         context = text.transpose(0, 1)                                            # [L, B, C]
         context_padding = (~valid).view(b, 1, 1, -1)
 
@@ -208,8 +233,7 @@ class MUGDiT(MegatronModule):
         tp = tp_group.size()
         sp = self.config.sequence_parallel
         cp = context_parallel.size()
-        multiple = cp * (tp if sp else 1)
-        padded = -(-length // multiple) * multiple
+        padded = padded_length(length, tp=tp, sp=sp, cp=cp)
         cp_lo, cp_hi = context_parallel.shard_bounds(padded)
 
         generated = (torch.ones(b, frames, dtype=torch.bool) if x_mask is None
@@ -224,10 +248,7 @@ class MUGDiT(MegatronModule):
         cos, sin = rope_cos_sin(rope_angles(grid, frame_indice.cpu(), cfg, total_tokens=padded),
                                 dtype, device)
         cos, sin = cos[cp_lo:cp_hi], sin[cp_lo:cp_hi]
-        self_key_padding = None
-        if padded > length:
-            self_key_padding = (torch.arange(padded, device=device) >= length).view(1, 1, 1, -1)
-            self_key_padding = self_key_padding.expand(b, -1, -1, -1)
+        self_key_padding = trailing_padding(b, padded, length, device)
 
         if self.pre_process:
             seq = torch.cat([self.start_token.view(1, 1, c).expand(b, 1, c), tokens,

@@ -1,20 +1,26 @@
 """Layer specs: which implementation fills each submodule of a MUG-DiT layer.
 
-The local spec uses megatron.core's own ColumnParallelLinear / RowParallelLinear / MLP /
-DotProductAttention and runs anywhere, CPU included. The Transformer Engine spec swaps in TE's
-linears and fused attention; it is only offered when `transformer_engine` imports and CUDA is
-present. It has not been run here (no GPU, no TE on the development machines).
+The local spec uses megatron.core's own ColumnParallelLinear / RowParallelLinear / MLP and one of
+two core attentions, both running anywhere, CPU included:
+- "megatron": megatron.core's unfused DotProductAttention (the reference the parity tests use;
+  it materialises the [B, h, Sq, Sk] scores, so it does not fit 720p clips);
+- "sdpa": torch's scaled_dot_product_attention (flash / memory-efficient kernels on CUDA), the
+  local spec for real GPU runs without Transformer Engine.
+The Transformer Engine spec swaps in TE's linears and fused attention; it is only offered when
+`transformer_engine` imports and CUDA is present, and gets padding masks it runs fused
+(mugv_megatron/attention.py). It has not been run here (no GPU, no TE on the development
+machines); bench/device_check.py runs it where TE imports.
 """
 from __future__ import annotations
 
 import torch
 
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from mugv_megatron.attention import (CrossAttention, CrossAttentionSubmodules, SelfAttention,
+from mugv_megatron.attention import (CrossAttention, CrossAttentionSubmodules,
+                                     LocalDotProductAttention, SDPAttention, SelfAttention,
                                      SelfAttentionSubmodules)
 from mugv_megatron.layer import MUGDiTLayer, MUGDiTLayerSubmodules
 from mugv_megatron.norms import HeadRMSNorm, LayerNormAffine, LayerNormNoAffine
@@ -43,8 +49,14 @@ def _layer_spec(column, row, core_attention) -> ModuleSpec:
     )
 
 
-def get_local_layer_spec() -> ModuleSpec:
-    return _layer_spec(ColumnParallelLinear, RowParallelLinear, DotProductAttention)
+LOCAL_ATTENTION = {"megatron": LocalDotProductAttention, "sdpa": SDPAttention}
+
+
+def get_local_layer_spec(attention: str = "megatron") -> ModuleSpec:
+    if attention not in LOCAL_ATTENTION:
+        raise ValueError(f"unknown local core attention {attention!r}; choose from "
+                         f"{sorted(LOCAL_ATTENTION)}")
+    return _layer_spec(ColumnParallelLinear, RowParallelLinear, LOCAL_ATTENTION[attention])
 
 
 def transformer_engine_available() -> bool:
@@ -58,15 +70,16 @@ def transformer_engine_available() -> bool:
 
 
 def get_te_layer_spec() -> ModuleSpec:
-    """Transformer Engine linears and attention (untested here: needs a GPU with TE)."""
+    """Transformer Engine linears and fused attention (needs a GPU with TE)."""
     from megatron.core.extensions.transformer_engine import (TEColumnParallelLinear,
                                                              TEDotProductAttention,
                                                              TERowParallelLinear)
     return _layer_spec(TEColumnParallelLinear, TERowParallelLinear, TEDotProductAttention)
 
 
-def get_layer_spec(use_te: bool | None = None) -> ModuleSpec:
-    """TE spec when asked for (or, with None, when available); otherwise the local spec."""
+def get_layer_spec(use_te: bool | None = None, local_attention: str = "megatron") -> ModuleSpec:
+    """TE spec when asked for (or, with None, when available); otherwise the local spec with
+    `local_attention` as its core attention."""
     if use_te is None:
         use_te = transformer_engine_available()
-    return get_te_layer_spec() if use_te else get_local_layer_spec()
+    return get_te_layer_spec() if use_te else get_local_layer_spec(local_attention)

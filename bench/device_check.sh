@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# One device check for the fused attention paths (bench/device_check.py has the details).
+#
+#   bash bench/device_check.sh              # GPU machine: ~4-7 min on one H100/H200
+#   bash bench/device_check.sh --dry-run    # any CPU machine, seconds
+#
+# The GPU machine may have no network and no project install: wheels in .whl/ (megatron-core
+# and what it needs that the machine lacks) are installed into /tmp/site without touching the
+# system packages, and the repository root goes on PYTHONPATH. Parts whose packages are still
+# missing (Transformer Engine) are skipped with the reason printed. Results: $OUT (or --out DIR).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if compgen -G ".whl/*.whl" > /dev/null; then
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONUNBUFFERED=1
+exec "$PYTHON" -u bench/device_check.py "$@"
