@@ -61,6 +61,10 @@ def _run(args) -> int:
                         progress=not args.quiet, max_shard_bytes=shard)
         print(f"wrote {r.dst}: {r.tensors} tensors, {api.human_bytes(r.bytes_written)}, "
               f"config {api.describe_config(r.config)} [{r.config_origin}]")
+        if r.null_text:
+            print(f"wrote {r.null_text}: the trained null caption (sampling's unconditional input)")
+        elif r.dst.startswith("release:"):
+            print("no null caption in the source: sampling without a negative prompt needs --null_text")
         return 0
     if args.command == "inspect":
         info = api.inspect(args.path, weights=args.weights)

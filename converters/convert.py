@@ -12,7 +12,9 @@ from converters.detect import describe_config, resolve_config
 from converters.formats import Spec, detect_format, make_writer, open_reader, output_path, parse_spec
 from converters.formats.base import (DTYPE_NAMES, Entry, atomic_output, cast, check_output_free,
                                      dtype_name)
+from converters.null_text import training_null_text
 from converters.schema import release_schema
+from mugv import null_text as null_lib
 from mugv.config import DiTConfig, get_config
 
 
@@ -50,6 +52,7 @@ class ConvertResult:
     config_origin: str
     tensors: int
     bytes_written: int
+    null_text: str | None = None  # the release output's null-caption sidecar, when one was written
 
 
 def convert(src, dst, *, model: DiTConfig | str | None = None, dtype: str = "keep", tp: int = 1,
@@ -59,7 +62,9 @@ def convert(src, dst, *, model: DiTConfig | str | None = None, dtype: str = "kee
 
     `dtype` is "keep" (bit-exact) or a floating dtype every tensor is cast to. The output is
     written under a temporary name and renamed when complete; an existing `dst` is refused
-    unless `force`.
+    unless `force`. A release output gets the source's trained null caption as a sidecar
+    (converters/null_text.py), so sampling finds it; a stale sidecar there is replaced or,
+    when the source has none, removed.
     """
     src, dst = _spec(src), _spec(dst)
     if dtype != "keep" and dtype not in DTYPE_NAMES:
@@ -67,8 +72,13 @@ def convert(src, dst, *, model: DiTConfig | str | None = None, dtype: str = "kee
     out_dtype = None if dtype == "keep" else DTYPE_NAMES[dtype]
     out = output_path(dst)
     check_output_free(out, force)
+    sidecar = null_lib.sidecar_path(dst.path) if dst.format == "release" else None
+    if sidecar and os.path.lexists(sidecar) and not force:
+        raise FileExistsError(f"null-caption sidecar {sidecar} of output {dst.path} already exists; "
+                              f"pass --force to overwrite it")
     reader, config, origin = open_checked(src, model=model, weights=weights)
     with reader:
+        null = training_null_text(reader) if sidecar else None
         found = reader.entries()
         entries = {n: Entry(found[n].shape, out_dtype or found[n].dtype) for n in release_schema(config)}
         with atomic_output(out, force) as tmp:
@@ -82,8 +92,13 @@ def convert(src, dst, *, model: DiTConfig | str | None = None, dtype: str = "kee
             except BaseException:
                 writer.abort()
                 raise
+    if sidecar:
+        if null is not None:
+            null_lib.save(sidecar, null[0], source=null[1])
+        elif os.path.lexists(sidecar):
+            os.remove(sidecar)  # from an earlier output; it does not belong to these weights
     return ConvertResult(str(src), str(dst), config, origin, len(entries),
-                         sum(e.nbytes for e in entries.values()))
+                         sum(e.nbytes for e in entries.values()), sidecar if null is not None else None)
 
 
 @dataclasses.dataclass

@@ -47,7 +47,14 @@ def _spec(args):
                        if p.lower().endswith(VIDEO_EXTS))
         if not paths:
             raise SystemExit(f"--videos: no video files ({', '.join(VIDEO_EXTS)}) under {args.videos}")
-    cfg = clips.FilterConfig(shot_threshold=args.shot_threshold, min_seconds=args.min_seconds,
+    from mugv_data.shots import parse_detectors
+    try:
+        detectors = parse_detectors(args.shot_detectors)
+    except ValueError as e:
+        raise SystemExit(f"--shot-detectors: {e}") from None
+    cfg = clips.FilterConfig(shot_detectors=detectors, shot_min_frames=args.shot_min_frames,
+                             content_threshold=args.content_threshold, adaptive_threshold=args.adaptive_threshold,
+                             transnet_threshold=args.transnet_threshold, min_seconds=args.min_seconds,
                              min_height=args.min_size, min_width=args.min_size,
                              sharpness_min=args.sharpness_min, sharpness_max=args.sharpness_max,
                              motion=args.motion_scorer, motion_min=args.motion_min, motion_max=args.motion_max,
@@ -128,7 +135,13 @@ def main(argv=None) -> None:
     pr.add_argument("--procedural-count", type=int, default=64)
     pr.add_argument("--procedural-frames", type=int, default=17)
     pr.add_argument("--procedural-size", type=int, default=32)
-    pr.add_argument("--shot-threshold", type=float, default=0.4)
+    pr.add_argument("--shot-detectors", default="content,adaptive",
+                    help="comma-separated: content, adaptive (PySceneDetect, hard cuts), transnetv2 "
+                         "(TransNetV2 on CPU, also dissolves and fades; slower)")
+    pr.add_argument("--shot-min-frames", type=int, default=4, help="shortest shot a detector may cut")
+    pr.add_argument("--content-threshold", type=float, default=27.0, help="PySceneDetect ContentDetector")
+    pr.add_argument("--adaptive-threshold", type=float, default=3.0, help="PySceneDetect AdaptiveDetector")
+    pr.add_argument("--transnet-threshold", type=float, default=0.5, help="TransNetV2 transition probability")
     pr.add_argument("--min-seconds", type=float, default=1.0)
     pr.add_argument("--min-size", type=int, default=64)
     pr.add_argument("--sharpness-min", type=float, default=200.0)

@@ -1,4 +1,4 @@
-"""Raw videos → filtered clips: PyAV decode, shot splitting, quality filters, dedup, manifest.
+"""Raw videos → filtered clips: PyAV decode, shot splitting (`shots`), quality filters, dedup, manifest.
 
 Every decision is recorded: `process_videos` writes one JSONL line per clip (kept or dropped, with
 the reason and the measured metrics) and one per video that could not be decoded. A corrupt or
@@ -18,6 +18,8 @@ import os
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
+
+from mugv_data.shots import DEFAULT_DETECTORS
 
 
 class VideoDecodeError(Exception):
@@ -60,39 +62,6 @@ def luma(frames: np.ndarray) -> np.ndarray:
     return 0.299 * f[..., 0] + 0.587 * f[..., 1] + 0.114 * f[..., 2]
 
 
-def colour_histograms(frames: np.ndarray, bins: int = 8) -> np.ndarray:
-    """[T, 3·bins] per-channel histograms, each channel normalised to sum 1."""
-    q = (frames.astype(np.int32) * bins) // 256
-    t = frames.shape[0]
-    out = np.empty((t, 3, bins), np.float32)
-    for c in range(3):
-        flat = q[..., c].reshape(t, -1)
-        out[:, c] = np.stack([np.bincount(row, minlength=bins) for row in flat]) / flat.shape[1]
-    return out.reshape(t, 3 * bins)
-
-
-def detect_shots(frames: np.ndarray, threshold: float = 0.4, min_shot_frames: int = 1,
-                 bins: int = 8) -> list[tuple[int, int]]:
-    """Hard cuts by colour-histogram change: [(start, end)) frame ranges covering the video.
-
-    The distance between consecutive frames is half the L1 distance of their histograms, taken in
-    the channel that changed most (0 = identical, 1 = disjoint), so a cut between scenes that
-    differ in one colour only is not diluted by the two that match. A cut is placed before frame t
-    when it exceeds `threshold`. Gradual transitions (fades) are not detected (see docs/data.md).
-    """
-    n = frames.shape[0]
-    if n == 0:
-        return []
-    h = colour_histograms(frames, bins).reshape(n, 3, bins)
-    d = 0.5 * np.abs(np.diff(h, axis=0)).sum(axis=2).max(axis=1)
-    cuts = [0]
-    for t in np.nonzero(d > threshold)[0] + 1:
-        if t - cuts[-1] >= min_shot_frames:
-            cuts.append(int(t))
-    cuts.append(n)
-    return [(a, b) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
-
-
 def laplacian_variance(gray: np.ndarray) -> float:
     """Variance of the 4-neighbour Laplacian (OpenCV's ksize=1 kernel) over the interior."""
     g = gray.astype(np.float64)
@@ -129,7 +98,11 @@ def hamming(a: int, b: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class FilterConfig:
-    shot_threshold: float = 0.4
+    shot_detectors: tuple[str, ...] = DEFAULT_DETECTORS  # names in shots.KNOWN_DETECTORS
+    shot_min_frames: int = 4       # PySceneDetect's min_scene_len (its default 15 glues short shots on)
+    content_threshold: float = 27.0   # PySceneDetect's ContentDetector default
+    adaptive_threshold: float = 3.0   # PySceneDetect's AdaptiveDetector default
+    transnet_threshold: float = 0.5   # TransNetV2's released threshold
     min_seconds: float = 1.0
     max_seconds: float = 60.0
     min_height: int = 64
@@ -148,16 +121,25 @@ class FilterConfig:
 
 @dataclasses.dataclass
 class Scorers:
-    """The scorer objects a FilterConfig names, built once per process (they may hold models)."""
+    """The scorer objects a FilterConfig names, and its shot splitter, built once per process
+    (they may hold models)."""
     motion: object
     aesthetic: object | None = None
     captioner: object | None = None
+    shots: object | None = None   # frames, fps → [shots.Shot]; None: the FilterConfig's splitter
 
     @classmethod
     def from_config(cls, cfg: "FilterConfig") -> "Scorers":
         from mugv_data import scorers
         return cls(scorers.build("motion", cfg.motion), scorers.build("aesthetic", cfg.aesthetic),
-                   scorers.build("captioner", cfg.captioner))
+                   scorers.build("captioner", cfg.captioner), shot_splitter(cfg))
+
+
+def shot_splitter(cfg: "FilterConfig"):
+    from mugv_data.shots import ShotSplitter
+    return ShotSplitter(cfg.shot_detectors, min_shot_frames=cfg.shot_min_frames,
+                        content_threshold=cfg.content_threshold, adaptive_threshold=cfg.adaptive_threshold,
+                        transnet_threshold=cfg.transnet_threshold)
 
 
 def clip_metrics(frames: np.ndarray, motion=None) -> dict:
@@ -243,11 +225,13 @@ def split_and_filter(video_id: str, frames: np.ndarray, fps: float, cfg: FilterC
     on clips that passed every other filter; a configured captioner only on kept clips.
     """
     sc = scorers or Scorers.from_config(cfg)
+    splitter = sc.shots if sc.shots is not None else shot_splitter(cfg)
     deduper = Deduper(cfg.dedup_hamming)
     if seen_hashes is not None:
         deduper.seen = seen_hashes
     t, h, w, _ = frames.shape
-    for k, (a, b) in enumerate(detect_shots(frames, cfg.shot_threshold)):
+    for k, shot in enumerate(splitter(frames, fps)):
+        a, b = shot.start, shot.end
         clip = Clip(f"{video_id}#{k:04d}", video_id, a, b, fps, frames[a:b])
         m = clip_metrics(clip.frames, sc.motion)
         reason = judge(m, num_frames=b - a, fps=fps, height=h, width=w, cfg=cfg)
@@ -257,7 +241,9 @@ def split_and_filter(video_id: str, frames: np.ndarray, fps: float, cfg: FilterC
             reason = judge(m, num_frames=b - a, fps=fps, height=h, width=w, cfg=cfg)
         rec = {"clip_id": clip.clip_id, "video": video_id, "start": a, "end": b, "fps": fps,
                "num_frames": b - a, "height": h, "width": w, "kept": reason is None,
-               "reason": reason, "metrics": m, "motion_scorer": getattr(sc.motion, "name", "custom")}
+               "reason": reason, "metrics": m, "motion_scorer": getattr(sc.motion, "name", "custom"),
+               "shot_detector": getattr(splitter, "name", "custom"),
+               "cut_in": shot.cut_in and shot.cut_in.to_json(), "cut_out": shot.cut_out and shot.cut_out.to_json()}
         if dedup:
             rec = deduper(rec)
         if rec["kept"] and sc.captioner is not None:

@@ -50,6 +50,21 @@ def sampling_timesteps(num_steps: int, ratio: float) -> np.ndarray:
     return shift_timesteps(raw, ratio)
 
 
+def null_caption_input(null_text, length: int, batch: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """The unconditional text input a model trained by mugv_jax/mugv_megatron knows: its null
+    caption's first `length` rows with every row valid, exactly what the trainers put in place of
+    a dropped caption (objective.drop_captions). null_text: [max_text_tokens, D].
+    Returns y [batch, 1, length, D] float32 and mask [batch, length] int32 (all ones)."""
+    null = np.asarray(null_text, np.float32)
+    if null.ndim != 2:
+        raise ValueError(f"null caption must be [max_text_tokens, text_dim], got {list(null.shape)}")
+    if length > null.shape[0]:
+        raise ValueError(f"caption length {length} exceeds the null caption's {null.shape[0]} rows "
+                         f"(the model's max_text_tokens)")
+    y = np.broadcast_to(null[None, None, :length], (batch, 1, length, null.shape[1]))
+    return np.ascontiguousarray(y), np.ones((batch, length), np.int32)
+
+
 def _pad_text(y, mask, length):
     pad = length - y.shape[2]
     if pad:

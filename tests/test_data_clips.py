@@ -1,4 +1,5 @@
-"""mugv_data.clips: shot splitting, quality filters with recorded reasons, dedup, decode errors."""
+"""mugv_data.clips: shots in the manifest, quality filters with recorded reasons, dedup, decode errors.
+The shot detectors themselves are tested in test_data_shots.py."""
 import json
 import os
 import shutil
@@ -10,7 +11,8 @@ from mugv_data import clips
 from mugv_data.clips import FilterConfig
 
 SIZE = 64
-# Distinct scene colours, so every planted cut is a clear histogram change.
+# Scene tints. Consecutive seeds used as neighbouring shots below differ by a PySceneDetect content
+# score of 36 or more (threshold 27); 3 → 4 scores only 26, so no test puts those side by side.
 PALETTE = [(120, 120, 120), (70, 70, 180), (180, 70, 70), (70, 180, 70), (180, 180, 70), (70, 180, 180),
            (180, 70, 180)]
 
@@ -29,11 +31,15 @@ def textured_scene(seed: int, num_frames: int, *, shift: int = 3, blur: bool = F
 
 
 def test_shot_split_finds_known_cuts():
-    scenes = [textured_scene(s, n) for s, n in [(1, 12), (2, 9), (3, 15), (4, 10)]]
+    scenes = [textured_scene(s, n) for s, n in [(1, 12), (2, 9), (0, 15), (6, 10)]]
     frames = np.concatenate(scenes)
-    assert clips.detect_shots(frames) == [(0, 12), (12, 21), (21, 36), (36, 46)]
-    # Within a shot the histogram distance is far below the threshold; the threshold is a knob.
-    assert clips.detect_shots(frames, threshold=1.01) == [(0, 46)]
+    shots = clips.shot_splitter(FilterConfig())(frames, 8.0)
+    assert [(s.start, s.end) for s in shots] == [(0, 12), (12, 21), (21, 36), (36, 46)]
+    assert shots[0].cut_in is None and shots[-1].cut_out is None
+    assert all(a.cut_out is b.cut_in for a, b in zip(shots, shots[1:]))
+    # The threshold is a knob: above every cut's content score nothing is cut.
+    cfg = FilterConfig(shot_detectors=("content",), content_threshold=255.0)
+    assert [(s.start, s.end) for s in clips.shot_splitter(cfg)(frames, 8.0)] == [(0, 46)]
 
 
 def test_filters_drop_planted_bad_clips_with_reasons():
@@ -42,7 +48,7 @@ def test_filters_drop_planted_bad_clips_with_reasons():
     black = np.full((16, SIZE, SIZE, 3), 3, np.uint8)
     static = textured_scene(2, 16, shift=0)
     blurry = textured_scene(3, 16, blur=True)
-    short = textured_scene(4, 4)
+    short = textured_scene(0, 4)
     dup = good.copy()  # the same shot again later in the video: a near-duplicate
     frames = np.concatenate([good, black, static, blurry, short, dup])
     cfg = FilterConfig(min_seconds=1.0)
@@ -52,6 +58,12 @@ def test_filters_drop_planted_bad_clips_with_reasons():
                    (48, 64, False, "blurry"), (64, 68, False, "too_short"),
                    (68, 84, False, "near_duplicate")]
     assert recs[5]["duplicate_of"] == recs[0]["clip_id"]
+    # Every cut names the detectors that found it; the manifest's cuts are the shots' boundaries.
+    assert all(r["shot_detector"] == "content+adaptive" for r in recs)
+    assert recs[0]["cut_in"] is None and recs[-1]["cut_out"] is None
+    for a, b in zip(recs, recs[1:]):
+        assert a["cut_out"] == b["cut_in"] and a["cut_out"]["start"] == a["end"] == b["start"]
+        assert a["cut_out"]["detectors"][0] == "content" and not a["cut_out"]["gradual"]
     assert 200 <= recs[0]["metrics"]["sharpness"] <= 2000
     # Farnebäck flow (the default motion scorer) measures the planted 3 px/frame scroll.
     assert recs[0]["motion_scorer"] == "farneback" and abs(recs[0]["metrics"]["motion"] - 3.0) < 0.1

@@ -63,6 +63,16 @@ def test_every_stage_ran_and_left_its_outputs():
     assert index["num_examples"] == summary["data"]["num_train"] and index["text_dim"] == 384
 
 
+def test_exported_dit_weights_carry_the_trained_null_caption():
+    # python -m mugv_jax.sample --checkpoint=<dit_ema.safetensors> finds it without flags.
+    from mugv import null_text
+    workdir, _, summary = quick_run()
+    side = null_text.load(null_text.sidecar_path(os.path.join(workdir, summary["dit"]["weights"])))
+    trained = np.load(os.path.join(workdir, "dit", "null_text.npy"))  # the train state's, as saved
+    assert side.shape == (summary["dit"]["model_config"]["max_text_tokens"], 384)
+    np.testing.assert_array_equal(side, trained)
+
+
 def test_sampled_videos_are_playable_mp4s_of_the_clip_length():
     import av
     workdir, config, summary = quick_run()

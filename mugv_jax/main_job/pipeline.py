@@ -263,6 +263,7 @@ def stage_dit(config, stages: Stages, encode_record: dict) -> dict:
     import jax
     from absl import flags
 
+    from mugv import null_text
     from mugv_jax import dit
     from mugv_jax import train as train_lib
     from mugv_jax.dit.checkpoint import model_from_params
@@ -277,10 +278,13 @@ def stage_dit(config, stages: Stages, encode_record: dict) -> dict:
         summary = train_lib.train(c, d)
     model_cfg = train_lib.model_config_from(c)
     ema = _flatten(jax.device_get(summary["state"]["ema"]))
-    np.save(os.path.join(d, "null_text.npy"), np.asarray(jax.device_get(summary["state"]["null_text"])))
+    null = np.asarray(jax.device_get(summary["state"]["null_text"]))
+    np.save(os.path.join(d, "null_text.npy"), null)
     path = os.path.join(d, "dit_ema.safetensors")
     save_atomic(dit.export_release_state_dict(model_from_params(model_cfg, ema)), path,
                 metadata={"model": c.model, "step": str(summary["step"])})
+    # The sampler's default unconditional input (python -m mugv_jax.sample --checkpoint=PATH).
+    null_text.save(null_text.sidecar_path(path), null, source=f"main job dit stage, step {summary['step']}")
     return {"steps": int(summary["step"]), "final_loss": summary["loss"], "seconds_this_run": time.time() - t0,
             "weights": os.path.relpath(path, stages.workdir), "model_config": model_cfg.to_dict(),
             "metrics": os.path.relpath(os.path.join(d, "tensorboard", "metrics.jsonl"), stages.workdir)}

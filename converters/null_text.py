@@ -1,0 +1,83 @@
+"""The null caption of a training checkpoint, carried to a release export as its sidecar.
+
+Release weights hold no null caption (it is not a model weight; readers skip it), but sampling
+without a negative prompt needs the one the model was trained with (mugv/null_text.py). When
+`convert` writes release format it also writes `<weights>.null_text.safetensors` from:
+
+  jax       state["null_text"] of the orbax training state
+  megatron  `context_embedder.drop_emb` of a torch_dist training checkpoint (the Megatron
+            trainer's `null_text`)
+  release   the source's own sidecar, copied
+
+Legacy Megatron (`mp_rank_*`) files and JAX checkpoints the converters wrote themselves (weights
+only) hold none; nothing is written for them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from mugv import null_text as null_lib
+
+NULL_TEXT_STATE_KEY = "null_text"               # mugv_jax/trainer.py state
+MEGATRON_NULL_TEXT_KEY = "context_embedder.drop_emb"  # mugv_megatron/checkpointing.NULL_TEXT_KEY
+
+
+def _jax_null_text(reader) -> np.ndarray | None:
+    if NULL_TEXT_STATE_KEY not in reader.state_keys:
+        return None
+    import tensorstore as ts
+    from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
+    with open(os.path.join(reader.state_dir, "_METADATA")) as f:
+        meta = json.load(f)
+    use_ocdbt, use_zarr3 = bool(meta.get("use_ocdbt", True)), bool(meta.get("use_zarr3", False))
+    spec = ts_utils.ArrayReadSpec(reader.state_dir, NULL_TEXT_STATE_KEY, use_zarr3, use_ocdbt=use_ocdbt)
+    ctx = ts_utils.get_ts_context(use_ocdbt=use_ocdbt)
+    return np.asarray(ts.open(spec.json, context=ctx).result().read().result())
+
+
+def _megatron_null_text(reader) -> np.ndarray | None:
+    import torch
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
+    strategy = TorchDistLoadShardedStrategy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        meta = strategy.load_tensors_metadata(Path(reader.dir))
+        if MEGATRON_NULL_TEXT_KEY not in meta:
+            return None
+        st = meta[MEGATRON_NULL_TEXT_KEY]
+        want = {"null": ShardedTensor.from_rank_offsets(
+            MEGATRON_NULL_TEXT_KEY, torch.empty(tuple(st.global_shape), dtype=st.dtype), replica_id=0)}
+        loaded = strategy.load(want, Path(reader.dir))
+    return loaded["null"].float().numpy()
+
+
+def _is_torch_dist(reader) -> bool:
+    from converters.formats.megatron import TorchDistReader
+    return isinstance(reader, TorchDistReader)
+
+
+def training_null_text(reader) -> tuple[np.ndarray, str] | None:
+    """(null caption [max_text_tokens, D] float32, where it came from), or None when the source
+    holds none. `reader` is an open converters reader."""
+    if reader.format == "jax":
+        null = _jax_null_text(reader)
+        where = f"jax:{reader.step_dir} state[{NULL_TEXT_STATE_KEY!r}]"
+    elif reader.format == "megatron" and _is_torch_dist(reader):
+        null = _megatron_null_text(reader)
+        where = f"megatron:{reader.dir} {MEGATRON_NULL_TEXT_KEY}"
+    elif reader.format == "release":
+        side = null_lib.sidecar_path(reader.path)
+        if not os.path.isfile(side):
+            return None
+        return null_lib.load(side), side
+    else:
+        return None
+    if null is None:
+        return None
+    return np.asarray(null, np.float32), where
