@@ -41,11 +41,11 @@ import traceback
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-PARTS = ("jax_golden", "megatron_golden", "jax_step_xla", "jax_step_cudnn", "megatron_step")
+PARTS = ("jax_golden", "megatron_golden", "jax_step_xla", "jax_step_cudnn", "megatron_step", "megatron_distopt")
 # Seconds each part may take on the GPU before it is stopped: 8 min at the very most, ~4-5 min
 # expected (imports and JAX compiles dominate the golden parts; the cuDNN step compiles for ~1 min).
-TIMEOUTS = {"jax_golden": 75, "megatron_golden": 60, "jax_step_xla": 60, "jax_step_cudnn": 180,
-            "megatron_step": 100}
+TIMEOUTS = {"jax_golden": 150, "megatron_golden": 60, "jax_step_xla": 60, "jax_step_cudnn": 180,
+            "megatron_step": 100, "megatron_distopt": 200}
 LATENT_720P = (14, 90, 160)         # 105 frames at 1280×720 (mugv.geometry: 50,400 + 2 tokens)
 TEXT_TOKENS = 300                   # configs/mugv_10b.py data.text_len
 VALID_TEXT = 120                    # a caption with padding: the mask path is exercised
@@ -217,6 +217,10 @@ def part_megatron_golden(args):
     import torch
     from tests.helpers import case_inputs, dit_vectors
     _megatron_setup()
+    # float32 parity means float32 matmuls: no TF32 (~1e-3 relative) on the GPU's tensor cores.
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
     te_ok, te_reason = _te_status()
     rows, ok, skipped = [], True, []
     variants = [("megatron", torch.float32), ("sdpa", torch.float32)]
@@ -259,7 +263,7 @@ def _jax_step_part(args, attention):
     latent, text_len, valid = _step_geometry(args.dry_run)
     n = geometry.num_tokens(latent, cfg)
     train_flops = _flops(cfg, latent, text_len)
-    result = dict(backend=attention, layers=cfg.depth, hidden=cfg.hidden_size, tokens=n,
+    result = dict(backend=f"{attention}/remat={args.remat}", layers=cfg.depth, hidden=cfg.hidden_size, tokens=n,
                   model_tflop_per_step=train_flops / 1e12, device=_device_name_jax())
     peak_bytes, limit = _jax_peak_bytes()
     if attention == "xla":
@@ -275,7 +279,7 @@ def _jax_step_part(args, attention):
 
     mesh = mesh_lib.build_mesh({"data": -1}, devices=jax.local_devices()[:1])
     trainer = tr.Trainer(cfg, RuntimeOptions(attention=attention, compute_dtype=jnp.bfloat16,
-                                             remat="full"),
+                                             remat=args.remat),
                          tr.OptimConfig(learning_rate=1e-5, warmup_steps=0),
                          obj.ObjectiveConfig(i2v_prob=0.2, caption_dropout_prob=0.1), mesh)
     rng = np.random.default_rng(0)
@@ -421,6 +425,22 @@ def part_megatron_step(args):
                 peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None)
 
 
+def part_megatron_distopt(args):
+    """The Megatron GPU training path end to end (mugv_megatron/device_check.py): 10B-width layers
+    with the DistributedOptimizer, bf16 parameters + fp32 main weights, full recompute, both
+    overlaps; two steps, an async save, a step, a restore into a fresh trainer, compared."""
+    from mugv_megatron import device_check, distopt_cpu
+    if args.dry_run:                      # CPU: tiny width, megatron's optimizer under the shim
+        distopt_cpu.apply()
+    import tempfile
+    work = getattr(args, "work", None) or tempfile.mkdtemp(prefix="device-check-distopt-")
+    got = device_check.run(os.path.join(work, "distopt"), model="tiny" if args.dry_run else "10b",
+                           bucket_size=200_000 if args.dry_run else None)
+    ok = got.get("step3_loss_restored") == got.get("step3_loss")
+    return dict(status="ok" if ok else "failed", backend="megatron/distopt", note=str(got)[:300], **{
+        k: got[k] for k in ("model",) if k in got})
+
+
 def geometry_check(args):
     """Shapes and arguments of the real 720p step, traced on any machine (no device work)."""
     import jax
@@ -449,7 +469,7 @@ def geometry_check(args):
 
 PART_FUNCS = {"jax_golden": part_jax_golden, "megatron_golden": part_megatron_golden,
               "jax_step_xla": part_jax_step_xla, "jax_step_cudnn": part_jax_step_cudnn,
-              "megatron_step": part_megatron_step}
+              "megatron_step": part_megatron_step, "megatron_distopt": part_megatron_distopt}
 
 
 # --- driver --------------------------------------------------------------------------------------
@@ -471,7 +491,8 @@ def run_isolated(name, args, timeout):
     import threading
     out = os.path.join(args.work, f"{name}.json")
     cmd = [sys.executable, "-u", os.path.abspath(__file__), "--part", name, "--json", out,
-           "--layers", str(args.layers), "--steps", str(args.steps)] + (["--dry-run"] if args.dry_run else [])
+           "--layers", str(args.layers), "--steps", str(args.steps), "--remat", args.remat] + (
+        ["--dry-run"] if args.dry_run else [])
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     reader = threading.Thread(target=lambda: [log("  | " + line.rstrip()) for line in proc.stdout],
@@ -527,6 +548,7 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, default=4, help="10B-width layers in the step parts (2-4)")
     ap.add_argument("--steps", type=int, default=None,
                     help="timed steps after the first (default 3; 1 with --dry-run)")
+    ap.add_argument("--remat", default="full", help="JAX remat policy of the step parts (the 10B configs: full)")
     ap.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset of " + ",".join(PARTS))
     ap.add_argument("--out", default=os.environ.get("OUT", ""), help="directory for the log and JSON")
     ap.add_argument("--isolate", default=None, action=argparse.BooleanOptionalAction,
