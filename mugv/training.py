@@ -114,6 +114,9 @@ class MegatronOptions:
     cp: int = 1                        # context-parallel size
     distributed_optimizer: bool = True  # megatron's DistributedOptimizer (torch AdamW without CUDA)
     use_te: bool | None = None         # Transformer Engine layers; None = when it imports
+    # Core attention of the local (non-TE) spec: "sdpa" (torch scaled_dot_product_attention, fused
+    # kernels on GPU: what fits 720p without TE) or "megatron" (megatron's unfused attention).
+    local_attention: str = "sdpa"
     # Parameter dtype: "float32" (the parameters are the master weights; bf16 compute through
     # autocast) or "bfloat16" (bf16 weights, fp32 main weights in the distributed optimizer, as
     # the reference trains). None: bfloat16 when compute_dtype is bfloat16 and the distributed
@@ -137,6 +140,8 @@ class MegatronOptions:
                 raise ValueError(f"config.megatron.{key} must be >= 1, got {getattr(self, key)}")
         if self.sp and int(self.tp) < 2:
             raise ValueError("config.megatron.sp (sequence parallel) needs config.megatron.tp >= 2")
+        if self.local_attention not in ("sdpa", "megatron"):
+            raise ValueError(f"config.megatron.local_attention must be 'sdpa' or 'megatron', got {self.local_attention!r}")
         if self.recompute not in ("none", "full", "selective"):
             raise ValueError(f"config.megatron.recompute must be 'none', 'full' or 'selective', got {self.recompute!r}")
         if self.params_dtype not in (None, "float32", "bfloat16"):

@@ -41,7 +41,7 @@ def read_release_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def build_model(config: DiTConfig | str, *, params_dtype: torch.dtype = torch.float32,
                 sequence_parallel: bool = False, use_te: bool | None = None,
-                perform_initialization: bool = True):
+                perform_initialization: bool = True, local_attention: str = "megatron"):
     """A MUG-DiT for the current megatron parallel state (set up a one-process one if none)."""
     from mugv_megatron.model import MUGDiT
     from mugv_megatron.spec import get_layer_spec
@@ -53,7 +53,7 @@ def build_model(config: DiTConfig | str, *, params_dtype: torch.dtype = torch.fl
     tc = make_transformer_config(config, tensor_parallel_size=parallel.tensor_parallel_size(),
                                  sequence_parallel=sequence_parallel, params_dtype=params_dtype,
                                  perform_initialization=perform_initialization)
-    model = MUGDiT(config, tc, get_layer_spec(use_te))
+    model = MUGDiT(config, tc, get_layer_spec(use_te, local_attention=local_attention))
     if torch.cuda.is_available():
         model = model.cuda()
     return model

@@ -122,7 +122,8 @@ class MegatronBackend:
         kwargs = dict(seed=int(config.seed), compute_dtype=config.compute_dtype,
                       sequence_parallel=bool(opts["sp"]),
                       use_megatron_optimizer=torch.cuda.is_available() and bool(opts["distributed_optimizer"]),
-                      use_te=opts["use_te"], params_dtype=opts["params_dtype"], recompute=opts["recompute"],
+                      use_te=opts["use_te"], local_attention=opts["local_attention"],
+                      params_dtype=opts["params_dtype"], recompute=opts["recompute"],
                       overlap_grad_reduce=bool(opts["overlap_grad_reduce"]),
                       overlap_param_gather=bool(opts["overlap_param_gather"]), release_state=release_state)
         if self.task.name == "preference":

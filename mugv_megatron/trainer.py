@@ -71,7 +71,7 @@ class Trainer:
                  release_state: dict | None = None, use_te: bool | None = None,
                  params_dtype: str | None = None, recompute: str = "none",
                  overlap_grad_reduce: bool = False, overlap_param_gather: bool = False,
-                 ddp_bucket_size: int | None = None):
+                 ddp_bucket_size: int | None = None, local_attention: str = "megatron"):
         """`use_megatron_optimizer` (default: CUDA present) selects megatron's DDP +
         DistributedOptimizer; `params_dtype` (None: "bfloat16" with it when computing in bf16,
         else "float32"); the overlaps apply only with it (megatron DDP's buckets, of
@@ -117,7 +117,7 @@ class Trainer:
         # over TP/CP/DP; megatron cuts TP shards from a full CPU-initialised tensor).
         torch.manual_seed(self.seed + self.pp_rank)
         self.module = dit.build_model(model_config, sequence_parallel=sequence_parallel, use_te=use_te,
-                                      params_dtype=PARAMS_DTYPES[params_dtype])
+                                      params_dtype=PARAMS_DTYPES[params_dtype], local_attention=local_attention)
         recompute_lib.apply(self.module, self.recompute)
         if self.pp_size > 1:
             self._sync_replicated_embedders()
