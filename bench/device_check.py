@@ -49,7 +49,7 @@ TIMEOUTS = {"jax_golden": 150, "megatron_golden": 60, "jax_step_xla": 60, "jax_s
 LATENT_720P = (14, 90, 160)         # 105 frames at 1280×720 (mugv.geometry: 50,400 + 2 tokens)
 TEXT_TOKENS = 300                   # configs/mugv_10b.py data.text_len
 VALID_TEXT = 120                    # a caption with padding: the mask path is exercised
-# Golden tolerances (tests/test_dit_golden.py): float32 absolute, bfloat16 relative L2.
+# Golden tolerances (tests/jax/test_dit_golden.py): float32 absolute, bfloat16 relative L2.
 GOLDEN_ATOL, BF16_REL_L2 = 1e-4, 1e-2
 # A cuDNN version for the lowering-only dry run, where no cuDNN is loaded.
 DRY_CUDNN_VERSION = 90800
@@ -178,10 +178,10 @@ def part_jax_golden(args):
 def _megatron_golden_model(spec_name, dtype):
     import torch
     from mugv.config import get_config
-    from mugv_megatron import dit
-    from mugv_megatron.model import MUGDiT
-    from mugv_megatron.spec import get_layer_spec
-    from mugv_megatron.transformer_config import make_transformer_config
+    from mugv_megatron.model import build as dit
+    from mugv_megatron.model.dit import MUGDiT
+    from mugv_megatron.model.spec import get_layer_spec
+    from mugv_megatron.model.transformer_config import make_transformer_config
     from tests.helpers import DIT_WEIGHTS
     config = get_config("tiny")
     tc = make_transformer_config(config, params_dtype=dtype, perform_initialization=False)
@@ -195,7 +195,7 @@ def _megatron_golden_model(spec_name, dtype):
 
 
 def _megatron_setup():
-    from mugv_megatron import parallel
+    from mugv_megatron.parallel import state as parallel
     if not parallel.is_initialized():
         parallel.setup(1)
 
@@ -254,9 +254,9 @@ def _jax_step_part(args, attention):
     import jax.numpy as jnp
     import numpy as np
     from mugv import flops, geometry
-    from mugv_jax import mesh as mesh_lib
-    from mugv_jax import objective as obj
-    from mugv_jax import trainer as tr
+    from mugv_jax.parallel import mesh as mesh_lib
+    from mugv_jax.train import objective as obj
+    from mugv_jax.train import step as tr
     from mugv_jax.dit.model import RuntimeOptions
 
     cfg = _step_config(args.dry_run, args.layers)
@@ -315,9 +315,9 @@ def _cudnn_step_lowering(args, cfg, latent, text_len, result):
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec
-    from mugv_jax import mesh as mesh_lib
-    from mugv_jax import objective as obj
-    from mugv_jax import trainer as tr
+    from mugv_jax.parallel import mesh as mesh_lib
+    from mugv_jax.train import objective as obj
+    from mugv_jax.train import step as tr
     from mugv_jax.dit.model import RuntimeOptions
     mesh = mesh_lib.build_mesh({"data": -1}, devices=jax.local_devices()[:1])
     trainer = tr.Trainer(cfg, RuntimeOptions(attention="cudnn", compute_dtype=jnp.bfloat16,
@@ -365,9 +365,9 @@ class _Recompute:
 def part_megatron_step(args):
     import torch
     from mugv import flops, geometry
-    from mugv_megatron.model import MUGDiT
-    from mugv_megatron.spec import get_layer_spec
-    from mugv_megatron.transformer_config import make_transformer_config
+    from mugv_megatron.model.dit import MUGDiT
+    from mugv_megatron.model.spec import get_layer_spec
+    from mugv_megatron.model.transformer_config import make_transformer_config
     _megatron_setup()
     te_ok, te_reason = _te_status()
     cuda = torch.cuda.is_available()
@@ -446,8 +446,8 @@ def geometry_check(args):
     import jax
     import jax.numpy as jnp
     from mugv import geometry
-    from mugv_jax import attention
-    from mugv_jax import context_parallel as cp
+    from mugv_jax.parallel import attention
+    from mugv_jax.parallel import context_parallel as cp
     cfg = _step_config(False, args.layers)
     n = geometry.num_tokens(LATENT_720P, cfg)
     assert n == 50_402, n

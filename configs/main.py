@@ -1,4 +1,4 @@
-"""The main job (`python -m mugv_jax.demo`, `bash scripts/main.sh`): bundled data → small VAE →
+"""The main job (`python -m main_job`, `bash scripts/main.sh`): bundled data → small VAE →
 latent shards → small MUG-DiT → held-out text-to-video and image-to-video samples → HTML report.
 
 `--config=configs/main.py` is the full run (about 15 minutes on a 2-core CPU);
@@ -89,7 +89,7 @@ def get_config(arg: str | None = None):
     c.sample.seeds = 4                     # samples per prompt (the learning checks use all)
     c.sample.media_seeds = 2               # of which the report shows the first ones
     c.sample.upscale = 4                   # nearest-neighbour upscale of the written mp4s/PNGs
-    # The learning checks tests/test_main_job.py asserts on the quick run (shares of the 24
+    # The learning checks tests/main_job/test_main_job.py asserts on the quick run (shares of the 24
     # held-out samples per mode; see docs/main_job.md for what was measured and chance levels).
     # Quick VAE latents carry little colour, so the asserted checks are on motion direction.
     c.check = ml_collections.ConfigDict(dict(t2v_direction=0.375, i2v_direction=0.7))

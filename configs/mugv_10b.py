@@ -4,7 +4,7 @@ Stages follow the paper (paper.md §1.3; docs/training_recipe.md has the command
 in workdir ROOT/<stage> (ROOT defaults to runs/mugv_10b) and starts from the previous stage's
 final EMA (`init_from=jax:ROOT/<previous>/checkpoints`, `init_weights=ema`) with a fresh
 optimizer and its own buckets, batch sizes and schedule. The first stage starts from ROOT/expanded:
-the tuned hidden-1728 model widened ×2 by `python -m mugv_jax.expand`.
+the tuned hidden-1728 model widened ×2 by `python -m mugv_jax.recipe.expand`.
 
   image_360      images + 360p 2 s video; image share annealed 0.6 → 0.1 (MixedLoader)
   video_360_2s   360p, 2 s clips, first-frame (image-to-video) masking on
@@ -12,7 +12,7 @@ the tuned hidden-1728 model widened ×2 by `python -m mugv_jax.expand`.
   video_360_5s   360p, 5 s clips        } run each until the validation loss plateaus
   video_720      720p, 5 s clips from the high-quality subset, first-frame masking kept
   sft            annealed SFT: curated subset, cosine decay to 0, checkpoints kept for post-hoc EMA
-  preference     DPO + KTO with the SFT loss as regulariser (mugv_jax/preference.py)
+  preference     DPO + KTO with the SFT loss as regulariser (mugv_jax/recipe/preference.py)
 
 The paper publishes no batch size, step count or learning rate: every bucket's global batch is
 TOKENS_PER_STEP video tokens divided by its tokens per sample, rounded down to a multiple of
@@ -89,7 +89,7 @@ def get_config(arg: str = "video_720"):
         c.data.mix.anneal_steps = s["steps"] // 2
     if s.get("sft"):
         # Annealed SFT on the curated subset (set data.path); checkpoints every 500 steps are all
-        # kept so `python -m mugv_jax.posthoc_ema` can average them afterwards.
+        # kept so `python -m mugv_jax.recipe.posthoc_ema` can average them afterwards.
         c.optim.schedule = "cosine"
         c.optim.warmup_steps = 0
         c.optim.decay_steps = s["steps"]
@@ -100,7 +100,7 @@ def get_config(arg: str = "video_720"):
         c.checkpoint_every = 1000
     if s.get("preference"):
         c.mode = "preference"
-        c.init_from = f"jax:{root}/sft_posthoc_ema"  # written by mugv_jax.posthoc_ema
+        c.init_from = f"jax:{root}/sft_posthoc_ema"  # written by mugv_jax.recipe.posthoc_ema
         c.optim.warmup_steps = 0
         c.preference = ml_collections.ConfigDict(dict(
             labels="", heldout_labels="", clips="", batch_size=64, heldout_batches=4, heldout_seed=99,

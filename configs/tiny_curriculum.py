@@ -2,7 +2,7 @@
 
 Same shape as configs/mugv_10b.py (docs/training_recipe.md): a half-width `small` model (hidden
 72, one head of 72) is trained first, widened ×2 to the tiny model (hidden 144, two heads) with
-`python -m mugv_jax.expand --src jax:ROOT/small/checkpoints --dst ROOT/expanded`, then the stages
+`python -m mugv_jax.recipe.expand --src jax:ROOT/small/checkpoints --dst ROOT/expanded`, then the stages
 run in order, each in workdir ROOT/<stage> and initialised from the previous stage's final EMA
 (`init_from=jax:ROOT/<previous>/checkpoints`, `init_weights=ema`) with a fresh optimizer, its own
 buckets, batch sizes and schedule. ROOT defaults to runs/tiny_curriculum.
@@ -16,7 +16,7 @@ import ml_collections
 from configs.base import base_config
 
 DEFAULT_ROOT = "runs/tiny_curriculum"
-EXPANDED = "expanded"  # the widened small model, written by mugv_jax.expand
+EXPANDED = "expanded"  # the widened small model, written by mugv_jax.recipe.expand
 
 # stage → (previous stage or EXPANDED or None, settings). Order is the training order.
 STAGES = {

@@ -50,7 +50,7 @@ def release_state(spec, *, model=None, weights: str = "raw") -> dict[str, np.nda
 def megatron_model(spec, *, model=None, params_dtype=None):
     """The megatron.core MUG-DiT (this process's TP rank) with the weights of any checkpoint."""
     import torch
-    from mugv_megatron import dit
+    from mugv_megatron.model import build as dit
     reader, config, _ = open_checked(spec, model=model)
     with reader:
         state = {name: to_torch(array) for name, array in reader.items()}

@@ -23,7 +23,7 @@ import numpy as np
 
 from mugv import null_text as null_lib
 
-NULL_TEXT_STATE_KEY = "null_text"               # mugv_jax/trainer.py state
+NULL_TEXT_STATE_KEY = "null_text"               # mugv_jax/train/step.py state
 MEGATRON_NULL_TEXT_KEY = "context_embedder.drop_emb"  # mugv_megatron/checkpointing.NULL_TEXT_KEY
 
 

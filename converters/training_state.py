@@ -1,5 +1,5 @@
-"""Whole training state JAX (orbax, mugv_jax/checkpointing.py) ⇄ Megatron (torch_dist,
-mugv_megatron/checkpointing.py): fp32 weights, Adam moments and update count, EMA, null caption,
+"""Whole training state JAX (orbax, mugv_jax/train/checkpointing.py) ⇄ Megatron (torch_dist,
+mugv_megatron/train/checkpointing.py): fp32 weights, Adam moments and update count, EMA, null caption,
 step / non-finite / skipped counters and the data position.
 
     python -c "from converters.training_state import jax_to_megatron; \
@@ -8,7 +8,7 @@ step / non-finite / skipped counters and the data position.
 Every tensor goes release layout in between (converters/layouts/jax.py and megatron.py are pure
 reshapes/transposes, so weights, both moments and the EMA convert bit-exactly; Adam's moments
 are per element, so the same maps apply to them). Both optimizers are the same AdamW (optax
-clip + adamw ≡ mugv_megatron.optim), so a run continues on the other backend where it stopped.
+clip + adamw ≡ mugv_megatron.train.optim), so a run continues on the other backend where it stopped.
 Not carried over: the random stream. The JAX state's PRNG key and the Megatron trainer's
 (seed, step) numpy draws are different generators; the converted run keeps the step count and
 data position, and draws its noise from the target backend's generator (seeded from the run
@@ -79,7 +79,9 @@ def _adam_states(opt_state):
 
 def _jax_trainer(run_config: dict, config: DiTConfig):
     import jax
-    from mugv_jax import mesh as mesh_lib, objective as jobj, trainer as jtr
+    from mugv_jax.parallel import mesh as mesh_lib
+    from mugv_jax.train import objective as jobj
+    from mugv_jax.train import step as jtr
     from mugv_jax.dit.model import RuntimeOptions
     mesh = mesh_lib.build_mesh(dict(data=1, fsdp=1, tensor=1, context=1), devices=jax.devices()[:1])
     return jtr.Trainer(config, RuntimeOptions(), jtr.OptimConfig(**run_config.get("optim", {})),
@@ -87,8 +89,10 @@ def _jax_trainer(run_config: dict, config: DiTConfig):
 
 
 def _megatron_trainer(run_config: dict, config: DiTConfig, seed: int):
-    from mugv_megatron import objective as mobj, optim as moptim, parallel
-    from mugv_megatron.trainer import Trainer
+    from mugv_megatron.train import objective as mobj
+    from mugv_megatron.train import optim as moptim
+    from mugv_megatron.parallel import state as parallel
+    from mugv_megatron.train.step import Trainer
     if not parallel.is_initialized():
         parallel.setup(1)
     return Trainer(config, moptim.OptimConfig(**run_config.get("optim", {})),
@@ -106,8 +110,8 @@ def jax_to_megatron(src: str, dst: str, step: int | None = None, keep: int = 3) 
     """Convert the JAX training checkpoint at `src` (<workdir>/checkpoints, newest step unless
     `step`) into a Megatron training checkpoint under `dst`; returns its iteration directory."""
     import torch
-    from mugv_jax.checkpointing import Checkpointer, read_config
-    from mugv_megatron import checkpointing as mckpt
+    from mugv_jax.train.checkpointing import Checkpointer, read_config
+    from mugv_megatron.train import checkpointing as mckpt
     run_cfg, config = _run_config(read_config(src, step))
     jtrainer = _jax_trainer(run_cfg, config)
     ck = Checkpointer(src, use_async=False)
@@ -144,8 +148,8 @@ def megatron_to_jax(src: str, dst: str, run_config: dict | None = None) -> int:
     import jax
     import jax.numpy as jnp
     from megatron.core import dist_checkpointing
-    from mugv_jax.checkpointing import Checkpointer
-    from mugv_megatron import checkpointing as mckpt
+    from mugv_jax.train.checkpointing import Checkpointer
+    from mugv_megatron.train import checkpointing as mckpt
     steps = mckpt.steps(src)
     if not steps:
         raise FileNotFoundError(f"{src}: no Megatron training checkpoint")

@@ -34,8 +34,9 @@ def _aes_suffix(value: str | None):
 
 
 def _spec(args):
-    from mugv_data import bundled, clips
-    from mugv_data.pipeline import PrepareSpec
+    from mugv_data import clips
+    from mugv.data import bundled
+    from mugv_data.prepare import PrepareSpec
 
     if args.videos == "builtin:procedural":
         source, paths = "procedural", []
@@ -74,7 +75,7 @@ def prepare(args) -> None:
 
     from mugv_data import encode, text
     from mugv.data import shards
-    from mugv_data.pipeline import PrepareSource
+    from mugv_data.prepare import PrepareSource
 
     os.makedirs(args.out, exist_ok=True)
     spec = _spec(args)

@@ -80,11 +80,11 @@ def plan_step(config, *, bucket_index: int | None = None, devices=None) -> Plan:
 
     from mugv import flops as flops_lib
     from mugv.geometry import num_video_tokens
-    from mugv_jax import mesh as mesh_lib
-    from mugv_jax import objective as obj
-    from mugv_jax import trainer as trainer_lib
+    from mugv_jax.parallel import mesh as mesh_lib
+    from mugv_jax.train import objective as obj
+    from mugv_jax.train import step as trainer_lib
     from mugv_jax.dit.model import RuntimeOptions
-    from mugv_jax.train import _dataclass_from, model_config_from
+    from mugv_jax.train.backend import _dataclass_from, model_config_from
 
     model_cfg = model_config_from(config)
     options = RuntimeOptions(compute_dtype=config.compute_dtype, attention=config.attention,

@@ -13,7 +13,7 @@ then runs the third step on the restored trainer and compares. Raises AssertionE
 first failed check; prints (and returns) the measured numbers. Needs about 20 GB of GPU memory and
 10 GB of disk; a few minutes on one H100/H200, most of it the save.
 
-The CPU tests (tests/test_megatron_distopt.py, under mugv_megatron.distopt_cpu) already check the
+The CPU tests (tests/megatron/test_megatron_distopt.py, under mugv_megatron.distopt_cpu) already check the
 optimizer's math against torch AdamW, the checkpoint's layout and DP resharding; this adds what
 only CUDA has: NCCL collectives overlapped on their stream, TE's fused Adam (when Transformer
 Engine is installed), bf16 kernels, the forked async writer staging GPU tensors, CUDA draws.
@@ -46,7 +46,7 @@ def _batch(cfg, dp_size: int, per_rank: int, step: int) -> dict:
 
 def _init_distributed() -> None:
     """torchrun's world (NCCL on GPU), or a one-process one."""
-    from mugv_megatron import parallel
+    from mugv_megatron.parallel import state as parallel
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not torch.distributed.is_initialized():
         if torch.cuda.is_available():
@@ -82,12 +82,14 @@ def _check(ok: bool, what: str) -> None:
 def run(workdir: str, *, per_rank_batch: int = 2, model: str = "10b", depth: int = 2,
         bucket_size: int | None = None, keep_files: bool = False) -> dict:
     """`model`/`depth`: the width to check and its layer count. Without CUDA it runs only under
-    mugv_megatron.distopt_cpu (tests/test_megatron_distopt.py runs it that way, tiny, to keep the
+    mugv_megatron.distopt_cpu (tests/megatron/test_megatron_distopt.py runs it that way, tiny, to keep the
     script itself working); the GPU-only parts are then skipped."""
     from mugv.config import get_config
-    from mugv_megatron import checkpointing, distopt_cpu, optim
-    from mugv_megatron import objective as obj
-    from mugv_megatron.trainer import Trainer
+    from mugv_megatron import distopt_cpu
+    from mugv_megatron.train import checkpointing
+    from mugv_megatron.train import optim
+    from mugv_megatron.train import objective as obj
+    from mugv_megatron.train.step import Trainer
 
     on_gpu = torch.cuda.is_available()
     _check(on_gpu or distopt_cpu.is_applied(), "CUDA is not available")
@@ -178,7 +180,7 @@ def main() -> None:
     parser.add_argument("--keep_files", action="store_true")
     args = parser.parse_args()
     run(args.workdir, per_rank_batch=args.per_rank_batch, keep_files=args.keep_files)
-    from mugv_megatron import parallel
+    from mugv_megatron.parallel import state as parallel
     parallel.teardown()
 
 

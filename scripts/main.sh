@@ -9,4 +9,4 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 py="$(bash "$root/scripts/ensure_venv.sh")"
 cd "$root"
-exec "$py" -m mugv_jax.demo --workdir="${MUGV_OUT:-outputs}/main" "$@"
+exec "$py" -m main_job --workdir="${MUGV_OUT:-outputs}/main" "$@"

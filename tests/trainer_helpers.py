@@ -3,9 +3,9 @@ import jax
 import numpy as np
 
 from mugv.config import get_config
-from mugv_jax import mesh as mesh_lib
-from mugv_jax import objective as obj
-from mugv_jax import trainer as tr
+from mugv_jax.parallel import mesh as mesh_lib
+from mugv_jax.train import objective as obj
+from mugv_jax.train import step as tr
 from mugv.data.synthetic import Bucket, SyntheticTextToLatent
 from mugv_jax.dit.model import RuntimeOptions
 

@@ -1,4 +1,4 @@
-"""Orbax checkpoints of the JAX trainer (mugv_jax/checkpointing.py), read and written per tensor.
+"""Orbax checkpoints of the JAX trainer (mugv_jax/train/checkpointing.py), read and written per tensor.
 
 A trainer checkpoint is `<manager dir>/<step>/` with items `state` (params and ema: nested dicts
 keyed by the JAX layout's dotted paths, converters/layouts/jax.py), `data` and `config`
@@ -273,7 +273,7 @@ def _full_params(path: str, step: int | None, weights: str) -> tuple[DiTConfig, 
 def load_params(path: str, step: int | None = None, weights: str = "raw") -> tuple[DiTConfig, dict]:
     """(config, nested float32 params dict) from a JAX checkpoint: what `Trainer.init_state(seed,
     params)` takes. Holds the whole model, as the model will."""
-    from mugv_jax.trainer import _unflatten
+    from mugv_jax.train.step import _unflatten
     config, flat = _full_params(path, step, weights)
     return config, _unflatten(flat)
 
@@ -397,7 +397,7 @@ class JaxWriter(Writer):
 
     def finish(self) -> None:
         import orbax.checkpoint as ocp
-        from mugv_jax.trainer import _unflatten
+        from mugv_jax.train.step import _unflatten
         params = _unflatten({p: _stand_in(p, self.staging.entry(p)) for p in self.staging._arrays})
         options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
         manager = ocp.CheckpointManager(self.tmp, options=options, item_names=("state", "config"))

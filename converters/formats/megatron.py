@@ -41,7 +41,7 @@ DEFAULT_ITERATION = 1
 # Entries that are not model weights (or not release weights): skipped when reading.
 _SKIP_PREFIXES = ("optimizer.", "rng_state")
 _NULL_CAPTION = "context_embedder.drop_emb"
-# The Megatron trainer's EMA of the weights (mugv_megatron/checkpointing.py).
+# The Megatron trainer's EMA of the weights (mugv_megatron/train/checkpointing.py).
 EMA_PREFIX = "optimizer.state.exp_moving_avg."
 _LAYER = re.compile(r"^" + re.escape(layout.LAYER_PREFIX) + r"(\d+)\.(.+)$")
 _RANK_DIR = re.compile(r"^mp_rank_(\d+)(?:_(\d+))?$")
@@ -141,7 +141,8 @@ def _ensure_process_group() -> None:
             raise RuntimeError("the converters save/load torch_dist from a single process; "
                                f"this process is in a world of {dist.get_world_size()}")
         return
-    from mugv_megatron import cpu_shim, parallel
+    from mugv_megatron.parallel import cpu_shim
+    from mugv_megatron.parallel import state as parallel
     cpu_shim.apply()
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{parallel.free_port()}",
                             rank=0, world_size=1)

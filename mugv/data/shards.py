@@ -144,7 +144,7 @@ def _beam_transform(source, channels: int, text_dim: int, latent_dtype: str):
 
     if not hasattr(source, "beam_examples"):
         raise ValueError("the Beam path needs a source with beam_examples(pipeline) (e.g. "
-                         "mugv_data.pipeline.PrepareSource), not a plain callable")
+                         "mugv_data.prepare.PrepareSource), not a plain callable")
 
     def check(kv):
         return kv[0], _check_example(kv[1], channels, text_dim, latent_dtype)

@@ -23,10 +23,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mugv.config import DiTConfig
-from mugv_jax import context_parallel as cp
-from mugv_jax.attention import BACKENDS, dot_product_attention
+from mugv_jax.parallel import context_parallel as cp
+from mugv_jax.parallel.attention import BACKENDS, dot_product_attention
 from mugv_jax.dit import ops
-from mugv_jax.sharding import constrain
+from mugv_jax.parallel.sharding import constrain
 
 F32 = jnp.float32
 
@@ -49,7 +49,7 @@ class RuntimeOptions:
     attention: str = "xla"
     remat: str = "none"
     # "none" | "ulysses" | "ring" over the mesh axes of the logical `length` axis
-    # (mugv_jax/context_parallel.py). `attention="xla+ring"` sets both from one config string.
+    # (mugv_jax/parallel/context_parallel.py). `attention="xla+ring"` sets both from one config string.
     context_parallel: str = "none"
 
     def __post_init__(self):

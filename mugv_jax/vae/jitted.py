@@ -15,7 +15,7 @@ from flax import nnx
 
 from mugv.vae_config import PIPELINE_FIELDS
 from mugv_jax.vae.model import NETWORK_METHODS, VideoVAE
-from mugv_jax.vae.pipeline import Pipeline
+from mugv_jax.vae.orchestration import Pipeline
 
 
 class JittedVAE(Pipeline):

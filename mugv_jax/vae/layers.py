@@ -21,7 +21,7 @@ from flax import nnx
 F32 = jnp.float32
 HIGHEST = jax.lax.Precision.HIGHEST
 
-# Logical axis names (mugv_jax.sharding maps them to mesh axes).
+# Logical axis names (mugv_jax.parallel.sharding maps them to mesh axes).
 CONV_OUT = "conv_out"
 CONV_IN = "conv_in"
 

@@ -16,7 +16,7 @@ from flax import nnx
 
 from mugv.vae_config import RELEASE_LATENT_SCALE, RELEASE_LATENT_SHIFT, VAEConfig, get_vae_config
 from mugv_jax.vae.layers import F32, Buffer
-from mugv_jax.vae.pipeline import Pipeline
+from mugv_jax.vae.orchestration import Pipeline
 from mugv_jax.vae.spatial import SpatialVAE
 from mugv_jax.vae.temporal import TemporalVAE
 

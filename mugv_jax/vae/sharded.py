@@ -1,6 +1,6 @@
 """Batched VAE encode/decode sharded over the mesh's batch axes (data parallel).
 
-The clips of a batch are split over the mesh axes that `mugv_jax.sharding` maps the logical
+The clips of a batch are split over the mesh axes that `mugv_jax.parallel.sharding` maps the logical
 `batch` axis to (data, fsdp); every device runs the whole chunked (and optionally tiled)
 pipeline on its own clips under `shard_map`, with the VAE weights replicated. The VAE is small
 (412 M parameters) next to its activations, so replicating weights and splitting clips is the
@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from mugv_jax.sharding import DEFAULT_RULES, logical_to_spec
+from mugv_jax.parallel.sharding import DEFAULT_RULES, logical_to_spec
 from mugv_jax.vae.model import VideoVAE
 from mugv_jax.vae.tiling import Tiled, Tiling
 

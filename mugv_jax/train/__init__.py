@@ -1,0 +1,1 @@
+"""The JAX training backend: train state and jitted step (step.py), objective and draws, orbax checkpoints, validation, and the backend the run driver (mugv.run.driver) drives. `python -m mugv_jax.train` is the CLI."""

@@ -1,0 +1,207 @@
+"""Train MUG-DiT with JAX: `python -m mugv_jax.train --config=configs/tiny.py --workdir=DIR`.
+
+Configs are Python files returning an ml_collections ConfigDict (`--config=configs/mugv_10b.py:video_720`
+picks a stage), overridable per field (`--config.optim.learning_rate=3e-5`). `--workdir` holds
+checkpoints/, tensorboard/ (event files + metrics.jsonl) and config.json. Re-running the same
+command resumes from the newest readable checkpoint. SIGTERM saves at the next step boundary and
+exits 0. Multi-host: run the same command on every host (jax.distributed is initialised from the
+environment when `--distributed` is set).
+
+The loop is mugv.run.driver's (shared with the Megatron trainer and the VAE); this module is the
+JAX backend: the sharded train state, its step, evaluation, orbax checkpoints and samples.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import jax
+import numpy as np
+
+from mugv.config import DiTConfig
+from mugv.run import driver, tasks
+from mugv.run.validation import ValidationSet
+from mugv.training import dataclass_from, model_config_from, preference_config_from
+from mugv_jax.train import checkpointing
+from mugv_jax.parallel import mesh as mesh_lib
+from mugv_jax.train import objective as obj
+from mugv_jax.recipe import preference as pref
+from mugv_jax.train import step as trainer_lib
+from mugv_jax.train import validation
+from mugv_jax.dit.model import RuntimeOptions
+
+log = logging.getLogger("mugv.train")
+
+
+def init_params_from(spec: str, model_cfg: DiTConfig, weights: str = "raw"):
+    """Initial parameters (nested dict) from `jax:DIR[@STEP]` (an orbax checkpoint), a Megatron
+    `megatron:DIR` torch_dist checkpoint, or a release-layout file (.pt / .safetensors / index)."""
+    from converters.loaders import jax_params, release_state
+    if spec.startswith("jax:"):
+        found, params = jax_params(spec, weights=weights)
+        if found != model_cfg:
+            raise ValueError(f"config.init_from={spec} holds a {found} model, but the run's model is {model_cfg}")
+        return params
+    if spec.startswith("megatron:") or weights != "raw":
+        state = release_state(spec, model=model_cfg, weights=weights)
+        return trainer_lib.params_from_release(state.items(), model_cfg)
+    from flax import nnx
+    from mugv_jax import dit
+    model = dit.load(spec.removeprefix("release:"), model_cfg, progress=True)
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def build_trainer(config, mode: str = "pretrain"):
+    """The Trainer (or PreferenceTrainer) a run config describes: model, runtime options,
+    optimizer, objective and mesh."""
+    model_cfg = model_config_from(config)
+    options = RuntimeOptions(compute_dtype=config.compute_dtype, attention=config.attention, remat=config.remat)
+    optim = dataclass_from(trainer_lib.OptimConfig, config.optim)
+    objective = dataclass_from(obj.ObjectiveConfig, config.objective)
+    mesh = mesh_lib.build_mesh(dict(config.mesh.ici), dict(config.mesh.get("dcn", {}) or {}))
+    if mode == "preference":
+        return pref.PreferenceTrainer(model_cfg, options, optim, objective, mesh,
+                                      preference=preference_config_from(config))
+    return trainer_lib.Trainer(model_cfg, options, optim, objective, mesh)
+
+
+class JaxBackend:
+    """The JAX side of a DiT run (pretraining or preference) for mugv.run.driver."""
+    name = "jax"
+
+    def __init__(self, config, workdir: str, task, resolved: dict):
+        self.config, self.task = config, task
+        self.trainer = build_trainer(config, task.name)
+        self.model_cfg, self.options, self.mesh = self.trainer.model_config, self.trainer.options, self.trainer.mesh
+        self.ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                               keep=int(config.keep_checkpoints),
+                                               use_async=bool(config.async_checkpoint))
+        self.workdir = workdir
+        self.checkpoint_dir = self.ckpt.directory
+        self.run_config = {**resolved, "model": self.model_cfg.to_dict()}
+        self.is_main = jax.process_index() == 0
+        self.data_shard = (jax.process_index(), jax.process_count())
+        self.num_devices = self.mesh.size
+        self.device_kind = jax.devices()[0].device_kind
+        self.recompute = config.remat
+        self.state, self.step = None, 0
+        self._validator = None
+        log.info("%s; model %s (%d layers, hidden %d)", mesh_lib.describe(self.mesh), config.model,
+                 self.model_cfg.depth, self.model_cfg.hidden_size)
+
+    # --- state -----------------------------------------------------------------------------------
+
+    def restore(self):
+        restored = self.ckpt.restore_latest(self.trainer.abstract_state())
+        if restored is None:
+            return None
+        self.step, self.state, data_state, _ = restored
+        return data_state
+
+    def initialize(self) -> None:
+        c = self.config
+        params = None
+        if c.init_from:
+            weights = c.get("init_weights", "raw")
+            params = init_params_from(c.init_from, self.model_cfg, weights)
+            log.info("initialised from %s (%s weights) with a fresh optimizer", c.init_from, weights)
+        self.state = self.trainer.init_state(int(c.seed), params)
+        self.step = int(jax.device_get(self.state["step"]))
+
+    # --- steps -----------------------------------------------------------------------------------
+
+    def train_step(self, batch: dict):
+        self.state, metrics = self.trainer.train_step(self.state, self.trainer.put_batch(batch))
+        self.step += 1
+        return metrics
+
+    def fetch(self, metrics) -> dict:
+        m = jax.device_get(metrics)
+        return {k: (np.asarray(v).tolist() if np.ndim(v) else float(v)) for k, v in m.items()}
+
+    def nonfinite_in_a_row(self, metrics) -> int:
+        if "nonfinite_in_a_row" in metrics:
+            return int(jax.device_get(metrics["nonfinite_in_a_row"]))
+        return int(jax.device_get(self.state["nonfinite"]))
+
+    def skipped(self) -> int:
+        return 0 if self.state is None else int(jax.device_get(self.state["skipped"]))
+
+    def evaluate(self, request) -> dict:
+        if isinstance(request, ValidationSet):
+            if self._validator is None:
+                self._validator = validation.Validator(self.trainer, request)
+            return self._validator.evaluate(self.state["params" if request.weights == "raw" else "ema"])
+        if isinstance(request, tasks.PreferenceEvaluation):
+            return pref.heldout_metrics(self.trainer, self.state,
+                                        [validation.local_rows(b) for b in request.batches], request.seed)
+        raise TypeError(f"the JAX backend cannot evaluate {type(request).__name__}")
+
+    # --- checkpoints -----------------------------------------------------------------------------
+
+    def save(self, data_state: dict, *, force: bool = False) -> None:
+        self.ckpt.save(self.step, self.state, data_state, self.run_config, force=force)
+
+    def checkpoints(self) -> list[str]:
+        return [os.path.join(self.ckpt.directory, str(s)) for s in self.ckpt.steps()]
+
+    def any_process(self, flag: bool) -> bool:
+        if jax.process_count() == 1:
+            return flag
+        from jax.experimental import multihost_utils
+        return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
+
+    def finish(self) -> None:
+        self.ckpt.wait()
+        self.ckpt.close()
+
+    # --- extras ----------------------------------------------------------------------------------
+
+    def start_profile(self, directory: str) -> None:
+        jax.profiler.start_trace(directory)
+
+    def stop_profile(self) -> None:
+        jax.profiler.stop_trace()
+
+    def write_samples(self, batch: dict, step: int) -> str:
+        """Latents sampled from the EMA weights for the first `config.sample.count` captions of the
+        run's first batch (null caption as negative), written to <workdir>/samples/step_XXXXXXXX.safetensors."""
+        from mugv.safetensors_io import save_atomic
+        from mugv_jax.sample import sampler
+        config, model_cfg = self.config, self.model_cfg
+        n = int(config.sample.count)
+        y, mask, fps = batch["y"][:n], batch["mask"][:n], batch["fps"][:n]
+        f, h, w = batch["latents"].shape[2:]
+        velocity = sampler.make_guided_velocity_from_params(self.state["ema"], model_cfg, self.options)
+        null = np.asarray(jax.device_get(self.state["null_text"]))
+        length = y.shape[2]
+        out = []
+        for i in range(y.shape[0]):
+            z = sampler.sample(None, np.zeros((1, model_cfg.in_channels, f, h, w), np.float32),
+                               y[i:i + 1], mask[i:i + 1], null[None, None, :length],
+                               np.ones((1, length), np.int32), height=h * 8, width=w * 8,
+                               num_steps=int(config.sample.steps), guidance_scale=float(config.sample.cfg_scale),
+                               key=jax.random.PRNGKey(int(config.seed) + i), fps=float(fps[i]),
+                               shift=config.objective.get("shift_ratio"), velocity_fn=velocity)
+            out.append(np.asarray(z)[0])
+        path = os.path.join(self.workdir, "samples", f"step_{step:08d}.safetensors")
+        save_atomic({"latents": np.stack(out), "y": y, "mask": mask}, path,
+                    metadata={"step": str(step), "weights": "ema"})
+        return path
+
+
+def resolved_config(config, model_cfg: DiTConfig) -> dict:
+    resolved = json.loads(config.to_json_best_effort())
+    resolved["model_resolved"] = model_cfg.to_dict()
+    return resolved
+
+
+def train(config, workdir: str) -> dict:
+    """Run (or resume) training; returns the driver's summary plus the final `state`."""
+    task = tasks.for_config(config)
+    resolved = resolved_config(config, task.model_cfg)
+    backend = JaxBackend(config, workdir, task, resolved)
+    summary = driver.run(config, workdir, backend, task, resolved=resolved)
+    summary["state"] = backend.state
+    return summary

@@ -1,0 +1,248 @@
+"""Train state, optimizer and the sharded train step.
+
+The state is a plain pytree (dict) so that orbax saves and restores it onto any mesh:
+  params      nested dict of float32 arrays (the model's nnx.Param values)
+  opt_state   optax AdamW (+ clipping) state, sharded like params
+  ema         float32 exponential moving average of params, sharded like params
+  null_text   [max_text_tokens, text_dim] features that replace dropped captions (not trained)
+  step        int32, rng (uint32 [seed, 0]: the key word of mugv.rng's draws), nonfinite (consecutive skipped steps), skipped (total)
+One `jax.jit` with explicit in/out shardings and donated state does a whole step, including
+gradient accumulation over micro-batches.
+"""
+from __future__ import annotations
+
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from mugv import rng as rng_ref
+from mugv.config import DiTConfig
+from mugv.training import OptimConfig  # noqa: F401 (re-exported)
+from mugv.training import unflatten as _unflatten
+from mugv_jax.train import objective as obj
+from mugv_jax.train import rng
+from mugv_jax.parallel import sharding
+from converters.layouts import jax as jax_layout
+from mugv_jax.dit import checkpoint as dit_ckpt
+from mugv_jax.dit.model import RuntimeOptions, forward
+
+# Loss is also reported per quarter of the (shifted) timestep range.
+T_QUARTILES = 4
+
+
+def learning_rate_schedule(cfg: OptimConfig) -> optax.Schedule:
+    warmup = optax.linear_schedule(0.0, cfg.learning_rate, max(cfg.warmup_steps, 1))
+    if cfg.schedule == "constant":
+        after = optax.constant_schedule(cfg.learning_rate)
+    elif cfg.schedule == "cosine":
+        if cfg.decay_steps <= 0:
+            raise ValueError("optim.decay_steps must be > 0 for the cosine schedule")
+        after = optax.cosine_decay_schedule(cfg.learning_rate, cfg.decay_steps, alpha=cfg.final_lr_ratio)
+    else:
+        raise ValueError(f"optim.schedule must be 'constant' or 'cosine', got {cfg.schedule!r}")
+    if cfg.warmup_steps <= 0:
+        return after
+    return optax.join_schedules([warmup, after], [cfg.warmup_steps])
+
+
+def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.clip_norm),
+        optax.adamw(learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                    weight_decay=cfg.weight_decay),
+    )
+
+
+def param_logical_axes(config: DiTConfig) -> dict:
+    """Nested dict (same structure as params) of logical-axis tuples."""
+    return _unflatten(sharding.param_logical_axes(dit_ckpt.abstract_model(config)))
+
+
+def params_from_release(items, config: DiTConfig) -> dict:
+    """Nested float32 params from release-layout (name, array) pairs (e.g. another backend's
+    checkpoint read by the converters), stacking each block tensor at its layer."""
+    shapes = jax_layout.jax_param_shapes(config)
+    flat: dict[str, np.ndarray] = {}
+    for name, array in items:
+        jpath, layer, arr = jax_layout.release_to_jax(name, np.asarray(array, np.float32), config)
+        if layer is None:
+            flat[jpath] = arr
+        else:
+            if jpath not in flat:
+                flat[jpath] = np.empty(shapes[jpath], np.float32)
+            flat[jpath][layer] = arr
+    missing = sorted(set(shapes) - set(flat))
+    if missing:
+        raise KeyError(f"release tensors for JAX parameters {missing} are missing")
+    return _unflatten(flat)
+
+
+class Trainer:
+    """Holds the static pieces of training (config, mesh, optimizer) and builds jitted steps."""
+
+    def __init__(self, model_config: DiTConfig, options: RuntimeOptions, optim: OptimConfig,
+                 objective: obj.ObjectiveConfig, mesh: Mesh, rules=sharding.DEFAULT_RULES):
+        self.model_config, self.options, self.optim, self.objective = model_config, options, optim, objective
+        self.mesh, self.rules = mesh, rules
+        self.optimizer = make_optimizer(optim)
+        self.schedule = learning_rate_schedule(optim)
+        self._steps: dict = {}
+
+    # --- state --------------------------------------------------------------------------------
+
+    def _fresh_state(self, params, seed: int):
+        c = self.model_config
+        null_text = jnp.asarray(rng_ref.null_text(seed, c.max_text_tokens, c.text_dim))
+        return {
+            "params": params,
+            "opt_state": self.optimizer.init(params),
+            "ema": jax.tree.map(jnp.copy, params),
+            "null_text": null_text,
+            "step": jnp.zeros((), jnp.int32),
+            "rng": jnp.asarray([seed, 0], jnp.uint32),
+            "nonfinite": jnp.zeros((), jnp.int32),
+            "skipped": jnp.zeros((), jnp.int32),
+        }
+
+    def abstract_state(self):
+        """ShapeDtypeStructs of the state (with shardings): the restore target for orbax."""
+        params = nnx.to_pure_dict(nnx.state(dit_ckpt.abstract_model(self.model_config), nnx.Param))
+        abstract = jax.eval_shape(lambda p: self._fresh_state(p, 0), params)
+        shardings = self.state_shardings(abstract)
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+    def state_shardings(self, abstract_state):
+        axes = param_logical_axes(self.model_config)
+        mesh = self.mesh
+        p_shard = jax.tree.map(
+            lambda a, names: NamedSharding(mesh, sharding.spec_for_shape(a.shape, names, mesh, self.rules)),
+            abstract_state["params"], axes, is_leaf=lambda x: isinstance(x, tuple))
+        replicated = NamedSharding(mesh, PartitionSpec())
+        opt_shard = optax.tree_map_params(
+            self.optimizer, lambda _, s: s, abstract_state["opt_state"], p_shard,
+            transform_non_params=lambda _: replicated)
+        out = {k: jax.tree.map(lambda _: replicated, v) for k, v in abstract_state.items()}
+        out.update(params=p_shard, ema=p_shard, opt_state=opt_shard)
+        return out
+
+    def init_state(self, seed: int, params=None):
+        """A sharded fresh state; `params` (nested dict, e.g. from a release checkpoint) or random."""
+        if params is None:
+            model = dit_ckpt.init(self.model_config, seed=seed, options=self.options)
+            params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        abstract = self.abstract_state()
+        shardings = jax.tree.map(lambda a: a.sharding, abstract)
+        params = jax.device_put(params, shardings["params"])
+        make = jax.jit(lambda p: self._fresh_state(p, seed), out_shardings=shardings)
+        return make(params)
+
+    # --- batches ------------------------------------------------------------------------------
+
+    def batch_sharding(self, batch: dict, processes: int = 1):
+        """Shardings of a batch whose arrays hold `1/processes` of the global rows each (every
+        process passes an equal slice), chosen from the global shape: a local shape could make
+        `spec_for_shape` drop a mesh axis that divides the global batch but not the local one."""
+        def spec(x):
+            shape = (np.shape(x)[0] * processes, *np.shape(x)[1:])
+            names = ("batch",) + (None,) * (np.ndim(x) - 1)
+            return NamedSharding(self.mesh, sharding.spec_for_shape(shape, names, self.mesh, self.rules))
+        return {k: spec(v) for k, v in batch.items()}
+
+    def put_batch(self, batch: dict):
+        """Host batch → global arrays sharded over (data, fsdp). Multi-process: each process passes
+        its local part (equal row counts) and the global batch is assembled."""
+        if jax.process_count() == 1:
+            return jax.device_put(batch, self.batch_sharding(batch))
+        shardings = self.batch_sharding(batch, jax.process_count())
+        return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in batch.items()}
+
+    # --- the step -----------------------------------------------------------------------------
+
+    def loss_on_inputs(self, params, inputs, target, t):
+        """Masked-frame velocity MSE for prepared inputs, plus per-t-quartile sums for metrics."""
+        with sharding.activation_sharding(self.mesh, self.rules):
+            out = forward(params, self.model_config, self.options, **inputs)
+        pred = out[:, : self.model_config.in_channels]
+        loss, per_sample = obj.masked_frame_mse(pred, target, inputs["x_mask"])
+        quart = jnp.clip((t / (1000.0 / T_QUARTILES)).astype(jnp.int32), 0, T_QUARTILES - 1)
+        onehot = jax.nn.one_hot(quart, T_QUARTILES)
+        return loss, {"q_sum": per_sample @ onehot, "q_count": jnp.sum(onehot, axis=0)}
+
+    def loss_and_metrics(self, params, null_text, batch, key):
+        inputs, target, t = obj.prepare(key, batch, null_text, self.objective)
+        return self.loss_on_inputs(params, inputs, target, t)
+
+    def loss_and_grads(self, params, null_text, batch, key):
+        """(loss, aux, grads) of one global batch, accumulated over optim.grad_accum_steps micro-batches."""
+        accum = self.optim.grad_accum_steps
+        b = next(iter(batch.values())).shape[0]
+        if b % accum:
+            raise ValueError(f"global batch {b} is not divisible by optim.grad_accum_steps={accum}")
+        # All randomness is drawn for the global batch, so accumulation changes memory, not math.
+        inputs, target, t = obj.prepare(key, batch, null_text, self.objective)
+        grad_fn = jax.value_and_grad(self.loss_on_inputs, has_aux=True)
+        if accum == 1:
+            (loss, aux), grads = grad_fn(params, inputs, target, t)
+            return loss, aux, grads
+        split = lambda x: x.reshape(accum, b // accum, *x.shape[1:])
+        present = {k: v for k, v in inputs.items() if v is not None}
+        micro = (jax.tree.map(split, present), split(target), split(t))
+
+        def body(carry, mb):
+            mb_inputs, mb_target, mb_t = mb
+            (l, a), g = grad_fn(params, {**inputs, **mb_inputs}, mb_target, mb_t)
+            return jax.tree.map(jnp.add, carry, (l, a, g)), None
+
+        zeros = (jnp.zeros(()), {"q_sum": jnp.zeros(T_QUARTILES), "q_count": jnp.zeros(T_QUARTILES)},
+                 jax.tree.map(jnp.zeros_like, params))
+        (loss, aux, grads), _ = jax.lax.scan(body, zeros, micro)
+        return loss / accum, aux, jax.tree.map(lambda g: g / accum, grads)
+
+    def apply_gradients(self, state, loss, grads):
+        """Optimizer + EMA update, kept only when the loss and the gradient norm are finite
+        (`jnp.where`, no host round trip); returns the new state and the step's common metrics."""
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_opt = self.optimizer.update(grads, state["opt_state"], state["params"])
+        new_params = optax.apply_updates(state["params"], updates)
+        d = self.optim.ema_decay
+        new_ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state["ema"], new_params)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        new_state = dict(state)
+        new_state.update(
+            params=keep(new_params, state["params"]),
+            opt_state=keep(new_opt, state["opt_state"]),
+            ema=keep(new_ema, state["ema"]),
+            step=state["step"] + 1,
+            nonfinite=jnp.where(finite, 0, state["nonfinite"] + 1),
+            skipped=state["skipped"] + jnp.where(finite, 0, 1),
+        )
+        metrics = {"grad_norm": grad_norm, "learning_rate": self.schedule(state["step"]), "finite": finite,
+                   "nonfinite_in_a_row": new_state["nonfinite"]}
+        return new_state, metrics
+
+    def step_key(self, state):
+        """mugv.rng's key of this step: (the run's seed word, step)."""
+        return rng.key(state["rng"][0], state["step"])
+
+    def _step_fn(self, state, batch):
+        key = self.step_key(state)
+        loss, aux, grads = self.loss_and_grads(state["params"], state["null_text"], batch, key)
+        new_state, metrics = self.apply_gradients(state, loss, grads)
+        metrics.update(loss=loss, loss_by_t_quartile=aux["q_sum"] / jnp.maximum(aux["q_count"], 1))
+        return new_state, metrics
+
+    def train_step(self, state, batch):
+        """The compiled step for this batch's shapes (cached per bucket)."""
+        key = tuple((k, v.shape, str(v.dtype)) for k, v in sorted(batch.items()))
+        if key not in self._steps:
+            state_sh = jax.tree.map(lambda x: x.sharding, state)
+            batch_sh = self.batch_sharding(batch)
+            replicated = NamedSharding(self.mesh, PartitionSpec())
+            self._steps[key] = jax.jit(self._step_fn, in_shardings=(state_sh, batch_sh),
+                                       out_shardings=(state_sh, replicated), donate_argnums=(0,))
+        return self._steps[key](state, batch)

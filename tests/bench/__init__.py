@@ -1,0 +1,1 @@
+"""The benchmark scripts' CPU-runnable parts."""

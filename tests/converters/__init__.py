@@ -1,0 +1,1 @@
+"""Checkpoint conversion between the release layout, Megatron and JAX."""

@@ -1,0 +1,136 @@
+"""The package graph has one direction and no cycles.
+
+    mugv (framework-free core) ← mugv_jax, mugv_megatron (backends) ← converters, mugv_data,
+    main_job (apps)
+
+configs/ may import the core only. Every import counts, also those inside functions: a lazy
+import hides a cycle from Python, not from a reader. The test parses the sources (nothing is
+imported), so it is cheap and sees every file.
+"""
+import ast
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PACKAGES = ("mugv", "mugv_jax", "mugv_megatron", "converters", "mugv_data", "configs", "main_job")
+# What each top-level package may import of ours (besides itself).
+ALLOWED = {
+    "mugv": set(),
+    "configs": {"mugv"},
+    "mugv_jax": {"mugv"},
+    "mugv_megatron": {"mugv"},
+    "converters": {"mugv", "mugv_jax", "mugv_megatron"},
+    "mugv_data": {"mugv", "mugv_jax"},
+    "main_job": {"mugv", "mugv_jax", "mugv_data", "configs", "converters"},
+}
+
+
+def _modules():
+    """{module name: path} for every source file of our packages."""
+    out = {}
+    for pkg in PACKAGES:
+        for root, _, files in os.walk(os.path.join(ROOT, pkg)):
+            for f in files:
+                if f.endswith(".py"):
+                    rel = os.path.relpath(os.path.join(root, f), ROOT)[:-3].replace(os.sep, ".")
+                    out[rel.removesuffix(".__init__")] = os.path.join(root, f)
+    return out
+
+
+MODULES = _modules()
+
+
+def _resolve(name: str) -> str | None:
+    """The longest known module prefix of an imported name (a.b.c where c may be a symbol)."""
+    parts = name.split(".")
+    for i in range(len(parts), 0, -1):
+        cand = ".".join(parts[:i])
+        if cand in MODULES:
+            return cand
+    return None
+
+
+def imports(module: str) -> set[str]:
+    tree = ast.parse(open(MODULES[module]).read(), MODULES[module])
+    is_pkg = MODULES[module].endswith("__init__.py")
+    out = set()
+    for node in ast.walk(tree):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                pkg = module.split(".")
+                pkg = pkg if is_pkg else pkg[:-1]
+                pkg = pkg[:len(pkg) - (node.level - 1)]
+                base = ".".join(pkg + ([base] if base else []))
+            # `from X import Y` imports module X.Y if there is one, else the symbol Y of X.
+            names = [f"{base}.{a.name}" for a in node.names]
+        for n in names:
+            target = _resolve(n)
+            # A module's own parent packages are initialised before it anyway: not an edge.
+            if target and target != module and not module.startswith(target + "."):
+                out.add(target)
+    return out
+
+
+GRAPH = {m: imports(m) for m in MODULES}
+
+
+def _cycles(nodes, edges):
+    """Strongly connected components with more than one node (Tarjan)."""
+    index, low, stack, on, out = {}, {}, [], set(), []
+    counter = [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in edges.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in nodes:
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_top_level_packages_import_in_one_direction():
+    bad = sorted({(m, t) for m, ts in GRAPH.items() for t in ts
+                  if t.split(".")[0] != m.split(".")[0] and t.split(".")[0] not in ALLOWED[m.split(".")[0]]})
+    assert not bad, "imports against the package direction:\n" + "\n".join(f"  {m} -> {t}" for m, t in bad)
+    top = {p: {t.split(".")[0] for m, ts in GRAPH.items() if m.split(".")[0] == p for t in ts} - {p}
+           for p in PACKAGES}
+    assert not _cycles(PACKAGES, top)
+
+
+@pytest.mark.parametrize("package", ["mugv", "mugv_jax", "mugv_megatron", "converters", "mugv_data", "main_job"])
+def test_no_import_cycles_inside_a_package(package):
+    nodes = [m for m in MODULES if m.split(".")[0] == package]
+    edges = {m: {t for t in GRAPH[m] if t.split(".")[0] == package} for m in nodes}
+    cycles = _cycles(nodes, edges)
+    assert not cycles, f"import cycles in {package}: " + "; ".join(" <-> ".join(c) for c in cycles)
+
+
+def test_the_checker_sees_function_level_imports_and_cycles():
+    # The checker itself: a lazy import is an edge, and a two-module loop is a cycle.
+    assert "converters.loaders" in imports("mugv_jax.train") or "converters" not in str(GRAPH["mugv_jax.train"])
+    assert _cycles(["a", "b", "c"], {"a": {"b"}, "b": {"a"}, "c": {"a"}}) == [["a", "b"]]
+    assert _cycles(["a", "b"], {"a": {"b"}}) == []

@@ -1,0 +1,1 @@
+"""Data preparation (mugv_data) and the shard loader (mugv.data)."""

@@ -1,0 +1,1 @@
+"""The JAX backend: DiT, attention and context parallelism, trainer, recipe, sampler, planner."""

@@ -1,0 +1,1 @@
+"""The main job (python -m main_job) and its report."""

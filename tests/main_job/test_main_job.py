@@ -1,0 +1,107 @@
+"""The main job end to end, shortened (configs/main.py:quick): procedural + bundled clips → VAE
+training → shards → MUG-DiT training with the real trainer → held-out text-to-video and
+image-to-video samples → mp4s, grids, report. One run per test process (`quick_run`, shared with
+tests/main_job/test_report_browser.py)."""
+import atexit
+import json
+import os
+import shutil
+import tempfile
+import time
+
+import numpy as np
+
+from mugv_jax import demo
+from main_job.run import ORDER
+
+# The thresholds are configs/main.py:quick `check` (shares of the 24 held-out samples per mode);
+# docs/main_job.md records what the quick run measured and the chance levels (direction 1/4,
+# colour+direction 1/24).
+
+
+_RUN: dict = {}
+
+
+def quick_run():
+    """(workdir, config, summary) of the one quick run of this test process. A failed run is
+    remembered too, so each test reports it instead of running the pipeline again."""
+    if not _RUN:
+        workdir = tempfile.mkdtemp(prefix="mugv-main-job-")
+        atexit.register(shutil.rmtree, workdir, ignore_errors=True)
+        config = demo.load_config("quick")
+        try:
+            _RUN["result"] = (workdir, config, demo.run(config, workdir))
+        except Exception as e:  # re-raised below, in this and every later test
+            _RUN["error"] = e
+    if "error" in _RUN:
+        raise RuntimeError("the quick main-job run failed (see the first failing test)") from _RUN["error"]
+    return _RUN["result"]
+
+
+def test_model_learned_the_motion_direction_of_held_out_prompts():
+    _, config, summary = quick_run()
+    checks, want = summary["checks"], config.check
+    assert checks["t2v"]["samples"] == checks["i2v"]["samples"] == 6 * config.sample.seeds
+    print(json.dumps(checks))  # shown with -s, and in full on failure
+    assert checks["t2v"]["latent_direction_share"] >= want.t2v_direction, json.dumps(checks)
+    assert checks["i2v"]["latent_direction_share"] >= want.i2v_direction, json.dumps(checks)
+
+
+def test_every_stage_ran_and_left_its_outputs():
+    workdir, config, summary = quick_run()
+    assert summary["stages_run"] == list(ORDER) and summary["stages_reused"] == []
+    assert summary["vae"]["trained"] and summary["vae"]["steps"] == config.vae.num_steps
+    assert summary["vae"]["psnr_after"] > summary["vae"]["psnr_before"]
+    assert summary["dit"]["steps"] == config.dit.num_steps
+    dit_dir = os.path.join(workdir, "dit")
+    assert sorted(os.listdir(os.path.join(dit_dir, "checkpoints")))  # orbax step directories
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(dit_dir, "tensorboard")))
+    rows = [json.loads(line) for line in open(os.path.join(dit_dir, "tensorboard", "metrics.jsonl"))]
+    assert rows[-1]["step"] == config.dit.num_steps and rows[-1]["tokens_per_second"] > 0
+    assert rows[-1]["tflops_per_device"] > 0
+    index = json.load(open(os.path.join(workdir, summary["encode"]["dataset"], "index.json")))
+    assert index["num_examples"] == summary["data"]["num_train"] and index["text_dim"] == 384
+
+
+def test_exported_dit_weights_carry_the_trained_null_caption():
+    # python -m mugv_jax.sample --checkpoint=<dit_ema.safetensors> finds it without flags.
+    from mugv import null_text
+    workdir, _, summary = quick_run()
+    side = null_text.load(null_text.sidecar_path(os.path.join(workdir, summary["dit"]["weights"])))
+    trained = np.load(os.path.join(workdir, "dit", "null_text.npy"))  # the train state's, as saved
+    assert side.shape == (summary["dit"]["model_config"]["max_text_tokens"], 384)
+    np.testing.assert_array_equal(side, trained)
+
+
+def test_sampled_videos_are_playable_mp4s_of_the_clip_length():
+    import av
+    workdir, config, summary = quick_run()
+    sample = json.load(open(os.path.join(workdir, "sample", "DONE.json")))
+    size = config.data.size * config.sample.upscale
+    shown = [s for s in sample["samples"] if "video" in s]
+    assert len(shown) == 2 * len(sample["prompts"]) * config.sample.media_seeds
+    for s in shown:
+        with av.open(os.path.join(workdir, s["video"])) as c:
+            frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+        assert len(frames) == config.data.frames and frames[0].shape == (size, size, 3), s["video"]
+    assert {s["mode"] for s in sample["samples"]} == {"t2v", "i2v"}
+    assert {s["kind"] for s in sample["samples"]} == {"held-out", "real"}
+
+
+def test_report_names_its_figures_config_and_throughput():
+    workdir, _, summary = quick_run()
+    page = open(summary["report"]).read()
+    for needle in ("loss_dit.png", "Throughput", "tokens / s", "MFU", "&quot;procedural_count&quot;",
+                   "held-out combination", "media-check"):
+        assert needle in page, needle
+    from PIL import Image
+    with Image.open(os.path.join(workdir, "loss_dit.png")) as im:
+        assert im.size[0] > 100 and np.asarray(im).std() > 0
+
+
+def test_second_run_reuses_every_stage_and_redo_repeats_only_what_was_asked():
+    workdir, config, first = quick_run()
+    t0 = time.time()
+    again = demo.run(config, workdir)
+    assert again["stages_run"] == [] and again["stages_reused"] == list(ORDER)
+    assert again["checks"] == first["checks"] and time.time() - t0 < first["wall_seconds"]

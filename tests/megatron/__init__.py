@@ -1,0 +1,1 @@
+"""The Megatron-Core backend: model parity and layouts, TP/SP/CP/PP, trainer, optimizer, checkpoints."""

@@ -1,0 +1,1 @@
+"""The JAX video VAE: golden parity, checkpoints, tiling, training, CLI."""
