@@ -3,7 +3,7 @@
 Bundled data → small VAE → latent shards → small MUG-DiT with the real trainer → held-out
 text-to-video and image-to-video samples decoded to mp4 → <workdir>/report.html. Finished stages
 are reused by the next run (stages: data, vae, encode, dit, sample; redoing one redoes every later
-one); an interrupted run resumes. See docs/main_job.md and mugv_jax/main_job/.
+one); an interrupted run resumes. See docs/main_job.md; the stages are main_job/run.py.
 
     --config=configs/main.py (full, default) | configs/main.py:quick; fields override as usual,
     e.g. --config.dit.num_steps=2000.
@@ -17,26 +17,14 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from main_job import run as main_run
+
 _CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "main.py")
 config_flags.DEFINE_config_file("config", _CONFIG, "main-job config (configs/main.py[:quick])", lock_config=True)
 flags.DEFINE_string("workdir", "outputs/main", "work directory: stages, checkpoints, report.html")
 flags.DEFINE_bool("quick", False, "the shortened version: same as --config=configs/main.py:quick")
 flags.DEFINE_list("redo", [], "stages to run again even if done: data,vae,encode,dit,sample")
 FLAGS = flags.FLAGS
-
-
-def load_config(arg: str | None = None):
-    """configs/main.py:get_config(arg), e.g. "quick"."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("mugv_main_config", os.path.abspath(_CONFIG))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config(arg)
-
-
-def run(config, workdir: str, redo=()) -> dict:
-    from main_job import run as pipeline
-    return pipeline.run(config, workdir, redo)
 
 
 def main(argv):
@@ -48,7 +36,7 @@ def main(argv):
                         stream=sys.stderr)
     logging.getLogger("mugv").setLevel(logging.INFO)
     try:
-        run(FLAGS.config, FLAGS.workdir, FLAGS.redo)
+        main_run.run(FLAGS.config, FLAGS.workdir, FLAGS.redo)
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished stages and the trainers' checkpoints in {FLAGS.workdir} are kept; "
               "run the same command again to resume", file=sys.stderr)

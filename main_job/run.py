@@ -29,7 +29,7 @@ from main_job.stages import Stages, atomic_write_json
 log = logging.getLogger("mugv.main_job")
 
 ORDER = ("data", "vae", "encode", "dit", "sample")
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # --- data -------------------------------------------------------------------------------------
@@ -43,11 +43,8 @@ def stage_data(config, stages: Stages) -> dict:
 
 def _vae_train_config(config):
     """configs/vae_tiny.py with the main job's step count, batch and clip geometry."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("mugv_vae_tiny_config", os.path.join(ROOT, "configs", "vae_tiny.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    vc = mod.get_config()
+    from configs import vae_tiny
+    vc = vae_tiny.get_config()
     size = int(config.data.size)
     overrides = {"num_steps": int(config.vae.num_steps), "batch_size": int(config.vae.batch_size),
                  "frames": int(config.vae.frames), "size": (size, size), "seed": int(config.seed),

@@ -11,7 +11,8 @@ import time
 
 import numpy as np
 
-from mugv_jax import demo
+from configs import main as main_config
+from main_job import run as main_run
 from main_job.run import ORDER
 
 # The thresholds are configs/main.py:quick `check` (shares of the 24 held-out samples per mode);
@@ -28,9 +29,9 @@ def quick_run():
     if not _RUN:
         workdir = tempfile.mkdtemp(prefix="mugv-main-job-")
         atexit.register(shutil.rmtree, workdir, ignore_errors=True)
-        config = demo.load_config("quick")
+        config = main_config.get_config("quick")
         try:
-            _RUN["result"] = (workdir, config, demo.run(config, workdir))
+            _RUN["result"] = (workdir, config, main_run.run(config, workdir))
         except Exception as e:  # re-raised below, in this and every later test
             _RUN["error"] = e
     if "error" in _RUN:
@@ -102,6 +103,6 @@ def test_report_names_its_figures_config_and_throughput():
 def test_second_run_reuses_every_stage_and_redo_repeats_only_what_was_asked():
     workdir, config, first = quick_run()
     t0 = time.time()
-    again = demo.run(config, workdir)
+    again = main_run.run(config, workdir)
     assert again["stages_run"] == [] and again["stages_reused"] == list(ORDER)
     assert again["checks"] == first["checks"] and time.time() - t0 < first["wall_seconds"]

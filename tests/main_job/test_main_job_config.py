@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from mugv.data import procedural
-from mugv_jax import demo
+from configs import main as main_config
 from main_job import measure
 from main_job.run import ORDER
 from main_job.stages import MARKER, Stages
@@ -71,8 +71,8 @@ def test_nearest_group_uses_the_closest_clips_of_each_group():
 
 
 def test_main_configs_load_and_quick_is_shorter():
-    full, quick = demo.load_config(None), demo.load_config("quick")
+    full, quick = main_config.get_config(None), main_config.get_config("quick")
     assert quick.dit.num_steps < full.dit.num_steps and quick.vae.num_steps < full.vae.num_steps
     assert quick.dit.data.source == "shards" and quick.dit.objective.i2v_prob > 0
     with pytest.raises(ValueError, match="configs/main.py: unknown argument 'fast'"):
-        demo.load_config("fast")
+        main_config.get_config("fast")
