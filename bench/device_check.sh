@@ -11,7 +11,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-if compgen -G ".whl/*.whl" > /dev/null; then
+# The dry run needs no wheels (and the carried ones are for the device's python).
+if compgen -G ".whl/*.whl" > /dev/null && [[ " $* " != *" --dry-run "* ]]; then
   "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}

@@ -84,7 +84,7 @@ def plan_step(config, *, bucket_index: int | None = None, devices=None) -> Plan:
     from mugv_jax.train import objective as obj
     from mugv_jax.train import step as trainer_lib
     from mugv_jax.dit.model import RuntimeOptions
-    from mugv_jax.train.backend import _dataclass_from, model_config_from
+    from mugv.training import dataclass_from as _dataclass_from, model_config_from
 
     model_cfg = model_config_from(config)
     options = RuntimeOptions(compute_dtype=config.compute_dtype, attention=config.attention,

@@ -5,7 +5,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PARTS = ("geometry", "jax_golden", "megatron_golden", "jax_step_xla", "jax_step_cudnn",
-         "megatron_step")
+         "megatron_step", "megatron_distopt")
 
 
 def _run(tmp_path, *extra):
