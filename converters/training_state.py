@@ -9,10 +9,9 @@ Every tensor goes release layout in between (converters/layouts/jax.py and megat
 reshapes/transposes, so weights, both moments and the EMA convert bit-exactly; Adam's moments
 are per element, so the same maps apply to them). Both optimizers are the same AdamW (optax
 clip + adamw ≡ mugv_megatron.train.optim), so a run continues on the other backend where it stopped.
-Not carried over: the random stream. The JAX state's PRNG key and the Megatron trainer's
-(seed, step) numpy draws are different generators; the converted run keeps the step count and
-data position, and draws its noise from the target backend's generator (seeded from the run
-config's seed).
+The random stream needs no carrying: both backends draw a step's numbers from mugv.rng with
+the run's seed and the step count (the JAX state's `rng` word is the seed), so the converted run
+draws exactly what the source run would have.
 
 Both directions run in one process (JAX on one CPU device is enough; Megatron as a one-process
 world at TP=1 — its checkpoint loads under any TP size).

@@ -158,11 +158,12 @@ def run(config, workdir: str, backend: Backend, task: Task, *, resolved: dict | 
             nonfinite = backend.nonfinite_in_a_row(handle)
             if nonfinite:
                 log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", step, nonfinite)
-                if nonfinite >= int(config.max_nonfinite_in_a_row):
+                limit = int(config.get("max_nonfinite_in_a_row", 10))
+                if nonfinite >= limit:
                     good = backend.checkpoints()
                     raise NonFiniteLossError(
                         f"{nonfinite} non-finite steps in a row (limit config.max_nonfinite_in_a_row="
-                        f"{config.max_nonfinite_in_a_row}) at step {step}; last good checkpoint: "
+                        f"{limit}) at step {step}; last good checkpoint: "
                         f"{good[-1] if good else 'none'}")
             # Every process must agree to stop, or the collective save would hang on the others.
             if backend.any_process(stop["signal"] is not None):

@@ -6,9 +6,10 @@ from `decoder_windows`; one compile per n) → per-frame 2D decode, against the 
 losses.py. The final stage adds a small patch discriminator (hinge GAN) and can freeze the
 spatial autoencoder.
 
-Machinery shared with the DiT trainer: orbax checkpoints (`mugv_jax.train.checkpointing.Checkpointer`,
-`<workdir>/checkpoints/<step>/`) and metrics (`mugv.run.metrics.MetricsWriter`, TensorBoard +
-`<workdir>/logs/metrics.jsonl`). Held-out PSNR/SSIM are measured on the last frames of every
+The run loop is the one every trainer uses (mugv.run.driver, with VAETask and VAEBackend below):
+orbax checkpoints (`<workdir>/checkpoints/<step>/`), TensorBoard + `<workdir>/logs/metrics.jsonl`,
+held-out evaluation at the start, every `eval_every` steps and at the end, SIGTERM, non-finite
+steps (skipped inside the jitted step, counted, the run stopped after a limit). Held-out PSNR/SSIM are measured on the last frames of every
 clip (`data.holdout_fraction`), which training never samples.
 
 On completion the weights go to `<workdir>/vae.safetensors` in the release layout (loadable by
@@ -21,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from typing import Iterable
 
 import jax
@@ -29,6 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+
+from mugv.run import driver
 
 from mugv.vae_config import TEMPORAL_GROUP, VAEConfig, get_vae_config
 from mugv_jax.vae import losses
@@ -269,8 +271,13 @@ class Trainer:
             grads, (terms, y) = jax.grad(generator_loss, has_aux=True)(
                 params, d_params, x, key, saliency_mix, gan_on)
             terms["grad_norm"] = optax.global_norm(grads)
-            updates, opt_state = self.opt.update(grads, opt_state, params)
-            params = optax.apply_updates(params, updates)
+            # A non-finite loss or gradient leaves the weights and moments alone (the run loop
+            # counts it and stops after config.max_nonfinite_in_a_row).
+            finite = jnp.isfinite(terms["loss"]) & jnp.isfinite(terms["grad_norm"])
+            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+            updates, new_opt_state = self.opt.update(grads, opt_state, params)
+            params, opt_state = keep(optax.apply_updates(params, updates), params), keep(new_opt_state, opt_state)
+            terms["finite"] = finite
             if self.use_gan:
                 def d_loss(dp):
                     d = self.disc(dp)
@@ -340,7 +347,7 @@ def save_release(tensors: dict[str, np.ndarray], path: str) -> None:
     save_atomic(tensors, path)
 
 
-# --- checkpoints ----------------------------------------------------------------------------------
+# --- the run: a task and a backend for mugv.run.driver --------------------------------------------
 
 def _flat(tree) -> dict[str, object]:
     # Orbax wants string keys; the param dicts have int keys (nnx.List indices). Leaves in
@@ -353,6 +360,136 @@ def _unflat(template, flat: dict) -> object:
     return jax.tree.unflatten(jax.tree.structure(template), leaves)
 
 
+class CropIterator:
+    """Step s's training batch — random crops and a decode window drawn from (seed, s) — so the
+    position is just the step and a resumed run sees the same batches."""
+
+    def __init__(self, config, sampler: CropSampler):
+        self.config, self.sampler, self.step = config, sampler, 0
+        self.windows = _windows(config)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        rng = np.random.default_rng([self.config.seed, self.step])
+        x = self.sampler.batch(rng, self.config.batch_size)
+        window = self.windows[rng.integers(len(self.windows))]
+        self.step += 1
+        return {"x": x, "window": int(window)}
+
+    def get_state(self) -> dict:
+        return {"step": self.step}
+
+    def set_state(self, state: dict) -> None:
+        self.step = int(state["step"])
+
+
+class VAETask:
+    """VAE training as a run of the shared driver: crop batches, reconstruction metrics, held-out
+    PSNR/SSIM as the evaluation."""
+    name = "vae"
+    log_dir = "logs"
+
+    def __init__(self, config, sampler: CropSampler, eval_x: np.ndarray):
+        self.config, self.sampler, self.eval_x = config, sampler, eval_x
+
+    def iterator(self, shard):
+        if shard != (0, 1):
+            raise ValueError("VAE training runs in one process (its batches are sharded over the local devices)")
+        return CropIterator(self.config, self.sampler)
+
+    def evaluation(self):
+        return self.eval_x
+
+    def evaluate_every(self) -> int:
+        return int(self.config.eval_every)
+
+    def scalars(self, batch: dict, fetched: dict, seconds: float, backend) -> dict:
+        out = {f"train/{k}": v for k, v in fetched.items()}
+        out.update({"loss": fetched["loss"], "train/step_time": seconds})
+        return out
+
+    def console(self, step: int, total: int, s: dict) -> str:
+        parts = [f"vae step {step}/{total}", f"loss {s['loss']:.4f}", f"rec {s.get('train/rec', float('nan')):.4f}",
+                 f"{s['train/step_time']:.2f}s/step"]
+        return " | ".join(parts)
+
+
+class VAEBackend:
+    """The VAE Trainer behind the driver's backend interface (JAX, one process)."""
+    name = "jax"
+    is_main = True
+    data_shard = (0, 1)
+    recompute = "none"
+
+    def __init__(self, config, trainer: Trainer, workdir: str, run_config: dict):
+        from mugv_jax.train.checkpointing import Checkpointer
+        self.config, self.trainer, self.run_config = config, trainer, run_config
+        self.ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints, use_async=False)
+        self.checkpoint_dir = self.ckpt.directory
+        self.num_devices = jax.device_count()
+        self.device_kind = jax.devices()[0].device_kind
+        self.step = 0
+        self.before: dict | None = None
+        self._nonfinite = 0
+
+    def restore(self):
+        restored = self.ckpt.restore_latest(_flat(self.trainer.tree()))
+        if restored is None:
+            return None
+        step, flat, data_state, _ = restored
+        self.trainer.set_tree(_unflat(self.trainer.tree(), flat))
+        self.trainer.step = self.step = step
+        self.before = {"eval/psnr": data_state.pop("psnr_before"), "eval/ssim": data_state.pop("ssim_before")}
+        return {"step": step, **data_state}
+
+    def initialize(self) -> None:
+        pass  # the Trainer starts from config.init_from or a random VAE
+
+    def train_step(self, batch: dict):
+        s, w = self.trainer.step, self.config.loss
+        key = jax.random.fold_in(jax.random.key(self.config.seed), s)
+        sal = 1.0 if 0 <= w.saliency_start_step <= s else 0.0
+        gan_on = 1.0 if self.trainer.use_gan and s >= w.gan_start_step else 0.0
+        terms = self.trainer.train_step(batch["x"], batch["window"], key, sal, gan_on)
+        self.trainer.step = self.step = s + 1
+        finite = bool(jax.device_get(terms.pop("finite")))
+        self._nonfinite = 0 if finite else self._nonfinite + 1
+        return terms
+
+    def fetch(self, terms) -> dict:
+        return {k: float(v) for k, v in jax.device_get(terms).items()}
+
+    def nonfinite_in_a_row(self, terms) -> int:
+        return self._nonfinite
+
+    def skipped(self) -> int:
+        return 0
+
+    def evaluate(self, eval_x) -> dict:
+        ev = self.trainer.evaluate(eval_x)
+        vals = {"eval/psnr": ev["psnr"], "eval/ssim": ev["ssim"]}
+        if self.before is None:
+            self.before = dict(vals)
+        return vals
+
+    def save(self, data_state: dict, *, force: bool = False) -> None:
+        extra = {"psnr_before": self.before["eval/psnr"], "ssim_before": self.before["eval/ssim"]}
+        self.ckpt.save(self.step, _flat(self.trainer.tree()), {**data_state, **extra}, self.run_config, force=True)
+
+    def checkpoints(self) -> list[str]:
+        return [os.path.join(self.ckpt.directory, str(s)) for s in self.ckpt.steps()]
+
+    def any_process(self, flag: bool) -> bool:
+        return flag
+
+    def finish(self) -> None:
+        if self.ckpt is not None:
+            self.ckpt.close()
+            self.ckpt = None
+
+
 # --- entry point ----------------------------------------------------------------------------------
 
 def train_vae(config, workdir: str, clips: Iterable[np.ndarray] | None = None, progress: bool = True) -> dict:
@@ -360,11 +497,10 @@ def train_vae(config, workdir: str, clips: Iterable[np.ndarray] | None = None, p
     "ssim_before", "ssim_after", "steps", "skipped_videos", "shift", "scale"}.
 
     Resumes from `<workdir>/checkpoints`; a finished run (its weights and result file present,
-    `steps` done) returns its stored result without building anything.
+    `steps` done) returns its stored result without building anything. The loop is the shared run
+    driver's (mugv.run.driver: checkpoints, logs, evaluation cadence, SIGTERM, non-finite steps);
+    progress is its console line every `log_every` steps (`progress` is kept for callers).
     """
-    from mugv_jax.train.checkpointing import Checkpointer
-    from mugv.run.metrics import MetricsWriter
-
     vae_cfg = resolve_vae_config(config)
     _check(config, vae_cfg)
     workdir = os.path.abspath(workdir)
@@ -387,69 +523,21 @@ def train_vae(config, workdir: str, clips: Iterable[np.ndarray] | None = None, p
         eval_x = sampler.batch(np.random.default_rng([config.seed, 2**31 - 2]), config.data.eval_clips)
 
     trainer = Trainer(config, vae_cfg)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints, use_async=False)
-    metrics = MetricsWriter(os.path.join(workdir, "logs"))
     config_json = json.loads(config.to_json_best_effort()) if hasattr(config, "to_json_best_effort") else {}
     config_json["vae_config"] = vae_cfg.to_dict()
+    backend = VAEBackend(config, trainer, workdir, config_json)
     try:
-        restored = ckpt.restore_latest(_flat(trainer.tree()))
-        if restored is not None:
-            step, flat, data_state, _ = restored
-            trainer.set_tree(_unflat(trainer.tree(), flat))
-            trainer.step = step
-            before = data_state["psnr_before"], data_state["ssim_before"]
-            log.info("resumed VAE training from %s at step %d", ckpt.directory, step)
-        else:
-            ev = trainer.evaluate(eval_x)
-            before = ev["psnr"], ev["ssim"]
-            metrics.write(0, {"eval/psnr": ev["psnr"], "eval/ssim": ev["ssim"]})
-
-        windows = _windows(config)
-        bar = None
-        if progress:
-            from tqdm import tqdm
-            bar = tqdm(total=config.num_steps, initial=trainer.step, desc="vae train", unit="step")
-        w = config.loss
-        t_last = time.perf_counter()
-        while trainer.step < config.num_steps:
-            s = trainer.step
-            rng = np.random.default_rng([config.seed, s])
-            x = sampler.batch(rng, config.batch_size)
-            window = windows[rng.integers(len(windows))]
-            key = jax.random.fold_in(jax.random.key(config.seed), s)
-            sal = 1.0 if 0 <= w.saliency_start_step <= s else 0.0
-            gan_on = 1.0 if trainer.use_gan and s >= w.gan_start_step else 0.0
-            terms = trainer.train_step(x, window, key, sal, gan_on)
-            trainer.step = s + 1
-            if bar is not None:
-                bar.update(1)
-            if trainer.step % config.log_every == 0 or trainer.step == config.num_steps:
-                scalars = {f"train/{k}": float(v) for k, v in terms.items()}
-                now = time.perf_counter()
-                scalars["train/step_time"] = (now - t_last) / config.log_every
-                t_last = now
-                if bar is not None:
-                    bar.set_postfix(loss=f"{scalars['train/loss']:.4f}")
-                metrics.write(trainer.step, scalars)
-            if trainer.step % config.eval_every == 0 and trainer.step < config.num_steps:
-                ev = trainer.evaluate(eval_x)
-                metrics.write(trainer.step, {"eval/psnr": ev["psnr"], "eval/ssim": ev["ssim"]})
-            if trainer.step % config.checkpoint_every == 0 or trainer.step == config.num_steps:
-                ckpt.save(trainer.step, _flat(trainer.tree()),
-                          {"psnr_before": before[0], "ssim_before": before[1]}, config_json, force=True)
-        if bar is not None:
-            bar.close()
-        ckpt.wait()
-
-        after = trainer.evaluate(eval_x)
-        metrics.write(trainer.step, {"eval/psnr": after["psnr"], "eval/ssim": after["ssim"]})
-        shift, scale = trainer.latent_stats(sampler, config.data.stats_batches, config.seed)
-        trainer.export(weights, shift, scale)
-        with open(os.path.join(workdir, "vae_config.json"), "w") as f:
-            json.dump(vae_cfg.to_dict(), f, indent=1)
+        summary = driver.run(config, workdir, backend, VAETask(config, sampler, eval_x), resolved=config_json)
     finally:
-        ckpt.close()
-        metrics.close()
+        backend.finish()
+    before = backend.before["eval/psnr"], backend.before["eval/ssim"]
+    last = summary["evaluations"][-1] if summary["evaluations"] else None
+    after = ({"psnr": last["eval/psnr"], "ssim": last["eval/ssim"]} if last and last["step"] == trainer.step
+             else trainer.evaluate(eval_x))
+    shift, scale = trainer.latent_stats(sampler, config.data.stats_batches, config.seed)
+    trainer.export(weights, shift, scale)
+    with open(os.path.join(workdir, "vae_config.json"), "w") as f:
+        json.dump(vae_cfg.to_dict(), f, indent=1)
 
     result = {"weights": weights, "vae_config": vae_cfg.to_dict(), "psnr_before": before[0],
               "psnr_after": after["psnr"], "ssim_before": before[1], "ssim_after": after["ssim"],

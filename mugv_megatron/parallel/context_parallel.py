@@ -11,7 +11,7 @@ token's own position) are all-gathered over the CP group, so every query attends
 tokens, and the padded keys are masked with the same global key mask as without CP. The
 backward of the all-gather is a reduce-scatter: each rank receives the summed key/value grads
 of its own tokens from every rank's queries. This is Megatron's "all_gather" CP flavour (the
-Llama-3 one), chosen over a ring because it is exact with an arbitrary key mask, runs on gloo,
+Llama-3 one), chosen over a ring because it is exact with any key-padding mask, runs on gloo,
 and costs one all-gather of K and V per layer, small next to the MLP for video sequences. TE's
 CP attention is not used even on GPU (its core attention is given a CP = 1 config).
 

@@ -1,6 +1,6 @@
 """The Megatron-Core train step: objective, gradient reductions, AdamW, EMA, non-finite skip.
 
-Needs megatron's parallel state (`mugv_megatron.parallel.setup`, or a launcher that
+Needs megatron's parallel state (`mugv_megatron.parallel.state.setup`, or a launcher that
 initialised torch.distributed first). Tensor and sequence parallelism are the model's;
 data parallelism is here: every DP rank takes its slice of the global batch and draws the
 noise/timesteps/masks of its own rows only, one micro-batch at a time, from per-sample streams
@@ -84,7 +84,7 @@ class Trainer:
             raise ValueError(f"compute_dtype must be 'float32' or 'bfloat16', got {compute_dtype!r}")
         if not ps.model_parallel_is_initialized():
             raise RuntimeError("megatron parallel state is not initialised: call "
-                               "mugv_megatron.parallel.setup(...) before building the Trainer")
+                               "mugv_megatron.parallel.state.setup(...) before building the Trainer")
         if use_megatron_optimizer is None:
             use_megatron_optimizer = torch.cuda.is_available()
         if use_megatron_optimizer and not torch.cuda.is_available():

@@ -2,9 +2,9 @@
 
 JAX trains 3 steps from the golden tiny weights and checkpoints (orbax); the checkpoint is
 converted to a Megatron training checkpoint, which the Megatron trainer resumes for 2 more steps
-on the same batches (data position carried over) and the same random numbers (the JAX steps'
-draws, rebuilt from its PRNG key, passed through the trainer's `draws` hook: the two backends'
-generators differ by design). That must land where JAX's own 5 steps land. The Megatron
+on the same batches (data position carried over) and the same random numbers (mugv.rng's draws
+for the JAX state's seed, passed through the trainer's `draws` hook because the Megatron trainer
+here was built with another seed). That must land where JAX's own 5 steps land. The Megatron
 checkpoint converted back to JAX must equal the step-3 JAX state bit for bit.
 
 The reverse: the JAX step-0 state (golden weights, its null caption and EMA) converted to
