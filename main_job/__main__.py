@@ -3,7 +3,7 @@
 Bundled data → small VAE → latent shards → small MUG-DiT with the real trainer → held-out
 text-to-video and image-to-video samples decoded to mp4 → <workdir>/report.html. Finished stages
 are reused by the next run (stages: data, vae, encode, dit, sample; redoing one redoes every later
-one); an interrupted run resumes. See docs/main_job.md and mugv_jax/main_job/.
+one); an interrupted run resumes. See docs/main_job.md and main_job/.
 
     --config=configs/main.py (full, default) | configs/main.py:quick; fields override as usual,
     e.g. --config.dit.num_steps=2000.

@@ -1,6 +1,6 @@
 """The Megatron-Core train step: objective, gradient reductions, AdamW, EMA, non-finite skip.
 
-Needs megatron's parallel state (`mugv_megatron.parallel.setup`, or a launcher that
+Needs megatron's parallel state (`mugv_megatron.parallel.state.setup`, or a launcher that
 initialised torch.distributed first). Tensor and sequence parallelism are the model's;
 data parallelism is here: every DP rank takes its slice of the global batch and draws the
 noise/timesteps/masks of its own rows only, one micro-batch at a time, from per-sample streams
