@@ -1,4 +1,4 @@
-"""Defaults shared by every training config (reference-trainer values, spec.md §2)."""
+"""Defaults shared by every training config (reference-trainer values, docs/reference.md §4.5)."""
 import ml_collections
 
 from mugv.training import megatron_section

@@ -1,6 +1,6 @@
 """MUG-V 10B training curriculum: `--config=configs/mugv_10b.py:<stage>[@ROOT]`.
 
-Stages follow the paper (paper.md §1.3; docs/training_recipe.md has the commands). Each stage runs
+Stages follow the paper (docs/reference.md §7; docs/training_recipe.md has the commands). Each stage runs
 in workdir ROOT/<stage> (ROOT defaults to runs/mugv_10b) and starts from the previous stage's
 final EMA (`init_from=jax:ROOT/<previous>/checkpoints`, `init_weights=ema`) with a fresh
 optimizer and its own buckets, batch sizes and schedule. The first stage starts from ROOT/expanded:

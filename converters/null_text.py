@@ -24,7 +24,7 @@ import numpy as np
 from mugv import null_text as null_lib
 
 NULL_TEXT_STATE_KEY = "null_text"               # mugv_jax/train/step.py state
-MEGATRON_NULL_TEXT_KEY = "context_embedder.drop_emb"  # mugv_megatron/checkpointing.NULL_TEXT_KEY
+MEGATRON_NULL_TEXT_KEY = "context_embedder.drop_emb"  # mugv_megatron/train/checkpointing.py NULL_TEXT_KEY
 
 
 def _jax_null_text(reader) -> np.ndarray | None:

@@ -26,7 +26,7 @@ PP_SIZE=${PP_SIZE:-1}
 CP_SIZE=${CP_SIZE:-1}
 PYTHON=${PYTHON:-python}
 
-# Recommended environment of the reference launchers (megatron-trainer.md §6.1).
+# Recommended environment of the reference launchers (docs/reference.md §4.1).
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}   # TP/SP comm/compute ordering
 export NVTE_APPLY_QK_LAYER_SCALING=${NVTE_APPLY_QK_LAYER_SCALING:-0}

@@ -1,9 +1,9 @@
 """The MUG-DiT model description: a frozen dataclass and the released size presets.
 
-Sizes follow the reference (spec.md §1): every preset has 56 layers, head dim 72, MLP ratio 4,
+Sizes follow the reference (docs/reference.md §1.1): every preset has 56 layers, head dim 72, MLP ratio 4,
 24 latent channels in and 48 out (channels 24..47 are an unused "learned sigma" leftover), patch
 (1, 2, 2) and T5-XXL text features of width 4096. `tiny` is the configuration of the golden
-vectors (golden/dit_tiny) and is what the tests run.
+vectors (tests/golden/dit_tiny) and is what the tests run.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ class DiTConfig:
     norm_eps: float = 1e-6
     # The release's text embedder uses 1e-6; the reference Megatron trainer ends up with 1e-5.
     caption_norm_eps: float = 1e-6
-    # The release rounds the timestep to bfloat16 before embedding it; off by default (spec.md §1).
+    # The release rounds the timestep to bfloat16 before embedding it; off by default (docs/reference.md §3.4).
     round_timestep_to_bf16: bool = False
 
     def __post_init__(self):

@@ -15,7 +15,7 @@ import dataclasses
 
 from mugv.config import DiTConfig
 
-# bf16 dense peak per device, FLOP/s (DESIGN.md, Performance).
+# bf16 dense peak per device, FLOP/s (H100, v5p, v6e: docs/reference.md §8).
 PEAK_FLOPS = {
     "h100": 989e12,
     "h200": 989e12,

@@ -71,7 +71,7 @@ class PreferenceConfig:
 
 
 def shift_ratio(latent_shape: tuple[int, int, int], shift_num_frames: int | None = None) -> float:
-    """The timestep-shift ratio of spec.md §2: sqrt(pixels / 512²) · sqrt(latent frames)."""
+    """The timestep-shift ratio of docs/reference.md §2.1: sqrt(pixels / 512²) · sqrt(latent frames)."""
     frames, h, w = latent_shape
     f = shift_num_frames if shift_num_frames is not None else frames
     return float(((h * SPATIAL_DOWNSAMPLE) * (w * SPATIAL_DOWNSAMPLE) / BASE_RESOLUTION) ** 0.5 * f ** 0.5)

@@ -1,9 +1,9 @@
 """The MUG-V video VAE description: a frozen dataclass, its presets and the release tensor schema.
 
-The released VAE (paper.md §2) is a per-frame SDXL-style 2D autoencoder, cut after its mid-block,
+The released VAE (docs/reference.md §6) is a per-frame SDXL-style 2D autoencoder, cut after its mid-block,
 followed by a 3D "temporal" autoencoder that compresses every 8 feature frames into one latent
 frame. `release` is the shipped `vae.pt`; `tiny` is the configuration of the golden vectors
-(golden/vae_tiny: every channel width 1/16 of the release, one ResBlock per stage).
+(tests/golden/vae_tiny: every channel width 1/16 of the release, one ResBlock per stage).
 
 Framework-free on purpose: the JAX module, the converters and the data pipeline all size tensors
 from this file. The 24 latent shift/scale constants are *buffers* of the checkpoint, not config:
@@ -130,7 +130,7 @@ class VAEConfig:
 
 VAE_PRESETS: dict[str, VAEConfig] = {
     "release": VAEConfig(),
-    # golden/vae_tiny in its `micro16` variant; `.replace(micro_frame_size=None,
+    # tests/golden/vae_tiny in its `micro16` variant; `.replace(micro_frame_size=None,
     # micro_batch_size=None)` is its `full` variant (same weights).
     "tiny": VAEConfig(block_out_channels=(8, 16, 32, 32), norm_num_groups=4,
                       temporal_in_out_channels=32, filters=8, num_res_blocks=1,

@@ -4,7 +4,7 @@ Every decision is recorded: `process_videos` writes one JSONL line per clip (kep
 the reason and the measured metrics) and one per video that could not be decoded. A corrupt or
 truncated file is a recorded `decode_error`, never an exception out of the pipeline.
 
-Numbers are on 8-bit luma (0–255). The paper (reference paper.md §1.1) keeps Laplacian variance in
+Numbers are on 8-bit luma (0–255). The paper (docs/reference.md §5.1) keeps Laplacian variance in
 [200, 2000], optical-flow magnitude in [1, 20] px on 3 evenly spaced frame pairs (here OpenCV's
 Farnebäck flow by default; RAFT or any flow plugs in through `scorers`) and aesthetic score ≥ 4.5
 (a pluggable scorer; none ships offline). Dedup is a separate pass over records in order
@@ -74,15 +74,15 @@ class FilterConfig:
     max_seconds: float = 60.0
     min_height: int = 64
     min_width: int = 64
-    sharpness_min: float = 200.0   # paper.md §1.1 (OpenCV Laplacian variance)
+    sharpness_min: float = 200.0   # docs/reference.md §5.1 (OpenCV Laplacian variance)
     sharpness_max: float = 2000.0
     motion: str = "farneback"      # a name in scorers.MOTION_SCORERS
-    motion_min: float = 1.0        # paper.md §1.1, flow px/frame; below: static
+    motion_min: float = 1.0        # docs/reference.md §5.1, flow px/frame; below: static
     motion_max: float = 20.0       # above: too dynamic (flashes, shake)
     black_luma: float = 16.0       # mean luma below this: black
     dedup_hamming: int = 4         # dHash distance at or below this: near-duplicate
     aesthetic: str | None = None   # a name in scorers.AESTHETIC_SCORERS; None: no aesthetic filter
-    aesthetic_min: float = 4.5     # paper.md §1.1
+    aesthetic_min: float = 4.5     # docs/reference.md §5.1
     captioner: str | None = None   # a name in scorers.CAPTIONERS; None: captions from a manifest
 
 

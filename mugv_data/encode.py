@@ -1,6 +1,6 @@
 """Clips → shard examples: fit each clip to a bucket, VAE-encode in batches, encode captions.
 
-Pixel handling fixes the reference data prep (spec.md §4): frames go to the VAE in [−1, 1] (the
+Pixel handling fixes the reference data prep (docs/reference.md §5.3): frames go to the VAE in [−1, 1] (the
 reference fed [0, 1]), the VAE's own normalisation is applied once, and each clip's real fps is
 recorded. A clip is fitted to the bucket of closest aspect ratio among those with no more frames
 than it has (ties: more frames, then the closest pixel count); it is resized to fill (antialiased triangle

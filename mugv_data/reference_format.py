@@ -1,4 +1,4 @@
-"""The reference trainer's readable format (spec.md §4, megatron-trainer.md §5.2–5.3).
+"""The reference trainer's readable format (docs/reference.md §4.9, §5.3).
 
   <root>/<csv>: sample_id,source,latent_path,text_feat_path   (paths relative to the CSV's folder)
   latent .pt:   float32 [24, T, H, W] (a leading 1 is squeezed)
@@ -19,7 +19,7 @@ from typing import Iterator
 
 import numpy as np
 
-# megatron-trainer.md §5.3 (= mugv.vae_config.RELEASE_LATENT_SHIFT/SCALE, the release VAE buffers).
+# docs/reference.md §6.5 (= mugv.vae_config.RELEASE_LATENT_SHIFT/SCALE, the release VAE buffers).
 from mugv.vae_config import RELEASE_LATENT_SCALE as LATENT_STD
 from mugv.vae_config import RELEASE_LATENT_SHIFT as LATENT_MEAN
 

@@ -1,7 +1,7 @@
 """Pluggable clip scorers and captioners, each behind a small interface and a name registry.
 
   motion      frames → mean dense optical-flow magnitude (px/frame) over 3 evenly spaced
-              consecutive-frame pairs (start, middle, end); paper.md §1.1 keeps [1, 20].
+              consecutive-frame pairs (start, middle, end); docs/reference.md §5.1 keeps [1, 20].
               Default `farneback` (OpenCV's dense Farnebäck flow, offline); `frame_difference`
               is the old mean |Δluma| score; RAFT plugs in as a flow function:
               `register_motion_scorer("raft", lambda: FlowMotionScorer(my_raft_flow))`.

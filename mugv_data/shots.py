@@ -1,6 +1,6 @@
 """Shot boundaries of a decoded video: PySceneDetect by default, TransNetV2 for gradual transitions.
 
-The paper (reference paper.md §1.1) splits clips with PySceneDetect for hard cuts plus a learned
+The paper (docs/reference.md §5.1) splits clips with PySceneDetect for hard cuts plus a learned
 detector for gradual transitions (Koala-36M's CSS, which does not ship). Here:
 
   content     PySceneDetect's ContentDetector: HSV change between consecutive frames ≥ threshold.

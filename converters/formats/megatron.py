@@ -1,7 +1,7 @@
 """Megatron-Core checkpoints: `torch_dist` (dist_checkpointing) and the legacy per-rank files.
 
 Both sit in a save directory with `latest_checkpointed_iteration.txt` and `iter_XXXXXXX/`
-(megatron-trainer.md §3.1); names and per-head regrouping come from converters/layouts/megatron.py.
+(docs/reference.md §4.6); names and per-head regrouping come from converters/layouts/megatron.py.
 
 torch_dist (`iter_XXXXXXX/{.metadata, __0_0.distcp, common.pt, metadata.json}`): written and read
 with `megatron.core.dist_checkpointing` in one process. Layer tensors are stacked as
@@ -15,7 +15,7 @@ Legacy (`iter_XXXXXXX/mp_rank_{tp:02d}[_{pp:03d}]/model_optim_rng.pt`, each `{"m
 column-parallel tensors cut along dim 0, row-parallel along dim 1 (after the per-head regroup),
 layers split evenly over PP stages with stage-local indices; x_embedder and the start/end tokens
 on the first stage, final_layer on the last, the t/fps/caption embedders on every stage
-(reference §2.2). Written with `torchzip` (no whole state dict in memory), read with
+(docs/reference.md §4.2). Written with `torchzip` (no whole state dict in memory), read with
 `torch.load(weights_only=True, mmap=True)`.
 """
 from __future__ import annotations

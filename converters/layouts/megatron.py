@@ -1,6 +1,6 @@
 """The Megatron-Core parameter layout and its exact map to and from the release layout.
 
-Megatron names follow the reference trainer (megatron-trainer.md §3.2): per-layer tensors live
+Megatron names follow the reference trainer (docs/reference.md §4.6): per-layer tensors live
 under `decoder.layers.{i}.`, the embedders are renamed (`t_embedder` → `timestep_embedder`,
 `t_block` → `timestep_block`, `y_embedder.y_proj` → `context_embedder.proj`), and the
 scale-shift tables carry a `.bias` suffix. Two tensors change layout as well as name: the fused
@@ -83,7 +83,7 @@ _PER_HEAD_FUSED: dict[str, int] = {
     "cross_attention.linear_kv.bias": 2,
 }
 
-# Tensor-parallel split rule per Megatron suffix (megatron-trainer.md §3.2); everything else is
+# Tensor-parallel split rule per Megatron suffix (docs/reference.md §4.6); everything else is
 # replicated on every rank.
 _COLUMN_PARALLEL = frozenset({
     "self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias",

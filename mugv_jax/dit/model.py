@@ -1,6 +1,6 @@
 """MUG-DiT in Flax NNX: the released video diffusion transformer.
 
-Structure (spec.md §1, paper.md §3): 3D patch embed → [start, video tokens, end]; timestep + fps
+Structure (docs/reference.md §1): 3D patch embed → [start, video tokens, end]; timestep + fps
 sinusoidal embedders summed into one conditioning vector, projected once to 6×hidden
 (AdaLN-single) and added to a per-block table; `depth` blocks of modulated self-attention (q/k
 RMSNorm, interleaved 3D RoPE), affine-LN cross-attention to the caption, modulated GELU-tanh MLP;
@@ -71,7 +71,7 @@ class RuntimeOptions:
         return jax.lax.Precision.HIGHEST if self.compute_dtype == F32 else None
 
 
-# --- initialisers (reference trainer, megatron-trainer.md §1.9) ---------------------------------
+# --- initialisers (reference trainer, docs/reference.md §1.8) ---------------------------------
 
 def _normal(std):
     return jax.nn.initializers.normal(stddev=std)

@@ -1,4 +1,4 @@
-"""Function-preserving width expansion of a trained MUG-DiT (paper.md §1.3, HyperCloning-like).
+"""Function-preserving width expansion of a trained MUG-DiT (docs/reference.md §7.1, HyperCloning-like).
 
 `python -m mugv_jax.recipe.expand --src jax:RUN/checkpoints --dst WIDE --factor 2` turns a hidden-C,
 H-head model into a hidden-e·C, e·H-head one (head dim and depth unchanged) that computes the same

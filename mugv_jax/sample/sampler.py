@@ -17,7 +17,7 @@ import numpy as np
 
 NUM_TIMESTEPS = 1000
 BASE_RESOLUTION = 512 * 512
-# The release's negative prompt for classifier-free guidance (paper.md §4.3).
+# The release's negative prompt for classifier-free guidance (docs/reference.md §3.2).
 NEGATIVE_PROMPT = ("ugly, blurry, lowres, bad anatomy, bad hands, text, error, missing fingers, "
                    "extra digit, fewer digits, cropped, worst quality, low quality, normal quality, "
                    "jpeg artifacts, signature, watermark, username, blurry")

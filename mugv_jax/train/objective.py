@@ -1,4 +1,4 @@
-"""The rectified-flow training objective (spec.md §2).
+"""The rectified-flow training objective (docs/reference.md §2).
 
 t = sigmoid(u)·1000 with u ~ N(0, 1); shifted τ' = rτ/(1 + (r−1)τ) with
 r = sqrt(H·W/512²)·sqrt(F) (H, W in pixels = latent × 8; F = latent frames, or a configured

@@ -1,4 +1,4 @@
-"""VAE training objective and image metrics (paper.md §1.3), on channels-last video [B, T, H, W, 3].
+"""VAE training objective and image metrics (docs/reference.md §6.6), on channels-last video [B, T, H, W, 3].
 
 L = w_mse·MSE + w_l1·ℓ1_w + w_p·L_perc + λ·KL (+ γ·L_GAN in the final stage), where ℓ1_w is the
 ℓ1 term weighted per pixel by the adaptive saliency |Δ_t ∇² x̂_t| (temporal forward difference of

@@ -1,6 +1,6 @@
 """The MUG-DiT on megatron.core, called with the release model's inputs.
 
-Forward (megatron-trainer.md §1.2, with the release's patch padding and output crop):
+Forward (docs/reference.md §1.2–§1.7, with the release's patch padding and output crop):
   1. Zero-pad x to a patch multiple, patch-embed, flatten (t, h, w) → N tokens.
   2. e_t = t_embedder(t) + fps_embedder(fps), e_0 = t_embedder(0) + fps_embedder(fps);
      m_t, m_0 = timestep_block(e_t), timestep_block(e_0).
@@ -14,7 +14,7 @@ Sequence parallelism (TP > 1): the whole sequence, start and end tokens included
 with zero tokens to a multiple of the TP size and split evenly; the padding is masked out of
 self-attention keys and dropped at the end. Every rank therefore computes exactly the
 single-device model: each special token exists once, and cross-attention queries cover every
-rank's chunk (the reference gets both wrong, megatron-trainer.md §2.8).
+rank's chunk (the reference gets both wrong, docs/reference.md §4.2).
 
 Context parallelism (CP > 1): the padded sequence is cut into CP contiguous chunks before the
 sequence-parallel split; see `mugv_megatron.parallel.context_parallel` for attention and gradients.

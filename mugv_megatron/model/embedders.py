@@ -1,7 +1,7 @@
 """The modules outside the transformer layers: patch, timestep, fps and text embedders, final layer.
 
 They are small and replicated on every tensor-parallel rank, so they are plain torch modules.
-Attribute names give the Megatron parameter names of megatron-trainer.md §3.2
+Attribute names give the Megatron parameter names of docs/reference.md §4.6
 (`timestep_embedder.mlp.0.weight`, `context_embedder.proj.fc1.weight`, …).
 """
 from __future__ import annotations

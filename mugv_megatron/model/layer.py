@@ -1,4 +1,4 @@
-"""One MUG-DiT transformer layer (megatron-trainer.md §1.4), assembled from a layer spec.
+"""One MUG-DiT transformer layer (docs/reference.md §1.4), assembled from a layer spec.
 
     (sh1, sc1, g1, sh2, sc2, g2) = per-token timestep projection + scale_shift_table
     x = x + g1 · (self_attention(LN(x)·(1+sc1) + sh1) + proj bias)
@@ -7,7 +7,7 @@
 
 The modulation is chosen per token between the projection of the real timestep (generated
 frames) and that of t = 0 (conditioning frames, start and end tokens). Table addition and
-modulation are computed in at least float32 (spec.md §1).
+modulation are computed in at least float32 (docs/reference.md §3.4).
 """
 from __future__ import annotations
 

@@ -1,11 +1,11 @@
-"""3D rotary position embedding over (h, w, t), interleaved pairs (megatron-trainer.md §1.6).
+"""3D rotary position embedding over (h, w, t), interleaved pairs (docs/reference.md §1.5).
 
 Each head of width d is split into three equal parts of d/6 rotation pairs: dims [0, d/3) rotate
 with the patch row, [d/3, 2d/3) with the patch column, [2d/3, d) with the temporal position.
 Pair j of an axis uses angle pos·θ^(-j/P), P = d/6. "Interleaved" means pair j is the adjacent
 dims (2j, 2j+1), which is also how the release's complex multiplication pairs them.
 
-The angle table is built in float64 and applied in at least float32 (spec.md §1).
+The angle table is built in float64 and applied in at least float32 (docs/reference.md §3.4).
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from mugv.config import DiTConfig
 
-# Reference trainer initialisation (megatron-trainer.md §1.9): --init-method-std 0.014.
+# Reference trainer initialisation (docs/reference.md §1.8): --init-method-std 0.014.
 INIT_METHOD_STD = 0.014
 
 gelu_tanh = functools.partial(F.gelu, approximate="tanh")

@@ -11,7 +11,7 @@ layers at their global index, the embedders every stage holds are written by the
   optimizer.state.exp_avg.<key>              Adam first moment, per weight (same key as above)
   optimizer.state.exp_avg_sq.<key>           Adam second moment
   optimizer.state.exp_moving_avg.<key>       EMA of the weights (the name the reference's
-                                             ema_restore.py expects, megatron-trainer.md §3.5)
+                                             ema_restore.py expects, docs/reference.md §4.7)
   context_embedder.drop_emb                  the null caption for dropped captions (not trained)
   optimizer.state.reference_model.<key>      preference runs: the frozen reference weights
   rng_state                                  torch RNG states, one object per rank

@@ -1,4 +1,4 @@
-"""The rectified-flow training objective (spec.md §2) in torch, for the Megatron trainer.
+"""The rectified-flow training objective (docs/reference.md §2) in torch, for the Megatron trainer.
 
 The same objective as `mugv_jax/train/objective.py`: t = sigmoid(u)·1000 with u ~ N(0, 1), shifted
 τ' = rτ/(1 + (r−1)τ); x_t = (1−τ')·x0 + τ'·ε; target v = x0 − ε; the prediction is output

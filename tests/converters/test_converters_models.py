@@ -7,7 +7,7 @@ from converters.convert import convert
 from converters.loaders import jax_model, megatron_model
 from tests.helpers import DIT_WEIGHTS, case_inputs, dit_vectors, max_abs
 
-# The golden vectors' float32 agreement bound (reference README); never widened.
+# The golden vectors' float32 agreement bound (docs/reference.md §9); never widened.
 GOLDEN_ATOL = 1e-4
 CASES = ("t2v", "i2v")
 

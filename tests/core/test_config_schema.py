@@ -37,7 +37,7 @@ def test_10b_schema_equals_release_schema_exactly():
     ("1b", 1_208_059_968), ("4b", 4_818_161_856), ("10b", 10_830_321_984),
     ("18b", 19_244_540_352), ("debug", 76_834_272)])
 def test_preset_parameter_counts_match_spec(name, params):
-    # spec.md §1 size table.
+    # docs/reference.md §1.1 size table.
     assert num_params(release_schema(PRESETS[name])) == params
 
 
@@ -62,7 +62,7 @@ def test_config_validation_and_overrides():
 
 
 def test_latent_geometry_release_cases():
-    # Release chunking (micro 48): 105 → 14 and 73 → 10 latent frames (paper.md §4.5).
+    # Release chunking (micro 48): 105 → 14 and 73 → 10 latent frames (docs/reference.md §6.4).
     assert geometry.latent_frames(105, 48) == 14
     assert geometry.latent_frames(73, 48) == 10
     assert geometry.latent_frames(17) == 3 and geometry.latent_frames(17, 16) == 3

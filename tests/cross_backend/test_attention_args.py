@@ -269,7 +269,7 @@ def test_megatron_sdpa_core_attention_reproduces_the_golden_vectors():
         with torch.no_grad():
             out = model(*(torch.as_tensor(a) for a in args),
                         **{k: torch.as_tensor(v) for k, v in kwargs.items()})
-        # reference/README.md: float32 agreement within 1e-4.
+        # docs/reference.md §9: float32 agreement within 1e-4.
         assert (out - torch.as_tensor(dit_vectors()[f"{case}.out"])).abs().max().item() <= 1e-4
 
 

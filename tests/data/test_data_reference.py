@@ -54,7 +54,7 @@ def test_reference_rows_normalise_real_once(tmp_path):
         lat, text = truth[r["sample_id"]]
         np.testing.assert_allclose(r["latents"], lat, rtol=1e-6, atol=1e-6)
         assert np.array_equal(r["text"], text) and r["text_len"] == text.shape[0]
-    # the stats are the reference's (megatron-trainer.md §5.3)
+    # the stats are the reference's (docs/reference.md §6.5)
     assert np.array_equal(np.asarray(ref.LATENT_MEAN, np.float32), MEAN)
     assert np.array_equal(np.asarray(ref.LATENT_STD, np.float32), STD)
 

@@ -1,4 +1,4 @@
-"""The rectified-flow objective (spec.md §2), piece by piece against hand-computed values."""
+"""The rectified-flow objective (docs/reference.md §2), piece by piece against hand-computed values."""
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -42,14 +42,14 @@ def test_golden_i2v_sampling_with_guidance(model):
     (1280, 720, 14, 7.0), (960, 960, 14, 7.0), (1280, 720, 10, 5.90625),
     (832, 1110, 14, 7.03125), (1108, 832, 14, 6.96875)])
 def test_bf16_shift_ratio_reproduces_release_table(h, w, t, want):
-    # paper.md §4.2: the release computes r in bf16.
+    # docs/reference.md §3.2: the release computes r in bf16.
     assert sampler.shift_ratio(h, w, t, round_to_bf16=True) == want
     assert abs(sampler.shift_ratio(h, w, t) - want) > 1e-3
 
 
 def test_release_720p_time_grid():
     grid = sampler.sampling_timesteps(25, 7.0)
-    # paper.md §4.2 lists t' for r = 7.0 to two decimals.
+    # docs/reference.md §3.2 lists t' for r = 7.0 to two decimals.
     assert grid[0] == 1000.0 and abs(grid[1] - 994.08) < 5e-3 and abs(grid[-1] - 225.81) < 5e-3
 
 

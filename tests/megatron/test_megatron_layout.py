@@ -38,7 +38,7 @@ def test_megatron_names_and_shapes_cover_the_schema(release_weights):
 
 @pytest.mark.parametrize("release_suffix, fused", [("attn.qkv", 3), ("cross_attn.kv_linear", 2)])
 def test_per_head_regrouping_follows_the_row_formula(release_weights, release_suffix, fused):
-    """Megatron row h·(n·d) + j·d + c = release row j·(H·d) + h·d + c (megatron-trainer §3.3)."""
+    """Megatron row h·(n·d) + j·d + c = release row j·(H·d) + h·d + c (docs/reference.md §4.6)."""
     heads, d = CONFIG.num_heads, CONFIG.head_dim
     for kind in ("weight", "bias"):
         name = f"blocks.0.{release_suffix}.{kind}"

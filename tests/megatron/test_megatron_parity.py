@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from mugv_megatron.model import build as dit
 
 GOLDEN = Path(__file__).parent.parent / "golden" / "dit_tiny"
-# Agreement the golden vectors require of any implementation in float32 (reference README).
+# Agreement the golden vectors require of any implementation in float32 (docs/reference.md §9).
 MAX_ABS_ERR = 1e-4
 CASES = ("t2v", "i2v")
 ACTIVATIONS = ("x_embedder", "t_embedder.call0", "t_embedder.call1", "fps_embedder",

@@ -20,7 +20,7 @@ from mugv_megatron.parallel import state as parallel
 
 GOLDEN = Path(__file__).parent.parent / "golden" / "dit_tiny"
 WEIGHTS = GOLDEN / "weights.safetensors"
-# Agreement the golden vectors require of any implementation in float32 (reference README).
+# Agreement the golden vectors require of any implementation in float32 (docs/reference.md §9).
 MAX_ABS_ERR = 1e-4
 # Gradients: TP changes only the order of float32 sums, so they agree to float32 rounding of
 # the largest gradient entries; bound the error relative to the tensor's largest magnitude.

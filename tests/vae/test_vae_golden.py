@@ -19,7 +19,7 @@ from tests.helpers import GOLDEN, max_abs, rel_l2
 WEIGHTS = os.path.join(GOLDEN, "vae_tiny", "weights.safetensors")
 VECTORS = os.path.join(GOLDEN, "vae_tiny", "vectors.safetensors")
 
-# reference/README.md: float32 agreement within 1e-4 on every tensor (the float32 rounding of the
+# docs/reference.md §9: float32 agreement within 1e-4 on every tensor (the float32 rounding of the
 # vectors themselves is <= 2e-5).
 GOLDEN_ATOL = 1e-4
 # bfloat16 compute end to end (encode, then decode of those latents; t20 `full`) vs the float32
