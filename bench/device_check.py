@@ -37,6 +37,7 @@ import subprocess
 import sys
 import time
 import traceback
+from mugv.training import ObjectiveConfig, OptimConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -280,8 +281,8 @@ def _jax_step_part(args, attention):
     mesh = mesh_lib.build_mesh({"data": -1}, devices=jax.local_devices()[:1])
     trainer = tr.Trainer(cfg, RuntimeOptions(attention=attention, compute_dtype=jnp.bfloat16,
                                              remat=args.remat),
-                         tr.OptimConfig(learning_rate=1e-5, warmup_steps=0),
-                         obj.ObjectiveConfig(i2v_prob=0.2, caption_dropout_prob=0.1), mesh)
+                         OptimConfig(learning_rate=1e-5, warmup_steps=0),
+                         ObjectiveConfig(i2v_prob=0.2, caption_dropout_prob=0.1), mesh)
     rng = np.random.default_rng(0)
     f, h, w = latent
     batch = {"latents": rng.standard_normal((1, cfg.in_channels, f, h, w), np.float32),
@@ -322,7 +323,7 @@ def _cudnn_step_lowering(args, cfg, latent, text_len, result):
     mesh = mesh_lib.build_mesh({"data": -1}, devices=jax.local_devices()[:1])
     trainer = tr.Trainer(cfg, RuntimeOptions(attention="cudnn", compute_dtype=jnp.bfloat16,
                                              remat="full"),
-                         tr.OptimConfig(learning_rate=1e-5, warmup_steps=0), obj.ObjectiveConfig(), mesh)
+                         OptimConfig(learning_rate=1e-5, warmup_steps=0), ObjectiveConfig(), mesh)
     state = trainer.abstract_state()
     f, h, w = latent
     rep = NamedSharding(mesh, PartitionSpec())

@@ -15,6 +15,7 @@ import platform
 import statistics
 import sys
 import time
+from mugv.training import ObjectiveConfig, OptimConfig
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -53,7 +54,7 @@ def main():
     args.text_len = args.text_len or cfg.max_text_tokens
     bucket = Bucket(f, h, w, b)
     trainer = tr.Trainer(cfg, RuntimeOptions(compute_dtype=args.dtype, remat=args.remat),
-                         tr.OptimConfig(warmup_steps=0), obj.ObjectiveConfig(), mesh)
+                         OptimConfig(warmup_steps=0), ObjectiveConfig(), mesh)
     source = SyntheticTextToLatent([bucket], in_channels=cfg.in_channels, text_dim=cfg.text_dim,
                                    text_len=args.text_len)
     state = trainer.init_state(0)

@@ -23,7 +23,7 @@ import numpy as np
 from converters.layouts import jax as jax_layout
 from converters.layouts import megatron as mlayout
 from mugv.config import DiTConfig
-from mugv.training import unflatten as _unflatten
+from mugv.training import ObjectiveConfig, OptimConfig, unflatten as _unflatten
 
 
 def _flatten(tree, prefix: str = "") -> dict[str, np.ndarray]:
@@ -79,23 +79,20 @@ def _adam_states(opt_state):
 def _jax_trainer(run_config: dict, config: DiTConfig):
     import jax
     from mugv_jax.parallel import mesh as mesh_lib
-    from mugv_jax.train import objective as jobj
     from mugv_jax.train import step as jtr
     from mugv_jax.dit.model import RuntimeOptions
     mesh = mesh_lib.build_mesh(dict(data=1, fsdp=1, tensor=1, context=1), devices=jax.devices()[:1])
-    return jtr.Trainer(config, RuntimeOptions(), jtr.OptimConfig(**run_config.get("optim", {})),
-                       jobj.ObjectiveConfig(**run_config.get("objective", {})), mesh)
+    return jtr.Trainer(config, RuntimeOptions(), OptimConfig(**run_config.get("optim", {})),
+                       ObjectiveConfig(**run_config.get("objective", {})), mesh)
 
 
 def _megatron_trainer(run_config: dict, config: DiTConfig, seed: int):
-    from mugv_megatron.train import objective as mobj
-    from mugv_megatron.train import optim as moptim
     from mugv_megatron.parallel import state as parallel
     from mugv_megatron.train.step import Trainer
     if not parallel.is_initialized():
         parallel.setup(1)
-    return Trainer(config, moptim.OptimConfig(**run_config.get("optim", {})),
-                   mobj.ObjectiveConfig(**run_config.get("objective", {})), seed=seed,
+    return Trainer(config, OptimConfig(**run_config.get("optim", {})),
+                   ObjectiveConfig(**run_config.get("objective", {})), seed=seed,
                    use_megatron_optimizer=False)
 
 

@@ -22,6 +22,7 @@ import math
 import os
 import sys
 import time
+from mugv.training import ObjectiveConfig, OptimConfig
 
 GiB = 1024 ** 3
 
@@ -81,7 +82,6 @@ def plan_step(config, *, bucket_index: int | None = None, devices=None) -> Plan:
     from mugv import flops as flops_lib
     from mugv.geometry import num_video_tokens
     from mugv_jax.parallel import mesh as mesh_lib
-    from mugv_jax.train import objective as obj
     from mugv_jax.train import step as trainer_lib
     from mugv_jax.dit.model import RuntimeOptions
     from mugv.training import dataclass_from as _dataclass_from, model_config_from
@@ -91,8 +91,8 @@ def plan_step(config, *, bucket_index: int | None = None, devices=None) -> Plan:
                              remat=config.remat,
                              context_parallel=config.get("context_parallel", "none") or "none")
     mesh = mesh_lib.build_mesh(dict(config.mesh.ici), dict(config.mesh.get("dcn", {}) or {}), devices=devices)
-    trainer = trainer_lib.Trainer(model_cfg, options, _dataclass_from(trainer_lib.OptimConfig, config.optim),
-                                  _dataclass_from(obj.ObjectiveConfig, config.objective), mesh)
+    trainer = trainer_lib.Trainer(model_cfg, options, _dataclass_from(OptimConfig, config.optim),
+                                  _dataclass_from(ObjectiveConfig, config.objective), mesh)
     buckets = [tuple(int(v) for v in b) for b in config.data.buckets]
     if bucket_index is None:  # the most tokens per step is the memory peak
         bucket_index = max(range(len(buckets)),

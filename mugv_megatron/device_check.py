@@ -29,6 +29,7 @@ import shutil
 import time
 
 import torch
+from mugv.training import ObjectiveConfig, OptimConfig
 
 LATENT = (4, 16, 16)     # T, H, W per sample: 4·8·8 = 256 video tokens
 TEXT_LEN = 64
@@ -87,8 +88,6 @@ def run(workdir: str, *, per_rank_batch: int = 2, model: str = "10b", depth: int
     from mugv.config import get_config
     from mugv_megatron import distopt_cpu
     from mugv_megatron.train import checkpointing
-    from mugv_megatron.train import optim
-    from mugv_megatron.train import objective as obj
     from mugv_megatron.train.step import Trainer
 
     on_gpu = torch.cuda.is_available()
@@ -97,9 +96,9 @@ def run(workdir: str, *, per_rank_batch: int = 2, model: str = "10b", depth: int
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
     rank = torch.distributed.get_rank()
     cfg = get_config(model, depth=depth)
-    ocfg = optim.OptimConfig(learning_rate=1e-4, warmup_steps=0, weight_decay=0.01, ema_decay=0.99,
+    ocfg = OptimConfig(learning_rate=1e-4, warmup_steps=0, weight_decay=0.01, ema_decay=0.99,
                              clip_norm=1.0)
-    objective = obj.ObjectiveConfig(i2v_prob=0.5, i2v_mode="quarter", caption_dropout_prob=0.25)
+    objective = ObjectiveConfig(i2v_prob=0.5, i2v_mode="quarter", caption_dropout_prob=0.25)
     kwargs = dict(compute_dtype="bfloat16", use_megatron_optimizer=True, recompute="full",
                   overlap_grad_reduce=True, overlap_param_gather=True, ddp_bucket_size=bucket_size)
     out: dict = {"device": torch.cuda.get_device_name() if on_gpu else "cpu",

@@ -37,6 +37,7 @@ from mugv_jax.train import rng
 from mugv_jax.parallel import sharding
 from mugv_jax.train import step as trainer_lib
 from mugv_jax.dit.model import forward
+from mugv.training import shift_ratio
 
 log = logging.getLogger("mugv.preference")
 
@@ -94,7 +95,7 @@ class PreferenceTrainer(trainer_lib.Trainer):
         """Timesteps and noise (mugv.rng's preference tags) for pairs/samples of latents `shape`."""
         ratio = self.preference.shift_ratio
         if ratio is None:
-            ratio = obj.shift_ratio(tuple(shape[2:]))
+            ratio = shift_ratio(tuple(shape[2:]))
         t = obj.shift_t(obj.logit_normal_t(rng.normals(key, rng_ref.TAG_PREF_T, shape[0])), ratio)
         return t, rng.normals(key, rng_ref.TAG_PREF_NOISE, shape[0], tuple(shape[1:]))
 

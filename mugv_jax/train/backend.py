@@ -22,10 +22,9 @@ import numpy as np
 from mugv.config import DiTConfig
 from mugv.run import driver, tasks
 from mugv.run.validation import ValidationSet
-from mugv.training import dataclass_from, model_config_from, preference_config_from
+from mugv.training import ObjectiveConfig, OptimConfig, dataclass_from, model_config_from, preference_config_from
 from mugv_jax.train import checkpointing
 from mugv_jax.parallel import mesh as mesh_lib
-from mugv_jax.train import objective as obj
 from mugv_jax.recipe import preference as pref
 from mugv_jax.train import step as trainer_lib
 from mugv_jax.train import validation
@@ -57,8 +56,8 @@ def build_trainer(config, mode: str = "pretrain"):
     optimizer, objective and mesh."""
     model_cfg = model_config_from(config)
     options = RuntimeOptions(compute_dtype=config.compute_dtype, attention=config.attention, remat=config.remat)
-    optim = dataclass_from(trainer_lib.OptimConfig, config.optim)
-    objective = dataclass_from(obj.ObjectiveConfig, config.objective)
+    optim = dataclass_from(OptimConfig, config.optim)
+    objective = dataclass_from(ObjectiveConfig, config.objective)
     mesh = mesh_lib.build_mesh(dict(config.mesh.ici), dict(config.mesh.get("dcn", {}) or {}))
     if mode == "preference":
         return pref.PreferenceTrainer(model_cfg, options, optim, objective, mesh,

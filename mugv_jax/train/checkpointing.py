@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import os
 
-import jax
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from mugv import rng as ref_rng
-from mugv.training import BASE_RESOLUTION, ObjectiveConfig, shift_ratio  # noqa: F401 (re-exported)
+from mugv.training import ObjectiveConfig, shift_ratio
 from mugv_jax.train import rng
 
 def logit_normal_t(u) -> jax.Array:

@@ -21,8 +21,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mugv import rng as rng_ref
 from mugv.config import DiTConfig
-from mugv.training import OptimConfig  # noqa: F401 (re-exported)
-from mugv.training import unflatten as _unflatten
+from mugv.training import OptimConfig
+from mugv.training import ObjectiveConfig, unflatten as _unflatten
 from mugv_jax.train import objective as obj
 from mugv_jax.train import rng
 from mugv_jax.parallel import sharding
@@ -85,7 +85,7 @@ class Trainer:
     """Holds the static pieces of training (config, mesh, optimizer) and builds jitted steps."""
 
     def __init__(self, model_config: DiTConfig, options: RuntimeOptions, optim: OptimConfig,
-                 objective: obj.ObjectiveConfig, mesh: Mesh, rules=sharding.DEFAULT_RULES):
+                 objective: ObjectiveConfig, mesh: Mesh, rules=sharding.DEFAULT_RULES):
         self.model_config, self.options, self.optim, self.objective = model_config, options, optim, objective
         self.mesh, self.rules = mesh, rules
         self.optimizer = make_optimizer(optim)

@@ -33,9 +33,8 @@ from mugv.run.validation import ValidationSet
 from mugv.training import (MegatronOptions, dataclass_from, model_config_from, preference_config_from)
 from mugv_megatron.train import checkpointing
 from mugv_megatron.train import evaluation
-from mugv_megatron.train import optim
 from mugv_megatron.parallel import state as parallel
-from mugv_megatron.train import objective as obj
+from mugv.training import ObjectiveConfig, OptimConfig
 
 log = logging.getLogger("mugv.megatron.train")
 
@@ -97,8 +96,8 @@ class MegatronBackend:
         self.config, self.task = config, task
         self.opts = opts = megatron_options(config, overrides)
         self.model_cfg = model_cfg = model_config_from(config)
-        self.optim_cfg = dataclass_from(optim.OptimConfig, config.optim)
-        self.objective = dataclass_from(obj.ObjectiveConfig, config.objective)
+        self.optim_cfg = dataclass_from(OptimConfig, config.optim)
+        self.objective = dataclass_from(ObjectiveConfig, config.objective)
         if model_cfg.depth % int(opts["pp"]):
             raise ValueError(f"config.megatron.pp={opts['pp']} does not divide the model's "
                              f"{model_cfg.depth} layers")

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from mugv import rng as ref_rng
-from mugv.training import BASE_RESOLUTION, ObjectiveConfig, shift_ratio  # noqa: F401 (re-exported)
+from mugv.training import ObjectiveConfig, shift_ratio
 from mugv_megatron import rng
 
 @dataclasses.dataclass(frozen=True)

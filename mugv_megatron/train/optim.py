@@ -26,7 +26,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from mugv.training import OptimConfig  # noqa: F401 (re-exported)
+from mugv.training import OptimConfig
 
 
 def learning_rate(cfg: OptimConfig, count: int) -> float:

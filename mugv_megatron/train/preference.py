@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from mugv import rng
 from mugv.data.preference import batch_kind
-from mugv.training import PreferenceConfig
+from mugv.training import PreferenceConfig, shift_ratio
 from mugv_megatron.train import objective as obj
 from mugv_megatron.train.step import Trainer
 
@@ -50,7 +50,7 @@ class PreferenceTrainer(Trainer):
         r = np.arange(rows.start, rows.stop)
         ratio = self.preference.shift_ratio
         if ratio is None:
-            ratio = obj.shift_ratio(tuple(shape[2:]))
+            ratio = shift_ratio(tuple(shape[2:]))
         u = torch.from_numpy(rng.normals(seed, step, rng.TAG_PREF_T, r, ())).to(self.device)
         t = obj.shift_t(torch.sigmoid(u) * 1000.0, ratio)
         eps = torch.from_numpy(rng.normals(seed, step, rng.TAG_PREF_NOISE, r, tuple(shape[1:]))).to(self.device)

@@ -61,6 +61,7 @@ from mugv_megatron.train import optim
 from mugv_megatron.parallel import pipeline_parallel as pipeline
 from mugv_megatron.train import objective as obj
 from mugv_megatron.train.ema import EMA, ShardedEMA
+from mugv.training import ObjectiveConfig, OptimConfig
 
 PARAMS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -68,8 +69,8 @@ T_QUARTILES = 4
 
 
 class Trainer:
-    def __init__(self, model_config: DiTConfig, optim_config: optim.OptimConfig,
-                 objective: obj.ObjectiveConfig, *, seed: int = 0, compute_dtype: str = "float32",
+    def __init__(self, model_config: DiTConfig, optim_config: OptimConfig,
+                 objective: ObjectiveConfig, *, seed: int = 0, compute_dtype: str = "float32",
                  sequence_parallel: bool = False, use_megatron_optimizer: bool | None = None,
                  release_state: dict | None = None, use_te: bool | None = None,
                  params_dtype: str | None = None, recompute: str = "none",

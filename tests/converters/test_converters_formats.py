@@ -25,6 +25,7 @@ from converters.loaders import release_state
 from converters.schema import release_schema
 from mugv.config import PRESETS, DiTConfig, get_config
 from tests.helpers import DIT_WEIGHTS, dit_weights
+from mugv.training import ObjectiveConfig, OptimConfig
 
 TINY = get_config("tiny")
 # Four heads of 36 (a multiple of 6 for the 3D RoPE): the smallest model TP 4 can split.
@@ -460,12 +461,10 @@ def test_megatron_training_checkpoint_reads_params_or_ema(tmp_path):
     layers included), weights="raw" the weights; a checkpoint without an EMA is refused."""
     from converters.formats.megatron import TorchDistReader
     from mugv_megatron.train import checkpointing
-    from mugv_megatron.train import optim
     from mugv_megatron.parallel import state as parallel
-    from mugv_megatron.train import objective as mobj
     from mugv_megatron.train.step import Trainer
     parallel.setup(1)
-    tr = Trainer(TINY, optim.OptimConfig(), mobj.ObjectiveConfig(), seed=3, use_megatron_optimizer=False)
+    tr = Trainer(TINY, OptimConfig(), ObjectiveConfig(), seed=3, use_megatron_optimizer=False)
     with torch.no_grad():
         for i, t in enumerate(tr.ema.shadow.values()):
             # Distinct from the weights everywhere, so reading the wrong set cannot pass.

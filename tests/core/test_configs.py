@@ -3,7 +3,7 @@
 import pytest
 
 from mugv_jax.train import objective as obj
-from mugv.training import dataclass_from, model_config_from
+from mugv.training import ObjectiveConfig, OptimConfig, dataclass_from, model_config_from
 from mugv_jax.train import step as tr
 
 from configs import mugv_10b
@@ -15,8 +15,8 @@ def test_10b_stage_configs_are_complete(stage):
     c = mugv_10b.get_config(stage)
     model = model_config_from(c)
     assert model.hidden_size == 3456 and model.depth == 56
-    dataclass_from(tr.OptimConfig, c.optim)
-    dataclass_from(obj.ObjectiveConfig, c.objective)
+    dataclass_from(OptimConfig, c.optim)
+    dataclass_from(ObjectiveConfig, c.objective)
     assert c.data.text_len <= model.max_text_tokens
     for frames, h, w, batch in c.data.buckets:
         assert frames >= 1 and h >= 2 and w >= 2 and batch >= 1
@@ -31,6 +31,6 @@ def test_unknown_stage_and_fields_are_named():
     c.optim.unlock()
     c.optim.learning_rat = 1.0
     with pytest.raises(ValueError, match="learning_rat"):
-        dataclass_from(tr.OptimConfig, c.optim)
+        dataclass_from(OptimConfig, c.optim)
     with pytest.raises(ValueError, match="unknown argument"):
         tiny.get_config("nonsense")

@@ -24,9 +24,9 @@ from converters.layouts import jax as jax_layout
 from converters.layouts import megatron as layout
 from mugv.config import get_config
 from mugv_megatron.train import objective as mobj
-from mugv_megatron.train import optim as moptim
 from mugv_megatron.train import checkpointing
 from mugv_megatron.parallel import state as parallel
+from mugv.training import ObjectiveConfig, OptimConfig, shift_ratio
 
 WEIGHTS = Path(__file__).parent.parent / "golden" / "dit_tiny" / "weights.safetensors"
 CFG = get_config("tiny")
@@ -37,9 +37,9 @@ GRAD_REL = 1e-4
 # TP only reorders float32 sums: same bound as tests/megatron/test_megatron_tp.py.
 TP_GRAD_REL = 1e-5
 LR, WD = 1e-3, 0.01
-OPTIM = moptim.OptimConfig(learning_rate=LR, warmup_steps=0, weight_decay=WD, clip_norm=1.0,
+OPTIM = OptimConfig(learning_rate=LR, warmup_steps=0, weight_decay=WD, clip_norm=1.0,
                            ema_decay=0.9)
-OBJECTIVE = mobj.ObjectiveConfig(i2v_prob=0.5, i2v_mode="quarter", caption_dropout_prob=0.5)
+OBJECTIVE = ObjectiveConfig(i2v_prob=0.5, i2v_mode="quarter", caption_dropout_prob=0.5)
 LATENT = (4, 24, 3, 4, 6)
 TP = 2
 
@@ -127,14 +127,14 @@ def _jax_step(batch, draws, null):
     model = dit.load(str(WEIGHTS), CFG)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     mesh = mesh_lib.build_mesh(dict(data=1, fsdp=1, tensor=1, context=1), devices=jax.devices()[:1])
-    optim_cfg = jtr.OptimConfig(**{f: getattr(OPTIM, f) for f in OPTIM.__dataclass_fields__})
-    obj_cfg = jobj.ObjectiveConfig(**{f: getattr(OBJECTIVE, f) for f in OBJECTIVE.__dataclass_fields__})
+    optim_cfg = OptimConfig(**{f: getattr(OPTIM, f) for f in OPTIM.__dataclass_fields__})
+    obj_cfg = ObjectiveConfig(**{f: getattr(OBJECTIVE, f) for f in OBJECTIVE.__dataclass_fields__})
     trainer = jtr.Trainer(CFG, RuntimeOptions(), optim_cfg, obj_cfg, mesh)
     # The JAX objective's own functions on the shared random numbers.
     x0 = jnp.asarray(batch["latents"])
     frames, h, w = x0.shape[2:]
     t = jobj.shift_t(jax.nn.sigmoid(jnp.asarray(draws.u)) * 1000.0,
-                     jobj.shift_ratio((frames, h, w), obj_cfg.shift_num_frames))
+                     shift_ratio((frames, h, w), obj_cfg.shift_num_frames))
     eps = jnp.asarray(draws.eps)
     x_mask = jnp.arange(frames)[None, :] >= jnp.asarray(draws.n_cond)[:, None]
     xt = jnp.where(x_mask[:, None, :, None, None], jobj.noisy_latents(x0, eps, t), x0)

@@ -14,6 +14,7 @@ from mugv_jax.train import step as tr
 from mugv.data.synthetic import Bucket, SyntheticTextToLatent
 from mugv_jax.dit.model import RuntimeOptions
 from tests.trainer_helpers import make_mesh, to_numpy
+from mugv.training import ObjectiveConfig, OptimConfig
 
 # float32: context parallel reorders reductions (softmax blocks, all-to-all) only.
 RTOL = 1e-5
@@ -22,8 +23,8 @@ CONFIG = DiTConfig(depth=2, hidden_size=96, num_heads=8, text_dim=32, max_text_t
 
 def _trainer(shape, mode):
     return tr.Trainer(CONFIG, RuntimeOptions(context_parallel=mode),
-                      tr.OptimConfig(learning_rate=1e-3, warmup_steps=0),
-                      obj.ObjectiveConfig(i2v_prob=0.5, caption_dropout_prob=0.25), make_mesh(shape))
+                      OptimConfig(learning_rate=1e-3, warmup_steps=0),
+                      ObjectiveConfig(i2v_prob=0.5, caption_dropout_prob=0.25), make_mesh(shape))
 
 
 def _loss_fn(t):
@@ -70,7 +71,7 @@ def test_context_parallel_gives_single_device_loss_and_gradients(reference, mode
 
 def test_ulysses_rejects_heads_not_divisible_by_context():
     t = tr.Trainer(CONFIG.replace(hidden_size=36, num_heads=6), RuntimeOptions(context_parallel="ulysses"),
-                   tr.OptimConfig(), obj.ObjectiveConfig(), make_mesh((1, 1, 1, 4)))
+                   OptimConfig(), ObjectiveConfig(), make_mesh((1, 1, 1, 4)))
     src = SyntheticTextToLatent([Bucket(2, 4, 4, 4)], in_channels=CONFIG.in_channels, text_dim=CONFIG.text_dim)
     batch = src.batch(0)
     batch.pop("prompt_id")

@@ -26,6 +26,7 @@ from mugv_jax.train import objective as obj
 from mugv_jax.train import step as tr
 from mugv_jax.dit.model import RuntimeOptions
 from tests.trainer_helpers import make_mesh
+from mugv.training import ObjectiveConfig, OptimConfig
 
 CONFIG = DiTConfig(depth=2, hidden_size=576, num_heads=8, text_dim=32, max_text_tokens=16)
 BATCH, TEXT_LEN = 2, 12
@@ -48,8 +49,8 @@ def export_train_step(attention: str, mesh_shape):
     Trainer.train_step jits it, lowered for TPU."""
     trainer = tr.Trainer(CONFIG, RuntimeOptions(attention=attention, compute_dtype=jnp.bfloat16,
                                                 remat="full"),
-                         tr.OptimConfig(learning_rate=1e-4, warmup_steps=0),
-                         obj.ObjectiveConfig(i2v_prob=0.5, caption_dropout_prob=0.1),
+                         OptimConfig(learning_rate=1e-4, warmup_steps=0),
+                         ObjectiveConfig(i2v_prob=0.5, caption_dropout_prob=0.1),
                          make_mesh(mesh_shape))
     state = trainer.abstract_state()
     batch = _abstract_batch(trainer)

@@ -6,6 +6,7 @@ import pytest
 
 from mugv_jax.train import step as tr
 from tests.trainer_helpers import host_batch, make_source, make_trainer, to_numpy
+from mugv.training import OptimConfig
 
 # float32: a parallel layout only reorders reductions.
 PARALLEL_RTOL = 1e-5
@@ -46,7 +47,7 @@ def test_gradient_accumulation_equals_the_full_batch():
     batch = host_batch(make_source())
     results = []
     for accum in (1, 4):
-        t = make_trainer(optim=tr.OptimConfig(learning_rate=1e-3, warmup_steps=0, grad_accum_steps=accum))
+        t = make_trainer(optim=OptimConfig(learning_rate=1e-3, warmup_steps=0, grad_accum_steps=accum))
         state = t.init_state(0)
         fn = jax.jit(t.loss_and_grads)
         loss, aux, grads = fn(state["params"], state["null_text"], t.put_batch(batch), jax.random.PRNGKey(3))
@@ -61,7 +62,7 @@ def test_gradient_accumulation_equals_the_full_batch():
 
 
 def test_one_step_updates_params_ema_and_counters():
-    t = make_trainer(optim=tr.OptimConfig(learning_rate=1e-2, warmup_steps=0, ema_decay=0.9))
+    t = make_trainer(optim=OptimConfig(learning_rate=1e-2, warmup_steps=0, ema_decay=0.9))
     state = t.init_state(0)
     p0 = to_numpy(state["params"])
     new, metrics = t.train_step(state, t.put_batch(host_batch(make_source())))
@@ -74,15 +75,15 @@ def test_one_step_updates_params_ema_and_counters():
 
 
 def test_learning_rate_schedules():
-    const = tr.learning_rate_schedule(tr.OptimConfig(learning_rate=1e-4, warmup_steps=10))
+    const = tr.learning_rate_schedule(OptimConfig(learning_rate=1e-4, warmup_steps=10))
     assert float(const(0)) == 0.0 and float(const(5)) == pytest.approx(5e-5)
     assert float(const(10)) == pytest.approx(1e-4) and float(const(10_000)) == pytest.approx(1e-4)
-    cos = tr.learning_rate_schedule(tr.OptimConfig(learning_rate=1e-4, warmup_steps=10, schedule="cosine",
+    cos = tr.learning_rate_schedule(OptimConfig(learning_rate=1e-4, warmup_steps=10, schedule="cosine",
                                                    decay_steps=100, final_lr_ratio=0.1))
     assert float(cos(60)) == pytest.approx(1e-5 + 0.5 * 9e-5, rel=1e-5)
     assert float(cos(110)) == pytest.approx(1e-5, rel=1e-5)
     with pytest.raises(ValueError, match="decay_steps"):
-        tr.learning_rate_schedule(tr.OptimConfig(schedule="cosine"))
+        tr.learning_rate_schedule(OptimConfig(schedule="cosine"))
 
 
 def test_non_finite_batch_skips_the_update_and_counts():

@@ -20,13 +20,13 @@ import torch.multiprocessing as mp
 
 from mugv.config import get_config
 from mugv_megatron.train import objective as obj
-from mugv_megatron.train import optim
 from mugv_megatron.parallel import state as parallel
+from mugv.training import ObjectiveConfig, OptimConfig
 
 CFG = get_config("tiny")
-OPTIM = optim.OptimConfig(learning_rate=1e-3, warmup_steps=0, weight_decay=0.01, ema_decay=0.9,
+OPTIM = OptimConfig(learning_rate=1e-3, warmup_steps=0, weight_decay=0.01, ema_decay=0.9,
                           clip_norm=0.5, grad_accum_steps=2)
-OBJECTIVE = obj.ObjectiveConfig(i2v_prob=0.5, i2v_mode="quarter", caption_dropout_prob=0.25)
+OBJECTIVE = ObjectiveConfig(i2v_prob=0.5, i2v_mode="quarter", caption_dropout_prob=0.25)
 DP = 2
 SEED = 3
 # Elements per DDP bucket: the tiny model (~0.9 M parameters) then has several buckets.

@@ -15,12 +15,12 @@ from mugv.config import get_config
 from mugv.geometry import num_video_tokens
 from mugv_megatron import recompute
 from mugv_megatron.model import build as dit
-from mugv_megatron.train import optim
 from mugv_megatron.parallel import state as parallel
 from mugv_megatron.train import objective as obj
+from mugv.training import ObjectiveConfig, OptimConfig
 
 CFG = get_config("tiny")
-OBJECTIVE = obj.ObjectiveConfig(i2v_prob=0.5, i2v_mode="quarter", caption_dropout_prob=0.25)
+OBJECTIVE = ObjectiveConfig(i2v_prob=0.5, i2v_mode="quarter", caption_dropout_prob=0.25)
 LATENT = (2, CFG.in_channels, 3, 4, 6)
 
 
@@ -121,7 +121,7 @@ def test_mode_is_recorded_in_megatron_config():
 def test_trainer_steps_equal_with_recompute(mode):
     from mugv_megatron.train.step import Trainer
     parallel.setup(1)
-    cfg = optim.OptimConfig(learning_rate=1e-3, warmup_steps=0, grad_accum_steps=2)
+    cfg = OptimConfig(learning_rate=1e-3, warmup_steps=0, grad_accum_steps=2)
     batch = source().batch(0)
     batch.pop("prompt_id")
     out = []

@@ -24,12 +24,13 @@ from mugv_megatron.train import checkpointing
 from mugv_megatron.train import optim
 from mugv_megatron.parallel import state as parallel
 from mugv_megatron.train import objective as obj
+from mugv.training import ObjectiveConfig, OptimConfig, shift_ratio
 
 ROOT = Path(__file__).resolve().parents[2]
 CFG = get_config("tiny")
-OPTIM = optim.OptimConfig(learning_rate=2e-3, warmup_steps=2, weight_decay=0.01, ema_decay=0.9,
+OPTIM = OptimConfig(learning_rate=2e-3, warmup_steps=2, weight_decay=0.01, ema_decay=0.9,
                           grad_accum_steps=2)
-OBJECTIVE = obj.ObjectiveConfig(i2v_prob=0.5, i2v_mode="quarter", caption_dropout_prob=0.25)
+OBJECTIVE = ObjectiveConfig(i2v_prob=0.5, i2v_mode="quarter", caption_dropout_prob=0.25)
 
 
 def source():
@@ -67,10 +68,11 @@ def full_state(trainer) -> dict:
 
 @pytest.mark.parametrize("schedule", ["constant", "cosine"])
 def test_learning_rate_is_the_jax_schedule(schedule):
-    from mugv_jax.train.step import OptimConfig as JaxOptim, learning_rate_schedule
+    from mugv.training import OptimConfig as JaxOptim
+    from mugv_jax.train.step import learning_rate_schedule
     kw = dict(learning_rate=3e-3, warmup_steps=5, schedule=schedule, decay_steps=10, final_lr_ratio=0.1)
     jax_sched = learning_rate_schedule(JaxOptim(**kw))
-    cfg = optim.OptimConfig(**kw)
+    cfg = OptimConfig(**kw)
     for k in range(25):
         assert optim.learning_rate(cfg, k) == pytest.approx(float(jax_sched(k)), rel=1e-6, abs=1e-12), k
 
@@ -83,7 +85,7 @@ def test_prepare_applies_draws_as_spec():
     inputs, target, t = obj.prepare(batch, null, OBJECTIVE, draws)
     x0, eps = torch.from_numpy(batch["latents"]), torch.from_numpy(draws.eps)
     frames, h, w = x0.shape[2:]
-    r = obj.shift_ratio((frames, h, w))
+    r = shift_ratio((frames, h, w))
     tau = torch.sigmoid(torch.from_numpy(draws.u)) * 1000 / 1000
     assert torch.allclose(t, 1000 * r * tau / (1 + (r - 1) * tau), rtol=1e-6)
     s = (t / 1000)[:, None, None, None, None]

@@ -17,14 +17,13 @@ import torch
 
 from mugv.config import get_config
 from mugv_megatron.train import checkpointing
-from mugv_megatron.train import optim
 from mugv_megatron.parallel import state as parallel
-from mugv_megatron.train import objective as obj
+from mugv.training import ObjectiveConfig, OptimConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 CFG = get_config("tiny")
-OPTIM = optim.OptimConfig(learning_rate=2e-3, warmup_steps=0, weight_decay=0.01, ema_decay=0.9)
-OBJECTIVE = obj.ObjectiveConfig(i2v_prob=0.5, i2v_mode="quarter", caption_dropout_prob=0.25)
+OPTIM = OptimConfig(learning_rate=2e-3, warmup_steps=0, weight_decay=0.01, ema_decay=0.9)
+OBJECTIVE = ObjectiveConfig(i2v_prob=0.5, i2v_mode="quarter", caption_dropout_prob=0.25)
 
 
 def iterator():
