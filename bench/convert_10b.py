@@ -65,9 +65,9 @@ class _AnonPeak:
 
 def write_synthetic(path: str, preset: str, dtype: str) -> int:
     import numpy as np
-    from converters.formats import torchzip
-    from converters.formats.base import DTYPE_NAMES, Entry
-    from converters.schema import release_schema
+    from mugv.io import torchzip
+    from mugv.io.base import DTYPE_NAMES, Entry
+    from mugv.schema import release_schema
     from mugv.config import get_config
     config = get_config(preset)
     np_dtype = DTYPE_NAMES[dtype]

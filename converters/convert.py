@@ -10,9 +10,9 @@ import numpy as np
 
 from converters.detect import describe_config, resolve_config
 from converters.formats import Spec, detect_format, make_writer, open_reader, output_path, parse_spec
-from converters.formats.base import (DTYPE_NAMES, Entry, atomic_output, cast, check_output_free,
+from mugv.io.base import (DTYPE_NAMES, Entry, atomic_output, cast, check_output_free,
                                      dtype_name)
-from converters.schema import release_schema
+from mugv.schema import release_schema
 from mugv.config import DiTConfig, get_config
 
 

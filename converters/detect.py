@@ -11,8 +11,8 @@ import dataclasses
 import re
 
 from mugv.config import PRESETS, DiTConfig
-from converters.formats.base import Entry
-from converters.schema import check_state_dict_shapes, release_schema
+from mugv.io.base import Entry
+from mugv.schema import check_state_dict_shapes, release_schema
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 # Fields that some tensor shape determines; the rest cannot be detected.

@@ -13,8 +13,8 @@ import numpy as np
 
 from converters.convert import open_checked
 from converters.formats import parse_spec
-from converters.formats.base import to_torch
-from converters.schema import release_schema
+from mugv.io.base import to_torch
+from mugv.schema import release_schema
 
 
 def _jax_spec(spec):

@@ -176,7 +176,7 @@ def expand_params(params: dict, config: DiTConfig, factor: int, *, noise_std: fl
 
 
 def _expected_shapes(config: DiTConfig) -> dict:
-    from converters.layouts import jax as jax_layout
+    from mugv.layouts import jax as jax_layout
     return jax_layout.jax_param_shapes(config)
 
 

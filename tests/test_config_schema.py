@@ -6,14 +6,15 @@ import sys
 
 import pytest
 
-from converters.schema import check_state_dict_shapes, num_params, release_schema
+from mugv.schema import check_state_dict_shapes, num_params, release_schema
 from mugv import geometry
 from mugv.config import PRESETS, DiTConfig, get_config
 from tests.helpers import GOLDEN
 
 
 def test_core_imports_without_jax_or_torch():
-    code = ("import sys, mugv, mugv.geometry, converters.schema, converters.layouts.jax; "
+    code = ("import sys, mugv, mugv.geometry, mugv.flops, mugv.training, mugv.schema, mugv.layouts.jax, "
+            "mugv.layouts.megatron, mugv.io.base, mugv.io.release, mugv.io.torchzip; "
             "bad = [m for m in ('jax', 'torch', 'flax') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(GOLDEN) + "/..")

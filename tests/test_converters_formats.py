@@ -19,10 +19,10 @@ from converters import detect
 from converters.convert import convert, inspect, verify
 from converters.formats import jax as jax_fmt
 from converters.formats import open_reader
-from converters.layouts import jax as jax_layout
-from converters.layouts import megatron as mlayout
+from mugv.layouts import jax as jax_layout
+from mugv.layouts import megatron as mlayout
 from converters.loaders import release_state
-from converters.schema import release_schema
+from mugv.schema import release_schema
 from mugv.config import PRESETS, DiTConfig, get_config
 from tests.helpers import DIT_WEIGHTS, dit_weights
 
@@ -410,7 +410,7 @@ def test_existing_output_needs_force(tmp_path):
 
 @pytest.mark.parametrize("fmt", ["release:{d}/o.pt", "megatron:{d}/o", "megatron-legacy:{d}/o", "jax:{d}/o"])
 def test_a_failing_conversion_leaves_nothing(tmp_path, monkeypatch, fmt):
-    from converters.formats.release import ReleaseReader
+    from mugv.io.release import ReleaseReader
     items = ReleaseReader.items
 
     def failing(self):
@@ -428,7 +428,7 @@ def test_a_killed_conversion_leaves_nothing_that_looks_complete(tmp_path):
     # The reader is slowed down so the process is killed mid-write.
     code = (
         "import time, sys\n"
-        "from converters.formats.release import ReleaseReader\n"
+        "from mugv.io.release import ReleaseReader\n"
         "items = ReleaseReader.items\n"
         "def slow(self):\n"
         "    for i, item in enumerate(items(self)):\n"

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from converters.layouts import megatron as layout
+from mugv.layouts import megatron as layout
 from mugv.config import get_config
 from mugv_megatron import checkpointing, optim, parallel
 from mugv_megatron import objective as obj

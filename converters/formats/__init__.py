@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from converters.formats.base import Entry, Reader, Writer
+from mugv.io.base import Entry, Reader, Writer
 
 FORMATS = ("release", "megatron", "megatron-legacy", "jax")
 _ALIASES = {"torch_dist": "megatron", "legacy": "megatron-legacy", "megatron_legacy": "megatron-legacy",
@@ -73,7 +73,7 @@ def open_reader(spec: Spec | str, *, weights: str = "raw") -> Reader:
     if not os.path.exists(spec.path):
         raise FileNotFoundError(f"{spec.path} does not exist")
     if fmt == "release":
-        from converters.formats.release import ReleaseReader
+        from mugv.io.release import ReleaseReader
         return ReleaseReader(spec.path)
     if fmt in ("megatron", "megatron-legacy"):
         from converters.formats import megatron
@@ -93,7 +93,7 @@ def open_reader(spec: Spec | str, *, weights: str = "raw") -> Reader:
 def output_path(spec: Spec) -> str:
     """The file or directory a writer for `spec` creates (renamed into place when complete)."""
     if spec.format == "release":
-        from converters.formats.release import output_path as release_output
+        from mugv.io.release import output_path as release_output
         return release_output(spec.path)
     return spec.path
 
@@ -106,7 +106,7 @@ def make_writer(spec: Spec, tmp: str, config, entries: dict[str, Entry], *, tp: 
     if fmt != "megatron-legacy" and fmt != "megatron" and (tp, pp) != (1, 1):
         raise ValueError(f"--tp/--pp apply to Megatron outputs, not {fmt}")
     if fmt == "release":
-        from converters.formats.release import DEFAULT_MAX_SHARD_BYTES, ReleaseWriter
+        from mugv.io.release import DEFAULT_MAX_SHARD_BYTES, ReleaseWriter
         return ReleaseWriter(spec.path, tmp, config, entries,
                              max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES)
     if fmt in ("megatron", "megatron-legacy"):

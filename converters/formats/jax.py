@@ -30,9 +30,10 @@ from typing import Iterator
 
 import numpy as np
 
-from converters.formats.base import Entry, RawStore, Reader, Writer
-from converters.layouts import jax as jax_layout
-from converters.schema import release_schema
+from converters.formats.staging import RawStore
+from mugv.io.base import Entry, Reader, Writer
+from mugv.layouts import jax as jax_layout
+from mugv.schema import release_schema
 from mugv.config import DiTConfig, get_config
 
 DEFAULT_STEP = 0

@@ -29,10 +29,11 @@ from typing import Iterator
 
 import numpy as np
 
-from converters.formats.base import (Entry, RawStore, Reader, Writer, from_torch,
-                                     numpy_dtype_of_torch, torch_dtype_of)
-from converters.formats import torchzip
-from converters.layouts import megatron as layout
+from converters.formats.staging import RawStore
+from mugv.io.base import (Entry, Reader, Writer, from_torch, numpy_dtype_of_torch,
+                          torch_dtype_of)
+from mugv.io import torchzip
+from mugv.layouts import megatron as layout
 from mugv.config import DiTConfig
 
 TRACKER = "latest_checkpointed_iteration.txt"
