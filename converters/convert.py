@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 
+from converters import pipeline
 from converters.detect import describe_config, resolve_config
 from converters.formats import Spec, detect_format, make_writer, open_reader, output_path, parse_spec
 from mugv.io.base import (DTYPE_NAMES, Entry, atomic_output, cast, check_output_free,
@@ -17,6 +18,7 @@ from mugv.config import DiTConfig, get_config
 
 
 def _progress(iterable, total: int, desc: str, enabled: bool):
+    """`iterable` with a progress bar (a bar to update by hand for None)."""
     if not enabled:
         return iterable
     from tqdm import tqdm
@@ -54,12 +56,13 @@ class ConvertResult:
 
 def convert(src, dst, *, model: DiTConfig | str | None = None, dtype: str = "keep", tp: int = 1,
             pp: int = 1, weights: str = "raw", force: bool = False, progress: bool = False,
-            max_shard_bytes: int | None = None) -> ConvertResult:
+            max_shard_bytes: int | None = None, workers: int | None = None) -> ConvertResult:
     """Convert the checkpoint `src` into `dst` (specs "FORMAT:PATH[@N]").
 
     `dtype` is "keep" (bit-exact) or a floating dtype every tensor is cast to. The output is
     written under a temporary name and renamed when complete; an existing `dst` is refused
-    unless `force`.
+    unless `force`. `workers` threads read, transform and write tensors at once (None: a default
+    for this machine, 1: one tensor at a time in this thread); the output is the same bytes.
     """
     src, dst = _spec(src), _spec(dst)
     if dtype != "keep" and dtype not in DTYPE_NAMES:
@@ -71,12 +74,19 @@ def convert(src, dst, *, model: DiTConfig | str | None = None, dtype: str = "kee
     with reader:
         found = reader.entries()
         entries = {n: Entry(found[n].shape, out_dtype or found[n].dtype) for n in release_schema(config)}
+        workers = pipeline.default_workers() if workers is None else workers
         with atomic_output(out, force) as tmp:
-            writer = make_writer(dst, tmp, config, entries, tp=tp, pp=pp, max_shard_bytes=max_shard_bytes)
+            writer = make_writer(dst, tmp, config, entries, tp=tp, pp=pp, max_shard_bytes=max_shard_bytes,
+                                 workers=workers)
             try:
                 desc = f"{os.path.basename(os.path.normpath(src.path))} → {dst.format}"
-                for name, array in _progress(reader.items(), len(entries), desc, progress):
-                    writer.write(name, cast(array, out_dtype))
+                bar = _progress(None, len(entries), desc, progress)
+                pipeline.copy_tensors(
+                    reader.jobs(), lambda name, array: writer.write(name, cast(array, out_dtype)),
+                    {n: e.nbytes for n, e in entries.items()}, workers=workers,
+                    done=(lambda _: bar.update(1)) if progress else None)
+                if progress:
+                    bar.close()
                 writer.check_complete()
                 writer.finish()
             except BaseException:

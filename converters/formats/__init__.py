@@ -99,7 +99,9 @@ def output_path(spec: Spec) -> str:
 
 
 def make_writer(spec: Spec, tmp: str, config, entries: dict[str, Entry], *, tp: int = 1, pp: int = 1,
-                max_shard_bytes: int | None = None) -> Writer:
+                max_shard_bytes: int | None = None, workers: int = 1) -> Writer:
+    """A writer for `spec` into `tmp`; `workers` is how many threads (processes for torch_dist)
+    its own flush may use."""
     fmt = spec.format
     if fmt is None:
         raise ValueError(f"{spec.path}: name the output format (FORMAT:PATH, one of {FORMATS})")
@@ -109,13 +111,19 @@ def make_writer(spec: Spec, tmp: str, config, entries: dict[str, Entry], *, tp: 
         from mugv.io.release import DEFAULT_MAX_SHARD_BYTES, ReleaseWriter
         return ReleaseWriter(spec.path, tmp, config, entries,
                              max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES)
-    if fmt in ("megatron", "megatron-legacy"):
+    iteration_or_step = spec.number
+    if fmt == "megatron":
         from converters.formats import megatron
-        cls = megatron.TorchDistWriter if fmt == "megatron" else megatron.LegacyWriter
-        return cls(spec.path, tmp, config, entries, tp=tp, pp=pp,
-                   iteration=spec.number if spec.number is not None else megatron.DEFAULT_ITERATION)
+        return megatron.TorchDistWriter(
+            spec.path, tmp, config, entries, tp=tp, pp=pp, write_processes=workers,
+            iteration=iteration_or_step if iteration_or_step is not None else megatron.DEFAULT_ITERATION)
+    if fmt == "megatron-legacy":
+        from converters.formats import megatron
+        return megatron.LegacyWriter(
+            spec.path, tmp, config, entries, tp=tp, pp=pp,
+            iteration=iteration_or_step if iteration_or_step is not None else megatron.DEFAULT_ITERATION)
     if fmt == "jax":
         from converters.formats.jax import DEFAULT_STEP, JaxWriter
-        return JaxWriter(spec.path, tmp, config, entries,
-                         step=spec.number if spec.number is not None else DEFAULT_STEP)
+        return JaxWriter(spec.path, tmp, config, entries, workers=workers,
+                         step=iteration_or_step if iteration_or_step is not None else DEFAULT_STEP)
     raise ValueError(f"unknown format {fmt!r}; choose one of {FORMATS}")

@@ -26,12 +26,14 @@ import json
 import os
 import re
 import tempfile
-from typing import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import Callable, Iterator
 
 import numpy as np
 
 from converters.formats.staging import RawStore
-from mugv.io.base import Entry, Reader, Writer
+from mugv.io.base import Entry, Reader, Writer, file_backed
 from mugv.layouts import jax as jax_layout
 from mugv.schema import release_schema
 from mugv.config import DiTConfig, get_config
@@ -42,6 +44,8 @@ DEFAULT_STEP = 0
 # both the fastest and the smallest of 1..64 writes (docs/benchmarks.md).
 _IN_FLIGHT_BYTES = 128 * 2**20
 _IN_FLIGHT_WRITES = 4
+# Layers read ahead of the writes, at most (beyond one per worker thread).
+_READ_AHEAD_BYTES = 256 * 2**20
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,6 +239,24 @@ class JaxReader(Reader):
             else:
                 yield from self._staged_layers(path, a)
 
+    def jobs(self) -> Iterator[tuple[str, Callable[[], np.ndarray]]]:
+        # Each read starts in tensorstore (its own threads read and decompress) when the job is
+        # taken; the transform runs on the pipeline's thread that waits for it.
+        for path, a in self._arrays.items():
+            if path not in jax_layout.jax_param_shapes(self.layout_config):
+                raise KeyError(f"{self.step_dir}: unexpected parameter {path}")
+            if not jax_layout.is_stacked(path):
+                yield release_name_of(path, None), partial(self._finish, path, None, a.read())
+            elif a.chunk_layout.read_chunk.shape[0] == 1:
+                for i in range(a.shape[0]):
+                    yield release_name_of(path, i), partial(self._finish, path, i, a[i].read())
+            else:
+                for name, array in self._staged_layers(path, a):
+                    yield name, (lambda x=array: x)
+
+    def _finish(self, path: str, layer: int | None, future) -> np.ndarray:
+        return self._to_release(path, layer, future.result())[1]
+
     def _staged_layers(self, path: str, a) -> Iterator[tuple[str, np.ndarray]]:
         # Reading layer by layer would decode every chunk once per layer; copy each chunk once.
         chunk = tuple(a.chunk_layout.read_chunk.shape)
@@ -302,7 +324,7 @@ def _stand_in(key: str, entry: Entry) -> _Staged:
 
 
 @contextlib.contextmanager
-def _streaming_numpy_handler(store: RawStore):
+def _streaming_numpy_handler(store: RawStore, workers: int = 1):
     """Route orbax's numpy-array saving through a handler that reads stand-ins from `store`.
 
     Orbax picks the handler from a process-global registry; it is swapped for the duration of
@@ -354,14 +376,53 @@ def _streaming_numpy_handler(store: RawStore):
             stores = await asyncio.gather(*[
                 ts.open(ts.Spec(spec.json), create=True, open=True, context=info.ts_context)
                 for spec, (_, info, _) in zip(specs, staged)])
+            # params and ema hold the same stand-ins: each layer is read (and transformed) once
+            # and written to every array that holds it.
+            targets: dict[str, list] = {}
             for (value, _, _), t in zip(staged, stores):
-                key = value.staged_key
-                if jax_layout.is_stacked(key):
-                    for i in range(value.shape[0]):
-                        await put(t[i:i + 1], store.read(key, i)[None])
-                else:
-                    await put(t, store.read(key))
+                targets.setdefault(value.staged_key, []).append(t)
+            units = [(key, i) for key in targets for i in
+                     (range(store.entry(key).shape[0]) if jax_layout.is_stacked(key) else [None])]
+            await _write_units(units, targets, put)
             await drain(0, 0)
+
+    async def _write_units(units, targets, put):
+        """Read layers on `workers` threads, a few ahead of the writes (reading a mapped source
+        and transposing it is the slow part when nothing is staged), in order."""
+        loop = asyncio.get_running_loop()
+        pending_reads: collections.deque = collections.deque()
+        ahead = 0
+        todo = iter(units)
+
+        def unit_bytes(unit):
+            e = store.entry(unit[0])
+            return e.nbytes // e.shape[0] if unit[1] is not None else e.nbytes
+
+        def fill(pool):
+            nonlocal ahead
+            while len(pending_reads) < workers and (not pending_reads or ahead < _READ_AHEAD_BYTES):
+                unit = next(todo, None)
+                if unit is None:
+                    return
+                pending_reads.append((unit, loop.run_in_executor(pool, store.read, *unit)))
+                ahead += unit_bytes(unit)
+
+        with ThreadPoolExecutor(workers, thread_name_prefix="mugv-jax-write") as pool:
+            try:
+                fill(pool)
+                while pending_reads:
+                    (key, i), future = pending_reads.popleft()
+                    data = await future
+                    ahead -= unit_bytes((key, i))
+                    fill(pool)
+                    for t in targets[key]:
+                        if i is None:
+                            await put(t, data)
+                        else:
+                            await put(t[i:i + 1], data[None])
+            finally:
+                for _, future in pending_reads:
+                    future.cancel()
 
     original = registry.get_type_handler(np.ndarray)
     registry.GLOBAL_TYPE_HANDLER_REGISTRY.add(np.ndarray, StreamingHandler(deepcopy_host_arrays=False),
@@ -372,13 +433,17 @@ def _streaming_numpy_handler(store: RawStore):
         registry.GLOBAL_TYPE_HANDLER_REGISTRY.add(np.ndarray, original, override=True, ignore_warnings=True)
 
 
+def _to_jax(name: str, config: DiTConfig, array: np.ndarray) -> np.ndarray:
+    return jax_layout.release_to_jax(name, array, config)[2]
+
+
 class JaxWriter(Writer):
     format = "jax"
 
     def __init__(self, target: str, tmp: str, config: DiTConfig, entries: dict[str, Entry], *,
-                 step: int = DEFAULT_STEP):
+                 step: int = DEFAULT_STEP, workers: int = 1):
         super().__init__(target, config, entries)
-        self.tmp, self.step = tmp, step
+        self.tmp, self.step, self.workers = tmp, step, max(1, workers)
         shapes = jax_layout.jax_param_shapes(config)
         dtypes: dict[str, np.dtype] = {}
         for name, e in self.entries.items():
@@ -393,6 +458,12 @@ class JaxWriter(Writer):
                 self.staging.create(path, shape, dtypes[path])
 
     def _write(self, name: str, array: np.ndarray) -> None:
+        if file_backed(array):
+            # A view of the mapped source: nothing is staged; the layout transform runs when
+            # orbax takes the layer.
+            path, layer = jax_path_of(name)
+            self.staging.keep(path, array, index=layer, transform=partial(_to_jax, name, self.config))
+            return
         path, layer, jarr = jax_layout.release_to_jax(name, array, self.config)
         self.staging.write(path, jarr, index=layer)
 
@@ -402,7 +473,7 @@ class JaxWriter(Writer):
         params = _unflatten({p: _stand_in(p, self.staging.entry(p)) for p in self.staging._arrays})
         options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
         manager = ocp.CheckpointManager(self.tmp, options=options, item_names=("state", "config"))
-        with _streaming_numpy_handler(self.staging):
+        with _streaming_numpy_handler(self.staging, self.workers):
             manager.save(self.step, args=ocp.args.Composite(
                 state=ocp.args.StandardSave({"params": params, "ema": params}),
                 config=ocp.args.JsonSave({"model": self.config.to_dict()})))

@@ -30,8 +30,8 @@ from typing import Iterator
 import numpy as np
 
 from converters.formats.staging import RawStore
-from mugv.io.base import (Entry, Reader, Writer, from_torch, numpy_dtype_of_torch,
-                          torch_dtype_of)
+from mugv.io.base import (Entry, Reader, Writer, file_backed, from_torch, numpy_dtype_of_torch,
+                          to_torch, torch_dtype_of)
 from mugv.io import torchzip
 from mugv.layouts import megatron as layout
 from mugv.config import DiTConfig
@@ -312,10 +312,11 @@ class TorchDistWriter(Writer):
     format = "megatron"
 
     def __init__(self, target: str, tmp: str, config: DiTConfig, entries: dict[str, Entry], *,
-                 tp: int = 1, pp: int = 1, iteration: int = DEFAULT_ITERATION):
+                 tp: int = 1, pp: int = 1, iteration: int = DEFAULT_ITERATION, write_processes: int = 1):
         super().__init__(target, config, entries)
         check_parallel(config, tp, pp)
         self.tmp, self.iteration = tmp, iteration
+        self.write_processes = max(1, write_processes)
         os.makedirs(tmp)
         self.iter_dir = os.path.join(tmp, iter_dir_name(iteration))
         os.makedirs(self.iter_dir)
@@ -324,8 +325,12 @@ class TorchDistWriter(Writer):
 
     def _write(self, name: str, array: np.ndarray) -> None:
         for mname, marr in layout.release_to_megatron(name, array, self.config):
-            self.staging.create(mname, marr.shape, marr.dtype)
-            self.staging.write(mname, np.ascontiguousarray(marr))
+            if file_backed(marr) and marr.flags.c_contiguous:
+                # Same bytes as the mapped source (no regroup, no cast): DCP writes from there.
+                self.staging.keep(mname, marr)
+            else:
+                self.staging.create(mname, marr.shape, marr.dtype)
+                self.staging.write(mname, np.ascontiguousarray(marr))
 
     def finish(self) -> None:
         import torch
@@ -336,11 +341,14 @@ class TorchDistWriter(Writer):
         sd: dict = {}
         for mname in list(self.staging._arrays):
             entry = self.staging.entry(mname)
-            # Each staged tensor is its own file, so the mapped storage is exactly the tensor and
-            # dist_checkpointing writes it without a copy.
-            t = torch.from_file(self.staging.file(mname), shared=False,
-                                size=int(np.prod(entry.shape, dtype=np.int64)),
-                                dtype=torch_dtype_of(entry.dtype)).view(entry.shape)
+            # The storage of each tensor is exactly the tensor (its own staging file, or
+            # from_numpy of a view), so dist_checkpointing writes it without a copy.
+            if self.staging.file(mname) is None:
+                t = to_torch(self.staging.read(mname))
+            else:
+                t = torch.from_file(self.staging.file(mname), shared=False,
+                                    size=int(np.prod(entry.shape, dtype=np.int64)),
+                                    dtype=torch_dtype_of(entry.dtype)).view(entry.shape)
             layer, suffix = _split_layer(mname)
             if layer is None:
                 sd[mname] = ShardedTensor.from_rank_offsets(mname, t, replica_id=0)
@@ -352,8 +360,9 @@ class TorchDistWriter(Writer):
         sd["checkpoint_version"] = CHECKPOINT_VERSION
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            # thread_count: the writer forks that many processes, each writing one file.
             dist_checkpointing.save(sd, self.iter_dir, sharded_strategy=TorchDistSaveShardedStrategy(
-                "torch_dist", 1, thread_count=1))
+                "torch_dist", 1, thread_count=self.write_processes))
         del sd
         self.staging.close()
         with open(os.path.join(self.tmp, TRACKER), "w") as f:

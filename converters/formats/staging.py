@@ -1,9 +1,12 @@
-"""Staging: tensors parked on disk (not in memory) until a format that needs them all at once
-(torch_dist, orbax) can take them."""
+"""Staging: tensors parked until a format that needs them all at once (torch_dist, orbax) can
+take them: on disk (not in memory), or, for a view of a memory-mapped source, as that view (no
+bytes copied; the source file is the staging)."""
 from __future__ import annotations
 
 import os
 import shutil
+import threading
+from typing import Callable
 
 import numpy as np
 
@@ -17,18 +20,33 @@ class RawStore:
     def __init__(self, directory: str):
         self.directory = directory
         os.makedirs(directory, exist_ok=True)
-        self._arrays: dict[str, tuple[str, Entry]] = {}
+        self._arrays: dict[str, tuple[str | None, Entry]] = {}
+        # (key, row or None) → (view of a mapped source, transform applied when read)
+        self._kept: dict[tuple[str, int | None], tuple[np.ndarray, Callable | None]] = {}
+        self._lock = threading.Lock()
 
-    def file(self, key: str) -> str:
+    def file(self, key: str) -> str | None:
+        """The staging file of `key`; None when it is kept as a view."""
         return self._arrays[key][0]
 
     def create(self, key: str, shape: Shape, dtype) -> str:
-        path = os.path.join(self.directory, f"{len(self._arrays):05d}.bin")
         entry = Entry(shape, dtype)
+        with self._lock:  # writers call this from a pool of threads
+            path = os.path.join(self.directory, f"{len(self._arrays):05d}.bin")
+            self._arrays[key] = (path, entry)
         with open(path, "wb") as f:
             f.truncate(entry.nbytes)
-        self._arrays[key] = (path, entry)
         return path
+
+    def keep(self, key: str, view: np.ndarray, index: int | None = None,
+             transform: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
+        """Park `view` (of a memory-mapped source that stays unchanged until the store is read)
+        instead of its bytes; `read` returns `transform(view)`. A whole array (`index` None) that
+        was not created is registered with the view's shape and dtype."""
+        with self._lock:
+            if index is None and key not in self._arrays:
+                self._arrays[key] = (None, Entry(view.shape, view.dtype))
+            self._kept[(key, index)] = (view, transform)
 
     def entry(self, key: str) -> Entry:
         return self._arrays[key][1]
@@ -72,12 +90,17 @@ class RawStore:
 
     def read(self, key: str, index: int | None = None) -> np.ndarray:
         path, entry, offset, shape = self._row(key, index)
+        kept = self._kept.get((key, index))
+        if kept is not None:
+            view, transform = kept
+            array = transform(view) if transform else view
+            if tuple(array.shape) != shape or array.dtype != entry.dtype:
+                raise ValueError(f"staging {key}: kept view gives {list(array.shape)} {array.dtype}, "
+                                 f"expected {list(shape)} {entry.dtype}")
+            return array
         count = int(np.prod(shape, dtype=np.int64))
         return np.fromfile(path, dtype=entry.dtype, count=count, offset=offset).reshape(shape)
 
-    def remove(self, key: str) -> None:
-        path, _ = self._arrays.pop(key)
-        os.unlink(path)
-
     def close(self) -> None:
+        self._kept.clear()
         shutil.rmtree(self.directory, ignore_errors=True)
