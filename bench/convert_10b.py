@@ -12,9 +12,9 @@ Every step runs in its own process and reports wall time, throughput and memory:
   ratio         conversion MB/s ÷ copy MB/s (checkpoint bytes over wall time, both)
   maxrss        getrusage(RUSAGE_SELF).ru_maxrss: counts file pages the step memory-mapped
                 (the release source, kept views), which the kernel can drop at any time
-  peak anon     the largest sum of RssAnon over the step's process and its children (the
-                torch_dist writer forks), sampled every 50 ms: memory only they hold, what
-                decides whether a conversion fits
+  peak anon     the largest sum of Pss_Anon over the step's process and its children (the
+                torch_dist writer forks), sampled every 100 ms: anonymous memory they hold,
+                pages a fork still shares counted once; what decides whether a conversion fits
 Everything is deleted at the end.
 
 --low-disk keeps at most two formats on disk (peak: the .pt plus the JAX output, params and EMA):
@@ -35,16 +35,18 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 
 def _anon_kib(pid: int | str = "self") -> int:
+    """Pss_Anon: a forked child's pages still shared with its parent count once over the tree."""
     try:
-        with open(f"/proc/{pid}/status") as f:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
             for line in f:
-                if line.startswith("RssAnon:"):
+                if line.startswith("Pss_Anon:"):
                     return int(line.split()[1])
     except OSError:  # the process ended between listing and reading
         pass
@@ -81,7 +83,7 @@ class _AnonPeak:
         self._thread.start()
 
     def _run(self):
-        while not self._stop.wait(0.05):
+        while not self._stop.wait(0.1):
             self.peak = max(self.peak, _tree_anon_kib())
 
     def stop(self) -> int:
@@ -101,9 +103,16 @@ def write_synthetic(path: str, preset: str, dtype: str) -> int:
     schema = release_schema(config)
     slots = {n: torchzip.TensorSlot(str(i), Entry(s, np_dtype)) for i, (n, s) in enumerate(schema.items())}
     out = torchzip.StreamingTorchFile(path, slots, list(slots.values()))
-    for i, (name, shape) in enumerate(schema.items()):
+
+    def fill(i_name_shape):
+        # One generator per tensor (the values do not depend on the threads); numpy's
+        # generators release the GIL, so the threads draw in parallel.
+        i, (name, shape) = i_name_shape
         rng = np.random.default_rng(i)
         out.write(slots[name].key, (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np_dtype))
+
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        list(pool.map(fill, enumerate(schema.items())))
     out.close()
     return sum(s.entry.nbytes for s in slots.values())
 

@@ -81,14 +81,15 @@ def convert(src, dst, *, model: DiTConfig | str | None = None, dtype: str = "kee
             try:
                 desc = f"{os.path.basename(os.path.normpath(src.path))} → {dst.format}"
                 bar = _progress(None, len(entries), desc, progress)
-                pipeline.copy_tensors(
-                    reader.jobs(), lambda name, array: writer.write(name, cast(array, out_dtype)),
-                    {n: e.nbytes for n, e in entries.items()}, workers=workers,
-                    done=(lambda _: bar.update(1)) if progress else None)
-                if progress:
-                    bar.close()
-                writer.check_complete()
-                writer.finish()
+                with pipeline.lean_runtime():
+                    pipeline.copy_tensors(
+                        reader.jobs(), lambda name, array: writer.write(name, cast(array, out_dtype)),
+                        {n: e.nbytes for n, e in entries.items()}, workers=workers,
+                        done=(lambda _: bar.update(1)) if progress else None)
+                    if progress:
+                        bar.close()
+                    writer.check_complete()
+                    writer.finish()
             except BaseException:
                 writer.abort()
                 raise
@@ -116,9 +117,10 @@ def _weights_for(spec, weights: str) -> str:
 
 
 def verify(a, b, *, atol: float = 0.0, weights: str = "raw", progress: bool = False,
-           limit: int = 20) -> VerifyResult:
+           limit: int = 20, workers: int | None = None) -> VerifyResult:
     """Compare two checkpoints tensor by tensor in release names. atol 0 means bit-identical
-    (same dtype, same bytes); otherwise |a - b| <= atol everywhere, dtypes may differ."""
+    (same dtype, same bytes); otherwise |a - b| <= atol everywhere, dtypes may differ. Tensors
+    are compared on `workers` threads; problems are listed in `a`'s tensor order."""
     ra, _, _ = open_checked(a, weights=_weights_for(a, weights))
     with ra:
         rb, _, _ = open_checked(b, weights=_weights_for(b, weights))
@@ -126,28 +128,36 @@ def verify(a, b, *, atol: float = 0.0, weights: str = "raw", progress: bool = Fa
             ea, eb = ra.entries(), rb.entries()
             problems = [f"only in {ra.path}: {n}" for n in ea if n not in eb]
             problems += [f"only in {rb.path}: {n}" for n in eb if n not in ea]
-            compared, worst = 0, 0.0
-            for name, x in _progress(ra.items(), len(ea), "verify", progress):
-                if name not in eb:
-                    continue
-                y = rb.get(name)
-                compared += 1
-                if x.shape != y.shape:
-                    problems.append(f"{name}: shape {list(x.shape)} vs {list(y.shape)}")
-                    continue
-                if atol == 0:
-                    if x.dtype != y.dtype:
-                        problems.append(f"{name}: dtype {dtype_name(x.dtype)} vs {dtype_name(y.dtype)}")
-                    elif not np.array_equal(_bits(x), _bits(y)):
-                        diff = float(np.max(np.abs(x.astype(np.float64) - y.astype(np.float64))))
-                        worst = max(worst, diff)
-                        problems.append(f"{name}: values differ (max |a-b| = {diff:.3g})")
-                else:
-                    diff = float(np.max(np.abs(x.astype(np.float64) - y.astype(np.float64)), initial=0.0))
-                    worst = max(worst, diff)
-                    if not diff <= atol:
-                        problems.append(f"{name}: max |a-b| = {diff:.3g} > atol {atol:g}")
-    return VerifyResult(not problems, compared, problems, worst)
+            found: dict[str, tuple[str | None, float]] = {}
+
+            def compare(name: str, x: np.ndarray) -> None:
+                if name in eb:
+                    found[name] = _compare(name, x, rb.get(name), atol)
+
+            bar = _progress(None, len(ea), "verify", progress)
+            with pipeline.lean_runtime():
+                pipeline.copy_tensors(ra.jobs(), compare, {n: e.nbytes for n, e in ea.items()},
+                                      workers=workers, done=(lambda _: bar.update(1)) if progress else None)
+            if progress:
+                bar.close()
+            problems += [found[n][0] for n in ea if n in found and found[n][0]]
+            worst = max((d for _, d in found.values()), default=0.0)
+    return VerifyResult(not problems, len(found), problems, worst)
+
+
+def _compare(name: str, x: np.ndarray, y: np.ndarray, atol: float) -> tuple[str | None, float]:
+    """(problem or None, max |x - y| where computed) of one tensor."""
+    if x.shape != y.shape:
+        return f"{name}: shape {list(x.shape)} vs {list(y.shape)}", 0.0
+    if atol == 0:
+        if x.dtype != y.dtype:
+            return f"{name}: dtype {dtype_name(x.dtype)} vs {dtype_name(y.dtype)}", 0.0
+        if np.array_equal(_bits(x), _bits(y)):
+            return None, 0.0
+        diff = float(np.max(np.abs(x.astype(np.float64) - y.astype(np.float64))))
+        return f"{name}: values differ (max |a-b| = {diff:.3g})", diff
+    diff = float(np.max(np.abs(x.astype(np.float64) - y.astype(np.float64)), initial=0.0))
+    return (None if diff <= atol else f"{name}: max |a-b| = {diff:.3g} > atol {atol:g}"), diff
 
 
 def inspect(spec, *, weights: str = "raw") -> dict:

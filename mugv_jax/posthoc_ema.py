@@ -89,8 +89,8 @@ def _run_pieces(run: str):
 
 def main(argv=None) -> int:
     from tqdm import tqdm
-    from converters.formats.jax import resolve_step_dir
-    from converters.loaders import jax_params
+    from mugv_jax.orbax_params import load_params as jax_params
+    from mugv_jax.orbax_params import resolve_step_dir
     from mugv_jax import validation
     from mugv_jax.expand import save_params
     p = argparse.ArgumentParser(prog="python -m mugv_jax.posthoc_ema", description=__doc__.split("\n\n")[0])

@@ -116,7 +116,7 @@ def _init_params_from(spec: str, model_cfg: DiTConfig, weights: str = "raw"):
     """Initial parameters from `jax:DIR[@STEP]` (an orbax checkpoint, e.g. written by
     `python -m converters convert`) or a release-layout file (.pt / .safetensors)."""
     if spec.startswith("jax:"):
-        from converters.loaders import jax_params
+        from mugv_jax.orbax_params import load_params as jax_params
         found, params = jax_params(spec, weights=weights)
         if found != model_cfg:
             raise ValueError(f"config.init_from={spec} holds a {found} model, but the run's model is {model_cfg}")

@@ -91,3 +91,37 @@ def test_strict_shape_check_names_every_problem():
     assert "ckpt.pt" in msg and "missing tensors (1): c" in msg and "unexpected tensors (1): z" in msg
     assert "tensor a: shape [3, 2] in checkpoint, model expects [2, 3]" in msg
     check_state_dict_shapes(expected, expected, "ok")
+
+
+def _imports(package: str) -> dict[str, set[str]]:
+    """{file: top-level modules it imports}, lazy imports inside functions included."""
+    import ast
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(GOLDEN))), package)
+    assert os.path.isfile(os.path.join(root, "__init__.py")), root
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(dirpath, name)
+                with open(path) as f:
+                    tree = ast.parse(f.read(), path)
+                mods = set()
+                for node in ast.walk(tree):
+                    if isinstance(node, ast.Import):
+                        mods |= {a.name.split(".")[0] for a in node.names}
+                    elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                        mods.add(node.module.split(".")[0])
+                out[os.path.relpath(path, os.path.dirname(root))] = mods
+    return out
+
+
+def test_dependencies_point_one_way():
+    """mugv (core) ← backends (mugv_jax, mugv_megatron, mugv_data) ← converters and apps."""
+    backends = ("mugv_jax", "mugv_megatron", "mugv_data")
+    bad = [f"{f} imports {sorted(m & {'converters', *backends})}"
+           for f, m in _imports("mugv").items() if m & {"converters", *backends}]
+    for package in backends:
+        bad += [f"{f} imports converters" for f, m in _imports(package).items() if "converters" in m]
+    assert not bad, bad
+    # The scan sees lazy imports: the converters do import the backends.
+    assert any("mugv_jax" in m for m in _imports("converters").values())

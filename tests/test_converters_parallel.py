@@ -141,3 +141,29 @@ def test_writers_keep_views_of_a_mapped_source_instead_of_staging(tmp_path, monk
     assert len(created) == 63
     r = ReleaseReader(DIT_WEIGHTS)
     assert verify(f"megatron:{tmp_path}/td", DIT_WEIGHTS).equal and len(r.entries()) == 63
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (300, 700), (513, 257), (1000, 1)])
+def test_tiled_transpose_moves_the_bits_unchanged(shape):
+    import ml_dtypes
+    from mugv.layouts.jax import transpose2d
+    rng = np.random.default_rng(0)
+    for dtype in (np.float32, ml_dtypes.bfloat16, np.float16):
+        a = rng.standard_normal(shape).astype(dtype)
+        a.view(np.uint8)[..., :1] = 0xFF  # arbitrary bit patterns, not only rounded values
+        for src in (a, a[:, ::2]):
+            t = transpose2d(src)
+            assert t.flags.c_contiguous and t.dtype == src.dtype and t.shape == src.shape[::-1]
+            assert np.array_equal(t.view(np.uint8), np.ascontiguousarray(src.T).view(np.uint8))
+
+
+def test_torch_dist_read_through_dist_checkpointing_equals_the_mapped_read(sources, tmp_path, monkeypatch):
+    """Chunkings the mapped reader does not take (a TP-sharded trainer save) go through
+    dist_checkpointing, on the pipeline's threads; both give the same bits."""
+    from converters.formats.megatron import TorchDistReader
+    from converters.formats import open_reader
+    assert open_reader(sources["torch_dist"]).describe()["read"] == "memory-mapped chunks"
+    monkeypatch.setattr(TorchDistReader, "_direct_index", lambda self, metadata: None)
+    assert open_reader(sources["torch_dist"]).describe()["read"] == "dist_checkpointing"
+    convert(sources["torch_dist"], f"release:{tmp_path}/o.safetensors", workers=4)
+    assert _bits_equal(DIT_WEIGHTS, f"{tmp_path}/o.safetensors")

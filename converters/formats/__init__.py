@@ -46,14 +46,15 @@ def parse_spec(text: str) -> Spec:
 
 
 def detect_format(path: str) -> str:
-    from converters.formats import jax as jax_fmt, megatron
+    from converters.formats import megatron
+    from mugv_jax.orbax_params import is_jax_checkpoint
     if os.path.isfile(path):
         return "release"
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path} does not exist")
     if any(n.endswith(".index.json") for n in os.listdir(path)):
         return "release"
-    if jax_fmt.is_jax_checkpoint(path):
+    if is_jax_checkpoint(path):
         return "jax"
     try:
         variant = megatron.detect_variant(path)

@@ -68,10 +68,11 @@ class _Pickler(pickle.Pickler):
         return None
 
 
-def _record_data_offset(path: str, info: zipfile.ZipInfo) -> int:
-    with open(path, "rb") as f:
-        f.seek(info.header_offset)
-        fields = _LOCAL_HEADER.unpack(f.read(_LOCAL_HEADER.size))
+def _record_data_offset(f, info: zipfile.ZipInfo) -> int:
+    """Where the bytes of record `info` start in the archive open as `f` (the local header's
+    name and extra fields may differ in length from the central directory's)."""
+    f.seek(info.header_offset)
+    fields = _LOCAL_HEADER.unpack(f.read(_LOCAL_HEADER.size))
     name_len, extra_len = fields[-2], fields[-1]
     return info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
 
@@ -103,7 +104,8 @@ class StreamingTorchFile:
         del writer
         with zipfile.ZipFile(path) as z:
             records = {info.filename.split("/", 1)[1]: info for info in z.infolist()}
-        self._offsets = {key: _record_data_offset(path, records[f"data/{key}"]) for key in self._slots}
+        with open(path, "rb") as f:
+            self._offsets = {key: _record_data_offset(f, records[f"data/{key}"]) for key in self._slots}
         self._fd = os.open(path, os.O_WRONLY)
         self._pending = set(self._slots)
 
@@ -239,14 +241,48 @@ class _StateUnpickler(pickle.Unpickler):
         return storage
 
 
-def _read_record(path: str, info: zipfile.ZipInfo) -> bytes:
-    # Not ZipFile.read: streaming writers (ours, torch's skip_data) leave the CRCs unset, and
-    # torch.load does not check them either.
+class _Window(io.RawIOBase):
+    """Bytes [start, start + length) of an open file, as a file of their own (an archive that
+    sits inside a larger file, like each tensor of a torch_dist .distcp file)."""
+
+    def __init__(self, f, start: int, length: int):
+        self._f, self._start, self._length, self._pos = f, start, length, 0
+
+    def seekable(self):
+        return True
+
+    def readable(self):
+        return True
+
+    def seek(self, offset, whence=io.SEEK_SET):
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._length}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def tell(self):
+        return self._pos
+
+    def read(self, n=-1):
+        end = self._length if n is None or n < 0 else min(self._length, self._pos + n)
+        if end <= self._pos:
+            return b""
+        data = os.pread(self._f.fileno(), end - self._pos, self._start + self._pos)
+        self._pos += len(data)
+        return data
+
+    def readinto(self, b):
+        data = self.read(len(b))
+        b[:len(data)] = data
+        return len(data)
+
+
+def _read_record(f, info: zipfile.ZipInfo, path: str) -> bytes:
+    # Not ZipFile.read: streaming writers (ours, torch's skip_data, DCP without CRCs) leave the
+    # CRCs unset, and torch.load does not check them either.
     if info.compress_type != zipfile.ZIP_STORED:
         raise NeedsTorch(f"compressed record {info.filename}")
-    with open(path, "rb") as f:
-        f.seek(_record_data_offset(path, info))
-        data = f.read(info.file_size)
+    f.seek(_record_data_offset(f, info))
+    data = f.read(info.file_size)
     if len(data) != info.file_size:
         raise ValueError(f"{path}: record {info.filename} is cut short")
     return data
@@ -254,39 +290,49 @@ def _read_record(path: str, info: zipfile.ZipInfo) -> bytes:
 
 class TorchZipFile:
     """The object a torch.save zip file holds, with every tensor a `TensorRef` into the mapped
-    file; `array(ref, name)` gives the tensor as a numpy view."""
+    file; `array(ref, name)` gives the tensor as a numpy view.
 
-    def __init__(self, path: str):
+    `start`/`length` read an archive stored inside a larger file (a torch_dist .distcp holds one
+    per tensor); `mapping` is that file's mapping when the caller shares one between archives.
+    """
+
+    def __init__(self, path: str, start: int = 0, length: int | None = None, mapping=None):
         self.path = path
-        if not zipfile.is_zipfile(path):
-            raise NeedsTorch("not a zip archive (the pre-1.6 torch.save format)")
-        with zipfile.ZipFile(path) as z:
-            infos = z.infolist()
+        with open(path, "rb") as raw:
+            size = os.fstat(raw.fileno()).st_size if length is None else length
+            f = _Window(raw, start, size)
+            if not zipfile.is_zipfile(f):
+                raise NeedsTorch("not a zip archive (the pre-1.6 torch.save format)")
+            with zipfile.ZipFile(f) as z:
+                infos = z.infolist()
             pickles = [i for i in infos if i.filename.endswith("/data.pkl") or i.filename == "data.pkl"]
             if len(pickles) != 1:
                 raise NeedsTorch(f"{len(pickles)} data.pkl records")
             prefix = pickles[0].filename[:-len("data.pkl")]
             by_name = {i.filename: i for i in infos}
             order = by_name.get(prefix + "byteorder")
-            if order is not None and _read_record(path, order) != b"little":
+            if order is not None and _read_record(f, order, path) != b"little":
                 raise NeedsTorch("big-endian tensor data")
-            data = _read_record(path, pickles[0])
+            data = _read_record(f, pickles[0], path)
+            offsets = {}
+            for name, info in by_name.items():
+                if name.startswith(prefix + "data/"):
+                    if info.compress_type != zipfile.ZIP_STORED:
+                        raise NeedsTorch(f"compressed record {name}")
+                    offsets[name[len(prefix) + 5:]] = (start + _record_data_offset(f, info), info.file_size)
 
         def record(key: str) -> tuple[int, int]:
-            info = by_name.get(f"{prefix}data/{key}")
-            if info is None:
+            if key not in offsets:
                 raise ValueError(f"{path}: the pickle refers to tensor data data/{key}, which the "
                                  f"archive does not hold")
-            if info.compress_type != zipfile.ZIP_STORED:
-                raise NeedsTorch(f"compressed record data/{key}")
-            return _record_data_offset(path, info), info.file_size
+            return offsets[key]
 
         try:
             self.obj = _StateUnpickler(io.BytesIO(data), record, path).load()
         except (pickle.UnpicklingError, EOFError, AttributeError, TypeError) as e:
             raise ValueError(f"cannot read {path} as a torch checkpoint: "
                              f"{str(e).splitlines()[0][:500]}") from e
-        self._map = map_file(path)
+        self._map = mapping if mapping is not None else map_file(path)
 
     def array(self, ref: TensorRef, name: str) -> np.ndarray:
         """Tensor `name` (for errors) as a numpy view of the file, without a copy."""
