@@ -10,6 +10,7 @@ the same bytes measured in the same run: `cp` (then fsync) of the release-format
 it (its source, or its output), so the ratio says how close a conversion gets to the disk.
 Every step runs in its own process and reports wall time, throughput and memory:
   ratio         conversion MB/s ÷ copy MB/s (checkpoint bytes over wall time, both)
+  CPU time      user + system seconds of the step and its children (imports included)
   maxrss        getrusage(RUSAGE_SELF).ru_maxrss: counts file pages the step memory-mapped
                 (the release source, kept views), which the kernel can drop at any time
   peak anon     the largest sum of Pss_Anon over the step's process and its children (the
@@ -140,6 +141,10 @@ def run_step(step: str, args) -> dict:
         raise ValueError(step)
     result["seconds"] = time.perf_counter() - t0
     result["peak_anon_kib"] = peak.stop()
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    # CPU seconds of the step (imports included), its forked writers too: on a shared machine
+    # the wall time depends on the other jobs, the CPU time much less.
+    result["cpu_seconds"] = own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
     result["maxrss_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return result
 
@@ -278,8 +283,8 @@ def main() -> int:
                 shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else (
                     os.unlink(path) if os.path.exists(path) else None)
     print(f"\nmachine: {machine()}")
-    print("\n| step | time | throughput | vs copy | peak anon (process tree) | maxrss | output on disk | load before/after |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| step | time | CPU time | throughput | vs copy | peak anon (process tree) | maxrss | output on disk | load before/after |")
+    print("|---|---|---|---|---|---|---|---|---|")
     print("\n".join(_row(row, copies, human_bytes) for row in rows))
     return 0
 
@@ -294,7 +299,8 @@ def _row(row: dict, copies: dict, human_bytes) -> str:
     anon = human_bytes(r["peak_anon_kib"] * 1024) if "peak_anon_kib" in r else ""
     rss = human_bytes(r["maxrss_kib"] * 1024) if "maxrss_kib" in r else ""
     size = human_bytes(row["size"]) if row["size"] else ""
-    return (f"| {row['label']} | {r['seconds']:.1f} s | {f'{rate / 1e6:.0f} MB/s' if rate else ''} | {ratio} | "
+    cpu = f"{r['cpu_seconds']:.0f} s" if "cpu_seconds" in r else ""
+    return (f"| {row['label']} | {r['seconds']:.1f} s | {cpu} | {f'{rate / 1e6:.0f} MB/s' if rate else ''} | {ratio} | "
             f"{anon} | {rss} | {size} | {row['load'][0]} → {row['load'][1]} |")
 
 

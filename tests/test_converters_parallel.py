@@ -167,3 +167,14 @@ def test_torch_dist_read_through_dist_checkpointing_equals_the_mapped_read(sourc
     assert open_reader(sources["torch_dist"]).describe()["read"] == "dist_checkpointing"
     convert(sources["torch_dist"], f"release:{tmp_path}/o.safetensors", workers=4)
     assert _bits_equal(DIT_WEIGHTS, f"{tmp_path}/o.safetensors")
+
+
+def test_jax_output_holds_the_weights_once(tmp_path):
+    """The EMA (= params) is an OCDBT copy by reference of the params' chunks: read back equal,
+    stored once."""
+    convert(DIT_WEIGHTS, f"jax:{tmp_path}/j", workers=2)
+    assert verify(DIT_WEIGHTS, f"jax:{tmp_path}/j", weights="ema").equal
+    assert verify(DIT_WEIGHTS, f"jax:{tmp_path}/j").equal
+    on_disk = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(tmp_path / "j") for f in fs)
+    weights = os.path.getsize(DIT_WEIGHTS)
+    assert on_disk < 1.5 * weights, (on_disk, weights)  # written twice it is about 2x

@@ -274,15 +274,31 @@ def _streaming_numpy_handler(store: RawStore, workers: int = 1):
             stores = await asyncio.gather(*[
                 ts.open(ts.Spec(spec.json), create=True, open=True, context=info.ts_context)
                 for spec, (_, info, _) in zip(specs, staged)])
-            # params and ema hold the same stand-ins: each layer is read (and transformed) once
-            # and written to every array that holds it.
+            # params and ema hold the same stand-ins: each layer is read (and transformed) once.
+            # In one OCDBT database the other arrays holding it become copies by reference of
+            # the first one's keys (its chunks and .zarray, identical for both): no second
+            # encode or write, and the data is on disk once. Elsewhere each is written.
             targets: dict[str, list] = {}
-            for (value, _, _), t in zip(staged, stores):
-                targets.setdefault(value.staged_key, []).append(t)
+            copies: list[tuple] = []
+            for (value, info, _), t in zip(staged, stores):
+                held = targets.setdefault(value.staged_key, [])
+                if held and info.is_ocdbt_checkpoint and _copyable(held[0], t):
+                    copies.append((held[0], t))
+                else:
+                    held.append(t)
             units = [(key, i) for key in targets for i in
                      (range(store.entry(key).shape[0]) if jax_layout.is_stacked(key) else [None])]
             await _write_units(units, targets, put)
             await drain(0, 0)
+            for source, target in copies:
+                await source.kvstore.experimental_copy_range_to(target.kvstore)
+
+    def _copyable(source, target) -> bool:
+        # Both arrays' keys under their own directory of the same database (ranges that do not
+        # overlap), so copying one range to the other copies exactly one array.
+        a, b = source.kvstore, target.kvstore
+        return (a.path.endswith("/") and b.path.endswith("/") and a.path != b.path
+                and a.base is not None and b.base is not None and a.base.url == b.base.url)
 
     async def _write_units(units, targets, put):
         """Read layers on `workers` threads, a few ahead of the writes (reading a mapped source
