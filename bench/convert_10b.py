@@ -162,14 +162,17 @@ def _du(path: str) -> int:
 def copy_baseline(src: str, workdir: str) -> dict:
     """`cp` of `src` (then fsync, as the converters' writers do), timed; the copy is deleted."""
     dst = os.path.join(workdir, "copy-baseline")
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     subprocess.run(["cp", "--reflink=never", src, dst], check=True)
     fd = os.open(dst, os.O_RDONLY)
     os.fsync(fd)
     os.close(fd)
     seconds = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     os.unlink(dst)
-    return {"bytes": os.path.getsize(src), "seconds": seconds}
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return {"bytes": os.path.getsize(src), "seconds": seconds, "cpu_seconds": cpu}
 
 
 def machine() -> str:
@@ -299,7 +302,7 @@ def _row(row: dict, copies: dict, human_bytes) -> str:
     anon = human_bytes(r["peak_anon_kib"] * 1024) if "peak_anon_kib" in r else ""
     rss = human_bytes(r["maxrss_kib"] * 1024) if "maxrss_kib" in r else ""
     size = human_bytes(row["size"]) if row["size"] else ""
-    cpu = f"{r['cpu_seconds']:.0f} s" if "cpu_seconds" in r else ""
+    cpu = f"{r['cpu_seconds']:.1f} s" if "cpu_seconds" in r else ""
     return (f"| {row['label']} | {r['seconds']:.1f} s | {cpu} | {f'{rate / 1e6:.0f} MB/s' if rate else ''} | {ratio} | "
             f"{anon} | {rss} | {size} | {row['load'][0]} → {row['load'][1]} |")
 

@@ -6,16 +6,18 @@ keyed by the JAX layout's dotted paths, mugv/layouts/jax.py), `data` and `config
 
 Reading opens each array of `state/params` (or `state/ema`) with tensorstore directly
 (`mugv_jax.orbax_params.StoredParams`), so one layer of a stacked array is read at a time, and
-several reads are in flight at once (tensorstore reads and decodes on its own threads). If the stored
-chunks span several layers (the trainer writes one chunk per device shard, layers included),
-that array is first copied chunk by chunk into a raw staging file (under $TMPDIR), which bounds
-memory by one storage chunk (orbax caps chunks at 2 GiB) rather than by the array.
+several reads are in flight at once (tensorstore reads and decodes on its own threads). If the
+stored chunks span several layers (the trainer writes one chunk per device shard, layers
+included), that array is first copied chunk by chunk into a raw staging file (under $TMPDIR),
+which bounds memory by one storage chunk (orbax caps chunks at 2 GiB) rather than by the array.
 
 Writing produces a CheckpointManager directory with one step whose `state` item holds `params`
 and `ema` (= params) and whose `config` item holds {"model": config}. Nothing else (no optimizer
 state, step counter or data position): it is a set of weights a run initialises from, not a run
-to resume. Tensors are staged on disk as they arrive, then saved by orbax's StandardSave with a
-handler that streams each array into tensorstore one layer at a time, one chunk per layer.
+to resume. Tensors are parked as they arrive (views of a memory-mapped source as they are,
+others staged on disk), then saved by orbax's StandardSave with a handler that streams each
+params array into tensorstore one layer at a time, one chunk per layer, and makes each ema array
+an OCDBT copy by reference of its params array.
 """
 from __future__ import annotations
 
