@@ -16,7 +16,6 @@ from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file as load_torch_st
 
 from converters.convert import convert, inspect, verify
-from converters.formats import jax as jax_fmt
 from converters.formats import open_reader
 from mugv.layouts import jax as jax_layout
 from mugv.layouts import megatron as mlayout

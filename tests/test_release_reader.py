@@ -1,7 +1,6 @@
 """The one release reader (mugv.io.release): torch zip files without torch, memory-mapped views,
 safetensors and HF shards, the torch fallback, and errors that name the file and the tensor."""
 import json
-import os
 import subprocess
 import sys
 import zipfile

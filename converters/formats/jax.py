@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import os
 import re
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
