@@ -256,7 +256,6 @@ def _jax_step_part(args, attention):
     import numpy as np
     from mugv import flops, geometry
     from mugv_jax.parallel import mesh as mesh_lib
-    from mugv_jax.train import objective as obj
     from mugv_jax.train import step as tr
     from mugv_jax.dit.model import RuntimeOptions
 
@@ -317,7 +316,6 @@ def _cudnn_step_lowering(args, cfg, latent, text_len, result):
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec
     from mugv_jax.parallel import mesh as mesh_lib
-    from mugv_jax.train import objective as obj
     from mugv_jax.train import step as tr
     from mugv_jax.dit.model import RuntimeOptions
     mesh = mesh_lib.build_mesh({"data": -1}, devices=jax.local_devices()[:1])

@@ -37,13 +37,11 @@ def main():
         os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.host_devices}"
 
     import jax
-    import numpy as np
 
     from mugv import flops
     from mugv.config import get_config
     from mugv.geometry import num_video_tokens
     from mugv_jax.parallel import mesh as mesh_lib
-    from mugv_jax.train import objective as obj
     from mugv_jax.train import step as tr
     from mugv.data.synthetic import Bucket, SyntheticTextToLatent
     from mugv_jax.dit.model import RuntimeOptions

@@ -1,5 +1,6 @@
-"""Checkpoint layouts and conversions between the official release, JAX (orbax) and Megatron.
+"""Checkpoint conversions between the official release, JAX (orbax) and Megatron.
 
-`converters.schema` (the canonical release names and shapes) and `converters.layouts.jax`
-(numpy-only transforms) import neither jax nor torch.
+The schema, the layouts and release-file IO live in the framework-free core (`mugv.schema`,
+`mugv.layouts`, `mugv.io`); this package adds the training formats (`formats/jax.py`,
+`formats/megatron.py`), config detection, the conversion pipeline and the CLI.
 """

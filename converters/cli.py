@@ -1,7 +1,7 @@
 """`python -m converters {convert,inspect,verify}`: checkpoints between release, Megatron and JAX.
 
     python -m converters convert --src release:dit.pt --dst jax:/ckpt/jax [--model 10b]
-        [--dtype keep|float32|bfloat16] [--tp N --pp M] [--weights raw|ema] [--force]
+        [--dtype keep|float32|bfloat16] [--tp N --pp M] [--weights raw|ema] [--workers N] [--force]
     python -m converters inspect PATH
     python -m converters verify A B [--atol 1e-6]
 
@@ -35,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="JAX source: the trained params (raw) or their EMA")
     c.add_argument("--max-shard-size", type=float, default=None, metavar="GB",
                    help="sharded release output: shard size in GB (default 5)")
+    c.add_argument("--workers", type=int, default=None,
+                   help="threads reading, transforming and writing tensors at once (default: a "
+                        "number for this machine; 1: one tensor at a time); the output is the same")
     c.add_argument("--force", action="store_true", help="replace an existing output")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -58,7 +61,7 @@ def _run(args) -> int:
         shard = None if args.max_shard_size is None else int(args.max_shard_size * 1e9)
         r = api.convert(args.src, args.dst, model=args.model, dtype=args.dtype, tp=args.tp,
                         pp=args.pp, weights=args.weights, force=args.force,
-                        progress=not args.quiet, max_shard_bytes=shard)
+                        progress=not args.quiet, max_shard_bytes=shard, workers=args.workers)
         print(f"wrote {r.dst}: {r.tensors} tensors, {api.human_bytes(r.bytes_written)}, "
               f"config {api.describe_config(r.config)} [{r.config_origin}]")
         if r.null_text:

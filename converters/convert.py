@@ -8,17 +8,19 @@ import sys
 
 import numpy as np
 
+from converters import pipeline
 from converters.detect import describe_config, resolve_config
 from converters.formats import Spec, detect_format, make_writer, open_reader, output_path, parse_spec
-from converters.formats.base import (DTYPE_NAMES, Entry, atomic_output, cast, check_output_free,
+from mugv.io.base import (DTYPE_NAMES, Entry, atomic_output, cast, check_output_free,
                                      dtype_name)
 from converters.null_text import training_null_text
-from converters.schema import release_schema
 from mugv import null_text as null_lib
+from mugv.schema import release_schema
 from mugv.config import DiTConfig, get_config
 
 
 def _progress(iterable, total: int, desc: str, enabled: bool):
+    """`iterable` with a progress bar (a bar to update by hand for None)."""
     if not enabled:
         return iterable
     from tqdm import tqdm
@@ -57,14 +59,16 @@ class ConvertResult:
 
 def convert(src, dst, *, model: DiTConfig | str | None = None, dtype: str = "keep", tp: int = 1,
             pp: int = 1, weights: str = "raw", force: bool = False, progress: bool = False,
-            max_shard_bytes: int | None = None) -> ConvertResult:
+            max_shard_bytes: int | None = None, workers: int | None = None) -> ConvertResult:
     """Convert the checkpoint `src` into `dst` (specs "FORMAT:PATH[@N]").
 
     `dtype` is "keep" (bit-exact) or a floating dtype every tensor is cast to. The output is
     written under a temporary name and renamed when complete; an existing `dst` is refused
     unless `force`. A release output gets the source's trained null caption as a sidecar
     (converters/null_text.py), so sampling finds it; a stale sidecar there is replaced or,
-    when the source has none, removed.
+    when the source has none, removed. `workers` threads read, transform and write tensors at once
+    (None: a default for this machine, 1: one tensor at a time in this thread); the output is the
+    same bytes.
     """
     src, dst = _spec(src), _spec(dst)
     if dtype != "keep" and dtype not in DTYPE_NAMES:
@@ -81,14 +85,22 @@ def convert(src, dst, *, model: DiTConfig | str | None = None, dtype: str = "kee
         null = training_null_text(reader) if sidecar else None
         found = reader.entries()
         entries = {n: Entry(found[n].shape, out_dtype or found[n].dtype) for n in release_schema(config)}
+        workers = pipeline.default_workers() if workers is None else workers
         with atomic_output(out, force) as tmp:
-            writer = make_writer(dst, tmp, config, entries, tp=tp, pp=pp, max_shard_bytes=max_shard_bytes)
+            writer = make_writer(dst, tmp, config, entries, tp=tp, pp=pp, max_shard_bytes=max_shard_bytes,
+                                 workers=workers)
             try:
                 desc = f"{os.path.basename(os.path.normpath(src.path))} → {dst.format}"
-                for name, array in _progress(reader.items(), len(entries), desc, progress):
-                    writer.write(name, cast(array, out_dtype))
-                writer.check_complete()
-                writer.finish()
+                bar = _progress(None, len(entries), desc, progress)
+                with pipeline.lean_runtime():
+                    pipeline.copy_tensors(
+                        reader.jobs(), lambda name, array: writer.write(name, cast(array, out_dtype)),
+                        {n: e.nbytes for n, e in entries.items()}, workers=workers,
+                        done=(lambda _: bar.update(1)) if progress else None)
+                    if progress:
+                        bar.close()
+                    writer.check_complete()
+                    writer.finish()
             except BaseException:
                 writer.abort()
                 raise
@@ -121,9 +133,10 @@ def _weights_for(spec, weights: str) -> str:
 
 
 def verify(a, b, *, atol: float = 0.0, weights: str = "raw", progress: bool = False,
-           limit: int = 20) -> VerifyResult:
+           limit: int = 20, workers: int | None = None) -> VerifyResult:
     """Compare two checkpoints tensor by tensor in release names. atol 0 means bit-identical
-    (same dtype, same bytes); otherwise |a - b| <= atol everywhere, dtypes may differ."""
+    (same dtype, same bytes); otherwise |a - b| <= atol everywhere, dtypes may differ. Tensors
+    are compared on `workers` threads; problems are listed in `a`'s tensor order."""
     ra, _, _ = open_checked(a, weights=_weights_for(a, weights))
     with ra:
         rb, _, _ = open_checked(b, weights=_weights_for(b, weights))
@@ -131,28 +144,36 @@ def verify(a, b, *, atol: float = 0.0, weights: str = "raw", progress: bool = Fa
             ea, eb = ra.entries(), rb.entries()
             problems = [f"only in {ra.path}: {n}" for n in ea if n not in eb]
             problems += [f"only in {rb.path}: {n}" for n in eb if n not in ea]
-            compared, worst = 0, 0.0
-            for name, x in _progress(ra.items(), len(ea), "verify", progress):
-                if name not in eb:
-                    continue
-                y = rb.get(name)
-                compared += 1
-                if x.shape != y.shape:
-                    problems.append(f"{name}: shape {list(x.shape)} vs {list(y.shape)}")
-                    continue
-                if atol == 0:
-                    if x.dtype != y.dtype:
-                        problems.append(f"{name}: dtype {dtype_name(x.dtype)} vs {dtype_name(y.dtype)}")
-                    elif not np.array_equal(_bits(x), _bits(y)):
-                        diff = float(np.max(np.abs(x.astype(np.float64) - y.astype(np.float64))))
-                        worst = max(worst, diff)
-                        problems.append(f"{name}: values differ (max |a-b| = {diff:.3g})")
-                else:
-                    diff = float(np.max(np.abs(x.astype(np.float64) - y.astype(np.float64)), initial=0.0))
-                    worst = max(worst, diff)
-                    if not diff <= atol:
-                        problems.append(f"{name}: max |a-b| = {diff:.3g} > atol {atol:g}")
-    return VerifyResult(not problems, compared, problems, worst)
+            found: dict[str, tuple[str | None, float]] = {}
+
+            def compare(name: str, x: np.ndarray) -> None:
+                if name in eb:
+                    found[name] = _compare(name, x, rb.get(name), atol)
+
+            bar = _progress(None, len(ea), "verify", progress)
+            with pipeline.lean_runtime():
+                pipeline.copy_tensors(ra.jobs(), compare, {n: e.nbytes for n, e in ea.items()},
+                                      workers=workers, done=(lambda _: bar.update(1)) if progress else None)
+            if progress:
+                bar.close()
+            problems += [found[n][0] for n in ea if n in found and found[n][0]]
+            worst = max((d for _, d in found.values()), default=0.0)
+    return VerifyResult(not problems, len(found), problems, worst)
+
+
+def _compare(name: str, x: np.ndarray, y: np.ndarray, atol: float) -> tuple[str | None, float]:
+    """(problem or None, max |x - y| where computed) of one tensor."""
+    if x.shape != y.shape:
+        return f"{name}: shape {list(x.shape)} vs {list(y.shape)}", 0.0
+    if atol == 0:
+        if x.dtype != y.dtype:
+            return f"{name}: dtype {dtype_name(x.dtype)} vs {dtype_name(y.dtype)}", 0.0
+        if np.array_equal(_bits(x), _bits(y)):
+            return None, 0.0
+        diff = float(np.max(np.abs(x.astype(np.float64) - y.astype(np.float64))))
+        return f"{name}: values differ (max |a-b| = {diff:.3g})", diff
+    diff = float(np.max(np.abs(x.astype(np.float64) - y.astype(np.float64)), initial=0.0))
+    return (None if diff <= atol else f"{name}: max |a-b| = {diff:.3g} > atol {atol:g}"), diff
 
 
 def inspect(spec, *, weights: str = "raw") -> dict:

@@ -1,41 +1,19 @@
-"""Models straight from any checkpoint format (for inference, tests and `init_from`).
+"""Models and state dicts straight from any checkpoint format (for inference, tests and `init_from`).
 
-    model = converters.loaders.jax_model("jax:/ckpt/run/checkpoints")      # Flax MUG-DiT
     model = converters.loaders.megatron_model("megatron:/ckpt/mcore")      # megatron.core MUG-DiT
-    config, params = converters.loaders.jax_params("jax:/ckpt@1000")       # Trainer.init_state(seed, params)
+    state = converters.loaders.release_state("jax:/ckpt@1000")             # {release name: array}
 
 Each reads the checkpoint through the converters (strict schema check first), so the whole model
-is in memory once, as the model itself needs.
+is in memory once, as the model itself needs. A JAX model or params from a JAX checkpoint come
+from the backend itself: `mugv_jax.train.orbax_params.load_model` / `load_params`.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from converters.convert import open_checked
-from converters.formats import parse_spec
-from converters.formats.base import to_torch
-from converters.schema import release_schema
-
-
-def _jax_spec(spec):
-    spec = parse_spec(spec) if isinstance(spec, str) else spec
-    if spec.format not in (None, "jax"):
-        raise ValueError(f"{spec}: expected a JAX checkpoint")
-    return spec
-
-
-def jax_params(spec, *, weights: str = "raw"):
-    """(config, nested float32 params dict) of a JAX checkpoint."""
-    from converters.formats.jax import load_params
-    spec = _jax_spec(spec)
-    return load_params(spec.path, spec.number, weights)
-
-
-def jax_model(spec, *, weights: str = "raw", options=None):
-    """The Flax MUG-DiT with the weights of a JAX (orbax) checkpoint."""
-    from converters.formats.jax import load_model
-    spec = _jax_spec(spec)
-    return load_model(spec.path, spec.number, weights, options)
+from mugv.io.base import to_torch
+from mugv.schema import release_schema
 
 
 def release_state(spec, *, model=None, weights: str = "raw") -> dict[str, np.ndarray]:

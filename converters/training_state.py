@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from converters.layouts import jax as jax_layout
-from converters.layouts import megatron as mlayout
+from mugv.layouts import jax as jax_layout
+from mugv.layouts import megatron as mlayout
 from mugv.config import DiTConfig
 from mugv.training import ObjectiveConfig, OptimConfig, unflatten as _unflatten
 

@@ -1,8 +1,10 @@
 """Framework-free facts about MUG-V shared by every backend.
 
-Nothing in this package imports jax or torch: model dimensions (`config`), latent and token
-geometry (`geometry`) are importable by the JAX trainer, the Megatron trainer and the converters
-alike, so both trainers and the converters agree on one set of numbers.
+Nothing in this package imports jax or torch at import time: model dimensions (`config`), latent
+and token geometry (`geometry`), FLOPs, the release parameter schema (`schema`), the backends'
+layouts as maps to and from it (`layouts`) and release-checkpoint IO (`io`) are importable by the
+JAX trainer, the Megatron trainer and the converters alike. Dependencies point one way:
+`mugv` ← backends (`mugv_jax`, `mugv_megatron`) ← converters and apps.
 """
 from mugv.config import DiTConfig, PRESETS, get_config
 

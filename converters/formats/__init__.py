@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from converters.formats.base import Entry, Reader, Writer
+from mugv.io.base import Entry, Reader, Writer
 
 FORMATS = ("release", "megatron", "megatron-legacy", "jax")
 _ALIASES = {"torch_dist": "megatron", "legacy": "megatron-legacy", "megatron_legacy": "megatron-legacy",
@@ -46,14 +46,15 @@ def parse_spec(text: str) -> Spec:
 
 
 def detect_format(path: str) -> str:
-    from converters.formats import jax as jax_fmt, megatron
+    from converters.formats import megatron
+    from mugv_jax.train.orbax_params import is_jax_checkpoint
     if os.path.isfile(path):
         return "release"
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path} does not exist")
     if any(n.endswith(".index.json") for n in os.listdir(path)):
         return "release"
-    if jax_fmt.is_jax_checkpoint(path):
+    if is_jax_checkpoint(path):
         return "jax"
     try:
         variant = megatron.detect_variant(path)
@@ -73,7 +74,7 @@ def open_reader(spec: Spec | str, *, weights: str = "raw") -> Reader:
     if not os.path.exists(spec.path):
         raise FileNotFoundError(f"{spec.path} does not exist")
     if fmt == "release":
-        from converters.formats.release import ReleaseReader
+        from mugv.io.release import ReleaseReader
         return ReleaseReader(spec.path)
     if fmt in ("megatron", "megatron-legacy"):
         from converters.formats import megatron
@@ -93,29 +94,37 @@ def open_reader(spec: Spec | str, *, weights: str = "raw") -> Reader:
 def output_path(spec: Spec) -> str:
     """The file or directory a writer for `spec` creates (renamed into place when complete)."""
     if spec.format == "release":
-        from converters.formats.release import output_path as release_output
+        from mugv.io.release import output_path as release_output
         return release_output(spec.path)
     return spec.path
 
 
 def make_writer(spec: Spec, tmp: str, config, entries: dict[str, Entry], *, tp: int = 1, pp: int = 1,
-                max_shard_bytes: int | None = None) -> Writer:
+                max_shard_bytes: int | None = None, workers: int = 1) -> Writer:
+    """A writer for `spec` into `tmp`; `workers` is how many threads (processes for torch_dist)
+    its own flush may use."""
     fmt = spec.format
     if fmt is None:
         raise ValueError(f"{spec.path}: name the output format (FORMAT:PATH, one of {FORMATS})")
     if fmt != "megatron-legacy" and fmt != "megatron" and (tp, pp) != (1, 1):
         raise ValueError(f"--tp/--pp apply to Megatron outputs, not {fmt}")
     if fmt == "release":
-        from converters.formats.release import DEFAULT_MAX_SHARD_BYTES, ReleaseWriter
+        from mugv.io.release import DEFAULT_MAX_SHARD_BYTES, ReleaseWriter
         return ReleaseWriter(spec.path, tmp, config, entries,
                              max_shard_bytes=max_shard_bytes or DEFAULT_MAX_SHARD_BYTES)
-    if fmt in ("megatron", "megatron-legacy"):
+    iteration_or_step = spec.number
+    if fmt == "megatron":
         from converters.formats import megatron
-        cls = megatron.TorchDistWriter if fmt == "megatron" else megatron.LegacyWriter
-        return cls(spec.path, tmp, config, entries, tp=tp, pp=pp,
-                   iteration=spec.number if spec.number is not None else megatron.DEFAULT_ITERATION)
+        return megatron.TorchDistWriter(
+            spec.path, tmp, config, entries, tp=tp, pp=pp, write_processes=workers,
+            iteration=iteration_or_step if iteration_or_step is not None else megatron.DEFAULT_ITERATION)
+    if fmt == "megatron-legacy":
+        from converters.formats import megatron
+        return megatron.LegacyWriter(
+            spec.path, tmp, config, entries, tp=tp, pp=pp,
+            iteration=iteration_or_step if iteration_or_step is not None else megatron.DEFAULT_ITERATION)
     if fmt == "jax":
         from converters.formats.jax import DEFAULT_STEP, JaxWriter
-        return JaxWriter(spec.path, tmp, config, entries,
-                         step=spec.number if spec.number is not None else DEFAULT_STEP)
+        return JaxWriter(spec.path, tmp, config, entries, workers=workers,
+                         step=iteration_or_step if iteration_or_step is not None else DEFAULT_STEP)
     raise ValueError(f"unknown format {fmt!r}; choose one of {FORMATS}")

@@ -1,39 +1,44 @@
 """Orbax checkpoints of the JAX trainer (mugv_jax/train/checkpointing.py), read and written per tensor.
 
 A trainer checkpoint is `<manager dir>/<step>/` with items `state` (params and ema: nested dicts
-keyed by the JAX layout's dotted paths, converters/layouts/jax.py), `data` and `config`
+keyed by the JAX layout's dotted paths, mugv/layouts/jax.py), `data` and `config`
 ({"model": DiTConfig dict}). `PATH@STEP` picks a step, else the newest.
 
-Reading opens each array of `state/params` (or `state/ema`) with tensorstore directly (orbax's
-own read spec and context), so one layer of a stacked array is read at a time. If the stored
-chunks span several layers (the trainer writes one chunk per device shard, layers included),
-that array is first copied chunk by chunk into a raw staging file (under $TMPDIR), which bounds
-memory by one storage chunk (orbax caps chunks at 2 GiB) rather than by the array.
+Reading opens each array of `state/params` (or `state/ema`) with tensorstore directly
+(`mugv_jax.train.orbax_params.StoredParams`), so one layer of a stacked array is read at a time, and
+several reads are in flight at once (tensorstore reads and decodes on its own threads). If the
+stored chunks span several layers (the trainer writes one chunk per device shard, layers
+included), that array is first copied chunk by chunk into a raw staging file (under $TMPDIR),
+which bounds memory by one storage chunk (orbax caps chunks at 2 GiB) rather than by the array.
 
 Writing produces a CheckpointManager directory with one step whose `state` item holds `params`
 and `ema` (= params) and whose `config` item holds {"model": config}. Nothing else (no optimizer
 state, step counter or data position): it is a set of weights a run initialises from, not a run
-to resume. Tensors are staged on disk as they arrive, then saved by orbax's StandardSave with a
-handler that streams each array into tensorstore one layer at a time, one chunk per layer.
+to resume. Tensors are parked as they arrive (views of a memory-mapped source as they are,
+others staged on disk), then saved by orbax's StandardSave with a handler that streams each
+params array into tensorstore one layer at a time, one chunk per layer, and makes each ema array
+an OCDBT copy by reference of its params array.
 """
 from __future__ import annotations
 
-import ast
 import asyncio
 import collections
 import contextlib
-import json
-import os
 import re
 import tempfile
-from typing import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import Callable, Iterator
 
 import numpy as np
 
-from converters.formats.base import Entry, RawStore, Reader, Writer
-from converters.layouts import jax as jax_layout
-from converters.schema import release_schema
+from converters.formats.staging import RawStore
+from mugv.io.base import Entry, Reader, Writer, file_backed
+from mugv.layouts import jax as jax_layout
 from mugv.config import DiTConfig, get_config
+from mugv.schema import release_schema
+from mugv.training import unflatten
+from mugv_jax.train.orbax_params import StoredParams
 
 DEFAULT_STEP = 0
 # Writes handed to tensorstore but not yet committed, at most (see StreamingHandler). Each holds
@@ -41,42 +46,8 @@ DEFAULT_STEP = 0
 # both the fastest and the smallest of 1..64 writes (docs/benchmarks.md).
 _IN_FLIGHT_BYTES = 128 * 2**20
 _IN_FLIGHT_WRITES = 4
-
-
-# ---------------------------------------------------------------------------------------------
-# Locating a checkpoint
-
-
-def _steps(manager_dir: str) -> list[int]:
-    if not os.path.isdir(manager_dir):
-        return []
-    # Orbax writes a step under a temporary name and renames it when complete: a plain number
-    # is a finished step.
-    return sorted(int(n) for n in os.listdir(manager_dir)
-                  if n.isdigit() and os.path.isdir(os.path.join(manager_dir, n, "state")))
-
-
-def is_jax_checkpoint(path: str) -> bool:
-    return (os.path.isfile(os.path.join(path, "state", "_METADATA"))
-            or bool(_steps(path)) or bool(_steps(os.path.join(path, "checkpoints"))))
-
-
-def resolve_step_dir(path: str, step: int | None) -> tuple[str, int | None, list[int]]:
-    """(step directory, step, all steps) for a manager dir, a workdir, or a step dir."""
-    if os.path.isfile(os.path.join(path, "state", "_METADATA")):
-        base = os.path.basename(os.path.normpath(path))
-        return path, (int(base) if base.isdigit() else None), []
-    manager = path
-    if not _steps(path) and _steps(os.path.join(path, "checkpoints")):
-        manager = os.path.join(path, "checkpoints")
-    steps = _steps(manager)
-    if not steps:
-        raise FileNotFoundError(f"{path}: no orbax checkpoint (no <step>/state directory)")
-    if step is None:
-        step = steps[-1]
-    elif step not in steps:
-        raise FileNotFoundError(f"{path}: no step {step} (steps present: {steps})")
-    return os.path.join(manager, str(step)), step, steps
+# Layers read ahead of the writes, at most (beyond one per worker thread).
+_READ_AHEAD_BYTES = 256 * 2**20
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,29 +92,6 @@ def release_name_of(jax_path: str, layer: int | None) -> str:
     return re.sub(r"^blocks\.\d+\.", f"blocks.{layer}.", _NAMES[jax_path][0])
 
 
-def _config_from_jax_shapes(shapes: dict[str, tuple], source: str) -> DiTConfig:
-    """Detect the config from JAX-layout shapes via the release-name detector."""
-    from converters.detect import detect_config
-    need = {"x_embedder.kernel", "blocks.attn.q_norm.scale", "blocks.mlp.fc1.kernel",
-            "y_embedder.fc1.kernel", "t_embedder.fc1.kernel", "final_layer.linear.kernel"}
-    missing = sorted(need - set(shapes))
-    if missing:
-        raise ValueError(f"{source}: cannot detect the model configuration, no {missing}")
-    kt, kh, kw, cin, c = shapes["x_embedder.kernel"]
-    depth, d = shapes["blocks.attn.q_norm.scale"]
-    f = shapes["blocks.mlp.fc1.kernel"][2]
-    release = {
-        "x_embedder.proj.weight": (c, cin, kt, kh, kw),
-        "blocks.0.attn.q_norm.weight": (d,),
-        f"blocks.{depth - 1}.attn.q_norm.weight": (d,),
-        "blocks.0.mlp.fc1.weight": (f, c),
-        "y_embedder.y_proj.fc1.weight": tuple(reversed(shapes["y_embedder.fc1.kernel"])),
-        "t_embedder.mlp.0.weight": tuple(reversed(shapes["t_embedder.fc1.kernel"])),
-        "final_layer.linear.weight": tuple(reversed(shapes["final_layer.linear.kernel"])),
-    }
-    return detect_config(release)
-
-
 # ---------------------------------------------------------------------------------------------
 # Reading
 
@@ -152,46 +100,15 @@ class JaxReader(Reader):
     format = "jax"
 
     def __init__(self, path: str, step: int | None = None, weights: str = "raw"):
-        import tensorstore as ts
-        from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
-        if weights not in ("raw", "ema"):
-            raise ValueError(f"weights must be 'raw' or 'ema', got {weights!r}")
-        self.path = path
-        self.step_dir, self.step, self.steps = resolve_step_dir(path, step)
-        self.weights = weights
-        self.state_dir = os.path.join(self.step_dir, "state")
-        meta_path = os.path.join(self.state_dir, "_METADATA")
-        with open(meta_path) as f:
-            meta = json.load(f)
-        use_ocdbt, use_zarr3 = bool(meta.get("use_ocdbt", True)), bool(meta.get("use_zarr3", False))
-        tree = [ast.literal_eval(k) for k in meta["tree_metadata"]]
-        self.state_keys = sorted({k[0] for k in tree})
-        root = "params" if weights == "raw" else "ema"
-        paths = [".".join(k[1:]) for k in tree if k[0] == root]
-        if not paths:
-            raise ValueError(f"{self.step_dir}: the state holds no {root!r} "
-                             f"(entries: {self.state_keys})")
-        self._ctx = ts_utils.get_ts_context(use_ocdbt=use_ocdbt)
-        self._arrays = {}
-        for p in paths:
-            spec = ts_utils.ArrayReadSpec(self.state_dir, f"{root}.{p}", use_zarr3, use_ocdbt=use_ocdbt)
-            self._arrays[p] = ts.open(spec.json, context=self._ctx).result()
-        shapes = {p: tuple(a.shape) for p, a in self._arrays.items()}
-        self.stored_config = None
-        config_file = os.path.join(self.step_dir, "config", "metadata")
-        if os.path.isfile(config_file):
-            with open(config_file) as f:
-                model = json.load(f).get("model")
-            if isinstance(model, dict):
-                self.stored_config = DiTConfig.from_dict(model)
-        config = self.stored_config or _config_from_jax_shapes(shapes, self.step_dir)
-        self.layout_config = config
+        stored = StoredParams(path, step, weights)
+        self.path, self.weights = path, weights
+        self.step_dir, self.step, self.steps = stored.step_dir, stored.step, stored.steps
+        self.state_dir = stored.state_dir
+        self.state_keys, self.stored_config = stored.state_keys, stored.stored_config
+        self._arrays = stored.arrays
+        config = self.layout_config = stored.config
+        root = stored.root
         want = jax_layout.jax_param_shapes(config)
-        bad = [f"{p}: {list(s)} in checkpoint, model expects {list(want[p])}"
-               for p, s in shapes.items() if p in want and tuple(want[p]) != s]
-        if bad:
-            raise ValueError(f"{self.step_dir} ({root}) does not match the model schema:\n  "
-                             + "\n  ".join(bad))
         schema = release_schema(config)
         self._src: dict[str, tuple[str, int | None]] = {}
         self._entries: dict[str, Entry] = {}
@@ -234,6 +151,24 @@ class JaxReader(Reader):
             else:
                 yield from self._staged_layers(path, a)
 
+    def jobs(self) -> Iterator[tuple[str, Callable[[], np.ndarray]]]:
+        # Each read starts in tensorstore (its own threads read and decompress) when the job is
+        # taken; the transform runs on the pipeline's thread that waits for it.
+        for path, a in self._arrays.items():
+            if path not in jax_layout.jax_param_shapes(self.layout_config):
+                raise KeyError(f"{self.step_dir}: unexpected parameter {path}")
+            if not jax_layout.is_stacked(path):
+                yield release_name_of(path, None), partial(self._finish, path, None, a.read())
+            elif a.chunk_layout.read_chunk.shape[0] == 1:
+                for i in range(a.shape[0]):
+                    yield release_name_of(path, i), partial(self._finish, path, i, a[i].read())
+            else:
+                for name, array in self._staged_layers(path, a):
+                    yield name, (lambda x=array: x)
+
+    def _finish(self, path: str, layer: int | None, future) -> np.ndarray:
+        return self._to_release(path, layer, future.result())[1]
+
     def _staged_layers(self, path: str, a) -> Iterator[tuple[str, np.ndarray]]:
         # Reading layer by layer would decode every chunk once per layer; copy each chunk once.
         chunk = tuple(a.chunk_layout.read_chunk.shape)
@@ -258,33 +193,6 @@ class JaxReader(Reader):
         return d
 
 
-def _full_params(path: str, step: int | None, weights: str) -> tuple[DiTConfig, dict[str, np.ndarray]]:
-    reader = JaxReader(path, step, weights)
-    config = reader.layout_config
-    want = jax_layout.jax_param_shapes(config)
-    missing = sorted(set(want) - set(reader._arrays))
-    unexpected = sorted(set(reader._arrays) - set(want))
-    if missing or unexpected:
-        raise ValueError(f"{reader.step_dir}: {weights} weights do not match the model: "
-                         f"missing {missing}, unexpected {unexpected}")
-    return config, {p: np.asarray(reader._arrays[p].read().result(), np.float32) for p in want}
-
-
-def load_params(path: str, step: int | None = None, weights: str = "raw") -> tuple[DiTConfig, dict]:
-    """(config, nested float32 params dict) from a JAX checkpoint: what `Trainer.init_state(seed,
-    params)` takes. Holds the whole model, as the model will."""
-    from mugv_jax.train.step import _unflatten
-    config, flat = _full_params(path, step, weights)
-    return config, _unflatten(flat)
-
-
-def load_model(path: str, step: int | None = None, weights: str = "raw", options=None):
-    """The Flax MUG-DiT with the weights of a JAX checkpoint (`jax:PATH`)."""
-    from mugv_jax.dit.checkpoint import model_from_params
-    config, flat = _full_params(path, step, weights)
-    return model_from_params(config, flat, options)
-
-
 # ---------------------------------------------------------------------------------------------
 # Writing
 
@@ -300,8 +208,21 @@ def _stand_in(key: str, entry: Entry) -> _Staged:
     return out
 
 
+# Orbax compresses with zstd level 1. Bit-shuffled LZ4 (blosc) compresses random-normal bf16
+# weights as well (0.76 of raw vs 0.78) and encodes and decodes about twice as fast, which is most
+# of a conversion's CPU time; tensorstore reads it like any zarr codec (docs/converters.md).
+_FAST_CODEC = {"id": "blosc", "cname": "lz4", "clevel": 5, "shuffle": 2}
+
+
+def _use_fast_codec(tspec: dict) -> None:
+    tspec = tspec.get("base", tspec)  # inside a `cast` driver when the stored dtype differs
+    metadata = tspec.get("metadata", {})
+    if metadata.get("compressor") is not None:  # zarr v2 (orbax's default); v3 is left alone
+        metadata["compressor"] = dict(_FAST_CODEC)
+
+
 @contextlib.contextmanager
-def _streaming_numpy_handler(store: RawStore):
+def _streaming_numpy_handler(store: RawStore, workers: int = 1):
     """Route orbax's numpy-array saving through a handler that reads stand-ins from `store`.
 
     Orbax picks the handler from a process-global registry; it is swapped for the duration of
@@ -349,18 +270,75 @@ def _streaming_numpy_handler(store: RawStore):
                 dtype=value.dtype, use_ocdbt=info.is_ocdbt_checkpoint,
                 process_index=ocdbt_utils.get_process_index_for_subdir(
                     use_ocdbt=info.is_ocdbt_checkpoint)) for value, info, arg in staged]
+            for spec in specs:
+                _use_fast_codec(spec.json)
             # Opening creates each array's metadata: one commit each, so all at once.
             stores = await asyncio.gather(*[
                 ts.open(ts.Spec(spec.json), create=True, open=True, context=info.ts_context)
                 for spec, (_, info, _) in zip(specs, staged)])
-            for (value, _, _), t in zip(staged, stores):
-                key = value.staged_key
-                if jax_layout.is_stacked(key):
-                    for i in range(value.shape[0]):
-                        await put(t[i:i + 1], store.read(key, i)[None])
+            # params and ema hold the same stand-ins: each layer is read (and transformed) once.
+            # In one OCDBT database the other arrays holding it become copies by reference of
+            # the first one's keys (its chunks and .zarray, identical for both): no second
+            # encode or write, and the data is on disk once. Elsewhere each is written.
+            targets: dict[str, list] = {}
+            copies: list[tuple] = []
+            for (value, info, _), t in zip(staged, stores):
+                held = targets.setdefault(value.staged_key, [])
+                if held and info.is_ocdbt_checkpoint and _copyable(held[0], t):
+                    copies.append((held[0], t))
                 else:
-                    await put(t, store.read(key))
+                    held.append(t)
+            units = [(key, i) for key in targets for i in
+                     (range(store.entry(key).shape[0]) if jax_layout.is_stacked(key) else [None])]
+            await _write_units(units, targets, put)
             await drain(0, 0)
+            for source, target in copies:
+                await source.kvstore.experimental_copy_range_to(target.kvstore)
+
+    def _copyable(source, target) -> bool:
+        # Both arrays' keys under their own directory of the same database (ranges that do not
+        # overlap), so copying one range to the other copies exactly one array.
+        a, b = source.kvstore, target.kvstore
+        return (a.path.endswith("/") and b.path.endswith("/") and a.path != b.path
+                and a.base is not None and b.base is not None and a.base.url == b.base.url)
+
+    async def _write_units(units, targets, put):
+        """Read layers on `workers` threads, a few ahead of the writes (reading a mapped source
+        and transposing it is the slow part when nothing is staged), in order."""
+        loop = asyncio.get_running_loop()
+        pending_reads: collections.deque = collections.deque()
+        ahead = 0
+        todo = iter(units)
+
+        def unit_bytes(unit):
+            e = store.entry(unit[0])
+            return e.nbytes // e.shape[0] if unit[1] is not None else e.nbytes
+
+        def fill(pool):
+            nonlocal ahead
+            while len(pending_reads) < workers and (not pending_reads or ahead < _READ_AHEAD_BYTES):
+                unit = next(todo, None)
+                if unit is None:
+                    return
+                pending_reads.append((unit, loop.run_in_executor(pool, store.read, *unit)))
+                ahead += unit_bytes(unit)
+
+        with ThreadPoolExecutor(workers, thread_name_prefix="mugv-jax-write") as pool:
+            try:
+                fill(pool)
+                while pending_reads:
+                    (key, i), future = pending_reads.popleft()
+                    data = await future
+                    ahead -= unit_bytes((key, i))
+                    fill(pool)
+                    for t in targets[key]:
+                        if i is None:
+                            await put(t, data)
+                        else:
+                            await put(t[i:i + 1], data[None])
+            finally:
+                for _, future in pending_reads:
+                    future.cancel()
 
     original = registry.get_type_handler(np.ndarray)
     registry.GLOBAL_TYPE_HANDLER_REGISTRY.add(np.ndarray, StreamingHandler(deepcopy_host_arrays=False),
@@ -371,13 +349,17 @@ def _streaming_numpy_handler(store: RawStore):
         registry.GLOBAL_TYPE_HANDLER_REGISTRY.add(np.ndarray, original, override=True, ignore_warnings=True)
 
 
+def _to_jax(name: str, config: DiTConfig, array: np.ndarray) -> np.ndarray:
+    return jax_layout.release_to_jax(name, array, config)[2]
+
+
 class JaxWriter(Writer):
     format = "jax"
 
     def __init__(self, target: str, tmp: str, config: DiTConfig, entries: dict[str, Entry], *,
-                 step: int = DEFAULT_STEP):
+                 step: int = DEFAULT_STEP, workers: int = 1):
         super().__init__(target, config, entries)
-        self.tmp, self.step = tmp, step
+        self.tmp, self.step, self.workers = tmp, step, max(1, workers)
         shapes = jax_layout.jax_param_shapes(config)
         dtypes: dict[str, np.dtype] = {}
         for name, e in self.entries.items():
@@ -392,16 +374,21 @@ class JaxWriter(Writer):
                 self.staging.create(path, shape, dtypes[path])
 
     def _write(self, name: str, array: np.ndarray) -> None:
+        if file_backed(array):
+            # A view of the mapped source: nothing is staged; the layout transform runs when
+            # orbax takes the layer.
+            path, layer = jax_path_of(name)
+            self.staging.keep(path, array, index=layer, transform=partial(_to_jax, name, self.config))
+            return
         path, layer, jarr = jax_layout.release_to_jax(name, array, self.config)
         self.staging.write(path, jarr, index=layer)
 
     def finish(self) -> None:
         import orbax.checkpoint as ocp
-        from mugv_jax.train.step import _unflatten
-        params = _unflatten({p: _stand_in(p, self.staging.entry(p)) for p in self.staging._arrays})
+        params = unflatten({p: _stand_in(p, self.staging.entry(p)) for p in self.staging._arrays})
         options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
         manager = ocp.CheckpointManager(self.tmp, options=options, item_names=("state", "config"))
-        with _streaming_numpy_handler(self.staging):
+        with _streaming_numpy_handler(self.staging, self.workers):
             manager.save(self.step, args=ocp.args.Composite(
                 state=ocp.args.StandardSave({"params": params, "ema": params}),
                 config=ocp.args.JsonSave({"model": self.config.to_dict()})))

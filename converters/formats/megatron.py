@@ -23,16 +23,19 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import threading
 import warnings
+from functools import partial
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
-from converters.formats.base import (Entry, RawStore, Reader, Writer, from_torch,
-                                     numpy_dtype_of_torch, torch_dtype_of)
-from converters.formats import torchzip
-from converters.layouts import megatron as layout
+from converters.formats.staging import RawStore
+from mugv.io.base import (Entry, Reader, Writer, file_backed, from_torch, map_file,
+                          numpy_dtype_of_torch, to_torch, torch_dtype_of)
+from mugv.io import torchzip
+from mugv.layouts import megatron as layout
 from mugv.config import DiTConfig
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -163,11 +166,12 @@ class _MetadataCheck(pickle.Unpickler):
         raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
 
 
-def _check_dcp_metadata(ckpt_dir: str) -> None:
+def _check_dcp_metadata(ckpt_dir: str):
+    """The checkpoint's DCP metadata, unpickled with only DCP's own classes allowed."""
     path = os.path.join(ckpt_dir, ".metadata")
     with open(path, "rb") as f:
         try:
-            _MetadataCheck(f).load()
+            return _MetadataCheck(f).load()
         except (pickle.UnpicklingError, EOFError, AttributeError, ImportError) as e:
             raise ValueError(f"{path}: refusing to read torch_dist metadata ({e}); it may only "
                              f"hold torch.distributed.checkpoint metadata objects") from e
@@ -184,7 +188,7 @@ class _MegatronReader(Reader):
 
     def _config_for_layout(self) -> DiTConfig:
         if getattr(self, "layout_config", None) is None:
-            from converters.detect import detect_config
+            from mugv.schema import detect_config
             self.layout_config = self.stored_config or detect_config(self.entries())
         return self.layout_config
 
@@ -204,7 +208,7 @@ class TorchDistReader(_MegatronReader):
             backend = json.load(f).get("sharded_backend")
         if backend != "torch_dist":
             raise ValueError(f"{self.dir}: sharded backend {backend!r}, only 'torch_dist' is supported")
-        _check_dcp_metadata(self.dir)
+        dcp_metadata = _check_dcp_metadata(self.dir)
         _ensure_process_group()
         from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
         self._strategy = TorchDistLoadShardedStrategy()
@@ -245,6 +249,9 @@ class TorchDistReader(_MegatronReader):
             cfg = state.get("mugv", {}).get("model") if isinstance(state, dict) else None
             if cfg:
                 self.stored_config = DiTConfig.from_dict(cfg)
+        self._lock = threading.Lock()
+        self._maps: dict[str, object] = {}
+        self._direct = self._direct_index(dcp_metadata)
 
     def _add(self, mname: str, src: tuple) -> None:
         try:
@@ -254,10 +261,60 @@ class TorchDistReader(_MegatronReader):
         self._src[name] = (mname, *src)
         self._entries[name] = Entry(src[3], numpy_dtype_of_torch(src[4]))
 
+    def _direct_index(self, metadata) -> dict[str, tuple[str, int, int]] | None:
+        """(file, offset, length) of the archive that holds each tensor, when every tensor (one
+        layer of a stacked one) is stored as one whole chunk without storage transforms, as the
+        converters and a one-rank save write them. Such chunks are read straight from the
+        memory-mapped .distcp files; otherwise (other chunkings) dist_checkpointing loads them."""
+        storage, chunks = {}, {}
+        for index, info in getattr(metadata, "storage_data", {}).items():
+            if getattr(info, "transform_descriptors", None):
+                return None
+            if index.offset is not None:  # None: a non-tensor entry (bytes)
+                storage[(index.fqn, tuple(index.offset))] = info
+        for key, meta in getattr(metadata, "state_dict_metadata", {}).items():
+            for c in getattr(meta, "chunks", ()):
+                chunks[(key, tuple(c.offsets))] = tuple(c.sizes)
+        out = {}
+        for name, (_, key, layer, _, shape, _) in self._src.items():
+            offsets = (0,) * len(shape) if layer is None else (layer,) + (0,) * len(shape)
+            sizes = tuple(shape) if layer is None else (1, *shape)
+            info = storage.get((key, offsets))
+            if info is None or chunks.get((key, offsets)) != sizes:
+                return None
+            out[name] = (os.path.join(self.dir, info.relative_path), int(info.offset), int(info.length))
+        return out
+
+    def _read_direct(self, name: str) -> np.ndarray:
+        mname, _, layer, _, shape, _ = self._src[name]
+        path, offset, length = self._direct[name]
+        with self._lock:
+            if path not in self._maps:
+                self._maps[path] = map_file(path)
+        try:
+            archive = torchzip.TorchZipFile(path, offset, length, self._maps[path])
+        except torchzip.NeedsTorch:
+            return self._load([name])[name]
+        if not isinstance(archive.obj, torchzip.TensorRef):
+            raise ValueError(f"{path}: the record of tensor {name} at byte {offset} holds a "
+                             f"{type(archive.obj).__name__}, not a tensor")
+        array = archive.array(archive.obj, name)
+        entry = self._entries[name]
+        if array.size != int(np.prod(entry.shape, dtype=np.int64)) or array.dtype != entry.dtype:
+            raise ValueError(f"{path}: tensor {name} is stored as {list(array.shape)} "
+                             f"{array.dtype}, the metadata says {list(entry.shape)} {entry.dtype}")
+        ((_, out),) = layout.megatron_to_release(mname, array.reshape(entry.shape), self._config_for_layout())
+        return np.ascontiguousarray(out)
+
     def entries(self) -> dict[str, Entry]:
         return dict(self._entries)
 
     def _load(self, names: list[str]) -> dict[str, np.ndarray]:
+        # dist_checkpointing is not thread-safe; the pipeline may call this from its threads.
+        with self._lock:
+            return self._load_dcp(names)
+
+    def _load_dcp(self, names: list[str]) -> dict[str, np.ndarray]:
         import torch
         from megatron.core.dist_checkpointing.mapping import ShardedTensor
         sd = {}
@@ -285,6 +342,8 @@ class TorchDistReader(_MegatronReader):
         # Each strategy.load call costs a pass over the checkpoint's metadata, so a caller that
         # walks release names (verify, layer by layer) would pay it per tensor: load the whole
         # layer on first touch and keep that one layer (bounded memory: one layer).
+        if self._direct is not None:
+            return self._read_direct(name)
         layer = self._src[name][2]
         if layer is None:
             return self._load([name])[name]
@@ -294,28 +353,43 @@ class TorchDistReader(_MegatronReader):
             self._layer_cache = (layer, self._load(names))
         return self._layer_cache[1][name]
 
-    def items(self) -> Iterator[tuple[str, np.ndarray]]:
+    def _by_layer(self) -> list[list[str]]:
         by_layer: dict = {}
         for name, src in self._src.items():
             by_layer.setdefault(src[2], []).append(name)
-        for layer in [None] + sorted(k for k in by_layer if k is not None):
-            names = by_layer.get(layer, [])
-            if names:
+        return [by_layer[k] for k in [None] + sorted(k for k in by_layer if k is not None) if k in by_layer]
+
+    def items(self) -> Iterator[tuple[str, np.ndarray]]:
+        for names in self._by_layer():
+            if self._direct is not None:
+                for name in names:
+                    yield name, self._read_direct(name)
+            else:
                 yield from self._load(names).items()
+
+    def jobs(self) -> Iterator[tuple[str, Callable[[], np.ndarray]]]:
+        if self._direct is None:
+            yield from super().jobs()
+            return
+        for names in self._by_layer():
+            for name in names:
+                yield name, partial(self._read_direct, name)
 
     def describe(self) -> dict:
         return {"variant": "torch_dist", "directory": self.dir, "iteration": self.iteration,
-                "weights": self.weights, "skipped entries": len(self.skipped)}
+                "weights": self.weights, "skipped entries": len(self.skipped),
+                "read": "memory-mapped chunks" if self._direct is not None else "dist_checkpointing"}
 
 
 class TorchDistWriter(Writer):
     format = "megatron"
 
     def __init__(self, target: str, tmp: str, config: DiTConfig, entries: dict[str, Entry], *,
-                 tp: int = 1, pp: int = 1, iteration: int = DEFAULT_ITERATION):
+                 tp: int = 1, pp: int = 1, iteration: int = DEFAULT_ITERATION, write_processes: int = 1):
         super().__init__(target, config, entries)
         check_parallel(config, tp, pp)
         self.tmp, self.iteration = tmp, iteration
+        self.write_processes = max(1, write_processes)
         os.makedirs(tmp)
         self.iter_dir = os.path.join(tmp, iter_dir_name(iteration))
         os.makedirs(self.iter_dir)
@@ -324,8 +398,12 @@ class TorchDistWriter(Writer):
 
     def _write(self, name: str, array: np.ndarray) -> None:
         for mname, marr in layout.release_to_megatron(name, array, self.config):
-            self.staging.create(mname, marr.shape, marr.dtype)
-            self.staging.write(mname, np.ascontiguousarray(marr))
+            if file_backed(marr) and marr.flags.c_contiguous:
+                # Same bytes as the mapped source (no regroup, no cast): DCP writes from there.
+                self.staging.keep(mname, marr)
+            else:
+                self.staging.create(mname, marr.shape, marr.dtype)
+                self.staging.write(mname, np.ascontiguousarray(marr))
 
     def finish(self) -> None:
         import torch
@@ -336,11 +414,14 @@ class TorchDistWriter(Writer):
         sd: dict = {}
         for mname in list(self.staging._arrays):
             entry = self.staging.entry(mname)
-            # Each staged tensor is its own file, so the mapped storage is exactly the tensor and
-            # dist_checkpointing writes it without a copy.
-            t = torch.from_file(self.staging.file(mname), shared=False,
-                                size=int(np.prod(entry.shape, dtype=np.int64)),
-                                dtype=torch_dtype_of(entry.dtype)).view(entry.shape)
+            # The storage of each tensor is exactly the tensor (its own staging file, or
+            # from_numpy of a view), so dist_checkpointing writes it without a copy.
+            if self.staging.file(mname) is None:
+                t = to_torch(self.staging.read(mname))
+            else:
+                t = torch.from_file(self.staging.file(mname), shared=False,
+                                    size=int(np.prod(entry.shape, dtype=np.int64)),
+                                    dtype=torch_dtype_of(entry.dtype)).view(entry.shape)
             layer, suffix = _split_layer(mname)
             if layer is None:
                 sd[mname] = ShardedTensor.from_rank_offsets(mname, t, replica_id=0)
@@ -350,10 +431,18 @@ class TorchDistWriter(Writer):
         sd["mugv"] = {"model": self.config.to_dict()}
         sd["iteration"] = self.iteration
         sd["checkpoint_version"] = CHECKPOINT_VERSION
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            dist_checkpointing.save(sd, self.iter_dir, sharded_strategy=TorchDistSaveShardedStrategy(
-                "torch_dist", 1, thread_count=1))
+        # Each tensor goes into the .distcp files as a torch.save archive; their CRC32s cost a
+        # pass over every byte and torch.load does not check them.
+        crc = torch.serialization.get_crc32_options()
+        torch.serialization.set_crc32_options(False)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                # thread_count: the writer forks that many processes, each writing one file.
+                dist_checkpointing.save(sd, self.iter_dir, sharded_strategy=TorchDistSaveShardedStrategy(
+                    "torch_dist", 1, thread_count=self.write_processes))
+        finally:
+            torch.serialization.set_crc32_options(crc)
         del sd
         self.staging.close()
         with open(os.path.join(self.tmp, TRACKER), "w") as f:

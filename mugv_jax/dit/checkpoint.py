@@ -1,8 +1,9 @@
-"""Release checkpoints (`dit.pt` or safetensors, release names) in and out of the JAX model.
+"""Release checkpoints (`dit.pt`, safetensors or HF shards, release names) in and out of the JAX model.
 
 Loading is strict: names and shapes are checked against the schema for the config before any
-tensor is read, and the error names every missing, unexpected or mis-shaped tensor. Tensors are
-read and converted one at a time (safetensors lazily, `.pt` memory-mapped with weights_only=True).
+tensor is read, and the error names every missing, unexpected or mis-shaped tensor. Files are
+read through the project's one release reader (`mugv.io.release`): memory-mapped, one tensor at a
+time.
 """
 from __future__ import annotations
 
@@ -14,47 +15,19 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from converters.layouts import jax as jax_layout
-from converters.schema import check_state_dict_shapes, release_schema
 from mugv.config import DiTConfig, get_config
+from mugv.io.base import is_floating
+from mugv.io.release import ReleaseReader
+from mugv.layouts import jax as jax_layout
+from mugv.schema import check_state_dict_shapes, release_schema
 from mugv_jax.dit.model import MUGDiT, RuntimeOptions
 
 
-class ReleaseCheckpoint:
-    """Read-only view of a flat {name: tensor} release checkpoint, one tensor at a time."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = os.fspath(path)
-        if not os.path.isfile(self.path):
-            raise FileNotFoundError(f"checkpoint file not found: {self.path}")
-        if self.path.endswith(".safetensors"):
-            from safetensors import safe_open
-            self._st = safe_open(self.path, framework="pt")
-            self._shapes = {k: tuple(self._st.get_slice(k).get_shape()) for k in self._st.keys()}
-            self._pt = None
-        else:
-            import torch
-            try:
-                sd = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
-            except Exception as e:  # noqa: BLE001 - re-raised with the file named
-                raise ValueError(f"cannot read {self.path} as a torch state dict "
-                                 f"(weights_only=True): {e}") from e
-            if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-                raise ValueError(f"{self.path} is not a flat {{name: tensor}} state dict like the "
-                                 f"release dit.pt (top-level keys: {list(sd)[:8]})")
-            self._pt = sd
-            self._shapes = {k: tuple(v.shape) for k, v in sd.items()}
-
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        return dict(self._shapes)
-
-    def get(self, name: str) -> np.ndarray:
-        """One tensor as float32 numpy (bf16/fp16 widen exactly)."""
-        import torch
-        t = self._pt[name] if self._pt is not None else self._st.get_tensor(name)
-        if t.is_floating_point() and t.dtype != torch.float32:
-            t = t.to(torch.float32)
-        return t.numpy()
+def _widened(array: np.ndarray) -> np.ndarray:
+    """Floating tensors as float32 (bf16/fp16 widen exactly); others unchanged."""
+    if is_floating(array.dtype):
+        return array.astype(np.float32, copy=False)
+    return array
 
 
 def abstract_model(config: DiTConfig, options: RuntimeOptions | None = None) -> MUGDiT:
@@ -96,8 +69,14 @@ def load(path: str | os.PathLike, config: DiTConfig | str = "10b", *,
     `model(x, timestep, y, mask=..., x_mask=..., fps=..., frame_indice=...)` → [B, 48, T, H, W].
     """
     config = get_config(config)
-    ckpt = ReleaseCheckpoint(path)
-    check_state_dict_shapes(ckpt.shapes(), release_schema(config), ckpt.path)
+    with ReleaseReader(os.fspath(path)) as ckpt:
+        check_state_dict_shapes({n: e.shape for n, e in ckpt.entries().items()},
+                                release_schema(config), ckpt.path)
+        params = _jax_params(ckpt, config, progress)
+    return model_from_params(config, params, options)
+
+
+def _jax_params(ckpt: ReleaseReader, config: DiTConfig, progress: bool) -> dict[str, np.ndarray]:
     shapes = jax_layout.jax_param_shapes(config)
     params: dict[str, np.ndarray] = {}
     names = list(release_schema(config))
@@ -105,14 +84,14 @@ def load(path: str | os.PathLike, config: DiTConfig | str = "10b", *,
         from tqdm import tqdm
         names = tqdm(names, desc=f"loading {os.path.basename(ckpt.path)}", unit="tensor")
     for name in names:
-        jpath, layer, arr = jax_layout.release_to_jax(name, ckpt.get(name), config)
+        jpath, layer, arr = jax_layout.release_to_jax(name, _widened(ckpt.get(name)), config)
         if layer is None:
             params[jpath] = arr
         else:
             if jpath not in params:
                 params[jpath] = np.empty(shapes[jpath], np.float32)
             params[jpath][layer] = arr
-    return model_from_params(config, params, options)
+    return params
 
 
 def flat_params(model: MUGDiT) -> dict[str, jax.Array]:

@@ -176,7 +176,7 @@ def expand_params(params: dict, config: DiTConfig, factor: int, *, noise_std: fl
 
 
 def _expected_shapes(config: DiTConfig) -> dict:
-    from converters.layouts import jax as jax_layout
+    from mugv.layouts import jax as jax_layout
     return jax_layout.jax_param_shapes(config)
 
 
@@ -197,7 +197,7 @@ def load_any(spec: str, weights: str = "raw") -> tuple[DiTConfig, dict]:
     """(config, nested params) from `jax:DIR[@STEP]` or a release file `.pt`/`.safetensors`
     (`FILE:PRESET`, e.g. `dit.safetensors:tiny`, picks the release model's size)."""
     if spec.startswith("jax:"):
-        from converters.loaders import jax_params
+        from mugv_jax.train.orbax_params import load_params as jax_params
         return jax_params(spec, weights=weights)
     from flax import nnx
     from mugv.config import get_config

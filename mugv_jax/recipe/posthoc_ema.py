@@ -82,11 +82,11 @@ def _run_pieces(run: str):
 
 def main(argv=None) -> int:
     from tqdm import tqdm
-    from converters.formats.jax import resolve_step_dir
-    from converters.loaders import jax_params
     from mugv.run import validation as run_validation
-    from mugv_jax.train import validation
+    from mugv_jax.train.orbax_params import load_params as jax_params
+    from mugv_jax.train.orbax_params import resolve_step_dir
     from mugv_jax.recipe.expand import save_params
+    from mugv_jax.train import validation
     p = argparse.ArgumentParser(prog="python -m mugv_jax.recipe.posthoc_ema", description=__doc__.split("\n\n")[0])
     p.add_argument("--run", required=True, help="training workdir (reads checkpoints/ and config.json)")
     p.add_argument("--decays", default="0.5,0.9,0.99,0.999", help="comma-separated decays to sweep")

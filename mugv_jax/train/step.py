@@ -26,7 +26,7 @@ from mugv.training import ObjectiveConfig, unflatten as _unflatten
 from mugv_jax.train import objective as obj
 from mugv_jax.train import rng
 from mugv_jax.parallel import sharding
-from converters.layouts import jax as jax_layout
+from mugv.layouts import jax as jax_layout
 from mugv_jax.dit import checkpoint as dit_ckpt
 from mugv_jax.dit.model import RuntimeOptions, forward
 

@@ -2,7 +2,8 @@
 
 Module attributes mirror the release's module tree and parameters keep PyTorch layout, so a
 variable's dotted path is its release name and values move without any transform; the
-round trip release → JAX → release is therefore bit-exact by construction (and tested).
+round trip release → JAX → release is therefore bit-exact by construction (and tested). Files are
+read through the project's one release reader (`mugv.io.release`, memory-mapped).
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mugv.io.base import dtype_name, is_floating
+from mugv.io.release import ReleaseReader
 from mugv.vae_config import VAEConfig, get_vae_config, release_vae_schema
 from mugv_jax.vae.layers import F32, Buffer
 from mugv_jax.vae.model import VideoVAE
@@ -44,41 +47,23 @@ def export_release_state_dict(model: VideoVAE) -> dict[str, np.ndarray]:
     return {name: np.array(value) for name, value in release_state(model).items()}
 
 
-def _read_safetensors(path: str) -> tuple[dict[str, tuple[int, ...]], Callable[[str], np.ndarray]]:
-    from safetensors import safe_open
-
-    handle = safe_open(path, framework="pt")
-    shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
-    return shapes, lambda name: _torch_to_f32(handle.get_tensor(name), name, path)
-
-
-def _read_torch(path: str) -> tuple[dict[str, tuple[int, ...]], Callable[[str], np.ndarray]]:
-    import torch
-
-    # mmap: tensors are read from disk one at a time as they are converted.
-    sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"{path} is not a flat {{name: tensor}} state dict")
-    shapes = {k: tuple(v.shape) for k, v in sd.items()}
-    return shapes, lambda name: _torch_to_f32(sd[name], name, path)
+def _as_f32(array: np.ndarray, name: str, path: str) -> np.ndarray:
+    if not is_floating(array.dtype):
+        raise ValueError(f"tensor {name!r} in {path} has dtype {dtype_name(array.dtype)}; "
+                         f"expected a floating tensor")
+    return array.astype(np.float32, copy=False)
 
 
-def _torch_to_f32(t, name: str, path: str) -> np.ndarray:
-    import torch
-
-    if not t.is_floating_point():
-        raise ValueError(f"tensor {name!r} in {path} has dtype {t.dtype}; expected a floating tensor")
-    return t.detach().to(torch.float32).contiguous().numpy()
-
-
-def read_release_tensors(path: str | os.PathLike):
-    """(shapes, get) for a `.safetensors` file or a torch state dict (`.pt`/`.pth`/`.bin`)."""
+def read_release_tensors(path: str | os.PathLike
+                         ) -> tuple[dict[str, tuple[int, ...]], Callable[[str], np.ndarray]]:
+    """(shapes, get) for a `.safetensors` file, a torch state dict (`.pt`/`.pth`/`.bin`) or HF
+    shards; `get(name)` reads one tensor (memory-mapped) as float32."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise FileNotFoundError(f"VAE checkpoint {path} does not exist")
-    if path.endswith(".safetensors"):
-        return _read_safetensors(path)
-    return _read_torch(path)
+    reader = ReleaseReader(path)
+    shapes = {n: e.shape for n, e in reader.entries().items()}
+    return shapes, lambda name: _as_f32(reader.get(name), name, path)
 
 
 def check_strict(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], path: str):

@@ -3,9 +3,11 @@
     model = mugv_megatron.model.build.load("dit.pt", "10b")
     out = model(x, timestep, y, mask=mask, x_mask=x_mask, fps=fps, frame_indice=frame_indice)
 
-The checkpoint is checked strictly against the release schema of the config (every tensor
-present, nothing extra, every shape right) before anything is loaded, then converted with
-`converters.layouts.megatron` and cut into this rank's tensor-parallel shard.
+The checkpoint is read through the project's one release reader (`mugv.io.release`: memory-mapped,
+`.pt`, safetensors or HF shards) and checked strictly against the release schema of the config
+(every tensor present, nothing extra, every shape right) before anything is loaded; then each
+tensor in turn is converted with `mugv.layouts.megatron`, cut to this rank's tensor-parallel
+shard and copied into the model, so the host holds about one tensor beyond the model.
 """
 from __future__ import annotations
 
@@ -14,29 +16,25 @@ from typing import Mapping
 
 import torch
 
-from converters.layouts import megatron as layout
-from converters.schema import check_state_dict_shapes, release_schema
 from mugv.config import DiTConfig, get_config
+from mugv.io.base import to_torch
+from mugv.io.release import ReleaseReader
+from mugv.layouts import megatron as layout
+from mugv.schema import check_state_dict_shapes, release_schema
 from mugv_megatron.parallel import state as parallel
 
 
 def read_release_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A flat {name: tensor} from a .safetensors file or a torch-saved state dict."""
+    """A flat {name: tensor} of a release checkpoint (.pt, .safetensors or HF shards).
+
+    The tensors are views of the memory-mapped file (copy-on-write): nothing is read until a
+    tensor is used, and what is read is page cache, not this process's memory.
+    """
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        state = load_file(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, Mapping):
-        raise ValueError(f"checkpoint {path} holds a {type(state).__name__}, not a flat state dict")
-    for name, value in state.items():
-        if not isinstance(value, torch.Tensor):
-            raise ValueError(f"checkpoint {path}: entry {name!r} is a {type(value).__name__}, "
-                             f"not a tensor")
-    return dict(state)
+    with ReleaseReader(path) as reader:
+        return {name: to_torch(reader.get(name)) for name in reader.entries()}
 
 
 def build_model(config: DiTConfig | str, *, params_dtype: torch.dtype = torch.float32,
@@ -61,20 +59,30 @@ def build_model(config: DiTConfig | str, *, params_dtype: torch.dtype = torch.fl
 
 def load_release_state(model, state: Mapping[str, torch.Tensor],
                        source: str = "state dict") -> None:
-    """Strictly load a release-layout state dict into `model` (this rank's TP shard)."""
+    """Strictly load a release-layout state dict into `model` (this rank's TP shard).
+
+    Names and shapes are checked (against the release schema, then this rank's parameters) before
+    any value is copied; values then go one tensor at a time.
+    """
     config = model.dit_config
     check_state_dict_shapes({k: tuple(v.shape) for k, v in state.items()},
                             release_schema(config), source)
     tp, rank = parallel.tensor_parallel_size(), parallel.tensor_parallel_rank()
-    megatron_state = layout.release_state_to_megatron(dict(state), config)
-    shards = dict(layout.iter_tp_shards(megatron_state, rank, tp))
-
-    own = {k: tuple(v.shape) for k, v in model.state_dict().items()
-           if not k.endswith(layout.EXTRA_STATE_SUFFIX)}
-    check_state_dict_shapes({k: tuple(v.shape) for k, v in shards.items()}, own,
+    own = {k: v for k, v in model.state_dict().items() if not k.endswith(layout.EXTRA_STATE_SUFFIX)}
+    # The same maps on shape-only tensors give every shard's shape without touching the data.
+    shard_shapes = {k: tuple(v.shape) for name, t in state.items()
+                    for k, v in _rank_tensors(name, torch.empty(t.shape, device="meta"), config, rank, tp)}
+    check_state_dict_shapes(shard_shapes, {k: tuple(v.shape) for k, v in own.items()},
                             f"{source} (as Megatron TP rank {rank}/{tp})")
-    dtype = model.config.params_dtype
-    model.load_state_dict({k: v.to(dtype) for k, v in shards.items()}, strict=True)
+    with torch.no_grad():
+        for name, tensor in state.items():
+            for key, shard in _rank_tensors(name, tensor, config, rank, tp):
+                own[key].copy_(shard)
+
+
+def _rank_tensors(name: str, tensor: torch.Tensor, config: DiTConfig, rank: int, tp: int):
+    for mname, full in layout.release_to_megatron(name, tensor, config):
+        yield mname, layout.tp_shard(mname, full, rank, tp)
 
 
 def load(path: str | os.PathLike, config: DiTConfig | str, *,
@@ -86,6 +94,7 @@ def load(path: str | os.PathLike, config: DiTConfig | str, *,
     the TP tests' spawned workers) it uses megatron's existing parallel state.
     """
     config = get_config(config)
+    # Memory-mapped: the shape check below reads no tensor data.
     state = read_release_checkpoint(path)
     # Fail on a mismatched checkpoint before building (and allocating) the model.
     check_state_dict_shapes({k: tuple(v.shape) for k, v in state.items()},

@@ -28,8 +28,8 @@ from typing import Callable, Mapping, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from converters.layouts import megatron as layout
-from converters.schema import check_state_dict_shapes, release_schema
+from mugv.layouts import megatron as layout
+from mugv.schema import check_state_dict_shapes, release_schema
 
 MODEL_INPUTS = ("x", "timestep", "y", "mask", "x_mask", "fps", "frame_indice")
 _KEYWORD_INPUTS = MODEL_INPUTS[3:]

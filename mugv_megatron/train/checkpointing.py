@@ -53,7 +53,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from converters.layouts import megatron as layout
+from mugv.layouts import megatron as layout
 
 log = logging.getLogger(__name__)
 

@@ -15,15 +15,14 @@ import torch
 from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file as load_torch_st
 
-from converters import detect
 from converters.convert import convert, inspect, verify
-from converters.formats import jax as jax_fmt
 from converters.formats import open_reader
-from converters.layouts import jax as jax_layout
-from converters.layouts import megatron as mlayout
+from mugv.layouts import jax as jax_layout
+from mugv.layouts import megatron as mlayout
 from converters.loaders import release_state
-from converters.schema import release_schema
+from mugv.schema import detect_config, release_schema, shape_fields
 from mugv.config import PRESETS, DiTConfig, get_config
+from mugv_jax.train.orbax_params import config_from_jax_shapes
 from tests.helpers import DIT_WEIGHTS, dit_weights
 from mugv.training import ObjectiveConfig, OptimConfig
 
@@ -274,7 +273,7 @@ def test_trainer_checkpoint_inspect_and_missing_step(trainer_checkpoint):
 
 def test_jax_params_initialise_the_trainer(tmp_path):
     import jax
-    from converters.loaders import jax_params
+    from mugv_jax.train.orbax_params import load_params as jax_params
     from tests.trainer_helpers import make_trainer
     convert(DIT_WEIGHTS, f"jax:{tmp_path}/jx")
     config, params = jax_params(f"jax:{tmp_path}/jx")
@@ -370,19 +369,19 @@ def test_ema_needs_a_training_checkpoint(tmp_path):
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_presets_are_detected_from_shapes(name):
     config = PRESETS[name]
-    assert detect.detect_config(release_schema(config)) == config
-    assert jax_fmt._config_from_jax_shapes(jax_layout.jax_param_shapes(config), "x") == config
+    assert detect_config(release_schema(config)) == config
+    assert config_from_jax_shapes(jax_layout.jax_param_shapes(config), "x") == config
 
 
 def test_a_custom_config_is_detected_field_by_field():
     config = DiTConfig(depth=3, hidden_size=216, num_heads=3, text_dim=32, patch_size=(1, 2, 2),
                        in_channels=8, out_channels=16, mlp_ratio=2.0, frequency_dim=128)
-    got = detect.detect_config(release_schema(config))
-    assert detect.shape_fields(got) == detect.shape_fields(config)
+    got = detect_config(release_schema(config))
+    assert shape_fields(got) == shape_fields(config)
     schema = release_schema(config)
     del schema["blocks.0.attn.q_norm.weight"]
     with pytest.raises(ValueError, match="the checkpoint has no blocks.0.attn.q_norm.weight"):
-        detect.detect_config(schema)
+        detect_config(schema)
 
 
 def test_config_is_detected_without_a_stored_one(tmp_path):
@@ -411,7 +410,7 @@ def test_existing_output_needs_force(tmp_path):
 
 @pytest.mark.parametrize("fmt", ["release:{d}/o.pt", "megatron:{d}/o", "megatron-legacy:{d}/o", "jax:{d}/o"])
 def test_a_failing_conversion_leaves_nothing(tmp_path, monkeypatch, fmt):
-    from converters.formats.release import ReleaseReader
+    from mugv.io.release import ReleaseReader
     items = ReleaseReader.items
 
     def failing(self):
@@ -429,7 +428,7 @@ def test_a_killed_conversion_leaves_nothing_that_looks_complete(tmp_path):
     # The reader is slowed down so the process is killed mid-write.
     code = (
         "import time, sys\n"
-        "from converters.formats.release import ReleaseReader\n"
+        "from mugv.io.release import ReleaseReader\n"
         "items = ReleaseReader.items\n"
         "def slow(self):\n"
         "    for i, item in enumerate(items(self)):\n"

@@ -6,14 +6,15 @@ import sys
 
 import pytest
 
-from converters.schema import check_state_dict_shapes, num_params, release_schema
+from mugv.schema import check_state_dict_shapes, num_params, release_schema
 from mugv import geometry
 from mugv.config import PRESETS, DiTConfig, get_config
 from tests.helpers import GOLDEN
 
 
 def test_core_imports_without_jax_or_torch():
-    code = ("import sys, mugv, mugv.geometry, converters.schema, converters.layouts.jax; "
+    code = ("import sys, mugv, mugv.geometry, mugv.flops, mugv.training, mugv.schema, mugv.layouts.jax, "
+            "mugv.layouts.megatron, mugv.io.base, mugv.io.release, mugv.io.torchzip; "
             "bad = [m for m in ('jax', 'torch', 'flax') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(GOLDEN) + "/..")
@@ -90,3 +91,27 @@ def test_strict_shape_check_names_every_problem():
     assert "ckpt.pt" in msg and "missing tensors (1): c" in msg and "unexpected tensors (1): z" in msg
     assert "tensor a: shape [3, 2] in checkpoint, model expects [2, 3]" in msg
     check_state_dict_shapes(expected, expected, "ok")
+
+
+def _imports(package: str) -> dict[str, set[str]]:
+    """{file: top-level modules it imports}, lazy imports inside functions included."""
+    import ast
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(GOLDEN))), package)
+    assert os.path.isfile(os.path.join(root, "__init__.py")), root
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(dirpath, name)
+                with open(path) as f:
+                    tree = ast.parse(f.read(), path)
+                mods = set()
+                for node in ast.walk(tree):
+                    if isinstance(node, ast.Import):
+                        mods |= {a.name.split(".")[0] for a in node.names}
+                    elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                        mods.add(node.module.split(".")[0])
+                out[os.path.relpath(path, os.path.dirname(root))] = mods
+    return out
+
+

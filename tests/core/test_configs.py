@@ -2,9 +2,7 @@
 
 import pytest
 
-from mugv_jax.train import objective as obj
 from mugv.training import ObjectiveConfig, OptimConfig, dataclass_from, model_config_from
-from mugv_jax.train import step as tr
 
 from configs import mugv_10b
 from configs import tiny

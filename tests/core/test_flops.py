@@ -1,7 +1,6 @@
 """The shared FLOPs definition against XLA's own count of the compiled forward pass."""
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from flax import nnx
 

@@ -20,8 +20,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from converters.layouts import jax as jax_layout
-from converters.layouts import megatron as layout
+from mugv.layouts import jax as jax_layout
+from mugv.layouts import megatron as layout
 from mugv.config import get_config
 from mugv_megatron.train import objective as mobj
 from mugv_megatron.train import checkpointing

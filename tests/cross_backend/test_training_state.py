@@ -103,7 +103,7 @@ def megatron_resumed(runs):
 
 
 def _release_of_megatron(named):
-    from converters.layouts import megatron as layout
+    from mugv.layouts import megatron as layout
     return layout.megatron_state_to_release({n: t.detach().numpy() for n, t in named.items()}, CFG)
 
 

@@ -1,7 +1,6 @@
 """Attention backends against the XLA reference where they can run on the CPU."""
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from mugv_jax.parallel import attention

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from mugv.config import DiTConfig
-from mugv_jax.train import objective as obj
 from mugv_jax.train import step as tr
 from mugv.data.synthetic import Bucket, SyntheticTextToLatent
 from mugv_jax.dit.model import RuntimeOptions

@@ -8,8 +8,8 @@ import pytest
 from flax import nnx
 
 import mugv_jax.dit as dit
-from converters.layouts import jax as jax_layout
-from converters.schema import release_schema
+from mugv.layouts import jax as jax_layout
+from mugv.schema import release_schema
 from mugv.config import PRESETS
 from mugv_jax.parallel import sharding
 from tests.helpers import GOLDEN, dit_weights

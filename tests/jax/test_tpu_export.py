@@ -22,7 +22,6 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from mugv.config import DiTConfig
-from mugv_jax.train import objective as obj
 from mugv_jax.train import step as tr
 from mugv_jax.dit.model import RuntimeOptions
 from tests.trainer_helpers import make_mesh

@@ -1,6 +1,5 @@
 """The sharded train step: parallel layouts equal one device; accumulation, EMA, schedules, NaNs."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from converters.layouts import megatron as layout
+from mugv.layouts import megatron as layout
 from mugv.config import DiTConfig
 from mugv_megatron.model import build as dit
 from mugv_megatron.parallel import state as parallel

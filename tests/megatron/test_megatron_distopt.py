@@ -68,7 +68,7 @@ def _worker(rank, port, port1, out):
     from mugv_megatron.train.step import Trainer
     parallel.setup(1, rank=rank, world_size=DP, master_port=port, timeout=datetime.timedelta(minutes=5))
     assert distopt_cpu.apply()
-    from converters.layouts import megatron as layout
+    from mugv.layouts import megatron as layout
     data = batches()
     res = {}
     a = Trainer(CFG, OPTIM, OBJECTIVE, seed=SEED, use_megatron_optimizer=False)
@@ -189,7 +189,7 @@ def test_checkpoint_layout(runs):
     """The DistributedOptimizer's state under the torch-AdamW path's names (whole, stacked
     layers), plus the fp32 main weights; the converters read the weights out of it."""
     from converters.formats.megatron import TorchDistReader
-    from converters.layouts import megatron as layout
+    from mugv.layouts import megatron as layout
     from megatron.core.dist_checkpointing import load_tensors_metadata
     ckdir = runs["dir"] / "ckpt"
     assert open(ckdir / "latest_checkpointed_iteration.txt").read() == "2"
@@ -210,7 +210,7 @@ def test_checkpoint_layout(runs):
 
 
 def test_bf16_parameters_with_fp32_main_weights(runs):
-    from converters.layouts import megatron as layout
+    from mugv.layouts import megatron as layout
     r = runs["ranks"][0]
     init = layout.megatron_state_to_release({n: t.numpy() for n, t in r["c.main.init"].items()}, CFG)
     for n, t in r["a.init"].items():

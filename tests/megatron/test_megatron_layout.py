@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from converters.layouts import megatron as layout
-from converters.schema import release_schema
+from mugv.layouts import megatron as layout
+from mugv.schema import release_schema
 from mugv.config import get_config
 
 GOLDEN = Path(__file__).parent.parent / "golden" / "dit_tiny"

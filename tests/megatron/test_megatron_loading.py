@@ -92,5 +92,5 @@ def test_transformer_config_and_dit_config_must_agree_on_depth():
 def test_megatron_parameter_names_follow_the_reference_map():
     model = dit.build_model("tiny", perform_initialization=False)
     names = {k for k in model.state_dict() if not k.endswith("._extra_state")}
-    from converters.layouts.megatron import megatron_schema
+    from mugv.layouts.megatron import megatron_schema
     assert names == set(megatron_schema(get_config("tiny")))

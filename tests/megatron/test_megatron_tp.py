@@ -14,7 +14,7 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from converters.layouts import megatron as layout
+from mugv.layouts import megatron as layout
 from mugv_megatron.model import build as dit
 from mugv_megatron.parallel import state as parallel
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from converters.layouts import megatron as layout
+from mugv.layouts import megatron as layout
 from mugv.config import get_config
 from mugv.run.driver import NonFiniteLossError
 from mugv_megatron.train import checkpointing

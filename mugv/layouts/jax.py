@@ -34,8 +34,31 @@ def _same(a, cfg):
     return a
 
 
+_TILE = 256
+_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+def transpose2d(a: np.ndarray) -> np.ndarray:
+    """`a.T` as a new C-contiguous array, copied tile by tile.
+
+    numpy's own copy of a transposed view walks one side with a stride of a whole row and runs
+    at a few hundred MB/s on large kernels; 256 x 256 tiles stay in cache and run several times
+    faster. The bits move unchanged (custom dtypes such as bfloat16 are copied as same-size
+    unsigned integers, numpy's native loops).
+    """
+    rows, cols = a.shape
+    if rows * cols <= _TILE * _TILE:
+        return np.ascontiguousarray(a.T)
+    src = a.view(_UINT[a.dtype.itemsize]) if a.dtype.itemsize in _UINT else a
+    out = np.empty((cols, rows), src.dtype)
+    for i in range(0, rows, _TILE):
+        for j in range(0, cols, _TILE):
+            out[j:j + _TILE, i:i + _TILE] = src[i:i + _TILE, j:j + _TILE].T
+    return out.view(a.dtype)
+
+
 def _t(a, cfg):
-    return a.T
+    return transpose2d(a)
 
 
 def _rule_identity(path, shape):
@@ -51,14 +74,12 @@ def _heads_out(n: int):
     """[n·C, C] (rows ordered [part, head, head_dim]) ↔ kernel [C, n, heads, head_dim]."""
     def to_jax(a, cfg):
         c, h, d = cfg.hidden_size, cfg.num_heads, cfg.head_dim
-        k = a.reshape(n, h, d, c).transpose(3, 0, 1, 2)
-        return k if n > 1 else k[:, 0]
+        k = transpose2d(a.reshape(n * h * d, c))
+        return k.reshape(c, n, h, d) if n > 1 else k.reshape(c, h, d)
 
     def to_release(a, cfg):
         c = cfg.hidden_size
-        if n == 1:
-            a = a[:, None]
-        return a.transpose(1, 2, 3, 0).reshape(n * c, c)
+        return transpose2d(a.reshape(c, n * c))
     return to_jax, to_release
 
 
@@ -74,11 +95,11 @@ def _heads_bias(n: int):
 
 def _heads_in_to_jax(a, cfg):
     # torch [C_out, C_in] with C_in ordered (head, head_dim) → kernel [heads, head_dim, C_out].
-    return a.T.reshape(cfg.num_heads, cfg.head_dim, cfg.hidden_size)
+    return transpose2d(a).reshape(cfg.num_heads, cfg.head_dim, cfg.hidden_size)
 
 
 def _heads_in_to_release(a, cfg):
-    return a.reshape(cfg.hidden_size, cfg.hidden_size).T
+    return transpose2d(a.reshape(cfg.hidden_size, cfg.hidden_size))
 
 
 def _conv_to_jax(a, cfg):

@@ -12,10 +12,12 @@ use), converted to and from torch by reinterpreting the 16-bit pattern, never by
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import shutil
 import uuid
-from typing import Iterator
+import threading
+from typing import Callable, Iterator
 
 import ml_dtypes
 import numpy as np
@@ -73,6 +75,13 @@ class Reader:
         for name in self.entries():
             yield name, self.get(name)
 
+    def jobs(self) -> Iterator[tuple[str, Callable[[], np.ndarray]]]:
+        """(name, read) for every tensor, in the order cheapest for the format. `read()` returns
+        the tensor and may run on any thread, several at once (converters/pipeline.py). Formats
+        that can overlap reads override this; by default `items()` reads here, one at a time."""
+        for name, array in self.items():
+            yield name, (lambda a=array: a)
+
     def get(self, name: str) -> np.ndarray:
         raise NotImplementedError
 
@@ -91,7 +100,11 @@ class Reader:
 
 
 class Writer:
-    """Writes one checkpoint into `self.tmp` (a temporary name); `commit` makes it appear."""
+    """Writes one checkpoint into a temporary name (renamed into place by the caller).
+
+    A writer may keep a view of a memory-mapped source tensor (`file_backed`) instead of copying
+    it, until `finish`; the source must stay unchanged until then (a conversion's reader does).
+    """
 
     format = "?"
 
@@ -100,8 +113,10 @@ class Writer:
         self.config = config
         self.entries = dict(entries)
         self._written: set[str] = set()
+        self._lock = threading.Lock()
 
     def write(self, name: str, array: np.ndarray) -> None:
+        """Write one tensor. Thread-safe for distinct names: a conversion writes from a pool."""
         want = self.entries.get(name)
         if want is None:
             raise KeyError(f"{self.path}: tensor {name!r} was not announced to the writer")
@@ -109,10 +124,11 @@ class Writer:
             raise ValueError(f"{self.path}: tensor {name} has shape {list(array.shape)} "
                              f"{dtype_name(array.dtype)}, expected {list(want.shape)} "
                              f"{dtype_name(want.dtype)}")
-        if name in self._written:
-            raise ValueError(f"{self.path}: tensor {name} written twice")
+        with self._lock:
+            if name in self._written:
+                raise ValueError(f"{self.path}: tensor {name} written twice")
+            self._written.add(name)
         self._write(name, np.ascontiguousarray(array))
-        self._written.add(name)
 
     def _write(self, name: str, array: np.ndarray) -> None:
         raise NotImplementedError
@@ -163,6 +179,12 @@ def torch_dtype_of(dtype):
     if dtype == BF16:
         return torch.bfloat16
     return torch.from_numpy(np.zeros((), dtype)).dtype
+
+
+def is_floating(dtype) -> bool:
+    """float16/32/64 or bfloat16 (which numpy does not count as floating)."""
+    dtype = np.dtype(dtype)
+    return dtype.kind == "f" or dtype == BF16
 
 
 def cast(array: np.ndarray, dtype: np.dtype | None) -> np.ndarray:
@@ -224,8 +246,7 @@ def atomic_output(path: str, force: bool = False):
 
 
 # ---------------------------------------------------------------------------------------------
-# Staging: tensors parked on disk (not in memory) until a format that needs them all at once
-# (torch_dist, orbax) can take them
+# Positioned writes
 
 
 def pwrite_all(fd: int, data: np.ndarray, offset: int) -> None:
@@ -235,74 +256,42 @@ def pwrite_all(fd: int, data: np.ndarray, offset: int) -> None:
         buf, offset = buf[n:], offset + n
 
 
-class RawStore:
-    """Raw little-endian arrays in files under `directory`, written and read by layer with plain
-    file I/O. No mmap: pages parked here are page cache, not this process's memory."""
+# ---------------------------------------------------------------------------------------------
+# Memory-mapped reads
 
-    def __init__(self, directory: str):
-        self.directory = directory
-        os.makedirs(directory, exist_ok=True)
-        self._arrays: dict[str, tuple[str, Entry]] = {}
 
-    def file(self, key: str) -> str:
-        return self._arrays[key][0]
+def map_file(path: str) -> mmap.mmap:
+    """`path` mapped copy-on-write: tensors are numpy views of it, read from disk when touched
+    (page cache, not this process's memory), and a consumer that writes into one gets private
+    pages rather than a changed checkpoint."""
+    with open(path, "rb") as f:
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
 
-    def create(self, key: str, shape: Shape, dtype) -> str:
-        path = os.path.join(self.directory, f"{len(self._arrays):05d}.bin")
-        entry = Entry(shape, dtype)
-        with open(path, "wb") as f:
-            f.truncate(entry.nbytes)
-        self._arrays[key] = (path, entry)
-        return path
 
-    def entry(self, key: str) -> Entry:
-        return self._arrays[key][1]
+_PAGE = mmap.PAGESIZE
 
-    def _row(self, key: str, index: int | None) -> tuple[str, Entry, int, Shape]:
-        path, entry = self._arrays[key]
-        if index is None:
-            return path, entry, 0, entry.shape
-        row_shape = entry.shape[1:]
-        return path, entry, index * int(np.prod(row_shape, dtype=np.int64)) * entry.dtype.itemsize, row_shape
 
-    def write(self, key: str, array: np.ndarray, index: int | None = None) -> None:
-        """The whole array, or row `index` along the first axis (one layer)."""
-        path, entry, offset, shape = self._row(key, index)
-        if tuple(array.shape) != shape or array.dtype != entry.dtype:
-            raise ValueError(f"staging {key}: got {list(array.shape)} {array.dtype}, "
-                             f"expected {list(shape)} {entry.dtype}")
-        fd = os.open(path, os.O_WRONLY)
-        try:
-            pwrite_all(fd, array, offset)
-        finally:
-            os.close(fd)
+def file_backed(array: np.ndarray) -> bool:
+    """Whether `array` is a view of a memory-mapped file (what the release reader hands out)."""
+    base = array
+    while isinstance(base, np.ndarray):
+        base = base.base
+    if isinstance(base, memoryview):
+        base = base.obj
+    return isinstance(base, mmap.mmap)
 
-    def write_region(self, key: str, region: tuple[slice, ...], array: np.ndarray) -> None:
-        """A rectangular block (a storage chunk of another format), as contiguous runs."""
-        path, entry = self._arrays[key]
-        shape, itemsize = entry.shape, entry.dtype.itemsize
-        starts = [s.start for s in region]
-        # Dims after `k` are covered whole, so each index over dims < k is one contiguous run.
-        k = len(shape) - 1
-        while k > 0 and array.shape[k] == shape[k]:
-            k -= 1
-        strides = [int(np.prod(shape[i + 1:], dtype=np.int64)) for i in range(len(shape))]
-        fd = os.open(path, os.O_WRONLY)
-        try:
-            for idx in np.ndindex(*array.shape[:k]):
-                elem = sum((starts[i] + idx[i]) * strides[i] for i in range(k)) + starts[k] * strides[k]
-                pwrite_all(fd, array[idx], elem * itemsize)
-        finally:
-            os.close(fd)
 
-    def read(self, key: str, index: int | None = None) -> np.ndarray:
-        path, entry, offset, shape = self._row(key, index)
-        count = int(np.prod(shape, dtype=np.int64))
-        return np.fromfile(path, dtype=entry.dtype, count=count, offset=offset).reshape(shape)
+def mapped_array(mapping: mmap.mmap, dtype, shape: Shape, offset: int, prefetch: bool = True) -> np.ndarray:
+    """The array of `shape` stored C-contiguously at byte `offset` of `mapping`, without a copy.
 
-    def remove(self, key: str) -> None:
-        path, _ = self._arrays.pop(key)
-        os.unlink(path)
-
-    def close(self) -> None:
-        shutil.rmtree(self.directory, ignore_errors=True)
+    `prefetch` asks the kernel to start reading the whole range now (MADV_WILLNEED), so the page
+    faults of whoever reads the tensor hit the page cache instead of waiting for 128 KiB readahead.
+    """
+    dtype = np.dtype(dtype)
+    count = int(np.prod(shape, dtype=np.int64))
+    if count == 0:
+        return np.empty(shape, dtype)
+    if prefetch and hasattr(mapping, "madvise"):
+        start = offset - offset % _PAGE
+        mapping.madvise(mmap.MADV_WILLNEED, start, offset + count * dtype.itemsize - start)
+    return np.frombuffer(mapping, dtype=dtype, count=count, offset=offset).reshape(shape)

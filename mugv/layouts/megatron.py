@@ -19,7 +19,7 @@ import re
 from typing import Any, Iterable, Iterator, Literal
 
 from mugv.config import DiTConfig
-from converters.schema import Shape, release_schema
+from mugv.schema import Shape, release_schema
 
 Array = Any  # numpy.ndarray or torch.Tensor: anything with reshape / swapaxes / slicing
 

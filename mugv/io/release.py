@@ -1,9 +1,13 @@
 """The official release layout: a flat {name: tensor} as one `.pt`, one `.safetensors`, or shards
 with a Hugging Face index (`model.safetensors.index.json` / `pytorch_model.bin.index.json`).
 
-Safetensors are read and written here directly (an 8-byte header length, a JSON header, the raw
-bytes), one tensor at a time with plain file I/O; `.pt` files through `torchzip` (streaming
-writer, `torch.load(weights_only=True, mmap=True)` reader).
+`ReleaseReader` is the one reader of release checkpoints (both backends' loaders and the
+converters use it): every file is memory-mapped and each tensor is a numpy view of the mapping,
+so nothing is read until a tensor is used, one tensor at a time, and what was read is page cache
+rather than this process's memory. Safetensors are parsed here (an 8-byte header length, a JSON
+header, the raw bytes); `.pt` files by `torchzip.TorchZipFile` without torch, falling back to
+torch's weights-only `torch.load` for variants it does not parse. Writing is streaming too:
+the layout is fixed from the entries up front and each tensor lands with a positioned write.
 """
 from __future__ import annotations
 
@@ -14,9 +18,9 @@ from typing import Iterator
 
 import numpy as np
 
-from converters.formats.base import (BF16, Entry, Reader, Writer, from_torch,
-                                     numpy_dtype_of_torch, pwrite_all)
-from converters.formats import torchzip
+from mugv.io.base import (BF16, Entry, Reader, Writer, from_torch, map_file, mapped_array,
+                          numpy_dtype_of_torch, pwrite_all)
+from mugv.io import torchzip
 from mugv.config import DiTConfig
 
 ST_INDEX = "model.safetensors.index.json"
@@ -38,6 +42,8 @@ TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 def kind_of(path: str) -> str:
     """'safetensors' or 'torch' for a single file (by suffix), else 'sharded': a directory of
     shards, named by the directory or by its index json."""
+    if path.endswith(".index.json"):
+        return "sharded"
     if os.path.isfile(path):
         return "safetensors" if path.endswith(".safetensors") else "torch"
     if path.endswith(".safetensors"):
@@ -90,14 +96,14 @@ class SafetensorsFile:
                                  f"has byte range [{begin}, {end}) that does not fit its shape or "
                                  f"the {size}-byte file")
             self._info[name] = (entry, self._base + begin)
+        self._map = map_file(path)
 
     def entries(self) -> dict[str, Entry]:
         return {k: e for k, (e, _) in self._info.items()}
 
     def get(self, name: str) -> np.ndarray:
         entry, offset = self._info[name]
-        count = int(np.prod(entry.shape, dtype=np.int64))
-        return np.fromfile(self.path, dtype=entry.dtype, count=count, offset=offset).reshape(entry.shape)
+        return mapped_array(self._map, entry.dtype, entry.shape, offset)
 
 
 class SafetensorsOut:
@@ -147,22 +153,38 @@ class TorchStateFile:
         self.path = path
         if not os.path.isfile(path):
             raise FileNotFoundError(f"checkpoint file not found: {path}")
-        sd = torchzip.load_torch_file(path)
-        import torch
+        try:
+            self._zip = torchzip.TorchZipFile(path)
+            sd, self._torch = self._zip.obj, False
+        except torchzip.NeedsTorch:
+            # Only for files the torch-free parser does not handle; torch's weights-only
+            # unpickler decides whether they are safe to read.
+            sd, self._torch = torchzip.load_torch_file(path), True
         if not isinstance(sd, dict):
             raise ValueError(f"{path} holds a {type(sd).__name__}, not a flat {{name: tensor}} "
                              f"state dict like the release dit.pt")
+        tensor_type = _torch_tensor_type() if self._torch else torchzip.TensorRef
         for name, value in sd.items():
-            if not isinstance(value, torch.Tensor):
-                raise ValueError(f"{path}: entry {name!r} is a {type(value).__name__}, not a tensor "
-                                 f"(expected a flat {{name: tensor}} state dict like the release dit.pt)")
+            if not isinstance(value, tensor_type):
+                kind = "dict" if isinstance(value, dict) else type(value).__name__
+                raise ValueError(f"{path}: entry {name!r} is a {kind}, not a tensor (the file is "
+                                 f"not a flat {{name: tensor}} state dict like the release dit.pt)")
         self._sd = sd
 
     def entries(self) -> dict[str, Entry]:
-        return {k: Entry(v.shape, numpy_dtype_of_torch(v.dtype)) for k, v in self._sd.items()}
+        if self._torch:
+            return {k: Entry(v.shape, numpy_dtype_of_torch(v.dtype)) for k, v in self._sd.items()}
+        return {k: v.entry for k, v in self._sd.items()}
 
     def get(self, name: str) -> np.ndarray:
-        return from_torch(self._sd[name])
+        if self._torch:
+            return from_torch(self._sd[name])
+        return self._zip.array(self._sd[name], name)
+
+
+def _torch_tensor_type():
+    import torch  # only reached after torch.load, so torch is already imported
+    return torch.Tensor
 
 
 def _open_file(path: str):
@@ -231,13 +253,19 @@ class ReleaseReader(Reader):
         return dict(self._entries)
 
     def get(self, name: str) -> np.ndarray:
+        """Tensor `name` as a numpy view of the mapped file (copy-on-write; safe from any thread)."""
         if name not in self._where:
             raise KeyError(f"{self.path}: no tensor {name!r}")
         return self._files[self._where[name]].get(name)
 
     def items(self) -> Iterator[tuple[str, np.ndarray]]:
+        # Views cost nothing until read, so the consumer's threads do the reading in parallel.
         for name in self._entries:
             yield name, self.get(name)
+
+    def close(self) -> None:
+        # Arrays already handed out keep their mapping alive; the file closes with the last one.
+        self._files = {}
 
     def describe(self) -> dict:
         d = {"layout": {"sharded": "sharded with an index", "safetensors": "single safetensors",

@@ -1,0 +1,163 @@
+"""The DiT weights in a JAX trainer checkpoint (orbax, mugv_jax/train/checkpointing.py), without orbax's
+restore: locate a step, open `state/params` (or `state/ema`) array by array with tensorstore, read
+the model config stored with them (or detect it from the shapes).
+
+    config, params = load_params("jax:runs/x/checkpoints@1000")   # Trainer.init_state(seed, params)
+
+A checkpoint is `<manager dir>/<step>/` with items `state` (params and ema: nested dicts keyed by
+the JAX layout's dotted paths, mugv/layouts/jax.py), `data` and `config`. `PATH@STEP` picks a
+step, else the newest. The converters' JAX reader builds on `StoredParams` (one layer at a time).
+"""
+from __future__ import annotations
+
+import ast
+import json
+import os
+
+import numpy as np
+
+from mugv.config import DiTConfig
+from mugv.layouts import jax as jax_layout
+from mugv.schema import detect_config
+from mugv.training import unflatten
+
+
+def _steps(manager_dir: str) -> list[int]:
+    if not os.path.isdir(manager_dir):
+        return []
+    # Orbax writes a step under a temporary name and renames it when complete: a plain number
+    # is a finished step.
+    return sorted(int(n) for n in os.listdir(manager_dir)
+                  if n.isdigit() and os.path.isdir(os.path.join(manager_dir, n, "state")))
+
+
+def is_jax_checkpoint(path: str) -> bool:
+    return (os.path.isfile(os.path.join(path, "state", "_METADATA"))
+            or bool(_steps(path)) or bool(_steps(os.path.join(path, "checkpoints"))))
+
+
+def resolve_step_dir(path: str, step: int | None) -> tuple[str, int | None, list[int]]:
+    """(step directory, step, all steps) for a manager dir, a workdir, or a step dir."""
+    if os.path.isfile(os.path.join(path, "state", "_METADATA")):
+        base = os.path.basename(os.path.normpath(path))
+        return path, (int(base) if base.isdigit() else None), []
+    manager = path
+    if not _steps(path) and _steps(os.path.join(path, "checkpoints")):
+        manager = os.path.join(path, "checkpoints")
+    steps = _steps(manager)
+    if not steps:
+        raise FileNotFoundError(f"{path}: no orbax checkpoint (no <step>/state directory)")
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise FileNotFoundError(f"{path}: no step {step} (steps present: {steps})")
+    return os.path.join(manager, str(step)), step, steps
+
+
+def parse_spec(spec: str) -> tuple[str, int | None]:
+    """(path, step) of `jax:PATH[@STEP]` (the prefix is optional)."""
+    path = spec[len("jax:"):] if spec.startswith("jax:") else spec
+    base, at, tail = path.rpartition("@")
+    if at and tail.isdigit():
+        return os.path.expanduser(base), int(tail)
+    return os.path.expanduser(path), None
+
+
+def config_from_jax_shapes(shapes: dict[str, tuple], source: str) -> DiTConfig:
+    """Detect the config from JAX-layout shapes via the release-name detector."""
+    need = {"x_embedder.kernel", "blocks.attn.q_norm.scale", "blocks.mlp.fc1.kernel",
+            "y_embedder.fc1.kernel", "t_embedder.fc1.kernel", "final_layer.linear.kernel"}
+    missing = sorted(need - set(shapes))
+    if missing:
+        raise ValueError(f"{source}: cannot detect the model configuration, no {missing}")
+    kt, kh, kw, cin, c = shapes["x_embedder.kernel"]
+    depth, d = shapes["blocks.attn.q_norm.scale"]
+    f = shapes["blocks.mlp.fc1.kernel"][2]
+    release = {
+        "x_embedder.proj.weight": (c, cin, kt, kh, kw),
+        "blocks.0.attn.q_norm.weight": (d,),
+        f"blocks.{depth - 1}.attn.q_norm.weight": (d,),
+        "blocks.0.mlp.fc1.weight": (f, c),
+        "y_embedder.y_proj.fc1.weight": tuple(reversed(shapes["y_embedder.fc1.kernel"])),
+        "t_embedder.mlp.0.weight": tuple(reversed(shapes["t_embedder.fc1.kernel"])),
+        "final_layer.linear.weight": tuple(reversed(shapes["final_layer.linear.kernel"])),
+    }
+    return detect_config(release)
+
+
+class StoredParams:
+    """The params (weights="raw") or EMA (weights="ema") arrays of one checkpoint step, opened
+    with tensorstore (orbax's own read spec and context) and not yet read: `arrays` maps each
+    JAX path to its array. `config` is the stored model config, else detected from the shapes;
+    shapes that disagree with it raise, naming every mismatched array."""
+
+    def __init__(self, path: str, step: int | None = None, weights: str = "raw"):
+        import tensorstore as ts
+        from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
+        if weights not in ("raw", "ema"):
+            raise ValueError(f"weights must be 'raw' or 'ema', got {weights!r}")
+        self.path, self.weights = path, weights
+        self.step_dir, self.step, self.steps = resolve_step_dir(path, step)
+        self.state_dir = os.path.join(self.step_dir, "state")
+        with open(os.path.join(self.state_dir, "_METADATA")) as f:
+            meta = json.load(f)
+        use_ocdbt, use_zarr3 = bool(meta.get("use_ocdbt", True)), bool(meta.get("use_zarr3", False))
+        tree = [ast.literal_eval(k) for k in meta["tree_metadata"]]
+        self.state_keys = sorted({k[0] for k in tree})
+        self.root = "params" if weights == "raw" else "ema"
+        paths = [".".join(k[1:]) for k in tree if k[0] == self.root]
+        if not paths:
+            raise ValueError(f"{self.step_dir}: the state holds no {self.root!r} "
+                             f"(entries: {self.state_keys})")
+        context = ts_utils.get_ts_context(use_ocdbt=use_ocdbt)
+        self.arrays = {}
+        for p in paths:
+            spec = ts_utils.ArrayReadSpec(self.state_dir, f"{self.root}.{p}", use_zarr3, use_ocdbt=use_ocdbt)
+            self.arrays[p] = ts.open(spec.json, context=context).result()
+        shapes = {p: tuple(a.shape) for p, a in self.arrays.items()}
+        self.stored_config = None
+        config_file = os.path.join(self.step_dir, "config", "metadata")
+        if os.path.isfile(config_file):
+            with open(config_file) as f:
+                model = json.load(f).get("model")
+            if isinstance(model, dict):
+                self.stored_config = DiTConfig.from_dict(model)
+        self.config = self.stored_config or config_from_jax_shapes(shapes, self.step_dir)
+        want = jax_layout.jax_param_shapes(self.config)
+        bad = [f"{p}: {list(s)} in checkpoint, model expects {list(want[p])}"
+               for p, s in shapes.items() if p in want and tuple(want[p]) != s]
+        if bad:
+            raise ValueError(f"{self.step_dir} ({self.root}) does not match the model schema:\n  "
+                             + "\n  ".join(bad))
+
+    def read_all(self) -> dict[str, np.ndarray]:
+        """Every array as float32 (the whole model in memory, as a model needs); the set of
+        arrays must be exactly the model's."""
+        want = jax_layout.jax_param_shapes(self.config)
+        missing = sorted(set(want) - set(self.arrays))
+        unexpected = sorted(set(self.arrays) - set(want))
+        if missing or unexpected:
+            raise ValueError(f"{self.step_dir}: {self.weights} weights do not match the model: "
+                             f"missing {missing}, unexpected {unexpected}")
+        return {p: np.asarray(self.arrays[p].read().result(), np.float32) for p in want}
+
+
+def load_flat_params(spec: str, *, weights: str = "raw") -> tuple[DiTConfig, dict[str, np.ndarray]]:
+    """(config, {JAX path: float32 array}) of `jax:PATH[@STEP]`."""
+    path, step = parse_spec(spec)
+    stored = StoredParams(path, step, weights)
+    return stored.config, stored.read_all()
+
+
+def load_params(spec: str, *, weights: str = "raw") -> tuple[DiTConfig, dict]:
+    """(config, nested float32 params dict) of `jax:PATH[@STEP]`: what `Trainer.init_state(seed,
+    params)` takes. Holds the whole model, as the model will."""
+    config, flat = load_flat_params(spec, weights=weights)
+    return config, unflatten(flat)
+
+
+def load_model(spec: str, *, weights: str = "raw", options=None):
+    """The Flax MUG-DiT with the weights of `jax:PATH[@STEP]`."""
+    from mugv_jax.dit.checkpoint import model_from_params
+    config, flat = load_flat_params(spec, weights=weights)
+    return model_from_params(config, flat, options)
