@@ -14,7 +14,6 @@ only) hold none; nothing is written for them.
 """
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from pathlib import Path
@@ -30,14 +29,9 @@ MEGATRON_NULL_TEXT_KEY = "context_embedder.drop_emb"  # mugv_megatron/train/chec
 def _jax_null_text(reader) -> np.ndarray | None:
     if NULL_TEXT_STATE_KEY not in reader.state_keys:
         return None
-    import tensorstore as ts
-    from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
-    with open(os.path.join(reader.state_dir, "_METADATA")) as f:
-        meta = json.load(f)
-    use_ocdbt, use_zarr3 = bool(meta.get("use_ocdbt", True)), bool(meta.get("use_zarr3", False))
-    spec = ts_utils.ArrayReadSpec(reader.state_dir, NULL_TEXT_STATE_KEY, use_zarr3, use_ocdbt=use_ocdbt)
-    ctx = ts_utils.get_ts_context(use_ocdbt=use_ocdbt)
-    return np.asarray(ts.open(spec.json, context=ctx).result().read().result())
+    from mugv.io.orbax import open_state_arrays
+    (array,) = open_state_arrays(reader.state_dir, [NULL_TEXT_STATE_KEY]).values()
+    return np.asarray(array.read().result())
 
 
 def _megatron_null_text(reader) -> np.ndarray | None:

@@ -47,7 +47,7 @@ def parse_spec(text: str) -> Spec:
 
 def detect_format(path: str) -> str:
     from converters.formats import megatron
-    from mugv_jax.train.orbax_params import is_jax_checkpoint
+    from mugv.io.orbax import is_jax_checkpoint
     if os.path.isfile(path):
         return "release"
     if not os.path.isdir(path):

@@ -22,7 +22,7 @@ from mugv.layouts import megatron as mlayout
 from converters.loaders import release_state
 from mugv.schema import detect_config, release_schema, shape_fields
 from mugv.config import PRESETS, DiTConfig, get_config
-from mugv_jax.train.orbax_params import config_from_jax_shapes
+from mugv.io.orbax import config_from_jax_shapes
 from tests.helpers import DIT_WEIGHTS, dit_weights
 from mugv.training import ObjectiveConfig, OptimConfig
 
@@ -273,7 +273,7 @@ def test_trainer_checkpoint_inspect_and_missing_step(trainer_checkpoint):
 
 def test_jax_params_initialise_the_trainer(tmp_path):
     import jax
-    from mugv_jax.train.orbax_params import load_params as jax_params
+    from mugv.io.orbax import load_params as jax_params
     from tests.trainer_helpers import make_trainer
     convert(DIT_WEIGHTS, f"jax:{tmp_path}/jx")
     config, params = jax_params(f"jax:{tmp_path}/jx")
