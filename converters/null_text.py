@@ -15,15 +15,14 @@ only) hold none; nothing is written for them.
 from __future__ import annotations
 
 import os
-import warnings
-from pathlib import Path
 
 import numpy as np
 
 from mugv import null_text as null_lib
+from mugv.io import torch_dist
 
 NULL_TEXT_STATE_KEY = "null_text"               # mugv_jax/train/step.py state
-MEGATRON_NULL_TEXT_KEY = "context_embedder.drop_emb"  # mugv_megatron/train/checkpointing.py NULL_TEXT_KEY
+MEGATRON_NULL_TEXT_KEY = torch_dist.NULL_CAPTION_KEY  # mugv_megatron/train/checkpointing.py NULL_TEXT_KEY
 
 
 def _jax_null_text(reader) -> np.ndarray | None:
@@ -35,24 +34,11 @@ def _jax_null_text(reader) -> np.ndarray | None:
 
 
 def _megatron_null_text(reader) -> np.ndarray | None:
-    import torch
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
-    from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
-    strategy = TorchDistLoadShardedStrategy()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        meta = strategy.load_tensors_metadata(Path(reader.dir))
-        if MEGATRON_NULL_TEXT_KEY not in meta:
-            return None
-        st = meta[MEGATRON_NULL_TEXT_KEY]
-        want = {"null": ShardedTensor.from_rank_offsets(
-            MEGATRON_NULL_TEXT_KEY, torch.empty(tuple(st.global_shape), dtype=st.dtype), replica_id=0)}
-        loaded = strategy.load(want, Path(reader.dir))
-    return loaded["null"].float().numpy()
+    return reader.read_stored(MEGATRON_NULL_TEXT_KEY)
 
 
 def _is_torch_dist(reader) -> bool:
-    from converters.formats.megatron import TorchDistReader
+    from mugv.io.torch_dist import TorchDistReader
     return isinstance(reader, TorchDistReader)
 
 

@@ -458,7 +458,7 @@ def test_a_killed_conversion_leaves_nothing_that_looks_complete(tmp_path):
 def test_megatron_training_checkpoint_reads_params_or_ema(tmp_path):
     """weights="ema" reads the EMA the Megatron trainer stores next to its weights (stacked
     layers included), weights="raw" the weights; a checkpoint without an EMA is refused."""
-    from converters.formats.megatron import TorchDistReader
+    from mugv.io.torch_dist import TorchDistReader
     from mugv_megatron.train import checkpointing
     from mugv_megatron.parallel import state as parallel
     from mugv_megatron.train.step import Trainer
