@@ -1,5 +1,5 @@
 """The DiT weights in a JAX trainer checkpoint (orbax, mugv_jax/train/checkpointing.py), without orbax's
-restore and without jax: locate a step, open `state/params` (or `state/ema`) array by array with
+restore and without the JAX model: locate a step, open `state/params` (or `state/ema`) array by array with
 tensorstore, read the model config stored with them (or detect it from the shapes).
 
     config, params = load_params("jax:runs/x/checkpoints@1000")   # Trainer.init_state(seed, params)
@@ -8,7 +8,7 @@ A checkpoint is `<manager dir>/<step>/` with items `state` (params and ema: nest
 the JAX layout's dotted paths, mugv/layouts/jax.py), `data` and `config`. `PATH@STEP` picks a
 step, else the newest. The converters' JAX reader builds on `StoredParams` (one layer at a time);
 `mugv.io.weights` reads a whole checkpoint in release names (`StoredParams.release_items`).
-orbax and tensorstore are imported inside the functions that open arrays.
+orbax and tensorstore (and with orbax, jax) are imported inside the functions that open arrays.
 """
 from __future__ import annotations
 
