@@ -1,6 +1,7 @@
-"""The DiT weights in a JAX trainer checkpoint (orbax, mugv_jax/train/checkpointing.py), without orbax's
-restore and without the JAX model: locate a step, open `state/params` (or `state/ema`) array by array with
-tensorstore, read the model config stored with them (or detect it from the shapes).
+"""The DiT weights in a JAX trainer checkpoint (orbax, mugv_jax/train/checkpointing.py), without
+orbax's restore and without the JAX model: locate a step, open `state/params` (or `state/ema`)
+array by array with tensorstore, read the model config stored with them (or detect it from the
+shapes).
 
     config, params = load_params("jax:runs/x/checkpoints@1000")   # Trainer.init_state(seed, params)
 
