@@ -3,9 +3,11 @@
     model = converters.loaders.megatron_model("megatron:/ckpt/mcore")      # megatron.core MUG-DiT
     state = converters.loaders.release_state("jax:/ckpt@1000")             # {release name: array}
 
-Each reads the checkpoint through the converters (strict schema check first), so the whole model
-is in memory once, as the model itself needs. A JAX model or params from a JAX checkpoint come
-from the backend itself: `mugv_jax.train.orbax_params.load_model` / `load_params`.
+Each reads the checkpoint through the converters' readers (the core's `mugv.io` readers, plus
+legacy Megatron files; strict schema check first), so the whole model is in memory once, as the
+model itself needs. The trainers' `init_from` reads through `mugv.io.weights.open_weights`; a
+Flax model or params from a JAX checkpoint come from `mugv_jax.dit.checkpoint.load_trainer_checkpoint`
+/ `mugv.io.orbax.load_params`.
 """
 from __future__ import annotations
 

@@ -14,51 +14,31 @@ only) hold none; nothing is written for them.
 """
 from __future__ import annotations
 
-import json
 import os
-import warnings
-from pathlib import Path
 
 import numpy as np
 
 from mugv import null_text as null_lib
+from mugv.io import torch_dist
 
 NULL_TEXT_STATE_KEY = "null_text"               # mugv_jax/train/step.py state
-MEGATRON_NULL_TEXT_KEY = "context_embedder.drop_emb"  # mugv_megatron/train/checkpointing.py NULL_TEXT_KEY
+MEGATRON_NULL_TEXT_KEY = torch_dist.NULL_CAPTION_KEY  # mugv_megatron/train/checkpointing.py NULL_TEXT_KEY
 
 
 def _jax_null_text(reader) -> np.ndarray | None:
     if NULL_TEXT_STATE_KEY not in reader.state_keys:
         return None
-    import tensorstore as ts
-    from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
-    with open(os.path.join(reader.state_dir, "_METADATA")) as f:
-        meta = json.load(f)
-    use_ocdbt, use_zarr3 = bool(meta.get("use_ocdbt", True)), bool(meta.get("use_zarr3", False))
-    spec = ts_utils.ArrayReadSpec(reader.state_dir, NULL_TEXT_STATE_KEY, use_zarr3, use_ocdbt=use_ocdbt)
-    ctx = ts_utils.get_ts_context(use_ocdbt=use_ocdbt)
-    return np.asarray(ts.open(spec.json, context=ctx).result().read().result())
+    from mugv.io.orbax import open_state_arrays
+    (array,) = open_state_arrays(reader.state_dir, [NULL_TEXT_STATE_KEY]).values()
+    return np.asarray(array.read().result())
 
 
 def _megatron_null_text(reader) -> np.ndarray | None:
-    import torch
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
-    from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
-    strategy = TorchDistLoadShardedStrategy()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        meta = strategy.load_tensors_metadata(Path(reader.dir))
-        if MEGATRON_NULL_TEXT_KEY not in meta:
-            return None
-        st = meta[MEGATRON_NULL_TEXT_KEY]
-        want = {"null": ShardedTensor.from_rank_offsets(
-            MEGATRON_NULL_TEXT_KEY, torch.empty(tuple(st.global_shape), dtype=st.dtype), replica_id=0)}
-        loaded = strategy.load(want, Path(reader.dir))
-    return loaded["null"].float().numpy()
+    return reader.read_stored(MEGATRON_NULL_TEXT_KEY)
 
 
 def _is_torch_dist(reader) -> bool:
-    from converters.formats.megatron import TorchDistReader
+    from mugv.io.torch_dist import TorchDistReader
     return isinstance(reader, TorchDistReader)
 
 

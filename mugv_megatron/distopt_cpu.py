@@ -6,7 +6,7 @@ megatron.core 0.16.1's optimizer assumes CUDA in three ways, none of which is ab
   * it allocates flags and scalars with `device='cuda'` (optimizer.py: the unit loss scale;
     clip_grads.py and utils.py's local multi-tensor L2 norm: the norm accumulator);
   * the rest (grad/param buffers, the DP gather of the optimizer state) uses
-    `torch.cuda.current_device()`, which `mugv_megatron.parallel.cpu_shim` already points at the CPU.
+    `torch.cuda.current_device()`, which the CPU shim (`mugv.io.torch_cpu`) already points at the CPU.
 `apply()` makes CPU tensors report their CUDA type name when `.type()` is called without
 arguments, and redirects `torch.tensor`/`torch.zeros(device='cuda')` to the CPU inside those
 three megatron modules only. The optimizer itself (torch AdamW without TE/apex), the DDP buckets,
@@ -23,7 +23,7 @@ import types
 
 import torch
 
-from mugv_megatron.parallel import cpu_shim
+from mugv.io import torch_cpu
 
 _STATE: dict[str, object] = {}
 
@@ -53,7 +53,7 @@ def apply() -> bool:
         return False
     if _STATE:
         return True
-    cpu_shim.apply()
+    torch_cpu.apply()
     import megatron.core.optimizer.clip_grads as clip_grads
     import megatron.core.optimizer.optimizer as optimizer
     import megatron.core.utils as utils

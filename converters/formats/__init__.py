@@ -47,7 +47,7 @@ def parse_spec(text: str) -> Spec:
 
 def detect_format(path: str) -> str:
     from converters.formats import megatron
-    from mugv_jax.train.orbax_params import is_jax_checkpoint
+    from mugv.io.orbax import is_jax_checkpoint
     if os.path.isfile(path):
         return "release"
     if not os.path.isdir(path):
@@ -80,7 +80,8 @@ def open_reader(spec: Spec | str, *, weights: str = "raw") -> Reader:
         from converters.formats import megatron
         variant = megatron.detect_variant(spec.path) if fmt == "megatron" else "legacy"
         if variant == "torch_dist":
-            return megatron.TorchDistReader(spec.path, spec.number, weights)
+            from mugv.io.torch_dist import TorchDistReader
+            return TorchDistReader(spec.path, spec.number, weights)
         if weights != "raw":
             raise ValueError(f"{spec}: --weights {weights} needs a torch_dist training checkpoint "
                              f"(legacy mp_rank_* checkpoints hold one set of weights)")

@@ -5,7 +5,7 @@ keyed by the JAX layout's dotted paths, mugv/layouts/jax.py), `data` and `config
 ({"model": DiTConfig dict}). `PATH@STEP` picks a step, else the newest.
 
 Reading opens each array of `state/params` (or `state/ema`) with tensorstore directly
-(`mugv_jax.train.orbax_params.StoredParams`), so one layer of a stacked array is read at a time, and
+(`mugv.io.orbax.StoredParams`), so one layer of a stacked array is read at a time, and
 several reads are in flight at once (tensorstore reads and decodes on its own threads). If the
 stored chunks span several layers (the trainer writes one chunk per device shard, layers
 included), that array is first copied chunk by chunk into a raw staging file (under $TMPDIR),
@@ -38,7 +38,7 @@ from mugv.layouts import jax as jax_layout
 from mugv.config import DiTConfig, get_config
 from mugv.schema import release_schema
 from mugv.training import unflatten
-from mugv_jax.train.orbax_params import StoredParams
+from mugv.io.orbax import StoredParams
 
 DEFAULT_STEP = 0
 # Writes handed to tensorstore but not yet committed, at most (see StreamingHandler). Each holds

@@ -1,4 +1,5 @@
-"""Release checkpoints (`dit.pt`, safetensors or HF shards, release names) in and out of the JAX model.
+"""Release checkpoints (`dit.pt`, safetensors or HF shards, release names) in and out of the JAX model,
+and the model from a JAX trainer checkpoint (`load_trainer_checkpoint`).
 
 Loading is strict: names and shapes are checked against the schema for the config before any
 tensor is read, and the error names every missing, unexpected or mis-shaped tensor. Files are
@@ -17,6 +18,7 @@ from flax import nnx
 
 from mugv.config import DiTConfig, get_config
 from mugv.io.base import is_floating
+from mugv.io.orbax import load_flat_params
 from mugv.io.release import ReleaseReader
 from mugv.layouts import jax as jax_layout
 from mugv.schema import check_state_dict_shapes, release_schema
@@ -74,6 +76,14 @@ def load(path: str | os.PathLike, config: DiTConfig | str = "10b", *,
                                 release_schema(config), ckpt.path)
         params = _jax_params(ckpt, config, progress)
     return model_from_params(config, params, options)
+
+
+def load_trainer_checkpoint(spec: str, *, weights: str = "raw",
+                            options: RuntimeOptions | None = None) -> MUGDiT:
+    """The model with the params (weights="raw") or EMA ("ema") of a JAX trainer checkpoint
+    `jax:PATH[@STEP]`, at the config stored with them (mugv.io.orbax)."""
+    config, flat = load_flat_params(spec, weights=weights)
+    return model_from_params(config, flat, options)
 
 
 def _jax_params(ckpt: ReleaseReader, config: DiTConfig, progress: bool) -> dict[str, np.ndarray]:

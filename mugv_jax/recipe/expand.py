@@ -197,7 +197,7 @@ def load_any(spec: str, weights: str = "raw") -> tuple[DiTConfig, dict]:
     """(config, nested params) from `jax:DIR[@STEP]` or a release file `.pt`/`.safetensors`
     (`FILE:PRESET`, e.g. `dit.safetensors:tiny`, picks the release model's size)."""
     if spec.startswith("jax:"):
-        from mugv_jax.train.orbax_params import load_params as jax_params
+        from mugv.io.orbax import load_params as jax_params
         return jax_params(spec, weights=weights)
     from flax import nnx
     from mugv.config import get_config

@@ -83,8 +83,8 @@ def _run_pieces(run: str):
 def main(argv=None) -> int:
     from tqdm import tqdm
     from mugv.run import validation as run_validation
-    from mugv_jax.train.orbax_params import load_params as jax_params
-    from mugv_jax.train.orbax_params import resolve_step_dir
+    from mugv.io.orbax import load_params as jax_params
+    from mugv.io.orbax import resolve_step_dir
     from mugv_jax.recipe.expand import save_params
     from mugv_jax.train import validation
     p = argparse.ArgumentParser(prog="python -m mugv_jax.recipe.posthoc_ema", description=__doc__.split("\n\n")[0])

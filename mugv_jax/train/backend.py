@@ -20,6 +20,8 @@ import jax
 import numpy as np
 
 from mugv.config import DiTConfig
+from mugv.io import orbax
+from mugv.io.weights import open_weights
 from mugv.run import driver, tasks
 from mugv.run.validation import ValidationSet
 from mugv.training import ObjectiveConfig, OptimConfig, dataclass_from, model_config_from, preference_config_from
@@ -34,21 +36,17 @@ log = logging.getLogger("mugv.train")
 
 
 def init_params_from(spec: str, model_cfg: DiTConfig, weights: str = "raw"):
-    """Initial parameters (nested dict) from `jax:DIR[@STEP]` (an orbax checkpoint), a Megatron
-    `megatron:DIR` torch_dist checkpoint, or a release-layout file (.pt / .safetensors / index)."""
-    from converters.loaders import jax_params, release_state
+    """Initial parameters (nested dict) from `config.init_from`: `jax:DIR[@STEP]` (an orbax
+    checkpoint), `megatron:DIR[@ITER]` (torch_dist) or a release-layout file (.pt / .safetensors /
+    index); `weights` "raw" or "ema" (`config.init_weights`)."""
     if spec.startswith("jax:"):
-        found, params = jax_params(spec, weights=weights)
+        # The JAX layout as stored: no round trip through release names.
+        found, params = orbax.load_params(spec, weights=weights)
         if found != model_cfg:
             raise ValueError(f"config.init_from={spec} holds a {found} model, but the run's model is {model_cfg}")
         return params
-    if spec.startswith("megatron:") or weights != "raw":
-        state = release_state(spec, model=model_cfg, weights=weights)
-        return trainer_lib.params_from_release(state.items(), model_cfg)
-    from flax import nnx
-    from mugv_jax import dit
-    model = dit.load(spec.removeprefix("release:"), model_cfg, progress=True)
-    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    state = open_weights(spec, model=model_cfg, weights=weights)
+    return trainer_lib.params_from_release(state.items(), model_cfg)
 
 
 def build_trainer(config, mode: str = "pretrain"):

@@ -1,29 +1,22 @@
 """Process-group and megatron parallel-state set-up, for one process or spawned TP/CP/PP groups.
 
 megatron.core's layers read the tensor-parallel group from `parallel_state`, so a model can only
-be built after `initialize_model_parallel`. `setup` does the whole sequence: the CPU shim when
-CUDA is absent, `torch.distributed` (gloo on CPU, NCCL on GPU) on 127.0.0.1, megatron's groups
-(tensor, context and pipeline parallel; the rest of the world is data parallel), and the RNG
-tracker.
+be built after `initialize_model_parallel`. `setup` does the whole sequence: the CPU shim
+(`mugv.io.torch_cpu`) when CUDA is absent, `torch.distributed` (gloo on CPU, NCCL on GPU) on
+127.0.0.1, megatron's groups (tensor, context and pipeline parallel; the rest of the world is
+data parallel), and the RNG tracker.
 """
 from __future__ import annotations
 
 import datetime
 import math
-import socket
 
 import torch
 import torch.distributed as dist
 
-from mugv_megatron.parallel import cpu_shim
+from mugv.io import torch_cpu
 
 DEFAULT_SEED = 1234
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _parallel_state():
@@ -73,7 +66,7 @@ def setup(tensor_parallel_size: int = 1, *, rank: int = 0, world_size: int | Non
     """
     on_gpu = torch.cuda.is_available()
     if not on_gpu:
-        cpu_shim.apply()
+        torch_cpu.apply()
     sizes = {"tensor": tensor_parallel_size, "context": context_parallel_size,
              "pipeline": pipeline_parallel_size}
     for kind, size in sizes.items():
@@ -89,7 +82,7 @@ def setup(tensor_parallel_size: int = 1, *, rank: int = 0, world_size: int | Non
         if master_port is None:
             if world_size != 1:
                 raise ValueError("setup: a multi-process world needs an explicit master_port")
-            master_port = free_port()
+            master_port = torch_cpu.free_port()
         if on_gpu:
             torch.cuda.set_device(rank % torch.cuda.device_count())
         dist.init_process_group(

@@ -27,6 +27,8 @@ import torch
 import torch.distributed as dist
 
 from mugv.config import DiTConfig
+from mugv.io.base import to_torch
+from mugv.io.weights import open_weights
 from mugv.data.preference import batch_kind
 from mugv.run import driver, tasks
 from mugv.run.validation import ValidationSet
@@ -76,12 +78,11 @@ def init_distributed(tp: int, cp: int = 1, pp: int = 1) -> None:
 
 def release_state_from(spec: str, model_cfg: DiTConfig, weights: str = "raw") -> dict | None:
     """Release-layout {name: tensor} of `config.init_from` in any format: a release file
-    (.pt/.safetensors/index), `jax:DIR[@STEP]` or `megatron:DIR[@ITER]` (weights "raw" or "ema")."""
+    (.pt/.safetensors/index), `jax:DIR[@STEP]` or `megatron:DIR[@ITER]` (weights "raw" or "ema").
+    Every rank reads it (no collective), so it works in any world."""
     if not spec:
         return None
-    from converters.loaders import release_state
-    state = release_state(spec, model=model_cfg, weights=weights)
-    return {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in state.items()}
+    return {name: to_torch(a) for name, a in open_weights(spec, model=model_cfg, weights=weights).items()}
 
 
 class MegatronBackend:

@@ -22,7 +22,7 @@ from mugv.layouts import megatron as mlayout
 from converters.loaders import release_state
 from mugv.schema import detect_config, release_schema, shape_fields
 from mugv.config import PRESETS, DiTConfig, get_config
-from mugv_jax.train.orbax_params import config_from_jax_shapes
+from mugv.io.orbax import config_from_jax_shapes
 from tests.helpers import DIT_WEIGHTS, dit_weights
 from mugv.training import ObjectiveConfig, OptimConfig
 
@@ -273,7 +273,7 @@ def test_trainer_checkpoint_inspect_and_missing_step(trainer_checkpoint):
 
 def test_jax_params_initialise_the_trainer(tmp_path):
     import jax
-    from mugv_jax.train.orbax_params import load_params as jax_params
+    from mugv.io.orbax import load_params as jax_params
     from tests.trainer_helpers import make_trainer
     convert(DIT_WEIGHTS, f"jax:{tmp_path}/jx")
     config, params = jax_params(f"jax:{tmp_path}/jx")
@@ -458,7 +458,7 @@ def test_a_killed_conversion_leaves_nothing_that_looks_complete(tmp_path):
 def test_megatron_training_checkpoint_reads_params_or_ema(tmp_path):
     """weights="ema" reads the EMA the Megatron trainer stores next to its weights (stacked
     layers included), weights="raw" the weights; a checkpoint without an EMA is refused."""
-    from converters.formats.megatron import TorchDistReader
+    from mugv.io.torch_dist import TorchDistReader
     from mugv_megatron.train import checkpointing
     from mugv_megatron.parallel import state as parallel
     from mugv_megatron.train.step import Trainer

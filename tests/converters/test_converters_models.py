@@ -5,7 +5,7 @@ import torch
 
 from converters.convert import convert
 from converters.loaders import megatron_model
-from mugv_jax.train.orbax_params import load_model as jax_model
+from mugv_jax.dit.checkpoint import load_trainer_checkpoint as jax_model
 from tests.helpers import DIT_WEIGHTS, case_inputs, dit_vectors, max_abs
 
 # The golden vectors' float32 agreement bound (docs/reference.md §9); never widened.

@@ -160,10 +160,10 @@ def test_tiled_transpose_moves_the_bits_unchanged(shape):
 def test_torch_dist_read_through_dist_checkpointing_equals_the_mapped_read(sources, tmp_path, monkeypatch):
     """Chunkings the mapped reader does not take (a TP-sharded trainer save) go through
     dist_checkpointing, on the pipeline's threads; both give the same bits."""
-    from converters.formats.megatron import TorchDistReader
+    from mugv.io.torch_dist import TorchDistReader
     from converters.formats import open_reader
     assert open_reader(sources["torch_dist"]).describe()["read"] == "memory-mapped chunks"
-    monkeypatch.setattr(TorchDistReader, "_direct_index", lambda self, metadata: None)
+    monkeypatch.setattr(TorchDistReader, "_direct_index", lambda self: {})
     assert open_reader(sources["torch_dist"]).describe()["read"] == "dist_checkpointing"
     convert(sources["torch_dist"], f"release:{tmp_path}/o.safetensors", workers=4)
     assert _bits_equal(DIT_WEIGHTS, f"{tmp_path}/o.safetensors")

@@ -14,8 +14,9 @@ from tests.helpers import GOLDEN
 
 def test_core_imports_without_jax_or_torch():
     code = ("import sys, mugv, mugv.geometry, mugv.flops, mugv.training, mugv.schema, mugv.layouts.jax, "
-            "mugv.layouts.megatron, mugv.io.base, mugv.io.release, mugv.io.torchzip; "
-            "bad = [m for m in ('jax', 'torch', 'flax') if m in sys.modules]; "
+            "mugv.layouts.megatron, mugv.io.base, mugv.io.release, mugv.io.torchzip, mugv.io.orbax, "
+            "mugv.io.torch_dist, mugv.io.torch_cpu, mugv.io.weights; "
+            "bad = [m for m in ('jax', 'torch', 'flax', 'orbax', 'tensorstore', 'megatron') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(GOLDEN) + "/..")
 

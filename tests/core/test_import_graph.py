@@ -131,6 +131,7 @@ def test_no_import_cycles_inside_a_package(package):
 
 def test_the_checker_sees_function_level_imports_and_cycles():
     # The checker itself: a lazy import is an edge, and a two-module loop is a cycle.
-    assert "converters.loaders" in imports("mugv_jax.train") or "converters" not in str(GRAPH["mugv_jax.train"])
+    # posthoc_ema imports the orbax reader inside a function only.
+    assert "mugv.io.orbax" in imports("mugv_jax.recipe.posthoc_ema")
     assert _cycles(["a", "b", "c"], {"a": {"b"}, "b": {"a"}, "c": {"a"}}) == [["a", "b"]]
     assert _cycles(["a", "b"], {"a": {"b"}}) == []

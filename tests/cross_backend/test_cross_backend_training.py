@@ -25,6 +25,7 @@ from mugv.layouts import megatron as layout
 from mugv.config import get_config
 from mugv_megatron.train import objective as mobj
 from mugv_megatron.train import checkpointing
+from mugv.io.torch_cpu import free_port
 from mugv_megatron.parallel import state as parallel
 from mugv.training import ObjectiveConfig, OptimConfig, shift_ratio
 
@@ -266,7 +267,7 @@ def _tp_worker(rank, port, out_dir):
 @pytest.fixture(scope="module")
 def tp_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("cross_tp")
-    mp.spawn(_tp_worker, args=(parallel.free_port(), str(out)), nprocs=TP, join=True)
+    mp.spawn(_tp_worker, args=(free_port(), str(out)), nprocs=TP, join=True)
     return out
 
 

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from mugv.layouts import megatron as layout
 from mugv.config import DiTConfig
 from mugv_megatron.model import build as dit
+from mugv.io.torch_cpu import free_port
 from mugv_megatron.parallel import state as parallel
 from mugv_megatron.parallel import pipeline_parallel as pipeline
 
@@ -158,7 +159,7 @@ def spawn_layouts(out_dir: Path, layouts: dict):
     model = random_release_state(out_dir / "weights.safetensors")
     batches = make_micro_batches()
     torch.save(batches, out_dir / "batches.pt")
-    mp.spawn(worker, args=(parallel.free_port(), str(out_dir), layouts), nprocs=WORLD, join=True)
+    mp.spawn(worker, args=(free_port(), str(out_dir), layouts), nprocs=WORLD, join=True)
     ranks = [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     return ranks, single_process_reference(model, batches), batches
 

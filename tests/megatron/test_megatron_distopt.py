@@ -20,6 +20,7 @@ import torch.multiprocessing as mp
 
 from mugv.config import get_config
 from mugv_megatron.train import objective as obj
+from mugv.io.torch_cpu import free_port
 from mugv_megatron.parallel import state as parallel
 from mugv.training import ObjectiveConfig, OptimConfig
 
@@ -133,7 +134,7 @@ def _worker(rank, port, port1, out):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("distopt")
-    mp.spawn(_worker, args=(parallel.free_port(), parallel.free_port(), str(out)), nprocs=DP, join=True)
+    mp.spawn(_worker, args=(free_port(), free_port(), str(out)), nprocs=DP, join=True)
     res = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(DP)]
     return {"ranks": res, "dp1": torch.load(out / "dp1.pt", weights_only=False), "dir": out}
 
@@ -188,7 +189,7 @@ def test_checkpoint_reshards_from_dp2_to_dp1(runs):
 def test_checkpoint_layout(runs):
     """The DistributedOptimizer's state under the torch-AdamW path's names (whole, stacked
     layers), plus the fp32 main weights; the converters read the weights out of it."""
-    from converters.formats.megatron import TorchDistReader
+    from mugv.io.torch_dist import TorchDistReader
     from mugv.layouts import megatron as layout
     from megatron.core.dist_checkpointing import load_tensors_metadata
     ckdir = runs["dir"] / "ckpt"

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from mugv.layouts import megatron as layout
 from mugv_megatron.model import build as dit
+from mugv.io.torch_cpu import free_port
 from mugv_megatron.parallel import state as parallel
 
 GOLDEN = Path(__file__).parent.parent / "golden" / "dit_tiny"
@@ -118,7 +119,7 @@ def odd_case():
 def ranks(tmp_path_factory, odd_case):
     out_dir = tmp_path_factory.mktemp("megatron_tp")
     save_file(odd_case, out_dir / "odd.safetensors")
-    mp.spawn(_worker, args=(parallel.free_port(), str(out_dir)), nprocs=TP, join=True)
+    mp.spawn(_worker, args=(free_port(), str(out_dir)), nprocs=TP, join=True)
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(TP)]
 
 

@@ -143,7 +143,7 @@ def test_resumed_run_is_bit_identical_to_straight_run(resumed):
 
 
 def test_checkpoint_layout_and_converter_reader(resumed):
-    from converters.formats.megatron import TorchDistReader
+    from mugv.io.torch_dist import TorchDistReader
     ckdir = resumed["ckdir"]
     assert open(os.path.join(ckdir, checkpointing.TRACKER)).read() == "2"
     assert not [n for n in os.listdir(ckdir) if n.endswith(".tmp")]

@@ -22,6 +22,7 @@ import torch
 import torch.multiprocessing as mp
 
 from mugv_megatron.train import checkpointing
+from mugv.io.torch_cpu import free_port
 from mugv_megatron.parallel import state as parallel
 from tests.cross_backend.test_cross_backend_training import (CFG, LATENT, LR, OBJECTIVE, OPTIM, make_case,
                                                release_weights)
@@ -106,7 +107,7 @@ def _worker(rank, port, out_dir):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("trainer_pp_cp")
-    mp.spawn(_worker, args=(parallel.free_port(), str(out)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
     return out
 
 

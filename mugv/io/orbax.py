@@ -1,18 +1,22 @@
-"""The DiT weights in a JAX trainer checkpoint (orbax, mugv_jax/train/checkpointing.py), without orbax's
-restore: locate a step, open `state/params` (or `state/ema`) array by array with tensorstore, read
-the model config stored with them (or detect it from the shapes).
+"""The DiT weights in a JAX trainer checkpoint (orbax, mugv_jax/train/checkpointing.py), without
+orbax's restore and without the JAX model: locate a step, open `state/params` (or `state/ema`)
+array by array with tensorstore, read the model config stored with them (or detect it from the
+shapes).
 
     config, params = load_params("jax:runs/x/checkpoints@1000")   # Trainer.init_state(seed, params)
 
 A checkpoint is `<manager dir>/<step>/` with items `state` (params and ema: nested dicts keyed by
 the JAX layout's dotted paths, mugv/layouts/jax.py), `data` and `config`. `PATH@STEP` picks a
-step, else the newest. The converters' JAX reader builds on `StoredParams` (one layer at a time).
+step, else the newest. The converters' JAX reader builds on `StoredParams` (one layer at a time);
+`mugv.io.weights` reads a whole checkpoint in release names (`StoredParams.release_items`).
+orbax and tensorstore (and with orbax, jax) are imported inside the functions that open arrays.
 """
 from __future__ import annotations
 
 import ast
 import json
 import os
+from typing import Iterator
 
 import numpy as np
 
@@ -85,6 +89,32 @@ def config_from_jax_shapes(shapes: dict[str, tuple], source: str) -> DiTConfig:
     return detect_config(release)
 
 
+def _state_metadata(state_dir: str) -> dict:
+    with open(os.path.join(state_dir, "_METADATA")) as f:
+        return json.load(f)
+
+
+def state_entries(state_dir: str) -> list[tuple[str, ...]]:
+    """The key path of every leaf of a saved state item (`("params", "blocks", …)`), from its
+    metadata alone."""
+    return [ast.literal_eval(k) for k in _state_metadata(state_dir)["tree_metadata"]]
+
+
+def open_state_arrays(state_dir: str, names: list[str]) -> dict:
+    """{dotted leaf name: tensorstore array, opened but not read} of a saved state item, with
+    orbax's own read spec and context (OCDBT or not, zarr v2 or v3, as the metadata says)."""
+    import tensorstore as ts
+    from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
+    meta = _state_metadata(state_dir)
+    use_ocdbt, use_zarr3 = bool(meta.get("use_ocdbt", True)), bool(meta.get("use_zarr3", False))
+    context = ts_utils.get_ts_context(use_ocdbt=use_ocdbt)
+    out = {}
+    for name in names:
+        spec = ts_utils.ArrayReadSpec(state_dir, name, use_zarr3, use_ocdbt=use_ocdbt)
+        out[name] = ts.open(spec.json, context=context).result()
+    return out
+
+
 class StoredParams:
     """The params (weights="raw") or EMA (weights="ema") arrays of one checkpoint step, opened
     with tensorstore (orbax's own read spec and context) and not yet read: `arrays` maps each
@@ -92,28 +122,20 @@ class StoredParams:
     shapes that disagree with it raise, naming every mismatched array."""
 
     def __init__(self, path: str, step: int | None = None, weights: str = "raw"):
-        import tensorstore as ts
-        from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
         if weights not in ("raw", "ema"):
             raise ValueError(f"weights must be 'raw' or 'ema', got {weights!r}")
         self.path, self.weights = path, weights
         self.step_dir, self.step, self.steps = resolve_step_dir(path, step)
         self.state_dir = os.path.join(self.step_dir, "state")
-        with open(os.path.join(self.state_dir, "_METADATA")) as f:
-            meta = json.load(f)
-        use_ocdbt, use_zarr3 = bool(meta.get("use_ocdbt", True)), bool(meta.get("use_zarr3", False))
-        tree = [ast.literal_eval(k) for k in meta["tree_metadata"]]
+        tree = state_entries(self.state_dir)
         self.state_keys = sorted({k[0] for k in tree})
         self.root = "params" if weights == "raw" else "ema"
         paths = [".".join(k[1:]) for k in tree if k[0] == self.root]
         if not paths:
             raise ValueError(f"{self.step_dir}: the state holds no {self.root!r} "
                              f"(entries: {self.state_keys})")
-        context = ts_utils.get_ts_context(use_ocdbt=use_ocdbt)
-        self.arrays = {}
-        for p in paths:
-            spec = ts_utils.ArrayReadSpec(self.state_dir, f"{self.root}.{p}", use_zarr3, use_ocdbt=use_ocdbt)
-            self.arrays[p] = ts.open(spec.json, context=context).result()
+        opened = open_state_arrays(self.state_dir, [f"{self.root}.{p}" for p in paths])
+        self.arrays = {p: opened[f"{self.root}.{p}"] for p in paths}
         shapes = {p: tuple(a.shape) for p, a in self.arrays.items()}
         self.stored_config = None
         config_file = os.path.join(self.step_dir, "config", "metadata")
@@ -130,16 +152,29 @@ class StoredParams:
             raise ValueError(f"{self.step_dir} ({self.root}) does not match the model schema:\n  "
                              + "\n  ".join(bad))
 
-    def read_all(self) -> dict[str, np.ndarray]:
-        """Every array as float32 (the whole model in memory, as a model needs); the set of
-        arrays must be exactly the model's."""
+    def _complete(self) -> dict[str, tuple]:
+        """The model's JAX shapes, once the stored arrays are checked to be exactly those."""
         want = jax_layout.jax_param_shapes(self.config)
         missing = sorted(set(want) - set(self.arrays))
         unexpected = sorted(set(self.arrays) - set(want))
         if missing or unexpected:
             raise ValueError(f"{self.step_dir}: {self.weights} weights do not match the model: "
                              f"missing {missing}, unexpected {unexpected}")
+        return want
+
+    def read_all(self) -> dict[str, np.ndarray]:
+        """Every array as float32 (the whole model in memory, as a model needs); the set of
+        arrays must be exactly the model's."""
+        want = self._complete()
         return {p: np.asarray(self.arrays[p].read().result(), np.float32) for p in want}
+
+    def release_items(self) -> Iterator[tuple[str, np.ndarray]]:
+        """(release name, array in its stored dtype) for every tensor, one JAX array read at a
+        time (the whole stack of a layer tensor, then its layers); the set of arrays must be
+        exactly the model's."""
+        want = self._complete()
+        for p in want:
+            yield from jax_layout.jax_to_release_all({p: self.arrays[p].read().result()}, self.config)
 
 
 def load_flat_params(spec: str, *, weights: str = "raw") -> tuple[DiTConfig, dict[str, np.ndarray]]:
@@ -154,10 +189,3 @@ def load_params(spec: str, *, weights: str = "raw") -> tuple[DiTConfig, dict]:
     params)` takes. Holds the whole model, as the model will."""
     config, flat = load_flat_params(spec, weights=weights)
     return config, unflatten(flat)
-
-
-def load_model(spec: str, *, weights: str = "raw", options=None):
-    """The Flax MUG-DiT with the weights of `jax:PATH[@STEP]`."""
-    from mugv_jax.dit.checkpoint import model_from_params
-    config, flat = load_flat_params(spec, weights=weights)
-    return model_from_params(config, flat, options)
