@@ -21,6 +21,7 @@ import time
 import numpy as np
 from tqdm import tqdm
 
+from mugv.training import flatten
 from main_job import dataset
 from main_job import measure
 from main_job import media
@@ -276,7 +277,7 @@ def stage_dit(config, stages: Stages, encode_record: dict) -> dict:
     with _TrainProgress(os.path.join(d, "tensorboard", "metrics.jsonl"), int(c.num_steps)):
         summary = train_lib.train(c, d)
     model_cfg = train_lib.model_config_from(c)
-    ema = _flatten(jax.device_get(summary["state"]["ema"]))
+    ema = {k: np.asarray(v) for k, v in flatten(jax.device_get(summary["state"]["ema"])).items()}
     null = np.asarray(jax.device_get(summary["state"]["null_text"]))
     np.save(os.path.join(d, "null_text.npy"), null)
     path = os.path.join(d, "dit_ema.safetensors")
@@ -287,17 +288,6 @@ def stage_dit(config, stages: Stages, encode_record: dict) -> dict:
     return {"steps": int(summary["step"]), "final_loss": summary["loss"], "seconds_this_run": time.time() - t0,
             "weights": os.path.relpath(path, stages.workdir), "model_config": model_cfg.to_dict(),
             "metrics": os.path.relpath(os.path.join(d, "tensorboard", "metrics.jsonl"), stages.workdir)}
-
-
-def _flatten(tree, prefix=""):
-    out = {}
-    for k, v in tree.items():
-        path = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, path + "."))
-        else:
-            out[path] = np.asarray(v)
-    return out
 
 
 # --- sample -----------------------------------------------------------------------------------

@@ -168,3 +168,15 @@ def preference_config_from(config) -> PreferenceConfig:
     task's, not the loss's)."""
     fields = {f.name for f in dataclasses.fields(PreferenceConfig)}
     return PreferenceConfig(**{k: v for k, v in dict(config.preference).items() if k in fields})
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    """{"a": {"b": {"c": v}}} → {"a.b.c": v} (the inverse of `unflatten`)."""
+    out: dict = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

@@ -87,20 +87,29 @@ def load_trainer_checkpoint(spec: str, *, weights: str = "raw",
 
 
 def _jax_params(ckpt: ReleaseReader, config: DiTConfig, progress: bool) -> dict[str, np.ndarray]:
-    shapes = jax_layout.jax_param_shapes(config)
-    params: dict[str, np.ndarray] = {}
     names = list(release_schema(config))
     if progress:
         from tqdm import tqdm
         names = tqdm(names, desc=f"loading {os.path.basename(ckpt.path)}", unit="tensor")
-    for name in names:
-        jpath, layer, arr = jax_layout.release_to_jax(name, _widened(ckpt.get(name)), config)
+    return params_from_release_items(((name, ckpt.get(name)) for name in names), config)
+
+
+def params_from_release_items(items, config: DiTConfig) -> dict[str, np.ndarray]:
+    """Flat {JAX path: float32 array} from release-layout (name, array) pairs, one at a time,
+    each block tensor stacked at its layer; every JAX parameter must be covered."""
+    shapes = jax_layout.jax_param_shapes(config)
+    params: dict[str, np.ndarray] = {}
+    for name, array in items:
+        jpath, layer, arr = jax_layout.release_to_jax(name, _widened(np.asarray(array)), config)
         if layer is None:
             params[jpath] = arr
         else:
             if jpath not in params:
                 params[jpath] = np.empty(shapes[jpath], np.float32)
             params[jpath][layer] = arr
+    missing = sorted(set(shapes) - set(params))
+    if missing:
+        raise KeyError(f"release tensors for JAX parameters {missing} are missing")
     return params
 
 

@@ -35,7 +35,7 @@ import sys
 import numpy as np
 
 from mugv.config import DiTConfig
-from mugv.training import unflatten as _unflatten
+from mugv.training import flatten, unflatten
 
 # Per parameter path: (axis, kind) for every axis that grows. "rep" replicates an output axis,
 # "sum" replicates a contracted input axis and divides by e. Negative axes count from the end so
@@ -97,17 +97,6 @@ def widened_config(config: DiTConfig, factor: int) -> DiTConfig:
     return config.replace(hidden_size=config.hidden_size * factor, num_heads=config.num_heads * factor)
 
 
-def _flatten(tree, prefix=""):
-    out = {}
-    for k, v in tree.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
 def _widen_tensor(path: str, a: np.ndarray, factor: int, config: DiTConfig) -> np.ndarray:
     rules = _RULES[path]
     c = config.hidden_size
@@ -147,7 +136,7 @@ def expand_params(params: dict, config: DiTConfig, factor: int, *, noise_std: fl
     if noise_std < 0:
         raise ValueError(f"noise_std must be >= 0, got {noise_std}")
     new_config = widened_config(config, factor)
-    flat = {k: np.asarray(v, np.float32) for k, v in _flatten(params).items()}
+    flat = {k: np.asarray(v, np.float32) for k, v in flatten(params).items()}
     missing, unknown = sorted(set(_RULES) - set(flat)), sorted(set(flat) - set(_RULES))
     if missing or unknown:
         raise ValueError(f"parameters do not match the MUG-DiT layout: missing {missing}, unknown {unknown}")
@@ -172,7 +161,7 @@ def expand_params(params: dict, config: DiTConfig, factor: int, *, noise_std: fl
     bad = [f"{p}: {list(out[p].shape)} != {list(s)}" for p, s in want.items() if tuple(out[p].shape) != tuple(s)]
     if bad:
         raise AssertionError("widened shapes disagree with the model schema: " + "; ".join(bad))
-    return new_config, _unflatten(out)
+    return new_config, unflatten(out)
 
 
 def _expected_shapes(config: DiTConfig) -> dict:

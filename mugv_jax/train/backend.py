@@ -24,12 +24,14 @@ from mugv.io import orbax
 from mugv.io.weights import open_weights
 from mugv.run import driver, tasks
 from mugv.run.validation import ValidationSet
-from mugv.training import ObjectiveConfig, OptimConfig, dataclass_from, model_config_from, preference_config_from
+from mugv.training import (ObjectiveConfig, OptimConfig, dataclass_from, model_config_from, preference_config_from,
+                           unflatten)
 from mugv_jax.train import checkpointing
 from mugv_jax.parallel import mesh as mesh_lib
 from mugv_jax.recipe import preference as pref
 from mugv_jax.train import step as trainer_lib
 from mugv_jax.train import validation
+from mugv_jax.dit import checkpoint as dit_checkpoint
 from mugv_jax.dit.model import RuntimeOptions
 
 log = logging.getLogger("mugv.train")
@@ -46,7 +48,7 @@ def init_params_from(spec: str, model_cfg: DiTConfig, weights: str = "raw"):
             raise ValueError(f"config.init_from={spec} holds a {found} model, but the run's model is {model_cfg}")
         return params
     state = open_weights(spec, model=model_cfg, weights=weights)
-    return trainer_lib.params_from_release(state.items(), model_cfg)
+    return unflatten(dit_checkpoint.params_from_release_items(state.items(), model_cfg))
 
 
 def build_trainer(config, mode: str = "pretrain"):

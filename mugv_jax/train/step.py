@@ -26,7 +26,6 @@ from mugv.training import ObjectiveConfig, unflatten as _unflatten
 from mugv_jax.train import objective as obj
 from mugv_jax.train import rng
 from mugv_jax.parallel import sharding
-from mugv.layouts import jax as jax_layout
 from mugv_jax.dit import checkpoint as dit_ckpt
 from mugv_jax.dit.model import RuntimeOptions, forward
 
@@ -60,25 +59,6 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
 def param_logical_axes(config: DiTConfig) -> dict:
     """Nested dict (same structure as params) of logical-axis tuples."""
     return _unflatten(sharding.param_logical_axes(dit_ckpt.abstract_model(config)))
-
-
-def params_from_release(items, config: DiTConfig) -> dict:
-    """Nested float32 params from release-layout (name, array) pairs (e.g. another backend's
-    checkpoint read by the converters), stacking each block tensor at its layer."""
-    shapes = jax_layout.jax_param_shapes(config)
-    flat: dict[str, np.ndarray] = {}
-    for name, array in items:
-        jpath, layer, arr = jax_layout.release_to_jax(name, np.asarray(array, np.float32), config)
-        if layer is None:
-            flat[jpath] = arr
-        else:
-            if jpath not in flat:
-                flat[jpath] = np.empty(shapes[jpath], np.float32)
-            flat[jpath][layer] = arr
-    missing = sorted(set(shapes) - set(flat))
-    if missing:
-        raise KeyError(f"release tensors for JAX parameters {missing} are missing")
-    return _unflatten(flat)
 
 
 class Trainer:

@@ -22,11 +22,12 @@ from mugv.config import get_config
 from mugv.run.driver import NonFiniteLossError
 from mugv_megatron.train import checkpointing
 from mugv_megatron.train import optim
-from mugv_megatron.parallel import state as parallel
 from mugv_megatron.train import objective as obj
 from mugv.training import ObjectiveConfig, OptimConfig, shift_ratio
+from tests.megatron import helpers
 
 ROOT = Path(__file__).resolve().parents[2]
+
 CFG = get_config("tiny")
 OPTIM = OptimConfig(learning_rate=2e-3, warmup_steps=2, weight_decay=0.01, ema_decay=0.9,
                           grad_accum_steps=2)
@@ -40,26 +41,11 @@ def source():
 
 
 def make_trainer(seed=0):
-    from mugv_megatron.train.step import Trainer
-    parallel.setup(1)
-    return Trainer(CFG, OPTIM, OBJECTIVE, seed=seed, use_megatron_optimizer=False)
+    return helpers.make_trainer(CFG, OPTIM, OBJECTIVE, seed)
 
 
-def run(trainer, it, steps):
-    for _ in range(steps):
-        batch = next(it)
-        batch.pop("prompt_id")
-        trainer.train_step(batch)
-
-
-def full_state(trainer) -> dict:
-    out = {f"param.{n}": p.detach().clone() for n, p in trainer.module.named_parameters()}
-    out.update({f"ema.{n}": t.clone() for n, t in trainer.ema.shadow.items()})
-    for n, p in trainer.module.named_parameters():
-        for k, t in trainer.optimizer.moments(p).items():
-            out[f"{k}.{n}"] = t.clone()
-    out["null_text"] = trainer.null_text.clone()
-    return out
+run = helpers.run
+full_state = helpers.full_state
 
 
 # ---------------------------------------------------------------------------------------------

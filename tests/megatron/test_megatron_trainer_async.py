@@ -17,10 +17,11 @@ import torch
 
 from mugv.config import get_config
 from mugv_megatron.train import checkpointing
-from mugv_megatron.parallel import state as parallel
 from mugv.training import ObjectiveConfig, OptimConfig
+from tests.megatron import helpers
 
 ROOT = Path(__file__).resolve().parents[2]
+
 CFG = get_config("tiny")
 OPTIM = OptimConfig(learning_rate=2e-3, warmup_steps=0, weight_decay=0.01, ema_decay=0.9)
 OBJECTIVE = ObjectiveConfig(i2v_prob=0.5, i2v_mode="quarter", caption_dropout_prob=0.25)
@@ -33,25 +34,14 @@ def iterator():
 
 
 def make_trainer(seed=0):
-    from mugv_megatron.train.step import Trainer
-    parallel.setup(1)
-    return Trainer(CFG, OPTIM, OBJECTIVE, seed=seed, use_megatron_optimizer=False)
+    return helpers.make_trainer(CFG, OPTIM, OBJECTIVE, seed)
 
 
-def run(trainer, it, steps):
-    for _ in range(steps):
-        batch = next(it)
-        batch.pop("prompt_id")
-        trainer.train_step(batch)
+run = helpers.run
 
 
 def state(trainer) -> dict:
-    out = {f"param.{n}": p.detach().clone() for n, p in trainer.module.named_parameters()}
-    out.update({f"ema.{n}": t.clone() for n, t in trainer.ema.shadow.items()})
-    for n, p in trainer.module.named_parameters():
-        for k, t in trainer.optimizer.moments(p).items():
-            out[f"{k}.{n}"] = t.clone()
-    return out
+    return helpers.full_state(trainer, null_text=False)
 
 
 def tracker(directory) -> str:
