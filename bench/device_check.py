@@ -425,10 +425,11 @@ def part_megatron_step(args):
 
 
 def part_megatron_distopt(args):
-    """The Megatron GPU training path end to end (mugv_megatron/device_check.py): 10B-width layers
+    """The Megatron GPU training path end to end (mugv_megatron/train/device_check.py): 10B-width layers
     with the DistributedOptimizer, bf16 parameters + fp32 main weights, full recompute, both
     overlaps; two steps, an async save, a step, a restore into a fresh trainer, compared."""
-    from mugv_megatron import device_check, distopt_cpu
+    from mugv_megatron.train import device_check
+    from mugv_megatron.parallel import distopt_cpu
     if args.dry_run:                      # CPU: tiny width, megatron's optimizer under the shim
         distopt_cpu.apply()
     import tempfile

@@ -6,7 +6,7 @@ training step is 3× forward (backward = 2× forward). Recompute is not counted:
 FLOPs over time. Hardware FLOPs (`hardware_step_flops`, for HFU) add the matmuls that the
 recompute policy runs a second time in backward, with one table for both trainers' policies:
 JAX's remat policies (`mugv_jax/dit/model.py`) and Megatron's recompute modes
-(`mugv_megatron/recompute.py`). Element-wise work (norms, softmax, RoPE, modulation) is
+(`mugv_megatron/model/recompute.py`). Element-wise work (norms, softmax, RoPE, modulation) is
 ignored, as is customary.
 """
 from __future__ import annotations

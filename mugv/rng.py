@@ -10,7 +10,7 @@ that, so the draws are defined here as a counter-based function — Threefry-2x3
     counter = (tag · 2^24 + global sample index,   which quantity, which row of the global batch
                element index within the sample)    flat C-order index, e.g. over [C, T, H, W]
 
-Each backend evaluates the same integer function (`mugv_jax.train.rng`, `mugv_megatron.rng`; this
+Each backend evaluates the same integer function (`mugv_jax.train.rng`, `mugv_megatron.train.rng`; this
 numpy version is the reference the tests hold them to), so bits agree exactly everywhere. A
 sample's numbers depend only on its global index, never on which device or rank draws it: a
 data-parallel rank draws its own rows only, and gradient accumulation, resharding or resuming

@@ -20,7 +20,7 @@ from megatron.core import parallel_state
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
-from mugv_megatron import recompute
+from mugv_megatron.model import recompute
 from mugv_megatron.model.embedders import ScaleShiftTable
 
 MODULATION_ROWS = 6
@@ -143,7 +143,7 @@ class MUGDiTBlock(MegatronModule):
 
     def forward(self, hidden: torch.Tensor, inputs: LayerInputs, on_layer_output=None):
         """`on_layer_output(i, hidden)` is called after each layer with its global index i.
-        Under config recompute "full" each layer is re-run in backward (mugv_megatron.recompute)."""
+        Under config recompute "full" each layer is re-run in backward (mugv_megatron.model.recompute)."""
         for i, layer in enumerate(self.layers):
             hidden = recompute.layer_forward(self.config, layer, hidden, inputs)
             if on_layer_output is not None:

@@ -9,7 +9,7 @@ dropout replaces a whole caption with the null text features.
 Randomness is separated from the math: `prepare` turns a batch plus its `Draws` into model
 inputs. The trainer's own draws are mugv.rng's (the JAX trainer's too): sample i of the global
 batch at step s gets u, ε, its conditioning-frame count and its caption drop from Threefry-2x32
-of (seed, s, i), computed on the training device (mugv_megatron/rng.py). So a rank draws only its
+of (seed, s, i), computed on the training device (mugv_megatron/train/rng.py). So a rank draws only its
 own rows (`SampleStreams`, one micro-batch at a time), and the value of a row does not depend on
 which rank draws it, on the DP size, on gradient accumulation or on TP/CP/PP; a resumed run
 redraws exactly the same numbers, and CPU and GPU runs draw the same numbers. `draw` makes a
@@ -25,7 +25,7 @@ import torch
 
 from mugv import rng as ref_rng
 from mugv.training import ObjectiveConfig, shift_ratio
-from mugv_megatron import rng
+from mugv_megatron.train import rng
 
 @dataclasses.dataclass(frozen=True)
 class Draws:

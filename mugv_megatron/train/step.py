@@ -19,7 +19,7 @@ Precision, two layouts:
     The EMA then tracks the fp32 main weights, sharded the same way (`ema.ShardedEMA`).
 
 Activation recompute (`recompute`: "none", "full" = every layer re-run in backward, "selective"
-= core attention re-run) is set on the model's TransformerConfig (`mugv_megatron.recompute`).
+= core attention re-run) is set on the model's TransformerConfig (`mugv_megatron.model.recompute`).
 With the distributed optimizer, `overlap_grad_reduce` reduce-scatters gradient buckets during
 backward and `overlap_param_gather` all-gathers the updated parameters bucket by bucket in the
 next forward (megatron DDP's forward pre-hooks): until then a rank's copy of the other ranks'
@@ -55,7 +55,7 @@ import torch.distributed as dist
 
 from mugv import rng
 from mugv.config import DiTConfig
-from mugv_megatron import recompute as recompute_lib
+from mugv_megatron.model import recompute as recompute_lib
 from mugv_megatron.model import build as dit
 from mugv_megatron.train import optim
 from mugv_megatron.parallel import pipeline_parallel as pipeline
@@ -89,11 +89,11 @@ class Trainer:
         if use_megatron_optimizer is None:
             use_megatron_optimizer = torch.cuda.is_available()
         if use_megatron_optimizer and not torch.cuda.is_available():
-            from mugv_megatron import distopt_cpu
+            from mugv_megatron.parallel import distopt_cpu
             if not distopt_cpu.is_applied():
                 raise ValueError("config.megatron.distributed_optimizer: megatron's "
                                  "DistributedOptimizer needs CUDA (or, for tests, "
-                                 "mugv_megatron.distopt_cpu.apply() on CPU)")
+                                 "mugv_megatron.parallel.distopt_cpu.apply() on CPU)")
         self.bf16 = compute_dtype == "bfloat16"
         if params_dtype is None:
             params_dtype = "bfloat16" if self.bf16 and use_megatron_optimizer else "float32"

@@ -1,4 +1,4 @@
-"""megatron's DistributedOptimizer path of the trainer, on CPU (gloo, mugv_megatron.distopt_cpu).
+"""megatron's DistributedOptimizer path of the trainer, on CPU (gloo, mugv_megatron.parallel.distopt_cpu).
 
 One spawned DP=2 world (tiny model, B=4 of 3 frames 4x6, two gradient-accumulation micro-batches)
 runs side by side, from the same seed and on the same batches:
@@ -9,7 +9,7 @@ runs side by side, from the same seed and on the same batches:
 B saves a checkpoint (async) after two steps and takes a third; then rank 0 alone (DP=1) restores
 that checkpoint into a fresh DistributedOptimizer trainer and takes the same third step.
 What CPU cannot show (NCCL, CUDA streams, TE's fused Adam, bf16 kernels) is left to
-`mugv_megatron.device_check` on a GPU.
+`mugv_megatron.train.device_check` on a GPU.
 """
 import os
 
@@ -64,7 +64,7 @@ def weights(trainer) -> dict[str, torch.Tensor]:
 
 def _worker(rank, port, port1, out):
     import datetime
-    from mugv_megatron import distopt_cpu
+    from mugv_megatron.parallel import distopt_cpu
     from mugv_megatron.train import checkpointing
     from mugv_megatron.train.step import Trainer
     parallel.setup(1, rank=rank, world_size=DP, master_port=port, timeout=datetime.timedelta(minutes=5))
@@ -124,7 +124,7 @@ def _worker(rank, port, port1, out):
            "count": d.optimizer.count}
     d.train_step(data[2])
     one["weights.3"] = weights(d)
-    from mugv_megatron import device_check
+    from mugv_megatron.train import device_check
     one["device_check"] = device_check.run(os.path.join(out, "device_check"), model="tiny",
                                            bucket_size=BUCKET)
     torch.save(one, os.path.join(out, "dp1.pt"))
@@ -236,7 +236,7 @@ def test_bf16_parameters_with_fp32_main_weights(runs):
 
 
 def test_gpu_device_check_script_runs_tiny_on_cpu(runs):
-    """mugv_megatron.device_check (the GPU check of this path, 10B width) on the tiny model: its
+    """mugv_megatron.train.device_check (the GPU check of this path, 10B width) on the tiny model: its
     checks pass and it measured what it reports."""
     got = runs["dp1"]["device_check"]
     assert got["model"] == "tiny, 2 layers" and got["buckets"] > 1

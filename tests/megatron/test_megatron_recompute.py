@@ -13,7 +13,7 @@ import torch
 from mugv import flops
 from mugv.config import get_config
 from mugv.geometry import num_video_tokens
-from mugv_megatron import recompute
+from mugv_megatron.model import recompute
 from mugv_megatron.model import build as dit
 from mugv_megatron.parallel import state as parallel
 from mugv_megatron.train import objective as obj

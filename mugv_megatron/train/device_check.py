@@ -1,9 +1,9 @@
 """The GPU check of the Megatron trainer's CUDA path (what the CPU tests cannot run).
 
-    python -m mugv_megatron.device_check --workdir /tmp/mgpu_check          # one GPU (DP = 1)
-    torchrun --nproc_per_node 8 -m mugv_megatron.device_check --workdir ...  # DP = 8
+    python -m mugv_megatron.train.device_check --workdir /tmp/mgpu_check          # one GPU (DP = 1)
+    torchrun --nproc_per_node 8 -m mugv_megatron.train.device_check --workdir ...  # DP = 8
 
-or `mugv_megatron.device_check.run(workdir)` from a bench script. On the 10B width (hidden 3456,
+or `mugv_megatron.train.device_check.run(workdir)` from a bench script. On the 10B width (hidden 3456,
 48 heads, MLP 13824) with two layers (about 0.5 B parameters): megatron DDP + DistributedOptimizer
 with bf16 parameters and fp32 main weights, bf16 compute, full activation recompute, overlapped
 grad reduce-scatter and param all-gather (about a dozen 40M-element buckets), per-sample draws on
@@ -13,7 +13,7 @@ then runs the third step on the restored trainer and compares. Raises AssertionE
 first failed check; prints (and returns) the measured numbers. Needs about 20 GB of GPU memory and
 10 GB of disk; a few minutes on one H100/H200, most of it the save.
 
-The CPU tests (tests/megatron/test_megatron_distopt.py, under mugv_megatron.distopt_cpu) already check the
+The CPU tests (tests/megatron/test_megatron_distopt.py, under mugv_megatron.parallel.distopt_cpu) already check the
 optimizer's math against torch AdamW, the checkpoint's layout and DP resharding; this adds what
 only CUDA has: NCCL collectives overlapped on their stream, TE's fused Adam (when Transformer
 Engine is installed), bf16 kernels, the forked async writer staging GPU tensors, CUDA draws.
@@ -83,10 +83,10 @@ def _check(ok: bool, what: str) -> None:
 def run(workdir: str, *, per_rank_batch: int = 2, model: str = "10b", depth: int = 2,
         bucket_size: int | None = None, keep_files: bool = False) -> dict:
     """`model`/`depth`: the width to check and its layer count. Without CUDA it runs only under
-    mugv_megatron.distopt_cpu (tests/megatron/test_megatron_distopt.py runs it that way, tiny, to keep the
+    mugv_megatron.parallel.distopt_cpu (tests/megatron/test_megatron_distopt.py runs it that way, tiny, to keep the
     script itself working); the GPU-only parts are then skipped."""
     from mugv.config import get_config
-    from mugv_megatron import distopt_cpu
+    from mugv_megatron.parallel import distopt_cpu
     from mugv_megatron.train import checkpointing
     from mugv_megatron.train.step import Trainer
 
