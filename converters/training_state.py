@@ -5,7 +5,7 @@ step / non-finite / skipped counters and the data position.
     python -c "from converters.training_state import jax_to_megatron; \
                jax_to_megatron('runs/j/checkpoints', 'runs/m/checkpoints')"
 
-Every tensor goes release layout in between (converters/layouts/jax.py and megatron.py are pure
+Every tensor goes release layout in between (mugv/layouts/jax.py and megatron.py are pure
 reshapes/transposes, so weights, both moments and the EMA convert bit-exactly; Adam's moments
 are per element, so the same maps apply to them). Both optimizers are the same AdamW (optax
 clip + adamw ≡ mugv_megatron.train.optim), so a run continues on the other backend where it stopped.

@@ -1,6 +1,6 @@
 """What every checkpoint format shares: the reader/writer contract, dtypes, atomic outputs, staging.
 
-A reader exposes the checkpoint in canonical release names (converters/schema.py) whatever its
+A reader exposes the checkpoint in canonical release names (mugv/schema.py) whatever its
 on-disk layout: `entries()` gives every tensor's shape and dtype without reading data, `items()`
 yields (name, array) one tensor at a time in the order cheapest for that format, `get(name)` reads
 one tensor. A writer is told every entry (name, shape, dtype) up front, then accepts the tensors in

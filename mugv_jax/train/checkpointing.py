@@ -5,7 +5,7 @@ CheckpointManager (async, keep-N, atomic: a step directory appears only when com
 three items per step:
   state   the train-state pytree (StandardSave): params, opt_state, ema, null_text, step, rng,
           nonfinite, skipped. params/ema are nested dicts keyed by the JAX layout's dotted paths
-          (converters/layouts/jax.py), e.g. state["params"]["blocks"]["attn"]["qkv"]["kernel"].
+          (mugv/layouts/jax.py), e.g. state["params"]["blocks"]["attn"]["qkv"]["kernel"].
   data    the data iterator's JSON state (position)
   config  the resolved run config as JSON, with the model's DiTConfig under "model"
 Restoring takes an abstract target with shardings, so a checkpoint saved on one mesh restores onto

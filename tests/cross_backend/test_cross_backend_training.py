@@ -7,8 +7,8 @@ with the same null caption. The Megatron side runs `mugv_megatron.train.objectiv
 trainer; the JAX side builds its inputs with `mugv_jax.train.objective`'s functions from the same
 numbers and calls `mugv_jax.train.step.Trainer.loss_on_inputs` under `jax.value_and_grad`, then
 one step of `Trainer.optimizer` (optax clip + AdamW). Gradients are compared per release tensor
-(Megatron names → release via converters/layouts/megatron.py, JAX paths → release via
-converters/layouts/jax.py). TP=2 (and TP=2 + sequence parallel) on two spawned gloo processes
+(Megatron names → release via mugv/layouts/megatron.py, JAX paths → release via
+mugv/layouts/jax.py). TP=2 (and TP=2 + sequence parallel) on two spawned gloo processes
 run the Megatron trainer's own step and must give the TP=1 loss, gradients and new weights; so
 must data parallelism over the same two processes (DP=2).
 """

@@ -1,4 +1,4 @@
-"""The release ↔ Megatron name map (converters/layouts/megatron.py) on the golden weights."""
+"""The release ↔ Megatron name map (mugv/layouts/megatron.py) on the golden weights."""
 from pathlib import Path
 
 import numpy as np
