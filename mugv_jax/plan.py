@@ -259,12 +259,16 @@ def report(p: Plan, kind: str, mfu: float) -> str:
 # --- what to change when a plan does not fit ------------------------------------------------------
 #
 # The measured plan is split into three parts that scale differently with the layout:
-#   sharded  parameters, Adam moments, EMA, gradients (+ the accumulator when grad_accum > 1):
-#            all float32 and divided by fsdp;
+#   sharded  parameters, Adam moments and EMA (arguments), and the optimizer step's float32
+#            temporaries: gradients, updates, new moments (UPDATE_BUFFERS parameter-sized buffers,
+#            + the accumulator when grad_accum > 1); all divided by fsdp;
 #   act      the rest of XLA's temporaries (activations, attention, collective buffers): in
 #            proportion to the tokens one device processes per micro-batch, micro × tokens / context;
 #   rest     batch and other state (unchanged).
-# These are estimates scaled from one compiled step; re-run the planner on the suggestion.
+# These are estimates scaled from one compiled step (tests/test_plan.py checks them against
+# re-planned steps of the tiny model); re-run the planner on the suggestion.
+UPDATE_BUFFERS = 3
+
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
@@ -299,7 +303,7 @@ class _Model:
     def estimate(self, lay: Layout) -> float:
         params = self.params * self.fsdp / lay.fsdp
         accum = self.batch // (lay.dp * lay.micro)
-        sharded = params * (5 + (accum > 1))  # params, 2 moments, EMA, grads (+ accumulator)
+        sharded = params * (4 + UPDATE_BUFFERS + (accum > 1))
         act = self.act * (lay.micro / self.micro) * (self.context / lay.context)
         if lay.remat == "full" and self.remat != "full":
             # Layer inputs (float32) of every layer, plus one layer's working set.
@@ -309,7 +313,7 @@ class _Model:
 
 
 def _model(p: Plan) -> _Model:
-    grads = p.params_bytes * (1 + (p.grad_accum_steps > 1))
+    grads = p.params_bytes * (UPDATE_BUFFERS + (p.grad_accum_steps > 1))
     act = max(p.temp_bytes - grads, 0)
     sharded = p.params_bytes + p.optimizer_bytes + p.ema_bytes + grads
     return _Model(params=p.params_bytes, fsdp=p.mesh.get("fsdp", 1), act=act, micro=p.micro_batch,
@@ -352,6 +356,20 @@ def _moves(lay: Layout, m: _Model, kernel: str):
     return out
 
 
+def _describe(old: Layout, new: Layout, batch: int) -> str:
+    accum = lambda lay: batch // (lay.dp * lay.micro)
+    parts = [f"{name} {a} → {b}" for name, a, b in (
+        ("mesh (data, fsdp, tensor, context)", (old.data, old.fsdp, old.tensor, old.context),
+         (new.data, new.fsdp, new.tensor, new.context)),
+        ("context parallel", old.mode, new.mode), ("micro-batch per data-parallel rank", old.micro, new.micro),
+        ("grad_accum_steps", accum(old), accum(new)), ("remat", old.remat, new.remat)) if a != b]
+    return "; ".join(parts)
+
+
+def _size(b: float) -> str:
+    return f"{b / GiB:.1f} GiB" if b >= GiB else f"{b / 2**20:.1f} MiB"
+
+
 def _overrides(lay: Layout, kernel: str, batch: int) -> str:
     attention = kernel + ("" if lay.mode == "none" else f"+{lay.mode}")
     return (f"--config.mesh.ici.data={lay.data} --config.mesh.ici.fsdp={lay.fsdp} "
@@ -374,19 +392,18 @@ def suggestions(p: Plan, kind: str) -> list[str]:
     if not moves:
         return lines + ["  no single change applies: use more devices or a smaller bucket"]
     for what, new in moves:
-        lines.append(f"  {what}: ≈ {m.estimate(new) / GiB:.1f} GiB")
-    chain, cur = [], lay
-    for _ in range(6):
+        lines.append(f"  {what}: ≈ {_size(m.estimate(new))}")
+    cur = lay
+    for _ in range(8):
         if m.estimate(cur) <= (1 - HEADROOM) * hbm:
             break
         options = sorted(_moves(cur, m, kernel), key=lambda mv: m.estimate(mv[1]))
         if not options or m.estimate(options[0][1]) >= m.estimate(cur):
             break
-        what, cur = options[0]
-        chain.append(what)
-    if chain and cur != lay:
+        cur = options[0][1]
+    if cur != lay:
         verdict = "fits" if m.estimate(cur) <= hbm else "still does not fit"
-        lines.append(f"  together: {'; '.join(chain)}: ≈ {m.estimate(cur) / GiB:.1f} GiB ({verdict})")
+        lines.append(f"  together: {_describe(lay, cur, p.bucket[3])}: ≈ {_size(m.estimate(cur))} ({verdict})")
         lines.append(f"    {_overrides(cur, kernel, p.bucket[3])}")
     return lines
 
