@@ -2,13 +2,13 @@
 
     python bench/plan_search.py --stage=video_720 --pod=v6e-256 [--bucket=I] [--max_plans=6]
 
-Candidates: tensor 1 (hidden 3456 is too narrow for tensor parallelism to pay), context degree
-c = 1, 2, 4, … (ring attention when c > 1: the only context-parallel mode whose kernels partition
-on a mesh today, see docs/scaling.md), fsdp as wide as the hidden size and the data-parallel
-width allow, and every micro-batch per data-parallel rank that divides the stage's batch. They
-are tried in order of expected speed: the lowest context degree first (context parallelism adds
-communication), then the largest micro-batch (each accumulation step all-gathers the FSDP
-parameters again). A candidate is skipped without compiling when a lower bound on its memory
+Candidates: context degree c = 1, 2, 4, … (ring attention when c > 1: the only context-parallel
+mode whose kernels partition on a mesh today, see docs/scaling.md), fsdp as wide as the hidden
+size and the data-parallel width allow, and every micro-batch per data-parallel rank that
+divides the stage's batch; tensor 1, then 2 and 4 (hidden 3456 is narrow for tensor parallelism:
+only when nothing fits without it). They are tried in order of expected speed: no tensor
+parallelism first, then the lowest context degree (context parallelism adds communication), then
+the largest micro-batch (each accumulation step all-gathers the FSDP parameters again). A candidate is skipped without compiling when a lower bound on its memory
 (state, gradients, bf16 layer inputs, one layer's attention scores) already exceeds 90% of HBM,
 or when a measured plan of the same mesh with a larger micro-batch, scaled down, still would.
 The first plan within 90% of HBM wins; the script prints every plan it ran and the LAYOUTS line
@@ -32,18 +32,19 @@ HEADROOM = 0.10
 HBM = {"tpu-v5p": 95 * GiB, "tpu-v6e": 32 * GiB, "tpu-v5e": 16 * GiB, "h100": 80 * GiB, "h200": 141 * GiB}
 
 
-def candidates(devices: int, batch: int, hidden: int, max_context: int = 32):
+def candidates(devices: int, batch: int, hidden: int, max_context: int = 32, tensors=(1, 2, 4)):
     out = []
-    c = 1
-    while c <= min(devices, max_context):
-        dp = devices // c
-        if devices % c == 0 and batch % dp == 0:
-            fsdp = max(f for f in range(1, dp + 1) if dp % f == 0 and hidden % f == 0)
-            per_rank = batch // dp
-            for micro in sorted((m for m in range(1, per_rank + 1) if per_rank % m == 0), reverse=True):
-                out.append(dict(mesh=(dp // fsdp, fsdp, 1, c), attention="xla" if c == 1 else "xla+ring",
-                                remat="full", micro=micro, accum=per_rank // micro))
-        c *= 2
+    for t in tensors:
+        c = 1
+        while c * t <= devices and c <= max_context:
+            dp = devices // (c * t)
+            if devices % (c * t) == 0 and batch % dp == 0:
+                fsdp = max(f for f in range(1, dp + 1) if dp % f == 0 and hidden % f == 0)
+                per_rank = batch // dp
+                for micro in sorted((m for m in range(1, per_rank + 1) if per_rank % m == 0), reverse=True):
+                    out.append(dict(mesh=(dp // fsdp, fsdp, t, c), attention="xla" if c == 1 else "xla+ring",
+                                    remat="full", micro=micro, accum=per_rank // micro))
+            c *= 2
     return out
 
 
@@ -67,6 +68,7 @@ def main():
     ap.add_argument("--bucket", type=int, default=None, help="planner --bucket (default: most tokens per step)")
     ap.add_argument("--max_plans", type=int, default=6, help="stop after this many compiled plans")
     ap.add_argument("--max_context", type=int, default=32)
+    ap.add_argument("--tensors", default="1,2,4", help="tensor-parallel degrees to try, in this order")
     ap.add_argument("--log_dir", default=None, help="keep every planner output here")
     ap.add_argument("--results", default=None, help="append each plan's JSON summary to this .jsonl")
     args = ap.parse_args()
@@ -82,7 +84,8 @@ def main():
           f"per sample; target ≤ {target / GiB:.1f} GiB; {machine()}", flush=True)
     measured = {}  # mesh → (micro, act bytes) of the plans that did not fit
     ran = 0
-    for cand in candidates(pod["devices"], bucket[3], model.hidden_size, args.max_context):
+    tensors = tuple(int(t) for t in args.tensors.split(","))
+    for cand in candidates(pod["devices"], bucket[3], model.hidden_size, args.max_context, tensors):
         lb = lower_bound(cand, model, tokens)
         tag = f"mesh {cand['mesh']} {cand['attention']:8s} micro {cand['micro']:3d} × accum {cand['accum']:3d}"
         if lb > target:
