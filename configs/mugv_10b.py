@@ -24,8 +24,8 @@ planner (`python -m mugv_jax.plan --config=configs/mugv_10b.py:<stage>:<pod>`; a
 The paper publishes no batch size, step count or learning rate: a stage's global batch is
 TOKENS_PER_STEP video tokens divided by the tokens of its largest sample, rounded down to a
 multiple of BATCH_MULTIPLE (256, so that every data-parallel × accumulation split of a 256-device
-pod divides it); all aspect buckets of a stage share it, and the image buckets of the mixed stage
-take the same tokens per step (video batch × frames). Learning rates are our choice (µP-style:
+pod divides it); all aspect buckets of a stage share it, and so do the image buckets of the mixed
+stage (see _image_buckets). Learning rates are our choice (µP-style:
 the small model's tuned rate is reused after expansion). Buckets are (latent frames, latent
 height, latent width, global batch); pixel = latent × 8, pixel frames = 8·(latent frames − 1) + 1
 (7 latent frames = 49 frames ≈ 2 s at 24 fps, 10 = 73 ≈ 3 s, 14 = 105 ≈ 5 s at 21 fps).
@@ -64,8 +64,12 @@ def _buckets(spatial, frames):
 
 
 def _image_buckets(video):
-    """Single-frame buckets with the video's tokens per step: batch × frames."""
-    return tuple((1, h, w, batch * frames) for frames, h, w, batch in video)
+    """Single-frame buckets with the video's batch: what the trainer runs today (with shards both
+    children of the image:video mix read data.batch_size). The paper-like equal tokens per step
+    (batch × frames = 16128 images) waits on the trainer: per-child batch sizes, and a micro-batch
+    split that keeps each device's rows (planned: 76.8 GiB per device on v5p-256 with today's
+    contiguous split, 16.8 GiB strided; docs/scaling.md)."""
+    return tuple((1, h, w, batch) for frames, h, w, batch in video)
 
 
 # stage → (previous stage, settings); the dict order is the training order. `clip` names the
