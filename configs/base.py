@@ -22,6 +22,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict()
     c.mesh.ici = dict(data=-1, fsdp=1, tensor=1, context=1)   # -1: all remaining devices
     c.mesh.dcn = dict(data=1, fsdp=1, tensor=1, context=1)    # multi-slice factors
+    # The pod the mesh/attention/remat/accumulation above were planned for (configs/mugv_10b.py
+    # `:<pod>`): python -m mugv_jax.plan's default --devices/--kind. Not read by the trainers.
+    c.target = ml_collections.ConfigDict(dict(name="", kind="", devices=0))
 
     c.optim = ml_collections.ConfigDict(dict(
         learning_rate=1e-5, warmup_steps=100, schedule="constant", decay_steps=0, final_lr_ratio=0.0,

@@ -1,4 +1,4 @@
-"""MUG-V 10B training curriculum: `--config=configs/mugv_10b.py:<stage>[@ROOT]`.
+"""MUG-V 10B training curriculum: `--config=configs/mugv_10b.py:<stage>[:<pod>][@ROOT]`.
 
 Stages follow the paper (docs/reference.md §7; docs/training_recipe.md has the commands). Each stage runs
 in workdir ROOT/<stage> (ROOT defaults to runs/mugv_10b) and starts from the previous stage's
@@ -14,11 +14,20 @@ the tuned hidden-1728 model widened ×2 by `python -m mugv_jax.recipe.expand`.
   sft            annealed SFT: curated subset, cosine decay to 0, checkpoints kept for post-hoc EMA
   preference     DPO + KTO with the SFT loss as regulariser (mugv_jax/recipe/preference.py)
 
-The paper publishes no batch size, step count or learning rate: every bucket's global batch is
-TOKENS_PER_STEP video tokens divided by its tokens per sample, rounded down to a multiple of
-BATCH_MULTIPLE (the data-parallel width it must divide); learning rates are our choice (µP-style:
-the small model's tuned rate is reused after expansion). Buckets are (latent frames, latent height,
-latent width, global batch); pixel = latent × 8, pixel frames = 8·(latent frames − 1) + 1
+<pod> picks the machine the stage is laid out for (default v5p-256): the mesh, the attention
+kernel and context-parallel mode, the remat policy and the micro-batch, with gradient
+accumulation making up the stage's global batch. Pods: v5p-256, v6e-256 (TPU, splash kernel),
+h100x64, h100x128 (H100 GPUs, cuDNN kernel). Every layout was chosen and checked with the
+planner (`python -m mugv_jax.plan --config=configs/mugv_10b.py:<stage>:<pod>`; all of them:
+`python bench/plan_targets.py`; figures in docs/scaling.md).
+
+The paper publishes no batch size, step count or learning rate: a stage's global batch is
+TOKENS_PER_STEP video tokens divided by the tokens of its largest sample, rounded down to a
+multiple of BATCH_MULTIPLE (256, so that every data-parallel × accumulation split of a 256-device
+pod divides it); all aspect buckets of a stage share it, and so do the image buckets of the mixed
+stage (see _image_buckets). Learning rates are our choice (µP-style:
+the small model's tuned rate is reused after expansion). Buckets are (latent frames, latent
+height, latent width, global batch); pixel = latent × 8, pixel frames = 8·(latent frames − 1) + 1
 (7 latent frames = 49 frames ≈ 2 s at 24 fps, 10 = 73 ≈ 3 s, 14 = 105 ≈ 5 s at 21 fps).
 """
 
@@ -29,48 +38,137 @@ from configs.base import base_config
 DEFAULT_ROOT = "runs/mugv_10b"
 EXPANDED = "expanded"
 TOKENS_PER_STEP = 16_000_000
-BATCH_MULTIPLE = 64
+BATCH_MULTIPLE = 256
 PATCH = 2
+HEADS = 48
+HIDDEN = 3456
 
 # Aspect buckets per resolution, in latent units (H, W): portrait, landscape, square.
 _360P = ((80, 46), (46, 80), (60, 60))
 _720P = ((160, 90), (90, 160), (120, 120))
 
 
-def _batch(frames, h, w):
-    tokens = frames * (h // PATCH) * (w // PATCH)
-    return max(BATCH_MULTIPLE, TOKENS_PER_STEP // tokens // BATCH_MULTIPLE * BATCH_MULTIPLE)
+def _tokens(frames, h, w):
+    return frames * (h // PATCH) * (w // PATCH)
 
 
 def _buckets(spatial, frames):
-    return tuple((frames, h, w, _batch(frames, h, w)) for h, w in spatial)
+    """One global batch for all aspect buckets of a clip length (the shard loader takes a single
+    data.batch_size), sized by the largest sample."""
+    most = max(_tokens(frames, h, w) for h, w in spatial)
+    batch = max(BATCH_MULTIPLE, TOKENS_PER_STEP // most // BATCH_MULTIPLE * BATCH_MULTIPLE)
+    return tuple((frames, h, w, batch) for h, w in spatial)
 
 
-# stage → (previous stage, settings); the dict order is the training order.
+def _image_buckets(video):
+    """Single-frame buckets with the video's batch: what the trainer runs today (with shards both
+    children of the image:video mix read data.batch_size). The paper-like equal tokens per step
+    (batch × frames = 16128 images) waits on the trainer: per-child batch sizes, and a micro-batch
+    split that keeps each device's rows (planned: 76.8 GiB per device on v5p-256 with today's
+    contiguous split, 16.8 GiB strided; docs/scaling.md)."""
+    return tuple((1, h, w, batch) for frames, h, w, batch in video)
+
+
+# stage → (previous stage, settings); the dict order is the training order. `clip` names the
+# layout row (LAYOUTS) of the stage's largest sample.
 STAGES = {
-    "image_360": (EXPANDED, dict(video=_buckets(_360P, 7), images=_buckets(_360P, 1), image_fraction=(0.6, 0.1),
+    "image_360": (EXPANDED, dict(clip="360p_2s", video=_buckets(_360P, 7), images=True, image_fraction=(0.6, 0.1),
                                  i2v_prob=0.0, steps=200_000, lr=1e-4)),
-    "video_360_2s": ("image_360", dict(video=_buckets(_360P, 7), i2v_prob=0.2, steps=60_000, lr=1e-4)),
-    "video_360_3s": ("video_360_2s", dict(video=_buckets(_360P, 10), i2v_prob=0.2, steps=60_000, lr=1e-4)),
-    "video_360_5s": ("video_360_3s", dict(video=_buckets(_360P, 14), i2v_prob=0.2, steps=80_000, lr=1e-4)),
-    "video_720": ("video_360_5s", dict(video=_buckets(_720P, 14), i2v_prob=0.2, steps=30_000, lr=5e-5)),
-    "sft": ("video_720", dict(video=_buckets(_720P, 14), i2v_prob=0.2, steps=10_000, lr=2e-5, sft=True)),
-    "preference": ("sft", dict(video=_buckets(_720P, 14), i2v_prob=0.0, steps=2_000, lr=1e-6, preference=True)),
+    "video_360_2s": ("image_360", dict(clip="360p_2s", video=_buckets(_360P, 7), i2v_prob=0.2, steps=60_000,
+                                       lr=1e-4)),
+    "video_360_3s": ("video_360_2s", dict(clip="360p_3s", video=_buckets(_360P, 10), i2v_prob=0.2, steps=60_000,
+                                          lr=1e-4)),
+    "video_360_5s": ("video_360_3s", dict(clip="360p_5s", video=_buckets(_360P, 14), i2v_prob=0.2, steps=80_000,
+                                          lr=1e-4)),
+    "video_720": ("video_360_5s", dict(clip="720p_5s", video=_buckets(_720P, 14), i2v_prob=0.2, steps=30_000,
+                                       lr=5e-5)),
+    "sft": ("video_720", dict(clip="720p_5s", video=_buckets(_720P, 14), i2v_prob=0.2, steps=10_000, lr=2e-5,
+                              sft=True)),
+    "preference": ("sft", dict(clip="720p_5s", video=_buckets(_720P, 14), i2v_prob=0.0, steps=2_000, lr=1e-6,
+                               preference=True)),
+}
+
+# The machines a stage is laid out for: the planner's device kind and device count.
+PODS = {
+    "v5p-256": dict(kind="tpu-v5p", devices=256),
+    "v6e-256": dict(kind="tpu-v6e", devices=256),
+    "h100x64": dict(kind="h100", devices=64),
+    "h100x128": dict(kind="h100", devices=128),
+}
+DEFAULT_POD = "v5p-256"
+
+# (clip, pod) → mesh (data, fsdp, tensor, context), attention ("backend+context-parallel mode"),
+# remat policy, and `micro`: samples per data-parallel rank in one micro-batch;
+# optim.grad_accum_steps is then batch / (data · fsdp · micro). Chosen by
+# `python bench/plan_search.py --stage=S --pod=P` (the first candidate in its order of expected
+# speed that the planner finds within 90% of HBM) and checked by `python bench/plan_targets.py`;
+# docs/scaling.md has the figures and why the attention is XLA's (ring when context > 1).
+LAYOUTS = {
+    ("360p_2s", "v5p-256"): ((2, 128, 1, 1), "xla", "full", 1),
+    ("360p_3s", "v5p-256"): ((1, 128, 1, 2), "xla+ring", "full", 4),
+    ("360p_5s", "v5p-256"): ((1, 128, 1, 2), "xla+ring", "full", 1),
+    ("720p_5s", "v5p-256"): ((1, 32, 1, 8), "xla+ring", "full", 2),
+    ("360p_2s", "v6e-256"): ((1, 128, 1, 2), "xla+ring", "full", 2),
+    ("360p_3s", "v6e-256"): ((1, 64, 1, 4), "xla+ring", "full", 2),
+    ("360p_5s", "v6e-256"): ((1, 64, 1, 4), "xla+ring", "full", 1),
+    ("720p_5s", "v6e-256"): ((1, 8, 2, 16), "xla+ring", "full", 1),
+    ("360p_2s", "h100x64"): ((1, 64, 1, 1), "xla", "full", 2),
+    ("360p_3s", "h100x64"): ((1, 32, 1, 2), "xla+ring", "full", 2),
+    ("360p_5s", "h100x64"): ((1, 32, 1, 2), "xla+ring", "full", 1),
+    ("720p_5s", "h100x64"): ((1, 4, 2, 8), "xla+ring", "full", 2),
+    ("360p_2s", "h100x128"): ((1, 128, 1, 1), "xla", "full", 2),
+    ("360p_3s", "h100x128"): ((1, 64, 1, 2), "xla+ring", "full", 3),
+    ("360p_5s", "h100x128"): ((1, 64, 1, 2), "xla+ring", "full", 2),
+    ("720p_5s", "h100x128"): ((1, 16, 1, 8), "xla+ring", "full", 1),
 }
 
 
-def get_config(arg: str = "video_720"):
-    stage, _, root = (arg or "").partition("@")
+def parse_arg(arg):
+    """`<stage>[:<pod>][@ROOT]` → (stage, pod, root). ROOT may itself contain ':' (gs://...)."""
+    head, _, root = (arg or "").partition("@")
+    stage, _, pod = head.partition(":")
     if stage not in STAGES:
         raise ValueError(f"configs/mugv_10b.py: unknown stage {stage!r}; choose from {list(STAGES)}")
-    root = root or DEFAULT_ROOT
+    pod = pod or DEFAULT_POD
+    if pod not in PODS:
+        raise ValueError(f"configs/mugv_10b.py: unknown pod {pod!r} in {arg!r}; choose from {list(PODS)}")
+    return stage, pod, root or DEFAULT_ROOT
+
+
+def apply_layout(c, clip, pod_name, accumulate=True):
+    """Set mesh, attention, remat and grad_accum_steps of config `c` for `clip` on `pod_name`."""
+    pod = PODS[pod_name]
+    (data, fsdp, tensor, context), attention, remat, micro = LAYOUTS[(clip, pod_name)]
+    mode = attention.partition("+")[2]
+    where = f"configs/mugv_10b.py LAYOUTS[{(clip, pod_name)}]"
+    if data * fsdp * tensor * context != pod["devices"]:
+        raise ValueError(f"{where}: mesh {(data, fsdp, tensor, context)} does not cover {pod['devices']} devices")
+    if HIDDEN % fsdp:
+        raise ValueError(f"{where}: fsdp={fsdp} does not divide the hidden size {HIDDEN}")
+    if mode == "ulysses" and HEADS % (tensor * context):
+        raise ValueError(f"{where}: Ulysses needs heads/tensor ({HEADS}/{tensor}) divisible by context={context}")
+    dp = data * fsdp
+    batches = [b[3] for b in c.data.buckets] + [b[3] for b in c.data.mix.image_buckets]
+    accum = c.data.buckets[0][3] // (dp * micro) if accumulate else 1
+    for batch in batches:
+        if batch % (accum * dp):
+            raise ValueError(f"{where}: global batch {batch} is not a multiple of data·fsdp ({dp}) × "
+                             f"grad_accum_steps ({accum})")
+    c.mesh.ici = dict(data=data, fsdp=fsdp, tensor=tensor, context=context)
+    c.mesh.dcn = dict(data=1, fsdp=1, tensor=1, context=1)
+    c.attention = attention
+    c.remat = remat
+    c.optim.grad_accum_steps = accum
+    c.target = ml_collections.ConfigDict(dict(name=pod_name, kind=pod["kind"], devices=pod["devices"]))
+
+
+def get_config(arg: str = "video_720"):
+    stage, pod, root = parse_arg(arg)
     prev, s = STAGES[stage]
     c = base_config()
     c.model = "10b"
     c.stage = stage
     c.compute_dtype = "bfloat16"
-    c.remat = "full"
-    c.mesh.ici = dict(data=-1, fsdp=8, tensor=1, context=1)
     c.init_from = f"jax:{root}/{EXPANDED}" if prev == EXPANDED else f"jax:{root}/{prev}/checkpoints"
     c.init_weights = "ema"
     c.num_steps = s["steps"]
@@ -79,12 +177,13 @@ def get_config(arg: str = "video_720"):
     c.optim.ema_decay = 0.9999
     c.data.source = "shards"
     c.data.buckets = s["video"]
+    c.data.batch_size = s["video"][0][3]  # the shard loader's global batch (one for every bucket)
     c.data.text_len = 300
     c.objective.i2v_prob = s["i2v_prob"]
     c.objective.i2v_mode = "first"
     c.objective.caption_dropout_prob = 0.1
-    if "images" in s:
-        c.data.mix.image_buckets = s["images"]
+    if s.get("images"):
+        c.data.mix.image_buckets = _image_buckets(s["video"])
         c.data.mix.image_fraction_start, c.data.mix.image_fraction_end = s["image_fraction"]
         c.data.mix.anneal_steps = s["steps"] // 2
     if s.get("sft"):
@@ -106,6 +205,8 @@ def get_config(arg: str = "video_720"):
             labels="", heldout_labels="", clips="", batch_size=64, heldout_batches=4, heldout_seed=99,
             eval_every=200, beta_dpo=2000.0, beta_kto=2000.0, sft_weight=0.2, kto_desirable_weight=1.0,
             kto_undesirable_weight=1.0, shift_ratio=None))
+    # Preference steps do not accumulate gradients (mugv_jax/recipe/preference.py).
+    apply_layout(c, s["clip"], pod, accumulate=not s.get("preference"))
     c.validation.every = 2000
     c.validation.num_batches = 8
     c.log_every = 10

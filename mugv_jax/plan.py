@@ -1,7 +1,11 @@
 """Plan a pod run on the CPU: per-device memory, FLOPs and step time of the real train step.
 
-    python -m mugv_jax.plan --config=configs/mugv_10b.py:video_720 --devices=256 --kind=tpu-v5p \
+    python -m mugv_jax.plan --config=configs/mugv_10b.py:video_720[:POD] [--devices=256 --kind=tpu-v5p] \
         [--config.mesh.ici.fsdp=64 --config.mesh.ici.context=4 ...] [--remat=full] [--mfu=0.4]
+
+--devices and --kind default to the pod the config was laid out for (`config.target`). Exit
+status 0 when the plan fits the device's HBM; otherwise 1, after a list of changes (mesh axis,
+micro-batch, remat) with the memory each is estimated to need.
 
 The train step is lowered and compiled with abstract arrays (jax.ShapeDtypeStruct with
 shardings; nothing is allocated) over N fake CPU devices, so XLA's SPMD partitioner shards it
@@ -14,10 +18,17 @@ Caveats: the figures come from the CPU compiler. It partitions the same way, but
 fuses differently from the TPU/GPU compilers and may keep bf16 matmul operands in float32, so
 temporaries are an estimate (typically pessimistic); leave ~10% headroom. XLA's cost analysis
 counts a scanned layer body once, so its FLOPs are far below the analytic count for deep models.
+The fused attention kernels cannot run on the CPU: `splash` is compiled in Pallas interpret mode
+(the same kernel and custom backward, so the same residuals; like the Mosaic call on a TPU, the
+SPMD partitioner cannot split it, so outside a shard_map its operands are gathered), and `cudnn`
+is planned with XLA's attention, which is partitioned over batch and heads like cuDNN's custom
+partitioning but materialises the scores (an upper bound on the fused kernel's memory).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import math
 import os
 import sys
@@ -52,6 +63,15 @@ class Plan:
     analytic_flops: float      # whole step, all devices
     xla_flops: float | None    # per device as XLA counts it (scan body once)
     compile_seconds: float
+    # The layout, for the report and the suggestions.
+    grad_accum_steps: int = 1
+    remat: str = "full"
+    attention: str = "xla"     # backend+mode as configured
+    stand_in: str = ""         # how the CPU compiled a kernel that runs only on the pod
+    heads: int = 48
+    depth: int = 56
+    hidden: int = 3456
+    tokens: int = 0            # self-attention sequence per sample (video + start/end)
 
     @property
     def state_bytes(self):
@@ -61,6 +81,15 @@ class Plan:
     def total_bytes(self):
         # Donated state aliases its output, so peak = arguments + temporaries (+ non-aliased outputs).
         return self.xla_argument_bytes + self.temp_bytes + max(self.xla_output_bytes - self.xla_alias_bytes, 0)
+
+    @property
+    def data_parallel(self) -> int:
+        return self.mesh.get("data", 1) * self.mesh.get("fsdp", 1)
+
+    @property
+    def micro_batch(self) -> int:
+        """Samples per data-parallel rank in one micro-batch."""
+        return self.bucket[3] // self.grad_accum_steps // self.data_parallel
 
 
 def _per_device_bytes(tree) -> int:
@@ -72,31 +101,80 @@ def _per_device_bytes(tree) -> int:
     return total
 
 
+def plan_buckets(config) -> list[tuple[int, int, int, int]]:
+    """Every batch shape a run of `config` compiles: the video buckets, then (when images are
+    mixed in) the image buckets."""
+    buckets = [tuple(int(v) for v in b) for b in config.data.buckets]
+    mix = config.data.get("mix")
+    if mix is not None and (float(mix.image_fraction_start) > 0 or float(mix.image_fraction_end) > 0):
+        buckets += [tuple(int(v) for v in b) for b in mix.image_buckets]
+    return buckets
+
+
+def check_batch_split(batch: int, accum: int, mesh_shape: dict, what: str = "bucket") -> None:
+    """The trainer splits a global batch into `accum` micro-batches (Trainer.loss_and_grads) and
+    shards each over data × fsdp; a micro-batch that does not divide would be silently
+    replicated over the mesh axes it does not divide by, so refuse it here."""
+    dp = mesh_shape.get("data", 1) * mesh_shape.get("fsdp", 1)
+    if batch % accum:
+        raise ValueError(f"{what}: global batch {batch} is not divisible by optim.grad_accum_steps={accum}")
+    if (batch // accum) % dp:
+        raise ValueError(f"{what}: micro-batch {batch // accum} (global batch {batch} / optim.grad_accum_steps="
+                         f"{accum}) is not divisible by data × fsdp = {dp} (mesh {mesh_shape}); choose "
+                         f"grad_accum_steps so that batch / grad_accum_steps is a multiple of {dp}")
+
+
+@contextlib.contextmanager
+def cpu_attention_kernels():
+    """Make the fused kernels compile on the CPU (see the module docstring): `splash` in Pallas
+    interpret mode, `cudnn` as XLA attention. Restores the backend table on exit."""
+    import jax
+    from mugv_jax.parallel import attention
+    if jax.default_backend() != "cpu":
+        yield {}
+        return
+    saved = dict(attention.BACKENDS)
+    attention.BACKENDS.update(splash=functools.partial(attention._splash_attention, interpret=True),
+                              cudnn=attention.BACKENDS["xla"])
+    try:
+        yield {"splash": "splash in Pallas interpret mode",
+               "cudnn": "XLA attention in place of cuDNN (scores materialised: an upper bound)"}
+    finally:
+        attention.BACKENDS.clear()
+        attention.BACKENDS.update(saved)
+
+
 def plan_step(config, *, bucket_index: int | None = None, devices=None) -> Plan:
     """Compile the train step of `config` (an ml_collections training config) for its mesh over
-    `devices` (default all) with abstract inputs, and measure it."""
+    `devices` (default all) with abstract inputs, and measure it. `bucket_index` indexes
+    `plan_buckets(config)`; default: the bucket with the most tokens per step."""
     import jax
     import numpy as np
     from jax.sharding import NamedSharding, PartitionSpec
 
     from mugv import flops as flops_lib
-    from mugv.geometry import num_video_tokens
+    from mugv.geometry import num_tokens, num_video_tokens
     from mugv_jax.parallel import mesh as mesh_lib
     from mugv_jax.train import step as trainer_lib
     from mugv_jax.dit.model import RuntimeOptions
     from mugv.training import dataclass_from as _dataclass_from, model_config_from
 
     model_cfg = model_config_from(config)
-    options = RuntimeOptions(compute_dtype=config.compute_dtype, attention=config.attention,
-                             remat=config.remat,
-                             context_parallel=config.get("context_parallel", "none") or "none")
+    # The trainer builds its RuntimeOptions from exactly these three fields (mugv_jax/train/backend.py);
+    # the context-parallel mode travels inside `attention` ("splash+ulysses").
+    options = RuntimeOptions(compute_dtype=config.compute_dtype, attention=config.attention, remat=config.remat)
     mesh = mesh_lib.build_mesh(dict(config.mesh.ici), dict(config.mesh.get("dcn", {}) or {}), devices=devices)
-    trainer = trainer_lib.Trainer(model_cfg, options, _dataclass_from(OptimConfig, config.optim),
-                                  _dataclass_from(ObjectiveConfig, config.objective), mesh)
-    buckets = [tuple(int(v) for v in b) for b in config.data.buckets]
+    optim = _dataclass_from(OptimConfig, config.optim)
+    trainer = trainer_lib.Trainer(model_cfg, options, optim, _dataclass_from(ObjectiveConfig, config.objective),
+                                  mesh)
+    buckets = plan_buckets(config)
+    for i, b in enumerate(buckets):
+        check_batch_split(b[3], optim.grad_accum_steps, dict(mesh.shape), f"bucket {i} {b}")
     if bucket_index is None:  # the most tokens per step is the memory peak
         bucket_index = max(range(len(buckets)),
                            key=lambda i: buckets[i][3] * num_video_tokens(buckets[i][:3], model_cfg))
+    if not 0 <= bucket_index < len(buckets):
+        raise ValueError(f"bucket index {bucket_index}: the config has {len(buckets)} buckets {buckets}")
     f, h, w, batch = buckets[bucket_index]
     text_len = int(config.data.text_len)
     batch_abstract = {
@@ -113,7 +191,8 @@ def plan_step(config, *, bucket_index: int | None = None, devices=None) -> Plan:
     step = jax.jit(trainer._step_fn, in_shardings=(state_sh, batch_sh),
                    out_shardings=(state_sh, NamedSharding(mesh, PartitionSpec())), donate_argnums=(0,))
     t0 = time.perf_counter()
-    compiled = step.lower(state, batch_abstract).compile()
+    with cpu_attention_kernels() as stand_ins:
+        compiled = step.lower(state, batch_abstract).compile()
     seconds = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
@@ -128,7 +207,17 @@ def plan_step(config, *, bucket_index: int | None = None, devices=None) -> Plan:
         xla_argument_bytes=int(mem.argument_size_in_bytes), xla_output_bytes=int(mem.output_size_in_bytes),
         xla_alias_bytes=int(mem.alias_size_in_bytes),
         analytic_flops=flops_lib.step_flops(model_cfg, batch, n_tok, text_len).train,
-        xla_flops=float(cost["flops"]) if cost and "flops" in cost else None, compile_seconds=seconds)
+        xla_flops=float(cost["flops"]) if cost and "flops" in cost else None, compile_seconds=seconds,
+        grad_accum_steps=optim.grad_accum_steps, remat=options.remat, attention=str(config.attention),
+        stand_in=stand_ins.get(options.attention, ""), heads=model_cfg.num_heads, depth=model_cfg.depth,
+        hidden=model_cfg.hidden_size, tokens=num_tokens((f, h, w), model_cfg))
+
+
+HEADROOM = 0.10  # the CPU figures are estimates: keep this share of HBM free
+
+
+def fits(p: Plan, kind: str) -> bool:
+    return p.total_bytes <= DEVICE_KINDS[kind]["hbm"]
 
 
 def report(p: Plan, kind: str, mfu: float) -> str:
@@ -136,36 +225,231 @@ def report(p: Plan, kind: str, mfu: float) -> str:
     n = math.prod(p.mesh.values())
     step_s = p.analytic_flops / (n * dev["peak"] * mfu)
     g = lambda b: f"{b / GiB:8.2f} GiB"
-    fits = p.total_bytes <= dev["hbm"]
+    free = 1 - p.total_bytes / dev["hbm"]
+    verdict = (f"fits ({free:.0%} free)" if free >= HEADROOM else f"fits, but under {HEADROOM:.0%} headroom "
+               f"({free:.0%} free)") if fits(p, kind) else "DOES NOT FIT"
+    backend, _, mode = p.attention.partition("+")
     lines = [
         f"mesh {p.mesh} ({n} devices, {kind}), bucket (frames, h, w, batch) = {p.bucket}",
+        f"layout: attention {backend}, context parallel {mode or 'none'}, remat {p.remat}; global batch "
+        f"{p.bucket[3]} = {p.grad_accum_steps} micro-batch(es) × {p.bucket[3] // p.grad_accum_steps} "
+        f"({p.micro_batch} per data-parallel rank of {p.data_parallel}), {p.tokens} tokens per sample",
+    ]
+    if p.stand_in:
+        lines.append(f"  (compiled on the CPU with {p.stand_in})")
+    lines += [
         "per device:",
         f"  parameters (float32)      {g(p.params_bytes)}",
         f"  optimizer (Adam moments)  {g(p.optimizer_bytes)}",
         f"  EMA                       {g(p.ema_bytes)}",
         f"  batch + other state       {g(p.batch_bytes + p.other_state_bytes)}",
         f"  temporaries (XLA)         {g(p.temp_bytes)}   activations, gradients, buffers",
-        f"  total (XLA args + temps)  {g(p.total_bytes)}   of {dev['hbm'] / GiB:.0f} GiB HBM: "
-        + ("fits" if fits else "DOES NOT FIT"),
+        f"  total (XLA args + temps)  {g(p.total_bytes)}   of {dev['hbm'] / GiB:.0f} GiB HBM: " + verdict,
         f"FLOPs per step: analytic {p.analytic_flops:.3e} ({p.analytic_flops / n:.3e} per device); "
         + (f"XLA cost analysis {p.xla_flops:.3e} per device (scanned layer counted once)"
            if p.xla_flops is not None else "XLA cost analysis unavailable"),
         f"predicted step time at {mfu:.0%} MFU ({dev['peak'] / 1e12:.0f} TFLOP/s peak): {step_s:.2f} s",
         f"(compiled in {p.compile_seconds:.0f} s on {os.cpu_count()} CPU cores)",
     ]
+    if not fits(p, kind) or free < HEADROOM:
+        lines += suggestions(p, kind)
     return "\n".join(lines)
+
+
+# --- what to change when a plan does not fit ------------------------------------------------------
+#
+# The measured plan is split into three parts that scale differently with the layout:
+#   sharded  parameters, Adam moments and EMA (arguments), and the optimizer step's float32
+#            temporaries: gradients, updates, new moments (UPDATE_BUFFERS parameter-sized buffers,
+#            + the accumulator when grad_accum > 1); all divided by fsdp;
+#   act      the rest of XLA's temporaries (activations, attention, collective buffers): in
+#            proportion to the tokens one device processes per micro-batch, micro × tokens / context;
+#   rest     batch and other state (unchanged).
+# These are estimates scaled from one compiled step (tests/jax/test_plan.py checks them against
+# re-planned steps of the tiny model); re-run the planner on the suggestion.
+UPDATE_BUFFERS = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    data: int
+    fsdp: int
+    tensor: int
+    context: int
+    micro: int          # samples per data-parallel rank per micro-batch
+    remat: str
+    mode: str           # context-parallel mode: none | ulysses | ring
+
+    @property
+    def dp(self):
+        return self.data * self.fsdp
+
+
+@dataclasses.dataclass(frozen=True)
+class _Model:
+    params: float       # per device at fsdp = `fsdp`
+    fsdp: int
+    act: float          # at micro, context, remat of the measured layout
+    micro: int
+    context: int
+    remat: str
+    rest: float
+    batch: int
+    heads: int
+    depth: int
+    hidden: int
+    tokens: int
+
+    def estimate(self, lay: Layout) -> float:
+        params = self.params * self.fsdp / lay.fsdp
+        accum = self.batch // (lay.dp * lay.micro)
+        sharded = params * (4 + UPDATE_BUFFERS + (accum > 1))
+        act = self.act * (lay.micro / self.micro) * (self.context / lay.context)
+        if lay.remat == "full" and self.remat != "full":
+            # Layer inputs (float32) of every layer, plus one layer's working set.
+            tokens = lay.micro * self.tokens / lay.context
+            act = self.depth * tokens * self.hidden * 4 + act / self.depth
+        return sharded + act + self.rest
+
+
+def _model(p: Plan) -> _Model:
+    grads = p.params_bytes * (UPDATE_BUFFERS + (p.grad_accum_steps > 1))
+    act = max(p.temp_bytes - grads, 0)
+    sharded = p.params_bytes + p.optimizer_bytes + p.ema_bytes + grads
+    return _Model(params=p.params_bytes, fsdp=p.mesh.get("fsdp", 1), act=act, micro=p.micro_batch,
+                  context=p.mesh.get("context", 1), remat=p.remat, rest=p.total_bytes - sharded - act,
+                  batch=p.bucket[3], heads=p.heads, depth=p.depth, hidden=p.hidden, tokens=p.tokens)
+
+
+def _moves(lay: Layout, m: _Model, kernel: str):
+    """Single changes of a layout that keep the global batch and every divisibility rule."""
+    def ok(new: Layout) -> bool:
+        return (m.hidden % new.fsdp == 0 and new.micro >= 1 and m.batch % (new.dp * new.micro) == 0
+                and (new.mode != "ulysses" or m.heads % (new.tensor * new.context) == 0))
+
+    out = []
+    if lay.data > 1:  # shard the state over all data-parallel ranks
+        for k in sorted({k for k in range(2, lay.data + 1) if lay.data % k == 0}, reverse=True):
+            new = dataclasses.replace(lay, data=lay.data // k, fsdp=lay.fsdp * k)
+            if ok(new):
+                out.append((f"raise fsdp {lay.fsdp} → {new.fsdp} (data {lay.data} → {new.data})", new))
+                break
+    if lay.micro > 1:  # fewer samples per micro-batch, more accumulation steps
+        smaller = max(d for d in range(1, lay.micro) if lay.micro % d == 0)
+        new = dataclasses.replace(lay, micro=smaller)
+        if ok(new):
+            out.append((f"lower the micro-batch {lay.micro} → {smaller} per data-parallel rank", new))
+    # Split each sample's tokens over twice the devices, taken from data (else fsdp).
+    mode = lay.mode if lay.mode != "none" else ("ulysses" if kernel in ("splash", "cudnn") else "ring")
+    for attr in ("data", "fsdp"):
+        if getattr(lay, attr) % 2 == 0:
+            for try_mode in (mode, "ring"):
+                new = dataclasses.replace(lay, context=lay.context * 2, mode=try_mode,
+                                          **{attr: getattr(lay, attr) // 2})
+                if ok(new):
+                    out.append((f"raise context {lay.context} → {new.context} ({try_mode}; {attr} "
+                                f"{getattr(lay, attr)} → {getattr(new, attr)})", new))
+                    break
+            break
+    if lay.remat != "full":
+        out.append((f"remat {lay.remat} → full", dataclasses.replace(lay, remat="full")))
+    return out
+
+
+def _describe(old: Layout, new: Layout, batch: int) -> str:
+    accum = lambda lay: batch // (lay.dp * lay.micro)
+    parts = [f"{name} {a} → {b}" for name, a, b in (
+        ("mesh (data, fsdp, tensor, context)", (old.data, old.fsdp, old.tensor, old.context),
+         (new.data, new.fsdp, new.tensor, new.context)),
+        ("context parallel", old.mode, new.mode), ("micro-batch per data-parallel rank", old.micro, new.micro),
+        ("grad_accum_steps", accum(old), accum(new)), ("remat", old.remat, new.remat)) if a != b]
+    return "; ".join(parts)
+
+
+def _size(b: float) -> str:
+    return f"{b / GiB:.1f} GiB" if b >= GiB else f"{b / 2**20:.1f} MiB"
+
+
+def _overrides(lay: Layout, kernel: str, batch: int) -> str:
+    attention = kernel + ("" if lay.mode == "none" else f"+{lay.mode}")
+    return (f"--config.mesh.ici.data={lay.data} --config.mesh.ici.fsdp={lay.fsdp} "
+            f"--config.mesh.ici.tensor={lay.tensor} --config.mesh.ici.context={lay.context} "
+            f"--config.attention={attention} --config.remat={lay.remat} "
+            f"--config.optim.grad_accum_steps={batch // (lay.dp * lay.micro)}")
+
+
+def suggestions(p: Plan, kind: str) -> list[str]:
+    """What to change, with the memory each change is estimated to need; then the chain of the
+    best changes that reaches the headroom target."""
+    hbm = DEVICE_KINDS[kind]["hbm"]
+    kernel, _, mode = p.attention.partition("+")
+    m = _model(p)
+    lay = Layout(p.mesh.get("data", 1), p.mesh.get("fsdp", 1), p.mesh.get("tensor", 1), p.mesh.get("context", 1),
+                 p.micro_batch, p.remat, mode or "none")
+    lines = [f"to fit (estimates scaled from this plan; re-run the planner on the change; target ≤ "
+             f"{1 - HEADROOM:.0%} of {hbm / GiB:.0f} GiB):"]
+    moves = sorted(_moves(lay, m, kernel), key=lambda mv: m.estimate(mv[1]))
+    if not moves:
+        return lines + ["  no single change applies: use more devices or a smaller bucket"]
+    for what, new in moves:
+        lines.append(f"  {what}: ≈ {_size(m.estimate(new))}")
+    cur = lay
+    for _ in range(8):
+        if m.estimate(cur) <= (1 - HEADROOM) * hbm:
+            break
+        options = sorted(_moves(cur, m, kernel), key=lambda mv: m.estimate(mv[1]))
+        if not options or m.estimate(options[0][1]) >= m.estimate(cur):
+            break
+        cur = options[0][1]
+    if cur != lay:
+        verdict = "fits" if m.estimate(cur) <= hbm else "still does not fit"
+        lines.append(f"  together: {_describe(lay, cur, p.bucket[3])}: ≈ {_size(m.estimate(cur))} ({verdict})")
+        lines.append(f"    {_overrides(cur, kernel, p.bucket[3])}")
+    return lines
+
+
+def summary(p: Plan, kind: str, mfu: float) -> dict:
+    """The plan as plain data (bench/plan_*.py collect these)."""
+    dev = DEVICE_KINDS[kind]
+    n = math.prod(p.mesh.values())
+    return {**dataclasses.asdict(p), "kind": kind, "hbm_bytes": dev["hbm"], "total_bytes": p.total_bytes,
+            "state_bytes": p.state_bytes, "fits": fits(p, kind), "micro_batch": p.micro_batch,
+            "step_seconds": p.analytic_flops / (n * dev["peak"] * mfu), "mfu": mfu}
+
+
+def write_json(p: Plan, kind: str, mfu: float, path: str) -> None:
+    import json
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(summary(p, kind, mfu), f, indent=1)
+    os.replace(tmp, path)
+
+
+def _target(config):
+    t = config.get("target")
+    return (str(t.get("name", "")), str(t.get("kind", "")), int(t.get("devices", 0))) if t else ("", "", 0)
 
 
 def main(argv):
     from absl import flags
     FLAGS = flags.FLAGS
     config = FLAGS.config
-    if FLAGS.kind not in DEVICE_KINDS:
-        raise ValueError(f"--kind={FLAGS.kind!r}: choose from {sorted(DEVICE_KINDS)}")
+    name, target_kind, target_devices = _target(config)
+    kind = FLAGS.kind or target_kind or "tpu-v5p"
+    devices = FLAGS.devices or target_devices
+    if kind not in DEVICE_KINDS:
+        raise ValueError(f"--kind={kind!r}: choose from {sorted(DEVICE_KINDS)}")
+    if not devices:
+        raise ValueError("python -m mugv_jax.plan needs --devices=N (the config names no target pod)")
+    if "jax" not in sys.modules:  # --devices was not on the command line: the config's pod
+        _fake_devices(devices)
     import jax
-    if jax.device_count() != FLAGS.devices:
-        raise RuntimeError(f"--devices={FLAGS.devices} but JAX sees {jax.device_count()} devices: run "
+    if jax.device_count() != devices:
+        raise RuntimeError(f"planning {devices} devices but JAX sees {jax.device_count()}: run "
                            f"`python -m mugv_jax.plan` fresh (it sets XLA_FLAGS before importing jax)")
+    if name and (devices, kind) != (target_devices, target_kind):
+        print(f"note: the config's layout was planned for {name} ({target_devices} × {target_kind}); "
+              f"planning it on {devices} × {kind}")
     with config.unlocked():
         if FLAGS.remat:
             config.remat = FLAGS.remat
@@ -176,19 +460,21 @@ def main(argv):
             except (ValueError, AssertionError):
                 raise ValueError(f"--shape={FLAGS.shape!r}: want FRAMES,HEIGHT,WIDTH,BATCH in latent units") from None
             config.data.buckets = (shape,)
+            config.data.mix.image_fraction_start = config.data.mix.image_fraction_end = 0.0
     p = plan_step(config, bucket_index=FLAGS.bucket)
-    print(report(p, FLAGS.kind, FLAGS.mfu))
-    return 0 if p.total_bytes <= DEVICE_KINDS[FLAGS.kind]["hbm"] else 1
+    print(f"model {config.model}, stage {config.get('stage', '-')}"
+          + (f", layout planned for {name} ({target_devices} × {target_kind})" if name else ""))
+    print(report(p, kind, FLAGS.mfu))
+    if FLAGS.json:
+        write_json(p, kind, FLAGS.mfu, FLAGS.json)
+    dcn = dict(config.mesh.get("dcn", {}) or {})
+    if math.prod(int(v) for v in dcn.values()) > 1 and not fits(p, kind):
+        print(f"note: the mesh spans slices (mesh.dcn = {dcn}); the overrides above are for one slice")
+    return 0 if fits(p, kind) else 1
 
 
-def _prepare_devices(argv):
+def _fake_devices(n: int) -> None:
     """Fake N CPU devices: must be set before jax is imported."""
-    n = None
-    for a in argv:
-        if a.startswith("--devices="):
-            n = int(a.split("=", 1)[1])
-    if n is None:
-        raise SystemExit("python -m mugv_jax.plan needs --devices=N")
     if "jax" in sys.modules:
         raise RuntimeError("mugv_jax.plan must set up its fake devices before jax is imported")
     os.environ["JAX_PLATFORMS"] = "cpu"
@@ -197,19 +483,32 @@ def _prepare_devices(argv):
     os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
 
 
+def _prepare_devices(argv):
+    """--devices=N on the command line fakes N devices now; otherwise main() takes the config's
+    target pod (the config is read without importing jax)."""
+    for i, a in enumerate(argv):
+        if a.startswith("--devices="):
+            _fake_devices(int(a.split("=", 1)[1]))
+        elif a == "--devices" and i + 1 < len(argv):
+            _fake_devices(int(argv[i + 1]))
+
+
 def _define_flags():
     from absl import flags
     from ml_collections import config_flags
-    config_flags.DEFINE_config_file("config", None, "training config (configs/*.py[:stage]); override the "
+    config_flags.DEFINE_config_file("config", None, "training config (configs/*.py[:stage[:pod]]); override the "
                                     "mesh with --config.mesh.ici.<axis>=N", lock_config=True)
-    flags.DEFINE_integer("devices", None, "number of devices of the planned pod")
-    flags.DEFINE_string("kind", "tpu-v5p", f"device kind: {', '.join(sorted(DEVICE_KINDS))}")
+    flags.DEFINE_integer("devices", None, "number of devices of the planned pod (default: config.target.devices)")
+    flags.DEFINE_string("kind", None, f"device kind: {', '.join(sorted(DEVICE_KINDS))} "
+                        "(default: config.target.kind, else tpu-v5p)")
     flags.DEFINE_string("remat", None, "override config.remat (none, full, dots, dots_no_batch, offload_dots)")
     flags.DEFINE_string("shape", None, "plan this bucket instead of the config's: latent FRAMES,HEIGHT,WIDTH,"
                         "global BATCH (e.g. 14,90,160,64 for 720p 5 s)")
-    flags.DEFINE_integer("bucket", None, "index into config.data.buckets (default: most tokens per step)")
+    flags.DEFINE_integer("bucket", None, "index into the config's buckets, video then mixed-in image buckets "
+                         "(default: the most tokens per step)")
     flags.DEFINE_float("mfu", 0.4, "model FLOPs utilisation assumed for the step-time prediction")
-    flags.mark_flags_as_required(["config", "devices"])
+    flags.DEFINE_string("json", None, "also write the plan as JSON to this path")
+    flags.mark_flags_as_required(["config"])
 
 
 if __name__ == "__main__":

@@ -1,0 +1,130 @@
+"""Find the layout of one 10B stage on one pod with the planner.
+
+    python bench/plan_search.py --stage=video_720 --pod=v6e-256 [--bucket=I] [--max_plans=6]
+
+Candidates: context degree c = 1, 2, 4, … (ring attention when c > 1: the only context-parallel
+mode whose kernels partition on a mesh today, see docs/scaling.md), fsdp as wide as the hidden
+size and the data-parallel width allow, and every micro-batch per data-parallel rank that
+divides the stage's batch; tensor 1, then 2 and 4 (hidden 3456 is narrow for tensor parallelism:
+only when nothing fits without it). They are tried in order of expected speed: no tensor
+parallelism first, then the lowest context degree (context parallelism adds communication), then
+the largest micro-batch (each accumulation step all-gathers the FSDP parameters again). A candidate is skipped without compiling when a lower bound on its memory
+(state, gradients, bf16 layer inputs, one layer's attention scores) already exceeds 90% of HBM,
+or when a measured plan of the same mesh with a larger micro-batch, scaled down, still would.
+The first plan within 90% of HBM wins; the script prints every plan it ran and the LAYOUTS line
+for configs/mugv_10b.py.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from plan_common import GiB, machine, mugv_10b, overrides, run_plan  # noqa: E402
+
+from mugv.config import get_config as model_config  # noqa: E402
+from mugv.geometry import num_tokens  # noqa: E402
+
+HEADROOM = 0.10
+HBM = {"tpu-v5p": 95 * GiB, "tpu-v6e": 32 * GiB, "tpu-v5e": 16 * GiB, "h100": 80 * GiB, "h200": 141 * GiB}
+
+
+def candidates(devices: int, batch: int, hidden: int, max_context: int = 32, tensors=(1, 2, 4)):
+    out = []
+    for t in tensors:
+        c = 1
+        while c * t <= devices and c <= max_context:
+            dp = devices // (c * t)
+            if devices % (c * t) == 0 and batch % dp == 0:
+                fsdp = max(f for f in range(1, dp + 1) if dp % f == 0 and hidden % f == 0)
+                per_rank = batch // dp
+                for micro in sorted((m for m in range(1, per_rank + 1) if per_rank % m == 0), reverse=True):
+                    out.append(dict(mesh=(dp // fsdp, fsdp, t, c), attention="xla" if c == 1 else "xla+ring",
+                                    remat="full", micro=micro, accum=per_rank // micro))
+            c *= 2
+    return out
+
+
+def lower_bound(cand: dict, model, tokens: int) -> float:
+    """Bytes per device that the candidate needs at least."""
+    d, f, t, c = cand["mesh"]
+    params = model.depth * 16 * model.hidden_size ** 2 * 4  # float32, blocks only
+    sharded = params * (5 + (cand["accum"] > 1)) / (f * t)  # params, Adam moments, EMA, grads (+ accumulator)
+    local = math.ceil(tokens / c)
+    layer_inputs = model.depth * cand["micro"] * local * model.hidden_size * 2
+    heads = model.num_heads // t
+    kv = local if c > 1 else tokens  # ring: one K/V block; none: all keys
+    scores = cand["micro"] * heads * local * kv * 4
+    return sharded + layer_inputs + scores
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--stage", required=True, choices=list(mugv_10b.STAGES))
+    ap.add_argument("--pod", required=True, choices=list(mugv_10b.PODS))
+    ap.add_argument("--bucket", type=int, default=None, help="planner --bucket (default: most tokens per step)")
+    ap.add_argument("--max_plans", type=int, default=6, help="stop after this many compiled plans")
+    ap.add_argument("--max_context", type=int, default=32)
+    ap.add_argument("--tensors", default="1,2,4", help="tensor-parallel degrees to try, in this order")
+    ap.add_argument("--log_dir", default=None, help="keep every planner output here")
+    ap.add_argument("--results", default=None, help="append each plan's JSON summary to this .jsonl")
+    args = ap.parse_args()
+
+    pod = mugv_10b.PODS[args.pod]
+    config = mugv_10b.get_config(f"{args.stage}:{args.pod}")
+    model = model_config("10b")
+    buckets = [tuple(b) for b in config.data.buckets] + [tuple(b) for b in config.data.mix.image_buckets]
+    bucket = buckets[args.bucket if args.bucket is not None else 0]
+    tokens = num_tokens(bucket[:3], model)
+    target = (1 - HEADROOM) * HBM[pod["kind"]]
+    print(f"# {args.stage} on {args.pod} ({pod['devices']} × {pod['kind']}), bucket {bucket}, {tokens} tokens "
+          f"per sample; target ≤ {target / GiB:.1f} GiB; {machine()}", flush=True)
+    measured = {}  # mesh → (micro, act bytes) of the plans that did not fit
+    ran = 0
+    tensors = tuple(int(t) for t in args.tensors.split(","))
+    for cand in candidates(pod["devices"], bucket[3], model.hidden_size, args.max_context, tensors):
+        lb = lower_bound(cand, model, tokens)
+        tag = f"mesh {cand['mesh']} {cand['attention']:8s} micro {cand['micro']:3d} × accum {cand['accum']:3d}"
+        if lb > target:
+            print(f"skip {tag}: lower bound {lb / GiB:.1f} GiB", flush=True)
+            continue
+        if cand["mesh"] in measured:
+            micro0, total0, act0 = measured[cand["mesh"]]
+            est = total0 - act0 * (1 - cand["micro"] / micro0)
+            if est > target:
+                print(f"skip {tag}: ≈ {est / GiB:.1f} GiB scaled from micro {micro0}", flush=True)
+                continue
+        if ran >= args.max_plans:
+            print(f"stop: {args.max_plans} plans compiled without a fit", flush=True)
+            return 1
+        ran += 1
+        r = run_plan(args.stage, args.pod, overrides(cand), bucket=args.bucket, log_dir=args.log_dir)
+        r["candidate"] = cand
+        if args.results:
+            with open(args.results, "a") as f:
+                f.write(json.dumps({k: v for k, v in r.items() if k != "report"}) + "\n")
+        if "error" in r:
+            print(f"plan {tag}: planner failed: {r['error']}", flush=True)
+            continue
+        total = r["total_bytes"]
+        print(f"plan {tag}: {total / GiB:.1f} GiB (state {r['state_bytes'] / GiB:.1f}, temps "
+              f"{r['temp_bytes'] / GiB:.1f}); {r['wall_seconds']:.0f} s wall, {r['cpu_seconds']:.0f} s CPU",
+              flush=True)
+        if total <= target:
+            d, f, t, c = cand["mesh"]
+            mode = cand["attention"].partition("+")[2] or "none"
+            clip = mugv_10b.STAGES[args.stage][1]["clip"]
+            print(f"fits: LAYOUTS[({clip!r}, {args.pod!r})] = (({d}, {f}, {t}, {c}), {mode!r}, "
+                  f"{cand['remat']!r}, {cand['micro']})", flush=True)
+            return 0
+        grads = r["params_bytes"] * (1 + (cand["accum"] > 1))
+        measured[cand["mesh"]] = (cand["micro"], total, max(r["temp_bytes"] - grads, 0))
+    print("no candidate fits", flush=True)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

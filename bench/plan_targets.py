@@ -1,0 +1,103 @@
+"""Plan every 10B stage on every pod it is laid out for and print the table (docs/scaling.md).
+
+    python bench/plan_targets.py [--stages=video_720,sft] [--pods=v5p-256,h100x64] [--results=plans.jsonl]
+
+Each plan is `python -m mugv_jax.plan --config=configs/mugv_10b.py:<stage>:<pod>` in a fresh
+process (the fake device count is fixed when jax starts), run one after another: a 256-device
+plan of the 10B step takes 30–60 s of CPU time. Stages whose train step is the same program (same
+buckets and layout: image_360's video bucket = video_360_2s, sft = video_720) are planned once;
+image_360's image bucket is planned as its own row. The preference stage is listed but not
+planned: the planner compiles the pretraining step, not the DPO/KTO step. Exit status 1 if any
+plan does not fit.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from plan_common import GiB, machine, mugv_10b, run_plan  # noqa: E402
+
+
+def programs(stages, pods):
+    """[(stage names, pod, bucket index or None)], one per distinct compiled step."""
+    out, seen = [], {}
+    for pod in pods:
+        for stage in stages:
+            c = mugv_10b.get_config(f"{stage}:{pod}")
+            if c.mode != "pretrain":
+                out.append(([stage], pod, "skip"))
+                continue
+            rows = [None] + ([len(c.data.buckets)] if len(c.data.mix.image_buckets) else [])
+            for bucket in rows:
+                shapes = tuple(map(tuple, c.data.buckets)) if bucket is None else tuple(c.data.mix.image_buckets[0])
+                key = (pod, shapes, tuple(c.mesh.ici.items()), c.attention, c.remat, c.optim.grad_accum_steps)
+                if key in seen:
+                    seen[key][0].append(stage)
+                    continue
+                entry = ([stage], pod, bucket)
+                seen[key] = entry
+                out.append(entry)
+    return out
+
+
+def row(names, pod, bucket, r) -> str:
+    label = ", ".join(names) + (" (images)" if bucket not in (None, "skip") else "")
+    if bucket == "skip":
+        return f"| {label} | {pod} | preference step: not planned | | | | | | | | |"
+    if "error" in r:
+        return f"| {label} | {pod} | planner failed: {r['error'][:120]} | | | | | | | | |"
+    f, h, w, b = r["bucket"]
+    mesh = r["mesh"]
+    free = 1 - r["total_bytes"] / r["hbm_bytes"]
+    verdict = f"fits, {free:.0%} free" if r["fits"] else "DOES NOT FIT"
+    return (f"| {label} | {pod} | {f}×{h}×{w} × {b} | ({mesh['data']}, {mesh['fsdp']}, {mesh['tensor']}, "
+            f"{mesh['context']}) | {r['attention']}, {r['remat']} | {r['micro_batch']} × {r['grad_accum_steps']} | "
+            f"{r['state_bytes'] / GiB:.1f} | {r['temp_bytes'] / GiB:.1f} | **{r['total_bytes'] / GiB:.1f}** / "
+            f"{r['hbm_bytes'] / GiB:.0f} ({verdict}) | {r['step_seconds']:.1f} | "
+            f"{r['wall_seconds']:.0f} / {r['cpu_seconds']:.0f} |")
+
+
+HEADER = ("| stages | pod | bucket (latent f×h×w) × global batch | mesh (data, fsdp, tensor, context) | "
+          "attention, remat | micro-batch per rank × accumulation | state GiB | temporaries GiB | "
+          "total GiB / HBM | step s at 40% MFU | compile wall / CPU s |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--stages", default=",".join(mugv_10b.STAGES))
+    ap.add_argument("--pods", default=",".join(mugv_10b.PODS))
+    ap.add_argument("--results", default=None, help="also append each plan's JSON summary to this .jsonl")
+    ap.add_argument("--log_dir", default=None, help="keep every planner output here")
+    args = ap.parse_args()
+    stages, pods = args.stages.split(","), args.pods.split(",")
+    for s in stages:
+        if s not in mugv_10b.STAGES:
+            ap.error(f"--stages: unknown stage {s!r}; choose from {list(mugv_10b.STAGES)}")
+    for p in pods:
+        if p not in mugv_10b.PODS:
+            ap.error(f"--pods: unknown pod {p!r}; choose from {list(mugv_10b.PODS)}")
+    print(f"{datetime.date.today().isoformat()}, {machine()}; python -m mugv_jax.plan per row, one at a time",
+          flush=True)
+    todo = programs(stages, pods)
+    lines, ok = [], True
+    for names, pod, bucket in todo:
+        r = {} if bucket == "skip" else run_plan(names[0], pod, bucket=bucket, log_dir=args.log_dir)
+        if bucket != "skip":
+            ok &= bool(r.get("fits"))
+            if args.results:
+                with open(args.results, "a") as f:
+                    f.write(json.dumps({"stages": names, "pod": pod, **{k: v for k, v in r.items()
+                                                                         if k != "report"}}) + "\n")
+        lines.append(row(names, pod, bucket, r))
+        print(lines[-1], flush=True)
+    print("\n" + HEADER + "\n" + "\n".join(lines))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
