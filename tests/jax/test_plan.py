@@ -141,6 +141,7 @@ def test_planner_cli_fits_the_shipped_10b_720p_plan():
     out = proc.stdout
     assert proc.returncode == 0, out + proc.stderr[-3000:]
     assert "(14, 160, 90, 256)" in out and "model 10b, stage video_720" in out
-    total = float(out.split("total (XLA args + temps)")[1].split("GiB")[0])
-    hbm = float(out.split(" of ")[1].split(" GiB HBM")[0])
+    total_line = out.split("total (XLA args + temps)")[1].splitlines()[0]
+    total = float(total_line.split("GiB")[0])
+    hbm = float(total_line.split(" of ")[1].split(" GiB HBM")[0])
     assert 0 < total <= 0.9 * hbm and "fits (" in out
