@@ -17,6 +17,9 @@ def vae_train_config() -> ml_collections.ConfigDict:
     c.size = (64, 64)                 # training crop (H, W) in pixels (multiples of 8)
     c.decoder_windows = (1, 4, 8)     # latents per decode window, drawn per step (those dividing frames/8)
     c.freeze_spatial = False          # train only the temporal autoencoder
+    # Posterior log-variance at the start (None: random init, posterior noise std ≈ 1 against
+    # means ≈ 0.1, so a short run learns the mean frame; see docs/main_job.md).
+    c.init_logvar = None
     c.compiler_options = ml_collections.ConfigDict()  # XLA options for the compiled steps
 
     c.data = ml_collections.ConfigDict()
@@ -24,6 +27,8 @@ def vae_train_config() -> ml_collections.ConfigDict:
     c.data.max_frames = 120           # decoded frames per video
     c.data.short_side = 128           # area-downscale videos to this short side (None: keep)
     c.data.holdout_fraction = 0.2     # each clip's last frames, never trained on, give the eval clips
+    c.data.holdout_clips = 0          # > 0: hold out this many whole clips instead (spread over the list)
+    c.data.first_frame = False        # pad 8k+1-frame clips with 7 copies of frame 0, as encoding does
     c.data.eval_clips = 4
     c.data.stats_batches = 4          # batches of training crops for the latent mean/std
 
@@ -33,7 +38,8 @@ def vae_train_config() -> ml_collections.ConfigDict:
     c.loss = ml_collections.ConfigDict(dict(
         mse=1.0, l1=1.0, perceptual=0.2, kl=1e-4,
         gan=0.0, gan_start_step=0,    # γ and when the discriminator starts (final stage only)
-        saliency_start_step=-1))      # step from which ℓ1 is saliency-weighted (−1: never)
+        saliency_start_step=-1,       # step from which ℓ1 is saliency-weighted (−1: never)
+        contrast=0.0))                # c: MSE and ℓ1 pixels weighted 1 + c·(distance from the frame's median colour)
 
     c.log_every = 25
     c.eval_every = 100

@@ -91,6 +91,11 @@ def _vae_metrics(workdir: str) -> list[dict]:
     return read_metrics(found[0]) if found else []
 
 
+def _share(summary: dict, mode: str, key: str) -> str:
+    c = summary["checks"].get(mode)
+    return "n/a" if c is None else f"{c[key]:.0%} of {c['samples']}"
+
+
 def _fmt(v, spec=".3g", none="n/a"):
     return none if v is None else format(v, spec)
 
@@ -137,6 +142,46 @@ def _checks(checks: dict, min_share: dict) -> str:
             f"{html.escape(json.dumps(min_share))}.</p>")
 
 
+def _video(src: str, caption: str) -> str:
+    return (f'<figure><video src="{src}" controls muted loop autoplay preload="auto"></video>'
+            f'<figcaption>{caption}</figcaption></figure>')
+
+
+def _mark(ok: bool) -> str:
+    return "✓" if ok else "✗"
+
+
+def _glance(sample_rec: dict) -> str:
+    """One row per held-out prompt: its own ground truth, that truth through the VAE, then every
+    shown sample, each captioned with what the pixel measure read off it."""
+    prompts = sample_rec["prompts"]
+    vae_held = sample_rec.get("vae_held_out") or {}
+    rows = []
+    for p, pr in enumerate(prompts):
+        if pr["kind"] != "held-out":
+            continue
+        cells = [f"<td><b>{html.escape(pr['caption'])}</b></td>",
+                 f"<td>{_video(f'sample/truth_{p:02d}.mp4', 'ground truth')}</td>",
+                 f"<td>{_video(f'sample/truth_vae_{p:02d}.mp4', 'ground truth through the VAE')}</td>"]
+        for s in sample_rec["samples"]:
+            if s["prompt"] != p or "video" not in s:
+                continue
+            px = s["pixel"]
+            cap = (f"{s['mode']} seed {s['seed']}: {px['colour']} {_mark(s['pixel_colour_ok'])}, "
+                   f"{px['direction']} {_mark(s['pixel_direction_ok'])}")
+            cells.append(f"<td>{_video(s['video'], html.escape(cap))}</td>")
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    head = ("<tr><th>held-out prompt</th><th>ground truth</th><th>through the VAE</th>"
+            "<th colspan=8>samples (t2v: text only; i2v: first frame given) — pixel measure: colour, direction</th></tr>")
+    note = ""
+    if vae_held:
+        note = (f"<p>VAE round trip of these {vae_held['clips']} ground truths: {vae_held['psnr']:.1f} dB PSNR; "
+                f"object RMS error per RGB channel {', '.join(f'{v:.0f}' for v in vae_held['object_rmse_rgb'])} "
+                f"(of 255); the pixel measure reads colour right for {vae_held['pixel_colour_share']:.0%} and "
+                f"direction for {vae_held['pixel_direction_share']:.0%} of them.</p>")
+    return f"<h2>At a glance: held-out prompts</h2>{note}<table class=glance>{head}{''.join(rows)}</table>"
+
+
 def _sample_section(sample_rec: dict) -> str:
     parts = []
     prompts = sample_rec["prompts"]
@@ -164,7 +209,7 @@ def _sample_section(sample_rec: dict) -> str:
             vids.append(f'<figure><video src="{s["video"]}" controls muted loop preload="auto"></video>'
                         f'<figcaption>{s["mode"]} seed {s["seed"]}{html.escape(note)}</figcaption></figure>')
             grids.append(f'<figure><img src="{s["grid"]}" alt="{s["mode"]} frame grid"><figcaption>{s["mode"]} seed '
-                         f'{s["seed"]}: sample (top) vs training clip</figcaption></figure>')
+                         f'{s["seed"]}: sample (top), ground truth, training clip</figcaption></figure>')
         parts.append(f"<h3>“{html.escape(pr['caption'])}” <small>{what}</small></h3>"
                      f"<div class=row>{''.join(vids)}</div><div class=row>{''.join(grids)}</div>")
     return "\n".join(parts)
@@ -197,6 +242,7 @@ body {{ font-family: sans-serif; margin: 1.5em; max-width: 1400px; }}
 video {{ width: 128px; height: 128px; image-rendering: pixelated; background: #000; }}
 figure {{ display: inline-block; margin: 0 10px 8px 0; vertical-align: top; }}
 figcaption {{ font-size: 11px; max-width: 260px; }}
+table.glance td {{ vertical-align: top; }} table.glance video {{ width: 96px; height: 96px; }}
 .row {{ margin-bottom: 4px; }}
 table {{ border-collapse: collapse; margin: 6px 0; }} td, th {{ border: 1px solid #ccc; padding: 3px 8px; font-size: 13px; }}
 pre {{ background: #f6f6f6; padding: 8px; font-size: 11px; max-height: 400px; overflow: auto; }}
@@ -216,12 +262,16 @@ held-out (colour, shape, direction) combinations</li>
 <li>wall time of this invocation: {summary['wall_seconds']:.0f} s</li>
 </ul>
 <h2>Did it learn?</h2>
+<p>Pixel measure of the decoded held-out samples: colour right for {_share(summary, 't2v', 'pixel_colour_share')} (t2v)
+and {_share(summary, 'i2v', 'pixel_colour_share')} (i2v), direction right for
+{_share(summary, 't2v', 'pixel_direction_share')} (t2v) and {_share(summary, 'i2v', 'pixel_direction_share')} (i2v).</p>
 {_checks(summary['checks'], config.check.to_dict())}
 <h2>Loss curves</h2>
 <figure><img src="{LOSS_PNG}" alt="DiT loss"><figcaption>MUG-DiT loss (and by noise-level quartile)</figcaption></figure>
 {f'<figure><img src="{VAE_LOSS_PNG}" alt="VAE loss"><figcaption>VAE loss</figcaption></figure>' if has_vae_png else ''}
 <h2>Throughput</h2>
 {_throughput(dit_rows)}
+{_glance(sample_rec)}
 <h2>Samples</h2>
 <p>Each prompt: the training clip it is compared with, then every sample (t2v: text only; i2v: the first frame
 given). Frame grids show every second frame; videos are upscaled {int(config.sample.upscale)}× (nearest).</p>

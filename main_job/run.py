@@ -43,20 +43,32 @@ def stage_data(config, stages: Stages) -> dict:
 # --- vae --------------------------------------------------------------------------------------
 
 def _vae_train_config(config):
-    """configs/vae_tiny.py with the main job's step count, batch and clip geometry."""
+    """configs/vae_tiny.py with the main job's steps, clip geometry, objective and hold-out."""
     from configs import vae_tiny
     vc = vae_tiny.get_config()
     size = int(config.data.size)
-    overrides = {"num_steps": int(config.vae.num_steps), "batch_size": int(config.vae.batch_size),
-                 "frames": int(config.vae.frames), "size": (size, size), "seed": int(config.seed),
-                 "log_every": int(config.vae.log_every), "eval_every": int(config.vae.num_steps),
-                 "checkpoint_every": int(config.vae.checkpoint_every)}
+    v = config.vae
+    overrides = {"num_steps": int(v.num_steps), "batch_size": int(v.batch_size),
+                 "frames": int(v.frames), "size": (size, size), "seed": int(config.seed),
+                 "log_every": int(v.log_every), "eval_every": int(v.num_steps),
+                 "checkpoint_every": int(v.checkpoint_every),
+                 "decoder_windows": tuple(int(n) for n in v.decoder_windows),
+                 "init_logvar": float(v.init_logvar), "optim.learning_rate": float(v.learning_rate),
+                 "loss.contrast": float(v.contrast), "data.first_frame": bool(v.first_frame),
+                 "data.holdout_clips": int(v.holdout_clips), "data.eval_clips": int(v.holdout_clips)}
     with vc.unlocked():
-        for k, v in overrides.items():
-            if k not in vc:
-                raise KeyError(f"configs/vae_tiny.py has no field {k!r} that the main job sets")
-            vc[k] = v
-        if config.vae.fast_compile:
+        for key, value in overrides.items():
+            *parents, k = key.split(".")
+            node = vc
+            for p in parents:
+                node = node[p]
+            if k not in node:
+                raise KeyError(f"configs/vae_tiny.py has no field {key!r} that the main job sets")
+            node[k] = value
+        # The tiny preset's networks; only the pipeline's chunking differs (no weight changes).
+        del vc["vae_preset"]
+        vc.vae_preset = {"preset": "tiny", "micro_frame_size": int(v.micro_frame_size)}
+        if v.fast_compile:
             vc.compiler_options = dict(FAST_COMPILE)
     return vc
 
@@ -117,27 +129,36 @@ def to_pixels(video) -> np.ndarray:
     return np.clip(np.rint((v + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
-def encode_batched(jv, clips: np.ndarray, batch: int, desc: str) -> np.ndarray:
+def _batched(fn, items: np.ndarray, batch: int, desc: str) -> np.ndarray:
+    """fn over `items` in batches of one compiled shape: the last batch is padded with copies of
+    its last item and cut again."""
     out = []
-    # One compiled shape: the last batch is padded with copies and cut again.
-    for i in tqdm(range(0, len(clips), batch), desc=desc, unit="batch"):
-        chunk = clips[i:i + batch]
+    for i in tqdm(range(0, len(items), batch), desc=desc, unit="batch"):
+        chunk = items[i:i + batch]
         n = len(chunk)
         if n < batch:
             chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - n, axis=0)])
-        out.append(np.asarray(jv.encode(to_model_input(chunk)), np.float32)[:n])
+        out.append(fn(chunk)[:n])
     return np.concatenate(out)
+
+
+def encode_batched(jv, clips: np.ndarray, batch: int, desc: str) -> np.ndarray:
+    return _batched(lambda c: np.asarray(jv.encode(to_model_input(c)), np.float32), clips, batch, desc)
+
+
+def padded_frames(num_frames: int) -> int:
+    """Frames to ask the VAE decoder for so that dropping the first `padded − num_frames` gives
+    frames 0..num_frames−1 in order: an 8k+1-frame clip was encoded with 7 copies of frame 0 in
+    front (the first-frame rule), so its latents decode to 8k+8 frames. Asked for only 8k+1,
+    the release's windowing (mugv_jax/vae/plan.py) crops at the front of the *last* window,
+    and a clip longer than one chunk comes back as [f0 ×7, f0..f8, f16] for 17 frames."""
+    return num_frames + 7 if num_frames % 8 == 1 else num_frames
 
 
 def decode_batched(jv, latents: np.ndarray, num_frames: int, batch: int, desc: str) -> np.ndarray:
-    out = []
-    for i in tqdm(range(0, len(latents), batch), desc=desc, unit="batch"):
-        chunk = latents[i:i + batch]
-        n = len(chunk)
-        if n < batch:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - n, axis=0)])
-        out.append(to_pixels(jv.decode(chunk, num_frames=num_frames))[:n])
-    return np.concatenate(out)
+    padded = padded_frames(num_frames)
+    return _batched(lambda z: to_pixels(jv.decode(z, num_frames=padded))[:, padded - num_frames:],
+                    latents, batch, desc)
 
 
 # --- encode -----------------------------------------------------------------------------------
@@ -365,10 +386,10 @@ def stage_sample(config, stages: Stages, vae_record: dict, dit_record: dict, met
             # Every seed counts in the checks; the page shows the first few.
             if s < int(config.sample.media_seeds):
                 media.write_mp4(os.path.join(d, f"{name}.mp4"), videos[mode][i], pr["fps"], scale=scale)
-                grid_rows = [(f"{mode} sample: {pr['caption']}", videos[mode][i]),
-                             (ref_label, train[ref_index])]
-                if pr["kind"] == "held-out":
-                    grid_rows.append(("ground truth (never trained on)", held_out[p]))
+                grid_rows = [(f"{mode} sample: {pr['caption']}", videos[mode][i])]
+                if pr["kind"] == "held-out":  # the prompt's own rendering right under the sample
+                    grid_rows.append(("ground truth of this prompt (never trained on)", held_out[p]))
+                grid_rows.append((ref_label, train[ref_index]))
                 media.frame_grid(os.path.join(d, f"{name}.png"), grid_rows)
                 rec.update(video=f"sample/{name}.mp4", grid=f"sample/{name}.png")
             samples.append(rec)
@@ -379,13 +400,11 @@ def stage_sample(config, stages: Stages, vae_record: dict, dit_record: dict, met
         if pr["kind"] == "held-out":
             media.write_mp4(os.path.join(d, f"truth_{p:02d}.mp4"), held_out[p], pr["fps"], scale=scale)
             media.write_mp4(os.path.join(d, f"truth_vae_{p:02d}.mp4"), recon_truth[p], pr["fps"], scale=scale)
+    held_meta = meta["held_out"]
+    vae_held = measure.reconstruction(held_out, recon_truth[:len(held_meta)], [h["colour"] for h in held_meta],
+                                      [h["direction"] for h in held_meta])
     return {"samples": samples, "checks": summarise(samples), "prompts": prompts,
-            "vae_psnr_held_out": _psnr(recon_truth, held_out)}
-
-
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float32) - b.astype(np.float32)) ** 2)
-    return float(10 * np.log10(255.0 ** 2 / max(mse, 1e-10)))
+            "vae_psnr_held_out": vae_held["psnr"], "vae_held_out": vae_held}
 
 
 def _reference_clip(prompt: dict, meta: dict) -> tuple[int, str]:
@@ -461,7 +480,8 @@ def run(config, workdir: str, redo=(), progress: bool = True) -> dict:
     summary = {"variant": config.variant, "workdir": os.path.abspath(workdir), "stages_run": list(timings),
                "stages_reused": reused, "seconds_by_stage": timings, "wall_seconds": time.time() - t_start,
                "data": data_rec, "vae": vae_rec, "encode": enc_rec, "dit": dit_rec,
-               "checks": sample_rec["checks"], "vae_psnr_held_out": sample_rec["vae_psnr_held_out"]}
+               "checks": sample_rec["checks"], "vae_psnr_held_out": sample_rec["vae_psnr_held_out"],
+               "vae_held_out": sample_rec.get("vae_held_out")}
     summary["report"] = report.write(workdir, config, summary, sample_rec)
     summary["wall_seconds"] = time.time() - t_start
     atomic_write_json(os.path.join(workdir, "summary.json"), summary)

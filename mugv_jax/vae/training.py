@@ -106,26 +106,61 @@ def load_clips(config, clips: Iterable[np.ndarray] | None) -> tuple[list[np.ndar
     return out, failures
 
 
-class CropSampler:
-    """Random (frames, H, W) crops from the training part of each clip; fixed held-out crops."""
+def first_frame_padded(clip: np.ndarray) -> np.ndarray:
+    """A clip of 8k+1 frames with 7 copies of frame 0 in front: what the encode pipeline feeds
+    the temporal encoder in chunked mode (the first-frame rule, mugv_jax/vae/plan.py). The 2D
+    encoder works per frame, so repeating pixels equals repeating features."""
+    if clip.shape[0] % TEMPORAL_GROUP != 1:
+        return clip
+    return np.concatenate([np.repeat(clip[:1], TEMPORAL_GROUP - 1, axis=0), clip])
 
-    def __init__(self, clips: list[np.ndarray], frames: int, size: tuple[int, int], holdout: float):
+
+def holdout_indices(num_clips: int, count: int) -> list[int]:
+    """`count` clip indices spread evenly over the list (the first and last included)."""
+    if count <= 0:
+        return []
+    if count >= num_clips:
+        raise ValueError(f"config.data.holdout_clips={count} leaves no training clip of {num_clips}")
+    return sorted({int(round(i)) for i in np.linspace(0, num_clips - 1, count)})
+
+
+class CropSampler:
+    """Random (frames, H, W) crops from the training clips; fixed held-out crops.
+
+    Held out: whole clips (`holdout_clips` of them, spread over the list; they never reach
+    training), else the last `holdout` fraction of every clip's frames. `first_frame=True` pads
+    8k+1-frame clips with the pipeline's first-frame rule first, so a 17-frame clip trains (and
+    evaluates) as the 24 frames, three latents, that encoding it produces.
+    """
+
+    def __init__(self, clips: list[np.ndarray], frames: int, size: tuple[int, int], holdout: float,
+                 holdout_clips: int = 0, first_frame: bool = False):
         h, w = size
         self.frames, self.size = frames, (h, w)
         self.train, self.held = [], []
+        held_out = set(holdout_indices(len(clips), holdout_clips))
         for i, c in enumerate(clips):
             t, ch, cw = c.shape[:3]
             if ch < h or cw < w:
                 raise ValueError(f"training clip {i} is {ch}×{cw} px, smaller than config.size={size}")
-            n_held = int(round(t * holdout))
-            if holdout > 0 and t - n_held >= frames and n_held >= frames:
+            if first_frame:
+                c = first_frame_padded(c)
+                t = c.shape[0]
+            if i in held_out:
+                if t >= frames:
+                    self.held.append(c)
+                continue
+            n_held = 0 if held_out else int(round(t * holdout))
+            if holdout > 0 and not held_out and t - n_held >= frames and n_held >= frames:
                 self.train.append(c[:t - n_held])
                 self.held.append(c[t - n_held:])
             elif t >= frames:
                 self.train.append(c)
         if not self.train:
             raise ValueError(f"no clip has {frames} frames for training (clip lengths "
-                             f"{[c.shape[0] for c in clips]})")
+                             f"{[c.shape[0] for c in clips]}{', first-frame padded' if first_frame else ''})")
+        if held_out and not self.held:
+            raise ValueError(f"no held-out clip has {frames} frames (config.data.holdout_clips={holdout_clips})")
 
     def batch(self, rng: np.random.Generator, batch_size: int) -> np.ndarray:
         out = []
@@ -200,6 +235,26 @@ def _optimizer(config, params) -> optax.GradientTransformation:
     return optax.multi_transform({"train": opt, "frozen": optax.set_to_zero()}, labels)
 
 
+def _init_logvar(model: VideoVAE, value: float | None) -> None:
+    """Start the posterior log-variance near `value` (None: leave the random init).
+
+    From a random init the posterior noise std is about 1 while the posterior means are about
+    0.1 (the 2D features are scaled by 0.18215): the decoder then sees mostly noise and learns the
+    mean frame, a soft blob without the object's colour. The KL weight is far too small to fix
+    that within a short run, so the log-variance half of `quant_conv` starts at `value` instead.
+    """
+    if value is None:
+        return
+    e = model.config.embed_dim
+    conv = model.temporal_vae.quant_conv.conv
+    w = np.array(conv.weight[...])
+    b = np.array(conv.bias[...])
+    w[e:] = 0.0
+    b[e:] = float(value)
+    conv.weight.set_value(jnp.asarray(w))
+    conv.bias.set_value(jnp.asarray(b))
+
+
 class Trainer:
     def __init__(self, config, vae_cfg: VAEConfig):
         self.config = config
@@ -209,6 +264,7 @@ class Trainer:
             model = load(init_from, vae_cfg)
         else:
             model = random_vae(vae_cfg, seed=config.seed)  # numpy init: no XLA compile
+            _init_logvar(model, config.get("init_logvar"))
         self.graphdef, params, self.rest = nnx.split(model, nnx.Param, ...)
         self.params = nnx.to_pure_dict(params)
         self.param_template = params
@@ -515,7 +571,8 @@ def train_vae(config, workdir: str, clips: Iterable[np.ndarray] | None = None, p
             return done
 
     data, failures = load_clips(config, clips)
-    sampler = CropSampler(data, config.frames, tuple(config.size), config.data.holdout_fraction)
+    sampler = CropSampler(data, config.frames, tuple(config.size), config.data.holdout_fraction,
+                          config.data.get("holdout_clips", 0), config.data.get("first_frame", False))
     eval_x = sampler.eval_set(config.data.eval_clips)
     if eval_x is None:
         log.warning("clips too short to hold out %s of their frames; evaluating on training crops",

@@ -3,8 +3,10 @@ import os
 import time
 
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
+import pytest
 
 import mugv_jax.vae as vae
 from mugv_jax.vae import losses
@@ -104,3 +106,68 @@ def test_tiny_vae_learns_real_frames(tmp_path):
     more = train_vae(c, str(tmp_path), progress=False)
     assert more["steps"] == 42 and more["psnr_before"] == r["psnr_before"]
     assert "42" in os.listdir(tmp_path / "checkpoints")
+
+
+def _numbered_clips(n, frames=17, size=8):
+    """Clip i is filled with the value i, so a crop tells which clip it came from."""
+    return [np.full((frames, size, size, 3), i, np.uint8) for i in range(n)]
+
+
+def test_whole_clip_holdout_never_reaches_training():
+    from mugv_jax.vae.training import CropSampler, holdout_indices
+    clips = _numbered_clips(10)
+    held = holdout_indices(10, 3)
+    assert held == [0, 4, 9]  # spread over the list, first and last included
+    s = CropSampler(clips, 8, (8, 8), holdout=0.2, holdout_clips=3)
+    assert len(s.train) == 7 and len(s.held) == 3
+    rng = np.random.default_rng(0)
+    seen = {int(round((v + 1) * 127.5)) for _ in range(50) for v in np.unique(s.batch(rng, 4))}
+    assert seen == set(range(10)) - set(held)
+    ev = s.eval_set(3)
+    assert sorted(int(round((v + 1) * 127.5)) for v in np.unique(ev)) == held
+    # Whole clips held out: no frame of a training clip is cut off for evaluation.
+    assert all(c.shape[0] == 17 for c in s.train)
+    with pytest.raises(ValueError, match="holdout_clips=10 leaves no training clip of 10"):
+        CropSampler(clips, 8, (8, 8), holdout=0.0, holdout_clips=10)
+
+
+def test_first_frame_padding_is_what_the_encode_pipeline_groups():
+    from mugv_jax.vae.plan import encode_calls
+    from mugv_jax.vae.training import CropSampler, first_frame_padded
+    clip = np.arange(17, dtype=np.uint8)[:, None, None, None] * np.ones((1, 8, 8, 3), np.uint8)
+    padded = first_frame_padded(clip)
+    slots = [s for call in encode_calls(17, 24) for group in call for s in group]
+    np.testing.assert_array_equal(padded[:, 0, 0, 0], slots)
+    assert first_frame_padded(clip[:16]).shape[0] == 16  # only 8k+1 frames get the rule
+    # A 17-frame clip then trains whole, as 24 frames (three latents).
+    s = CropSampler([clip] * 4, 24, (8, 8), holdout=0.0, holdout_clips=1, first_frame=True)
+    assert s.batch(np.random.default_rng(0), 2).shape == (2, 24, 8, 8, 3) and s.eval_set(1).shape[1] == 24
+
+
+def test_contrast_weight_puts_a_small_object_on_par_with_its_background():
+    x = -np.ones((1, 2, 16, 16, 3), np.float32)
+    x[:, :, 4:8, 4:8, 0] = 1.0  # a red 4×4 object: 1/16 of the pixels
+    w = np.asarray(losses.contrast(jnp.asarray(x)))
+    np.testing.assert_allclose(w.mean(axis=(2, 3)), 1.0, rtol=1e-3)
+    np.testing.assert_allclose(w[0, 0, 4:8, 4:8], 16.0, rtol=1e-3)
+    assert np.all(w[0, 0, :4] == 0)
+    # With contrast c the object's pixels carry c/(1+c) of the MSE (here: error on the object only).
+    y = x.copy()
+    y[:, :, 4:8, 4:8, 0] = 0.0
+    plain = losses.reconstruction(jnp.asarray(x), jnp.asarray(y), ml_collections.ConfigDict({"mse": 1.0, "l1": 0.0, "perceptual": 0.0}), 0.0)
+    weighted = losses.reconstruction(jnp.asarray(x), jnp.asarray(y),
+                                     ml_collections.ConfigDict(
+                                         {"mse": 1.0, "l1": 0.0, "perceptual": 0.0, "contrast": 1.0}), 0.0)
+    np.testing.assert_allclose(float(plain["mse"]), 1 / 16 / 3, rtol=1e-5)
+    np.testing.assert_allclose(float(weighted["mse"]), (1 / 16 + 1) / 2 / 3, rtol=1e-3)
+
+
+def test_init_logvar_starts_the_posterior_noise_small():
+    from mugv_jax.vae.training import _init_logvar
+    model = vae.random_vae("tiny", seed=0)
+    _init_logvar(model, -6.0)
+    conv = model.temporal_vae.quant_conv.conv
+    e = model.config.embed_dim
+    # quant_conv is 1×1×1: with its log-variance rows zeroed the posterior logvar is the bias.
+    assert np.all(np.asarray(conv.weight[...])[e:] == 0) and np.all(np.asarray(conv.bias[...])[e:] == -6.0)
+    assert np.any(np.asarray(conv.weight[...])[:e] != 0)
