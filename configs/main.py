@@ -51,7 +51,7 @@ def get_config(arg: str | None = None):
     c.vae.train = True
     # Overrides applied to configs/vae_tiny.py:get_config() (mugv_jax.vae.training.train_vae).
     # Why each differs from that config's defaults: docs/main_job.md, "Why the VAE lost colour".
-    c.vae.num_steps = 100 if quick else 375
+    c.vae.num_steps = 100 if quick else 1000
     c.vae.batch_size = 8
     # True: XLA backend optimisation off for the VAE (training, encoding, decoding). Compiles get
     # faster, but steps ran about 5x slower on the 2-core CPU, a loss even for the quick run.
