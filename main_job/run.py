@@ -152,7 +152,8 @@ def padded_frames(num_frames: int) -> int:
     front (the first-frame rule), so its latents decode to 8k+8 frames. Asked for only 8k+1,
     the release's windowing (mugv_jax/vae/plan.py) crops at the front of the *last* window,
     and a clip longer than one chunk comes back as [f0 ×7, f0..f8, f16] for 17 frames."""
-    return num_frames + 7 if num_frames % 8 == 1 else num_frames
+    from mugv_jax.vae.plan import first_frame_copies
+    return num_frames + first_frame_copies(num_frames)
 
 
 def decode_batched(jv, latents: np.ndarray, num_frames: int, batch: int, desc: str) -> np.ndarray:

@@ -13,6 +13,12 @@ from mugv.vae_config import TEMPORAL_GROUP as G
 ZERO = -1  # slot index of an all-zero padding frame
 
 
+def first_frame_copies(num_frames: int) -> int:
+    """Copies of frame 0 that chunked encoding prepends (the first-frame rule): G − 1 for a clip
+    of 8k+1 frames, else none. Decoding the latents of such a clip yields these copies in front."""
+    return G - 1 if num_frames % G == 1 else 0
+
+
 def encode_calls(num_frames: int, micro_frame_size: int | None) -> list[list[list[int]]]:
     """Per temporal-encode call, its 8-frame groups as pixel-frame indices (ZERO = zero frame).
 
@@ -26,8 +32,7 @@ def encode_calls(num_frames: int, micro_frame_size: int | None) -> list[list[lis
     if micro_frame_size is None:
         chunks = [frames]
     else:
-        if num_frames % G == 1:
-            frames = [0] * (G - 1) + frames
+        frames = [0] * first_frame_copies(num_frames) + frames
         chunks = [frames[i:i + micro_frame_size] for i in range(0, len(frames), micro_frame_size)]
     calls = []
     for chunk in chunks:

@@ -38,6 +38,7 @@ from mugv_jax.vae.checkpoint import export_release_state_dict, load
 from mugv_jax.vae.discriminator import PatchDiscriminator
 from mugv_jax.vae.init import random_vae
 from mugv_jax.vae.model import VideoVAE
+from mugv_jax.vae.plan import first_frame_copies
 from mugv_jax.vae.videos import list_videos, procedural_clips, read_videos, to_unit
 
 log = logging.getLogger(__name__)
@@ -110,9 +111,7 @@ def first_frame_padded(clip: np.ndarray) -> np.ndarray:
     """A clip of 8k+1 frames with 7 copies of frame 0 in front: what the encode pipeline feeds
     the temporal encoder in chunked mode (the first-frame rule, mugv_jax/vae/plan.py). The 2D
     encoder works per frame, so repeating pixels equals repeating features."""
-    if clip.shape[0] % TEMPORAL_GROUP != 1:
-        return clip
-    return np.concatenate([np.repeat(clip[:1], TEMPORAL_GROUP - 1, axis=0), clip])
+    return np.concatenate([np.repeat(clip[:1], first_frame_copies(clip.shape[0]), axis=0), clip])
 
 
 def holdout_indices(num_clips: int, count: int) -> list[int]:
