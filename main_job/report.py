@@ -156,13 +156,16 @@ def _glance(sample_rec: dict) -> str:
     shown sample, each captioned with what the pixel measure read off it."""
     prompts = sample_rec["prompts"]
     vae_held = sample_rec.get("vae_held_out") or {}
+    per_clip = vae_held.get("psnr_per_clip") or []
     rows = []
     for p, pr in enumerate(prompts):
         if pr["kind"] != "held-out":
             continue
+        # Held-out prompts come first, in the order of their ground truths.
+        through = "ground truth through the VAE" + (f": {per_clip[p]:.1f} dB" if p < len(per_clip) else "")
         cells = [f"<td><b>{html.escape(pr['caption'])}</b></td>",
                  f"<td>{_video(f'sample/truth_{p:02d}.mp4', 'ground truth')}</td>",
-                 f"<td>{_video(f'sample/truth_vae_{p:02d}.mp4', 'ground truth through the VAE')}</td>"]
+                 f"<td>{_video(f'sample/truth_vae_{p:02d}.mp4', through)}</td>"]
         for s in sample_rec["samples"]:
             if s["prompt"] != p or "video" not in s:
                 continue

@@ -54,10 +54,16 @@ def test_model_learned_the_motion_direction_of_held_out_prompts():
 def test_vae_keeps_held_out_clips_and_decodes_them_in_order():
     """The prompts' ground truths (never trained on) through the quick run's VAE. The earlier VAE
     (no first-frame crops, random posterior noise, frames decoded out of order) gave 16–17 dB."""
-    _, config, summary = quick_run()
+    workdir, config, summary = quick_run()
     held = summary["vae_held_out"]
     assert held["clips"] == 6 and held["psnr"] == summary["vae_psnr_held_out"]
     assert held["psnr"] >= config.check.vae_psnr_held_out, json.dumps(held)
+    # Pooled MSE is the mean of the clips' MSEs: the per-clip figures must pool back to it.
+    per_clip_mse = [10 ** (-p / 10) for p in held["psnr_per_clip"]]
+    assert len(per_clip_mse) == 6
+    assert abs(-10 * np.log10(np.mean(per_clip_mse)) - held["psnr"]) < 1e-3, json.dumps(held)
+    report = open(os.path.join(workdir, "report.html")).read()
+    assert f"ground truth through the VAE: {held['psnr_per_clip'][0]:.1f} dB" in report
 
 
 def test_every_stage_ran_and_left_its_outputs():
