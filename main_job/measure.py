@@ -84,9 +84,9 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 def reconstruction(truth: np.ndarray, recon: np.ndarray, colours: list[str], directions: list[str]) -> dict:
     """How well a VAE round trip keeps procedural clips ([N, T, H, W, 3] uint8 each): PSNR (pooled
-    and per clip), the RMS error per RGB channel on the object's pixels (where the truth differs from its median
-    colour by more than 60 in summed |RGB|) and on the rest, and the pixel measure's colour and
-    direction read off the reconstructions."""
+    and per clip), the RMS error per RGB channel on the object's pixels (where the truth differs
+    from its median colour by more than 60 in summed |RGB|) and on the rest, and the pixel
+    measure's colour and direction read off the reconstructions."""
     t = truth.astype(np.float32)
     err = recon.astype(np.float32) - t
     bg = np.median(t.reshape(len(t), -1, 3), axis=1)[:, None, None, None]

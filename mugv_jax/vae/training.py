@@ -111,7 +111,8 @@ def first_frame_padded(clip: np.ndarray) -> np.ndarray:
     """A clip of 8k+1 frames with 7 copies of frame 0 in front: what the encode pipeline feeds
     the temporal encoder in chunked mode (the first-frame rule, mugv_jax/vae/plan.py). The 2D
     encoder works per frame, so repeating pixels equals repeating features."""
-    return np.concatenate([np.repeat(clip[:1], first_frame_copies(clip.shape[0]), axis=0), clip])
+    copies = first_frame_copies(clip.shape[0])
+    return np.concatenate([np.repeat(clip[:1], copies, axis=0), clip]) if copies else clip
 
 
 def holdout_indices(num_clips: int, count: int) -> list[int]:
