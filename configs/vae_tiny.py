@@ -39,7 +39,8 @@ def vae_train_config() -> ml_collections.ConfigDict:
         mse=1.0, l1=1.0, perceptual=0.2, kl=1e-4,
         gan=0.0, gan_start_step=0,    # γ and when the discriminator starts (final stage only)
         saliency_start_step=-1,       # step from which ℓ1 is saliency-weighted (−1: never)
-        contrast=0.0))                # c: MSE and ℓ1 pixels weighted 1 + c·(distance from the frame's median colour)
+        contrast=0.0,                 # c: MSE and ℓ1 pixels weighted 1 + c·(distance from the frame's median colour)
+        contrast_dilate=0))           # … that distance max-pooled over this many pixels around each pixel
 
     c.log_every = 25
     c.eval_every = 100

@@ -53,8 +53,9 @@ def build(cfg, seed: int, out_dir: str) -> dict:
         if h[0] not in procedural.COLOURS or h[1] not in procedural.SHAPES or h[2] not in procedural.DIRECTIONS:
             raise ValueError(f"config.data.held_out: {h} is not a (colour, shape, direction) of mugv.data.procedural")
     train, truths = [], {}
+    ss = int(cfg.get("supersample", 1))
     for clip in tqdm(procedural.generate(int(cfg.procedural_count), seed=seed, num_frames=int(cfg.frames),
-                                         size=int(cfg.size), fps=float(cfg.fps)),
+                                         size=int(cfg.size), fps=float(cfg.fps), supersample=ss),
                      total=int(cfg.procedural_count), desc="procedural clips", unit="clip"):
         key = (clip.colour, clip.shape, clip.direction)
         if key in held:
@@ -68,7 +69,7 @@ def build(cfg, seed: int, out_dir: str) -> dict:
     index = int(cfg.procedural_count)
     while len(truths) < len(held):
         clip = procedural.make_clip(index, seed=seed, num_frames=int(cfg.frames), size=int(cfg.size),
-                                    fps=float(cfg.fps))
+                                    fps=float(cfg.fps), supersample=ss)
         key = (clip.colour, clip.shape, clip.direction)
         if key in held:
             truths.setdefault(key, clip)

@@ -162,6 +162,28 @@ def test_contrast_weight_puts_a_small_object_on_par_with_its_background():
     np.testing.assert_allclose(float(weighted["mse"]), (1 / 16 + 1) / 2 / 3, rtol=1e-3)
 
 
+def test_dilated_contrast_weighs_the_ring_around_the_object_like_the_object():
+    x = -np.ones((1, 1, 16, 16, 3), np.float32)
+    x[:, :, 4:8, 4:8, 0] = 1.0
+    w = np.asarray(losses.contrast(jnp.asarray(x), dilate=1))[0, 0]
+    np.testing.assert_allclose(w.mean(), 1.0, rtol=1e-3)
+    # The 6×6 block (object + one-pixel ring) shares the weight evenly; the rest gets none.
+    np.testing.assert_allclose(w[3:9, 3:9], 256 / 36, rtol=1e-3)
+    assert np.all(w[:3] == 0) and np.all(w[9:] == 0) and np.all(w[:, :3] == 0)
+    # A reconstruction that bleeds the object one pixel outwards now costs as much per pixel as
+    # one that loses object pixels; undilated, the bleed was 16 times cheaper.
+    bleed = x.copy()
+    bleed[:, :, 3, 3:9, 0] = 1.0
+    cfg = lambda d: ml_collections.ConfigDict({"mse": 1.0, "l1": 0.0, "perceptual": 0.0, "contrast": 1.0,  # noqa: E731
+                                               "contrast_dilate": d})
+    loss = lambda y, d: float(losses.reconstruction(jnp.asarray(x), jnp.asarray(y), cfg(d), 0.0)["mse"])  # noqa: E731
+    lose = x.copy()
+    lose[:, :, 4, 4:8, 0] = -1.0
+    lose[:, :, 5, 4:6, 0] = -1.0  # six object pixels lost, like the six ring pixels bled
+    assert loss(bleed, 0) < loss(lose, 0) / 8
+    np.testing.assert_allclose(loss(bleed, 1), loss(lose, 1), rtol=1e-5)
+
+
 def test_init_logvar_starts_the_posterior_noise_small():
     from mugv_jax.vae.training import _init_logvar
     model = vae.random_vae("tiny", seed=0)
