@@ -1,7 +1,7 @@
 """The main job (`python -m main_job`, `bash scripts/main.sh`): bundled data → small VAE →
 latent shards → small MUG-DiT → held-out text-to-video and image-to-video samples → HTML report.
 
-`--config=configs/main.py` is the full run (about 15 minutes on a 2-core CPU);
+`--config=configs/main.py` is the full run (about 13 minutes on a 2-core CPU);
 `configs/main.py:quick` is the shortened version the test suite runs end to end.
 See docs/main_job.md.
 """
@@ -38,7 +38,7 @@ def get_config(arg: str | None = None):
     c.data.size = 32
     # Shapes drawn with area coverage (4×4 samples per pixel): soft, anti-aliased edges instead of
     # point-sampled ones that jump by whole pixels as a shape moves. 1: the old hard edges.
-    # docs/main_job.md, "Anti-aliased shapes", has what it changed (VAE +2.3 dB held out). The
+    # docs/main_job.md, "Anti-aliased shapes", has what it changed (VAE +2.3 dB held out at 1000 steps). The
     # quick run keeps hard edges: its thresholds were measured with them, and one quick run with
     # anti-aliased shapes missed the t2v latent-direction check (54 % < 75 %).
     c.data.supersample = 1 if quick else 4
@@ -57,7 +57,7 @@ def get_config(arg: str | None = None):
     c.vae.train = True
     # Overrides applied to configs/vae_tiny.py:get_config() (mugv_jax.vae.training.train_vae).
     # Why each differs from that config's defaults: docs/main_job.md, "Why the VAE lost colour".
-    c.vae.num_steps = 100 if quick else 1000
+    c.vae.num_steps = 100 if quick else 1300
     c.vae.batch_size = 8
     # True: XLA backend optimisation off for the VAE (training, encoding, decoding). Compiles get
     # faster, but steps ran about 5x slower on the 2-core CPU, a loss even for the quick run.
