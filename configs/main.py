@@ -38,9 +38,9 @@ def get_config(arg: str | None = None):
     c.data.size = 32
     # Shapes drawn with area coverage (4×4 samples per pixel): soft, anti-aliased edges instead of
     # point-sampled ones that jump by whole pixels as a shape moves. 1: the old hard edges.
-    # docs/main_job.md, "Anti-aliased shapes", has what it changed (VAE +2.3 dB held out at 1000 steps). The
-    # quick run keeps hard edges: its thresholds were measured with them, and one quick run with
-    # anti-aliased shapes missed the t2v latent-direction check (54 % < 75 %).
+    # docs/main_job.md, "Anti-aliased shapes", has what it changed (VAE +2.3 dB held out at 1000
+    # steps). The quick run keeps hard edges: its thresholds were measured with them, and one
+    # quick run with anti-aliased shapes missed the t2v latent-direction check (54 % < 75 %).
     c.data.supersample = 1 if quick else 4
     c.data.fps = 8.0
     c.data.held_out = [list(h) for h in HELD_OUT]

@@ -112,15 +112,19 @@ def contrast(x: jax.Array, dilate: int = 0) -> jax.Array:
     """Per-pixel weight of the *target* [B, T, H, W, 3]: its ℓ1 distance from the frame's median
     colour, saturating at CONTRAST_SATURATION (so a dim green object weighs as much as a white
     one), normalised to mean 1 per frame; no gradient. High on whatever stands out from the
-    background."""
+    background. `dilate` = r > 0 max-pools that distance over the (2r+1)² pixels around each pixel
+    first, so a one-pixel ring around the object weighs as much as the object (r = 1)."""
+    if dilate < 0:
+        raise ValueError(f"loss.contrast_dilate must be >= 0 pixels, got {dilate}")
     x = jax.lax.stop_gradient(x)
     b, t, h, w, c = x.shape
     med = jnp.median(x.reshape(b, t, h * w, c), axis=2)[:, :, None, None]
     d = jnp.minimum(jnp.sum(jnp.abs(x - med), axis=-1) / CONTRAST_SATURATION, 1.0)
     if dilate:
         # The object's surround weighs as much as the object: weighting only the target's own
-        # object pixels lets a reconstruction bleed the object's colour one pixel outwards at
-        # 1/17 of the cost of losing an object pixel, and the VAE learns dilated blobs.
+        # object pixels lets a reconstruction bleed the object's colour one pixel outwards at a
+        # small fraction of the cost of losing an object pixel (1/17 for the main job's 8-px
+        # shapes), and the VAE learns dilated blobs.
         k = 2 * int(dilate) + 1
         d = jax.lax.reduce_window(d, -jnp.inf, jax.lax.max, (1, 1, k, k), (1, 1, 1, 1), "SAME")
     return d / (jnp.mean(d, axis=(2, 3), keepdims=True) + 1e-6)

@@ -174,14 +174,17 @@ def test_dilated_contrast_weighs_the_ring_around_the_object_like_the_object():
     # one that loses object pixels; undilated, the bleed was 16 times cheaper.
     bleed = x.copy()
     bleed[:, :, 3, 3:9, 0] = 1.0
-    cfg = lambda d: ml_collections.ConfigDict({"mse": 1.0, "l1": 0.0, "perceptual": 0.0, "contrast": 1.0,  # noqa: E731
-                                               "contrast_dilate": d})
-    loss = lambda y, d: float(losses.reconstruction(jnp.asarray(x), jnp.asarray(y), cfg(d), 0.0)["mse"])  # noqa: E731
+    def loss(y, dilate):
+        weights = ml_collections.ConfigDict({"mse": 1.0, "l1": 0.0, "perceptual": 0.0, "contrast": 1.0,
+                                             "contrast_dilate": dilate})
+        return float(losses.reconstruction(jnp.asarray(x), jnp.asarray(y), weights, 0.0)["mse"])
     lose = x.copy()
     lose[:, :, 4, 4:8, 0] = -1.0
     lose[:, :, 5, 4:6, 0] = -1.0  # six object pixels lost, like the six ring pixels bled
     assert loss(bleed, 0) < loss(lose, 0) / 8
     np.testing.assert_allclose(loss(bleed, 1), loss(lose, 1), rtol=1e-5)
+    with pytest.raises(ValueError, match="contrast_dilate"):
+        losses.contrast(jnp.asarray(x), dilate=-1)
 
 
 def test_init_logvar_starts_the_posterior_noise_small():
