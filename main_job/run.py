@@ -65,9 +65,12 @@ def _vae_train_config(config):
             if k not in node:
                 raise KeyError(f"configs/vae_tiny.py has no field {key!r} that the main job sets")
             node[k] = value
-        # The tiny preset's networks; only the pipeline's chunking differs (no weight changes).
+        # The tiny preset's networks with the main job's chunking and GroupNorm grouping (the
+        # weights' shapes are the tiny preset's).
         del vc["vae_preset"]
-        vc.vae_preset = {"preset": "tiny", "micro_frame_size": int(v.micro_frame_size)}
+        vc.vae_preset = {"preset": "tiny", "micro_frame_size": int(v.micro_frame_size),
+                         "norm_num_groups": int(v.norm_num_groups),
+                         "temporal_num_groups": int(v.temporal_num_groups)}
         if v.fast_compile:
             vc.compiler_options = dict(FAST_COMPILE)
     return vc

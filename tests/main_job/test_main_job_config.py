@@ -76,3 +76,14 @@ def test_main_configs_load_and_quick_is_shorter():
     assert quick.dit.data.source == "shards" and quick.dit.objective.i2v_prob > 0
     with pytest.raises(ValueError, match="configs/main.py: unknown argument 'fast'"):
         main_config.get_config("fast")
+
+
+def test_vae_grouping_reaches_the_trained_vae_config():
+    from main_job.run import _vae_train_config
+    from mugv_jax.vae.training import resolve_vae_config
+    full, quick = main_config.get_config(None), main_config.get_config("quick")
+    got = resolve_vae_config(_vae_train_config(full))
+    assert (got.norm_num_groups, got.temporal_num_groups) == (1, 1)
+    assert got.block_out_channels == (8, 16, 32, 32) and got.micro_frame_size == 8  # tiny's widths
+    q = resolve_vae_config(_vae_train_config(quick))
+    assert (q.norm_num_groups, q.temporal_num_groups) == (4, 4)

@@ -196,3 +196,20 @@ def test_init_logvar_starts_the_posterior_noise_small():
     # quant_conv is 1×1×1: with its log-variance rows zeroed the posterior logvar is the bias.
     assert np.all(np.asarray(conv.weight[...])[e:] == 0) and np.all(np.asarray(conv.bias[...])[e:] == -6.0)
     assert np.any(np.asarray(conv.weight[...])[:e] != 0)
+
+
+def test_groupnorm_with_two_channels_per_group_erases_a_flat_colour():
+    """Why the main job's VAE normalises over all channels (configs/main.py, norm_num_groups=1):
+    with 2 channels per group (the tiny preset's 8-wide layers, 4 groups) a flat frame normalises
+    to a ±1 pattern, so two different background colours become the same features."""
+    from mugv_jax.vae.layers import GroupNorm
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=8).astype(np.float32), rng.normal(size=8).astype(np.float32)
+    flat = jnp.asarray(np.stack([np.broadcast_to(a, (4, 4, 8)), np.broadcast_to(b, (4, 4, 8))]))
+    four = np.asarray(GroupNorm(4, 8, 1e-6, dtype=jnp.float32)(flat))
+    np.testing.assert_allclose(np.abs(four), 1.0, atol=1e-3)
+    one = np.asarray(GroupNorm(1, 8, 1e-6, dtype=jnp.float32)(flat))
+    # Over all 8 channels only the mean and scale go: the two colours stay apart.
+    assert np.abs(one[0] - one[1]).max() > 0.5
+    np.testing.assert_allclose(one[0, 0, 0], (a - a.mean()) / a.std(), atol=1e-3)
+
