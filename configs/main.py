@@ -57,7 +57,7 @@ def get_config(arg: str | None = None):
     c.vae.train = True
     # Overrides applied to configs/vae_tiny.py:get_config() (mugv_jax.vae.training.train_vae).
     # Why each differs from that config's defaults: docs/main_job.md, "Why the VAE lost colour".
-    c.vae.num_steps = 100 if quick else 1800
+    c.vae.num_steps = 100 if quick else 1600
     c.vae.batch_size = 8
     # True: XLA backend optimisation off for the VAE (training, encoding, decoding). Compiles get
     # faster, but steps ran about 5x slower on the 2-core CPU, a loss even for the quick run.
@@ -82,7 +82,7 @@ def get_config(arg: str | None = None):
     c.vae.contrast = 1.0        # the object's few pixels carry half the pixel loss
     c.vae.holdout_clips = 16    # whole training clips the VAE never sees: its own eval set
     c.vae.log_every = 10 if quick else 25
-    c.vae.checkpoint_every = 50 if quick else 200
+    c.vae.checkpoint_every = 50 if quick else 400
 
     c.dit = base_config()
     d = c.dit
