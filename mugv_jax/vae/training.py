@@ -139,6 +139,7 @@ class CropSampler:
         self.frames, self.size = frames, (h, w)
         self.train, self.held = [], []
         held_out = set(holdout_indices(len(clips), holdout_clips))
+        self.whole_clips_held = bool(held_out)
         for i, c in enumerate(clips):
             t, ch, cw = c.shape[:3]
             if ch < h or cw < w:
@@ -174,9 +175,20 @@ class CropSampler:
         return to_unit(np.stack(out))
 
     def eval_set(self, count: int) -> np.ndarray | None:
-        """Centre crops of the held-out frames, `count` clips (cycling through the held parts)."""
+        """Centre crops of the held-out frames. Whole clips held out: every `frames`-long window of
+        the first `count` held clips, in steps of `frames` from the start (with the first-frame
+        rule the first window is [f0 ×8], a still image: one window per clip would measure only
+        those). Otherwise `count` windows, cycling through the held parts."""
         if not self.held:
             return None
+        if self.whole_clips_held:
+            out = []
+            for c in self.held[:count]:
+                y0 = (c.shape[1] - self.size[0]) // 2
+                x0 = (c.shape[2] - self.size[1]) // 2
+                for t0 in range(0, c.shape[0] - self.frames + 1, self.frames):
+                    out.append(c[t0:t0 + self.frames, y0:y0 + self.size[0], x0:x0 + self.size[1]])
+            return to_unit(np.stack(out))
         out = []
         for i in range(count):
             c = self.held[i % len(self.held)]

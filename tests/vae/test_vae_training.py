@@ -124,6 +124,7 @@ def test_whole_clip_holdout_never_reaches_training():
     seen = {int(round((v + 1) * 127.5)) for _ in range(50) for v in np.unique(s.batch(rng, 4))}
     assert seen == set(range(10)) - set(held)
     ev = s.eval_set(3)
+    assert ev.shape[0] == 6  # two 8-frame windows of each 17-frame held-out clip
     assert sorted(int(round((v + 1) * 127.5)) for v in np.unique(ev)) == held
     # Whole clips held out: no frame of a training clip is cut off for evaluation.
     assert all(c.shape[0] == 17 for c in s.train)
@@ -142,6 +143,10 @@ def test_first_frame_padding_is_what_the_encode_pipeline_groups():
     # A 17-frame clip then trains whole, as 24 frames (three latents).
     s = CropSampler([clip] * 4, 24, (8, 8), holdout=0.0, holdout_clips=1, first_frame=True)
     assert s.batch(np.random.default_rng(0), 2).shape == (2, 24, 8, 8, 3) and s.eval_set(1).shape[1] == 24
+    # 8-frame evaluation windows: every group of a held-out clip, not only the still [f0 ×8].
+    ev = CropSampler([clip] * 4, 8, (8, 8), holdout=0.0, holdout_clips=1, first_frame=True).eval_set(1)
+    assert ev.shape == (3, 8, 8, 8, 3)
+    np.testing.assert_array_equal(np.round((ev[:, :, 0, 0, 0] + 1) * 127.5), padded[:, 0, 0, 0].reshape(3, 8))
 
 
 def test_contrast_weight_puts_a_small_object_on_par_with_its_background():
@@ -213,3 +218,4 @@ def test_groupnorm_with_two_channels_per_group_erases_a_flat_colour():
     # Over all 8 channels only the mean and scale go: the two colours stay apart.
     assert np.abs(one[0] - one[1]).max() > 0.5
     np.testing.assert_allclose(one[0, 0, 0], (a - a.mean()) / a.std(), atol=1e-3)
+
