@@ -182,17 +182,15 @@ class CropSampler:
         if not self.held:
             return None
         if self.whole_clips_held:
-            out = []
-            for c in self.held[:count]:
-                y0 = (c.shape[1] - self.size[0]) // 2
-                x0 = (c.shape[2] - self.size[1]) // 2
-                for t0 in range(0, c.shape[0] - self.frames + 1, self.frames):
-                    out.append(c[t0:t0 + self.frames, y0:y0 + self.size[0], x0:x0 + self.size[1]])
-            return to_unit(np.stack(out))
+            windows = [(c, t0) for c in self.held[:count]
+                       for t0 in range(0, c.shape[0] - self.frames + 1, self.frames)]
+        else:
+            windows = []
+            for i in range(count):
+                c = self.held[i % len(self.held)]
+                windows.append((c, (i // len(self.held)) * self.frames % (c.shape[0] - self.frames + 1)))
         out = []
-        for i in range(count):
-            c = self.held[i % len(self.held)]
-            t0 = (i // len(self.held)) * self.frames % (c.shape[0] - self.frames + 1)
+        for c, t0 in windows:
             y0 = (c.shape[1] - self.size[0]) // 2
             x0 = (c.shape[2] - self.size[1]) // 2
             out.append(c[t0:t0 + self.frames, y0:y0 + self.size[0], x0:x0 + self.size[1]])

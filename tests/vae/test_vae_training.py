@@ -218,4 +218,3 @@ def test_groupnorm_with_two_channels_per_group_erases_a_flat_colour():
     # Over all 8 channels only the mean and scale go: the two colours stay apart.
     assert np.abs(one[0] - one[1]).max() > 0.5
     np.testing.assert_allclose(one[0, 0, 0], (a - a.mean()) / a.std(), atol=1e-3)
-
