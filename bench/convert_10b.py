@@ -23,6 +23,7 @@ every result is verified against the copy it was made from and that copy is dele
 next write, so the chain .pt = jax = .safetensors = torch_dist = .safetensors is bit-exact
 link by link, and therefore end to end.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -95,10 +96,12 @@ class _AnonPeak:
 
 def write_synthetic(path: str, preset: str, dtype: str) -> int:
     import numpy as np
+
+    from mugv.config import get_config
     from mugv.io import torchzip
     from mugv.io.base import DTYPE_NAMES, Entry
     from mugv.schema import release_schema
-    from mugv.config import get_config
+
     config = get_config(preset)
     np_dtype = DTYPE_NAMES[dtype]
     schema = release_schema(config)
@@ -121,6 +124,7 @@ def write_synthetic(path: str, preset: str, dtype: str) -> int:
 def run_step(step: str, args) -> dict:
     """One step in this process; returns its measurements."""
     from converters.convert import convert, verify
+
     d = args.workdir
     peak = _AnonPeak()
     t0 = time.perf_counter()
@@ -195,8 +199,11 @@ def main() -> int:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--workdir", default=None, help="default: a new temporary directory")
     p.add_argument("--workers", type=int, default=None, help="converter threads (default: the converters' own)")
-    p.add_argument("--low-disk", action="store_true",
-                   help="verify link by link, deleting each source once its successor is verified")
+    p.add_argument(
+        "--low-disk",
+        action="store_true",
+        help="verify link by link, deleting each source once its successor is verified",
+    )
     p.add_argument("--step", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.step:
@@ -205,6 +212,7 @@ def main() -> int:
 
     from converters.convert import human_bytes
     from converters.pipeline import default_workers
+
     made_workdir = args.workdir is None
     args.workdir = args.workdir or tempfile.mkdtemp(prefix="mugv-convert-bench-")
     os.makedirs(args.workdir, exist_ok=True)
@@ -215,34 +223,61 @@ def main() -> int:
             ("copy release .pt", "copy:C1|@D/dit.pt", None, None),
             ("release .pt → jax", "convert:|release:@D/dit.pt|jax:@D/jax", "@D/jax", "C1"),
             ("verify release .pt = jax", "verify:|@D/dit.pt|@D/jax", None, None),
-            ("jax → release .safetensors", "convert:|jax:@D/jax|release:@D/from_jax.safetensors",
-             "@D/from_jax.safetensors", "C2"),
+            (
+                "jax → release .safetensors",
+                "convert:|jax:@D/jax|release:@D/from_jax.safetensors",
+                "@D/from_jax.safetensors",
+                "C2",
+            ),
             ("verify jax = release .safetensors", "verify:|@D/jax|@D/from_jax.safetensors", None, None),
             ("copy release .safetensors", "copy:C2|@D/from_jax.safetensors", None, None),
-            ("release .safetensors → megatron torch_dist",
-             "convert:|release:@D/from_jax.safetensors|megatron:@D/torch_dist", "@D/torch_dist", "C2"),
-            ("verify release .safetensors = torch_dist", "verify:|@D/from_jax.safetensors|@D/torch_dist",
-             None, None),
-            ("torch_dist → release .safetensors", "convert:|megatron:@D/torch_dist|release:@D/from_td.safetensors",
-             "@D/from_td.safetensors", "C3"),
-            ("verify torch_dist = release .safetensors", "verify:|@D/torch_dist|@D/from_td.safetensors",
-             None, None),
+            (
+                "release .safetensors → megatron torch_dist",
+                "convert:|release:@D/from_jax.safetensors|megatron:@D/torch_dist",
+                "@D/torch_dist",
+                "C2",
+            ),
+            ("verify release .safetensors = torch_dist", "verify:|@D/from_jax.safetensors|@D/torch_dist", None, None),
+            (
+                "torch_dist → release .safetensors",
+                "convert:|megatron:@D/torch_dist|release:@D/from_td.safetensors",
+                "@D/from_td.safetensors",
+                "C3",
+            ),
+            ("verify torch_dist = release .safetensors", "verify:|@D/torch_dist|@D/from_td.safetensors", None, None),
             ("copy release .safetensors (end)", "copy:C3|@D/from_td.safetensors", None, None),
         ]
-        cleanup = {3: ["@D/dit.pt"], 5: ["@D/jax"], 8: ["@D/from_jax.safetensors"],
-                   10: ["@D/torch_dist"], 11: ["@D/from_td.safetensors"]}
+        cleanup = {
+            3: ["@D/dit.pt"],
+            5: ["@D/jax"],
+            8: ["@D/from_jax.safetensors"],
+            10: ["@D/torch_dist"],
+            11: ["@D/from_td.safetensors"],
+        }
     else:
         steps = [
             ("write synthetic release .pt", "write", None, None),
             ("copy release .pt", "copy:C1|@D/dit.pt", None, None),
             ("release .pt → jax", "convert:|release:@D/dit.pt|jax:@D/jax", "@D/jax", "C1"),
-            ("jax → release .safetensors", "convert:|jax:@D/jax|release:@D/from_jax.safetensors",
-             "@D/from_jax.safetensors", "C1"),
+            (
+                "jax → release .safetensors",
+                "convert:|jax:@D/jax|release:@D/from_jax.safetensors",
+                "@D/from_jax.safetensors",
+                "C1",
+            ),
             ("verify release .pt = from jax", "verify:|@D/dit.pt|@D/from_jax.safetensors", None, None),
-            ("release .pt → megatron torch_dist", "convert:|release:@D/dit.pt|megatron:@D/torch_dist",
-             "@D/torch_dist", "C1"),
-            ("torch_dist → release .safetensors", "convert:|megatron:@D/torch_dist|release:@D/from_td.safetensors",
-             "@D/from_td.safetensors", "C1"),
+            (
+                "release .pt → megatron torch_dist",
+                "convert:|release:@D/dit.pt|megatron:@D/torch_dist",
+                "@D/torch_dist",
+                "C1",
+            ),
+            (
+                "torch_dist → release .safetensors",
+                "convert:|megatron:@D/torch_dist|release:@D/from_td.safetensors",
+                "@D/from_td.safetensors",
+                "C1",
+            ),
             ("verify release .pt = from torch_dist", "verify:|@D/dit.pt|@D/from_td.safetensors", None, None),
         ]
         cleanup = {4: ["@D/jax", "@D/from_jax.safetensors"], 7: ["@D/torch_dist", "@D/from_td.safetensors"]}
@@ -255,13 +290,23 @@ def main() -> int:
         for i, (label, step, output, baseline) in enumerate(steps):
             load_before = _load()
             if step.startswith("copy:"):
-                name, path = step[len("copy:"):].split("|")
+                name, path = step[len("copy:") :].split("|")
                 r = copy_baseline(path.replace("@D", args.workdir), args.workdir)
                 copies[name] = r["bytes"] / r["seconds"]
                 rows.append(dict(label=label, r=r, size=None, baseline=None, load=(load_before, _load())))
             else:
-                cmd = [sys.executable, os.path.abspath(__file__), "--preset", args.preset, "--dtype", args.dtype,
-                       "--workdir", args.workdir, "--step", step]
+                cmd = [
+                    sys.executable,
+                    os.path.abspath(__file__),
+                    "--preset",
+                    args.preset,
+                    "--dtype",
+                    args.dtype,
+                    "--workdir",
+                    args.workdir,
+                    "--step",
+                    step,
+                ]
                 if args.workers:
                     cmd += ["--workers", str(args.workers)]
                 proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
@@ -269,7 +314,7 @@ def main() -> int:
                 if proc.returncode or not lines:
                     sys.stderr.write(proc.stderr[-5000:])
                     raise SystemExit(f"step {label!r} failed (exit {proc.returncode})")
-                r = json.loads(lines[-1][len("RESULT "):])
+                r = json.loads(lines[-1][len("RESULT ") :])
                 size = _du(output.replace("@D", args.workdir)) if output else None
                 rows.append(dict(label=label, r=r, size=size, baseline=baseline, load=(load_before, _load())))
             print(_row(rows[-1], copies, human_bytes), flush=True)
@@ -280,13 +325,16 @@ def main() -> int:
         if made_workdir:
             shutil.rmtree(args.workdir, ignore_errors=True)
         else:
-            for name in ("dit.pt", "jax", "from_jax.safetensors", "torch_dist", "from_td.safetensors",
-                         "copy-baseline"):
+            for name in ("dit.pt", "jax", "from_jax.safetensors", "torch_dist", "from_td.safetensors", "copy-baseline"):
                 path = os.path.join(args.workdir, name)
                 shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else (
-                    os.unlink(path) if os.path.exists(path) else None)
+                    os.unlink(path) if os.path.exists(path) else None
+                )
     print(f"\nmachine: {machine()}")
-    print("\n| step | time | CPU time | throughput | vs copy | peak anon (process tree) | maxrss | output on disk | load before/after |")
+    print(
+        "\n| step | time | CPU time | throughput | vs copy | peak anon (process tree) | maxrss | output on disk "
+        "| load before/after |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     print("\n".join(_row(row, copies, human_bytes) for row in rows))
     return 0
@@ -303,8 +351,10 @@ def _row(row: dict, copies: dict, human_bytes) -> str:
     rss = human_bytes(r["maxrss_kib"] * 1024) if "maxrss_kib" in r else ""
     size = human_bytes(row["size"]) if row["size"] else ""
     cpu = f"{r['cpu_seconds']:.1f} s" if "cpu_seconds" in r else ""
-    return (f"| {row['label']} | {r['seconds']:.1f} s | {cpu} | {f'{rate / 1e6:.0f} MB/s' if rate else ''} | {ratio} | "
-            f"{anon} | {rss} | {size} | {row['load'][0]} → {row['load'][1]} |")
+    return (
+        f"| {row['label']} | {r['seconds']:.1f} s | {cpu} | {f'{rate / 1e6:.0f} MB/s' if rate else ''} | {ratio} | "
+        f"{anon} | {rss} | {size} | {row['load'][0]} → {row['load'][1]} |"
+    )
 
 
 if __name__ == "__main__":

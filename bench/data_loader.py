@@ -6,6 +6,7 @@
 `--synthetic=N` first writes N random examples (one bucket) to a temporary directory, with bf16
 latents (the default storage) or float32 ones.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,13 +28,28 @@ def _synthetic(n: int, latent: tuple[int, int, int], text_dim: int, text_len: in
     def examples():
         for i in range(n):
             k = int(rng.integers(1, text_len + 1))
-            yield {"sample_id": f"s{i:07d}", "source_id": "bench", "caption": "", "bucket_id": 0,
-                   "latents": rng.standard_normal((24, *latent)).astype(np.float32),
-                   "text": rng.standard_normal((k, text_dim)).astype(np.float32), "text_len": k,
-                   "fps": 24.0, "num_frames": 8 * latent[0], "height": 8 * latent[1], "width": 8 * latent[2]}
+            yield {
+                "sample_id": f"s{i:07d}",
+                "source_id": "bench",
+                "caption": "",
+                "bucket_id": 0,
+                "latents": rng.standard_normal((24, *latent)).astype(np.float32),
+                "text": rng.standard_normal((k, text_dim)).astype(np.float32),
+                "text_len": k,
+                "fps": 24.0,
+                "num_frames": 8 * latent[0],
+                "height": 8 * latent[1],
+                "width": 8 * latent[2],
+            }
 
-    return shards.write_shards(examples, tempfile.mkdtemp(prefix="mugv-bench-"), buckets=[latent],
-                               latent_channels=24, text_dim=text_dim, latent_dtype=latent_dtype)
+    return shards.write_shards(
+        examples,
+        tempfile.mkdtemp(prefix="mugv-bench-"),
+        buckets=[latent],
+        latent_channels=24,
+        text_dim=text_dim,
+        latent_dtype=latent_dtype,
+    )
 
 
 def main() -> None:
@@ -54,7 +70,9 @@ def main() -> None:
     a = p.parse_args()
     from mugv.data.loader import ShardLoader
 
-    data = a.data or _synthetic(a.synthetic, tuple(int(v) for v in a.latent.split(",")), a.text_dim, a.text_len, a.latent_dtype)
+    data = a.data or _synthetic(
+        a.synthetic, tuple(int(v) for v in a.latent.split(",")), a.text_dim, a.text_len, a.latent_dtype
+    )
     loader = ShardLoader(data, a.batch_size, text_len=a.text_len, num_workers=a.workers)
     for _ in range(a.warmup):
         next(loader)
@@ -64,8 +82,11 @@ def main() -> None:
         n += b["latents"].shape[0]
         nbytes += sum(v.nbytes for v in b.values())
     dt = time.perf_counter() - t
-    print(f"{data}: {a.latent_dtype if not a.data else 'as stored'} workers={a.workers} batch={a.batch_size} {a.steps} batches in {dt:.2f}s: "
-          f"{n / dt:.1f} examples/s, {nbytes / dt / 2**20:.1f} MB/s, skipped={loader.skipped}")
+    print(
+        f"{data}: {a.latent_dtype if not a.data else 'as stored'} workers={a.workers} batch={a.batch_size} "
+        f"{a.steps} batches in {dt:.2f}s: "
+        f"{n / dt:.1f} examples/s, {nbytes / dt / 2**20:.1f} MB/s, skipped={loader.skipped}"
+    )
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ cannot fit. The full log and a JSON of every row go to --out (default $OUT when 
 arguments traced through JAX's checks, the XLA memory estimate), and tiny-width versions of every
 part (cuDNN parts are lowered for CUDA instead of run).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,6 +38,7 @@ import subprocess
 import sys
 import time
 import traceback
+
 from mugv.training import ObjectiveConfig, OptimConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,11 +47,17 @@ sys.path.insert(0, ROOT)
 PARTS = ("jax_golden", "megatron_golden", "jax_step_xla", "jax_step_cudnn", "megatron_step", "megatron_distopt")
 # Seconds each part may take on the GPU before it is stopped: 8 min at the very most, ~4-5 min
 # expected (imports and JAX compiles dominate the golden parts; the cuDNN step compiles for ~1 min).
-TIMEOUTS = {"jax_golden": 150, "megatron_golden": 60, "jax_step_xla": 60, "jax_step_cudnn": 180,
-            "megatron_step": 100, "megatron_distopt": 200}
-LATENT_720P = (14, 90, 160)         # 105 frames at 1280×720 (mugv.geometry: 50,400 + 2 tokens)
-TEXT_TOKENS = 300                   # configs/mugv_10b.py data.text_len
-VALID_TEXT = 120                    # a caption with padding: the mask path is exercised
+TIMEOUTS = {
+    "jax_golden": 150,
+    "megatron_golden": 60,
+    "jax_step_xla": 60,
+    "jax_step_cudnn": 180,
+    "megatron_step": 100,
+    "megatron_distopt": 200,
+}
+LATENT_720P = (14, 90, 160)  # 105 frames at 1280×720 (mugv.geometry: 50,400 + 2 tokens)
+TEXT_TOKENS = 300  # configs/mugv_10b.py data.text_len
+VALID_TEXT = 120  # a caption with padding: the mask path is exercised
 # Golden tolerances (tests/jax/test_dit_golden.py): float32 absolute, bfloat16 relative L2.
 GOLDEN_ATOL, BF16_REL_L2 = 1e-4, 1e-2
 # A cuDNN version for the lowering-only dry run, where no cuDNN is loaded.
@@ -62,8 +70,10 @@ def log(*args):
 
 # --- shared helpers ------------------------------------------------------------------------------
 
+
 def _step_config(dry: bool, layers: int):
     from mugv.config import DiTConfig
+
     if dry:
         return DiTConfig(depth=2, hidden_size=144, num_heads=2, text_dim=64, max_text_tokens=16)
     return DiTConfig(depth=layers, hidden_size=3456, num_heads=48)
@@ -76,17 +86,20 @@ def _step_geometry(dry: bool):
 
 def _flops(cfg, latent, text):
     from mugv import flops, geometry
+
     return flops.step_flops(cfg, 1, geometry.num_video_tokens(latent, cfg), text).train
 
 
 def _rel_l2(a, b):
     import numpy as np
+
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def _max_abs(a, b):
     import numpy as np
+
     return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
 
 
@@ -94,19 +107,29 @@ def _max_abs(a, b):
 def _pretend_cuda():
     """Lower for CUDA on a CPU: JAX reports the gpu backend and cuDNN's version probe answers."""
     import unittest.mock as mock
+
     import jax
     from jax._src.cudnn import fused_attention_stablehlo as fa
-    with mock.patch.object(jax, "default_backend", lambda: "gpu"), \
-            mock.patch.object(fa, "check_cudnn_version", lambda: DRY_CUDNN_VERSION):
+
+    with (
+        mock.patch.object(jax, "default_backend", lambda: "gpu"),
+        mock.patch.object(fa, "check_cudnn_version", lambda: DRY_CUDNN_VERSION),
+    ):
         yield
 
 
 def _cudnn_kernels_in(fn, *args):
     """cuDNN custom-call targets of fn (jitted) lowered for CUDA, and their mask types."""
     import re
+
     import jax
-    names = ("__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward", "__cudnn$fmhaScaleBiasSoftmax",
-             "__cudnn$fmhaScaleBiasSoftmaxBackward")
+
+    names = (
+        "__cudnn$fmhaSoftmax",
+        "__cudnn$fmhaSoftmaxBackward",
+        "__cudnn$fmhaScaleBiasSoftmax",
+        "__cudnn$fmhaScaleBiasSoftmaxBackward",
+    )
     checks = [jax.export.DisabledSafetyCheck.custom_call(n) for n in names]
     with _pretend_cuda():
         text = jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=checks)(*args).mlir_module()
@@ -124,30 +147,36 @@ def _padding_kernels_only(targets, masks, backward):
 
 def _jax_peak_bytes():
     import jax
+
     stats = jax.local_devices()[0].memory_stats() or {}
     return stats.get("peak_bytes_in_use"), stats.get("bytes_limit")
 
 
 def _device_name_jax():
     import jax
+
     d = jax.local_devices()[0]
     return f"{d.platform}:{d.device_kind}"
 
 
 # --- parts ---------------------------------------------------------------------------------------
 
+
 def part_jax_golden(args):
     import jax.numpy as jnp
+
     import mugv_jax.dit as dit
     from tests.helpers import DIT_WEIGHTS, case_inputs, dit_vectors
+
     rows, ok = [], True
     outs = {}
     variants = [("xla", "float32"), ("xla", "bfloat16")]
     if not args.dry_run:
         variants.append(("cudnn", "bfloat16"))
     for attention, dtype in variants:
-        model = dit.load(DIT_WEIGHTS, "tiny", options=dit.RuntimeOptions(
-            attention=attention, compute_dtype=getattr(jnp, dtype)))
+        model = dit.load(
+            DIT_WEIGHTS, "tiny", options=dit.RuntimeOptions(attention=attention, compute_dtype=getattr(jnp, dtype))
+        )
         for case in ("t2v", "i2v"):
             args_, kwargs = case_inputs(case)
             out = model(*args_, **kwargs)
@@ -160,13 +189,14 @@ def part_jax_golden(args):
             extra = ""
             if attention == "cudnn":
                 extra = f", vs xla bf16 rel-L2 {_rel_l2(out, outs[('xla', 'bfloat16', case)]):.2e}"
-            rows.append(f"{attention}/{dtype}/{case}: {'max-abs' if dtype == 'float32' else 'rel-L2'} "
-                        f"{err:.2e} (bound {bound:g}){extra}")
+            rows.append(
+                f"{attention}/{dtype}/{case}: {'max-abs' if dtype == 'float32' else 'rel-L2'} "
+                f"{err:.2e} (bound {bound:g}){extra}"
+            )
             log("  " + rows[-1] + ("" if good else "  <-- FAIL"))
     if args.dry_run:
         # cuDNN cannot run here: lower its forward for CUDA and check the kernels it asks for.
-        model = dit.load(DIT_WEIGHTS, "tiny", options=dit.RuntimeOptions(
-            attention="cudnn", compute_dtype=jnp.bfloat16))
+        model = dit.load(DIT_WEIGHTS, "tiny", options=dit.RuntimeOptions(attention="cudnn", compute_dtype=jnp.bfloat16))
         args_, kwargs = case_inputs("t2v")
         targets, masks = _cudnn_kernels_in(lambda *a: model(*a, **kwargs), *args_)
         good = _padding_kernels_only(targets, masks, backward=False)
@@ -178,16 +208,17 @@ def part_jax_golden(args):
 
 def _megatron_golden_model(spec_name, dtype):
     import torch
+
     from mugv.config import get_config
     from mugv_megatron.model import build as dit
     from mugv_megatron.model.dit import MUGDiT
     from mugv_megatron.model.spec import get_layer_spec
     from mugv_megatron.model.transformer_config import make_transformer_config
     from tests.helpers import DIT_WEIGHTS
+
     config = get_config("tiny")
     tc = make_transformer_config(config, params_dtype=dtype, perform_initialization=False)
-    spec = (get_layer_spec(use_te=True) if spec_name == "te"
-            else get_layer_spec(use_te=False, local_attention=spec_name))
+    spec = get_layer_spec(use_te=True) if spec_name == "te" else get_layer_spec(use_te=False, local_attention=spec_name)
     model = MUGDiT(config, tc, spec)
     if torch.cuda.is_available():
         model = model.cuda()
@@ -197,6 +228,7 @@ def _megatron_golden_model(spec_name, dtype):
 
 def _megatron_setup():
     from mugv_megatron.parallel import state as parallel
+
     if not parallel.is_initialized():
         parallel.setup(1)
 
@@ -204,6 +236,7 @@ def _megatron_setup():
 def _te_status():
     """(available, reason) for the Transformer Engine spec."""
     import torch
+
     if not torch.cuda.is_available():
         return False, "no CUDA device (Transformer Engine runs on NVIDIA GPUs only)"
     try:
@@ -216,7 +249,9 @@ def _te_status():
 
 def part_megatron_golden(args):
     import torch
+
     from tests.helpers import case_inputs, dit_vectors
+
     _megatron_setup()
     # float32 parity means float32 matmuls: no TF32 (~1e-3 relative) on the GPU's tensor cores.
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -235,16 +270,19 @@ def part_megatron_golden(args):
         for case in ("t2v", "i2v"):
             args_, kwargs = case_inputs(case)
             with torch.no_grad():
-                out = model(*(torch.as_tensor(a) for a in args_),
-                            **{k: torch.as_tensor(v) for k, v in kwargs.items()}).cpu()
+                out = model(
+                    *(torch.as_tensor(a) for a in args_), **{k: torch.as_tensor(v) for k, v in kwargs.items()}
+                ).cpu()
             want = dit_vectors()[f"{case}.out"]
             f32 = dtype == torch.float32
             err = _max_abs(out, want) if f32 else _rel_l2(out, want)
             bound = GOLDEN_ATOL if f32 else BF16_REL_L2
             good = err <= bound
             ok &= good
-            rows.append(f"{spec_name}/{str(dtype).split('.')[-1]}/{case}: "
-                        f"{'max-abs' if f32 else 'rel-L2'} {err:.2e} (bound {bound:g})")
+            rows.append(
+                f"{spec_name}/{str(dtype).split('.')[-1]}/{case}: "
+                f"{'max-abs' if f32 else 'rel-L2'} {err:.2e} (bound {bound:g})"
+            )
             log("  " + rows[-1] + ("" if good else "  <-- FAIL"))
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     return dict(status="ok" if ok else "failed", parity=rows, skipped=skipped, device=device)
@@ -254,40 +292,54 @@ def _jax_step_part(args, attention):
     import jax
     import jax.numpy as jnp
     import numpy as np
+
     from mugv import flops, geometry
+    from mugv_jax.dit.model import RuntimeOptions
     from mugv_jax.parallel import mesh as mesh_lib
     from mugv_jax.train import step as tr
-    from mugv_jax.dit.model import RuntimeOptions
 
     cfg = _step_config(args.dry_run, args.layers)
     latent, text_len, valid = _step_geometry(args.dry_run)
     n = geometry.num_tokens(latent, cfg)
     train_flops = _flops(cfg, latent, text_len)
-    result = dict(backend=f"{attention}/remat={args.remat}", layers=cfg.depth, hidden=cfg.hidden_size, tokens=n,
-                  model_tflop_per_step=train_flops / 1e12, device=_device_name_jax())
+    result = dict(
+        backend=f"{attention}/remat={args.remat}",
+        layers=cfg.depth,
+        hidden=cfg.hidden_size,
+        tokens=n,
+        model_tflop_per_step=train_flops / 1e12,
+        device=_device_name_jax(),
+    )
     peak_bytes, limit = _jax_peak_bytes()
     if attention == "xla":
-        scores = cfg.num_heads * n * n * 4          # float32 logits of one layer, batch 1
+        scores = cfg.num_heads * n * n * 4  # float32 logits of one layer, batch 1
         result["xla_scores_gib"] = scores / 2**30
         if limit and scores > 0.9 * limit:
-            return dict(result, status="skipped",
-                        reason=f"unfused scores need {scores / 2**30:.0f} GiB per layer "
-                               f"(device has {limit / 2**30:.0f} GiB)")
+            return dict(
+                result,
+                status="skipped",
+                reason=f"unfused scores need {scores / 2**30:.0f} GiB per layer (device has {limit / 2**30:.0f} GiB)",
+            )
     if attention == "cudnn" and args.dry_run:
         # No cuDNN here: lower the whole train step for CUDA and read the kernels it asks for.
         return _cudnn_step_lowering(args, cfg, latent, text_len, result)
 
     mesh = mesh_lib.build_mesh({"data": -1}, devices=jax.local_devices()[:1])
-    trainer = tr.Trainer(cfg, RuntimeOptions(attention=attention, compute_dtype=jnp.bfloat16,
-                                             remat=args.remat),
-                         OptimConfig(learning_rate=1e-5, warmup_steps=0),
-                         ObjectiveConfig(i2v_prob=0.2, caption_dropout_prob=0.1), mesh)
+    trainer = tr.Trainer(
+        cfg,
+        RuntimeOptions(attention=attention, compute_dtype=jnp.bfloat16, remat=args.remat),
+        OptimConfig(learning_rate=1e-5, warmup_steps=0),
+        ObjectiveConfig(i2v_prob=0.2, caption_dropout_prob=0.1),
+        mesh,
+    )
     rng = np.random.default_rng(0)
     f, h, w = latent
-    batch = {"latents": rng.standard_normal((1, cfg.in_channels, f, h, w), np.float32),
-             "y": rng.standard_normal((1, 1, text_len, cfg.text_dim), np.float32),
-             "mask": (np.arange(text_len)[None] < valid).astype(np.int32),
-             "fps": np.full((1,), 24.0, np.float32)}
+    batch = {
+        "latents": rng.standard_normal((1, cfg.in_channels, f, h, w), np.float32),
+        "y": rng.standard_normal((1, 1, text_len, cfg.text_dim), np.float32),
+        "mask": (np.arange(text_len)[None] < valid).astype(np.int32),
+        "fps": np.full((1,), 24.0, np.float32),
+    }
     state = trainer.init_state(0)
     batch = trainer.put_batch(batch)
     t0 = time.perf_counter()
@@ -299,15 +351,22 @@ def _jax_step_part(args, attention):
     for _ in range(args.steps):
         t0 = time.perf_counter()
         state, metrics = trainer.train_step(state, batch)
-        jax.block_until_ready((state, metrics))     # the optimizer update too, not just the loss
+        jax.block_until_ready((state, metrics))  # the optimizer update too, not just the loss
         times.append(time.perf_counter() - t0)
     step = sorted(times)[len(times) // 2]
     peak_bytes, limit = _jax_peak_bytes()
     peak = flops.peak_flops_for(jax.local_devices()[0].device_kind)
-    return dict(result, status="ok" if math.isfinite(loss) else "failed", loss=loss,
-                compile_and_first_step_s=first, step_s=step, step_times_s=times,
-                tflops=train_flops / step / 1e12, mfu=flops.mfu(train_flops, step, 1, peak),
-                peak_gib=None if peak_bytes is None else peak_bytes / 2**30)
+    return dict(
+        result,
+        status="ok" if math.isfinite(loss) else "failed",
+        loss=loss,
+        compile_and_first_step_s=first,
+        step_s=step,
+        step_times_s=times,
+        tflops=train_flops / step / 1e12,
+        mfu=flops.mfu(train_flops, step, 1, peak),
+        peak_gib=None if peak_bytes is None else peak_bytes / 2**30,
+    )
 
 
 def _cudnn_step_lowering(args, cfg, latent, text_len, result):
@@ -315,20 +374,28 @@ def _cudnn_step_lowering(args, cfg, latent, text_len, result):
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec
+
+    from mugv_jax.dit.model import RuntimeOptions
     from mugv_jax.parallel import mesh as mesh_lib
     from mugv_jax.train import step as tr
-    from mugv_jax.dit.model import RuntimeOptions
+
     mesh = mesh_lib.build_mesh({"data": -1}, devices=jax.local_devices()[:1])
-    trainer = tr.Trainer(cfg, RuntimeOptions(attention="cudnn", compute_dtype=jnp.bfloat16,
-                                             remat="full"),
-                         OptimConfig(learning_rate=1e-5, warmup_steps=0), ObjectiveConfig(), mesh)
+    trainer = tr.Trainer(
+        cfg,
+        RuntimeOptions(attention="cudnn", compute_dtype=jnp.bfloat16, remat="full"),
+        OptimConfig(learning_rate=1e-5, warmup_steps=0),
+        ObjectiveConfig(),
+        mesh,
+    )
     state = trainer.abstract_state()
     f, h, w = latent
     rep = NamedSharding(mesh, PartitionSpec())
-    batch = {"latents": jax.ShapeDtypeStruct((1, cfg.in_channels, f, h, w), jnp.float32, sharding=rep),
-             "y": jax.ShapeDtypeStruct((1, 1, text_len, cfg.text_dim), jnp.float32, sharding=rep),
-             "mask": jax.ShapeDtypeStruct((1, text_len), jnp.int32, sharding=rep),
-             "fps": jax.ShapeDtypeStruct((1,), jnp.float32, sharding=rep)}
+    batch = {
+        "latents": jax.ShapeDtypeStruct((1, cfg.in_channels, f, h, w), jnp.float32, sharding=rep),
+        "y": jax.ShapeDtypeStruct((1, 1, text_len, cfg.text_dim), jnp.float32, sharding=rep),
+        "mask": jax.ShapeDtypeStruct((1, text_len), jnp.int32, sharding=rep),
+        "fps": jax.ShapeDtypeStruct((1,), jnp.float32, sharding=rep),
+    }
     targets, masks = _cudnn_kernels_in(trainer._step_fn, state, batch)
     good = _padding_kernels_only(targets, masks, backward=True)
     log(f"  train step lowered for CUDA: kernels {targets}, mask types {masks}")
@@ -363,10 +430,12 @@ class _Recompute:
 
 def part_megatron_step(args):
     import torch
+
     from mugv import flops, geometry
     from mugv_megatron.model.dit import MUGDiT
     from mugv_megatron.model.spec import get_layer_spec
     from mugv_megatron.model.transformer_config import make_transformer_config
+
     _megatron_setup()
     te_ok, te_reason = _te_status()
     cuda = torch.cuda.is_available()
@@ -384,14 +453,18 @@ def part_megatron_step(args):
     gen = torch.Generator().manual_seed(0)
     f, h, w = latent
     x = torch.randn(1, cfg.in_channels, f, h, w, generator=gen)
-    inputs = dict(timestep=torch.tensor([500.0]), y=torch.randn(1, 1, text_len, cfg.text_dim, generator=gen),
-                  mask=(torch.arange(text_len)[None] < valid).long(), x_mask=torch.ones(1, f, dtype=torch.bool),
-                  fps=torch.tensor([24.0]))
+    inputs = dict(
+        timestep=torch.tensor([500.0]),
+        y=torch.randn(1, 1, text_len, cfg.text_dim, generator=gen),
+        mask=(torch.arange(text_len)[None] < valid).long(),
+        x_mask=torch.ones(1, f, dtype=torch.bool),
+        fps=torch.tensor([24.0]),
+    )
     target = torch.randn(1, cfg.in_channels, f, h, w, generator=gen).to(device)
 
     def step():
         out = model(x, **inputs)
-        loss = (out[:, :cfg.in_channels] - target).float().square().mean()
+        loss = (out[:, : cfg.in_channels] - target).float().square().mean()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -415,64 +488,95 @@ def part_megatron_step(args):
     train_flops = _flops(cfg, latent, text_len)
     name = torch.cuda.get_device_name(0) if cuda else "cpu"
     peak = flops.peak_flops_for(name) if cuda else None
-    return dict(status="ok" if math.isfinite(loss) else "failed", backend=f"megatron/{spec_name}",
-                note="" if te_ok else f"TE spec skipped: {te_reason}", layers=cfg.depth,
-                hidden=cfg.hidden_size, tokens=geometry.num_tokens(latent, cfg),
-                model_tflop_per_step=train_flops / 1e12, loss=loss, compile_and_first_step_s=first,
-                step_s=step_s, step_times_s=times, tflops=train_flops / step_s / 1e12,
-                mfu=flops.mfu(train_flops, step_s, 1, peak), device=name,
-                peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None)
+    return dict(
+        status="ok" if math.isfinite(loss) else "failed",
+        backend=f"megatron/{spec_name}",
+        note="" if te_ok else f"TE spec skipped: {te_reason}",
+        layers=cfg.depth,
+        hidden=cfg.hidden_size,
+        tokens=geometry.num_tokens(latent, cfg),
+        model_tflop_per_step=train_flops / 1e12,
+        loss=loss,
+        compile_and_first_step_s=first,
+        step_s=step_s,
+        step_times_s=times,
+        tflops=train_flops / step_s / 1e12,
+        mfu=flops.mfu(train_flops, step_s, 1, peak),
+        device=name,
+        peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+    )
 
 
 def part_megatron_distopt(args):
     """The Megatron GPU training path end to end (mugv_megatron/train/device_check.py): 10B-width layers
     with the DistributedOptimizer, bf16 parameters + fp32 main weights, full recompute, both
     overlaps; two steps, an async save, a step, a restore into a fresh trainer, compared."""
-    from mugv_megatron.train import device_check
     from mugv_megatron.parallel import distopt_cpu
-    if args.dry_run:                      # CPU: tiny width, megatron's optimizer under the shim
+    from mugv_megatron.train import device_check
+
+    if args.dry_run:  # CPU: tiny width, megatron's optimizer under the shim
         distopt_cpu.apply()
     import tempfile
+
     work = getattr(args, "work", None) or tempfile.mkdtemp(prefix="device-check-distopt-")
-    got = device_check.run(os.path.join(work, "distopt"), model="tiny" if args.dry_run else "10b",
-                           bucket_size=200_000 if args.dry_run else None)
+    got = device_check.run(
+        os.path.join(work, "distopt"),
+        model="tiny" if args.dry_run else "10b",
+        bucket_size=200_000 if args.dry_run else None,
+    )
     ok = got.get("step3_loss_restored") == got.get("step3_loss")
-    return dict(status="ok" if ok else "failed", backend="megatron/distopt", note=str(got)[:300], **{
-        k: got[k] for k in ("model",) if k in got})
+    return dict(
+        status="ok" if ok else "failed",
+        backend="megatron/distopt",
+        note=str(got)[:300],
+        **{k: got[k] for k in ("model",) if k in got},
+    )
 
 
 def geometry_check(args):
     """Shapes and arguments of the real 720p step, traced on any machine (no device work)."""
     import jax
     import jax.numpy as jnp
+
     from mugv import geometry
     from mugv_jax.parallel import attention
     from mugv_jax.parallel import context_parallel as cp
+
     cfg = _step_config(False, args.layers)
     n = geometry.num_tokens(LATENT_720P, cfg)
     assert n == 50_402, n
     flop = _flops(cfg, LATENT_720P, TEXT_TOKENS)
-    log(f"  720p×5 s: latent {LATENT_720P} → {n} tokens; {cfg.depth} layers of hidden "
-        f"{cfg.hidden_size}: {flop / 1e12:.1f} model TFLOP per train step (batch 1)")
+    log(
+        f"  720p×5 s: latent {LATENT_720P} → {n} tokens; {cfg.depth} layers of hidden "
+        f"{cfg.hidden_size}: {flop / 1e12:.1f} model TFLOP per train step (batch 1)"
+    )
     log(f"  xla attention: unfused float32 scores {cfg.num_heads * n * n * 4 / 2**30:.0f} GiB per layer")
     q = jax.ShapeDtypeStruct((1, n, cfg.num_heads, cfg.head_dim), jnp.bfloat16)
     kt = jax.ShapeDtypeStruct((1, TEXT_TOKENS, cfg.num_heads, cfg.head_dim), jnp.bfloat16)
     import numpy as np
-    text_mask = np.arange(TEXT_TOKENS)[None] < VALID_TEXT     # numpy: no device is touched
+
+    text_mask = np.arange(TEXT_TOKENS)[None] < VALID_TEXT  # numpy: no device is touched
     with _pretend_cuda():
-        jax.eval_shape(lambda q, k: attention.dot_product_attention(
-            q, k, k, key_mask=text_mask, implementation="cudnn"), q, kt)
+        jax.eval_shape(
+            lambda q, k: attention.dot_product_attention(q, k, k, key_mask=text_mask, implementation="cudnn"), q, kt
+        )
         jax.eval_shape(lambda q: cp.self_attention(q, q, q, implementation="cudnn"), q)
     log("  cudnn arguments at 720p pass JAX's checks (self- and cross-attention, no bias)")
     return dict(status="ok", tokens=n, model_tflop_per_step=flop / 1e12)
 
 
-PART_FUNCS = {"jax_golden": part_jax_golden, "megatron_golden": part_megatron_golden,
-              "jax_step_xla": part_jax_step_xla, "jax_step_cudnn": part_jax_step_cudnn,
-              "megatron_step": part_megatron_step, "megatron_distopt": part_megatron_distopt}
+PART_FUNCS = {
+    "jax_golden": part_jax_golden,
+    "megatron_golden": part_megatron_golden,
+    "jax_step_xla": part_jax_step_xla,
+    "jax_step_cudnn": part_jax_step_cudnn,
+    "megatron_step": part_megatron_step,
+    "megatron_distopt": part_megatron_distopt,
+}
 
 
 # --- driver --------------------------------------------------------------------------------------
+
 
 def run_inline(name, args):
     t0 = time.perf_counter()
@@ -489,14 +593,26 @@ def run_isolated(name, args, timeout):
     """The part in a fresh python process (its own device memory), its output streamed, stopped
     after `timeout` seconds."""
     import threading
+
     out = os.path.join(args.work, f"{name}.json")
-    cmd = [sys.executable, "-u", os.path.abspath(__file__), "--part", name, "--json", out,
-           "--layers", str(args.layers), "--steps", str(args.steps), "--remat", args.remat] + (
-        ["--dry-run"] if args.dry_run else [])
+    cmd = [
+        sys.executable,
+        "-u",
+        os.path.abspath(__file__),
+        "--part",
+        name,
+        "--json",
+        out,
+        "--layers",
+        str(args.layers),
+        "--steps",
+        str(args.steps),
+        "--remat",
+        args.remat,
+    ] + (["--dry-run"] if args.dry_run else [])
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    reader = threading.Thread(target=lambda: [log("  | " + line.rstrip()) for line in proc.stdout],
-                              daemon=True)
+    reader = threading.Thread(target=lambda: [log("  | " + line.rstrip()) for line in proc.stdout], daemon=True)
     reader.start()
     try:
         proc.wait(timeout=timeout)
@@ -504,8 +620,7 @@ def run_isolated(name, args, timeout):
         proc.kill()
         proc.wait()
         reader.join(5)
-        return dict(status="timeout", reason=f"stopped after {timeout} s",
-                    wall_s=time.perf_counter() - t0)
+        return dict(status="timeout", reason=f"stopped after {timeout} s", wall_s=time.perf_counter() - t0)
     reader.join(5)
     if os.path.exists(out):
         with open(out) as fh:
@@ -521,14 +636,15 @@ def _fmt(v, spec, width):
 
 
 def table(results):
-    head = (f"{'part':<16} {'backend':<16} {'status':<8} {'step s':>8} {'TFLOP/s':>8} "
-            f"{'MFU %':>6} {'peak GiB':>9}")
+    head = f"{'part':<16} {'backend':<16} {'status':<8} {'step s':>8} {'TFLOP/s':>8} {'MFU %':>6} {'peak GiB':>9}"
     lines = [head, "-" * len(head)]
     for name, r in results.items():
         mfu = None if r.get("mfu") is None else 100 * r["mfu"]
-        lines.append(f"{name:<16} {str(r.get('backend', '')):<16} {r['status']:<8} "
-                     f"{_fmt(r.get('step_s'), '.3f', 8)} {_fmt(r.get('tflops'), '.1f', 8)} "
-                     f"{_fmt(mfu, '.1f', 6)} {_fmt(r.get('peak_gib'), '.1f', 9)}")
+        lines.append(
+            f"{name:<16} {str(r.get('backend', '')):<16} {r['status']:<8} "
+            f"{_fmt(r.get('step_s'), '.3f', 8)} {_fmt(r.get('tflops'), '.1f', 8)} "
+            f"{_fmt(mfu, '.1f', 6)} {_fmt(r.get('peak_gib'), '.1f', 9)}"
+        )
         for key in ("reason", "note"):
             if r.get(key):
                 lines.append(f"{'':<16} {r[key]}")
@@ -546,13 +662,16 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny widths, in-process, seconds")
     ap.add_argument("--layers", type=int, default=4, help="10B-width layers in the step parts (2-4)")
-    ap.add_argument("--steps", type=int, default=None,
-                    help="timed steps after the first (default 3; 1 with --dry-run)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps after the first (default 3; 1 with --dry-run)")
     ap.add_argument("--remat", default="full", help="JAX remat policy of the step parts (the 10B configs: full)")
     ap.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset of " + ",".join(PARTS))
     ap.add_argument("--out", default=os.environ.get("OUT", ""), help="directory for the log and JSON")
-    ap.add_argument("--isolate", default=None, action=argparse.BooleanOptionalAction,
-                    help="one process per part (default: on, except with --dry-run)")
+    ap.add_argument(
+        "--isolate",
+        default=None,
+        action=argparse.BooleanOptionalAction,
+        help="one process per part (default: on, except with --dry-run)",
+    )
     ap.add_argument("--part", help=argparse.SUPPRESS)
     ap.add_argument("--json", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -565,7 +684,7 @@ def main(argv=None):
         # JAX takes 75% of the GPU up front by default; the parts share the device with torch.
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-    if args.part:                         # a child process: one part, result as JSON
+    if args.part:  # a child process: one part, result as JSON
         result = run_inline(args.part, args)
         _write_atomic(args.json, json.dumps(result, indent=1, default=str))
         return 0
@@ -578,25 +697,26 @@ def main(argv=None):
     buffer = io.StringIO()
     tee = _Tee(sys.stdout, buffer)
     with contextlib.redirect_stdout(tee):
-        log(f"device check ({'dry run, CPU' if args.dry_run else 'GPU'}): {platform.node()}, "
-            f"python {platform.python_version()}, {_versions()}")
+        log(
+            f"device check ({'dry run, CPU' if args.dry_run else 'GPU'}): {platform.node()}, "
+            f"python {platform.python_version()}, {_versions()}"
+        )
         results = {}
         log("[geometry] 720p×5 s step arguments")
         results["geometry"] = run_inline_geometry(args)
         import tempfile
+
         with tempfile.TemporaryDirectory(prefix="device-check-") as work:
             args.work = work
             for name in parts:
                 log(f"[{name}]")
-                results[name] = (run_isolated(name, args, TIMEOUTS[name]) if isolate
-                                 else run_inline(name, args))
+                results[name] = run_isolated(name, args, TIMEOUTS[name]) if isolate else run_inline(name, args)
                 log(f"  -> {results[name]['status']} in {results[name]['wall_s']:.1f} s")
         log("")
         log(table(results))
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        _write_atomic(os.path.join(args.out, "device_check.json"),
-                      json.dumps(results, indent=1, default=str))
+        _write_atomic(os.path.join(args.out, "device_check.json"), json.dumps(results, indent=1, default=str))
         _write_atomic(os.path.join(args.out, "device_check.log"), buffer.getvalue())
     bad = [n for n, r in results.items() if r["status"] in ("failed", "timeout")]
     return 1 if bad else 0

@@ -8,12 +8,14 @@ size and the data-parallel width allow, and every micro-batch per data-parallel 
 divides the stage's batch; tensor 1, then 2 and 4 (hidden 3456 is narrow for tensor parallelism:
 only when nothing fits without it). They are tried in order of expected speed: no tensor
 parallelism first, then the lowest context degree (context parallelism adds communication), then
-the largest micro-batch (each accumulation step all-gathers the FSDP parameters again). A candidate is skipped without compiling when a lower bound on its memory
+the largest micro-batch (each accumulation step all-gathers the FSDP parameters again). A candidate is skipped without
+compiling when a lower bound on its memory
 (state, gradients, bf16 layer inputs, one layer's attention scores) already exceeds 90% of HBM,
 or when a measured plan of the same mesh with a larger micro-batch, scaled down, still would.
 The first plan within 90% of HBM wins; the script prints every plan it ran and the LAYOUTS line
 for configs/mugv_10b.py.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +44,15 @@ def candidates(devices: int, batch: int, hidden: int, max_context: int = 32, ten
                 fsdp = max(f for f in range(1, dp + 1) if dp % f == 0 and hidden % f == 0)
                 per_rank = batch // dp
                 for micro in sorted((m for m in range(1, per_rank + 1) if per_rank % m == 0), reverse=True):
-                    out.append(dict(mesh=(dp // fsdp, fsdp, t, c), attention="xla" if c == 1 else "xla+ring",
-                                    remat="full", micro=micro, accum=per_rank // micro))
+                    out.append(
+                        dict(
+                            mesh=(dp // fsdp, fsdp, t, c),
+                            attention="xla" if c == 1 else "xla+ring",
+                            remat="full",
+                            micro=micro,
+                            accum=per_rank // micro,
+                        )
+                    )
             c *= 2
     return out
 
@@ -51,7 +60,7 @@ def candidates(devices: int, batch: int, hidden: int, max_context: int = 32, ten
 def lower_bound(cand: dict, model, tokens: int) -> float:
     """Bytes per device that the candidate needs at least."""
     d, f, t, c = cand["mesh"]
-    params = model.depth * 16 * model.hidden_size ** 2 * 4  # float32, blocks only
+    params = model.depth * 16 * model.hidden_size**2 * 4  # float32, blocks only
     sharded = params * (5 + (cand["accum"] > 1)) / (f * t)  # params, Adam moments, EMA, grads (+ accumulator)
     local = math.ceil(tokens / c)
     layer_inputs = model.depth * cand["micro"] * local * model.hidden_size * 2
@@ -80,8 +89,11 @@ def main():
     bucket = buckets[args.bucket if args.bucket is not None else 0]
     tokens = num_tokens(bucket[:3], model)
     target = (1 - HEADROOM) * HBM[pod["kind"]]
-    print(f"# {args.stage} on {args.pod} ({pod['devices']} × {pod['kind']}), bucket {bucket}, {tokens} tokens "
-          f"per sample; target ≤ {target / GiB:.1f} GiB; {machine()}", flush=True)
+    print(
+        f"# {args.stage} on {args.pod} ({pod['devices']} × {pod['kind']}), bucket {bucket}, {tokens} tokens "
+        f"per sample; target ≤ {target / GiB:.1f} GiB; {machine()}",
+        flush=True,
+    )
     measured = {}  # mesh → (micro, act bytes) of the plans that did not fit
     ran = 0
     tensors = tuple(int(t) for t in args.tensors.split(","))
@@ -110,15 +122,20 @@ def main():
             print(f"plan {tag}: planner failed: {r['error']}", flush=True)
             continue
         total = r["total_bytes"]
-        print(f"plan {tag}: {total / GiB:.1f} GiB (state {r['state_bytes'] / GiB:.1f}, temps "
-              f"{r['temp_bytes'] / GiB:.1f}); {r['wall_seconds']:.0f} s wall, {r['cpu_seconds']:.0f} s CPU",
-              flush=True)
+        print(
+            f"plan {tag}: {total / GiB:.1f} GiB (state {r['state_bytes'] / GiB:.1f}, temps "
+            f"{r['temp_bytes'] / GiB:.1f}); {r['wall_seconds']:.0f} s wall, {r['cpu_seconds']:.0f} s CPU",
+            flush=True,
+        )
         if total <= target:
             d, f, t, c = cand["mesh"]
             mode = cand["attention"].partition("+")[2] or "none"
             clip = mugv_10b.STAGES[args.stage][1]["clip"]
-            print(f"fits: LAYOUTS[({clip!r}, {args.pod!r})] = (({d}, {f}, {t}, {c}), {mode!r}, "
-                  f"{cand['remat']!r}, {cand['micro']})", flush=True)
+            print(
+                f"fits: LAYOUTS[({clip!r}, {args.pod!r})] = (({d}, {f}, {t}, {c}), {mode!r}, "
+                f"{cand['remat']!r}, {cand['micro']})",
+                flush=True,
+            )
             return 0
         grads = r["params_bytes"] * (1 + (cand["accum"] > 1))
         measured[cand["mesh"]] = (cand["micro"], total, max(r["temp_bytes"] - grads, 0))

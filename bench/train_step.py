@@ -7,6 +7,7 @@ Prints the machine, the geometry, and per-step numbers (median of --steps after 
 MFU uses mugv.flops (the definition both trainers share); it is "n/a" on devices without a known
 peak (CPU). Results go in docs/benchmarks.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,6 +16,7 @@ import platform
 import statistics
 import sys
 import time
+
 from mugv.training import ObjectiveConfig, OptimConfig
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -40,21 +42,25 @@ def main():
 
     from mugv import flops
     from mugv.config import get_config
+    from mugv.data.synthetic import Bucket, SyntheticTextToLatent
     from mugv.geometry import num_video_tokens
+    from mugv_jax.dit.model import RuntimeOptions
     from mugv_jax.parallel import mesh as mesh_lib
     from mugv_jax.train import step as tr
-    from mugv.data.synthetic import Bucket, SyntheticTextToLatent
-    from mugv_jax.dit.model import RuntimeOptions
 
     cfg = get_config(args.model, **({"depth": args.depth} if args.depth else {}))
     mesh = mesh_lib.build_mesh(dict(zip(("data", "fsdp", "tensor", "context"), map(int, args.mesh.split(",")))))
     f, h, w, b = map(int, args.bucket.split(","))
     args.text_len = args.text_len or cfg.max_text_tokens
     bucket = Bucket(f, h, w, b)
-    trainer = tr.Trainer(cfg, RuntimeOptions(compute_dtype=args.dtype, remat=args.remat),
-                         OptimConfig(warmup_steps=0), ObjectiveConfig(), mesh)
-    source = SyntheticTextToLatent([bucket], in_channels=cfg.in_channels, text_dim=cfg.text_dim,
-                                   text_len=args.text_len)
+    trainer = tr.Trainer(
+        cfg,
+        RuntimeOptions(compute_dtype=args.dtype, remat=args.remat),
+        OptimConfig(warmup_steps=0),
+        ObjectiveConfig(),
+        mesh,
+    )
+    source = SyntheticTextToLatent([bucket], in_channels=cfg.in_channels, text_dim=cfg.text_dim, text_len=args.text_len)
     state = trainer.init_state(0)
     times = []
     t_compile = None
@@ -76,17 +82,23 @@ def main():
     dev = jax.devices()[0]
     peak = flops.peak_flops_for(dev.device_kind)
     mfu = flops.mfu(sf.train, step, mesh.size, peak)
-    print(f"machine: {platform.node()} {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores; jax {jax.__version__} on {mesh.size}× {dev.platform}:{dev.device_kind}")
-    print(f"model {args.model} (depth {cfg.depth}, hidden {cfg.hidden_size}), {mesh_lib.describe(mesh)}, "
-          f"{args.dtype}, remat {args.remat}")
+    print(
+        f"machine: {platform.node()} {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores; jax {jax.__version__} on {mesh.size}× {dev.platform}:{dev.device_kind}"
+    )
+    print(
+        f"model {args.model} (depth {cfg.depth}, hidden {cfg.hidden_size}), {mesh_lib.describe(mesh)}, "
+        f"{args.dtype}, remat {args.remat}"
+    )
     print(f"bucket latent {bucket.latent_shape} × batch {b}: {n_tok} video tokens + 2, {args.text_len} text tokens")
     print(f"first step (compile + run): {t_compile:.2f} s")
     print(f"step time: {step * 1e3:.1f} ms (median of {len(times)})")
     print(f"samples/s: {b / step:.2f}   tokens/s: {b * n_tok / step:,.0f}")
     print(f"analytic FLOPs/step: {sf.train:.4g} (forward {sf.forward:.4g})")
-    print(f"TFLOP/s per device: {sf.train / step / mesh.size / 1e12:.4f}   "
-          f"MFU: {'n/a (no peak known for ' + dev.device_kind + ')' if mfu is None else f'{mfu:.2%}'}")
+    print(
+        f"TFLOP/s per device: {sf.train / step / mesh.size / 1e12:.4f}   "
+        f"MFU: {'n/a (no peak known for ' + dev.device_kind + ')' if mfu is None else f'{mfu:.2%}'}"
+    )
     print(f"final loss {float(metrics['loss']):.4f}")
 
 

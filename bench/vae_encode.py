@@ -7,6 +7,7 @@ call of each network shape includes its XLA compile and is reported separately; 
 frames/s come from the other calls. Peak memory is the process's max RSS (ru_maxrss). Prints
 one Markdown table row per phase (see docs/benchmarks.md, "VAE encode/decode").
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,8 +64,7 @@ def main():
     print(f"# init {time.perf_counter() - t0:.1f}s, rss {peak_rss_gib():.2f} GiB, devices {jax.devices()}")
     timed = TimedVAE(model)
     pipe = Tiled(timed, Tiling(args.tile, args.overlap)) if args.tile else timed
-    x = jax.random.uniform(jax.random.key(0), (1, 3, args.frames, args.height, args.width),
-                           jnp.float32, -1, 1)
+    x = jax.random.uniform(jax.random.key(0), (1, 3, args.frames, args.height, args.width), jnp.float32, -1, 1)
     rows = []
 
     def phase(name, fn):
@@ -73,27 +73,34 @@ def main():
         out = jax.block_until_ready(fn())
         wall = time.perf_counter() - t
         first = sum(v[0] for k, v in timed.calls.items() if before.get(k, 0) == 0)
-        steady = sum(sum(v[max(before.get(k, 0), 1):]) for k, v in timed.calls.items())
+        steady = sum(sum(v[max(before.get(k, 0), 1) :]) for k, v in timed.calls.items())
         n_steady_frames = args.frames - args.micro_batch_size  # the first 2D chunk compiled
         rows.append((name, wall, first, steady, n_steady_frames, peak_rss_gib()))
-        print(f"# {name}: wall {wall:.1f}s, first calls {first:.1f}s, steady {steady:.1f}s, "
-              f"peak RSS {peak_rss_gib():.2f} GiB", flush=True)
+        print(
+            f"# {name}: wall {wall:.1f}s, first calls {first:.1f}s, steady {steady:.1f}s, "
+            f"peak RSS {peak_rss_gib():.2f} GiB",
+            flush=True,
+        )
         return out
 
     z = phase("encode", lambda: pipe.encode(x))
     if not args.no_decode:
         phase("decode", lambda: pipe.decode(z, args.frames))
-    print(f"# {platform.node()}, {jax.device_count()} {jax.devices()[0].platform} device(s), preset "
-          f"{args.preset}, {args.frames}×{args.height}×{args.width}, micro_batch_size "
-          f"{args.micro_batch_size}, tile {args.tile or 'off'}")
+    print(
+        f"# {platform.node()}, {jax.device_count()} {jax.devices()[0].platform} device(s), preset "
+        f"{args.preset}, {args.frames}×{args.height}×{args.width}, micro_batch_size "
+        f"{args.micro_batch_size}, tile {args.tile or 'off'}"
+    )
     print("| phase | wall s | first calls (incl. compile) s | steady s | steady frames/s | peak RSS GiB |")
     print("|---|---|---|---|---|---|")
     for name, wall, first, steady, n, rss in rows:
         fps = n / steady if steady > 0 and n > 0 else float("nan")
         print(f"| {name} | {wall:.1f} | {first:.1f} | {steady:.1f} | {fps:.3f} | {rss:.2f} |")
     for (net, shape), v in sorted(timed.calls.items()):
-        print(f"#   {net} {shape}: {len(v)} calls, first {v[0]:.2f}s, rest mean "
-              f"{np.mean(v[1:]) if len(v) > 1 else float('nan'):.2f}s")
+        print(
+            f"#   {net} {shape}: {len(v)} calls, first {v[0]:.2f}s, rest mean "
+            f"{np.mean(v[1:]) if len(v) > 1 else float('nan'):.2f}s"
+        )
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ def get_config(arg: str | None = None):
     # True: XLA backend optimisation off for the VAE (training, encoding, decoding). Compiles get
     # faster, but steps ran about 5x slower on the 2-core CPU, a loss even for the quick run.
     c.vae.fast_compile = False
-    c.vae.frames = 8            # pixel frames per VAE training crop (a multiple of 8)
+    c.vae.frames = 8  # pixel frames per VAE training crop (a multiple of 8)
     # 17-frame clips train with the first-frame rule applied (7 copies of frame 0 in front), so the
     # crops include the [f0 ×7, f0] group that encoding a clip starts with.
     c.vae.first_frame = True
@@ -78,9 +78,9 @@ def get_config(arg: str | None = None):
     c.vae.norm_num_groups = 4 if quick else 1
     c.vae.temporal_num_groups = 4 if quick else 1
     c.vae.learning_rate = 3e-3
-    c.vae.init_logvar = -6.0    # posterior noise std 0.05 at the start instead of ≈ 1
-    c.vae.contrast = 1.0        # the object's few pixels carry half the pixel loss
-    c.vae.holdout_clips = 16    # whole training clips the VAE never sees: its own eval set
+    c.vae.init_logvar = -6.0  # posterior noise std 0.05 at the start instead of ≈ 1
+    c.vae.contrast = 1.0  # the object's few pixels carry half the pixel loss
+    c.vae.holdout_clips = 16  # whole training clips the VAE never sees: its own eval set
     c.vae.log_every = 10 if quick else 25
     c.vae.checkpoint_every = 50 if quick else 400
 
@@ -113,15 +113,21 @@ def get_config(arg: str | None = None):
     c.sample = ml_collections.ConfigDict()
     c.sample.steps = 20 if quick else 30
     c.sample.cfg_scale = 3.0
-    c.sample.seeds = 4                     # samples per prompt (the learning checks use all)
-    c.sample.media_seeds = 2               # of which the report shows the first ones
-    c.sample.upscale = 4                   # nearest-neighbour upscale of the written mp4s/PNGs
+    c.sample.seeds = 4  # samples per prompt (the learning checks use all)
+    c.sample.media_seeds = 2  # of which the report shows the first ones
+    c.sample.upscale = 4  # nearest-neighbour upscale of the written mp4s/PNGs
     # The learning checks tests/main_job/test_main_job.py asserts on the quick run: shares of the
     # 24 held-out samples per mode, and the VAE's PSNR on the held-out prompts' ground truths.
     # docs/main_job.md has what was measured, the earlier VAE's figures and the chance levels.
-    c.check = ml_collections.ConfigDict(dict(
-        t2v_direction=0.75, i2v_direction=0.85,          # latent space; chance 0.25
-        t2v_colour=0.25, i2v_colour=0.25,                # latent space; chance 1/6
-        t2v_pixel_direction=0.6, i2v_pixel_direction=0.6,  # read off the decoded videos
-        vae_psnr_held_out=18.0))                         # dB
+    c.check = ml_collections.ConfigDict(
+        dict(
+            t2v_direction=0.75,
+            i2v_direction=0.85,  # latent space; chance 0.25
+            t2v_colour=0.25,
+            i2v_colour=0.25,  # latent space; chance 1/6
+            t2v_pixel_direction=0.6,
+            i2v_pixel_direction=0.6,  # read off the decoded videos
+            vae_psnr_held_out=18.0,
+        )
+    )  # dB
     return c

@@ -5,6 +5,7 @@ The argument names a config in this directory and its argument (`tiny`, `tiny:i2
 fields in mugv.training.MegatronOptions), so this is the same as `--config=configs/<name>.py:<arg>`;
 it stays for the launch scripts and docs that name it.
 """
+
 import importlib
 
 

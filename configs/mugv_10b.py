@@ -72,20 +72,36 @@ def _image_buckets(video):
 # stage → (previous stage, settings); the dict order is the training order. `clip` names the
 # layout row (LAYOUTS) of the stage's largest sample.
 STAGES = {
-    "image_360": (EXPANDED, dict(clip="360p_2s", video=_buckets(_360P, 7), images=True, image_fraction=(0.6, 0.1),
-                                 i2v_prob=0.0, steps=200_000, lr=1e-4)),
-    "video_360_2s": ("image_360", dict(clip="360p_2s", video=_buckets(_360P, 7), i2v_prob=0.2, steps=60_000,
-                                       lr=1e-4)),
-    "video_360_3s": ("video_360_2s", dict(clip="360p_3s", video=_buckets(_360P, 10), i2v_prob=0.2, steps=60_000,
-                                          lr=1e-4)),
-    "video_360_5s": ("video_360_3s", dict(clip="360p_5s", video=_buckets(_360P, 14), i2v_prob=0.2, steps=80_000,
-                                          lr=1e-4)),
-    "video_720": ("video_360_5s", dict(clip="720p_5s", video=_buckets(_720P, 14), i2v_prob=0.2, steps=30_000,
-                                       lr=5e-5)),
-    "sft": ("video_720", dict(clip="720p_5s", video=_buckets(_720P, 14), i2v_prob=0.2, steps=10_000, lr=2e-5,
-                              sft=True)),
-    "preference": ("sft", dict(clip="720p_5s", video=_buckets(_720P, 14), i2v_prob=0.0, steps=2_000, lr=1e-6,
-                               preference=True)),
+    "image_360": (
+        EXPANDED,
+        dict(
+            clip="360p_2s",
+            video=_buckets(_360P, 7),
+            images=True,
+            image_fraction=(0.6, 0.1),
+            i2v_prob=0.0,
+            steps=200_000,
+            lr=1e-4,
+        ),
+    ),
+    "video_360_2s": ("image_360", dict(clip="360p_2s", video=_buckets(_360P, 7), i2v_prob=0.2, steps=60_000, lr=1e-4)),
+    "video_360_3s": (
+        "video_360_2s",
+        dict(clip="360p_3s", video=_buckets(_360P, 10), i2v_prob=0.2, steps=60_000, lr=1e-4),
+    ),
+    "video_360_5s": (
+        "video_360_3s",
+        dict(clip="360p_5s", video=_buckets(_360P, 14), i2v_prob=0.2, steps=80_000, lr=1e-4),
+    ),
+    "video_720": ("video_360_5s", dict(clip="720p_5s", video=_buckets(_720P, 14), i2v_prob=0.2, steps=30_000, lr=5e-5)),
+    "sft": (
+        "video_720",
+        dict(clip="720p_5s", video=_buckets(_720P, 14), i2v_prob=0.2, steps=10_000, lr=2e-5, sft=True),
+    ),
+    "preference": (
+        "sft",
+        dict(clip="720p_5s", video=_buckets(_720P, 14), i2v_prob=0.0, steps=2_000, lr=1e-6, preference=True),
+    ),
 }
 
 # The machines a stage is laid out for: the planner's device kind and device count.
@@ -152,8 +168,9 @@ def apply_layout(c, clip, pod_name, accumulate=True):
     accum = c.data.buckets[0][3] // (dp * micro) if accumulate else 1
     for batch in batches:
         if batch % (accum * dp):
-            raise ValueError(f"{where}: global batch {batch} is not a multiple of data·fsdp ({dp}) × "
-                             f"grad_accum_steps ({accum})")
+            raise ValueError(
+                f"{where}: global batch {batch} is not a multiple of data·fsdp ({dp}) × grad_accum_steps ({accum})"
+            )
     c.mesh.ici = dict(data=data, fsdp=fsdp, tensor=tensor, context=context)
     c.mesh.dcn = dict(data=1, fsdp=1, tensor=1, context=1)
     c.attention = attention
@@ -201,10 +218,23 @@ def get_config(arg: str = "video_720"):
         c.mode = "preference"
         c.init_from = f"jax:{root}/sft_posthoc_ema"  # written by mugv_jax.recipe.posthoc_ema
         c.optim.warmup_steps = 0
-        c.preference = ml_collections.ConfigDict(dict(
-            labels="", heldout_labels="", clips="", batch_size=64, heldout_batches=4, heldout_seed=99,
-            eval_every=200, beta_dpo=2000.0, beta_kto=2000.0, sft_weight=0.2, kto_desirable_weight=1.0,
-            kto_undesirable_weight=1.0, shift_ratio=None))
+        c.preference = ml_collections.ConfigDict(
+            dict(
+                labels="",
+                heldout_labels="",
+                clips="",
+                batch_size=64,
+                heldout_batches=4,
+                heldout_seed=99,
+                eval_every=200,
+                beta_dpo=2000.0,
+                beta_kto=2000.0,
+                sft_weight=0.2,
+                kto_desirable_weight=1.0,
+                kto_undesirable_weight=1.0,
+                shift_ratio=None,
+            )
+        )
     # Preference steps do not accumulate gradients (mugv_jax/recipe/preference.py).
     apply_layout(c, s["clip"], pod, accumulate=not s.get("preference"))
     c.validation.every = 2000

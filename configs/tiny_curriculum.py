@@ -20,14 +20,26 @@ EXPANDED = "expanded"  # the widened small model, written by mugv_jax.recipe.exp
 
 # stage → (previous stage or EXPANDED or None, settings). Order is the training order.
 STAGES = {
-    "small": (None, dict(model_overrides=dict(hidden_size=72, num_heads=1), video=((2, 4, 6, 8),),
-                         images=((1, 4, 6, 16),), image_fraction=(0.7, 0.3), steps=200, lr=3e-3)),
-    "stage1_image_video": (EXPANDED, dict(video=((2, 4, 6, 8),), images=((1, 4, 6, 16),),
-                                          image_fraction=(0.5, 0.1), steps=200, lr=2e-3)),
-    "stage2_clip_2s": ("stage1_image_video", dict(video=((2, 4, 6, 8), (2, 6, 4, 8)), i2v_prob=0.3,
-                                                  steps=100, lr=2e-3)),
-    "stage2_clip_5s": ("stage2_clip_2s", dict(video=((3, 4, 6, 8), (3, 6, 4, 8)), i2v_prob=0.3,
-                                              steps=100, lr=2e-3)),
+    "small": (
+        None,
+        dict(
+            model_overrides=dict(hidden_size=72, num_heads=1),
+            video=((2, 4, 6, 8),),
+            images=((1, 4, 6, 16),),
+            image_fraction=(0.7, 0.3),
+            steps=200,
+            lr=3e-3,
+        ),
+    ),
+    "stage1_image_video": (
+        EXPANDED,
+        dict(video=((2, 4, 6, 8),), images=((1, 4, 6, 16),), image_fraction=(0.5, 0.1), steps=200, lr=2e-3),
+    ),
+    "stage2_clip_2s": (
+        "stage1_image_video",
+        dict(video=((2, 4, 6, 8), (2, 6, 4, 8)), i2v_prob=0.3, steps=100, lr=2e-3),
+    ),
+    "stage2_clip_5s": ("stage2_clip_2s", dict(video=((3, 4, 6, 8), (3, 6, 4, 8)), i2v_prob=0.3, steps=100, lr=2e-3)),
     "stage3_720p": ("stage2_clip_5s", dict(video=((3, 8, 12, 4),), i2v_prob=0.3, steps=100, lr=1e-3)),
     "sft": ("stage3_720p", dict(video=((3, 8, 12, 4),), i2v_prob=0.3, steps=100, lr=1e-3, sft=True)),
 }
@@ -48,8 +60,9 @@ def get_config(arg: str | None = "stage1_image_video"):
     if "model_overrides" in s:
         c.model_overrides = ml_collections.ConfigDict(s["model_overrides"])
     c.stage = stage
-    c.init_from = "" if prev is None else (
-        f"jax:{root}/{EXPANDED}" if prev == EXPANDED else f"jax:{root}/{prev}/checkpoints")
+    c.init_from = (
+        "" if prev is None else (f"jax:{root}/{EXPANDED}" if prev == EXPANDED else f"jax:{root}/{prev}/checkpoints")
+    )
     c.init_weights = "ema"
     c.num_steps = s["steps"]
     c.optim.learning_rate = s["lr"]

@@ -3,6 +3,7 @@
 `--config=configs/vae_release.py[:final]`; set `data.videos` to a directory of videos. Starts from
 random weights unless `init_from` names a release `vae.pt`/`.safetensors`.
 """
+
 from configs.vae_tiny import vae_train_config
 
 

@@ -9,6 +9,7 @@ FORMAT is release, megatron (torch_dist; reading also detects legacy), megatron-
 `PATH@N` names a JAX step or a Megatron iteration. Errors print one message and exit 2; verify
 exits 1 when the checkpoints differ.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,19 +26,36 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="convert a checkpoint to another format")
     c.add_argument("--src", required=True, help=f"FORMAT:PATH[@N] or PATH; FORMAT in {FORMATS}")
     c.add_argument("--dst", required=True, help="FORMAT:PATH[@N]")
-    c.add_argument("--model", help="model preset (1b, 4b, 10b, 18b, debug, tiny); default: the "
-                                   "checkpoint's stored config, else detected from the shapes")
-    c.add_argument("--dtype", default="keep", choices=["keep", "float32", "bfloat16"],
-                   help="keep (default, bit-exact) or cast every tensor")
+    c.add_argument(
+        "--model",
+        help="model preset (1b, 4b, 10b, 18b, debug, tiny); default: the "
+        "checkpoint's stored config, else detected from the shapes",
+    )
+    c.add_argument(
+        "--dtype",
+        default="keep",
+        choices=["keep", "float32", "bfloat16"],
+        help="keep (default, bit-exact) or cast every tensor",
+    )
     c.add_argument("--tp", type=int, default=1, help="tensor-parallel size (Megatron outputs)")
     c.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (Megatron outputs)")
-    c.add_argument("--weights", default="raw", choices=["raw", "ema"],
-                   help="JAX source: the trained params (raw) or their EMA")
-    c.add_argument("--max-shard-size", type=float, default=None, metavar="GB",
-                   help="sharded release output: shard size in GB (default 5)")
-    c.add_argument("--workers", type=int, default=None,
-                   help="threads reading, transforming and writing tensors at once (default: a "
-                        "number for this machine; 1: one tensor at a time); the output is the same")
+    c.add_argument(
+        "--weights", default="raw", choices=["raw", "ema"], help="JAX source: the trained params (raw) or their EMA"
+    )
+    c.add_argument(
+        "--max-shard-size",
+        type=float,
+        default=None,
+        metavar="GB",
+        help="sharded release output: shard size in GB (default 5)",
+    )
+    c.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="threads reading, transforming and writing tensors at once (default: a "
+        "number for this machine; 1: one tensor at a time); the output is the same",
+    )
     c.add_argument("--force", action="store_true", help="replace an existing output")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -57,13 +75,26 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run(args) -> int:
     from converters import convert as api
+
     if args.command == "convert":
         shard = None if args.max_shard_size is None else int(args.max_shard_size * 1e9)
-        r = api.convert(args.src, args.dst, model=args.model, dtype=args.dtype, tp=args.tp,
-                        pp=args.pp, weights=args.weights, force=args.force,
-                        progress=not args.quiet, max_shard_bytes=shard, workers=args.workers)
-        print(f"wrote {r.dst}: {r.tensors} tensors, {api.human_bytes(r.bytes_written)}, "
-              f"config {api.describe_config(r.config)} [{r.config_origin}]")
+        r = api.convert(
+            args.src,
+            args.dst,
+            model=args.model,
+            dtype=args.dtype,
+            tp=args.tp,
+            pp=args.pp,
+            weights=args.weights,
+            force=args.force,
+            progress=not args.quiet,
+            max_shard_bytes=shard,
+            workers=args.workers,
+        )
+        print(
+            f"wrote {r.dst}: {r.tensors} tensors, {api.human_bytes(r.bytes_written)}, "
+            f"config {api.describe_config(r.config)} [{r.config_origin}]"
+        )
         if r.null_text:
             print(f"wrote {r.null_text}: the trained null caption (sampling's unconditional input)")
         elif r.dst.startswith("release:"):

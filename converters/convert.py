@@ -1,4 +1,5 @@
 """convert / verify / inspect: compositions of a reader and a writer, one tensor at a time."""
+
 from __future__ import annotations
 
 import collections
@@ -11,12 +12,11 @@ import numpy as np
 from converters import pipeline
 from converters.detect import describe_config, resolve_config
 from converters.formats import Spec, detect_format, make_writer, open_reader, output_path, parse_spec
-from mugv.io.base import (DTYPE_NAMES, Entry, atomic_output, cast, check_output_free,
-                                     dtype_name)
 from converters.null_text import training_null_text
 from mugv import null_text as null_lib
-from mugv.schema import release_schema
 from mugv.config import DiTConfig, get_config
+from mugv.io.base import DTYPE_NAMES, Entry, atomic_output, cast, check_output_free, dtype_name
+from mugv.schema import release_schema
 
 
 def _progress(iterable, total: int, desc: str, enabled: bool):
@@ -24,6 +24,7 @@ def _progress(iterable, total: int, desc: str, enabled: bool):
     if not enabled:
         return iterable
     from tqdm import tqdm
+
     return tqdm(iterable, total=total, desc=desc, unit="tensor", file=sys.stderr, leave=False)
 
 
@@ -36,8 +37,12 @@ def open_checked(spec, *, model: DiTConfig | str | None = None, weights: str = "
     the release schema of that config (error names every missing/unexpected/mis-shaped tensor)."""
     reader = open_reader(_spec(spec), weights=weights)
     try:
-        config, origin = resolve_config(reader.entries(), model=None if model is None else get_config(model),
-                                        stored=reader.stored_config, source=reader.path)
+        config, origin = resolve_config(
+            reader.entries(),
+            model=None if model is None else get_config(model),
+            stored=reader.stored_config,
+            source=reader.path,
+        )
     except BaseException:
         reader.close()
         raise
@@ -57,9 +62,20 @@ class ConvertResult:
     null_text: str | None = None  # the release output's null-caption sidecar, when one was written
 
 
-def convert(src, dst, *, model: DiTConfig | str | None = None, dtype: str = "keep", tp: int = 1,
-            pp: int = 1, weights: str = "raw", force: bool = False, progress: bool = False,
-            max_shard_bytes: int | None = None, workers: int | None = None) -> ConvertResult:
+def convert(
+    src,
+    dst,
+    *,
+    model: DiTConfig | str | None = None,
+    dtype: str = "keep",
+    tp: int = 1,
+    pp: int = 1,
+    weights: str = "raw",
+    force: bool = False,
+    progress: bool = False,
+    max_shard_bytes: int | None = None,
+    workers: int | None = None,
+) -> ConvertResult:
     """Convert the checkpoint `src` into `dst` (specs "FORMAT:PATH[@N]").
 
     `dtype` is "keep" (bit-exact) or a floating dtype every tensor is cast to. The output is
@@ -78,8 +94,9 @@ def convert(src, dst, *, model: DiTConfig | str | None = None, dtype: str = "kee
     check_output_free(out, force)
     sidecar = null_lib.sidecar_path(dst.path) if dst.format == "release" else None
     if sidecar and os.path.lexists(sidecar) and not force:
-        raise FileExistsError(f"null-caption sidecar {sidecar} of output {dst.path} already exists; "
-                              f"pass --force to overwrite it")
+        raise FileExistsError(
+            f"null-caption sidecar {sidecar} of output {dst.path} already exists; pass --force to overwrite it"
+        )
     reader, config, origin = open_checked(src, model=model, weights=weights)
     with reader:
         null = training_null_text(reader) if sidecar else None
@@ -87,16 +104,20 @@ def convert(src, dst, *, model: DiTConfig | str | None = None, dtype: str = "kee
         entries = {n: Entry(found[n].shape, out_dtype or found[n].dtype) for n in release_schema(config)}
         workers = pipeline.default_workers() if workers is None else workers
         with atomic_output(out, force) as tmp:
-            writer = make_writer(dst, tmp, config, entries, tp=tp, pp=pp, max_shard_bytes=max_shard_bytes,
-                                 workers=workers)
+            writer = make_writer(
+                dst, tmp, config, entries, tp=tp, pp=pp, max_shard_bytes=max_shard_bytes, workers=workers
+            )
             try:
                 desc = f"{os.path.basename(os.path.normpath(src.path))} → {dst.format}"
                 bar = _progress(None, len(entries), desc, progress)
                 with pipeline.lean_runtime():
                     pipeline.copy_tensors(
-                        reader.jobs(), lambda name, array: writer.write(name, cast(array, out_dtype)),
-                        {n: e.nbytes for n, e in entries.items()}, workers=workers,
-                        done=(lambda _: bar.update(1)) if progress else None)
+                        reader.jobs(),
+                        lambda name, array: writer.write(name, cast(array, out_dtype)),
+                        {n: e.nbytes for n, e in entries.items()},
+                        workers=workers,
+                        done=(lambda _: bar.update(1)) if progress else None,
+                    )
                     if progress:
                         bar.close()
                     writer.check_complete()
@@ -109,8 +130,15 @@ def convert(src, dst, *, model: DiTConfig | str | None = None, dtype: str = "kee
             null_lib.save(sidecar, null[0], source=null[1])
         elif os.path.lexists(sidecar):
             os.remove(sidecar)  # from an earlier output; it does not belong to these weights
-    return ConvertResult(str(src), str(dst), config, origin, len(entries),
-                         sum(e.nbytes for e in entries.values()), sidecar if null is not None else None)
+    return ConvertResult(
+        str(src),
+        str(dst),
+        config,
+        origin,
+        len(entries),
+        sum(e.nbytes for e in entries.values()),
+        sidecar if null is not None else None,
+    )
 
 
 @dataclasses.dataclass
@@ -132,8 +160,16 @@ def _weights_for(spec, weights: str) -> str:
     return weights if (spec.format or detect_format(spec.path)) in ("jax", "megatron") else "raw"
 
 
-def verify(a, b, *, atol: float = 0.0, weights: str = "raw", progress: bool = False,
-           limit: int = 20, workers: int | None = None) -> VerifyResult:
+def verify(
+    a,
+    b,
+    *,
+    atol: float = 0.0,
+    weights: str = "raw",
+    progress: bool = False,
+    limit: int = 20,
+    workers: int | None = None,
+) -> VerifyResult:
     """Compare two checkpoints tensor by tensor in release names. atol 0 means bit-identical
     (same dtype, same bytes); otherwise |a - b| <= atol everywhere, dtypes may differ. Tensors
     are compared on `workers` threads; problems are listed in `a`'s tensor order."""
@@ -152,8 +188,13 @@ def verify(a, b, *, atol: float = 0.0, weights: str = "raw", progress: bool = Fa
 
             bar = _progress(None, len(ea), "verify", progress)
             with pipeline.lean_runtime():
-                pipeline.copy_tensors(ra.jobs(), compare, {n: e.nbytes for n, e in ea.items()},
-                                      workers=workers, done=(lambda _: bar.update(1)) if progress else None)
+                pipeline.copy_tensors(
+                    ra.jobs(),
+                    compare,
+                    {n: e.nbytes for n, e in ea.items()},
+                    workers=workers,
+                    done=(lambda _: bar.update(1)) if progress else None,
+                )
             if progress:
                 bar.close()
             problems += [found[n][0] for n in ea if n in found and found[n][0]]
@@ -185,8 +226,7 @@ def inspect(spec, *, weights: str = "raw") -> dict:
         info: dict = {"path": spec.path, "format": reader.format}
         info.update(reader.describe())
         try:
-            config, origin = resolve_config(entries, model=None, stored=reader.stored_config,
-                                            source=reader.path)
+            config, origin = resolve_config(entries, model=None, stored=reader.stored_config, source=reader.path)
             info["config"] = f"{describe_config(config)} [{origin}]"
         except ValueError as e:
             info["config"] = f"not usable: {e}"

@@ -1,5 +1,6 @@
 """The model configuration a conversion uses: given, stored in the checkpoint, or detected from
 the tensor shapes (`mugv.schema.detect_config`), and always checked against the shapes."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -7,8 +8,10 @@ import dataclasses
 from mugv.config import DiTConfig
 from mugv.schema import as_shape, check_state_dict_shapes, detect_config, preset_name, release_schema
 
-def resolve_config(entries: dict, *, model: DiTConfig | None, stored: DiTConfig | None,
-                   source: str) -> tuple[DiTConfig, str]:
+
+def resolve_config(
+    entries: dict, *, model: DiTConfig | None, stored: DiTConfig | None, source: str
+) -> tuple[DiTConfig, str]:
     """The config to convert with and where it came from: --model, the checkpoint's own, or
     detected. A given or stored config must agree with the shapes (else a clear error)."""
     if model is not None:

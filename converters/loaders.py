@@ -9,6 +9,7 @@ model itself needs. The trainers' `init_from` reads through `mugv.io.weights.ope
 Flax model or params from a JAX checkpoint come from `mugv_jax.dit.checkpoint.load_trainer_checkpoint`
 / `mugv.io.orbax.load_params`.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -30,11 +31,12 @@ def release_state(spec, *, model=None, weights: str = "raw") -> dict[str, np.nda
 def megatron_model(spec, *, model=None, params_dtype=None):
     """The megatron.core MUG-DiT (this process's TP rank) with the weights of any checkpoint."""
     import torch
+
     from mugv_megatron.model import build as dit
+
     reader, config, _ = open_checked(spec, model=model)
     with reader:
         state = {name: to_torch(array) for name, array in reader.items()}
-        m = dit.build_model(config, params_dtype=params_dtype or torch.float32,
-                            perform_initialization=False)
+        m = dit.build_model(config, params_dtype=params_dtype or torch.float32, perform_initialization=False)
         dit.load_release_state(m, state, source=reader.path)
     return m.eval()

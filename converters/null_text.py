@@ -12,6 +12,7 @@ without a negative prompt needs the one the model was trained with (mugv/null_te
 Legacy Megatron (`mp_rank_*`) files and JAX checkpoints the converters wrote themselves (weights
 only) hold none; nothing is written for them.
 """
+
 from __future__ import annotations
 
 import os
@@ -21,7 +22,7 @@ import numpy as np
 from mugv import null_text as null_lib
 from mugv.io import torch_dist
 
-NULL_TEXT_STATE_KEY = "null_text"               # mugv_jax/train/step.py state
+NULL_TEXT_STATE_KEY = "null_text"  # mugv_jax/train/step.py state
 MEGATRON_NULL_TEXT_KEY = torch_dist.NULL_CAPTION_KEY  # mugv_megatron/train/checkpointing.py NULL_TEXT_KEY
 
 
@@ -29,6 +30,7 @@ def _jax_null_text(reader) -> np.ndarray | None:
     if NULL_TEXT_STATE_KEY not in reader.state_keys:
         return None
     from mugv.io.orbax import open_state_arrays
+
     (array,) = open_state_arrays(reader.state_dir, [NULL_TEXT_STATE_KEY]).values()
     return np.asarray(array.read().result())
 
@@ -39,6 +41,7 @@ def _megatron_null_text(reader) -> np.ndarray | None:
 
 def _is_torch_dist(reader) -> bool:
     from mugv.io.torch_dist import TorchDistReader
+
     return isinstance(reader, TorchDistReader)
 
 

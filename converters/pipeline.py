@@ -11,6 +11,7 @@ which bounds the memory the copies take.
 On the first error no further job is started, the jobs already running finish, and the error is
 raised in the calling thread (the caller removes the partial output).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -18,8 +19,8 @@ import gc
 import os
 import sys
 import threading
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterable
 
 import numpy as np
 
@@ -76,10 +77,15 @@ class _Budget:
             self._cond.notify_all()
 
 
-def copy_tensors(jobs: Iterable[tuple[str, Callable[[], np.ndarray]]],
-                 write: Callable[[str, np.ndarray], None], sizes: dict[str, int], *,
-                 workers: int | None = None, max_bytes: int = DEFAULT_MAX_BYTES,
-                 done: Callable[[str], None] | None = None) -> None:
+def copy_tensors(
+    jobs: Iterable[tuple[str, Callable[[], np.ndarray]]],
+    write: Callable[[str, np.ndarray], None],
+    sizes: dict[str, int],
+    *,
+    workers: int | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    done: Callable[[str], None] | None = None,
+) -> None:
     """`write(name, read())` for every job; `workers=1` runs them one by one in this thread."""
     workers = default_workers() if workers is None else workers
     if workers < 1:

@@ -16,18 +16,21 @@ draws exactly what the source run would have.
 Both directions run in one process (JAX on one CPU device is enough; Megatron as a one-process
 world at TP=1 — its checkpoint loads under any TP size).
 """
+
 from __future__ import annotations
 
 import numpy as np
 
+from mugv.config import DiTConfig
 from mugv.layouts import jax as jax_layout
 from mugv.layouts import megatron as mlayout
-from mugv.config import DiTConfig
-from mugv.training import ObjectiveConfig, OptimConfig, unflatten as _unflatten
+from mugv.training import ObjectiveConfig, OptimConfig
+from mugv.training import unflatten as _unflatten
 
 
 def _flatten(tree, prefix: str = "") -> dict[str, np.ndarray]:
     import jax
+
     out = {}
     if isinstance(tree, dict):
         for k, v in tree.items():
@@ -60,6 +63,7 @@ def release_to_jax_tree(release: dict[str, np.ndarray], config: DiTConfig) -> di
 def _adam_states(opt_state):
     """(ScaleByAdamState, ScaleByScheduleState) inside the JAX trainer's optax chain."""
     import optax
+
     found = {}
 
     def walk(node):
@@ -70,6 +74,7 @@ def _adam_states(opt_state):
         elif isinstance(node, (tuple, list)):
             for n in node:
                 walk(n)
+
     walk(opt_state)
     if set(found) != {"adam", "schedule"}:
         raise ValueError(f"JAX optimizer state has no Adam/schedule state (found {sorted(found)})")
@@ -78,22 +83,34 @@ def _adam_states(opt_state):
 
 def _jax_trainer(run_config: dict, config: DiTConfig):
     import jax
+
+    from mugv_jax.dit.model import RuntimeOptions
     from mugv_jax.parallel import mesh as mesh_lib
     from mugv_jax.train import step as jtr
-    from mugv_jax.dit.model import RuntimeOptions
+
     mesh = mesh_lib.build_mesh(dict(data=1, fsdp=1, tensor=1, context=1), devices=jax.devices()[:1])
-    return jtr.Trainer(config, RuntimeOptions(), OptimConfig(**run_config.get("optim", {})),
-                       ObjectiveConfig(**run_config.get("objective", {})), mesh)
+    return jtr.Trainer(
+        config,
+        RuntimeOptions(),
+        OptimConfig(**run_config.get("optim", {})),
+        ObjectiveConfig(**run_config.get("objective", {})),
+        mesh,
+    )
 
 
 def _megatron_trainer(run_config: dict, config: DiTConfig, seed: int):
     from mugv_megatron.parallel import state as parallel
     from mugv_megatron.train.step import Trainer
+
     if not parallel.is_initialized():
         parallel.setup(1)
-    return Trainer(config, OptimConfig(**run_config.get("optim", {})),
-                   ObjectiveConfig(**run_config.get("objective", {})), seed=seed,
-                   use_megatron_optimizer=False)
+    return Trainer(
+        config,
+        OptimConfig(**run_config.get("optim", {})),
+        ObjectiveConfig(**run_config.get("objective", {})),
+        seed=seed,
+        use_megatron_optimizer=False,
+    )
 
 
 def _run_config(raw: dict) -> tuple[dict, DiTConfig]:
@@ -106,8 +123,10 @@ def jax_to_megatron(src: str, dst: str, step: int | None = None, keep: int = 3) 
     """Convert the JAX training checkpoint at `src` (<workdir>/checkpoints, newest step unless
     `step`) into a Megatron training checkpoint under `dst`; returns its iteration directory."""
     import torch
+
     from mugv_jax.train.checkpointing import Checkpointer, read_config
     from mugv_megatron.train import checkpointing as mckpt
+
     run_cfg, config = _run_config(read_config(src, step))
     jtrainer = _jax_trainer(run_cfg, config)
     ck = Checkpointer(src, use_async=False)
@@ -121,9 +140,15 @@ def jax_to_megatron(src: str, dst: str, step: int | None = None, keep: int = 3) 
         raise ValueError(f"{src}@{step}: Adam count {int(adam.count)} != schedule count {int(sched.count)}")
     seed = int(run_cfg.get("seed", 0))
     mt = _megatron_trainer(run_cfg, config, seed)
-    parts = {k: mlayout.release_state_to_megatron(jax_tree_to_release(tree, config), config)
-             for k, tree in (("params", state["params"]), ("exp_avg", adam.mu),
-                             ("exp_avg_sq", adam.nu), ("ema", state["ema"]))}
+    parts = {
+        k: mlayout.release_state_to_megatron(jax_tree_to_release(tree, config), config)
+        for k, tree in (
+            ("params", state["params"]),
+            ("exp_avg", adam.mu),
+            ("exp_avg_sq", adam.nu),
+            ("ema", state["ema"]),
+        )
+    }
     with torch.no_grad():
         mt.optimizer.set_count(int(adam.count))
         for n, p in mt.module.named_parameters():
@@ -133,8 +158,14 @@ def jax_to_megatron(src: str, dst: str, step: int | None = None, keep: int = 3) 
             moments["exp_avg_sq"].copy_(torch.tensor(np.asarray(parts["exp_avg_sq"][n])))
             mt.ema.shadow[n].copy_(torch.tensor(np.asarray(parts["ema"][n])))
         mt.null_text.copy_(torch.tensor(np.asarray(state["null_text"])))
-    mt.set_counters({"step": int(state["step"]), "nonfinite": int(state["nonfinite"]),
-                     "skipped": int(state["skipped"]), "seed": seed})
+    mt.set_counters(
+        {
+            "step": int(state["step"]),
+            "nonfinite": int(state["nonfinite"]),
+            "skipped": int(state["skipped"]),
+            "seed": seed,
+        }
+    )
     return mckpt.save(dst, mt, dict(data), {**run_cfg, "converted_from": f"jax:{src}@{step}"}, keep=keep)
 
 
@@ -144,8 +175,10 @@ def megatron_to_jax(src: str, dst: str, run_config: dict | None = None) -> int:
     import jax
     import jax.numpy as jnp
     from megatron.core import dist_checkpointing
+
     from mugv_jax.train.checkpointing import Checkpointer
     from mugv_megatron.train import checkpointing as mckpt
+
     steps = mckpt.steps(src)
     if not steps:
         raise FileNotFoundError(f"{src}: no Megatron training checkpoint")
@@ -157,10 +190,14 @@ def megatron_to_jax(src: str, dst: str, run_config: dict | None = None) -> int:
     meta = mckpt.restore_latest(src, mt)
     named = dict(mt.module.named_parameters())
     grab = lambda f: mlayout.megatron_state_to_release(  # noqa: E731
-        {n: f(n, p).detach().cpu().numpy() for n, p in named.items()}, config)
-    release = {"params": grab(lambda n, p: p), "ema": grab(lambda n, p: mt.ema.shadow[n]),
-               "mu": grab(lambda n, p: mt.optimizer.moments(p)["exp_avg"]),
-               "nu": grab(lambda n, p: mt.optimizer.moments(p)["exp_avg_sq"])}
+        {n: f(n, p).detach().cpu().numpy() for n, p in named.items()}, config
+    )
+    release = {
+        "params": grab(lambda n, p: p),
+        "ema": grab(lambda n, p: mt.ema.shadow[n]),
+        "mu": grab(lambda n, p: mt.optimizer.moments(p)["exp_avg"]),
+        "nu": grab(lambda n, p: mt.optimizer.moments(p)["exp_avg_sq"]),
+    }
     trees = {k: release_to_jax_tree(v, config) for k, v in release.items()}
     jtrainer = _jax_trainer(run_cfg, config)
     abstract = jtrainer.abstract_state()
@@ -168,6 +205,7 @@ def megatron_to_jax(src: str, dst: str, run_config: dict | None = None) -> int:
 
     def fill(node):
         import optax
+
         if isinstance(node, optax.ScaleByAdamState):
             return node._replace(count=count, mu=trees["mu"], nu=trees["nu"])
         if isinstance(node, optax.ScaleByScheduleState):
@@ -175,11 +213,18 @@ def megatron_to_jax(src: str, dst: str, run_config: dict | None = None) -> int:
         if isinstance(node, tuple) and not hasattr(node, "_fields"):
             return tuple(fill(n) for n in node)
         return node
+
     opt_state = fill(jtrainer.optimizer.init(trees["params"]))
-    state = {"params": trees["params"], "opt_state": opt_state, "ema": trees["ema"],
-             "null_text": mt.null_text.cpu().numpy(), "step": np.int32(mt.step),
-             "rng": np.asarray([int(run_cfg.get("seed", 0)), 0], np.uint32),
-             "nonfinite": np.int32(mt.nonfinite), "skipped": np.int32(mt.skipped)}
+    state = {
+        "params": trees["params"],
+        "opt_state": opt_state,
+        "ema": trees["ema"],
+        "null_text": mt.null_text.cpu().numpy(),
+        "step": np.int32(mt.step),
+        "rng": np.asarray([int(run_cfg.get("seed", 0)), 0], np.uint32),
+        "nonfinite": np.int32(mt.nonfinite),
+        "skipped": np.int32(mt.skipped),
+    }
     shardings = jax.tree.map(lambda a: a.sharding, abstract)
     state = jax.device_put(jax.tree.map(lambda v, a: jnp.asarray(v, a.dtype), state, abstract), shardings)
     ck = Checkpointer(dst, use_async=False)

@@ -8,6 +8,7 @@ one); an interrupted run resumes. See docs/main_job.md; the stages are main_job/
     --config=configs/main.py (full, default) | configs/main.py:quick; fields override as usual,
     e.g. --config.dit.num_steps=2000.
 """
+
 from __future__ import annotations
 
 import logging
@@ -30,16 +31,21 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     from absl import logging as absl_logging
+
     # Orbax and XLA log every checkpoint step at INFO; the stage log and progress bars are enough.
     absl_logging.set_verbosity(absl_logging.WARNING)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
     logging.getLogger("mugv").setLevel(logging.INFO)
     try:
         main_run.run(FLAGS.config, FLAGS.workdir, FLAGS.redo)
     except KeyboardInterrupt:
-        print(f"\ninterrupted: finished stages and the trainers' checkpoints in {FLAGS.workdir} are kept; "
-              "run the same command again to resume", file=sys.stderr)
+        print(
+            f"\ninterrupted: finished stages and the trainers' checkpoints in {FLAGS.workdir} are kept; "
+            "run the same command again to resume",
+            file=sys.stderr,
+        )
         sys.exit(130)
 
 

@@ -6,6 +6,7 @@ writes {"images": [...], "videos": [...]} into #media-check's data-result attrib
 
     python -m main_job.browser outputs/main/report.html
 """
+
 from __future__ import annotations
 
 import html
@@ -17,17 +18,27 @@ import subprocess
 import sys
 import tempfile
 
-FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--allow-file-access-from-files", "--mute-audio")
+FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--allow-file-access-from-files",
+    "--mute-audio",
+)
 
 
 def chromium_binary() -> str:
     for b in (os.environ.get("MUGV_CHROMIUM"), "chromium", "chromium-browser"):
         if b and shutil.which(b):
             return shutil.which(b)
-    raise FileNotFoundError("Chromium not found: install Debian's 'chromium' (scripts/ensure_chromium.sh) "
-                            "or set MUGV_CHROMIUM to its path")
+    raise FileNotFoundError(
+        "Chromium not found: install Debian's 'chromium' (scripts/ensure_chromium.sh) or set MUGV_CHROMIUM to its path"
+    )
 
 
 def check_report(path: str, *, budget_ms: int = 60000, timeout_s: float = 120.0) -> dict:
@@ -37,14 +48,23 @@ def check_report(path: str, *, budget_ms: int = 60000, timeout_s: float = 120.0)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no report at {path}")
     with tempfile.TemporaryDirectory(prefix="mugv-chromium-") as profile:
-        cmd = [chromium_binary(), *FLAGS, f"--user-data-dir={profile}",
-               f"--virtual-time-budget={budget_ms}", "--dump-dom", "file://" + path]
+        cmd = [
+            chromium_binary(),
+            *FLAGS,
+            f"--user-data-dir={profile}",
+            f"--virtual-time-budget={budget_ms}",
+            "--dump-dom",
+            "file://" + path,
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
-    m = re.search(r'id="media-check"[^>]*data-result="([^"]*)"', proc.stdout) or \
-        re.search(r'data-result="([^"]*)"[^>]*id="media-check"', proc.stdout)
+    m = re.search(r'id="media-check"[^>]*data-result="([^"]*)"', proc.stdout) or re.search(
+        r'data-result="([^"]*)"[^>]*id="media-check"', proc.stdout
+    )
     if m is None:
-        raise RuntimeError(f"{path}: the page's media check never finished in Chromium "
-                           f"(exit {proc.returncode}); stderr tail:\n{proc.stderr[-2000:]}")
+        raise RuntimeError(
+            f"{path}: the page's media check never finished in Chromium "
+            f"(exit {proc.returncode}); stderr tail:\n{proc.stderr[-2000:]}"
+        )
     return json.loads(html.unescape(m.group(1)))
 
 

@@ -5,6 +5,7 @@ Held-out prompts are (colour, shape, direction) combinations removed from traini
 with its ground-truth rendering (never trained on), used for image-to-video conditioning and shown
 in the report.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,6 +22,7 @@ META_FILE = "clips.json"
 
 def _fit(frames: np.ndarray, num_frames: int, size: int) -> np.ndarray:
     from mugv_data.encode import PixelBucket, resize_crop
+
     out = resize_crop(frames, PixelBucket(num_frames, size, size))
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
@@ -29,19 +31,35 @@ def _real_clips(cfg, out_dir: str) -> list[dict]:
     """Bundled real videos through the data pipeline's shot split and filters. The filters are
     relaxed (the bundled files are small, short or soft): here they only cut shots and drop
     broken or too-short pieces; what was kept or dropped is in manifest.jsonl."""
-    from mugv_data import clips
     from mugv.data import bundled
+    from mugv_data import clips
+
     paths = bundled.files(cfg.bundled)
-    fcfg = clips.FilterConfig(min_seconds=0.5, min_height=14, min_width=14, sharpness_min=0.0,
-                              sharpness_max=1e12, motion_min=0.0, motion_max=256.0)
-    kept = clips.process_videos(paths, os.path.join(out_dir, "manifest.jsonl"), fcfg,
-                                max_frames=int(cfg.max_frames), progress=True)
+    fcfg = clips.FilterConfig(
+        min_seconds=0.5,
+        min_height=14,
+        min_width=14,
+        sharpness_min=0.0,
+        sharpness_max=1e12,
+        motion_min=0.0,
+        motion_max=256.0,
+    )
+    kept = clips.process_videos(
+        paths, os.path.join(out_dir, "manifest.jsonl"), fcfg, max_frames=int(cfg.max_frames), progress=True
+    )
     out = []
     for c in kept:
         if c.frames.shape[0] < cfg.frames:
             continue
-        out.append({"id": c.clip_id, "caption": bundled.caption_for(c.video), "source": c.video,
-                    "fps": float(c.fps), "frames": _fit(c.frames, int(cfg.frames), int(cfg.size))})
+        out.append(
+            {
+                "id": c.clip_id,
+                "caption": bundled.caption_for(c.video),
+                "source": c.video,
+                "fps": float(c.fps),
+                "frames": _fit(c.frames, int(cfg.frames), int(cfg.size)),
+            }
+        )
     return out
 
 
@@ -54,40 +72,78 @@ def build(cfg, seed: int, out_dir: str) -> dict:
             raise ValueError(f"config.data.held_out: {h} is not a (colour, shape, direction) of mugv.data.procedural")
     train, truths = [], {}
     ss = int(cfg.get("supersample", 1))
-    for clip in tqdm(procedural.generate(int(cfg.procedural_count), seed=seed, num_frames=int(cfg.frames),
-                                         size=int(cfg.size), fps=float(cfg.fps), supersample=ss),
-                     total=int(cfg.procedural_count), desc="procedural clips", unit="clip"):
+    for clip in tqdm(
+        procedural.generate(
+            int(cfg.procedural_count),
+            seed=seed,
+            num_frames=int(cfg.frames),
+            size=int(cfg.size),
+            fps=float(cfg.fps),
+            supersample=ss,
+        ),
+        total=int(cfg.procedural_count),
+        desc="procedural clips",
+        unit="clip",
+    ):
         key = (clip.colour, clip.shape, clip.direction)
         if key in held:
             truths.setdefault(key, clip)
             continue
-        train.append({"id": clip.sample_id, "caption": clip.caption, "source": "procedural",
-                      "fps": clip.fps, "frames": clip.frames, "colour": clip.colour,
-                      "shape": clip.shape, "direction": clip.direction})
+        train.append(
+            {
+                "id": clip.sample_id,
+                "caption": clip.caption,
+                "source": "procedural",
+                "fps": clip.fps,
+                "frames": clip.frames,
+                "colour": clip.colour,
+                "shape": clip.shape,
+                "direction": clip.direction,
+            }
+        )
     # A held-out combination the draw never produced still gets a ground truth: render it from
     # further indices of the same generator.
     index = int(cfg.procedural_count)
     while len(truths) < len(held):
-        clip = procedural.make_clip(index, seed=seed, num_frames=int(cfg.frames), size=int(cfg.size),
-                                    fps=float(cfg.fps), supersample=ss)
+        clip = procedural.make_clip(
+            index, seed=seed, num_frames=int(cfg.frames), size=int(cfg.size), fps=float(cfg.fps), supersample=ss
+        )
         key = (clip.colour, clip.shape, clip.direction)
         if key in held:
             truths.setdefault(key, clip)
         index += 1
     real = _real_clips(cfg, out_dir) if cfg.bundled else []
     train += real
-    held_out = [{"caption": truths[k].caption, "colour": k[0], "shape": k[1], "direction": k[2],
-                 "fps": truths[k].fps, "truth_id": truths[k].sample_id} for k in sorted(held)]
-    meta = {"train": [{k: v for k, v in c.items() if k != "frames"} for c in train], "held_out": held_out,
-            "frames": int(cfg.frames), "size": int(cfg.size)}
+    held_out = [
+        {
+            "caption": truths[k].caption,
+            "colour": k[0],
+            "shape": k[1],
+            "direction": k[2],
+            "fps": truths[k].fps,
+            "truth_id": truths[k].sample_id,
+        }
+        for k in sorted(held)
+    ]
+    meta = {
+        "train": [{k: v for k, v in c.items() if k != "frames"} for c in train],
+        "held_out": held_out,
+        "frames": int(cfg.frames),
+        "size": int(cfg.size),
+    }
     tmp = os.path.join(out_dir, "clips.tmp.npz")
-    np.savez(tmp, train=np.stack([c["frames"] for c in train]),
-             held_out=np.stack([truths[k].frames for k in sorted(held)]))
+    np.savez(
+        tmp, train=np.stack([c["frames"] for c in train]), held_out=np.stack([truths[k].frames for k in sorted(held)])
+    )
     os.replace(tmp, os.path.join(out_dir, CLIPS_FILE))
     with open(os.path.join(out_dir, META_FILE), "w") as f:
         json.dump(meta, f, indent=1)
-    return {"num_train": len(train), "num_real": len(real), "num_held_out": len(held_out),
-            "real_sources": sorted({c["source"] for c in real})}
+    return {
+        "num_train": len(train),
+        "num_real": len(real),
+        "num_held_out": len(held_out),
+        "real_sources": sorted({c["source"] for c in real}),
+    }
 
 
 def load(out_dir: str) -> tuple[dict, np.ndarray, np.ndarray]:

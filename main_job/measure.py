@@ -2,12 +2,14 @@
 
 * latent: the sample's latents are compared (RMS) with the training latents of every
   (colour, direction) group of the procedural set (mean distance to the group's 3 nearest clips);
-  the check passes for a sample when the nearest group is its prompt's own. Shape is left out on purpose: held-out prompts are unseen
+  the check passes for a sample when the nearest group is its prompt's own. Shape is left out on purpose: held-out
+  prompts are unseen
   (colour, shape, direction) combinations, so only their colour and direction have training clips.
 * pixel: the decoded video's dominant object colour (nearest named colour of the pixels that
   differ most from the background) and motion direction (displacement of those pixels' centroid
   from the first to the last frames). Independent of latent space, so it also tests the VAE.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -79,7 +81,7 @@ def pixel_measure(video: np.ndarray) -> dict:
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     """PSNR in dB of uint8 videos."""
     mse = np.mean((a.astype(np.float32) - b.astype(np.float32)) ** 2)
-    return float(10 * np.log10(255.0 ** 2 / max(mse, 1e-10)))
+    return float(10 * np.log10(255.0**2 / max(mse, 1e-10)))
 
 
 def reconstruction(truth: np.ndarray, recon: np.ndarray, colours: list[str], directions: list[str]) -> dict:
@@ -92,10 +94,13 @@ def reconstruction(truth: np.ndarray, recon: np.ndarray, colours: list[str], dir
     bg = np.median(t.reshape(len(t), -1, 3), axis=1)[:, None, None, None]
     obj = np.abs(t - bg).sum(axis=-1) > 60
     px = [pixel_measure(v) for v in recon]
-    return {"clips": len(truth), "psnr": psnr(recon, truth),
-            # Pooled PSNR hides which prompt fails: one hard clip (a white triangle) costs dB.
-            "psnr_per_clip": [psnr(r, x) for r, x in zip(recon, truth)],
-            "object_rmse_rgb": [float(np.sqrt(np.mean(err[..., k][obj] ** 2))) for k in range(3)],
-            "background_rmse_rgb": [float(np.sqrt(np.mean(err[..., k][~obj] ** 2))) for k in range(3)],
-            "pixel_colour_share": float(np.mean([p["colour"] == c for p, c in zip(px, colours)])),
-            "pixel_direction_share": float(np.mean([p["direction"] == d for p, d in zip(px, directions)]))}
+    return {
+        "clips": len(truth),
+        "psnr": psnr(recon, truth),
+        # Pooled PSNR hides which prompt fails: one hard clip (a white triangle) costs dB.
+        "psnr_per_clip": [psnr(r, x) for r, x in zip(recon, truth)],
+        "object_rmse_rgb": [float(np.sqrt(np.mean(err[..., k][obj] ** 2))) for k in range(3)],
+        "background_rmse_rgb": [float(np.sqrt(np.mean(err[..., k][~obj] ** 2))) for k in range(3)],
+        "pixel_colour_share": float(np.mean([p["colour"] == c for p, c in zip(px, colours)])),
+        "pixel_direction_share": float(np.mean([p["direction"] == d for p, d in zip(px, directions)])),
+    }

@@ -1,8 +1,9 @@
 """Videos and frame grids for the report: H.264 mp4 through PyAV, PNG grids through Pillow."""
+
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -18,8 +19,10 @@ def upscale(video: np.ndarray, factor: int) -> np.ndarray:
 def write_mp4(path: str, video: np.ndarray, fps: float, *, scale: int = 1) -> str:
     """video [T, H, W, 3] uint8 → H.264 mp4 (yuv420p, plays in Chromium), written to a temporary
     name and renamed."""
-    import av
     from fractions import Fraction
+
+    import av
+
     v = upscale(np.asarray(video, np.uint8), scale)
     t, h, w, _ = v.shape
     if h % 2 or w % 2:
@@ -41,6 +44,7 @@ def write_mp4(path: str, video: np.ndarray, fps: float, *, scale: int = 1) -> st
 def frame_grid(path: str, rows: Sequence[tuple[str, np.ndarray]], *, every: int = 2, scale: int = 3) -> str:
     """A PNG with one labelled row of frames (every `every`-th) per (label, video [T, H, W, 3])."""
     from PIL import Image, ImageDraw
+
     label_h, pad = 14, 2
     tiles = [(label, upscale(np.asarray(v, np.uint8)[::every], scale)) for label, v in rows]
     n = max(len(v) for _, v in tiles)

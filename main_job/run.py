@@ -1,12 +1,13 @@
 """The main job's stages in order; each is skipped when a previous run finished it.
 
-  data    procedural clips (held-out combinations removed) + bundled real videos → clips.npz
-  vae     train the small video VAE on those clips (mugv_jax.vae.training, resumable)
-  encode  VAE latents + MiniLM captions → array_record shards (mugv_data), prompt features
-  dit     train the small MUG-DiT with the real trainer on the shards (checkpoints, TensorBoard)
-  sample  held-out prompts: text-to-video and image-to-video → latents → decoded mp4s, checks
-  report  loss curves, frame grids, config, throughput → <workdir>/report.html (always rebuilt)
+data    procedural clips (held-out combinations removed) + bundled real videos → clips.npz
+vae     train the small video VAE on those clips (mugv_jax.vae.training, resumable)
+encode  VAE latents + MiniLM captions → array_record shards (mugv_data), prompt features
+dit     train the small MUG-DiT with the real trainer on the shards (checkpoints, TensorBoard)
+sample  held-out prompts: text-to-video and image-to-video → latents → decoded mp4s, checks
+report  loss curves, frame grids, config, throughput → <workdir>/report.html (always rebuilt)
 """
+
 from __future__ import annotations
 
 import copy
@@ -21,11 +22,9 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from mugv.training import flatten
-from main_job import dataset
-from main_job import measure
-from main_job import media
+from main_job import dataset, measure, media
 from main_job.stages import Stages, atomic_write_json
+from mugv.training import flatten
 
 log = logging.getLogger("mugv.main_job")
 
@@ -35,6 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # --- data -------------------------------------------------------------------------------------
 
+
 def stage_data(config, stages: Stages) -> dict:
     d = stages.start("data", keep_partial=False)
     return dataset.build(config.data, int(config.seed), d)
@@ -42,20 +42,31 @@ def stage_data(config, stages: Stages) -> dict:
 
 # --- vae --------------------------------------------------------------------------------------
 
+
 def _vae_train_config(config):
     """configs/vae_tiny.py with the main job's steps, clip geometry, objective and hold-out."""
     from configs import vae_tiny
+
     vc = vae_tiny.get_config()
     size = int(config.data.size)
     v = config.vae
-    overrides = {"num_steps": int(v.num_steps), "batch_size": int(v.batch_size),
-                 "frames": int(v.frames), "size": (size, size), "seed": int(config.seed),
-                 "log_every": int(v.log_every), "eval_every": int(v.num_steps),
-                 "checkpoint_every": int(v.checkpoint_every),
-                 "decoder_windows": tuple(int(n) for n in v.decoder_windows),
-                 "init_logvar": float(v.init_logvar), "optim.learning_rate": float(v.learning_rate),
-                 "loss.contrast": float(v.contrast), "data.first_frame": bool(v.first_frame),
-                 "data.holdout_clips": int(v.holdout_clips), "data.eval_clips": int(v.holdout_clips)}
+    overrides = {
+        "num_steps": int(v.num_steps),
+        "batch_size": int(v.batch_size),
+        "frames": int(v.frames),
+        "size": (size, size),
+        "seed": int(config.seed),
+        "log_every": int(v.log_every),
+        "eval_every": int(v.num_steps),
+        "checkpoint_every": int(v.checkpoint_every),
+        "decoder_windows": tuple(int(n) for n in v.decoder_windows),
+        "init_logvar": float(v.init_logvar),
+        "optim.learning_rate": float(v.learning_rate),
+        "loss.contrast": float(v.contrast),
+        "data.first_frame": bool(v.first_frame),
+        "data.holdout_clips": int(v.holdout_clips),
+        "data.eval_clips": int(v.holdout_clips),
+    }
     with vc.unlocked():
         for key, value in overrides.items():
             *parents, k = key.split(".")
@@ -68,9 +79,12 @@ def _vae_train_config(config):
         # The tiny preset's networks with the main job's chunking and GroupNorm grouping (the
         # weights' shapes are the tiny preset's).
         del vc["vae_preset"]
-        vc.vae_preset = {"preset": "tiny", "micro_frame_size": int(v.micro_frame_size),
-                         "norm_num_groups": int(v.norm_num_groups),
-                         "temporal_num_groups": int(v.temporal_num_groups)}
+        vc.vae_preset = {
+            "preset": "tiny",
+            "micro_frame_size": int(v.micro_frame_size),
+            "norm_num_groups": int(v.norm_num_groups),
+            "temporal_num_groups": int(v.temporal_num_groups),
+        }
         if v.fast_compile:
             vc.compiler_options = dict(FAST_COMPILE)
     return vc
@@ -82,39 +96,58 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
 def vae_training_available() -> bool:
-    return os.path.exists(os.path.join(ROOT, "mugv_jax", "vae", "training.py")) and \
-        os.path.exists(os.path.join(ROOT, "configs", "vae_tiny.py"))
+    return os.path.exists(os.path.join(ROOT, "mugv_jax", "vae", "training.py")) and os.path.exists(
+        os.path.join(ROOT, "configs", "vae_tiny.py")
+    )
 
 
 def stage_vae(config, stages: Stages, clips: np.ndarray) -> dict:
     import mugv_jax.vae as vae
+
     d = stages.start("vae", keep_partial=True)
     if config.vae.train and vae_training_available():
         from mugv_jax.vae.training import train_vae
+
         result = train_vae(_vae_train_config(config), d, clips=list(clips), progress=True)
         vcfg = result["vae_config"]
-        return {"trained": True, "weights": os.path.relpath(result["weights"], stages.workdir),
-                "fast_compile": bool(config.vae.fast_compile),
-                "vae_config": dataclasses.asdict(vcfg), "steps": int(result["steps"]),
-                "psnr_before": float(result["psnr_before"]), "psnr_after": float(result["psnr_after"])}
+        return {
+            "trained": True,
+            "weights": os.path.relpath(result["weights"], stages.workdir),
+            "fast_compile": bool(config.vae.fast_compile),
+            "vae_config": dataclasses.asdict(vcfg),
+            "steps": int(result["steps"]),
+            "psnr_before": float(result["psnr_before"]),
+            "psnr_after": float(result["psnr_after"]),
+        }
     # Fallback (config.vae.train=False, or mugv_jax.vae.training missing): a randomly initialised tiny VAE (rebuilt
     # from the seed whenever it is needed). Its latents still separate the clips (the learning
     # check works in latent space) but decoded videos are noise; the report says so.
     vcfg = vae.get_vae_config("tiny")
-    return {"trained": False, "weights": None, "seed": int(config.seed), "fast_compile": bool(config.vae.fast_compile),
-            "vae_config": dataclasses.asdict(vcfg), "steps": 0, "psnr_before": None, "psnr_after": None}
+    return {
+        "trained": False,
+        "weights": None,
+        "seed": int(config.seed),
+        "fast_compile": bool(config.vae.fast_compile),
+        "vae_config": dataclasses.asdict(vcfg),
+        "steps": 0,
+        "psnr_before": None,
+        "psnr_after": None,
+    }
 
 
 def vae_config_from(record: dict):
     from mugv.vae_config import VAEConfig
+
     return VAEConfig(**record["vae_config"])
 
 
 def load_vae(stages: Stages, record: dict):
     import mugv_jax.vae as vae
+
     options = dict(FAST_COMPILE) if record.get("fast_compile") else None
     if record["weights"] is None:
         from flax import nnx
+
         model = vae.VideoVAE(vae_config_from(record), rngs=nnx.Rngs(int(record["seed"])))
     else:
         model = vae.load(os.path.join(stages.workdir, record["weights"]), vae_config_from(record))
@@ -123,7 +156,7 @@ def load_vae(stages: Stages, record: dict):
 
 def to_model_input(clips: np.ndarray) -> np.ndarray:
     """[B, T, H, W, 3] uint8 → [B, 3, T, H, W] in [−1, 1]."""
-    return (clips.transpose(0, 4, 1, 2, 3).astype(np.float32) / 127.5 - 1.0)
+    return clips.transpose(0, 4, 1, 2, 3).astype(np.float32) / 127.5 - 1.0
 
 
 def to_pixels(video) -> np.ndarray:
@@ -137,7 +170,7 @@ def _batched(fn, items: np.ndarray, batch: int, desc: str) -> np.ndarray:
     its last item and cut again."""
     out = []
     for i in tqdm(range(0, len(items), batch), desc=desc, unit="batch"):
-        chunk = items[i:i + batch]
+        chunk = items[i : i + batch]
         n = len(chunk)
         if n < batch:
             chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - n, axis=0)])
@@ -156,13 +189,15 @@ def padded_frames(num_frames: int) -> int:
     the release's windowing (mugv_jax/vae/plan.py) crops at the front of the *last* window,
     and a clip longer than one chunk comes back as [f0 ×7, f0..f8, f16] for 17 frames."""
     from mugv_jax.vae.plan import first_frame_copies
+
     return num_frames + first_frame_copies(num_frames)
 
 
 def decode_batched(jv, latents: np.ndarray, num_frames: int, batch: int, desc: str) -> np.ndarray:
     padded = padded_frames(num_frames)
-    return _batched(lambda z: to_pixels(jv.decode(z, num_frames=padded))[:, padded - num_frames:],
-                    latents, batch, desc)
+    return _batched(
+        lambda z: to_pixels(jv.decode(z, num_frames=padded))[:, padded - num_frames :], latents, batch, desc
+    )
 
 
 # --- encode -----------------------------------------------------------------------------------
@@ -182,10 +217,10 @@ def prompts_of(meta: dict) -> list[dict]:
     return out
 
 
-def stage_encode(config, stages: Stages, vae_record: dict, meta: dict, train: np.ndarray,
-                 held_out: np.ndarray) -> dict:
-    from mugv_data import text
+def stage_encode(config, stages: Stages, vae_record: dict, meta: dict, train: np.ndarray, held_out: np.ndarray) -> dict:
     from mugv.data import shards
+    from mugv_data import text
+
     d = stages.start("encode", keep_partial=False)
     jv = load_vae(stages, vae_record)
     latents = encode_batched(jv, train, ENC_BATCH, "VAE-encoding training clips")
@@ -195,7 +230,7 @@ def stage_encode(config, stages: Stages, vae_record: dict, meta: dict, train: np
     distinct = sorted(set(captions))
     f_all, m_all = [], []
     for i in tqdm(range(0, len(distinct), 64), desc="encoding captions", unit="batch"):
-        f, m = txt.encode(distinct[i:i + 64])
+        f, m = txt.encode(distinct[i : i + 64])
         f_all += list(f)
         m_all += list(m)
     row = {c: i for i, c in enumerate(distinct)}
@@ -205,14 +240,28 @@ def stage_encode(config, stages: Stages, vae_record: dict, meta: dict, train: np
     def examples():
         for i, m in enumerate(meta["train"]):
             n = int(masks[i].sum())
-            yield {"sample_id": m["id"], "source_id": m["source"], "caption": m["caption"],
-                   "latents": latents[i], "text": feats[i][:n], "text_len": n, "fps": float(m["fps"]),
-                   "num_frames": int(meta["frames"]), "height": int(meta["size"]), "width": int(meta["size"]),
-                   "bucket_id": 0}
+            yield {
+                "sample_id": m["id"],
+                "source_id": m["source"],
+                "caption": m["caption"],
+                "latents": latents[i],
+                "text": feats[i][:n],
+                "text_len": n,
+                "fps": float(m["fps"]),
+                "num_frames": int(meta["frames"]),
+                "height": int(meta["size"]),
+                "width": int(meta["size"]),
+                "bucket_id": 0,
+            }
 
-    ds = shards.write_shards(examples, d, buckets=[latents.shape[2:]], latent_channels=latents.shape[1],
-                             text_dim=feats[0].shape[-1],
-                             extra_index={"text_encoder": txt.name, "vae": vae_record["weights"]})
+    ds = shards.write_shards(
+        examples,
+        d,
+        buckets=[latents.shape[2:]],
+        latent_channels=latents.shape[1],
+        text_dim=feats[0].shape[-1],
+        extra_index={"text_encoder": txt.name, "vae": vae_record["weights"]},
+    )
     prompts = prompts_of(meta)
     py, pm = txt.encode([p["caption"] for p in prompts])
     # Image-to-video condition: the first frame as a still 17-frame clip, encoded; its first latent
@@ -226,11 +275,16 @@ def stage_encode(config, stages: Stages, vae_record: dict, meta: dict, train: np
     np.savez(os.path.join(d, "prompts.npz"), y=py, mask=pm, cond=cond, truth=truth)
     with open(os.path.join(d, "prompts.json"), "w") as f:
         json.dump(prompts, f, indent=1)
-    return {"dataset": os.path.relpath(ds, stages.workdir), "num_examples": len(latents),
-            "latent_shape": list(latents.shape[1:]), "text_encoder": txt.name}
+    return {
+        "dataset": os.path.relpath(ds, stages.workdir),
+        "num_examples": len(latents),
+        "latent_shape": list(latents.shape[1:]),
+        "text_encoder": txt.name,
+    }
 
 
 # --- dit --------------------------------------------------------------------------------------
+
 
 class _TrainProgress:
     """A tqdm bar (rate, ETA) for the trainer, fed from the metrics.jsonl it appends to, so the
@@ -289,10 +343,10 @@ def stage_dit(config, stages: Stages, encode_record: dict) -> dict:
     from absl import flags
 
     from mugv import null_text
-    from mugv_jax import dit
-    from mugv_jax.train import backend as train_lib
-    from mugv_jax.dit.checkpoint import model_from_params
     from mugv.safetensors_io import save_atomic
+    from mugv_jax import dit
+    from mugv_jax.dit.checkpoint import model_from_params
+    from mugv_jax.train import backend as train_lib
 
     d = stages.start("dit", keep_partial=True)
     c = dit_train_config(config, stages, encode_record)
@@ -306,19 +360,29 @@ def stage_dit(config, stages: Stages, encode_record: dict) -> dict:
     null = np.asarray(jax.device_get(summary["state"]["null_text"]))
     np.save(os.path.join(d, "null_text.npy"), null)
     path = os.path.join(d, "dit_ema.safetensors")
-    save_atomic(dit.export_release_state_dict(model_from_params(model_cfg, ema)), path,
-                metadata={"model": c.model, "step": str(summary["step"])})
+    save_atomic(
+        dit.export_release_state_dict(model_from_params(model_cfg, ema)),
+        path,
+        metadata={"model": c.model, "step": str(summary["step"])},
+    )
     # The sampler's default unconditional input (python -m mugv_jax.sample --checkpoint=PATH).
     null_text.save(null_text.sidecar_path(path), null, source=f"main job dit stage, step {summary['step']}")
-    return {"steps": int(summary["step"]), "final_loss": summary["loss"], "seconds_this_run": time.time() - t0,
-            "weights": os.path.relpath(path, stages.workdir), "model_config": model_cfg.to_dict(),
-            "metrics": os.path.relpath(os.path.join(d, "tensorboard", "metrics.jsonl"), stages.workdir)}
+    return {
+        "steps": int(summary["step"]),
+        "final_loss": summary["loss"],
+        "seconds_this_run": time.time() - t0,
+        "weights": os.path.relpath(path, stages.workdir),
+        "model_config": model_cfg.to_dict(),
+        "metrics": os.path.relpath(os.path.join(d, "tensorboard", "metrics.jsonl"), stages.workdir),
+    }
 
 
 # --- sample -----------------------------------------------------------------------------------
 
-def stage_sample(config, stages: Stages, vae_record: dict, dit_record: dict, meta: dict,
-                 train: np.ndarray, held_out: np.ndarray) -> dict:
+
+def stage_sample(
+    config, stages: Stages, vae_record: dict, dit_record: dict, meta: dict, train: np.ndarray, held_out: np.ndarray
+) -> dict:
     import jax
 
     from mugv.config import DiTConfig
@@ -356,17 +420,34 @@ def stage_sample(config, stages: Stages, vae_record: dict, dit_record: dict, met
             frame_mask[:, 0] = 0.0
         key = jax.random.PRNGKey(1000 + int(config.seed) + (mode == "i2v"))
         with _quiet_progress(f"sampling {mode}"):
-            z = sampler.sample(None, z0, y, mask, neg_y, neg_mask, height=h * 8, width=w * 8,
-                               num_steps=int(config.sample.steps), guidance_scale=float(config.sample.cfg_scale),
-                               frame_mask=frame_mask, key=key, fps=fps, shift=config.dit.objective.shift_ratio,
-                               velocity_fn=velocity, progress=True)
+            z = sampler.sample(
+                None,
+                z0,
+                y,
+                mask,
+                neg_y,
+                neg_mask,
+                height=h * 8,
+                width=w * 8,
+                num_steps=int(config.sample.steps),
+                guidance_scale=float(config.sample.cfg_scale),
+                frame_mask=frame_mask,
+                key=key,
+                fps=fps,
+                shift=config.dit.objective.shift_ratio,
+                velocity_fn=velocity,
+                progress=True,
+            )
         out[mode] = np.asarray(z)
     jv = load_vae(stages, vae_record)
     num_frames = int(meta["frames"])
     videos = {m: decode_batched(jv, out[m], num_frames, ENC_BATCH, f"decoding {m} samples") for m in out}
     recon_truth = decode_batched(jv, pz["truth"], num_frames, ENC_BATCH, "decoding held-out ground truth")
-    np.savez(os.path.join(d, "samples.npz"), **{f"{m}_latents": out[m] for m in out},
-             **{f"{m}_videos": videos[m] for m in videos})
+    np.savez(
+        os.path.join(d, "samples.npz"),
+        **{f"{m}_latents": out[m] for m in out},
+        **{f"{m}_videos": videos[m] for m in videos},
+    )
 
     means = measure.groups(train_latents, meta["train"])
     scale = int(config.sample.upscale)
@@ -381,12 +462,18 @@ def stage_sample(config, stages: Stages, vae_record: dict, dit_record: dict, met
                 group, dists = measure.nearest_group(out[mode][i], means)
                 px = measure.pixel_measure(videos[mode][i])
                 own = (pr["colour"], pr["direction"])
-                rec.update(target=list(own), latent_nearest=list(group), latent_ok=group == own,
-                           latent_colour_ok=group[0] == own[0], latent_direction_ok=group[1] == own[1],
-                           rms_own=dists[own],
-                           rms_others=float(np.mean([v for k, v in dists.items() if k != own])),
-                           pixel=px, pixel_colour_ok=px["colour"] == pr["colour"],
-                           pixel_direction_ok=px["direction"] == pr["direction"])
+                rec.update(
+                    target=list(own),
+                    latent_nearest=list(group),
+                    latent_ok=group == own,
+                    latent_colour_ok=group[0] == own[0],
+                    latent_direction_ok=group[1] == own[1],
+                    rms_own=dists[own],
+                    rms_others=float(np.mean([v for k, v in dists.items() if k != own])),
+                    pixel=px,
+                    pixel_colour_ok=px["colour"] == pr["colour"],
+                    pixel_direction_ok=px["direction"] == pr["direction"],
+                )
             # Every seed counts in the checks; the page shows the first few.
             if s < int(config.sample.media_seeds):
                 media.write_mp4(os.path.join(d, f"{name}.mp4"), videos[mode][i], pr["fps"], scale=scale)
@@ -405,10 +492,16 @@ def stage_sample(config, stages: Stages, vae_record: dict, dit_record: dict, met
             media.write_mp4(os.path.join(d, f"truth_{p:02d}.mp4"), held_out[p], pr["fps"], scale=scale)
             media.write_mp4(os.path.join(d, f"truth_vae_{p:02d}.mp4"), recon_truth[p], pr["fps"], scale=scale)
     held_meta = meta["held_out"]
-    vae_held = measure.reconstruction(held_out, recon_truth[:len(held_meta)], [h["colour"] for h in held_meta],
-                                      [h["direction"] for h in held_meta])
-    return {"samples": samples, "checks": summarise(samples), "prompts": prompts,
-            "vae_psnr_held_out": vae_held["psnr"], "vae_held_out": vae_held}
+    vae_held = measure.reconstruction(
+        held_out, recon_truth[: len(held_meta)], [h["colour"] for h in held_meta], [h["direction"] for h in held_meta]
+    )
+    return {
+        "samples": samples,
+        "checks": summarise(samples),
+        "prompts": prompts,
+        "vae_psnr_held_out": vae_held["psnr"],
+        "vae_held_out": vae_held,
+    }
 
 
 def _reference_clip(prompt: dict, meta: dict) -> tuple[int, str]:
@@ -419,8 +512,10 @@ def _reference_clip(prompt: dict, meta: dict) -> tuple[int, str]:
     for i, m in enumerate(meta["train"]):
         if m["source"] == "procedural" and (m["colour"], m["direction"]) == (prompt["colour"], prompt["direction"]):
             return i, f"training clip, same colour+direction: {m['caption']}"
-    raise ValueError(f"no training clip has colour {prompt['colour']} and direction {prompt['direction']}; "
-                     f"raise config.data.procedural_count")
+    raise ValueError(
+        f"no training clip has colour {prompt['colour']} and direction {prompt['direction']}; "
+        f"raise config.data.procedural_count"
+    )
 
 
 def summarise(samples: list[dict]) -> dict:
@@ -429,12 +524,14 @@ def summarise(samples: list[dict]) -> dict:
         held = [s for s in samples if s["mode"] == mode and s["kind"] == "held-out"]
         if not held:
             continue
-        out[mode] = {"samples": len(held),
-                     "latent_nearest_own_share": float(np.mean([s["latent_ok"] for s in held])),
-                     "latent_colour_share": float(np.mean([s["latent_colour_ok"] for s in held])),
-                     "latent_direction_share": float(np.mean([s["latent_direction_ok"] for s in held])),
-                     "pixel_colour_share": float(np.mean([s["pixel_colour_ok"] for s in held])),
-                     "pixel_direction_share": float(np.mean([s["pixel_direction_ok"] for s in held]))}
+        out[mode] = {
+            "samples": len(held),
+            "latent_nearest_own_share": float(np.mean([s["latent_ok"] for s in held])),
+            "latent_colour_share": float(np.mean([s["latent_colour_ok"] for s in held])),
+            "latent_direction_share": float(np.mean([s["latent_direction_ok"] for s in held])),
+            "pixel_colour_share": float(np.mean([s["pixel_colour_ok"] for s in held])),
+            "pixel_direction_share": float(np.mean([s["pixel_direction_ok"] for s in held])),
+        }
     return out
 
 
@@ -452,6 +549,7 @@ class _quiet_progress:
 
 
 # --- driver -----------------------------------------------------------------------------------
+
 
 def run(config, workdir: str, redo=(), progress: bool = True) -> dict:
     """Run every stage not already done; returns the summary also written to summary.json."""
@@ -481,14 +579,27 @@ def run(config, workdir: str, redo=(), progress: bool = True) -> dict:
     enc_rec = stage("encode", stage_encode, vae_rec, meta, train, held_out)
     dit_rec = stage("dit", stage_dit, enc_rec)
     sample_rec = stage("sample", stage_sample, vae_rec, dit_rec, meta, train, held_out)
-    summary = {"variant": config.variant, "workdir": os.path.abspath(workdir), "stages_run": list(timings),
-               "stages_reused": reused, "seconds_by_stage": timings, "wall_seconds": time.time() - t_start,
-               "data": data_rec, "vae": vae_rec, "encode": enc_rec, "dit": dit_rec,
-               "checks": sample_rec["checks"], "vae_psnr_held_out": sample_rec["vae_psnr_held_out"],
-               "vae_held_out": sample_rec.get("vae_held_out")}
+    summary = {
+        "variant": config.variant,
+        "workdir": os.path.abspath(workdir),
+        "stages_run": list(timings),
+        "stages_reused": reused,
+        "seconds_by_stage": timings,
+        "wall_seconds": time.time() - t_start,
+        "data": data_rec,
+        "vae": vae_rec,
+        "encode": enc_rec,
+        "dit": dit_rec,
+        "checks": sample_rec["checks"],
+        "vae_psnr_held_out": sample_rec["vae_psnr_held_out"],
+        "vae_held_out": sample_rec.get("vae_held_out"),
+    }
     summary["report"] = report.write(workdir, config, summary, sample_rec)
     summary["wall_seconds"] = time.time() - t_start
     atomic_write_json(os.path.join(workdir, "summary.json"), summary)
-    print(f"report: {summary['report']}  ({summary['wall_seconds']:.0f}s; stages run: "
-          f"{','.join(timings) or 'none'}; reused: {','.join(reused) or 'none'})", file=sys.stderr)
+    print(
+        f"report: {summary['report']}  ({summary['wall_seconds']:.0f}s; stages run: "
+        f"{','.join(timings) or 'none'}; reused: {','.join(reused) or 'none'})",
+        file=sys.stderr,
+    )
     return summary

@@ -5,12 +5,13 @@ is simply not done: the next run repeats it (or, for the trainers, resumes from 
 checkpoints, which live in that directory). Redoing a stage also redoes every later one, because
 their inputs change.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import shutil
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 MARKER = "DONE.json"
 

@@ -6,6 +6,7 @@ layouts as maps to and from it (`layouts`) and release-checkpoint IO (`io`) are 
 JAX trainer, the Megatron trainer and the converters alike. Dependencies point one way:
 `mugv` ← backends (`mugv_jax`, `mugv_megatron`) ← converters and apps.
 """
-from mugv.config import DiTConfig, PRESETS, get_config
+
+from mugv.config import PRESETS, DiTConfig, get_config
 
 __all__ = ["DiTConfig", "PRESETS", "get_config"]

@@ -5,10 +5,11 @@ Sizes follow the reference (docs/reference.md §1.1): every preset has 56 layers
 (1, 2, 2) and T5-XXL text features of width 4096. `tiny` is the configuration of the golden
 vectors (tests/golden/dit_tiny) and is what the tests run.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
+from collections.abc import Mapping
 
 # The 3D RoPE splits each head into three equal parts (h, w, t) of rotation pairs.
 ROPE_AXES = 3
@@ -43,13 +44,12 @@ class DiTConfig:
         if self.depth < 1:
             raise ValueError(f"DiTConfig.depth must be >= 1, got {self.depth}")
         if self.hidden_size % self.num_heads:
-            raise ValueError(
-                f"DiTConfig.hidden_size={self.hidden_size} is not divisible by "
-                f"num_heads={self.num_heads}")
+            raise ValueError(f"DiTConfig.hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
         if self.head_dim % (2 * ROPE_AXES):
             raise ValueError(
                 f"head dim {self.head_dim} (hidden_size/num_heads) must be divisible by 6 for the "
-                f"3D RoPE (h, w, t rotation pairs)")
+                f"3D RoPE (h, w, t rotation pairs)"
+            )
         if len(self.patch_size) != 3 or any(p < 1 for p in self.patch_size):
             raise ValueError(f"DiTConfig.patch_size must be three positive ints, got {self.patch_size}")
         object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
@@ -71,7 +71,7 @@ class DiTConfig:
     def rope_pairs_per_axis(self) -> int:
         return self.head_dim // (2 * ROPE_AXES)
 
-    def replace(self, **changes) -> "DiTConfig":
+    def replace(self, **changes) -> DiTConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
@@ -80,7 +80,7 @@ class DiTConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping) -> "DiTConfig":
+    def from_dict(cls, d: Mapping) -> DiTConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -99,7 +99,7 @@ PRESETS: dict[str, DiTConfig] = {
 }
 
 
-def get_config(name_or_config: "str | DiTConfig", **overrides) -> DiTConfig:
+def get_config(name_or_config: str | DiTConfig, **overrides) -> DiTConfig:
     """A preset by name (or a config passed through), with field overrides applied."""
     if isinstance(name_or_config, DiTConfig):
         cfg = name_or_config
@@ -107,6 +107,5 @@ def get_config(name_or_config: "str | DiTConfig", **overrides) -> DiTConfig:
         try:
             cfg = PRESETS[name_or_config]
         except KeyError:
-            raise ValueError(
-                f"unknown model preset {name_or_config!r}; choose one of {sorted(PRESETS)}") from None
+            raise ValueError(f"unknown model preset {name_or_config!r}; choose one of {sorted(PRESETS)}") from None
     return cfg.replace(**overrides) if overrides else cfg

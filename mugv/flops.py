@@ -9,6 +9,7 @@ JAX's remat policies (`mugv_jax/dit/model.py`) and Megatron's recompute modes
 (`mugv_megatron/model/recompute.py`). Element-wise work (norms, softmax, RoPE, modulation) is
 ignored, as is customary.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,8 +29,8 @@ PEAK_FLOPS = {
 
 @dataclasses.dataclass(frozen=True)
 class StepFlops:
-    forward: float          # one forward pass over the whole global batch
-    train: float            # forward + backward (3× forward)
+    forward: float  # one forward pass over the whole global batch
+    train: float  # forward + backward (3× forward)
 
     def per_device(self, num_devices: int) -> float:
         return self.train / num_devices
@@ -47,14 +48,14 @@ def _layer_flops(config: DiTConfig, num_video_tokens: int, num_text_tokens: int)
     n = num_video_tokens + 2
     l = num_text_tokens
     return float(
-        2 * n * c * 3 * c            # fused qkv
-        + 2 * 2 * n * n * c          # q·kᵀ and attn·v over all heads
-        + 2 * n * c * c              # self-attn output projection
-        + 2 * n * c * c              # cross-attn q
-        + 2 * l * c * 2 * c          # cross-attn kv on text
-        + 2 * 2 * n * l * c          # cross-attn scores and values
-        + 2 * n * c * c              # cross-attn output projection
-        + 2 * 2 * n * c * f          # MLP fc1 + fc2
+        2 * n * c * 3 * c  # fused qkv
+        + 2 * 2 * n * n * c  # q·kᵀ and attn·v over all heads
+        + 2 * n * c * c  # self-attn output projection
+        + 2 * n * c * c  # cross-attn q
+        + 2 * l * c * 2 * c  # cross-attn kv on text
+        + 2 * 2 * n * l * c  # cross-attn scores and values
+        + 2 * n * c * c  # cross-attn output projection
+        + 2 * 2 * n * c * f  # MLP fc1 + fc2
     )
 
 
@@ -64,11 +65,11 @@ def forward_flops_per_sample(config: DiTConfig, num_video_tokens: int, num_text_
     patch_in = config.in_channels * config.patch_volume
     patch_out = config.out_channels * config.patch_volume
     outside = (
-        2 * num_video_tokens * patch_in * c                     # patch embed
-        + 2 * num_video_tokens * c * patch_out                  # final linear
-        + 2 * l * (config.text_dim * c + c * c)                 # caption embedder
-        + 3 * 2 * (config.frequency_dim * c + c * c)            # t, t=0 and fps embedders
-        + 2 * 2 * c * 6 * c                                     # t_block for t and t=0
+        2 * num_video_tokens * patch_in * c  # patch embed
+        + 2 * num_video_tokens * c * patch_out  # final linear
+        + 2 * l * (config.text_dim * c + c * c)  # caption embedder
+        + 3 * 2 * (config.frequency_dim * c + c * c)  # t, t=0 and fps embedders
+        + 2 * 2 * c * 6 * c  # t_block for t and t=0
     )
     return float(config.depth * per_layer + outside)
 
@@ -94,8 +95,7 @@ RECOMPUTE_PARTS = {
 }
 
 
-def recompute_flops_per_sample(config: DiTConfig, num_video_tokens: int, num_text_tokens: int,
-                               policy: str) -> float:
+def recompute_flops_per_sample(config: DiTConfig, num_video_tokens: int, num_text_tokens: int, policy: str) -> float:
     """Forward matmul FLOPs that `policy` (a JAX remat policy or a Megatron recompute mode)
     re-runs during backward, per sample."""
     if policy not in RECOMPUTE_PARTS:
@@ -108,8 +108,9 @@ def recompute_flops_per_sample(config: DiTConfig, num_video_tokens: int, num_tex
     return config.depth * _layer_flops(config, num_video_tokens, num_text_tokens)
 
 
-def hardware_step_flops(config: DiTConfig, batch_size: int, num_video_tokens: int, num_text_tokens: int,
-                        policy: str) -> StepFlops:
+def hardware_step_flops(
+    config: DiTConfig, batch_size: int, num_video_tokens: int, num_text_tokens: int, policy: str
+) -> StepFlops:
     """`step_flops` plus what the recompute policy runs again (train only; the forward pass
     itself is the same)."""
     model = step_flops(config, batch_size, num_video_tokens, num_text_tokens)
@@ -130,4 +131,3 @@ def mfu(train_flops: float, step_seconds: float, num_devices: int, peak_per_devi
     if not peak_per_device or step_seconds <= 0:
         return None
     return train_flops / (step_seconds * num_devices * peak_per_device)
-

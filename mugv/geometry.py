@@ -4,6 +4,7 @@ The VAE downsamples height and width by 8 (three stride-2 convolutions that roun
 by 8 in groups of 8 frames. The release encodes either the whole clip at once (front zero-padding
 to a multiple of 8) or in chunks of `micro_frame_size` pixel frames (its default is 48).
 """
+
 from __future__ import annotations
 
 import math
@@ -37,8 +38,7 @@ def latent_spatial(height: int, width: int) -> tuple[int, int]:
     return height // SPATIAL_DOWNSAMPLE, width // SPATIAL_DOWNSAMPLE
 
 
-def latent_shape(num_frames: int, height: int, width: int,
-                 micro_frame_size: int | None = None) -> tuple[int, int, int]:
+def latent_shape(num_frames: int, height: int, width: int, micro_frame_size: int | None = None) -> tuple[int, int, int]:
     """(T', h, w) latent grid for a pixel clip."""
     return (latent_frames(num_frames, micro_frame_size), *latent_spatial(height, width))
 
@@ -58,6 +58,7 @@ def num_tokens(latent: tuple[int, int, int], config: DiTConfig) -> int:
     return num_video_tokens(latent, config) + 2
 
 
-def tokens_for_clip(num_frames: int, height: int, width: int, config: DiTConfig,
-                    micro_frame_size: int | None = None) -> int:
+def tokens_for_clip(
+    num_frames: int, height: int, width: int, config: DiTConfig, micro_frame_size: int | None = None
+) -> int:
     return num_tokens(latent_shape(num_frames, height, width, micro_frame_size), config)

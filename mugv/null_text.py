@@ -13,6 +13,7 @@ The sidecar of `W` is W with its weight suffix (.safetensors, .pt, .pth, .bin,
 .safetensors.index.json, .index.json) replaced by `.null_text.safetensors`; a shard folder's is
 `null_text.safetensors` inside it.
 """
+
 from __future__ import annotations
 
 import os
@@ -32,7 +33,7 @@ def sidecar_path(weights: str) -> str:
     head, name = os.path.split(weights)
     for suffix in _WEIGHT_SUFFIXES:
         if name.endswith(suffix) and len(name) > len(suffix):
-            name = name[:-len(suffix)]
+            name = name[: -len(suffix)]
             break
     return os.path.join(head, name + SUFFIX)
 
@@ -40,6 +41,7 @@ def sidecar_path(weights: str) -> str:
 def save(path: str, null_text, *, source: str) -> str:
     """Write the sidecar atomically (temporary name, then rename); returns `path`."""
     from safetensors.numpy import save_file
+
     arr = np.ascontiguousarray(np.asarray(null_text, np.float32))
     if arr.ndim != 2:
         raise ValueError(f"null caption for {path} must be [max_text_tokens, text_dim], got {list(arr.shape)}")
@@ -65,6 +67,7 @@ def load(path: str, *, text_dim: int | None = None) -> np.ndarray:
     else:
         from safetensors import SafetensorError
         from safetensors.numpy import load_file
+
         try:
             tensors = load_file(path)
         except (SafetensorError, OSError) as e:
@@ -73,8 +76,9 @@ def load(path: str, *, text_dim: int | None = None) -> np.ndarray:
             raise ValueError(f"{path} lacks tensor {KEY!r} (has {sorted(tensors)})")
         arr = tensors[KEY]
     if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.floating):
-        raise ValueError(f"{path}: null caption must be a float [max_text_tokens, text_dim] array, "
-                         f"got {arr.dtype} {list(arr.shape)}")
+        raise ValueError(
+            f"{path}: null caption must be a float [max_text_tokens, text_dim] array, got {arr.dtype} {list(arr.shape)}"
+        )
     if text_dim is not None and arr.shape[1] != text_dim:
         raise ValueError(f"{path}: null caption has text_dim {arr.shape[1]}, the model has {text_dim}")
     return arr.astype(np.float32)

@@ -24,6 +24,7 @@ Derived values (all float32):
   randint(n)  = ((x0 >> 8) · n) >> 24               in [0, n), exact integer math, n < 256
   bernoulli(p)= uniform(x0) < p
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -32,18 +33,18 @@ MASK32 = 0xFFFFFFFF
 ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
 KEY_PARITY = 0x1BD11BDA
 ROW_BITS = 24
-MAX_ROWS = 1 << ROW_BITS          # global batch rows a step can address
-MAX_RANGE = 256                   # randint's exclusive upper bound
+MAX_ROWS = 1 << ROW_BITS  # global batch rows a step can address
+MAX_RANGE = 256  # randint's exclusive upper bound
 
 # What each counter's tag draws. New quantities take new tags; existing ones never change.
-TAG_T = 1                # pretraining: logit-normal base u of the timestep (normal)
-TAG_NOISE = 2            # pretraining: noise ε [C, T, H, W] (normal)
-TAG_I2V_APPLY = 3        # pretraining: does the sample get conditioning frames (bernoulli)
-TAG_I2V_FRAMES = 4       # pretraining: how many ("quarter" mode; randint)
-TAG_CAPTION_DROP = 5     # pretraining: caption replaced by the null text (bernoulli)
-TAG_PREF_T = 6           # preference: logit-normal base of the timestep (normal)
-TAG_PREF_NOISE = 7       # preference: noise shared by a pair's winner and loser (normal)
-TAG_NULL_TEXT = 8        # the null caption features (normal; key = (seed, 0))
+TAG_T = 1  # pretraining: logit-normal base u of the timestep (normal)
+TAG_NOISE = 2  # pretraining: noise ε [C, T, H, W] (normal)
+TAG_I2V_APPLY = 3  # pretraining: does the sample get conditioning frames (bernoulli)
+TAG_I2V_FRAMES = 4  # pretraining: how many ("quarter" mode; randint)
+TAG_CAPTION_DROP = 5  # pretraining: caption replaced by the null text (bernoulli)
+TAG_PREF_T = 6  # preference: logit-normal base of the timestep (normal)
+TAG_PREF_NOISE = 7  # preference: noise shared by a pair's winner and loser (normal)
+TAG_NULL_TEXT = 8  # the null caption features (normal; key = (seed, 0))
 
 
 def threefry2x32(k0: int, k1: int, c0: np.ndarray, c1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -80,7 +81,7 @@ def bits(seed: int, step: int, tag: int, rows, elements: int) -> tuple[np.ndarra
 
 
 def uniform(x: np.ndarray) -> np.ndarray:
-    return ((x >> np.uint32(9)).astype(np.float32) + np.float32(0.5)) * np.float32(2.0 ** -23)
+    return ((x >> np.uint32(9)).astype(np.float32) + np.float32(0.5)) * np.float32(2.0**-23)
 
 
 def normal(x0: np.ndarray, x1: np.ndarray) -> np.ndarray:
@@ -95,6 +96,7 @@ def randint(x0: np.ndarray, n: int) -> np.ndarray:
 
 
 # --- the draws of a step (reference versions) --------------------------------------------------
+
 
 def normals(seed: int, step: int, tag: int, rows, shape: tuple[int, ...]) -> np.ndarray:
     """[len(rows), *shape] standard normals."""
@@ -119,8 +121,16 @@ def null_text(seed: int, max_text_tokens: int, text_dim: int) -> np.ndarray:
     return (z / np.float32(np.sqrt(text_dim))).astype(np.float32)
 
 
-def pretrain_draws(seed: int, step: int, rows, latent_shape: tuple[int, int, int, int], *, i2v_prob: float,
-                   i2v_mode: str, caption_dropout_prob: float) -> dict[str, np.ndarray]:
+def pretrain_draws(
+    seed: int,
+    step: int,
+    rows,
+    latent_shape: tuple[int, int, int, int],
+    *,
+    i2v_prob: float,
+    i2v_mode: str,
+    caption_dropout_prob: float,
+) -> dict[str, np.ndarray]:
     """Every random number of a pretraining step for the given global rows; `latent_shape` is one
     sample's [C, T, H, W]. Keys: u [B] (timestep base), eps [B, C, T, H, W], n_cond [B]
     (clean leading frames), drop [B] (caption replaced by the null text)."""
@@ -132,7 +142,9 @@ def pretrain_draws(seed: int, step: int, rows, latent_shape: tuple[int, int, int
     else:
         n_cond = 1 + randints(seed, step, TAG_I2V_FRAMES, rows, max(1, frames // 4))
     n_cond = np.where(apply, np.minimum(n_cond, frames - 1 if frames > 1 else 0), 0)
-    return {"u": normals(seed, step, TAG_T, rows, ()),
-            "eps": normals(seed, step, TAG_NOISE, rows, tuple(latent_shape)),
-            "n_cond": n_cond.astype(np.int64),
-            "drop": uniforms(seed, step, TAG_CAPTION_DROP, rows) < np.float32(caption_dropout_prob)}
+    return {
+        "u": normals(seed, step, TAG_T, rows, ()),
+        "eps": normals(seed, step, TAG_NOISE, rows, tuple(latent_shape)),
+        "n_cond": n_cond.astype(np.int64),
+        "drop": uniforms(seed, step, TAG_CAPTION_DROP, rows) < np.float32(caption_dropout_prob),
+    }

@@ -1,4 +1,5 @@
 """Small, safe file helpers: atomic safetensors writes and checked reads."""
+
 from __future__ import annotations
 
 import os
@@ -11,6 +12,7 @@ def save_atomic(tensors: dict[str, np.ndarray], path: str | os.PathLike, metadat
     """Write to a temporary file in the target directory, then rename: a crash never leaves a
     half-written file under the final name, and an existing file stays intact until the end."""
     from safetensors.numpy import save_file
+
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
@@ -29,6 +31,7 @@ def save_atomic(tensors: dict[str, np.ndarray], path: str | os.PathLike, metadat
 
 def load_tensors(path: str | os.PathLike, required: tuple[str, ...] = (), what: str = "file"):
     from safetensors.numpy import load_file
+
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} not found: {path}")

@@ -5,11 +5,12 @@ The release `dit.pt` is a flat {name: tensor} dict in PyTorch conventions (Linea
 project is defined as a map to and from these names, so this one function is the spine of the
 converters and of the loaders.
 """
+
 from __future__ import annotations
 
 import math
 import re
-from typing import Iterator
+from collections.abc import Iterator
 
 from mugv.config import PRESETS, DiTConfig
 
@@ -63,21 +64,25 @@ def release_schema(config: DiTConfig) -> dict[str, Shape]:
     }
     out.update(_embedder("t_embedder", c, config.frequency_dim))
     out.update(_embedder("fps_embedder", c, config.frequency_dim))
-    out.update({
-        "t_block.1.weight": (6 * c, c),
-        "t_block.1.bias": (6 * c,),
-        "y_embedder.y_proj.fc1.weight": (c, config.text_dim),
-        "y_embedder.y_proj.fc1.bias": (c,),
-        "y_embedder.y_proj.fc2.weight": (c, c),
-        "y_embedder.y_proj.fc2.bias": (c,),
-    })
+    out.update(
+        {
+            "t_block.1.weight": (6 * c, c),
+            "t_block.1.bias": (6 * c,),
+            "y_embedder.y_proj.fc1.weight": (c, config.text_dim),
+            "y_embedder.y_proj.fc1.bias": (c,),
+            "y_embedder.y_proj.fc2.weight": (c, c),
+            "y_embedder.y_proj.fc2.bias": (c,),
+        }
+    )
     for i in range(config.depth):
         out.update(block_schema(config, i))
-    out.update({
-        "final_layer.scale_shift_table": (2, c),
-        "final_layer.linear.weight": (config.patch_volume * config.out_channels, c),
-        "final_layer.linear.bias": (config.patch_volume * config.out_channels,),
-    })
+    out.update(
+        {
+            "final_layer.scale_shift_table": (2, c),
+            "final_layer.linear.weight": (config.patch_volume * config.out_channels, c),
+            "final_layer.linear.bias": (config.patch_volume * config.out_channels,),
+        }
+    )
     return out
 
 
@@ -93,8 +98,11 @@ def check_state_dict_shapes(found: dict[str, Shape], expected: dict[str, Shape],
     """
     missing = [k for k in expected if k not in found]
     unexpected = [k for k in found if k not in expected]
-    bad_shape = [(k, tuple(found[k]), tuple(expected[k]))
-                 for k in expected if k in found and tuple(found[k]) != tuple(expected[k])]
+    bad_shape = [
+        (k, tuple(found[k]), tuple(expected[k]))
+        for k in expected
+        if k in found and tuple(found[k]) != tuple(expected[k])
+    ]
     if not (missing or unexpected or bad_shape):
         return
     lines = [f"checkpoint {source} does not match the model schema:"]
@@ -120,8 +128,17 @@ def check_state_dict_shapes(found: dict[str, Shape], expected: dict[str, Shape],
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 # Fields that some tensor shape determines; the rest cannot be detected.
-SHAPE_FIELDS = ("depth", "hidden_size", "num_heads", "patch_size", "in_channels", "out_channels",
-                "text_dim", "mlp_ratio", "frequency_dim")
+SHAPE_FIELDS = (
+    "depth",
+    "hidden_size",
+    "num_heads",
+    "patch_size",
+    "in_channels",
+    "out_channels",
+    "text_dim",
+    "mlp_ratio",
+    "frequency_dim",
+)
 
 
 def as_shape(e) -> tuple[int, ...]:
@@ -147,16 +164,25 @@ def detect_config(entries: dict) -> DiTConfig:
         raise ValueError("cannot detect the model configuration: the checkpoint has no blocks.*")
     (head_dim,) = _shape(entries, "blocks.0.attn.q_norm.weight")
     if head_dim == 0 or c % head_dim:
-        raise ValueError(f"cannot detect the number of heads: hidden {c} is not a multiple of the "
-                         f"q_norm size {head_dim}")
+        raise ValueError(
+            f"cannot detect the number of heads: hidden {c} is not a multiple of the q_norm size {head_dim}"
+        )
     f, _ = _shape(entries, "blocks.0.mlp.fc1.weight")
     _, text_dim = _shape(entries, "y_embedder.y_proj.fc1.weight")
     _, freq = _shape(entries, "t_embedder.mlp.0.weight")
     out_features, _ = _shape(entries, "final_layer.linear.weight")
     volume = patch[0] * patch[1] * patch[2]
-    fields = dict(depth=max(layers) + 1, hidden_size=c, num_heads=c // head_dim,
-                  patch_size=tuple(patch), in_channels=cin, out_channels=out_features // volume,
-                  text_dim=text_dim, mlp_ratio=f / c, frequency_dim=freq)
+    fields = dict(
+        depth=max(layers) + 1,
+        hidden_size=c,
+        num_heads=c // head_dim,
+        patch_size=tuple(patch),
+        in_channels=cin,
+        out_channels=out_features // volume,
+        text_dim=text_dim,
+        mlp_ratio=f / c,
+        frequency_dim=freq,
+    )
     for preset in PRESETS.values():
         if shape_fields(preset) == fields:
             return preset

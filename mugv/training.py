@@ -1,6 +1,7 @@
 """Run-config pieces both trainers read the same way (framework-free, so the JAX and Megatron
 trainers cannot drift apart): the `config.optim` and `config.objective` sections as validated
 frozen dataclasses, the resolution rule of the timestep shift, and the run's model config."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,8 +16,8 @@ BASE_RESOLUTION = 512 * 512
 class OptimConfig:
     learning_rate: float = 1e-5
     warmup_steps: int = 100
-    schedule: str = "constant"      # "constant" | "cosine"
-    decay_steps: int = 0            # cosine: steps after warmup to reach final_lr_ratio
+    schedule: str = "constant"  # "constant" | "cosine"
+    decay_steps: int = 0  # cosine: steps after warmup to reach final_lr_ratio
     final_lr_ratio: float = 0.0
     b1: float = 0.9
     b2: float = 0.999
@@ -61,6 +62,7 @@ class ObjectiveConfig:
 @dataclasses.dataclass(frozen=True)
 class PreferenceConfig:
     """The loss fields of `config.preference` (the section also names the label files)."""
+
     beta_dpo: float = 200.0
     beta_kto: float = 200.0
     sft_weight: float = 0.1
@@ -74,7 +76,7 @@ def shift_ratio(latent_shape: tuple[int, int, int], shift_num_frames: int | None
     """The timestep-shift ratio of docs/reference.md §2.1: sqrt(pixels / 512²) · sqrt(latent frames)."""
     frames, h, w = latent_shape
     f = shift_num_frames if shift_num_frames is not None else frames
-    return float(((h * SPATIAL_DOWNSAMPLE) * (w * SPATIAL_DOWNSAMPLE) / BASE_RESOLUTION) ** 0.5 * f ** 0.5)
+    return float(((h * SPATIAL_DOWNSAMPLE) * (w * SPATIAL_DOWNSAMPLE) / BASE_RESOLUTION) ** 0.5 * f**0.5)
 
 
 def model_config_from(config) -> DiTConfig:
@@ -108,12 +110,13 @@ def unflatten(flat: dict[str, object]) -> dict:
 class MegatronOptions:
     """`config.megatron`: how the Megatron backend runs (the JAX backend's counterparts are
     `mesh`, `attention` and `remat`; each backend ignores the other's execution settings)."""
-    tp: int = 1                        # tensor-parallel size
-    sp: bool = False                   # sequence parallel (needs tp > 1)
-    pp: int = 1                        # pipeline-parallel size (must divide the depth)
-    cp: int = 1                        # context-parallel size
+
+    tp: int = 1  # tensor-parallel size
+    sp: bool = False  # sequence parallel (needs tp > 1)
+    pp: int = 1  # pipeline-parallel size (must divide the depth)
+    cp: int = 1  # context-parallel size
     distributed_optimizer: bool = True  # megatron's DistributedOptimizer (torch AdamW without CUDA)
-    use_te: bool | None = None         # Transformer Engine layers; None = when it imports
+    use_te: bool | None = None  # Transformer Engine layers; None = when it imports
     # Core attention of the local (non-TE) spec: "sdpa" (torch scaled_dot_product_attention, fused
     # kernels on GPU: what fits 720p without TE) or "megatron" (megatron's unfused attention).
     local_attention: str = "sdpa"
@@ -141,18 +144,22 @@ class MegatronOptions:
         if self.sp and int(self.tp) < 2:
             raise ValueError("config.megatron.sp (sequence parallel) needs config.megatron.tp >= 2")
         if self.local_attention not in ("sdpa", "megatron"):
-            raise ValueError(f"config.megatron.local_attention must be 'sdpa' or 'megatron', got {self.local_attention!r}")
+            raise ValueError(
+                f"config.megatron.local_attention must be 'sdpa' or 'megatron', got {self.local_attention!r}"
+            )
         if self.recompute not in ("none", "full", "selective"):
             raise ValueError(f"config.megatron.recompute must be 'none', 'full' or 'selective', got {self.recompute!r}")
         if self.params_dtype not in (None, "float32", "bfloat16"):
-            raise ValueError(f"config.megatron.params_dtype must be None, 'float32' or 'bfloat16', "
-                             f"got {self.params_dtype!r}")
+            raise ValueError(
+                f"config.megatron.params_dtype must be None, 'float32' or 'bfloat16', got {self.params_dtype!r}"
+            )
 
 
 def megatron_section():
     """The `config.megatron` ConfigDict with MegatronOptions' defaults (None-default fields keep
     their type so `--config.megatron.use_te=true` works)."""
     import ml_collections
+
     section = ml_collections.ConfigDict()
     for f in dataclasses.fields(MegatronOptions):
         if f.default is None:

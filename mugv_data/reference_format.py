@@ -11,11 +11,12 @@ exactly once: import applies the formula only to `real` rows, and export writes 
 latents as `generated`, or de-normalised as `real` if asked, so the reference loader reads the
 same numbers either way.
 """
+
 from __future__ import annotations
 
 import csv
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -51,6 +52,7 @@ def denormalise(latent: np.ndarray) -> np.ndarray:
 
 def _load_pt(path: str):
     import torch  # the reference format is torch pickles; only this module needs torch
+
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
@@ -74,8 +76,13 @@ def read_row(root: str, row: dict) -> dict:
     n = int(mask[0].sum())
     if not mask[0, :n].all():
         raise ValueError(f"{text_path}: mask is not a prefix of valid tokens")
-    return {"sample_id": row["sample_id"], "source": row["source"],
-            "latents": normalise(lat, row["source"]), "text": y[0, 0, :n], "text_len": n}
+    return {
+        "sample_id": row["sample_id"],
+        "source": row["source"],
+        "latents": normalise(lat, row["source"]),
+        "text": y[0, 0, :n],
+        "text_len": n,
+    }
 
 
 def read_csv(csv_path: str) -> Iterator[dict]:
@@ -89,8 +96,9 @@ def read_csv(csv_path: str) -> Iterator[dict]:
             yield read_row(root, row)
 
 
-def write_reference(examples, out_dir: str, *, source: str = "generated", text_len: int | None = None,
-                    csv_name: str = "train.csv") -> str:
+def write_reference(
+    examples, out_dir: str, *, source: str = "generated", text_len: int | None = None, csv_name: str = "train.csv"
+) -> str:
     """Export normalised examples (dicts with sample_id, latents, text, text_len) to the reference
     layout; `text_len` pads y/mask to a fixed L (the reference uses 300). Returns the CSV path."""
     import torch
@@ -126,13 +134,21 @@ def write_reference(examples, out_dir: str, *, source: str = "generated", text_l
     return csv_path
 
 
-def import_reference(csv_path: str, out_dir: str, *, fps: float = 24.0, name: str = "mugv_clips",
-                     num_shards: int | None = None, latent_dtype: str = "bfloat16") -> str:
+def import_reference(
+    csv_path: str,
+    out_dir: str,
+    *,
+    fps: float = 24.0,
+    name: str = "mugv_clips",
+    num_shards: int | None = None,
+    latent_dtype: str = "bfloat16",
+) -> str:
     """Reference CSV + .pt → mugv_data shards (one bucket per distinct latent shape).
 
     The reference format carries no fps or pixel frame count (its loader hard-codes fps 24), so
     `fps` is recorded for every clip and `num_frames` is 0 (unknown). Latents are stored as bf16
-    by default (the reference trainer casts them to bf16 too); `latent_dtype="float32"` keeps them. Rows are held in memory
+    by default (the reference trainer casts them to bf16 too); `latent_dtype="float32"` keeps them. Rows are held in
+    memory
     (fine for the sizes this path is for: checking parity with the reference trainer).
     """
     from mugv.data.shards import write_shards
@@ -147,10 +163,27 @@ def import_reference(csv_path: str, out_dir: str, *, fps: float = 24.0, name: st
     def examples():
         for r in rows:
             f, h, w = r["latents"].shape[1:]
-            yield {"sample_id": r["sample_id"], "source_id": f"reference:{r['source']}", "caption": "",
-                   "latents": r["latents"], "text": r["text"], "text_len": r["text_len"], "fps": fps,
-                   "num_frames": 0, "height": h * 8, "width": w * 8,
-                   "bucket_id": shapes.index((f, h, w))}
+            yield {
+                "sample_id": r["sample_id"],
+                "source_id": f"reference:{r['source']}",
+                "caption": "",
+                "latents": r["latents"],
+                "text": r["text"],
+                "text_len": r["text_len"],
+                "fps": fps,
+                "num_frames": 0,
+                "height": h * 8,
+                "width": w * 8,
+                "bucket_id": shapes.index((f, h, w)),
+            }
 
-    return write_shards(examples, out_dir, buckets=shapes, latent_channels=channels.pop(),
-                        text_dim=dims.pop(), name=name, num_shards=num_shards, latent_dtype=latent_dtype)
+    return write_shards(
+        examples,
+        out_dir,
+        buckets=shapes,
+        latent_channels=channels.pop(),
+        text_dim=dims.pop(),
+        name=name,
+        num_shards=num_shards,
+        latent_dtype=latent_dtype,
+    )

@@ -14,11 +14,13 @@
 Registries map a name to a zero-argument factory, so a scorer can be named on the command line and
 built lazily inside each (Beam) worker.
 """
+
 from __future__ import annotations
 
 import csv
 import json
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import numpy as np
 
@@ -60,8 +62,9 @@ def farneback_flow(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     ga = np.clip(_gray(a), 0, 255).astype(np.uint8)
     gb = np.clip(_gray(b), 0, 255).astype(np.uint8)
     # OpenCV's documented example parameters; 3 pyramid levels see motions up to ~20 px.
-    return cv2.calcOpticalFlowFarneback(ga, gb, None, pyr_scale=0.5, levels=3, winsize=15,
-                                        iterations=3, poly_n=5, poly_sigma=1.2, flags=0)
+    return cv2.calcOpticalFlowFarneback(
+        ga, gb, None, pyr_scale=0.5, levels=3, winsize=15, iterations=3, poly_n=5, poly_sigma=1.2, flags=0
+    )
 
 
 class FlowMotionScorer:
@@ -78,9 +81,10 @@ class FlowMotionScorer:
         for i in starts:
             flow = np.asarray(self.flow_fn(frames[i], frames[i + 1]), np.float32)
             if flow.shape != (*frames.shape[1:3], 2):
-                raise ValueError(f"motion scorer {self.name!r}: flow must be [H, W, 2] = "
-                                 f"{(*frames.shape[1:3], 2)}, got {flow.shape}")
-            mags.append(float(np.sqrt((flow ** 2).sum(-1)).mean()))
+                raise ValueError(
+                    f"motion scorer {self.name!r}: flow must be [H, W, 2] = {(*frames.shape[1:3], 2)}, got {flow.shape}"
+                )
+            mags.append(float(np.sqrt((flow**2).sum(-1)).mean()))
         return float(np.mean(mags))
 
 
@@ -127,8 +131,10 @@ def build(kind: str, name: str | None):
         return None
     registry = _REGISTRIES[kind]
     if name not in registry:
-        raise ValueError(f"unknown {kind} scorer {name!r}; registered: {sorted(registry) or 'none'} "
-                         f"(register one with mugv_data.scorers.register_{'captioner' if kind == 'captioner' else kind + '_scorer'})")
+        raise ValueError(
+            f"unknown {kind} scorer {name!r}; registered: {sorted(registry) or 'none'} "
+            f"(register one with mugv_data.scorers.register_{'captioner' if kind == 'captioner' else kind + '_scorer'})"
+        )
     return registry[name]()
 
 

@@ -16,10 +16,11 @@ range [start, end): the previous shot ends at `start`, the next begins at `end`.
 start == end; a gradual transition's frames (start..end-1) belong to no shot, so no training
 clip straddles half of a dissolve.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -29,29 +30,28 @@ KNOWN_DETECTORS = ("content", "adaptive", "transnetv2")
 
 @dataclasses.dataclass(frozen=True)
 class Cut:
-    start: int                   # the previous shot's end (exclusive)
-    end: int                     # the next shot's first frame; > start for a gradual transition
-    detectors: tuple[str, ...]   # which detectors found it, in configuration order
+    start: int  # the previous shot's end (exclusive)
+    end: int  # the next shot's first frame; > start for a gradual transition
+    detectors: tuple[str, ...]  # which detectors found it, in configuration order
 
     @property
     def gradual(self) -> bool:
         return self.end > self.start
 
     def to_json(self) -> dict:
-        return {"start": self.start, "end": self.end, "detectors": list(self.detectors),
-                "gradual": self.gradual}
+        return {"start": self.start, "end": self.end, "detectors": list(self.detectors), "gradual": self.gradual}
 
 
 @dataclasses.dataclass(frozen=True)
 class Shot:
     start: int
     end: int
-    cut_in: Cut | None    # None: the shot starts the video
-    cut_out: Cut | None   # None: the shot ends the video
+    cut_in: Cut | None  # None: the shot starts the video
+    cut_out: Cut | None  # None: the shot ends the video
 
 
 def parse_detectors(spec: str | Sequence[str]) -> tuple[str, ...]:
-    """"content,adaptive" (or a sequence of names) → a validated tuple."""
+    """ "content,adaptive" (or a sequence of names) → a validated tuple."""
     names = tuple(n.strip() for n in (spec.split(",") if isinstance(spec, str) else spec) if n.strip())
     if not names:
         raise ValueError(f"no shot detector given; choose from {', '.join(KNOWN_DETECTORS)}")
@@ -128,6 +128,7 @@ class _TransNet:
     def __call__(self, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         import cv2
         import torch
+
         # 48×27 is the network's input size; INTER_AREA as PySceneDetect's own TransNetV2 reader.
         small = np.stack([cv2.resize(f, (48, 27), interpolation=cv2.INTER_AREA) for f in frames])
         with torch.inference_mode():
@@ -162,9 +163,15 @@ class ShotSplitter:
     """frames [T, H, W, 3] uint8 RGB, fps → shots. Built once per process (TransNetV2 holds a
     model); picklable before first use."""
 
-    def __init__(self, detectors: str | Sequence[str] = DEFAULT_DETECTORS, *, min_shot_frames: int = 4,
-                 content_threshold: float = 27.0, adaptive_threshold: float = 3.0,
-                 transnet_threshold: float = 0.5):
+    def __init__(
+        self,
+        detectors: str | Sequence[str] = DEFAULT_DETECTORS,
+        *,
+        min_shot_frames: int = 4,
+        content_threshold: float = 27.0,
+        adaptive_threshold: float = 3.0,
+        transnet_threshold: float = 0.5,
+    ):
         self.detectors = parse_detectors(detectors)
         if min_shot_frames < 1:
             raise ValueError(f"min_shot_frames must be >= 1, got {min_shot_frames}")
@@ -182,10 +189,12 @@ class ShotSplitter:
         """One detector's cuts, unmerged."""
         if name == "content":
             from scenedetect.detectors import ContentDetector
+
             det = ContentDetector(threshold=self.content_threshold, min_scene_len=self.min_shot_frames)
             return [Cut(t, t, (name,)) for t in _pyscenedetect_cuts(det, frames, fps)]
         if name == "adaptive":
             from scenedetect.detectors import AdaptiveDetector
+
             det = AdaptiveDetector(adaptive_threshold=self.adaptive_threshold, min_scene_len=self.min_shot_frames)
             return [Cut(t, t, (name,)) for t in _pyscenedetect_cuts(det, frames, fps)]
         if name == "transnetv2":
@@ -194,8 +203,11 @@ class ShotSplitter:
             # An inclusive transition [a, b]: its first frame still ends the previous shot
             # (TransNetV2's hard-cut label sits on the last frame before the cut), the next shot
             # starts after its last frame.
-            return [Cut(a + 1, min(b + 1, n), (name,))
-                    for a, b in transnet_transitions(single, many, self.transnet_threshold) if a + 1 < n]
+            return [
+                Cut(a + 1, min(b + 1, n), (name,))
+                for a, b in transnet_transitions(single, many, self.transnet_threshold)
+                if a + 1 < n
+            ]
         raise ValueError(f"unknown shot detector {name!r}; choose from {', '.join(KNOWN_DETECTORS)}")
 
     def cuts(self, frames: np.ndarray, fps: float) -> list[Cut]:

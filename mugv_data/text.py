@@ -8,12 +8,14 @@ release's T5-XXL encoder (D=4096, L=300, fp32, EOS appended, docs/reference.md ย
 from a local directory (`save_pretrained` layout: config.json, weights, tokenizer files); it cannot
 be downloaded here. The DiT's `text_dim`/`max_text_tokens` follow the encoder (`dit_overrides`).
 """
+
 from __future__ import annotations
 
 import hashlib
 import os
 import re
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -68,11 +70,17 @@ class MiniLMEncoder:
         self._torch = torch
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         self.model = AutoModel.from_pretrained(path, local_files_only=True).eval().to(device)
-        self.name, self.dim, self.max_length, self.device = "all-MiniLM-L6-v2", int(self.model.config.hidden_size), max_length, device
+        self.name, self.dim, self.max_length, self.device = (
+            "all-MiniLM-L6-v2",
+            int(self.model.config.hidden_size),
+            max_length,
+            device,
+        )
 
     def encode(self, captions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        batch = self.tokenizer(list(captions), padding="max_length", truncation=True,
-                               max_length=self.max_length, return_tensors="pt").to(self.device)
+        batch = self.tokenizer(
+            list(captions), padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+        ).to(self.device)
         with self._torch.no_grad():
             hidden = self.model(**batch).last_hidden_state.float().cpu().numpy()
         mask = batch["attention_mask"].cpu().numpy().astype(np.int32)
@@ -93,21 +101,36 @@ class T5TextEncoder:
         from transformers import AutoTokenizer, T5EncoderModel
 
         if not os.path.isfile(os.path.join(path, "config.json")):
-            raise FileNotFoundError(f"{path}: not a T5 model directory (no config.json); the T5-XXL weights "
-                                    f"must be copied there, they cannot be downloaded")
+            raise FileNotFoundError(
+                f"{path}: not a T5 model directory (no config.json); the T5-XXL weights "
+                f"must be copied there, they cannot be downloaded"
+            )
         self._torch = torch
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self.model = T5EncoderModel.from_pretrained(path, local_files_only=True,
-                                                    torch_dtype=getattr(torch, dtype)).eval().to(device)
+        self.model = (
+            T5EncoderModel.from_pretrained(path, local_files_only=True, torch_dtype=getattr(torch, dtype))
+            .eval()
+            .to(device)
+        )
         self.name = f"t5:{os.path.basename(os.path.normpath(path))}"
         self.dim, self.max_length, self.device = int(self.model.config.d_model), max_length, device
 
     def encode(self, captions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        batch = self.tokenizer(list(captions), padding="max_length", truncation=True, max_length=self.max_length,
-                               add_special_tokens=True, return_tensors="pt").to(self.device)
+        batch = self.tokenizer(
+            list(captions),
+            padding="max_length",
+            truncation=True,
+            max_length=self.max_length,
+            add_special_tokens=True,
+            return_tensors="pt",
+        ).to(self.device)
         with self._torch.no_grad():
-            hidden = self.model(input_ids=batch["input_ids"],
-                                attention_mask=batch["attention_mask"]).last_hidden_state.float().cpu().numpy()
+            hidden = (
+                self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                .last_hidden_state.float()
+                .cpu()
+                .numpy()
+            )
         mask = batch["attention_mask"].cpu().numpy().astype(np.int32)
         return (hidden * mask[..., None]).astype(np.float32), mask
 
@@ -129,9 +152,11 @@ def dit_overrides(encoder: TextEncoder) -> dict:
 
 
 # The release's fixed negative prompt (docs/reference.md ยง3.2), verbatim; it gets no aesthetic suffix.
-NEGATIVE_PROMPT = ("ugly, blurry, lowres, bad anatomy, bad hands, text, error, missing fingers, extra digit, "
-                   "fewer digits, cropped, worst quality, low quality, normal quality, jpeg artifacts, "
-                   "signature, watermark, username, blurry")
+NEGATIVE_PROMPT = (
+    "ugly, blurry, lowres, bad anatomy, bad hands, text, error, missing fingers, extra digit, "
+    "fewer digits, cropped, worst quality, low quality, normal quality, jpeg artifacts, "
+    "signature, watermark, username, blurry"
+)
 
 
 def with_aesthetic_suffix(prompt: str, score: float | None) -> str:

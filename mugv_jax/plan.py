@@ -24,6 +24,7 @@ SPMD partitioner cannot split it, so outside a shard_map its operands are gather
 is planned with XLA's attention, which is partitioned over batch and heads like cuDNN's custom
 partitioning but materialises the scores (an upper bound on the fused kernel's memory).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -33,9 +34,10 @@ import math
 import os
 import sys
 import time
+
 from mugv.training import ObjectiveConfig, OptimConfig
 
-GiB = 1024 ** 3
+GiB = 1024**3
 
 # HBM per device (bytes) and bf16 dense peak (FLOP/s).
 DEVICE_KINDS = {
@@ -51,27 +53,27 @@ DEVICE_KINDS = {
 class Plan:
     mesh: dict
     bucket: tuple
-    params_bytes: int          # per device
-    optimizer_bytes: int       # Adam moments, per device
+    params_bytes: int  # per device
+    optimizer_bytes: int  # Adam moments, per device
     ema_bytes: int
-    other_state_bytes: int     # null caption, counters
+    other_state_bytes: int  # null caption, counters
     batch_bytes: int
-    temp_bytes: int            # XLA temporaries: activations, gradients, buffers
+    temp_bytes: int  # XLA temporaries: activations, gradients, buffers
     xla_argument_bytes: int
     xla_output_bytes: int
     xla_alias_bytes: int
-    analytic_flops: float      # whole step, all devices
-    xla_flops: float | None    # per device as XLA counts it (scan body once)
+    analytic_flops: float  # whole step, all devices
+    xla_flops: float | None  # per device as XLA counts it (scan body once)
     compile_seconds: float
     # The layout, for the report and the suggestions.
     grad_accum_steps: int = 1
     remat: str = "full"
-    attention: str = "xla"     # backend+mode as configured
-    stand_in: str = ""         # how the CPU compiled a kernel that runs only on the pod
+    attention: str = "xla"  # backend+mode as configured
+    stand_in: str = ""  # how the CPU compiled a kernel that runs only on the pod
     heads: int = 48
     depth: int = 56
     hidden: int = 3456
-    tokens: int = 0            # self-attention sequence per sample (video + start/end)
+    tokens: int = 0  # self-attention sequence per sample (video + start/end)
 
     @property
     def state_bytes(self):
@@ -94,6 +96,7 @@ class Plan:
 
 def _per_device_bytes(tree) -> int:
     import jax
+
     total = 0
     for leaf in jax.tree.leaves(tree):
         shard = leaf.sharding.shard_shape(leaf.shape)
@@ -119,9 +122,11 @@ def check_batch_split(batch: int, accum: int, mesh_shape: dict, what: str = "buc
     if batch % accum:
         raise ValueError(f"{what}: global batch {batch} is not divisible by optim.grad_accum_steps={accum}")
     if (batch // accum) % dp:
-        raise ValueError(f"{what}: micro-batch {batch // accum} (global batch {batch} / optim.grad_accum_steps="
-                         f"{accum}) is not divisible by data × fsdp = {dp} (mesh {mesh_shape}); choose "
-                         f"grad_accum_steps so that batch / grad_accum_steps is a multiple of {dp}")
+        raise ValueError(
+            f"{what}: micro-batch {batch // accum} (global batch {batch} / optim.grad_accum_steps="
+            f"{accum}) is not divisible by data × fsdp = {dp} (mesh {mesh_shape}); choose "
+            f"grad_accum_steps so that batch / grad_accum_steps is a multiple of {dp}"
+        )
 
 
 @contextlib.contextmanager
@@ -129,16 +134,21 @@ def cpu_attention_kernels():
     """Make the fused kernels compile on the CPU (see the module docstring): `splash` in Pallas
     interpret mode, `cudnn` as XLA attention. Restores the backend table on exit."""
     import jax
+
     from mugv_jax.parallel import attention
+
     if jax.default_backend() != "cpu":
         yield {}
         return
     saved = dict(attention.BACKENDS)
-    attention.BACKENDS.update(splash=functools.partial(attention._splash_attention, interpret=True),
-                              cudnn=attention.BACKENDS["xla"])
+    attention.BACKENDS.update(
+        splash=functools.partial(attention._splash_attention, interpret=True), cudnn=attention.BACKENDS["xla"]
+    )
     try:
-        yield {"splash": "splash in Pallas interpret mode",
-               "cudnn": "XLA attention in place of cuDNN (scores materialised: an upper bound)"}
+        yield {
+            "splash": "splash in Pallas interpret mode",
+            "cudnn": "XLA attention in place of cuDNN (scores materialised: an upper bound)",
+        }
     finally:
         attention.BACKENDS.clear()
         attention.BACKENDS.update(saved)
@@ -154,10 +164,11 @@ def plan_step(config, *, bucket_index: int | None = None, devices=None) -> Plan:
 
     from mugv import flops as flops_lib
     from mugv.geometry import num_tokens, num_video_tokens
+    from mugv.training import dataclass_from as _dataclass_from
+    from mugv.training import model_config_from
+    from mugv_jax.dit.model import RuntimeOptions
     from mugv_jax.parallel import mesh as mesh_lib
     from mugv_jax.train import step as trainer_lib
-    from mugv_jax.dit.model import RuntimeOptions
-    from mugv.training import dataclass_from as _dataclass_from, model_config_from
 
     model_cfg = model_config_from(config)
     # The trainer builds its RuntimeOptions from exactly these three fields (mugv_jax/train/backend.py);
@@ -165,14 +176,14 @@ def plan_step(config, *, bucket_index: int | None = None, devices=None) -> Plan:
     options = RuntimeOptions(compute_dtype=config.compute_dtype, attention=config.attention, remat=config.remat)
     mesh = mesh_lib.build_mesh(dict(config.mesh.ici), dict(config.mesh.get("dcn", {}) or {}), devices=devices)
     optim = _dataclass_from(OptimConfig, config.optim)
-    trainer = trainer_lib.Trainer(model_cfg, options, optim, _dataclass_from(ObjectiveConfig, config.objective),
-                                  mesh)
+    trainer = trainer_lib.Trainer(model_cfg, options, optim, _dataclass_from(ObjectiveConfig, config.objective), mesh)
     buckets = plan_buckets(config)
     for i, b in enumerate(buckets):
         check_batch_split(b[3], optim.grad_accum_steps, dict(mesh.shape), f"bucket {i} {b}")
     if bucket_index is None:  # the most tokens per step is the memory peak
-        bucket_index = max(range(len(buckets)),
-                           key=lambda i: buckets[i][3] * num_video_tokens(buckets[i][:3], model_cfg))
+        bucket_index = max(
+            range(len(buckets)), key=lambda i: buckets[i][3] * num_video_tokens(buckets[i][:3], model_cfg)
+        )
     if not 0 <= bucket_index < len(buckets):
         raise ValueError(f"bucket index {bucket_index}: the config has {len(buckets)} buckets {buckets}")
     f, h, w, batch = buckets[bucket_index]
@@ -184,12 +195,17 @@ def plan_step(config, *, bucket_index: int | None = None, devices=None) -> Plan:
         "fps": jax.ShapeDtypeStruct((batch,), np.float32),
     }
     batch_sh = trainer.batch_sharding(batch_abstract)
-    batch_abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh[k])
-                      for k, v in batch_abstract.items()}
+    batch_abstract = {
+        k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh[k]) for k, v in batch_abstract.items()
+    }
     state = trainer.abstract_state()
     state_sh = jax.tree.map(lambda a: a.sharding, state)
-    step = jax.jit(trainer._step_fn, in_shardings=(state_sh, batch_sh),
-                   out_shardings=(state_sh, NamedSharding(mesh, PartitionSpec())), donate_argnums=(0,))
+    step = jax.jit(
+        trainer._step_fn,
+        in_shardings=(state_sh, batch_sh),
+        out_shardings=(state_sh, NamedSharding(mesh, PartitionSpec())),
+        donate_argnums=(0,),
+    )
     t0 = time.perf_counter()
     with cpu_attention_kernels() as stand_ins:
         compiled = step.lower(state, batch_abstract).compile()
@@ -200,17 +216,29 @@ def plan_step(config, *, bucket_index: int | None = None, devices=None) -> Plan:
     n_tok = num_video_tokens((f, h, w), model_cfg)
     other = {k: v for k, v in state.items() if k not in ("params", "opt_state", "ema")}
     return Plan(
-        mesh=dict(mesh.shape), bucket=(f, h, w, batch),
-        params_bytes=_per_device_bytes(state["params"]), optimizer_bytes=_per_device_bytes(state["opt_state"]),
-        ema_bytes=_per_device_bytes(state["ema"]), other_state_bytes=_per_device_bytes(other),
-        batch_bytes=_per_device_bytes(batch_abstract), temp_bytes=int(mem.temp_size_in_bytes),
-        xla_argument_bytes=int(mem.argument_size_in_bytes), xla_output_bytes=int(mem.output_size_in_bytes),
+        mesh=dict(mesh.shape),
+        bucket=(f, h, w, batch),
+        params_bytes=_per_device_bytes(state["params"]),
+        optimizer_bytes=_per_device_bytes(state["opt_state"]),
+        ema_bytes=_per_device_bytes(state["ema"]),
+        other_state_bytes=_per_device_bytes(other),
+        batch_bytes=_per_device_bytes(batch_abstract),
+        temp_bytes=int(mem.temp_size_in_bytes),
+        xla_argument_bytes=int(mem.argument_size_in_bytes),
+        xla_output_bytes=int(mem.output_size_in_bytes),
         xla_alias_bytes=int(mem.alias_size_in_bytes),
         analytic_flops=flops_lib.step_flops(model_cfg, batch, n_tok, text_len).train,
-        xla_flops=float(cost["flops"]) if cost and "flops" in cost else None, compile_seconds=seconds,
-        grad_accum_steps=optim.grad_accum_steps, remat=options.remat, attention=str(config.attention),
-        stand_in=stand_ins.get(options.attention, ""), heads=model_cfg.num_heads, depth=model_cfg.depth,
-        hidden=model_cfg.hidden_size, tokens=num_tokens((f, h, w), model_cfg))
+        xla_flops=float(cost["flops"]) if cost and "flops" in cost else None,
+        compile_seconds=seconds,
+        grad_accum_steps=optim.grad_accum_steps,
+        remat=options.remat,
+        attention=str(config.attention),
+        stand_in=stand_ins.get(options.attention, ""),
+        heads=model_cfg.num_heads,
+        depth=model_cfg.depth,
+        hidden=model_cfg.hidden_size,
+        tokens=num_tokens((f, h, w), model_cfg),
+    )
 
 
 HEADROOM = 0.10  # the CPU figures are estimates: keep this share of HBM free
@@ -226,8 +254,15 @@ def report(p: Plan, kind: str, mfu: float) -> str:
     step_s = p.analytic_flops / (n * dev["peak"] * mfu)
     g = lambda b: f"{b / GiB:8.2f} GiB"
     free = 1 - p.total_bytes / dev["hbm"]
-    verdict = (f"fits ({free:.0%} free)" if free >= HEADROOM else f"fits, but under {HEADROOM:.0%} headroom "
-               f"({free:.0%} free)") if fits(p, kind) else "DOES NOT FIT"
+    verdict = (
+        (
+            f"fits ({free:.0%} free)"
+            if free >= HEADROOM
+            else f"fits, but under {HEADROOM:.0%} headroom ({free:.0%} free)"
+        )
+        if fits(p, kind)
+        else "DOES NOT FIT"
+    )
     backend, _, mode = p.attention.partition("+")
     lines = [
         f"mesh {p.mesh} ({n} devices, {kind}), bucket (frames, h, w, batch) = {p.bucket}",
@@ -246,8 +281,11 @@ def report(p: Plan, kind: str, mfu: float) -> str:
         f"  temporaries (XLA)         {g(p.temp_bytes)}   activations, gradients, buffers",
         f"  total (XLA args + temps)  {g(p.total_bytes)}   of {dev['hbm'] / GiB:.0f} GiB HBM: " + verdict,
         f"FLOPs per step: analytic {p.analytic_flops:.3e} ({p.analytic_flops / n:.3e} per device); "
-        + (f"XLA cost analysis {p.xla_flops:.3e} per device (scanned layer counted once)"
-           if p.xla_flops is not None else "XLA cost analysis unavailable"),
+        + (
+            f"XLA cost analysis {p.xla_flops:.3e} per device (scanned layer counted once)"
+            if p.xla_flops is not None
+            else "XLA cost analysis unavailable"
+        ),
         f"predicted step time at {mfu:.0%} MFU ({dev['peak'] / 1e12:.0f} TFLOP/s peak): {step_s:.2f} s",
         f"(compiled in {p.compile_seconds:.0f} s on {os.cpu_count()} CPU cores)",
     ]
@@ -276,9 +314,9 @@ class Layout:
     fsdp: int
     tensor: int
     context: int
-    micro: int          # samples per data-parallel rank per micro-batch
+    micro: int  # samples per data-parallel rank per micro-batch
     remat: str
-    mode: str           # context-parallel mode: none | ulysses | ring
+    mode: str  # context-parallel mode: none | ulysses | ring
 
     @property
     def dp(self):
@@ -287,9 +325,9 @@ class Layout:
 
 @dataclasses.dataclass(frozen=True)
 class _Model:
-    params: float       # per device at fsdp = `fsdp`
+    params: float  # per device at fsdp = `fsdp`
     fsdp: int
-    act: float          # at micro, context, remat of the measured layout
+    act: float  # at micro, context, remat of the measured layout
     micro: int
     context: int
     remat: str
@@ -316,16 +354,32 @@ def _model(p: Plan) -> _Model:
     grads = p.params_bytes * (UPDATE_BUFFERS + (p.grad_accum_steps > 1))
     act = max(p.temp_bytes - grads, 0)
     sharded = p.params_bytes + p.optimizer_bytes + p.ema_bytes + grads
-    return _Model(params=p.params_bytes, fsdp=p.mesh.get("fsdp", 1), act=act, micro=p.micro_batch,
-                  context=p.mesh.get("context", 1), remat=p.remat, rest=p.total_bytes - sharded - act,
-                  batch=p.bucket[3], heads=p.heads, depth=p.depth, hidden=p.hidden, tokens=p.tokens)
+    return _Model(
+        params=p.params_bytes,
+        fsdp=p.mesh.get("fsdp", 1),
+        act=act,
+        micro=p.micro_batch,
+        context=p.mesh.get("context", 1),
+        remat=p.remat,
+        rest=p.total_bytes - sharded - act,
+        batch=p.bucket[3],
+        heads=p.heads,
+        depth=p.depth,
+        hidden=p.hidden,
+        tokens=p.tokens,
+    )
 
 
 def _moves(lay: Layout, m: _Model, kernel: str):
     """Single changes of a layout that keep the global batch and every divisibility rule."""
+
     def ok(new: Layout) -> bool:
-        return (m.hidden % new.fsdp == 0 and new.micro >= 1 and m.batch % (new.dp * new.micro) == 0
-                and (new.mode != "ulysses" or m.heads % (new.tensor * new.context) == 0))
+        return (
+            m.hidden % new.fsdp == 0
+            and new.micro >= 1
+            and m.batch % (new.dp * new.micro) == 0
+            and (new.mode != "ulysses" or m.heads % (new.tensor * new.context) == 0)
+        )
 
     out = []
     if lay.data > 1:  # shard the state over all data-parallel ranks
@@ -344,11 +398,17 @@ def _moves(lay: Layout, m: _Model, kernel: str):
     for attr in ("data", "fsdp"):
         if getattr(lay, attr) % 2 == 0:
             for try_mode in (mode, "ring"):
-                new = dataclasses.replace(lay, context=lay.context * 2, mode=try_mode,
-                                          **{attr: getattr(lay, attr) // 2})
+                new = dataclasses.replace(
+                    lay, context=lay.context * 2, mode=try_mode, **{attr: getattr(lay, attr) // 2}
+                )
                 if ok(new):
-                    out.append((f"raise context {lay.context} → {new.context} ({try_mode}; {attr} "
-                                f"{getattr(lay, attr)} → {getattr(new, attr)})", new))
+                    out.append(
+                        (
+                            f"raise context {lay.context} → {new.context} ({try_mode}; {attr} "
+                            f"{getattr(lay, attr)} → {getattr(new, attr)})",
+                            new,
+                        )
+                    )
                     break
             break
     if lay.remat != "full":
@@ -358,11 +418,21 @@ def _moves(lay: Layout, m: _Model, kernel: str):
 
 def _describe(old: Layout, new: Layout, batch: int) -> str:
     accum = lambda lay: batch // (lay.dp * lay.micro)
-    parts = [f"{name} {a} → {b}" for name, a, b in (
-        ("mesh (data, fsdp, tensor, context)", (old.data, old.fsdp, old.tensor, old.context),
-         (new.data, new.fsdp, new.tensor, new.context)),
-        ("context parallel", old.mode, new.mode), ("micro-batch per data-parallel rank", old.micro, new.micro),
-        ("grad_accum_steps", accum(old), accum(new)), ("remat", old.remat, new.remat)) if a != b]
+    parts = [
+        f"{name} {a} → {b}"
+        for name, a, b in (
+            (
+                "mesh (data, fsdp, tensor, context)",
+                (old.data, old.fsdp, old.tensor, old.context),
+                (new.data, new.fsdp, new.tensor, new.context),
+            ),
+            ("context parallel", old.mode, new.mode),
+            ("micro-batch per data-parallel rank", old.micro, new.micro),
+            ("grad_accum_steps", accum(old), accum(new)),
+            ("remat", old.remat, new.remat),
+        )
+        if a != b
+    ]
     return "; ".join(parts)
 
 
@@ -372,10 +442,12 @@ def _size(b: float) -> str:
 
 def _overrides(lay: Layout, kernel: str, batch: int) -> str:
     attention = kernel + ("" if lay.mode == "none" else f"+{lay.mode}")
-    return (f"--config.mesh.ici.data={lay.data} --config.mesh.ici.fsdp={lay.fsdp} "
-            f"--config.mesh.ici.tensor={lay.tensor} --config.mesh.ici.context={lay.context} "
-            f"--config.attention={attention} --config.remat={lay.remat} "
-            f"--config.optim.grad_accum_steps={batch // (lay.dp * lay.micro)}")
+    return (
+        f"--config.mesh.ici.data={lay.data} --config.mesh.ici.fsdp={lay.fsdp} "
+        f"--config.mesh.ici.tensor={lay.tensor} --config.mesh.ici.context={lay.context} "
+        f"--config.attention={attention} --config.remat={lay.remat} "
+        f"--config.optim.grad_accum_steps={batch // (lay.dp * lay.micro)}"
+    )
 
 
 def suggestions(p: Plan, kind: str) -> list[str]:
@@ -384,10 +456,19 @@ def suggestions(p: Plan, kind: str) -> list[str]:
     hbm = DEVICE_KINDS[kind]["hbm"]
     kernel, _, mode = p.attention.partition("+")
     m = _model(p)
-    lay = Layout(p.mesh.get("data", 1), p.mesh.get("fsdp", 1), p.mesh.get("tensor", 1), p.mesh.get("context", 1),
-                 p.micro_batch, p.remat, mode or "none")
-    lines = [f"to fit (estimates scaled from this plan; re-run the planner on the change; target ≤ "
-             f"{1 - HEADROOM:.0%} of {hbm / GiB:.0f} GiB):"]
+    lay = Layout(
+        p.mesh.get("data", 1),
+        p.mesh.get("fsdp", 1),
+        p.mesh.get("tensor", 1),
+        p.mesh.get("context", 1),
+        p.micro_batch,
+        p.remat,
+        mode or "none",
+    )
+    lines = [
+        f"to fit (estimates scaled from this plan; re-run the planner on the change; target ≤ "
+        f"{1 - HEADROOM:.0%} of {hbm / GiB:.0f} GiB):"
+    ]
     moves = sorted(_moves(lay, m, kernel), key=lambda mv: m.estimate(mv[1]))
     if not moves:
         return lines + ["  no single change applies: use more devices or a smaller bucket"]
@@ -412,13 +493,22 @@ def summary(p: Plan, kind: str, mfu: float) -> dict:
     """The plan as plain data (bench/plan_*.py collect these)."""
     dev = DEVICE_KINDS[kind]
     n = math.prod(p.mesh.values())
-    return {**dataclasses.asdict(p), "kind": kind, "hbm_bytes": dev["hbm"], "total_bytes": p.total_bytes,
-            "state_bytes": p.state_bytes, "fits": fits(p, kind), "micro_batch": p.micro_batch,
-            "step_seconds": p.analytic_flops / (n * dev["peak"] * mfu), "mfu": mfu}
+    return {
+        **dataclasses.asdict(p),
+        "kind": kind,
+        "hbm_bytes": dev["hbm"],
+        "total_bytes": p.total_bytes,
+        "state_bytes": p.state_bytes,
+        "fits": fits(p, kind),
+        "micro_batch": p.micro_batch,
+        "step_seconds": p.analytic_flops / (n * dev["peak"] * mfu),
+        "mfu": mfu,
+    }
 
 
 def write_json(p: Plan, kind: str, mfu: float, path: str) -> None:
     import json
+
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
         json.dump(summary(p, kind, mfu), f, indent=1)
@@ -432,6 +522,7 @@ def _target(config):
 
 def main(argv):
     from absl import flags
+
     FLAGS = flags.FLAGS
     config = FLAGS.config
     name, target_kind, target_devices = _target(config)
@@ -444,12 +535,17 @@ def main(argv):
     if "jax" not in sys.modules:  # --devices was not on the command line: the config's pod
         _fake_devices(devices)
     import jax
+
     if jax.device_count() != devices:
-        raise RuntimeError(f"planning {devices} devices but JAX sees {jax.device_count()}: run "
-                           f"`python -m mugv_jax.plan` fresh (it sets XLA_FLAGS before importing jax)")
+        raise RuntimeError(
+            f"planning {devices} devices but JAX sees {jax.device_count()}: run "
+            f"`python -m mugv_jax.plan` fresh (it sets XLA_FLAGS before importing jax)"
+        )
     if name and (devices, kind) != (target_devices, target_kind):
-        print(f"note: the config's layout was planned for {name} ({target_devices} × {target_kind}); "
-              f"planning it on {devices} × {kind}")
+        print(
+            f"note: the config's layout was planned for {name} ({target_devices} × {target_kind}); "
+            f"planning it on {devices} × {kind}"
+        )
     with config.unlocked():
         if FLAGS.remat:
             config.remat = FLAGS.remat
@@ -462,8 +558,10 @@ def main(argv):
             config.data.buckets = (shape,)
             config.data.mix.image_fraction_start = config.data.mix.image_fraction_end = 0.0
     p = plan_step(config, bucket_index=FLAGS.bucket)
-    print(f"model {config.model}, stage {config.get('stage', '-')}"
-          + (f", layout planned for {name} ({target_devices} × {target_kind})" if name else ""))
+    print(
+        f"model {config.model}, stage {config.get('stage', '-')}"
+        + (f", layout planned for {name} ({target_devices} × {target_kind})" if name else "")
+    )
     print(report(p, kind, FLAGS.mfu))
     if FLAGS.json:
         write_json(p, kind, FLAGS.mfu, FLAGS.json)
@@ -496,16 +594,29 @@ def _prepare_devices(argv):
 def _define_flags():
     from absl import flags
     from ml_collections import config_flags
-    config_flags.DEFINE_config_file("config", None, "training config (configs/*.py[:stage[:pod]]); override the "
-                                    "mesh with --config.mesh.ici.<axis>=N", lock_config=True)
+
+    config_flags.DEFINE_config_file(
+        "config",
+        None,
+        "training config (configs/*.py[:stage[:pod]]); override the mesh with --config.mesh.ici.<axis>=N",
+        lock_config=True,
+    )
     flags.DEFINE_integer("devices", None, "number of devices of the planned pod (default: config.target.devices)")
-    flags.DEFINE_string("kind", None, f"device kind: {', '.join(sorted(DEVICE_KINDS))} "
-                        "(default: config.target.kind, else tpu-v5p)")
+    flags.DEFINE_string(
+        "kind", None, f"device kind: {', '.join(sorted(DEVICE_KINDS))} (default: config.target.kind, else tpu-v5p)"
+    )
     flags.DEFINE_string("remat", None, "override config.remat (none, full, dots, dots_no_batch, offload_dots)")
-    flags.DEFINE_string("shape", None, "plan this bucket instead of the config's: latent FRAMES,HEIGHT,WIDTH,"
-                        "global BATCH (e.g. 14,90,160,64 for 720p 5 s)")
-    flags.DEFINE_integer("bucket", None, "index into the config's buckets, video then mixed-in image buckets "
-                         "(default: the most tokens per step)")
+    flags.DEFINE_string(
+        "shape",
+        None,
+        "plan this bucket instead of the config's: latent FRAMES,HEIGHT,WIDTH,"
+        "global BATCH (e.g. 14,90,160,64 for 720p 5 s)",
+    )
+    flags.DEFINE_integer(
+        "bucket",
+        None,
+        "index into the config's buckets, video then mixed-in image buckets (default: the most tokens per step)",
+    )
     flags.DEFINE_float("mfu", 0.4, "model FLOPs utilisation assumed for the step-time prediction")
     flags.DEFINE_string("json", None, "also write the plan as JSON to this path")
     flags.mark_flags_as_required(["config"])
@@ -514,5 +625,6 @@ def _define_flags():
 if __name__ == "__main__":
     _prepare_devices(sys.argv[1:])
     from absl import app
+
     _define_flags()
     app.run(main)

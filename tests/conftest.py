@@ -1,6 +1,7 @@
 """Test set-up: 8 fake CPU devices for JAX (must happen before jax is imported anywhere), and a
 persistent compilation cache shared by the test process and the training subprocesses it starts,
 so the same train step is compiled once per suite run rather than once per process."""
+
 import os
 import tempfile
 

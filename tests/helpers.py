@@ -1,8 +1,9 @@
 """Shared test utilities: golden files (copied into tests/golden), tolerances."""
+
 from __future__ import annotations
 
 import os
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 
@@ -11,15 +12,17 @@ DIT_WEIGHTS = os.path.join(GOLDEN, "dit_tiny", "weights.safetensors")
 DIT_VECTORS = os.path.join(GOLDEN, "dit_tiny", "vectors.safetensors")
 
 
-@lru_cache(maxsize=None)
+@cache
 def dit_vectors() -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
+
     return load_file(DIT_VECTORS)
 
 
-@lru_cache(maxsize=None)
+@cache
 def dit_weights() -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
+
     return load_file(DIT_WEIGHTS)
 
 
@@ -27,8 +30,9 @@ def case_inputs(case: str) -> tuple[tuple, dict]:
     """Positional and keyword inputs of a golden DiT case, in the release call layout."""
     v = dit_vectors()
     g = lambda k: v[f"{case}.in.{k}"]
-    return (g("x"), g("timestep"), g("y")), dict(mask=g("mask"), x_mask=g("x_mask"), fps=g("fps"),
-                                                 frame_indice=g("frame_indice"))
+    return (g("x"), g("timestep"), g("y")), dict(
+        mask=g("mask"), x_mask=g("x_mask"), fps=g("fps"), frame_indice=g("frame_indice")
+    )
 
 
 def max_abs(a, b) -> float:

@@ -1,13 +1,14 @@
 """Small builders shared by the trainer tests."""
+
 import jax
 import numpy as np
 
 from mugv.config import get_config
+from mugv.data.synthetic import Bucket, SyntheticTextToLatent
+from mugv.training import ObjectiveConfig, OptimConfig
+from mugv_jax.dit.model import RuntimeOptions
 from mugv_jax.parallel import mesh as mesh_lib
 from mugv_jax.train import step as tr
-from mugv.data.synthetic import Bucket, SyntheticTextToLatent
-from mugv_jax.dit.model import RuntimeOptions
-from mugv.training import ObjectiveConfig, OptimConfig
 
 AXES = ("data", "fsdp", "tensor", "context")
 TINY = get_config("tiny")
@@ -19,14 +20,19 @@ def make_mesh(shape):
 
 
 def make_trainer(shape=(1, 1, 1, 1), optim=None, objective=None, config=TINY):
-    return tr.Trainer(config, RuntimeOptions(), optim or OptimConfig(learning_rate=1e-3, warmup_steps=0),
-                      objective or ObjectiveConfig(i2v_prob=0.5, caption_dropout_prob=0.25),
-                      make_mesh(shape))
+    return tr.Trainer(
+        config,
+        RuntimeOptions(),
+        optim or OptimConfig(learning_rate=1e-3, warmup_steps=0),
+        objective or ObjectiveConfig(i2v_prob=0.5, caption_dropout_prob=0.25),
+        make_mesh(shape),
+    )
 
 
 def make_source(batch=8, buckets=None):
-    return SyntheticTextToLatent(buckets or [Bucket(3, 4, 6, batch)], in_channels=TINY.in_channels,
-                                 text_dim=TINY.text_dim)
+    return SyntheticTextToLatent(
+        buckets or [Bucket(3, 4, 6, batch)], in_channels=TINY.in_channels, text_dim=TINY.text_dim
+    )
 
 
 def host_batch(source, index=0):

@@ -19,6 +19,7 @@ others staged on disk), then saved by orbax's StandardSave with a handler that s
 params array into tensorstore one layer at a time, one chunk per layer, and makes each ema array
 an OCDBT copy by reference of its params array.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -26,19 +27,19 @@ import collections
 import contextlib
 import re
 import tempfile
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from typing import Callable, Iterator
 
 import numpy as np
 
 from converters.formats.staging import RawStore
-from mugv.io.base import Entry, Reader, Writer, file_backed
-from mugv.layouts import jax as jax_layout
 from mugv.config import DiTConfig, get_config
+from mugv.io.base import Entry, Reader, Writer, file_backed
+from mugv.io.orbax import StoredParams
+from mugv.layouts import jax as jax_layout
 from mugv.schema import release_schema
 from mugv.training import unflatten
-from mugv.io.orbax import StoredParams
 
 DEFAULT_STEP = 0
 # Writes handed to tensorstore but not yet committed, at most (see StreamingHandler). Each holds
@@ -61,8 +62,9 @@ def _tiny_release_names() -> dict[str, dict[int | None, str]]:
     out: dict[str, dict[int | None, str]] = {}
     for path, shape in jax_layout.jax_param_shapes(cfg).items():
         if jax_layout.is_stacked(path):
-            out[path] = {i: jax_layout.jax_to_release(path, np.zeros(shape[1:], np.float32), cfg, i)[0]
-                         for i in range(2)}
+            out[path] = {
+                i: jax_layout.jax_to_release(path, np.zeros(shape[1:], np.float32), cfg, i)[0] for i in range(2)
+            }
         else:
             out[path] = {None: jax_layout.jax_to_release(path, np.zeros(shape, np.float32), cfg)[0]}
     return out
@@ -177,8 +179,7 @@ class JaxReader(Reader):
             store.create(path, tuple(a.shape), np.dtype(a.dtype.numpy_dtype))
             grid = [range(0, n, c) for n, c in zip(a.shape, chunk)]
             for starts in np.ndindex(*[len(g) for g in grid]):
-                region = tuple(slice(g[i], min(g[i] + c, n))
-                               for g, i, c, n in zip(grid, starts, chunk, a.shape))
+                region = tuple(slice(g[i], min(g[i] + c, n)) for g, i, c, n in zip(grid, starts, chunk, a.shape))
                 store.write_region(path, region, a[region].read().result())
             for i in range(a.shape[0]):
                 yield self._to_release(path, i, store.read(path, i))
@@ -186,8 +187,12 @@ class JaxReader(Reader):
             store.close()
 
     def describe(self) -> dict:
-        d = {"step directory": self.step_dir, "step": self.step, "weights": self.weights,
-             "state entries": self.state_keys}
+        d = {
+            "step directory": self.step_dir,
+            "step": self.step,
+            "weights": self.weights,
+            "state entries": self.state_keys,
+        }
         if self.steps:
             d["steps present"] = self.steps
         return d
@@ -262,20 +267,30 @@ def _streaming_numpy_handler(store: RawStore, workers: int = 1):
             staged = [(v, i, a) for v, i, a in zip(values, infos, args) if isinstance(v, _Staged)]
             for _, info, _ in staged:
                 await info.await_path_creation()
-            specs = [ts_utils.build_array_write_spec(
-                info=info, arg=arg, global_shape=tuple(value.shape),
-                # One layer per write (and so per chunk): readers can take one layer.
-                local_shape=((1, *value.shape[1:]) if jax_layout.is_stacked(value.staged_key)
-                             else tuple(value.shape)),
-                dtype=value.dtype, use_ocdbt=info.is_ocdbt_checkpoint,
-                process_index=ocdbt_utils.get_process_index_for_subdir(
-                    use_ocdbt=info.is_ocdbt_checkpoint)) for value, info, arg in staged]
+            specs = [
+                ts_utils.build_array_write_spec(
+                    info=info,
+                    arg=arg,
+                    global_shape=tuple(value.shape),
+                    # One layer per write (and so per chunk): readers can take one layer.
+                    local_shape=(
+                        (1, *value.shape[1:]) if jax_layout.is_stacked(value.staged_key) else tuple(value.shape)
+                    ),
+                    dtype=value.dtype,
+                    use_ocdbt=info.is_ocdbt_checkpoint,
+                    process_index=ocdbt_utils.get_process_index_for_subdir(use_ocdbt=info.is_ocdbt_checkpoint),
+                )
+                for value, info, arg in staged
+            ]
             for spec in specs:
                 _use_fast_codec(spec.json)
             # Opening creates each array's metadata: one commit each, so all at once.
-            stores = await asyncio.gather(*[
-                ts.open(ts.Spec(spec.json), create=True, open=True, context=info.ts_context)
-                for spec, (_, info, _) in zip(specs, staged)])
+            stores = await asyncio.gather(
+                *[
+                    ts.open(ts.Spec(spec.json), create=True, open=True, context=info.ts_context)
+                    for spec, (_, info, _) in zip(specs, staged)
+                ]
+            )
             # params and ema hold the same stand-ins: each layer is read (and transformed) once.
             # In one OCDBT database the other arrays holding it become copies by reference of
             # the first one's keys (its chunks and .zarray, identical for both): no second
@@ -288,8 +303,11 @@ def _streaming_numpy_handler(store: RawStore, workers: int = 1):
                     copies.append((held[0], t))
                 else:
                     held.append(t)
-            units = [(key, i) for key in targets for i in
-                     (range(store.entry(key).shape[0]) if jax_layout.is_stacked(key) else [None])]
+            units = [
+                (key, i)
+                for key in targets
+                for i in (range(store.entry(key).shape[0]) if jax_layout.is_stacked(key) else [None])
+            ]
             await _write_units(units, targets, put)
             await drain(0, 0)
             for source, target in copies:
@@ -299,8 +317,14 @@ def _streaming_numpy_handler(store: RawStore, workers: int = 1):
         # Both arrays' keys under their own directory of the same database (ranges that do not
         # overlap), so copying one range to the other copies exactly one array.
         a, b = source.kvstore, target.kvstore
-        return (a.path.endswith("/") and b.path.endswith("/") and a.path != b.path
-                and a.base is not None and b.base is not None and a.base.url == b.base.url)
+        return (
+            a.path.endswith("/")
+            and b.path.endswith("/")
+            and a.path != b.path
+            and a.base is not None
+            and b.base is not None
+            and a.base.url == b.base.url
+        )
 
     async def _write_units(units, targets, put):
         """Read layers on `workers` threads, a few ahead of the writes (reading a mapped source
@@ -335,14 +359,15 @@ def _streaming_numpy_handler(store: RawStore, workers: int = 1):
                         if i is None:
                             await put(t, data)
                         else:
-                            await put(t[i:i + 1], data[None])
+                            await put(t[i : i + 1], data[None])
             finally:
                 for _, future in pending_reads:
                     future.cancel()
 
     original = registry.get_type_handler(np.ndarray)
-    registry.GLOBAL_TYPE_HANDLER_REGISTRY.add(np.ndarray, StreamingHandler(deepcopy_host_arrays=False),
-                                              override=True, ignore_warnings=True)
+    registry.GLOBAL_TYPE_HANDLER_REGISTRY.add(
+        np.ndarray, StreamingHandler(deepcopy_host_arrays=False), override=True, ignore_warnings=True
+    )
     try:
         yield
     finally:
@@ -356,8 +381,16 @@ def _to_jax(name: str, config: DiTConfig, array: np.ndarray) -> np.ndarray:
 class JaxWriter(Writer):
     format = "jax"
 
-    def __init__(self, target: str, tmp: str, config: DiTConfig, entries: dict[str, Entry], *,
-                 step: int = DEFAULT_STEP, workers: int = 1):
+    def __init__(
+        self,
+        target: str,
+        tmp: str,
+        config: DiTConfig,
+        entries: dict[str, Entry],
+        *,
+        step: int = DEFAULT_STEP,
+        workers: int = 1,
+    ):
         super().__init__(target, config, entries)
         self.tmp, self.step, self.workers = tmp, step, max(1, workers)
         shapes = jax_layout.jax_param_shapes(config)
@@ -365,8 +398,10 @@ class JaxWriter(Writer):
         for name, e in self.entries.items():
             path, _ = jax_path_of(name)
             if dtypes.setdefault(path, e.dtype) != e.dtype:
-                raise ValueError(f"{target}: the layers of JAX parameter {path} would have mixed "
-                                 f"dtypes ({dtypes[path]} and {e.dtype}); pass --dtype")
+                raise ValueError(
+                    f"{target}: the layers of JAX parameter {path} would have mixed "
+                    f"dtypes ({dtypes[path]} and {e.dtype}); pass --dtype"
+                )
         # Next to the output (same filesystem, removed with it), not inside: orbax owns that.
         self.staging = RawStore(tmp + ".staging")
         for path, shape in shapes.items():
@@ -385,13 +420,18 @@ class JaxWriter(Writer):
 
     def finish(self) -> None:
         import orbax.checkpoint as ocp
+
         params = unflatten({p: _stand_in(p, self.staging.entry(p)) for p in self.staging._arrays})
         options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
         manager = ocp.CheckpointManager(self.tmp, options=options, item_names=("state", "config"))
         with _streaming_numpy_handler(self.staging, self.workers):
-            manager.save(self.step, args=ocp.args.Composite(
-                state=ocp.args.StandardSave({"params": params, "ema": params}),
-                config=ocp.args.JsonSave({"model": self.config.to_dict()})))
+            manager.save(
+                self.step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave({"params": params, "ema": params}),
+                    config=ocp.args.JsonSave({"model": self.config.to_dict()}),
+                ),
+            )
             manager.wait_until_finished()
         manager.close()
         self.staging.close()

@@ -19,6 +19,7 @@ on the first stage, final_layer on the last, the t/fps/caption embedders on ever
 (docs/reference.md §4.2). Written with `torchzip` (no whole state dict in memory), read with
 `torch.load(weights_only=True, mmap=True)`.
 """
+
 from __future__ import annotations
 
 import os
@@ -28,12 +29,19 @@ import warnings
 import numpy as np
 
 from converters.formats.staging import RawStore
-from mugv.io.base import Entry, Writer, file_backed, from_torch, numpy_dtype_of_torch, to_torch, torch_dtype_of
-from mugv.io import torch_cpu, torchzip
-from mugv.io.torch_dist import (TRACKER, MegatronReader, is_skipped, is_torch_dist_dir, iter_dir_name,
-                                resolve_iteration_dir, split_layer)
-from mugv.layouts import megatron as layout
 from mugv.config import DiTConfig
+from mugv.io import torch_cpu, torchzip
+from mugv.io.base import Entry, Writer, file_backed, from_torch, numpy_dtype_of_torch, to_torch, torch_dtype_of
+from mugv.io.torch_dist import (
+    TRACKER,
+    MegatronReader,
+    is_skipped,
+    is_torch_dist_dir,
+    iter_dir_name,
+    resolve_iteration_dir,
+    split_layer,
+)
+from mugv.layouts import megatron as layout
 
 CHECKPOINT_VERSION = 3.0
 DEFAULT_ITERATION = 1
@@ -92,8 +100,18 @@ def _stage_of(release_name: str, config: DiTConfig, pp: int) -> list[tuple[int, 
 class TorchDistWriter(Writer):
     format = "megatron"
 
-    def __init__(self, target: str, tmp: str, config: DiTConfig, entries: dict[str, Entry], *,
-                 tp: int = 1, pp: int = 1, iteration: int = DEFAULT_ITERATION, write_processes: int = 1):
+    def __init__(
+        self,
+        target: str,
+        tmp: str,
+        config: DiTConfig,
+        entries: dict[str, Entry],
+        *,
+        tp: int = 1,
+        pp: int = 1,
+        iteration: int = DEFAULT_ITERATION,
+        write_processes: int = 1,
+    ):
         super().__init__(target, config, entries)
         check_parallel(config, tp, pp)
         self.tmp, self.iteration = tmp, iteration
@@ -118,6 +136,7 @@ class TorchDistWriter(Writer):
         from megatron.core import dist_checkpointing
         from megatron.core.dist_checkpointing.mapping import ShardedTensor
         from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+
         depth = self.config.depth
         sd: dict = {}
         for mname in list(self.staging._arrays):
@@ -127,15 +146,19 @@ class TorchDistWriter(Writer):
             if self.staging.file(mname) is None:
                 t = to_torch(self.staging.read(mname))
             else:
-                t = torch.from_file(self.staging.file(mname), shared=False,
-                                    size=int(np.prod(entry.shape, dtype=np.int64)),
-                                    dtype=torch_dtype_of(entry.dtype)).view(entry.shape)
+                t = torch.from_file(
+                    self.staging.file(mname),
+                    shared=False,
+                    size=int(np.prod(entry.shape, dtype=np.int64)),
+                    dtype=torch_dtype_of(entry.dtype),
+                ).view(entry.shape)
             layer, suffix = split_layer(mname)
             if layer is None:
                 sd[mname] = ShardedTensor.from_rank_offsets(mname, t, replica_id=0)
             else:
                 sd[mname] = ShardedTensor.from_rank_offsets(
-                    layout.LAYER_PREFIX + suffix, t.view(1, *entry.shape), (0, layer, depth), replica_id=0)
+                    layout.LAYER_PREFIX + suffix, t.view(1, *entry.shape), (0, layer, depth), replica_id=0
+                )
         sd["mugv"] = {"model": self.config.to_dict()}
         sd["iteration"] = self.iteration
         sd["checkpoint_version"] = CHECKPOINT_VERSION
@@ -147,8 +170,11 @@ class TorchDistWriter(Writer):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 # thread_count: the writer forks that many processes, each writing one file.
-                dist_checkpointing.save(sd, self.iter_dir, sharded_strategy=TorchDistSaveShardedStrategy(
-                    "torch_dist", 1, thread_count=self.write_processes))
+                dist_checkpointing.save(
+                    sd,
+                    self.iter_dir,
+                    sharded_strategy=TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=self.write_processes),
+                )
         finally:
             torch.serialization.set_crc32_options(crc)
         del sd
@@ -187,8 +213,10 @@ class LegacyReader(MegatronReader):
         self.pp = 1 + max(p for _, p in ranks)
         missing = [(t, p) for t in range(self.tp) for p in range(self.pp) if (t, p) not in ranks]
         if missing:
-            raise ValueError(f"{self.dir}: incomplete legacy checkpoint, no directory for "
-                             f"(TP rank, PP rank) {missing} of a TP {self.tp} x PP {self.pp} grid")
+            raise ValueError(
+                f"{self.dir}: incomplete legacy checkpoint, no directory for "
+                f"(TP rank, PP rank) {missing} of a TP {self.tp} x PP {self.pp} grid"
+            )
         self._models: dict[tuple[int, int], dict] = {}
         self.files = {}
         self.stored_config = None
@@ -199,8 +227,10 @@ class LegacyReader(MegatronReader):
             state = torchzip.load_torch_file(f, allow_namespace=True)
             if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
                 keys = list(state)[:8] if isinstance(state, dict) else type(state).__name__
-                raise ValueError(f"{f}: expected a dict with a 'model' state dict (keys: {keys}); "
-                                 f"virtual-pipeline checkpoints (model0, model1, …) are not supported")
+                raise ValueError(
+                    f"{f}: expected a dict with a 'model' state dict (keys: {keys}); "
+                    f"virtual-pipeline checkpoints (model0, model1, …) are not supported"
+                )
             self._models[(t, p)] = state["model"]
             self.files[(t, p)] = f
             cfg = state.get("mugv", {}).get("model") if isinstance(state.get("mugv"), dict) else None
@@ -218,14 +248,16 @@ class LegacyReader(MegatronReader):
         self._entries: dict[str, Entry] = {}
         self.skipped = []
         import torch
+
         for p in range(self.pp):
             for local, value in self._models[(0, p)].items():
                 if is_skipped(local):
                     self.skipped.append(local)
                     continue
                 if not isinstance(value, torch.Tensor):
-                    raise ValueError(f"{self.files[(0, p)]}: model entry {local!r} is a "
-                                     f"{type(value).__name__}, not a tensor")
+                    raise ValueError(
+                        f"{self.files[(0, p)]}: model entry {local!r} is a {type(value).__name__}, not a tensor"
+                    )
                 layer, suffix = split_layer(local)
                 gname = local if layer is None else f"{layout.LAYER_PREFIX}{layer + offsets[p]}.{suffix}"
                 try:
@@ -252,27 +284,43 @@ class LegacyReader(MegatronReader):
         for t in range(self.tp):
             value = self._models[(t, p)].get(local)
             if value is None:
-                raise ValueError(f"{self.files[(t, p)]}: tensor {local} is missing on TP rank {t} "
-                                 f"(present on rank 0)")
+                raise ValueError(f"{self.files[(t, p)]}: tensor {local} is missing on TP rank {t} (present on rank 0)")
             shards.append(from_torch(value))
         full = layout.tp_merge(gname, shards, _concat)
         want = self._entries[name].shape
         if tuple(full.shape) != want:
-            raise ValueError(f"{self.dir}: tensor {gname} merges to {list(full.shape)} over TP "
-                             f"{self.tp}, expected {list(want)}")
+            raise ValueError(
+                f"{self.dir}: tensor {gname} merges to {list(full.shape)} over TP {self.tp}, expected {list(want)}"
+            )
         ((_, array),) = layout.megatron_to_release(gname, full, self._config_for_layout())
         return np.ascontiguousarray(array)
 
     def describe(self) -> dict:
-        return {"variant": "legacy", "directory": self.dir, "iteration": self.iteration,
-                "tp": self.tp, "pp": self.pp, "layers": self.depth, "skipped entries": len(self.skipped)}
+        return {
+            "variant": "legacy",
+            "directory": self.dir,
+            "iteration": self.iteration,
+            "tp": self.tp,
+            "pp": self.pp,
+            "layers": self.depth,
+            "skipped entries": len(self.skipped),
+        }
 
 
 class LegacyWriter(Writer):
     format = "megatron-legacy"
 
-    def __init__(self, target: str, tmp: str, config: DiTConfig, entries: dict[str, Entry], *,
-                 tp: int = 1, pp: int = 1, iteration: int = DEFAULT_ITERATION):
+    def __init__(
+        self,
+        target: str,
+        tmp: str,
+        config: DiTConfig,
+        entries: dict[str, Entry],
+        *,
+        tp: int = 1,
+        pp: int = 1,
+        iteration: int = DEFAULT_ITERATION,
+    ):
         super().__init__(target, config, entries)
         check_parallel(config, tp, pp)
         self.tp, self.pp, self.tmp, self.iteration = tp, pp, tmp, iteration
@@ -294,10 +342,15 @@ class LegacyWriter(Writer):
         for (t, p), rank_slots in slots.items():
             d = os.path.join(it_dir, rank_dir_name(t, p, pp))
             os.makedirs(d)
-            obj = {"model": rank_slots, "checkpoint_version": CHECKPOINT_VERSION,
-                   "iteration": iteration, "mugv": {"model": config.to_dict()}}
+            obj = {
+                "model": rank_slots,
+                "checkpoint_version": CHECKPOINT_VERSION,
+                "iteration": iteration,
+                "mugv": {"model": config.to_dict()},
+            }
             self._files[(t, p)] = torchzip.StreamingTorchFile(
-                os.path.join(d, "model_optim_rng.pt"), obj, list(rank_slots.values()))
+                os.path.join(d, "model_optim_rng.pt"), obj, list(rank_slots.values())
+            )
         self._slots = slots
 
     def _write(self, name: str, array: np.ndarray) -> None:

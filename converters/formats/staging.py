@@ -1,12 +1,13 @@
 """Staging: tensors parked until a format that needs them all at once (torch_dist, orbax) can
 take them: on disk (not in memory), or, for a view of a memory-mapped source, as that view (no
 bytes copied; the source file is the staging)."""
+
 from __future__ import annotations
 
 import os
 import shutil
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -38,8 +39,13 @@ class RawStore:
             f.truncate(entry.nbytes)
         return path
 
-    def keep(self, key: str, view: np.ndarray, index: int | None = None,
-             transform: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
+    def keep(
+        self,
+        key: str,
+        view: np.ndarray,
+        index: int | None = None,
+        transform: Callable[[np.ndarray], np.ndarray] | None = None,
+    ) -> None:
         """Park `view` (of a memory-mapped source that stays unchanged until the store is read)
         instead of its bytes; `read` returns `transform(view)`. A whole array (`index` None) that
         was not created is registered with the view's shape and dtype."""
@@ -62,8 +68,9 @@ class RawStore:
         """The whole array, or row `index` along the first axis (one layer)."""
         path, entry, offset, shape = self._row(key, index)
         if tuple(array.shape) != shape or array.dtype != entry.dtype:
-            raise ValueError(f"staging {key}: got {list(array.shape)} {array.dtype}, "
-                             f"expected {list(shape)} {entry.dtype}")
+            raise ValueError(
+                f"staging {key}: got {list(array.shape)} {array.dtype}, expected {list(shape)} {entry.dtype}"
+            )
         fd = os.open(path, os.O_WRONLY)
         try:
             pwrite_all(fd, array, offset)
@@ -79,7 +86,7 @@ class RawStore:
         k = len(shape) - 1
         while k > 0 and array.shape[k] == shape[k]:
             k -= 1
-        strides = [int(np.prod(shape[i + 1:], dtype=np.int64)) for i in range(len(shape))]
+        strides = [int(np.prod(shape[i + 1 :], dtype=np.int64)) for i in range(len(shape))]
         fd = os.open(path, os.O_WRONLY)
         try:
             for idx in np.ndindex(*array.shape[:k]):
@@ -95,8 +102,10 @@ class RawStore:
             view, transform = kept
             array = transform(view) if transform else view
             if tuple(array.shape) != shape or array.dtype != entry.dtype:
-                raise ValueError(f"staging {key}: kept view gives {list(array.shape)} {array.dtype}, "
-                                 f"expected {list(shape)} {entry.dtype}")
+                raise ValueError(
+                    f"staging {key}: kept view gives {list(array.shape)} {array.dtype}, "
+                    f"expected {list(shape)} {entry.dtype}"
+                )
             return array
         count = int(np.prod(shape, dtype=np.int64))
         return np.fromfile(path, dtype=entry.dtype, count=count, offset=offset).reshape(shape)

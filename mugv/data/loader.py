@@ -15,12 +15,13 @@ Unreadable records: a record whose bytes do not decode is skipped and replaced b
 readable record of the same bucket in that epoch's order (deterministically, so resumption is
 still exact); `skipped` counts them and `skipped_records` names the first few.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import functools
 import sys
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -32,6 +33,7 @@ _MAX_REPORTED = 32
 @dataclasses.dataclass(frozen=True)
 class LatentBucket:
     """Duck-compatible with mugv.data.synthetic.Bucket (latent units, global batch size)."""
+
     frames: int
     height: int
     width: int
@@ -49,10 +51,9 @@ class BatchPlan:
         self.batches_per_epoch = sum(len(m) // self.batch_sizes[b] for b, m in self.members.items())
         if self.batches_per_epoch == 0:
             counts = {b: len(m) for b, m in self.members.items()}
-            raise ValueError(f"no bucket has a full batch: records per bucket {counts}, "
-                             f"batch sizes {self.batch_sizes}")
+            raise ValueError(f"no bucket has a full batch: records per bucket {counts}, batch sizes {self.batch_sizes}")
 
-    @functools.lru_cache(maxsize=4)
+    @functools.lru_cache(maxsize=4)  # noqa: B019 -- one sampler per run; the cache holds its last epochs
     def epoch(self, e: int) -> tuple[list[tuple[int, np.ndarray]], dict[int, np.ndarray]]:
         """[(bucket, record ids)] batches in order, and each bucket's permuted ids (for refills)."""
         orders, batches = {}, []
@@ -62,7 +63,7 @@ class BatchPlan:
                 ids = ids[np.random.default_rng([self.seed, e, b]).permutation(len(ids))]
             orders[b] = ids
             bs = self.batch_sizes[b]
-            batches += [(b, ids[i * bs:(i + 1) * bs]) for i in range(len(ids) // bs)]
+            batches += [(b, ids[i * bs : (i + 1) * bs]) for i in range(len(ids) // bs)]
         if self.shuffle:
             batches = [batches[i] for i in np.random.default_rng([self.seed, e]).permutation(len(batches))]
         return batches, orders
@@ -91,7 +92,7 @@ class _LoadBatch:
     def __call__(self, step: int) -> dict:
         bucket, ids, order = self.plan.batch(int(step))
         n = len(ids) // self.process_count
-        mine = ids[self.process_index * n:(self.process_index + 1) * n]
+        mine = ids[self.process_index * n : (self.process_index + 1) * n]
         # Refills come from the bucket's order after this batch's last item, cyclically.
         pos = int(np.nonzero(order == ids[-1])[0][0]) + 1
         examples, skipped = [], []
@@ -101,8 +102,9 @@ class _LoadBatch:
             while ex is None:
                 skipped.append(err)
                 if tries >= len(order):
-                    raise RuntimeError(f"no readable record left in bucket {bucket} of {self.reader.ds_dir}; "
-                                       f"last error: {err}")
+                    raise RuntimeError(
+                        f"no readable record left in bucket {bucket} of {self.reader.ds_dir}; last error: {err}"
+                    )
                 idx = order[(pos + tries) % len(order)]
                 tries += 1
                 ex, err = self._read(idx)
@@ -114,8 +116,9 @@ class _LoadBatch:
         L = self.text_len
         shapes = {ex["latents"].shape for ex in examples}
         if len(shapes) != 1:
-            raise ValueError(f"bucket {bucket} at step {step} mixes latent shapes {sorted(shapes)} "
-                             f"in {self.reader.ds_dir}")
+            raise ValueError(
+                f"bucket {bucket} at step {step} mixes latent shapes {sorted(shapes)} in {self.reader.ds_dir}"
+            )
         d = examples[0]["text"].shape[1]
         y = np.zeros((len(examples), 1, L, d), np.float32)
         mask = np.zeros((len(examples), L), np.int32)
@@ -125,7 +128,8 @@ class _LoadBatch:
             mask[i, :n] = 1
         return {
             "latents": np.stack([ex["latents"] for ex in examples]).astype(np.float32, copy=False),
-            "y": y, "mask": mask,
+            "y": y,
+            "mask": mask,
             "fps": np.array([ex["fps"] for ex in examples], np.float32),
             "bucket_id": np.full((len(examples),), bucket, np.int32),
             "_skipped": skipped,
@@ -139,9 +143,19 @@ class ShardLoader:
     the mapping are not read. text_len: the padded caption length L of `y`/`mask`.
     """
 
-    def __init__(self, ds_dir: str, batch_size: int | Mapping[int, int], *, text_len: int, seed: int = 0,
-                 shuffle: bool = True, process_index: int = 0, process_count: int = 1, num_workers: int = 0,
-                 start_step: int = 0):
+    def __init__(
+        self,
+        ds_dir: str,
+        batch_size: int | Mapping[int, int],
+        *,
+        text_len: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        process_index: int = 0,
+        process_count: int = 1,
+        num_workers: int = 0,
+        start_step: int = 0,
+    ):
         index = read_index(ds_dir)
         self.ds_dir, self.text_len, self.seed, self.num_workers = ds_dir, text_len, seed, num_workers
         shapes = index["buckets"]
@@ -187,8 +201,12 @@ class ShardLoader:
         return batch
 
     def get_state(self) -> dict:
-        return {"step": self.step, "seed": self.seed, "skipped": self.skipped,
-                "skipped_records": list(self.skipped_records)}
+        return {
+            "step": self.step,
+            "seed": self.seed,
+            "skipped": self.skipped,
+            "skipped_records": list(self.skipped_records),
+        }
 
     def set_state(self, state: dict) -> None:
         if int(state.get("seed", self.seed)) != self.seed:
@@ -230,8 +248,10 @@ class MixedLoader:
         w = self.weights(step) if callable(self.weights) else self.weights
         w = np.asarray(w, np.float64)
         if w.shape != (len(self.loaders),) or not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
-            raise ValueError(f"mixing weights at step {step} must be {len(self.loaders)} finite non-negative "
-                             f"floats with a positive sum, got {w.tolist()}")
+            raise ValueError(
+                f"mixing weights at step {step} must be {len(self.loaders)} finite non-negative "
+                f"floats with a positive sum, got {w.tolist()}"
+            )
         return w / w.sum()
 
     def choose(self, step: int) -> int:
@@ -251,15 +271,20 @@ class MixedLoader:
         return batch
 
     def get_state(self) -> dict:
-        return {"step": self.step, "seed": self.seed, "counts": list(self.counts),
-                "loaders": [l.get_state() for l in self.loaders]}
+        return {
+            "step": self.step,
+            "seed": self.seed,
+            "counts": list(self.counts),
+            "loaders": [l.get_state() for l in self.loaders],
+        }
 
     def set_state(self, state: dict) -> None:
         if int(state.get("seed", self.seed)) != self.seed:
             raise ValueError(f"mixed loader state was saved with seed {state['seed']}, this one has {self.seed}")
         if len(state["loaders"]) != len(self.loaders):
-            raise ValueError(f"mixed loader state has {len(state['loaders'])} children, this one has "
-                             f"{len(self.loaders)}")
+            raise ValueError(
+                f"mixed loader state has {len(state['loaders'])} children, this one has {len(self.loaders)}"
+            )
         self.step = int(state["step"])
         self.counts = [int(c) for c in state.get("counts", [0] * len(self.loaders))]
         for l, s in zip(self.loaders, state["loaders"]):

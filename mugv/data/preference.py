@@ -9,11 +9,12 @@ with clips in a directory as <clip id>.safetensors holding latents [C, F, H, W],
 mask [L] and fps [] (the caption's text features travel with the clip). Batches from different
 annotation sources are interleaved round-robin.
 """
+
 from __future__ import annotations
 
 import json
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -25,8 +26,9 @@ def batch_kind(batch: dict) -> str:
         return "dpo"
     if "latents" in batch and "label" in batch:
         return "kto"
-    raise ValueError(f"a preference batch needs latents_w/latents_l (pairs) or latents/label (KTO); "
-                     f"got keys {sorted(batch)}")
+    raise ValueError(
+        f"a preference batch needs latents_w/latents_l (pairs) or latents/label (KTO); got keys {sorted(batch)}"
+    )
 
 
 def read_labels(path: str) -> list[dict]:
@@ -68,6 +70,7 @@ class ClipStore:
     def get(self, clip_id: str) -> dict:
         if clip_id not in self._cache:
             from safetensors.numpy import load_file
+
             path = os.path.join(self.directory, f"{clip_id}.safetensors")
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"clip {clip_id!r}: no {path}")
@@ -80,9 +83,15 @@ class ClipStore:
 
 
 def write_clip(directory: str, clip_id: str, latents, y, mask, fps) -> None:
-    save_atomic({"latents": np.asarray(latents, np.float32), "y": np.asarray(y, np.float32),
-                 "mask": np.asarray(mask, np.int32), "fps": np.asarray(fps, np.float32)},
-                os.path.join(directory, f"{clip_id}.safetensors"))
+    save_atomic(
+        {
+            "latents": np.asarray(latents, np.float32),
+            "y": np.asarray(y, np.float32),
+            "mask": np.asarray(mask, np.int32),
+            "fps": np.asarray(fps, np.float32),
+        },
+        os.path.join(directory, f"{clip_id}.safetensors"),
+    )
 
 
 class PreferenceIterator:
@@ -101,8 +110,9 @@ class PreferenceIterator:
             if len(kinds) != 1:
                 raise ValueError(f"annotation source {name!r} mixes pairs and labels; give each its own source")
             if len(rs) < self.batch_size:
-                raise ValueError(f"annotation source {name!r} has {len(rs)} records, fewer than the batch "
-                                 f"size {self.batch_size}")
+                raise ValueError(
+                    f"annotation source {name!r} has {len(rs)} records, fewer than the batch size {self.batch_size}"
+                )
 
     def __iter__(self):
         return self
@@ -115,7 +125,7 @@ class PreferenceIterator:
         visit = step // len(self.names)
         epoch, j = divmod(visit, per_epoch)
         order = np.random.default_rng([self.seed, si, epoch]).permutation(len(rs))
-        chosen = [rs[k] for k in order[j * self.batch_size:(j + 1) * self.batch_size]]
+        chosen = [rs[k] for k in order[j * self.batch_size : (j + 1) * self.batch_size]]
         return self._collate(chosen, name)
 
     def _collate(self, rs, name) -> dict:
@@ -123,19 +133,29 @@ class PreferenceIterator:
             arrs = [self.store.get(i)[key] for i in ids]
             shapes = {a.shape for a in arrs}
             if len(shapes) != 1:
-                raise ValueError(f"annotation source {name!r}: clips {ids} have different {key} shapes "
-                                 f"{sorted(shapes)}; put one shape per source")
+                raise ValueError(
+                    f"annotation source {name!r}: clips {ids} have different {key} shapes "
+                    f"{sorted(shapes)}; put one shape per source"
+                )
             return np.stack(arrs)
+
         if rs[0]["kind"] == "dpo":
             w, l = [r["winner"] for r in rs], [r["loser"] for r in rs]
-            return {"latents_w": stack("latents", w).astype(np.float32),
-                    "latents_l": stack("latents", l).astype(np.float32),
-                    "y": stack("y", w)[:, None].astype(np.float32), "mask": stack("mask", w).astype(np.int32),
-                    "fps": stack("fps", w).reshape(-1).astype(np.float32)}
+            return {
+                "latents_w": stack("latents", w).astype(np.float32),
+                "latents_l": stack("latents", l).astype(np.float32),
+                "y": stack("y", w)[:, None].astype(np.float32),
+                "mask": stack("mask", w).astype(np.int32),
+                "fps": stack("fps", w).reshape(-1).astype(np.float32),
+            }
         ids = [r["clip"] for r in rs]
-        return {"latents": stack("latents", ids).astype(np.float32), "y": stack("y", ids)[:, None].astype(np.float32),
-                "mask": stack("mask", ids).astype(np.int32), "fps": stack("fps", ids).reshape(-1).astype(np.float32),
-                "label": np.array([r["label"] == "good" for r in rs], np.float32)}
+        return {
+            "latents": stack("latents", ids).astype(np.float32),
+            "y": stack("y", ids)[:, None].astype(np.float32),
+            "mask": stack("mask", ids).astype(np.int32),
+            "fps": stack("fps", ids).reshape(-1).astype(np.float32),
+            "label": np.array([r["label"] == "good" for r in rs], np.float32),
+        }
 
     def __next__(self) -> dict:
         b = self.batch(self.step)
@@ -149,15 +169,33 @@ class PreferenceIterator:
         self.step = int(state["step"])
 
 
-def write_synthetic(directory: str, *, latent_shape=(2, 4, 4), in_channels=24, text_dim=64, text_len=8,
-                    num_prompts=8, pairs_per_prompt=2, seed=0, artifact=0.7, labels: bool = True) -> str:
+def write_synthetic(
+    directory: str,
+    *,
+    latent_shape=(2, 4, 4),
+    in_channels=24,
+    text_dim=64,
+    text_len=8,
+    num_prompts=8,
+    pairs_per_prompt=2,
+    seed=0,
+    artifact=0.7,
+    labels: bool = True,
+) -> str:
     """A labelled toy set in the documented format: winners/good clips are the caption's smooth
     pattern (SyntheticTextToLatent), losers/bad ones carry a checkerboard artifact of random sign
     and amplitude. Pairs go to source "motion", good/bad labels of the same clips (unless
     `labels=False`) to "physics". Writes <dir>/labels.jsonl and <dir>/clips/; returns its path."""
     from mugv.data.synthetic import Bucket, SyntheticTextToLatent
-    src = SyntheticTextToLatent([Bucket(*latent_shape, 1)], in_channels=in_channels, text_dim=text_dim,
-                                text_len=text_len, num_prompts=num_prompts, seed=seed)
+
+    src = SyntheticTextToLatent(
+        [Bucket(*latent_shape, 1)],
+        in_channels=in_channels,
+        text_dim=text_dim,
+        text_len=text_len,
+        num_prompts=num_prompts,
+        seed=seed,
+    )
     patterns = src.patterns(src.buckets[0])
     f, h, w = latent_shape
     checker = ((np.indices((f, h, w)).sum(0) % 2) * 2 - 1).astype(np.float32)
@@ -181,5 +219,3 @@ def write_synthetic(directory: str, *, latent_shape=(2, 4, 4), in_channels=24, t
         fh.writelines(json.dumps(r) + "\n" for r in lines)
     os.replace(path + ".tmp", path)
     return path
-
-

@@ -5,16 +5,21 @@ enough (default 17 frames of 32×32) for a tiny model to learn on a CPU. Caption
 three things that vary (colour, shape, direction), so a text-conditioned model can beat a
 caption-blind one.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
 COLOURS = {
-    "red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 230), "yellow": (230, 210, 40),
-    "white": (240, 240, 240), "purple": (160, 60, 200),
+    "red": (220, 40, 40),
+    "green": (40, 200, 60),
+    "blue": (50, 80, 230),
+    "yellow": (230, 210, 40),
+    "white": (240, 240, 240),
+    "purple": (160, 60, 200),
 }
 SHAPES = ("square", "circle", "triangle")
 # (dy, dx) per unit of motion, in image coordinates (y grows downwards).
@@ -44,8 +49,9 @@ def _mask(shape: str, size: int, yy: np.ndarray, xx: np.ndarray, cy: float, cx: 
     raise ValueError(f"unknown shape {shape!r}; choose one of {SHAPES}")
 
 
-def make_clip(index: int, *, seed: int = 0, num_frames: int = 17, size: int = 32,
-              fps: float = 8.0, supersample: int = 1) -> ProceduralClip:
+def make_clip(
+    index: int, *, seed: int = 0, num_frames: int = 17, size: int = 32, fps: float = 8.0, supersample: int = 1
+) -> ProceduralClip:
     """Clip `index` of the set. `supersample` = s > 1 renders each pixel as the mean of an s×s grid
     of samples (area coverage: anti-aliased edges, as a camera's optics would blur them) instead of
     one sample at its centre (hard, aliased edges that flicker as the shape moves by sub-pixel
@@ -67,7 +73,7 @@ def make_clip(index: int, *, seed: int = 0, num_frames: int = 17, size: int = 32
     bg = np.array([30, 30, 40], np.float32) + rng.uniform(-8, 8, size=3)
     s = int(supersample)
     # Sample points: pixel centres (s = 1), or an s×s grid inside every pixel.
-    yy, xx = (np.mgrid[0:size * s, 0:size * s].astype(np.float32) + 0.5) / s
+    yy, xx = (np.mgrid[0 : size * s, 0 : size * s].astype(np.float32) + 0.5) / s
     fg = np.asarray(COLOURS[colour], np.float32)
     frames = np.empty((num_frames, size, size, 3), np.uint8)
     for t in range(num_frames):
@@ -76,12 +82,19 @@ def make_clip(index: int, *, seed: int = 0, num_frames: int = 17, size: int = 32
         cover = m.astype(np.float32).reshape(size, s, size, s).mean(axis=(1, 3))[..., None]
         img = bg * (1.0 - cover) + fg * cover
         frames[t] = np.clip(img, 0, 255).astype(np.uint8)
-    return ProceduralClip(sample_id=f"procedural-{seed}-{index:06d}",
-                          caption=f"a {colour} {shape} moving {direction}", frames=frames, fps=fps,
-                          colour=colour, shape=shape, direction=direction)
+    return ProceduralClip(
+        sample_id=f"procedural-{seed}-{index:06d}",
+        caption=f"a {colour} {shape} moving {direction}",
+        frames=frames,
+        fps=fps,
+        colour=colour,
+        shape=shape,
+        direction=direction,
+    )
 
 
-def generate(num_clips: int, *, seed: int = 0, num_frames: int = 17, size: int = 32,
-             fps: float = 8.0, supersample: int = 1) -> Iterator[ProceduralClip]:
+def generate(
+    num_clips: int, *, seed: int = 0, num_frames: int = 17, size: int = 32, fps: float = 8.0, supersample: int = 1
+) -> Iterator[ProceduralClip]:
     for i in range(num_clips):
         yield make_clip(i, seed=seed, num_frames=num_frames, size=size, fps=fps, supersample=supersample)

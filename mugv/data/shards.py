@@ -20,13 +20,14 @@ and renames it when every shard is done, so a crash leaves nothing a reader woul
 in key order: integer keys that both paths assign the same way, so the Beam path writes the same
 records in the same order as the one-process path (shard boundaries may differ).
 """
+
 from __future__ import annotations
 
 import glob
 import json
 import os
 import threading
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -40,6 +41,7 @@ _OPEN_LOCK = threading.Lock()
 
 def _tfds():
     import tensorflow_datasets as tfds  # heavy; only needed to write and to read the feature spec
+
     return tfds
 
 
@@ -55,6 +57,7 @@ def to_storage(latents, latent_dtype: str) -> np.ndarray:
     if latent_dtype == "float32":
         return np.asarray(latents, np.float32)
     import ml_dtypes
+
     a = np.asarray(latents)
     if a.dtype != ml_dtypes.bfloat16:
         a = a.astype(np.float32).astype(ml_dtypes.bfloat16)
@@ -65,6 +68,7 @@ def from_storage(latents: np.ndarray) -> np.ndarray:
     """Stored latents → float32 (uint16 means bf16 bits; float32 shards are read as they are)."""
     if latents.dtype == np.uint16:
         import ml_dtypes
+
         return latents.view(ml_dtypes.bfloat16).astype(np.float32)
     return np.asarray(latents, np.float32)
 
@@ -72,16 +76,24 @@ def from_storage(latents: np.ndarray) -> np.ndarray:
 def feature_spec(latent_channels: int, text_dim: int, latent_dtype: str = "bfloat16"):
     tfds = _tfds()
     T = tfds.features.Tensor
-    return tfds.features.FeaturesDict({
-        # `bytes` encoding: raw little-endian buffers, so the round trip is bit-exact.
-        "latents": T(shape=(latent_channels, None, None, None), dtype=_storage_dtype(latent_dtype),
-                     encoding="bytes"),
-        "text": T(shape=(None, text_dim), dtype=np.float32, encoding="bytes"),
-        "text_len": np.int32, "fps": np.float32, "num_frames": np.int32,
-        "height": np.int32, "width": np.int32, "bucket_id": np.int32,
-        "caption": tfds.features.Text(), "sample_id": tfds.features.Text(),
-        "source_id": tfds.features.Text(),
-    })
+    return tfds.features.FeaturesDict(
+        {
+            # `bytes` encoding: raw little-endian buffers, so the round trip is bit-exact.
+            "latents": T(
+                shape=(latent_channels, None, None, None), dtype=_storage_dtype(latent_dtype), encoding="bytes"
+            ),
+            "text": T(shape=(None, text_dim), dtype=np.float32, encoding="bytes"),
+            "text_len": np.int32,
+            "fps": np.float32,
+            "num_frames": np.int32,
+            "height": np.int32,
+            "width": np.int32,
+            "bucket_id": np.int32,
+            "caption": tfds.features.Text(),
+            "sample_id": tfds.features.Text(),
+            "source_id": tfds.features.Text(),
+        }
+    )
 
 
 _BUILDER_CLS = None
@@ -106,8 +118,16 @@ def _builder_cls():
             # for them through importlib_resources, which is not installed.
             code_path = None
 
-            def __init__(self, *, examples, latent_channels: int, text_dim: int,
-                         latent_dtype: str = "bfloat16", beam: bool = False, **kwargs):
+            def __init__(
+                self,
+                *,
+                examples,
+                latent_channels: int,
+                text_dim: int,
+                latent_dtype: str = "bfloat16",
+                beam: bool = False,
+                **kwargs,
+            ):
                 self._examples, self._channels, self._text_dim = examples, latent_channels, text_dim
                 self._latent_dtype, self._beam = latent_dtype, beam
                 self.records: list[dict] = []
@@ -115,22 +135,24 @@ def _builder_cls():
 
             def _info(self):
                 return tfds.core.DatasetInfo(
-                    builder=self, features=feature_spec(self._channels, self._text_dim, self._latent_dtype),
-                    disable_shuffling=True)
+                    builder=self,
+                    features=feature_spec(self._channels, self._text_dim, self._latent_dtype),
+                    disable_shuffling=True,
+                )
 
             def _split_generators(self, dl_manager):
                 if self._examples is None:
                     raise ValueError(f"no examples given and no finished dataset in {self.data_dir}")
                 if self._beam:
-                    return {"train": _beam_transform(self._examples, self._channels, self._text_dim,
-                                                     self._latent_dtype)}
+                    return {
+                        "train": _beam_transform(self._examples, self._channels, self._text_dim, self._latent_dtype)
+                    }
                 return {"train": self._generate_examples()}
 
             def _generate_examples(self):
                 for key, ex in _keyed(self._examples):
                     ex = _check_example(ex, self._channels, self._text_dim, self._latent_dtype)
-                    self.records.append({"key": key, "sample_id": ex["sample_id"],
-                                         "bucket_id": int(ex["bucket_id"])})
+                    self.records.append({"key": key, "sample_id": ex["sample_id"], "bucket_id": int(ex["bucket_id"])})
                     yield key, ex
 
         _BUILDER_CLS = MugvClips
@@ -143,8 +165,10 @@ def _beam_transform(source, channels: int, text_dim: int, latent_dtype: str):
     import apache_beam as beam
 
     if not hasattr(source, "beam_examples"):
-        raise ValueError("the Beam path needs a source with beam_examples(pipeline) (e.g. "
-                         "mugv_data.prepare.PrepareSource), not a plain callable")
+        raise ValueError(
+            "the Beam path needs a source with beam_examples(pipeline) (e.g. "
+            "mugv_data.prepare.PrepareSource), not a plain callable"
+        )
 
     def check(kv):
         return kv[0], _check_example(kv[1], channels, text_dim, latent_dtype)
@@ -190,10 +214,19 @@ def beam_pipeline_options(runner: str, workers: int = 0, extra: Sequence[str] = 
     return PipelineOptions(flags)
 
 
-def write_shards(examples, out_dir: str, *, buckets: Sequence[Sequence[int]],
-                 latent_channels: int, text_dim: int, name: str = "mugv_clips",
-                 num_shards: int | None = None, extra_index: dict | None = None,
-                 latent_dtype: str = "bfloat16", beam_options=None) -> str:
+def write_shards(
+    examples,
+    out_dir: str,
+    *,
+    buckets: Sequence[Sequence[int]],
+    latent_channels: int,
+    text_dim: int,
+    name: str = "mugv_clips",
+    num_shards: int | None = None,
+    extra_index: dict | None = None,
+    latent_dtype: str = "bfloat16",
+    beam_options=None,
+) -> str:
     """Write (or reuse) the dataset `out_dir/name/VERSION`; returns that directory.
 
     `examples` is a zero-argument callable returning examples, or a keyed source (an object with
@@ -215,9 +248,15 @@ def write_shards(examples, out_dir: str, *, buckets: Sequence[Sequence[int]],
         epath.Path(root).mkdir(parents=True, exist_ok=True)
         # tfds names its directory after the builder class; it builds (through its own
         # `incomplete.*` directory) under a private parent, then one rename publishes it.
-        builder = _builder_cls()(examples=examples, latent_channels=latent_channels, text_dim=text_dim,
-                                 latent_dtype=latent_dtype, beam=beam_options is not None,
-                                 data_dir=os.path.join(root, ".tfds"), file_format="array_record")
+        builder = _builder_cls()(
+            examples=examples,
+            latent_channels=latent_channels,
+            text_dim=text_dim,
+            latent_dtype=latent_dtype,
+            beam=beam_options is not None,
+            data_dir=os.path.join(root, ".tfds"),
+            file_format="array_record",
+        )
         kw = {}
         if num_shards:
             kw["num_shards"] = num_shards
@@ -229,11 +268,16 @@ def write_shards(examples, out_dir: str, *, buckets: Sequence[Sequence[int]],
     if not records:
         # Beam workers, or a build published before a crash: the shards themselves say it all.
         records = scan_records(final)
-    index = {"num_examples": len(records), "latent_channels": latent_channels, "text_dim": text_dim,
-             "latent_dtype": latent_dtype,
-             "buckets": [list(map(int, b)) for b in buckets],
-             "bucket_ids": [r["bucket_id"] for r in records],
-             "sample_ids": [r["sample_id"] for r in records], **(extra_index or {})}
+    index = {
+        "num_examples": len(records),
+        "latent_channels": latent_channels,
+        "text_dim": text_dim,
+        "latent_dtype": latent_dtype,
+        "buckets": [list(map(int, b)) for b in buckets],
+        "bucket_ids": [r["bucket_id"] for r in records],
+        "sample_ids": [r["sample_id"] for r in records],
+        **(extra_index or {}),
+    }
     # index.json is the completion marker: readers refuse a directory without it.
     _atomic_json(index_path, index)
     return final
@@ -241,6 +285,7 @@ def write_shards(examples, out_dir: str, *, buckets: Sequence[Sequence[int]],
 
 def _atomic_json(path: str, obj) -> None:
     from etils import epath
+
     tmp = epath.Path(f"{path}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(obj))
     tmp.rename(path)
@@ -277,6 +322,7 @@ class RecordReader:
         with _OPEN_LOCK:
             if self._source is None:
                 from array_record.python.array_record_data_source import ArrayRecordDataSource
+
                 # Publish the features before the source: `_source` being set is what tells
                 # other threads the reader is ready.
                 self._features = _tfds().features.FeaturesDict.from_config(self.ds_dir)

@@ -8,19 +8,21 @@ compiled step is cached per bucket. The iterator's state is a JSON-able dict sav
 checkpoint, so a resumed run reads exactly the batches an uninterrupted run would have.
 The array_record/grain source of the data-pipeline issue implements the same interface.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
 class Bucket:
-    frames: int   # latent frames
-    height: int   # latent height
-    width: int    # latent width
+    frames: int  # latent frames
+    height: int  # latent height
+    width: int  # latent width
     batch_size: int  # global batch size for this shape
 
     @property
@@ -65,8 +67,17 @@ class SyntheticTextToLatent:
     loss is 1 + the per-element variance of the patterns across captions.
     """
 
-    def __init__(self, buckets: Sequence[Bucket], *, in_channels: int, text_dim: int,
-                 text_len: int = 8, num_prompts: int = 4, fps: float = 24.0, seed: int = 0):
+    def __init__(
+        self,
+        buckets: Sequence[Bucket],
+        *,
+        in_channels: int,
+        text_dim: int,
+        text_len: int = 8,
+        num_prompts: int = 4,
+        fps: float = 24.0,
+        seed: int = 0,
+    ):
         if not buckets:
             raise ValueError("SyntheticTextToLatent needs at least one bucket")
         self.buckets = list(buckets)
@@ -85,8 +96,7 @@ class SyntheticTextToLatent:
             rng = np.random.default_rng([self.seed, *bucket.latent_shape])
             f, h, w = bucket.latent_shape
             coeff = rng.standard_normal((self.num_prompts, self.in_channels, 3))
-            tt, hh, ww = np.meshgrid(np.linspace(-1, 1, f), np.linspace(-1, 1, h), np.linspace(-1, 1, w),
-                                     indexing="ij")
+            tt, hh, ww = np.meshgrid(np.linspace(-1, 1, f), np.linspace(-1, 1, h), np.linspace(-1, 1, w), indexing="ij")
             basis = np.stack([np.sin(np.pi * hh + tt), np.cos(np.pi * ww - tt), hh * ww], axis=0)
             self._patterns[bucket.latent_shape] = np.einsum("pcb,bfhw->pcfhw", coeff, basis).astype(np.float32)
         return self._patterns[bucket.latent_shape]

@@ -1,4 +1,5 @@
 """Video decoding (PyAV), shared by data preparation and the VAE's video readers."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -9,15 +9,16 @@ any order, one at a time, so a conversion holds about one tensor (at most one la
 Arrays in flight are numpy arrays; bfloat16 is `ml_dtypes.bfloat16` (what JAX and tensorstore
 use), converted to and from torch by reinterpreting the 16-bit pattern, never by value.
 """
+
 from __future__ import annotations
 
 import contextlib
 import mmap
 import os
 import shutil
-import uuid
 import threading
-from typing import Callable, Iterator
+import uuid
+from collections.abc import Callable, Iterator
 
 import ml_dtypes
 import numpy as np
@@ -28,8 +29,12 @@ Shape = tuple[int, ...]
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
 # Names used on the command line and in `inspect`.
-DTYPE_NAMES = {"float32": np.dtype(np.float32), "bfloat16": BF16, "float16": np.dtype(np.float16),
-               "float64": np.dtype(np.float64)}
+DTYPE_NAMES = {
+    "float32": np.dtype(np.float32),
+    "bfloat16": BF16,
+    "float16": np.dtype(np.float16),
+    "float64": np.dtype(np.float64),
+}
 
 
 def dtype_name(dtype) -> str:
@@ -42,6 +47,7 @@ def dtype_name(dtype) -> str:
 
 class Entry(tuple):
     """(shape, dtype) of one tensor."""
+
     __slots__ = ()
 
     def __new__(cls, shape, dtype):
@@ -121,9 +127,11 @@ class Writer:
         if want is None:
             raise KeyError(f"{self.path}: tensor {name!r} was not announced to the writer")
         if tuple(array.shape) != want.shape or array.dtype != want.dtype:
-            raise ValueError(f"{self.path}: tensor {name} has shape {list(array.shape)} "
-                             f"{dtype_name(array.dtype)}, expected {list(want.shape)} "
-                             f"{dtype_name(want.dtype)}")
+            raise ValueError(
+                f"{self.path}: tensor {name} has shape {list(array.shape)} "
+                f"{dtype_name(array.dtype)}, expected {list(want.shape)} "
+                f"{dtype_name(want.dtype)}"
+            )
         with self._lock:
             if name in self._written:
                 raise ValueError(f"{self.path}: tensor {name} written twice")
@@ -136,8 +144,9 @@ class Writer:
     def check_complete(self) -> None:
         missing = [n for n in self.entries if n not in self._written]
         if missing:
-            raise RuntimeError(f"{self.path}: conversion incomplete, {len(missing)} tensors never "
-                               f"written (first: {missing[:5]})")
+            raise RuntimeError(
+                f"{self.path}: conversion incomplete, {len(missing)} tensors never written (first: {missing[:5]})"
+            )
 
     def finish(self) -> None:
         """Flush everything into the temporary output (called once all tensors are written)."""
@@ -152,6 +161,7 @@ class Writer:
 
 def to_torch(array: np.ndarray):
     import torch
+
     array = np.ascontiguousarray(array)
     if array.dtype == BF16:
         return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
@@ -160,6 +170,7 @@ def to_torch(array: np.ndarray):
 
 def from_torch(tensor) -> np.ndarray:
     import torch
+
     tensor = tensor.detach().cpu()
     if tensor.dtype == torch.bfloat16:
         return tensor.view(torch.int16).numpy().view(BF16)
@@ -168,6 +179,7 @@ def from_torch(tensor) -> np.ndarray:
 
 def numpy_dtype_of_torch(torch_dtype) -> np.dtype:
     import torch
+
     if torch_dtype == torch.bfloat16:
         return BF16
     return np.dtype(torch.empty((), dtype=torch_dtype).numpy().dtype)
@@ -175,6 +187,7 @@ def numpy_dtype_of_torch(torch_dtype) -> np.dtype:
 
 def torch_dtype_of(dtype):
     import torch
+
     dtype = np.dtype(dtype)
     if dtype == BF16:
         return torch.bfloat16

@@ -11,12 +11,13 @@ step, else the newest. The converters' JAX reader builds on `StoredParams` (one 
 `mugv.io.weights` reads a whole checkpoint in release names (`StoredParams.release_items`).
 orbax and tensorstore (and with orbax, jax) are imported inside the functions that open arrays.
 """
+
 from __future__ import annotations
 
 import ast
 import json
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -31,13 +32,17 @@ def _steps(manager_dir: str) -> list[int]:
         return []
     # Orbax writes a step under a temporary name and renames it when complete: a plain number
     # is a finished step.
-    return sorted(int(n) for n in os.listdir(manager_dir)
-                  if n.isdigit() and os.path.isdir(os.path.join(manager_dir, n, "state")))
+    return sorted(
+        int(n) for n in os.listdir(manager_dir) if n.isdigit() and os.path.isdir(os.path.join(manager_dir, n, "state"))
+    )
 
 
 def is_jax_checkpoint(path: str) -> bool:
-    return (os.path.isfile(os.path.join(path, "state", "_METADATA"))
-            or bool(_steps(path)) or bool(_steps(os.path.join(path, "checkpoints"))))
+    return (
+        os.path.isfile(os.path.join(path, "state", "_METADATA"))
+        or bool(_steps(path))
+        or bool(_steps(os.path.join(path, "checkpoints")))
+    )
 
 
 def resolve_step_dir(path: str, step: int | None) -> tuple[str, int | None, list[int]]:
@@ -60,7 +65,7 @@ def resolve_step_dir(path: str, step: int | None) -> tuple[str, int | None, list
 
 def parse_spec(spec: str) -> tuple[str, int | None]:
     """(path, step) of `jax:PATH[@STEP]` (the prefix is optional)."""
-    path = spec[len("jax:"):] if spec.startswith("jax:") else spec
+    path = spec[len("jax:") :] if spec.startswith("jax:") else spec
     base, at, tail = path.rpartition("@")
     if at and tail.isdigit():
         return os.path.expanduser(base), int(tail)
@@ -69,8 +74,14 @@ def parse_spec(spec: str) -> tuple[str, int | None]:
 
 def config_from_jax_shapes(shapes: dict[str, tuple], source: str) -> DiTConfig:
     """Detect the config from JAX-layout shapes via the release-name detector."""
-    need = {"x_embedder.kernel", "blocks.attn.q_norm.scale", "blocks.mlp.fc1.kernel",
-            "y_embedder.fc1.kernel", "t_embedder.fc1.kernel", "final_layer.linear.kernel"}
+    need = {
+        "x_embedder.kernel",
+        "blocks.attn.q_norm.scale",
+        "blocks.mlp.fc1.kernel",
+        "y_embedder.fc1.kernel",
+        "t_embedder.fc1.kernel",
+        "final_layer.linear.kernel",
+    }
     missing = sorted(need - set(shapes))
     if missing:
         raise ValueError(f"{source}: cannot detect the model configuration, no {missing}")
@@ -105,6 +116,7 @@ def open_state_arrays(state_dir: str, names: list[str]) -> dict:
     orbax's own read spec and context (OCDBT or not, zarr v2 or v3, as the metadata says)."""
     import tensorstore as ts
     from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
+
     meta = _state_metadata(state_dir)
     use_ocdbt, use_zarr3 = bool(meta.get("use_ocdbt", True)), bool(meta.get("use_zarr3", False))
     context = ts_utils.get_ts_context(use_ocdbt=use_ocdbt)
@@ -132,8 +144,7 @@ class StoredParams:
         self.root = "params" if weights == "raw" else "ema"
         paths = [".".join(k[1:]) for k in tree if k[0] == self.root]
         if not paths:
-            raise ValueError(f"{self.step_dir}: the state holds no {self.root!r} "
-                             f"(entries: {self.state_keys})")
+            raise ValueError(f"{self.step_dir}: the state holds no {self.root!r} (entries: {self.state_keys})")
         opened = open_state_arrays(self.state_dir, [f"{self.root}.{p}" for p in paths])
         self.arrays = {p: opened[f"{self.root}.{p}"] for p in paths}
         shapes = {p: tuple(a.shape) for p, a in self.arrays.items()}
@@ -146,11 +157,13 @@ class StoredParams:
                 self.stored_config = DiTConfig.from_dict(model)
         self.config = self.stored_config or config_from_jax_shapes(shapes, self.step_dir)
         want = jax_layout.jax_param_shapes(self.config)
-        bad = [f"{p}: {list(s)} in checkpoint, model expects {list(want[p])}"
-               for p, s in shapes.items() if p in want and tuple(want[p]) != s]
+        bad = [
+            f"{p}: {list(s)} in checkpoint, model expects {list(want[p])}"
+            for p, s in shapes.items()
+            if p in want and tuple(want[p]) != s
+        ]
         if bad:
-            raise ValueError(f"{self.step_dir} ({self.root}) does not match the model schema:\n  "
-                             + "\n  ".join(bad))
+            raise ValueError(f"{self.step_dir} ({self.root}) does not match the model schema:\n  " + "\n  ".join(bad))
 
     def _complete(self) -> dict[str, tuple]:
         """The model's JAX shapes, once the stored arrays are checked to be exactly those."""
@@ -158,8 +171,10 @@ class StoredParams:
         missing = sorted(set(want) - set(self.arrays))
         unexpected = sorted(set(self.arrays) - set(want))
         if missing or unexpected:
-            raise ValueError(f"{self.step_dir}: {self.weights} weights do not match the model: "
-                             f"missing {missing}, unexpected {unexpected}")
+            raise ValueError(
+                f"{self.step_dir}: {self.weights} weights do not match the model: "
+                f"missing {missing}, unexpected {unexpected}"
+            )
         return want
 
     def read_all(self) -> dict[str, np.ndarray]:

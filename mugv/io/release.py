@@ -9,28 +9,46 @@ header, the raw bytes); `.pt` files by `torchzip.TorchZipFile` without torch, fa
 torch's weights-only `torch.load` for variants it does not parse. Writing is streaming too:
 the layout is fixed from the entries up front and each tensor lands with a positioned write.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import struct
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
-from mugv.io.base import (BF16, Entry, Reader, Writer, from_torch, map_file, mapped_array,
-                          numpy_dtype_of_torch, pwrite_all)
-from mugv.io import torchzip
 from mugv.config import DiTConfig
+from mugv.io import torchzip
+from mugv.io.base import (
+    BF16,
+    Entry,
+    Reader,
+    Writer,
+    from_torch,
+    map_file,
+    mapped_array,
+    numpy_dtype_of_torch,
+    pwrite_all,
+)
 
 ST_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 
-_ST_DTYPES = {"F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-              "BF16": BF16, "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
-              "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8),
-              "BOOL": np.dtype(np.bool_)}
+_ST_DTYPES = {
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": BF16,
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
+}
 _ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 # A header bigger than this is not a safetensors header (the format caps it at 100 MB).
 _MAX_HEADER = 100 * 2**20
@@ -74,8 +92,7 @@ class SafetensorsFile:
                 raise ValueError(f"{path} is not a safetensors file (shorter than 8 bytes)")
             (n,) = struct.unpack("<Q", head)
             if n > min(_MAX_HEADER, size - 8):
-                raise ValueError(f"{path} is not a safetensors file (header length {n} of a "
-                                 f"{size}-byte file)")
+                raise ValueError(f"{path} is not a safetensors file (header length {n} of a {size}-byte file)")
             try:
                 header = json.loads(f.read(n))
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -92,9 +109,11 @@ class SafetensorsFile:
             entry = Entry(info["shape"], dtype)
             begin, end = info["data_offsets"]
             if end - begin != entry.nbytes or self._base + end > size:
-                raise ValueError(f"{path}: tensor {name} (shape {info['shape']}, {info['dtype']}) "
-                                 f"has byte range [{begin}, {end}) that does not fit its shape or "
-                                 f"the {size}-byte file")
+                raise ValueError(
+                    f"{path}: tensor {name} (shape {info['shape']}, {info['dtype']}) "
+                    f"has byte range [{begin}, {end}) that does not fit its shape or "
+                    f"the {size}-byte file"
+                )
             self._info[name] = (entry, self._base + begin)
         self._map = map_file(path)
 
@@ -119,8 +138,11 @@ class SafetensorsOut:
         for name, e in entries.items():
             if e.dtype not in _ST_NAMES:
                 raise ValueError(f"{path}: safetensors cannot store {name} as {e.dtype}")
-            header[name] = {"dtype": _ST_NAMES[e.dtype], "shape": list(e.shape),
-                            "data_offsets": [offset, offset + e.nbytes]}
+            header[name] = {
+                "dtype": _ST_NAMES[e.dtype],
+                "shape": list(e.shape),
+                "data_offsets": [offset, offset + e.nbytes],
+            }
             self._offsets[name] = offset
             offset += e.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
@@ -161,14 +183,17 @@ class TorchStateFile:
             # unpickler decides whether they are safe to read.
             sd, self._torch = torchzip.load_torch_file(path), True
         if not isinstance(sd, dict):
-            raise ValueError(f"{path} holds a {type(sd).__name__}, not a flat {{name: tensor}} "
-                             f"state dict like the release dit.pt")
+            raise ValueError(
+                f"{path} holds a {type(sd).__name__}, not a flat {{name: tensor}} state dict like the release dit.pt"
+            )
         tensor_type = _torch_tensor_type() if self._torch else torchzip.TensorRef
         for name, value in sd.items():
             if not isinstance(value, tensor_type):
                 kind = "dict" if isinstance(value, dict) else type(value).__name__
-                raise ValueError(f"{path}: entry {name!r} is a {kind}, not a tensor (the file is "
-                                 f"not a flat {{name: tensor}} state dict like the release dit.pt)")
+                raise ValueError(
+                    f"{path}: entry {name!r} is a {kind}, not a tensor (the file is "
+                    f"not a flat {{name: tensor}} state dict like the release dit.pt)"
+                )
         self._sd = sd
 
     def entries(self) -> dict[str, Entry]:
@@ -184,6 +209,7 @@ class TorchStateFile:
 
 def _torch_tensor_type():
     import torch  # only reached after torch.load, so torch is already imported
+
     return torch.Tensor
 
 
@@ -220,8 +246,9 @@ class ReleaseReader(Reader):
                 try:
                     weight_map = json.load(f)["weight_map"]
                 except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise ValueError(f"{index}: not a sharded-checkpoint index with a weight_map "
-                                     f"({type(e).__name__}: {e})") from e
+                    raise ValueError(
+                        f"{index}: not a sharded-checkpoint index with a weight_map ({type(e).__name__}: {e})"
+                    ) from e
             root = os.path.dirname(index)
             for shard in dict.fromkeys(weight_map.values()):
                 shard_path = os.path.join(root, shard)
@@ -231,14 +258,12 @@ class ReleaseReader(Reader):
                 self._files[shard_path] = f
                 for name, entry in f.entries().items():
                     if weight_map.get(name) != shard:
-                        raise ValueError(f"{shard_path}: tensor {name} is not mapped to this "
-                                         f"shard by {index}")
+                        raise ValueError(f"{shard_path}: tensor {name} is not mapped to this shard by {index}")
                     self._entries[name] = entry
                     self._where[name] = shard_path
             missing = [n for n in weight_map if n not in self._entries]
             if missing:
-                raise ValueError(f"{index} maps {len(missing)} tensors that no shard holds "
-                                 f"(first: {missing[:5]})")
+                raise ValueError(f"{index} maps {len(missing)} tensors that no shard holds (first: {missing[:5]})")
         else:
             f = _open_file(path)
             self._files[path] = f
@@ -268,8 +293,13 @@ class ReleaseReader(Reader):
         self._files = {}
 
     def describe(self) -> dict:
-        d = {"layout": {"sharded": "sharded with an index", "safetensors": "single safetensors",
-                        "torch": "single torch file"}[self.kind]}
+        d = {
+            "layout": {
+                "sharded": "sharded with an index",
+                "safetensors": "single safetensors",
+                "torch": "single torch file",
+            }[self.kind]
+        }
         if self.kind == "sharded":
             d["index"] = self.index
             d["shards"] = len(self._files)
@@ -291,8 +321,15 @@ def _plan_shards(entries: dict[str, Entry], max_bytes: int) -> list[list[str]]:
 class ReleaseWriter(Writer):
     format = "release"
 
-    def __init__(self, target: str, tmp: str, config: DiTConfig, entries: dict[str, Entry], *,
-                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES):
+    def __init__(
+        self,
+        target: str,
+        tmp: str,
+        config: DiTConfig,
+        entries: dict[str, Entry],
+        *,
+        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    ):
         super().__init__(target, config, entries)
         self.kind = kind_of(target)
         self._outs: dict[str, object] = {}
@@ -301,8 +338,7 @@ class ReleaseWriter(Writer):
         if self.kind == "sharded":
             index_name = os.path.basename(target) if target.endswith(".index.json") else ST_INDEX
             if index_name not in (ST_INDEX, BIN_INDEX):
-                raise ValueError(f"{target}: a sharded release is named by its index, "
-                                 f"{ST_INDEX} or {BIN_INDEX}")
+                raise ValueError(f"{target}: a sharded release is named by its index, {ST_INDEX} or {BIN_INDEX}")
             os.makedirs(tmp)
             safetensors = index_name == ST_INDEX
             plan = _plan_shards(self.entries, max_shard_bytes)
@@ -320,8 +356,7 @@ class ReleaseWriter(Writer):
             with open(os.path.join(tmp, index_name), "w") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
         else:
-            self._outs[target] = self._open(tmp, self.entries,
-                                            meta if self.kind == "safetensors" else None)
+            self._outs[target] = self._open(tmp, self.entries, meta if self.kind == "safetensors" else None)
             self._where = {n: target for n in self.entries}
 
     @staticmethod

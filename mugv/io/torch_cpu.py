@@ -15,6 +15,7 @@ Megatron run; the Megatron backend applies it in `mugv_megatron.parallel.state.s
 
 torch is imported inside the functions: importing this module costs nothing.
 """
+
 from __future__ import annotations
 
 import socket
@@ -24,6 +25,7 @@ _ORIGINALS: dict[str, object] = {}
 
 def _cpu_current_device():
     import torch
+
     return torch.device("cpu")
 
 
@@ -38,6 +40,7 @@ def is_applied() -> bool:
 def apply() -> bool:
     """Install the shim if CUDA is unavailable; returns whether it is (now) installed."""
     import torch
+
     if torch.cuda.is_available():
         return False
     if not _ORIGINALS:
@@ -51,6 +54,7 @@ def apply() -> bool:
 def remove() -> None:
     """Restore torch.cuda's own functions (for tests that want to see the unpatched state)."""
     import torch
+
     if _ORIGINALS:
         torch.cuda.current_device = _ORIGINALS.pop("current_device")
         torch.cuda.synchronize = _ORIGINALS.pop("synchronize")
@@ -66,6 +70,7 @@ def free_port() -> int:
 def world_size() -> int:
     """The size of this process's torch.distributed world (1 when there is none)."""
     import torch.distributed as dist
+
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
@@ -75,10 +80,13 @@ def one_process_group(what: str) -> None:
     over the default group. An existing world of one is used as it is; a bigger one is refused,
     since the other processes would not join the collective."""
     import torch.distributed as dist
+
     if dist.is_initialized():
         if dist.get_world_size() != 1:
-            raise RuntimeError(f"{what} runs in a single process; this process is in a "
-                               f"torch.distributed world of {dist.get_world_size()}")
+            raise RuntimeError(
+                f"{what} runs in a single process; this process is in a "
+                f"torch.distributed world of {dist.get_world_size()}"
+            )
         return
     apply()
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)

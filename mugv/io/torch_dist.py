@@ -20,6 +20,7 @@ and is refused, naming the conversion that avoids it, inside a bigger one.
 
 torch (and megatron.core for that fallback) are imported inside the functions that need them.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -31,9 +32,9 @@ import pickle
 import re
 import threading
 import warnings
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 
@@ -77,8 +78,7 @@ def resolve_iteration_dir(path: str, iteration: int | None, marker) -> tuple[str
     if iteration is None:
         tracker = os.path.join(path, TRACKER)
         if not os.path.isfile(tracker):
-            raise FileNotFoundError(f"{path}: not a Megatron checkpoint (no {TRACKER}, and not an "
-                                    f"iteration directory)")
+            raise FileNotFoundError(f"{path}: not a Megatron checkpoint (no {TRACKER}, and not an iteration directory)")
         text = open(tracker).read().strip()
         iteration = "release" if text == "release" else int(text)
     d = os.path.join(path, iter_dir_name(iteration))
@@ -93,15 +93,24 @@ def is_torch_dist_dir(d: str) -> bool:
 
 # Only these may appear in a torch_dist `.metadata`, which torch reads with plain pickle.
 _DCP_MODULES = ("torch.distributed.checkpoint.", "megatron.core.dist_checkpointing.")
-_DCP_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"),
-                ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset")}
+_DCP_GLOBALS = {
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("collections", "OrderedDict"),
+    ("builtins", "set"),
+    ("builtins", "frozenset"),
+}
 
 
 class _MetadataCheck(pickle.Unpickler):
     def find_class(self, module, name):
         import torch
-        if (module.startswith(_DCP_MODULES) or (module, name) in _DCP_GLOBALS
-                or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))):
+
+        if (
+            module.startswith(_DCP_MODULES)
+            or (module, name) in _DCP_GLOBALS
+            or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
+        ):
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
 
@@ -113,8 +122,10 @@ def read_metadata(ckpt_dir: str):
         try:
             return _MetadataCheck(f).load()
         except (pickle.UnpicklingError, EOFError, AttributeError, ImportError) as e:
-            raise ValueError(f"{path}: refusing to read torch_dist metadata ({e}); it may only "
-                             f"hold torch.distributed.checkpoint metadata objects") from e
+            raise ValueError(
+                f"{path}: refusing to read torch_dist metadata ({e}); it may only "
+                f"hold torch.distributed.checkpoint metadata objects"
+            ) from e
 
 
 # A chunk of a stored tensor: (offsets, sizes, (file, byte offset, length) of its plain archive,
@@ -159,11 +170,14 @@ def _chunk_table(metadata, directory: str) -> dict[str, _Chunks]:
             continue
         plain = not getattr(info, "transform_descriptors", None)
         records[(index.fqn, tuple(index.offset))] = (
-            (os.path.join(directory, info.relative_path), int(info.offset), int(info.length)) if plain else None)
+            (os.path.join(directory, info.relative_path), int(info.offset), int(info.length)) if plain else None
+        )
     out = {}
     for key, meta in getattr(metadata, "state_dict_metadata", {}).items():
-        chunks = [(tuple(c.offsets), tuple(c.sizes), records.get((key, tuple(c.offsets))))
-                  for c in getattr(meta, "chunks", ())]
+        chunks = [
+            (tuple(c.offsets), tuple(c.sizes), records.get((key, tuple(c.offsets))))
+            for c in getattr(meta, "chunks", ())
+        ]
         if chunks:
             out[key] = _Chunks(chunks)
     return out
@@ -173,12 +187,14 @@ class MegatronReader(Reader):
     """What the Megatron readers share (this one and the converters' legacy reader): the config
     the per-head regroup needs (heads and head dim), as set by the caller (`layout_config`), else
     the checkpoint's stored config, else detected from the shapes."""
+
     stored_config: DiTConfig | None = None
     layout_config: DiTConfig | None = None
 
     def _config_for_layout(self) -> DiTConfig:
         if self.layout_config is None:
             from mugv.schema import detect_config
+
             self.layout_config = self.stored_config or detect_config(self.entries())
         return self.layout_config
 
@@ -199,15 +215,19 @@ class TorchDistReader(MegatronReader):
             raise ValueError(f"{self.dir}: sharded backend {backend!r}, only 'torch_dist' is supported")
         metadata = read_metadata(self.dir)
         # DCP key → (global shape, torch dtype), for the tensors (not the pickled objects).
-        self._tensors = {k: (tuple(m.size), m.properties.dtype)
-                         for k, m in metadata.state_dict_metadata.items()
-                         if hasattr(m, "chunks") and hasattr(m, "size")}
+        self._tensors = {
+            k: (tuple(m.size), m.properties.dtype)
+            for k, m in metadata.state_dict_metadata.items()
+            if hasattr(m, "chunks") and hasattr(m, "size")
+        }
         if weights == "ema":
             # The EMA entries read as the weights; everything else (the raw weights too) is skipped.
-            chosen = {k[len(EMA_PREFIX):]: k for k in self._tensors if k.startswith(EMA_PREFIX)}
+            chosen = {k[len(EMA_PREFIX) :]: k for k in self._tensors if k.startswith(EMA_PREFIX)}
             if not chosen:
-                raise ValueError(f"{self.dir}: --weights ema needs a Megatron training checkpoint "
-                                 f"with an EMA ({EMA_PREFIX}<name> entries); this one has none")
+                raise ValueError(
+                    f"{self.dir}: --weights ema needs a Megatron training checkpoint "
+                    f"with an EMA ({EMA_PREFIX}<name> entries); this one has none"
+                )
         else:
             chosen = {k: k for k in self._tensors if not is_skipped(k)}
         self.skipped = sorted(set(self._tensors) - set(chosen.values()))
@@ -219,7 +239,7 @@ class TorchDistReader(MegatronReader):
         for name, key in chosen.items():
             shape, dtype = self._tensors[key]
             if name.startswith(layout.LAYER_PREFIX):
-                sub = name[len(layout.LAYER_PREFIX):]
+                sub = name[len(layout.LAYER_PREFIX) :]
                 for i in range(shape[0]):
                     self._add(f"{layout.LAYER_PREFIX}{i}.{sub}", (key, i, shape[0], shape[1:], dtype))
             else:
@@ -283,25 +303,32 @@ class TorchDistReader(MegatronReader):
         try:
             archive = torchzip.TorchZipFile(path, offset, length, mapping)
             if not isinstance(archive.obj, torchzip.TensorRef):
-                raise ValueError(f"{path}: the record of tensor {what} at byte {offset} holds a "
-                                 f"{type(archive.obj).__name__}, not a tensor")
+                raise ValueError(
+                    f"{path}: the record of tensor {what} at byte {offset} holds a "
+                    f"{type(archive.obj).__name__}, not a tensor"
+                )
             array = archive.array(archive.obj, what)
         except torchzip.NeedsTorch:
             # A variant the parser does not take: torch reads the record, as DCP itself would.
             import torch
-            tensor = torch.load(io.BytesIO(mapping[offset:offset + length]), map_location="cpu",
-                                weights_only=True)
+
+            tensor = torch.load(io.BytesIO(mapping[offset : offset + length]), map_location="cpu", weights_only=True)
             if not isinstance(tensor, torch.Tensor):
-                raise ValueError(f"{path}: the record of tensor {what} at byte {offset} holds a "
-                                 f"{type(tensor).__name__}, not a tensor") from None
+                raise ValueError(
+                    f"{path}: the record of tensor {what} at byte {offset} holds a "
+                    f"{type(tensor).__name__}, not a tensor"
+                ) from None
             array = from_torch(tensor)
         if array.size != math.prod(sizes) or array.dtype != dtype:
-            raise ValueError(f"{path}: a chunk of tensor {what} is stored as {list(array.shape)} "
-                             f"{array.dtype}, the metadata says {list(sizes)} {dtype}")
+            raise ValueError(
+                f"{path}: a chunk of tensor {what} is stored as {list(array.shape)} "
+                f"{array.dtype}, the metadata says {list(sizes)} {dtype}"
+            )
         return array.reshape(sizes)
 
-    def _read_region(self, pieces: list[_Chunk], offsets: tuple, sizes: tuple, dtype: np.dtype,
-                     what: str) -> np.ndarray:
+    def _read_region(
+        self, pieces: list[_Chunk], offsets: tuple, sizes: tuple, dtype: np.dtype, what: str
+    ) -> np.ndarray:
         if len(pieces) == 1 and pieces[0][0] == offsets and pieces[0][1] == sizes:
             return self._archive(pieces[0][2], sizes, dtype, what)
         out = np.empty(sizes, dtype)
@@ -309,8 +336,9 @@ class TorchDistReader(MegatronReader):
             chunk = self._archive(record, cs, dtype, what)
             lo = [max(a, b) for a, b in zip(co, offsets)]
             hi = [min(a + n, b + m) for a, n, b, m in zip(co, cs, offsets, sizes)]
-            out[tuple(slice(l - o, h - o) for l, h, o in zip(lo, hi, offsets))] = \
-                chunk[tuple(slice(l - c, h - c) for l, h, c in zip(lo, hi, co))]
+            out[tuple(slice(l - o, h - o) for l, h, o in zip(lo, hi, offsets))] = chunk[
+                tuple(slice(l - c, h - c) for l, h, c in zip(lo, hi, co))
+            ]
         return out
 
     def _read_direct(self, name: str) -> np.ndarray:
@@ -356,10 +384,12 @@ class TorchDistReader(MegatronReader):
                 f"dist_checkpointing reads, and its load is a collective that the other "
                 f"{world - 1} processes of this run do not join. Convert the checkpoint in one "
                 f"process first: python -m converters convert --src {spec}{ema} "
-                f"--dst release:OUT.safetensors, and start from OUT.safetensors")
+                f"--dst release:OUT.safetensors, and start from OUT.safetensors"
+            )
         import torch
         from megatron.core.dist_checkpointing.mapping import ShardedTensor
         from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
+
         torch_cpu.one_process_group(f"reading {self.dir} through dist_checkpointing")
         if self._strategy is None:
             self._strategy = TorchDistLoadShardedStrategy()
@@ -369,12 +399,14 @@ class TorchDistReader(MegatronReader):
                 sd[name] = ShardedTensor.from_rank_offsets(key, torch.empty(shape, dtype=dtype), replica_id=0)
             else:
                 sd[name] = ShardedTensor.from_rank_offsets(
-                    key, torch.empty((1, *shape), dtype=dtype), (0, layer, depth), replica_id=0)
+                    key, torch.empty((1, *shape), dtype=dtype), (0, layer, depth), replica_id=0
+                )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             loaded = self._strategy.load(sd, Path(self.dir))
-        return {name: from_torch(loaded[name][0] if requests[name][1] is not None else loaded[name])
-                for name in requests}
+        return {
+            name: from_torch(loaded[name][0] if requests[name][1] is not None else loaded[name]) for name in requests
+        }
 
     # --- the Reader contract --------------------------------------------------------------------
 
@@ -411,7 +443,7 @@ class TorchDistReader(MegatronReader):
             loaded = self._load(rest) if rest else {}
             for name in names:
                 if name in loaded:
-                    yield name, (lambda a=loaded.pop(name): a)
+                    yield name, (lambda a=loaded.pop(name): a)  # noqa: B008 -- bind this tensor now
                 else:
                     yield name, partial(self._read_direct, name)
 
@@ -421,7 +453,18 @@ class TorchDistReader(MegatronReader):
 
     def describe(self) -> dict:
         through_dcp = len(self._src) - len(self._direct)
-        read = ("memory-mapped chunks" if not through_dcp else "dist_checkpointing" if not self._direct
-                else f"memory-mapped chunks, dist_checkpointing for {through_dcp} tensors")
-        return {"variant": "torch_dist", "directory": self.dir, "iteration": self.iteration,
-                "weights": self.weights, "skipped entries": len(self.skipped), "read": read}
+        read = (
+            "memory-mapped chunks"
+            if not through_dcp
+            else "dist_checkpointing"
+            if not self._direct
+            else f"memory-mapped chunks, dist_checkpointing for {through_dcp} tensors"
+        )
+        return {
+            "variant": "torch_dist",
+            "directory": self.dir,
+            "iteration": self.iteration,
+            "weights": self.weights,
+            "skipped entries": len(self.skipped),
+            "read": read,
+        }

@@ -14,6 +14,7 @@ tensor becomes a reference to its bytes, turned into a numpy view of the mapping
 Files outside that (other globals, compressed or big-endian records, the pre-1.6 non-zip format)
 raise `NeedsTorch`; callers then use `load_torch_file` (torch's weights-only unpickler).
 """
+
 from __future__ import annotations
 
 import collections
@@ -41,10 +42,13 @@ class TensorSlot:
 
     def __reduce_ex__(self, protocol):
         import torch
+
         shape = self.entry.shape
-        stride = tuple(int(np.prod(shape[i + 1:], dtype=np.int64)) for i in range(len(shape)))
-        return (torch._utils._rebuild_tensor_v2,
-                (_StorageSlot(self), 0, shape, stride, False, collections.OrderedDict()))
+        stride = tuple(int(np.prod(shape[i + 1 :], dtype=np.int64)) for i in range(len(shape)))
+        return (
+            torch._utils._rebuild_tensor_v2,
+            (_StorageSlot(self), 0, shape, stride, False, collections.OrderedDict()),
+        )
 
 
 class _StorageSlot:
@@ -54,6 +58,7 @@ class _StorageSlot:
 
 def _storage_type(dtype):
     import torch
+
     name = torch.storage._dtype_to_storage_type_map()[torch_dtype_of(dtype)]
     return getattr(torch, name)
 
@@ -63,8 +68,7 @@ class _Pickler(pickle.Pickler):
         # The tuple torch.save writes for a storage: ("storage", type, key, location, numel).
         if isinstance(obj, _StorageSlot):
             t = obj.tensor
-            return ("storage", _storage_type(t.entry.dtype), t.key, "cpu",
-                    int(np.prod(t.entry.shape, dtype=np.int64)))
+            return ("storage", _storage_type(t.entry.dtype), t.key, "cpu", int(np.prod(t.entry.shape, dtype=np.int64)))
         return None
 
 
@@ -85,6 +89,7 @@ class StreamingTorchFile:
 
     def __init__(self, path: str, obj: Any, slots: list[TensorSlot]):
         import torch
+
         self.path = path
         self._slots = {s.key: s for s in slots}
         buf = io.BytesIO()
@@ -112,8 +117,10 @@ class StreamingTorchFile:
     def write(self, key: str, array: np.ndarray) -> None:
         slot = self._slots[key]
         if tuple(array.shape) != slot.entry.shape or array.dtype != slot.entry.dtype:
-            raise ValueError(f"{self.path}: record {key} expects {list(slot.entry.shape)} "
-                             f"{slot.entry.dtype}, got {list(array.shape)} {array.dtype}")
+            raise ValueError(
+                f"{self.path}: record {key} expects {list(slot.entry.shape)} "
+                f"{slot.entry.dtype}, got {list(array.shape)} {array.dtype}"
+            )
         pwrite_all(self._fd, array, self._offsets[key])
         self._pending.discard(key)
 
@@ -141,7 +148,9 @@ def load_torch_file(path: str, allow_namespace: bool = False):
     values and so is as safe as the weights-only allowlist.
     """
     import argparse
+
     import torch
+
     mmap = zipfile.is_zipfile(path)
     try:
         if allow_namespace:
@@ -149,8 +158,9 @@ def load_torch_file(path: str, allow_namespace: bool = False):
                 return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile) as e:
-        raise ValueError(f"cannot read {path} as a torch checkpoint with weights_only=True: "
-                         f"{str(e).splitlines()[0][:500]}") from e
+        raise ValueError(
+            f"cannot read {path} as a torch checkpoint with weights_only=True: {str(e).splitlines()[0][:500]}"
+        ) from e
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,11 +173,16 @@ class NeedsTorch(Exception):
 
 # torch.save pickles a storage's type as the global torch.<Name>Storage.
 _STORAGE_DTYPES = {
-    "FloatStorage": np.dtype(np.float32), "DoubleStorage": np.dtype(np.float64),
-    "HalfStorage": np.dtype(np.float16), "BFloat16Storage": BF16,
-    "LongStorage": np.dtype(np.int64), "IntStorage": np.dtype(np.int32),
-    "ShortStorage": np.dtype(np.int16), "CharStorage": np.dtype(np.int8),
-    "ByteStorage": np.dtype(np.uint8), "BoolStorage": np.dtype(np.bool_),
+    "FloatStorage": np.dtype(np.float32),
+    "DoubleStorage": np.dtype(np.float64),
+    "HalfStorage": np.dtype(np.float16),
+    "BFloat16Storage": BF16,
+    "LongStorage": np.dtype(np.int64),
+    "IntStorage": np.dtype(np.int32),
+    "ShortStorage": np.dtype(np.int16),
+    "CharStorage": np.dtype(np.int8),
+    "ByteStorage": np.dtype(np.uint8),
+    "BoolStorage": np.dtype(np.bool_),
 }
 
 
@@ -194,8 +209,7 @@ class TensorRef:
         return Entry(self.shape, self.storage.dtype)
 
 
-def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
-                    metadata=None):
+def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
     return TensorRef(storage, storage_offset, size, stride)
 
 
@@ -225,15 +239,16 @@ class _StateUnpickler(pickle.Unpickler):
         raise NeedsTorch(f"global {module}.{name}")
 
     def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
-                and isinstance(pid[1], _StorageType)):
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _StorageType)):
             raise NeedsTorch(f"persistent id {pid!r:.80}")
         _, stype, key, _location, numel = pid
         if key not in self._storages:
             offset, nbytes = self._records(key)
             if nbytes != numel * stype.dtype.itemsize:
-                raise ValueError(f"{self._path}: tensor data data/{key} holds {nbytes} bytes, the "
-                                 f"pickle says {numel} elements of {stype.dtype.itemsize} bytes")
+                raise ValueError(
+                    f"{self._path}: tensor data data/{key} holds {nbytes} bytes, the "
+                    f"pickle says {numel} elements of {stype.dtype.itemsize} bytes"
+                )
             self._storages[key] = _Storage(key, stype.dtype, int(numel), offset)
         storage = self._storages[key]
         if storage.dtype != stype.dtype:
@@ -272,7 +287,7 @@ class _Window(io.RawIOBase):
 
     def readinto(self, b):
         data = self.read(len(b))
-        b[:len(data)] = data
+        b[: len(data)] = data
         return len(data)
 
 
@@ -308,7 +323,7 @@ class TorchZipFile:
             pickles = [i for i in infos if i.filename.endswith("/data.pkl") or i.filename == "data.pkl"]
             if len(pickles) != 1:
                 raise NeedsTorch(f"{len(pickles)} data.pkl records")
-            prefix = pickles[0].filename[:-len("data.pkl")]
+            prefix = pickles[0].filename[: -len("data.pkl")]
             by_name = {i.filename: i for i in infos}
             order = by_name.get(prefix + "byteorder")
             if order is not None and _read_record(f, order, path) != b"little":
@@ -319,19 +334,19 @@ class TorchZipFile:
                 if name.startswith(prefix + "data/"):
                     if info.compress_type != zipfile.ZIP_STORED:
                         raise NeedsTorch(f"compressed record {name}")
-                    offsets[name[len(prefix) + 5:]] = (start + _record_data_offset(f, info), info.file_size)
+                    offsets[name[len(prefix) + 5 :]] = (start + _record_data_offset(f, info), info.file_size)
 
         def record(key: str) -> tuple[int, int]:
             if key not in offsets:
-                raise ValueError(f"{path}: the pickle refers to tensor data data/{key}, which the "
-                                 f"archive does not hold")
+                raise ValueError(
+                    f"{path}: the pickle refers to tensor data data/{key}, which the archive does not hold"
+                )
             return offsets[key]
 
         try:
             self.obj = _StateUnpickler(io.BytesIO(data), record, path).load()
         except (pickle.UnpicklingError, EOFError, AttributeError, TypeError) as e:
-            raise ValueError(f"cannot read {path} as a torch checkpoint: "
-                             f"{str(e).splitlines()[0][:500]}") from e
+            raise ValueError(f"cannot read {path} as a torch checkpoint: {str(e).splitlines()[0][:500]}") from e
         self._map = mapping if mapping is not None else map_file(path)
 
     def array(self, ref: TensorRef, name: str) -> np.ndarray:
@@ -341,14 +356,17 @@ class TorchZipFile:
             return np.empty(ref.shape, s.dtype)
         last = ref.storage_offset + sum((n - 1) * st for n, st in zip(ref.shape, ref.stride))
         if ref.storage_offset < 0 or min(ref.stride, default=0) < 0 or last >= s.numel:
-            raise ValueError(f"{self.path}: tensor {name} (shape {list(ref.shape)}, offset "
-                             f"{ref.storage_offset}, strides {list(ref.stride)}) reaches past its "
-                             f"storage data/{s.key} of {s.numel} elements")
-        contiguous = tuple(int(np.prod(ref.shape[i + 1:], dtype=np.int64)) for i in range(len(ref.shape)))
+            raise ValueError(
+                f"{self.path}: tensor {name} (shape {list(ref.shape)}, offset "
+                f"{ref.storage_offset}, strides {list(ref.stride)}) reaches past its "
+                f"storage data/{s.key} of {s.numel} elements"
+            )
+        contiguous = tuple(int(np.prod(ref.shape[i + 1 :], dtype=np.int64)) for i in range(len(ref.shape)))
         if ref.stride == contiguous:
             return mapped_array(self._map, s.dtype, ref.shape, s.offset + ref.storage_offset * s.dtype.itemsize)
         # A strided view (saved from a transpose or slice): a view of the whole storage.
         base = mapped_array(self._map, s.dtype, (s.numel,), s.offset, prefetch=False)
         item = s.dtype.itemsize
-        return np.lib.stride_tricks.as_strided(base[ref.storage_offset:], ref.shape,
-                                               [st * item for st in ref.stride], writeable=False)
+        return np.lib.stride_tricks.as_strided(
+            base[ref.storage_offset :], ref.shape, [st * item for st in ref.stride], writeable=False
+        )

@@ -17,6 +17,7 @@ The whole model ends up in memory, as the model that takes it needs: release and
 tensors are views of the memory-mapped files where their layout allows, JAX arrays are read one
 array at a time. Stored dtypes are kept.
 """
+
 from __future__ import annotations
 
 import glob
@@ -43,10 +44,12 @@ def parse_spec(spec: str) -> tuple[str, str, int | None]:
     where = base if number is not None else path
     if kind is None:
         from mugv.io import orbax, torch_dist
+
         if os.path.isdir(where) and orbax.is_jax_checkpoint(where):
             kind = "jax"
-        elif os.path.isdir(where) and (os.path.isfile(os.path.join(where, torch_dist.TRACKER))
-                                       or torch_dist.is_torch_dist_dir(where)):
+        elif os.path.isdir(where) and (
+            os.path.isfile(os.path.join(where, torch_dist.TRACKER)) or torch_dist.is_torch_dist_dir(where)
+        ):
             kind = "megatron"
         else:
             return "release", path, None
@@ -61,22 +64,26 @@ def open_weights(spec: str, *, model: DiTConfig | str, weights: str = "raw") -> 
     model = get_config(model)
     kind, path, number = parse_spec(spec)
     if kind == "release" and weights == "ema":
-        raise ValueError(f"config.init_from={spec} is a release checkpoint, which holds one set of "
-                         f"weights: config.init_weights='ema' needs a training checkpoint with an EMA "
-                         f"(jax:DIR[@STEP] or megatron:DIR[@ITER]); use config.init_weights='raw'")
+        raise ValueError(
+            f"config.init_from={spec} is a release checkpoint, which holds one set of "
+            f"weights: config.init_weights='ema' needs a training checkpoint with an EMA "
+            f"(jax:DIR[@STEP] or megatron:DIR[@ITER]); use config.init_weights='raw'"
+        )
     if not os.path.exists(path):
         raise FileNotFoundError(f"config.init_from={spec}: {path} does not exist")
     schema = release_schema(model)
     if kind == "jax":
         from mugv.io.orbax import StoredParams
+
         stored = StoredParams(path, number, weights)
         check_state_dict_shapes(release_schema(stored.config), schema, f"{stored.step_dir} ({stored.root})")
         state = dict(stored.release_items())
     else:
         reader = _release_reader(path) if kind == "release" else _torch_dist_reader(spec, path, number, weights)
         with reader:
-            check_state_dict_shapes({n: e.shape for n, e in reader.entries().items()}, schema,
-                                    getattr(reader, "dir", reader.path))
+            check_state_dict_shapes(
+                {n: e.shape for n, e in reader.entries().items()}, schema, getattr(reader, "dir", reader.path)
+            )
             # The per-head regroup of Megatron tensors follows the run's model.
             reader.layout_config = model
             state = dict(reader.items())
@@ -86,18 +93,22 @@ def open_weights(spec: str, *, model: DiTConfig | str, weights: str = "raw") -> 
 
 def _release_reader(path: str):
     from mugv.io.release import ReleaseReader
+
     return ReleaseReader(path)
 
 
 def _torch_dist_reader(spec: str, path: str, number: int | None, weights: str):
     from mugv.io.torch_dist import TorchDistReader
+
     try:
         return TorchDistReader(path, number, weights)
     except FileNotFoundError as e:
-        if glob.glob(os.path.join(glob.escape(path), "mp_rank_*")) or \
-                glob.glob(os.path.join(glob.escape(path), "*", "mp_rank_*")):
+        if glob.glob(os.path.join(glob.escape(path), "mp_rank_*")) or glob.glob(
+            os.path.join(glob.escape(path), "*", "mp_rank_*")
+        ):
             raise ValueError(
                 f"config.init_from={spec} is a legacy Megatron checkpoint (mp_rank_* files); "
                 f"init_from reads torch_dist. Convert it first: python -m converters convert "
-                f"--src megatron-legacy:{path} --dst release:OUT.safetensors") from e
+                f"--src megatron-legacy:{path} --dst release:OUT.safetensors"
+            ) from e
         raise

@@ -8,11 +8,12 @@ and need one tensor in memory at a time.
 
 Paths are dotted module paths of the NNX model (`blocks.attn.qkv.kernel`).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -53,7 +54,7 @@ def transpose2d(a: np.ndarray) -> np.ndarray:
     out = np.empty((cols, rows), src.dtype)
     for i in range(0, rows, _TILE):
         for j in range(0, cols, _TILE):
-            out[j:j + _TILE, i:i + _TILE] = src[i:i + _TILE, j:j + _TILE].T
+            out[j : j + _TILE, i : i + _TILE] = src[i : i + _TILE, j : j + _TILE].T
     return out.view(a.dtype)
 
 
@@ -72,6 +73,7 @@ def _rule_linear(path, shape):
 
 def _heads_out(n: int):
     """[n·C, C] (rows ordered [part, head, head_dim]) ↔ kernel [C, n, heads, head_dim]."""
+
     def to_jax(a, cfg):
         c, h, d = cfg.hidden_size, cfg.num_heads, cfg.head_dim
         k = transpose2d(a.reshape(n * h * d, c))
@@ -80,6 +82,7 @@ def _heads_out(n: int):
     def to_release(a, cfg):
         c = cfg.hidden_size
         return transpose2d(a.reshape(c, n * c))
+
     return to_jax, to_release
 
 
@@ -90,6 +93,7 @@ def _heads_bias(n: int):
 
     def to_release(a, cfg):
         return a.reshape(-1)
+
     return to_jax, to_release
 
 
@@ -133,33 +137,37 @@ _GLOBAL_RULES: dict[str, _Rule] = {
     "x_embedder.proj.weight": _Rule(
         "x_embedder.kernel",
         lambda cfg: (*cfg.patch_size, cfg.in_channels, cfg.hidden_size),
-        _conv_to_jax, _conv_to_release),
+        _conv_to_jax,
+        _conv_to_release,
+    ),
     "x_embedder.proj.bias": _rule_identity("x_embedder.bias", _c),
     "t_block.1.weight": _rule_linear("t_block.kernel", lambda cfg: (cfg.hidden_size, 6 * cfg.hidden_size)),
     "t_block.1.bias": _rule_identity("t_block.bias", lambda cfg: (6 * cfg.hidden_size,)),
-    "y_embedder.y_proj.fc1.weight": _rule_linear(
-        "y_embedder.fc1.kernel", lambda cfg: (cfg.text_dim, cfg.hidden_size)),
+    "y_embedder.y_proj.fc1.weight": _rule_linear("y_embedder.fc1.kernel", lambda cfg: (cfg.text_dim, cfg.hidden_size)),
     "y_embedder.y_proj.fc1.bias": _rule_identity("y_embedder.fc1.bias", _c),
     "y_embedder.y_proj.fc2.weight": _rule_linear(
-        "y_embedder.fc2.kernel", lambda cfg: (cfg.hidden_size, cfg.hidden_size)),
+        "y_embedder.fc2.kernel", lambda cfg: (cfg.hidden_size, cfg.hidden_size)
+    ),
     "y_embedder.y_proj.fc2.bias": _rule_identity("y_embedder.fc2.bias", _c),
-    "final_layer.scale_shift_table": _rule_identity(
-        "final_layer.scale_shift_table", lambda cfg: (2, cfg.hidden_size)),
+    "final_layer.scale_shift_table": _rule_identity("final_layer.scale_shift_table", lambda cfg: (2, cfg.hidden_size)),
     "final_layer.linear.weight": _rule_linear(
-        "final_layer.linear.kernel",
-        lambda cfg: (cfg.hidden_size, cfg.patch_volume * cfg.out_channels)),
+        "final_layer.linear.kernel", lambda cfg: (cfg.hidden_size, cfg.patch_volume * cfg.out_channels)
+    ),
     "final_layer.linear.bias": _rule_identity(
-        "final_layer.linear.bias", lambda cfg: (cfg.patch_volume * cfg.out_channels,)),
+        "final_layer.linear.bias", lambda cfg: (cfg.patch_volume * cfg.out_channels,)
+    ),
 }
 for _emb in ("t_embedder", "fps_embedder"):
-    _GLOBAL_RULES.update({
-        f"{_emb}.mlp.0.weight": _rule_linear(
-            f"{_emb}.fc1.kernel", lambda cfg: (cfg.frequency_dim, cfg.hidden_size)),
-        f"{_emb}.mlp.0.bias": _rule_identity(f"{_emb}.fc1.bias", _c),
-        f"{_emb}.mlp.2.weight": _rule_linear(
-            f"{_emb}.fc2.kernel", lambda cfg: (cfg.hidden_size, cfg.hidden_size)),
-        f"{_emb}.mlp.2.bias": _rule_identity(f"{_emb}.fc2.bias", _c),
-    })
+    _GLOBAL_RULES.update(
+        {
+            f"{_emb}.mlp.0.weight": _rule_linear(
+                f"{_emb}.fc1.kernel", lambda cfg: (cfg.frequency_dim, cfg.hidden_size)
+            ),
+            f"{_emb}.mlp.0.bias": _rule_identity(f"{_emb}.fc1.bias", _c),
+            f"{_emb}.mlp.2.weight": _rule_linear(f"{_emb}.fc2.kernel", lambda cfg: (cfg.hidden_size, cfg.hidden_size)),
+            f"{_emb}.mlp.2.bias": _rule_identity(f"{_emb}.fc2.bias", _c),
+        }
+    )
 
 _BLOCK_RULES: dict[str, _Rule] = {
     "scale_shift_table": _rule_identity("blocks.scale_shift_table", lambda cfg: (6, cfg.hidden_size)),
@@ -167,19 +175,26 @@ _BLOCK_RULES: dict[str, _Rule] = {
     "attn.qkv.bias": _Rule("blocks.attn.qkv.bias", lambda cfg: (3, *_hd(cfg)), *_qkv_b),
     "attn.q_norm.weight": _rule_identity("blocks.attn.q_norm.scale", lambda cfg: (cfg.head_dim,)),
     "attn.k_norm.weight": _rule_identity("blocks.attn.k_norm.scale", lambda cfg: (cfg.head_dim,)),
-    "attn.proj.weight": _Rule("blocks.attn.proj.kernel", lambda cfg: (*_hd(cfg), cfg.hidden_size),
-                              _heads_in_to_jax, _heads_in_to_release),
+    "attn.proj.weight": _Rule(
+        "blocks.attn.proj.kernel", lambda cfg: (*_hd(cfg), cfg.hidden_size), _heads_in_to_jax, _heads_in_to_release
+    ),
     "attn.proj.bias": _rule_identity("blocks.attn.proj.bias", _c),
     "cross_attn_norm.weight": _rule_identity("blocks.cross_attn_norm.scale", _c),
     "cross_attn_norm.bias": _rule_identity("blocks.cross_attn_norm.bias", _c),
     "cross_attn.q_linear.weight": _Rule("blocks.cross_attn.q.kernel", lambda cfg: (cfg.hidden_size, *_hd(cfg)), *_q_w),
     "cross_attn.q_linear.bias": _Rule("blocks.cross_attn.q.bias", _hd, *_q_b),
-    "cross_attn.kv_linear.weight": _Rule("blocks.cross_attn.kv.kernel", lambda cfg: (cfg.hidden_size, 2, *_hd(cfg)), *_kv_w),
+    "cross_attn.kv_linear.weight": _Rule(
+        "blocks.cross_attn.kv.kernel", lambda cfg: (cfg.hidden_size, 2, *_hd(cfg)), *_kv_w
+    ),
     "cross_attn.kv_linear.bias": _Rule("blocks.cross_attn.kv.bias", lambda cfg: (2, *_hd(cfg)), *_kv_b),
     "cross_attn.q_norm.weight": _rule_identity("blocks.cross_attn.q_norm.scale", lambda cfg: (cfg.head_dim,)),
     "cross_attn.k_norm.weight": _rule_identity("blocks.cross_attn.k_norm.scale", lambda cfg: (cfg.head_dim,)),
-    "cross_attn.proj.weight": _Rule("blocks.cross_attn.proj.kernel", lambda cfg: (*_hd(cfg), cfg.hidden_size),
-                                    _heads_in_to_jax, _heads_in_to_release),
+    "cross_attn.proj.weight": _Rule(
+        "blocks.cross_attn.proj.kernel",
+        lambda cfg: (*_hd(cfg), cfg.hidden_size),
+        _heads_in_to_jax,
+        _heads_in_to_release,
+    ),
     "cross_attn.proj.bias": _rule_identity("blocks.cross_attn.proj.bias", _c),
     "mlp.fc1.weight": _rule_linear("blocks.mlp.fc1.kernel", lambda cfg: (cfg.hidden_size, cfg.mlp_hidden_size)),
     "mlp.fc1.bias": _rule_identity("blocks.mlp.fc1.bias", lambda cfg: (cfg.mlp_hidden_size,)),
@@ -219,8 +234,9 @@ def release_to_jax(name: str, array: np.ndarray, config: DiTConfig) -> tuple[str
     return rule.jax_path, layer, np.ascontiguousarray(rule.to_jax(np.asarray(array), config))
 
 
-def jax_to_release(jax_path: str, array: np.ndarray, config: DiTConfig,
-                   layer: int | None = None) -> tuple[str, np.ndarray]:
+def jax_to_release(
+    jax_path: str, array: np.ndarray, config: DiTConfig, layer: int | None = None
+) -> tuple[str, np.ndarray]:
     """One JAX tensor (one layer's slice for stacked ones) → (release name, array)."""
     if jax_path in _JAX_TO_GLOBAL:
         name = _JAX_TO_GLOBAL[jax_path]
@@ -230,7 +246,8 @@ def jax_to_release(jax_path: str, array: np.ndarray, config: DiTConfig,
             raise ValueError(f"{jax_path} is stacked over layers: pass the layer index")
         suffix = _JAX_TO_BLOCK[jax_path]
         return f"blocks.{layer}.{suffix}", np.ascontiguousarray(
-            _BLOCK_RULES[suffix].to_release(np.asarray(array), config))
+            _BLOCK_RULES[suffix].to_release(np.asarray(array), config)
+        )
     raise KeyError(f"JAX parameter {jax_path!r} has no release layout rule")
 
 

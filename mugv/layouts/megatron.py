@@ -13,10 +13,12 @@ Everything here is a pure reshape/swap/slice, so conversions are bit-exact both 
 `reshape`, `swapaxes`, `shape` and basic slicing are used on the arrays, which numpy arrays and
 torch tensors share; torch is never imported, and a bfloat16 torch tensor keeps its dtype.
 """
+
 from __future__ import annotations
 
 import re
-from typing import Any, Iterable, Iterator, Literal
+from collections.abc import Iterable, Iterator
+from typing import Any, Literal
 
 from mugv.config import DiTConfig
 from mugv.schema import Shape, release_schema
@@ -85,17 +87,25 @@ _PER_HEAD_FUSED: dict[str, int] = {
 
 # Tensor-parallel split rule per Megatron suffix (docs/reference.md §4.6); everything else is
 # replicated on every rank.
-_COLUMN_PARALLEL = frozenset({
-    "self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias",
-    "cross_attention.linear_q.weight", "cross_attention.linear_q.bias",
-    "cross_attention.linear_kv.weight", "cross_attention.linear_kv.bias",
-    "mlp.linear_fc1.weight", "mlp.linear_fc1.bias",
-})
-_ROW_PARALLEL = frozenset({
-    "self_attention.linear_proj.weight",
-    "cross_attention.linear_proj.weight",
-    "mlp.linear_fc2.weight",
-})
+_COLUMN_PARALLEL = frozenset(
+    {
+        "self_attention.linear_qkv.weight",
+        "self_attention.linear_qkv.bias",
+        "cross_attention.linear_q.weight",
+        "cross_attention.linear_q.bias",
+        "cross_attention.linear_kv.weight",
+        "cross_attention.linear_kv.bias",
+        "mlp.linear_fc1.weight",
+        "mlp.linear_fc1.bias",
+    }
+)
+_ROW_PARALLEL = frozenset(
+    {
+        "self_attention.linear_proj.weight",
+        "cross_attention.linear_proj.weight",
+        "mlp.linear_fc2.weight",
+    }
+)
 
 _MEGATRON_TO_GLOBAL = {m: r for r, m in _GLOBAL_NAMES.items()}
 _MEGATRON_TO_BLOCK = {m: r for r, m in _BLOCK_NAMES.items()}
@@ -114,7 +124,8 @@ def _check_fused_rows(name: str, array: Array, fused: int, config: DiTConfig) ->
     if array.shape[0] != rows:
         raise ValueError(
             f"{name}: expected {rows} rows ({fused} x hidden {config.hidden_size}) to regroup "
-            f"per head, got shape {list(array.shape)}")
+            f"per head, got shape {list(array.shape)}"
+        )
 
 
 def group_per_head(array: Array, fused: int, config: DiTConfig) -> Array:
@@ -237,7 +248,8 @@ def _split_dim(name: str, array: Array, tp: int) -> int | None:
     if len(array.shape) <= dim or array.shape[dim] % tp:
         raise ValueError(
             f"{name}: shape {list(array.shape)} cannot be split {rule}-parallel over {tp} ranks "
-            f"(dim {dim} must divide by {tp})")
+            f"(dim {dim} must divide by {tp})"
+        )
     return dim
 
 
@@ -254,8 +266,8 @@ def tp_shard(name: str, array: Array, rank: int, tp: int) -> Array:
         return array
     size = array.shape[dim] // tp
     if dim == 0:
-        return array[rank * size:(rank + 1) * size]
-    return array[:, rank * size:(rank + 1) * size]
+        return array[rank * size : (rank + 1) * size]
+    return array[:, rank * size : (rank + 1) * size]
 
 
 def tp_merge(name: str, shards: Iterable[Array], concat) -> Array:

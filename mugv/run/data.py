@@ -11,8 +11,8 @@ datasets written by `python -m mugv_data prepare`, read by mugv.data.loader). Wi
 `config.data.mix` on, an image child (single-frame buckets or an image dataset) and the video
 child are mixed with an image share annealed over the steps (mugv.data.loader.MixedLoader).
 """
-from __future__ import annotations
 
+from __future__ import annotations
 
 from mugv.config import DiTConfig
 from mugv.data import synthetic
@@ -33,11 +33,13 @@ class ShardSlice:
         batch = next(self.inner)
         b = next(iter(batch.values())).shape[0]
         if b % self.count:
-            raise ValueError(f"global batch of {b} samples does not split evenly over {self.count} "
-                             f"data shards (processes or data-parallel ranks); choose batch sizes "
-                             f"divisible by {self.count}")
+            raise ValueError(
+                f"global batch of {b} samples does not split evenly over {self.count} "
+                f"data shards (processes or data-parallel ranks); choose batch sizes "
+                f"divisible by {self.count}"
+            )
         per = b // self.count
-        return {k: v[self.index * per:(self.index + 1) * per] for k, v in batch.items()}
+        return {k: v[self.index * per : (self.index + 1) * per] for k, v in batch.items()}
 
     def get_state(self) -> dict:
         return self.inner.get_state()
@@ -54,8 +56,14 @@ def synthetic_source(config, model_cfg: DiTConfig) -> synthetic.SyntheticTextToL
     d = config.data
     buckets = [synthetic.Bucket(*map(int, b)) for b in d.buckets]
     return synthetic.SyntheticTextToLatent(
-        buckets, in_channels=model_cfg.in_channels, text_dim=model_cfg.text_dim,
-        text_len=int(d.text_len), num_prompts=int(d.num_prompts), fps=float(d.fps), seed=int(config.seed))
+        buckets,
+        in_channels=model_cfg.in_channels,
+        text_dim=model_cfg.text_dim,
+        text_len=int(d.text_len),
+        num_prompts=int(d.num_prompts),
+        fps=float(d.fps),
+        seed=int(config.seed),
+    )
 
 
 def image_fraction(step: int, start: float, end: float, anneal_steps: int) -> float:
@@ -81,13 +89,21 @@ def build_iterator(config, model_cfg: DiTConfig, shard: tuple[int, int] = (0, 1)
         raise ValueError(f"config.data.source={d.source!r} is not available (known: 'synthetic', 'shards')")
     if not d.get("path"):
         raise ValueError("config.data.source='shards' needs config.data.path (a prepared dataset directory)")
-    loader = ShardLoader(d.path, int(d.batch_size), text_len=int(d.text_len), seed=int(config.seed),
-                         process_index=shard[0], process_count=shard[1],
-                         num_workers=int(d.get("num_workers", 0)))
+    loader = ShardLoader(
+        d.path,
+        int(d.batch_size),
+        text_len=int(d.text_len),
+        seed=int(config.seed),
+        process_index=shard[0],
+        process_count=shard[1],
+        num_workers=int(d.get("num_workers", 0)),
+    )
     if (loader.latent_channels, loader.text_dim) != (model_cfg.in_channels, model_cfg.text_dim):
-        raise ValueError(f"dataset {d.path} has {loader.latent_channels} latent channels and text width "
-                         f"{loader.text_dim}; model {config.model} expects {model_cfg.in_channels} and "
-                         f"{model_cfg.text_dim} (set config.model_overrides.text_dim)")
+        raise ValueError(
+            f"dataset {d.path} has {loader.latent_channels} latent channels and text width "
+            f"{loader.text_dim}; model {config.model} expects {model_cfg.in_channels} and "
+            f"{model_cfg.text_dim} (set config.model_overrides.text_dim)"
+        )
     return loader
 
 
@@ -118,5 +134,8 @@ def _image_video_iterator(config, model_cfg: DiTConfig, shard: tuple[int, int]):
         f = image_fraction(step, start, end, steps)
         return (f, 1.0 - f)
 
-    return MixedLoader([build_iterator(image_cfg, model_cfg, shard), build_iterator(video_cfg, model_cfg, shard)],
-                  weights, seed=int(config.seed))
+    return MixedLoader(
+        [build_iterator(image_cfg, model_cfg, shard), build_iterator(video_cfg, model_cfg, shard)],
+        weights,
+        seed=int(config.seed),
+    )

@@ -15,6 +15,7 @@ A *task* is the kind of run: its data, what it logs, how it is evaluated, what i
 A *backend* holds the model state on its framework and does one step, one evaluation, one save.
 Both are small objects with the methods below; nothing here imports jax or torch.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,33 +35,33 @@ class NonFiniteLossError(RuntimeError):
 
 
 class Backend(Protocol):
-    name: str                       # "jax" | "megatron": used in errors naming refused fields
-    is_main: bool                   # this process writes config.json, logs and samples
-    data_shard: tuple[int, int]     # (index, count): which rows of every global batch it reads
+    name: str  # "jax" | "megatron": used in errors naming refused fields
+    is_main: bool  # this process writes config.json, logs and samples
+    data_shard: tuple[int, int]  # (index, count): which rows of every global batch it reads
     num_devices: int
     device_kind: str
-    step: int                       # optimizer steps taken (restored or 0)
-    checkpoint_dir: str             # where its checkpoints are
+    step: int  # optimizer steps taken (restored or 0)
+    checkpoint_dir: str  # where its checkpoints are
 
-    def restore(self) -> dict | None: ...           # newest readable checkpoint's data state, or None
-    def initialize(self) -> None: ...               # fresh state (config.init_from or random)
-    def train_step(self, batch: dict) -> Any: ...   # one step; returns a backend metrics handle
-    def fetch(self, handle) -> dict: ...            # the handle's metrics as host floats / lists
+    def restore(self) -> dict | None: ...  # newest readable checkpoint's data state, or None
+    def initialize(self) -> None: ...  # fresh state (config.init_from or random)
+    def train_step(self, batch: dict) -> Any: ...  # one step; returns a backend metrics handle
+    def fetch(self, handle) -> dict: ...  # the handle's metrics as host floats / lists
     def nonfinite_in_a_row(self, handle) -> int: ...
     def skipped(self) -> int: ...
-    def evaluate(self, request) -> dict: ...        # the task's evaluation on the current weights
+    def evaluate(self, request) -> dict: ...  # the task's evaluation on the current weights
     def save(self, data_state: dict, *, force: bool = False) -> None: ...
-    def checkpoints(self) -> list[str]: ...         # complete checkpoints, oldest first
+    def checkpoints(self) -> list[str]: ...  # complete checkpoints, oldest first
     def any_process(self, flag: bool) -> bool: ...  # True if any process of the run says so
-    def finish(self) -> None: ...                   # wait for asynchronous saves, release files
+    def finish(self) -> None: ...  # wait for asynchronous saves, release files
 
 
 class Task(Protocol):
     name: str
-    log_dir: str                    # under the workdir: TensorBoard events + metrics.jsonl
+    log_dir: str  # under the workdir: TensorBoard events + metrics.jsonl
 
     def iterator(self, shard: tuple[int, int]): ...
-    def evaluation(self) -> Any: ...                # request for backend.evaluate, or None
+    def evaluation(self) -> Any: ...  # request for backend.evaluate, or None
     def evaluate_every(self) -> int: ...
     def scalars(self, batch: dict, fetched: dict, seconds: float, backend: Backend) -> dict: ...
     def console(self, step: int, total: int, scalars: dict) -> str: ...
@@ -72,9 +73,11 @@ def check_init(config) -> None:
     if weights not in ("raw", "ema"):
         raise ValueError(f"config.init_weights must be 'raw' or 'ema', got {weights!r}")
     if spec and weights == "ema" and not spec.startswith(("jax:", "megatron:")):
-        raise ValueError(f"config.init_weights='ema' takes the EMA of a training checkpoint (jax:DIR or "
-                         f"megatron:DIR), but config.init_from={spec!r} is a release file with one set of "
-                         f"weights: set config.init_weights='raw'")
+        raise ValueError(
+            f"config.init_weights='ema' takes the EMA of a training checkpoint (jax:DIR or "
+            f"megatron:DIR), but config.init_from={spec!r} is a release file with one set of "
+            f"weights: set config.init_weights='raw'"
+        )
 
 
 def write_json_atomic(path: str, obj) -> None:
@@ -112,8 +115,13 @@ def run(config, workdir: str, backend: Backend, task: Task, *, resolved: dict | 
     stop = {"signal": None}
     prev_handler = signal.signal(signal.SIGTERM, lambda sig, frame: stop.update(signal=sig))
     total = int(config.num_steps)
-    summary: dict = {"step": backend.step, "loss": None, "skipped": backend.skipped(),
-                     "stopped_by": "num_steps", "evaluations": []}
+    summary: dict = {
+        "step": backend.step,
+        "loss": None,
+        "skipped": backend.skipped(),
+        "stopped_by": "num_steps",
+        "evaluations": [],
+    }
 
     def evaluate():
         vals = backend.evaluate(evaluation)
@@ -164,7 +172,8 @@ def run(config, workdir: str, backend: Backend, task: Task, *, resolved: dict | 
                     raise NonFiniteLossError(
                         f"{nonfinite} non-finite steps in a row (limit config.max_nonfinite_in_a_row="
                         f"{limit}) at step {step}; last good checkpoint: "
-                        f"{good[-1] if good else 'none'}")
+                        f"{good[-1] if good else 'none'}"
+                    )
             # Every process must agree to stop, or the collective save would hang on the others.
             if backend.any_process(stop["signal"] is not None):
                 log.warning("SIGTERM received: saving step %d and exiting", step)

@@ -1,4 +1,5 @@
 """Console progress lines and TensorBoard scalars (tensorboardX: no TensorFlow needed)."""
+
 from __future__ import annotations
 
 import json
@@ -17,6 +18,7 @@ class MetricsWriter:
         self.jsonl = None
         if enabled:
             from tensorboardX import SummaryWriter
+
             os.makedirs(logdir, exist_ok=True)
             self.tb = SummaryWriter(logdir, flush_secs=10)
             self.jsonl = open(os.path.join(logdir, "metrics.jsonl"), "a")
@@ -27,8 +29,16 @@ class MetricsWriter:
         for k, v in scalars.items():
             if v is not None:
                 self.tb.add_scalar(k, float(v), step)
-        self.jsonl.write(json.dumps({"step": step, "time": time.time(),
-                                     **{k: (None if v is None else float(v)) for k, v in scalars.items()}}) + "\n")
+        self.jsonl.write(
+            json.dumps(
+                {
+                    "step": step,
+                    "time": time.time(),
+                    **{k: (None if v is None else float(v)) for k, v in scalars.items()},
+                }
+            )
+            + "\n"
+        )
         self.jsonl.flush()
 
     def print(self, line: str) -> None:
@@ -38,13 +48,21 @@ class MetricsWriter:
     def console(self, step: int, total: int, s: dict[str, float]) -> None:
         if not self.enabled:
             return
+
         def fmt(key, spec, scale=1.0, suffix=""):
             v = s.get(key)
             return None if v is None else f"{key.split('/')[-1]} {format(v * scale, spec)}{suffix}"
-        parts = [f"step {step}/{total}", fmt("loss", ".4f"), fmt("grad_norm", ".3f"),
-                 fmt("learning_rate", ".2e"), fmt("step_time", ".3f", suffix="s"),
-                 fmt("tokens_per_second", ",.0f"), fmt("tflops_per_device", ".2f"),
-                 fmt("mfu", ".1%")]
+
+        parts = [
+            f"step {step}/{total}",
+            fmt("loss", ".4f"),
+            fmt("grad_norm", ".3f"),
+            fmt("learning_rate", ".2e"),
+            fmt("step_time", ".3f", suffix="s"),
+            fmt("tokens_per_second", ",.0f"),
+            fmt("tflops_per_device", ".2f"),
+            fmt("mfu", ".1%"),
+        ]
         if s.get("skipped_steps"):
             parts.append(f"skipped {int(s['skipped_steps'])}")
         print(" | ".join(p for p in parts if p), file=sys.stderr, flush=True)

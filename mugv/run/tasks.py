@@ -2,6 +2,7 @@
 preference optimisation (DPO/KTO on labelled clips). Each says where its batches come from, what
 a logged step shows and how the run is evaluated; the backends do the math.
 """
+
 from __future__ import annotations
 
 import os
@@ -72,22 +73,33 @@ class PretrainTask:
         hw = flops_lib.hardware_step_flops(self.model_cfg, b, n_tokens, text_tokens, backend.recompute).train
         peak = flops_lib.peak_flops_for(backend.device_kind)
         n_dev = backend.num_devices
-        out = {"loss": fetched["loss"], "grad_norm": fetched["grad_norm"],
-               "learning_rate": fetched["learning_rate"], "step_time": seconds,
-               "samples_per_second": b / seconds, "tokens_per_second": b * n_tokens / seconds,
-               "tflops_per_device": sf.train / seconds / n_dev / 1e12,
-               "hardware_tflops_per_device": hw / seconds / n_dev / 1e12,
-               "mfu": flops_lib.mfu(sf.train, seconds, n_dev, peak),
-               "hfu": flops_lib.mfu(hw, seconds, n_dev, peak)}
+        out = {
+            "loss": fetched["loss"],
+            "grad_norm": fetched["grad_norm"],
+            "learning_rate": fetched["learning_rate"],
+            "step_time": seconds,
+            "samples_per_second": b / seconds,
+            "tokens_per_second": b * n_tokens / seconds,
+            "tflops_per_device": sf.train / seconds / n_dev / 1e12,
+            "hardware_tflops_per_device": hw / seconds / n_dev / 1e12,
+            "mfu": flops_lib.mfu(sf.train, seconds, n_dev, peak),
+            "hfu": flops_lib.mfu(hw, seconds, n_dev, peak),
+        }
         for q, v in enumerate(fetched["loss_by_t_quartile"]):
             out[f"loss_by_t/q{q}"] = v
         return out
 
     def console(self, step: int, total: int, s: dict) -> str:
-        parts = [f"step {step}/{total}", _fmt(s, "loss", ".4f"), _fmt(s, "grad_norm", ".3f"),
-                 _fmt(s, "learning_rate", ".2e"), _fmt(s, "step_time", ".3f", "s"),
-                 _fmt(s, "tokens_per_second", ",.0f"), _fmt(s, "tflops_per_device", ".2f"),
-                 None if s.get("mfu") is None else f"mfu {s['mfu']:.1%}"]
+        parts = [
+            f"step {step}/{total}",
+            _fmt(s, "loss", ".4f"),
+            _fmt(s, "grad_norm", ".3f"),
+            _fmt(s, "learning_rate", ".2e"),
+            _fmt(s, "step_time", ".3f", "s"),
+            _fmt(s, "tokens_per_second", ",.0f"),
+            _fmt(s, "tflops_per_device", ".2f"),
+            None if s.get("mfu") is None else f"mfu {s['mfu']:.1%}",
+        ]
         if s.get("skipped_steps"):
             parts.append(f"skipped {int(s['skipped_steps'])}")
         return " | ".join(p for p in parts if p)
@@ -108,8 +120,9 @@ class PreferenceTask:
         self.config = config
         self.model_cfg = model_cfg or model_config_from(config)
         if "preference" not in config:
-            raise ValueError("config.mode='preference' needs a config.preference section "
-                             "(see configs/tiny_preference.py)")
+            raise ValueError(
+                "config.mode='preference' needs a config.preference section (see configs/tiny_preference.py)"
+            )
 
     def _iterator(self, labels_key: str, seed: int) -> pref_data.PreferenceIterator:
         p = self.config.preference
@@ -117,8 +130,9 @@ class PreferenceTask:
         if not path:
             raise ValueError(f"config.preference.{labels_key} must name a label JSONL file")
         clips = p.clips or os.path.join(os.path.dirname(os.path.abspath(path)), "clips")
-        return pref_data.PreferenceIterator(pref_data.read_labels(path), pref_data.ClipStore(clips),
-                                            int(p.batch_size), seed=seed)
+        return pref_data.PreferenceIterator(
+            pref_data.read_labels(path), pref_data.ClipStore(clips), int(p.batch_size), seed=seed
+        )
 
     def iterator(self, shard):
         return ShardSlice(self._iterator("labels", int(self.config.seed)), shard)
@@ -128,8 +142,9 @@ class PreferenceTask:
         if not p.heldout_labels:
             return None
         it = self._iterator("heldout_labels", int(p.heldout_seed))
-        return PreferenceEvaluation([it.batch(i) for i in range(max(int(p.heldout_batches), len(it.names)))],
-                                    int(p.heldout_seed))
+        return PreferenceEvaluation(
+            [it.batch(i) for i in range(max(int(p.heldout_batches), len(it.names)))], int(p.heldout_seed)
+        )
 
     def evaluate_every(self) -> int:
         return int(self.config.preference.eval_every)

@@ -13,10 +13,11 @@ Config (`config.validation`): every (steps; 0 = off), num_batches, t_values, see
 "raw"), path (shards: a held-out prepared dataset; synthetic: batches far past the training
 indices, i.e. fresh caption draws).
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -38,6 +39,7 @@ def t_key(t: float) -> str:
 class ValidationSet:
     """Held-out global batches (latents, y, mask, fps and a fixed `noise`), the timesteps, and
     which weights to evaluate."""
+
     batches: list[dict]
     t_values: tuple[float, ...] = DEFAULT_T_VALUES
     weights: str = "ema"
@@ -75,10 +77,10 @@ def heldout_batches(config, model_cfg: DiTConfig) -> list[dict]:
     n = int(v.num_batches)
     if config.data.source == "shards" or v.get("path"):
         if not v.get("path"):
-            raise ValueError("config.validation.path must name a held-out prepared dataset when "
-                             "config.data.source='shards'")
-        loader = ShardLoader(v.path, int(config.data.batch_size), text_len=int(config.data.text_len),
-                             seed=int(v.seed))
+            raise ValueError(
+                "config.validation.path must name a held-out prepared dataset when config.data.source='shards'"
+            )
+        loader = ShardLoader(v.path, int(config.data.batch_size), text_len=int(config.data.text_len), seed=int(v.seed))
         out = []
         for _ in range(n):
             b = next(loader)
@@ -86,8 +88,7 @@ def heldout_batches(config, model_cfg: DiTConfig) -> list[dict]:
         loader.close()
         return out
     source = run_data.synthetic_source(config, model_cfg)
-    return [{k: v_ for k, v_ in source.batch(SYNTHETIC_OFFSET + i).items() if k in MODEL_KEYS}
-            for i in range(n)]
+    return [{k: v_ for k, v_ in source.batch(SYNTHETIC_OFFSET + i).items() if k in MODEL_KEYS} for i in range(n)]
 
 
 def from_config(config, model_cfg: DiTConfig) -> ValidationSet | None:
@@ -95,5 +96,8 @@ def from_config(config, model_cfg: DiTConfig) -> ValidationSet | None:
     v = config.get("validation")
     if v is None or int(v.every) <= 0:
         return None
-    return ValidationSet(with_noise(heldout_batches(config, model_cfg), int(v.seed)),
-                         t_values=tuple(v.t_values), weights=str(v.get("weights", "ema")))
+    return ValidationSet(
+        with_noise(heldout_batches(config, model_cfg), int(v.seed)),
+        t_values=tuple(v.t_values),
+        weights=str(v.get("weights", "ema")),
+    )

@@ -6,10 +6,11 @@ tensor is read, and the error names every missing, unexpected or mis-shaped tens
 read through the project's one release reader (`mugv.io.release`): memory-mapped, one tensor at a
 time.
 """
+
 from __future__ import annotations
 
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -46,8 +47,9 @@ def _path(p) -> str:
     return ".".join(str(k) for k in p)
 
 
-def model_from_params(config: DiTConfig, params: dict[str, np.ndarray],
-                      options: RuntimeOptions | None = None) -> MUGDiT:
+def model_from_params(
+    config: DiTConfig, params: dict[str, np.ndarray], options: RuntimeOptions | None = None
+) -> MUGDiT:
     """Build a model from a flat {JAX path: array} dict; every parameter must be present."""
     graphdef, state = nnx.split(abstract_model(config, options))
     flat = nnx.to_flat_state(state)
@@ -63,8 +65,13 @@ def model_from_params(config: DiTConfig, params: dict[str, np.ndarray],
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def load(path: str | os.PathLike, config: DiTConfig | str = "10b", *,
-         options: RuntimeOptions | None = None, progress: bool = False) -> MUGDiT:
+def load(
+    path: str | os.PathLike,
+    config: DiTConfig | str = "10b",
+    *,
+    options: RuntimeOptions | None = None,
+    progress: bool = False,
+) -> MUGDiT:
     """Load a release-layout DiT checkpoint (safetensors or torch `.pt`) into a JAX model.
 
     The returned model is called like the release model:
@@ -72,14 +79,12 @@ def load(path: str | os.PathLike, config: DiTConfig | str = "10b", *,
     """
     config = get_config(config)
     with ReleaseReader(os.fspath(path)) as ckpt:
-        check_state_dict_shapes({n: e.shape for n, e in ckpt.entries().items()},
-                                release_schema(config), ckpt.path)
+        check_state_dict_shapes({n: e.shape for n, e in ckpt.entries().items()}, release_schema(config), ckpt.path)
         params = _jax_params(ckpt, config, progress)
     return model_from_params(config, params, options)
 
 
-def load_trainer_checkpoint(spec: str, *, weights: str = "raw",
-                            options: RuntimeOptions | None = None) -> MUGDiT:
+def load_trainer_checkpoint(spec: str, *, weights: str = "raw", options: RuntimeOptions | None = None) -> MUGDiT:
     """The model with the params (weights="raw") or EMA ("ema") of a JAX trainer checkpoint
     `jax:PATH[@STEP]`, at the config stored with them (mugv.io.orbax)."""
     config, flat = load_flat_params(spec, weights=weights)
@@ -90,6 +95,7 @@ def _jax_params(ckpt: ReleaseReader, config: DiTConfig, progress: bool) -> dict[
     names = list(release_schema(config))
     if progress:
         from tqdm import tqdm
+
         names = tqdm(names, desc=f"loading {os.path.basename(ckpt.path)}", unit="tensor")
     return params_from_release_items(((name, ckpt.get(name)) for name in names), config)
 

@@ -12,20 +12,21 @@ Per-block parameters are stacked over layers (leading axis) and the blocks run u
 statistics, RoPE, sinusoids and the modulation sum stay in float32, and the residual stream is
 float32.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from mugv.config import DiTConfig
+from mugv_jax.dit import ops
 from mugv_jax.parallel import context_parallel as cp
 from mugv_jax.parallel.attention import BACKENDS, dot_product_attention
-from mugv_jax.dit import ops
 from mugv_jax.parallel.sharding import constrain
 
 F32 = jnp.float32
@@ -45,6 +46,7 @@ REMAT_POLICIES: dict[str, Callable | None] = {
 @dataclasses.dataclass(frozen=True)
 class RuntimeOptions:
     """How the model computes, as opposed to what it computes (DiTConfig)."""
+
     compute_dtype: jnp.dtype = F32
     attention: str = "xla"
     remat: str = "none"
@@ -72,6 +74,7 @@ class RuntimeOptions:
 
 
 # --- initialisers (reference trainer, docs/reference.md §1.8) ---------------------------------
+
 
 def _normal(std):
     return jax.nn.initializers.normal(stddev=std)
@@ -119,9 +122,12 @@ class MLPEmbedder(nnx.Module):
 class PatchEmbed(nnx.Module):
     def __init__(self, config: DiTConfig, *, rngs):
         fan_in = config.in_channels * config.patch_volume
-        self.kernel = _param(rngs, _torch_default_uniform(fan_in),
-                             (*config.patch_size, config.in_channels, config.hidden_size),
-                             ("patch", "patch", "patch", "channels", "embed"))
+        self.kernel = _param(
+            rngs,
+            _torch_default_uniform(fan_in),
+            (*config.patch_size, config.in_channels, config.hidden_size),
+            ("patch", "patch", "patch", "channels", "embed"),
+        )
         self.bias = _param(rngs, _torch_default_uniform(fan_in), (config.hidden_size,), ("embed",))
 
 
@@ -133,24 +139,24 @@ class RMSNormScale(nnx.Module):
 class SelfAttentionParams(nnx.Module):
     def __init__(self, config: DiTConfig, std, out_std, *, rngs):
         c, h, d, L = config.hidden_size, config.num_heads, config.head_dim, config.depth
-        self.qkv = Linear((c,), (3, h, d), ("embed",), ("qkv", "heads", "head_dim"), rngs=rngs,
-                          init=_normal(std), stack=L)
+        self.qkv = Linear(
+            (c,), (3, h, d), ("embed",), ("qkv", "heads", "head_dim"), rngs=rngs, init=_normal(std), stack=L
+        )
         self.q_norm = RMSNormScale(L, d)
         self.k_norm = RMSNormScale(L, d)
-        self.proj = Linear((h, d), (c,), ("heads", "head_dim"), ("embed",), rngs=rngs,
-                           init=_normal(out_std), stack=L)
+        self.proj = Linear((h, d), (c,), ("heads", "head_dim"), ("embed",), rngs=rngs, init=_normal(out_std), stack=L)
 
 
 class CrossAttentionParams(nnx.Module):
     def __init__(self, config: DiTConfig, std, out_std, *, rngs):
         c, h, d, L = config.hidden_size, config.num_heads, config.head_dim, config.depth
         self.q = Linear((c,), (h, d), ("embed",), ("heads", "head_dim"), rngs=rngs, init=_normal(std), stack=L)
-        self.kv = Linear((c,), (2, h, d), ("embed",), ("qkv", "heads", "head_dim"), rngs=rngs,
-                         init=_normal(std), stack=L)
+        self.kv = Linear(
+            (c,), (2, h, d), ("embed",), ("qkv", "heads", "head_dim"), rngs=rngs, init=_normal(std), stack=L
+        )
         self.q_norm = RMSNormScale(L, d)
         self.k_norm = RMSNormScale(L, d)
-        self.proj = Linear((h, d), (c,), ("heads", "head_dim"), ("embed",), rngs=rngs,
-                           init=_normal(out_std), stack=L)
+        self.proj = Linear((h, d), (c,), ("heads", "head_dim"), ("embed",), rngs=rngs, init=_normal(out_std), stack=L)
 
 
 class LayerNormParams(nnx.Module):
@@ -175,7 +181,8 @@ class Blocks(nnx.Module):
         out_std = std / math.sqrt(2 * L)
         self.scale_shift_table = nnx.Param(
             jax.random.normal(rngs.params(), (L, 6, c), F32) / math.sqrt(c),
-            logical_axes=("layers", "modulation", "embed"))
+            logical_axes=("layers", "modulation", "embed"),
+        )
         self.attn = SelfAttentionParams(config, std, out_std, rngs=rngs)
         self.cross_attn_norm = LayerNormParams(L, c)
         self.cross_attn = CrossAttentionParams(config, std, out_std, rngs=rngs)
@@ -185,21 +192,23 @@ class Blocks(nnx.Module):
 class FinalLayer(nnx.Module):
     def __init__(self, config: DiTConfig, *, rngs):
         c = config.hidden_size
-        self.scale_shift_table = nnx.Param(jax.random.normal(rngs.params(), (2, c), F32) / math.sqrt(c),
-                                           logical_axes=("modulation", "embed"))
-        self.linear = Linear((c,), (config.patch_volume * config.out_channels,), ("embed",), ("patch",),
-                             rngs=rngs)
+        self.scale_shift_table = nnx.Param(
+            jax.random.normal(rngs.params(), (2, c), F32) / math.sqrt(c), logical_axes=("modulation", "embed")
+        )
+        self.linear = Linear((c,), (config.patch_volume * config.out_channels,), ("embed",), ("patch",), rngs=rngs)
 
 
 # --- the scanned block ---------------------------------------------------------------------------
+
 
 def _dense(x, p, opts: RuntimeOptions, n_in: int = 1):
     """x[..., in...] · kernel[in..., out...] + bias, in the compute dtype."""
     dt = opts.compute_dtype
     k = p["kernel"]
     contract = tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))
-    y = jax.lax.dot_general(x.astype(dt), k.astype(dt), (contract, ((), ())),
-                            precision=opts.precision, preferred_element_type=F32)
+    y = jax.lax.dot_general(
+        x.astype(dt), k.astype(dt), (contract, ((), ())), precision=opts.precision, preferred_element_type=F32
+    )
     return (y + p["bias"].astype(F32)).astype(dt)
 
 
@@ -210,8 +219,7 @@ def _block(p, x, cond, config: DiTConfig, opts: RuntimeOptions):
     dt = opts.compute_dtype
     # AdaLN-single: per-block table + shared projection, per token t or t=0 (float32).
     table = p["scale_shift_table"].astype(F32)
-    chunks = [ops.select_per_token(token_mask, mod_t[:, i] + table[i], mod_0[:, i] + table[i])
-              for i in range(6)]
+    chunks = [ops.select_per_token(token_mask, mod_t[:, i] + table[i], mod_0[:, i] + table[i]) for i in range(6)]
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = chunks
 
     # Self-attention.
@@ -221,8 +229,9 @@ def _block(p, x, cond, config: DiTConfig, opts: RuntimeOptions):
     q = ops.apply_rope(ops.rms_norm(q, p["attn"]["q_norm"]["scale"], eps), rope_cos, rope_sin)
     k = ops.apply_rope(ops.rms_norm(k, p["attn"]["k_norm"]["scale"], eps), rope_cos, rope_sin)
     q = constrain(q, ("batch", "length", "act_heads", None))
-    a = cp.self_attention(q, k, v, key_mask=self_mask, mode=opts.context_parallel,
-                          implementation=opts.attention, precision=opts.precision)
+    a = cp.self_attention(
+        q, k, v, key_mask=self_mask, mode=opts.context_parallel, implementation=opts.attention, precision=opts.precision
+    )
     a = _dense(a, p["attn"]["proj"], opts, n_in=2)
     x = x + gate_msa * a.astype(F32)
 
@@ -232,8 +241,9 @@ def _block(p, x, cond, config: DiTConfig, opts: RuntimeOptions):
     q = ops.rms_norm(_dense(h, ca["q"], opts), ca["q_norm"]["scale"], eps)
     kv = _dense(text, ca["kv"], opts)  # [B, L, 2, H, D]
     k = ops.rms_norm(kv[:, :, 0], ca["k_norm"]["scale"], eps)
-    a = dot_product_attention(q, k, kv[:, :, 1], key_mask=text_mask, implementation=opts.attention,
-                              precision=opts.precision)
+    a = dot_product_attention(
+        q, k, kv[:, :, 1], key_mask=text_mask, implementation=opts.attention, precision=opts.precision
+    )
     x = x + _dense(a, ca["proj"], opts, n_in=2).astype(F32)
 
     # MLP.
@@ -245,6 +255,7 @@ def _block(p, x, cond, config: DiTConfig, opts: RuntimeOptions):
 
 
 # --- the model -----------------------------------------------------------------------------------
+
 
 class MUGDiT(nnx.Module):
     """The MUG-V video DiT. Call with the release model's inputs (see `__call__`)."""
@@ -267,8 +278,7 @@ class MUGDiT(nnx.Module):
     def _params(self):
         return nnx.to_pure_dict(nnx.state(self, nnx.Param))
 
-    def __call__(self, x, timestep, y, mask=None, x_mask=None, fps=None, frame_indice=None, *,
-                 capture: bool = False):
+    def __call__(self, x, timestep, y, mask=None, x_mask=None, fps=None, frame_indice=None, *, capture: bool = False):
         """Release-layout forward.
 
         x: [B, C_in, T, H, W] latents; timestep: [B] in [0, 1000]; y: [B, 1, L, D] caption features;
@@ -279,10 +289,13 @@ class MUGDiT(nnx.Module):
         (output, activations) with capture=True.
         """
         if fps is None:
-            raise ValueError("MUGDiT needs `fps` ([B] or [1]): the model is conditioned on it "
-                             "(the release samples with 30, the released training data used 24)")
-        return forward(self._params(), self.config, self.options, x, timestep, y, mask, x_mask,
-                       fps, frame_indice, capture=capture)
+            raise ValueError(
+                "MUGDiT needs `fps` ([B] or [1]): the model is conditioned on it "
+                "(the release samples with 30, the released training data used 24)"
+            )
+        return forward(
+            self._params(), self.config, self.options, x, timestep, y, mask, x_mask, fps, frame_indice, capture=capture
+        )
 
 
 class _CaptionEmbedder(nnx.Module):
@@ -310,14 +323,26 @@ def _check_inputs(x, timestep, y, mask, x_mask, frame_indice, config):
     if x_mask is not None and tuple(x_mask.shape) != (b, t):
         raise ValueError(f"x_mask must be [B, T]=[{b}, {t}], got shape {list(x_mask.shape)}")
     gt = -(-t // config.patch_size[0])
-    if frame_indice is not None and (frame_indice.ndim != 2 or frame_indice.shape[1] != gt + 2
-                                     or frame_indice.shape[0] not in (1, b)):
-        raise ValueError(f"frame_indice must be [B or 1, T+2]=[{b}, {gt + 2}], got shape "
-                         f"{list(frame_indice.shape)}")
+    if frame_indice is not None and (
+        frame_indice.ndim != 2 or frame_indice.shape[1] != gt + 2 or frame_indice.shape[0] not in (1, b)
+    ):
+        raise ValueError(f"frame_indice must be [B or 1, T+2]=[{b}, {gt + 2}], got shape {list(frame_indice.shape)}")
 
 
-def forward(params, config: DiTConfig, opts: RuntimeOptions, x, timestep, y, mask=None,
-            x_mask=None, fps=None, frame_indice=None, *, capture: bool = False):
+def forward(
+    params,
+    config: DiTConfig,
+    opts: RuntimeOptions,
+    x,
+    timestep,
+    y,
+    mask=None,
+    x_mask=None,
+    fps=None,
+    frame_indice=None,
+    *,
+    capture: bool = False,
+):
     """The pure forward pass over a nested parameter dict (what `jax.jit` and the trainer use)."""
     x = jnp.asarray(x)
     timestep, y = jnp.asarray(timestep), jnp.asarray(y)
@@ -341,8 +366,15 @@ def forward(params, config: DiTConfig, opts: RuntimeOptions, x, timestep, y, mas
     mod_t = _dense(jax.nn.silu(cond_t), params["t_block"], opts).astype(F32)
     mod_0 = _dense(jax.nn.silu(cond_0), params["t_block"], opts).astype(F32)
     if capture:
-        acts.update({"t_embedder.call0": t_emb, "t_embedder.call1": t0_emb, "fps_embedder": fps_emb,
-                     "t_block.call0": mod_t, "t_block.call1": mod_0})
+        acts.update(
+            {
+                "t_embedder.call0": t_emb,
+                "t_embedder.call1": t0_emb,
+                "fps_embedder": fps_emb,
+                "t_block.call0": mod_t,
+                "t_block.call1": mod_0,
+            }
+        )
 
     # Caption: LN → fc1 → GELU(tanh) → fc2 → LN over every position; masking happens in attention.
     yp = params["y_embedder"]
@@ -352,15 +384,21 @@ def forward(params, config: DiTConfig, opts: RuntimeOptions, x, timestep, y, mas
     if capture:
         acts["y_embedder"] = text[:, None]
     text = text.astype(opts.compute_dtype)
-    text_mask = (jnp.ones(y.shape[:1] + y.shape[2:3], bool) if mask is None
-                 else jnp.asarray(mask).astype(bool))
+    text_mask = jnp.ones(y.shape[:1] + y.shape[2:3], bool) if mask is None else jnp.asarray(mask).astype(bool)
 
     # Patch embed (zero-pad each axis up to a patch multiple, as the release does), (t,h,w) order.
     xp = jnp.pad(x.astype(F32), ((0, 0), (0, 0), (0, gt * pt - t), (0, gh * ph - hh), (0, gw * pw - ww)))
     xp = xp.reshape(b, config.in_channels, gt, pt, gh, ph, gw, pw).transpose(0, 2, 4, 6, 3, 5, 7, 1)
-    tokens = _dense(xp.reshape(b, gt, gh, gw, pt, ph, pw, config.in_channels),
-                    {"kernel": params["x_embedder"]["kernel"], "bias": params["x_embedder"]["bias"]},
-                    opts, n_in=4).astype(F32).reshape(b, n_video, config.hidden_size)
+    tokens = (
+        _dense(
+            xp.reshape(b, gt, gh, gw, pt, ph, pw, config.in_channels),
+            {"kernel": params["x_embedder"]["kernel"], "bias": params["x_embedder"]["bias"]},
+            opts,
+            n_in=4,
+        )
+        .astype(F32)
+        .reshape(b, n_video, config.hidden_size)
+    )
     if capture:
         acts["x_embedder"] = tokens
     start = jnp.broadcast_to(params["start_token"].astype(F32), (b, 1, config.hidden_size))
@@ -374,7 +412,7 @@ def forward(params, config: DiTConfig, opts: RuntimeOptions, x, timestep, y, mas
     h = constrain(h, ("batch", "length", "act_embed"))
 
     # Which tokens take the real-t modulation: generated frames' tokens; never start/end.
-    frame_mask = (jnp.ones((b, t), bool) if x_mask is None else jnp.asarray(x_mask).astype(bool))
+    frame_mask = jnp.ones((b, t), bool) if x_mask is None else jnp.asarray(x_mask).astype(bool)
     frame_mask = jnp.pad(frame_mask, ((0, 0), (0, gt * pt - t)))[:, ::pt]
     video_mask = jnp.broadcast_to(frame_mask[:, :, None], (b, gt, gh * gw)).reshape(b, n_video)
     token_mask = jnp.pad(video_mask, ((0, 0), (1, 1 + n_pad)), constant_values=False)
@@ -389,8 +427,16 @@ def forward(params, config: DiTConfig, opts: RuntimeOptions, x, timestep, y, mas
     rope_sin = constrain(rope_sin, ("batch", "length", None, None))
     self_mask = None if n_pad == 0 else jnp.broadcast_to(jnp.arange(n_tok + n_pad) < n_tok, (b, n_tok + n_pad))
 
-    cond = (token_mask, mod_t.reshape(b, 6, -1), mod_0.reshape(b, 6, -1), rope_cos, rope_sin,
-            text, text_mask, self_mask)
+    cond = (
+        token_mask,
+        mod_t.reshape(b, 6, -1),
+        mod_0.reshape(b, 6, -1),
+        rope_cos,
+        rope_sin,
+        text,
+        text_mask,
+        self_mask,
+    )
 
     def body(carry, layer_params):
         out = _block(layer_params, carry, cond, config, opts)
@@ -406,7 +452,7 @@ def forward(params, config: DiTConfig, opts: RuntimeOptions, x, timestep, y, mas
 
     # Final layer on video tokens, modulated by the pre-t_block conditioning vector.
     fl = params["final_layer"]
-    hv = h[:, 1:1 + n_video]
+    hv = h[:, 1 : 1 + n_video]
     c_sel = ops.select_per_token(video_mask, cond_t, cond_0)
     table = fl["scale_shift_table"].astype(F32)
     hv = ops.modulate(ops.layer_norm(hv, config.norm_eps), c_sel + table[0], c_sel + table[1])

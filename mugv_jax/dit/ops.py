@@ -3,6 +3,7 @@
 Everything that the release computes in float32 (norm statistics, RoPE angles, sinusoids, the
 modulation-table addition) is computed in float32 here whatever the compute dtype.
 """
+
 from __future__ import annotations
 
 import math
@@ -60,6 +61,7 @@ def select_per_token(token_mask, when_true, when_false):
 
 # --- 3D RoPE -------------------------------------------------------------------------------------
 
+
 def rope_frequencies(config: DiTConfig) -> np.ndarray:
     """Per-axis inverse frequencies θ^(−6j/head_dim), j < head_dim/6 (12 for head dim 72)."""
     d = config.head_dim
@@ -76,15 +78,17 @@ def rope_positions(frame_indice, grid: tuple[int, int, int], config: DiTConfig):
     gt, gh, gw = grid
     b = frame_indice.shape[0]
     fi = frame_indice.astype(jnp.int32)
-    t_pos = jnp.broadcast_to(fi[:, 1:gt + 1, None, None], (b, gt, gh, gw))
+    t_pos = jnp.broadcast_to(fi[:, 1 : gt + 1, None, None], (b, gt, gh, gw))
     h_pos = jnp.broadcast_to(jnp.arange(gh, dtype=jnp.int32)[None, None, :, None], (b, gt, gh, gw))
     w_pos = jnp.broadcast_to(jnp.arange(gw, dtype=jnp.int32)[None, None, None, :], (b, gt, gh, gw))
     video = jnp.stack([h_pos, w_pos, t_pos], axis=-1).reshape(b, gt * gh * gw, 3)
     start = jnp.stack([jnp.zeros_like(fi[:, 0]), jnp.zeros_like(fi[:, 0]), fi[:, 0]], -1)[:, None]
     end = jnp.stack([jnp.full_like(fi[:, 0], gh - 1), jnp.full_like(fi[:, 0], gw - 1), fi[:, gt + 1]], -1)[:, None]
     pos = jnp.concatenate([start, video, end], axis=1)
-    limits = jnp.array([config.rope_space_positions - 1, config.rope_space_positions - 1,
-                        config.rope_time_positions - 1], dtype=jnp.int32)
+    limits = jnp.array(
+        [config.rope_space_positions - 1, config.rope_space_positions - 1, config.rope_time_positions - 1],
+        dtype=jnp.int32,
+    )
     return jnp.clip(pos, 0, limits)
 
 

@@ -1,1 +1,3 @@
-"""Sharding over the (data, fsdp, tensor, context) mesh: the mesh, the logical-axis rule table, attention kernels and context parallelism, multi-host set-up."""
+"""Sharding over the (data, fsdp, tensor, context) mesh: the mesh, the logical-axis rule table, attention kernels and
+context parallelism, multi-host set-up.
+"""

@@ -25,6 +25,7 @@ they run inside a `shard_map` over the batch, head and (for queries) length axes
 calls the kernel on its own shard. Context parallelism (ring, Ulysses) wraps these in
 mugv_jax/parallel/context_parallel.py, which calls `local_attention` inside its own shard_map.
 """
+
 from __future__ import annotations
 
 import functools
@@ -40,8 +41,7 @@ _MASKED = -1e30
 
 def _xla_attention(q, k, v, key_mask, precision):
     scale = q.shape[-1] ** -0.5
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=precision,
-                        preferred_element_type=jnp.float32) * scale
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=precision, preferred_element_type=jnp.float32) * scale
     if key_mask is not None:
         logits = jnp.where(key_mask[:, None, None, :], logits, -jnp.inf)
         # A sample with no valid key attends to nothing: zero output instead of NaN.
@@ -50,8 +50,9 @@ def _xla_attention(q, k, v, key_mask, precision):
     probs = jax.nn.softmax(logits, axis=-1)
     if key_mask is not None:
         probs = jnp.where(any_valid, probs, 0.0)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v, precision=precision,
-                     preferred_element_type=jnp.float32)
+    out = jnp.einsum(
+        "bhqk,bkhd->bqhd", probs.astype(v.dtype), v, precision=precision, preferred_element_type=jnp.float32
+    )
     return out.astype(q.dtype)
 
 
@@ -62,6 +63,7 @@ def _zero_if_no_key(out, key_mask):
 
 
 # --- cuDNN ---------------------------------------------------------------------------------------
+
 
 def cudnn_arguments(q, k, v, key_mask, *, key_mask_prefix: bool = False, pad_queries: bool = False):
     """(q, k, v, keyword arguments) of `jax.nn.dot_product_attention` for cuDNN's padding kernels.
@@ -90,18 +92,22 @@ def cudnn_arguments(q, k, v, key_mask, *, key_mask_prefix: bool = False, pad_que
 
 def _cudnn_attention(q, k, v, key_mask, precision, key_mask_prefix=False, pad_queries=False):
     if jax.default_backend() != "gpu":
-        raise RuntimeError(f"attention='cudnn' needs an NVIDIA GPU, but the JAX backend is "
-                           f"{jax.default_backend()!r}; use attention='xla' (or 'splash' on TPU)")
+        raise RuntimeError(
+            f"attention='cudnn' needs an NVIDIA GPU, but the JAX backend is "
+            f"{jax.default_backend()!r}; use attention='xla' (or 'splash' on TPU)"
+        )
     if q.dtype not in (jnp.bfloat16, jnp.float16):
-        raise ValueError(f"attention='cudnn' runs in bfloat16/float16, got {q.dtype}; set "
-                         f"compute_dtype='bfloat16' or use attention='xla'")
-    q, k, v, kwargs = cudnn_arguments(q, k, v, key_mask, key_mask_prefix=key_mask_prefix,
-                                      pad_queries=pad_queries)
+        raise ValueError(
+            f"attention='cudnn' runs in bfloat16/float16, got {q.dtype}; set "
+            f"compute_dtype='bfloat16' or use attention='xla'"
+        )
+    q, k, v, kwargs = cudnn_arguments(q, k, v, key_mask, key_mask_prefix=key_mask_prefix, pad_queries=pad_queries)
     out = jax.nn.dot_product_attention(q, k, v, implementation="cudnn", **kwargs)
     return _zero_if_no_key(out, key_mask)
 
 
 # --- portable Pallas flash attention -------------------------------------------------------------
+
 
 def _round_up(x, m):
     return -(-x // m) * m
@@ -109,7 +115,8 @@ def _round_up(x, m):
 
 def _flash_kernel(q_ref, k_ref, v_ref, mask_ref, o_ref, *, block_k, num_k_blocks, scale):
     from jax.experimental import pallas as pl
-    q = q_ref[...].astype(jnp.float32) * scale                    # [bq, D]
+
+    q = q_ref[...].astype(jnp.float32) * scale  # [bq, D]
     bq, d = q.shape
 
     def body(i, carry):
@@ -117,7 +124,7 @@ def _flash_kernel(q_ref, k_ref, v_ref, mask_ref, o_ref, *, block_k, num_k_blocks
         start = pl.multiple_of(i * block_k, block_k)
         k = k_ref[pl.ds(start, block_k), :].astype(jnp.float32)  # [bk, D]
         v = v_ref[pl.ds(start, block_k), :].astype(jnp.float32)
-        valid = mask_ref[0, pl.ds(start, block_k)] > 0            # [bk]
+        valid = mask_ref[0, pl.ds(start, block_k)] > 0  # [bk]
         s = jnp.dot(q, k.T, preferred_element_type=jnp.float32)
         s = jnp.where(valid[None, :], s, -jnp.inf)
         m_new = jnp.maximum(m, s.max(axis=-1))
@@ -125,31 +132,34 @@ def _flash_kernel(q_ref, k_ref, v_ref, mask_ref, o_ref, *, block_k, num_k_blocks
         corr = jnp.exp(m - m_new)
         return m_new, l * corr + p.sum(axis=-1), acc * corr[:, None] + jnp.dot(p, v)
 
-    init = (jnp.full((bq,), _MASKED, jnp.float32), jnp.zeros((bq,), jnp.float32),
-            jnp.zeros((bq, d), jnp.float32))
+    init = (jnp.full((bq,), _MASKED, jnp.float32), jnp.zeros((bq,), jnp.float32), jnp.zeros((bq, d), jnp.float32))
     _, l, acc = jax.lax.fori_loop(0, num_k_blocks, body, init)
     o_ref[...] = (acc / jnp.where(l > 0, l, 1.0)[:, None]).astype(o_ref.dtype)
 
 
 def _pallas_forward(q, k, v, key_mask, block: int = 128):
     from jax.experimental import pallas as pl
+
     b, nq, h, d = q.shape
     nk = k.shape[1]
     bq, bk = min(block, _round_up(nq, 8)), min(block, _round_up(nk, 8))
     nq_p, nk_p, d_p = _round_up(nq, bq), _round_up(nk, bk), _round_up(d, 8)
     mask = jnp.ones((b, nk), bool) if key_mask is None else key_mask
     mask = jnp.pad(mask, ((0, 0), (0, nk_p - nk))).astype(jnp.int32)[:, None, :]  # [B, 1, Nk]
-    heads_first = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, d_p - d))
-                                       ).transpose(0, 2, 1, 3).reshape(b * h, n, d_p)
+    heads_first = lambda x, n: (
+        jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, d_p - d))).transpose(0, 2, 1, 3).reshape(b * h, n, d_p)
+    )
     qf, kf, vf = heads_first(q, nq_p), heads_first(k, nk_p), heads_first(v, nk_p)
-    kernel = functools.partial(_flash_kernel, block_k=bk, num_k_blocks=nk_p // bk, scale=d ** -0.5)
+    kernel = functools.partial(_flash_kernel, block_k=bk, num_k_blocks=nk_p // bk, scale=d**-0.5)
     out = pl.pallas_call(
         kernel,
         grid=(b * h, nq_p // bq),
-        in_specs=[pl.BlockSpec((None, bq, d_p), lambda i, j: (i, j, 0)),
-                  pl.BlockSpec((None, nk_p, d_p), lambda i, j: (i, 0, 0)),
-                  pl.BlockSpec((None, nk_p, d_p), lambda i, j: (i, 0, 0)),
-                  pl.BlockSpec((None, 1, nk_p), lambda i, j: (jax.lax.div(i, h), 0, 0))],
+        in_specs=[
+            pl.BlockSpec((None, bq, d_p), lambda i, j: (i, j, 0)),
+            pl.BlockSpec((None, nk_p, d_p), lambda i, j: (i, 0, 0)),
+            pl.BlockSpec((None, nk_p, d_p), lambda i, j: (i, 0, 0)),
+            pl.BlockSpec((None, 1, nk_p), lambda i, j: (jax.lax.div(i, h), 0, 0)),
+        ],
         out_specs=pl.BlockSpec((None, bq, d_p), lambda i, j: (i, j, 0)),
         out_shape=jax.ShapeDtypeStruct((b * h, nq_p, d_p), q.dtype),
         interpret=jax.default_backend() == "cpu",
@@ -186,33 +196,49 @@ SPLASH_LANES = 128  # TPU vector lane width: the head dim is padded up to a mult
 
 def _splash_attention(q, k, v, key_mask, precision, interpret: bool = False):
     if jax.default_backend() != "tpu" and not interpret:
-        raise RuntimeError(f"attention='splash' needs a TPU, but the JAX backend is "
-                           f"{jax.default_backend()!r}; use attention='xla' or 'pallas'")
+        raise RuntimeError(
+            f"attention='splash' needs a TPU, but the JAX backend is "
+            f"{jax.default_backend()!r}; use attention='xla' or 'pallas'"
+        )
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
     b, nq, h, d = q.shape
     nk = k.shape[1]
     d_p = _round_up(d, SPLASH_LANES)
     blk = 512 if min(nq, nk) >= 512 else 128
     nq_p, nk_p = _round_up(nq, blk), _round_up(nk, blk)
     # Scale before padding with the true head dim: the kernel itself does not scale.
-    qs = (q.astype(jnp.float32) * d ** -0.5).astype(q.dtype)
+    qs = (q.astype(jnp.float32) * d**-0.5).astype(q.dtype)
     prep = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, d_p - d))).transpose(0, 2, 1, 3)
     mask = jnp.ones((b, nk), bool) if key_mask is None else key_mask
     kv_ids = jnp.where(jnp.pad(mask, ((0, 0), (0, nk_p - nk))), 0, 1).astype(jnp.int32)
     q_ids = jnp.zeros((b, nq_p), jnp.int32)
-    sizes = sk.BlockSizes(block_q=blk, block_kv=blk, block_kv_compute=blk, block_q_dkv=blk,
-                          block_kv_dkv=blk, block_kv_dkv_compute=blk, block_q_dq=blk, block_kv_dq=blk)
-    kernel = sk.make_splash_mha(sm.MultiHeadMask([sm.FullMask((nq_p, nk_p))] * h), block_sizes=sizes,
-                                head_shards=1, q_seq_shards=1, interpret=interpret)
+    sizes = sk.BlockSizes(
+        block_q=blk,
+        block_kv=blk,
+        block_kv_compute=blk,
+        block_q_dkv=blk,
+        block_kv_dkv=blk,
+        block_kv_dkv_compute=blk,
+        block_q_dq=blk,
+        block_kv_dq=blk,
+    )
+    kernel = sk.make_splash_mha(
+        sm.MultiHeadMask([sm.FullMask((nq_p, nk_p))] * h),
+        block_sizes=sizes,
+        head_shards=1,
+        q_seq_shards=1,
+        interpret=interpret,
+    )
     out = jax.vmap(lambda q_, k_, v_, qi, ki: kernel(q_, k_, v_, segment_ids=sk.SegmentIds(qi, ki)))(
-        prep(qs, nq_p), prep(k, nk_p), prep(v, nk_p), q_ids, kv_ids)
+        prep(qs, nq_p), prep(k, nk_p), prep(v, nk_p), q_ids, kv_ids
+    )
     out = out.transpose(0, 2, 1, 3)[:, :nq, :, :d].astype(q.dtype)
     return _zero_if_no_key(out, key_mask)
 
 
-BACKENDS = {"xla": _xla_attention, "cudnn": _cudnn_attention, "pallas": _pallas_attention,
-            "splash": _splash_attention}
+BACKENDS = {"xla": _xla_attention, "cudnn": _cudnn_attention, "pallas": _pallas_attention, "splash": _splash_attention}
 # Custom calls that XLA's SPMD partitioner cannot split: run per shard under a mesh.
 KERNEL_BACKENDS = ("cudnn", "pallas", "splash")
 
@@ -224,18 +250,27 @@ def _backend(implementation: str):
     try:
         return BACKENDS[implementation]
     except KeyError:
-        raise ValueError(f"unknown attention implementation {implementation!r}; "
-                         f"available: {sorted(BACKENDS)}") from None
+        raise ValueError(
+            f"unknown attention implementation {implementation!r}; available: {sorted(BACKENDS)}"
+        ) from None
 
 
-def local_attention(q, k, v, *, key_mask=None, implementation: str = "xla", precision=None,
-                    key_mask_prefix: bool = False, pad_queries: bool = False):
+def local_attention(
+    q,
+    k,
+    v,
+    *,
+    key_mask=None,
+    implementation: str = "xla",
+    precision=None,
+    key_mask_prefix: bool = False,
+    pad_queries: bool = False,
+):
     """`dot_product_attention` on arrays this device holds whole (inside a shard_map, or with no
     mesh): the backend is called directly."""
     fn = _backend(implementation)
     if implementation == "cudnn":
-        out = fn(q, k, v, key_mask, precision, key_mask_prefix=key_mask_prefix,
-                 pad_queries=pad_queries)
+        out = fn(q, k, v, key_mask, precision, key_mask_prefix=key_mask_prefix, pad_queries=pad_queries)
     else:
         out = fn(q, k, v, key_mask, precision)
     if pad_queries and key_mask is not None:
@@ -244,10 +279,17 @@ def local_attention(q, k, v, *, key_mask=None, implementation: str = "xla", prec
     return out
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
-                          key_mask: jax.Array | None = None, implementation: str = "xla",
-                          precision=None, key_mask_prefix: bool = False,
-                          pad_queries: bool = False) -> jax.Array:
+def dot_product_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    key_mask: jax.Array | None = None,
+    implementation: str = "xla",
+    precision=None,
+    key_mask_prefix: bool = False,
+    pad_queries: bool = False,
+) -> jax.Array:
     """softmax(q·kᵀ/√d)·v over [batch, length, heads, head_dim] inputs.
 
     key_mask: [batch, kv_length] bool, True where a key may be attended to.
@@ -262,31 +304,51 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
         raise ValueError("pad_queries=True needs key_mask_prefix=True (padding comes last)")
     ctx = sharding.current_context()
     if ctx is None or implementation not in KERNEL_BACKENDS:
-        return local_attention(q, k, v, key_mask=key_mask, implementation=implementation,
-                               precision=precision, key_mask_prefix=key_mask_prefix,
-                               pad_queries=pad_queries)
+        return local_attention(
+            q,
+            k,
+            v,
+            key_mask=key_mask,
+            implementation=implementation,
+            precision=precision,
+            key_mask_prefix=key_mask_prefix,
+            pad_queries=pad_queries,
+        )
     mesh, rules = ctx
     q_spec = sharding.spec_for_shape(q.shape, _Q_AXES, mesh, rules)
     kv_spec = sharding.spec_for_shape(k.shape, _KV_AXES, mesh, rules)
     if (q_spec[0], q_spec[2]) != (kv_spec[0], kv_spec[2]):
-        raise ValueError(f"attention: queries {q.shape} and keys {k.shape} shard batch/heads "
-                         f"differently ({q_spec} vs {kv_spec})")
+        raise ValueError(
+            f"attention: queries {q.shape} and keys {k.shape} shard batch/heads differently ({q_spec} vs {kv_spec})"
+        )
     if q_spec[1] is not None:
         # A length shard of the queries is not the prefix the key mask describes.
         pad_queries = False
-    body = functools.partial(local_attention, implementation=implementation, precision=precision,
-                             key_mask_prefix=key_mask_prefix, pad_queries=pad_queries)
+    body = functools.partial(
+        local_attention,
+        implementation=implementation,
+        precision=precision,
+        key_mask_prefix=key_mask_prefix,
+        pad_queries=pad_queries,
+    )
     if key_mask is None:
-        return jax.shard_map(lambda q_, k_, v_: body(q_, k_, v_), mesh=mesh,
-                             in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec,
-                             check_vma=False)(q, k, v)
+        return jax.shard_map(
+            lambda q_, k_, v_: body(q_, k_, v_),
+            mesh=mesh,
+            in_specs=(q_spec, kv_spec, kv_spec),
+            out_specs=q_spec,
+            check_vma=False,
+        )(q, k, v)
     mask_spec = PartitionSpec(kv_spec[0], None)
-    return jax.shard_map(lambda q_, k_, v_, m_: body(q_, k_, v_, key_mask=m_), mesh=mesh,
-                         in_specs=(q_spec, kv_spec, kv_spec, mask_spec), out_specs=q_spec,
-                         check_vma=False)(q, k, v, key_mask)
+    return jax.shard_map(
+        lambda q_, k_, v_, m_: body(q_, k_, v_, key_mask=m_),
+        mesh=mesh,
+        in_specs=(q_spec, kv_spec, kv_spec, mask_spec),
+        out_specs=q_spec,
+        check_vma=False,
+    )(q, k, v, key_mask)
 
 
 def head_dim_cost(head_dim: int, lanes: int = SPLASH_LANES) -> float:
     """Kernel work relative to the true head dim after padding to the lane width (72 → 1.78×)."""
     return _round_up(head_dim, lanes) / head_dim if lanes else 1.0
-

@@ -16,6 +16,7 @@ queries are sharded over `length` and the caption keys are replicated, so it is 
 The mesh comes from the enclosing `sharding.activation_sharding`; model code names only logical
 axes.
 """
+
 from __future__ import annotations
 
 import functools
@@ -36,8 +37,7 @@ def sequence_multiple() -> int:
     return sharding.logical_axis_size("length")
 
 
-def self_attention(q, k, v, *, key_mask=None, mode: str = "none", implementation: str = "xla",
-                   precision=None):
+def self_attention(q, k, v, *, key_mask=None, mode: str = "none", implementation: str = "xla", precision=None):
     """Bidirectional self-attention over [batch, length, heads, head_dim], context parallel.
 
     key_mask marks the model's trailing sequence padding (valid tokens first), so the fused kernels
@@ -48,12 +48,22 @@ def self_attention(q, k, v, *, key_mask=None, mode: str = "none", implementation
     ctx = sharding.current_context()
     degree = sequence_multiple()
     if mode == "none" or ctx is None or degree == 1:
-        return dot_product_attention(q, k, v, key_mask=key_mask, implementation=implementation,
-                                     precision=precision, key_mask_prefix=True, pad_queries=True)
+        return dot_product_attention(
+            q,
+            k,
+            v,
+            key_mask=key_mask,
+            implementation=implementation,
+            precision=precision,
+            key_mask_prefix=True,
+            pad_queries=True,
+        )
     mesh, rules = ctx
     if q.shape[1] % degree:
-        raise ValueError(f"context parallel: sequence length {q.shape[1]} is not a multiple of the "
-                         f"context degree {degree} (the model pads it; pass padded inputs)")
+        raise ValueError(
+            f"context parallel: sequence length {q.shape[1]} is not a multiple of the "
+            f"context degree {degree} (the model pads it; pass padded inputs)"
+        )
     spec = sharding.spec_for_shape(q.shape, _QKV_AXES, mesh, rules)
     axes = sharding.mesh_axes_for("length", mesh, rules)
     axis = axes[0] if len(axes) == 1 else axes
@@ -62,20 +72,21 @@ def self_attention(q, k, v, *, key_mask=None, mode: str = "none", implementation
         key_mask = jnp.ones(q.shape[:2], bool)
     if mode == "ulysses":
         tensor_entry = spec[2]
-        tensor_axes = () if tensor_entry is None else (
-            (tensor_entry,) if isinstance(tensor_entry, str) else tuple(tensor_entry))
+        tensor_axes = (
+            () if tensor_entry is None else ((tensor_entry,) if isinstance(tensor_entry, str) else tuple(tensor_entry))
+        )
         local_heads = q.shape[2]
         for a in tensor_axes:
             local_heads //= mesh.shape[a]
         if local_heads % degree:
             raise ValueError(
                 f"context_parallel='ulysses' splits the {local_heads} heads per tensor shard over the "
-                f"context degree {degree}, which does not divide them; use 'ring' or change mesh.ici")
+                f"context degree {degree}, which does not divide them; use 'ring' or change mesh.ici"
+            )
         body = functools.partial(_ulysses, axis=axis, implementation=implementation, precision=precision)
     else:
         body = functools.partial(_ring, axis=axis, degree=degree, precision=precision)
-    fn = jax.shard_map(body, mesh=mesh, in_specs=(spec, spec, spec, mask_spec), out_specs=spec,
-                       check_vma=False)
+    fn = jax.shard_map(body, mesh=mesh, in_specs=(spec, spec, spec, mask_spec), out_specs=spec, check_vma=False)
     return fn(q, k, v, key_mask)
 
 
@@ -83,9 +94,16 @@ def _ulysses(q, k, v, key_mask, *, axis, implementation, precision):
     # [b, n/c, h, d] → [b, n, h/c, d]: chunks are concatenated in device order = sequence order.
     to_heads = lambda x: jax.lax.all_to_all(x, axis, split_axis=2, concat_axis=1, tiled=True)
     full_mask = jax.lax.all_gather(key_mask, axis, axis=1, tiled=True)
-    out = local_attention(to_heads(q), to_heads(k), to_heads(v), key_mask=full_mask,
-                          implementation=implementation, precision=precision,
-                          key_mask_prefix=True, pad_queries=True)
+    out = local_attention(
+        to_heads(q),
+        to_heads(k),
+        to_heads(v),
+        key_mask=full_mask,
+        implementation=implementation,
+        precision=precision,
+        key_mask_prefix=True,
+        pad_queries=True,
+    )
     return jax.lax.all_to_all(out, axis, split_axis=1, concat_axis=2, tiled=True)
 
 
@@ -101,16 +119,16 @@ def _ring(q, k, v, key_mask, *, axis, degree, precision):
 
     def step(carry, _):
         kb, vb, mb, m, l, o = carry
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, kb, precision=precision,
-                            preferred_element_type=jnp.float32) * scale
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, kb, precision=precision, preferred_element_type=jnp.float32) * scale
         logits = jnp.where(mb[:, None, None, :], logits, -jnp.inf)
         # The result does not depend on the max (it cancels), so no gradient flows through it.
         m_new = jax.lax.stop_gradient(jnp.maximum(m, logits.max(axis=-1)))
         p = jnp.exp(logits - m_new[..., None])
         corr = jnp.exp(m - m_new)
         l = l * corr + p.sum(axis=-1)
-        o = o * corr[..., None] + jnp.einsum("bhqk,bkhd->bhqd", p.astype(vb.dtype), vb,
-                                             precision=precision, preferred_element_type=jnp.float32)
+        o = o * corr[..., None] + jnp.einsum(
+            "bhqk,bkhd->bhqd", p.astype(vb.dtype), vb, precision=precision, preferred_element_type=jnp.float32
+        )
         kb, vb, mb = (jax.lax.ppermute(x, axis, perm) for x in (kb, vb, mb))
         return (kb, vb, mb, m_new, l, o), None
 

@@ -10,6 +10,7 @@ are written cooperatively by all processes.
 
 Must run before anything touches a JAX backend (jax.devices(), any computation).
 """
+
 from __future__ import annotations
 
 import logging
@@ -22,8 +23,12 @@ log = logging.getLogger(__name__)
 _ENV = ("MUGV_COORDINATOR_ADDRESS", "MUGV_NUM_PROCESSES", "MUGV_PROCESS_ID")
 
 
-def settings_from(coordinator_address: str | None = None, num_processes: int | None = None,
-                  process_id: int | None = None, environ=None) -> dict:
+def settings_from(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    environ=None,
+) -> dict:
     """The explicit jax.distributed.initialize arguments (empty: let JAX detect the cluster)."""
     env = os.environ if environ is None else environ
     address = coordinator_address or env.get(_ENV[0]) or None
@@ -38,20 +43,23 @@ def settings_from(coordinator_address: str | None = None, num_processes: int | N
         if pid is not None and pid != "":
             out["process_id"] = int(pid)
     except ValueError:
-        raise ValueError(f"--num_processes/--process_id ({_ENV[1]}/{_ENV[2]}) must be integers, "
-                         f"got {n!r} and {pid!r}") from None
+        raise ValueError(
+            f"--num_processes/--process_id ({_ENV[1]}/{_ENV[2]}) must be integers, got {n!r} and {pid!r}"
+        ) from None
     if out and set(out) != {"coordinator_address", "num_processes", "process_id"}:
-        raise ValueError("multi-host: give all of --coordinator_address, --num_processes and "
-                         f"--process_id (or {', '.join(_ENV)}), or none of them to let JAX detect "
-                         f"the cluster (TPU pod, Slurm); got {sorted(out)}")
+        raise ValueError(
+            "multi-host: give all of --coordinator_address, --num_processes and "
+            f"--process_id (or {', '.join(_ENV)}), or none of them to let JAX detect "
+            f"the cluster (TPU pod, Slurm); got {sorted(out)}"
+        )
     if out and not 0 <= out["process_id"] < out["num_processes"]:
-        raise ValueError(f"--process_id={out['process_id']} must be in [0, --num_processes="
-                         f"{out['num_processes']})")
+        raise ValueError(f"--process_id={out['process_id']} must be in [0, --num_processes={out['num_processes']})")
     return out
 
 
-def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> None:
+def initialize(
+    coordinator_address: str | None = None, num_processes: int | None = None, process_id: int | None = None
+) -> None:
     """Join the job's processes into one JAX runtime (idempotent)."""
     if jax.distributed.is_initialized():
         return
@@ -61,5 +69,10 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         # CPU collectives across processes (tests, debugging) need gloo; the default is in-process only.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**kwargs)
-    log.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
-             jax.process_count(), jax.local_device_count(), jax.device_count())
+    log.info(
+        "jax.distributed: process %d of %d, %d local / %d global devices",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )

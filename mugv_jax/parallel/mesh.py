@@ -4,10 +4,11 @@ Sizes may be −1 ("all remaining devices", at most one axis). `dcn` sizes give 
 (data-centre network) factor of each axis; the ICI sizes are per slice. On one slice `dcn` is all
 ones and the mesh is a plain reshape of the devices (topology-aware where JAX knows the hardware).
 """
+
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
@@ -28,17 +29,22 @@ def resolve_axis_sizes(sizes: Mapping[str, int], num_devices: int, what: str = "
         raise ValueError(f"{what}: axis sizes must be positive or -1, got {dict(zip(MESH_AXES, vals))}")
     if -1 in vals:
         if num_devices % fixed:
-            raise ValueError(f"{what}: {num_devices} devices are not divisible by the fixed axes' "
-                             f"product {fixed} ({dict(zip(MESH_AXES, vals))})")
+            raise ValueError(
+                f"{what}: {num_devices} devices are not divisible by the fixed axes' "
+                f"product {fixed} ({dict(zip(MESH_AXES, vals))})"
+            )
         vals[vals.index(-1)] = num_devices // fixed
     if math.prod(vals) != num_devices:
-        raise ValueError(f"{what}: axis sizes {dict(zip(MESH_AXES, vals))} multiply to "
-                         f"{math.prod(vals)}, but there are {num_devices} devices")
+        raise ValueError(
+            f"{what}: axis sizes {dict(zip(MESH_AXES, vals))} multiply to "
+            f"{math.prod(vals)}, but there are {num_devices} devices"
+        )
     return tuple(vals)
 
 
-def build_mesh(ici: Mapping[str, int], dcn: Mapping[str, int] | None = None,
-               devices: Sequence[jax.Device] | None = None) -> Mesh:
+def build_mesh(
+    ici: Mapping[str, int], dcn: Mapping[str, int] | None = None, devices: Sequence[jax.Device] | None = None
+) -> Mesh:
     devices = list(devices if devices is not None else jax.devices())
     dcn = dict(dcn or {})
     num_slices = len({getattr(d, "slice_index", 0) for d in devices})
@@ -46,10 +52,12 @@ def build_mesh(ici: Mapping[str, int], dcn: Mapping[str, int] | None = None,
     ici_sizes = resolve_axis_sizes(ici, len(devices) // math.prod(dcn_sizes), "mesh.ici")
     if math.prod(dcn_sizes) > 1:
         from jax.experimental import mesh_utils
+
         arr = mesh_utils.create_hybrid_device_mesh(ici_sizes, dcn_sizes, devices)
     else:
         try:
             from jax.experimental import mesh_utils
+
             arr = mesh_utils.create_device_mesh(ici_sizes, devices)
         except (ValueError, NotImplementedError, AssertionError):
             arr = np.array(devices).reshape(ici_sizes)

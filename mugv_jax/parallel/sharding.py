@@ -4,11 +4,12 @@ Model code names the axes of every parameter (and the activations it constrains)
 names only; this table decides which mesh axis (data, fsdp, tensor, context) shards each. Changing
 a parallelism strategy means editing the rules, never the model.
 """
+
 from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -18,22 +19,22 @@ MESH_AXES = ("data", "fsdp", "tensor", "context")
 # logical name → mesh axis (or tuple of axes, or None = replicated).
 DEFAULT_RULES: tuple[tuple[str, object], ...] = (
     # parameters
-    ("layers", None),        # stacked-layer axis: every device holds all layers' shards
-    ("embed", "fsdp"),       # hidden size: FSDP shards parameters along it
-    ("mlp", "tensor"),       # MLP hidden / conditioning projections: tensor parallel
-    ("heads", "tensor"),     # attention heads: tensor parallel
+    ("layers", None),  # stacked-layer axis: every device holds all layers' shards
+    ("embed", "fsdp"),  # hidden size: FSDP shards parameters along it
+    ("mlp", "tensor"),  # MLP hidden / conditioning projections: tensor parallel
+    ("heads", "tensor"),  # attention heads: tensor parallel
     ("head_dim", None),
-    ("qkv", None),           # the q/k/v (or k/v) selector of fused projections
-    ("modulation", None),    # the 6 (or 2) AdaLN chunks of a scale-shift table
-    ("text_embed", None),    # text-encoder feature width (4096)
-    ("frequency", None),     # sinusoidal feature width (256)
-    ("patch", None),         # patch kernel axes and per-patch output features
-    ("channels", None),      # latent channels
-    ("conv_in", None),       # VAE convolution input / output channels
+    ("qkv", None),  # the q/k/v (or k/v) selector of fused projections
+    ("modulation", None),  # the 6 (or 2) AdaLN chunks of a scale-shift table
+    ("text_embed", None),  # text-encoder feature width (4096)
+    ("frequency", None),  # sinusoidal feature width (256)
+    ("patch", None),  # patch kernel axes and per-patch output features
+    ("channels", None),  # latent channels
+    ("conv_in", None),  # VAE convolution input / output channels
     ("conv_out", None),
     # activations
     ("batch", ("data", "fsdp")),
-    ("length", "context"),   # video token axis: context parallel
+    ("length", "context"),  # video token axis: context parallel
     ("text_length", None),
     ("act_embed", None),
     ("act_heads", "tensor"),
@@ -47,8 +48,7 @@ def rules_dict(rules: Iterable[tuple[str, object]] = DEFAULT_RULES) -> dict[str,
     return dict(rules)
 
 
-def logical_to_spec(logical_axes: Sequence[str | None], rules=DEFAULT_RULES,
-                    mesh: Mesh | None = None) -> PartitionSpec:
+def logical_to_spec(logical_axes: Sequence[str | None], rules=DEFAULT_RULES, mesh: Mesh | None = None) -> PartitionSpec:
     """PartitionSpec for logical axis names; mesh axes absent from `mesh` (or of size 1) are dropped."""
     table = rules_dict(rules)
     used: set[str] = set()
@@ -70,8 +70,9 @@ def logical_to_spec(logical_axes: Sequence[str | None], rules=DEFAULT_RULES,
     return PartitionSpec(*spec)
 
 
-def spec_for_shape(shape: Sequence[int], logical_axes: Sequence[str | None] | None, mesh: Mesh,
-                   rules=DEFAULT_RULES) -> PartitionSpec:
+def spec_for_shape(
+    shape: Sequence[int], logical_axes: Sequence[str | None] | None, mesh: Mesh, rules=DEFAULT_RULES
+) -> PartitionSpec:
     """Like logical_to_spec, but a mesh axis is dropped where the dimension does not divide by it
     (e.g. 2 heads over tensor=4): that dimension is replicated instead of failing."""
     if logical_axes is None:
@@ -135,6 +136,7 @@ def logical_axis_size(logical_name: str) -> int:
 def param_logical_axes(module) -> dict[str, tuple]:
     """{dotted param path: logical axes} for every nnx.Param of a module."""
     from flax import nnx
+
     out = {}
     for path, var in nnx.to_flat_state(nnx.state(module, nnx.Param)):
         out[".".join(str(p) for p in path)] = var.get_metadata().get("logical_axes")

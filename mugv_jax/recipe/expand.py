@@ -26,6 +26,7 @@ Symmetry breaking (`--noise-mode`):
   the function moves by an amount that scales with `noise_std`.
 `noise_std` is relative to each tensor's own standard deviation.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,25 +62,25 @@ _RULES: dict[str, tuple[tuple[int, str], ...]] = {
     "t_block.kernel": ((0, "sum"), (2, "rep")),
     "t_block.bias": ((-1, "rep"),),
     "blocks.scale_shift_table": ((-1, "rep"),),
-    "blocks.attn.qkv.kernel": ((1, "sum"), (3, "rep")),        # [L, C, 3, H, D]
-    "blocks.attn.qkv.bias": ((2, "rep"),),                     # [L, 3, H, D]
+    "blocks.attn.qkv.kernel": ((1, "sum"), (3, "rep")),  # [L, C, 3, H, D]
+    "blocks.attn.qkv.bias": ((2, "rep"),),  # [L, 3, H, D]
     "blocks.attn.q_norm.scale": (),
     "blocks.attn.k_norm.scale": (),
-    "blocks.attn.proj.kernel": ((1, "sum"), (3, "rep")),       # [L, H, D, C]
+    "blocks.attn.proj.kernel": ((1, "sum"), (3, "rep")),  # [L, H, D, C]
     "blocks.attn.proj.bias": ((-1, "rep"),),
     "blocks.cross_attn_norm.scale": ((-1, "rep"),),
     "blocks.cross_attn_norm.bias": ((-1, "rep"),),
-    "blocks.cross_attn.q.kernel": ((1, "sum"), (2, "rep")),    # [L, C, H, D]
-    "blocks.cross_attn.q.bias": ((1, "rep"),),                 # [L, H, D]
-    "blocks.cross_attn.kv.kernel": ((1, "sum"), (3, "rep")),   # [L, C, 2, H, D]
-    "blocks.cross_attn.kv.bias": ((2, "rep"),),                # [L, 2, H, D]
+    "blocks.cross_attn.q.kernel": ((1, "sum"), (2, "rep")),  # [L, C, H, D]
+    "blocks.cross_attn.q.bias": ((1, "rep"),),  # [L, H, D]
+    "blocks.cross_attn.kv.kernel": ((1, "sum"), (3, "rep")),  # [L, C, 2, H, D]
+    "blocks.cross_attn.kv.bias": ((2, "rep"),),  # [L, 2, H, D]
     "blocks.cross_attn.q_norm.scale": (),
     "blocks.cross_attn.k_norm.scale": (),
     "blocks.cross_attn.proj.kernel": ((1, "sum"), (3, "rep")),  # [L, H, D, C]
     "blocks.cross_attn.proj.bias": ((-1, "rep"),),
-    "blocks.mlp.fc1.kernel": ((1, "sum"), (2, "rep")),         # [L, C, F]
+    "blocks.mlp.fc1.kernel": ((1, "sum"), (2, "rep")),  # [L, C, F]
     "blocks.mlp.fc1.bias": ((-1, "rep"),),
-    "blocks.mlp.fc2.kernel": ((1, "sum"), (2, "rep")),         # [L, F, C]
+    "blocks.mlp.fc2.kernel": ((1, "sum"), (2, "rep")),  # [L, F, C]
     "blocks.mlp.fc2.bias": ((-1, "rep"),),
     "final_layer.scale_shift_table": ((-1, "rep"),),
     "final_layer.linear.kernel": ((0, "sum"),),
@@ -120,7 +121,7 @@ def _zero_sum_noise(rng, shape, axis: int, factor: int, std: float) -> np.ndarra
     axis = axis % len(shape)
     n = shape[axis] // factor
     z = rng.standard_normal(shape).astype(np.float32) * np.float32(std)
-    blocks = z.reshape(shape[:axis] + (factor, n) + shape[axis + 1:])
+    blocks = z.reshape(shape[:axis] + (factor, n) + shape[axis + 1 :])
     blocks = blocks - blocks.mean(axis=axis, keepdims=True)
     # Rescale so each entry keeps variance std² after removing the mean across copies.
     if factor > 1:
@@ -128,8 +129,9 @@ def _zero_sum_noise(rng, shape, axis: int, factor: int, std: float) -> np.ndarra
     return blocks.reshape(shape)
 
 
-def expand_params(params: dict, config: DiTConfig, factor: int, *, noise_std: float = 0.0,
-                  noise_mode: str = "zero_sum", seed: int = 0) -> tuple[DiTConfig, dict]:
+def expand_params(
+    params: dict, config: DiTConfig, factor: int, *, noise_std: float = 0.0, noise_mode: str = "zero_sum", seed: int = 0
+) -> tuple[DiTConfig, dict]:
     """(widened config, widened nested params). `noise_std` = 0 gives the exact tiling."""
     if noise_mode not in NOISE_MODES:
         raise ValueError(f"noise_mode must be one of {NOISE_MODES}, got {noise_mode!r}")
@@ -166,6 +168,7 @@ def expand_params(params: dict, config: DiTConfig, factor: int, *, noise_std: fl
 
 def _expected_shapes(config: DiTConfig) -> dict:
     from mugv.layouts import jax as jax_layout
+
     return jax_layout.jax_param_shapes(config)
 
 
@@ -173,6 +176,7 @@ def save_params(params: dict, config: DiTConfig, directory: str, step: int = 0) 
     """Write params (as both `params` and `ema`) as a JAX checkpoint that `init_from=jax:DIR` and
     the converters read. Orbax writes the step under a temporary name and renames it complete."""
     from mugv_jax.train import checkpointing
+
     ck = checkpointing.Checkpointer(directory, keep=1, use_async=False)
     try:
         ck.save(step, {"params": params, "ema": params}, {}, {"model": config.to_dict()}, force=True)
@@ -187,10 +191,13 @@ def load_any(spec: str, weights: str = "raw") -> tuple[DiTConfig, dict]:
     (`FILE:PRESET`, e.g. `dit.safetensors:tiny`, picks the release model's size)."""
     if spec.startswith("jax:"):
         from mugv.io.orbax import load_params as jax_params
+
         return jax_params(spec, weights=weights)
     from flax import nnx
+
     from mugv.config import get_config
     from mugv_jax import dit
+
     path, _, preset = spec.partition(":")
     if not preset:
         raise ValueError(f"--src {spec}: a release file needs its size, e.g. {spec}:10b")
@@ -211,11 +218,14 @@ def main(argv=None) -> int:
     if os.path.exists(a.dst) and os.listdir(a.dst):
         p.error(f"--dst {a.dst} exists and is not empty")
     config, params = load_any(a.src, a.weights)
-    new_config, wide = expand_params(params, config, a.factor, noise_std=a.noise_std,
-                                     noise_mode=a.noise_mode, seed=a.seed)
+    new_config, wide = expand_params(
+        params, config, a.factor, noise_std=a.noise_std, noise_mode=a.noise_mode, seed=a.seed
+    )
     path = save_params(wide, new_config, a.dst)
-    print(f"widened hidden {config.hidden_size}->{new_config.hidden_size}, heads "
-          f"{config.num_heads}->{new_config.num_heads} (head dim {new_config.head_dim}); wrote {path}")
+    print(
+        f"widened hidden {config.hidden_size}->{new_config.hidden_size}, heads "
+        f"{config.num_heads}->{new_config.num_heads} (head dim {new_config.head_dim}); wrote {path}"
+    )
     return 0
 
 

@@ -11,13 +11,14 @@ chosen *after* training: every γ of the sweep is scored by the run's fixed-nois
 uniform average. docs/training_recipe.md compares this with the online EMA.
 Each checkpoint is read once; the sweep keeps one float64 accumulator per decay.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import os
 import sys
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import jax
 import numpy as np
@@ -69,7 +70,9 @@ def sweep(averages: Sequence, decays: Sequence[float], evaluate: Callable[[objec
 def _run_pieces(run: str):
     """(config, Trainer) of a training workdir from its config.json."""
     import ml_collections
+
     from mugv_jax.train import backend as train_lib
+
     path = os.path.join(run, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--run {run}: no config.json (a workdir of python -m mugv_jax.train)")
@@ -82,11 +85,13 @@ def _run_pieces(run: str):
 
 def main(argv=None) -> int:
     from tqdm import tqdm
-    from mugv.run import validation as run_validation
+
     from mugv.io.orbax import load_params as jax_params
     from mugv.io.orbax import resolve_step_dir
+    from mugv.run import validation as run_validation
     from mugv_jax.recipe.expand import save_params
     from mugv_jax.train import validation
+
     p = argparse.ArgumentParser(prog="python -m mugv_jax.recipe.posthoc_ema", description=__doc__.split("\n\n")[0])
     p.add_argument("--run", required=True, help="training workdir (reads checkpoints/ and config.json)")
     p.add_argument("--decays", default="0.5,0.9,0.99,0.999", help="comma-separated decays to sweep")
@@ -102,19 +107,25 @@ def main(argv=None) -> int:
     if a.num_batches:
         config.validation.num_batches = a.num_batches
     vset = run_validation.ValidationSet(
-        run_validation.with_noise(run_validation.heldout_batches(config, trainer.model_config),
-                                  int(config.validation.seed)), t_values=tuple(config.validation.t_values))
+        run_validation.with_noise(
+            run_validation.heldout_batches(config, trainer.model_config), int(config.validation.seed)
+        ),
+        t_values=tuple(config.validation.t_values),
+    )
     validator = validation.Validator(trainer, vset)
-    loaded = (jax_params(f"jax:{a.run}@{s}", weights=a.weights)[1]
-              for s in tqdm(steps, desc="reading checkpoints", unit="ckpt"))
+    loaded = (
+        jax_params(f"jax:{a.run}@{s}", weights=a.weights)[1]
+        for s in tqdm(steps, desc="reading checkpoints", unit="ckpt")
+    )
     averages = combine(loaded, steps, decays)
     best, params, losses = sweep(averages, decays, validator.evaluate_loss)
     for d, l in losses.items():
         print(f"decay {d}: validation loss {l:.6f}{'  <- best' if d == best else ''}")
     path = save_params(params, trainer.model_config, a.dst, step=int(steps[-1]))
     with open(os.path.join(a.dst, "posthoc_ema.json.tmp"), "w") as f:
-        json.dump({"steps": list(map(int, steps)), "losses": losses, "best_decay": best,
-                   "weights": a.weights}, f, indent=2)
+        json.dump(
+            {"steps": list(map(int, steps)), "losses": losses, "best_decay": best, "weights": a.weights}, f, indent=2
+        )
     os.replace(os.path.join(a.dst, "posthoc_ema.json.tmp"), os.path.join(a.dst, "posthoc_ema.json"))
     print(f"wrote {path} (decay {best}; use init_from=jax:{a.dst})")
     return 0

@@ -19,10 +19,11 @@ the winner, the policy's own SDEdit-style regeneration of it (noised to `strengt
 back with mugv_jax.sample.sampler) the loser.
 
 """
+
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -31,18 +32,21 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from mugv import rng as rng_ref
 from mugv.data.preference import batch_kind
-from mugv.training import PreferenceConfig  # noqa: F401 (used by the trainer)
+from mugv.training import (
+    PreferenceConfig,  # noqa: F401 (used by the trainer)
+    shift_ratio,
+)
+from mugv_jax.dit.model import forward
+from mugv_jax.parallel import sharding
 from mugv_jax.train import objective as obj
 from mugv_jax.train import rng
-from mugv_jax.parallel import sharding
 from mugv_jax.train import step as trainer_lib
-from mugv_jax.dit.model import forward
-from mugv.training import shift_ratio
 
 log = logging.getLogger("mugv.preference")
 
 
 # --- losses (pure) -----------------------------------------------------------------------------
+
 
 def dpo_loss(err_w, ref_w, err_l, ref_l, beta: float):
     """(mean −log σ(m), m per pair) with m = −β/2·[(e_w − e_ref,w) − (e_l − e_ref,l)]."""
@@ -61,10 +65,11 @@ def kto_loss(err, ref_err, desirable, beta: float, lambda_d: float = 1.0, lambda
 
 # --- trainer -------------------------------------------------------------------------------------
 
+
 class PreferenceTrainer(trainer_lib.Trainer):
     """Trainer whose state also holds the frozen reference parameters `ref`."""
 
-    def __init__(self, *args, preference: PreferenceConfig = PreferenceConfig(), **kwargs):
+    def __init__(self, *args, preference: PreferenceConfig = PreferenceConfig(), **kwargs):  # noqa: B008 -- frozen
         super().__init__(*args, **kwargs)
         if self.optim.grad_accum_steps != 1:
             raise ValueError("preference training does not accumulate gradients (optim.grad_accum_steps=1)")
@@ -84,8 +89,15 @@ class PreferenceTrainer(trainer_lib.Trainer):
     def _errors(self, params, x0, eps, t, batch):
         """Per-sample velocity MSE over all frames, x0 [B, ...] with y/mask/fps for B samples."""
         b, _, frames = x0.shape[:3]
-        inputs = dict(x=obj.noisy_latents(x0, eps, t), timestep=t, y=batch["y"], mask=batch["mask"],
-                      x_mask=jnp.ones((b, frames), bool), fps=batch["fps"], frame_indice=None)
+        inputs = dict(
+            x=obj.noisy_latents(x0, eps, t),
+            timestep=t,
+            y=batch["y"],
+            mask=batch["mask"],
+            x_mask=jnp.ones((b, frames), bool),
+            fps=batch["fps"],
+            frame_indice=None,
+        )
         with sharding.activation_sharding(self.mesh, self.rules):
             out = forward(params, self.model_config, self.options, **inputs)
         _, per_sample = obj.masked_frame_mse(out[:, : self.model_config.in_channels], x0 - eps, inputs["x_mask"])
@@ -112,24 +124,32 @@ class PreferenceTrainer(trainer_lib.Trainer):
             r_w, r_l = jnp.split(jax.lax.stop_gradient(self._errors(ref, x0, eps2, t2, b2)), 2)
             pref, margin = dpo_loss(e_w, r_w, e_l, r_l, cfg.beta_dpo)
             sft = jnp.mean(e_w)
-            metrics = {"reward_margin": jnp.mean(margin), "accuracy": jnp.mean((margin > 0).astype(jnp.float32)),
-                       "reward_w": jnp.mean(-0.5 * cfg.beta_dpo * (e_w - r_w)),
-                       "reward_l": jnp.mean(-0.5 * cfg.beta_dpo * (e_l - r_l))}
+            metrics = {
+                "reward_margin": jnp.mean(margin),
+                "accuracy": jnp.mean((margin > 0).astype(jnp.float32)),
+                "reward_w": jnp.mean(-0.5 * cfg.beta_dpo * (e_w - r_w)),
+                "reward_l": jnp.mean(-0.5 * cfg.beta_dpo * (e_l - r_l)),
+            }
         else:
             x0 = batch["latents"].astype(jnp.float32)
             good = batch["label"] > 0.5
             t, eps = self._draw(key, x0.shape)
             e = self._errors(params, x0, eps, t, batch)
             e_ref = jax.lax.stop_gradient(self._errors(ref, x0, eps, t, batch))
-            pref, reward, z = kto_loss(e, e_ref, good, cfg.beta_kto, cfg.kto_desirable_weight,
-                                       cfg.kto_undesirable_weight)
+            pref, reward, z = kto_loss(
+                e, e_ref, good, cfg.beta_kto, cfg.kto_desirable_weight, cfg.kto_undesirable_weight
+            )
             w = good.astype(jnp.float32)
             sft = jnp.sum(e * w) / jnp.maximum(jnp.sum(w), 1.0)
             gf, bf = w, 1.0 - w
             r_good = jnp.sum(reward * gf) / jnp.maximum(jnp.sum(gf), 1.0)
             r_bad = jnp.sum(reward * bf) / jnp.maximum(jnp.sum(bf), 1.0)
-            metrics = {"reward_margin": r_good - r_bad, "reward_good": r_good, "reward_bad": r_bad,
-                       "kto_reference_point": z}
+            metrics = {
+                "reward_margin": r_good - r_bad,
+                "reward_good": r_good,
+                "reward_bad": r_bad,
+                "kto_reference_point": z,
+            }
         total = pref + cfg.sft_weight * sft
         metrics.update(loss=total, preference_loss=pref, sft_loss=sft)
         return total, metrics
@@ -149,8 +169,9 @@ class PreferenceTrainer(trainer_lib.Trainer):
             replicated = NamedSharding(self.mesh, PartitionSpec())
             out_sh = (state_sh, replicated) if donate else replicated
             in_sh = (state_sh, self.batch_sharding(batch)) + (replicated,) * extra_args
-            self._pref_steps[key] = jax.jit(fn, in_shardings=in_sh, out_shardings=out_sh,
-                                            donate_argnums=(0,) if donate else ())
+            self._pref_steps[key] = jax.jit(
+                fn, in_shardings=in_sh, out_shardings=out_sh, donate_argnums=(0,) if donate else ()
+            )
         return self._pref_steps[key]
 
     def train_step(self, state, batch):
@@ -164,11 +185,24 @@ class PreferenceTrainer(trainer_lib.Trainer):
 
 # --- RDPO ----------------------------------------------------------------------------------------
 
-def rdpo_pairs(params, model_cfg, options, batch: dict, null_text, *, strength: float = 0.6,
-               num_steps: int = 8, guidance_scale: float = 1.0, shift: float | None = 1.0, seed: int = 0) -> dict:
+
+def rdpo_pairs(
+    params,
+    model_cfg,
+    options,
+    batch: dict,
+    null_text,
+    *,
+    strength: float = 0.6,
+    num_steps: int = 8,
+    guidance_scale: float = 1.0,
+    shift: float | None = 1.0,
+    seed: int = 0,
+) -> dict:
     """A DPO batch from real clips: winners are `batch["latents"]`, losers the model's own
     regeneration of them, noised to t = strength·1000 and sampled back to 0 (RDPO)."""
     from mugv_jax.sample import sampler
+
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"RDPO strength must be in (0, 1], got {strength}")
     real = np.asarray(batch["latents"], np.float32)
@@ -176,16 +210,34 @@ def rdpo_pairs(params, model_cfg, options, batch: dict, null_text, *, strength: 
     length = batch["y"].shape[2]
     null = np.asarray(jax.device_get(null_text))[None, None, :length]
     velocity = sampler.make_guided_velocity_from_params(params, model_cfg, options)
-    fake = sampler.sample(None, real, batch["y"], batch["mask"], np.repeat(null, b, 0),
-                          np.ones((b, length), np.int32), height=h * 8, width=w * 8, num_steps=num_steps,
-                          guidance_scale=guidance_scale, frame_mask=np.full((b, f), strength, np.float32),
-                          key=jax.random.PRNGKey(seed), fps=np.tile(np.asarray(batch["fps"], np.float32), 2),
-                          shift=shift, velocity_fn=velocity)  # fps per row of [cond; negative]
-    return {"latents_w": real, "latents_l": np.asarray(fake, np.float32), "y": batch["y"],
-            "mask": batch["mask"], "fps": batch["fps"]}
+    fake = sampler.sample(
+        None,
+        real,
+        batch["y"],
+        batch["mask"],
+        np.repeat(null, b, 0),
+        np.ones((b, length), np.int32),
+        height=h * 8,
+        width=w * 8,
+        num_steps=num_steps,
+        guidance_scale=guidance_scale,
+        frame_mask=np.full((b, f), strength, np.float32),
+        key=jax.random.PRNGKey(seed),
+        fps=np.tile(np.asarray(batch["fps"], np.float32), 2),
+        shift=shift,
+        velocity_fn=velocity,
+    )  # fps per row of [cond; negative]
+    return {
+        "latents_w": real,
+        "latents_l": np.asarray(fake, np.float32),
+        "y": batch["y"],
+        "mask": batch["mask"],
+        "fps": batch["fps"],
+    }
 
 
 # --- held-out evaluation -------------------------------------------------------------------------
+
 
 def heldout_metrics(trainer, state, batches: Sequence[dict], seed: int) -> dict:
     sums: dict = {}

@@ -1,4 +1,5 @@
 """`python -m mugv_jax.sample`: see mugv_jax/sample/cli.py for the flags."""
+
 from absl import app
 
 from mugv_jax.sample.cli import main

@@ -14,6 +14,7 @@ into a zero caption instead (which no mugv-trained model saw). --cond_latent (op
 `z` [1, C, 1, h, w]: the image-to-video reference latent, kept clean as frame 0. The result,
 `latents` [1, C, T, h, w], is written atomically; decode it with the VAE.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,10 +27,18 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "release-layout DiT checkpoint (.safetensors or .pt)")
 flags.DEFINE_string("model", "10b", "model preset (mugv.config.PRESETS)")
 flags.DEFINE_string("text", None, "safetensors with y, mask[, neg_y, neg_mask]")
-flags.DEFINE_string("null_text", None, "the model's trained null caption [max_text_tokens, D] (.safetensors "
-                    "with 'null_text', or .npy); default: the sidecar next to --checkpoint")
-flags.DEFINE_bool("zero_null_text", False, "without a negative prompt, use a zero caption (all rows valid) "
-                  "as the unconditional input instead of the trained null caption")
+flags.DEFINE_string(
+    "null_text",
+    None,
+    "the model's trained null caption [max_text_tokens, D] (.safetensors "
+    "with 'null_text', or .npy); default: the sidecar next to --checkpoint",
+)
+flags.DEFINE_bool(
+    "zero_null_text",
+    False,
+    "without a negative prompt, use a zero caption (all rows valid) "
+    "as the unconditional input instead of the trained null caption",
+)
 flags.DEFINE_string("cond_latent", None, "optional safetensors with z [1,C,1,h,w]: image-to-video reference")
 flags.DEFINE_string("out", "outputs/latents.safetensors", "where to write the sampled latents")
 flags.DEFINE_integer("num_frames", 105, "pixel frames of the video (latent frames follow the VAE)")
@@ -46,8 +55,9 @@ flags.DEFINE_float("shift", None, "fixed timestep-shift ratio (default: the reso
 flags.mark_flags_as_required(["checkpoint", "text"])
 
 
-def unconditional_input(text: dict, *, text_path: str, checkpoint: str, null_text: str | None, zeros: bool,
-                        text_dim: int) -> tuple:
+def unconditional_input(
+    text: dict, *, text_path: str, checkpoint: str, null_text: str | None, zeros: bool, text_dim: int
+) -> tuple:
     """(neg_y [1, 1, L, D], neg_mask [1, L], what it is) for the guidance's unconditional branch.
 
     A negative prompt in --text wins; otherwise the trained null caption from --null_text or the
@@ -61,12 +71,15 @@ def unconditional_input(text: dict, *, text_path: str, checkpoint: str, null_tex
     has_neg = [k for k in ("neg_y", "neg_mask") if k in text]
     if has_neg:
         if len(has_neg) == 1:
-            raise app.UsageError(f"--text {text_path}: has {has_neg[0]} without "
-                                 f"{'neg_mask' if has_neg[0] == 'neg_y' else 'neg_y'}")
+            raise app.UsageError(
+                f"--text {text_path}: has {has_neg[0]} without {'neg_mask' if has_neg[0] == 'neg_y' else 'neg_y'}"
+            )
         if null_text or zeros:
-            raise app.UsageError(f"--text {text_path} holds a negative prompt (neg_y/neg_mask), and "
-                                 f"{'--null_text' if null_text else '--zero_null_text'} names another "
-                                 f"unconditional input: give one")
+            raise app.UsageError(
+                f"--text {text_path} holds a negative prompt (neg_y/neg_mask), and "
+                f"{'--null_text' if null_text else '--zero_null_text'} names another "
+                f"unconditional input: give one"
+            )
         return text["neg_y"], text["neg_mask"], "the negative prompt in --text"
     if null_text and zeros:
         raise app.UsageError("--null_text and --zero_null_text both name the unconditional input: give one")
@@ -79,7 +92,8 @@ def unconditional_input(text: dict, *, text_path: str, checkpoint: str, null_tex
             f"no unconditional input for classifier-free guidance: --text {text_path} has no negative "
             f"prompt (neg_y/neg_mask), --null_text was not given, and the checkpoint has no null-caption "
             f"sidecar ({sidecar} does not exist). Give --null_text=FILE (the training run's null caption), "
-            f"add neg_y/neg_mask to --text, or pass --zero_null_text to use zeros")
+            f"add neg_y/neg_mask to --text, or pass --zero_null_text to use zeros"
+        )
     try:
         null = null_lib.load(path, text_dim=text_dim)
         neg_y, neg_mask = sampler.null_caption_input(null, y.shape[2])
@@ -96,9 +110,9 @@ def main(argv):
 
     from mugv.config import get_config
     from mugv.geometry import latent_shape
+    from mugv.safetensors_io import load_tensors, save_atomic
     from mugv_jax import dit
     from mugv_jax.sample import sampler
-    from mugv.safetensors_io import load_tensors, save_atomic
 
     # Text and the unconditional input first: a missing null caption is reported before minutes
     # of loading a 10B checkpoint.
@@ -107,9 +121,14 @@ def main(argv):
     y, mask = text["y"], text["mask"]
     if y.ndim != 4 or y.shape[0] != 1 or y.shape[-1] != text_dim:
         raise app.UsageError(f"--text {FLAGS.text}: y must be [1, 1, L, {text_dim}], got {list(y.shape)}")
-    neg_y, neg_mask, uncond = unconditional_input(text, text_path=FLAGS.text, checkpoint=FLAGS.checkpoint,
-                                                  null_text=FLAGS.null_text, zeros=FLAGS.zero_null_text,
-                                                  text_dim=text_dim)
+    neg_y, neg_mask, uncond = unconditional_input(
+        text,
+        text_path=FLAGS.text,
+        checkpoint=FLAGS.checkpoint,
+        null_text=FLAGS.null_text,
+        zeros=FLAGS.zero_null_text,
+        text_dim=text_dim,
+    )
     print(f"unconditional input: {uncond}", file=sys.stderr)
 
     options = dit.RuntimeOptions(compute_dtype=jnp.dtype(FLAGS.dtype))
@@ -126,21 +145,44 @@ def main(argv):
     if FLAGS.cond_latent:
         ref = load_tensors(FLAGS.cond_latent, ("z",), what="--cond_latent")["z"]
         if ref.shape != (1, model.config.in_channels, 1, h_lat, w_lat):
-            raise app.UsageError(f"--cond_latent {FLAGS.cond_latent}: z must be "
-                                 f"{[1, model.config.in_channels, 1, h_lat, w_lat]}, got {list(ref.shape)}")
+            raise app.UsageError(
+                f"--cond_latent {FLAGS.cond_latent}: z must be "
+                f"{[1, model.config.in_channels, 1, h_lat, w_lat]}, got {list(ref.shape)}"
+            )
         z = z.at[:, :, :1].set(ref)
         frame_mask = frame_mask.at[:, 0].set(0.0)
     print(f"sampling latents {list(shape)} ({FLAGS.steps} steps, cfg {FLAGS.cfg_scale})", file=sys.stderr)
-    out = sampler.sample(model, z, y, mask, neg_y, neg_mask, height=FLAGS.height, width=FLAGS.width,
-                         num_steps=FLAGS.steps, guidance_scale=FLAGS.cfg_scale, frame_mask=frame_mask,
-                         key=key, fps=FLAGS.fps, round_shift_to_bf16=FLAGS.bf16_shift, progress=True,
-                         shift=FLAGS.shift)
+    out = sampler.sample(
+        model,
+        z,
+        y,
+        mask,
+        neg_y,
+        neg_mask,
+        height=FLAGS.height,
+        width=FLAGS.width,
+        num_steps=FLAGS.steps,
+        guidance_scale=FLAGS.cfg_scale,
+        frame_mask=frame_mask,
+        key=key,
+        fps=FLAGS.fps,
+        round_shift_to_bf16=FLAGS.bf16_shift,
+        progress=True,
+        shift=FLAGS.shift,
+    )
     out = np.asarray(out)
     if not np.all(np.isfinite(out)):
         raise RuntimeError("sampling produced non-finite latents; nothing was written")
-    save_atomic({"latents": out}, FLAGS.out, metadata={
-        "checkpoint": os.path.abspath(FLAGS.checkpoint), "model": FLAGS.model, "steps": str(FLAGS.steps),
-        "cfg_scale": str(FLAGS.cfg_scale), "seed": str(FLAGS.seed),
-        "pixel_size": f"{FLAGS.num_frames}x{FLAGS.height}x{FLAGS.width}"})
+    save_atomic(
+        {"latents": out},
+        FLAGS.out,
+        metadata={
+            "checkpoint": os.path.abspath(FLAGS.checkpoint),
+            "model": FLAGS.model,
+            "steps": str(FLAGS.steps),
+            "cfg_scale": str(FLAGS.cfg_scale),
+            "seed": str(FLAGS.seed),
+            "pixel_size": f"{FLAGS.num_frames}x{FLAGS.height}x{FLAGS.width}",
+        },
+    )
     print(f"wrote {FLAGS.out}: latents {list(out.shape)}, mean {out.mean():+.4f}, std {out.std():.4f}")
-

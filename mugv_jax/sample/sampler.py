@@ -6,10 +6,11 @@ length-dependent ratio r = sqrt(H·W/512²)·sqrt(T_latent) (H, W in pixels); th
 jumps from t_{N−1} to 0. Image-to-video: a per-frame mask m (1 = generate, 0 = keep clean) holds
 conditioning frames at their clean latent and modulates them with t = 0.
 """
+
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -18,9 +19,11 @@ import numpy as np
 NUM_TIMESTEPS = 1000
 BASE_RESOLUTION = 512 * 512
 # The release's negative prompt for classifier-free guidance (docs/reference.md §3.2).
-NEGATIVE_PROMPT = ("ugly, blurry, lowres, bad anatomy, bad hands, text, error, missing fingers, "
-                   "extra digit, fewer digits, cropped, worst quality, low quality, normal quality, "
-                   "jpeg artifacts, signature, watermark, username, blurry")
+NEGATIVE_PROMPT = (
+    "ugly, blurry, lowres, bad anatomy, bad hands, text, error, missing fingers, "
+    "extra digit, fewer digits, cropped, worst quality, low quality, normal quality, "
+    "jpeg artifacts, signature, watermark, username, blurry"
+)
 
 
 def shift_ratio(height: int, width: int, num_latent_frames: int, *, round_to_bf16: bool = False) -> float:
@@ -59,8 +62,9 @@ def null_caption_input(null_text, length: int, batch: int = 1) -> tuple[np.ndarr
     if null.ndim != 2:
         raise ValueError(f"null caption must be [max_text_tokens, text_dim], got {list(null.shape)}")
     if length > null.shape[0]:
-        raise ValueError(f"caption length {length} exceeds the null caption's {null.shape[0]} rows "
-                         f"(the model's max_text_tokens)")
+        raise ValueError(
+            f"caption length {length} exceeds the null caption's {null.shape[0]} rows (the model's max_text_tokens)"
+        )
     y = np.broadcast_to(null[None, None, :length], (batch, 1, length, null.shape[1]))
     return np.ascontiguousarray(y), np.ones((batch, length), np.int32)
 
@@ -73,7 +77,7 @@ def _pad_text(y, mask, length):
     return y, mask
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _jitted_guided_velocity(config, options, in_channels: int):
     """One compiled guided-velocity function per (model config, runtime options): every sampling
     call with the same model reuses it instead of re-tracing a fresh closure."""
@@ -81,8 +85,18 @@ def _jitted_guided_velocity(config, options, in_channels: int):
 
     @jax.jit
     def velocity(params, z, t, y, mask, x_mask, fps, frame_indice, scale):
-        out = forward(params, config, options, jnp.concatenate([z, z]), jnp.concatenate([t, t]), y,
-                      mask, jnp.concatenate([x_mask, x_mask]), fps, frame_indice)
+        out = forward(
+            params,
+            config,
+            options,
+            jnp.concatenate([z, z]),
+            jnp.concatenate([t, t]),
+            y,
+            mask,
+            jnp.concatenate([x_mask, x_mask]),
+            fps,
+            frame_indice,
+        )
         v_c, v_u = jnp.split(out[:, :in_channels], 2)
         return v_u + scale * (v_c - v_u)
 
@@ -103,14 +117,33 @@ def make_guided_velocity(model, *, in_channels: int | None = None):
     twice in one model call; returns v_u + s·(v_c − v_u) over the velocity channels.
     """
     from flax import nnx
+
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     return make_guided_velocity_from_params(params, model.config, model.options, in_channels=in_channels)
 
 
-def sample(model, z, cond_y, cond_mask, neg_y, neg_mask, *, height: int, width: int,
-           num_steps: int = 25, guidance_scale: float = 4.0, frame_mask=None, noise=None,
-           key=None, fps=30.0, frame_indice=None, round_shift_to_bf16: bool = False,
-           progress: bool = False, velocity_fn: Callable | None = None, shift: float | None = None):
+def sample(
+    model,
+    z,
+    cond_y,
+    cond_mask,
+    neg_y,
+    neg_mask,
+    *,
+    height: int,
+    width: int,
+    num_steps: int = 25,
+    guidance_scale: float = 4.0,
+    frame_mask=None,
+    noise=None,
+    key=None,
+    fps=30.0,
+    frame_indice=None,
+    round_shift_to_bf16: bool = False,
+    progress: bool = False,
+    velocity_fn: Callable | None = None,
+    shift: float | None = None,
+):
     """Denoise latents z [B, C, T, h, w] from t = 1000 to 0.
 
     z: the starting latents; frames with frame_mask = 1 are replaced by noise at the first step,
@@ -152,6 +185,7 @@ def sample(model, z, cond_y, cond_mask, neg_y, neg_mask, *, height: int, width: 
     steps = range(num_steps)
     if progress:
         from tqdm import tqdm
+
         steps = tqdm(steps, desc="sampling", unit="step")
     for i in steps:
         t = np.float32(timesteps[i])
@@ -167,8 +201,9 @@ def sample(model, z, cond_y, cond_mask, neg_y, neg_mask, *, height: int, width: 
         add_noise = frames_noisy & ~noise_added
         z = jnp.where(add_noise[:, None, :, None, None], x_noise, x0)
         noise_added = frames_noisy
-        v = velocity(z, jnp.full((b,), t, jnp.float32), y, mask, frames_noisy, fps, frame_indice,
-                     jnp.float32(guidance_scale))
+        v = velocity(
+            z, jnp.full((b,), t, jnp.float32), y, mask, frames_noisy, fps, frame_indice, jnp.float32(guidance_scale)
+        )
         dt = (timesteps[i] - timesteps[i + 1]) if i + 1 < num_steps else timesteps[i]
         z = z + v * (np.float32(dt) / np.float32(NUM_TIMESTEPS))
         z = jnp.where(frames_noisy[:, None, :, None, None], z, x0)

@@ -1,1 +1,3 @@
-"""The JAX training backend: train state and jitted step (step.py), objective and draws, orbax checkpoints, validation, and the backend the run driver (mugv.run.driver) drives. `python -m mugv_jax.train` is the CLI."""
+"""The JAX training backend: train state and jitted step (step.py), objective and draws, orbax checkpoints, validation,
+and the backend the run driver (mugv.run.driver) drives. `python -m mugv_jax.train` is the CLI.
+"""

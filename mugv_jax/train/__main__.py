@@ -1,4 +1,7 @@
-"""`python -m mugv_jax.train`: the command line of mugv_jax.train.backend (flags below; the module docstring there has the rest)."""
+"""`python -m mugv_jax.train`: the command line of mugv_jax.train.backend (flags below; the module docstring there has
+the rest).
+"""
+
 from __future__ import annotations
 
 import logging
@@ -9,27 +12,37 @@ from mugv_jax.train.backend import train
 
 def main(argv):
     from absl import flags
+
     FLAGS = flags.FLAGS
     if FLAGS.distributed or FLAGS.coordinator_address:
         from mugv_jax.parallel import distributed
+
         distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     summary = train(FLAGS.config, FLAGS.workdir)
-    print(f"finished at step {summary['step']} ({summary['stopped_by']}); last loss {summary['loss']}; "
-          f"skipped steps {summary['skipped']}; workdir {FLAGS.workdir}")
+    print(
+        f"finished at step {summary['step']} ({summary['stopped_by']}); last loss {summary['loss']}; "
+        f"skipped steps {summary['skipped']}; workdir {FLAGS.workdir}"
+    )
 
 
 def _define_flags():
     from absl import flags
     from ml_collections import config_flags
-    config_flags.DEFINE_config_file("config", None, "training config file (configs/*.py[:arg])",
-                                    lock_config=True)
+
+    config_flags.DEFINE_config_file("config", None, "training config file (configs/*.py[:arg])", lock_config=True)
     flags.DEFINE_string("workdir", None, "checkpoints, logs and samples go here")
-    flags.DEFINE_bool("distributed", False, "multi-host: call jax.distributed.initialize(); with no "
-                      "other flag JAX detects the cluster (TPU pod, Slurm srun)")
-    flags.DEFINE_string("coordinator_address", None, "multi-host: host:port of process 0 "
-                        "(or MUGV_COORDINATOR_ADDRESS); implies --distributed")
+    flags.DEFINE_bool(
+        "distributed",
+        False,
+        "multi-host: call jax.distributed.initialize(); with no "
+        "other flag JAX detects the cluster (TPU pod, Slurm srun)",
+    )
+    flags.DEFINE_string(
+        "coordinator_address",
+        None,
+        "multi-host: host:port of process 0 (or MUGV_COORDINATOR_ADDRESS); implies --distributed",
+    )
     flags.DEFINE_integer("num_processes", None, "multi-host: number of processes (or MUGV_NUM_PROCESSES)")
     flags.DEFINE_integer("process_id", None, "multi-host: this process's index (or MUGV_PROCESS_ID)")
     flags.mark_flags_as_required(["config", "workdir"])
@@ -37,5 +50,6 @@ def _define_flags():
 
 if __name__ == "__main__":
     from absl import app
+
     _define_flags()
     app.run(main)

@@ -10,6 +10,7 @@ environment when `--distributed` is set).
 The loop is mugv.run.driver's (shared with the Megatron trainer and the VAE); this module is the
 JAX backend: the sharded train state, its step, evaluation, orbax checkpoints and samples.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,15 +25,20 @@ from mugv.io import orbax
 from mugv.io.weights import open_weights
 from mugv.run import driver, tasks
 from mugv.run.validation import ValidationSet
-from mugv.training import (ObjectiveConfig, OptimConfig, dataclass_from, model_config_from, preference_config_from,
-                           unflatten)
-from mugv_jax.train import checkpointing
-from mugv_jax.parallel import mesh as mesh_lib
-from mugv_jax.recipe import preference as pref
-from mugv_jax.train import step as trainer_lib
-from mugv_jax.train import validation
+from mugv.training import (
+    ObjectiveConfig,
+    OptimConfig,
+    dataclass_from,
+    model_config_from,
+    preference_config_from,
+    unflatten,
+)
 from mugv_jax.dit import checkpoint as dit_checkpoint
 from mugv_jax.dit.model import RuntimeOptions
+from mugv_jax.parallel import mesh as mesh_lib
+from mugv_jax.recipe import preference as pref
+from mugv_jax.train import checkpointing, validation
+from mugv_jax.train import step as trainer_lib
 
 log = logging.getLogger("mugv.train")
 
@@ -60,22 +66,26 @@ def build_trainer(config, mode: str = "pretrain"):
     objective = dataclass_from(ObjectiveConfig, config.objective)
     mesh = mesh_lib.build_mesh(dict(config.mesh.ici), dict(config.mesh.get("dcn", {}) or {}))
     if mode == "preference":
-        return pref.PreferenceTrainer(model_cfg, options, optim, objective, mesh,
-                                      preference=preference_config_from(config))
+        return pref.PreferenceTrainer(
+            model_cfg, options, optim, objective, mesh, preference=preference_config_from(config)
+        )
     return trainer_lib.Trainer(model_cfg, options, optim, objective, mesh)
 
 
 class JaxBackend:
     """The JAX side of a DiT run (pretraining or preference) for mugv.run.driver."""
+
     name = "jax"
 
     def __init__(self, config, workdir: str, task, resolved: dict):
         self.config, self.task = config, task
         self.trainer = build_trainer(config, task.name)
         self.model_cfg, self.options, self.mesh = self.trainer.model_config, self.trainer.options, self.trainer.mesh
-        self.ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                               keep=int(config.keep_checkpoints),
-                                               use_async=bool(config.async_checkpoint))
+        self.ckpt = checkpointing.Checkpointer(
+            os.path.join(workdir, "checkpoints"),
+            keep=int(config.keep_checkpoints),
+            use_async=bool(config.async_checkpoint),
+        )
         self.workdir = workdir
         self.checkpoint_dir = self.ckpt.directory
         self.run_config = {**resolved, "model": self.model_cfg.to_dict()}
@@ -86,8 +96,13 @@ class JaxBackend:
         self.recompute = config.remat
         self.state, self.step = None, 0
         self._validator = None
-        log.info("%s; model %s (%d layers, hidden %d)", mesh_lib.describe(self.mesh), config.model,
-                 self.model_cfg.depth, self.model_cfg.hidden_size)
+        log.info(
+            "%s; model %s (%d layers, hidden %d)",
+            mesh_lib.describe(self.mesh),
+            config.model,
+            self.model_cfg.depth,
+            self.model_cfg.hidden_size,
+        )
 
     # --- state -----------------------------------------------------------------------------------
 
@@ -133,8 +148,9 @@ class JaxBackend:
                 self._validator = validation.Validator(self.trainer, request)
             return self._validator.evaluate(self.state["params" if request.weights == "raw" else "ema"])
         if isinstance(request, tasks.PreferenceEvaluation):
-            return pref.heldout_metrics(self.trainer, self.state,
-                                        [validation.local_rows(b) for b in request.batches], request.seed)
+            return pref.heldout_metrics(
+                self.trainer, self.state, [validation.local_rows(b) for b in request.batches], request.seed
+            )
         raise TypeError(f"the JAX backend cannot evaluate {type(request).__name__}")
 
     # --- checkpoints -----------------------------------------------------------------------------
@@ -149,6 +165,7 @@ class JaxBackend:
         if jax.process_count() == 1:
             return flag
         from jax.experimental import multihost_utils
+
         return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
 
     def finish(self) -> None:
@@ -168,6 +185,7 @@ class JaxBackend:
         run's first batch (null caption as negative), written to <workdir>/samples/step_XXXXXXXX.safetensors."""
         from mugv.safetensors_io import save_atomic
         from mugv_jax.sample import sampler
+
         config, model_cfg = self.config, self.model_cfg
         n = int(config.sample.count)
         y, mask, fps = batch["y"][:n], batch["mask"][:n], batch["fps"][:n]
@@ -177,16 +195,27 @@ class JaxBackend:
         length = y.shape[2]
         out = []
         for i in range(y.shape[0]):
-            z = sampler.sample(None, np.zeros((1, model_cfg.in_channels, f, h, w), np.float32),
-                               y[i:i + 1], mask[i:i + 1], null[None, None, :length],
-                               np.ones((1, length), np.int32), height=h * 8, width=w * 8,
-                               num_steps=int(config.sample.steps), guidance_scale=float(config.sample.cfg_scale),
-                               key=jax.random.PRNGKey(int(config.seed) + i), fps=float(fps[i]),
-                               shift=config.objective.get("shift_ratio"), velocity_fn=velocity)
+            z = sampler.sample(
+                None,
+                np.zeros((1, model_cfg.in_channels, f, h, w), np.float32),
+                y[i : i + 1],
+                mask[i : i + 1],
+                null[None, None, :length],
+                np.ones((1, length), np.int32),
+                height=h * 8,
+                width=w * 8,
+                num_steps=int(config.sample.steps),
+                guidance_scale=float(config.sample.cfg_scale),
+                key=jax.random.PRNGKey(int(config.seed) + i),
+                fps=float(fps[i]),
+                shift=config.objective.get("shift_ratio"),
+                velocity_fn=velocity,
+            )
             out.append(np.asarray(z)[0])
         path = os.path.join(self.workdir, "samples", f"step_{step:08d}.safetensors")
-        save_atomic({"latents": np.stack(out), "y": y, "mask": mask}, path,
-                    metadata={"step": str(step), "weights": "ema"})
+        save_atomic(
+            {"latents": np.stack(out), "y": y, "mask": mask}, path, metadata={"step": str(step), "weights": "ema"}
+        )
         return path
 
 

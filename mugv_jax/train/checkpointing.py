@@ -11,6 +11,7 @@ three items per step:
 Restoring takes an abstract target with shardings, so a checkpoint saved on one mesh restores onto
 any other mesh or device count.
 """
+
 from __future__ import annotations
 
 import logging
@@ -24,16 +25,17 @@ log = logging.getLogger(__name__)
 class Checkpointer:
     def __init__(self, directory: str, *, keep: int = 3, use_async: bool = True):
         self.directory = os.path.abspath(directory)
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                               enable_async_checkpointing=use_async)
-        self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                             item_names=("state", "data", "config"))
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=use_async)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "config"))
 
     def save(self, step: int, state, data_state: dict, config: dict, *, force: bool = False) -> bool:
-        return self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave(data_state),
-            config=ocp.args.JsonSave(config)), force=force)
+        return self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state), config=ocp.args.JsonSave(config)
+            ),
+            force=force,
+        )
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -42,10 +44,14 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def restore(self, step: int, abstract_state):
-        got = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            data=ocp.args.JsonRestore(),
-            config=ocp.args.JsonRestore()))
+        got = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state),
+                data=ocp.args.JsonRestore(),
+                config=ocp.args.JsonRestore(),
+            ),
+        )
         return got["state"], got["data"], got["config"]
 
     def restore_latest(self, abstract_state):
@@ -57,8 +63,13 @@ class Checkpointer:
             try:
                 state, data, config = self.restore(step, abstract_state)
             except Exception as e:  # noqa: BLE001 - any read failure means "try the previous one"
-                log.warning("checkpoint %s/%d is unreadable (%s: %s); falling back to the previous one",
-                            self.directory, step, type(e).__name__, str(e).splitlines()[0][:300])
+                log.warning(
+                    "checkpoint %s/%d is unreadable (%s: %s); falling back to the previous one",
+                    self.directory,
+                    step,
+                    type(e).__name__,
+                    str(e).splitlines()[0][:300],
+                )
                 continue
             return step, state, data, config
         return None

@@ -8,8 +8,8 @@ frames, then over the batch. Conditioning (image-to-video) frames keep x0, are m
 and do not count. Caption dropout replaces a whole caption with the null text features.
 The random numbers are mugv.rng's (one definition for every backend), keyed by (seed, step).
 """
-from __future__ import annotations
 
+from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from mugv import rng as ref_rng
 from mugv.training import ObjectiveConfig, shift_ratio
 from mugv_jax.train import rng
+
 
 def logit_normal_t(u) -> jax.Array:
     """t = sigmoid(u)·1000 for standard-normal u."""
@@ -44,18 +45,22 @@ def draws(k, latent_shape: tuple[int, ...], config: ObjectiveConfig) -> dict:
     else:
         n_cond = 1 + rng.randints(k, ref_rng.TAG_I2V_FRAMES, b, max(1, frames // 4))
     n_cond = jnp.where(apply, jnp.minimum(n_cond, frames - 1 if frames > 1 else 0), 0)
-    return {"u": rng.normals(k, ref_rng.TAG_T, b),
-            "eps": rng.normals(k, ref_rng.TAG_NOISE, b, tuple(latent_shape[1:])),
-            "n_cond": n_cond,
-            "drop": rng.uniforms(k, ref_rng.TAG_CAPTION_DROP, b) < jnp.float32(config.caption_dropout_prob)}
+    return {
+        "u": rng.normals(k, ref_rng.TAG_T, b),
+        "eps": rng.normals(k, ref_rng.TAG_NOISE, b, tuple(latent_shape[1:])),
+        "n_cond": n_cond,
+        "drop": rng.uniforms(k, ref_rng.TAG_CAPTION_DROP, b) < jnp.float32(config.caption_dropout_prob),
+    }
 
 
 def drop_captions(y, mask, null_text, drop):
     """Replace the captions where `drop` [B] is set by the null features [L_max, D] (mask all valid)."""
     length = y.shape[2]
     if length > null_text.shape[0]:
-        raise ValueError(f"caption length {length} exceeds the model's max_text_tokens "
-                         f"{null_text.shape[0]} (the null caption has that many rows)")
+        raise ValueError(
+            f"caption length {length} exceeds the model's max_text_tokens "
+            f"{null_text.shape[0]} (the null caption has that many rows)"
+        )
     null = jnp.broadcast_to(null_text[:length].astype(y.dtype), y.shape[1:])
     y = jnp.where(drop[:, None, None, None], null[None], y)
     mask = jnp.where(drop[:, None], jnp.ones_like(mask), mask)
@@ -77,15 +82,17 @@ def inputs_from_draws(batch: dict, null_text, config: ObjectiveConfig, d: dict):
     """Model inputs, velocity target and raw per-sample t of a batch under the draws `d`."""
     x0 = batch["latents"].astype(jnp.float32)
     frames, h, w = x0.shape[2:]
-    ratio = config.shift_ratio if config.shift_ratio is not None else \
-        shift_ratio((frames, h, w), config.shift_num_frames)
+    ratio = (
+        config.shift_ratio if config.shift_ratio is not None else shift_ratio((frames, h, w), config.shift_num_frames)
+    )
     t = shift_t(logit_normal_t(d["u"]), ratio)
     eps = d["eps"]
     x_mask = jnp.arange(frames)[None, :] >= jnp.asarray(d["n_cond"])[:, None]
     xt = jnp.where(x_mask[:, None, :, None, None], noisy_latents(x0, eps, t), x0)  # conditioning frames stay clean
     y, mask = drop_captions(batch["y"], batch["mask"], null_text, jnp.asarray(d["drop"]))
-    inputs = dict(x=xt, timestep=t, y=y, mask=mask, x_mask=x_mask, fps=batch["fps"],
-                  frame_indice=batch.get("frame_indice"))
+    inputs = dict(
+        x=xt, timestep=t, y=y, mask=mask, x_mask=x_mask, fps=batch["fps"], frame_indice=batch.get("frame_indice")
+    )
     return inputs, x0 - eps, t
 
 

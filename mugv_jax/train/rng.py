@@ -3,6 +3,7 @@
 The integer function is the same Threefry-2x32 as the numpy reference, so bits agree exactly; the
 counters are built from iotas over the *global* batch, so under a sharded jit each device computes
 only the rows it holds (the partitioner splits elementwise work like any other)."""
+
 from __future__ import annotations
 
 import jax.numpy as jnp
@@ -43,7 +44,7 @@ def bits(k, tag: int, batch: int, shape: tuple[int, ...]):
 
 
 def uniform(x):
-    return ((x >> jnp.uint32(9)).astype(jnp.float32) + 0.5) * jnp.float32(2.0 ** -23)
+    return ((x >> jnp.uint32(9)).astype(jnp.float32) + 0.5) * jnp.float32(2.0**-23)
 
 
 def normals(k, tag: int, batch: int, shape: tuple[int, ...] = ()):

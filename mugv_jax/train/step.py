@@ -5,12 +5,13 @@ The state is a plain pytree (dict) so that orbax saves and restores it onto any 
   opt_state   optax AdamW (+ clipping) state, sharded like params
   ema         float32 exponential moving average of params, sharded like params
   null_text   [max_text_tokens, text_dim] features that replace dropped captions (not trained)
-  step        int32, rng (uint32 [seed, 0]: the key word of mugv.rng's draws), nonfinite (consecutive skipped steps), skipped (total)
+  step        int32, rng (uint32 [seed, 0]: the key word of mugv.rng's draws), nonfinite (consecutive skipped steps),
+  skipped (total)
 One `jax.jit` with explicit in/out shardings and donated state does a whole step, including
 gradient accumulation over micro-batches.
 """
-from __future__ import annotations
 
+from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
@@ -21,13 +22,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mugv import rng as rng_ref
 from mugv.config import DiTConfig
-from mugv.training import OptimConfig
-from mugv.training import ObjectiveConfig, unflatten as _unflatten
-from mugv_jax.train import objective as obj
-from mugv_jax.train import rng
-from mugv_jax.parallel import sharding
+from mugv.training import ObjectiveConfig, OptimConfig
+from mugv.training import unflatten as _unflatten
 from mugv_jax.dit import checkpoint as dit_ckpt
 from mugv_jax.dit.model import RuntimeOptions, forward
+from mugv_jax.parallel import sharding
+from mugv_jax.train import objective as obj
+from mugv_jax.train import rng
 
 # Loss is also reported per quarter of the (shifted) timestep range.
 T_QUARTILES = 4
@@ -51,8 +52,7 @@ def learning_rate_schedule(cfg: OptimConfig) -> optax.Schedule:
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
     return optax.chain(
         optax.clip_by_global_norm(cfg.clip_norm),
-        optax.adamw(learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                    weight_decay=cfg.weight_decay),
+        optax.adamw(learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay),
     )
 
 
@@ -64,8 +64,15 @@ def param_logical_axes(config: DiTConfig) -> dict:
 class Trainer:
     """Holds the static pieces of training (config, mesh, optimizer) and builds jitted steps."""
 
-    def __init__(self, model_config: DiTConfig, options: RuntimeOptions, optim: OptimConfig,
-                 objective: ObjectiveConfig, mesh: Mesh, rules=sharding.DEFAULT_RULES):
+    def __init__(
+        self,
+        model_config: DiTConfig,
+        options: RuntimeOptions,
+        optim: OptimConfig,
+        objective: ObjectiveConfig,
+        mesh: Mesh,
+        rules=sharding.DEFAULT_RULES,
+    ):
         self.model_config, self.options, self.optim, self.objective = model_config, options, optim, objective
         self.mesh, self.rules = mesh, rules
         self.optimizer = make_optimizer(optim)
@@ -100,11 +107,18 @@ class Trainer:
         mesh = self.mesh
         p_shard = jax.tree.map(
             lambda a, names: NamedSharding(mesh, sharding.spec_for_shape(a.shape, names, mesh, self.rules)),
-            abstract_state["params"], axes, is_leaf=lambda x: isinstance(x, tuple))
+            abstract_state["params"],
+            axes,
+            is_leaf=lambda x: isinstance(x, tuple),
+        )
         replicated = NamedSharding(mesh, PartitionSpec())
         opt_shard = optax.tree_map_params(
-            self.optimizer, lambda _, s: s, abstract_state["opt_state"], p_shard,
-            transform_non_params=lambda _: replicated)
+            self.optimizer,
+            lambda _, s: s,
+            abstract_state["opt_state"],
+            p_shard,
+            transform_non_params=lambda _: replicated,
+        )
         out = {k: jax.tree.map(lambda _: replicated, v) for k, v in abstract_state.items()}
         out.update(params=p_shard, ema=p_shard, opt_state=opt_shard)
         return out
@@ -126,10 +140,12 @@ class Trainer:
         """Shardings of a batch whose arrays hold `1/processes` of the global rows each (every
         process passes an equal slice), chosen from the global shape: a local shape could make
         `spec_for_shape` drop a mesh axis that divides the global batch but not the local one."""
+
         def spec(x):
             shape = (np.shape(x)[0] * processes, *np.shape(x)[1:])
             names = ("batch",) + (None,) * (np.ndim(x) - 1)
             return NamedSharding(self.mesh, sharding.spec_for_shape(shape, names, self.mesh, self.rules))
+
         return {k: spec(v) for k, v in batch.items()}
 
     def put_batch(self, batch: dict):
@@ -177,8 +193,11 @@ class Trainer:
             (l, a), g = grad_fn(params, {**inputs, **mb_inputs}, mb_target, mb_t)
             return jax.tree.map(jnp.add, carry, (l, a, g)), None
 
-        zeros = (jnp.zeros(()), {"q_sum": jnp.zeros(T_QUARTILES), "q_count": jnp.zeros(T_QUARTILES)},
-                 jax.tree.map(jnp.zeros_like, params))
+        zeros = (
+            jnp.zeros(()),
+            {"q_sum": jnp.zeros(T_QUARTILES), "q_count": jnp.zeros(T_QUARTILES)},
+            jax.tree.map(jnp.zeros_like, params),
+        )
         (loss, aux, grads), _ = jax.lax.scan(body, zeros, micro)
         return loss / accum, aux, jax.tree.map(lambda g: g / accum, grads)
 
@@ -201,8 +220,12 @@ class Trainer:
             nonfinite=jnp.where(finite, 0, state["nonfinite"] + 1),
             skipped=state["skipped"] + jnp.where(finite, 0, 1),
         )
-        metrics = {"grad_norm": grad_norm, "learning_rate": self.schedule(state["step"]), "finite": finite,
-                   "nonfinite_in_a_row": new_state["nonfinite"]}
+        metrics = {
+            "grad_norm": grad_norm,
+            "learning_rate": self.schedule(state["step"]),
+            "finite": finite,
+            "nonfinite_in_a_row": new_state["nonfinite"],
+        }
         return new_state, metrics
 
     def step_key(self, state):
@@ -223,6 +246,10 @@ class Trainer:
             state_sh = jax.tree.map(lambda x: x.sharding, state)
             batch_sh = self.batch_sharding(batch)
             replicated = NamedSharding(self.mesh, PartitionSpec())
-            self._steps[key] = jax.jit(self._step_fn, in_shardings=(state_sh, batch_sh),
-                                       out_shardings=(state_sh, replicated), donate_argnums=(0,))
+            self._steps[key] = jax.jit(
+                self._step_fn,
+                in_shardings=(state_sh, batch_sh),
+                out_shardings=(state_sh, replicated),
+                donate_argnums=(0,),
+            )
         return self._steps[key](state, batch)

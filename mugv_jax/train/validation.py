@@ -1,6 +1,7 @@
 """The JAX half of validation (mugv/run/validation.py has the set, its noise and its naming):
 the mean velocity MSE of each held-out batch at each fixed t, jitted, with the Trainer's loss
 and sharding."""
+
 from __future__ import annotations
 
 import jax
@@ -33,8 +34,15 @@ class Validator:
 
         def one(t):
             tb = jnp.full((b,), t * 1000.0, jnp.float32)
-            inputs = dict(x=obj.noisy_latents(x0, eps, tb), timestep=tb, y=batch["y"], mask=batch["mask"],
-                          x_mask=jnp.ones((b, frames), bool), fps=batch["fps"], frame_indice=None)
+            inputs = dict(
+                x=obj.noisy_latents(x0, eps, tb),
+                timestep=tb,
+                y=batch["y"],
+                mask=batch["mask"],
+                x_mask=jnp.ones((b, frames), bool),
+                fps=batch["fps"],
+                frame_indice=None,
+            )
             loss, _ = self.trainer.loss_on_inputs(params, inputs, x0 - eps, tb)
             return loss
 
@@ -44,8 +52,9 @@ class Validator:
         t = jnp.asarray(self.vset.t_values, jnp.float32)
         out = np.zeros(len(self.vset.t_values), np.float64)
         for batch in self.vset.batches:
-            out += np.asarray(jax.device_get(self._fn(params, self.trainer.put_batch(local_rows(batch)), t)),
-                              np.float64)
+            out += np.asarray(
+                jax.device_get(self._fn(params, self.trainer.put_batch(local_rows(batch)), t)), np.float64
+            )
         return out / len(self.vset.batches)
 
     def evaluate(self, params) -> dict[str, float]:

@@ -3,6 +3,7 @@
 Exit codes: 0 every input done; 3 some inputs skipped (each named with its reason at the end,
 the others done); 1 nothing done or a fatal error; 2 bad arguments.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,6 +19,7 @@ EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_SKIPPED = 0, 1, 2, 3
 
 def _vae_config(spec: str):
     from mugv.vae_config import VAEConfig, get_vae_config
+
     if spec.endswith(".json"):
         with open(spec) as f:
             return VAEConfig.from_dict(json.load(f))
@@ -26,7 +28,8 @@ def _vae_config(spec: str):
 
 def _model(args):
     import mugv_jax.vae as vae
-    from mugv_jax.vae.tiling import Tiling, Tiled
+    from mugv_jax.vae.tiling import Tiled, Tiling
+
     cfg = _vae_config(args.vae_config)
     if args.micro_batch_size:
         cfg = cfg.replace(micro_batch_size=args.micro_batch_size)
@@ -48,6 +51,7 @@ def _write_latents(z: np.ndarray, out: str, fmt: str, meta: dict) -> str:
             np.save(f, z)
     else:
         from safetensors.numpy import save_file
+
         save_file({"latents": z}, tmp, metadata={k: json.dumps(v) for k, v in meta.items()})
     os.replace(tmp, path)
     side = os.path.join(out, meta["name"] + ".json")
@@ -67,6 +71,7 @@ def _read_latents(path: str) -> tuple[np.ndarray, dict]:
         z = np.load(path)
     elif path.endswith(".safetensors"):
         from safetensors import safe_open
+
         with safe_open(path, framework="numpy") as f:
             if "latents" not in f.keys():
                 raise ValueError(f"{path} has no tensor 'latents' (found {sorted(f.keys())})")
@@ -84,6 +89,7 @@ def _read_latents(path: str) -> tuple[np.ndarray, dict]:
 def write_mp4(frames: np.ndarray, path: str, fps: float) -> None:
     """uint8 [T, H, W, 3] → H.264 yuv420p mp4 (H and W must be even), written to a temp name."""
     import av
+
     t, h, w, _ = frames.shape
     if h % 2 or w % 2:
         raise ValueError(f"{path}: yuv420p needs even frame sizes, got {h}×{w}")
@@ -118,26 +124,38 @@ def cmd_encode(args) -> int:
     from tqdm import tqdm
 
     from mugv_jax.vae.videos import read_videos, to_unit
+
     os.makedirs(args.out, exist_ok=True)
     model, _ = _model(args)
     failures: list[tuple[str, str]] = []
     done = 0
     key = jax.random.key(args.seed)
-    for path, frames, fps in tqdm(read_videos(args.inputs, failures, max_frames=args.max_frames),
-                                  total=len(args.inputs), desc="encode", unit="video"):
+    for path, frames, fps in tqdm(
+        read_videos(args.inputs, failures, max_frames=args.max_frames),
+        total=len(args.inputs),
+        desc="encode",
+        unit="video",
+    ):
         h, w = frames.shape[1] // 8 * 8, frames.shape[2] // 8 * 8
         if h == 0 or w == 0:
             failures.append((path, f"frames of {frames.shape[1]}×{frames.shape[2]} px are smaller than 8×8"))
             continue
         # Crop to multiples of 8 so that decode gives back the same size.
         y0, x0 = (frames.shape[1] - h) // 2, (frames.shape[2] - w) // 2
-        video = to_unit(frames[:, y0:y0 + h, x0:x0 + w]).transpose(3, 0, 1, 2)[None]
+        video = to_unit(frames[:, y0 : y0 + h, x0 : x0 + w]).transpose(3, 0, 1, 2)[None]
         if args.sample:
             z = model.encode(video, sample=True, key=jax.random.fold_in(key, done))
         else:
             z = model.encode(video)
-        meta = {"name": _stem(path), "source": os.path.abspath(path), "num_frames": int(frames.shape[0]),
-                "fps": fps, "height": h, "width": w, "sample": bool(args.sample)}
+        meta = {
+            "name": _stem(path),
+            "source": os.path.abspath(path),
+            "num_frames": int(frames.shape[0]),
+            "fps": fps,
+            "height": h,
+            "width": w,
+            "sample": bool(args.sample),
+        }
         _write_latents(np.asarray(z[0], np.float32), args.out, args.format, meta)
         done += 1
     return _report(done, failures, "unreadable videos")
@@ -147,6 +165,7 @@ def cmd_decode(args) -> int:
     from tqdm import tqdm
 
     from mugv_jax.vae.videos import to_uint8
+
     os.makedirs(args.out, exist_ok=True)
     model, cfg = _model(args)
     failures, done = [], 0
@@ -180,21 +199,25 @@ def load_config_file(spec: str):
 
 def cmd_train(args) -> int:
     from mugv_jax.vae.training import train_vae
+
     config = load_config_file(args.config)
     if args.steps is not None:
         config.num_steps = args.steps
     if args.videos:
         config.data.videos = args.videos
     result = train_vae(config, args.workdir, progress=True)
-    print(f"weights: {result['weights']}\nsteps: {result['steps']}\n"
-          f"held-out PSNR: {result['psnr_before']:.2f} → {result['psnr_after']:.2f} dB, "
-          f"SSIM {result['ssim_before']:.3f} → {result['ssim_after']:.3f}")
+    print(
+        f"weights: {result['weights']}\nsteps: {result['steps']}\n"
+        f"held-out PSNR: {result['psnr_before']:.2f} → {result['psnr_after']:.2f} dB, "
+        f"SSIM {result['ssim_before']:.3f} → {result['ssim_after']:.3f}"
+    )
     return _report(1, [tuple(f) for f in result.get("skipped_videos", [])], "unreadable training videos")
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mugv_jax.vae", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m mugv_jax.vae", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     def model_args(s):

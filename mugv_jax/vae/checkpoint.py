@@ -5,10 +5,11 @@ variable's dotted path is its release name and values move without any transform
 round trip release → JAX → release is therefore bit-exact by construction (and tested). Files are
 read through the project's one release reader (`mugv.io.release`, memory-mapped).
 """
+
 from __future__ import annotations
 
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -28,8 +29,9 @@ def _named_variables(state: nnx.State, config: VAEConfig) -> dict[str, nnx.Varia
     schema = release_vae_schema(config)
     if set(by_name) != set(schema):
         # The module tree and the schema are two descriptions of one layout; they must agree.
-        raise RuntimeError(f"VideoVAE variables and release_vae_schema disagree: "
-                           f"{sorted(set(by_name) ^ set(schema))[:10]}")
+        raise RuntimeError(
+            f"VideoVAE variables and release_vae_schema disagree: {sorted(set(by_name) ^ set(schema))[:10]}"
+        )
     return {name: by_name[name] for name in schema}
 
 
@@ -49,13 +51,11 @@ def export_release_state_dict(model: VideoVAE) -> dict[str, np.ndarray]:
 
 def _as_f32(array: np.ndarray, name: str, path: str) -> np.ndarray:
     if not is_floating(array.dtype):
-        raise ValueError(f"tensor {name!r} in {path} has dtype {dtype_name(array.dtype)}; "
-                         f"expected a floating tensor")
+        raise ValueError(f"tensor {name!r} in {path} has dtype {dtype_name(array.dtype)}; expected a floating tensor")
     return array.astype(np.float32, copy=False)
 
 
-def read_release_tensors(path: str | os.PathLike
-                         ) -> tuple[dict[str, tuple[int, ...]], Callable[[str], np.ndarray]]:
+def read_release_tensors(path: str | os.PathLike) -> tuple[dict[str, tuple[int, ...]], Callable[[str], np.ndarray]]:
     """(shapes, get) for a `.safetensors` file, a torch state dict (`.pt`/`.pth`/`.bin`) or HF
     shards; `get(name)` reads one tensor (memory-mapped) as float32."""
     path = os.fspath(path)
@@ -73,18 +73,18 @@ def check_strict(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[in
         if name not in found:
             problems.append(f"missing tensor {name!r} (model expects shape {shape}) in {path}")
         elif tuple(found[name]) != tuple(shape):
-            problems.append(f"tensor {name!r} in {path} has shape {tuple(found[name])}, "
-                            f"the model expects {tuple(shape)}")
+            problems.append(
+                f"tensor {name!r} in {path} has shape {tuple(found[name])}, the model expects {tuple(shape)}"
+            )
     for name in found:
         if name not in expected:
-            problems.append(f"unexpected tensor {name!r} (shape {tuple(found[name])}) in {path}: "
-                            f"not part of the model")
+            problems.append(f"unexpected tensor {name!r} (shape {tuple(found[name])}) in {path}: not part of the model")
     if problems:
         shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
         raise ValueError(f"strict load of {path} failed ({len(problems)} problems):\n  " + "\n  ".join(shown))
 
 
-def load(path: str | os.PathLike, config: "VAEConfig | str" = "release", *, compute_dtype=F32) -> VideoVAE:
+def load(path: str | os.PathLike, config: VAEConfig | str = "release", *, compute_dtype=F32) -> VideoVAE:
     """A `VideoVAE` holding the tensors of a release-layout checkpoint (strict, float32 params).
 
     The model is built abstractly first, so no random weights are ever allocated.

@@ -4,6 +4,7 @@ Three stride-2 4×4 convolutions with leaky ReLU, then a 3×3 conv to one logit 
 receptive field is local (~46 px), so it judges texture, which is what the adversarial term is
 for. It is not part of the released checkpoint and is only built when `loss.gan > 0`.
 """
+
 from __future__ import annotations
 
 import jax

@@ -7,6 +7,7 @@ matter, so this builds the model abstractly and fills the same distributions fro
 weights N(0, 1/fan_in) like `layers._normal_param`, biases 0, norm scales 1, buffers and
 `logvar` at the constructor's values.
 """
+
 from __future__ import annotations
 
 import math
@@ -19,7 +20,7 @@ from mugv.vae_config import RELEASE_LATENT_SCALE, RELEASE_LATENT_SHIFT, VAEConfi
 from mugv_jax.vae.model import VideoVAE
 
 
-def random_vae(config: "VAEConfig | str", seed: int = 0, compute_dtype=jnp.float32) -> VideoVAE:
+def random_vae(config: VAEConfig | str, seed: int = 0, compute_dtype=jnp.float32) -> VideoVAE:
     config = get_vae_config(config)
     abstract = nnx.eval_shape(lambda: VideoVAE(config, rngs=nnx.Rngs(0), compute_dtype=compute_dtype))
     graphdef, state = nnx.split(abstract)

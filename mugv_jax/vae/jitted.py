@@ -6,9 +6,10 @@ shape, rather than each whole encode/decode, means clips of any length reuse the
 executables, and memory is bounded by one chunk. The glue between chunks (gathers, crops,
 concatenation, normalisation) runs eagerly.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 from flax import nnx
@@ -34,7 +35,7 @@ class JittedVAE(Pipeline):
         self._compiled: dict[tuple[str, bool], Callable] = {}
         self._recording: dict[str, list] | None = None
 
-    def with_pipeline(self, **changes) -> "JittedVAE":
+    def with_pipeline(self, **changes) -> JittedVAE:
         """The same networks (and compiled executables) under other chunking settings.
 
         Only `PIPELINE_FIELDS` may change: they steer the orchestration, never a network.

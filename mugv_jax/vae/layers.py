@@ -10,6 +10,7 @@ Numerics: parameters are float32 and cast to the compute dtype per op. Convoluti
 run at HIGHEST precision with float32 accumulation (accelerators would otherwise round inputs to
 bf16 and miss the 1e-4 float32 parity). GroupNorm statistics are always float32.
 """
+
 from __future__ import annotations
 
 import math
@@ -46,11 +47,22 @@ class ConvNd(nnx.Module):
     explicitly (F.pad) and then runs an unpadded conv, which is the same thing.
     """
 
-    def __init__(self, cin: int, cout: int, kernel: tuple[int, ...], *, stride: tuple[int, ...],
-                 padding: tuple[tuple[int, int], ...], bias: bool, dtype, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        cin: int,
+        cout: int,
+        kernel: tuple[int, ...],
+        *,
+        stride: tuple[int, ...],
+        padding: tuple[tuple[int, int], ...],
+        bias: bool,
+        dtype,
+        rngs: nnx.Rngs,
+    ):
         nd = len(kernel)
-        self.weight = _normal_param(rngs, (cout, cin, *kernel), cin * math.prod(kernel),
-                                    (CONV_OUT, CONV_IN) + (None,) * nd)
+        self.weight = _normal_param(
+            rngs, (cout, cin, *kernel), cin * math.prod(kernel), (CONV_OUT, CONV_IN) + (None,) * nd
+        )
         self.bias = _const_param(0.0, (cout,), (CONV_OUT,)) if bias else None
         self.stride = tuple(stride)
         self.padding = tuple(tuple(p) for p in padding)
@@ -60,10 +72,14 @@ class ConvNd(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = jax.lax.conv_general_dilated(
-            x.astype(self.dtype), self.weight[...].astype(self.dtype),
-            window_strides=self.stride, padding=self.padding,
+            x.astype(self.dtype),
+            self.weight[...].astype(self.dtype),
+            window_strides=self.stride,
+            padding=self.padding,
             dimension_numbers=self.dimension_numbers,
-            precision=HIGHEST, preferred_element_type=F32)
+            precision=HIGHEST,
+            preferred_element_type=F32,
+        )
         if self.bias is not None:
             y = y + self.bias[...]
         return y.astype(self.dtype)
@@ -71,8 +87,7 @@ class ConvNd(nnx.Module):
 
 def conv2d(cin, cout, k, *, dtype, rngs, stride=1, padding=None, bias=True) -> ConvNd:
     pad = (k // 2, k // 2) if padding is None else padding
-    return ConvNd(cin, cout, (k, k), stride=(stride, stride), padding=(pad, pad), bias=bias,
-                  dtype=dtype, rngs=rngs)
+    return ConvNd(cin, cout, (k, k), stride=(stride, stride), padding=(pad, pad), bias=bias, dtype=dtype, rngs=rngs)
 
 
 class CausalConv3d(nnx.Module):
@@ -83,13 +98,19 @@ class CausalConv3d(nnx.Module):
     The conv lives in a child named `conv` so the parameter path matches `*.conv.weight`.
     """
 
-    def __init__(self, cin: int, cout: int, k: int, *, bias: bool, dtype, rngs: nnx.Rngs,
-                 time_stride: int = 1):
+    def __init__(self, cin: int, cout: int, k: int, *, bias: bool, dtype, rngs: nnx.Rngs, time_stride: int = 1):
         time_pad = (k - 1) + (1 - time_stride)
         front = time_pad // 2
-        self.conv = ConvNd(cin, cout, (k, k, k), stride=(time_stride, 1, 1),
-                           padding=((front, time_pad - front), (k // 2, k // 2), (k // 2, k // 2)),
-                           bias=bias, dtype=dtype, rngs=rngs)
+        self.conv = ConvNd(
+            cin,
+            cout,
+            (k, k, k),
+            stride=(time_stride, 1, 1),
+            padding=((front, time_pad - front), (k // 2, k // 2), (k // 2, k // 2)),
+            bias=bias,
+            dtype=dtype,
+            rngs=rngs,
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.conv(x)
@@ -125,8 +146,13 @@ class Linear(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.einsum("...i,oi->...o", x.astype(self.dtype), self.weight[...].astype(self.dtype),
-                       precision=HIGHEST, preferred_element_type=F32)
+        y = jnp.einsum(
+            "...i,oi->...o",
+            x.astype(self.dtype),
+            self.weight[...].astype(self.dtype),
+            precision=HIGHEST,
+            preferred_element_type=F32,
+        )
         return (y + self.bias[...]).astype(self.dtype)
 
 

@@ -10,6 +10,7 @@ downloaded here, so this is a fixed, parameter-free stand-in: at three scales (1
 distance of horizontal/vertical image gradients plus 1 − SSIM. It rewards sharp edges and local
 structure like a feature loss does, but it knows nothing about semantics.
 """
+
 from __future__ import annotations
 
 import jax
@@ -30,13 +31,13 @@ def _box(x: jax.Array, k: int) -> jax.Array:
 
 def _pool2(x: jax.Array) -> jax.Array:
     n, h, w, c = x.shape
-    x = x[:, :h // 2 * 2, :w // 2 * 2]
+    x = x[:, : h // 2 * 2, : w // 2 * 2]
     return x.reshape(n, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
 
 
 def ssim_map(a: jax.Array, b: jax.Array, window: int = 7) -> jax.Array:
     """SSIM of images in [0, 1] ([N, H, W, C]), uniform `window`×`window` (skimage's default)."""
-    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    c1, c2 = 0.01**2, 0.03**2
     k = min(window, a.shape[1], a.shape[2])
     mu_a, mu_b = _box(a, k), _box(b, k)
     # Sample (unbiased) variances, as skimage computes them.
@@ -44,7 +45,7 @@ def ssim_map(a: jax.Array, b: jax.Array, window: int = 7) -> jax.Array:
     va = cov * (_box(a * a, k) - mu_a * mu_a)
     vb = cov * (_box(b * b, k) - mu_b * mu_b)
     vab = cov * (_box(a * b, k) - mu_a * mu_b)
-    return ((2 * mu_a * mu_b + c1) * (2 * vab + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (va + vb + c2))
+    return ((2 * mu_a * mu_b + c1) * (2 * vab + c2)) / ((mu_a**2 + mu_b**2 + c1) * (va + vb + c2))
 
 
 def psnr(x: jax.Array, y: jax.Array) -> jax.Array:
@@ -102,7 +103,7 @@ def saliency(y: jax.Array) -> jax.Array:
 
 def kl(mean: jax.Array, logvar: jax.Array) -> jax.Array:
     """KL(N(mean, e^logvar) ‖ N(0, 1)), averaged over latent elements."""
-    return 0.5 * jnp.mean(mean ** 2 + jnp.exp(logvar) - 1.0 - logvar)
+    return 0.5 * jnp.mean(mean**2 + jnp.exp(logvar) - 1.0 - logvar)
 
 
 CONTRAST_SATURATION = 0.5  # summed |RGB| distance (of 6 on the [−1, 1] scale) at full weight
@@ -142,7 +143,7 @@ def reconstruction(x: jax.Array, y: jax.Array, weights, saliency_mix: jax.Array)
     c = weights.get("contrast", 0.0) if hasattr(weights, "get") else 0.0
     dil = int(weights.get("contrast_dilate", 0)) if hasattr(weights, "get") else 0
     pw = 1.0 + c * contrast(x, dil) if c else jnp.ones(x.shape[:-1], x.dtype)
-    mse = jnp.mean(err ** 2 * pw[..., None]) / (1.0 + c)
+    mse = jnp.mean(err**2 * pw[..., None]) / (1.0 + c)
     w = pw * (1.0 + saliency_mix * (saliency(y) - 1.0))
     l1 = jnp.mean(jnp.abs(err) * w[..., None]) / (1.0 + c)
     perc = perceptual(x, y) if weights.perceptual else jnp.zeros(())

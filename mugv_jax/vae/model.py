@@ -8,6 +8,7 @@ network calls (2D micro-batches, temporal-encode chunks, equal decode windows) t
 one chunk, as in the release. For many clip lengths prefer `mugv_jax.vae.jit(model)`, which
 compiles per network chunk instead of per whole call.
 """
+
 from __future__ import annotations
 
 import jax
@@ -30,7 +31,7 @@ NETWORK_METHODS = {
 
 
 class VideoVAE(nnx.Module, Pipeline):
-    def __init__(self, config: "VAEConfig | str", *, rngs: nnx.Rngs, compute_dtype=F32):
+    def __init__(self, config: VAEConfig | str, *, rngs: nnx.Rngs, compute_dtype=F32):
         config = get_vae_config(config)
         dtype = jnp.dtype(compute_dtype)
         self.config = config

@@ -17,6 +17,7 @@ traces them under `jax.lax.map` (one network copy per compiled graph), `JittedVA
 compiled network per chunk from Python (one compile per chunk shape, reused across clip lengths).
 Public tensors use the release layout [B, C, T, H, W]; networks see channels-last.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -70,7 +71,7 @@ class Pipeline:
         pad = steps * size - n
         if pad:
             x = jnp.concatenate([x, jnp.zeros((pad, *x.shape[1:]), x.dtype)], axis=0)
-        outs = self._run(network, [x[i * size:(i + 1) * size] for i in range(steps)])
+        outs = self._run(network, [x[i * size : (i + 1) * size] for i in range(steps)])
         return jnp.concatenate(outs, axis=0)[:n]
 
     # --- 2D ---------------------------------------------------------------------------------------
@@ -83,8 +84,7 @@ class Pipeline:
     def spatial_decode(self, features: jax.Array) -> jax.Array:
         """Scaled 2D features [B, C, T, h, w] → video [B, 3, T, 8h, 8w], frame by frame."""
         frames = _to_frames(features).astype(self.compute_dtype)
-        return _from_frames(self._chunked("decode_frames", frames, self.config.micro_batch_size),
-                            features.shape[0])
+        return _from_frames(self._chunked("decode_frames", frames, self.config.micro_batch_size), features.shape[0])
 
     # --- temporal ---------------------------------------------------------------------------------
 
@@ -112,8 +112,9 @@ class Pipeline:
         outs = []
         # Consecutive windows of one length and crop form one sequence of same-shaped calls.
         for (_, crop), run in itertools.groupby(
-                windows, key=lambda win: (win.latent_stop - win.latent_start, win.crop_front)):
-            decoded = self._run("decode_window", [zt[:, w.latent_start:w.latent_stop] for w in run])
+            windows, key=lambda win: (win.latent_stop - win.latent_start, win.crop_front)
+        ):
+            decoded = self._run("decode_window", [zt[:, w.latent_start : w.latent_stop] for w in run])
             outs.extend(d[:, crop:] for d in decoded)
         return jnp.moveaxis(jnp.concatenate(outs, axis=1), -1, 1)
 
@@ -131,8 +132,14 @@ class Pipeline:
         shift, scale = self._latent_buffers()
         return z * scale.astype(z.dtype) + shift.astype(z.dtype)
 
-    def latent(self, mean: jax.Array, logvar: jax.Array, sample: bool = False,
-               noise: jax.Array | None = None, key: jax.Array | None = None) -> jax.Array:
+    def latent(
+        self,
+        mean: jax.Array,
+        logvar: jax.Array,
+        sample: bool = False,
+        noise: jax.Array | None = None,
+        key: jax.Array | None = None,
+    ) -> jax.Array:
         """Normalised latents from a posterior: the mode, or mean + exp(½·logvar)·ε when sampling.
 
         ε is `noise` (the latents' shape) or drawn from `key`. The release samples.
@@ -149,14 +156,16 @@ class Pipeline:
             raise ValueError(f"noise has shape {tuple(noise.shape)}, the latents have {tuple(mean.shape)}")
         return self.normalize(mean + jnp.exp(0.5 * logvar) * noise.astype(mean.dtype))
 
-    def encode(self, x: jax.Array, sample: bool = False, noise: jax.Array | None = None,
-               key: jax.Array | None = None) -> jax.Array:
+    def encode(
+        self, x: jax.Array, sample: bool = False, noise: jax.Array | None = None, key: jax.Array | None = None
+    ) -> jax.Array:
         """Video [B, 3, T, H, W] in [−1, 1] → normalised latents [B, E, T', H/8, W/8] (see `latent`)."""
         mean, logvar = self.posterior(x)
         return self.latent(mean, logvar, sample, noise, key)
 
-    def encode_image(self, image: jax.Array, sample: bool = False, noise: jax.Array | None = None,
-                     key: jax.Array | None = None) -> jax.Array:
+    def encode_image(
+        self, image: jax.Array, sample: bool = False, noise: jax.Array | None = None, key: jax.Array | None = None
+    ) -> jax.Array:
         """The image-to-video reference latent: `encode` of the image [B, 3, 1, H, W] repeated 8×."""
         if image.ndim != 5 or image.shape[2] != 1:
             raise ValueError(f"encode_image expects [B, 3, 1, H, W], got {tuple(image.shape)}")

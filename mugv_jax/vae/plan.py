@@ -4,6 +4,7 @@ These plans are the whole of the pipeline's temporal orchestration; everything n
 surprising about the release (first-frame replication only in chunked mode, zero padding at the
 *front*, decode windows cropped at the front) is decided here, from static shapes alone.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,11 +34,11 @@ def encode_calls(num_frames: int, micro_frame_size: int | None) -> list[list[lis
         chunks = [frames]
     else:
         frames = [0] * first_frame_copies(num_frames) + frames
-        chunks = [frames[i:i + micro_frame_size] for i in range(0, len(frames), micro_frame_size)]
+        chunks = [frames[i : i + micro_frame_size] for i in range(0, len(frames), micro_frame_size)]
     calls = []
     for chunk in chunks:
         padded = [ZERO] * (-len(chunk) % G) + chunk
-        calls.append([padded[i:i + G] for i in range(0, len(padded), G)])
+        calls.append([padded[i : i + G] for i in range(0, len(padded), G)])
     return calls
 
 
@@ -45,8 +46,8 @@ def encode_calls(num_frames: int, micro_frame_size: int | None) -> list[list[lis
 class DecodeWindow:
     latent_start: int
     latent_stop: int
-    num_frames: int   # the `num_frames` this window's temporal decode is asked for
-    crop_front: int   # frames dropped from the front of its 8·n decoded frames
+    num_frames: int  # the `num_frames` this window's temporal decode is asked for
+    crop_front: int  # frames dropped from the front of its 8·n decoded frames
 
 
 def decode_windows(num_latents: int, num_frames: int, micro_frame_size: int | None) -> list[DecodeWindow]:
@@ -68,8 +69,10 @@ def decode_windows(num_latents: int, num_frames: int, micro_frame_size: int | No
     for start in range(0, num_latents, step):
         n = min(micro_frame_size, remaining)
         if n < 1:
-            raise ValueError(f"{num_latents} latent frames need more than num_frames={num_frames} "
-                             f"output frames in windows of {micro_frame_size}")
+            raise ValueError(
+                f"{num_latents} latent frames need more than num_frames={num_frames} "
+                f"output frames in windows of {micro_frame_size}"
+            )
         windows.append(DecodeWindow(start, min(start + step, num_latents), n, crop(n)))
         remaining -= micro_frame_size
     return windows

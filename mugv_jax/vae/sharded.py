@@ -6,14 +6,16 @@ pipeline on its own clips under `shard_map`, with the VAE weights replicated. Th
 (412 M parameters) next to its activations, so replicating weights and splitting clips is the
 layout that bounds per-device memory; each device's memory is that of one chunk of one clip.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from mugv_jax.parallel.sharding import DEFAULT_RULES, logical_to_spec
 from mugv_jax.vae.model import VideoVAE
@@ -55,17 +57,19 @@ def sharded_encode(model: VideoVAE, mesh: Mesh, tiling: Tiling | None = None) ->
     def local_sample(state, x, noise):
         return _pipeline(graphdef, state, tiling).encode(x, sample=True, noise=noise)
 
-    mode = jax.jit(jax.shard_map(local_mode, mesh=mesh, in_specs=(replicated, spec), out_specs=spec,
-                                 check_vma=False))
-    sample = jax.jit(jax.shard_map(local_sample, mesh=mesh, in_specs=(replicated, spec, spec),
-                                   out_specs=spec, check_vma=False))
+    mode = jax.jit(jax.shard_map(local_mode, mesh=mesh, in_specs=(replicated, spec), out_specs=spec, check_vma=False))
+    sample = jax.jit(
+        jax.shard_map(local_sample, mesh=mesh, in_specs=(replicated, spec, spec), out_specs=spec, check_vma=False)
+    )
     sharding = NamedSharding(mesh, spec)
 
     def call(x, noise=None):
         n = _batch_devices(mesh, spec)
         if x.shape[0] % n:
-            raise ValueError(f"sharded_encode: batch {x.shape[0]} is not divisible by the {n} devices "
-                             f"of the mesh's batch axes {spec[0]}")
+            raise ValueError(
+                f"sharded_encode: batch {x.shape[0]} is not divisible by the {n} devices "
+                f"of the mesh's batch axes {spec[0]}"
+            )
         x = jax.device_put(jnp.asarray(x), sharding)
         if noise is None:
             return mode(state, x)
@@ -83,15 +87,15 @@ def sharded_decode(model: VideoVAE, mesh: Mesh, num_frames: int, tiling: Tiling 
     def local(state, z):
         return _pipeline(graphdef, state, tiling).decode(z, num_frames)
 
-    fn = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(replicated, spec), out_specs=spec,
-                               check_vma=False))
+    fn = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(replicated, spec), out_specs=spec, check_vma=False))
 
     def call(z):
         n = _batch_devices(mesh, spec)
         if z.shape[0] % n:
-            raise ValueError(f"sharded_decode: batch {z.shape[0]} is not divisible by the {n} devices "
-                             f"of the mesh's batch axes {spec[0]}")
+            raise ValueError(
+                f"sharded_decode: batch {z.shape[0]} is not divisible by the {n} devices "
+                f"of the mesh's batch axes {spec[0]}"
+            )
         return fn(state, jax.device_put(jnp.asarray(z), NamedSharding(mesh, spec)))
 
     return call
-

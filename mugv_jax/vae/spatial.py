@@ -6,6 +6,7 @@ the release checkpoint holds them and a strict load needs a home for every tenso
 Attribute names follow diffusers so parameter paths equal release names. Input and output
 frames are channels-last [N, H, W, C].
 """
+
 from __future__ import annotations
 
 import jax
@@ -50,9 +51,8 @@ class Attention(nnx.Module):
         q, k, v = self.to_q(t), self.to_k(t), self.to_v(t)
         scores = jnp.einsum("nqc,nkc->nqk", q, k, precision=HIGHEST, preferred_element_type=F32)
         # diffusers upcasts the softmax to float32.
-        probs = jax.nn.softmax(scores * (c ** -0.5), axis=-1).astype(self.dtype)
-        o = jnp.einsum("nqk,nkc->nqc", probs, v, precision=HIGHEST,
-                       preferred_element_type=F32).astype(self.dtype)
+        probs = jax.nn.softmax(scores * (c**-0.5), axis=-1).astype(self.dtype)
+        o = jnp.einsum("nqk,nkc->nqc", probs, v, precision=HIGHEST, preferred_element_type=F32).astype(self.dtype)
         return x + self.to_out[0](o).reshape(n, h, w, c)
 
 
@@ -89,8 +89,12 @@ class Upsample2D(nnx.Module):
 
 class DownEncoderBlock2D(nnx.Module):
     def __init__(self, cin: int, cout: int, cfg: VAEConfig, *, downsample: bool, dtype, rngs):
-        self.resnets = nnx.List([ResnetBlock2D(cin if j == 0 else cout, cout, cfg, dtype=dtype, rngs=rngs)
-                                 for j in range(cfg.layers_per_block)])
+        self.resnets = nnx.List(
+            [
+                ResnetBlock2D(cin if j == 0 else cout, cout, cfg, dtype=dtype, rngs=rngs)
+                for j in range(cfg.layers_per_block)
+            ]
+        )
         self.downsamplers = nnx.List([Downsample2D(cout, dtype=dtype, rngs=rngs)]) if downsample else None
 
     def __call__(self, x):
@@ -103,8 +107,12 @@ class DownEncoderBlock2D(nnx.Module):
 
 class UpDecoderBlock2D(nnx.Module):
     def __init__(self, cin: int, cout: int, cfg: VAEConfig, *, upsample: bool, dtype, rngs):
-        self.resnets = nnx.List([ResnetBlock2D(cin if j == 0 else cout, cout, cfg, dtype=dtype, rngs=rngs)
-                                 for j in range(cfg.layers_per_block + 1)])
+        self.resnets = nnx.List(
+            [
+                ResnetBlock2D(cin if j == 0 else cout, cout, cfg, dtype=dtype, rngs=rngs)
+                for j in range(cfg.layers_per_block + 1)
+            ]
+        )
         self.upsamplers = nnx.List([Upsample2D(cout, dtype=dtype, rngs=rngs)]) if upsample else None
 
     def __call__(self, x):
@@ -119,9 +127,12 @@ class Encoder2D(nnx.Module):
     def __init__(self, cfg: VAEConfig, *, dtype, rngs):
         ch = cfg.block_out_channels
         self.conv_in = conv2d(cfg.in_channels, ch[0], 3, dtype=dtype, rngs=rngs)
-        self.down_blocks = nnx.List([
-            DownEncoderBlock2D(ch[max(i - 1, 0)], ch[i], cfg, downsample=i < len(ch) - 1, dtype=dtype, rngs=rngs)
-            for i in range(len(ch))])
+        self.down_blocks = nnx.List(
+            [
+                DownEncoderBlock2D(ch[max(i - 1, 0)], ch[i], cfg, downsample=i < len(ch) - 1, dtype=dtype, rngs=rngs)
+                for i in range(len(ch))
+            ]
+        )
         self.mid_block = MidBlock2D(ch[-1], cfg, dtype=dtype, rngs=rngs)
         # Never applied (the release returns the mid-block output); kept for the strict load.
         self.conv_norm_out = GroupNorm(cfg.norm_num_groups, ch[-1], cfg.spatial_norm_eps, dtype=dtype)
@@ -139,9 +150,12 @@ class Decoder2D(nnx.Module):
         rev = cfg.block_out_channels[::-1]
         # Never applied (decode enters at the mid-block); kept for the strict load.
         self.conv_in = conv2d(cfg.latent_channels, rev[0], 3, dtype=dtype, rngs=rngs)
-        self.up_blocks = nnx.List([
-            UpDecoderBlock2D(rev[max(i - 1, 0)], rev[i], cfg, upsample=i < len(rev) - 1, dtype=dtype, rngs=rngs)
-            for i in range(len(rev))])
+        self.up_blocks = nnx.List(
+            [
+                UpDecoderBlock2D(rev[max(i - 1, 0)], rev[i], cfg, upsample=i < len(rev) - 1, dtype=dtype, rngs=rngs)
+                for i in range(len(rev))
+            ]
+        )
         self.mid_block = MidBlock2D(rev[0], cfg, dtype=dtype, rngs=rngs)
         self.conv_norm_out = GroupNorm(cfg.norm_num_groups, rev[-1], cfg.spatial_norm_eps, dtype=dtype)
         self.conv_out = conv2d(rev[-1], cfg.out_channels, 3, dtype=dtype, rngs=rngs)

@@ -4,6 +4,7 @@ Activations are channels-last [N, T, h, w, C]; the spatial size never changes he
 statistics cover (C/G, T, h, w) of each batch element, so the encoder normalises one 8-frame group
 at a time and the decoder a whole decode window: windowing changes decode results.
 """
+
 from __future__ import annotations
 
 import jax
@@ -57,14 +58,22 @@ class TemporalEncoder(nnx.Module):
         self.conv_in = CausalConv3d(cfg.temporal_in_out_channels, cfg.filters, 3, bias=False, dtype=dtype, rngs=rngs)
         blocks, cin = [], cfg.filters
         for cout in widths:
-            blocks.append(nnx.List([ResBlock(cin if j == 0 else cout, cout, cfg, dtype=dtype, rngs=rngs)
-                                    for j in range(cfg.num_res_blocks)]))
+            blocks.append(
+                nnx.List(
+                    [
+                        ResBlock(cin if j == 0 else cout, cout, cfg, dtype=dtype, rngs=rngs)
+                        for j in range(cfg.num_res_blocks)
+                    ]
+                )
+            )
             cin = cout
         self.block_res_blocks = nnx.List(blocks)
-        self.conv_blocks = nnx.List([CausalConv3d(c, c, 3, bias=True, time_stride=2, dtype=dtype, rngs=rngs)
-                                     for c in widths[:-1]])
-        self.res_blocks = nnx.List([ResBlock(widths[-1], widths[-1], cfg, dtype=dtype, rngs=rngs)
-                                    for _ in range(cfg.num_res_blocks)])
+        self.conv_blocks = nnx.List(
+            [CausalConv3d(c, c, 3, bias=True, time_stride=2, dtype=dtype, rngs=rngs) for c in widths[:-1]]
+        )
+        self.res_blocks = nnx.List(
+            [ResBlock(widths[-1], widths[-1], cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_res_blocks)]
+        )
         self.norm1 = _norm(cfg, widths[-1], dtype)
         self.conv2 = CausalConv3d(widths[-1], 2 * cfg.latent_embed_dim, 1, bias=True, dtype=dtype, rngs=rngs)
 
@@ -86,19 +95,27 @@ class TemporalDecoder(nnx.Module):
         widths = cfg.temporal_widths
         top = widths[-1]
         self.conv1 = CausalConv3d(cfg.latent_embed_dim, top, 3, bias=True, dtype=dtype, rngs=rngs)
-        self.res_blocks = nnx.List([ResBlock(top, top, cfg, dtype=dtype, rngs=rngs)
-                                    for _ in range(cfg.num_res_blocks)])
+        self.res_blocks = nnx.List([ResBlock(top, top, cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_res_blocks)])
         self.upsample_block = TimeUpsampleBlock(top, top, cfg, dtype=dtype, rngs=rngs)
         blocks = []
         for i, cout in enumerate(widths):
             cin = widths[i + 1] if i + 1 < len(widths) else top
-            blocks.append(nnx.List([ResBlock(cin if j == 0 else cout, cout, cfg, dtype=dtype, rngs=rngs)
-                                    for j in range(cfg.num_res_blocks)]))
+            blocks.append(
+                nnx.List(
+                    [
+                        ResBlock(cin if j == 0 else cout, cout, cfg, dtype=dtype, rngs=rngs)
+                        for j in range(cfg.num_res_blocks)
+                    ]
+                )
+            )
         self.block_res_blocks = nnx.List(blocks)
         # Identity (None) where the release's hard-wired flag is False: no keys, no time change.
-        self.conv_blocks = nnx.List([
-            CausalConv3d(widths[i + 1], 2 * widths[i + 1], 3, bias=True, dtype=dtype, rngs=rngs) if up else None
-            for i, up in enumerate(DECODER_TEMPORAL_UPSAMPLE)])
+        self.conv_blocks = nnx.List(
+            [
+                CausalConv3d(widths[i + 1], 2 * widths[i + 1], 3, bias=True, dtype=dtype, rngs=rngs) if up else None
+                for i, up in enumerate(DECODER_TEMPORAL_UPSAMPLE)
+            ]
+        )
         self.norm1 = _norm(cfg, widths[0], dtype)
         self.conv_out = CausalConv3d(widths[0], cfg.temporal_in_out_channels, 3, bias=True, dtype=dtype, rngs=rngs)
 
@@ -119,7 +136,9 @@ class TemporalDecoder(nnx.Module):
 class TemporalVAE(nnx.Module):
     def __init__(self, cfg: VAEConfig, *, dtype, rngs):
         self.encoder = TemporalEncoder(cfg, dtype=dtype, rngs=rngs)
-        self.quant_conv = CausalConv3d(2 * cfg.latent_embed_dim, 2 * cfg.embed_dim, 1, bias=True, dtype=dtype, rngs=rngs)
+        self.quant_conv = CausalConv3d(
+            2 * cfg.latent_embed_dim, 2 * cfg.embed_dim, 1, bias=True, dtype=dtype, rngs=rngs
+        )
         self.post_quant_conv = CausalConv3d(cfg.embed_dim, cfg.latent_embed_dim, 1, bias=True, dtype=dtype, rngs=rngs)
         self.decoder = TemporalDecoder(cfg, dtype=dtype, rngs=rngs)
 

@@ -12,6 +12,7 @@ every GroupNorm takes statistics over the whole frame (2D) or window (3D), so a 
 different statistics than the full frame — no receptive-field overlap recovers them. The seams
 are smoothed, not removed; tests/vae/test_vae_tiling.py states the measured error.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -42,8 +43,9 @@ class Tiling:
 
     def __post_init__(self):
         if self.tile < 1 or self.overlap < 0 or self.overlap >= self.tile:
-            raise ValueError(f"Tiling needs tile >= 1 and 0 <= overlap < tile, got tile={self.tile}, "
-                             f"overlap={self.overlap}")
+            raise ValueError(
+                f"Tiling needs tile >= 1 and 0 <= overlap < tile, got tile={self.tile}, overlap={self.overlap}"
+            )
         bad = set(self.networks) - set(NETWORKS)
         if bad:
             raise ValueError(f"Tiling.networks: unknown networks {sorted(bad)}; choose from {NETWORKS}")
@@ -97,8 +99,9 @@ class Tiled(Pipeline):
         shape = inputs[0].shape
         cells = [shape[a] // unit for a in in_axes]
         if any(shape[a] % unit for a in in_axes):
-            raise ValueError(f"tiled {network}: input spatial size {[shape[a] for a in in_axes]} "
-                             f"is not a multiple of {unit}")
+            raise ValueError(
+                f"tiled {network}: input spatial size {[shape[a] for a in in_axes]} is not a multiple of {unit}"
+            )
         t, o = self.tiling.tile, self.tiling.overlap
         starts = [tile_starts(c, t, o) for c in cells]
         if all(len(s) == 1 for s in starts):
@@ -122,7 +125,7 @@ class Tiled(Pipeline):
         # Exact for networks whose reach is <= o/4 latents (none of this VAE's: see the docstring).
         margin, ramp = o * out_unit / 4, o * out_unit / 2
         weights = []
-        for (y0, x0) in boxes:
+        for y0, x0 in boxes:
             wy = _ramp(out_sizes[0], round(y0 * out_unit), round((y0 + sizes[0]) * out_unit), margin, ramp)
             wx = _ramp(out_sizes[1], round(x0 * out_unit), round((x0 + sizes[1]) * out_unit), margin, ramp)
             weights.append(np.outer(wy, wx))
@@ -141,8 +144,9 @@ class Tiled(Pipeline):
                 bshape[out_axes[0]], bshape[out_axes[1]] = w.shape
                 idx = [slice(None)] * len(full)
                 idx[out_axes[0]], idx[out_axes[1]] = ys, xs
-                acc = acc.at[tuple(idx)].add(outs[i * len(boxes) + j].astype(jnp.float32)
-                                             * jnp.asarray(w.reshape(bshape), jnp.float32))
+                acc = acc.at[tuple(idx)].add(
+                    outs[i * len(boxes) + j].astype(jnp.float32) * jnp.asarray(w.reshape(bshape), jnp.float32)
+                )
                 norm[ys, xs] += w
             nshape = [1] * len(full)
             nshape[out_axes[0]], nshape[out_axes[1]] = out_sizes
@@ -150,6 +154,7 @@ class Tiled(Pipeline):
         return results
 
 
-def tiled(vae: Pipeline, tile: int = 32, overlap: int = 8,
-          networks: tuple[str, ...] = ("encode_frames", "decode_frames")) -> Tiled:
+def tiled(
+    vae: Pipeline, tile: int = 32, overlap: int = 8, networks: tuple[str, ...] = ("encode_frames", "decode_frames")
+) -> Tiled:
     return Tiled(vae, Tiling(tile, overlap, tuple(networks)))

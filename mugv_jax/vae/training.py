@@ -9,7 +9,8 @@ spatial autoencoder.
 The run loop is the one every trainer uses (mugv.run.driver, with VAETask and VAEBackend below):
 orbax checkpoints (`<workdir>/checkpoints/<step>/`), TensorBoard + `<workdir>/logs/metrics.jsonl`,
 held-out evaluation at the start, every `eval_every` steps and at the end, SIGTERM, non-finite
-steps (skipped inside the jitted step, counted, the run stopped after a limit). Held-out PSNR/SSIM are measured on the last frames of every
+steps (skipped inside the jitted step, counted, the run stopped after a limit). Held-out PSNR/SSIM are measured on the
+last frames of every
 clip (`data.holdout_fraction`), which training never samples.
 
 On completion the weights go to `<workdir>/vae.safetensors` in the release layout (loadable by
@@ -17,12 +18,13 @@ On completion the weights go to `<workdir>/vae.safetensors` in the release layou
 per-channel mean/std of the posterior means of training crops, so normalised latents have
 roughly zero mean and unit variance.
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import os
-from typing import Iterable
+from collections.abc import Iterable
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +33,6 @@ import optax
 from flax import nnx
 
 from mugv.run import driver
-
 from mugv.vae_config import TEMPORAL_GROUP, VAEConfig, get_vae_config
 from mugv_jax.vae import losses
 from mugv_jax.vae.checkpoint import export_release_state_dict, load
@@ -48,6 +49,7 @@ RESULT_NAME = "vae_result.json"
 
 
 # --- configuration --------------------------------------------------------------------------------
+
 
 def resolve_vae_config(config) -> VAEConfig:
     preset = config.vae_preset
@@ -83,6 +85,7 @@ def _windows(config) -> list[int]:
 
 # --- data -----------------------------------------------------------------------------------------
 
+
 def load_clips(config, clips: Iterable[np.ndarray] | None) -> tuple[list[np.ndarray], list[tuple[str, str]]]:
     """uint8 clips [T, H, W, 3] and the (file, reason) of every video that could not be read."""
     failures: list[tuple[str, str]] = []
@@ -90,20 +93,22 @@ def load_clips(config, clips: Iterable[np.ndarray] | None) -> tuple[list[np.ndar
         out = [np.asarray(c) for c in clips]
     elif config.data.videos == "builtin:procedural":
         n = max(8, config.data.eval_clips * 2)
-        out = procedural_clips(n, frames=max(2 * config.frames, 32), size=max(config.size) * 2,
-                               seed=config.seed)
+        out = procedural_clips(n, frames=max(2 * config.frames, 32), size=max(config.size) * 2, seed=config.seed)
     else:
         paths = list_videos(config.data.videos)
-        out = [f for _, f, _ in read_videos(paths, failures, max_frames=config.data.max_frames,
-                                           short_side=config.data.short_side)]
+        out = [
+            f
+            for _, f, _ in read_videos(
+                paths, failures, max_frames=config.data.max_frames, short_side=config.data.short_side
+            )
+        ]
         for path, reason in failures:
             log.warning("skipped unreadable video %s: %s", path, reason)
     for i, c in enumerate(out):
         if c.ndim != 4 or c.shape[-1] != 3 or c.dtype != np.uint8:
             raise ValueError(f"training clip {i} must be uint8 [T, H, W, 3], got {c.dtype} {c.shape}")
     if not out:
-        raise ValueError(f"no training clips from {config.data.videos!r} "
-                         f"({len(failures)} unreadable: {failures[:3]})")
+        raise ValueError(f"no training clips from {config.data.videos!r} ({len(failures)} unreadable: {failures[:3]})")
     return out, failures
 
 
@@ -133,8 +138,15 @@ class CropSampler:
     evaluates) as the 24 frames, three latents, that encoding it produces.
     """
 
-    def __init__(self, clips: list[np.ndarray], frames: int, size: tuple[int, int], holdout: float,
-                 holdout_clips: int = 0, first_frame: bool = False):
+    def __init__(
+        self,
+        clips: list[np.ndarray],
+        frames: int,
+        size: tuple[int, int],
+        holdout: float,
+        holdout_clips: int = 0,
+        first_frame: bool = False,
+    ):
         h, w = size
         self.frames, self.size = frames, (h, w)
         self.train, self.held = [], []
@@ -153,13 +165,15 @@ class CropSampler:
                 continue
             n_held = 0 if held_out else int(round(t * holdout))
             if holdout > 0 and not held_out and t - n_held >= frames and n_held >= frames:
-                self.train.append(c[:t - n_held])
-                self.held.append(c[t - n_held:])
+                self.train.append(c[: t - n_held])
+                self.held.append(c[t - n_held :])
             elif t >= frames:
                 self.train.append(c)
         if not self.train:
-            raise ValueError(f"no clip has {frames} frames for training (clip lengths "
-                             f"{[c.shape[0] for c in clips]}{', first-frame padded' if first_frame else ''})")
+            raise ValueError(
+                f"no clip has {frames} frames for training (clip lengths "
+                f"{[c.shape[0] for c in clips]}{', first-frame padded' if first_frame else ''})"
+            )
         if held_out and not self.held:
             raise ValueError(f"no held-out clip has {frames} frames (config.data.holdout_clips={holdout_clips})")
 
@@ -170,7 +184,7 @@ class CropSampler:
             t0 = rng.integers(c.shape[0] - self.frames + 1)
             y0 = rng.integers(c.shape[1] - self.size[0] + 1)
             x0 = rng.integers(c.shape[2] - self.size[1] + 1)
-            crop = c[t0:t0 + self.frames, y0:y0 + self.size[0], x0:x0 + self.size[1]]
+            crop = c[t0 : t0 + self.frames, y0 : y0 + self.size[0], x0 : x0 + self.size[1]]
             out.append(crop[:, :, ::-1] if rng.random() < 0.5 else crop)
         return to_unit(np.stack(out))
 
@@ -182,8 +196,7 @@ class CropSampler:
         if not self.held:
             return None
         if self.whole_clips_held:
-            windows = [(c, t0) for c in self.held[:count]
-                       for t0 in range(0, c.shape[0] - self.frames + 1, self.frames)]
+            windows = [(c, t0) for c in self.held[:count] for t0 in range(0, c.shape[0] - self.frames + 1, self.frames)]
         else:
             windows = []
             for i in range(count):
@@ -193,11 +206,12 @@ class CropSampler:
         for c, t0 in windows:
             y0 = (c.shape[1] - self.size[0]) // 2
             x0 = (c.shape[2] - self.size[1]) // 2
-            out.append(c[t0:t0 + self.frames, y0:y0 + self.size[0], x0:x0 + self.size[1]])
+            out.append(c[t0 : t0 + self.frames, y0 : y0 + self.size[0], x0 : x0 + self.size[1]])
         return to_unit(np.stack(out))
 
 
 # --- the model forward used for training ----------------------------------------------------------
+
 
 def reconstruct(model: VideoVAE, x: jax.Array, window: int, noise_key: jax.Array | None):
     """Video [B, T, H, W, 3] → (reconstruction, posterior mean, clamped logvar).
@@ -225,23 +239,30 @@ def reconstruct(model: VideoVAE, x: jax.Array, window: int, noise_key: jax.Array
 
 # --- state and steps ------------------------------------------------------------------------------
 
+
 def _schedule(o, num_steps: int):
     warm = max(int(o.warmup_steps), 1)
     decay = max(num_steps - warm, 1)
     return optax.join_schedules(
-        [optax.linear_schedule(0.0, o.learning_rate, warm),
-         optax.cosine_decay_schedule(o.learning_rate, decay, alpha=o.final_lr_ratio)], [warm])
+        [
+            optax.linear_schedule(0.0, o.learning_rate, warm),
+            optax.cosine_decay_schedule(o.learning_rate, decay, alpha=o.final_lr_ratio),
+        ],
+        [warm],
+    )
 
 
 def _optimizer(config, params) -> optax.GradientTransformation:
     o = config.optim
-    opt = optax.chain(optax.clip_by_global_norm(o.clip_norm),
-                      optax.adamw(_schedule(o, config.num_steps), b1=o.b1, b2=o.b2,
-                                  weight_decay=o.weight_decay))
+    opt = optax.chain(
+        optax.clip_by_global_norm(o.clip_norm),
+        optax.adamw(_schedule(o, config.num_steps), b1=o.b1, b2=o.b2, weight_decay=o.weight_decay),
+    )
     if not config.freeze_spatial:
         return opt
     labels = jax.tree_util.tree_map_with_path(
-        lambda path, _: "frozen" if str(getattr(path[0], "key", path[0])) == "spatial_vae" else "train", params)
+        lambda path, _: "frozen" if str(getattr(path[0], "key", path[0])) == "spatial_vae" else "train", params
+    )
     return optax.multi_transform({"train": opt, "frozen": optax.set_to_zero()}, labels)
 
 
@@ -334,8 +355,7 @@ class Trainer:
             return loss, (terms, y)
 
         def step(params, opt_state, d_params, d_opt_state, x, key, saliency_mix, gan_on):
-            grads, (terms, y) = jax.grad(generator_loss, has_aux=True)(
-                params, d_params, x, key, saliency_mix, gan_on)
+            grads, (terms, y) = jax.grad(generator_loss, has_aux=True)(params, d_params, x, key, saliency_mix, gan_on)
             terms["grad_norm"] = optax.global_norm(grads)
             # A non-finite loss or gradient leaves the weights and moments alone (the run loop
             # counts it and stops after config.max_nonfinite_in_a_row).
@@ -345,11 +365,13 @@ class Trainer:
             params, opt_state = keep(optax.apply_updates(params, updates), params), keep(new_opt_state, opt_state)
             terms["finite"] = finite
             if self.use_gan:
+
                 def d_loss(dp):
                     d = self.disc(dp)
                     real = d(x.reshape(-1, *x.shape[2:]))
                     fake = d(jax.lax.stop_gradient(y).reshape(-1, *y.shape[2:]))
                     return losses.hinge_d(real, fake)
+
                 dl, dg = jax.value_and_grad(d_loss)(d_params)
                 dg = jax.tree.map(lambda g: g * gan_on, dg)
                 d_updates, d_opt_state = self.d_opt.update(dg, d_opt_state, d_params)
@@ -364,8 +386,16 @@ class Trainer:
         fn = self._train_step(window)
         d_params = self.d_params if self.use_gan else None
         d_opt = self.d_opt_state if self.use_gan else None
-        p, o, dp, do, terms = fn(self.params, self.opt_state, d_params, d_opt, jnp.asarray(x), key,
-                                 jnp.float32(saliency_mix), jnp.float32(gan_on))
+        p, o, dp, do, terms = fn(
+            self.params,
+            self.opt_state,
+            d_params,
+            d_opt,
+            jnp.asarray(x),
+            key,
+            jnp.float32(saliency_mix),
+            jnp.float32(gan_on),
+        )
         self.params, self.opt_state = p, o
         if self.use_gan:
             self.d_params, self.d_opt_state = dp, do
@@ -381,22 +411,29 @@ class Trainer:
             def run(params, x):
                 y, _, _ = reconstruct(self.model(params), x, window, None)
                 return losses.psnr(x, y), losses.ssim(x, y)
+
             self._eval = self._jit(run)
         p, s = self._eval(self.params, jnp.asarray(x))
         return {"psnr": float(jnp.mean(p)), "ssim": float(jnp.mean(s))}
 
     def latent_stats(self, sampler: CropSampler, batches: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
         """Per-channel mean and std of posterior means over `batches` batches of training crops."""
+
         def moments(params, x):
             model = self.model(params)
             b, t, h, w, c = x.shape
             feats = model.spatial_vae.encode_frames(x.reshape(b * t, h, w, c))
             m = model.temporal_vae.encode_groups(feats.reshape(-1, TEMPORAL_GROUP, *feats.shape[1:]))
-            return m[..., :m.shape[-1] // 2].reshape(-1, m.shape[-1] // 2)
+            return m[..., : m.shape[-1] // 2].reshape(-1, m.shape[-1] // 2)
+
         fn = self._jit(moments)
         rng = np.random.default_rng([seed, 2**31 - 1])
-        zs = np.concatenate([np.asarray(fn(self.params, jnp.asarray(sampler.batch(rng, self.config.batch_size))))
-                             for _ in range(max(batches, 1))])
+        zs = np.concatenate(
+            [
+                np.asarray(fn(self.params, jnp.asarray(sampler.batch(rng, self.config.batch_size))))
+                for _ in range(max(batches, 1))
+            ]
+        )
         return zs.mean(0), np.maximum(zs.std(0), 1e-6)
 
     def export(self, path: str, shift: np.ndarray, scale: np.ndarray) -> None:
@@ -410,10 +447,12 @@ class Trainer:
 def save_release(tensors: dict[str, np.ndarray], path: str) -> None:
     """Atomic safetensors write (0-d tensors stay 0-d: the release's scalar `logvar`)."""
     from mugv.safetensors_io import save_atomic
+
     save_atomic(tensors, path)
 
 
 # --- the run: a task and a backend for mugv.run.driver --------------------------------------------
+
 
 def _flat(tree) -> dict[str, object]:
     # Orbax wants string keys; the param dicts have int keys (nnx.List indices). Leaves in
@@ -454,6 +493,7 @@ class CropIterator:
 class VAETask:
     """VAE training as a run of the shared driver: crop batches, reconstruction metrics, held-out
     PSNR/SSIM as the evaluation."""
+
     name = "vae"
     log_dir = "logs"
 
@@ -477,13 +517,18 @@ class VAETask:
         return out
 
     def console(self, step: int, total: int, s: dict) -> str:
-        parts = [f"vae step {step}/{total}", f"loss {s['loss']:.4f}", f"rec {s.get('train/rec', float('nan')):.4f}",
-                 f"{s['train/step_time']:.2f}s/step"]
+        parts = [
+            f"vae step {step}/{total}",
+            f"loss {s['loss']:.4f}",
+            f"rec {s.get('train/rec', float('nan')):.4f}",
+            f"{s['train/step_time']:.2f}s/step",
+        ]
         return " | ".join(parts)
 
 
 class VAEBackend:
     """The VAE Trainer behind the driver's backend interface (JAX, one process)."""
+
     name = "jax"
     is_main = True
     data_shard = (0, 1)
@@ -491,6 +536,7 @@ class VAEBackend:
 
     def __init__(self, config, trainer: Trainer, workdir: str, run_config: dict):
         from mugv_jax.train.checkpointing import Checkpointer
+
         self.config, self.trainer, self.run_config = config, trainer, run_config
         self.ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints, use_async=False)
         self.checkpoint_dir = self.ckpt.directory
@@ -558,6 +604,7 @@ class VAEBackend:
 
 # --- entry point ----------------------------------------------------------------------------------
 
+
 def train_vae(config, workdir: str, clips: Iterable[np.ndarray] | None = None, progress: bool = True) -> dict:
     """Train (or resume) a VAE; returns {"weights", "vae_config", "psnr_before", "psnr_after",
     "ssim_before", "ssim_after", "steps", "skipped_videos", "shift", "scale"}.
@@ -581,12 +628,19 @@ def train_vae(config, workdir: str, clips: Iterable[np.ndarray] | None = None, p
             return done
 
     data, failures = load_clips(config, clips)
-    sampler = CropSampler(data, config.frames, tuple(config.size), config.data.holdout_fraction,
-                          config.data.get("holdout_clips", 0), config.data.get("first_frame", False))
+    sampler = CropSampler(
+        data,
+        config.frames,
+        tuple(config.size),
+        config.data.holdout_fraction,
+        config.data.get("holdout_clips", 0),
+        config.data.get("first_frame", False),
+    )
     eval_x = sampler.eval_set(config.data.eval_clips)
     if eval_x is None:
-        log.warning("clips too short to hold out %s of their frames; evaluating on training crops",
-                    config.data.holdout_fraction)
+        log.warning(
+            "clips too short to hold out %s of their frames; evaluating on training crops", config.data.holdout_fraction
+        )
         eval_x = sampler.batch(np.random.default_rng([config.seed, 2**31 - 2]), config.data.eval_clips)
 
     trainer = Trainer(config, vae_cfg)
@@ -599,17 +653,28 @@ def train_vae(config, workdir: str, clips: Iterable[np.ndarray] | None = None, p
         backend.finish()
     before = backend.before["eval/psnr"], backend.before["eval/ssim"]
     last = summary["evaluations"][-1] if summary["evaluations"] else None
-    after = ({"psnr": last["eval/psnr"], "ssim": last["eval/ssim"]} if last and last["step"] == trainer.step
-             else trainer.evaluate(eval_x))
+    after = (
+        {"psnr": last["eval/psnr"], "ssim": last["eval/ssim"]}
+        if last and last["step"] == trainer.step
+        else trainer.evaluate(eval_x)
+    )
     shift, scale = trainer.latent_stats(sampler, config.data.stats_batches, config.seed)
     trainer.export(weights, shift, scale)
     with open(os.path.join(workdir, "vae_config.json"), "w") as f:
         json.dump(vae_cfg.to_dict(), f, indent=1)
 
-    result = {"weights": weights, "vae_config": vae_cfg.to_dict(), "psnr_before": before[0],
-              "psnr_after": after["psnr"], "ssim_before": before[1], "ssim_after": after["ssim"],
-              "steps": trainer.step, "skipped_videos": [list(f) for f in failures],
-              "shift": shift.tolist(), "scale": scale.tolist()}
+    result = {
+        "weights": weights,
+        "vae_config": vae_cfg.to_dict(),
+        "psnr_before": before[0],
+        "psnr_after": after["psnr"],
+        "ssim_before": before[1],
+        "ssim_after": after["ssim"],
+        "steps": trainer.step,
+        "skipped_videos": [list(f) for f in failures],
+        "shift": shift.tolist(),
+        "scale": scale.tolist(),
+    }
     tmp = result_path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(result, f, indent=1)

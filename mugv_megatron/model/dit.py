@@ -28,23 +28,20 @@ layer. A stage after the first takes its input hidden state from `set_input_tens
 schedules call it) and a stage before the last returns the hidden state [S_local, B, C];
 `mugv_megatron.parallel.pipeline_parallel` runs the schedule.
 """
+
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
-
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 
 from mugv.config import DiTConfig
-from mugv_megatron.parallel import context_parallel
 from mugv_megatron.model.attention import trailing_padding
-from mugv_megatron.model.embedders import (CaptionEmbedder, FinalLayer, PatchEmbed3D, SinusoidEmbedder,
-                                     unpatchify)
-from mugv_megatron.model.layer import LayerInputs, MODULATION_ROWS, MUGDiTBlock
+from mugv_megatron.model.embedders import CaptionEmbedder, FinalLayer, PatchEmbed3D, SinusoidEmbedder, unpatchify
+from mugv_megatron.model.layer import MODULATION_ROWS, LayerInputs, MUGDiTBlock
 from mugv_megatron.model.rope import rope_angles, rope_cos_sin
+from mugv_megatron.parallel import context_parallel
 
 SPECIAL_TOKEN_INIT_STD = 0.02
 
@@ -78,14 +75,24 @@ def valid_tokens_first(text: torch.Tensor, valid: torch.Tensor):
 def _pipeline_position(tc) -> tuple[bool, bool]:
     if tc.pipeline_model_parallel_size == 1:
         return True, True
-    return (parallel_state.is_pipeline_first_stage(ignore_virtual=True),
-            parallel_state.is_pipeline_last_stage(ignore_virtual=True))
+    return (
+        parallel_state.is_pipeline_first_stage(ignore_virtual=True),
+        parallel_state.is_pipeline_last_stage(ignore_virtual=True),
+    )
 
 
 class MUGDiT(MegatronModule):
-    def __init__(self, config: DiTConfig, transformer_config, layer_spec, *,
-                 pre_process: Optional[bool] = None, post_process: Optional[bool] = None,
-                 layer_offset: Optional[int] = None, num_layers: Optional[int] = None):
+    def __init__(
+        self,
+        config: DiTConfig,
+        transformer_config,
+        layer_spec,
+        *,
+        pre_process: bool | None = None,
+        post_process: bool | None = None,
+        layer_offset: int | None = None,
+        num_layers: int | None = None,
+    ):
         """`pre_process` / `post_process` (first / last pipeline stage) and the stage's layers
         (`layer_offset`, `num_layers`) default to this rank's place in megatron's pipeline
         group; without pipeline parallelism: both True, all layers."""
@@ -93,15 +100,16 @@ class MUGDiT(MegatronModule):
         if config.patch_size[0] != 1:
             raise ValueError(
                 f"patch_size {config.patch_size}: x_mask and frame_indice are per latent frame, "
-                f"so the temporal patch size must be 1")
+                f"so the temporal patch size must be 1"
+            )
         tc = transformer_config
         if tc.num_layers != config.depth:
-            raise ValueError(f"transformer config has {tc.num_layers} layers, DiTConfig.depth is "
-                             f"{config.depth}")
+            raise ValueError(f"transformer config has {tc.num_layers} layers, DiTConfig.depth is {config.depth}")
         if tc.context_parallel_size != context_parallel.size():
             raise ValueError(
                 f"transformer config has context-parallel size {tc.context_parallel_size}, "
-                f"megatron's parallel state {context_parallel.size()}")
+                f"megatron's parallel state {context_parallel.size()}"
+            )
         self.dit_config = config
         # Read by megatron's pipeline schedules and finalize_model_grads (no word embeddings to
         # tie between the first and last stage).
@@ -118,27 +126,28 @@ class MUGDiT(MegatronModule):
         self.end_token = torch.nn.Parameter(torch.randn(c, dtype=dtype) * SPECIAL_TOKEN_INIT_STD)
         self.timestep_embedder = SinusoidEmbedder(config, dtype)
         self.fps_embedder = SinusoidEmbedder(config, dtype)
-        self.timestep_block = torch.nn.Sequential(
-            torch.nn.SiLU(), torch.nn.Linear(c, MODULATION_ROWS * c, dtype=dtype))
+        self.timestep_block = torch.nn.Sequential(torch.nn.SiLU(), torch.nn.Linear(c, MODULATION_ROWS * c, dtype=dtype))
         self.context_embedder = CaptionEmbedder(config, dtype)
         # Replicated on every pipeline stage: their grads are summed over the pipeline group.
-        for module in (self.x_embedder, self.timestep_embedder, self.fps_embedder,
-                       self.timestep_block, self.context_embedder):
+        for module in (
+            self.x_embedder,
+            self.timestep_embedder,
+            self.fps_embedder,
+            self.timestep_block,
+            self.context_embedder,
+        ):
             for p in module.parameters():
-                setattr(p, "pipeline_parallel", True)
+                p.pipeline_parallel = True
         for p in (self.start_token, self.end_token):
-            setattr(p, "pipeline_parallel", True)
-        self.decoder = MUGDiTBlock(tc, layer_spec, num_layers=num_layers,
-                                   layer_offset=layer_offset)
-        self.final_layer = (FinalLayer(config, dtype, tc.sequence_parallel) if self.post_process
-                            else None)
+            p.pipeline_parallel = True
+        self.decoder = MUGDiTBlock(tc, layer_spec, num_layers=num_layers, layer_offset=layer_offset)
+        self.final_layer = FinalLayer(config, dtype, tc.sequence_parallel) if self.post_process else None
 
     def set_input_tensor(self, input_tensor) -> None:
         """The hidden state from the previous pipeline stage (megatron's schedules pass a list)."""
         if isinstance(input_tensor, (list, tuple)):
             if len(input_tensor) != 1:
-                raise ValueError(
-                    f"MUGDiT takes one input tensor per stage, got {len(input_tensor)}")
+                raise ValueError(f"MUGDiT takes one input tensor per stage, got {len(input_tensor)}")
             input_tensor = input_tensor[0]
         self._input_tensor = input_tensor
 
@@ -155,23 +164,27 @@ class MUGDiT(MegatronModule):
         if tuple(timestep.shape) != (b,):
             raise ValueError(f"timestep must be [B] = [{b}], got {list(timestep.shape)}")
         if y.dim() != 4 or y.shape[0] != b or y.shape[1] != 1 or y.shape[3] != cfg.text_dim:
-            raise ValueError(
-                f"y must be [B, 1, L, {cfg.text_dim}] with B = {b}, got {list(y.shape)}")
+            raise ValueError(f"y must be [B, 1, L, {cfg.text_dim}] with B = {b}, got {list(y.shape)}")
         if mask is not None and tuple(mask.shape) != (b, y.shape[2]):
             raise ValueError(f"mask must be [B, L] = [{b}, {y.shape[2]}], got {list(mask.shape)}")
         if x_mask is not None and tuple(x_mask.shape) != (b, t):
             raise ValueError(f"x_mask must be [B, T] = [{b}, {t}], got {list(x_mask.shape)}")
         if fps is None or tuple(fps.shape) != (b,):
-            raise ValueError(f"fps must be given as [B] = [{b}], got "
-                             f"{None if fps is None else list(fps.shape)}")
+            raise ValueError(f"fps must be given as [B] = [{b}], got {None if fps is None else list(fps.shape)}")
         if frame_indice is not None and tuple(frame_indice.shape) != (b, t + 2):
-            raise ValueError(f"frame_indice must be [B, T+2] = [{b}, {t + 2}], got "
-                             f"{list(frame_indice.shape)}")
+            raise ValueError(f"frame_indice must be [B, T+2] = [{b}, {t + 2}], got {list(frame_indice.shape)}")
 
-    def forward(self, x: torch.Tensor, timestep: torch.Tensor, y: torch.Tensor,
-                mask: Optional[torch.Tensor] = None, x_mask: Optional[torch.Tensor] = None,
-                fps: Optional[torch.Tensor] = None, frame_indice: Optional[torch.Tensor] = None,
-                activations: Optional[dict] = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        timestep: torch.Tensor,
+        y: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        x_mask: torch.Tensor | None = None,
+        fps: torch.Tensor | None = None,
+        frame_indice: torch.Tensor | None = None,
+        activations: dict | None = None,
+    ) -> torch.Tensor:
         """Release-layout call → [B, out_channels, T, H, W] float32.
 
         x [B, C_in, T, H, W]; timestep [B]; y [B, 1, L, D]; mask [B, L] (1 = valid token);
@@ -200,7 +213,7 @@ class MUGDiT(MegatronModule):
         tokens = None
         if self.pre_process:
             patches = self.x_embedder(x.to(device=device, dtype=dtype))
-            tokens = patches.flatten(2).transpose(1, 2)                   # [B, N, C]
+            tokens = patches.flatten(2).transpose(1, 2)  # [B, N, C]
             capture("x_embedder", tokens)
 
         # 2. Timestep / fps conditioning.
@@ -212,18 +225,21 @@ class MUGDiT(MegatronModule):
         fps_emb = self.fps_embedder(fps.to(device))
         e_t, e_0 = t_emb + fps_emb, t0_emb + fps_emb
         m_t, m_0 = self.timestep_block(e_t), self.timestep_block(e_0)
-        for name, value in (("t_embedder.call0", t_emb), ("t_embedder.call1", t0_emb),
-                            ("fps_embedder", fps_emb), ("t_block.call0", m_t),
-                            ("t_block.call1", m_0)):
+        for name, value in (
+            ("t_embedder.call0", t_emb),
+            ("t_embedder.call1", t0_emb),
+            ("fps_embedder", fps_emb),
+            ("t_block.call0", m_t),
+            ("t_block.call1", m_0),
+        ):
             capture(name, value)
 
         # 3. Text.
-        text = self.context_embedder(y[:, 0].to(device=device, dtype=dtype))   # [B, L, C]
+        text = self.context_embedder(y[:, 0].to(device=device, dtype=dtype))  # [B, L, C]
         capture("y_embedder", text[:, None])
-        valid = (torch.ones(text.shape[:2], dtype=torch.bool) if mask is None
-                 else mask.to(torch.bool)).to(device)
+        valid = (torch.ones(text.shape[:2], dtype=torch.bool) if mask is None else mask.to(torch.bool)).to(device)
         text, valid = valid_tokens_first(text, valid)
-        context = text.transpose(0, 1)                                            # [L, B, C]
+        context = text.transpose(0, 1)  # [L, B, C]
         context_padding = (~valid).view(b, 1, 1, -1)
 
         # 4. Sequence with start/end tokens, per-token timestep choice, RoPE.
@@ -236,28 +252,27 @@ class MUGDiT(MegatronModule):
         padded = padded_length(length, tp=tp, sp=sp, cp=cp)
         cp_lo, cp_hi = context_parallel.shard_bounds(padded)
 
-        generated = (torch.ones(b, frames, dtype=torch.bool) if x_mask is None
-                     else x_mask.to(torch.bool)).to(device)
-        per_video_token = generated.repeat_interleave(n // frames, dim=1)         # [B, N]
+        generated = (torch.ones(b, frames, dtype=torch.bool) if x_mask is None else x_mask.to(torch.bool)).to(device)
+        per_video_token = generated.repeat_interleave(n // frames, dim=1)  # [B, N]
         noisy = torch.zeros(padded, b, dtype=torch.bool, device=device)
-        noisy[1:length - 1] = per_video_token.t()
+        noisy[1 : length - 1] = per_video_token.t()
         noisy = noisy[cp_lo:cp_hi]
 
         if frame_indice is None:
             frame_indice = torch.arange(frames + 2).expand(b, -1)
-        cos, sin = rope_cos_sin(rope_angles(grid, frame_indice.cpu(), cfg, total_tokens=padded),
-                                dtype, device)
+        cos, sin = rope_cos_sin(rope_angles(grid, frame_indice.cpu(), cfg, total_tokens=padded), dtype, device)
         cos, sin = cos[cp_lo:cp_hi], sin[cp_lo:cp_hi]
         self_key_padding = trailing_padding(b, padded, length, device)
 
         if self.pre_process:
-            seq = torch.cat([self.start_token.view(1, 1, c).expand(b, 1, c), tokens,
-                             self.end_token.view(1, 1, c).expand(b, 1, c)], dim=1)
+            seq = torch.cat(
+                [self.start_token.view(1, 1, c).expand(b, 1, c), tokens, self.end_token.view(1, 1, c).expand(b, 1, c)],
+                dim=1,
+            )
             hidden = torch.nn.functional.pad(seq, (0, 0, 0, padded - length)).transpose(0, 1)
-            hidden = hidden[cp_lo:cp_hi].contiguous()                          # [S_cp, B, C]
+            hidden = hidden[cp_lo:cp_hi].contiguous()  # [S_cp, B, C]
             if sp:
-                hidden = tensor_parallel.scatter_to_sequence_parallel_region(hidden,
-                                                                             group=tp_group)
+                hidden = tensor_parallel.scatter_to_sequence_parallel_region(hidden, group=tp_group)
         else:
             hidden = self._input_tensor
             local = (cp_hi - cp_lo) // (tp if sp else 1)
@@ -265,26 +280,35 @@ class MUGDiT(MegatronModule):
                 raise ValueError(
                     f"pipeline stage {parallel_state.get_pipeline_model_parallel_rank()}: the "
                     f"input tensor from the previous stage must be [{local}, {b}, {c}], got "
-                    f"{None if hidden is None else list(hidden.shape)}")
+                    f"{None if hidden is None else list(hidden.shape)}"
+                )
 
         if sp:
             chunk = (cp_hi - cp_lo) // tp
             rank = tp_group.rank()
-            noisy = noisy[rank * chunk:(rank + 1) * chunk]
+            noisy = noisy[rank * chunk : (rank + 1) * chunk]
             # Replicated conditioning used by local tokens only: sum its grads over the ranks.
             m_t, m_0, e_t, e_0 = (
-                tensor_parallel.copy_to_tensor_model_parallel_region(v, group=tp_group)
-                for v in (m_t, m_0, e_t, e_0))
+                tensor_parallel.copy_to_tensor_model_parallel_region(v, group=tp_group) for v in (m_t, m_0, e_t, e_0)
+            )
 
-        inputs = LayerInputs(modulation_t=m_t, modulation_t0=m_0, noisy=noisy.unsqueeze(-1),
-                             rope_cos=cos, rope_sin=sin, self_key_padding=self_key_padding,
-                             context=context, context_padding=context_padding)
+        inputs = LayerInputs(
+            modulation_t=m_t,
+            modulation_t0=m_0,
+            noisy=noisy.unsqueeze(-1),
+            rope_cos=cos,
+            rope_sin=sin,
+            self_key_padding=self_key_padding,
+            context=context,
+            context_padding=context_padding,
+        )
 
         def gather_sequence(h):
             """Local tokens → the whole padded sequence (no grads: for inspection only)."""
             if sp:
                 h = tensor_parallel.gather_from_sequence_parallel_region(
-                    h, tensor_parallel_output_grad=False, group=tp_group)
+                    h, tensor_parallel_output_grad=False, group=tp_group
+                )
             return context_parallel.gather_output(h)
 
         def capture_block(i, h):
@@ -300,9 +324,10 @@ class MUGDiT(MegatronModule):
         out = self.final_layer(hidden, emb)
         if sp:
             out = tensor_parallel.gather_from_sequence_parallel_region(
-                out, tensor_parallel_output_grad=False, group=tp_group)
+                out, tensor_parallel_output_grad=False, group=tp_group
+            )
         out = context_parallel.gather_output(out)
-        out = out[1:length - 1].transpose(0, 1)                                   # [B, N, P·C]
+        out = out[1 : length - 1].transpose(0, 1)  # [B, N, P·C]
         capture("final_layer", out)
         video = unpatchify(out, grid, cfg)
         return video[:, :, :frames, :height, :width].float()

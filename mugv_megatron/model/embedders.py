@@ -4,6 +4,7 @@ They are small and replicated on every tensor-parallel rank, so they are plain t
 Attribute names give the Megatron parameter names of docs/reference.md §4.6
 (`timestep_embedder.mlp.0.weight`, `context_embedder.proj.fc1.weight`, …).
 """
+
 from __future__ import annotations
 
 import math
@@ -17,8 +18,7 @@ from mugv_megatron.model.norms import LayerNormNoAffine
 SINUSOID_MAX_PERIOD = 10000.0
 
 
-def sinusoidal_embedding(t: torch.Tensor, dim: int,
-                         max_period: float = SINUSOID_MAX_PERIOD) -> torch.Tensor:
+def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = SINUSOID_MAX_PERIOD) -> torch.Tensor:
     """[cos(t·f_k), sin(t·f_k)] with f_k = max_period^(-k/half), in float64; t used raw."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float64) / half)
@@ -76,9 +76,9 @@ class PatchEmbed3D(torch.nn.Module):
     def __init__(self, config: DiTConfig, dtype: torch.dtype):
         super().__init__()
         self.patch_size = config.patch_size
-        self.proj = torch.nn.Conv3d(config.in_channels, config.hidden_size,
-                                    kernel_size=config.patch_size, stride=config.patch_size,
-                                    dtype=dtype)
+        self.proj = torch.nn.Conv3d(
+            config.in_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size, dtype=dtype
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[B, C_in, T, H, W] → [B, C, T', H', W']."""
@@ -93,13 +93,11 @@ class PatchEmbed3D(torch.nn.Module):
 class ScaleShiftTable(torch.nn.Module):
     """A learned [rows, C] table added to the timestep projection; stored as `<name>.bias`."""
 
-    def __init__(self, rows: int, hidden_size: int, dtype: torch.dtype,
-                 sequence_parallel: bool = False):
+    def __init__(self, rows: int, hidden_size: int, dtype: torch.dtype, sequence_parallel: bool = False):
         super().__init__()
-        self.bias = torch.nn.Parameter(torch.randn(rows, hidden_size, dtype=dtype)
-                                       / math.sqrt(hidden_size))
+        self.bias = torch.nn.Parameter(torch.randn(rows, hidden_size, dtype=dtype) / math.sqrt(hidden_size))
         # Added to sequence-split tokens: its grad is summed over TP by finalize_model_grads.
-        setattr(self.bias, "sequence_parallel", sequence_parallel)
+        self.bias.sequence_parallel = sequence_parallel
 
 
 class FinalLayer(torch.nn.Module):
@@ -109,10 +107,9 @@ class FinalLayer(torch.nn.Module):
         super().__init__()
         self.norm_final = LayerNormNoAffine(eps=config.norm_eps)
         self.scale_shift_table = ScaleShiftTable(2, config.hidden_size, dtype, sequence_parallel)
-        self.linear = torch.nn.Linear(config.hidden_size,
-                                      config.patch_volume * config.out_channels, dtype=dtype)
+        self.linear = torch.nn.Linear(config.hidden_size, config.patch_volume * config.out_channels, dtype=dtype)
         for p in self.linear.parameters():
-            setattr(p, "sequence_parallel", sequence_parallel)
+            p.sequence_parallel = sequence_parallel
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         """x [S, B, C]; emb [S, B, C] (each token's t-embedding) → [S, B, patch·C_out]."""

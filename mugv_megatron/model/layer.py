@@ -9,13 +9,12 @@ The modulation is chosen per token between the projection of the real timestep (
 frames) and that of t = 0 (conditioning frames, start and end tokens). Table addition and
 modulation are computed in at least float32 (docs/reference.md §3.4).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
 
 import torch
-
 from megatron.core import parallel_state
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
@@ -28,17 +27,18 @@ MODULATION_ROWS = 6
 
 @dataclass
 class MUGDiTLayerSubmodules:
-    input_layernorm: Union[ModuleSpec, type] = None
-    self_attention: Union[ModuleSpec, type] = None
-    pre_cross_attn_layernorm: Union[ModuleSpec, type] = None
-    cross_attention: Union[ModuleSpec, type] = None
-    pre_mlp_layernorm: Union[ModuleSpec, type] = None
-    mlp: Union[ModuleSpec, type] = None
+    input_layernorm: ModuleSpec | type = None
+    self_attention: ModuleSpec | type = None
+    pre_cross_attn_layernorm: ModuleSpec | type = None
+    cross_attention: ModuleSpec | type = None
+    pre_mlp_layernorm: ModuleSpec | type = None
+    mlp: ModuleSpec | type = None
 
 
 @dataclass
 class LayerInputs:
     """Per-forward tensors shared by every layer (computed once by the model)."""
+
     # Timestep projections [B, 6·C]: of the real timestep, and of t = 0.
     modulation_t: torch.Tensor
     modulation_t0: torch.Tensor
@@ -47,7 +47,7 @@ class LayerInputs:
     rope_cos: torch.Tensor
     rope_sin: torch.Tensor
     # [B, 1, 1, S] key mask for self-attention (True = padding), None when nothing is padded.
-    self_key_padding: Optional[torch.Tensor]
+    self_key_padding: torch.Tensor | None
     # Text [L, B, C] and its key mask [B, 1, 1, L].
     context: torch.Tensor
     context_padding: torch.Tensor
@@ -59,22 +59,24 @@ class MUGDiTLayer(MegatronModule):
         self.layer_number = layer_number
         c = config.hidden_size
         # Declared first, as in the reference: parameter order = order of use.
-        self.scale_shift_table = ScaleShiftTable(MODULATION_ROWS, c, config.params_dtype,
-                                                 config.sequence_parallel)
-        self.input_layernorm = build_module(submodules.input_layernorm, config=config,
-                                            hidden_size=c, eps=config.layernorm_epsilon)
-        self.self_attention = build_module(submodules.self_attention, config=config,
-                                           layer_number=layer_number)
+        self.scale_shift_table = ScaleShiftTable(MODULATION_ROWS, c, config.params_dtype, config.sequence_parallel)
+        self.input_layernorm = build_module(
+            submodules.input_layernorm, config=config, hidden_size=c, eps=config.layernorm_epsilon
+        )
+        self.self_attention = build_module(submodules.self_attention, config=config, layer_number=layer_number)
         self.pre_cross_attn_layernorm = build_module(
-            submodules.pre_cross_attn_layernorm, config=config, hidden_size=c,
-            eps=config.layernorm_epsilon)
-        self.cross_attention = build_module(submodules.cross_attention, config=config,
-                                            layer_number=layer_number)
-        self.pre_mlp_layernorm = build_module(submodules.pre_mlp_layernorm, config=config,
-                                              hidden_size=c, eps=config.layernorm_epsilon)
-        self.mlp = build_module(submodules.mlp, config=config,
-                                ffn_hidden_size=config.ffn_hidden_size,
-                                tp_group=parallel_state.get_tensor_model_parallel_group())
+            submodules.pre_cross_attn_layernorm, config=config, hidden_size=c, eps=config.layernorm_epsilon
+        )
+        self.cross_attention = build_module(submodules.cross_attention, config=config, layer_number=layer_number)
+        self.pre_mlp_layernorm = build_module(
+            submodules.pre_mlp_layernorm, config=config, hidden_size=c, eps=config.layernorm_epsilon
+        )
+        self.mlp = build_module(
+            submodules.mlp,
+            config=config,
+            ffn_hidden_size=config.ffn_hidden_size,
+            tp_group=parallel_state.get_tensor_model_parallel_group(),
+        )
 
     def _modulation(self, inputs: LayerInputs) -> list[torch.Tensor]:
         table = self.scale_shift_table.bias.float()
@@ -89,8 +91,9 @@ class MUGDiTLayer(MegatronModule):
         return (normed.float() * (1 + scale) + shift).to(normed.dtype)
 
     @staticmethod
-    def _gated(residual: torch.Tensor, gate: torch.Tensor, out: torch.Tensor,
-               bias: Optional[torch.Tensor]) -> torch.Tensor:
+    def _gated(
+        residual: torch.Tensor, gate: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
         branch = out if bias is None else out + bias
         return residual + (gate * branch.float()).to(residual.dtype)
 
@@ -98,12 +101,10 @@ class MUGDiTLayer(MegatronModule):
         shift1, scale1, gate1, shift2, scale2, gate2 = self._modulation(inputs)
 
         h = self._modulate(self.input_layernorm(hidden), shift1, scale1)
-        out, bias = self.self_attention(h, inputs.rope_cos, inputs.rope_sin,
-                                        inputs.self_key_padding)
+        out, bias = self.self_attention(h, inputs.rope_cos, inputs.rope_sin, inputs.self_key_padding)
         hidden = self._gated(hidden, gate1, out, bias)
 
-        out, bias = self.cross_attention(self.pre_cross_attn_layernorm(hidden), inputs.context,
-                                         inputs.context_padding)
+        out, bias = self.cross_attention(self.pre_cross_attn_layernorm(hidden), inputs.context, inputs.context_padding)
         hidden = hidden + (out if bias is None else out + bias)
 
         h = self._modulate(self.pre_mlp_layernorm(hidden), shift2, scale2)
@@ -117,6 +118,7 @@ def stage_layers(config) -> tuple[int, int]:
         return 0, config.num_layers
     from megatron.core.transformer.transformer_block import get_num_layers_to_build
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
     return get_transformer_layer_offset(config), get_num_layers_to_build(config)
 
 
@@ -128,18 +130,21 @@ class MUGDiTBlock(MegatronModule):
     megatron's split of `config.num_layers` for this pipeline rank.
     """
 
-    def __init__(self, config, layer_spec: ModuleSpec, *, num_layers: Optional[int] = None,
-                 layer_offset: Optional[int] = None):
+    def __init__(
+        self, config, layer_spec: ModuleSpec, *, num_layers: int | None = None, layer_offset: int | None = None
+    ):
         super().__init__(config=config)
         default_offset, default_count = stage_layers(config)
         self.layer_offset = default_offset if layer_offset is None else layer_offset
         count = default_count if num_layers is None else num_layers
         if count < 1 or self.layer_offset < 0 or self.layer_offset + count > config.num_layers:
-            raise ValueError(f"layers [{self.layer_offset}, {self.layer_offset + count}) are not "
-                             f"within the model's {config.num_layers} layers")
+            raise ValueError(
+                f"layers [{self.layer_offset}, {self.layer_offset + count}) are not "
+                f"within the model's {config.num_layers} layers"
+            )
         self.layers = torch.nn.ModuleList(
-            [build_module(layer_spec, config=config, layer_number=self.layer_offset + i + 1)
-             for i in range(count)])
+            [build_module(layer_spec, config=config, layer_number=self.layer_offset + i + 1) for i in range(count)]
+        )
 
     def forward(self, hidden: torch.Tensor, inputs: LayerInputs, on_layer_output=None):
         """`on_layer_output(i, hidden)` is called after each layer with its global index i.

@@ -4,6 +4,7 @@ Spec-built modules take `(config, hidden_size, eps)`, like megatron's norm modul
 own `WrappedTorchNorm` refuses sequence parallelism, and its RMSNorm multiplies by the weight
 before casting back rather than after, so these small modules are used instead.
 """
+
 from __future__ import annotations
 
 import torch
@@ -33,7 +34,7 @@ class LayerNormAffine(torch.nn.Module):
         # Applied to sequence-split tokens: megatron's finalize_model_grads sums these grads
         # over the tensor-parallel group when the attribute is set.
         for p in (self.weight, self.bias):
-            setattr(p, "sequence_parallel", config.sequence_parallel)
+            p.sequence_parallel = config.sequence_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)

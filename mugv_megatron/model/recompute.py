@@ -19,6 +19,7 @@ tensor arguments. The model has no dropout, so the re-run is bit-identical to th
 FLOPs: `mugv.flops.hardware_step_flops` counts what each mode re-runs (model FLOPs and MFU never
 include recompute).
 """
+
 from __future__ import annotations
 
 import torch

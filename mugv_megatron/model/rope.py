@@ -7,6 +7,7 @@ dims (2j, 2j+1), which is also how the release's complex multiplication pairs th
 
 The angle table is built in float64 and applied in at least float32 (docs/reference.md §3.4).
 """
+
 from __future__ import annotations
 
 import torch
@@ -20,8 +21,9 @@ def _axis_inv_freq(config: DiTConfig) -> torch.Tensor:
     return config.rope_theta ** (-k / pairs)
 
 
-def token_positions(grid: tuple[int, int, int], frame_indice: torch.Tensor,
-                    config: DiTConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def token_positions(
+    grid: tuple[int, int, int], frame_indice: torch.Tensor, config: DiTConfig
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(row, col, time) positions of [start, video tokens in (t, h, w) order, end], each [S, B].
 
     The start token sits at row 0, column 0 and time frame_indice[:, 0]; the end token at the
@@ -32,10 +34,10 @@ def token_positions(grid: tuple[int, int, int], frame_indice: torch.Tensor,
     if tuple(frame_indice.shape) != (batch, t + 2):
         raise ValueError(
             f"frame_indice must have shape [B, T+2] = [{batch}, {t + 2}] for {t} latent frames, "
-            f"got {list(frame_indice.shape)}")
+            f"got {list(frame_indice.shape)}"
+        )
     if h > config.rope_space_positions or w > config.rope_space_positions:
-        raise ValueError(
-            f"patch grid {h}x{w} exceeds the {config.rope_space_positions} RoPE space positions")
+        raise ValueError(f"patch grid {h}x{w} exceeds the {config.rope_space_positions} RoPE space positions")
     # Out-of-range temporal positions are clamped, as the reference's table lookup does.
     frames = frame_indice.to(torch.int64).clamp(0, config.rope_time_positions - 1)
     rows = torch.arange(h).view(1, h, 1).expand(t, h, w).reshape(-1)
@@ -50,8 +52,9 @@ def token_positions(grid: tuple[int, int, int], frame_indice: torch.Tensor,
     return row, col, time
 
 
-def rope_angles(grid: tuple[int, int, int], frame_indice: torch.Tensor, config: DiTConfig,
-                total_tokens: int | None = None) -> torch.Tensor:
+def rope_angles(
+    grid: tuple[int, int, int], frame_indice: torch.Tensor, config: DiTConfig, total_tokens: int | None = None
+) -> torch.Tensor:
     """Rotation angles [S, B, 1, head_dim] in float64, each angle repeated for its pair.
 
     `total_tokens` > S pads the table with zero angles (identity rotation) for the padding
@@ -59,10 +62,15 @@ def rope_angles(grid: tuple[int, int, int], frame_indice: torch.Tensor, config: 
     """
     row, col, time = token_positions(grid, frame_indice, config)
     inv = _axis_inv_freq(config)
-    angles = torch.cat([row.to(torch.float64)[..., None] * inv,
-                        col.to(torch.float64)[..., None] * inv,
-                        time.to(torch.float64)[..., None] * inv], dim=-1)   # [S, B, d/2]
-    angles = angles.repeat_interleave(2, dim=-1).unsqueeze(2)               # [S, B, 1, d]
+    angles = torch.cat(
+        [
+            row.to(torch.float64)[..., None] * inv,
+            col.to(torch.float64)[..., None] * inv,
+            time.to(torch.float64)[..., None] * inv,
+        ],
+        dim=-1,
+    )  # [S, B, d/2]
+    angles = angles.repeat_interleave(2, dim=-1).unsqueeze(2)  # [S, B, 1, d]
     if total_tokens is not None and total_tokens > angles.shape[0]:
         pad = angles.new_zeros(total_tokens - angles.shape[0], *angles.shape[1:])
         angles = torch.cat([angles, pad], dim=0)
@@ -72,8 +80,7 @@ def rope_angles(grid: tuple[int, int, int], frame_indice: torch.Tensor, config: 
 def rope_cos_sin(angles: torch.Tensor, dtype: torch.dtype, device=None):
     """cos/sin tables in the compute dtype of the rotation (never below float32)."""
     compute = torch.promote_types(dtype, torch.float32)
-    return (angles.cos().to(device=device, dtype=compute),
-            angles.sin().to(device=device, dtype=compute))
+    return (angles.cos().to(device=device, dtype=compute), angles.sin().to(device=device, dtype=compute))
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

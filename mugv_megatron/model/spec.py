@@ -11,17 +11,22 @@ The Transformer Engine spec swaps in TE's linears and fused attention; it is onl
 (mugv_megatron/model/attention.py). It has not been run here (no GPU, no TE on the development
 machines); bench/device_check.py runs it where TE imports.
 """
+
 from __future__ import annotations
 
 import torch
-
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from mugv_megatron.model.attention import (CrossAttention, CrossAttentionSubmodules,
-                                     LocalDotProductAttention, SDPAttention, SelfAttention,
-                                     SelfAttentionSubmodules)
+from mugv_megatron.model.attention import (
+    CrossAttention,
+    CrossAttentionSubmodules,
+    LocalDotProductAttention,
+    SDPAttention,
+    SelfAttention,
+    SelfAttentionSubmodules,
+)
 from mugv_megatron.model.layer import MUGDiTLayer, MUGDiTLayerSubmodules
 from mugv_megatron.model.norms import HeadRMSNorm, LayerNormAffine, LayerNormNoAffine
 
@@ -34,17 +39,27 @@ def _layer_spec(column, row, core_attention) -> ModuleSpec:
             self_attention=ModuleSpec(
                 module=SelfAttention,
                 submodules=SelfAttentionSubmodules(
-                    linear_qkv=column, q_layernorm=HeadRMSNorm, k_layernorm=HeadRMSNorm,
-                    core_attention=core_attention, linear_proj=row)),
+                    linear_qkv=column,
+                    q_layernorm=HeadRMSNorm,
+                    k_layernorm=HeadRMSNorm,
+                    core_attention=core_attention,
+                    linear_proj=row,
+                ),
+            ),
             pre_cross_attn_layernorm=LayerNormAffine,
             cross_attention=ModuleSpec(
                 module=CrossAttention,
                 submodules=CrossAttentionSubmodules(
-                    linear_q=column, linear_kv=column, q_layernorm=HeadRMSNorm,
-                    k_layernorm=HeadRMSNorm, core_attention=core_attention, linear_proj=row)),
+                    linear_q=column,
+                    linear_kv=column,
+                    q_layernorm=HeadRMSNorm,
+                    k_layernorm=HeadRMSNorm,
+                    core_attention=core_attention,
+                    linear_proj=row,
+                ),
+            ),
             pre_mlp_layernorm=LayerNormNoAffine,
-            mlp=ModuleSpec(module=MLP,
-                           submodules=MLPSubmodules(linear_fc1=column, linear_fc2=row)),
+            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=column, linear_fc2=row)),
         ),
     )
 
@@ -54,8 +69,7 @@ LOCAL_ATTENTION = {"megatron": LocalDotProductAttention, "sdpa": SDPAttention}
 
 def get_local_layer_spec(attention: str = "megatron") -> ModuleSpec:
     if attention not in LOCAL_ATTENTION:
-        raise ValueError(f"unknown local core attention {attention!r}; choose from "
-                         f"{sorted(LOCAL_ATTENTION)}")
+        raise ValueError(f"unknown local core attention {attention!r}; choose from {sorted(LOCAL_ATTENTION)}")
     return _layer_spec(ColumnParallelLinear, RowParallelLinear, LOCAL_ATTENTION[attention])
 
 
@@ -71,9 +85,12 @@ def transformer_engine_available() -> bool:
 
 def get_te_layer_spec() -> ModuleSpec:
     """Transformer Engine linears and fused attention (needs a GPU with TE)."""
-    from megatron.core.extensions.transformer_engine import (TEColumnParallelLinear,
-                                                             TEDotProductAttention,
-                                                             TERowParallelLinear)
+    from megatron.core.extensions.transformer_engine import (
+        TEColumnParallelLinear,
+        TEDotProductAttention,
+        TERowParallelLinear,
+    )
+
     return _layer_spec(TEColumnParallelLinear, TERowParallelLinear, TEDotProductAttention)
 
 

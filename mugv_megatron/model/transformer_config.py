@@ -1,4 +1,5 @@
 """DiTConfig → megatron.core TransformerConfig for the MUG-DiT layer stack."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,17 +19,22 @@ gelu_tanh = functools.partial(F.gelu, approximate="tanh")
 
 def _parallel_state_size(getter_name: str) -> int:
     from megatron.core import parallel_state
+
     if not parallel_state.model_parallel_is_initialized():
         return 1
     return getattr(parallel_state, getter_name)()
 
 
-def make_transformer_config(config: DiTConfig, *, tensor_parallel_size: int = 1,
-                            sequence_parallel: bool = False,
-                            params_dtype: torch.dtype = torch.float32,
-                            perform_initialization: bool = True,
-                            context_parallel_size: int | None = None,
-                            pipeline_parallel_size: int | None = None):
+def make_transformer_config(
+    config: DiTConfig,
+    *,
+    tensor_parallel_size: int = 1,
+    sequence_parallel: bool = False,
+    params_dtype: torch.dtype = torch.float32,
+    perform_initialization: bool = True,
+    context_parallel_size: int | None = None,
+    pipeline_parallel_size: int | None = None,
+):
     """The megatron config of the layer stack.
 
     Context- and pipeline-parallel sizes default to megatron's parallel state (1 when it is not
@@ -42,8 +48,9 @@ def make_transformer_config(config: DiTConfig, *, tensor_parallel_size: int = 1,
     if pipeline_parallel_size is None:
         pipeline_parallel_size = _parallel_state_size("get_pipeline_model_parallel_world_size")
     if config.depth % pipeline_parallel_size:
-        raise ValueError(f"DiTConfig.depth {config.depth} is not divisible by the "
-                         f"pipeline-parallel size {pipeline_parallel_size}")
+        raise ValueError(
+            f"DiTConfig.depth {config.depth} is not divisible by the pipeline-parallel size {pipeline_parallel_size}"
+        )
     on_gpu = torch.cuda.is_available()
     tc = TransformerConfig(
         num_layers=config.depth,
@@ -117,4 +124,5 @@ def without_context_parallel(tc):
 def _normal_init(std: float):
     def init_(tensor: torch.Tensor) -> torch.Tensor:
         return torch.nn.init.normal_(tensor, mean=0.0, std=std)
+
     return init_

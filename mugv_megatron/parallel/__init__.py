@@ -1,1 +1,2 @@
-"""Megatron parallel state (TP/SP/CP/PP set-up, the CPU shim), context parallelism and the pipeline-parallel schedule."""
+"""Megatron parallel state (TP/SP/CP/PP set-up, the CPU shim), context parallelism and the pipeline-parallel
+schedule."""

@@ -26,10 +26,10 @@ data-parallel-with-CP group (dp × cp). `mugv_megatron.parallel.pipeline_paralle
 caller running its own backward must scale the loss by the CP size before megatron's DDP
 reduction (`finalize_model_grads`).
 """
+
 from __future__ import annotations
 
 import torch
-
 from megatron.core import parallel_state, tensor_parallel
 
 
@@ -49,8 +49,7 @@ def shard_bounds(total: int) -> tuple[int, int]:
     """[lo, hi) of this CP rank's chunk of a sequence of `total` (a multiple of the CP size)."""
     cp = size()
     if total % cp:
-        raise ValueError(f"sequence of {total} tokens does not split over {cp} context-parallel "
-                         f"ranks")
+        raise ValueError(f"sequence of {total} tokens does not split over {cp} context-parallel ranks")
     chunk = total // cp
     r = rank()
     return r * chunk, (r + 1) * chunk
@@ -69,7 +68,8 @@ def gather_keys_values(x: torch.Tensor) -> torch.Tensor:
     if size() == 1:
         return x
     return tensor_parallel.gather_from_sequence_parallel_region(
-        x.contiguous(), tensor_parallel_output_grad=True, group=group())
+        x.contiguous(), tensor_parallel_output_grad=True, group=group()
+    )
 
 
 def gather_output(x: torch.Tensor) -> torch.Tensor:
@@ -81,4 +81,5 @@ def gather_output(x: torch.Tensor) -> torch.Tensor:
     if size() == 1:
         return x
     return tensor_parallel.gather_from_sequence_parallel_region(
-        x.contiguous(), tensor_parallel_output_grad=False, group=group())
+        x.contiguous(), tensor_parallel_output_grad=False, group=group()
+    )

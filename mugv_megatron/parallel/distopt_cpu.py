@@ -17,6 +17,7 @@ NCCL, TE's fused Adam, bf16 kernels) is only checked on a GPU (docs/megatron_tra
 Process-wide and one-way: meant for a test worker or a CPU debugging session, never applied
 when CUDA is present.
 """
+
 from __future__ import annotations
 
 import types
@@ -37,6 +38,7 @@ def _cpu_device(factory):
         if str(kwargs.get("device")) == "cuda":
             kwargs["device"] = "cpu"
         return factory(*args, **kwargs)
+
     return make
 
 

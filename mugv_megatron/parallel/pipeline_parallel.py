@@ -21,9 +21,10 @@ which with the loss × CP gives the CP sum the context-parallel layout needs); t
 embedders, flagged `pipeline_parallel`, are summed over the pipeline group
 (config.has_cond_embedder); sequence-parallel and q/k-norm grads are summed over TP.
 """
+
 from __future__ import annotations
 
-from typing import Callable, Mapping, Optional, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -43,9 +44,10 @@ def wrap_ddp(model, *, grad_reduce_in_fp32: bool = True):
     """megatron's DistributedDataParallel around a MUG-DiT stage (plain all-reduce, no overlap;
     the distributed optimizer needs CUDA, see docs/megatron.md)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=grad_reduce_in_fp32,
-                                               overlap_grad_reduce=False,
-                                               use_distributed_optimizer=False)
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=grad_reduce_in_fp32, overlap_grad_reduce=False, use_distributed_optimizer=False
+    )
     return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
 
 
@@ -56,18 +58,15 @@ def padded_sequence_length(model, x_shape: Sequence[int]) -> int:
     _, _, t, h, w = x_shape
     pt, ph, pw = cfg.patch_size
     length = -(-t // pt) * -(-h // ph) * -(-w // pw) + 2
-    multiple = tc.context_parallel_size * (
-        tc.tensor_model_parallel_size if tc.sequence_parallel else 1)
+    multiple = tc.context_parallel_size * (tc.tensor_model_parallel_size if tc.sequence_parallel else 1)
     return -(-length // multiple) * multiple
 
 
 def _local_hidden_shape(module, batch) -> tuple[int, int, int]:
     """[S_local, B, C] of the hidden state a stage sends for this micro-batch."""
     tc = module.config
-    split = tc.context_parallel_size * (tc.tensor_model_parallel_size if tc.sequence_parallel
-                                        else 1)
-    return (padded_sequence_length(module, batch["x"].shape) // split, batch["x"].shape[0],
-            tc.hidden_size)
+    split = tc.context_parallel_size * (tc.tensor_model_parallel_size if tc.sequence_parallel else 1)
+    return (padded_sequence_length(module, batch["x"].shape) // split, batch["x"].shape[0], tc.hidden_size)
 
 
 def _run_stage(stage, batch):
@@ -100,8 +99,7 @@ def _sequential_schedule(model, micro_batches, loss_fn, forward_only: bool) -> l
         for batch in micro_batches:
             received = None
             if not first:
-                received = torch.empty(_local_hidden_shape(module, batch), dtype=dtype,
-                                       device=device)
+                received = torch.empty(_local_hidden_shape(module, batch), dtype=dtype, device=device)
                 dist.recv(received, src=prev_rank)
                 received.requires_grad_(not forward_only)
             module.set_input_tensor(received)
@@ -118,7 +116,7 @@ def _sequential_schedule(model, micro_batches, loss_fn, forward_only: bool) -> l
     module.set_input_tensor(None)
     if forward_only:
         return losses
-    for batch, (received, output) in zip(micro_batches, saved):
+    for _batch, (received, output) in zip(micro_batches, saved):
         if last:
             output.backward()
         else:
@@ -145,19 +143,29 @@ def _megatron_schedule(model, micro_batches, loss_fn, forward_only: bool) -> lis
         def loss_func(out):
             loss = loss_fn(out, batch)
             return loss, {"loss": loss.detach().float()}
+
         return output, loss_func
 
     reports = get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter(micro_batches), model=[model],
+        forward_step_func=forward_step,
+        data_iterator=iter(micro_batches),
+        model=[model],
         num_microbatches=len(micro_batches),
         seq_length=padded_sequence_length(module, micro_batches[0]["x"].shape),
-        micro_batch_size=batch_size, forward_only=forward_only)
+        micro_batch_size=batch_size,
+        forward_only=forward_only,
+    )
     return [r["loss"] for r in reports] if reports else []
 
 
-def forward_backward(model, micro_batches: Sequence[Mapping[str, torch.Tensor]],
-                     loss_fn: Callable[[torch.Tensor, Mapping], torch.Tensor], *,
-                     forward_only: bool = False, schedule: Optional[str] = None) -> torch.Tensor:
+def forward_backward(
+    model,
+    micro_batches: Sequence[Mapping[str, torch.Tensor]],
+    loss_fn: Callable[[torch.Tensor, Mapping], torch.Tensor],
+    *,
+    forward_only: bool = False,
+    schedule: str | None = None,
+) -> torch.Tensor:
     """Mean of `loss_fn(output, micro_batch)` over the micro-batches; grads of that mean.
 
     `model` is this rank's stage wrapped by `wrap_ddp` (grads land in `p.main_grad`, reduced
@@ -176,16 +184,16 @@ def forward_backward(model, micro_batches: Sequence[Mapping[str, torch.Tensor]],
         raise ValueError("forward_backward: no micro-batches")
     schedule = schedule or ("megatron" if torch.cuda.is_available() else "sequential")
     if schedule not in ("megatron", "sequential"):
-        raise ValueError(f"forward_backward: schedule must be 'megatron' or 'sequential', "
-                         f"got {schedule!r}")
+        raise ValueError(f"forward_backward: schedule must be 'megatron' or 'sequential', got {schedule!r}")
     module = _unwrap(model)
     if not forward_only and not hasattr(model, "finish_grad_sync"):
-        raise TypeError("forward_backward needs the model wrapped by pipeline.wrap_ddp "
-                        "(megatron's DDP reduces the grads over data/context parallel ranks)")
+        raise TypeError(
+            "forward_backward needs the model wrapped by pipeline.wrap_ddp "
+            "(megatron's DDP reduces the grads over data/context parallel ranks)"
+        )
     batch_sizes = {mb["x"].shape[0] for mb in micro_batches}
     if len(batch_sizes) != 1:
-        raise ValueError(f"forward_backward: micro-batches must share a batch size, got "
-                         f"{sorted(batch_sizes)}")
+        raise ValueError(f"forward_backward: micro-batches must share a batch size, got {sorted(batch_sizes)}")
 
     if schedule == "megatron":
         module.config.finalize_model_grads_func = None if forward_only else finalize_model_grads
@@ -200,13 +208,13 @@ def forward_backward(model, micro_batches: Sequence[Mapping[str, torch.Tensor]],
         loss = torch.stack(losses).mean()
     pp_group = parallel_state.get_pipeline_model_parallel_group()
     if pp_group.size() > 1:
-        dist.broadcast(loss, src=parallel_state.get_pipeline_model_parallel_last_rank(),
-                       group=pp_group)
+        dist.broadcast(loss, src=parallel_state.get_pipeline_model_parallel_last_rank(), group=pp_group)
     return loss
 
 
-def stage_state(model, release_state: Mapping[str, torch.Tensor],
-                source: str = "state dict") -> dict[str, torch.Tensor]:
+def stage_state(
+    model, release_state: Mapping[str, torch.Tensor], source: str = "state dict"
+) -> dict[str, torch.Tensor]:
     """This rank's shard of a release-layout state dict: its TP shard, its pipeline stage's layers
     renumbered from 0, the final layer only on the last stage.
 
@@ -217,8 +225,7 @@ def stage_state(model, release_state: Mapping[str, torch.Tensor],
 
     module = _unwrap(model)
     config = module.dit_config
-    check_state_dict_shapes({k: tuple(v.shape) for k, v in release_state.items()},
-                            release_schema(config), source)
+    check_state_dict_shapes({k: tuple(v.shape) for k, v in release_state.items()}, release_schema(config), source)
     tp = parallel_state.get_tensor_model_parallel_world_size()
     rank = parallel_state.get_tensor_model_parallel_rank()
     megatron_state = layout.release_state_to_megatron(dict(release_state), config)
@@ -228,7 +235,7 @@ def stage_state(model, release_state: Mapping[str, torch.Tensor],
     out = {}
     for name, tensor in layout.iter_tp_shards(megatron_state, rank, tp):
         if name.startswith(prefix):
-            index, rest = name[len(prefix):].split(".", 1)
+            index, rest = name[len(prefix) :].split(".", 1)
             local = int(index) - first
             if 0 <= local < count:
                 out[f"{prefix}{local}.{rest}"] = tensor
@@ -239,25 +246,24 @@ def stage_state(model, release_state: Mapping[str, torch.Tensor],
     return out
 
 
-def load_release_state(model, release_state: Mapping[str, torch.Tensor],
-                       source: str = "state dict") -> None:
+def load_release_state(model, release_state: Mapping[str, torch.Tensor], source: str = "state dict") -> None:
     """Strictly load this rank's stage (and TP shard) of a release-layout state dict."""
     from megatron.core import parallel_state
 
     module = _unwrap(model)
     shard = stage_state(module, release_state, source)
-    own = {k: tuple(v.shape) for k, v in module.state_dict().items()
-           if not k.endswith(layout.EXTRA_STATE_SUFFIX)}
+    own = {k: tuple(v.shape) for k, v in module.state_dict().items() if not k.endswith(layout.EXTRA_STATE_SUFFIX)}
     first = module.decoder.layer_offset
-    where = (f"{source} (as Megatron TP rank {parallel_state.get_tensor_model_parallel_rank()}, "
-             f"pipeline stage {parallel_state.get_pipeline_model_parallel_rank()} holding layers "
-             f"{first}..{first + len(module.decoder.layers) - 1})")
+    where = (
+        f"{source} (as Megatron TP rank {parallel_state.get_tensor_model_parallel_rank()}, "
+        f"pipeline stage {parallel_state.get_pipeline_model_parallel_rank()} holding layers "
+        f"{first}..{first + len(module.decoder.layers) - 1})"
+    )
     check_state_dict_shapes({k: tuple(v.shape) for k, v in shard.items()}, own, where)
     dtype = module.config.params_dtype
     module.load_state_dict({k: v.to(dtype) for k, v in shard.items()}, strict=True)
 
 
-def gradients(model) -> dict[str, Optional[torch.Tensor]]:
+def gradients(model) -> dict[str, torch.Tensor | None]:
     """{parameter name: reduced grad} of a `wrap_ddp` model (megatron keeps them in main_grad)."""
-    return {name: getattr(p, "main_grad", p.grad)
-            for name, p in _unwrap(model).named_parameters()}
+    return {name: getattr(p, "main_grad", p.grad) for name, p in _unwrap(model).named_parameters()}

@@ -6,6 +6,7 @@ be built after `initialize_model_parallel`. `setup` does the whole sequence: the
 127.0.0.1, megatron's groups (tensor, context and pipeline parallel; the rest of the world is
 data parallel), and the RNG tracker.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -21,6 +22,7 @@ DEFAULT_SEED = 1234
 
 def _parallel_state():
     from megatron.core import parallel_state
+
     return parallel_state
 
 
@@ -52,10 +54,17 @@ def pipeline_parallel_rank() -> int:
     return _parallel_state().get_pipeline_model_parallel_rank()
 
 
-def setup(tensor_parallel_size: int = 1, *, rank: int = 0, world_size: int | None = None,
-          master_port: int | None = None, seed: int = DEFAULT_SEED,
-          timeout: datetime.timedelta | None = None, context_parallel_size: int = 1,
-          pipeline_parallel_size: int = 1) -> None:
+def setup(
+    tensor_parallel_size: int = 1,
+    *,
+    rank: int = 0,
+    world_size: int | None = None,
+    master_port: int | None = None,
+    seed: int = DEFAULT_SEED,
+    timeout: datetime.timedelta | None = None,
+    context_parallel_size: int = 1,
+    pipeline_parallel_size: int = 1,
+) -> None:
     """Initialise torch.distributed (if needed) and megatron's parallel state.
 
     With the defaults this makes a one-process world, which is what `mugv_megatron.model.build.load`
@@ -67,8 +76,7 @@ def setup(tensor_parallel_size: int = 1, *, rank: int = 0, world_size: int | Non
     on_gpu = torch.cuda.is_available()
     if not on_gpu:
         torch_cpu.apply()
-    sizes = {"tensor": tensor_parallel_size, "context": context_parallel_size,
-             "pipeline": pipeline_parallel_size}
+    sizes = {"tensor": tensor_parallel_size, "context": context_parallel_size, "pipeline": pipeline_parallel_size}
     for kind, size in sizes.items():
         if size < 1:
             raise ValueError(f"setup: {kind}-parallel size must be >= 1, got {size}")
@@ -77,7 +85,8 @@ def setup(tensor_parallel_size: int = 1, *, rank: int = 0, world_size: int | Non
     if world_size % model_parallel:
         raise ValueError(
             f"setup: world size {world_size} is not a multiple of TP {tensor_parallel_size} × "
-            f"CP {context_parallel_size} × PP {pipeline_parallel_size} = {model_parallel}")
+            f"CP {context_parallel_size} × PP {pipeline_parallel_size} = {model_parallel}"
+        )
     if not dist.is_initialized():
         if master_port is None:
             if world_size != 1:
@@ -87,25 +96,33 @@ def setup(tensor_parallel_size: int = 1, *, rank: int = 0, world_size: int | Non
             torch.cuda.set_device(rank % torch.cuda.device_count())
         dist.init_process_group(
             backend="nccl" if on_gpu else "gloo",
-            init_method=f"tcp://127.0.0.1:{master_port}", rank=rank, world_size=world_size,
-            **({} if timeout is None else {"timeout": timeout}))
+            init_method=f"tcp://127.0.0.1:{master_port}",
+            rank=rank,
+            world_size=world_size,
+            **({} if timeout is None else {"timeout": timeout}),
+        )
     ps = _parallel_state()
     if ps.model_parallel_is_initialized():
-        have = {"tensor": ps.get_tensor_model_parallel_world_size(),
-                "context": ps.get_context_parallel_world_size(),
-                "pipeline": ps.get_pipeline_model_parallel_world_size()}
+        have = {
+            "tensor": ps.get_tensor_model_parallel_world_size(),
+            "context": ps.get_context_parallel_world_size(),
+            "pipeline": ps.get_pipeline_model_parallel_world_size(),
+        }
         for kind, size in sizes.items():
             if have[kind] != size:
                 raise RuntimeError(
-                    f"megatron parallel state is already initialised with {kind}-parallel size "
-                    f"{have[kind]}, not {size}")
+                    f"megatron parallel state is already initialised with {kind}-parallel size {have[kind]}, not {size}"
+                )
         return
     minutes = 30 if timeout is None else max(1, math.ceil(timeout.total_seconds() / 60))
-    ps.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel_size,
-                                 pipeline_model_parallel_size=pipeline_parallel_size,
-                                 context_parallel_size=context_parallel_size,
-                                 distributed_timeout_minutes=minutes)
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_parallel_size,
+        pipeline_model_parallel_size=pipeline_parallel_size,
+        context_parallel_size=context_parallel_size,
+        distributed_timeout_minutes=minutes,
+    )
     from megatron.core import tensor_parallel
+
     # Without CUDA the training RNG tracker cannot snapshot CUDA generator states; the
     # inference tracker's fork() is a no-op, which is all a dropout-free model needs.
     tensor_parallel.model_parallel_cuda_manual_seed(seed, inference_rng_tracker=not on_gpu)

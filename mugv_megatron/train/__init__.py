@@ -1,1 +1,3 @@
-"""The Megatron training backend: the step (step.py), optimizer, EMA, objective, torch_dist checkpoints, evaluation, preference, and the backend the run driver drives. `python -m mugv_megatron.train` is the CLI."""
+"""The Megatron training backend: the step (step.py), optimizer, EMA, objective, torch_dist checkpoints, evaluation,
+preference, and the backend the run driver drives. `python -m mugv_megatron.train` is the CLI.
+"""

@@ -1,4 +1,7 @@
-"""`python -m mugv_megatron.train`: the command line of mugv_megatron.train.backend (flags below; the module docstring there has the rest)."""
+"""`python -m mugv_megatron.train`: the command line of mugv_megatron.train.backend (flags below; the module docstring
+there has the rest).
+"""
+
 from __future__ import annotations
 
 import logging
@@ -12,35 +15,46 @@ from mugv_megatron.train.backend import train
 
 def main(argv):
     from absl import flags
+
     FLAGS = flags.FLAGS
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
-    overrides = {"tp": FLAGS.tp, "pp": FLAGS.pp, "cp": FLAGS.cp, "sp": FLAGS.sp,
-                 "distributed_optimizer": FLAGS.distributed_optimizer}
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    overrides = {
+        "tp": FLAGS.tp,
+        "pp": FLAGS.pp,
+        "cp": FLAGS.cp,
+        "sp": FLAGS.sp,
+        "distributed_optimizer": FLAGS.distributed_optimizer,
+    }
     summary = train(FLAGS.config, FLAGS.workdir, overrides)
     if dist.get_rank() == 0:
-        print(f"finished at step {summary['step']} ({summary['stopped_by']}); last loss {summary['loss']}; "
-              f"skipped steps {summary['skipped']}; workdir {FLAGS.workdir}")
+        print(
+            f"finished at step {summary['step']} ({summary['stopped_by']}); last loss {summary['loss']}; "
+            f"skipped steps {summary['skipped']}; workdir {FLAGS.workdir}"
+        )
     parallel.teardown()
 
 
 def _define_flags():
     from absl import flags
     from ml_collections import config_flags
-    config_flags.DEFINE_config_file("config", None, "training config file (configs/*.py[:arg])",
-                                    lock_config=True)
+
+    config_flags.DEFINE_config_file("config", None, "training config file (configs/*.py[:arg])", lock_config=True)
     flags.DEFINE_string("workdir", None, "checkpoints, logs and config.json go here")
     flags.DEFINE_integer("tp", None, "tensor-parallel size (overrides config.megatron.tp)")
-    flags.DEFINE_integer("pp", None, "pipeline-parallel size (overrides config.megatron.pp; must "
-                         "divide the depth)")
+    flags.DEFINE_integer("pp", None, "pipeline-parallel size (overrides config.megatron.pp; must divide the depth)")
     flags.DEFINE_integer("cp", None, "context-parallel size (overrides config.megatron.cp)")
     flags.DEFINE_bool("sp", None, "sequence parallel (overrides config.megatron.sp)")
-    flags.DEFINE_bool("distributed_optimizer", None, "megatron DistributedOptimizer on CUDA "
-                      "(overrides config.megatron.distributed_optimizer; torch AdamW otherwise)")
+    flags.DEFINE_bool(
+        "distributed_optimizer",
+        None,
+        "megatron DistributedOptimizer on CUDA "
+        "(overrides config.megatron.distributed_optimizer; torch AdamW otherwise)",
+    )
     flags.mark_flags_as_required(["config", "workdir"])
 
 
 if __name__ == "__main__":
     from absl import app
+
     _define_flags()
     app.run(main)

@@ -14,6 +14,7 @@ training (`config.sample.every`; sample with `python -m mugv_jax.sample` from a 
 checkpoint). The JAX backend's execution settings (`mesh`, `attention`, `remat`) are not read here,
 as the JAX backend does not read `config.megatron`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,16 +28,21 @@ import torch
 import torch.distributed as dist
 
 from mugv.config import DiTConfig
+from mugv.data.preference import batch_kind
 from mugv.io.base import to_torch
 from mugv.io.weights import open_weights
-from mugv.data.preference import batch_kind
 from mugv.run import driver, tasks
 from mugv.run.validation import ValidationSet
-from mugv.training import (MegatronOptions, dataclass_from, model_config_from, preference_config_from)
-from mugv_megatron.train import checkpointing
-from mugv_megatron.train import evaluation
+from mugv.training import (
+    MegatronOptions,
+    ObjectiveConfig,
+    OptimConfig,
+    dataclass_from,
+    model_config_from,
+    preference_config_from,
+)
 from mugv_megatron.parallel import state as parallel
-from mugv.training import ObjectiveConfig, OptimConfig
+from mugv_megatron.train import checkpointing, evaluation
 
 log = logging.getLogger("mugv.megatron.train")
 
@@ -53,8 +59,10 @@ def refused_fields(config) -> list[str]:
     """Recipe fields of `config` set to something the Megatron backend cannot do."""
     out = []
     if int(config.get("sample", {}).get("every", 0) or 0) > 0:
-        out.append(f"config.sample.every={config.sample.every} (the megatron backend does not sample during "
-                   f"training; convert a checkpoint and use python -m mugv_jax.sample)")
+        out.append(
+            f"config.sample.every={config.sample.every} (the megatron backend does not sample during "
+            f"training; convert a checkpoint and use python -m mugv_jax.sample)"
+        )
     return out
 
 
@@ -66,14 +74,19 @@ def init_distributed(tp: int, cp: int = 1, pp: int = 1) -> None:
         on_gpu = torch.cuda.is_available()
         if on_gpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("nccl" if on_gpu else "gloo", init_method="env://",
-                                timeout=datetime.timedelta(minutes=30))
+        dist.init_process_group(
+            "nccl" if on_gpu else "gloo", init_method="env://", timeout=datetime.timedelta(minutes=30)
+        )
     world = dist.get_world_size() if dist.is_initialized() else 1
     if world % (tp * cp * pp):
-        raise ValueError(f"world size {world} is not divisible by config.megatron.tp={tp} × "
-                         f"cp={cp} × pp={pp}")
-    parallel.setup(tp, rank=dist.get_rank() if dist.is_initialized() else 0, world_size=world,
-                   context_parallel_size=cp, pipeline_parallel_size=pp)
+        raise ValueError(f"world size {world} is not divisible by config.megatron.tp={tp} × cp={cp} × pp={pp}")
+    parallel.setup(
+        tp,
+        rank=dist.get_rank() if dist.is_initialized() else 0,
+        world_size=world,
+        context_parallel_size=cp,
+        pipeline_parallel_size=pp,
+    )
 
 
 def release_state_from(spec: str, model_cfg: DiTConfig, weights: str = "raw") -> dict | None:
@@ -87,10 +100,12 @@ def release_state_from(spec: str, model_cfg: DiTConfig, weights: str = "raw") ->
 
 class MegatronBackend:
     """The Megatron side of a DiT run (pretraining or preference) for mugv.run.driver."""
+
     name = "megatron"
 
     def __init__(self, config, workdir: str, task, resolved: dict, overrides: dict | None = None):
         from megatron.core import parallel_state as ps
+
         refused = refused_fields(config)
         if refused:
             raise ValueError("the megatron backend cannot honour " + "; ".join(refused))
@@ -100,12 +115,13 @@ class MegatronBackend:
         self.optim_cfg = dataclass_from(OptimConfig, config.optim)
         self.objective = dataclass_from(ObjectiveConfig, config.objective)
         if model_cfg.depth % int(opts["pp"]):
-            raise ValueError(f"config.megatron.pp={opts['pp']} does not divide the model's "
-                             f"{model_cfg.depth} layers")
+            raise ValueError(f"config.megatron.pp={opts['pp']} does not divide the model's {model_cfg.depth} layers")
         if task.name == "preference" and (int(opts["pp"]) > 1 or int(opts["cp"]) > 1):
-            raise ValueError(f"config.mode='preference' on the megatron backend runs with tensor, sequence and "
-                             f"data parallelism: set config.megatron.pp=1 and config.megatron.cp=1 (got "
-                             f"pp={opts['pp']}, cp={opts['cp']})")
+            raise ValueError(
+                f"config.mode='preference' on the megatron backend runs with tensor, sequence and "
+                f"data parallelism: set config.megatron.pp=1 and config.megatron.cp=1 (got "
+                f"pp={opts['pp']}, cp={opts['cp']})"
+            )
         init_distributed(int(opts["tp"]), int(opts["cp"]), int(opts["pp"]))
         self.checkpoint_dir = self.ckpt_dir = os.path.join(workdir, "checkpoints")
         self.run_config = {**resolved, "megatron": opts}
@@ -120,27 +136,46 @@ class MegatronBackend:
 
     def _build(self, release_state: dict | None):
         from mugv_megatron.train.step import Trainer
+
         opts, config = self.opts, self.config
-        kwargs = dict(seed=int(config.seed), compute_dtype=config.compute_dtype,
-                      sequence_parallel=bool(opts["sp"]),
-                      use_megatron_optimizer=torch.cuda.is_available() and bool(opts["distributed_optimizer"]),
-                      use_te=opts["use_te"], local_attention=opts["local_attention"],
-                      params_dtype=opts["params_dtype"], recompute=opts["recompute"],
-                      overlap_grad_reduce=bool(opts["overlap_grad_reduce"]),
-                      overlap_param_gather=bool(opts["overlap_param_gather"]), release_state=release_state)
+        kwargs = dict(
+            seed=int(config.seed),
+            compute_dtype=config.compute_dtype,
+            sequence_parallel=bool(opts["sp"]),
+            use_megatron_optimizer=torch.cuda.is_available() and bool(opts["distributed_optimizer"]),
+            use_te=opts["use_te"],
+            local_attention=opts["local_attention"],
+            params_dtype=opts["params_dtype"],
+            recompute=opts["recompute"],
+            overlap_grad_reduce=bool(opts["overlap_grad_reduce"]),
+            overlap_param_gather=bool(opts["overlap_param_gather"]),
+            release_state=release_state,
+        )
         if self.task.name == "preference":
             from mugv_megatron.train.preference import PreferenceTrainer
-            return PreferenceTrainer(self.model_cfg, self.optim_cfg, self.objective,
-                                     preference=preference_config_from(config), **kwargs)
+
+            return PreferenceTrainer(
+                self.model_cfg, self.optim_cfg, self.objective, preference=preference_config_from(config), **kwargs
+            )
         return Trainer(self.model_cfg, self.optim_cfg, self.objective, **kwargs)
 
     def _describe(self) -> None:
         if self.is_main:
             t = self.trainer
-            log.info("Megatron-Core: world %d = TP %d x CP %d x PP %d x DP %d%s; model %s (%d layers, hidden %d); "
-                     "optimizer %s", dist.get_world_size(), self.opts["tp"], t.cp_size, t.pp_size, t.dp_size,
-                     " + SP" if self.opts["sp"] else "", self.config.model, self.model_cfg.depth,
-                     self.model_cfg.hidden_size, t.optimizer.kind)
+            log.info(
+                "Megatron-Core: world %d = TP %d x CP %d x PP %d x DP %d%s; model %s (%d layers, hidden %d); "
+                "optimizer %s",
+                dist.get_world_size(),
+                self.opts["tp"],
+                t.cp_size,
+                t.pp_size,
+                t.dp_size,
+                " + SP" if self.opts["sp"] else "",
+                self.config.model,
+                self.model_cfg.depth,
+                self.model_cfg.hidden_size,
+                t.optimizer.kind,
+            )
 
     # --- state -----------------------------------------------------------------------------------
 
@@ -150,7 +185,7 @@ class MegatronBackend:
         self.trainer = self._build(None)
         meta = checkpointing.restore_latest(self.ckpt_dir, self.trainer)
         if meta is None:
-            self.trainer = None   # every checkpoint unreadable: start as a fresh run would
+            self.trainer = None  # every checkpoint unreadable: start as a fresh run would
             return None
         self.step = self.trainer.step
         self._describe()
@@ -201,9 +236,14 @@ class MegatronBackend:
 
     def save(self, data_state: dict, *, force: bool = False) -> None:
         # SIGTERM (force) saves synchronously: the process is about to exit.
-        checkpointing.save(self.ckpt_dir, self.trainer, data_state, self.run_config,
-                           keep=int(self.config.keep_checkpoints),
-                           async_save=bool(self.opts["async_save"]) and not force)
+        checkpointing.save(
+            self.ckpt_dir,
+            self.trainer,
+            data_state,
+            self.run_config,
+            keep=int(self.config.keep_checkpoints),
+            async_save=bool(self.opts["async_save"]) and not force,
+        )
 
     def checkpoints(self) -> list[str]:
         checkpointing.finalize_async(blocking=True)
@@ -224,7 +264,8 @@ class MegatronBackend:
         if torch.cuda.is_available():
             acts.append(torch.profiler.ProfilerActivity.CUDA)
         self._profiler = torch.profiler.profile(
-            activities=acts, on_trace_ready=torch.profiler.tensorboard_trace_handler(directory))
+            activities=acts, on_trace_ready=torch.profiler.tensorboard_trace_handler(directory)
+        )
         self._profiler.start()
 
     def stop_profile(self) -> None:

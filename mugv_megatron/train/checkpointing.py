@@ -41,6 +41,7 @@ train loop calls it each step; the next save and the end of the run call it bloc
 killed before its finalize leaves only the `.tmp` directory, which restore never picks and the
 next save removes.
 """
+
 from __future__ import annotations
 
 import functools
@@ -76,10 +77,14 @@ def iter_dir(directory: str, step: int) -> str:
 
 def _parallel():
     from megatron.core import parallel_state as ps
+
     # Context-parallel ranks hold replicas of everything, like data-parallel ones.
-    return (ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size(),
-            ps.get_data_parallel_rank(with_context_parallel=True),
-            ps.get_pipeline_model_parallel_rank())
+    return (
+        ps.get_tensor_model_parallel_rank(),
+        ps.get_tensor_model_parallel_world_size(),
+        ps.get_data_parallel_rank(with_context_parallel=True),
+        ps.get_pipeline_model_parallel_rank(),
+    )
 
 
 def stage_replicated(name: str) -> bool:
@@ -88,13 +93,13 @@ def stage_replicated(name: str) -> bool:
     return not name.startswith((layout.LAYER_PREFIX, "final_layer."))
 
 
-def sharded_tensor(name: str, tensor: torch.Tensor, depth: int, prefix: str = "",
-                   layer_offset: int = 0):
+def sharded_tensor(name: str, tensor: torch.Tensor, depth: int, prefix: str = "", layer_offset: int = 0):
     """The ShardedTensor of this rank's shard of Megatron tensor `name` (TP split by the
     converters' rule; layers stacked along a prepended axis at their global index, the stage's
     `layer_offset` plus the local one, so a checkpoint loads under any PP size; `data` is `tensor`
     itself: saved from, or loaded into)."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
     tp_rank, tp, dp_rank, pp_rank = _parallel()
     m = _LAYER.match(name)
     offsets, prepend = [], 0
@@ -103,16 +108,13 @@ def sharded_tensor(name: str, tensor: torch.Tensor, depth: int, prefix: str = ""
         key, prepend = layout.LAYER_PREFIX + m.group(2), 1
         index = layer_offset + int(m.group(1))
         if not 0 <= index < depth:
-            raise ValueError(f"{name}: layer {index} (offset {layer_offset}) outside the model's "
-                             f"{depth} layers")
+            raise ValueError(f"{name}: layer {index} (offset {layer_offset}) outside the model's {depth} layers")
         offsets.append((0, index, depth))
     rule = layout.tp_split_rule(name)
     if rule != "replicated" and tp > 1:
         offsets.append(((0 if rule == "column" else 1) + prepend, tp_rank, tp))
-    replica = (tp_rank if rule == "replicated" else 0,
-               pp_rank if stage_replicated(name) else 0, dp_rank)
-    return ShardedTensor.from_rank_offsets(prefix + key, tensor, *offsets, replica_id=replica,
-                                           prepend_axis_num=prepend)
+    replica = (tp_rank if rule == "replicated" else 0, pp_rank if stage_replicated(name) else 0, dp_rank)
+    return ShardedTensor.from_rank_offsets(prefix + key, tensor, *offsets, replica_id=replica, prepend_axis_num=prepend)
 
 
 def layer_offset(model) -> int:
@@ -124,12 +126,14 @@ def _state_dict(trainer, *, loading: bool) -> dict:
     """The sharded state dict to save, or (loading) to load into: then the targets are fresh
     tensors, so that a checkpoint failing half-way leaves the trainer untouched."""
     from megatron.core.dist_checkpointing.mapping import ShardedObject
+
     depth = trainer.model_config.depth
     off = layer_offset(trainer.module)
     opt = trainer.optimizer
     fresh = (lambda t: t.detach().clone()) if loading else (lambda t: t)
-    model_sd = {n: sharded_tensor(n, fresh(p.data), depth, layer_offset=off)
-                for n, p in trainer.module.named_parameters()}
+    model_sd = {
+        n: sharded_tensor(n, fresh(p.data), depth, layer_offset=off) for n, p in trainer.module.named_parameters()
+    }
     sd: dict = {"model": model_sd}
     if opt.kind == "torch_adamw":
         ema = {n: fresh(t) for n, t in trainer.ema.full_state().items()}
@@ -137,18 +141,21 @@ def _state_dict(trainer, *, loading: bool) -> dict:
         ema = {n: torch.zeros(p.shape, dtype=torch.float32) for n, p in trainer.module.named_parameters()}
     else:
         ema = trainer.ema.full_state()
-    sd["ema"] = {n: sharded_tensor(n, t, depth, "optimizer.state.exp_moving_avg.", off)
-                 for n, t in ema.items()}
+    sd["ema"] = {n: sharded_tensor(n, t, depth, "optimizer.state.exp_moving_avg.", off) for n, t in ema.items()}
     if opt.kind == "torch_adamw":
-        states = {n: {k: fresh(t) for k, t in opt.moments(p).items()}
-                  for n, p in trainer.module.named_parameters()}
+        states = {n: {k: fresh(t) for k, t in opt.moments(p).items()} for n, p in trainer.module.named_parameters()}
     elif loading:
-        states = {n: {k: torch.zeros(p.shape, dtype=torch.float32) for k in opt.STATE_KEYS}
-                  for n, p in trainer.module.named_parameters()}
+        states = {
+            n: {k: torch.zeros(p.shape, dtype=torch.float32) for k in opt.STATE_KEYS}
+            for n, p in trainer.module.named_parameters()
+        }
     else:
         states = opt.full_states()
-    sd["optimizer"] = {f"{kind}.{n}": sharded_tensor(n, t, depth, f"optimizer.state.{kind}.", off)
-                       for n, per in states.items() for kind, t in per.items()}
+    sd["optimizer"] = {
+        f"{kind}.{n}": sharded_tensor(n, t, depth, f"optimizer.state.{kind}.", off)
+        for n, per in states.items()
+        for kind, t in per.items()
+    }
     if getattr(trainer, "ref", None) is not None:
         # Preference runs: the frozen reference model (the weights the run started from).
         sd["ref"] = {n: sharded_tensor(n, fresh(t), depth, REF_PREFIX, off) for n, t in trainer.ref.items()}
@@ -168,6 +175,7 @@ def _async_queue():
     global _ASYNC_QUEUE
     if _ASYNC_QUEUE is None:
         from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
         # One forked writer per save: it sees the state as it was when forked, so training
         # may change the weights in place while it writes.
         _ASYNC_QUEUE = AsyncCallsQueue(persistent=False)
@@ -204,12 +212,20 @@ def _publish(directory: str, step: int, keep: int) -> None:
     dist.barrier()
 
 
-def save(directory: str, trainer, data_state: dict, run_config: dict | None = None,
-         keep: int = 3, *, async_save: bool = False) -> str:
+def save(
+    directory: str,
+    trainer,
+    data_state: dict,
+    run_config: dict | None = None,
+    keep: int = 3,
+    *,
+    async_save: bool = False,
+) -> str:
     """Write the trainer's full state at its current step; returns the iteration directory
     (published on return, or, with async_save, by a later `finalize_async`)."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+
     # One save in flight: the previous one is published (or has failed) before this starts.
     finalize_async(blocking=True)
     step = trainer.step
@@ -227,16 +243,19 @@ def save(directory: str, trainer, data_state: dict, run_config: dict | None = No
     sd = _state_dict(trainer, loading=False)
     sd["iteration"] = step
     sd["checkpoint_version"] = CHECKPOINT_VERSION
-    sd["mugv"] = {"model": trainer.model_config.to_dict(), "trainer": trainer.counters(),
-                  "optimizer": {"kind": trainer.optimizer.kind, "count": trainer.optimizer.count},
-                  "data": dict(data_state), "config": run_config or {}}
+    sd["mugv"] = {
+        "model": trainer.model_config.to_dict(),
+        "trainer": trainer.counters(),
+        "optimizer": {"kind": trainer.optimizer.kind, "count": trainer.optimizer.count},
+        "data": dict(data_state),
+        "config": run_config or {},
+    }
     # One writer thread per rank: CPU tests share two cores. (The writer reports through a
     # spawn-context multiprocessing manager: a script calling this needs a __main__ guard.)
     strategy = TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        request = dist_checkpointing.save(sd, tmp, sharded_strategy=strategy,
-                                          async_sharded_save=async_save)
+        request = dist_checkpointing.save(sd, tmp, sharded_strategy=strategy, async_sharded_save=async_save)
     if not async_save:
         _publish(directory, step, keep)
         return final
@@ -254,6 +273,7 @@ def steps(directory: str) -> list[int]:
 def load(path: str, trainer) -> dict:
     """Restore the trainer from one iteration directory; returns the saved `mugv` metadata."""
     from megatron.core import dist_checkpointing
+
     sd = _state_dict(trainer, loading=True)
     want_rng = sd["rng_state"]
     common = dist_checkpointing.load_common_state_dict(path)
@@ -262,19 +282,22 @@ def load(path: str, trainer) -> dict:
         raise ValueError(f"{path}: not a mugv Megatron training checkpoint (common.pt has no 'mugv')")
     saved_cfg = meta["model"]
     if saved_cfg != trainer.model_config.to_dict():
-        raise IncompatibleCheckpoint(f"{path}: checkpoint holds model {saved_cfg}, the run's model is "
-                         f"{trainer.model_config.to_dict()}")
+        raise IncompatibleCheckpoint(
+            f"{path}: checkpoint holds model {saved_cfg}, the run's model is {trainer.model_config.to_dict()}"
+        )
     counters = meta.get("trainer", {})
     missing = {"step", "nonfinite", "skipped", "seed"} - set(counters)
     if missing or "count" not in meta.get("optimizer", {}) or "data" not in meta:
-        raise ValueError(f"{path}: common.pt lacks trainer counters {sorted(missing)} / optimizer "
-                         f"count / data state")
+        raise ValueError(f"{path}: common.pt lacks trainer counters {sorted(missing)} / optimizer count / data state")
     if meta["optimizer"]["kind"] != trainer.optimizer.kind:
-        raise IncompatibleCheckpoint(f"{path}: optimizer state of kind {meta['optimizer']['kind']!r} cannot be "
-                         f"resumed with {trainer.optimizer.kind!r}")
+        raise IncompatibleCheckpoint(
+            f"{path}: optimizer state of kind {meta['optimizer']['kind']!r} cannot be "
+            f"resumed with {trainer.optimizer.kind!r}"
+        )
     saved_world = None
     try:
         from megatron.core.dist_checkpointing import load_sharded_metadata
+
         saved = load_sharded_metadata(path)
         obj = next((v for k, v in saved.items() if k.startswith("rng_state")), None)
         saved_world = None if obj is None else tuple(obj.global_shape)
@@ -302,9 +325,13 @@ def load(path: str, trainer) -> dict:
                 for kind, t in opt.moments(p).items():
                     t.copy_(loaded["optimizer"][f"{kind}.{n}"])
     else:
-        opt.load_full_states({n: {k: loaded["optimizer"][f"{k}.{n}"] for k in opt.STATE_KEYS}
-                              for n, _ in trainer.module.named_parameters()},
-                             meta["optimizer"]["count"])
+        opt.load_full_states(
+            {
+                n: {k: loaded["optimizer"][f"{k}.{n}"] for k in opt.STATE_KEYS}
+                for n, _ in trainer.module.named_parameters()
+            },
+            meta["optimizer"]["count"],
+        )
     if "rng_state" in loaded:
         rng = loaded["rng_state"]
         torch.set_rng_state(rng["cpu"])
@@ -319,6 +346,7 @@ def restore_latest(directory: str, trainer) -> dict | None:
     skipped with a warning); None if there is none."""
     # torch DCP wraps read errors in a BaseException subclass.
     from torch.distributed.checkpoint.api import CheckpointException
+
     for step in reversed(steps(directory)):
         path = iter_dir(directory, step)
         try:
@@ -326,8 +354,12 @@ def restore_latest(directory: str, trainer) -> dict | None:
         except IncompatibleCheckpoint:
             raise
         except (Exception, CheckpointException) as e:  # noqa: BLE001 - any read failure: try the previous
-            log.warning("checkpoint %s is unreadable (%s: %s); trying the previous one", path,
-                        type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "")
+            log.warning(
+                "checkpoint %s is unreadable (%s: %s); trying the previous one",
+                path,
+                type(e).__name__,
+                str(e).splitlines()[0][:300] if str(e) else "",
+            )
             continue
         return meta
     return None

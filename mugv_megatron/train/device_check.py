@@ -18,6 +18,7 @@ optimizer's math against torch AdamW, the checkpoint's layout and DP resharding;
 only CUDA has: NCCL collectives overlapped on their stream, TE's fused Adam (when Transformer
 Engine is installed), bf16 kernels, the forked async writer staging GPU tensors, CUDA draws.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,25 +30,30 @@ import shutil
 import time
 
 import torch
+
 from mugv.training import ObjectiveConfig, OptimConfig
 
-LATENT = (4, 16, 16)     # T, H, W per sample: 4·8·8 = 256 video tokens
+LATENT = (4, 16, 16)  # T, H, W per sample: 4·8·8 = 256 video tokens
 TEXT_LEN = 64
 
 
 def _batch(cfg, dp_size: int, per_rank: int, step: int) -> dict:
     import numpy as np
+
     rng = np.random.default_rng(100 + step)
     b, text = dp_size * per_rank, min(TEXT_LEN, cfg.max_text_tokens)
-    return {"latents": rng.standard_normal((b, cfg.in_channels, *LATENT), dtype=np.float32),
-            "y": rng.standard_normal((b, 1, text, cfg.text_dim), dtype=np.float32),
-            "mask": np.ones((b, text), dtype=np.int64),
-            "fps": np.full((b,), 24.0, dtype=np.float32)}
+    return {
+        "latents": rng.standard_normal((b, cfg.in_channels, *LATENT), dtype=np.float32),
+        "y": rng.standard_normal((b, 1, text, cfg.text_dim), dtype=np.float32),
+        "mask": np.ones((b, text), dtype=np.int64),
+        "fps": np.full((b,), 24.0, dtype=np.float32),
+    }
 
 
 def _init_distributed() -> None:
     """torchrun's world (NCCL on GPU), or a one-process one."""
     from mugv_megatron.parallel import state as parallel
+
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not torch.distributed.is_initialized():
         if torch.cuda.is_available():
@@ -80,8 +86,15 @@ def _check(ok: bool, what: str) -> None:
         raise AssertionError(f"device check failed: {what}")
 
 
-def run(workdir: str, *, per_rank_batch: int = 2, model: str = "10b", depth: int = 2,
-        bucket_size: int | None = None, keep_files: bool = False) -> dict:
+def run(
+    workdir: str,
+    *,
+    per_rank_batch: int = 2,
+    model: str = "10b",
+    depth: int = 2,
+    bucket_size: int | None = None,
+    keep_files: bool = False,
+) -> dict:
     """`model`/`depth`: the width to check and its layer count. Without CUDA it runs only under
     mugv_megatron.parallel.distopt_cpu (tests/megatron/test_megatron_distopt.py runs it that way, tiny, to keep the
     script itself working); the GPU-only parts are then skipped."""
@@ -96,13 +109,21 @@ def run(workdir: str, *, per_rank_batch: int = 2, model: str = "10b", depth: int
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
     rank = torch.distributed.get_rank()
     cfg = get_config(model, depth=depth)
-    ocfg = OptimConfig(learning_rate=1e-4, warmup_steps=0, weight_decay=0.01, ema_decay=0.99,
-                             clip_norm=1.0)
+    ocfg = OptimConfig(learning_rate=1e-4, warmup_steps=0, weight_decay=0.01, ema_decay=0.99, clip_norm=1.0)
     objective = ObjectiveConfig(i2v_prob=0.5, i2v_mode="quarter", caption_dropout_prob=0.25)
-    kwargs = dict(compute_dtype="bfloat16", use_megatron_optimizer=True, recompute="full",
-                  overlap_grad_reduce=True, overlap_param_gather=True, ddp_bucket_size=bucket_size)
-    out: dict = {"device": torch.cuda.get_device_name() if on_gpu else "cpu",
-                 "world": torch.distributed.get_world_size(), "model": f"{model}, {depth} layers"}
+    kwargs = dict(
+        compute_dtype="bfloat16",
+        use_megatron_optimizer=True,
+        recompute="full",
+        overlap_grad_reduce=True,
+        overlap_param_gather=True,
+        ddp_bucket_size=bucket_size,
+    )
+    out: dict = {
+        "device": torch.cuda.get_device_name() if on_gpu else "cpu",
+        "world": torch.distributed.get_world_size(),
+        "model": f"{model}, {depth} layers",
+    }
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
     tr = Trainer(cfg, ocfg, objective, seed=11, **kwargs)
@@ -110,15 +131,16 @@ def run(workdir: str, *, per_rank_batch: int = 2, model: str = "10b", depth: int
     out["parameters"] = sum(p.numel() for p in tr.module.parameters())
     out["buckets"] = len(tr.model.bucket_groups)
     _check({p.dtype for p in tr.module.parameters()} == {torch.bfloat16}, "parameters are not all bf16")
-    _check({m.dtype for m, _, _ in tr.optimizer.main_shards().values()} == {torch.float32},
-           "main weights are not fp32")
+    _check({m.dtype for m, _, _ in tr.optimizer.main_shards().values()} == {torch.float32}, "main weights are not fp32")
     _check(out["buckets"] > 1, f"expected several DDP buckets, got {out['buckets']}")
 
     shape = (dp * per_rank_batch, cfg.in_channels, *LATENT)
     whole, part = tr.draws(shape), tr.draws(shape, rows=slice(1, 2))
     _check(whole.eps.device == tr.device, "draws are not on the training device")
-    _check(all(torch.equal(getattr(part, f), getattr(whole, f)[1:2]) for f in ("u", "eps", "n_cond", "drop")),
-           "a row drawn alone differs from the same row of the whole draw")
+    _check(
+        all(torch.equal(getattr(part, f), getattr(whole, f)[1:2]) for f in ("u", "eps", "n_cond", "drop")),
+        "a row drawn alone differs from the same row of the whole draw",
+    )
 
     losses, times = [], []
     for step in range(2):
@@ -131,8 +153,10 @@ def run(workdir: str, *, per_rank_batch: int = 2, model: str = "10b", depth: int
         losses.append(m["loss"])
     out["losses"], out["step_seconds"] = losses, times
     tr.sync_params()
-    mismatched = sum(int(not torch.equal(p.detach().view(-1)[s:e], main.to(torch.bfloat16)))
-                     for p, (main, s, e) in tr.optimizer.main_shards().items())
+    mismatched = sum(
+        int(not torch.equal(p.detach().view(-1)[s:e], main.to(torch.bfloat16)))
+        for p, (main, s, e) in tr.optimizer.main_shards().items()
+    )
     _check(mismatched == 0, f"{mismatched} bf16 parameters are not their main weights rounded")
     at_save = _state_digests(tr)
 
@@ -161,8 +185,10 @@ def run(workdir: str, *, per_rank_batch: int = 2, model: str = "10b", depth: int
     r3 = fresh.train_step(third)
     out["step3_loss"], out["step3_loss_restored"] = m3["loss"], r3["loss"]
     # cuDNN/TE backward is not bit-deterministic; the same step from the same state agrees to bf16.
-    _check(abs(r3["loss"] - m3["loss"]) <= 1e-3 * abs(m3["loss"]),
-           f"third step after restore: loss {r3['loss']} vs {m3['loss']}")
+    _check(
+        abs(r3["loss"] - m3["loss"]) <= 1e-3 * abs(m3["loss"]),
+        f"third step after restore: loss {r3['loss']} vs {m3['loss']}",
+    )
     if on_gpu:
         out["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     if rank == 0:
@@ -180,6 +206,7 @@ def main() -> None:
     args = parser.parse_args()
     run(args.workdir, per_rank_batch=args.per_rank_batch, keep_files=args.keep_files)
     from mugv_megatron.parallel import state as parallel
+
     parallel.teardown()
 
 

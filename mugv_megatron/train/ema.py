@@ -12,6 +12,7 @@ shard, whole):
     way, so it costs 4 bytes per parameter / DP instead of 4 per parameter, and is gathered
     (summed over DP, each element held by exactly one rank) only to be saved.
 """
+
 from __future__ import annotations
 
 import torch

@@ -6,6 +6,7 @@ averaged over the replicas (equal row counts, so this is the global mean); pipel
 context-parallel ranks run the forward together through mugv_megatron.parallel.pipeline_parallel, tensor-parallel
 ranks through the model. The result equals the JAX backend's on the same weights.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -45,13 +46,16 @@ def forward_mean_loss(trainer, inputs: dict, target: torch.Tensor) -> torch.Tens
         loss, _ = trainer.forward_loss(inputs, target)
         return loss.detach()
     from mugv_megatron.parallel import pipeline_parallel as pipeline
+
     c = trainer.model_config.in_channels
     micro = [{**{k: v for k, v in inputs.items() if v is not None}, "target": target}]
     with torch.autocast(trainer.device.type, dtype=torch.bfloat16, enabled=trainer.bf16):
         return pipeline.forward_backward(
-            trainer.model, micro,
+            trainer.model,
+            micro,
             lambda out, m: obj.masked_frame_mse(out[:, :c].float(), m["target"], m["x_mask"])[0],
-            forward_only=True).detach()
+            forward_only=True,
+        ).detach()
 
 
 def validation_per_t(trainer, vset: ValidationSet) -> np.ndarray:
@@ -69,10 +73,15 @@ def validation_per_t(trainer, vset: ValidationSet) -> np.ndarray:
                 b, frames = x0.shape[0], x0.shape[2]
                 for i, t in enumerate(vset.t_values):
                     tb = torch.full((b,), t * 1000.0, dtype=torch.float32, device=trainer.device)
-                    inputs = dict(x=obj.noisy_latents(x0, eps, tb), timestep=tb, y=as_t(batch["y"][rows]).float(),
-                                  mask=as_t(batch["mask"][rows]),
-                                  x_mask=torch.ones((b, frames), dtype=torch.bool, device=trainer.device),
-                                  fps=as_t(batch["fps"][rows]).float(), frame_indice=None)
+                    inputs = dict(
+                        x=obj.noisy_latents(x0, eps, tb),
+                        timestep=tb,
+                        y=as_t(batch["y"][rows]).float(),
+                        mask=as_t(batch["mask"][rows]),
+                        x_mask=torch.ones((b, frames), dtype=torch.bool, device=trainer.device),
+                        fps=as_t(batch["fps"][rows]).float(),
+                        frame_indice=None,
+                    )
                     loss = forward_mean_loss(trainer, inputs, x0 - eps)
                     if trainer.dp_size > 1:
                         dist.all_reduce(loss, group=trainer.dp_group)

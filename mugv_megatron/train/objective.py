@@ -16,6 +16,7 @@ redraws exactly the same numbers, and CPU and GPU runs draw the same numbers. `d
 global draw from one numpy generator instead: what some parity tests feed to both backends
 (`Trainer.train_step(draws=...)`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,17 +28,18 @@ from mugv import rng as ref_rng
 from mugv.training import ObjectiveConfig, shift_ratio
 from mugv_megatron.train import rng
 
+
 @dataclasses.dataclass(frozen=True)
 class Draws:
     """The random numbers of one step for a run of rows (numpy arrays or torch tensors)."""
-    u: np.ndarray          # [B] standard normal; t = sigmoid(u)·1000 before the shift
-    eps: np.ndarray        # [B, C, T, H, W] standard normal noise
-    n_cond: np.ndarray     # [B] conditioning (clean) frames at the start of each sample
-    drop: np.ndarray       # [B] bool: caption replaced by the null text
 
-    def slice(self, start: int, stop: int) -> "Draws":
-        return Draws(self.u[start:stop], self.eps[start:stop], self.n_cond[start:stop],
-                     self.drop[start:stop])
+    u: np.ndarray  # [B] standard normal; t = sigmoid(u)·1000 before the shift
+    eps: np.ndarray  # [B, C, T, H, W] standard normal noise
+    n_cond: np.ndarray  # [B] conditioning (clean) frames at the start of each sample
+    drop: np.ndarray  # [B] bool: caption replaced by the null text
+
+    def slice(self, start: int, stop: int) -> Draws:
+        return Draws(self.u[start:stop], self.eps[start:stop], self.n_cond[start:stop], self.drop[start:stop])
 
 
 def draw(rng: np.random.Generator, latent_shape: tuple[int, ...], config: ObjectiveConfig) -> Draws:
@@ -55,8 +57,14 @@ def draw(rng: np.random.Generator, latent_shape: tuple[int, ...], config: Object
     return Draws(u, eps, n_cond.astype(np.int64), drop)
 
 
-def draw_samples(seed: int, step: int, indices, sample_shape: tuple[int, ...], config: ObjectiveConfig,
-                 device: torch.device | str = "cpu") -> Draws:
+def draw_samples(
+    seed: int,
+    step: int,
+    indices,
+    sample_shape: tuple[int, ...],
+    config: ObjectiveConfig,
+    device: torch.device | str = "cpu",
+) -> Draws:
     """The draws of global samples `indices` at `step` (torch tensors on `device`): mugv.rng's
     pretraining draws (u, ε [C, T, H, W], conditioning-frame count, caption drop), the same
     numbers the JAX trainer draws for those samples."""
@@ -68,15 +76,19 @@ def draw_samples(seed: int, step: int, indices, sample_shape: tuple[int, ...], c
     else:
         n_cond = 1 + rng.randints(seed, step, ref_rng.TAG_I2V_FRAMES, rows, max(1, frames // 4))
     n_cond = torch.where(apply, n_cond.clamp(max=frames - 1 if frames > 1 else 0), torch.zeros_like(n_cond))
-    return Draws(rng.normals(seed, step, ref_rng.TAG_T, rows, ()),
-                 rng.normals(seed, step, ref_rng.TAG_NOISE, rows, tuple(sample_shape)),
-                 n_cond, rng.uniforms(seed, step, ref_rng.TAG_CAPTION_DROP, rows) < config.caption_dropout_prob)
+    return Draws(
+        rng.normals(seed, step, ref_rng.TAG_T, rows, ()),
+        rng.normals(seed, step, ref_rng.TAG_NOISE, rows, tuple(sample_shape)),
+        n_cond,
+        rng.uniforms(seed, step, ref_rng.TAG_CAPTION_DROP, rows) < config.caption_dropout_prob,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class SampleStreams:
     """The draws of global rows [start, stop) at one step, made on demand: `slice(a, b)` draws
     local rows a..b-1 only (one micro-batch), so a rank never holds the noise of the others."""
+
     seed: int
     step: int
     start: int
@@ -91,8 +103,14 @@ class SampleStreams:
     def slice(self, start: int, stop: int) -> Draws:
         if not 0 <= start <= stop <= len(self):
             raise ValueError(f"rows [{start}, {stop}) outside the {len(self)} drawn rows")
-        return draw_samples(self.seed, self.step, range(self.start + start, self.start + stop),
-                            self.sample_shape, self.config, self.device)
+        return draw_samples(
+            self.seed,
+            self.step,
+            range(self.start + start, self.start + stop),
+            self.sample_shape,
+            self.config,
+            self.device,
+        )
 
     def materialize(self) -> Draws:
         return self.slice(0, len(self))
@@ -104,8 +122,7 @@ def shift_t(t: torch.Tensor, ratio: float) -> torch.Tensor:
 
 
 def timesteps(u: torch.Tensor, latent_shape: tuple[int, int, int], config: ObjectiveConfig) -> torch.Tensor:
-    ratio = config.shift_ratio if config.shift_ratio is not None else \
-        shift_ratio(latent_shape, config.shift_num_frames)
+    ratio = config.shift_ratio if config.shift_ratio is not None else shift_ratio(latent_shape, config.shift_num_frames)
     return shift_t(torch.sigmoid(u) * 1000.0, ratio)
 
 
@@ -123,8 +140,9 @@ def masked_frame_mse(pred: torch.Tensor, target: torch.Tensor, x_mask: torch.Ten
     return per_sample.mean(), per_sample
 
 
-def prepare(batch: dict, null_text: torch.Tensor, config: ObjectiveConfig, draws: Draws,
-            device: torch.device | str = "cpu"):
+def prepare(
+    batch: dict, null_text: torch.Tensor, config: ObjectiveConfig, draws: Draws, device: torch.device | str = "cpu"
+):
     """Model inputs, velocity target and raw per-sample t for a batch and its draws.
 
     batch: latents [B, C, T, H, W], y [B, 1, L, D], mask [B, L], fps [B] (numpy or torch),
@@ -143,12 +161,21 @@ def prepare(batch: dict, null_text: torch.Tensor, config: ObjectiveConfig, draws
     y, mask = as_t(batch["y"]).float(), as_t(batch["mask"])
     length = y.shape[2]
     if length > null_text.shape[0]:
-        raise ValueError(f"caption length {length} exceeds the model's max_text_tokens "
-                         f"{null_text.shape[0]} (the null caption has that many rows)")
+        raise ValueError(
+            f"caption length {length} exceeds the model's max_text_tokens "
+            f"{null_text.shape[0]} (the null caption has that many rows)"
+        )
     drop = as_t(draws.drop).bool()
     null = null_text[:length].to(device=device, dtype=y.dtype).expand(y.shape[1:])
     y = torch.where(drop[:, None, None, None], null[None], y)
     mask = torch.where(drop[:, None], torch.ones_like(mask), mask)
-    inputs = dict(x=xt, timestep=t, y=y, mask=mask, x_mask=x_mask, fps=as_t(batch["fps"]).float(),
-                  frame_indice=None if batch.get("frame_indice") is None else as_t(batch["frame_indice"]))
+    inputs = dict(
+        x=xt,
+        timestep=t,
+        y=y,
+        mask=mask,
+        x_mask=x_mask,
+        fps=as_t(batch["fps"]).float(),
+        frame_indice=None if batch.get("frame_indice") is None else as_t(batch["frame_indice"]),
+    )
     return inputs, x0 - eps, t

@@ -19,6 +19,7 @@ Two implementations of the step, chosen by `build`:
 Both skip the whole update (moments and count untouched) when the loss or the gradient norm is
 not finite, which is what the JAX trainer's `jnp.where(finite, new, old)` does.
 """
+
 from __future__ import annotations
 
 import math
@@ -45,6 +46,7 @@ def grad_norm(params, tp_group=None) -> torch.Tensor:
     """Global L2 norm of the gradients of `params` (this rank's TP shards): TP-split tensors are
     summed over the TP group, replicated ones counted once."""
     from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+
     device = next(iter(params)).device
     sq = torch.zeros((), dtype=torch.float64, device=device)
     for p in params:
@@ -69,9 +71,10 @@ class TorchAdamW:
         self.cfg, self.tp_group = cfg, tp_group
         self.params = [p for p in params if p.requires_grad]
         # foreach=False: the per-tensor loop is what the checkpoint-resume test pins bit-exactly.
-        self.opt = torch.optim.AdamW(self.params, lr=0.0, betas=(cfg.b1, cfg.b2), eps=cfg.eps,
-                                     weight_decay=cfg.weight_decay, foreach=False)
-        self.count = 0   # applied updates (optax's schedule count)
+        self.opt = torch.optim.AdamW(
+            self.params, lr=0.0, betas=(cfg.b1, cfg.b2), eps=cfg.eps, weight_decay=cfg.weight_decay, foreach=False
+        )
+        self.count = 0  # applied updates (optax's schedule count)
 
     def zero_grad(self):
         for p in self.params:
@@ -116,16 +119,25 @@ class MegatronAdam:
 
     kind = "megatron_distributed"
 
-    def __init__(self, ddp_model, cfg: OptimConfig, *, bf16_params: bool = False,
-                 overlap_param_gather: bool = False):
+    def __init__(self, ddp_model, cfg: OptimConfig, *, bf16_params: bool = False, overlap_param_gather: bool = False):
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
         self.cfg = cfg
-        ocfg = OptimizerConfig(optimizer="adam", lr=cfg.learning_rate, min_lr=0.0,
-                               weight_decay=cfg.weight_decay, adam_beta1=cfg.b1, adam_beta2=cfg.b2,
-                               adam_eps=cfg.eps, clip_grad=cfg.clip_norm, bf16=bf16_params, fp16=False,
-                               params_dtype=torch.bfloat16 if bf16_params else torch.float32,
-                               use_distributed_optimizer=True,
-                               overlap_param_gather=overlap_param_gather)
+        ocfg = OptimizerConfig(
+            optimizer="adam",
+            lr=cfg.learning_rate,
+            min_lr=0.0,
+            weight_decay=cfg.weight_decay,
+            adam_beta1=cfg.b1,
+            adam_beta2=cfg.b2,
+            adam_eps=cfg.eps,
+            clip_grad=cfg.clip_norm,
+            bf16=bf16_params,
+            fp16=False,
+            params_dtype=torch.bfloat16 if bf16_params else torch.float32,
+            use_distributed_optimizer=True,
+            overlap_param_gather=overlap_param_gather,
+        )
         self.model = ddp_model
         # No overrides: megatron's default exempts biases and 1-d tensors from weight decay;
         # optax decays every parameter.
@@ -235,6 +247,7 @@ class MegatronAdam:
     @torch.no_grad()
     def apply(self, norm: float) -> float:
         from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
         lr = learning_rate(self.cfg, self.count)
         for group in self.opt.param_groups:
             group["lr"] = lr
@@ -249,12 +262,18 @@ class MegatronAdam:
         return lr
 
 
-def build(model, cfg: OptimConfig, *, use_megatron: bool, tp_group=None, bf16_params: bool = False,
-          overlap_param_gather: bool = False):
+def build(
+    model,
+    cfg: OptimConfig,
+    *,
+    use_megatron: bool,
+    tp_group=None,
+    bf16_params: bool = False,
+    overlap_param_gather: bool = False,
+):
     """`MegatronAdam` when asked for (needs a megatron DDP-wrapped model), else `TorchAdamW`."""
     if use_megatron:
-        return MegatronAdam(model, cfg, bf16_params=bf16_params,
-                            overlap_param_gather=overlap_param_gather)
+        return MegatronAdam(model, cfg, bf16_params=bf16_params, overlap_param_gather=overlap_param_gather)
     if bf16_params:
         raise ValueError("bfloat16 parameters need the distributed optimizer (fp32 main weights)")
     return TorchAdamW(model.parameters(), cfg, tp_group)

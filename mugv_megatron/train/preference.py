@@ -9,6 +9,7 @@ term's normaliser over good samples) are global over the data-parallel replicas,
 the JAX trainer's single global batch. Runs with TP/SP and data parallelism; pipeline and context
 parallelism are refused by name.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -29,11 +30,13 @@ def dpo_loss(err_w, ref_w, err_l, ref_l, beta: float):
 
 
 class PreferenceTrainer(Trainer):
-    def __init__(self, *args, preference: PreferenceConfig = PreferenceConfig(), **kwargs):
+    def __init__(self, *args, preference: PreferenceConfig = PreferenceConfig(), **kwargs):  # noqa: B008 -- frozen
         super().__init__(*args, **kwargs)
         if self.staged:
-            raise ValueError("config.mode='preference' on the megatron backend runs with tensor, sequence "
-                             "and data parallelism: set config.megatron.pp=1 and config.megatron.cp=1")
+            raise ValueError(
+                "config.mode='preference' on the megatron backend runs with tensor, sequence "
+                "and data parallelism: set config.megatron.pp=1 and config.megatron.cp=1"
+            )
         if self.optim.grad_accum_steps != 1:
             raise ValueError("preference training does not accumulate gradients (optim.grad_accum_steps=1)")
         self.preference = preference
@@ -59,16 +62,23 @@ class PreferenceTrainer(Trainer):
     def _errors(self, x0, eps, t, cond: dict, params: dict | None = None):
         """Per-sample velocity MSE over all frames (reference weights when `params` is given)."""
         b, frames = x0.shape[0], x0.shape[2]
-        inputs = dict(x=obj.noisy_latents(x0, eps, t), timestep=t, y=cond["y"], mask=cond["mask"],
-                      x_mask=torch.ones((b, frames), dtype=torch.bool, device=self.device),
-                      fps=cond["fps"], frame_indice=None)
+        inputs = dict(
+            x=obj.noisy_latents(x0, eps, t),
+            timestep=t,
+            y=cond["y"],
+            mask=cond["mask"],
+            x_mask=torch.ones((b, frames), dtype=torch.bool, device=self.device),
+            fps=cond["fps"],
+            frame_indice=None,
+        )
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             if params is None:
                 out = self.model(**inputs)
             else:
                 out = torch.func.functional_call(self.module, params, args=(), kwargs=inputs)
-        _, per_sample = obj.masked_frame_mse(out[:, : self.model_config.in_channels].float(), x0 - eps,
-                                             inputs["x_mask"])
+        _, per_sample = obj.masked_frame_mse(
+            out[:, : self.model_config.in_channels].float(), x0 - eps, inputs["x_mask"]
+        )
         return per_sample
 
     def _global_sum(self, x: torch.Tensor) -> torch.Tensor:
@@ -94,13 +104,27 @@ class PreferenceTrainer(Trainer):
             pref, margin = dpo_loss(e_w, r_w, e_l, r_l, cfg.beta_dpo)
             sft = e_w.mean()
             b = float(len(margin))
-            sums = self._global_sum(torch.stack([
-                margin.sum(), (margin > 0).float().sum(), (-0.5 * cfg.beta_dpo * (e_w - r_w)).sum(),
-                (-0.5 * cfg.beta_dpo * (e_l - r_l)).sum(), pref.detach() * b, sft.detach() * b]))
+            sums = self._global_sum(
+                torch.stack(
+                    [
+                        margin.sum(),
+                        (margin > 0).float().sum(),
+                        (-0.5 * cfg.beta_dpo * (e_w - r_w)).sum(),
+                        (-0.5 * cfg.beta_dpo * (e_l - r_l)).sum(),
+                        pref.detach() * b,
+                        sft.detach() * b,
+                    ]
+                )
+            )
             total_b = b * n
-            metrics = {"reward_margin": sums[0] / total_b, "accuracy": sums[1] / total_b,
-                       "reward_w": sums[2] / total_b, "reward_l": sums[3] / total_b,
-                       "preference_loss": sums[4] / total_b, "sft_loss": sums[5] / total_b}
+            metrics = {
+                "reward_margin": sums[0] / total_b,
+                "accuracy": sums[1] / total_b,
+                "reward_w": sums[2] / total_b,
+                "reward_l": sums[3] / total_b,
+                "preference_loss": sums[4] / total_b,
+                "sft_loss": sums[5] / total_b,
+            }
             loss = pref + cfg.sft_weight * sft
         else:
             x0 = as_t(batch["latents"]).float()
@@ -112,8 +136,7 @@ class PreferenceTrainer(Trainer):
             reward = -cfg.beta_kto * (e - e_ref)
             w = good.float()
             b = float(len(e))
-            sums = self._global_sum(torch.stack([reward.sum(), w.sum(), (reward * w).sum(),
-                                                 (reward * (1 - w)).sum()]))
+            sums = self._global_sum(torch.stack([reward.sum(), w.sum(), (reward * w).sum(), (reward * (1 - w)).sum()]))
             z = torch.clamp(sums[0] / (b * n), min=0.0)
             lam_d, lam_u = cfg.kto_desirable_weight, cfg.kto_undesirable_weight
             value = torch.where(good, lam_d * torch.sigmoid(reward - z), lam_u * torch.sigmoid(z - reward))
@@ -124,9 +147,14 @@ class PreferenceTrainer(Trainer):
             sft = (e * w).sum() * n / good_total
             bad_total = torch.clamp(b * n - sums[1], min=1.0)
             rest = self._global_sum(torch.stack([pref.detach() * b, sft.detach() / n]))
-            metrics = {"reward_margin": sums[2] / good_total - sums[3] / bad_total,
-                       "reward_good": sums[2] / good_total, "reward_bad": sums[3] / bad_total,
-                       "kto_reference_point": z, "preference_loss": rest[0] / (b * n), "sft_loss": rest[1]}
+            metrics = {
+                "reward_margin": sums[2] / good_total - sums[3] / bad_total,
+                "reward_good": sums[2] / good_total,
+                "reward_bad": sums[3] / bad_total,
+                "kto_reference_point": z,
+                "preference_loss": rest[0] / (b * n),
+                "sft_loss": rest[1],
+            }
             loss = pref + cfg.sft_weight * sft
         metrics["loss"] = metrics["preference_loss"] + cfg.sft_weight * metrics["sft_loss"]
         return loss, {k: float(v) for k, v in metrics.items()}
@@ -147,8 +175,7 @@ class PreferenceTrainer(Trainer):
         self._finalize_grads()
         norm = self.grad_norm()
         finite, lr = self.apply_update(metrics["loss"], norm)
-        metrics.update(grad_norm=norm, learning_rate=lr, finite=float(finite),
-                       nonfinite_in_a_row=self.nonfinite)
+        metrics.update(grad_norm=norm, learning_rate=lr, finite=float(finite), nonfinite_in_a_row=self.nonfinite)
         return metrics
 
     def evaluate(self, batch: dict, seed: int, index: int) -> dict:

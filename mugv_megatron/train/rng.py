@@ -2,6 +2,7 @@
 
 The same Threefry-2x32 as the numpy reference (and JAX), on int64 tensors holding 32-bit words,
 so the bits agree exactly and a rank draws its own rows only, where it trains."""
+
 from __future__ import annotations
 
 import math
@@ -37,7 +38,7 @@ def bits(seed: int, step: int, tag: int, rows: torch.Tensor, elements: int):
 
 
 def uniform(x: torch.Tensor) -> torch.Tensor:
-    return ((x >> 9).float() + 0.5) * (2.0 ** -23)
+    return ((x >> 9).float() + 0.5) * (2.0**-23)
 
 
 def normals(seed: int, step: int, tag: int, rows: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:

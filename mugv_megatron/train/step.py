@@ -45,6 +45,7 @@ rank updates while another skips. EMA and optimizer state are per stage (each ra
 parameters). A stage's initial weights are drawn with the seed offset by the pipeline rank (so the
 stages' layers differ), then the replicated embedders are broadcast from the first stage.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -55,13 +56,13 @@ import torch.distributed as dist
 
 from mugv import rng
 from mugv.config import DiTConfig
-from mugv_megatron.model import recompute as recompute_lib
+from mugv.training import ObjectiveConfig, OptimConfig
 from mugv_megatron.model import build as dit
-from mugv_megatron.train import optim
+from mugv_megatron.model import recompute as recompute_lib
 from mugv_megatron.parallel import pipeline_parallel as pipeline
 from mugv_megatron.train import objective as obj
+from mugv_megatron.train import optim
 from mugv_megatron.train.ema import EMA, ShardedEMA
-from mugv.training import ObjectiveConfig, OptimConfig
 
 PARAMS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -69,46 +70,68 @@ T_QUARTILES = 4
 
 
 class Trainer:
-    def __init__(self, model_config: DiTConfig, optim_config: OptimConfig,
-                 objective: ObjectiveConfig, *, seed: int = 0, compute_dtype: str = "float32",
-                 sequence_parallel: bool = False, use_megatron_optimizer: bool | None = None,
-                 release_state: dict | None = None, use_te: bool | None = None,
-                 params_dtype: str | None = None, recompute: str = "none",
-                 overlap_grad_reduce: bool = False, overlap_param_gather: bool = False,
-                 ddp_bucket_size: int | None = None, local_attention: str = "megatron"):
+    def __init__(
+        self,
+        model_config: DiTConfig,
+        optim_config: OptimConfig,
+        objective: ObjectiveConfig,
+        *,
+        seed: int = 0,
+        compute_dtype: str = "float32",
+        sequence_parallel: bool = False,
+        use_megatron_optimizer: bool | None = None,
+        release_state: dict | None = None,
+        use_te: bool | None = None,
+        params_dtype: str | None = None,
+        recompute: str = "none",
+        overlap_grad_reduce: bool = False,
+        overlap_param_gather: bool = False,
+        ddp_bucket_size: int | None = None,
+        local_attention: str = "megatron",
+    ):
         """`use_megatron_optimizer` (default: CUDA present) selects megatron's DDP +
         DistributedOptimizer; `params_dtype` (None: "bfloat16" with it when computing in bf16,
         else "float32"); the overlaps apply only with it (megatron DDP's buckets, of
         `ddp_bucket_size` elements when given)."""
         from megatron.core import parallel_state as ps
+
         if compute_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"compute_dtype must be 'float32' or 'bfloat16', got {compute_dtype!r}")
         if not ps.model_parallel_is_initialized():
-            raise RuntimeError("megatron parallel state is not initialised: call "
-                               "mugv_megatron.parallel.state.setup(...) before building the Trainer")
+            raise RuntimeError(
+                "megatron parallel state is not initialised: call "
+                "mugv_megatron.parallel.state.setup(...) before building the Trainer"
+            )
         if use_megatron_optimizer is None:
             use_megatron_optimizer = torch.cuda.is_available()
         if use_megatron_optimizer and not torch.cuda.is_available():
             from mugv_megatron.parallel import distopt_cpu
+
             if not distopt_cpu.is_applied():
-                raise ValueError("config.megatron.distributed_optimizer: megatron's "
-                                 "DistributedOptimizer needs CUDA (or, for tests, "
-                                 "mugv_megatron.parallel.distopt_cpu.apply() on CPU)")
+                raise ValueError(
+                    "config.megatron.distributed_optimizer: megatron's "
+                    "DistributedOptimizer needs CUDA (or, for tests, "
+                    "mugv_megatron.parallel.distopt_cpu.apply() on CPU)"
+                )
         self.bf16 = compute_dtype == "bfloat16"
         if params_dtype is None:
             params_dtype = "bfloat16" if self.bf16 and use_megatron_optimizer else "float32"
         if params_dtype not in PARAMS_DTYPES:
-            raise ValueError(f"config.megatron.params_dtype must be one of {sorted(PARAMS_DTYPES)} "
-                             f"or None, got {params_dtype!r}")
+            raise ValueError(
+                f"config.megatron.params_dtype must be one of {sorted(PARAMS_DTYPES)} or None, got {params_dtype!r}"
+            )
         if params_dtype == "bfloat16" and not (use_megatron_optimizer and self.bf16):
-            raise ValueError("config.megatron.params_dtype='bfloat16' needs compute_dtype='bfloat16' "
-                             "and the distributed optimizer (which keeps the fp32 main weights)")
+            raise ValueError(
+                "config.megatron.params_dtype='bfloat16' needs compute_dtype='bfloat16' "
+                "and the distributed optimizer (which keeps the fp32 main weights)"
+            )
         self.params_dtype = params_dtype
         self.recompute = recompute_lib.check(recompute)
         self.model_config, self.optim, self.objective = model_config, optim_config, objective
         self.seed = int(seed)
-        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
-            else torch.device("cpu")
+        self.device = (
+            torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        )
         self.tp_group = ps.get_tensor_model_parallel_group()
         self.dp_group = ps.get_data_parallel_group()
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
@@ -120,44 +143,59 @@ class Trainer:
         # Every rank of a stage draws the same initial weights (replicated tensors must agree
         # over TP/CP/DP; megatron cuts TP shards from a full CPU-initialised tensor).
         torch.manual_seed(self.seed + self.pp_rank)
-        self.module = dit.build_model(model_config, sequence_parallel=sequence_parallel, use_te=use_te,
-                                      params_dtype=PARAMS_DTYPES[params_dtype], local_attention=local_attention)
+        self.module = dit.build_model(
+            model_config,
+            sequence_parallel=sequence_parallel,
+            use_te=use_te,
+            params_dtype=PARAMS_DTYPES[params_dtype],
+            local_attention=local_attention,
+        )
         recompute_lib.apply(self.module, self.recompute)
         if self.pp_size > 1:
             self._sync_replicated_embedders()
         if release_state is not None:
             self._load_release_state(release_state, "config.init_from")
         self.module.train()
-        self.null_text = torch.from_numpy(rng.null_text(self.seed, model_config.max_text_tokens,
-                                                        model_config.text_dim)).to(self.device)
+        self.null_text = torch.from_numpy(
+            rng.null_text(self.seed, model_config.max_text_tokens, model_config.text_dim)
+        ).to(self.device)
         self.model = self.module
         # megatron's own schedule (GPU) can overlap the grad reduction across micro-batches; the
         # CPU sequential schedule of PP/CP runs without DDP's no-sync hooks.
-        self.overlap_grad_reduce = bool(overlap_grad_reduce) and use_megatron_optimizer and not (
-            self.staged and not torch.cuda.is_available())
+        self.overlap_grad_reduce = (
+            bool(overlap_grad_reduce) and use_megatron_optimizer and not (self.staged and not torch.cuda.is_available())
+        )
         self.overlap_param_gather = bool(overlap_param_gather) and use_megatron_optimizer
         if self.staged and not use_megatron_optimizer:
             self.model = pipeline.wrap_ddp(self.module)
         elif use_megatron_optimizer:
             from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
             ddp_config = DistributedDataParallelConfig(
-                grad_reduce_in_fp32=True, overlap_grad_reduce=self.overlap_grad_reduce,
-                overlap_param_gather=self.overlap_param_gather, use_distributed_optimizer=True,
-                bucket_size=ddp_bucket_size)
-            self.model = DistributedDataParallel(config=self.module.config, ddp_config=ddp_config,
-                                                 module=self.module)
+                grad_reduce_in_fp32=True,
+                overlap_grad_reduce=self.overlap_grad_reduce,
+                overlap_param_gather=self.overlap_param_gather,
+                use_distributed_optimizer=True,
+                bucket_size=ddp_bucket_size,
+            )
+            self.model = DistributedDataParallel(config=self.module.config, ddp_config=ddp_config, module=self.module)
             if self.overlap_grad_reduce:
                 # What megatron's schedules call between micro-batches and after the last one.
                 self.module.config.no_sync_func = self.model.no_sync
                 self.module.config.grad_sync_func = self.model.start_grad_sync
         else:
             from megatron.core.distributed import DistributedDataParallelConfig
+
             # megatron's TP grad reduction reads the DDP config of the model it is given.
             self.module.ddp_config = DistributedDataParallelConfig()
-        self.optimizer = optim.build(self.model if use_megatron_optimizer else self.module, optim_config,
-                                     use_megatron=use_megatron_optimizer, tp_group=self.tp_group,
-                                     bf16_params=params_dtype == "bfloat16",
-                                     overlap_param_gather=self.overlap_param_gather)
+        self.optimizer = optim.build(
+            self.model if use_megatron_optimizer else self.module,
+            optim_config,
+            use_megatron=use_megatron_optimizer,
+            tp_group=self.tp_group,
+            bf16_params=params_dtype == "bfloat16",
+            overlap_param_gather=self.overlap_param_gather,
+        )
         if release_state is not None and params_dtype != "float32":
             # The model holds the release weights rounded to bf16; the main weights take them exact.
             self.optimizer.set_main_params(pipeline.stage_state(self.module, release_state))
@@ -192,6 +230,7 @@ class Trainer:
         """Every stage holds the embedders: give them the first stage's initial values, and flag
         the later stages' copies `shared` so that no gradient norm counts them twice."""
         from megatron.core import parallel_state as ps
+
         group = ps.get_pipeline_model_parallel_group()
         src = ps.get_pipeline_model_parallel_first_rank()
         with torch.no_grad():
@@ -213,18 +252,19 @@ class Trainer:
 
     # --- pieces -------------------------------------------------------------------------------
 
-    def draws(self, global_shape: tuple[int, ...], step: int | None = None,
-              rows: slice | None = None) -> obj.Draws:
+    def draws(self, global_shape: tuple[int, ...], step: int | None = None, rows: slice | None = None) -> obj.Draws:
         """The step's random numbers for rows `rows` (default: all) of a global batch of latents
         `global_shape`, from (seed, step, sample index) alone, on the training device."""
         return self.streams(global_shape, step, rows).materialize()
 
-    def streams(self, global_shape: tuple[int, ...], step: int | None = None,
-                rows: slice | None = None) -> obj.SampleStreams:
+    def streams(
+        self, global_shape: tuple[int, ...], step: int | None = None, rows: slice | None = None
+    ) -> obj.SampleStreams:
         step = self.step if step is None else step
         rows = slice(0, global_shape[0]) if rows is None else rows
-        return obj.SampleStreams(self.seed, int(step), rows.start, rows.stop, tuple(global_shape[1:]),
-                                 self.objective, str(self.device))
+        return obj.SampleStreams(
+            self.seed, int(step), rows.start, rows.stop, tuple(global_shape[1:]), self.objective, str(self.device)
+        )
 
     def forward_loss(self, inputs: dict, target: torch.Tensor):
         """(loss, per-sample loss) of prepared inputs, under autocast when computing in bf16."""
@@ -235,7 +275,10 @@ class Trainer:
 
     def _finalize_grads(self) -> None:
         from megatron.core.distributed.finalize_model_grads import (
-            _allreduce_non_tensor_model_parallel_grads, finalize_model_grads)
+            _allreduce_non_tensor_model_parallel_grads,
+            finalize_model_grads,
+        )
+
         if self.optimizer.kind == "megatron_distributed":
             finalize_model_grads([self.model])
             return
@@ -254,11 +297,9 @@ class Trainer:
         accum = self.optim.grad_accum_steps
         b = batch["latents"].shape[0]
         if len(draws.u if isinstance(draws, obj.Draws) else draws) != b:
-            raise ValueError(f"draws for {len(draws.u if isinstance(draws, obj.Draws) else draws)} rows, "
-                             f"batch of {b}")
+            raise ValueError(f"draws for {len(draws.u if isinstance(draws, obj.Draws) else draws)} rows, batch of {b}")
         if b % accum:
-            raise ValueError(f"batch {b} per data-parallel rank is not divisible by "
-                             f"optim.grad_accum_steps={accum}")
+            raise ValueError(f"batch {b} per data-parallel rank is not divisible by optim.grad_accum_steps={accum}")
         mb = b // accum
         if self.staged:
             return self._staged_loss_and_grads(batch, draws, accum, mb)
@@ -269,12 +310,12 @@ class Trainer:
         for i in range(accum):
             sl = slice(i * mb, (i + 1) * mb)
             part = {k: v[sl] for k, v in batch.items() if v is not None}
-            inputs, target, t = obj.prepare(part, self.null_text, self.objective,
-                                            draws.slice(sl.start, sl.stop), self.device)
+            inputs, target, t = obj.prepare(
+                part, self.null_text, self.objective, draws.slice(sl.start, sl.stop), self.device
+            )
             # Megatron DDP reduces a bucket as soon as its grads are in: only after the last
             # micro-batch.
-            no_sync = self.model.no_sync if hasattr(self.model, "no_sync") and i < accum - 1 \
-                else contextlib.nullcontext
+            no_sync = self.model.no_sync if hasattr(self.model, "no_sync") and i < accum - 1 else contextlib.nullcontext
             with no_sync():
                 loss, per_sample = self.forward_loss(inputs, target)
                 (loss / accum).backward()
@@ -289,6 +330,7 @@ class Trainer:
         """The CP/PP path: micro-batches through `pipeline.forward_backward`; the grads (reduced
         by megatron's finalize_model_grads into `main_grad`) become `p.grad` for the optimizer."""
         from megatron.core import parallel_state as ps
+
         q_sum = torch.zeros(T_QUARTILES, device=self.device)
         q_count = torch.zeros(T_QUARTILES, device=self.device)
         self.optimizer.zero_grad()
@@ -298,8 +340,9 @@ class Trainer:
         for i in range(accum):
             sl = slice(i * mb, (i + 1) * mb)
             part = {k: v[sl] for k, v in batch.items() if v is not None}
-            inputs, target, t = obj.prepare(part, self.null_text, self.objective,
-                                            draws.slice(sl.start, sl.stop), self.device)
+            inputs, target, t = obj.prepare(
+                part, self.null_text, self.objective, draws.slice(sl.start, sl.stop), self.device
+            )
             micro.append({**{k: v for k, v in inputs.items() if v is not None}, "target": target, "t": t})
         c = self.model_config.in_channels
 
@@ -315,8 +358,9 @@ class Trainer:
         if self.pp_size > 1:
             # Only the last stage saw the per-sample losses.
             stats = torch.cat([q_sum, q_count])
-            dist.broadcast(stats, src=ps.get_pipeline_model_parallel_last_rank(),
-                           group=ps.get_pipeline_model_parallel_group())
+            dist.broadcast(
+                stats, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group()
+            )
             q_sum, q_count = stats[:T_QUARTILES], stats[T_QUARTILES:]
         if self.optimizer.kind == "torch_adamw":
             for p in self.module.parameters():
@@ -330,19 +374,21 @@ class Trainer:
         from megatron.core import parallel_state as ps
         from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
         from megatron.core.transformer.module import param_is_not_shared
+
         sq = torch.zeros((), dtype=torch.float64, device=self.device)
         for p in self.module.parameters():
             if p.grad is not None and param_is_not_shared(p) and param_is_not_tensor_parallel_duplicate(p):
                 sq += p.grad.detach().double().square().sum()
-        dist.all_reduce(sq, group=ps.get_model_parallel_group())   # TP × PP
+        dist.all_reduce(sq, group=ps.get_model_parallel_group())  # TP × PP
         return float(sq.sqrt().float())
 
     # --- the step -----------------------------------------------------------------------------
 
     def local_rows(self, global_batch_size: int) -> slice:
         if global_batch_size % self.dp_size:
-            raise ValueError(f"global batch {global_batch_size} is not divisible by the "
-                             f"data-parallel size {self.dp_size}")
+            raise ValueError(
+                f"global batch {global_batch_size} is not divisible by the data-parallel size {self.dp_size}"
+            )
         per = global_batch_size // self.dp_size
         return slice(self.dp_rank * per, (self.dp_rank + 1) * per)
 
@@ -390,6 +436,11 @@ class Trainer:
         loss_v = float(loss)
         norm = self.grad_norm()
         finite, lr = self.apply_update(loss_v, norm)
-        return {"loss": loss_v, "grad_norm": norm, "learning_rate": lr, "finite": finite,
-                "loss_by_t_quartile": (q_sum / q_count.clamp_min(1)).tolist(),
-                "nonfinite_in_a_row": self.nonfinite}
+        return {
+            "loss": loss_v,
+            "grad_norm": norm,
+            "learning_rate": lr,
+            "finite": finite,
+            "loss_by_t_quartile": (q_sum / q_count.clamp_min(1)).tolist(),
+            "nonfinite_in_a_row": self.nonfinite,
+        }

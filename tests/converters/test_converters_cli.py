@@ -1,4 +1,5 @@
 """`python -m converters` in subprocesses: convert, inspect, verify, refusal to overwrite."""
+
 import json
 import subprocess
 import sys
@@ -13,8 +14,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, "-m", "converters", *map(str, args)], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "converters", *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_convert_inspect_verify_and_overwrite_refusal(tmp_path):
@@ -48,8 +50,18 @@ def test_convert_inspect_verify_and_overwrite_refusal(tmp_path):
 
 
 def test_cli_through_megatron_and_jax(tmp_path):
-    r = cli("convert", "--src", f"release:{DIT_WEIGHTS}", "--dst", f"megatron-legacy:{tmp_path}/lg",
-            "--tp", "2", "--pp", "2", "--quiet")
+    r = cli(
+        "convert",
+        "--src",
+        f"release:{DIT_WEIGHTS}",
+        "--dst",
+        f"megatron-legacy:{tmp_path}/lg",
+        "--tp",
+        "2",
+        "--pp",
+        "2",
+        "--quiet",
+    )
     assert r.returncode == 0, r.stderr
     r = cli("convert", "--src", f"megatron:{tmp_path}/lg", "--dst", f"megatron:{tmp_path}/td", "--quiet")
     assert r.returncode == 0, r.stderr

@@ -1,5 +1,6 @@
 """Each written format checked with its own library (not our readers); strict key coverage and
 bad-input errors; TP/PP rules; JAX trainer checkpoints; config detection; atomic outputs."""
+
 import json
 import os
 import pickle
@@ -17,14 +18,14 @@ from safetensors.torch import load_file as load_torch_st
 
 from converters.convert import convert, inspect, verify
 from converters.formats import open_reader
-from mugv.layouts import jax as jax_layout
-from mugv.layouts import megatron as mlayout
 from converters.loaders import release_state
-from mugv.schema import detect_config, release_schema, shape_fields
 from mugv.config import PRESETS, DiTConfig, get_config
 from mugv.io.orbax import config_from_jax_shapes
-from tests.helpers import DIT_WEIGHTS, dit_weights
+from mugv.layouts import jax as jax_layout
+from mugv.layouts import megatron as mlayout
+from mugv.schema import detect_config, release_schema, shape_fields
 from mugv.training import ObjectiveConfig, OptimConfig
+from tests.helpers import DIT_WEIGHTS, dit_weights
 
 TINY = get_config("tiny")
 # Four heads of 36 (a multiple of 6 for the 3D RoPE): the smallest model TP 4 can split.
@@ -78,8 +79,11 @@ def test_sharded_release_has_a_valid_index(tmp_path, index):
     assert len(shards) > 1 and all("-of-" in s for s in shards)
     loaded = {}
     for s in shards:
-        part = (load_torch_st(tmp_path / "shards" / s) if s.endswith(".safetensors")
-                else torch.load(tmp_path / "shards" / s, weights_only=True))
+        part = (
+            load_torch_st(tmp_path / "shards" / s)
+            if s.endswith(".safetensors")
+            else torch.load(tmp_path / "shards" / s, weights_only=True)
+        )
         assert all(meta["weight_map"][k] == s for k in part)
         loaded.update(part)
     assert meta["metadata"]["total_size"] == sum(v.numel() * 4 for v in loaded.values())
@@ -90,6 +94,7 @@ def test_sharded_release_has_a_valid_index(tmp_path, index):
 def test_torch_dist_loads_with_dist_checkpointing(tmp_path):
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
     convert(DIT_WEIGHTS, f"megatron:{tmp_path}/mc")
     assert (tmp_path / "mc" / "latest_checkpointed_iteration.txt").read_text() == "1"
     ckpt = tmp_path / "mc" / "iter_0000001"
@@ -97,18 +102,17 @@ def test_torch_dist_loads_with_dist_checkpointing(tmp_path):
     full = megatron_full(dit_weights(), TINY)
     stacked = {}
     for mname, t in full.items():
-        layer, sub = (mname[len("decoder.layers."):].split(".", 1) if mname.startswith("decoder.layers.")
-                      else (None, mname))
+        layer, sub = (
+            mname[len("decoder.layers.") :].split(".", 1) if mname.startswith("decoder.layers.") else (None, mname)
+        )
         if layer is None:
             stacked[mname] = t
         else:
             stacked.setdefault("decoder.layers." + sub, [None] * TINY.depth)[int(layer)] = t
     stacked = {k: torch.stack(v) if isinstance(v, list) else v for k, v in stacked.items()}
     meta = dist_checkpointing.load_tensors_metadata(str(ckpt))
-    assert ({k: tuple(v.global_shape) for k, v in meta.items()}
-            == {k: tuple(v.shape) for k, v in stacked.items()})
-    request = {k: ShardedTensor.from_rank_offsets(k, torch.empty_like(v), replica_id=0)
-               for k, v in stacked.items()}
+    assert {k: tuple(v.global_shape) for k, v in meta.items()} == {k: tuple(v.shape) for k, v in stacked.items()}
+    request = {k: ShardedTensor.from_rank_offsets(k, torch.empty_like(v), replica_id=0) for k, v in stacked.items()}
     got = dist_checkpointing.load(request, str(ckpt))
     for k, v in stacked.items():
         assert torch.equal(got[k], v), k
@@ -134,7 +138,7 @@ def test_legacy_rank_files_follow_megatron_rules(tmp_path, tp, pp):
             want = {}
             for mname, v in full.items():
                 if mname.startswith("decoder.layers."):
-                    layer, sub = mname[len("decoder.layers."):].split(".", 1)
+                    layer, sub = mname[len("decoder.layers.") :].split(".", 1)
                     if int(layer) // per != p:
                         continue
                     mname = f"decoder.layers.{int(layer) % per}.{sub}"
@@ -155,14 +159,16 @@ def test_tp4_on_a_four_head_model(tmp_path):
         out = tmp_path / f"tp4_pp{pp}"
         convert(str(tmp_path / "w.safetensors"), f"megatron-legacy:{out}", model=FOUR_HEADS, tp=4, pp=pp)
         assert len(list((out / "iter_0000001").iterdir())) == 4 * pp
-        rank3 = torch.load(out / "iter_0000001" / ("mp_rank_03" + ("_001" if pp == 2 else ""))
-                           / "model_optim_rng.pt", weights_only=True)["model"]
+        rank3 = torch.load(
+            out / "iter_0000001" / ("mp_rank_03" + ("_001" if pp == 2 else "")) / "model_optim_rng.pt",
+            weights_only=True,
+        )["model"]
         qkv = rank3["decoder.layers.0.self_attention.linear_qkv.weight"]
         # Rank 3 owns head 3 whole: its q, k and v rows.
         d, c = FOUR_HEADS.head_dim, FOUR_HEADS.hidden_size
         layer = 1 if pp == 2 else 0
         release_qkv = weights[f"blocks.{layer}.attn.qkv.weight"]
-        want = np.concatenate([release_qkv[n * c + 3 * d:n * c + 4 * d] for n in range(3)])
+        want = np.concatenate([release_qkv[n * c + 3 * d : n * c + 4 * d] for n in range(3)])
         assert np.array_equal(qkv.numpy(), want)
         got = release_state(f"megatron:{out}", model=FOUR_HEADS)
         for k, v in weights.items():
@@ -181,11 +187,11 @@ def test_tp_and_pp_that_do_not_divide_are_refused(tmp_path):
 
 def test_jax_checkpoint_restores_with_orbax(tmp_path):
     import orbax.checkpoint as ocp
+
     convert(DIT_WEIGHTS, f"jax:{tmp_path}/jx@5")
     mgr = ocp.CheckpointManager(str(tmp_path / "jx"), item_names=("state", "config"))
     assert mgr.all_steps() == [5]
-    got = mgr.restore(5, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
-                                                 config=ocp.args.JsonRestore()))
+    got = mgr.restore(5, args=ocp.args.Composite(state=ocp.args.StandardRestore(), config=ocp.args.JsonRestore()))
     assert got["config"] == {"model": TINY.to_dict()}
     shapes = jax_layout.jax_param_shapes(TINY)
     want = {p: np.zeros(s, np.float32) for p, s in shapes.items()}
@@ -213,8 +219,10 @@ def trainer_checkpoint(tmp_path_factory):
     sharded as the trainer shards them on a 2x2 (fsdp, tensor) mesh, so every array is stored in
     several chunks, each spanning all layers."""
     import jax
+
     from mugv_jax.train.checkpointing import Checkpointer
     from tests.trainer_helpers import make_trainer
+
     trainer = make_trainer((1, 2, 2, 1))
     shardings = jax.tree.map(lambda a: a.sharding, trainer.abstract_state())
     d = tmp_path_factory.mktemp("trainer") / "checkpoints"
@@ -222,11 +230,15 @@ def trainer_checkpoint(tmp_path_factory):
     states = {}
     for step, seed in ((1, 0), (2, 1)):
         rng = np.random.default_rng(seed)
-        params = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32),
-                              trainer.abstract_state()["params"])
+        params = jax.tree.map(
+            lambda s: rng.standard_normal(s.shape).astype(np.float32), trainer.abstract_state()["params"]
+        )
         ema = jax.tree.map(lambda x: x * np.float32(0.5), params)
-        state = {"params": jax.device_put(params, shardings["params"]),
-                 "ema": jax.device_put(ema, shardings["ema"]), "step": np.int32(step)}
+        state = {
+            "params": jax.device_put(params, shardings["params"]),
+            "ema": jax.device_put(ema, shardings["ema"]),
+            "step": np.int32(step),
+        }
         ckpt.save(step, state, {"position": 0}, {"model": TINY.to_dict()})
         ckpt.wait()
         states[step] = {"params": params, "ema": ema}
@@ -243,6 +255,7 @@ def _release_of(tree):
                 walk(v, f"{prefix}{k}.")
             else:
                 flat[f"{prefix}{k}"] = v
+
     walk(tree, "")
     return dict(jax_layout.jax_to_release_all(flat, TINY))
 
@@ -257,8 +270,9 @@ def test_trainer_checkpoint_reads_params_or_ema(trainer_checkpoint, tmp_path, st
     for k, v in want.items():
         assert np.array_equal(got[k], v), k
     # The workdir (parent of checkpoints/) works as a path too.
-    assert verify(f"jax:{d.parent}" + (f"@{step}" if step else ""), f"{tmp_path}/out.safetensors",
-                  weights=weights).equal
+    assert verify(
+        f"jax:{d.parent}" + (f"@{step}" if step else ""), f"{tmp_path}/out.safetensors", weights=weights
+    ).equal
 
 
 def test_trainer_checkpoint_inspect_and_missing_step(trainer_checkpoint):
@@ -273,8 +287,10 @@ def test_trainer_checkpoint_inspect_and_missing_step(trainer_checkpoint):
 
 def test_jax_params_initialise_the_trainer(tmp_path):
     import jax
+
     from mugv.io.orbax import load_params as jax_params
     from tests.trainer_helpers import make_trainer
+
     convert(DIT_WEIGHTS, f"jax:{tmp_path}/jx")
     config, params = jax_params(f"jax:{tmp_path}/jx")
     assert config == TINY
@@ -310,8 +326,9 @@ def test_missing_unexpected_and_misshaped_tensors_are_named(tmp_path):
 
 
 def test_a_model_that_does_not_match_the_shapes_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="blocks.0.attn.qkv.weight: shape \\[432, 144\\] in checkpoint, "
-                                         "model expects \\[864, 288\\]"):
+    with pytest.raises(
+        ValueError, match="blocks.0.attn.qkv.weight: shape \\[432, 144\\] in checkpoint, model expects \\[864, 288\\]"
+    ):
         convert(DIT_WEIGHTS, f"release:{tmp_path}/x.pt", model="debug")
 
 
@@ -321,8 +338,11 @@ def test_megatron_and_jax_sources_are_checked_strictly(tmp_path):
     sd = torch.load(f, weights_only=True)
     del sd["model"]["decoder.layers.1.mlp.linear_fc1.bias"]
     torch.save(sd, f)
-    with pytest.raises(ValueError, match=r"mp_rank_01/model_optim_rng.pt: tensor "
-                                         r"decoder.layers.1.mlp.linear_fc1.bias is missing on TP rank 1"):
+    with pytest.raises(
+        ValueError,
+        match=r"mp_rank_01/model_optim_rng.pt: tensor "
+        r"decoder.layers.1.mlp.linear_fc1.bias is missing on TP rank 1",
+    ):
         release_state(f"megatron:{tmp_path}/lg")
     sd = torch.load(tmp_path / "lg" / "iter_0000001" / "mp_rank_00" / "model_optim_rng.pt", weights_only=True)
     sd["model"]["decoder.layers.0.bogus.weight"] = torch.zeros(2)
@@ -332,13 +352,17 @@ def test_megatron_and_jax_sources_are_checked_strictly(tmp_path):
     it = tmp_path / "lg" / "iter_0000001"
     os.rename(it / "mp_rank_01", it / "gone")
     os.rename(it / "mp_rank_00", it / "mp_rank_01")
-    with pytest.raises(ValueError, match=r"incomplete legacy checkpoint, no directory for "
-                                         r"\(TP rank, PP rank\) \[\(0, 0\)\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"incomplete legacy checkpoint, no directory for "
+        r"\(TP rank, PP rank\) \[\(0, 0\)\]",
+    ):
         release_state(f"megatron:{tmp_path}/lg")
 
 
 def test_unsafe_or_broken_files_are_refused_with_the_file_named(tmp_path):
     import collections
+
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 64)
     with pytest.raises(ValueError, match="junk.safetensors is not a safetensors file"):
         inspect(str(tmp_path / "junk.safetensors"))
@@ -352,8 +376,11 @@ def test_unsafe_or_broken_files_are_refused_with_the_file_named(tmp_path):
     convert(DIT_WEIGHTS, f"megatron:{tmp_path}/mc")
     meta = tmp_path / "mc" / "iter_0000001" / ".metadata"
     meta.write_bytes(pickle.dumps(collections.Counter(a=1)))
-    with pytest.raises(ValueError, match=r"\.metadata: refusing to read torch_dist metadata "
-                                         r"\(global collections.Counter"):
+    with pytest.raises(
+        ValueError,
+        match=r"\.metadata: refusing to read torch_dist metadata "
+        r"\(global collections.Counter",
+    ):
         inspect(str(tmp_path / "mc"))
 
 
@@ -374,8 +401,17 @@ def test_presets_are_detected_from_shapes(name):
 
 
 def test_a_custom_config_is_detected_field_by_field():
-    config = DiTConfig(depth=3, hidden_size=216, num_heads=3, text_dim=32, patch_size=(1, 2, 2),
-                       in_channels=8, out_channels=16, mlp_ratio=2.0, frequency_dim=128)
+    config = DiTConfig(
+        depth=3,
+        hidden_size=216,
+        num_heads=3,
+        text_dim=32,
+        patch_size=(1, 2, 2),
+        in_channels=8,
+        out_channels=16,
+        mlp_ratio=2.0,
+        frequency_dim=128,
+    )
     got = detect_config(release_schema(config))
     assert shape_fields(got) == shape_fields(config)
     schema = release_schema(config)
@@ -411,6 +447,7 @@ def test_existing_output_needs_force(tmp_path):
 @pytest.mark.parametrize("fmt", ["release:{d}/o.pt", "megatron:{d}/o", "megatron-legacy:{d}/o", "jax:{d}/o"])
 def test_a_failing_conversion_leaves_nothing(tmp_path, monkeypatch, fmt):
     from mugv.io.release import ReleaseReader
+
     items = ReleaseReader.items
 
     def failing(self):
@@ -418,6 +455,7 @@ def test_a_failing_conversion_leaves_nothing(tmp_path, monkeypatch, fmt):
             if i == 30:
                 raise RuntimeError("disk on fire")
             yield item
+
     monkeypatch.setattr(ReleaseReader, "items", failing)
     with pytest.raises(RuntimeError, match="disk on fire"):
         convert(DIT_WEIGHTS, fmt.format(d=tmp_path))
@@ -437,7 +475,8 @@ def test_a_killed_conversion_leaves_nothing_that_looks_complete(tmp_path):
         "ReleaseReader.items = slow\n"
         "from converters.cli import main\n"
         f"sys.exit(main(['convert', '--src', {DIT_WEIGHTS!r}, '--dst', 'release:{tmp_path}/out.pt',"
-        " '--quiet']))\n")
+        " '--quiet']))\n"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO)
     deadline = time.time() + 60
     while not any(".partial" in n for n in os.listdir(tmp_path)):
@@ -459,9 +498,10 @@ def test_megatron_training_checkpoint_reads_params_or_ema(tmp_path):
     """weights="ema" reads the EMA the Megatron trainer stores next to its weights (stacked
     layers included), weights="raw" the weights; a checkpoint without an EMA is refused."""
     from mugv.io.torch_dist import TorchDistReader
-    from mugv_megatron.train import checkpointing
     from mugv_megatron.parallel import state as parallel
+    from mugv_megatron.train import checkpointing
     from mugv_megatron.train.step import Trainer
+
     parallel.setup(1)
     tr = Trainer(TINY, OptimConfig(), ObjectiveConfig(), seed=3, use_megatron_optimizer=False)
     with torch.no_grad():
@@ -486,6 +526,9 @@ def test_megatron_training_checkpoint_reads_params_or_ema(tmp_path):
     assert all(np.array_equal(ema_release[n], np.asarray(v)) for n, v in want.items())
     assert verify(f"megatron:{ckdir}", f"{tmp_path}/ema.safetensors", weights="ema").equal
     convert(DIT_WEIGHTS, f"megatron:{tmp_path}/plain")
-    with pytest.raises(ValueError, match=r"plain/iter_0000001: --weights ema needs a Megatron "
-                                         r"training checkpoint with an EMA"):
+    with pytest.raises(
+        ValueError,
+        match=r"plain/iter_0000001: --weights ema needs a Megatron "
+        r"training checkpoint with an EMA",
+    ):
         TorchDistReader(str(tmp_path / "plain"), weights="ema")

@@ -1,4 +1,5 @@
 """Converted golden weights load into both backends and reproduce the golden output (1e-4)."""
+
 import numpy as np
 import pytest
 import torch
@@ -38,6 +39,7 @@ def test_megatron_model_from_torch_dist(tmp_path):
 def test_megatron_loader_reads_a_release_converted_back(tmp_path, via):
     """golden → (legacy TP2 PP2 | jax) → release .pt → mugv_megatron.model.build.load."""
     from mugv_megatron.model import build as dit
+
     kw = dict(tp=2, pp=2) if via == "megatron-legacy" else {}
     convert(DIT_WEIGHTS, f"{via}:{tmp_path}/mid", **kw)
     convert(f"{via}:{tmp_path}/mid", f"release:{tmp_path}/dit.pt")

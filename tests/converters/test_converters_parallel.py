@@ -1,5 +1,6 @@
 """Parallel conversion (converters/pipeline.py): the same bytes as one tensor at a time, bounded
 bytes in flight, and a failure on a worker thread leaves no output."""
+
 import os
 import threading
 import time
@@ -12,8 +13,7 @@ from converters.convert import convert, verify
 from mugv.io.release import ReleaseReader, ReleaseWriter
 from tests.helpers import DIT_WEIGHTS
 
-OUTPUTS = ["release:{d}/o.pt", "release:{d}/o.safetensors", "megatron:{d}/o", "megatron-legacy:{d}/o",
-           "jax:{d}/o"]
+OUTPUTS = ["release:{d}/o.pt", "release:{d}/o.safetensors", "megatron:{d}/o", "megatron-legacy:{d}/o", "jax:{d}/o"]
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +34,14 @@ def _bits_equal(a: str, b: str) -> bool:
 
 # Every output from the mapped release file (views kept), the staging path (a cast), and both
 # training-format readers.
-CASES = ([("release", "keep", dst) for dst in OUTPUTS]
-         + [("release", "bfloat16", "megatron:{d}/o"), ("release", "bfloat16", "jax:{d}/o"),
-            ("jax", "keep", "release:{d}/o.safetensors"), ("jax", "keep", "megatron:{d}/o"),
-            ("torch_dist", "keep", "release:{d}/o.pt"), ("torch_dist", "keep", "jax:{d}/o")])
+CASES = [("release", "keep", dst) for dst in OUTPUTS] + [
+    ("release", "bfloat16", "megatron:{d}/o"),
+    ("release", "bfloat16", "jax:{d}/o"),
+    ("jax", "keep", "release:{d}/o.safetensors"),
+    ("jax", "keep", "megatron:{d}/o"),
+    ("torch_dist", "keep", "release:{d}/o.pt"),
+    ("torch_dist", "keep", "jax:{d}/o"),
+]
 
 
 @pytest.mark.parametrize("src,dtype,dst", CASES)
@@ -57,7 +61,8 @@ def test_parallel_conversion_equals_serial_bit_exactly(sources, tmp_path, src, d
 
 @pytest.mark.parametrize("dst", OUTPUTS)
 def test_a_failure_on_a_worker_thread_leaves_no_output(tmp_path, monkeypatch, dst):
-    from converters.formats import jax as jax_fmt, megatron
+    from converters.formats import jax as jax_fmt
+    from converters.formats import megatron
 
     writers = [ReleaseWriter, megatron.TorchDistWriter, megatron.LegacyWriter, jax_fmt.JaxWriter]
     calls = {"n": 0}
@@ -115,8 +120,7 @@ def test_bytes_in_flight_are_capped_and_errors_stop_new_jobs():
 
     state.update(started=0)
     with pytest.raises(RuntimeError, match="boom"):
-        pipeline.copy_tensors([(n, (lambda: np.zeros(1))) for n in small], failing, small,
-                              workers=2, max_bytes=200)
+        pipeline.copy_tensors([(n, (lambda: np.zeros(1))) for n in small], failing, small, workers=2, max_bytes=200)
     # Two workers, two jobs in flight: at most a couple more start after t3 fails.
     assert state["started"] <= 7
 
@@ -125,17 +129,20 @@ def test_writers_keep_views_of_a_mapped_source_instead_of_staging(tmp_path, monk
     """From a memory-mapped release file the torch_dist and jax writers stage nothing on disk
     (the source is the staging); a cast copy is staged."""
     from converters.formats.staging import RawStore
+
     created = []
     original = RawStore.create
 
     def spy(self, key, shape, dtype):
         created.append(key)
         return original(self, key, shape, dtype)
+
     monkeypatch.setattr(RawStore, "create", spy)
     convert(DIT_WEIGHTS, f"megatron:{tmp_path}/td", workers=2)
     # Only the per-head regrouped projections differ from the source bytes.
-    assert created and all(k.endswith(("linear_qkv.weight", "linear_qkv.bias", "linear_kv.weight",
-                                       "linear_kv.bias")) for k in created), created
+    assert created and all(
+        k.endswith(("linear_qkv.weight", "linear_qkv.bias", "linear_kv.weight", "linear_kv.bias")) for k in created
+    ), created
     created.clear()
     convert(DIT_WEIGHTS, f"megatron:{tmp_path}/td16", dtype="bfloat16", workers=2)
     assert len(created) == 63
@@ -146,7 +153,9 @@ def test_writers_keep_views_of_a_mapped_source_instead_of_staging(tmp_path, monk
 @pytest.mark.parametrize("shape", [(3, 5), (300, 700), (513, 257), (1000, 1)])
 def test_tiled_transpose_moves_the_bits_unchanged(shape):
     import ml_dtypes
+
     from mugv.layouts.jax import transpose2d
+
     rng = np.random.default_rng(0)
     for dtype in (np.float32, ml_dtypes.bfloat16, np.float16):
         a = rng.standard_normal(shape).astype(dtype)
@@ -160,8 +169,9 @@ def test_tiled_transpose_moves_the_bits_unchanged(shape):
 def test_torch_dist_read_through_dist_checkpointing_equals_the_mapped_read(sources, tmp_path, monkeypatch):
     """Chunkings the mapped reader does not take (a TP-sharded trainer save) go through
     dist_checkpointing, on the pipeline's threads; both give the same bits."""
-    from mugv.io.torch_dist import TorchDistReader
     from converters.formats import open_reader
+    from mugv.io.torch_dist import TorchDistReader
+
     assert open_reader(sources["torch_dist"]).describe()["read"] == "memory-mapped chunks"
     monkeypatch.setattr(TorchDistReader, "_direct_index", lambda self: {})
     assert open_reader(sources["torch_dist"]).describe()["read"] == "dist_checkpointing"

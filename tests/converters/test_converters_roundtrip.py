@@ -1,5 +1,6 @@
 """A → B → A is bit-exact for every pair of formats, on the golden tiny weights, in float32 and
 bfloat16 (same dtype throughout)."""
+
 import itertools
 
 import ml_dtypes

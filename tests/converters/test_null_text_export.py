@@ -2,6 +2,7 @@
 converters/null_text.py): `convert` from a JAX or Megatron training checkpoint to release format
 writes it, release → release copies it, a stale one is never left beside other weights, and the
 sampler's default unconditional input finds it."""
+
 import os
 
 import numpy as np
@@ -10,8 +11,8 @@ import pytest
 from converters import cli
 from converters import training_state as ts
 from mugv import null_text as null_lib
-from tests.helpers import DIT_WEIGHTS
 from tests.cross_backend.test_training_state import CFG, OBJECTIVE, OPTIM, SEED
+from tests.helpers import DIT_WEIGHTS
 
 
 @pytest.fixture(scope="module")
@@ -22,13 +23,13 @@ def training_checkpoints(tmp_path_factory):
 
     from mugv_jax import dit
     from mugv_jax.train.checkpointing import Checkpointer
+
     root = tmp_path_factory.mktemp("null_text_export")
     trainer = ts._jax_trainer({"optim": OPTIM, "objective": OBJECTIVE}, CFG)
     state = trainer.init_state(SEED, nnx.to_pure_dict(nnx.state(dit.load(DIT_WEIGHTS, CFG), nnx.Param)))
     jdir = str(root / "jax")
     ck = Checkpointer(jdir, use_async=False)
-    ck.save(0, state, {"position": 0}, {"model": CFG.to_dict(), "optim": OPTIM, "objective": OBJECTIVE,
-                                        "seed": SEED})
+    ck.save(0, state, {"position": 0}, {"model": CFG.to_dict(), "optim": OPTIM, "objective": OBJECTIVE, "seed": SEED})
     ck.close()
     mdir = str(root / "megatron")
     ts.jax_to_megatron(jdir, mdir)

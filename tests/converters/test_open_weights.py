@@ -2,6 +2,7 @@
 Megatron and of a JAX training checkpoint equal to what was saved, release files refuse "ema",
 and torch_dist is read without a process group: TP-sharded chunks are assembled from the mapped
 files, and two ranks of one world read it at once."""
+
 import os
 import re
 
@@ -42,6 +43,7 @@ def test_megatron_training_checkpoint_ema(tmp_path):
     from mugv_megatron.parallel import state as parallel
     from mugv_megatron.train import checkpointing
     from mugv_megatron.train.step import Trainer
+
     parallel.setup(1)
     tr = Trainer(TINY, OptimConfig(), ObjectiveConfig(), seed=5, use_megatron_optimizer=False)
     with torch.no_grad():
@@ -52,12 +54,15 @@ def test_megatron_training_checkpoint_ema(tmp_path):
         want = mlayout.megatron_state_to_release({n: t.detach().numpy() for n, t in tensors.items()}, TINY)
         _equal(open_weights(f"megatron:{tmp_path}/ck", model=TINY, weights=weights), want)
     # An unprefixed save directory is recognised as Megatron.
-    _equal(open_weights(f"{tmp_path}/ck", model=TINY, weights="ema"),
-           mlayout.megatron_state_to_release({n: t.numpy() for n, t in tr.ema.shadow.items()}, TINY))
+    _equal(
+        open_weights(f"{tmp_path}/ck", model=TINY, weights="ema"),
+        mlayout.megatron_state_to_release({n: t.numpy() for n, t in tr.ema.shadow.items()}, TINY),
+    )
 
 
 def test_jax_training_checkpoint_ema(tmp_path, release_weights):
     from mugv_jax.train.checkpointing import Checkpointer
+
     raw = {n: np.asarray(a, np.float32) for n, a in release_weights.items()}
     ema = {n: (a * 0.5 + 1.0).astype(np.float32) for n, a in raw.items()}
 
@@ -84,14 +89,20 @@ def test_jax_training_checkpoint_ema(tmp_path, release_weights):
 def test_release_file_refuses_ema_and_wrong_models(release_weights):
     _equal(open_weights(DIT_WEIGHTS, model=TINY), release_weights)
     _equal(open_weights(f"release:{DIT_WEIGHTS}", model="tiny"), release_weights)
-    with pytest.raises(ValueError, match=r"weights.safetensors is a release checkpoint.*"
-                                         r"config.init_weights='ema' needs a training checkpoint"):
+    with pytest.raises(
+        ValueError,
+        match=r"weights.safetensors is a release checkpoint.*"
+        r"config.init_weights='ema' needs a training checkpoint",
+    ):
         open_weights(DIT_WEIGHTS, model=TINY, weights="ema")
     with pytest.raises(ValueError, match=r"config.init_weights must be 'raw' or 'ema', got 'EMA'"):
         open_weights(DIT_WEIGHTS, model=TINY, weights="EMA")
     deeper = get_config("tiny", depth=TINY.depth + 1)
-    with pytest.raises(ValueError, match=rf"weights.safetensors does not match the model schema:\n"
-                                         rf"  missing tensors \(\d+\): blocks.{TINY.depth}."):
+    with pytest.raises(
+        ValueError,
+        match=rf"weights.safetensors does not match the model schema:\n"
+        rf"  missing tensors \(\d+\): blocks.{TINY.depth}.",
+    ):
         open_weights(DIT_WEIGHTS, model=deeper)
 
 
@@ -105,27 +116,30 @@ def _save_tp_sharded(directory: str, release: dict) -> None:
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
     from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+
     torch_cpu.one_process_group("the test's TP-sharded save")
     full = mlayout.release_state_to_megatron({n: torch.from_numpy(a.copy()) for n, a in release.items()}, TINY)
     sd = {}
     for mname, tensor in full.items():
         layer, key = None, mname
         if mname.startswith(mlayout.LAYER_PREFIX):
-            layer, suffix = mname[len(mlayout.LAYER_PREFIX):].split(".", 1)
+            layer, suffix = mname[len(mlayout.LAYER_PREFIX) :].split(".", 1)
             layer, key = int(layer), mlayout.LAYER_PREFIX + suffix
         # As mugv_megatron/train/checkpointing.py shards them: a layer at its index of a
         # prepended axis, column-parallel tensors split along dim 0, row-parallel along dim 1.
         offsets = [(0, layer, TINY.depth)] if layer is not None else []
         prepend = 1 if layer is not None else 0
         rule = mlayout.tp_split_rule(mname)
-        for r in (range(TP) if rule != "replicated" else [None]):
+        for r in range(TP) if rule != "replicated" else [None]:
             shard = tensor if r is None else mlayout.tp_shard(mname, tensor, r, TP).contiguous()
             split = [] if r is None else [((0 if rule == "column" else 1) + prepend, r, TP)]
             sd[f"{mname}/{r}"] = ShardedTensor.from_rank_offsets(
-                key, shard, *offsets, *split, replica_id=0, prepend_axis_num=prepend)
+                key, shard, *offsets, *split, replica_id=0, prepend_axis_num=prepend
+            )
     os.makedirs(os.path.join(directory, "iter_0000003"))
-    dist_checkpointing.save(sd, os.path.join(directory, "iter_0000003"),
-                            sharded_strategy=TorchDistSaveShardedStrategy("torch_dist", 1))
+    dist_checkpointing.save(
+        sd, os.path.join(directory, "iter_0000003"), sharded_strategy=TorchDistSaveShardedStrategy("torch_dist", 1)
+    )
     with open(os.path.join(directory, "latest_checkpointed_iteration.txt"), "w") as f:
         f.write("3")
 
@@ -151,15 +165,16 @@ def test_dist_checkpointing_fallback_is_refused_in_a_multi_process_world(tp_shar
     names the checkpoint and the conversion that avoids it."""
     monkeypatch.setattr(TorchDistReader, "_direct_index", lambda self: {})
     monkeypatch.setattr(torch_cpu, "world_size", lambda: 4)
-    with pytest.raises(RuntimeError, match=r"iter_0000003: tensor .* the other 3 processes of this run do "
-                                           r"not join.* python -m converters convert --src megatron:"
-                                           + re.escape(tp_sharded) + r"@3 --dst release:"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"iter_0000003: tensor .* the other 3 processes of this run do "
+        r"not join.* python -m converters convert --src megatron:" + re.escape(tp_sharded) + r"@3 --dst release:",
+    ):
         open_weights(f"megatron:{tp_sharded}", model=TINY)
 
 
 def _two_ranks(rank: int, port: int, directories: list[str], out: str) -> None:
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                         world_size=2)
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     for i, d in enumerate(directories):
         state = open_weights(f"megatron:{d}", model=TINY)
         np.savez(os.path.join(out, f"{i}.rank{rank}.npz"), **state)

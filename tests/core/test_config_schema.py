@@ -1,4 +1,5 @@
 """Framework-free model description: presets, geometry and the canonical parameter schema."""
+
 import json
 import os
 import subprocess
@@ -6,18 +7,20 @@ import sys
 
 import pytest
 
-from mugv.schema import check_state_dict_shapes, num_params, release_schema
 from mugv import geometry
 from mugv.config import PRESETS, DiTConfig, get_config
+from mugv.schema import check_state_dict_shapes, num_params, release_schema
 from tests.helpers import GOLDEN
 
 
 def test_core_imports_without_jax_or_torch():
-    code = ("import sys, mugv, mugv.geometry, mugv.flops, mugv.training, mugv.schema, mugv.layouts.jax, "
-            "mugv.layouts.megatron, mugv.io.base, mugv.io.release, mugv.io.torchzip, mugv.io.orbax, "
-            "mugv.io.torch_dist, mugv.io.torch_cpu, mugv.io.weights; "
-            "bad = [m for m in ('jax', 'torch', 'flax', 'orbax', 'tensorstore', 'megatron') if m in sys.modules]; "
-            "assert not bad, bad")
+    code = (
+        "import sys, mugv, mugv.geometry, mugv.flops, mugv.training, mugv.schema, mugv.layouts.jax, "
+        "mugv.layouts.megatron, mugv.io.base, mugv.io.release, mugv.io.torchzip, mugv.io.orbax, "
+        "mugv.io.torch_dist, mugv.io.torch_cpu, mugv.io.weights; "
+        "bad = [m for m in ('jax', 'torch', 'flax', 'orbax', 'tensorstore', 'megatron') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(GOLDEN) + "/..")
 
 
@@ -31,13 +34,25 @@ def test_10b_schema_equals_release_schema_exactly():
     assert num_params(schema) == ref["num_params"] == 10_830_321_984
     cfg = PRESETS["10b"]
     assert (cfg.depth, cfg.hidden_size, cfg.num_heads, cfg.head_dim) == (56, 3456, 48, 72)
-    assert (cfg.patch_size, cfg.in_channels, cfg.out_channels, cfg.text_dim, cfg.mlp_hidden_size) == \
-        ((1, 2, 2), 24, 48, 4096, 13824)
+    assert (cfg.patch_size, cfg.in_channels, cfg.out_channels, cfg.text_dim, cfg.mlp_hidden_size) == (
+        (1, 2, 2),
+        24,
+        48,
+        4096,
+        13824,
+    )
 
 
-@pytest.mark.parametrize("name,params", [
-    ("1b", 1_208_059_968), ("4b", 4_818_161_856), ("10b", 10_830_321_984),
-    ("18b", 19_244_540_352), ("debug", 76_834_272)])
+@pytest.mark.parametrize(
+    "name,params",
+    [
+        ("1b", 1_208_059_968),
+        ("4b", 4_818_161_856),
+        ("10b", 10_830_321_984),
+        ("18b", 19_244_540_352),
+        ("debug", 76_834_272),
+    ],
+)
 def test_preset_parameter_counts_match_spec(name, params):
     # docs/reference.md §1.1 size table.
     assert num_params(release_schema(PRESETS[name])) == params
@@ -45,6 +60,7 @@ def test_preset_parameter_counts_match_spec(name, params):
 
 def test_tiny_schema_matches_golden_weights():
     from tests.helpers import dit_weights
+
     w = dit_weights()
     assert {k: tuple(v.shape) for k, v in w.items()} == release_schema(PRESETS["tiny"])
 
@@ -97,6 +113,7 @@ def test_strict_shape_check_names_every_problem():
 def _imports(package: str) -> dict[str, set[str]]:
     """{file: top-level modules it imports}, lazy imports inside functions included."""
     import ast
+
     root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(GOLDEN))), package)
     assert os.path.isfile(os.path.join(root, "__init__.py")), root
     out = {}
@@ -114,5 +131,3 @@ def _imports(package: str) -> dict[str, set[str]]:
                         mods.add(node.module.split(".")[0])
                 out[os.path.relpath(path, os.path.dirname(root))] = mods
     return out
-
-

@@ -2,10 +2,8 @@
 
 import pytest
 
+from configs import mugv_10b, tiny
 from mugv.training import ObjectiveConfig, OptimConfig, dataclass_from, model_config_from
-
-from configs import mugv_10b
-from configs import tiny
 
 
 @pytest.mark.parametrize("stage", sorted(mugv_10b.STAGES))

@@ -1,4 +1,5 @@
 """The shared FLOPs definition against XLA's own count of the compiled forward pass."""
+
 import jax
 import jax.numpy as jnp
 import pytest

@@ -7,6 +7,7 @@ configs/ may import the core only. Every import counts, also those inside functi
 import hides a cycle from Python, not from a reader. The test parses the sources (nothing is
 imported), so it is cheap and sees every file.
 """
+
 import ast
 import os
 
@@ -64,7 +65,7 @@ def imports(module: str) -> set[str]:
             if node.level:
                 pkg = module.split(".")
                 pkg = pkg if is_pkg else pkg[:-1]
-                pkg = pkg[:len(pkg) - (node.level - 1)]
+                pkg = pkg[: len(pkg) - (node.level - 1)]
                 base = ".".join(pkg + ([base] if base else []))
             # `from X import Y` imports module X.Y if there is one, else the symbol Y of X.
             names = [f"{base}.{a.name}" for a in node.names]
@@ -113,11 +114,16 @@ def _cycles(nodes, edges):
 
 
 def test_top_level_packages_import_in_one_direction():
-    bad = sorted({(m, t) for m, ts in GRAPH.items() for t in ts
-                  if t.split(".")[0] != m.split(".")[0] and t.split(".")[0] not in ALLOWED[m.split(".")[0]]})
+    bad = sorted(
+        {
+            (m, t)
+            for m, ts in GRAPH.items()
+            for t in ts
+            if t.split(".")[0] != m.split(".")[0] and t.split(".")[0] not in ALLOWED[m.split(".")[0]]
+        }
+    )
     assert not bad, "imports against the package direction:\n" + "\n".join(f"  {m} -> {t}" for m, t in bad)
-    top = {p: {t.split(".")[0] for m, ts in GRAPH.items() if m.split(".")[0] == p for t in ts} - {p}
-           for p in PACKAGES}
+    top = {p: {t.split(".")[0] for m, ts in GRAPH.items() if m.split(".")[0] == p for t in ts} - {p} for p in PACKAGES}
     assert not _cycles(PACKAGES, top)
 
 

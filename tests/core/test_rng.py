@@ -1,4 +1,5 @@
 """mugv.rng: one definition of a step's random numbers, evaluated identically by every backend."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,7 +18,7 @@ NORMAL_ABS = 1e-6
 def test_threefry_is_jax_threefry_2x32():
     # The reference is the published Threefry-2x32-20, checked against JAX's implementation.
     c0 = (np.arange(64, dtype=np.uint64) * 2654435761 % 2**32).astype(np.uint32)
-    c1 = (np.arange(64, dtype=np.uint32) + np.uint32(2**31 + 7))
+    c1 = np.arange(64, dtype=np.uint32) + np.uint32(2**31 + 7)
     for k0, k1 in ((0, 0), (5, 2**32 - 3), (123456789, 42)):
         x0, x1 = ref.threefry2x32(k0, k1, c0, c1)
         got = np.asarray(threefry_2x32(jnp.array([k0, k1], jnp.uint32), jnp.concatenate([c0, c1])))
@@ -31,8 +32,7 @@ def test_jax_draws_equal_the_reference():
     cfg = ObjectiveConfig(i2v_prob=0.5, i2v_mode="quarter", caption_dropout_prob=0.3)
     shape = (6, 3, 8, 4, 6)  # non-square, multi-frame
     d = jax.jit(lambda k: jobj.draws(k, shape, cfg))(jrng.key(11, 37))
-    r = ref.pretrain_draws(11, 37, np.arange(6), shape[1:], i2v_prob=0.5, i2v_mode="quarter",
-                           caption_dropout_prob=0.3)
+    r = ref.pretrain_draws(11, 37, np.arange(6), shape[1:], i2v_prob=0.5, i2v_mode="quarter", caption_dropout_prob=0.3)
     np.testing.assert_array_equal(np.asarray(d["n_cond"]), r["n_cond"])
     np.testing.assert_array_equal(np.asarray(d["drop"]), r["drop"])
     np.testing.assert_allclose(np.asarray(d["u"]), r["u"], atol=NORMAL_ABS, rtol=0)
@@ -44,10 +44,12 @@ def test_jax_draws_equal_the_reference():
 
 def test_a_samples_draws_do_not_depend_on_who_draws_them():
     # A data-parallel rank drawing rows 4..7 gets exactly rows 4..7 of the global draw.
-    full = ref.pretrain_draws(3, 9, np.arange(8), (2, 3, 4, 4), i2v_prob=0.5, i2v_mode="first",
-                              caption_dropout_prob=0.5)
-    part = ref.pretrain_draws(3, 9, np.arange(4, 8), (2, 3, 4, 4), i2v_prob=0.5, i2v_mode="first",
-                              caption_dropout_prob=0.5)
+    full = ref.pretrain_draws(
+        3, 9, np.arange(8), (2, 3, 4, 4), i2v_prob=0.5, i2v_mode="first", caption_dropout_prob=0.5
+    )
+    part = ref.pretrain_draws(
+        3, 9, np.arange(4, 8), (2, 3, 4, 4), i2v_prob=0.5, i2v_mode="first", caption_dropout_prob=0.5
+    )
     for k in full:
         np.testing.assert_array_equal(full[k][4:], part[k])
 
@@ -81,11 +83,14 @@ def test_null_text_is_the_same_everywhere():
 
 def test_megatron_draws_equal_the_reference():
     import torch
+
     from mugv_megatron.train import objective as mobj
+
     cfg = ObjectiveConfig(i2v_prob=0.5, i2v_mode="quarter", caption_dropout_prob=0.3)
     d = mobj.draw_samples(11, 37, range(2, 6), (3, 8, 4, 6), cfg)
-    r = ref.pretrain_draws(11, 37, np.arange(2, 6), (3, 8, 4, 6), i2v_prob=0.5, i2v_mode="quarter",
-                           caption_dropout_prob=0.3)
+    r = ref.pretrain_draws(
+        11, 37, np.arange(2, 6), (3, 8, 4, 6), i2v_prob=0.5, i2v_mode="quarter", caption_dropout_prob=0.3
+    )
     np.testing.assert_array_equal(d.n_cond.numpy(), r["n_cond"])
     np.testing.assert_array_equal(d.drop.numpy(), r["drop"])
     np.testing.assert_allclose(d.u.numpy(), r["u"], atol=NORMAL_ABS, rtol=0)

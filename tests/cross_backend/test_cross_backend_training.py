@@ -12,6 +12,7 @@ mugv/layouts/jax.py). TP=2 (and TP=2 + sequence parallel) on two spawned gloo pr
 run the Megatron trainer's own step and must give the TP=1 loss, gradients and new weights; so
 must data parallelism over the same two processes (DP=2).
 """
+
 import datetime
 from pathlib import Path
 
@@ -20,14 +21,14 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from mugv.config import get_config
+from mugv.io.torch_cpu import free_port
 from mugv.layouts import jax as jax_layout
 from mugv.layouts import megatron as layout
-from mugv.config import get_config
-from mugv_megatron.train import objective as mobj
-from mugv_megatron.train import checkpointing
-from mugv.io.torch_cpu import free_port
-from mugv_megatron.parallel import state as parallel
 from mugv.training import ObjectiveConfig, OptimConfig, shift_ratio
+from mugv_megatron.parallel import state as parallel
+from mugv_megatron.train import checkpointing
+from mugv_megatron.train import objective as mobj
 
 WEIGHTS = Path(__file__).parent.parent / "golden" / "dit_tiny" / "weights.safetensors"
 CFG = get_config("tiny")
@@ -38,8 +39,7 @@ GRAD_REL = 1e-4
 # TP only reorders float32 sums: same bound as tests/megatron/test_megatron_tp.py.
 TP_GRAD_REL = 1e-5
 LR, WD = 1e-3, 0.01
-OPTIM = OptimConfig(learning_rate=LR, warmup_steps=0, weight_decay=WD, clip_norm=1.0,
-                           ema_decay=0.9)
+OPTIM = OptimConfig(learning_rate=LR, warmup_steps=0, weight_decay=WD, clip_norm=1.0, ema_decay=0.9)
 OBJECTIVE = ObjectiveConfig(i2v_prob=0.5, i2v_mode="quarter", caption_dropout_prob=0.5)
 LATENT = (4, 24, 3, 4, 6)
 TP = 2
@@ -47,26 +47,31 @@ TP = 2
 
 def make_case():
     from mugv.data.synthetic import Bucket, SyntheticTextToLatent
-    src = SyntheticTextToLatent([Bucket(3, 4, 6, LATENT[0])], in_channels=CFG.in_channels,
-                                text_dim=CFG.text_dim, text_len=8)
+
+    src = SyntheticTextToLatent(
+        [Bucket(3, 4, 6, LATENT[0])], in_channels=CFG.in_channels, text_dim=CFG.text_dim, text_len=8
+    )
     batch = src.batch(0)
     batch.pop("prompt_id")
     # Seed chosen so that the draws contain a conditioning frame and a dropped caption
     # (asserted below), so both code paths are exercised.
     draws = mobj.draw(np.random.default_rng(5), LATENT, OBJECTIVE)
-    null = (np.random.default_rng(9).standard_normal((CFG.max_text_tokens, CFG.text_dim))
-            / np.sqrt(CFG.text_dim)).astype(np.float32)
+    null = (
+        np.random.default_rng(9).standard_normal((CFG.max_text_tokens, CFG.text_dim)) / np.sqrt(CFG.text_dim)
+    ).astype(np.float32)
     return batch, draws, null
 
 
 def release_weights():
     from safetensors.numpy import load_file
+
     return load_file(WEIGHTS)
 
 
 def _megatron_run(batch, draws, null):
     """(loss, release-named grads, release-named params after one step) from the trainer."""
     from mugv_megatron.train.step import Trainer
+
     state = {k: torch.from_numpy(v) for k, v in release_weights().items()}
     tr = Trainer(CFG, OPTIM, OBJECTIVE, seed=0, release_state=state, use_megatron_optimizer=False)
     tr.null_text = torch.from_numpy(null)
@@ -80,12 +85,15 @@ def _megatron_run(batch, draws, null):
 
 
 def _to_release(named: dict) -> dict:
-    return {k: np.asarray(v) for k, v in layout.megatron_state_to_release(
-        {n: t.numpy() for n, t in named.items()}, CFG).items()}
+    return {
+        k: np.asarray(v)
+        for k, v in layout.megatron_state_to_release({n: t.numpy() for n, t in named.items()}, CFG).items()
+    }
 
 
 def _jax_flat_to_release(tree) -> dict:
     import jax
+
     flat = {}
 
     def walk(prefix, node):
@@ -94,6 +102,7 @@ def _jax_flat_to_release(tree) -> dict:
                 walk(f"{prefix}.{k}" if prefix else k, v)
         else:
             flat[prefix] = np.asarray(jax.device_get(node))
+
     walk("", tree)
     return dict(jax_layout.jax_to_release_all(flat, CFG))
 
@@ -120,11 +129,13 @@ def _jax_step(batch, draws, null):
     import jax.numpy as jnp
     import optax
     from flax import nnx
+
     from mugv_jax import dit
+    from mugv_jax.dit.model import RuntimeOptions
     from mugv_jax.parallel import mesh as mesh_lib
     from mugv_jax.train import objective as jobj
     from mugv_jax.train import step as jtr
-    from mugv_jax.dit.model import RuntimeOptions
+
     model = dit.load(str(WEIGHTS), CFG)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     mesh = mesh_lib.build_mesh(dict(data=1, fsdp=1, tensor=1, context=1), devices=jax.devices()[:1])
@@ -134,8 +145,9 @@ def _jax_step(batch, draws, null):
     # The JAX objective's own functions on the shared random numbers.
     x0 = jnp.asarray(batch["latents"])
     frames, h, w = x0.shape[2:]
-    t = jobj.shift_t(jax.nn.sigmoid(jnp.asarray(draws.u)) * 1000.0,
-                     shift_ratio((frames, h, w), obj_cfg.shift_num_frames))
+    t = jobj.shift_t(
+        jax.nn.sigmoid(jnp.asarray(draws.u)) * 1000.0, shift_ratio((frames, h, w), obj_cfg.shift_num_frames)
+    )
     eps = jnp.asarray(draws.eps)
     x_mask = jnp.arange(frames)[None, :] >= jnp.asarray(draws.n_cond)[:, None]
     xt = jnp.where(x_mask[:, None, :, None, None], jobj.noisy_latents(x0, eps, t), x0)
@@ -143,15 +155,15 @@ def _jax_step(batch, draws, null):
     length = batch["y"].shape[2]
     y = jnp.where(drop[:, None, None, None], jnp.asarray(null)[:length][None, None], batch["y"])
     mask = jnp.where(drop[:, None], 1, jnp.asarray(batch["mask"]))
-    inputs = dict(x=xt, timestep=t, y=y, mask=mask, x_mask=x_mask, fps=jnp.asarray(batch["fps"]),
-                  frame_indice=None)
+    inputs = dict(x=xt, timestep=t, y=y, mask=mask, x_mask=x_mask, fps=jnp.asarray(batch["fps"]), frame_indice=None)
+
     # One compiled function: op-by-op dispatch of the scanned model and of optax costs more
     # than a single XLA compile on a small CPU.
     def step(params, inputs, target, t):
-        (loss, _), grads = jax.value_and_grad(trainer.loss_on_inputs, has_aux=True)(
-            params, inputs, target, t)
+        (loss, _), grads = jax.value_and_grad(trainer.loss_on_inputs, has_aux=True)(params, inputs, target, t)
         updates, _ = trainer.optimizer.update(grads, trainer.optimizer.init(params), params)
         return loss, grads, optax.apply_updates(params, updates)
+
     loss, grads, new_params = jax.jit(step)(params, inputs, x0 - eps, t)
     return float(loss), _jax_flat_to_release(grads), _jax_flat_to_release(new_params)
 
@@ -215,16 +227,18 @@ def test_parameters_after_one_adamw_step_match_jax(megatron_tp1, jax_run):
 
 def _tp_worker(rank, port, out_dir):
     torch.set_num_threads(1)
-    parallel.setup(TP, rank=rank, world_size=TP, master_port=port,
-                   timeout=datetime.timedelta(seconds=120))
+    parallel.setup(TP, rank=rank, world_size=TP, master_port=port, timeout=datetime.timedelta(seconds=120))
     batch, draws, null = make_case()
     from megatron.core import parallel_state as ps
+
     from mugv_megatron.train.step import Trainer
+
     results = {}
     for variant, sp in (("tp", False), ("tp_sp", True)):
         state = {k: torch.from_numpy(v) for k, v in release_weights().items()}
-        tr = Trainer(CFG, OPTIM, OBJECTIVE, seed=0, release_state=state, sequence_parallel=sp,
-                     use_megatron_optimizer=False)
+        tr = Trainer(
+            CFG, OPTIM, OBJECTIVE, seed=0, release_state=state, sequence_parallel=sp, use_megatron_optimizer=False
+        )
         tr.null_text = torch.from_numpy(null)
         loss, _, _ = tr.loss_and_grads(batch, draws)
         for n, p in tr.module.named_parameters():
@@ -255,7 +269,7 @@ def _tp_worker(rank, port, out_dir):
     for n, p in tr.module.named_parameters():
         results[f"dp.grad.{n}"] = p.grad.detach().clone()
     metrics = tr.train_step(batch, draws=draws)
-    results["dp.loss"] = torch.tensor(float(loss))      # this rank's half only
+    results["dp.loss"] = torch.tensor(float(loss))  # this rank's half only
     results["dp.step_loss"] = torch.tensor(metrics["loss"])
     results["dp.grad_norm"] = torch.tensor(metrics["grad_norm"])
     for n, p in tr.module.named_parameters():
@@ -293,8 +307,10 @@ def test_tp2_trainer_step_matches_tp1(tp_ranks, megatron_tp1, variant):
         scale = max(want.abs().max().item(), 1e-12)
         assert (got - want).abs().max().item() <= TP_GRAD_REL * scale, name
         worst = max(worst, (got - want).abs().max().item() / scale)
-    print(f"{variant}: loss rel {abs(tp_ranks[0][f'{variant}.loss'].item() - loss1) / loss1:.2e}, "
-          f"worst relative gradient error {worst:.2e}")
+    print(
+        f"{variant}: loss rel {abs(tp_ranks[0][f'{variant}.loss'].item() - loss1) / loss1:.2e}, "
+        f"worst relative gradient error {worst:.2e}"
+    )
     for name, want in params1.items():
         got = _merge(tp_ranks, f"{variant}.param.", name)
         # One AdamW step from identical weights; see the JAX comparison for the 2·lr bound.
@@ -306,6 +322,7 @@ def test_tp2_checkpoint_restores_at_tp1(tp_ranks, tp_dir, megatron_tp1):
     exactly the merged TP=2 weights, Adam moments and EMA (dist_checkpointing reassembles the
     shards)."""
     from mugv_megatron.train.step import Trainer
+
     ckdir = tp_dir / "ckpt"
     tr = Trainer(CFG, OPTIM, OBJECTIVE, seed=7, use_megatron_optimizer=False)
     meta = checkpointing.restore_latest(str(ckdir), tr)

@@ -11,6 +11,7 @@ margins are held to β·5e-6 = 1e-3 absolute; a DPO loss −log σ(m) moves by a
 losses are held to 1e-3 relative (measured: 4e-5). At step 0 policy and reference are the same
 weights: every held-out margin is exactly 0 on both backends.
 """
+
 import json
 import os
 
@@ -22,12 +23,14 @@ from mugv.data import preference as pref_data
 from mugv_jax.train import backend as jax_train
 from mugv_megatron.train import backend as megatron_train
 
-GOLDEN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "golden", "dit_tiny", "weights.safetensors")
+GOLDEN = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "golden", "dit_tiny", "weights.safetensors"
+)
 STEPS = 4
 STEP1_REL = 1e-5
-ERR_ABS = 5e-6                 # per-sample error difference once the weights have diverged
-REWARD_ABS = 200 * ERR_ABS     # β · ERR_ABS
-LOSS_REL = REWARD_ABS          # |Δ(−log σ(m))| ≤ loss · |Δm|
+ERR_ABS = 5e-6  # per-sample error difference once the weights have diverged
+REWARD_ABS = 200 * ERR_ABS  # β · ERR_ABS
+LOSS_REL = REWARD_ABS  # |Δ(−log σ(m))| ≤ loss · |Δm|
 
 
 def _config(labels, heldout):

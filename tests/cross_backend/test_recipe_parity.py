@@ -9,6 +9,7 @@ tests/cross_backend/test_cross_backend_training.py (loss relative error 1e-5); A
 gradient differences only in entries whose gradient is itself at rounding level, which moves the
 loss far less than that over a few steps.
 """
+
 import json
 import os
 
@@ -19,7 +20,9 @@ from configs import tiny_curriculum
 from mugv_jax.train import backend as jax_train
 from mugv_megatron.train import backend as megatron_train
 
-GOLDEN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "golden", "dit_tiny", "weights.safetensors")
+GOLDEN = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "golden", "dit_tiny", "weights.safetensors"
+)
 STEPS = 3
 LOSS_REL = 1e-5
 STAGES = ("stage1_image_video", "stage2_clip_2s", "stage2_clip_5s")

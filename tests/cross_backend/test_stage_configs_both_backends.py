@@ -7,6 +7,7 @@ step's loss is the same on both backends (same weights, batch and draws: mugv.rn
 that neither backend silently ignores a recipe field. Fields a backend cannot honour are refused
 by name (last test).
 """
+
 import json
 import os
 
@@ -17,7 +18,9 @@ from mugv.data import preference as pref_data
 from mugv_jax.train import backend as jax_train
 from mugv_megatron.train import backend as megatron_train
 
-GOLDEN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "golden", "dit_tiny", "weights.safetensors")
+GOLDEN = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "golden", "dit_tiny", "weights.safetensors"
+)
 STEPS = 2
 LOSS_REL = 1e-5  # tests/cross_backend/test_cross_backend_training.py
 
@@ -39,8 +42,9 @@ def tiny_stage(stage: str, workdir: str):
         c.data.mix.image_buckets = ((1, 4, 6, 4),)
         c.data.mix.anneal_steps = STEPS
     if c.mode == "preference":
-        c.preference.labels = pref_data.write_synthetic(os.path.join(workdir, "labels"), seed=0,
-                                                        num_prompts=4, pairs_per_prompt=1, labels=False)
+        c.preference.labels = pref_data.write_synthetic(
+            os.path.join(workdir, "labels"), seed=0, num_prompts=4, pairs_per_prompt=1, labels=False
+        )
         c.preference.batch_size = 4
         c.preference.shift_ratio = 1.0
     return c

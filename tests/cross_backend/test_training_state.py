@@ -12,6 +12,7 @@ Megatron, which trains 3 steps on the same batches and JAX's random numbers and 
 `megatron_to_jax` converts that, and JAX resumes for 2 steps with its own generator (the seed
 travels in the checkpoint). That must land where JAX's own 5 steps land.
 """
+
 import numpy as np
 import pytest
 
@@ -20,11 +21,21 @@ from mugv.config import get_config
 
 CFG = get_config("tiny")
 WEIGHTS = "tests/golden/dit_tiny/weights.safetensors"
-OPTIM = dict(learning_rate=1e-3, warmup_steps=2, schedule="constant", decay_steps=0,
-             final_lr_ratio=0.0, b1=0.9, b2=0.999, eps=1e-10, weight_decay=0.01, clip_norm=1.0,
-             ema_decay=0.9, grad_accum_steps=1)
-OBJECTIVE = dict(shift_num_frames=None, shift_ratio=1.0, i2v_prob=0.5, i2v_mode="quarter",
-                 caption_dropout_prob=0.25)
+OPTIM = dict(
+    learning_rate=1e-3,
+    warmup_steps=2,
+    schedule="constant",
+    decay_steps=0,
+    final_lr_ratio=0.0,
+    b1=0.9,
+    b2=0.999,
+    eps=1e-10,
+    weight_decay=0.01,
+    clip_norm=1.0,
+    ema_decay=0.9,
+    grad_accum_steps=1,
+)
+OBJECTIVE = dict(shift_num_frames=None, shift_ratio=1.0, i2v_prob=0.5, i2v_mode="quarter", caption_dropout_prob=0.25)
 SEED = 0
 BUCKET = (3, 4, 6, 4)
 # Two Adam steps on another backend from bit-identical state: float32 gradients agree to ~3e-6
@@ -37,6 +48,7 @@ RMS = 1e-4 * OPTIM["learning_rate"]
 
 def source():
     from mugv.data.synthetic import Bucket, SyntheticTextToLatent
+
     return SyntheticTextToLatent([Bucket(*BUCKET)], in_channels=CFG.in_channels, text_dim=CFG.text_dim)
 
 
@@ -51,8 +63,16 @@ def jax_draws(rng_key, step, shape):
     seed = int(rng_key[0])
     from mugv import rng
     from mugv_megatron.train import objective as mobj
-    d = rng.pretrain_draws(seed, step, np.arange(shape[0]), tuple(shape[1:]), i2v_prob=OBJECTIVE["i2v_prob"],
-                           i2v_mode=OBJECTIVE["i2v_mode"], caption_dropout_prob=OBJECTIVE["caption_dropout_prob"])
+
+    d = rng.pretrain_draws(
+        seed,
+        step,
+        np.arange(shape[0]),
+        tuple(shape[1:]),
+        i2v_prob=OBJECTIVE["i2v_prob"],
+        i2v_mode=OBJECTIVE["i2v_mode"],
+        caption_dropout_prob=OBJECTIVE["caption_dropout_prob"],
+    )
     return mobj.Draws(d["u"], d["eps"], d["n_cond"], d["drop"])
 
 
@@ -60,8 +80,10 @@ def jax_draws(rng_key, step, shape):
 def runs(tmp_path_factory):
     import jax
     from flax import nnx
+
     from mugv_jax import dit
     from mugv_jax.train.checkpointing import Checkpointer
+
     root = tmp_path_factory.mktemp("training_state")
     trainer = ts._jax_trainer({"optim": OPTIM, "objective": OBJECTIVE}, CFG)
     params = nnx.to_pure_dict(nnx.state(dit.load(WEIGHTS, CFG), nnx.Param))
@@ -76,20 +98,19 @@ def runs(tmp_path_factory):
         state, _ = trainer.train_step(state, trainer.put_batch(batch_at(i)))
     jdir = str(root / "jax")
     ck = Checkpointer(jdir, use_async=False)
-    ck.save(3, state, {"position": 3}, {"model": CFG.to_dict(), "optim": OPTIM,
-                                        "objective": OBJECTIVE, "seed": SEED})
+    ck.save(3, state, {"position": 3}, {"model": CFG.to_dict(), "optim": OPTIM, "objective": OBJECTIVE, "seed": SEED})
     ck.close()
     at3 = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), state)
     for i in range(3, 5):
         state, _ = trainer.train_step(state, trainer.put_batch(batch_at(i)))
     at5 = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), state)
-    return dict(root=root, jdir=jdir, j0dir=j0dir, at3=at3, at5=at5, rng_key=rng_key,
-                trainer=trainer)
+    return dict(root=root, jdir=jdir, j0dir=j0dir, at3=at3, at5=at5, rng_key=rng_key, trainer=trainer)
 
 
 @pytest.fixture(scope="module")
 def megatron_resumed(runs):
     from mugv_megatron.train import checkpointing
+
     mdir = str(runs["root"] / "megatron")
     ts.jax_to_megatron(runs["jdir"], mdir)
     mt = ts._megatron_trainer({"optim": OPTIM, "objective": OBJECTIVE}, CFG, seed=99)
@@ -104,6 +125,7 @@ def megatron_resumed(runs):
 
 def _release_of_megatron(named):
     from mugv.layouts import megatron as layout
+
     return layout.megatron_state_to_release({n: t.detach().numpy() for n, t in named.items()}, CFG)
 
 
@@ -126,7 +148,7 @@ def test_jax_3_steps_then_megatron_2_equals_jax_5(runs, megatron_resumed):
     worst, sq, n = 0.0, 0.0, 0
     for name, value in want.items():
         d = np.abs(got[name] - value)
-        worst, sq, n = max(worst, float(d.max())), sq + float((d ** 2).sum()), n + d.size
+        worst, sq, n = max(worst, float(d.max())), sq + float((d**2).sum()), n + d.size
         # The two steps really moved the weights (the comparison is not trivially true).
         assert np.abs(value - before[name]).max() > 10 * MAX_ABS or value.size < 200, name
     rms = (sq / n) ** 0.5
@@ -141,6 +163,7 @@ def test_megatron_back_to_jax_is_exact(runs, megatron_resumed, tmp_path):
     """Step-3 Megatron checkpoint → JAX: params, both moments, counts, EMA, null text identical."""
     from mugv_jax.train.checkpointing import Checkpointer
     from mugv_megatron.train import checkpointing
+
     # Only the converted step-3 checkpoint (the resumed trainer above did not save).
     assert checkpointing.steps(megatron_resumed["mdir"]) == [3]
     jdir = str(tmp_path / "jax_back")
@@ -151,6 +174,7 @@ def test_megatron_back_to_jax_is_exact(runs, megatron_resumed, tmp_path):
     ck.close()
     assert data == {"position": 3} and int(state["step"]) == 3
     import jax
+
     a = jax.tree.map(lambda x: np.asarray(x), state)
     b = runs["at3"]
     for key in ("params", "ema", "null_text"):
@@ -170,8 +194,10 @@ def test_megatron_back_to_jax_is_exact(runs, megatron_resumed, tmp_path):
 @pytest.fixture(scope="module")
 def jax_resumed(runs):
     import jax
+
     from mugv_jax.train.checkpointing import Checkpointer
     from mugv_megatron.train import checkpointing
+
     root = runs["root"]
     m0dir, mdir, jdir = str(root / "megatron_step0"), str(root / "megatron_3"), str(root / "jax_from_megatron")
     ts.jax_to_megatron(runs["j0dir"], m0dir)
@@ -183,7 +209,7 @@ def jax_resumed(runs):
         mt.train_step(b, draws=jax_draws(runs["rng_key"], mt.step, b["latents"].shape))
     checkpointing.save(mdir, mt, {"position": 3}, meta["config"])
     assert ts.megatron_to_jax(mdir, jdir) == 3
-    trainer = runs["trainer"]     # its train_step is compiled already
+    trainer = runs["trainer"]  # its train_step is compiled already
     ck = Checkpointer(jdir, use_async=False)
     state, data, _ = ck.restore(3, trainer.abstract_state())
     ck.close()
@@ -198,12 +224,13 @@ def _max_rms(got: dict, want: dict) -> tuple[float, float]:
     worst, sq, n = 0.0, 0.0, 0
     for name, value in want.items():
         d = np.abs(got[name] - value)
-        worst, sq, n = max(worst, float(d.max())), sq + float((d ** 2).sum()), n + d.size
+        worst, sq, n = max(worst, float(d.max())), sq + float((d**2).sum()), n + d.size
     return worst, (sq / n) ** 0.5
 
 
 def test_megatron_3_steps_then_jax_2_equals_jax_5(runs, jax_resumed):
     import jax
+
     assert jax_resumed["data"] == {"position": 3}
     at3, at5 = jax_resumed["at3"], jax_resumed["at5"]
     assert int(at3["step"]) == 3 and int(at5["step"]) == 5
@@ -222,8 +249,7 @@ def test_megatron_3_steps_then_jax_2_equals_jax_5(runs, jax_resumed):
     worst, rms = _max_rms(got, want)
     print(f"reverse: max |Δw| {worst:.2e} (bound {MAX_ABS:.0e}), rms {rms:.2e} (bound {RMS:.0e})")
     assert worst <= MAX_ABS and rms <= RMS
-    ema_worst, _ = _max_rms(ts.jax_tree_to_release(at5["ema"], CFG),
-                            ts.jax_tree_to_release(runs["at5"]["ema"], CFG))
+    ema_worst, _ = _max_rms(ts.jax_tree_to_release(at5["ema"], CFG), ts.jax_tree_to_release(runs["at5"]["ema"], CFG))
     assert ema_worst <= MAX_ABS
     for x, y in zip(jax.tree.leaves(at5["null_text"]), jax.tree.leaves(runs["at5"]["null_text"])):
         assert np.array_equal(x, y)

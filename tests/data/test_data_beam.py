@@ -1,5 +1,6 @@
 """`prepare` on Apache Beam (DirectRunner, 2 worker processes) writes the same dataset as the
 one-process path: same records in the same order, same index, same manifest (dedup is global)."""
+
 import json
 import os
 import shutil
@@ -25,9 +26,17 @@ def _videos(root):
 def test_beam_direct_runner_matches_the_one_process_path(tmp_path):
     flags.FLAGS.mark_as_parsed()
     _videos(str(tmp_path / "videos"))
-    common = [f"--videos={tmp_path / 'videos'}", "--vae=patch-mean", "--text-encoder=hashing", "--text-len=8",
-              "--buckets=16x32x32,8x48x48", "--batch-size=2", "--num-shards=2", "--min-seconds=1",
-              "--aes-suffix=6.0"]
+    common = [
+        f"--videos={tmp_path / 'videos'}",
+        "--vae=patch-mean",
+        "--text-encoder=hashing",
+        "--text-len=8",
+        "--buckets=16x32x32,8x48x48",
+        "--batch-size=2",
+        "--num-shards=2",
+        "--min-seconds=1",
+        "--aes-suffix=6.0",
+    ]
     main(["prepare", f"--out={tmp_path / 'seq'}", *common])
     main(["prepare", f"--out={tmp_path / 'beam'}", "--beam-runner=DirectRunner", "--beam-workers=2", *common])
     seq, beam = shards.dataset_dir(str(tmp_path / "seq")), shards.dataset_dir(str(tmp_path / "beam"))

@@ -1,5 +1,6 @@
 """mugv_data.clips: shots in the manifest, quality filters with recorded reasons, dedup, decode errors.
 The shot detectors themselves are tested in test_data_shots.py."""
+
 import json
 import os
 import shutil
@@ -7,15 +8,14 @@ import shutil
 import av
 import numpy as np
 
-from mugv_data import clips
 from mugv.data import video
+from mugv_data import clips
 from mugv_data.clips import FilterConfig
 
 SIZE = 64
 # Scene tints. Consecutive seeds used as neighbouring shots below differ by a PySceneDetect content
 # score of 36 or more (threshold 27); 3 → 4 scores only 26, so no test puts those side by side.
-PALETTE = [(120, 120, 120), (70, 70, 180), (180, 70, 70), (70, 180, 70), (180, 180, 70), (70, 180, 180),
-           (180, 70, 180)]
+PALETTE = [(120, 120, 120), (70, 70, 180), (180, 70, 70), (70, 180, 70), (180, 180, 70), (70, 180, 180), (180, 70, 180)]
 
 
 def textured_scene(seed: int, num_frames: int, *, shift: int = 3, blur: bool = False) -> np.ndarray:
@@ -27,7 +27,7 @@ def textured_scene(seed: int, num_frames: int, *, shift: int = 3, blur: bool = F
     if blur:
         k = 9
         pad = np.pad(base, ((k // 2,) * 2, (k // 2,) * 2, (0, 0)), mode="wrap")
-        base = np.mean([pad[i:i + SIZE, j:j + SIZE] for i in range(k) for j in range(k)], axis=0)
+        base = np.mean([pad[i : i + SIZE, j : j + SIZE] for i in range(k) for j in range(k)], axis=0)
     return np.stack([np.roll(base, shift * t, axis=1) for t in range(num_frames)]).clip(0, 255).astype(np.uint8)
 
 
@@ -55,9 +55,14 @@ def test_filters_drop_planted_bad_clips_with_reasons():
     cfg = FilterConfig(min_seconds=1.0)
     recs = [r for _, r in clips.split_and_filter("planted.mp4", frames, fps, cfg)]
     got = [(r["start"], r["end"], r["kept"], r["reason"]) for r in recs]
-    assert got == [(0, 16, True, None), (16, 32, False, "black"), (32, 48, False, "static"),
-                   (48, 64, False, "blurry"), (64, 68, False, "too_short"),
-                   (68, 84, False, "near_duplicate")]
+    assert got == [
+        (0, 16, True, None),
+        (16, 32, False, "black"),
+        (32, 48, False, "static"),
+        (48, 64, False, "blurry"),
+        (64, 68, False, "too_short"),
+        (68, 84, False, "near_duplicate"),
+    ]
     assert recs[5]["duplicate_of"] == recs[0]["clip_id"]
     # Every cut names the detectors that found it; the manifest's cuts are the shots' boundaries.
     assert all(r["shot_detector"] == "content+adaptive" for r in recs)

@@ -1,6 +1,7 @@
 """Pluggable scorers and captioners: registries, the aesthetic filter (≥ 4.5) with its recorded
 reason, a captioner, a RAFT-style flow plug-in, captions + aesthetic scores from a CSV manifest
 and the release's aesthetic-score suffix. The stand-ins are built here (no models ship offline)."""
+
 import numpy as np
 import pytest
 
@@ -13,6 +14,7 @@ from tests.data.test_data_clips import SIZE, _write_mp4, textured_scene
 
 class BrightnessAesthetic:
     """Stand-in 'aesthetic' model: mean luma / 25, so bright scenes score above 4.5."""
+
     name = "brightness"
 
     def __init__(self):
@@ -37,9 +39,11 @@ def registered(monkeypatch):
     monkeypatch.setitem(scorers.AESTHETIC_SCORERS, "test_brightness", lambda: aes)
     monkeypatch.setitem(scorers.CAPTIONERS, "test_colour", ColourCaptioner)
     # A RAFT-like plug-in: any dense flow function; this one says everything moves 25 px.
-    monkeypatch.setitem(scorers.MOTION_SCORERS, "test_raft",
-                        lambda: scorers.FlowMotionScorer(lambda a, b: np.full((*a.shape[:2], 2), 25 / 2 ** 0.5),
-                                                         "test_raft"))
+    monkeypatch.setitem(
+        scorers.MOTION_SCORERS,
+        "test_raft",
+        lambda: scorers.FlowMotionScorer(lambda a, b: np.full((*a.shape[:2], 2), 25 / 2**0.5), "test_raft"),
+    )
     return aes
 
 
@@ -58,15 +62,20 @@ def test_aesthetic_filter_and_captioner_record_their_decisions(registered):
     assert recs[0]["caption"] == "a green texture scrolling at 8 fps" and recs[0]["caption_source"] == "colour"
     assert out[0][0].caption == recs[0]["caption"] and "caption" not in recs[1]
     # Lower threshold: both textured clips pass.
-    lax = [r["kept"] for _, r in clips.split_and_filter("v.mp4", frames, 8.0,
-                                                        FilterConfig(min_seconds=1.0, aesthetic="test_brightness",
-                                                                     aesthetic_min=3.0))]
+    lax = [
+        r["kept"]
+        for _, r in clips.split_and_filter(
+            "v.mp4", frames, 8.0, FilterConfig(min_seconds=1.0, aesthetic="test_brightness", aesthetic_min=3.0)
+        )
+    ]
     assert lax == [True, True, False]
 
 
 def test_motion_scorer_registry_and_plugins(registered):
     frames = textured_scene(1, 16)
-    recs = [r for _, r in clips.split_and_filter("v.mp4", frames, 8.0, FilterConfig(min_seconds=1.0, motion="test_raft"))]
+    recs = [
+        r for _, r in clips.split_and_filter("v.mp4", frames, 8.0, FilterConfig(min_seconds=1.0, motion="test_raft"))
+    ]
     assert recs[0]["reason"] == "too_dynamic" and recs[0]["metrics"]["motion"] == pytest.approx(25.0)
     assert recs[0]["motion_scorer"] == "test_raft"
     old = scorers.build("motion", "frame_difference")(frames)
@@ -81,16 +90,25 @@ def test_motion_scorer_registry_and_plugins(registered):
 def test_manifest_captions_and_aesthetic_suffix(tmp_path):
     video = tmp_path / "clip.mp4"
     _write_mp4(str(video), np.concatenate([textured_scene(5, 16), textured_scene(6, 16)]), 8)
-    (tmp_path / "caps.csv").write_text("clip_id,video,caption,aesthetic\n"
-                                       "clip.mp4#0001,,a second shot,5.25\n"
-                                       ",clip.mp4,a video-level caption,4.75\n")
-    spec = pipeline.PrepareSpec(source="files", buckets=[PixelBucket(16, 32, 32)], paths=[str(video)],
-                                filters=FilterConfig(min_seconds=1.0), captions=str(tmp_path / "caps.csv"),
-                                text_encoder="hashing", text_len=8, aes_suffix="score")
+    (tmp_path / "caps.csv").write_text(
+        "clip_id,video,caption,aesthetic\nclip.mp4#0001,,a second shot,5.25\n,clip.mp4,a video-level caption,4.75\n"
+    )
+    spec = pipeline.PrepareSpec(
+        source="files",
+        buckets=[PixelBucket(16, 32, 32)],
+        paths=[str(video)],
+        filters=FilterConfig(min_seconds=1.0),
+        captions=str(tmp_path / "caps.csv"),
+        text_encoder="hashing",
+        text_len=8,
+        aes_suffix="score",
+    )
     records, examples = pipeline.ItemWorker(spec)(0)
     assert [k for k, _ in examples] == [0, 1] and [k for k, _ in records] == [0, 1]
-    assert [ex["caption"] for _, ex in examples] == ["a video-level caption aesthetic score: 4.8.",
-                                                     "a second shot aesthetic score: 5.2."]
+    assert [ex["caption"] for _, ex in examples] == [
+        "a video-level caption aesthetic score: 4.8.",
+        "a second shot aesthetic score: 5.2.",
+    ]
     assert [r["caption_source"] for _, r in records] == ["manifest", "manifest"]
     assert examples[0][1]["latents"].shape == (24, 2, 4, 4)
     fixed = pipeline.PrepareSpec(**{**spec.__dict__, "captions": None, "aes_suffix": 6.0})

@@ -1,5 +1,6 @@
 """mugv_data.encode/shards/loader: exact round trip, idempotent and crash-safe writes, bucketed
 batches, per-host slices, mid-epoch resume, and skip-and-count of an unreadable record."""
+
 import os
 import shutil
 
@@ -7,11 +8,10 @@ import numpy as np
 import pytest
 from absl import flags
 
-from mugv_data import encode
-from mugv.data import procedural
-from mugv.data import shards
-from mugv_data.encode import ClipInput, PixelBucket
+from mugv.data import procedural, shards
 from mugv.data.loader import ShardLoader
+from mugv_data import encode
+from mugv_data.encode import ClipInput, PixelBucket
 from mugv_data.text import HashingTextEncoder
 
 BUCKETS = [PixelBucket(17, 32, 32), PixelBucket(9, 48, 48)]
@@ -32,8 +32,14 @@ def _examples():
 
 
 def _write(examples, out, **kw):
-    return shards.write_shards(lambda: examples, str(out), buckets=encode.latent_buckets(BUCKETS, encode.PatchMeanEncoder()),
-                               latent_channels=24, text_dim=16, **kw)
+    return shards.write_shards(
+        lambda: examples,
+        str(out),
+        buckets=encode.latent_buckets(BUCKETS, encode.PatchMeanEncoder()),
+        latent_channels=24,
+        text_dim=16,
+        **kw,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +64,7 @@ def test_encode_fits_buckets():
 
 def _bf16(x):
     import ml_dtypes
+
     return np.asarray(x, np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
 
 
@@ -82,13 +89,16 @@ def test_shards_round_trip_exactly(dataset):
 
 def test_bf16_storage_is_exact_and_half_size_and_float32_shards_still_read(dataset, tmp_path):
     import ml_dtypes
+
     ds_dir, examples = dataset
     # Values that bf16 holds exactly come back bit-identical; others round to nearest even.
-    exact = np.array([1.0, -2.5, 0.15625, 2.0 ** 100, -0.0, np.inf], np.float32)
+    exact = np.array([1.0, -2.5, 0.15625, 2.0**100, -0.0, np.inf], np.float32)
     assert np.array_equal(shards.from_storage(shards.to_storage(exact, "bfloat16")), exact)
-    x = np.float32(1.0) + np.float32(2.0 ** -9)  # halfway between two bf16 values: ties to even (1.0)
-    assert shards.from_storage(shards.to_storage(np.array([x, 1 + 3 * 2.0 ** -9], np.float32), "bfloat16")).tolist() \
-        == [1.0, 1.0 + 2.0 ** -7]
+    x = np.float32(1.0) + np.float32(2.0**-9)  # halfway between two bf16 values: ties to even (1.0)
+    assert shards.from_storage(shards.to_storage(np.array([x, 1 + 3 * 2.0**-9], np.float32), "bfloat16")).tolist() == [
+        1.0,
+        1.0 + 2.0**-7,
+    ]
     already = np.array([0.3, -7.1], ml_dtypes.bfloat16)
     assert np.array_equal(shards.to_storage(already, "bfloat16"), already.view(np.uint16))
     # A float32 dataset (the old format) still reads, bit-exact.
@@ -97,6 +107,7 @@ def test_bf16_storage_is_exact_and_half_size_and_float32_shards_still_read(datas
     assert all(np.array_equal(r32[i]["latents"], examples[i]["latents"]) for i in range(len(examples)))
     b = next(ShardLoader(f32, BATCH, text_len=TEXT_LEN, seed=0))
     assert b["latents"].dtype == np.float32
+
     def size(d):  # serialized record bytes (array_record files themselves grow in 64 KiB chunks)
         r = shards.RecordReader(d)
         return sum(len(r.raw(i)) for i in range(len(r)))
@@ -115,8 +126,10 @@ def test_write_is_idempotent_and_crash_safe(dataset, tmp_path):
     def boom():
         raise AssertionError("examples must not be regenerated for a finished dataset")
 
-    assert shards.write_shards(boom, os.path.dirname(os.path.dirname(ds_dir)), buckets=[], latent_channels=24,
-                               text_dim=16) == ds_dir
+    assert (
+        shards.write_shards(boom, os.path.dirname(os.path.dirname(ds_dir)), buckets=[], latent_channels=24, text_dim=16)
+        == ds_dir
+    )
     assert {f: os.path.getmtime(f) for f in shards.shard_files(ds_dir)} == before
 
     def crashing():
@@ -163,8 +176,10 @@ def test_loader_buckets_and_epoch(dataset):
 def test_loader_per_host_slices_make_the_global_batch(dataset):
     ds_dir, _ = dataset
     full = _take(ShardLoader(ds_dir, BATCH, text_len=TEXT_LEN, seed=5), 6)
-    hosts = [_take(ShardLoader(ds_dir, BATCH, text_len=TEXT_LEN, seed=5, process_index=p, process_count=2), 6)
-             for p in range(2)]
+    hosts = [
+        _take(ShardLoader(ds_dir, BATCH, text_len=TEXT_LEN, seed=5, process_index=p, process_count=2), 6)
+        for p in range(2)
+    ]
     for step in range(6):
         for k in ("latents", "y", "mask", "fps"):
             assert np.array_equal(np.concatenate([hosts[0][step][k], hosts[1][step][k]]), full[step][k])
@@ -176,6 +191,7 @@ def test_loader_resumes_mid_epoch_to_the_identical_next_batch(dataset):
     _take(loader, 7)
     state = loader.get_state()
     import json
+
     state = json.loads(json.dumps(state))  # what a checkpoint stores
     expected = _take(loader, 8)  # crosses into the second epoch (11 batches per epoch)
     resumed = ShardLoader(ds_dir, BATCH, text_len=TEXT_LEN, seed=7)
@@ -229,9 +245,16 @@ def test_loader_skips_and_counts_an_unreadable_record(dataset, tmp_path):
 
 def _mixed(ds_dir, weights, seed=0):
     from mugv.data.loader import MixedLoader
+
     # Two "datasets": the same shards read as two different streams (bucket 0 only, bucket 1 only).
-    return MixedLoader([ShardLoader(ds_dir, {0: 4}, text_len=TEXT_LEN, seed=1),
-                        ShardLoader(ds_dir, {1: 2}, text_len=TEXT_LEN, seed=2)], weights, seed=seed)
+    return MixedLoader(
+        [
+            ShardLoader(ds_dir, {0: 4}, text_len=TEXT_LEN, seed=1),
+            ShardLoader(ds_dir, {1: 2}, text_len=TEXT_LEN, seed=2),
+        ],
+        weights,
+        seed=seed,
+    )
 
 
 def test_mixed_loader_follows_weights_and_curriculum(dataset):
@@ -258,6 +281,7 @@ def test_mixed_loader_follows_weights_and_curriculum(dataset):
 
 def test_mixed_loader_resumes_to_the_identical_next_batch(dataset):
     import json
+
     ds_dir, _ = dataset
     weights = lambda s: [1.0, 1.0 + s / 4]  # noqa: E731 - annealed towards child 1
     mixed = _mixed(ds_dir, weights, seed=5)

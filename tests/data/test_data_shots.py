@@ -6,6 +6,7 @@ bikes.mp4 has six shots (road marking / man in suit / taxi sign / cyclist behind
 walker by a parked bike / blurred close-up); the new shot's first frame is listed. The other
 files are one shot each.
 """
+
 import dataclasses
 import os
 import random
@@ -14,9 +15,8 @@ import numpy as np
 import pytest
 import torch
 
+from mugv.data import bundled, video
 from mugv_data import clips, shots
-from mugv.data import video
-from mugv.data import bundled
 from mugv_data.shots import Cut, ShotSplitter
 from tests.data.test_data_clips import textured_scene
 
@@ -63,8 +63,12 @@ def cut_and_fade() -> np.ndarray:
 
 
 def _global_random_state():
-    return (random.getstate(), np.random.get_state()[1].copy(), torch.random.get_rng_state().clone(),
-            torch.are_deterministic_algorithms_enabled())
+    return (
+        random.getstate(),
+        np.random.get_state()[1].copy(),
+        torch.random.get_rng_state().clone(),
+        torch.are_deterministic_algorithms_enabled(),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -122,9 +126,11 @@ def test_loading_transnet_leaves_global_random_state(transnet):
 
 
 def test_merge_credits_every_detector_and_keeps_transitions_out_of_shots():
-    per = {"content": [Cut(10, 10, ("content",)), Cut(31, 31, ("content",))],
-           "adaptive": [Cut(11, 11, ("adaptive",))],  # one frame later: the same cut
-           "transnetv2": [Cut(10, 10, ("transnetv2",)), Cut(25, 36, ("transnetv2",))]}
+    per = {
+        "content": [Cut(10, 10, ("content",)), Cut(31, 31, ("content",))],
+        "adaptive": [Cut(11, 11, ("adaptive",))],  # one frame later: the same cut
+        "transnetv2": [Cut(10, 10, ("transnetv2",)), Cut(25, 36, ("transnetv2",))],
+    }
     order = ("content", "adaptive", "transnetv2")
     merged = shots.merge_cuts(per, order)
     # content's cut inside TransNetV2's fade joins it; the fade's frames stay out of every shot.

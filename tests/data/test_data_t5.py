@@ -1,5 +1,6 @@
 """T5TextEncoder: the T5-XXL loading path, run on a tiny random T5 encoder + Unigram tokenizer that
 this test builds and saves (the real model cannot be downloaded here)."""
+
 import dataclasses
 
 import numpy as np
@@ -22,15 +23,33 @@ def t5_dir(tmp_path_factory):
     tok.decoder = decoders.Metaspace()
     # The T5 ids: pad 0, EOS 1, unk 2.
     trainer = trainers.UnigramTrainer(vocab_size=60, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>")
-    tok.train_from_iterator(["a red square moving left", "a blue circle moving up",
-                             "a green triangle moving down", "ugly, blurry, lowres, bad anatomy"] * 5, trainer)
+    tok.train_from_iterator(
+        [
+            "a red square moving left",
+            "a blue circle moving up",
+            "a green triangle moving down",
+            "ugly, blurry, lowres, bad anatomy",
+        ]
+        * 5,
+        trainer,
+    )
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
-                    extra_ids=0).save_pretrained(path)
+    T5TokenizerFast(
+        tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=0
+    ).save_pretrained(path)
     # T5 v1.1 structure (gated-GELU, relative position buckets) at toy size.
-    cfg = T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
-                   feed_forward_proj="gated-gelu", relative_attention_num_buckets=8,
-                   relative_attention_max_distance=16, layer_norm_epsilon=1e-6)
+    cfg = T5Config(
+        vocab_size=64,
+        d_model=32,
+        d_kv=8,
+        d_ff=48,
+        num_layers=2,
+        num_heads=4,
+        feed_forward_proj="gated-gelu",
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        layer_norm_epsilon=1e-6,
+    )
     torch.manual_seed(0)
     T5EncoderModel(cfg).save_pretrained(path)
     return path
@@ -53,7 +72,7 @@ def test_t5_encoder_features_masks_and_dit_width(t5_dir):
     # The same numbers as calling the model directly on unpadded ids (float32).
     with torch.no_grad():
         direct = enc.model(input_ids=torch.tensor([ids[0]])).last_hidden_state.numpy()[0]
-    np.testing.assert_allclose(feats[0, :len(ids[0])], direct, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(feats[0, : len(ids[0])], direct, rtol=0, atol=1e-5)
     # The DiT's caption width and token count follow the encoder.
     over = text.dit_overrides(enc)
     assert over == {"text_dim": 32, "max_text_tokens": 24}

@@ -1,4 +1,5 @@
 """mugv.data.procedural, mugv_data.text and the `prepare` CLI end to end (procedural source)."""
+
 import json
 import os
 
@@ -6,10 +7,9 @@ import numpy as np
 import pytest
 from absl import flags
 
-from mugv.data import procedural
-from mugv.data import shards
-from mugv_data.__main__ import main
+from mugv.data import procedural, shards
 from mugv.data.loader import ShardLoader
+from mugv_data.__main__ import main
 from mugv_data.text import HashingTextEncoder, MiniLMEncoder, null_features
 
 
@@ -23,9 +23,11 @@ def test_procedural_is_deterministic_and_matches_its_caption():
     assert clip.caption == f"a {clip.colour} {clip.shape} moving {clip.direction}"
     # The object's centre of mass moves the named way.
     colour = np.array(procedural.COLOURS[clip.colour])
+
     def centre(f):
         ys, xs = np.nonzero(np.all(f == colour, axis=-1))
         return ys.mean(), xs.mean()
+
     (y0, x0), (y1, x1) = centre(clip.frames[0]), centre(clip.frames[-1])
     dy, dx = procedural.DIRECTIONS[clip.direction]
     assert np.sign(round(y1 - y0)) == dy and np.sign(round(x1 - x0)) == dx
@@ -37,10 +39,12 @@ def test_supersampled_shapes_have_area_coverage_edges_and_the_same_draw():
         soft = procedural.make_clip(index, seed=7, supersample=4)
         assert (soft.caption, soft.colour, soft.shape) == (hard.caption, hard.colour, hard.shape)
         bg, fg = hard.frames[0, 0, 0].astype(np.float32), np.array(procedural.COLOURS[hard.colour], np.float32)
+
         # Per pixel: coverage = where the colour sits between background and object colour.
         def coverage(frames):
             c = ((frames.astype(np.float32) - bg) @ (fg - bg)) / float((fg - bg) @ (fg - bg))
             return np.clip(c, 0.0, 1.0)
+
         # Point sampling gives only background and object pixels; area sampling adds partial
         # pixels on the edges of a circle or triangle (a square's edges fall on pixel
         # boundaries along its motion, and within a pixel of them across it).
@@ -87,9 +91,18 @@ def test_minilm_encoder_loads_offline():
 def test_prepare_cli_procedural(tmp_path):
     flags.FLAGS.mark_as_parsed()
     out = str(tmp_path / "data")
-    args = ["prepare", "--videos=builtin:procedural", f"--out={out}", "--vae=patch-mean",
-            "--text-encoder=hashing", "--text-len=10", "--procedural-count=10", "--buckets=17x32x32",
-            "--batch-size=4", "--num-shards=2"]
+    args = [
+        "prepare",
+        "--videos=builtin:procedural",
+        f"--out={out}",
+        "--vae=patch-mean",
+        "--text-encoder=hashing",
+        "--text-len=10",
+        "--procedural-count=10",
+        "--buckets=17x32x32",
+        "--batch-size=4",
+        "--num-shards=2",
+    ]
     main(args)
     ds = shards.dataset_dir(out)
     index = shards.read_index(ds)
@@ -108,10 +121,13 @@ def test_prepare_cli_procedural(tmp_path):
 def test_loader_side_imports_no_jax():
     import subprocess
     import sys
-    code = ("import sys, mugv.data.loader, mugv.data.shards, mugv_data.reference_format, mugv_data.clips, "
-            "mugv.data.procedural, mugv_data.text, mugv.data.bundled, mugv_data.encode, mugv_data.scorers, "
-            "mugv_data.prepare; "
-            "print(sorted(m for m in ('jax', 'torch', 'tensorflow') if m in sys.modules))")
+
+    code = (
+        "import sys, mugv.data.loader, mugv.data.shards, mugv_data.reference_format, mugv_data.clips, "
+        "mugv.data.procedural, mugv_data.text, mugv.data.bundled, mugv_data.encode, mugv_data.scorers, "
+        "mugv_data.prepare; "
+        "print(sorted(m for m in ('jax', 'torch', 'tensorflow') if m in sys.modules))"
+    )
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -1,4 +1,5 @@
 """Attention backends against the XLA reference where they can run on the CPU."""
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -26,8 +27,9 @@ def _rel(a, b):
 
 def test_pallas_matches_xla_forward_and_gradients():
     q, k, v, mask = _inputs()
-    loss = lambda impl, q, k, v: jnp.sum(jnp.sin(attention.dot_product_attention(
-        q, k, v, key_mask=mask, implementation=impl, precision=HIGHEST)))
+    loss = lambda impl, q, k, v: jnp.sum(
+        jnp.sin(attention.dot_product_attention(q, k, v, key_mask=mask, implementation=impl, precision=HIGHEST))
+    )
     out_ref = attention.dot_product_attention(q, k, v, key_mask=mask, precision=HIGHEST)
     out = attention.dot_product_attention(q, k, v, key_mask=mask, implementation="pallas", precision=HIGHEST)
     assert out.shape == q.shape and bool(jnp.all(out[1] == 0))
@@ -38,8 +40,13 @@ def test_pallas_matches_xla_forward_and_gradients():
         assert _rel(a, b) <= RTOL
     # Without a mask and with more keys than one block (128): several online-softmax steps.
     q, k, v, _ = _inputs(b=1, nq=40, nk=300, h=2)
-    assert _rel(attention.dot_product_attention(q, k, v, implementation="pallas"),
-                attention.dot_product_attention(q, k, v, precision=HIGHEST)) <= RTOL
+    assert (
+        _rel(
+            attention.dot_product_attention(q, k, v, implementation="pallas"),
+            attention.dot_product_attention(q, k, v, precision=HIGHEST),
+        )
+        <= RTOL
+    )
 
 
 def test_gpu_and_tpu_backends_refuse_the_cpu_clearly():

@@ -1,4 +1,5 @@
 """Curriculum stages as configs: image:video annealing, stage-to-stage hand-over of weights."""
+
 import functools
 import os
 import tempfile
@@ -7,17 +8,15 @@ import jax
 import numpy as np
 import pytest
 
-from mugv.training import model_config_from
+from configs import mugv_10b, tiny_curriculum
 from mugv.run import data as run_data
+from mugv.training import model_config_from
 from mugv_jax.train import backend as train_lib
-
-from configs import mugv_10b
-from configs import tiny_curriculum
 
 STAGE1_STEPS = 8
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def stage1_run():
     """Stage 1 of the tiny curriculum, a few steps (shared with tests/jax/test_validation.py).
     Image mixing is off here (one compiled step); test_image_fraction_* covers the mixing."""
@@ -36,8 +35,9 @@ def stage1_run():
 
 
 def _max_diff(a, b):
-    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
-               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    return max(
+        float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+    )
 
 
 def test_stage2_starts_from_stage1_ema_with_fresh_optimizer_and_new_buckets():
@@ -58,8 +58,7 @@ def test_stage2_starts_from_stage1_ema_with_fresh_optimizer_and_new_buckets():
     assert _max_diff(s1["state"]["params"], ema1) > 1e-6
     # Fresh optimizer and counters.
     assert int(s2["state"]["step"]) == 0
-    assert all(float(np.max(np.abs(x))) == 0.0 for x in jax.tree.leaves(s2["state"]["opt_state"])
-               if np.ndim(x) > 0)
+    assert all(float(np.max(np.abs(x))) == 0.0 for x in jax.tree.leaves(s2["state"]["opt_state"]) if np.ndim(x) > 0)
     # Its data iterator yields its own buckets.
     it = run_data.build_iterator(c2, model_config_from(c2))
     shapes = {next(it)["latents"].shape for _ in range(4)}
@@ -77,7 +76,7 @@ def test_image_fraction_is_annealed_toward_video():
     n = c.data.mix.anneal_steps
     frames = [next(it)["latents"].shape[2] for _ in range(n)]
     early = np.mean([f == 1 for f in frames[: n // 4]])
-    late = np.mean([f == 1 for f in frames[-n // 4:]])
+    late = np.mean([f == 1 for f in frames[-n // 4 :]])
     assert early > late + 0.15, (early, late)
     # The mixed iterator resumes where it was.
     state = it.get_state()

@@ -1,4 +1,5 @@
 """Strict loading of release checkpoints (safetensors and torch .pt)."""
+
 import numpy as np
 import pytest
 import torch
@@ -53,13 +54,17 @@ def test_reshaped_tensor_is_named_with_both_shapes(tmp_path, fmt):
     w["blocks.0.mlp.fc1.weight"] = w["blocks.0.mlp.fc1.weight"][:500]
     path = tmp_path / f"bad.{fmt}"
     save_file(w, str(path)) if fmt == "safetensors" else _save_pt(w, path)
-    with pytest.raises(ValueError, match=r"tensor blocks\.0\.mlp\.fc1\.weight: shape \[500, 144\] "
-                                         r"in checkpoint, model expects \[576, 144\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"tensor blocks\.0\.mlp\.fc1\.weight: shape \[500, 144\] "
+        r"in checkpoint, model expects \[576, 144\]",
+    ):
         dit.load(path, "tiny")
 
 
 def test_wrong_config_depth_fails_loudly():
     from tests.helpers import DIT_WEIGHTS
+
     with pytest.raises(ValueError, match=r"missing tensors \(21\): blocks\.2\."):
         dit.load(DIT_WEIGHTS, dit.model.DiTConfig(depth=3, hidden_size=144, num_heads=2, text_dim=64))
 
@@ -77,7 +82,9 @@ def test_save_atomic_keeps_scalars_and_transposed_views(tmp_path):
     """0-d tensors stay 0-d (the VAE's scalar `logvar` must load strictly) and a transposed view is
     written in its logical order, not its buffer's."""
     from safetensors.numpy import load_file
+
     from mugv.safetensors_io import save_atomic
+
     view = np.arange(6, dtype=np.float32).reshape(2, 3).T
     save_atomic({"logvar": np.zeros((), np.float32), "view": view}, tmp_path / "x.safetensors")
     got = load_file(str(tmp_path / "x.safetensors"))

@@ -1,4 +1,5 @@
 """The Flax MUG-DiT reproduces the official model's golden vectors (golden/dit_tiny)."""
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -26,7 +27,7 @@ def test_golden_output_and_every_activation(model_f32, case):
     v = dit_vectors()
     assert out.shape == v[f"{case}.out"].shape and out.dtype == jnp.float32
     assert max_abs(out, v[f"{case}.out"]) <= GOLDEN_ATOL
-    golden_acts = {k[len(f"{case}.act."):]: a for k, a in v.items() if k.startswith(f"{case}.act.")}
+    golden_acts = {k[len(f"{case}.act.") :]: a for k, a in v.items() if k.startswith(f"{case}.act.")}
     assert set(golden_acts) == set(acts), "every golden activation is produced and compared"
     for name, ref in golden_acts.items():
         got = np.asarray(acts[name])
@@ -63,9 +64,15 @@ def test_defaults_equal_explicit_all_true_masks(model_f32):
     x, t, y = case_inputs("t2v")[0]
     kwargs = case_inputs("t2v")[1]
     b, _, T = x.shape[:3]
-    explicit = model_f32(x, t, y, mask=np.ones(y.shape[:1] + y.shape[2:3], np.int64),
-                         x_mask=np.ones((b, T), bool), fps=kwargs["fps"],
-                         frame_indice=np.tile(np.arange(T + 2), (b, 1)))
+    explicit = model_f32(
+        x,
+        t,
+        y,
+        mask=np.ones(y.shape[:1] + y.shape[2:3], np.int64),
+        x_mask=np.ones((b, T), bool),
+        fps=kwargs["fps"],
+        frame_indice=np.tile(np.arange(T + 2), (b, 1)),
+    )
     default = model_f32(x, t, y, fps=kwargs["fps"])
     np.testing.assert_array_equal(np.asarray(explicit), np.asarray(default))
 

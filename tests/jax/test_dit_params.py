@@ -1,4 +1,5 @@
 """Parameter layout of the Flax model: abstract 10B init, logical axes, release ⇄ JAX round trips."""
+
 import json
 import os
 
@@ -8,9 +9,9 @@ import pytest
 from flax import nnx
 
 import mugv_jax.dit as dit
+from mugv.config import PRESETS
 from mugv.layouts import jax as jax_layout
 from mugv.schema import release_schema
-from mugv.config import PRESETS
 from mugv_jax.parallel import sharding
 from tests.helpers import GOLDEN, dit_weights
 
@@ -58,8 +59,7 @@ def test_logical_to_spec_uses_mesh_axes_once_and_drops_absent_ones():
     spec = sharding.logical_to_spec(("layers", "embed", "qkv", "heads", "head_dim"), mesh=mesh)
     assert spec == jax.sharding.PartitionSpec(None, "fsdp", None, "tensor", None)
     # 'batch' maps to (data, fsdp); data has size 1 here so only fsdp remains.
-    assert sharding.logical_to_spec(("batch", "length"), mesh=mesh) == \
-        jax.sharding.PartitionSpec("fsdp", None)
+    assert sharding.logical_to_spec(("batch", "length"), mesh=mesh) == jax.sharding.PartitionSpec("fsdp", None)
     with pytest.raises(KeyError, match="no sharding rule"):
         sharding.logical_to_spec(("nonsense",))
 
@@ -75,6 +75,7 @@ def test_release_jax_release_round_trip_is_bit_exact():
 
 def test_random_init_exports_to_the_schema_and_reloads_identically(tmp_path):
     from safetensors.numpy import save_file
+
     cfg = PRESETS["tiny"].replace(depth=3)
     model = dit.init(cfg, seed=3)
     sd = dit.export_release_state_dict(model)

@@ -1,4 +1,5 @@
 """Named remat policies change memory, not math: same loss and gradients as no remat."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -1,4 +1,5 @@
 """Width expansion (mugv_jax/recipe/expand.py) preserves the function of a trained DiT."""
+
 import functools
 
 import jax
@@ -8,8 +9,8 @@ import pytest
 from flax import nnx
 
 import mugv_jax.dit as dit
-from mugv_jax.recipe import expand
 from mugv_jax.dit.model import RuntimeOptions, forward
+from mugv_jax.recipe import expand
 from tests.helpers import DIT_WEIGHTS, case_inputs, max_abs
 
 # Exact tiling is exact in real arithmetic; float32 reorders the e-way sums (measured 1.7e-6
@@ -27,7 +28,7 @@ def small():
     return m.config, nnx.to_pure_dict(nnx.state(m, nnx.Param))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _jit_forward(config):
     return jax.jit(lambda p, *a, **k: forward(p, config, RuntimeOptions(), *a, **k))
 
@@ -49,6 +50,7 @@ def test_widened_config_keeps_head_dim_and_depth(small):
     assert (wide.hidden_size, wide.num_heads, wide.head_dim, wide.depth) == (288, 4, 72, cfg.depth)
     # The paper's step: 1728 hidden / 24 heads of 72 -> 3456 / 48 (the 10b preset).
     from mugv.config import get_config
+
     assert expand.widened_config(get_config("10b").replace(hidden_size=1728, num_heads=24), 2) == get_config("10b")
     with pytest.raises(ValueError, match="positive integer"):
         expand.widened_config(cfg, 1.5)
@@ -96,11 +98,13 @@ def test_zero_sum_noise_statistics():
 
 def test_cli_writes_a_checkpoint_the_trainer_can_init_from(small, tmp_path):
     from mugv.io.orbax import load_params as jax_params
+
     cfg, params = small
     src = tmp_path / "small"
     expand.save_params(params, cfg, str(src))
-    assert expand.main(["--src", f"jax:{src}", "--dst", str(tmp_path / "wide"), "--factor", "2",
-                        "--noise-std", "0"]) == 0
+    assert (
+        expand.main(["--src", f"jax:{src}", "--dst", str(tmp_path / "wide"), "--factor", "2", "--noise-std", "0"]) == 0
+    )
     got_cfg, got = jax_params(f"jax:{tmp_path / 'wide'}", weights="ema")
     assert got_cfg == expand.widened_config(cfg, 2)
     _, want = expand.expand_params(params, cfg, 2, noise_std=0.0)

@@ -5,6 +5,7 @@ the 2-process run starts through --coordinator_address/--num_processes/--process
 process its half of the batch and writes one orbax checkpoint cooperatively, which is restored
 here onto the 8 local devices.
 """
+
 import json
 import os
 import socket
@@ -15,9 +16,9 @@ import jax
 import numpy as np
 import pytest
 
-from mugv_jax.train import checkpointing
 from mugv_jax.parallel import distributed
 from mugv_jax.train import backend as train_lib
+from mugv_jax.train import checkpointing
 from tests.trainer_helpers import to_numpy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -30,8 +31,16 @@ STEPS = 3
 # differs between summation orders moves its parameter by ±lr either way (measured 4.8e-5 relative
 # after 3 steps), which is Adam's normalisation, not a multi-host difference.
 RTOL = 1e-5
-OVERRIDES = {"num_steps": STEPS, "log_every": 1, "checkpoint_every": STEPS, "async_checkpoint": False,
-             "optim.warmup_steps": 0, "optim.eps": 1e-3, "mesh.ici.data": -1, "mesh.ici.fsdp": 2}
+OVERRIDES = {
+    "num_steps": STEPS,
+    "log_every": 1,
+    "checkpoint_every": STEPS,
+    "async_checkpoint": False,
+    "optim.warmup_steps": 0,
+    "optim.eps": 1e-3,
+    "mesh.ici.data": -1,
+    "mesh.ici.fsdp": 2,
+}
 BUCKETS = ((2, 4, 6, 8),)  # 4 rows per process, 8 global = data × fsdp (the sharding comes from the global shape)
 
 
@@ -50,10 +59,27 @@ def _start_workers(workdir):
     port = _free_port()
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
     flags = [f"--config.{k}={v}" for k, v in OVERRIDES.items()] + [f"--config.data.buckets={BUCKETS!r}"]
-    return [subprocess.Popen(
-        [sys.executable, "-m", "mugv_jax.train", f"--config={ROOT}/configs/tiny.py", f"--workdir={workdir}",
-         f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}", *flags],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    return [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mugv_jax.train",
+                f"--config={ROOT}/configs/tiny.py",
+                f"--workdir={workdir}",
+                f"--coordinator_address=localhost:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+                *flags,
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
 
 
 def test_two_processes_match_one_process(tmp_path):
@@ -75,8 +101,7 @@ def test_two_processes_match_one_process(tmp_path):
 
     ref_losses, multi_losses = _losses(single), _losses(multi)
     assert len(ref_losses) == len(multi_losses) == STEPS
-    print("per-step loss relative differences:",
-          [abs(a - b) / abs(b) for a, b in zip(multi_losses, ref_losses)])
+    print("per-step loss relative differences:", [abs(a - b) / abs(b) for a, b in zip(multi_losses, ref_losses)])
     np.testing.assert_allclose(multi_losses, ref_losses, rtol=RTOL)
 
     # The checkpoint both processes wrote restores onto this process's 8 devices.
@@ -86,8 +111,10 @@ def test_two_processes_match_one_process(tmp_path):
     ckpt.close()
     assert int(state["step"]) == STEPS
     got, want = to_numpy(state["params"]), to_numpy(ref["state"]["params"])
-    worst = max(float(np.abs(g - w).max()) / max(float(np.abs(w).max()), 1e-12)
-                for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
+    worst = max(
+        float(np.abs(g - w).max()) / max(float(np.abs(w).max()), 1e-12)
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want))
+    )
     print(f"worst relative parameter difference {worst:.2e}")
     assert worst <= RTOL, f"worst relative parameter difference {worst:.2e}"
 
@@ -95,7 +122,10 @@ def test_two_processes_match_one_process(tmp_path):
 def test_settings_from_flags_and_environment():
     env = {"MUGV_COORDINATOR_ADDRESS": "10.0.0.1:1234", "MUGV_NUM_PROCESSES": "4", "MUGV_PROCESS_ID": "3"}
     assert distributed.settings_from(environ=env) == {
-        "coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 3}
+        "coordinator_address": "10.0.0.1:1234",
+        "num_processes": 4,
+        "process_id": 3,
+    }
     # Flags win over the environment; nothing given means JAX's own detection (TPU pod, Slurm).
     assert distributed.settings_from("h:1", 2, 0, environ=env)["num_processes"] == 2
     assert distributed.settings_from(environ={}) == {}

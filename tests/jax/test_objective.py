@@ -1,24 +1,23 @@
 """The rectified-flow objective (docs/reference.md §2), piece by piece against hand-computed values."""
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from mugv import rng as ref_rng
+from mugv.training import ObjectiveConfig, shift_ratio
 from mugv_jax.train import objective as obj
 from mugv_jax.train import rng
-from mugv.training import ObjectiveConfig, shift_ratio
 
 
 def test_shift_ratio_and_shifted_t_by_hand():
     # 720p (latent 160×90 → 1280×720 px), 14 frames: r = sqrt(1280·720/512²)·sqrt(14).
     r = shift_ratio((14, 160, 90))
-    assert r == pytest.approx(np.sqrt(1280 * 720 / 512 ** 2) * np.sqrt(14))
+    assert r == pytest.approx(np.sqrt(1280 * 720 / 512**2) * np.sqrt(14))
     # The reference loader's hard-coded F = 10 is a config value.
-    assert shift_ratio((14, 160, 90), shift_num_frames=10) == pytest.approx(
-        np.sqrt(1280 * 720 / 512 ** 2) * np.sqrt(10))
+    assert shift_ratio((14, 160, 90), shift_num_frames=10) == pytest.approx(np.sqrt(1280 * 720 / 512**2) * np.sqrt(10))
     # τ = 0.5, r = 3 → τ' = 1.5 / 2 = 0.75.
-    np.testing.assert_allclose(obj.shift_t(jnp.array([0.0, 500.0, 1000.0]), 3.0), [0.0, 750.0, 1000.0],
-                               rtol=1e-6)
+    np.testing.assert_allclose(obj.shift_t(jnp.array([0.0, 500.0, 1000.0]), 3.0), [0.0, 750.0, 1000.0], rtol=1e-6)
 
 
 def test_logit_normal_timesteps():
@@ -48,8 +47,12 @@ def test_masked_frame_mse_by_hand():
 
 
 def _x_mask(batch, frames, config):
-    b = {"latents": jnp.zeros((batch, 1, frames, 1, 1)), "y": jnp.zeros((batch, 1, 2, 3)),
-         "mask": jnp.ones((batch, 2), jnp.int32), "fps": jnp.full((batch,), 24.0)}
+    b = {
+        "latents": jnp.zeros((batch, 1, frames, 1, 1)),
+        "y": jnp.zeros((batch, 1, 2, 3)),
+        "mask": jnp.ones((batch, 2), jnp.int32),
+        "fps": jnp.full((batch,), 24.0),
+    }
     inputs, _, _ = obj.prepare(rng.key(1, 0), b, jnp.zeros((2, 3)), config)
     return np.asarray(inputs["x_mask"])
 
@@ -80,21 +83,30 @@ def test_whole_caption_dropout_to_null_features():
     np.testing.assert_array_equal(y_some[1], y[1])
     np.testing.assert_array_equal(m_some[1], mask[1])
     # The drop rate is the configured probability.
-    b = {"latents": jnp.zeros((4000, 1, 1, 1, 1)), "y": jnp.zeros((4000, 1, 2, 3)),
-         "mask": jnp.zeros((4000, 2), jnp.int32), "fps": jnp.full((4000,), 24.0)}
+    b = {
+        "latents": jnp.zeros((4000, 1, 1, 1, 1)),
+        "y": jnp.zeros((4000, 1, 2, 3)),
+        "mask": jnp.zeros((4000, 2), jnp.int32),
+        "fps": jnp.full((4000,), 24.0),
+    }
     inputs, _, _ = obj.prepare(rng.key(2, 5), b, jnp.ones((2, 3)), ObjectiveConfig(caption_dropout_prob=0.25))
     assert abs(float(np.mean(np.asarray(inputs["mask"])[:, 0])) - 0.25) < 0.03
 
 
 def test_prepare_keeps_conditioning_frames_clean():
-    b = {"latents": jnp.ones((4, 2, 4, 2, 2)) * 3.0, "y": jnp.zeros((4, 1, 3, 5)),
-         "mask": jnp.ones((4, 3), jnp.int32), "fps": jnp.full((4,), 24.0)}
-    inputs, target, t = obj.prepare(rng.key(0, 0), b, jnp.zeros((8, 5)),
-                                    ObjectiveConfig(i2v_prob=1.0, caption_dropout_prob=0.0))
+    b = {
+        "latents": jnp.ones((4, 2, 4, 2, 2)) * 3.0,
+        "y": jnp.zeros((4, 1, 3, 5)),
+        "mask": jnp.ones((4, 3), jnp.int32),
+        "fps": jnp.full((4,), 24.0),
+    }
+    inputs, target, t = obj.prepare(
+        rng.key(0, 0), b, jnp.zeros((8, 5)), ObjectiveConfig(i2v_prob=1.0, caption_dropout_prob=0.0)
+    )
     x = np.asarray(inputs["x"])
     assert not np.asarray(inputs["x_mask"])[:, 0].any()
     np.testing.assert_array_equal(x[:, :, 0], 3.0)  # frame 0 = x0
-    assert np.abs(x[:, :, 1:] - 3.0).max() > 0.1     # the rest is noised
+    assert np.abs(x[:, :, 1:] - 3.0).max() > 0.1  # the rest is noised
     assert target.shape == b["latents"].shape and t.shape == (4,)
 
 
@@ -106,8 +118,12 @@ def test_objective_config_validation():
 
 
 def test_fixed_shift_ratio_overrides_the_resolution_rule():
-    b = {"latents": jnp.zeros((4096, 1, 1, 2, 2)), "y": jnp.zeros((4096, 1, 2, 3)),
-         "mask": jnp.ones((4096, 2), jnp.int32), "fps": jnp.full((4096,), 24.0)}
+    b = {
+        "latents": jnp.zeros((4096, 1, 1, 2, 2)),
+        "y": jnp.zeros((4096, 1, 2, 3)),
+        "mask": jnp.ones((4096, 2), jnp.int32),
+        "fps": jnp.full((4096,), 24.0),
+    }
     key = rng.key(0, 0)
     _, _, t_rule = obj.prepare(key, b, jnp.zeros((2, 3)), ObjectiveConfig())
     _, _, t_fixed = obj.prepare(key, b, jnp.zeros((2, 3)), ObjectiveConfig(shift_ratio=1.0))

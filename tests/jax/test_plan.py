@@ -1,13 +1,14 @@
 """The planner's memory figures equal what a real sharded run allocates; its suggestions; the
 shipped 10B 720p layout fits."""
+
 import os
 import subprocess
 import sys
 
 import jax
 
-from mugv_jax import plan as plan_lib
 from mugv.data.synthetic import Bucket
+from mugv_jax import plan as plan_lib
 from mugv_jax.train import backend as train_lib
 from tests.trainer_helpers import host_batch, make_source
 
@@ -20,8 +21,7 @@ CI_PLAN = "video_720:h100x128"
 
 def _device0_bytes(tree):
     dev = jax.devices()[0]
-    return sum(s.data.nbytes for leaf in jax.tree.leaves(tree) for s in leaf.addressable_shards
-               if s.device == dev)
+    return sum(s.data.nbytes for leaf in jax.tree.leaves(tree) for s in leaf.addressable_shards if s.device == dev)
 
 
 def test_planner_memory_matches_a_real_step():
@@ -56,10 +56,22 @@ def test_planner_memory_matches_a_real_step():
 
 
 def test_report_says_whether_it_fits():
-    p = plan_lib.Plan(mesh={"data": 1, "fsdp": 4, "tensor": 1, "context": 1}, bucket=(1, 2, 2, 4),
-                      params_bytes=10, optimizer_bytes=20, ema_bytes=10, other_state_bytes=1, batch_bytes=1,
-                      temp_bytes=40 * plan_lib.GiB, xla_argument_bytes=42, xla_output_bytes=42,
-                      xla_alias_bytes=41, analytic_flops=4 * 459e12 * 0.4, xla_flops=1.0, compile_seconds=1)
+    p = plan_lib.Plan(
+        mesh={"data": 1, "fsdp": 4, "tensor": 1, "context": 1},
+        bucket=(1, 2, 2, 4),
+        params_bytes=10,
+        optimizer_bytes=20,
+        ema_bytes=10,
+        other_state_bytes=1,
+        batch_bytes=1,
+        temp_bytes=40 * plan_lib.GiB,
+        xla_argument_bytes=42,
+        xla_output_bytes=42,
+        xla_alias_bytes=41,
+        analytic_flops=4 * 459e12 * 0.4,
+        xla_flops=1.0,
+        compile_seconds=1,
+    )
     assert "DOES NOT FIT" in plan_lib.report(p, "tpu-v6e", 0.4)  # 40 GiB of temporaries > 32 GiB
     text = plan_lib.report(p, "tpu-v5p", 0.4)
     assert text.split("HBM: ")[1].startswith("fits") and "0.4 MFU" not in text and "1.00 s" in text
@@ -95,13 +107,29 @@ def test_suggested_changes_estimate_the_replanned_memory():
 
 def _big_plan(**kw):
     """A 10B-like 720p plan that does not fit v5p (figures of a real planner run, rounded)."""
-    args = dict(mesh={"data": 1, "fsdp": 32, "tensor": 1, "context": 8}, bucket=(14, 160, 90, 256),
-                params_bytes=int(1.27 * plan_lib.GiB), optimizer_bytes=int(2.54 * plan_lib.GiB),
-                ema_bytes=int(1.27 * plan_lib.GiB), other_state_bytes=10, batch_bytes=int(0.19 * plan_lib.GiB),
-                temp_bytes=int(233.1 * plan_lib.GiB), xla_argument_bytes=int(5.27 * plan_lib.GiB),
-                xla_output_bytes=int(5.08 * plan_lib.GiB), xla_alias_bytes=int(5.08 * plan_lib.GiB),
-                analytic_flops=2.2e18, xla_flops=None, compile_seconds=1, grad_accum_steps=1, remat="full",
-                attention="xla+ring", heads=48, depth=56, hidden=3456, tokens=50402)
+    args = dict(
+        mesh={"data": 1, "fsdp": 32, "tensor": 1, "context": 8},
+        bucket=(14, 160, 90, 256),
+        params_bytes=int(1.27 * plan_lib.GiB),
+        optimizer_bytes=int(2.54 * plan_lib.GiB),
+        ema_bytes=int(1.27 * plan_lib.GiB),
+        other_state_bytes=10,
+        batch_bytes=int(0.19 * plan_lib.GiB),
+        temp_bytes=int(233.1 * plan_lib.GiB),
+        xla_argument_bytes=int(5.27 * plan_lib.GiB),
+        xla_output_bytes=int(5.08 * plan_lib.GiB),
+        xla_alias_bytes=int(5.08 * plan_lib.GiB),
+        analytic_flops=2.2e18,
+        xla_flops=None,
+        compile_seconds=1,
+        grad_accum_steps=1,
+        remat="full",
+        attention="xla+ring",
+        heads=48,
+        depth=56,
+        hidden=3456,
+        tokens=50402,
+    )
     args.update(kw)
     return plan_lib.Plan(**args)
 
@@ -124,8 +152,11 @@ def test_report_says_what_to_change_when_a_plan_does_not_fit():
     assert mesh[0] * mesh[1] * mesh[2] * mesh[3] == 256
     assert 256 % (mesh[0] * mesh[1] * accum) == 0 and vals["attention"] == "xla+ring"
     # Every estimate is below the plan's own total, and sorted.
-    estimates = [float(line.split("≈ ")[1].split()[0]) for line in text.splitlines()
-                 if line.startswith("  ") and "≈" in line and not line.startswith("  together")]
+    estimates = [
+        float(line.split("≈ ")[1].split()[0])
+        for line in text.splitlines()
+        if line.startswith("  ") and "≈" in line and not line.startswith("  together")
+    ]
     assert estimates == sorted(estimates) and estimates[-1] < p.total_bytes / plan_lib.GiB
     # A lighter remat policy gets `remat → full` offered, with the layer-input estimate.
     text = plan_lib.report(_big_plan(remat="dots"), "tpu-v5p", 0.4)
@@ -136,8 +167,14 @@ def test_planner_cli_fits_the_shipped_10b_720p_plan():
     """The real 10B train step at 720p × 5 s, compiled for the pod its config is laid out for."""
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-m", "mugv_jax.plan", f"--config=configs/mugv_10b.py:{CI_PLAN}"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mugv_jax.plan", f"--config=configs/mugv_10b.py:{CI_PLAN}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     out = proc.stdout
     assert proc.returncode == 0, out + proc.stderr[-3000:]
     assert "(14, 160, 90, 256)" in out and "model 10b, stage video_720" in out

@@ -1,4 +1,5 @@
 """Post-hoc EMA: weights, combination and the decay sweep."""
+
 import numpy as np
 import pytest
 
@@ -7,7 +8,7 @@ from mugv_jax.recipe import posthoc_ema as pe
 
 def test_weights_by_hand():
     # steps 10, 20, 40; decay 0.5 per step -> 0.5^30, 0.5^20, 1, normalised.
-    raw = np.array([0.5 ** 30, 0.5 ** 20, 1.0])
+    raw = np.array([0.5**30, 0.5**20, 1.0])
     np.testing.assert_allclose(pe.ema_weights([10, 20, 40], 0.5), raw / raw.sum(), rtol=1e-12)
     # decay 0.9 over steps 0, 1, 2: 0.81, 0.9, 1 / 2.71
     np.testing.assert_allclose(pe.ema_weights([0, 1, 2], 0.9), np.array([0.81, 0.9, 1.0]) / 2.71, rtol=1e-12)
@@ -19,8 +20,10 @@ def test_weights_by_hand():
 
 
 def test_combine_small_arrays_by_hand():
-    ckpts = [{"a": np.array([1.0, 2.0]), "b": {"c": np.array(3.0)}},
-             {"a": np.array([3.0, 6.0]), "b": {"c": np.array(5.0)}}]
+    ckpts = [
+        {"a": np.array([1.0, 2.0]), "b": {"c": np.array(3.0)}},
+        {"a": np.array([3.0, 6.0]), "b": {"c": np.array(5.0)}},
+    ]
     out = pe.combine(iter(ckpts), [0, 1], [0.5, 0.0])
     # decay 0.5: weights 1/3, 2/3.
     np.testing.assert_allclose(out[0]["a"], [1 / 3 + 2, 2 / 3 + 4], rtol=1e-6)
@@ -49,8 +52,10 @@ def test_cli_sweeps_a_real_run_and_writes_the_best_average(tmp_path):
     import os
 
     import jax
+
     from mugv.io.orbax import load_params as jax_params
     from tests.jax.test_curriculum import STAGE1_STEPS, stage1_run
+
     root, _, _ = stage1_run()
     run = os.path.join(root, "stage1_image_video")
     dst = str(tmp_path / "avg")
@@ -66,6 +71,6 @@ def test_cli_sweeps_a_real_run_and_writes_the_best_average(tmp_path):
     _, a = jax_params(f"jax:{run}/checkpoints@{half}")
     _, b = jax_params(f"jax:{run}/checkpoints@{STAGE1_STEPS}")
     d = info["best_decay"]
-    wa = d ** half / (d ** half + 1.0)
+    wa = d**half / (d**half + 1.0)
     for g, x, y in zip(jax.tree.leaves(got), jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_allclose(g, wa * x + (1 - wa) * y, rtol=1e-5, atol=1e-7)

@@ -1,4 +1,5 @@
 """Preference optimisation: DPO/KTO against hand-computed values, and a short DPO+KTO run."""
+
 import json
 import math
 
@@ -6,11 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import tiny_preference
 from mugv.data import preference as D
 from mugv_jax.recipe import preference as P
 from mugv_jax.train import backend as train_lib
-
-from configs import tiny_preference
 
 
 def _sig(x):
@@ -42,8 +42,12 @@ def test_kto_loss_by_hand():
 
 def test_label_format_errors_name_file_and_line(tmp_path):
     p = tmp_path / "l.jsonl"
-    p.write_text(json.dumps({"source": "a", "winner": "x", "loser": "y"}) + "\n"
-                 + json.dumps({"source": "b", "clip": "x", "label": "meh"}) + "\n")
+    p.write_text(
+        json.dumps({"source": "a", "winner": "x", "loser": "y"})
+        + "\n"
+        + json.dumps({"source": "b", "clip": "x", "label": "meh"})
+        + "\n"
+    )
     with pytest.raises(ValueError, match=r"l.jsonl:2: 'label' must be"):
         D.read_labels(str(p))
 
@@ -96,15 +100,19 @@ def test_rdpo_pairs_regenerate_real_clips_with_the_policy(run):
     s, d = run
     from mugv.config import get_config
     from mugv_jax.dit.model import RuntimeOptions
-    it = D.PreferenceIterator(D.read_labels(str(d / "heldout" / "labels.jsonl")),
-                              D.ClipStore(str(d / "heldout" / "clips")), 8)
+
+    it = D.PreferenceIterator(
+        D.read_labels(str(d / "heldout" / "labels.jsonl")), D.ClipStore(str(d / "heldout" / "clips")), 8
+    )
     pairs = it.batch(0)
     real = {"latents": pairs["latents_w"], **{k: pairs[k] for k in ("y", "mask", "fps")}}
     params = s["state"]["params"]
-    light = P.rdpo_pairs(params, get_config("tiny"), RuntimeOptions(), real, s["state"]["null_text"],
-                         strength=0.3, num_steps=6)
-    heavy = P.rdpo_pairs(params, get_config("tiny"), RuntimeOptions(), real, s["state"]["null_text"],
-                         strength=1.0, num_steps=6)
+    light = P.rdpo_pairs(
+        params, get_config("tiny"), RuntimeOptions(), real, s["state"]["null_text"], strength=0.3, num_steps=6
+    )
+    heavy = P.rdpo_pairs(
+        params, get_config("tiny"), RuntimeOptions(), real, s["state"]["null_text"], strength=1.0, num_steps=6
+    )
     assert D.batch_kind(light) == "dpo"
     np.testing.assert_array_equal(light["latents_w"], real["latents"])
     assert light["latents_l"].shape == real["latents"].shape and np.all(np.isfinite(light["latents_l"]))

@@ -1,4 +1,5 @@
 """Rectified-flow sampler: golden sampler vectors, timestep shift, CLI."""
+
 import subprocess
 import sys
 
@@ -29,18 +30,36 @@ def test_golden_timesteps():
 
 def test_golden_i2v_sampling_with_guidance(model):
     v = dit_vectors()
-    out = sampler.sample(model, v["sampler.in.z"], v["sampler.in.cond_y"], v["sampler.in.cond_mask"],
-                         v["sampler.in.neg_y"], v["sampler.in.neg_mask"], height=720, width=1280,
-                         num_steps=4, guidance_scale=4.0, frame_mask=v["sampler.in.i2v_mask"],
-                         noise=v["sampler.in.noise"], fps=GOLDEN_FPS)
+    out = sampler.sample(
+        model,
+        v["sampler.in.z"],
+        v["sampler.in.cond_y"],
+        v["sampler.in.cond_mask"],
+        v["sampler.in.neg_y"],
+        v["sampler.in.neg_mask"],
+        height=720,
+        width=1280,
+        num_steps=4,
+        guidance_scale=4.0,
+        frame_mask=v["sampler.in.i2v_mask"],
+        noise=v["sampler.in.noise"],
+        fps=GOLDEN_FPS,
+    )
     assert max_abs(out, v["sampler.out"]) <= GOLDEN_ATOL
     # The conditioning frame is held exactly at its clean latent.
     np.testing.assert_array_equal(np.asarray(out)[:, :, 0], v["sampler.in.z"][:, :, 0])
 
 
-@pytest.mark.parametrize("h,w,t,want", [
-    (1280, 720, 14, 7.0), (960, 960, 14, 7.0), (1280, 720, 10, 5.90625),
-    (832, 1110, 14, 7.03125), (1108, 832, 14, 6.96875)])
+@pytest.mark.parametrize(
+    "h,w,t,want",
+    [
+        (1280, 720, 14, 7.0),
+        (960, 960, 14, 7.0),
+        (1280, 720, 10, 5.90625),
+        (832, 1110, 14, 7.03125),
+        (1108, 832, 14, 6.96875),
+    ],
+)
 def test_bf16_shift_ratio_reproduces_release_table(h, w, t, want):
     # docs/reference.md §3.2: the release computes r in bf16.
     assert sampler.shift_ratio(h, w, t, round_to_bf16=True) == want
@@ -57,9 +76,14 @@ def test_text_to_video_sampling_is_seeded_and_finite(model):
     v = dit_vectors()
     kw = dict(height=48, width=64, num_steps=3, fps=30.0)
     z = np.zeros((1, 24, 3, 6, 8), np.float32)
-    args = (v["sampler.in.cond_y"], v["sampler.in.cond_mask"], v["sampler.in.neg_y"][:, :, :7],
-            v["sampler.in.neg_mask"][:, :7])
+    args = (
+        v["sampler.in.cond_y"],
+        v["sampler.in.cond_mask"],
+        v["sampler.in.neg_y"][:, :, :7],
+        v["sampler.in.neg_mask"][:, :7],
+    )
     import jax
+
     a = sampler.sample(model, z, *args, key=jax.random.PRNGKey(1), **kw)
     b = sampler.sample(model, z, *args, key=jax.random.PRNGKey(1), **kw)
     c = sampler.sample(model, z, *args, key=jax.random.PRNGKey(2), **kw)
@@ -70,14 +94,25 @@ def test_text_to_video_sampling_is_seeded_and_finite(model):
 def test_sample_cli_rejects_bad_text_features(tmp_path):
     text = tmp_path / "text.safetensors"
     save_file({"y": np.zeros((1, 1, 4, 32), np.float32)}, str(text))
-    res = subprocess.run([sys.executable, "-m", "mugv_jax.sample", f"--checkpoint={DIT_WEIGHTS}",
-                          "--model=tiny", f"--text={text}", f"--out={tmp_path / 'o.safetensors'}"],
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mugv_jax.sample",
+            f"--checkpoint={DIT_WEIGHTS}",
+            "--model=tiny",
+            f"--text={text}",
+            f"--out={tmp_path / 'o.safetensors'}",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode != 0
     assert "lacks tensor(s) ['mask']" in res.stderr and str(text) in res.stderr
 
 
 # --- the unconditional input (issue 16 item 3) -----------------------------------------------
+
 
 def _release_with_sidecar(tmp_path, seed=3):
     """A copy of the tiny golden weights with a null-caption sidecar next to it, as the exporters
@@ -86,11 +121,13 @@ def _release_with_sidecar(tmp_path, seed=3):
 
     from mugv import null_text as null_lib
     from mugv.config import get_config
+
     cfg = get_config("tiny")
     weights = str(tmp_path / "dit_ema.safetensors")
     shutil.copy(DIT_WEIGHTS, weights)
-    null = (np.random.default_rng(seed).standard_normal((cfg.max_text_tokens, cfg.text_dim))
-            / np.sqrt(cfg.text_dim)).astype(np.float32)
+    null = (
+        np.random.default_rng(seed).standard_normal((cfg.max_text_tokens, cfg.text_dim)) / np.sqrt(cfg.text_dim)
+    ).astype(np.float32)
     null_lib.save(null_lib.sidecar_path(weights), null, source="test")
     return weights, null
 
@@ -105,6 +142,7 @@ def _cond_text(tmp_path):
 def test_unconditional_input_defaults_to_the_checkpoints_null_caption(tmp_path):
     from mugv import null_text as null_lib
     from mugv_jax.sample import cli as sample
+
     weights, null = _release_with_sidecar(tmp_path)
     assert null_lib.sidecar_path(weights) == str(tmp_path / "dit_ema.null_text.safetensors")
     text_path, y, mask = _cond_text(tmp_path)
@@ -131,6 +169,7 @@ def test_unconditional_input_errors_name_what_was_looked_for(tmp_path):
     from absl import app
 
     from mugv_jax.sample import cli as sample
+
     text_path, y, mask = _cond_text(tmp_path)
     weights = str(tmp_path / "bare.safetensors")  # no sidecar
     kw = dict(text_path=text_path, checkpoint=weights, text_dim=64)
@@ -139,12 +178,14 @@ def test_unconditional_input_errors_name_what_was_looked_for(tmp_path):
     assert str(tmp_path / "bare.null_text.safetensors") in str(e.value)
     assert "--null_text" in str(e.value) and "--zero_null_text" in str(e.value) and text_path in str(e.value)
     with pytest.raises(app.UsageError, match="null caption file not found: .*missing.safetensors"):
-        sample.unconditional_input({"y": y, "mask": mask}, null_text=str(tmp_path / "missing.safetensors"),
-                                   zeros=False, **kw)
+        sample.unconditional_input(
+            {"y": y, "mask": mask}, null_text=str(tmp_path / "missing.safetensors"), zeros=False, **kw
+        )
     save_file({"wrong": np.zeros((16, 64), np.float32)}, str(tmp_path / "bad.safetensors"))
     with pytest.raises(app.UsageError, match="bad.safetensors lacks tensor 'null_text'"):
-        sample.unconditional_input({"y": y, "mask": mask}, null_text=str(tmp_path / "bad.safetensors"),
-                                   zeros=False, **kw)
+        sample.unconditional_input(
+            {"y": y, "mask": mask}, null_text=str(tmp_path / "bad.safetensors"), zeros=False, **kw
+        )
     np.save(tmp_path / "narrow.npy", np.zeros((16, 32), np.float32))
     with pytest.raises(app.UsageError, match="text_dim 32, the model has 64"):
         sample.unconditional_input({"y": y, "mask": mask}, null_text=str(tmp_path / "narrow.npy"), zeros=False, **kw)
@@ -163,15 +204,29 @@ def test_sample_cli_guides_against_the_trained_null_caption(tmp_path, model):
     the sidecar's null caption as the unconditional input, and not what it gives with zeros (the
     CLI's input before the sidecar existed). It writes atomically."""
     import jax
+
     weights, null = _release_with_sidecar(tmp_path)
     text_path, y, mask = _cond_text(tmp_path)
     out = tmp_path / "out" / "lat.safetensors"
-    cmd = [sys.executable, "-m", "mugv_jax.sample", f"--checkpoint={weights}", "--model=tiny",
-           f"--text={text_path}", "--num_frames=17", "--height=48", "--width=64", "--micro_frame_size=0",
-           "--steps=2", f"--out={out}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mugv_jax.sample",
+        f"--checkpoint={weights}",
+        "--model=tiny",
+        f"--text={text_path}",
+        "--num_frames=17",
+        "--height=48",
+        "--width=64",
+        "--micro_frame_size=0",
+        "--steps=2",
+        f"--out={out}",
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert f"unconditional input: the trained null caption from {tmp_path / 'dit_ema.null_text.safetensors'}" in res.stderr
+    assert (
+        f"unconditional input: the trained null caption from {tmp_path / 'dit_ema.null_text.safetensors'}" in res.stderr
+    )
     assert "sampling" in res.stderr  # the progress bar
     assert [p.name for p in out.parent.iterdir()] == ["lat.safetensors"]  # no temp file left
     got = load_file(str(out))["latents"]
@@ -187,9 +242,19 @@ def test_sample_cli_guides_against_the_trained_null_caption(tmp_path, model):
 
 def test_sample_cli_without_null_caption_stops_before_loading(tmp_path):
     text_path, _, _ = _cond_text(tmp_path)
-    res = subprocess.run([sys.executable, "-m", "mugv_jax.sample", f"--checkpoint={DIT_WEIGHTS}",
-                          "--model=tiny", f"--text={text_path}", f"--out={tmp_path / 'o.safetensors'}"],
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mugv_jax.sample",
+            f"--checkpoint={DIT_WEIGHTS}",
+            "--model=tiny",
+            f"--text={text_path}",
+            f"--out={tmp_path / 'o.safetensors'}",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode != 0
     assert "weights.null_text.safetensors does not exist" in res.stderr and "--zero_null_text" in res.stderr
     assert "loading" not in res.stderr and not (tmp_path / "o.safetensors").exists()

@@ -1,4 +1,5 @@
 """configs/mugv_10b.py carries a layout for every stage × pod that the trainer can run as is."""
+
 import os
 import sys
 

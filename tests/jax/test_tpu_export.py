@@ -10,6 +10,7 @@ that the step's inputs and outputs keep the shardings the trainer planned.
 The model is small but has the release's head dim (72, padded to 128 lanes by splash), 8 heads,
 a caption mask with padding and 14 tokens that context 4 pads to 16.
 """
+
 from __future__ import annotations
 
 import re
@@ -22,10 +23,10 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from mugv.config import DiTConfig
-from mugv_jax.train import step as tr
-from mugv_jax.dit.model import RuntimeOptions
-from tests.trainer_helpers import make_mesh
 from mugv.training import ObjectiveConfig, OptimConfig
+from mugv_jax.dit.model import RuntimeOptions
+from mugv_jax.train import step as tr
+from tests.trainer_helpers import make_mesh
 
 CONFIG = DiTConfig(depth=2, hidden_size=576, num_heads=8, text_dim=32, max_text_tokens=16)
 BATCH, TEXT_LEN = 2, 12
@@ -34,10 +35,12 @@ LATENT = (2, 4, 6)  # 2·2·3 video tokens + start/end = 14
 
 def _abstract_batch(trainer):
     f, h, w = LATENT
-    shapes = {"latents": ((BATCH, CONFIG.in_channels, f, h, w), jnp.float32),
-              "y": ((BATCH, 1, TEXT_LEN, CONFIG.text_dim), jnp.float32),
-              "mask": ((BATCH, TEXT_LEN), jnp.int32),
-              "fps": ((BATCH,), jnp.float32)}
+    shapes = {
+        "latents": ((BATCH, CONFIG.in_channels, f, h, w), jnp.float32),
+        "y": ((BATCH, 1, TEXT_LEN, CONFIG.text_dim), jnp.float32),
+        "mask": ((BATCH, TEXT_LEN), jnp.int32),
+        "fps": ((BATCH,), jnp.float32),
+    }
     arrays = {k: np.zeros(s, d) for k, (s, d) in shapes.items()}
     sh = trainer.batch_sharding(arrays)
     return {k: jax.ShapeDtypeStruct(s, d, sharding=sh[k]) for k, (s, d) in shapes.items()}
@@ -46,18 +49,21 @@ def _abstract_batch(trainer):
 def export_train_step(attention: str, mesh_shape):
     """(exported step, the trainer, abstract state, abstract batch): the step as
     Trainer.train_step jits it, lowered for TPU."""
-    trainer = tr.Trainer(CONFIG, RuntimeOptions(attention=attention, compute_dtype=jnp.bfloat16,
-                                                remat="full"),
-                         OptimConfig(learning_rate=1e-4, warmup_steps=0),
-                         ObjectiveConfig(i2v_prob=0.5, caption_dropout_prob=0.1),
-                         make_mesh(mesh_shape))
+    trainer = tr.Trainer(
+        CONFIG,
+        RuntimeOptions(attention=attention, compute_dtype=jnp.bfloat16, remat="full"),
+        OptimConfig(learning_rate=1e-4, warmup_steps=0),
+        ObjectiveConfig(i2v_prob=0.5, caption_dropout_prob=0.1),
+        make_mesh(mesh_shape),
+    )
     state = trainer.abstract_state()
     batch = _abstract_batch(trainer)
     state_sh = jax.tree.map(lambda x: x.sharding, state)
     batch_sh = {k: v.sharding for k, v in batch.items()}
     replicated = NamedSharding(trainer.mesh, PartitionSpec())
-    step = jax.jit(trainer._step_fn, in_shardings=(state_sh, batch_sh),
-                   out_shardings=(state_sh, replicated), donate_argnums=(0,))
+    step = jax.jit(
+        trainer._step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated), donate_argnums=(0,)
+    )
     # The kernels check the backend they trace for; the export targets a TPU.
     with mock.patch.object(jax, "default_backend", lambda: "tpu"):
         exported = jax.export.export(step, platforms=["tpu"])(state, batch)
@@ -86,7 +92,7 @@ def _assert_planned_shardings(exported, state, batch, mesh):
     for got, leaf in zip(got_in, flat_in):
         assert got.is_equivalent_to(leaf.sharding, len(leaf.shape)), (leaf.shape, got, leaf.sharding)
     flat_state = jax.tree.leaves(state)
-    for got, leaf in zip(exported.out_shardings_jax(mesh)[:len(flat_state)], flat_state):
+    for got, leaf in zip(exported.out_shardings_jax(mesh)[: len(flat_state)], flat_state):
         assert got.is_equivalent_to(leaf.sharding, len(leaf.shape)), (leaf.shape, got, leaf.sharding)
     # The plan really splits something (parameters over tensor/fsdp, the batch over data/fsdp).
     assert any(not s.is_fully_replicated for s in got_in)
@@ -105,8 +111,7 @@ CASES = [
     # data 2 × tensor 4: 1 sample × 2 heads.
     ("pallas", (2, 1, 4, 1), {"2"}, None),
 ]
-KERNELS = {"splash": ("splash_mha_fwd", "splash_mha_dq", "splash_mha_dkv"),
-           "pallas": ("_flash_kernel",)}
+KERNELS = {"splash": ("splash_mha_fwd", "splash_mha_dq", "splash_mha_dkv"), "pallas": ("_flash_kernel",)}
 
 
 @pytest.mark.parametrize("attention,mesh_shape,lead,collective", CASES)
@@ -125,7 +130,7 @@ def test_train_step_exports_for_tpu_with_kernels_per_shard(attention, mesh_shape
     # unsplittable custom call in the SPMD region would be gathered and computed whole.
     assert "sdy.manual_computation" in text or "SPMDFullToShardShape" in text
     assert {q.split("x")[0] for _, q in calls} == lead, calls
-    width = "128" if backend == "splash" else "72"   # splash pads head dim 72 to 128 lanes
+    width = "128" if backend == "splash" else "72"  # splash pads head dim 72 to 128 lanes
     assert all(q.endswith("x" + width) and q.count("x") == 2 for _, q in calls), calls
     if collective:
         assert collective in text

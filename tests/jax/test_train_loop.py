@@ -1,4 +1,5 @@
 """The training loop: learning, checkpoints across meshes, fault handling, CLI."""
+
 import json
 import logging
 import os
@@ -11,11 +12,11 @@ import jax
 import numpy as np
 import pytest
 
-from mugv_jax.train import checkpointing
-from mugv.training import model_config_from
 from mugv.run import data as run_data
 from mugv.run.driver import NonFiniteLossError
+from mugv.training import model_config_from
 from mugv_jax.train import backend as train_lib
+from mugv_jax.train import checkpointing
 from tests.trainer_helpers import host_batch, make_source, make_trainer, to_numpy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -50,14 +51,24 @@ def test_tiny_model_learns_caption_dependent_latents(tmp_path):
     assert final < LEARNED_LOSS_RATIO * baseline, (final, baseline)
     # Samples from the EMA were written at step 100 and at the end.
     from safetensors.numpy import load_file
+
     samples = sorted(os.listdir(tmp_path / "samples"))
     assert samples == ["step_00000100.safetensors", "step_00000150.safetensors"]
     lat = load_file(str(tmp_path / "samples" / samples[-1]))["latents"]
     assert lat.shape == (2, 24, 2, 4, 6) and np.all(np.isfinite(lat))
     # The event files are there for TensorBoard, with the promised scalars.
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tensorboard"))
-    assert {"loss", "grad_norm", "learning_rate", "step_time", "tokens_per_second", "tflops_per_device",
-            "samples_per_second", "loss_by_t/q0", "mfu"} <= set(rows[-1])
+    assert {
+        "loss",
+        "grad_norm",
+        "learning_rate",
+        "step_time",
+        "tokens_per_second",
+        "tflops_per_device",
+        "samples_per_second",
+        "loss_by_t/q0",
+        "mfu",
+    } <= set(rows[-1])
 
 
 def test_restore_onto_a_different_mesh_continues_identically(tmp_path):
@@ -123,8 +134,16 @@ def test_non_finite_limit_stops_the_run(tmp_path, monkeypatch):
 
 
 def _run_cli(workdir, *extra, wait=True):
-    cmd = [sys.executable, "-m", "mugv_jax.train", "--config=configs/tiny.py", f"--workdir={workdir}",
-           "--config.log_every=1", "--config.data.buckets=((2,4,6,8),)", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mugv_jax.train",
+        "--config=configs/tiny.py",
+        f"--workdir={workdir}",
+        "--config.log_every=1",
+        "--config.data.buckets=((2,4,6,8),)",
+        *extra,
+    ]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if wait:
         out, err = proc.communicate(timeout=600)
@@ -147,8 +166,7 @@ def _wait_for_step(workdir, step, proc, timeout=300):
 
 def _final_params(workdir):
     t = make_trainer((8, 1, 1, 1))
-    _, state, _, _ = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints")).restore_latest(
-        t.abstract_state())
+    _, state, _, _ = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints")).restore_latest(t.abstract_state())
     return int(state["step"]), to_numpy(state["params"])
 
 
@@ -192,9 +210,10 @@ def test_sigterm_saves_at_the_step_boundary_and_exits_zero(tmp_path):
 @pytest.mark.parametrize("kind", ["release", "jax"])
 def test_init_from_release_file_or_converted_jax_checkpoint(tmp_path, kind):
     from converters.convert import convert
-    from tests.helpers import DIT_WEIGHTS, dit_weights
-    from mugv_jax.dit.checkpoint import model_from_params
     from mugv_jax import dit
+    from mugv_jax.dit.checkpoint import model_from_params
+    from tests.helpers import DIT_WEIGHTS, dit_weights
+
     spec = DIT_WEIGHTS
     if kind == "jax":
         convert(f"release:{DIT_WEIGHTS}", f"jax:{tmp_path / 'converted'}", model="tiny")
@@ -202,9 +221,11 @@ def test_init_from_release_file_or_converted_jax_checkpoint(tmp_path, kind):
     c = _config(num_steps=0, init_from=spec)
     summary = train_lib.train(c, str(tmp_path / "run"))
     flat = {}
+
     def walk(node, prefix=""):
         for k, v in node.items():
             walk(v, f"{prefix}{k}.") if isinstance(v, dict) else flat.__setitem__(prefix + k, np.asarray(v))
+
     walk(jax.device_get(summary["state"]["params"]))
     exported = dit.export_release_state_dict(model_from_params(model_config_from(c), flat))
     for name, ref in dit_weights().items():
@@ -215,19 +236,27 @@ def test_trains_from_prepared_array_record_shards(tmp_path):
     """The trainer reads the data pipeline's shards (procedural clips, stand-in encoders) and
     resumes the loader's position with the checkpoint."""
     from absl import flags
+
+    from mugv.data import procedural, shards
     from mugv_data import encode
-    from mugv.data import procedural
-    from mugv.data import shards
     from mugv_data.encode import ClipInput, PixelBucket
     from mugv_data.text import HashingTextEncoder
+
     flags.FLAGS.mark_as_parsed()
     buckets = [PixelBucket(17, 32, 48)]
-    clips = (ClipInput(c.sample_id, "procedural", c.caption, c.frames, c.fps)
-             for c in procedural.generate(12, seed=3, num_frames=17, size=32))
+    clips = (
+        ClipInput(c.sample_id, "procedural", c.caption, c.frames, c.fps)
+        for c in procedural.generate(12, seed=3, num_frames=17, size=32)
+    )
     lat, txt = encode.PatchMeanEncoder(), HashingTextEncoder(dim=64, max_length=8)
     examples = list(encode.encode_clips(clips, buckets, lat, txt, batch_size=4))
-    ds = shards.write_shards(lambda: examples, str(tmp_path / "data"), buckets=encode.latent_buckets(buckets, lat),
-                             latent_channels=24, text_dim=64)
+    ds = shards.write_shards(
+        lambda: examples,
+        str(tmp_path / "data"),
+        buckets=encode.latent_buckets(buckets, lat),
+        latent_channels=24,
+        text_dim=64,
+    )
     c = _config(num_steps=3, checkpoint_every=3)
     c.data.source, c.data.path, c.data.batch_size, c.data.text_len = "shards", ds, 4, 8
     summary = train_lib.train(c, str(tmp_path / "run"))
@@ -236,7 +265,8 @@ def test_trains_from_prepared_array_record_shards(tmp_path):
     assert cfg["data"]["source"] == "shards"
     t = make_trainer((8, 1, 1, 1))
     _, _, data_state, _ = checkpointing.Checkpointer(str(tmp_path / "run" / "checkpoints")).restore_latest(
-        t.abstract_state())
+        t.abstract_state()
+    )
     assert data_state["step"] == 3
     c.model_overrides.text_dim = 32
     with pytest.raises(ValueError, match="text width 64"):

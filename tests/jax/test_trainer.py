@@ -1,11 +1,12 @@
 """The sharded train step: parallel layouts equal one device; accumulation, EMA, schedules, NaNs."""
+
 import jax
 import numpy as np
 import pytest
 
+from mugv.training import OptimConfig
 from mugv_jax.train import step as tr
 from tests.trainer_helpers import host_batch, make_source, make_trainer, to_numpy
-from mugv.training import OptimConfig
 
 # float32: a parallel layout only reorders reductions.
 PARALLEL_RTOL = 1e-5
@@ -77,8 +78,9 @@ def test_learning_rate_schedules():
     const = tr.learning_rate_schedule(OptimConfig(learning_rate=1e-4, warmup_steps=10))
     assert float(const(0)) == 0.0 and float(const(5)) == pytest.approx(5e-5)
     assert float(const(10)) == pytest.approx(1e-4) and float(const(10_000)) == pytest.approx(1e-4)
-    cos = tr.learning_rate_schedule(OptimConfig(learning_rate=1e-4, warmup_steps=10, schedule="cosine",
-                                                   decay_steps=100, final_lr_ratio=0.1))
+    cos = tr.learning_rate_schedule(
+        OptimConfig(learning_rate=1e-4, warmup_steps=10, schedule="cosine", decay_steps=100, final_lr_ratio=0.1)
+    )
     assert float(cos(60)) == pytest.approx(1e-5 + 0.5 * 9e-5, rel=1e-5)
     assert float(cos(110)) == pytest.approx(1e-5, rel=1e-5)
     with pytest.raises(ValueError, match="decay_steps"):

@@ -1,6 +1,6 @@
 """Validation at fixed timesteps with fixed noise: deterministic, and it falls as the model trains."""
-import json
 
+import json
 
 from mugv.run import validation as run_validation
 from mugv.training import model_config_from

@@ -2,6 +2,7 @@
 training → shards → MUG-DiT training with the real trainer → held-out text-to-video and
 image-to-video samples → mp4s, grids, report. One run per test process (`quick_run`, shared with
 tests/main_job/test_report_browser.py)."""
+
 import atexit
 import json
 import os
@@ -85,6 +86,7 @@ def test_every_stage_ran_and_left_its_outputs():
 def test_exported_dit_weights_carry_the_trained_null_caption():
     # python -m mugv_jax.sample --checkpoint=<dit_ema.safetensors> finds it without flags.
     from mugv import null_text
+
     workdir, _, summary = quick_run()
     side = null_text.load(null_text.sidecar_path(os.path.join(workdir, summary["dit"]["weights"])))
     trained = np.load(os.path.join(workdir, "dit", "null_text.npy"))  # the train state's, as saved
@@ -94,6 +96,7 @@ def test_exported_dit_weights_carry_the_trained_null_caption():
 
 def test_sampled_videos_are_playable_mp4s_of_the_clip_length():
     import av
+
     workdir, config, summary = quick_run()
     sample = json.load(open(os.path.join(workdir, "sample", "DONE.json")))
     size = config.data.size * config.sample.upscale
@@ -110,10 +113,18 @@ def test_sampled_videos_are_playable_mp4s_of_the_clip_length():
 def test_report_names_its_figures_config_and_throughput():
     workdir, _, summary = quick_run()
     page = open(summary["report"]).read()
-    for needle in ("loss_dit.png", "Throughput", "tokens / s", "MFU", "&quot;procedural_count&quot;",
-                   "held-out combination", "media-check"):
+    for needle in (
+        "loss_dit.png",
+        "Throughput",
+        "tokens / s",
+        "MFU",
+        "&quot;procedural_count&quot;",
+        "held-out combination",
+        "media-check",
+    ):
         assert needle in page, needle
     from PIL import Image
+
     with Image.open(os.path.join(workdir, "loss_dit.png")) as im:
         assert im.size[0] > 100 and np.asarray(im).std() > 0
 
@@ -130,10 +141,11 @@ def _decoded_frame_sources(num_frames, micro, asked=None):
     """Which input frame each frame of decode(encode(clip), asked) stands for, from the encode and
     decode plans alone (mugv_jax/vae/plan.py)."""
     from mugv_jax.vae.plan import ZERO, decode_windows, encode_calls
+
     groups = [g for call in encode_calls(num_frames, micro) for g in call]
     out = []
     for w in decode_windows(len(groups), asked or num_frames, micro):
-        out += [s for g in groups[w.latent_start:w.latent_stop] for s in g][w.crop_front:]
+        out += [s for g in groups[w.latent_start : w.latent_stop] for s in g][w.crop_front :]
     return ["zero" if s == ZERO else s for s in out]
 
 
@@ -142,8 +154,9 @@ def test_main_job_decodes_its_clips_in_frame_order():
     clip whenever the clip spans more than one chunk (the tiny preset's 16 frames). The main job
     asks for the padded 24 frames and drops the first 7, which is in order for any chunking."""
     from main_job.run import padded_frames
+
     assert _decoded_frame_sources(17, 16) == [0] * 8 + list(range(1, 9)) + [16]
     for micro in (8, 16, 24, 48, None):
         for t in (17, 9, 16, 20, 33):
             p = padded_frames(t)
-            assert _decoded_frame_sources(t, micro, p)[p - t:] == list(range(t)), (micro, t)
+            assert _decoded_frame_sources(t, micro, p)[p - t :] == list(range(t)), (micro, t)

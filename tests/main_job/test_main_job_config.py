@@ -1,16 +1,17 @@
 """The main job's cheap parts: stage bookkeeping (reuse, redo, Ctrl-C), the pixel measure the
 learning check reports, and the configs. The end-to-end run is tests/main_job/test_main_job.py."""
+
 import json
 import os
 
 import numpy as np
 import pytest
 
-from mugv.data import procedural
 from configs import main as main_config
 from main_job import measure
 from main_job.run import ORDER
 from main_job.stages import MARKER, Stages
+from mugv.data import procedural
 
 
 def _finish_all(workdir):
@@ -81,6 +82,7 @@ def test_main_configs_load_and_quick_is_shorter():
 def test_vae_grouping_reaches_the_trained_vae_config():
     from main_job.run import _vae_train_config
     from mugv_jax.vae.training import resolve_vae_config
+
     full, quick = main_config.get_config(None), main_config.get_config("quick")
     got = resolve_vae_config(_vae_train_config(full))
     assert (got.norm_num_groups, got.temporal_num_groups) == (1, 1)

@@ -1,6 +1,7 @@
 """The main-job report in a real headless browser (Debian's Chromium; MUGV_CHROMIUM names it):
 every <img> decodes and every <video> loads its metadata. The check itself is shown to fail on a
 corrupted PNG and a truncated mp4."""
+
 import shutil
 
 from main_job import browser

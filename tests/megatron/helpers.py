@@ -4,6 +4,7 @@
 def make_trainer(cfg, optim, objective, seed=0):
     from mugv_megatron.parallel import state as parallel
     from mugv_megatron.train.step import Trainer
+
     parallel.setup(1)
     return Trainer(cfg, optim, objective, seed=seed, use_megatron_optimizer=False)
 

@@ -13,6 +13,7 @@ release-layout checkpoint (pipeline.load_release_state).
 
 The helpers and the spawn are shared with tests/megatron/test_megatron_pp.py.
 """
+
 import datetime
 from pathlib import Path
 
@@ -22,12 +23,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from mugv.layouts import megatron as layout
 from mugv.config import DiTConfig
-from mugv_megatron.model import build as dit
 from mugv.io.torch_cpu import free_port
-from mugv_megatron.parallel import state as parallel
+from mugv.layouts import megatron as layout
+from mugv_megatron.model import build as dit
 from mugv_megatron.parallel import pipeline_parallel as pipeline
+from mugv_megatron.parallel import state as parallel
 
 # Smaller than "tiny" but with every structural feature: 4 layers (2 per pipeline stage),
 # 2 heads (1 per TP rank), head dim 48 (8 RoPE pairs per axis).
@@ -49,18 +50,19 @@ def make_micro_batches():
     for t, h, w in LATENTS:
         b, length = 2, SMALL.max_text_tokens
         frame_indice = torch.stack([torch.arange(t + 2), torch.arange(t + 2) * 2 + 1])
-        batches.append({
-            "x": torch.randn(b, SMALL.in_channels, t, h, w, generator=gen),
-            "timestep": torch.tensor([417.0, 92.5]),
-            "y": torch.randn(b, 1, length, SMALL.text_dim, generator=gen),
-            "mask": (torch.arange(length) < torch.tensor([[5], [length]])).to(torch.int64),
-            # Sample 1 conditions on its first frame (modulated with t = 0).
-            "x_mask": torch.stack([torch.ones(t, dtype=torch.bool),
-                                   torch.arange(t) > 0]),
-            "fps": torch.tensor([24.0, 30.0]),
-            "frame_indice": frame_indice,
-            "loss_weights": torch.randn(b, SMALL.out_channels, t, h, w, generator=gen),
-        })
+        batches.append(
+            {
+                "x": torch.randn(b, SMALL.in_channels, t, h, w, generator=gen),
+                "timestep": torch.tensor([417.0, 92.5]),
+                "y": torch.randn(b, 1, length, SMALL.text_dim, generator=gen),
+                "mask": (torch.arange(length) < torch.tensor([[5], [length]])).to(torch.int64),
+                # Sample 1 conditions on its first frame (modulated with t = 0).
+                "x_mask": torch.stack([torch.ones(t, dtype=torch.bool), torch.arange(t) > 0]),
+                "fps": torch.tensor([24.0, 30.0]),
+                "frame_indice": frame_indice,
+                "loss_weights": torch.randn(b, SMALL.out_channels, t, h, w, generator=gen),
+            }
+        )
     return batches
 
 
@@ -83,7 +85,8 @@ def random_release_state(path: Path):
             noise = torch.randn(p.shape, generator=gen) * PARAM_STD
             p.copy_(noise + 1 if name.endswith("layernorm.weight") else noise)
     state = layout.megatron_state_to_release(
-        {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}, SMALL)
+        {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}, SMALL
+    )
     tmp = path.with_suffix(".tmp")
     save_file({k: v.contiguous() for k, v in state.items()}, tmp)
     tmp.rename(path)
@@ -108,14 +111,21 @@ def run_layout(name, sizes, rank, port, weights, batches, results):
     """Build this rank's part of a layout, check its forward, run forward+backward through
     megatron's schedule and DDP, and record loss and reduced grads (global layer names)."""
     from megatron.core import parallel_state as ps
+
     tp, cp, pp, sp = sizes["tp"], sizes["cp"], sizes["pp"], sizes.get("sp", False)
-    parallel.setup(tp, rank=rank, world_size=WORLD, master_port=port, context_parallel_size=cp,
-                   pipeline_parallel_size=pp, timeout=datetime.timedelta(seconds=120))
+    parallel.setup(
+        tp,
+        rank=rank,
+        world_size=WORLD,
+        master_port=port,
+        context_parallel_size=cp,
+        pipeline_parallel_size=pp,
+        timeout=datetime.timedelta(seconds=120),
+    )
     model = dit.build_model(SMALL, sequence_parallel=sp, perform_initialization=False)
     pipeline.load_release_state(model, weights, source="test weights")
     local_tokens = []
-    model.decoder.layers[0].register_forward_pre_hook(
-        lambda module, args: local_tokens.append(args[0].shape[0]))
+    model.decoder.layers[0].register_forward_pre_hook(lambda module, args: local_tokens.append(args[0].shape[0]))
     # Without data parallelism every rank runs all micro-batches; with it, replica d runs the d-th.
     dp = ps.get_data_parallel_world_size()
     indices = list(range(len(batches))) if dp == 1 else [ps.get_data_parallel_rank()]
@@ -123,20 +133,17 @@ def run_layout(name, sizes, rank, port, weights, batches, results):
     results[f"{name}.batches"] = torch.tensor(indices)
     if pp == 1:
         with torch.no_grad():
-            results[f"{name}.out"] = model(*model_inputs(batches[0])[0],
-                                           **model_inputs(batches[0])[1])
+            results[f"{name}.out"] = model(*model_inputs(batches[0])[0], **model_inputs(batches[0])[1])
         results[f"{name}.local_tokens"] = torch.tensor(local_tokens[-1])
     ddp = pipeline.wrap_ddp(model)
-    results[f"{name}.eval_loss"] = pipeline.forward_backward(ddp, mine, loss_fn,
-                                                             forward_only=True)
+    results[f"{name}.eval_loss"] = pipeline.forward_backward(ddp, mine, loss_fn, forward_only=True)
     results[f"{name}.loss"] = pipeline.forward_backward(ddp, mine, loss_fn)
     results[f"{name}.pp_rank"] = torch.tensor(ps.get_pipeline_model_parallel_rank())
-    results[f"{name}.tp_group"] = torch.tensor(
-        dist.get_process_group_ranks(ps.get_tensor_model_parallel_group()))
+    results[f"{name}.tp_group"] = torch.tensor(dist.get_process_group_ranks(ps.get_tensor_model_parallel_group()))
     offset = model.decoder.layer_offset
     for pname, grad in pipeline.gradients(ddp).items():
         if pname.startswith("decoder.layers."):
-            index, rest = pname[len("decoder.layers."):].split(".", 1)
+            index, rest = pname[len("decoder.layers.") :].split(".", 1)
             pname = f"decoder.layers.{int(index) + offset}.{rest}"
         results[f"{name}.grad.{pname}"] = grad.detach().clone()
     ps.destroy_model_parallel()
@@ -179,8 +186,7 @@ _RUN = {}
 def all_layouts(tmp_path_factory):
     """The one spawn over CP_LAYOUTS and PP_LAYOUTS, run by whichever test module needs it first."""
     if "run" not in _RUN:
-        _RUN["run"] = spawn_layouts(tmp_path_factory.mktemp("megatron_cp_pp"),
-                                    {**CP_LAYOUTS, **PP_LAYOUTS})
+        _RUN["run"] = spawn_layouts(tmp_path_factory.mktemp("megatron_cp_pp"), {**CP_LAYOUTS, **PP_LAYOUTS})
     return _RUN["run"]
 
 
@@ -205,7 +211,7 @@ def check_gradients(ranks, reference, name):
         for key in res:
             if not key.startswith(prefix):
                 continue
-            pname = key[len(prefix):]
+            pname = key[len(prefix) :]
             held.add(pname)
             shards = [ranks[g][key] for g in group]
             got = layout.tp_merge(pname, shards, lambda arrays, dim: torch.cat(arrays, dim))
@@ -217,6 +223,7 @@ def check_gradients(ranks, reference, name):
 
 
 # ---------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def cp_run(tmp_path_factory):

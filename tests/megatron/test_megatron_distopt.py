@@ -11,6 +11,7 @@ that checkpoint into a fresh DistributedOptimizer trainer and takes the same thi
 What CPU cannot show (NCCL, CUDA streams, TE's fused Adam, bf16 kernels) is left to
 `mugv_megatron.train.device_check` on a GPU.
 """
+
 import os
 
 import numpy as np
@@ -19,14 +20,15 @@ import torch
 import torch.multiprocessing as mp
 
 from mugv.config import get_config
-from mugv_megatron.train import objective as obj
 from mugv.io.torch_cpu import free_port
-from mugv_megatron.parallel import state as parallel
 from mugv.training import ObjectiveConfig, OptimConfig
+from mugv_megatron.parallel import state as parallel
+from mugv_megatron.train import objective as obj
 
 CFG = get_config("tiny")
-OPTIM = OptimConfig(learning_rate=1e-3, warmup_steps=0, weight_decay=0.01, ema_decay=0.9,
-                          clip_norm=0.5, grad_accum_steps=2)
+OPTIM = OptimConfig(
+    learning_rate=1e-3, warmup_steps=0, weight_decay=0.01, ema_decay=0.9, clip_norm=0.5, grad_accum_steps=2
+)
 OBJECTIVE = ObjectiveConfig(i2v_prob=0.5, i2v_mode="quarter", caption_dropout_prob=0.25)
 DP = 2
 SEED = 3
@@ -36,6 +38,7 @@ BUCKET = 200_000
 
 def batches():
     from mugv.data.synthetic import Bucket, SyntheticTextToLatent
+
     src = SyntheticTextToLatent([Bucket(3, 4, 6, 4)], in_channels=CFG.in_channels, text_dim=CFG.text_dim)
     out = []
     for i in range(3):
@@ -64,19 +67,34 @@ def weights(trainer) -> dict[str, torch.Tensor]:
 
 def _worker(rank, port, port1, out):
     import datetime
+
     from mugv_megatron.parallel import distopt_cpu
     from mugv_megatron.train import checkpointing
     from mugv_megatron.train.step import Trainer
+
     parallel.setup(1, rank=rank, world_size=DP, master_port=port, timeout=datetime.timedelta(minutes=5))
     assert distopt_cpu.apply()
     from mugv.layouts import megatron as layout
+
     data = batches()
     res = {}
     a = Trainer(CFG, OPTIM, OBJECTIVE, seed=SEED, use_megatron_optimizer=False)
-    release = {k: torch.from_numpy(np.array(v)) for k, v in layout.megatron_state_to_release(
-        {n: p.detach().numpy() for n, p in a.module.named_parameters()}, CFG).items()}
-    b = Trainer(CFG, OPTIM, OBJECTIVE, seed=SEED, use_megatron_optimizer=True, overlap_grad_reduce=True,
-                overlap_param_gather=True, ddp_bucket_size=BUCKET)
+    release = {
+        k: torch.from_numpy(np.array(v))
+        for k, v in layout.megatron_state_to_release(
+            {n: p.detach().numpy() for n, p in a.module.named_parameters()}, CFG
+        ).items()
+    }
+    b = Trainer(
+        CFG,
+        OPTIM,
+        OBJECTIVE,
+        seed=SEED,
+        use_megatron_optimizer=True,
+        overlap_grad_reduce=True,
+        overlap_param_gather=True,
+        ddp_bucket_size=BUCKET,
+    )
     res["b.buckets"] = len(b.model.bucket_groups)
     used = []
     inner = b.loss_and_grads
@@ -89,8 +107,9 @@ def _worker(rank, port, port1, out):
     res["a.weights"], res["b.weights"] = weights(a), weights(b)
     res["a.init"] = {n: t.detach().clone() for n, t in release.items()}
     res["a.ema"], res["b.ema"] = dict(a.ema.full_state()), b.ema.full_state()
-    res["a.moments"] = {n: {k: t.clone() for k, t in a.optimizer.moments(p).items()}
-                        for n, p in a.module.named_parameters()}
+    res["a.moments"] = {
+        n: {k: t.clone() for k, t in a.optimizer.moments(p).items()} for n, p in a.module.named_parameters()
+    }
     ckdir = os.path.join(out, "ckpt")
     checkpointing.save(ckdir, b, {"position": 2}, async_save=True)
     checkpointing.finalize_async(blocking=True)
@@ -98,8 +117,9 @@ def _worker(rank, port, port1, out):
     res["b.weights.3"] = weights(b)
 
     # From A's initial weights: the main weights take them exactly, the bf16 parameters rounded.
-    c = Trainer(CFG, OPTIM, OBJECTIVE, seed=SEED, compute_dtype="bfloat16", use_megatron_optimizer=True,
-                release_state=release)
+    c = Trainer(
+        CFG, OPTIM, OBJECTIVE, seed=SEED, compute_dtype="bfloat16", use_megatron_optimizer=True, release_state=release
+    )
     res["c.main.init"] = {n: st["param"] for n, st in c.optimizer.full_states().items()}
     for step in range(2):
         m = c.train_step(data[step])
@@ -109,8 +129,8 @@ def _worker(rank, port, port1, out):
     shards = c.optimizer.main_shards()
     res["c.main_dtypes"] = sorted({str(main.dtype) for main, _, _ in shards.values()})
     res["c.rounding_mismatches"] = sum(
-        int(not torch.equal(p.detach().view(-1)[s:e], main.to(torch.bfloat16)))
-        for p, (main, s, e) in shards.items())
+        int(not torch.equal(p.detach().view(-1)[s:e], main.to(torch.bfloat16))) for p, (main, s, e) in shards.items()
+    )
     res["c.ema"] = c.ema.full_state()
     res["dp_rank"] = b.dp_rank
     torch.save(res, os.path.join(out, f"rank{rank}.pt"))
@@ -120,13 +140,18 @@ def _worker(rank, port, port1, out):
     parallel.setup(1, rank=0, world_size=1, master_port=port1)
     d = Trainer(CFG, OPTIM, OBJECTIVE, seed=SEED + 1, use_megatron_optimizer=True)
     checkpointing.restore_latest(ckdir, d)
-    one = {"step": d.step, "weights": weights(d), "ema": d.ema.full_state(), "moments": moments(d),
-           "count": d.optimizer.count}
+    one = {
+        "step": d.step,
+        "weights": weights(d),
+        "ema": d.ema.full_state(),
+        "moments": moments(d),
+        "count": d.optimizer.count,
+    }
     d.train_step(data[2])
     one["weights.3"] = weights(d)
     from mugv_megatron.train import device_check
-    one["device_check"] = device_check.run(os.path.join(out, "device_check"), model="tiny",
-                                           bucket_size=BUCKET)
+
+    one["device_check"] = device_check.run(os.path.join(out, "device_check"), model="tiny", bucket_size=BUCKET)
     torch.save(one, os.path.join(out, "dp1.pt"))
     parallel.teardown()
 
@@ -166,7 +191,7 @@ def test_distributed_optimizer_step_matches_torch_adamw(runs):
     ema_diff = max(float((r["a.ema"][n] - r["b.ema"][n]).abs().max()) for n in r["a.ema"])
     assert ema_diff < 1e-6, ema_diff
     moved = max(float((r["a.weights"][n] - r["a.ema"][n]).abs().max()) for n in r["a.weights"])
-    assert moved > 1e-4   # the EMA is not the weights
+    assert moved > 1e-4  # the EMA is not the weights
 
 
 def test_checkpoint_reshards_from_dp2_to_dp1(runs):
@@ -189,21 +214,27 @@ def test_checkpoint_reshards_from_dp2_to_dp1(runs):
 def test_checkpoint_layout(runs):
     """The DistributedOptimizer's state under the torch-AdamW path's names (whole, stacked
     layers), plus the fp32 main weights; the converters read the weights out of it."""
+    from megatron.core.dist_checkpointing import load_tensors_metadata
+
     from mugv.io.torch_dist import TorchDistReader
     from mugv.layouts import megatron as layout
-    from megatron.core.dist_checkpointing import load_tensors_metadata
+
     ckdir = runs["dir"] / "ckpt"
     assert open(ckdir / "latest_checkpointed_iteration.txt").read() == "2"
     assert sorted(os.listdir(ckdir)) == ["iter_0000002", "latest_checkpointed_iteration.txt"]
     meta = load_tensors_metadata(str(ckdir / "iter_0000002"))
     key = "decoder.layers.mlp.linear_fc1.weight"
     shape = (CFG.depth, CFG.mlp_hidden_size, CFG.hidden_size)
-    for prefix in ("", "optimizer.state.exp_avg.", "optimizer.state.exp_avg_sq.",
-                   "optimizer.state.param.", "optimizer.state.exp_moving_avg."):
+    for prefix in (
+        "",
+        "optimizer.state.exp_avg.",
+        "optimizer.state.exp_avg_sq.",
+        "optimizer.state.param.",
+        "optimizer.state.exp_moving_avg.",
+    ):
         assert tuple(meta[prefix + key].global_shape) == shape, prefix
     reader = TorchDistReader(str(ckdir))
-    want = layout.megatron_state_to_release(
-        {n: w.numpy() for n, w in runs["ranks"][0]["b.weights"].items()}, CFG)
+    want = layout.megatron_state_to_release({n: w.numpy() for n, w in runs["ranks"][0]["b.weights"].items()}, CFG)
     got = dict(reader.items())
     assert set(got) == set(want)
     for name, value in want.items():
@@ -212,10 +243,11 @@ def test_checkpoint_layout(runs):
 
 def test_bf16_parameters_with_fp32_main_weights(runs):
     from mugv.layouts import megatron as layout
+
     r = runs["ranks"][0]
     init = layout.megatron_state_to_release({n: t.numpy() for n, t in r["c.main.init"].items()}, CFG)
     for n, t in r["a.init"].items():
-        assert np.array_equal(init[n], t.numpy()), n        # release weights taken exactly
+        assert np.array_equal(init[n], t.numpy()), n  # release weights taken exactly
     assert {str(w.dtype) for w in r["c.weights"].values()} == {"torch.bfloat16"}
     assert r["c.main_dtypes"] == ["torch.float32"]
     # After each update the bf16 parameters are exactly the main weights rounded.

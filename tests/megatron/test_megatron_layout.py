@@ -1,13 +1,14 @@
 """The release ↔ Megatron name map (mugv/layouts/megatron.py) on the golden weights."""
+
 from pathlib import Path
 
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from mugv.config import get_config
 from mugv.layouts import megatron as layout
 from mugv.schema import release_schema
-from mugv.config import get_config
 
 GOLDEN = Path(__file__).parent.parent / "golden" / "dit_tiny"
 CONFIG = get_config("tiny")
@@ -47,8 +48,7 @@ def test_per_head_regrouping_follows_the_row_formula(release_weights, release_su
         for h in range(heads):
             for j in range(fused):
                 for c in (0, d // 2, d - 1):
-                    assert np.array_equal(grouped[h * fused * d + j * d + c],
-                                          release[j * heads * d + h * d + c])
+                    assert np.array_equal(grouped[h * fused * d + j * d + c], release[j * heads * d + h * d + c])
 
 
 def test_tensor_parallel_shards_hold_whole_heads(release_weights):
@@ -60,8 +60,7 @@ def test_tensor_parallel_shards_hold_whole_heads(release_weights):
     for rank in range(tp):
         shard = layout.tp_shard(mname, full, rank, tp)
         # One head per rank in the tiny config: its q, k and v rows, in that order.
-        q, k, v = (release_weights[name][j * c + rank * d: j * c + (rank + 1) * d]
-                   for j in range(3))
+        q, k, v = (release_weights[name][j * c + rank * d : j * c + (rank + 1) * d] for j in range(3))
         assert np.array_equal(shard, np.concatenate([q, k, v]))
 
 
@@ -84,14 +83,22 @@ def test_tp_shard_and_merge_round_trip(release_weights, tp):
 
 def test_tp_split_rules_match_the_reference_table():
     p = "decoder.layers.3."
-    column = ["self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias",
-              "cross_attention.linear_q.weight", "cross_attention.linear_kv.bias",
-              "mlp.linear_fc1.weight", "mlp.linear_fc1.bias"]
-    row = ["self_attention.linear_proj.weight", "cross_attention.linear_proj.weight",
-           "mlp.linear_fc2.weight"]
-    replicated = ["self_attention.linear_proj.bias", "mlp.linear_fc2.bias",
-                  "scale_shift_table.bias", "self_attention.q_layernorm.weight",
-                  "pre_cross_attn_layernorm.weight"]
+    column = [
+        "self_attention.linear_qkv.weight",
+        "self_attention.linear_qkv.bias",
+        "cross_attention.linear_q.weight",
+        "cross_attention.linear_kv.bias",
+        "mlp.linear_fc1.weight",
+        "mlp.linear_fc1.bias",
+    ]
+    row = ["self_attention.linear_proj.weight", "cross_attention.linear_proj.weight", "mlp.linear_fc2.weight"]
+    replicated = [
+        "self_attention.linear_proj.bias",
+        "mlp.linear_fc2.bias",
+        "scale_shift_table.bias",
+        "self_attention.q_layernorm.weight",
+        "pre_cross_attn_layernorm.weight",
+    ]
     assert [layout.tp_split_rule(p + s) for s in column] == ["column"] * len(column)
     assert [layout.tp_split_rule(p + s) for s in row] == ["row"] * len(row)
     assert [layout.tp_split_rule(p + s) for s in replicated] == ["replicated"] * len(replicated)
@@ -109,17 +116,13 @@ def test_unknown_names_are_rejected():
         layout.release_to_megatron("blocks.0.attn.nonsense", np.zeros(3), CONFIG)
     with pytest.raises(KeyError, match="decoder.layers.0.bogus"):
         layout.megatron_to_release("decoder.layers.0.bogus", np.zeros(3), CONFIG)
-    assert layout.megatron_to_release("decoder.layers.0.mlp.linear_fc1._extra_state", None,
-                                      CONFIG) == []
+    assert layout.megatron_to_release("decoder.layers.0.mlp.linear_fc1._extra_state", None, CONFIG) == []
 
 
 def test_renames_of_the_reference_converter():
     assert layout.megatron_name("t_embedder.mlp.0.weight") == "timestep_embedder.mlp.0.weight"
     assert layout.megatron_name("t_block.1.bias") == "timestep_block.1.bias"
-    assert layout.megatron_name("y_embedder.y_proj.fc2.weight") == \
-        "context_embedder.proj.fc2.weight"
+    assert layout.megatron_name("y_embedder.y_proj.fc2.weight") == "context_embedder.proj.fc2.weight"
     assert layout.megatron_name("y_embedder.y_embedding") == "context_embedder.drop_emb"
-    assert layout.megatron_name("blocks.7.cross_attn_norm.bias") == \
-        "decoder.layers.7.pre_cross_attn_layernorm.bias"
-    assert layout.release_name("decoder.layers.7.scale_shift_table.bias") == \
-        "blocks.7.scale_shift_table"
+    assert layout.megatron_name("blocks.7.cross_attn_norm.bias") == "decoder.layers.7.pre_cross_attn_layernorm.bias"
+    assert layout.release_name("decoder.layers.7.scale_shift_table.bias") == "blocks.7.scale_shift_table"

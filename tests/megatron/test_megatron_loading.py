@@ -1,4 +1,5 @@
 """Strict loading of release checkpoints into the Megatron MUG-DiT."""
+
 from pathlib import Path
 
 import pytest
@@ -53,8 +54,7 @@ def test_reshaped_tensor_is_named_in_the_error(tmp_path, release_state):
         dit.load(path, "tiny")
     message = str(err.value)
     assert str(path) in message
-    assert "tensor blocks.0.mlp.fc1.weight: shape [568, 144] in checkpoint, " \
-           "model expects [576, 144]" in message
+    assert "tensor blocks.0.mlp.fc1.weight: shape [568, 144] in checkpoint, model expects [576, 144]" in message
 
 
 def test_non_tensor_entry_is_rejected(tmp_path, release_state):
@@ -93,4 +93,5 @@ def test_megatron_parameter_names_follow_the_reference_map():
     model = dit.build_model("tiny", perform_initialization=False)
     names = {k for k in model.state_dict() if not k.endswith("._extra_state")}
     from mugv.layouts.megatron import megatron_schema
+
     assert names == set(megatron_schema(get_config("tiny")))

@@ -1,4 +1,5 @@
 """The Megatron MUG-DiT (one process, local spec, float32 on CPU) against the golden vectors."""
+
 from pathlib import Path
 
 import pytest
@@ -11,15 +12,25 @@ GOLDEN = Path(__file__).parent.parent / "golden" / "dit_tiny"
 # Agreement the golden vectors require of any implementation in float32 (docs/reference.md §9).
 MAX_ABS_ERR = 1e-4
 CASES = ("t2v", "i2v")
-ACTIVATIONS = ("x_embedder", "t_embedder.call0", "t_embedder.call1", "fps_embedder",
-               "t_block.call0", "t_block.call1", "y_embedder", "blocks.0", "blocks.1",
-               "final_layer")
+ACTIVATIONS = (
+    "x_embedder",
+    "t_embedder.call0",
+    "t_embedder.call1",
+    "fps_embedder",
+    "t_block.call0",
+    "t_block.call1",
+    "y_embedder",
+    "blocks.0",
+    "blocks.1",
+    "final_layer",
+)
 
 
 def case_inputs(vectors, case):
     g = lambda k: vectors[f"{case}.in.{k}"]  # noqa: E731
-    return (g("x"), g("timestep"), g("y")), dict(mask=g("mask"), x_mask=g("x_mask"), fps=g("fps"),
-                                                 frame_indice=g("frame_indice"))
+    return (g("x"), g("timestep"), g("y")), dict(
+        mask=g("mask"), x_mask=g("x_mask"), fps=g("fps"), frame_indice=g("frame_indice")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +84,7 @@ def test_defaults_are_all_generated_frames_and_consecutive_indices(model, vector
     """t2v has every frame generated and frame_indice = 0..T+1: the defaults must give the same."""
     (x, t, y), kwargs = case_inputs(vectors, "t2v")
     assert bool(kwargs["x_mask"].bool().all())
-    assert torch.equal(kwargs["frame_indice"],
-                       torch.arange(x.shape[2] + 2).expand(x.shape[0], -1))
+    assert torch.equal(kwargs["frame_indice"], torch.arange(x.shape[2] + 2).expand(x.shape[0], -1))
     with torch.no_grad():
         out = model(x, t, y, mask=kwargs["mask"], fps=kwargs["fps"])
     assert max_abs_err(out, vectors["t2v.out"]) <= MAX_ABS_ERR

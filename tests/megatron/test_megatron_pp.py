@@ -13,16 +13,23 @@ right if they are summed over the stages, which the reference trainer omits.
 
 Stage loading itself is tested in this process (no spawn) with explicitly placed stages.
 """
+
 import pytest
 import torch
 
 from mugv_megatron.model import build as dit
-from mugv_megatron.parallel import pipeline_parallel as pipeline
 from mugv_megatron.model.dit import MUGDiT
 from mugv_megatron.model.spec import get_local_layer_spec
 from mugv_megatron.model.transformer_config import make_transformer_config
-from tests.megatron.test_megatron_cp import (PP_LAYOUTS, SMALL, all_layouts, check_gradients,
-                                    check_losses, random_release_state)
+from mugv_megatron.parallel import pipeline_parallel as pipeline
+from tests.megatron.test_megatron_cp import (
+    PP_LAYOUTS,
+    SMALL,
+    all_layouts,
+    check_gradients,
+    check_losses,
+    random_release_state,
+)
 
 LAYERS_PER_STAGE = SMALL.depth // 2
 
@@ -50,11 +57,10 @@ def test_stages_hold_their_layers_and_replicated_embedders(pp_run, name):
     prefix = f"{name}.grad."
     by_stage = {}
     for res in ranks:
-        names = {k[len(prefix):] for k in res if k.startswith(prefix)}
+        names = {k[len(prefix) :] for k in res if k.startswith(prefix)}
         by_stage.setdefault(res[f"{name}.pp_rank"].item(), []).append(names)
     assert sorted(by_stage) == [0, 1]
-    embedders = {n for n in reference["grads"]
-                 if not n.startswith(("decoder.", "final_layer."))}
+    embedders = {n for n in reference["grads"] if not n.startswith(("decoder.", "final_layer."))}
     for stage, name_sets in by_stage.items():
         layers = range(stage * LAYERS_PER_STAGE, (stage + 1) * LAYERS_PER_STAGE)
         for names in name_sets:
@@ -66,18 +72,21 @@ def test_stages_hold_their_layers_and_replicated_embedders(pp_run, name):
 
 # --- stage loading (one process) --------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def release_weights(tmp_path_factory):
     path = tmp_path_factory.mktemp("megatron_pp_weights") / "weights.safetensors"
     full = random_release_state(path)
     from safetensors.torch import load_file
+
     return full, load_file(path)
 
 
 def build_stage(offset, count, *, first, last):
     tc = make_transformer_config(SMALL, pipeline_parallel_size=1)
-    return MUGDiT(SMALL, tc, get_local_layer_spec(), pre_process=first, post_process=last,
-                  layer_offset=offset, num_layers=count)
+    return MUGDiT(
+        SMALL, tc, get_local_layer_spec(), pre_process=first, post_process=last, layer_offset=offset, num_layers=count
+    )
 
 
 def test_each_stage_loads_its_own_layer_slice(release_weights):
@@ -93,7 +102,7 @@ def test_each_stage_loads_its_own_layer_slice(release_weights):
             if key.endswith("_extra_state"):
                 continue
             if key.startswith("decoder.layers."):
-                index, rest = key[len("decoder.layers."):].split(".", 1)
+                index, rest = key[len("decoder.layers.") :].split(".", 1)
                 key = f"decoder.layers.{int(index) + offset}.{rest}"
             assert torch.equal(value, want[key]), key
 
@@ -112,8 +121,7 @@ def test_checkpoint_with_a_wrong_layer_count_fails_on_every_stage(release_weight
     present refuses it, naming the extra layer."""
     _, state = release_weights
     deeper = dict(state)
-    deeper.update({k.replace("blocks.3.", "blocks.4."): v for k, v in state.items()
-                   if k.startswith("blocks.3.")})
+    deeper.update({k.replace("blocks.3.", "blocks.4."): v for k, v in state.items() if k.startswith("blocks.3.")})
     first_stage = build_stage(0, LAYERS_PER_STAGE, first=True, last=False)
     with pytest.raises(ValueError, match=r"unexpected tensors \(\d+\): blocks\.4\."):
         pipeline.load_release_state(first_stage, deeper, source="weights")
@@ -125,8 +133,7 @@ def test_stage_beyond_the_model_depth_fails():
 
 
 def test_pipeline_split_needs_a_divisible_depth():
-    with pytest.raises(ValueError, match="depth 4 is not divisible by the pipeline-parallel "
-                                         "size 3"):
+    with pytest.raises(ValueError, match="depth 4 is not divisible by the pipeline-parallel size 3"):
         make_transformer_config(SMALL, pipeline_parallel_size=3)
 
 
@@ -135,9 +142,13 @@ def test_later_stage_without_an_input_tensor_fails(release_weights):
     model = build_stage(LAYERS_PER_STAGE, LAYERS_PER_STAGE, first=False, last=True)
     pipeline.load_release_state(model, state, source="weights")
     from tests.megatron.test_megatron_cp import make_micro_batches, model_inputs
+
     args, kwargs = model_inputs(make_micro_batches()[1])
-    with pytest.raises(ValueError, match=r"input tensor from the previous stage must be "
-                                         r"\[14, 2, 96\], got None"):
+    with pytest.raises(
+        ValueError,
+        match=r"input tensor from the previous stage must be "
+        r"\[14, 2, 96\], got None",
+    ):
         model(*args, **kwargs)
 
 
@@ -146,5 +157,4 @@ def test_grads_of_every_parameter_are_compared(pp_run):
     _, reference, _ = pp_run
     for name, grad in reference["grads"].items():
         assert grad.abs().max() > 0, name
-    assert len(reference["grads"]) == len(list(dit.build_model(
-        SMALL, perform_initialization=False).parameters()))
+    assert len(reference["grads"]) == len(list(dit.build_model(SMALL, perform_initialization=False).parameters()))

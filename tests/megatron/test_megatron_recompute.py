@@ -6,6 +6,7 @@ parameters under bf16 autocast as the GPU path runs; CPU); the tests also check 
 really happens and that fewer activations are kept. (float32 parameters under bf16 autocast do
 not run backward on CPU at all: megatron's linear layers restore only CUDA autocast in backward.)
 """
+
 import numpy as np
 import pytest
 import torch
@@ -13,11 +14,11 @@ import torch
 from mugv import flops
 from mugv.config import get_config
 from mugv.geometry import num_video_tokens
-from mugv_megatron.model import recompute
+from mugv.training import ObjectiveConfig, OptimConfig
 from mugv_megatron.model import build as dit
+from mugv_megatron.model import recompute
 from mugv_megatron.parallel import state as parallel
 from mugv_megatron.train import objective as obj
-from mugv.training import ObjectiveConfig, OptimConfig
 
 CFG = get_config("tiny")
 OBJECTIVE = ObjectiveConfig(i2v_prob=0.5, i2v_mode="quarter", caption_dropout_prob=0.25)
@@ -26,6 +27,7 @@ LATENT = (2, CFG.in_channels, 3, 4, 6)
 
 def source():
     from mugv.data.synthetic import Bucket, SyntheticTextToLatent
+
     return SyntheticTextToLatent([Bucket(3, 4, 6, 2)], in_channels=CFG.in_channels, text_dim=CFG.text_dim)
 
 
@@ -67,10 +69,12 @@ def run(mode, dtype):
         return t
 
     (x, target, _) = inputs()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-            torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+    with (
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16),
+    ):
         out = model(**x)
-    loss, _ = obj.masked_frame_mse(out[:, :CFG.in_channels].float(), target, x["x_mask"])
+    loss, _ = obj.masked_frame_mse(out[:, : CFG.in_channels].float(), target, x["x_mask"])
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     return loss.detach(), grads, kept[0], calls
@@ -92,7 +96,7 @@ def test_recompute_gradients_equal_no_recompute(results, mode, dtype):
     assert torch.isfinite(loss) and torch.equal(loss, loss0)
     for n, g in grads0.items():
         assert g.abs().max() > 0, n
-        assert torch.equal(grads[n], g), n   # tolerance: none (bit-exact)
+        assert torch.equal(grads[n], g), n  # tolerance: none (bit-exact)
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
@@ -100,8 +104,8 @@ def test_recompute_reruns_and_keeps_less(results, dtype):
     kept = {m: results[m, dtype][2] for m in recompute.MODES}
     calls = {m: results[m, dtype][3] for m in recompute.MODES}
     assert calls["none"] == {"layer": 1, "core": 1}
-    assert calls["full"] == {"layer": 2, "core": 2}        # the whole layer again in backward
-    assert calls["selective"] == {"layer": 1, "core": 2}   # only the core attention again
+    assert calls["full"] == {"layer": 2, "core": 2}  # the whole layer again in backward
+    assert calls["selective"] == {"layer": 1, "core": 2}  # only the core attention again
     assert kept["full"] < kept["selective"] < kept["none"], kept
 
 
@@ -120,6 +124,7 @@ def test_mode_is_recorded_in_megatron_config():
 @pytest.mark.parametrize("mode", ["full", "selective"])
 def test_trainer_steps_equal_with_recompute(mode):
     from mugv_megatron.train.step import Trainer
+
     parallel.setup(1)
     cfg = OptimConfig(learning_rate=1e-3, warmup_steps=0, grad_accum_steps=2)
     batch = source().batch(0)

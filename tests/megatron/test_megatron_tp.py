@@ -6,6 +6,7 @@ size, so that sequence parallelism must pad. Each rank also back-propagates a fi
 reports its gradients after the TP reductions that megatron's finalize_model_grads performs;
 they are compared with the one-process model's gradients.
 """
+
 import datetime
 from pathlib import Path
 
@@ -14,9 +15,9 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
+from mugv.io.torch_cpu import free_port
 from mugv.layouts import megatron as layout
 from mugv_megatron.model import build as dit
-from mugv.io.torch_cpu import free_port
 from mugv_megatron.parallel import state as parallel
 
 GOLDEN = Path(__file__).parent.parent / "golden" / "dit_tiny"
@@ -34,8 +35,9 @@ LOSS_SEED = 7
 
 def case_inputs(vectors, prefix):
     g = lambda k: vectors[f"{prefix}.in.{k}"]  # noqa: E731
-    return (g("x"), g("timestep"), g("y")), dict(mask=g("mask"), x_mask=g("x_mask"), fps=g("fps"),
-                                                 frame_indice=g("frame_indice"))
+    return (g("x"), g("timestep"), g("y")), dict(
+        mask=g("mask"), x_mask=g("x_mask"), fps=g("fps"), frame_indice=g("frame_indice")
+    )
 
 
 def make_odd_case():
@@ -70,16 +72,15 @@ def finalize_tp_grads(model):
     and of the q/k layernorms. Without a DDP wrapper the model needs a `ddp_config` to read.
     """
     from megatron.core.distributed import DistributedDataParallelConfig
-    from megatron.core.distributed.finalize_model_grads import (
-        _allreduce_non_tensor_model_parallel_grads)
+    from megatron.core.distributed.finalize_model_grads import _allreduce_non_tensor_model_parallel_grads
+
     model.ddp_config = DistributedDataParallelConfig()
     _allreduce_non_tensor_model_parallel_grads([model], model.config)
 
 
 def _worker(rank, port, out_dir):
     torch.set_num_threads(1)
-    parallel.setup(TP, rank=rank, world_size=TP, master_port=port,
-                   timeout=datetime.timedelta(seconds=120))
+    parallel.setup(TP, rank=rank, world_size=TP, master_port=port, timeout=datetime.timedelta(seconds=120))
     vectors = load_file(GOLDEN / "vectors.safetensors")
     vectors.update(load_file(Path(out_dir) / "odd.safetensors"))
     results = {}
@@ -87,8 +88,7 @@ def _worker(rank, port, out_dir):
         sp = variant == "tp_sp"
         model = dit.load(WEIGHTS, "tiny", sequence_parallel=sp)
         local_tokens = []
-        model.decoder.layers[0].register_forward_pre_hook(
-            lambda module, args: local_tokens.append(args[0].shape[0]))
+        model.decoder.layers[0].register_forward_pre_hook(lambda module, args: local_tokens.append(args[0].shape[0]))
         for case in CASES + ("odd",):
             args, kwargs = case_inputs(vectors, case)
             acts = {}
@@ -150,7 +150,7 @@ def test_output_matches_golden(ranks, vectors, variant, case, rank):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_activations_match_golden(ranks, vectors, variant, case):
     prefix = f"{variant}.{case}.act."
-    names = [k[len(prefix):] for k in ranks[0] if k.startswith(prefix)]
+    names = [k[len(prefix) :] for k in ranks[0] if k.startswith(prefix)]
     assert "blocks.1" in names and "final_layer" in names
     for rank in range(TP):
         for name in names:
@@ -179,7 +179,7 @@ def test_sequence_parallel_really_splits_the_tokens(ranks, vectors):
 def test_gradients_match_single_process(ranks, single_process, variant):
     _, grads = single_process
     prefix = f"{variant}.grad."
-    names = {k[len(prefix):] for k in ranks[0] if k.startswith(prefix)}
+    names = {k[len(prefix) :] for k in ranks[0] if k.startswith(prefix)}
     assert names == set(grads)
     for name, want in grads.items():
         shards = [ranks[r][prefix + name] for r in range(TP)]

@@ -4,6 +4,7 @@ Runs at TP=1 in this process (megatron's one-process gloo world) on the tiny mod
 TP=2 trainer step is checked in tests/cross_backend/test_cross_backend_training.py, PP=2 and CP=2 in
 tests/megatron/test_megatron_trainer_pp_cp.py.
 """
+
 import json
 import math
 import os
@@ -17,27 +18,27 @@ import numpy as np
 import pytest
 import torch
 
-from mugv.layouts import megatron as layout
 from mugv.config import get_config
+from mugv.layouts import megatron as layout
 from mugv.run.driver import NonFiniteLossError
-from mugv_megatron.train import checkpointing
-from mugv_megatron.train import optim
-from mugv_megatron.train import objective as obj
 from mugv.training import ObjectiveConfig, OptimConfig, shift_ratio
+from mugv_megatron.train import checkpointing, optim
+from mugv_megatron.train import objective as obj
 from tests.megatron import helpers
 
 ROOT = Path(__file__).resolve().parents[2]
 
 CFG = get_config("tiny")
-OPTIM = OptimConfig(learning_rate=2e-3, warmup_steps=2, weight_decay=0.01, ema_decay=0.9,
-                          grad_accum_steps=2)
+OPTIM = OptimConfig(learning_rate=2e-3, warmup_steps=2, weight_decay=0.01, ema_decay=0.9, grad_accum_steps=2)
 OBJECTIVE = ObjectiveConfig(i2v_prob=0.5, i2v_mode="quarter", caption_dropout_prob=0.25)
 
 
 def source():
     from mugv.data.synthetic import Bucket, SyntheticTextToLatent
-    return SyntheticTextToLatent([Bucket(3, 4, 6, 4), Bucket(2, 4, 4, 4)],
-                                 in_channels=CFG.in_channels, text_dim=CFG.text_dim)
+
+    return SyntheticTextToLatent(
+        [Bucket(3, 4, 6, 4), Bucket(2, 4, 4, 4)], in_channels=CFG.in_channels, text_dim=CFG.text_dim
+    )
 
 
 def make_trainer(seed=0):
@@ -56,6 +57,7 @@ full_state = helpers.full_state
 def test_learning_rate_is_the_jax_schedule(schedule):
     from mugv.training import OptimConfig as JaxOptim
     from mugv_jax.train.step import learning_rate_schedule
+
     kw = dict(learning_rate=3e-3, warmup_steps=5, schedule=schedule, decay_steps=10, final_lr_ratio=0.1)
     jax_sched = learning_rate_schedule(JaxOptim(**kw))
     cfg = OptimConfig(**kw)
@@ -76,13 +78,13 @@ def test_prepare_applies_draws_as_spec():
     assert torch.allclose(t, 1000 * r * tau / (1 + (r - 1) * tau), rtol=1e-6)
     s = (t / 1000)[:, None, None, None, None]
     assert torch.allclose(inputs["x"][0], ((1 - s) * x0 + s * eps)[0])
-    assert torch.equal(inputs["x"][1, :, 0], x0[1, :, 0])            # conditioning frame is clean
+    assert torch.equal(inputs["x"][1, :, 0], x0[1, :, 0])  # conditioning frame is clean
     assert inputs["x_mask"].tolist()[1] == [False, True, True]
     assert torch.equal(target, x0 - eps)
     length = batch["y"].shape[2]
     assert torch.equal(inputs["y"][1, 0], null[:length]) and inputs["mask"][1].eq(1).all()
     assert torch.equal(inputs["y"][0], torch.from_numpy(batch["y"][0]))
-    pred = target + 1.0                                              # error 1 everywhere
+    pred = target + 1.0  # error 1 everywhere
     loss, per_sample = obj.masked_frame_mse(pred, target, inputs["x_mask"])
     assert torch.allclose(per_sample, torch.ones(4)) and math.isclose(float(loss), 1.0, rel_tol=1e-6)
 
@@ -95,6 +97,7 @@ def test_prepare_applies_draws_as_spec():
 def resumed(tmp_path_factory):
     """4 steps straight vs 2 steps → checkpoint → fresh trainer (other init seed) → 2 steps."""
     from mugv.data.synthetic import DataIterator
+
     ckdir = str(tmp_path_factory.mktemp("megatron_ckpt") / "checkpoints")
     straight, it = make_trainer(), DataIterator(source())
     run(straight, it, 4)
@@ -108,8 +111,9 @@ def resumed(tmp_path_factory):
     it2.set_state(meta["data"])
     restored = full_state(second)
     run(second, it2, 2)
-    return dict(straight=straight, second=second, it=it, it2=it2, ckdir=ckdir, at_save=at_save,
-                restored=restored, first=first)
+    return dict(
+        straight=straight, second=second, it=it, it2=it2, ckdir=ckdir, at_save=at_save, restored=restored, first=first
+    )
 
 
 def test_restore_gives_back_the_saved_state(resumed):
@@ -130,13 +134,15 @@ def test_resumed_run_is_bit_identical_to_straight_run(resumed):
 
 def test_checkpoint_layout_and_converter_reader(resumed):
     from mugv.io.torch_dist import TorchDistReader
+
     ckdir = resumed["ckdir"]
     assert open(os.path.join(ckdir, checkpointing.TRACKER)).read() == "2"
     assert not [n for n in os.listdir(ckdir) if n.endswith(".tmp")]
     reader = TorchDistReader(ckdir)
     assert reader.stored_config == CFG
     want = layout.megatron_state_to_release(
-        {n: p.detach().numpy() for n, p in resumed["first"].module.named_parameters()}, CFG)
+        {n: p.detach().numpy() for n, p in resumed["first"].module.named_parameters()}, CFG
+    )
     # Weights at the save were those at step 2 of `first` (it did not train after the save).
     got = dict(reader.items())
     assert set(got) == set(want)
@@ -150,6 +156,7 @@ def test_checkpoint_layout_and_converter_reader(resumed):
 
 def test_wrong_model_checkpoint_fails_loudly(resumed):
     from mugv_megatron.train.step import Trainer
+
     other = get_config("tiny", depth=1)
     tr = Trainer(other, OPTIM, OBJECTIVE, seed=0, use_megatron_optimizer=False)
     with pytest.raises(ValueError, match="the run's model is"):
@@ -162,6 +169,7 @@ def test_wrong_model_checkpoint_fails_loudly(resumed):
 
 def test_nonfinite_step_is_skipped_and_counted():
     from mugv.data.synthetic import DataIterator
+
     tr, it = make_trainer(), DataIterator(source())
     run(tr, it, 1)
     before = full_state(tr)
@@ -180,9 +188,10 @@ def test_nonfinite_step_is_skipped_and_counted():
 
 
 def test_run_stops_after_the_nonfinite_limit(tmp_path, monkeypatch):
+    from configs.tiny import get_config as tiny_config
     from mugv.data import synthetic as data_lib
     from mugv_megatron.train import backend as train
-    from configs.tiny import get_config as tiny_config
+
     config = tiny_config()
     config.num_steps, config.max_nonfinite_in_a_row, config.log_every = 10, 3, 1
     config.data.buckets = ((2, 4, 4, 4),)
@@ -192,6 +201,7 @@ def test_run_stops_after_the_nonfinite_limit(tmp_path, monkeypatch):
         b = real(self, index)
         b["latents"] = np.full_like(b["latents"], np.nan)
         return b
+
     monkeypatch.setattr(data_lib.SyntheticTextToLatent, "batch", nan_batch)
     with pytest.raises(NonFiniteLossError, match="3 non-finite steps in a row"):
         train.train(config, str(tmp_path / "run"))
@@ -200,13 +210,16 @@ def test_run_stops_after_the_nonfinite_limit(tmp_path, monkeypatch):
 def test_parallel_sizes_are_checked_before_set_up(tmp_path):
     """pp/cp reach the trainer (tests/megatron/test_megatron_trainer_pp_cp.py runs them); sizes that
     cannot work are refused, naming the option, before any process group is touched."""
-    from mugv_megatron.train import backend as train
     import ml_collections
+
+    from mugv_megatron.train import backend as train
+
     opts = train.megatron_options(ml_collections.ConfigDict({"megatron": {"pp": 2}}), {"cp": 2})
     assert (opts["pp"], opts["cp"]) == (2, 2)
     with pytest.raises(ValueError, match="config.megatron.cp must be >= 1"):
         train.megatron_options(ml_collections.ConfigDict(), {"cp": 0})
     from configs.tiny import get_config as tiny_config
+
     config = tiny_config()
     with pytest.raises(ValueError, match=r"config.megatron.pp=3 does not divide the model's 2 layers"):
         train.train(config, str(tmp_path / "run"), {"pp": 3})
@@ -218,9 +231,17 @@ def test_parallel_sizes_are_checked_before_set_up(tmp_path):
 
 def test_cli_sigterm_saves_and_resumes(tmp_path):
     workdir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "mugv_megatron.train", "--config=configs/tiny.py",
-           f"--workdir={workdir}", "--config.num_steps=100000", "--config.log_every=1",
-           "--config.checkpoint_every=100000", "--config.data.buckets=((2,4,4,4),)"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mugv_megatron.train",
+        "--config=configs/tiny.py",
+        f"--workdir={workdir}",
+        "--config.num_steps=100000",
+        "--config.log_every=1",
+        "--config.checkpoint_every=100000",
+        "--config.data.buckets=((2,4,4,4),)",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     metrics = workdir / "tensorboard" / "metrics.jsonl"
@@ -234,16 +255,25 @@ def test_cli_sigterm_saves_and_resumes(tmp_path):
     assert proc.returncode == 0, out.decode()[-3000:]
     assert b"(sigterm)" in out
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-    for key in ("loss", "grad_norm", "learning_rate", "step_time", "tflops_per_device", "mfu",
-                "tokens_per_second", "loss_by_t/q0"):
+    for key in (
+        "loss",
+        "grad_norm",
+        "learning_rate",
+        "step_time",
+        "tflops_per_device",
+        "mfu",
+        "tokens_per_second",
+        "loss_by_t/q0",
+    ):
         assert key in rows[-1], key
     assert any(n.startswith("events.out.tfevents") for n in os.listdir(workdir / "tensorboard"))
     steps = checkpointing.steps(str(workdir / "checkpoints"))
     assert len(steps) == 1 and steps[0] >= rows[-1]["step"]
     k = steps[0]
     # Resume in this process to k + 2 with the same config.
-    from mugv_megatron.train import backend as train
     from configs.tiny import get_config as tiny_config
+    from mugv_megatron.train import backend as train
+
     config = tiny_config()
     config.num_steps, config.log_every, config.data.buckets = k + 2, 1, ((2, 4, 4, 4),)
     summary = train.train(config, str(workdir))
@@ -258,6 +288,7 @@ def test_unreadable_newest_checkpoint_falls_back_to_previous(resumed, tmp_path, 
     """A truncated newest checkpoint is skipped with a warning; the previous one is restored
     completely, and the failed read leaves nothing half-loaded in the trainer."""
     import shutil
+
     ckdir = tmp_path / "checkpoints"
     shutil.copytree(resumed["ckdir"], ckdir)
     shutil.copytree(ckdir / "iter_0000002", ckdir / "iter_0000009")

@@ -6,6 +6,7 @@ restore still picks the previous checkpoint; the published checkpoint holds the 
 save, not the weights trained meanwhile; a process killed before the finalize leaves the
 previous checkpoint loadable and nothing that looks complete.
 """
+
 import os
 import signal
 import subprocess
@@ -16,8 +17,8 @@ from pathlib import Path
 import torch
 
 from mugv.config import get_config
-from mugv_megatron.train import checkpointing
 from mugv.training import ObjectiveConfig, OptimConfig
+from mugv_megatron.train import checkpointing
 from tests.megatron import helpers
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,8 +30,8 @@ OBJECTIVE = ObjectiveConfig(i2v_prob=0.5, i2v_mode="quarter", caption_dropout_pr
 
 def iterator():
     from mugv.data.synthetic import Bucket, DataIterator, SyntheticTextToLatent
-    return DataIterator(SyntheticTextToLatent([Bucket(3, 4, 6, 2)], in_channels=CFG.in_channels,
-                                              text_dim=CFG.text_dim))
+
+    return DataIterator(SyntheticTextToLatent([Bucket(3, 4, 6, 2)], in_channels=CFG.in_channels, text_dim=CFG.text_dim))
 
 
 def make_trainer(seed=0):
@@ -53,7 +54,7 @@ def test_async_save_is_published_by_its_finalize_with_the_state_at_the_save(tmp_
     tr, it = make_trainer(), iterator()
     run(tr, it, 2)
     checkpointing.save(ckdir, tr, it.get_state())
-    os.makedirs(os.path.join(ckdir, "iter_0000009.tmp"))    # left by an earlier killed run
+    os.makedirs(os.path.join(ckdir, "iter_0000009.tmp"))  # left by an earlier killed run
     run(tr, it, 1)
     at_save = state(tr)
     checkpointing.save(ckdir, tr, it.get_state(), async_save=True)
@@ -61,7 +62,7 @@ def test_async_save_is_published_by_its_finalize_with_the_state_at_the_save(tmp_
     assert not os.path.exists(os.path.join(ckdir, "iter_0000009.tmp"))
     assert checkpointing.steps(ckdir) == [2] and tracker(ckdir) == "2"
     assert os.path.isdir(checkpointing.iter_dir(ckdir, 3) + ".tmp")
-    run(tr, it, 1)                                          # weights change in place meanwhile
+    run(tr, it, 1)  # weights change in place meanwhile
     before = make_trainer(seed=5)
     assert checkpointing.restore_latest(ckdir, before) is not None and before.step == 2
 
@@ -104,8 +105,14 @@ def test_process_killed_before_finalize_leaves_previous_checkpoint(tmp_path):
     # Its own session: what the killed run leaves behind (the checkpoint writer it forked, the
     # multiprocessing manager its saves report through) is ended with it, and holds no pipe of ours.
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, str(script)], cwd=str(ROOT), env=env, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, str(script)],
+            cwd=str(ROOT),
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             code = proc.wait(timeout=600)
         finally:

@@ -11,6 +11,7 @@ the first moment is (1 − b1) × the clipped gradient, so comparing it compares
 (embedders summed over the stages, CP grads summed over the ranks); the weights move by
 lr·sign(g) per element, so where the gradient is well above rounding they must agree closely.
 """
+
 import dataclasses
 import datetime
 import re
@@ -21,11 +22,18 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from mugv_megatron.train import checkpointing
 from mugv.io.torch_cpu import free_port
 from mugv_megatron.parallel import state as parallel
-from tests.cross_backend.test_cross_backend_training import (CFG, LATENT, LR, OBJECTIVE, OPTIM, make_case,
-                                               release_weights)
+from mugv_megatron.train import checkpointing
+from tests.cross_backend.test_cross_backend_training import (
+    CFG,
+    LATENT,
+    LR,
+    OBJECTIVE,
+    OPTIM,
+    make_case,
+    release_weights,
+)
 
 WORLD = 2
 # Two micro-batches per step: the pipeline schedule runs more than one.
@@ -60,6 +68,7 @@ def _state(tr, prefix: str) -> dict:
 
 def _trainer(batch_null):
     from mugv_megatron.train.step import Trainer
+
     state = {k: torch.from_numpy(v) for k, v in release_weights().items()}
     tr = Trainer(CFG, OPTIM2, OBJECTIVE, seed=0, release_state=state, use_megatron_optimizer=False)
     tr.null_text = torch.from_numpy(batch_null)
@@ -69,12 +78,12 @@ def _trainer(batch_null):
 def _worker(rank, port, out_dir):
     torch.set_num_threads(1)
     from megatron.core import parallel_state as ps
+
     timeout = datetime.timedelta(seconds=300)
     batch, draws, null = make_case()
     results = {}
 
-    parallel.setup(1, rank=rank, world_size=WORLD, master_port=port, timeout=timeout,
-                   pipeline_parallel_size=WORLD)
+    parallel.setup(1, rank=rank, world_size=WORLD, master_port=port, timeout=timeout, pipeline_parallel_size=WORLD)
     tr = _trainer(null)
     m = tr.train_step(batch, draws=draws)
     results.update(_state(tr, "pp"))
@@ -93,8 +102,7 @@ def _worker(rank, port, out_dir):
     results["pp.nan_counters"] = torch.tensor([tr.step, tr.skipped, tr.optimizer.count])
 
     ps.destroy_model_parallel()
-    parallel.setup(1, rank=rank, world_size=WORLD, master_port=port, timeout=timeout,
-                   context_parallel_size=WORLD)
+    parallel.setup(1, rank=rank, world_size=WORLD, master_port=port, timeout=timeout, context_parallel_size=WORLD)
     tr = _trainer(null)
     m = tr.train_step(batch, draws=draws)
     results.update(_state(tr, "cp"))
@@ -131,7 +139,7 @@ def _held(ranks, layout):
     for res in ranks:
         for k, v in res.items():
             if k.startswith(f"{layout}.") and k.count(".") > 1:
-                held.setdefault(k[len(layout) + 1:], []).append(v)
+                held.setdefault(k[len(layout) + 1 :], []).append(v)
     return held
 
 
@@ -147,7 +155,7 @@ def test_loss_and_grad_norm_match_one_process(ranks, reference, layout):
 def test_state_after_the_step_matches_one_process(ranks, reference, layout):
     _, ref = reference
     held = _held(ranks, layout)
-    want_keys = {k[len("ref."):] for k in ref}
+    want_keys = {k[len("ref.") :] for k in ref}
     assert set(held) == want_keys, set(held) ^ want_keys
     worst_m, strict, total = 0.0, 0, 0
     for key, copies in held.items():
@@ -171,8 +179,10 @@ def test_state_after_the_step_matches_one_process(ranks, reference, layout):
             bound = PARAM_ABS_STRICT * (1.0 if kind == "param" else 1 - OPTIM2.ema_decay)
             assert diff[sure].max().item() <= bound if sure.any() else True, key
             strict, total = strict + int(sure.sum()), total + sure.numel()
-    print(f"{layout}: worst first/second moment error {worst_m:.2e} of tensor max; "
-          f"strictly checked weights {strict / total:.1%}")
+    print(
+        f"{layout}: worst first/second moment error {worst_m:.2e} of tensor max; "
+        f"strictly checked weights {strict / total:.1%}"
+    )
     assert strict / total > 0.5
 
 
@@ -187,6 +197,7 @@ def test_pp2_checkpoint_restores_bit_exactly_at_pp1(run_dir, ranks):
     """Each stage wrote its layers at their global index: a one-process trainer gets back every
     weight, Adam moment and EMA tensor of the PP=2 run exactly."""
     from mugv_megatron.train.step import Trainer
+
     parallel.setup(1)
     assert sorted(r["pp.rank"].item() for r in ranks) == [0, 1]
     tr = Trainer(CFG, OPTIM2, OBJECTIVE, seed=7, use_megatron_optimizer=False)

@@ -1,4 +1,5 @@
 """Release layout ↔ VideoVAE: abstract init, strict loading, bit-exact export, logical axes."""
+
 import json
 import os
 import re

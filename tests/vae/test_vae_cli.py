@@ -1,4 +1,5 @@
 """`python -m mugv_jax.vae encode|decode` (issue 9, item 6): batch jobs skip bad videos and say so."""
+
 import json
 import os
 
@@ -23,7 +24,7 @@ def weights(tmp_path_factory):
 def _moving_square(t=9, h=24, w=32):
     frames = np.full((t, h, w, 3), 40, np.uint8)
     for i in range(t):
-        frames[i, 4:12, 2 + 2 * i:10 + 2 * i] = (220, 60, 30)
+        frames[i, 4:12, 2 + 2 * i : 10 + 2 * i] = (220, 60, 30)
     return frames
 
 

