@@ -23,8 +23,8 @@ planner (`python -m mugv_jax.plan --config=configs/mugv_10b.py:<stage>:<pod>`; a
 
 The paper publishes no batch size, step count or learning rate: a stage's global batch is
 TOKENS_PER_STEP video tokens divided by the tokens of its largest sample, rounded down to a
-multiple of BATCH_MULTIPLE (256, so that every data-parallel × accumulation split of a 256-device
-pod divides it); all aspect buckets of a stage share it, and so do the image buckets of the mixed
+multiple of BATCH_MULTIPLE (256, so that every data-parallel × accumulation split of a pod of up
+to 256 devices divides it); all aspect buckets of a stage share it, and so do the image buckets of the mixed
 stage (see _image_buckets). Learning rates are our choice (µP-style:
 the small model's tuned rate is reused after expansion). Buckets are (latent frames, latent
 height, latent width, global batch); pixel = latent × 8, pixel frames = 8·(latent frames − 1) + 1
@@ -104,12 +104,27 @@ STAGES = {
     ),
 }
 
-# The machines a stage is laid out for: the planner's device kind and device count.
+
+# The machines a stage is laid out for: the planner's device kind and device count (JAX devices).
+# Pod names follow the vendor: a TPU v5p-N slice counts TensorCores, two per chip, and JAX shows
+# one device per chip, so v5p-256 is 128 devices; v6e-N counts chips (one core each); h100xN is
+# N GPUs.
+def pod_devices(name: str) -> int:
+    """JAX devices of a pod named as its vendor names it (v5p-256 → 128, v6e-256 → 256, h100x64 → 64)."""
+    family, sep, count = name.rpartition("-") if name.startswith("v") else name.partition("x")
+    if not sep or not count.isdigit():
+        raise ValueError(f"pod name {name!r}: expected v5p-N, v6e-N or h100xN")
+    cores_per_chip = {"v5p": 2, "v4": 2, "v6e": 1, "v5e": 1, "h100": 1, "h200": 1}.get(family)
+    if cores_per_chip is None or int(count) % cores_per_chip:
+        raise ValueError(f"pod name {name!r}: unknown family {family!r} or odd core count")
+    return int(count) // cores_per_chip
+
+
 PODS = {
-    "v5p-256": dict(kind="tpu-v5p", devices=256),
-    "v6e-256": dict(kind="tpu-v6e", devices=256),
-    "h100x64": dict(kind="h100", devices=64),
-    "h100x128": dict(kind="h100", devices=128),
+    "v5p-256": dict(kind="tpu-v5p", devices=pod_devices("v5p-256")),
+    "v6e-256": dict(kind="tpu-v6e", devices=pod_devices("v6e-256")),
+    "h100x64": dict(kind="h100", devices=pod_devices("h100x64")),
+    "h100x128": dict(kind="h100", devices=pod_devices("h100x128")),
 }
 DEFAULT_POD = "v5p-256"
 
@@ -120,10 +135,10 @@ DEFAULT_POD = "v5p-256"
 # speed that the planner finds within 90% of HBM) and checked by `python bench/plan_targets.py`;
 # docs/scaling.md has the figures and why the attention is XLA's (ring when context > 1).
 LAYOUTS = {
-    ("360p_2s", "v5p-256"): ((2, 128, 1, 1), "xla", "full", 1),
-    ("360p_3s", "v5p-256"): ((1, 128, 1, 2), "xla+ring", "full", 4),
-    ("360p_5s", "v5p-256"): ((1, 128, 1, 2), "xla+ring", "full", 1),
-    ("720p_5s", "v5p-256"): ((1, 32, 1, 8), "xla+ring", "full", 2),
+    ("360p_2s", "v5p-256"): ((1, 128, 1, 1), "xla", "full", 1),
+    ("360p_3s", "v5p-256"): ((1, 64, 1, 2), "xla+ring", "full", 4),
+    ("360p_5s", "v5p-256"): ((1, 64, 1, 2), "xla+ring", "full", 1),
+    ("720p_5s", "v5p-256"): ((1, 16, 1, 8), "xla+ring", "full", 2),
     ("360p_2s", "v6e-256"): ((1, 128, 1, 2), "xla+ring", "full", 2),
     ("360p_3s", "v6e-256"): ((1, 64, 1, 4), "xla+ring", "full", 2),
     ("360p_5s", "v6e-256"): ((1, 64, 1, 4), "xla+ring", "full", 1),

@@ -1,6 +1,6 @@
 """Plan a pod run on the CPU: per-device memory, FLOPs and step time of the real train step.
 
-    python -m mugv_jax.plan --config=configs/mugv_10b.py:video_720[:POD] [--devices=256 --kind=tpu-v5p] \
+    python -m mugv_jax.plan --config=configs/mugv_10b.py:video_720[:POD] [--devices=128 --kind=tpu-v5p] \
         [--config.mesh.ici.fsdp=64 --config.mesh.ici.context=4 ...] [--remat=full] [--mfu=0.4]
 
 --devices and --kind default to the pod the config was laid out for (`config.target`). Exit

@@ -51,14 +51,32 @@ def test_default_pod_and_run_root_syntax():
         mugv_10b.get_config("video_720:v7-9")
 
 
+def test_pods_count_devices_as_jax_sees_them():
+    # A v5p-N slice counts TensorCores (two per chip); JAX shows one device per chip. v6e-N and
+    # h100xN count chips/GPUs.
+    assert mugv_10b.pod_devices("v5p-256") == 128 and mugv_10b.pod_devices("v5p-16") == 8
+    assert mugv_10b.pod_devices("v6e-256") == 256 and mugv_10b.pod_devices("h100x64") == 64
+    assert {k: v["devices"] for k, v in mugv_10b.PODS.items()} == {
+        "v5p-256": 128,
+        "v6e-256": 256,
+        "h100x64": 64,
+        "h100x128": 128,
+    }
+    with pytest.raises(ValueError, match="odd core count"):
+        mugv_10b.pod_devices("v5p-9")
+    with pytest.raises(ValueError, match="expected v5p-N"):
+        mugv_10b.pod_devices("tpu")
+
+
 def test_layouts_are_validated():
     c = mugv_10b.get_config("video_720")
     saved = dict(mugv_10b.LAYOUTS)
     try:
-        mugv_10b.LAYOUTS[("720p_5s", "v5p-256")] = ((1, 32, 1, 4), "xla+ring", "full", 1)
-        with pytest.raises(ValueError, match="does not cover 256 devices"):
+        # v5p-256 is 128 chips: a 256-device mesh (the layouts before the pod-size fix) is refused.
+        mugv_10b.LAYOUTS[("720p_5s", "v5p-256")] = ((1, 32, 1, 8), "xla+ring", "full", 2)
+        with pytest.raises(ValueError, match="does not cover 128 devices"):
             mugv_10b.get_config("video_720")
-        mugv_10b.LAYOUTS[("720p_5s", "v5p-256")] = ((1, 16, 1, 16), "xla+ring", "full", 3)
+        mugv_10b.LAYOUTS[("720p_5s", "v5p-256")] = ((1, 8, 1, 16), "xla+ring", "full", 3)
         with pytest.raises(ValueError, match="global batch 256 is not a multiple"):
             mugv_10b.get_config("video_720")
     finally:
