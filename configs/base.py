@@ -13,7 +13,7 @@ def base_config() -> ml_collections.ConfigDict:
     # Which weights of a jax: init_from to start from: "raw" params or the online "ema" (the
     # curriculum stages hand over the EMA; docs/training_recipe.md).
     c.init_weights = "raw"
-    c.mode = "pretrain"  # "pretrain" | "preference" (mugv_jax/recipe/preference.py)
+    c.mode = "pretrain"  # "pretrain" | "preference" (mugv_jax/train/preference.py)
     c.seed = 0
     c.num_steps = 100
     c.compute_dtype = "float32"  # "bfloat16" for real runs

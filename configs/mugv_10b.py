@@ -12,7 +12,7 @@ the tuned hidden-1728 model widened ×2 by `python -m mugv_jax.recipe.expand`.
   video_360_5s   360p, 5 s clips        } run each until the validation loss plateaus
   video_720      720p, 5 s clips from the high-quality subset, first-frame masking kept
   sft            annealed SFT: curated subset, cosine decay to 0, checkpoints kept for post-hoc EMA
-  preference     DPO + KTO with the SFT loss as regulariser (mugv_jax/recipe/preference.py)
+  preference     DPO + KTO with the SFT loss as regulariser (mugv_jax/train/preference.py)
 
 <pod> picks the machine the stage is laid out for (default v5p-256): the mesh, the attention
 kernel and context-parallel mode, the remat policy and the micro-batch, with gradient
@@ -250,7 +250,7 @@ def get_config(arg: str = "video_720"):
                 shift_ratio=None,
             )
         )
-    # Preference steps do not accumulate gradients (mugv_jax/recipe/preference.py).
+    # Preference steps do not accumulate gradients (mugv_jax/train/preference.py).
     apply_layout(c, s["clip"], pod, accumulate=not s.get("preference"))
     c.validation.every = 2000
     c.validation.num_batches = 8

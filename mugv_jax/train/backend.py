@@ -36,8 +36,8 @@ from mugv.training import (
 from mugv_jax.dit import checkpoint as dit_checkpoint
 from mugv_jax.dit.model import RuntimeOptions
 from mugv_jax.parallel import mesh as mesh_lib
-from mugv_jax.recipe import preference as pref
 from mugv_jax.train import checkpointing, validation
+from mugv_jax.train import preference as pref
 from mugv_jax.train import step as trainer_lib
 
 log = logging.getLogger("mugv.train")
