@@ -42,7 +42,7 @@ from mugv.training import (
     preference_config_from,
 )
 from mugv_megatron.parallel import state as parallel
-from mugv_megatron.train import checkpointing, evaluation
+from mugv_megatron.train import checkpointing, validation
 
 log = logging.getLogger("mugv.megatron.train")
 
@@ -222,7 +222,7 @@ class MegatronBackend:
 
     def evaluate(self, request) -> dict:
         if isinstance(request, ValidationSet):
-            return request.summarize(evaluation.validation_per_t(self.trainer, request))
+            return request.summarize(validation.validation_per_t(self.trainer, request))
         if isinstance(request, tasks.PreferenceEvaluation):
             sums: dict = {}
             for i, b in enumerate(request.batches):
