@@ -186,9 +186,9 @@ def padded_frames(num_frames: int) -> int:
     """Frames to ask the VAE decoder for so that dropping the first `padded − num_frames` gives
     frames 0..num_frames−1 in order: an 8k+1-frame clip was encoded with 7 copies of frame 0 in
     front (the first-frame rule), so its latents decode to 8k+8 frames. Asked for only 8k+1,
-    the release's windowing (mugv_jax/vae/plan.py) crops at the front of the *last* window,
+    the release's windowing (mugv_jax/vae/windows.py) crops at the front of the *last* window,
     and a clip longer than one chunk comes back as [f0 ×7, f0..f8, f16] for 17 frames."""
-    from mugv_jax.vae.plan import first_frame_copies
+    from mugv_jax.vae.windows import first_frame_copies
 
     return num_frames + first_frame_copies(num_frames)
 

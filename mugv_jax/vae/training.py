@@ -39,8 +39,8 @@ from mugv_jax.vae.checkpoint import export_release_state_dict, load
 from mugv_jax.vae.discriminator import PatchDiscriminator
 from mugv_jax.vae.init import random_vae
 from mugv_jax.vae.model import VideoVAE
-from mugv_jax.vae.plan import first_frame_copies
 from mugv_jax.vae.videos import list_videos, procedural_clips, read_videos, to_unit
+from mugv_jax.vae.windows import first_frame_copies
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def load_clips(config, clips: Iterable[np.ndarray] | None) -> tuple[list[np.ndar
 
 def first_frame_padded(clip: np.ndarray) -> np.ndarray:
     """A clip of 8k+1 frames with 7 copies of frame 0 in front: what the encode pipeline feeds
-    the temporal encoder in chunked mode (the first-frame rule, mugv_jax/vae/plan.py). The 2D
+    the temporal encoder in chunked mode (the first-frame rule, mugv_jax/vae/windows.py). The 2D
     encoder works per frame, so repeating pixels equals repeating features."""
     copies = first_frame_copies(clip.shape[0])
     return np.concatenate([np.repeat(clip[:1], copies, axis=0), clip]) if copies else clip

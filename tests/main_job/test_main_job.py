@@ -139,8 +139,8 @@ def test_second_run_reuses_every_stage_and_redo_repeats_only_what_was_asked():
 
 def _decoded_frame_sources(num_frames, micro, asked=None):
     """Which input frame each frame of decode(encode(clip), asked) stands for, from the encode and
-    decode plans alone (mugv_jax/vae/plan.py)."""
-    from mugv_jax.vae.plan import ZERO, decode_windows, encode_calls
+    decode plans alone (mugv_jax/vae/windows.py)."""
+    from mugv_jax.vae.windows import ZERO, decode_windows, encode_calls
 
     groups = [g for call in encode_calls(num_frames, micro) for g in call]
     out = []

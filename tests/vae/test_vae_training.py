@@ -136,8 +136,8 @@ def test_whole_clip_holdout_never_reaches_training():
 
 
 def test_first_frame_padding_is_what_the_encode_pipeline_groups():
-    from mugv_jax.vae.plan import encode_calls
     from mugv_jax.vae.training import CropSampler, first_frame_padded
+    from mugv_jax.vae.windows import encode_calls
 
     clip = np.arange(17, dtype=np.uint8)[:, None, None, None] * np.ones((1, 8, 8, 3), np.uint8)
     padded = first_frame_padded(clip)
