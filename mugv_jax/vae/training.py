@@ -35,9 +35,8 @@ from flax import nnx
 from mugv.run import driver
 from mugv.vae_config import TEMPORAL_GROUP, VAEConfig, get_vae_config
 from mugv_jax.vae import losses
-from mugv_jax.vae.checkpoint import export_release_state_dict, load
+from mugv_jax.vae.checkpoint import export_release_state_dict, load, random_vae
 from mugv_jax.vae.discriminator import PatchDiscriminator
-from mugv_jax.vae.init import random_vae
 from mugv_jax.vae.model import VideoVAE
 from mugv_jax.vae.videos import list_videos, procedural_clips, read_videos, to_unit
 from mugv_jax.vae.windows import first_frame_copies

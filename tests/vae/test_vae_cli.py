@@ -9,7 +9,7 @@ import pytest
 import mugv_jax.vae as vae
 from mugv.data.video import decode_video
 from mugv_jax.vae.__main__ import EXIT_FATAL, EXIT_SKIPPED, main, write_mp4
-from mugv_jax.vae.init import random_vae
+from mugv_jax.vae.checkpoint import random_vae
 from mugv_jax.vae.training import save_release
 
 
