@@ -10,7 +10,7 @@ import mugv_jax.vae as vae
 from mugv.data.video import decode_video
 from mugv_jax.vae.__main__ import EXIT_FATAL, EXIT_SKIPPED, main, write_mp4
 from mugv_jax.vae.checkpoint import random_vae
-from mugv_jax.vae.training import save_release
+from mugv_jax.vae.trainer import save_release
 
 
 @pytest.fixture(scope="module")
