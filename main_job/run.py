@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from main_job import dataset, measure, media
 from main_job.stages import Stages, atomic_write_json
+from mugv.data.video import write_mp4
 from mugv.training import flatten
 
 log = logging.getLogger("mugv.main_job")
@@ -476,7 +477,7 @@ def stage_sample(
                 )
             # Every seed counts in the checks; the page shows the first few.
             if s < int(config.sample.media_seeds):
-                media.write_mp4(os.path.join(d, f"{name}.mp4"), videos[mode][i], pr["fps"], scale=scale)
+                write_mp4(os.path.join(d, f"{name}.mp4"), media.upscale(videos[mode][i], scale), pr["fps"])
                 grid_rows = [(f"{mode} sample: {pr['caption']}", videos[mode][i])]
                 if pr["kind"] == "held-out":  # the prompt's own rendering right under the sample
                     grid_rows.append(("ground truth of this prompt (never trained on)", held_out[p]))
@@ -487,10 +488,10 @@ def stage_sample(
     # Reference videos for the page: the training clip each prompt is compared with.
     for p, pr in enumerate(prompts):
         ref_index, _ = _reference_clip(pr, meta)
-        media.write_mp4(os.path.join(d, f"reference_{p:02d}.mp4"), train[ref_index], pr["fps"], scale=scale)
+        write_mp4(os.path.join(d, f"reference_{p:02d}.mp4"), media.upscale(train[ref_index], scale), pr["fps"])
         if pr["kind"] == "held-out":
-            media.write_mp4(os.path.join(d, f"truth_{p:02d}.mp4"), held_out[p], pr["fps"], scale=scale)
-            media.write_mp4(os.path.join(d, f"truth_vae_{p:02d}.mp4"), recon_truth[p], pr["fps"], scale=scale)
+            write_mp4(os.path.join(d, f"truth_{p:02d}.mp4"), media.upscale(held_out[p], scale), pr["fps"])
+            write_mp4(os.path.join(d, f"truth_vae_{p:02d}.mp4"), media.upscale(recon_truth[p], scale), pr["fps"])
     held_meta = meta["held_out"]
     vae_held = measure.reconstruction(
         held_out, recon_truth[: len(held_meta)], [h["colour"] for h in held_meta], [h["direction"] for h in held_meta]

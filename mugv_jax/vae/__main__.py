@@ -86,29 +86,6 @@ def _read_latents(path: str) -> tuple[np.ndarray, dict]:
     return z, meta
 
 
-def write_mp4(frames: np.ndarray, path: str, fps: float) -> None:
-    """uint8 [T, H, W, 3] → H.264 yuv420p mp4 (H and W must be even), written to a temp name."""
-    import av
-
-    t, h, w, _ = frames.shape
-    if h % 2 or w % 2:
-        raise ValueError(f"{path}: yuv420p needs even frame sizes, got {h}×{w}")
-    tmp = path + ".tmp.mp4"
-    try:
-        with av.open(tmp, "w") as out:
-            stream = out.add_stream("libx264", rate=max(1, round(fps)))
-            stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-            for f in frames:
-                for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-                    out.mux(packet)
-            for packet in stream.encode():
-                out.mux(packet)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _report(done: int, failures: list[tuple[str, str]], what: str) -> int:
     if failures:
         print(f"\n{len(failures)} of {done + len(failures)} inputs skipped ({what}):", file=sys.stderr)
@@ -164,6 +141,7 @@ def cmd_encode(args) -> int:
 def cmd_decode(args) -> int:
     from tqdm import tqdm
 
+    from mugv.data.video import write_mp4
     from mugv_jax.vae.videos import to_uint8
 
     os.makedirs(args.out, exist_ok=True)
@@ -181,7 +159,7 @@ def cmd_decode(args) -> int:
         num_frames = args.num_frames or meta.get("num_frames") or 8 * z.shape[2]
         video = np.asarray(model.decode(z, int(num_frames)))
         frames = to_uint8(video[0].transpose(1, 2, 3, 0))
-        write_mp4(frames, os.path.join(args.out, _stem(path) + ".mp4"), args.fps or meta.get("fps") or 24.0)
+        write_mp4(os.path.join(args.out, _stem(path) + ".mp4"), frames, args.fps or meta.get("fps") or 24.0)
         done += 1
     return _report(done, failures, "unreadable latents")
 
