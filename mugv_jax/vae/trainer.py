@@ -194,16 +194,10 @@ class Trainer:
         fn = self._train_step(window)
         d_params = self.d_params if self.use_gan else None
         d_opt = self.d_opt_state if self.use_gan else None
-        p, o, dp, do, terms = fn(
-            self.params,
-            self.opt_state,
-            d_params,
-            d_opt,
-            jnp.asarray(x),
-            key,
-            jnp.float32(saliency_mix),
-            jnp.float32(gan_on),
-        )
+        # The host batch and the two switches go to the device here, explicitly: nothing else in
+        # the step may cross (the tests run it under jax.transfer_guard("disallow")).
+        x, saliency_mix, gan_on = jax.device_put((np.asarray(x), np.float32(saliency_mix), np.float32(gan_on)))
+        p, o, dp, do, terms = fn(self.params, self.opt_state, d_params, d_opt, x, key, saliency_mix, gan_on)
         self.params, self.opt_state = p, o
         if self.use_gan:
             self.d_params, self.d_opt_state = dp, do

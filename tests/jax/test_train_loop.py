@@ -17,7 +17,7 @@ from mugv.run.driver import NonFiniteLossError
 from mugv.training import model_config_from
 from mugv_jax.train import backend as train_lib
 from mugv_jax.train import checkpointing
-from tests.trainer_helpers import host_batch, make_source, make_trainer, to_numpy
+from tests.trainer_helpers import guard_train_steps, host_batch, make_source, make_trainer, to_numpy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import tiny as tiny_config
@@ -25,6 +25,12 @@ from configs import tiny as tiny_config
 # Learning: mean loss of the last 20 steps must fall below this fraction of the best caption-blind
 # constant prediction's loss (measured: 0.31 after 150 steps with the tiny config's fixed shift).
 LEARNED_LOSS_RATIO = 0.5
+
+
+@pytest.fixture(autouse=True)
+def _no_implicit_transfers_in_steps(monkeypatch):
+    # Every step of the in-process runs, the driver's included (subprocess runs are not reached).
+    guard_train_steps(monkeypatch)
 
 
 def _config(**overrides):

@@ -12,8 +12,15 @@ import pytest
 import mugv_jax.vae as vae
 from configs import vae_tiny
 from mugv_jax.vae import losses
+from mugv_jax.vae import trainer as vae_trainer
 from mugv_jax.vae.trainer import _optimizer
 from mugv_jax.vae.training import train_vae
+from tests.trainer_helpers import guard_train_steps
+
+
+@pytest.fixture(autouse=True)
+def _no_implicit_transfers_in_steps(monkeypatch):
+    guard_train_steps(monkeypatch, vae_trainer.Trainer)
 
 
 def _config(**loss):
