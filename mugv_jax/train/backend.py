@@ -21,8 +21,8 @@ import jax
 import numpy as np
 
 from mugv.config import DiTConfig
-from mugv.io import orbax
-from mugv.io.weights import open_weights
+from mugv.io.weights import init_format, load_params, open_weights
+from mugv.layouts.jax import unflatten
 from mugv.run import driver, tasks
 from mugv.run.validation import ValidationSet
 from mugv.training import (
@@ -31,7 +31,6 @@ from mugv.training import (
     dataclass_from,
     model_config_from,
     preference_config_from,
-    unflatten,
 )
 from mugv_jax.dit import checkpoint as dit_checkpoint
 from mugv_jax.dit.model import RuntimeOptions
@@ -47,9 +46,9 @@ def init_params_from(spec: str, model_cfg: DiTConfig, weights: str = "raw"):
     """Initial parameters (nested dict) from `config.init_from`: `jax:DIR[@STEP]` (an orbax
     checkpoint), `megatron:DIR[@ITER]` (torch_dist) or a release-layout file (.pt / .safetensors /
     index); `weights` "raw" or "ema" (`config.init_weights`)."""
-    if spec.startswith("jax:"):
+    if init_format(spec) == "jax":
         # The JAX layout as stored: no round trip through release names.
-        found, params = orbax.load_params(spec, weights=weights)
+        found, params = load_params(spec, weights=weights)
         if found != model_cfg:
             raise ValueError(f"config.init_from={spec} holds a {found} model, but the run's model is {model_cfg}")
         return params
