@@ -68,12 +68,6 @@ def _resolve(spec: str) -> spec_lib.Spec:
     return spec_lib.resolve(given)
 
 
-def init_format(spec: str) -> str:
-    """The format of the checkpoint `config.init_from` names (release, jax, megatron or
-    megatron-legacy), detected when not named."""
-    return _resolve(spec).format
-
-
 def _stored_params(spec: str, weights: str) -> StoredParams:
     found = spec_lib.resolve(spec)
     if found.format != "jax":
