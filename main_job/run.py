@@ -23,9 +23,10 @@ import numpy as np
 from tqdm import tqdm
 
 from main_job import dataset, measure, media
-from main_job.stages import Stages, atomic_write_json
+from main_job.stages import Stages
 from mugv.data.video import write_mp4
-from mugv.training import flatten
+from mugv.io.atomic import write_json
+from mugv.layouts.jax import flatten
 
 log = logging.getLogger("mugv.main_job")
 
@@ -343,7 +344,7 @@ def stage_dit(config, stages: Stages, encode_record: dict) -> dict:
     import jax
     from absl import flags
 
-    from mugv import null_text
+    from mugv.io import null_text
     from mugv.safetensors_io import save_atomic
     from mugv_jax import dit
     from mugv_jax.dit.checkpoint import model_from_params
@@ -597,7 +598,7 @@ def run(config, workdir: str, redo=(), progress: bool = True) -> dict:
     }
     summary["report"] = report.write(workdir, config, summary, sample_rec)
     summary["wall_seconds"] = time.time() - t_start
-    atomic_write_json(os.path.join(workdir, "summary.json"), summary)
+    write_json(os.path.join(workdir, "summary.json"), summary, default=str)
     print(
         f"report: {summary['report']}  ({summary['wall_seconds']:.0f}s; stages run: "
         f"{','.join(timings) or 'none'}; reused: {','.join(reused) or 'none'})",

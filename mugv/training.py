@@ -94,18 +94,6 @@ def dataclass_from(cls, section):
     return cls(**values)
 
 
-def unflatten(flat: dict[str, object]) -> dict:
-    """{"a.b.c": v} → {"a": {"b": {"c": v}}}."""
-    out: dict = {}
-    for path, v in flat.items():
-        node = out
-        *parents, leaf = path.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = v
-    return out
-
-
 @dataclasses.dataclass(frozen=True)
 class MegatronOptions:
     """`config.megatron`: how the Megatron backend runs (the JAX backend's counterparts are
@@ -175,15 +163,3 @@ def preference_config_from(config) -> PreferenceConfig:
     task's, not the loss's)."""
     fields = {f.name for f in dataclasses.fields(PreferenceConfig)}
     return PreferenceConfig(**{k: v for k, v in dict(config.preference).items() if k in fields})
-
-
-def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
-    """{"a": {"b": {"c": v}}} → {"a.b.c": v} (the inverse of `unflatten`)."""
-    out: dict = {}
-    for k, v in tree.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out

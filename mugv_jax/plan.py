@@ -507,12 +507,9 @@ def summary(p: Plan, kind: str, mfu: float) -> dict:
 
 
 def write_json(p: Plan, kind: str, mfu: float, path: str) -> None:
-    import json
+    from mugv.io import atomic
 
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(summary(p, kind, mfu), f, indent=1)
-    os.replace(tmp, path)
+    atomic.write_json(path, summary(p, kind, mfu), indent=1)
 
 
 def _target(config):

@@ -25,6 +25,8 @@ import signal
 import time
 from typing import Any, Protocol
 
+from mugv.io.atomic import write_json
+from mugv.io.spec import WITH_EMA, parse_spec
 from mugv.run.metrics import MetricsWriter
 
 log = logging.getLogger("mugv.run")
@@ -72,19 +74,12 @@ def check_init(config) -> None:
     spec, weights = str(config.get("init_from", "") or ""), str(config.get("init_weights", "raw"))
     if weights not in ("raw", "ema"):
         raise ValueError(f"config.init_weights must be 'raw' or 'ema', got {weights!r}")
-    if spec and weights == "ema" and not spec.startswith(("jax:", "megatron:")):
+    if spec and weights == "ema" and parse_spec(spec).format not in WITH_EMA:
         raise ValueError(
             f"config.init_weights='ema' takes the EMA of a training checkpoint (jax:DIR or "
             f"megatron:DIR), but config.init_from={spec!r} is a release file with one set of "
             f"weights: set config.init_weights='raw'"
         )
-
-
-def write_json_atomic(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 def run(config, workdir: str, backend: Backend, task: Task, *, resolved: dict | None = None) -> dict:
@@ -93,7 +88,7 @@ def run(config, workdir: str, backend: Backend, task: Task, *, resolved: dict | 
     os.makedirs(workdir, exist_ok=True)
     resolved = resolved if resolved is not None else json.loads(config.to_json_best_effort())
     if backend.is_main:
-        write_json_atomic(os.path.join(workdir, "config.json"), resolved)
+        write_json(os.path.join(workdir, "config.json"), resolved)
 
     it = task.iterator(backend.data_shard)
     data_state = backend.restore()

@@ -14,6 +14,8 @@ import sys
 
 import numpy as np
 
+from mugv.io.atomic import atomic_output, write_json
+
 EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_SKIPPED = 0, 1, 2, 3
 
 
@@ -45,19 +47,15 @@ def _stem(path: str) -> str:
 
 def _write_latents(z: np.ndarray, out: str, fmt: str, meta: dict) -> str:
     path = os.path.join(out, meta["name"] + (".npy" if fmt == "npy" else ".safetensors"))
-    tmp = path + ".tmp"
-    if fmt == "npy":
-        with open(tmp, "wb") as f:
-            np.save(f, z)
-    else:
-        from safetensors.numpy import save_file
+    with atomic_output(path, force=True) as tmp:
+        if fmt == "npy":
+            with open(tmp, "wb") as f:
+                np.save(f, z)
+        else:
+            from safetensors.numpy import save_file
 
-        save_file({"latents": z}, tmp, metadata={k: json.dumps(v) for k, v in meta.items()})
-    os.replace(tmp, path)
-    side = os.path.join(out, meta["name"] + ".json")
-    with open(side + ".tmp", "w") as f:
-        json.dump(meta, f)
-    os.replace(side + ".tmp", side)
+            save_file({"latents": z}, tmp, metadata={k: json.dumps(v) for k, v in meta.items()})
+    write_json(os.path.join(out, meta["name"] + ".json"), meta, indent=None)
     return path
 
 

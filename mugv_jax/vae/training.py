@@ -23,6 +23,7 @@ from collections.abc import Iterable
 import jax
 import numpy as np
 
+from mugv.io.atomic import write_json
 from mugv.run import driver
 from mugv.vae_config import TEMPORAL_GROUP, VAEConfig, get_vae_config
 from mugv_jax.vae.clips import CropIterator, CropSampler, load_clips
@@ -246,8 +247,7 @@ def train_vae(config, workdir: str, clips: Iterable[np.ndarray] | None = None, p
     )
     shift, scale = trainer.latent_stats(sampler, config.data.stats_batches, config.seed)
     trainer.export(weights, shift, scale)
-    with open(os.path.join(workdir, "vae_config.json"), "w") as f:
-        json.dump(vae_cfg.to_dict(), f, indent=1)
+    write_json(os.path.join(workdir, "vae_config.json"), vae_cfg.to_dict(), indent=1)
 
     result = {
         "weights": weights,
@@ -261,9 +261,6 @@ def train_vae(config, workdir: str, clips: Iterable[np.ndarray] | None = None, p
         "shift": shift.tolist(),
         "scale": scale.tolist(),
     }
-    tmp = result_path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, result_path)
+    write_json(result_path, result, indent=1)
     result["vae_config"] = vae_cfg
     return result

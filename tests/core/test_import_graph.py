@@ -194,3 +194,34 @@ def test_the_checker_sees_function_level_imports_and_cycles():
     assert "mugv.io.orbax" in imports("mugv_jax.recipe.posthoc_ema")
     assert _cycles(["a", "b", "c"], {"a": {"b"}, "b": {"a"}, "c": {"a"}}) == [["a", "b"]]
     assert _cycles(["a", "b"], {"a": {"b"}}) == []
+
+
+# The convert path, top to bottom (docs/architecture.md, "Checkpoint formats"): a reader who
+# follows `python -m converters convert` from the CLI meets each module before any module it
+# imports, and never has to climb back up. mugv.io.weights (init_from) sits beside the writers.
+CONVERT_PATH = [
+    ["converters.__main__"],
+    ["converters.cli"],
+    ["converters.convert"],
+    ["converters.detect", "converters.pipeline", "converters.formats"],
+    ["converters.formats.jax", "converters.formats.megatron", "mugv.io.weights"],
+    ["mugv.io.spec", "mugv.io.null_text"],
+    ["mugv.io.release", "mugv.io.orbax", "mugv.io.torch_dist"],
+    ["mugv.io.megatron", "mugv.io.torchzip", "mugv.io.staging", "mugv.io.torch_cpu"],
+    ["mugv.io.base", "mugv.io.atomic", "mugv.layouts.jax", "mugv.layouts.megatron"],
+    ["mugv.schema"],
+    ["mugv.config"],
+]
+
+
+def test_the_convert_path_reads_top_down():
+    level = {m: i for i, layer in enumerate(CONVERT_PATH) for m in layer}
+    io_modules = {m for m in MODULES if m.startswith(("mugv.io.", "converters.formats."))}
+    assert io_modules <= set(level), f"place these in CONVERT_PATH: {sorted(io_modules - set(level))}"
+    bad = sorted(
+        f"{m} -> {t}"
+        for m in level
+        for t in GRAPH[m]
+        if t.split(".")[0] in ("mugv", "converters") and (t not in level or level[t] <= level[m])
+    )
+    assert not bad, "imports that climb back up (or sideways) along the convert path:\n  " + "\n  ".join(bad)

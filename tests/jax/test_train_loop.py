@@ -216,6 +216,7 @@ def test_sigterm_saves_at_the_step_boundary_and_exits_zero(tmp_path):
 @pytest.mark.parametrize("kind", ["release", "jax"])
 def test_init_from_release_file_or_converted_jax_checkpoint(tmp_path, kind):
     from converters.convert import convert
+    from mugv.layouts.jax import flatten
     from mugv_jax import dit
     from mugv_jax.dit.checkpoint import model_from_params
     from tests.helpers import DIT_WEIGHTS, dit_weights
@@ -226,13 +227,7 @@ def test_init_from_release_file_or_converted_jax_checkpoint(tmp_path, kind):
         spec = f"jax:{tmp_path / 'converted'}"
     c = _config(num_steps=0, init_from=spec)
     summary = train_lib.train(c, str(tmp_path / "run"))
-    flat = {}
-
-    def walk(node, prefix=""):
-        for k, v in node.items():
-            walk(v, f"{prefix}{k}.") if isinstance(v, dict) else flat.__setitem__(prefix + k, np.asarray(v))
-
-    walk(jax.device_get(summary["state"]["params"]))
+    flat = {k: np.asarray(v) for k, v in flatten(jax.device_get(summary["state"]["params"])).items()}
     exported = dit.export_release_state_dict(model_from_params(model_config_from(c), flat))
     for name, ref in dit_weights().items():
         np.testing.assert_array_equal(exported[name], ref)

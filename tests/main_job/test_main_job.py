@@ -85,7 +85,7 @@ def test_every_stage_ran_and_left_its_outputs():
 
 def test_exported_dit_weights_carry_the_trained_null_caption():
     # python -m mugv_jax.sample --checkpoint=<dit_ema.safetensors> finds it without flags.
-    from mugv import null_text
+    from mugv.io import null_text
 
     workdir, _, summary = quick_run()
     side = null_text.load(null_text.sidecar_path(os.path.join(workdir, summary["dit"]["weights"])))

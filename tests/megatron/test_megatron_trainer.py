@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from mugv.config import get_config
+from mugv.io.megatron import TRACKER
 from mugv.layouts import megatron as layout
 from mugv.run.driver import NonFiniteLossError
 from mugv.training import ObjectiveConfig, OptimConfig, shift_ratio
@@ -136,7 +137,7 @@ def test_checkpoint_layout_and_converter_reader(resumed):
     from mugv.io.torch_dist import TorchDistReader
 
     ckdir = resumed["ckdir"]
-    assert open(os.path.join(ckdir, checkpointing.TRACKER)).read() == "2"
+    assert open(os.path.join(ckdir, TRACKER)).read() == "2"
     assert not [n for n in os.listdir(ckdir) if n.endswith(".tmp")]
     reader = TorchDistReader(ckdir)
     assert reader.stored_config == CFG
