@@ -19,7 +19,8 @@ kernel and context-parallel mode, the remat policy and the micro-batch, with gra
 accumulation making up the stage's global batch. Pods: v5p-256, v6e-256 (TPU, splash kernel),
 h100x64, h100x128 (H100 GPUs, cuDNN kernel). Every layout was chosen and checked with the
 planner (`python -m mugv_jax.plan --config=configs/mugv_10b.py:<stage>:<pod>`; all of them:
-`python bench/plan_targets.py`; figures in docs/scaling.md).
+`python bench/plan_targets.py`; figures in docs/scaling.md). The H100 pods also carry the
+Megatron trainer's layout (MEGATRON_LAYOUTS, config.megatron; `python -m mugv_megatron.plan`).
 
 The paper publishes no batch size, step count or learning rate: a stage's global batch is
 TOKENS_PER_STEP video tokens divided by the tokens of its largest sample, rounded down to a
@@ -153,6 +154,24 @@ LAYOUTS = {
     ("720p_5s", "h100x128"): ((1, 16, 1, 8), "xla+ring", "full", 1),
 }
 
+# (clip, pod) → the Megatron trainer's layout on the H100 pods: (tp, sp, pp, cp, micro_batch_size,
+# recompute); the accumulation is then batch / (data parallel · micro), data parallel = GPUs /
+# (tp·pp·cp). Chosen by `python bench/plan_targets.py --backend=megatron --search` (the fastest
+# candidate of mugv_megatron.plan.search whose analytic memory estimate fits the H100 with 10%
+# headroom) and checked by tests/megatron/test_megatron_plan.py; docs/scaling.md has the figures.
+# The JAX layout above and this one are separate: each backend reads only its own (config.mesh,
+# attention, remat, optim.grad_accum_steps for JAX; config.megatron for Megatron).
+MEGATRON_LAYOUTS = {
+    ("360p_2s", "h100x64"): (4, True, 1, 1, 1, "none"),
+    ("360p_3s", "h100x64"): (4, True, 1, 1, 1, "none"),
+    ("360p_5s", "h100x64"): (8, True, 1, 1, 1, "none"),
+    ("720p_5s", "h100x64"): (2, True, 1, 1, 1, "full"),
+    ("360p_2s", "h100x128"): (4, True, 1, 1, 1, "none"),
+    ("360p_3s", "h100x128"): (4, True, 1, 1, 1, "none"),
+    ("360p_5s", "h100x128"): (8, True, 1, 1, 1, "none"),
+    ("720p_5s", "h100x128"): (2, True, 1, 1, 1, "full"),
+}
+
 
 def parse_arg(arg):
     """`<stage>[:<pod>][@ROOT]` → (stage, pod, root). ROOT may itself contain ':' (gs://...)."""
@@ -192,6 +211,27 @@ def apply_layout(c, clip, pod_name, accumulate=True):
     c.remat = remat
     c.optim.grad_accum_steps = accum
     c.target = ml_collections.ConfigDict(dict(name=pod_name, kind=pod["kind"], devices=pod["devices"]))
+
+
+def apply_megatron_layout(c, clip, pod_name, accumulate=True):
+    """Set config.megatron of `c` for `clip` on an H100 pod (other pods keep the defaults)."""
+    if (clip, pod_name) not in MEGATRON_LAYOUTS:  # TPU pods (and their slices): the defaults
+        return
+    tp, sp, pp, cp, micro, recompute = MEGATRON_LAYOUTS[(clip, pod_name)]
+    where = f"configs/mugv_10b.py MEGATRON_LAYOUTS[{(clip, pod_name)}]"
+    gpus = PODS[pod_name]["devices"]
+    if gpus % (tp * pp * cp) or HEADS % tp:
+        raise ValueError(f"{where}: tp·pp·cp = {tp * pp * cp} must divide {gpus} GPUs and tp the {HEADS} heads")
+    dp = gpus // (tp * pp * cp)
+    batches = [b[3] for b in c.data.buckets] + [b[3] for b in c.data.mix.image_buckets]
+    for batch in batches if accumulate else ():
+        if batch % (dp * micro):
+            raise ValueError(
+                f"{where}: global batch {batch} is not a multiple of data parallel {dp} × micro-batch {micro}"
+            )
+    c.megatron.update(dict(tp=tp, sp=sp, pp=pp, cp=cp, recompute=recompute))
+    # Preference steps do not accumulate (mugv_megatron/train/preference.py): one batch per step.
+    c.megatron.micro_batch_size = micro if accumulate else None
 
 
 def get_config(arg: str = "video_720"):
@@ -252,6 +292,7 @@ def get_config(arg: str = "video_720"):
         )
     # Preference steps do not accumulate gradients (mugv_jax/recipe/preference.py).
     apply_layout(c, s["clip"], pod, accumulate=not s.get("preference"))
+    apply_megatron_layout(c, s["clip"], pod, accumulate=not s.get("preference"))
     c.validation.every = 2000
     c.validation.num_batches = 8
     c.log_every = 10
