@@ -109,11 +109,30 @@ def test_every_stage_has_a_megatron_layout_that_fits_and_is_the_searched_one(pod
 
 
 def test_docs_show_the_generated_megatron_table():
-    lines, ok = plan_targets.megatron_rows(list(mugv_10b.STAGES), list(mugv_10b.PODS))
-    assert ok
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "bench/plan_targets.py", "--backend=megatron"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr  # every plan fits
+    table = proc.stdout.strip()
+    assert table.startswith(plan_targets.MEGATRON_HEADER) and table.count("\n") == 11
     doc = open(os.path.join(ROOT, "docs", "scaling.md")).read()
-    table = plan_targets.MEGATRON_HEADER + "\n" + "\n".join(lines)
     assert table in doc, "docs/scaling.md: paste the output of `python bench/plan_targets.py --backend=megatron`"
+
+
+def test_the_documented_one_node_layout_fits():
+    """docs/megatron_training.md: the planner command before the hand-set one-node launch."""
+    code, out = _cli(
+        "--config=configs/mugv_10b.py:video_720",
+        "--gpus=8",
+        "--kind=h100",
+        "--config.megatron.tp=4",
+        "--config.megatron.sp=true",
+        "--config.megatron.recompute=full",
+        "--config.megatron.micro_batch_size=1",
+    )
+    assert code == 0 and "fits" in out, out
+    assert "47 GiB per GPU" in open(os.path.join(ROOT, "docs", "megatron_training.md")).read()
+    assert round(float(out.split("total (torch allocator)")[1].split("GiB")[0])) == 47
 
 
 def _torchrun_args(tmp_path, **env_vars):
