@@ -124,6 +124,10 @@ class MegatronOptions:
     # Checkpoints written by a forked writer while training continues; published (renamed, named
     # in the tracker) once every rank's writer is done.
     async_save: bool = True
+    # Samples per data-parallel rank in one micro-batch; gradient accumulation is then the global
+    # batch / (data parallel × micro_batch_size), whatever the world size. None: the accumulation
+    # is optim.grad_accum_steps (shared with the JAX backend, whose data parallelism differs).
+    micro_batch_size: int | None = None
 
     def __post_init__(self):
         for key in ("tp", "pp", "cp"):
@@ -137,6 +141,8 @@ class MegatronOptions:
             )
         if self.recompute not in ("none", "full", "selective"):
             raise ValueError(f"config.megatron.recompute must be 'none', 'full' or 'selective', got {self.recompute!r}")
+        if self.micro_batch_size is not None and int(self.micro_batch_size) < 1:
+            raise ValueError(f"config.megatron.micro_batch_size must be >= 1 or None, got {self.micro_batch_size}")
         if self.params_dtype not in (None, "float32", "bfloat16"):
             raise ValueError(
                 f"config.megatron.params_dtype must be None, 'float32' or 'bfloat16', got {self.params_dtype!r}"
@@ -151,7 +157,7 @@ def megatron_section():
     section = ml_collections.ConfigDict()
     for f in dataclasses.fields(MegatronOptions):
         if f.default is None:
-            kind = str if "str" in str(f.type) else bool
+            kind = next(t for t in (str, int, bool) if t.__name__ in str(f.type))
             section[f.name] = ml_collections.FieldReference(None, field_type=kind)
         else:
             section[f.name] = f.default

@@ -154,6 +154,31 @@ def cpu_attention_kernels():
         attention.BACKENDS.update(saved)
 
 
+def planning_mesh(config, devices=None):
+    """The run's mesh over the planning devices. Fake CPU devices form one slice, so a multi-slice
+    mesh (config.mesh.dcn) is planned as one mesh of the same axis sizes (dcn × ici per axis):
+    the shardings, and every per-device byte, are those of the multi-slice run; only which links
+    carry the collectives differs."""
+    import jax
+
+    from mugv_jax.parallel import mesh as mesh_lib
+    from mugv_jax.parallel.sharding import MESH_AXES
+
+    devices = list(devices if devices is not None else jax.devices())
+    ici, dcn = dict(config.mesh.ici), dict(config.mesh.get("dcn", {}) or {})
+    slices = math.prod(int(v) for v in dcn.values())
+    if slices == 1 or len({getattr(d, "slice_index", 0) for d in devices}) > 1:
+        return mesh_lib.build_mesh(ici, dcn, devices=devices)
+    if slices < 1 or len(devices) % slices:
+        raise ValueError(
+            f"mesh.dcn {dcn}: planning on one slice of {len(devices)} devices needs explicit positive slice "
+            f"counts whose product divides the devices"
+        )
+    per_slice = mesh_lib.resolve_axis_sizes(ici, len(devices) // slices, "mesh.ici")
+    whole = {a: n * int(dcn.get(a, 1)) for a, n in zip(MESH_AXES, per_slice)}
+    return mesh_lib.build_mesh(whole, {}, devices=devices)
+
+
 def plan_step(config, *, bucket_index: int | None = None, devices=None) -> Plan:
     """Compile the train step of `config` (an ml_collections training config) for its mesh over
     `devices` (default all) with abstract inputs, and measure it. `bucket_index` indexes
@@ -167,14 +192,13 @@ def plan_step(config, *, bucket_index: int | None = None, devices=None) -> Plan:
     from mugv.training import dataclass_from as _dataclass_from
     from mugv.training import model_config_from
     from mugv_jax.dit.model import RuntimeOptions
-    from mugv_jax.parallel import mesh as mesh_lib
     from mugv_jax.train import step as trainer_lib
 
     model_cfg = model_config_from(config)
     # The trainer builds its RuntimeOptions from exactly these three fields (mugv_jax/train/backend.py);
     # the context-parallel mode travels inside `attention` ("splash+ulysses").
     options = RuntimeOptions(compute_dtype=config.compute_dtype, attention=config.attention, remat=config.remat)
-    mesh = mesh_lib.build_mesh(dict(config.mesh.ici), dict(config.mesh.get("dcn", {}) or {}), devices=devices)
+    mesh = planning_mesh(config, devices)
     optim = _dataclass_from(OptimConfig, config.optim)
     trainer = trainer_lib.Trainer(model_cfg, options, optim, _dataclass_from(ObjectiveConfig, config.objective), mesh)
     buckets = plan_buckets(config)

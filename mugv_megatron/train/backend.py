@@ -42,6 +42,7 @@ from mugv.training import (
     preference_config_from,
 )
 from mugv_megatron.parallel import state as parallel
+from mugv_megatron.plan import batch_split, run_buckets
 from mugv_megatron.train import checkpointing, validation
 
 log = logging.getLogger("mugv.megatron.train")
@@ -122,7 +123,17 @@ class MegatronBackend:
                 f"data parallelism: set config.megatron.pp=1 and config.megatron.cp=1 (got "
                 f"pp={opts['pp']}, cp={opts['cp']})"
             )
+        if task.name == "preference" and opts["micro_batch_size"] is not None:
+            raise ValueError(
+                "config.mode='preference' does not accumulate gradients: unset config.megatron.micro_batch_size "
+                f"(got {opts['micro_batch_size']})"
+            )
         init_distributed(int(opts["tp"]), int(opts["cp"]), int(opts["pp"]))
+        if task.name != "preference":
+            # Refused here, before anything is built, naming the keys (the step would fail later).
+            dp = ps.get_data_parallel_world_size()
+            for bucket in run_buckets(config):
+                batch_split(bucket[3], dp, opts["micro_batch_size"], self.optim_cfg.grad_accum_steps)
         self.checkpoint_dir = self.ckpt_dir = os.path.join(workdir, "checkpoints")
         self.run_config = {**resolved, "megatron": opts}
         self.is_main = dist.get_rank() == 0
@@ -147,6 +158,7 @@ class MegatronBackend:
             local_attention=opts["local_attention"],
             params_dtype=opts["params_dtype"],
             recompute=opts["recompute"],
+            micro_batch_size=opts["micro_batch_size"],
             overlap_grad_reduce=bool(opts["overlap_grad_reduce"]),
             overlap_param_gather=bool(opts["overlap_param_gather"]),
             release_state=release_state,

@@ -31,7 +31,8 @@ ALLOWED = {
 # training mode, like Megatron's), so train/ never reaches up into recipe/.
 LAYERS = {
     "mugv_jax": (("parallel",), ("dit",), ("sample",), ("train",), ("recipe", "vae", "plan")),
-    "mugv_megatron": (("parallel",), ("model",), ("train",)),
+    # memory.py and plan.py are the framework-free planner (the trainer checks its batch split).
+    "mugv_megatron": (("memory",), ("plan",), ("parallel",), ("model",), ("train",)),
 }
 
 
