@@ -2,14 +2,19 @@
 # The JAX-only test leg: Python 3.12 with the newest jax/flax (constraints/ci-py312-jax.txt) and no
 # torch, running the JAX model, sampler, trainer, planner and TPU-export tests. scripts/test.sh runs
 # it after the full suite. The venv is .venv-py312 (override: MUGV_VENV_PY312); the interpreter is
-# $PYTHON312, else python3.12 on PATH, else pyenv's 3.12. Without one the leg is reported as not run
+# $PYTHON312, else pyenv's newest 3.12, else a python3.12 on PATH that runs. Without one the leg is reported as not run
 # (exit 0), unless MUGV_JAX_LEG=required (CI), where a missing interpreter is an error.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 py312="${PYTHON312:-}"
 if [ -z "$py312" ]; then
-  if command -v python3.12 >/dev/null 2>&1; then py312=python3.12
-  else py312="$(ls -d "$HOME"/.pyenv/versions/3.12.*/bin/python 2>/dev/null | sort -V | tail -n 1 || true)"; fi
+  # pyenv's version directories first: its python3.12 shim is on PATH but fails unless 3.12 is an
+  # active pyenv version (as on CI), so a name on PATH only counts once it runs.
+  py312="$(ls -d "$HOME"/.pyenv/versions/3.12.*/bin/python 2>/dev/null | sort -V | tail -n 1 || true)"
+  if [ -z "$py312" ] && python3.12 -c pass >/dev/null 2>&1; then py312=python3.12; fi
+fi
+if [ -n "$py312" ] && ! "$py312" -c 'import sys; assert sys.version_info[:2] == (3, 12)' >/dev/null 2>&1; then
+  echo "[mugv] the JAX leg's interpreter $py312 does not run as Python 3.12" >&2; exit 1
 fi
 if [ -z "$py312" ]; then
   if [ "${MUGV_JAX_LEG:-}" = "required" ]; then
