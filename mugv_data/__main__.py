@@ -1,4 +1,4 @@
-"""python -m mugv_data {prepare, import-reference, export-reference} — see docs/data.md."""
+"""python -m mugv_data {prepare, text, import-reference, export-reference} — see docs/data.md."""
 
 from __future__ import annotations
 
@@ -140,6 +140,31 @@ def prepare(args) -> None:
     print(f"{index['num_examples']} examples in {ds}; {dropped} clips or files dropped (see manifest.jsonl)")
 
 
+def encode_prompt(args) -> None:
+    """A prompt (and a negative prompt) → the sampler's --text features file, through the same
+    text encoder `prepare` uses."""
+    from mugv.io import text_features
+    from mugv_data import text
+
+    score = _aes_suffix(args.aes_suffix)
+    if score == "score":
+        raise SystemExit("--aes-suffix: a prompt has no measured score; give a number (the release samples with 6.0)")
+    enc = text.get_encoder(args.text_encoder, max_length=args.text_len)
+    prompt = text.with_aesthetic_suffix(args.prompt, score)
+    y, mask = enc.encode([prompt])
+    neg = {}
+    if args.negative is not None:
+        neg_y, neg_mask = text.negative_features(enc, args.negative or text.NEGATIVE_PROMPT)
+        neg = {"neg_y": neg_y, "neg_mask": neg_mask}
+    meta = {"text_encoder": enc.name, "prompt": prompt, "negative": args.negative or ""}
+    text_features.write(args.out, y[0], mask[0], metadata=meta, **neg)
+    print(
+        f"wrote {args.out}: y [1, 1, {enc.max_length}, {enc.dim}] ({int(mask.sum())} valid tokens)"
+        + (", neg_y/neg_mask" if neg else "")
+        + f"; {enc.name}"
+    )
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m mugv_data")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -187,6 +212,19 @@ def main(argv=None) -> None:
     pr.add_argument("--sharpness-max", type=float, default=2000.0)
     pr.add_argument("--motion-min", type=float, default=1.0)
     pr.add_argument("--motion-max", type=float, default=20.0)
+    tx = sub.add_parser("text", help="a prompt → the --text features file of python -m mugv_jax.sample")
+    tx.add_argument("--prompt", required=True)
+    tx.add_argument(
+        "--negative",
+        nargs="?",
+        const="",
+        default=None,
+        help="also encode a negative prompt (neg_y/neg_mask); --negative alone: the release's",
+    )
+    tx.add_argument("--out", required=True, help="features .safetensors")
+    tx.add_argument("--text-encoder", default="minilm", help="as prepare's: minilm | hashing | t5:<local T5 model dir>")
+    tx.add_argument("--text-len", type=int, default=32, help="as prepare's (the model's max_text_tokens)")
+    tx.add_argument("--aes-suffix", help="append ' aesthetic score: X.X.' (the release samples with 6.0)")
     ir = sub.add_parser("import-reference", help="reference CSV + .pt → shards")
     ir.add_argument("--csv", required=True)
     ir.add_argument("--out", required=True)
@@ -203,6 +241,8 @@ def main(argv=None) -> None:
 
             args.negative_prompt = NEGATIVE_PROMPT
         prepare(args)
+    elif args.cmd == "text":
+        encode_prompt(args)
     elif args.cmd == "import-reference":
         from mugv_data.reference_format import import_reference
 

@@ -14,7 +14,7 @@ import sys
 
 import numpy as np
 
-from mugv.io.atomic import atomic_output, write_json
+from mugv.io import latents as latents_file
 
 EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_SKIPPED = 0, 1, 2, 3
 
@@ -43,45 +43,6 @@ def _model(args):
 
 def _stem(path: str) -> str:
     return os.path.splitext(os.path.basename(path))[0]
-
-
-def _write_latents(z: np.ndarray, out: str, fmt: str, meta: dict) -> str:
-    path = os.path.join(out, meta["name"] + (".npy" if fmt == "npy" else ".safetensors"))
-    with atomic_output(path, force=True) as tmp:
-        if fmt == "npy":
-            with open(tmp, "wb") as f:
-                np.save(f, z)
-        else:
-            from safetensors.numpy import save_file
-
-            save_file({"latents": z}, tmp, metadata={k: json.dumps(v) for k, v in meta.items()})
-    write_json(os.path.join(out, meta["name"] + ".json"), meta, indent=None)
-    return path
-
-
-def _read_latents(path: str) -> tuple[np.ndarray, dict]:
-    side = os.path.splitext(path)[0] + ".json"
-    meta = {}
-    if os.path.isfile(side):
-        with open(side) as f:
-            meta = json.load(f)
-    if path.endswith(".npy"):
-        z = np.load(path)
-    elif path.endswith(".safetensors"):
-        from safetensors import safe_open
-
-        with safe_open(path, framework="numpy") as f:
-            if "latents" not in f.keys():
-                raise ValueError(f"{path} has no tensor 'latents' (found {sorted(f.keys())})")
-            z = f.get_tensor("latents")
-            meta = {**{k: json.loads(v) for k, v in (f.metadata() or {}).items()}, **meta}
-    else:
-        raise ValueError(f"{path}: latents must be .npy or .safetensors")
-    if z.ndim == 4:
-        z = z[None]
-    if z.ndim != 5:
-        raise ValueError(f"{path}: latents must be [C, T', h, w] or [B, C, T', h, w], got shape {z.shape}")
-    return z, meta
 
 
 def _report(done: int, failures: list[tuple[str, str]], what: str) -> int:
@@ -131,7 +92,9 @@ def cmd_encode(args) -> int:
             "width": w,
             "sample": bool(args.sample),
         }
-        _write_latents(np.asarray(z[0], np.float32), args.out, args.format, meta)
+        latents_file.write(
+            os.path.join(args.out, f"{meta['name']}.{args.format}"), np.asarray(z[0]), meta, sidecar=True
+        )
         done += 1
     return _report(done, failures, "unreadable videos")
 
@@ -147,7 +110,7 @@ def cmd_decode(args) -> int:
     failures, done = [], 0
     for path in tqdm(args.inputs, desc="decode", unit="file"):
         try:
-            z, meta = _read_latents(path)
+            z, meta = latents_file.read(path)
         except (OSError, ValueError) as e:
             failures.append((path, f"{type(e).__name__}: {e}"))
             continue
@@ -157,6 +120,8 @@ def cmd_decode(args) -> int:
         num_frames = args.num_frames or meta.get("num_frames") or 8 * z.shape[2]
         video = np.asarray(model.decode(z, int(num_frames)))
         frames = to_uint8(video[0].transpose(1, 2, 3, 0))
+        # Sampled sizes that are not multiples of 8 decode padded: crop back to the asked size.
+        frames = frames[:, : meta.get("height") or None, : meta.get("width") or None]
         write_mp4(os.path.join(args.out, _stem(path) + ".mp4"), frames, args.fps or meta.get("fps") or 24.0)
         done += 1
     return _report(done, failures, "unreadable latents")
