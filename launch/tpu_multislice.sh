@@ -2,7 +2,8 @@
 # Train on several TPU slices joined over the data-centre network (multi-slice, DCN).
 #
 #   QR_NAME=my-qr ZONE=us-east5-a NUM_SLICES=2 [PROJECT=my-proj] \
-#     launch/tpu_multislice.sh configs/mugv_10b.py:video_720:v5p-256x2 gs://my-bucket/runs/720p [train flags...]
+#     launch/tpu_multislice.sh configs/mugv_10b.py:video_720:v5p-256x2 gs://my-bucket/runs/720p \
+#       --config.data.path=/data/prepared [train flags...]
 #
 # A configs/mugv_10b.py stage must name the slices (<pod>x$NUM_SLICES): that layout keeps the
 # stage's global batch over NUM_SLICES × the slice's data parallelism (less accumulation); the

@@ -2,7 +2,7 @@
 # Train on every worker of one Cloud TPU pod slice (v5p-256 = 128 chips, v6e-256 = 256 chips, ...).
 #
 #   TPU_NAME=my-v5p-256 ZONE=us-east5-a [PROJECT=my-proj] \
-#     launch/tpu_pod.sh configs/mugv_10b.py:video_720 gs://my-bucket/runs/720p [--config.mesh.ici.fsdp=16 ...]
+#     launch/tpu_pod.sh configs/mugv_10b.py:video_720 gs://my-bucket/runs/720p --config.data.path=/data/prepared [...]
 #
 # Copies this checkout to ~/mugv on all workers (set SKIP_COPY=1 once it is there and installed),
 # then starts the same command on all of them. jax.distributed finds the other workers from the

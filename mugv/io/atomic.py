@@ -30,11 +30,14 @@ def remove_path(path: str) -> None:
         os.unlink(path)
 
 
-def check_output_free(path: str, force: bool) -> None:
+def check_output_free(path: str, force: bool, *, make_parent: bool = False) -> None:
+    """Refuse an existing `path` (unless `force`) and, unless `make_parent`, a missing parent."""
     if os.path.lexists(path) and not force:
         raise FileExistsError(f"output {path} already exists; pass --force to overwrite it")
     parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
+    if os.path.exists(parent) and not os.path.isdir(parent):
+        raise NotADirectoryError(f"output {path}: {parent} is not a directory")
+    if not make_parent and not os.path.isdir(parent):
         raise FileNotFoundError(f"output directory {parent} does not exist (for {path})")
 
 
