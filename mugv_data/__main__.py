@@ -93,7 +93,22 @@ def _spec(args):
         procedural_frames=args.procedural_frames,
         procedural_size=args.procedural_size,
         seed=args.seed,
+        uncaptioned=args.uncaptioned,
     )
+
+
+def _caption_warnings(manifest: str, uncaptioned: str) -> None:
+    """One loud line for clips that went without a caption, so a flag chosen long ago is seen."""
+    if not os.path.exists(manifest) or uncaptioned == "refuse":
+        return
+    with open(manifest) as f:
+        recs = [json.loads(line) for line in f if line.strip()]
+    if uncaptioned == "skip":
+        n, what = sum(r.get("reason") == "no_caption" for r in recs), "left out (--uncaptioned=skip)"
+    else:
+        n, what = sum(r.get("kept") and r.get("caption_source") == "none" for r in recs), "kept with an empty caption"
+    if n:
+        print(f"WARNING: {n} clips without a caption {what}; see {manifest}", file=sys.stderr)
 
 
 def prepare(args) -> None:
@@ -101,10 +116,14 @@ def prepare(args) -> None:
 
     from mugv.data import shards
     from mugv_data import encode, text
-    from mugv_data.prepare import PrepareSource
+    from mugv_data.prepare import PrepareSource, check_captions
 
-    os.makedirs(args.out, exist_ok=True)
     spec = _spec(args)
+    try:
+        check_captions(spec)  # before any video is decoded
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    os.makedirs(args.out, exist_ok=True)
     source = PrepareSource(spec, os.path.join(args.out, "manifest.jsonl"))
     lat, txt = source.worker.latent_encoder(), source.worker.text_encoder()
     beam_options = None
@@ -137,6 +156,7 @@ def prepare(args) -> None:
     if spec.source == "files" and os.path.exists(manifest):
         with open(manifest) as f:
             dropped = sum(1 for line in f if line.strip() and not json.loads(line)["kept"])
+    _caption_warnings(manifest, spec.uncaptioned)
     print(f"{index['num_examples']} examples in {ds}; {dropped} clips or files dropped (see manifest.jsonl)")
 
 
@@ -178,6 +198,13 @@ def main(argv=None) -> None:
     pr.add_argument("--text-encoder", default="minilm", help="minilm | hashing | t5:<local T5 model dir>")
     pr.add_argument("--text-len", type=int, default=32)
     pr.add_argument("--captions", help="CSV or JSONL with caption, clip_id or video, optional aesthetic")
+    pr.add_argument(
+        "--uncaptioned",
+        default="refuse",
+        choices=["refuse", "skip", "empty"],
+        help="a clip with no caption (no --captions row, no --captioner, no bundled caption): refuse "
+        "(default, checked before any work), skip it (counted, reason no_caption) or keep it with an empty caption",
+    )
     pr.add_argument("--aes-suffix", help="append ' aesthetic score: X.X.' to captions: none | score | a number")
     pr.add_argument("--negative-prompt", default=None, help="negative prompt (default: the release's)")
     pr.add_argument("--latent-dtype", default="bfloat16", choices=["bfloat16", "float32"])
