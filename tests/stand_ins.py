@@ -62,3 +62,46 @@ def hub_t5_dir(path: str, *, d_model: int = 32, seed: int = 0) -> str:
     with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
         json.dump({**special, "extra_ids": 0, "model_max_length": 512, "tokenizer_class": "T5Tokenizer"}, f)
     return path
+
+
+def release_vae_pt(path: str, preset: str = "tiny", seed: int = 0) -> str:
+    """A random VAE of `preset` as the release ships its VAE: a flat {name: tensor} torch file
+    (`vae.pt`), the state dict our exporter gives (mugv_jax.vae.export_release_state_dict)."""
+    import torch
+
+    import mugv_jax.vae as vae
+    from mugv.io.atomic import atomic_output
+    from mugv_jax.vae.checkpoint import random_vae
+
+    state = {k: torch.from_numpy(v) for k, v in vae.export_release_state_dict(random_vae(preset, seed=seed)).items()}
+    with atomic_output(path, make_parent=True) as tmp:
+        torch.save(state, tmp)
+    return path
+
+
+def release_dit_pt(path: str, config, seed: int = 0) -> str:
+    """A random DiT of `config` as a release-layout `dit.pt`, written by the converters' release
+    writer (mugv.io.release.ReleaseWriter): norm weights 1, biases 0, other tensors N(0, 0.02)."""
+    import numpy as np
+
+    from mugv.io.atomic import atomic_output
+    from mugv.io.base import Entry
+    from mugv.io.release import ReleaseWriter
+    from mugv.schema import release_schema
+
+    rng = np.random.default_rng(seed)
+    shapes = release_schema(config)
+    entries = {n: Entry(tuple(s), np.dtype(np.float32)) for n, s in shapes.items()}
+    with atomic_output(path, make_parent=True) as tmp:
+        writer = ReleaseWriter(path, tmp, config, entries)
+        for name, shape in shapes.items():
+            if "norm" in name and name.endswith("weight"):
+                value = np.ones(shape, np.float32)
+            elif name.endswith("bias"):
+                value = np.zeros(shape, np.float32)
+            else:
+                value = (0.02 * rng.standard_normal(shape)).astype(np.float32)
+            writer.write(name, value)
+        writer.check_complete()
+        writer.finish()
+    return path
