@@ -139,6 +139,11 @@ def test_release_finetune_on_jax_then_megatron(user, prepared, capsys):
                *DATA_FLAGS, *STEPS)  # fmt: skip
     assert "finished at step 2 (num_steps)" in res.stdout
     assert f"initialised from {user / 'models' / 'dit.pt'} (raw weights)" in res.stderr
+    # What the user sees meanwhile (issue 25): the compile announced, elapsed/ETA on the step
+    # line, no orbax INFO (it was 112 of 121 lines of a 4-step run).
+    assert "compiling the step (first step only)…" in res.stderr
+    assert "step 2/2 | loss " in res.stderr and "| elapsed " in res.stderr and "| eta 0:00" in res.stderr
+    assert "_NonBlockingMetadataStore" not in res.stderr and "] Finished" not in res.stderr
 
     # Export its EMA in the release layout (with the trained null caption beside it).
     export = user / "export" / "dit_ema.safetensors"
