@@ -16,13 +16,31 @@ T5_SENTENCES = [
 ]
 
 
+def tiny_t5_config(d_model: int):
+    """The T5 v1.1 structure (gated-GELU, relative position buckets) at toy size."""
+    from transformers import T5Config
+
+    return T5Config(
+        vocab_size=64,
+        d_model=d_model,
+        d_kv=8,
+        d_ff=48,
+        num_layers=2,
+        num_heads=4,
+        feed_forward_proj="gated-gelu",
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        layer_norm_epsilon=1e-6,
+    )
+
+
 def hub_t5_dir(path: str, *, d_model: int = 32, seed: int = 0) -> str:
     """A T5 v1.1 encoder at toy size in the layout of the hub's t5-v1_1-xxl: config.json, the
     weights, a SentencePiece `spiece.model` (trained here on a few sentences), the special tokens
     map and tokenizer_config.json naming T5Tokenizer; no tokenizers-library `tokenizer.json`."""
     import sentencepiece as spm
     import torch
-    from transformers import T5Config, T5EncoderModel
+    from transformers import T5EncoderModel
 
     os.makedirs(path, exist_ok=True)
     corpus = os.path.join(path, "corpus.txt")
@@ -42,20 +60,8 @@ def hub_t5_dir(path: str, *, d_model: int = 32, seed: int = 0) -> str:
     )
     for leftover in (corpus, os.path.join(path, "spiece.vocab")):
         os.remove(leftover)
-    cfg = T5Config(
-        vocab_size=64,
-        d_model=d_model,
-        d_kv=8,
-        d_ff=48,
-        num_layers=2,
-        num_heads=4,
-        feed_forward_proj="gated-gelu",
-        relative_attention_num_buckets=8,
-        relative_attention_max_distance=16,
-        layer_norm_epsilon=1e-6,
-    )
     torch.manual_seed(seed)
-    T5EncoderModel(cfg).save_pretrained(path)
+    T5EncoderModel(tiny_t5_config(d_model)).save_pretrained(path)
     special = {"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
     with open(os.path.join(path, "special_tokens_map.json"), "w") as f:
         json.dump(special, f)

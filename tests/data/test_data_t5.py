@@ -9,12 +9,13 @@ import torch
 
 from mugv.config import PRESETS
 from mugv_data import text
+from tests.stand_ins import tiny_t5_config
 
 
 @pytest.fixture(scope="module")
 def t5_dir(tmp_path_factory):
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+    from transformers import T5EncoderModel, T5TokenizerFast
 
     path = str(tmp_path_factory.mktemp("t5"))
     tok = Tokenizer(models.Unigram())
@@ -37,21 +38,8 @@ def t5_dir(tmp_path_factory):
     T5TokenizerFast(
         tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=0
     ).save_pretrained(path)
-    # T5 v1.1 structure (gated-GELU, relative position buckets) at toy size.
-    cfg = T5Config(
-        vocab_size=64,
-        d_model=32,
-        d_kv=8,
-        d_ff=48,
-        num_layers=2,
-        num_heads=4,
-        feed_forward_proj="gated-gelu",
-        relative_attention_num_buckets=8,
-        relative_attention_max_distance=16,
-        layer_norm_epsilon=1e-6,
-    )
     torch.manual_seed(0)
-    T5EncoderModel(cfg).save_pretrained(path)
+    T5EncoderModel(tiny_t5_config(d_model=32)).save_pretrained(path)
     return path
 
 
