@@ -55,12 +55,13 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "synthetic"  # "synthetic" | "shards" (python -m mugv_data prepare)
-    c.data.path = ""  # shards: the prepared dataset directory
+    c.data.path = ""  # shards: the prepared dataset (or the --out directory prepare wrote it under)
     c.data.batch_size = 8  # shards: global batch size for every bucket
     c.data.num_workers = 0  # shards: grain worker processes
     # (latent frames, latent height, latent width, global batch size); one shape per batch.
     c.data.buckets = ((2, 4, 6, 8),)
     c.data.text_len = 8
+    c.data.truncate_captions = False  # shards: cut captions longer than text_len (default: refuse)
     c.data.num_prompts = 4
     c.data.fps = 24.0
     # Image:video mixing (curriculum stage 1): a second child loader of single-frame buckets drawn

@@ -131,7 +131,7 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
         return _run(args)
-    except (ValueError, KeyError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+    except (ValueError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError, RuntimeError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"error: {msg}", file=sys.stderr)
         return 2

@@ -103,7 +103,7 @@ def convert(
         raise ValueError(f"--dtype must be keep or one of {sorted(DTYPE_NAMES)}, got {dtype!r}")
     out_dtype = None if dtype == "keep" else DTYPE_NAMES[dtype]
     out = output_path(dst)
-    check_output_free(out, force)
+    check_output_free(out, force, make_parent=True)  # a missing parent is made once the source opened
     sidecar = null_lib.sidecar_path(dst.path) if dst.format == "release" else None
     if sidecar and os.path.lexists(sidecar) and not force:
         raise FileExistsError(
@@ -118,7 +118,7 @@ def convert(
         found = reader.entries()
         entries = {n: Entry(found[n].shape, out_dtype or found[n].dtype) for n in release_schema(config)}
         workers = pipeline.default_workers() if workers is None else workers
-        with atomic_output(out, force=force) as tmp:
+        with atomic_output(out, force=force, make_parent=True) as tmp:
             writer = make_writer(
                 dst, tmp, config, entries, tp=tp, pp=pp, max_shard_bytes=max_shard_bytes, workers=workers
             )

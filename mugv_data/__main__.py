@@ -1,4 +1,4 @@
-"""python -m mugv_data {prepare, import-reference, export-reference} — see docs/data.md."""
+"""python -m mugv_data {prepare, text, import-reference, export-reference} — see docs/data.md."""
 
 from __future__ import annotations
 
@@ -93,7 +93,22 @@ def _spec(args):
         procedural_frames=args.procedural_frames,
         procedural_size=args.procedural_size,
         seed=args.seed,
+        uncaptioned=args.uncaptioned,
     )
+
+
+def _caption_warnings(manifest: str, uncaptioned: str) -> None:
+    """One loud line for clips that went without a caption, so a flag chosen long ago is seen."""
+    if not os.path.exists(manifest) or uncaptioned == "refuse":
+        return
+    with open(manifest) as f:
+        recs = [json.loads(line) for line in f if line.strip()]
+    if uncaptioned == "skip":
+        n, what = sum(r.get("reason") == "no_caption" for r in recs), "left out (--uncaptioned=skip)"
+    else:
+        n, what = sum(r.get("kept") and r.get("caption_source") == "none" for r in recs), "kept with an empty caption"
+    if n:
+        print(f"WARNING: {n} clips without a caption {what}; see {manifest}", file=sys.stderr)
 
 
 def prepare(args) -> None:
@@ -101,10 +116,14 @@ def prepare(args) -> None:
 
     from mugv.data import shards
     from mugv_data import encode, text
-    from mugv_data.prepare import PrepareSource
+    from mugv_data.prepare import PrepareSource, check_captions
 
-    os.makedirs(args.out, exist_ok=True)
     spec = _spec(args)
+    try:
+        check_captions(spec)  # before any video is decoded
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    os.makedirs(args.out, exist_ok=True)
     source = PrepareSource(spec, os.path.join(args.out, "manifest.jsonl"))
     lat, txt = source.worker.latent_encoder(), source.worker.text_encoder()
     beam_options = None
@@ -137,7 +156,33 @@ def prepare(args) -> None:
     if spec.source == "files" and os.path.exists(manifest):
         with open(manifest) as f:
             dropped = sum(1 for line in f if line.strip() and not json.loads(line)["kept"])
+    _caption_warnings(manifest, spec.uncaptioned)
     print(f"{index['num_examples']} examples in {ds}; {dropped} clips or files dropped (see manifest.jsonl)")
+
+
+def encode_prompt(args) -> None:
+    """A prompt (and a negative prompt) → the sampler's --text features file, through the same
+    text encoder `prepare` uses."""
+    from mugv.io import text_features
+    from mugv_data import text
+
+    score = _aes_suffix(args.aes_suffix)
+    if score == "score":
+        raise SystemExit("--aes-suffix: a prompt has no measured score; give a number (the release samples with 6.0)")
+    enc = text.get_encoder(args.text_encoder, max_length=args.text_len)
+    prompt = text.with_aesthetic_suffix(args.prompt, score)
+    y, mask = enc.encode([prompt])
+    neg = {}
+    if args.negative is not None:
+        neg_y, neg_mask = text.negative_features(enc, args.negative or text.NEGATIVE_PROMPT)
+        neg = {"neg_y": neg_y, "neg_mask": neg_mask}
+    meta = {"text_encoder": enc.name, "prompt": prompt, "negative": args.negative or ""}
+    text_features.write(args.out, y[0], mask[0], metadata=meta, **neg)
+    print(
+        f"wrote {args.out}: y [1, 1, {enc.max_length}, {enc.dim}] ({int(mask.sum())} valid tokens)"
+        + (", neg_y/neg_mask" if neg else "")
+        + f"; {enc.name}"
+    )
 
 
 def main(argv=None) -> None:
@@ -153,6 +198,13 @@ def main(argv=None) -> None:
     pr.add_argument("--text-encoder", default="minilm", help="minilm | hashing | t5:<local T5 model dir>")
     pr.add_argument("--text-len", type=int, default=32)
     pr.add_argument("--captions", help="CSV or JSONL with caption, clip_id or video, optional aesthetic")
+    pr.add_argument(
+        "--uncaptioned",
+        default="refuse",
+        choices=["refuse", "skip", "empty"],
+        help="a clip with no caption (no --captions row, no --captioner, no bundled caption): refuse "
+        "(default, checked before any work), skip it (counted, reason no_caption) or keep it with an empty caption",
+    )
     pr.add_argument("--aes-suffix", help="append ' aesthetic score: X.X.' to captions: none | score | a number")
     pr.add_argument("--negative-prompt", default=None, help="negative prompt (default: the release's)")
     pr.add_argument("--latent-dtype", default="bfloat16", choices=["bfloat16", "float32"])
@@ -187,6 +239,19 @@ def main(argv=None) -> None:
     pr.add_argument("--sharpness-max", type=float, default=2000.0)
     pr.add_argument("--motion-min", type=float, default=1.0)
     pr.add_argument("--motion-max", type=float, default=20.0)
+    tx = sub.add_parser("text", help="a prompt → the --text features file of python -m mugv_jax.sample")
+    tx.add_argument("--prompt", required=True)
+    tx.add_argument(
+        "--negative",
+        nargs="?",
+        const="",
+        default=None,
+        help="also encode a negative prompt (neg_y/neg_mask); --negative alone: the release's",
+    )
+    tx.add_argument("--out", required=True, help="features .safetensors")
+    tx.add_argument("--text-encoder", default="minilm", help="as prepare's: minilm | hashing | t5:<local T5 model dir>")
+    tx.add_argument("--text-len", type=int, default=32, help="as prepare's (the model's max_text_tokens)")
+    tx.add_argument("--aes-suffix", help="append ' aesthetic score: X.X.' (the release samples with 6.0)")
     ir = sub.add_parser("import-reference", help="reference CSV + .pt → shards")
     ir.add_argument("--csv", required=True)
     ir.add_argument("--out", required=True)
@@ -203,6 +268,8 @@ def main(argv=None) -> None:
 
             args.negative_prompt = NEGATIVE_PROMPT
         prepare(args)
+    elif args.cmd == "text":
+        encode_prompt(args)
     elif args.cmd == "import-reference":
         from mugv_data.reference_format import import_reference
 

@@ -20,14 +20,42 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import sys
 from collections.abc import Mapping
 
 import numpy as np
 
-from mugv.data.shards import RecordReader, read_index
+from mugv.data.shards import RecordReader, read_index, resolve_dataset
 
+log = logging.getLogger("mugv.data")
 _MAX_REPORTED = 32
+
+
+def check_text_len(index: dict, ds_dir: str, text_len: int, truncate: bool) -> int:
+    """How many captions of the dataset are longer than `text_len` tokens. More than none is
+    refused unless `truncate` (then they are cut, and the count is logged): a shorter text length
+    than the data was prepared with must not cut captions silently."""
+    lens = index.get("text_lens")
+    prepared = (index.get("dit_overrides") or {}).get("max_text_tokens")
+    if lens is not None:
+        longer, longest = sum(n > text_len for n in lens), max(lens, default=0)
+    elif prepared is not None and prepared > text_len:  # an index from before text_lens: its bound
+        longer, longest = None, prepared
+    else:
+        return 0
+    if not longer and longer is not None:
+        return 0
+    what = f"{longer} of {len(lens)} captions" if longer is not None else "captions"
+    where = f"{what} in {ds_dir} have more than text_len={text_len} tokens (up to {longest}"
+    where += f"; prepared with --text-len={prepared})" if prepared is not None else ")"
+    if not truncate:
+        raise ValueError(
+            f"{where}: set config.data.text_len={longest} (and config.model_overrides.max_text_tokens), "
+            f"or config.data.truncate_captions=True to cut them to {text_len} tokens"
+        )
+    log.warning("%s: cut to %d tokens (config.data.truncate_captions)", where, text_len)
+    return longer or 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,7 +168,9 @@ class ShardLoader:
     """Iterator over host-local batches; `get_state`/`set_state` JSON-able (checkpoint with the model).
 
     batch_size: one int for every bucket, or {bucket_id: global batch size}; buckets left out of
-    the mapping are not read. text_len: the padded caption length L of `y`/`mask`.
+    the mapping are not read. text_len: the padded caption length L of `y`/`mask`; a dataset
+    with longer captions is refused unless `truncate_text` (they are then cut to L). `ds_dir`
+    may be the dataset or the `--out` directory `prepare` wrote it under.
     """
 
     def __init__(
@@ -155,8 +185,11 @@ class ShardLoader:
         process_count: int = 1,
         num_workers: int = 0,
         start_step: int = 0,
+        truncate_text: bool = False,
     ):
+        ds_dir = resolve_dataset(ds_dir)
         index = read_index(ds_dir)
+        self.truncated_captions = check_text_len(index, ds_dir, text_len, truncate_text)
         self.ds_dir, self.text_len, self.seed, self.num_workers = ds_dir, text_len, seed, num_workers
         shapes = index["buckets"]
         bucket_ids = np.asarray(index["bucket_ids"], np.int64)

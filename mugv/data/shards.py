@@ -152,7 +152,14 @@ def _builder_cls():
             def _generate_examples(self):
                 for key, ex in _keyed(self._examples):
                     ex = _check_example(ex, self._channels, self._text_dim, self._latent_dtype)
-                    self.records.append({"key": key, "sample_id": ex["sample_id"], "bucket_id": int(ex["bucket_id"])})
+                    self.records.append(
+                        {
+                            "key": key,
+                            "sample_id": ex["sample_id"],
+                            "bucket_id": int(ex["bucket_id"]),
+                            "text_len": int(ex["text_len"]),
+                        }
+                    )
                     yield key, ex
 
         _BUILDER_CLS = MugvClips
@@ -276,6 +283,7 @@ def write_shards(
         "buckets": [list(map(int, b)) for b in buckets],
         "bucket_ids": [r["bucket_id"] for r in records],
         "sample_ids": [r["sample_id"] for r in records],
+        "text_lens": [r["text_len"] for r in records],  # caption tokens per record (loaders check their length)
         **(extra_index or {}),
     }
     # index.json is the completion marker: readers refuse a directory without it.
@@ -292,7 +300,7 @@ def _atomic_json(path: str, obj) -> None:
 
 
 def shard_files(ds_dir: str) -> list[str]:
-    files = sorted(glob.glob(os.path.join(ds_dir, "*.array_record-*-of-*")))
+    files = shard_files_in(ds_dir)
     if not files:
         raise FileNotFoundError(f"no array_record shards in {ds_dir}")
     return files
@@ -351,8 +359,37 @@ def scan_records(ds_dir: str) -> list[dict]:
     out = []
     for i in range(len(reader)):
         ex = reader[i]
-        out.append({"sample_id": ex["sample_id"], "bucket_id": int(ex["bucket_id"])})
+        out.append({"sample_id": ex["sample_id"], "bucket_id": int(ex["bucket_id"]), "text_len": int(ex["text_len"])})
     return out
+
+
+def resolve_dataset(path: str) -> str:
+    """The finished dataset directory `path` names: the dataset itself (it holds index.json), or
+    the `--out` directory `prepare` was given (the one finished dataset under it,
+    `<out>/<name>/<version>/`). Errors say what was found and which path to use."""
+    if os.path.isfile(os.path.join(path, INDEX_FILE)):
+        return path
+    finished = sorted(os.path.dirname(p) for p in glob.glob(os.path.join(path, "*", "*", INDEX_FILE)))
+    if len(finished) == 1:
+        return finished[0]
+    if finished:
+        raise ValueError(f"{path} holds {len(finished)} prepared datasets ({', '.join(finished)}): name one of them")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(
+            f"dataset {path} does not exist: no finished mugv_data dataset ({INDEX_FILE}) there; give "
+            f"the directory `python -m mugv_data prepare --out` wrote"
+        )
+    unfinished = sorted(glob.glob(os.path.join(path, "*", VERSION))) or ([path] if shard_files_in(path) else [])
+    hint = (
+        f"{', '.join(unfinished)} has no {INDEX_FILE}: its `prepare` did not finish (run it again)"
+        if unfinished
+        else f"no {INDEX_FILE} in it or in {os.path.join(path, '<name>', VERSION)}"
+    )
+    raise FileNotFoundError(f"{path} is not a finished mugv_data dataset directory: {hint}")
+
+
+def shard_files_in(ds_dir: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(ds_dir, "*.array_record-*-of-*")))
 
 
 def read_index(ds_dir: str) -> dict:

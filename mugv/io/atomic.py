@@ -1,6 +1,7 @@
 """Outputs that appear complete or not at all: written under a temporary name next to the target
 (same directory, so the final rename is atomic), renamed into place when complete, removed on
 failure. Every writer of ours that replaces a file or a checkpoint goes through `atomic_output`.
+What it publishes has the mode the umask gives a new file, whatever the writer used.
 
     with atomic_output("out/dit.pt") as tmp:        # refuses an existing out/dit.pt (force=True replaces it)
         write_everything(tmp)
@@ -13,6 +14,7 @@ import contextlib
 import json
 import os
 import shutil
+import stat
 import uuid
 
 
@@ -30,15 +32,45 @@ def remove_path(path: str) -> None:
         os.unlink(path)
 
 
-def check_output_free(path: str, force: bool) -> None:
+def check_output_free(path: str, force: bool, *, make_parent: bool = False) -> None:
+    """Refuse an existing `path` (unless `force`) and, unless `make_parent`, a missing parent."""
     if os.path.lexists(path) and not force:
         raise FileExistsError(f"output {path} already exists; pass --force to overwrite it")
     parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
+    if os.path.exists(parent) and not os.path.isdir(parent):
+        raise NotADirectoryError(f"output {path}: {parent} is not a directory")
+    if not make_parent and not os.path.isdir(parent):
         raise FileNotFoundError(f"output directory {parent} does not exist (for {path})")
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it (os.umask sets it: not thread-safe)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def give_umask_mode(path: str) -> None:
+    """Files under `path` get the mode a plain `open` gives (0o666 less the umask, execute bits
+    kept): some writers (safetensors' save_file, mkstemp) make them 0600, which other users of a
+    shared checkpoint directory then cannot read."""
+    want = 0o666 & ~current_umask()
+    files = [path] if not os.path.isdir(path) else [os.path.join(r, n) for r, _, ns in os.walk(path) for n in ns]
+    for f in files:
+        st = os.lstat(f)
+        if stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) & 0o666 != want:
+            os.chmod(f, want | (stat.S_IMODE(st.st_mode) & 0o111 & ~current_umask()))
+
+
 def _put_in_place(tmp: str, path: str) -> None:
+    give_umask_mode(tmp)
     if os.path.lexists(path) and (os.path.isdir(path) or os.path.isdir(tmp)):
         # No single rename replaces a directory: the old one steps aside first.
         old = temp_name(path) + ".old"

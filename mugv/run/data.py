@@ -88,7 +88,9 @@ def build_iterator(config, model_cfg: DiTConfig, shard: tuple[int, int] = (0, 1)
     if d.source != "shards":
         raise ValueError(f"config.data.source={d.source!r} is not available (known: 'synthetic', 'shards')")
     if not d.get("path"):
-        raise ValueError("config.data.source='shards' needs config.data.path (a prepared dataset directory)")
+        raise ValueError(
+            "config.data.source='shards' needs config.data.path (the --out directory of python -m mugv_data prepare)"
+        )
     loader = ShardLoader(
         d.path,
         int(d.batch_size),
@@ -97,6 +99,7 @@ def build_iterator(config, model_cfg: DiTConfig, shard: tuple[int, int] = (0, 1)
         process_index=shard[0],
         process_count=shard[1],
         num_workers=int(d.get("num_workers", 0)),
+        truncate_text=bool(d.get("truncate_captions", False)),
     )
     if (loader.latent_channels, loader.text_dim) != (model_cfg.in_channels, model_cfg.text_dim):
         raise ValueError(

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 from mugv.io.atomic import write_json
 from mugv.io.spec import WITH_EMA, parse_spec
+from mugv.run.console import StepClock
 from mugv.run.metrics import MetricsWriter
 
 log = logging.getLogger("mugv.run")
@@ -130,6 +131,7 @@ def run(config, workdir: str, backend: Backend, task: Task, *, resolved: dict | 
         backend.save(it.get_state(), force=force)
 
     window_t, window_steps = time.perf_counter(), 0
+    clock = StepClock(backend.step, total)
     profiling = False
     first_batch = None
     try:
@@ -142,7 +144,10 @@ def run(config, workdir: str, backend: Backend, task: Task, *, resolved: dict | 
             batch = next(it)
             if first_batch is None:
                 first_batch = batch
+                if backend.is_main and getattr(backend, "first_step_note", None):
+                    log.info(backend.first_step_note)  # e.g. a JAX compile: minutes of silence otherwise
             handle = backend.train_step(batch)
+            clock.stepped(backend.step)
             window_steps += 1
             step = backend.step
             if profiling and step >= profile_start + profile_steps:
@@ -155,7 +160,7 @@ def run(config, workdir: str, backend: Backend, task: Task, *, resolved: dict | 
                 scalars["skipped_steps"] = backend.skipped()
                 writer.write(step, scalars)
                 if backend.is_main:
-                    writer.print(task.console(step, total, scalars))
+                    writer.print(f"{task.console(step, total, scalars)} | {clock.suffix(step)}")
                 summary.update(loss=scalars.get("loss"), skipped=scalars["skipped_steps"])
                 window_t, window_steps = time.perf_counter(), 0
             nonfinite = backend.nonfinite_in_a_row(handle)

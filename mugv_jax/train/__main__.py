@@ -4,9 +4,7 @@ the rest).
 
 from __future__ import annotations
 
-import logging
-import sys
-
+from mugv.run.console import setup_logging, verbosity_flag
 from mugv_jax.train.backend import train
 
 
@@ -18,7 +16,7 @@ def main(argv):
         from mugv_jax.parallel import distributed
 
         distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    setup_logging(verbosity_flag())  # third-party INFO (orbax, absl) only with --verbosity
     summary = train(FLAGS.config, FLAGS.workdir)
     print(
         f"finished at step {summary['step']} ({summary['stopped_by']}); last loss {summary['loss']}; "

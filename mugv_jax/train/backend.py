@@ -76,6 +76,7 @@ class JaxBackend:
     """The JAX side of a DiT run (pretraining or preference) for mugv.run.driver."""
 
     name = "jax"
+    first_step_note = "compiling the step (first step only)…"
 
     def __init__(self, config, workdir: str, task, resolved: dict):
         self.config, self.task = config, task

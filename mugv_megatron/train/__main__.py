@@ -4,11 +4,9 @@ there has the rest).
 
 from __future__ import annotations
 
-import logging
-import sys
-
 import torch.distributed as dist
 
+from mugv.run.console import setup_logging, verbosity_flag
 from mugv_megatron.parallel import state as parallel
 from mugv_megatron.train.backend import train
 
@@ -17,7 +15,7 @@ def main(argv):
     from absl import flags
 
     FLAGS = flags.FLAGS
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    setup_logging(verbosity_flag())  # third-party INFO (orbax, absl) only with --verbosity
     overrides = {
         "tp": FLAGS.tp,
         "pp": FLAGS.pp,

@@ -38,3 +38,28 @@ def test_outputs_are_refused_or_replaced_whole(tmp_path):
     with atomic_output(str(tmp_path / "made" / "x"), make_parent=True) as tmp:
         write_text(tmp, "x")
     assert open(tmp_path / "made" / "x").read() == "x"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_outputs_get_the_umasks_mode(tmp_path, umask):
+    """Issue 25: files written through safetensors (every latents, weights and features file)
+    came out 0600 whatever the umask: unreadable for the other users of a shared directory."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from mugv.io import latents
+    from mugv.safetensors_io import save_atomic
+
+    old = os.umask(umask)
+    try:
+        want = 0o666 & ~umask
+        save_atomic({"a": np.zeros(2, np.float32)}, str(tmp_path / "w.safetensors"))
+        latents.write(str(tmp_path / "z.safetensors"), np.zeros((1, 1, 1, 1)), {"fps": 8.0}, sidecar=True)
+        write_json(str(tmp_path / "c.json"), {})
+        with atomic_output(str(tmp_path / "dir")) as tmp:  # a directory output: every file in it
+            os.makedirs(os.path.join(tmp, "sub"))
+            save_file({"a": np.zeros(2, np.float32)}, os.path.join(tmp, "sub", "s.safetensors"))
+        paths = ["w.safetensors", "z.safetensors", "z.json", "c.json", "dir/sub/s.safetensors"]
+        assert {p: oct(os.stat(tmp_path / p).st_mode & 0o777) for p in paths} == {p: oct(want) for p in paths}
+    finally:
+        os.umask(old)

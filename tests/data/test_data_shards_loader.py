@@ -296,3 +296,55 @@ def test_mixed_loader_resumes_to_the_identical_next_batch(dataset):
         assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match="seed"):
         _mixed(ds_dir, weights, seed=6).set_state(state)
+
+
+# --- issue 25: data.path as prepare's --out, and no silent caption truncation ----------------
+
+
+def test_loader_takes_the_directory_prepare_was_given(dataset, tmp_path):
+    ds_dir, _ = dataset
+    out = os.path.dirname(os.path.dirname(ds_dir))  # <out>/mugv_clips/1.0.0
+    assert ShardLoader(out, BATCH, text_len=TEXT_LEN, seed=3).ds_dir == ds_dir
+    with pytest.raises(FileNotFoundError, match=f"dataset {tmp_path / 'nope'} does not exist.*prepare --out"):
+        ShardLoader(str(tmp_path / "nope"), 2, text_len=TEXT_LEN)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match=rf"{empty} is not a finished .*no index.json in it or in .*1.0.0"):
+        ShardLoader(str(empty), 2, text_len=TEXT_LEN)
+    (empty / "mugv_clips" / "1.0.0").mkdir(parents=True)  # a prepare that did not finish
+    with pytest.raises(FileNotFoundError, match="mugv_clips/1.0.0 has no index.json: its `prepare` did not finish"):
+        ShardLoader(str(empty), 2, text_len=TEXT_LEN)
+    two = tmp_path / "two"
+    for name in ("x", "y"):
+        shutil.copytree(ds_dir, two / name / "1.0.0")
+    with pytest.raises(ValueError, match=r"holds 2 prepared datasets \(.*x/1.0.0, .*y/1.0.0\): name one"):
+        ShardLoader(str(two), 2, text_len=TEXT_LEN)
+
+
+def test_a_shorter_text_len_than_the_captions_is_refused_or_cut_with_a_count(dataset, tmp_path, caplog):
+    import json
+
+    ds_dir, examples = dataset
+    lens = shards.read_index(ds_dir)["text_lens"]
+    assert lens == [int(e["text_len"]) for e in examples]
+    longest, short = max(lens), max(lens) - 1
+    longer = sum(n > short for n in lens)
+    assert longer == len(lens) == 32  # every procedural caption has 6 tokens
+    ShardLoader(ds_dir, BATCH, text_len=longest)  # every caption fits
+    with pytest.raises(ValueError, match=rf"{longer} of 32 captions .* more than text_len={short} tokens \(up to "):
+        ShardLoader(ds_dir, BATCH, text_len=short)
+    with caplog.at_level("WARNING", logger="mugv.data"):
+        cut = ShardLoader(ds_dir, BATCH, text_len=short, truncate_text=True)
+    assert cut.truncated_captions == longer and f"{longer} of 32 captions" in caplog.text
+    assert next(cut)["mask"].sum(1).max() <= short
+    # A dataset indexed before text_lens: refused by the length it was prepared with.
+    old = tmp_path / "old"
+    shutil.copytree(ds_dir, old)
+    index = shards.read_index(str(old))
+    del index["text_lens"]
+    index["dit_overrides"] = {"text_dim": 16, "max_text_tokens": TEXT_LEN}
+    (old / "index.json").write_text(json.dumps(index))
+    with pytest.raises(
+        ValueError, match=rf"captions in .* more than text_len=4 tokens .*prepared with --text-len={TEXT_LEN}"
+    ):
+        ShardLoader(str(old), BATCH, text_len=4)
