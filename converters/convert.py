@@ -105,10 +105,13 @@ def convert(
     out = output_path(dst)
     check_output_free(out, force)
     sidecar = null_lib.sidecar_path(dst.path) if dst.format == "release" else None
-    if sidecar and os.path.lexists(sidecar) and not force:
-        raise FileExistsError(
-            f"null-caption sidecar {sidecar} of output {dst.path} already exists; pass --force to overwrite it"
-        )
+    # An older-named sidecar this output would own is replaced with it too.
+    legacy = null_lib.legacy_sidecar_path(dst.path) if sidecar else None
+    for claimed in (sidecar, legacy):
+        if claimed and os.path.lexists(claimed) and not force:
+            raise FileExistsError(
+                f"null-caption sidecar {claimed} of output {dst.path} already exists; pass --force to overwrite it"
+            )
     reader, config, origin = open_checked(src, model=model, weights=weights)
     with reader:
         # A training checkpoint holds its own; release weights carry theirs beside them.
@@ -145,6 +148,8 @@ def convert(
             null_lib.save(sidecar, null[0], source=null[1])
         elif os.path.lexists(sidecar):
             os.remove(sidecar)  # from an earlier output; it does not belong to these weights
+        if legacy and os.path.lexists(legacy):
+            os.remove(legacy)  # the replaced weights' older-named sidecar (refused above without --force)
     return ConvertResult(
         str(src),
         str(dst),
