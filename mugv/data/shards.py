@@ -31,6 +31,8 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from mugv.io.atomic import remove_path, remove_stale_partials, temp_name
+
 LATENT_DTYPES = ("bfloat16", "float32")
 VERSION = "1.0.0"
 INDEX_FILE = "index.json"
@@ -247,14 +249,21 @@ def write_shards(
         root = os.path.join(out_dir, name)
         epath.Path(root).mkdir(parents=True, exist_ok=True)
         # tfds names its directory after the builder class; it builds (through its own
-        # `incomplete.*` directory) under a private parent, then one rename publishes it.
+        # `incomplete.*` directory) under a private parent, then one rename publishes it. Locally
+        # the parent is a partial name of this host and process, so a re-run removes what a
+        # killed build left (mugv.io.atomic); remote filesystems keep one `.tfds` parent.
+        if "://" in root:
+            private = os.path.join(root, ".tfds")
+        else:
+            remove_stale_partials(final)
+            private = temp_name(final)
         builder = _builder_cls()(
             examples=examples,
             latent_channels=latent_channels,
             text_dim=text_dim,
             latent_dtype=latent_dtype,
             beam=beam_options is not None,
-            data_dir=os.path.join(root, ".tfds"),
+            data_dir=private,
             file_format="array_record",
         )
         kw = {}
@@ -262,8 +271,12 @@ def write_shards(
             kw["num_shards"] = num_shards
         if beam_options is not None:
             kw["beam_options"] = beam_options
-        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(**kw) if kw else None)
-        epath.Path(builder.data_dir).rename(final)
+        try:
+            builder.download_and_prepare(download_config=tfds.download.DownloadConfig(**kw) if kw else None)
+            epath.Path(builder.data_dir).rename(final)
+        finally:
+            if "://" not in root:
+                remove_path(private)
         records = sorted(builder.records, key=lambda r: r["key"])
     if not records:
         # Beam workers, or a build published before a crash: the shards themselves say it all.
