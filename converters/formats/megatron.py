@@ -32,7 +32,7 @@ from mugv.io import megatron as save_dir
 from mugv.io import torch_cpu, torchzip
 from mugv.io.base import Entry, Writer, file_backed, from_torch, numpy_dtype_of_torch, to_torch, torch_dtype_of
 from mugv.io.staging import RawStore
-from mugv.io.torch_dist import is_skipped, stored_key
+from mugv.io.torch_dist import is_skipped, stored_key, write_digests
 from mugv.layouts import megatron as layout
 
 DEFAULT_ITERATION = 1
@@ -148,6 +148,8 @@ class TorchDistWriter(Writer):
             torch.serialization.set_crc32_options(crc)
         del sd
         self.staging.close()
+        # Every byte checksummed, each tensor's archive on its own (mugv.io.torch_dist).
+        write_digests(self.iter_dir)
         save_dir.write_tracker(self.tmp, self.iteration)
 
     def abort(self) -> None:

@@ -76,6 +76,22 @@ def remove_stale_partials(path: str) -> list[str]:
     return removed
 
 
+UNREADABLE = ".unreadable-"
+
+
+def quarantine(path: str) -> str:
+    """Move an unreadable output aside (`PATH.unreadable-YYYYmmdd-HHMMSS`) instead of deleting
+    it: the next write may take its name, and whoever wants to look at it still can. Readers
+    take no such name for a checkpoint. Returns the new name."""
+    import time
+
+    new = f"{os.path.normpath(path)}{UNREADABLE}{time.strftime('%Y%m%d-%H%M%S')}"
+    while os.path.lexists(new):
+        new += "_"
+    os.rename(path, new)
+    return new
+
+
 def remove_path(path: str) -> None:
     if os.path.isdir(path) and not os.path.islink(path):
         shutil.rmtree(path)

@@ -31,6 +31,7 @@ torch (and megatron.core for that fallback) are imported inside the functions th
 from __future__ import annotations
 
 import bisect
+import collections
 import io
 import json
 import math
@@ -44,7 +45,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mugv.io import torch_cpu, torchzip
+from mugv.io import digest, torch_cpu, torchzip
+from mugv.io.atomic import write_json
 from mugv.io.base import Entry, from_torch, map_file, numpy_dtype_of_torch
 from mugv.io.megatron import MegatronReader, is_torch_dist_dir, resolve_iteration_dir, stored_config
 from mugv.layouts import megatron as layout
@@ -55,6 +57,8 @@ REFERENCE_PREFIX = "optimizer.state.reference_model."
 NULL_TEXT_KEY = layout.megatron_name("y_embedder.y_embedding")
 RNG_KEY = "rng_state"
 COMMON_FILE = "common.pt"
+# The iteration's digest table (mugv.io.digest): every file, each .distcp split per stored chunk.
+DIGESTS_FILE = "mugv_digests.json"
 # Entries that are not model weights (or not release weights): skipped when reading.
 _SKIP_PREFIXES = ("optimizer.", RNG_KEY)
 
@@ -112,6 +116,64 @@ def read_metadata(ckpt_dir: str):
                 f"{path}: refusing to read torch_dist metadata ({e}); it may only "
                 f"hold torch.distributed.checkpoint metadata objects"
             ) from e
+
+
+def digest_parts(ckpt_dir: str) -> dict[str, list[digest.Part]]:
+    """{file: [(start, end, tensor)]}: where each stored chunk's archive lies, from `.metadata`
+    (a tensor stored in several chunks, e.g. one per layer, is named with the chunk's offset)."""
+    storage = getattr(read_metadata(ckpt_dir), "storage_data", {})
+    chunks = collections.Counter(index.fqn for index in storage)
+    parts: dict[str, list] = {}
+    for index, info in storage.items():
+        label = index.fqn
+        if chunks[index.fqn] > 1:
+            label += f" [chunk at {list(index.offset or ())}]"
+        start = int(info.offset)
+        parts.setdefault(info.relative_path, []).append((start, start + int(info.length), label))
+    return parts
+
+
+def digest_files(ckpt_dir: str) -> list[str]:
+    return digest.all_files(ckpt_dir, exclude=lambda rel: rel == DIGESTS_FILE)
+
+
+def compute_digests(ckpt_dir: str, files: list[str] | None = None, *, workers: int | None = None) -> dict:
+    """The digest table of an iteration directory (of `files` only, when several processes share
+    the work: `digest.merge` their tables)."""
+    files = digest_files(ckpt_dir) if files is None else files
+    return digest.compute(ckpt_dir, files, digest_parts(ckpt_dir), workers=workers or digest.default_workers())
+
+
+def write_digests(ckpt_dir: str, table: dict | None = None) -> dict:
+    """Record the table in the iteration directory (computed here unless given); call once the
+    iteration is complete, before it is published."""
+    table = compute_digests(ckpt_dir) if table is None else table
+    write_json(os.path.join(ckpt_dir, DIGESTS_FILE), table, indent=None)
+    return table
+
+
+def read_digests(ckpt_dir: str) -> dict | None:
+    """The iteration's digest table, None when it has none (written before checksums, or not by
+    mugv); an unreadable table is corruption."""
+    path = os.path.join(ckpt_dir, DIGESTS_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            table = json.load(f)
+        table["files"]  # noqa: B018 -- a table without files is not one
+    except (ValueError, KeyError, TypeError) as e:
+        raise digest.CorruptCheckpoint(ckpt_dir, [f"{path}: unreadable digest table ({e})"]) from None
+    return table
+
+
+def verify(ckpt_dir: str, *, select=lambda i, rel: True, files_only: bool = False) -> digest.Check | None:
+    """Every byte of the iteration against its digest table (the files `select` picks); None when
+    it has no table."""
+    table = read_digests(ckpt_dir)
+    if table is None:
+        return None
+    return digest.check(ckpt_dir, table, select=select, workers=digest.default_workers(), files_only=files_only)
 
 
 # A chunk of a stored tensor: (offsets, sizes, (file, byte offset, length) of its plain archive,
@@ -229,6 +291,23 @@ class TorchDistReader(MegatronReader):
         self._strategy = None
         self._chunks = _chunk_table(metadata, self.dir)
         self._direct = self._direct_index()
+        self._record_crcs = self._check_small_files()
+
+    def _check_small_files(self) -> dict[tuple[str, int, int], int]:
+        """Check the files that are not tensor data (metadata, common.pt) against the digest
+        table now; return each archive's recorded CRC, checked when it is read."""
+        table = read_digests(self.dir)
+        if table is None:
+            return {}
+        small = {rel: w for rel, w in table["files"].items() if "parts" not in w}
+        found = digest.check(self.dir, {"algorithm": table["algorithm"], "files": small})
+        if not found.ok:
+            raise digest.CorruptCheckpoint(self.dir, found.problems)
+        return {
+            (os.path.join(self.dir, rel), start, end): crc
+            for rel, w in table["files"].items()
+            for start, end, crc, _ in w.get("parts", ())
+        }
 
     def _add(self, mname: str, src: tuple) -> None:
         try:
@@ -268,6 +347,11 @@ class TorchDistReader(MegatronReader):
             if path not in self._maps:
                 self._maps[path] = map_file(path)
         mapping = self._maps[path]
+        want = self._record_crcs.get((path, offset, offset + length))
+        if want is not None and digest.crc32(memoryview(mapping)[offset : offset + length]) != want:
+            raise digest.CorruptCheckpoint(
+                self.dir, [f"{path}: tensor {what} (bytes {offset}-{offset + length}) changed"]
+            )
         try:
             archive = torchzip.TorchZipFile(path, offset, length, mapping)
             if not isinstance(archive.obj, torchzip.TensorRef):
