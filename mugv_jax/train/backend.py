@@ -107,7 +107,7 @@ class JaxBackend:
     # --- state -----------------------------------------------------------------------------------
 
     def restore(self):
-        restored = self.ckpt.restore_latest(self.trainer.abstract_state())
+        restored = self.ckpt.restore_latest(self.trainer.abstract_state(), model=self.model_cfg.to_dict())
         if restored is None:
             return None
         self.step, self.state, data_state, _ = restored
