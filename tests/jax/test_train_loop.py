@@ -342,11 +342,9 @@ def test_rotation_keeps_steps_it_cannot_vouch_for(tmp_path):
 def test_a_workdir_of_another_model_is_refused_naming_both(tmp_path):
     """Before, a re-run with another model took the old checkpoints for unreadable, trained from
     random weights and rotated the old run's steps away."""
-    from mugv.io.mismatch import IncompatibleCheckpoint
-
-    from mugv.run import tasks
-
     from mugv.config import get_config
+    from mugv.io.mismatch import IncompatibleCheckpoint
+    from mugv.run import tasks
 
     ck = checkpointing.Checkpointer(str(tmp_path / "checkpoints"), use_async=False)
     ck.save(4, {"step": np.zeros((), np.int32)}, {}, {"model": get_config("tiny").to_dict()})
