@@ -162,6 +162,30 @@ def convert(
 
 
 @dataclasses.dataclass
+class IntegrityResult:
+    spec: str
+    recorded: bool  # whether the checkpoint records checksums at all
+    problems: list[str]
+    bytes_checked: int
+
+
+def check_integrity(spec, *, weights: str = "raw") -> IntegrityResult:
+    """Every byte of the checkpoint `spec` against the checksums recorded when it was written
+    (mugv.io.digest): torch_dist and JAX checkpoints, our release files and legacy rank files."""
+    from mugv.io.digest import CorruptCheckpoint
+
+    try:
+        reader = open_any(spec, weights=_weights_for(spec, weights))
+    except CorruptCheckpoint as e:  # the files read to open it already differ
+        return IntegrityResult(str(spec), True, e.problems, 0)
+    with reader:
+        found = reader.integrity()
+    if found is None:
+        return IntegrityResult(str(spec), False, [], 0)
+    return IntegrityResult(str(spec), True, found.problems, found.bytes_checked)
+
+
+@dataclasses.dataclass
 class VerifyResult:
     equal: bool
     compared: int

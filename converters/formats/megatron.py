@@ -256,6 +256,28 @@ class LegacyReader(save_dir.MegatronReader):
         ((_, array),) = layout.megatron_to_release(gname, full, self._config_for_layout())
         return np.ascontiguousarray(array)
 
+    def integrity(self):
+        """Each rank file's tensors against the CRCs our legacy writer records."""
+        from mugv.io.digest import Check, CorruptCheckpoint
+
+        problems, checked, recorded = [], 0, False
+        for f in self.files.values():
+            try:
+                z = torchzip.TorchZipFile(f)
+            except torchzip.NeedsTorch:
+                continue
+            if not z.digests:
+                continue
+            recorded = True
+            model = z.obj.get("model", {}) if isinstance(z.obj, dict) else {}
+            for name, ref in model.items():
+                if isinstance(ref, torchzip.TensorRef):
+                    try:
+                        checked += z.array(ref, name).nbytes
+                    except CorruptCheckpoint as e:
+                        problems += e.problems
+        return Check(problems, checked) if recorded else None
+
     def describe(self) -> dict:
         return {
             "variant": "legacy",

@@ -17,6 +17,7 @@ belongs to its owner in mugv/io; this module only computes and compares. CRC-32 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import zlib
 from collections.abc import Callable, Iterable
@@ -99,6 +100,30 @@ def compute(root: str, files: Iterable[str], parts: dict[str, list[Part]] | None
     with ThreadPoolExecutor(max(1, workers)) as pool:
         entries = list(pool.map(lambda rel: _file_entry(os.path.join(root, rel), parts.get(rel)), files))
     return {"algorithm": ALGORITHM, "files": dict(zip(files, entries))}
+
+
+_SEAL = "table_crc32"
+
+
+def _canonical(table: dict) -> bytes:
+    return json.dumps({k: v for k, v in table.items() if k != _SEAL}, sort_keys=True, separators=(",", ":")).encode()
+
+
+def dumps(table: dict) -> str:
+    """The table as JSON, sealed with its own CRC so that a changed table is noticed too."""
+    return json.dumps({**table, _SEAL: crc32(_canonical(table))})
+
+
+def loads(text: str, where: str) -> dict:
+    """A table written by `dumps`; CorruptCheckpoint if it is unreadable or was changed."""
+    try:
+        table = json.loads(text)
+        table["files"]  # noqa: B018 -- a table without files is not one
+    except (ValueError, KeyError, TypeError) as e:
+        raise CorruptCheckpoint(where, [f"{where}: unreadable digest table ({e})"]) from None
+    if table.get(_SEAL) != crc32(_canonical(table)):
+        raise CorruptCheckpoint(where, [f"{where}: the digest table itself changed"])
+    return table
 
 
 def merge(tables: Iterable[dict]) -> dict:

@@ -31,7 +31,7 @@ import numpy as np
 
 from mugv.config import DiTConfig
 from mugv.io import digest
-from mugv.io.atomic import write_json
+from mugv.io.atomic import write_text
 from mugv.io.base import Entry, Reader
 from mugv.io.staging import RawStore
 from mugv.layouts import jax as jax_layout
@@ -57,7 +57,7 @@ def write_digests(step_dir: str) -> dict:
     """Record the digest table of a complete step (every file under it)."""
     files = digest.all_files(step_dir, exclude=lambda rel: rel == DIGESTS_FILE)
     table = digest.compute(step_dir, files, workers=digest.default_workers())
-    write_json(os.path.join(step_dir, DIGESTS_FILE), table, indent=None)
+    write_text(os.path.join(step_dir, DIGESTS_FILE), digest.dumps(table))
     return table
 
 
@@ -67,13 +67,8 @@ def read_digests(step_dir: str) -> dict | None:
     path = os.path.join(step_dir, DIGESTS_FILE)
     if not os.path.isfile(path):
         return None
-    try:
-        with open(path) as f:
-            table = json.load(f)
-        table["files"]  # noqa: B018 -- a table without files is not one
-    except (ValueError, KeyError, TypeError) as e:
-        raise digest.CorruptCheckpoint(step_dir, [f"{path}: unreadable digest table ({e})"]) from None
-    return table
+    with open(path, "rb") as f:
+        return digest.loads(f.read().decode("utf-8", "replace"), path)
 
 
 def verify(step_dir: str, *, files_only: bool = False) -> digest.Check | None:
@@ -310,6 +305,9 @@ class JaxReader(Reader):
     @property
     def location(self) -> str:
         return self.step_dir
+
+    def integrity(self) -> digest.Check | None:
+        return verify(self.step_dir)
 
     def entries(self) -> dict[str, Entry]:
         return dict(self._entries)

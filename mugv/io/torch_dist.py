@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from mugv.io import digest, torch_cpu, torchzip
-from mugv.io.atomic import write_json
+from mugv.io.atomic import write_text
 from mugv.io.base import Entry, from_torch, map_file, numpy_dtype_of_torch
 from mugv.io.megatron import MegatronReader, is_torch_dist_dir, resolve_iteration_dir, stored_config
 from mugv.layouts import megatron as layout
@@ -148,7 +148,7 @@ def write_digests(ckpt_dir: str, table: dict | None = None) -> dict:
     """Record the table in the iteration directory (computed here unless given); call once the
     iteration is complete, before it is published."""
     table = compute_digests(ckpt_dir) if table is None else table
-    write_json(os.path.join(ckpt_dir, DIGESTS_FILE), table, indent=None)
+    write_text(os.path.join(ckpt_dir, DIGESTS_FILE), digest.dumps(table))
     return table
 
 
@@ -158,13 +158,8 @@ def read_digests(ckpt_dir: str) -> dict | None:
     path = os.path.join(ckpt_dir, DIGESTS_FILE)
     if not os.path.isfile(path):
         return None
-    try:
-        with open(path) as f:
-            table = json.load(f)
-        table["files"]  # noqa: B018 -- a table without files is not one
-    except (ValueError, KeyError, TypeError) as e:
-        raise digest.CorruptCheckpoint(ckpt_dir, [f"{path}: unreadable digest table ({e})"]) from None
-    return table
+    with open(path, "rb") as f:
+        return digest.loads(f.read().decode("utf-8", "replace"), path)
 
 
 def verify(ckpt_dir: str, *, select=lambda i, rel: True, files_only: bool = False) -> digest.Check | None:
@@ -241,6 +236,8 @@ class TorchDistReader(MegatronReader):
             raise ValueError(f"weights must be 'raw' or 'ema', got {weights!r}")
         self.path, self.weights = path, weights
         self.dir, self.iteration = resolve_iteration_dir(path, iteration, is_torch_dist_dir)
+        # Metadata and common.pt are checked before they are parsed; each archive when read.
+        self._record_crcs = self._check_small_files()
         with open(os.path.join(self.dir, "metadata.json")) as f:
             backend = json.load(f).get("sharded_backend")
         if backend != "torch_dist":
@@ -291,7 +288,6 @@ class TorchDistReader(MegatronReader):
         self._strategy = None
         self._chunks = _chunk_table(metadata, self.dir)
         self._direct = self._direct_index()
-        self._record_crcs = self._check_small_files()
 
     def _check_small_files(self) -> dict[tuple[str, int, int], int]:
         """Check the files that are not tensor data (metadata, common.pt) against the digest
@@ -465,6 +461,9 @@ class TorchDistReader(MegatronReader):
         }
 
     # --- the Reader contract --------------------------------------------------------------------
+
+    def integrity(self) -> digest.Check | None:
+        return verify(self.dir)
 
     def entries(self) -> dict[str, Entry]:
         return dict(self._entries)
