@@ -4,10 +4,15 @@ the rest).
 
 from __future__ import annotations
 
-import logging
-import sys
+# Before anything heavy is imported: a SIGTERM during start-up is a request to stop, not a crash.
+from mugv.run import preemption
 
-from mugv_jax.train.backend import train
+preemption.install()
+
+import logging  # noqa: E402
+import sys  # noqa: E402
+
+from mugv_jax.train.backend import train  # noqa: E402
 
 
 def main(argv):

@@ -4,13 +4,18 @@ there has the rest).
 
 from __future__ import annotations
 
-import logging
-import sys
+# Before anything heavy is imported: a SIGTERM during start-up is a request to stop, not a crash.
+from mugv.run import preemption
 
-import torch.distributed as dist
+preemption.install()
 
-from mugv_megatron.parallel import state as parallel
-from mugv_megatron.train.backend import train
+import logging  # noqa: E402
+import sys  # noqa: E402
+
+import torch.distributed as dist  # noqa: E402
+
+from mugv_megatron.parallel import state as parallel  # noqa: E402
+from mugv_megatron.train.backend import train  # noqa: E402
 
 
 def main(argv):

@@ -17,6 +17,7 @@ from mugv.run.driver import NonFiniteLossError
 from mugv.training import model_config_from
 from mugv_jax.train import backend as train_lib
 from mugv_jax.train import checkpointing
+from tests.helpers import snapshot
 from tests.trainer_helpers import guard_train_steps, host_batch, make_source, make_trainer, to_numpy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -150,7 +151,10 @@ def _run_cli(workdir, *extra, wait=True):
         "--config.data.buckets=((2,4,6,8),)",
         *extra,
     ]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Its own process group: signals go to the group, as Slurm, timeout and Kubernetes send them.
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     if wait:
         out, err = proc.communicate(timeout=600)
         return proc.returncode, out, err
@@ -203,7 +207,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run_bitwise(tmp_path):
 def test_sigterm_saves_at_the_step_boundary_and_exits_zero(tmp_path):
     proc = _run_cli(tmp_path, "--config.num_steps=100000", "--config.checkpoint_every=100000", wait=False)
     _wait_for_step(tmp_path, 2, proc)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)  # the whole group, as a scheduler sends it
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
     assert "(sigterm)" in out
@@ -211,6 +215,15 @@ def test_sigterm_saves_at_the_step_boundary_and_exits_zero(tmp_path):
     assert len(steps) == 1 and steps[0] >= 2
     saved = json.load(open(tmp_path / "config.json"))
     assert saved["data"]["buckets"] == [[2, 4, 6, 8]]  # the --config override was applied
+    # A SIGTERM during start-up (it used to end the process with 143): exit 0, nothing changed.
+    before = snapshot(tmp_path)
+    proc = _run_cli(tmp_path, "--config.num_steps=100000", "--config.checkpoint_every=100000", wait=False)
+    time.sleep(1.0)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "before the first step" in err and "(sigterm)" in out
+    assert snapshot(tmp_path) == before
 
 
 @pytest.mark.parametrize("kind", ["release", "jax"])

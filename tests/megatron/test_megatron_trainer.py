@@ -244,14 +244,17 @@ def test_cli_sigterm_saves_and_resumes(tmp_path):
         "--config.data.buckets=((2,4,4,4),)",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    # Its own process group, signalled whole, as Slurm, timeout and Kubernetes do.
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
     metrics = workdir / "tensorboard" / "metrics.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
             break
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out.decode()[-3000:]
     assert b"(sigterm)" in out
@@ -271,6 +274,18 @@ def test_cli_sigterm_saves_and_resumes(tmp_path):
     steps = checkpointing.steps(str(workdir / "checkpoints"))
     assert len(steps) == 1 and steps[0] >= rows[-1]["step"]
     k = steps[0]
+    # A SIGTERM during start-up (it used to end the process with 143): exit 0, nothing changed.
+    from tests.helpers import snapshot
+
+    before = snapshot(workdir)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    time.sleep(1.0)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out.decode()[-3000:]
+    assert b"before the first step" in out and snapshot(workdir) == before
     # Resume in this process to k + 2 with the same config.
     from configs.tiny import get_config as tiny_config
     from mugv_megatron.train import backend as train
