@@ -175,6 +175,7 @@ def _run(config, workdir: str, backend: Backend, task: Task, resolved: dict | No
                 dt = (time.perf_counter() - window_t) / window_steps
                 scalars = task.scalars(batch, fetched, dt, backend)
                 scalars["skipped_steps"] = backend.skipped()
+                scalars["data/skipped_records"] = int(getattr(it, "skipped", 0) or 0)
                 writer.write(step, scalars)
                 if backend.is_main:
                     writer.print(task.console(step, total, scalars))

@@ -24,6 +24,8 @@ def main(argv):
 
         distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if FLAGS.verify_data:
+        FLAGS.config.data.verify = True
     summary = train(FLAGS.config, FLAGS.workdir)
     print(
         f"finished at step {summary['step']} ({summary['stopped_by']}); last loss {summary['loss']}; "
@@ -50,6 +52,9 @@ def _define_flags():
     )
     flags.DEFINE_integer("num_processes", None, "multi-host: number of processes (or MUGV_NUM_PROCESSES)")
     flags.DEFINE_integer("process_id", None, "multi-host: this process's index (or MUGV_PROCESS_ID)")
+    flags.DEFINE_bool(
+        "verify_data", False, "check every shard byte against the dataset's recorded CRCs at open (config.data.verify)"
+    )
     flags.mark_flags_as_required(["config", "workdir"])
 
 

@@ -30,6 +30,8 @@ def main(argv):
         "sp": FLAGS.sp,
         "distributed_optimizer": FLAGS.distributed_optimizer,
     }
+    if FLAGS.verify_data:
+        FLAGS.config.data.verify = True
     summary = train(FLAGS.config, FLAGS.workdir, overrides)
     if dist.get_rank() == 0:
         print(
@@ -54,6 +56,9 @@ def _define_flags():
         None,
         "megatron DistributedOptimizer on CUDA "
         "(overrides config.megatron.distributed_optimizer; torch AdamW otherwise)",
+    )
+    flags.DEFINE_bool(
+        "verify_data", False, "check every shard byte against the dataset's recorded CRCs at open (config.data.verify)"
     )
     flags.mark_flags_as_required(["config", "workdir"])
 

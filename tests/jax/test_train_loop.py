@@ -275,6 +275,8 @@ def test_trains_from_prepared_array_record_shards(tmp_path):
     c.data.source, c.data.path, c.data.batch_size, c.data.text_len = "shards", ds, 4, 8
     summary = train_lib.train(c, str(tmp_path / "run"))
     assert summary["step"] == 3 and np.isfinite(summary["loss"])
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "tensorboard" / "metrics.jsonl")]
+    assert rows[-1]["data/skipped_records"] == 0  # unreadable records are counted in the metrics
     cfg = checkpointing.read_config(str(tmp_path / "run" / "checkpoints"))
     assert cfg["data"]["source"] == "shards"
     t = make_trainer((8, 1, 1, 1))
