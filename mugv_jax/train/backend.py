@@ -128,6 +128,7 @@ class JaxBackend:
     def train_step(self, batch: dict):
         self.state, metrics = self.trainer.train_step(self.state, self.trainer.put_batch(batch))
         self.step += 1
+        self.ckpt.poll()  # the digest table of a finished asynchronous save
         return metrics
 
     def fetch(self, metrics) -> dict:

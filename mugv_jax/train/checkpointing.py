@@ -69,7 +69,10 @@ class Checkpointer:
         self.directory = os.path.abspath(directory)
         self.keep = keep
         # Rotation is ours (`_rotate`): orbax's max_to_keep would delete steps it did not verify.
-        options = ocp.CheckpointManagerOptions(max_to_keep=None, create=True, enable_async_checkpointing=use_async)
+        # cleanup_tmp_directories: a save killed half-way leaves orbax's temporary directory.
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=None, create=True, enable_async_checkpointing=use_async, cleanup_tmp_directories=True
+        )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=TRAINER_ITEMS)
         self._unrecorded: list[int] = []  # steps saved here whose digest table is not yet written
 
@@ -90,6 +93,14 @@ class Checkpointer:
                 f"the state of step {step} is not on disk"
             )
         self._unrecorded.append(step)
+
+    def poll(self) -> None:
+        """Record the tables of asynchronous saves that have finished (one process: each step;
+        several processes record at the next save, where they meet anyway)."""
+        import jax
+
+        if self._unrecorded and jax.process_count() == 1 and not self.manager.is_saving_in_progress():
+            self._record()
 
     def _record(self) -> None:
         """Once the pending saves are complete: record their digest tables, then rotate."""
@@ -173,7 +184,12 @@ class Checkpointer:
                 self._set_aside(step, e)
                 continue
             if layout.read_digests(self.step_dir(step)) is None:
-                log.warning("%s has no digest table (%s): resumed from it unverified", step, layout.DIGESTS_FILE)
+                log.warning(
+                    "%s has no digest table (%s): written before checksums, or the run died between "
+                    "saving it and recording its table; resumed from it unverified",
+                    self.step_dir(step),
+                    layout.DIGESTS_FILE,
+                )
             return step, state, data, config
         return None
 
