@@ -111,10 +111,71 @@ def _caption_warnings(manifest: str, uncaptioned: str) -> None:
         print(f"WARNING: {n} clips without a caption {what}; see {manifest}", file=sys.stderr)
 
 
-def prepare(args) -> None:
+def _recipe(args, spec) -> dict:
+    """What decides a dataset's content, recorded in its index.json: a re-run into the same --out
+    must give the same, or rebuild it whole (--force)."""
+    import dataclasses
+
+    return json.loads(
+        json.dumps(
+            {
+                "videos": args.videos,
+                "vae": args.vae,
+                "vae_preset": args.vae_preset,
+                "text_encoder": args.text_encoder,
+                "text_len": args.text_len,
+                "buckets": [[b.frames, b.height, b.width] for b in spec.buckets],
+                "filters": dataclasses.asdict(spec.filters),
+                "captions": args.captions,
+                "uncaptioned": args.uncaptioned,
+                "aes_suffix": args.aes_suffix,
+                "negative_prompt": args.negative_prompt,
+                "latent_dtype": args.latent_dtype,
+                "max_frames": args.max_frames,
+                "seed": args.seed,
+                "procedural": [args.procedural_count, args.procedural_frames, args.procedural_size],
+                "plugins": sorted(args.plugin or ()),
+            }
+        )
+    )
+
+
+def _check_existing(args, recipe: dict, ds: str) -> str | None:
+    """None to build (nothing there, or the same recipe: reused), or the existing dataset
+    directory to rebuild with --force; otherwise SystemExit naming what differs."""
+    from mugv.data import shards
+
+    if not os.path.isfile(os.path.join(ds, shards.INDEX_FILE)):
+        return None
+    old = shards.read_index(ds).get("recipe")
+    if old == recipe:
+        return None
+    if old is None:
+        why = "it records no recipe (made before prepare recorded its settings)"
+    else:
+        diff = [k for k in sorted(set(old) | set(recipe)) if old.get(k) != recipe.get(k)]
+        why = "; ".join(f"{k}: {old.get(k)!r} there, {recipe.get(k)!r} now" for k in diff)
+    if not args.force:
+        raise SystemExit(
+            f"--out {args.out}: the dataset {ds} was made with other settings ({why}). Give another --out, "
+            f"or pass --force to rebuild it whole (the old one is removed once the new one is complete)"
+        )
+    print(f"--force: rebuilding {ds} ({why})", file=sys.stderr)
+    return ds
+
+
+def _save_npz(path: str, **arrays) -> None:
     import numpy as np
 
+    from mugv.io.atomic import atomic_output
+
+    with atomic_output(path, force=True) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def prepare(args) -> None:
     from mugv.data import shards
+    from mugv.io.atomic import remove_path, temp_name
     from mugv_data import encode, text
     from mugv_data.prepare import PrepareSource, check_captions
 
@@ -123,7 +184,25 @@ def prepare(args) -> None:
         check_captions(spec)  # before any video is decoded
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    os.makedirs(args.out, exist_ok=True)
+    recipe = _recipe(args, spec)
+    old = _check_existing(args, recipe, shards.dataset_dir(args.out, args.name))
+    aside = None
+    if old is not None:
+        # The old dataset steps aside (a partial name) until the new one is complete.
+        root = os.path.dirname(old)
+        aside = temp_name(root) + ".old"
+        os.rename(root, aside)
+    try:
+        _build(args, spec, recipe, shards, encode, text, PrepareSource)
+    except BaseException:
+        if aside is not None and not os.path.exists(os.path.join(args.out, args.name)):
+            os.rename(aside, os.path.join(args.out, args.name))
+        raise
+    if aside is not None:
+        remove_path(aside)
+
+
+def _build(args, spec, recipe, shards, encode, text, PrepareSource) -> None:
     source = PrepareSource(spec, os.path.join(args.out, "manifest.jsonl"))
     lat, txt = source.worker.latent_encoder(), source.worker.text_encoder()
     beam_options = None
@@ -144,12 +223,13 @@ def prepare(args) -> None:
             "vae": args.vae,
             "pixel_buckets": [[b.frames, b.height, b.width] for b in spec.buckets],
             "dit_overrides": text.dit_overrides(txt),
+            "recipe": recipe,
         },
     )
     null_f, null_m = text.null_features(txt)
-    np.savez(os.path.join(args.out, "null_text.npz"), y=null_f, mask=null_m)
+    _save_npz(os.path.join(args.out, "null_text.npz"), y=null_f, mask=null_m)
     neg_f, neg_m = text.negative_features(txt, args.negative_prompt)
-    np.savez(os.path.join(args.out, "negative_text.npz"), y=neg_f, mask=neg_m, prompt=args.negative_prompt)
+    _save_npz(os.path.join(args.out, "negative_text.npz"), y=neg_f, mask=neg_m, prompt=args.negative_prompt)
     index = shards.read_index(ds)
     dropped = 0
     manifest = os.path.join(args.out, "manifest.jsonl")
@@ -220,6 +300,11 @@ def main(argv=None) -> None:
     pr.add_argument("--num-shards", type=int)
     pr.add_argument("--max-frames", type=int, default=300, help="frames decoded per video (memory bound)")
     pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument(
+        "--force",
+        action="store_true",
+        help="rebuild an existing --out dataset made with other settings (refused without it)",
+    )
     pr.add_argument("--procedural-count", type=int, default=64)
     pr.add_argument("--procedural-frames", type=int, default=17)
     pr.add_argument("--procedural-size", type=int, default=32)

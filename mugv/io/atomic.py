@@ -12,17 +12,86 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import re
 import shutil
+import socket
 import stat
 import uuid
 
+log = logging.getLogger("mugv.io")
+
+# .NAME.partial-HOST-PID-TAG[.staging|.old|…]: HOST and PID say who is writing it, so a later run
+# can tell a dead writer's leftover from a live one's output.
+_PARTIAL = re.compile(
+    r"^\.(?P<base>.+)\.partial-(?:(?P<host>.+)-)?(?P<pid>\d+)-(?P<tag>[0-9a-f]{8})(?P<rest>(?:\..*)?)$"
+)
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9._]", "_", socket.gethostname()) or "localhost"
+
 
 def temp_name(path: str) -> str:
-    """The temporary name of an output being written: hidden, in the same directory, and marked
-    partial, so an interrupted run leaves nothing that looks like a checkpoint or a result."""
+    """The temporary name of an output being written: hidden, in the same directory, marked
+    partial and naming this host and process, so an interrupted run leaves nothing that looks like
+    a checkpoint or a result, and the next run can remove what a dead one left."""
     parent, base = os.path.split(os.path.abspath(path))
-    return os.path.join(parent, f".{base}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    return os.path.join(parent, f".{base}.partial-{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def remove_stale_partials(path: str) -> list[str]:
+    """Remove the partial outputs of `path` (and their staging) left by processes of this host
+    that are gone; returns what was removed, and says so. Those of live processes, of other hosts
+    or of unknown ones (named before hosts were recorded) are left where they are."""
+    parent, base = os.path.split(os.path.abspath(path))
+    removed = []
+    try:
+        names = os.listdir(parent)
+    except FileNotFoundError:
+        return removed
+    host = _host()
+    for name in sorted(names):
+        m = _PARTIAL.match(name)
+        if not m or m.group("base") != base:
+            continue
+        full, pid = os.path.join(parent, name), int(m.group("pid"))
+        if m.group("host") is None:
+            log.warning("left %s: a partial output of an earlier run whose host is not recorded in its name", full)
+            continue
+        if m.group("host") != host or pid == os.getpid() or _alive(pid):
+            continue
+        remove_path(full)
+        removed.append(full)
+        log.warning("removed %s: a partial output of process %d on %s, which is gone", full, pid, host)
+    return removed
+
+
+UNREADABLE = ".unreadable-"
+
+
+def quarantine(path: str) -> str:
+    """Move an unreadable output aside (`PATH.unreadable-YYYYmmdd-HHMMSS`) instead of deleting
+    it: the next write may take its name, and whoever wants to look at it still can. Readers
+    take no such name for a checkpoint. Returns the new name."""
+    import time
+
+    new = f"{os.path.normpath(path)}{UNREADABLE}{time.strftime('%Y%m%d-%H%M%S')}"
+    while os.path.lexists(new):
+        new += "_"
+    os.rename(path, new)
+    return new
 
 
 def remove_path(path: str) -> None:
@@ -88,12 +157,14 @@ def atomic_output(path: str, *, force: bool = False, make_parent: bool = False):
 
     An existing `path` is refused unless `force`, and then replaced only after the new output is
     complete. A missing parent directory is an error unless `make_parent`. On any failure the
-    temporary output is removed.
+    temporary output is removed; partial outputs of `path` that dead processes of this host left
+    are removed first (`remove_stale_partials`).
     """
     path = os.path.abspath(path)
     if make_parent:
         os.makedirs(os.path.dirname(path), exist_ok=True)
     check_output_free(path, force)
+    remove_stale_partials(path)
     tmp = temp_name(path)
     try:
         yield tmp

@@ -10,7 +10,7 @@ features; `python -m mugv_data text` writes it, mugv/io/text_features.py) and op
 `neg_y`/`neg_mask` (a negative prompt, as the release samples). Without
 a negative prompt the unconditional branch of classifier-free guidance gets the null caption the
 model was trained with (rows [:L], all valid): from --null_text, else from the sidecar next to
-the checkpoint (`dit.null_text.safetensors` beside `dit.safetensors`, written by the exporters;
+the checkpoint (`dit.safetensors.null_text.safetensors` beside `dit.safetensors`, written by the exporters;
 mugv/io/null_text.py). If neither exists the command stops and names both; --zero_null_text opts
 into a zero caption instead (which no mugv-trained model saw). --cond_latent (optional) holds
 `z` [1, C, 1, h, w]: the image-to-video reference latent, kept clean as frame 0. The result,
@@ -93,7 +93,7 @@ def unconditional_input(
     if zeros:
         return np.zeros_like(y), np.ones(y.shape[:1] + y.shape[2:3], np.int32), "a zero caption (--zero_null_text)"
     sidecar = null_lib.sidecar_path(checkpoint)
-    path = null_text or (sidecar if os.path.isfile(sidecar) else None)
+    path = null_text or null_lib.existing_sidecar(checkpoint)
     if path is None:
         raise app.UsageError(
             f"no unconditional input for classifier-free guidance: --text {text_path} has no negative "

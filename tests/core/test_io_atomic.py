@@ -63,3 +63,34 @@ def test_outputs_get_the_umasks_mode(tmp_path, umask):
         assert {p: oct(os.stat(tmp_path / p).st_mode & 0o777) for p in paths} == {p: oct(want) for p in paths}
     finally:
         os.umask(old)
+
+
+def test_a_rerun_removes_what_dead_writers_of_this_host_left_and_says_so(tmp_path, caplog):
+    import logging
+    import subprocess
+    import sys
+
+    from mugv.io import atomic
+
+    host = atomic._host()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # its pid names a process that is gone
+    stale = [f".out.pt.partial-{host}-{gone.pid}-0123abcd", f".out.pt.partial-{host}-{gone.pid}-0123abcd.staging"]
+    kept = [
+        f".out.pt.partial-{host}-{os.getppid()}-89abcdef",  # a live process is still writing it
+        f".out.pt.partial-other-host-{gone.pid}-0123abcd",  # another machine's: not ours to judge
+        ".out.pt.partial-12345-0123abcd",  # named before hosts were recorded
+        f".other.pt.partial-{host}-{gone.pid}-0123abcd",  # another output's
+    ]
+    for n in stale + kept:
+        os.makedirs(tmp_path / n)
+    with caplog.at_level(logging.WARNING, logger="mugv.io"):
+        write_text(str(tmp_path / "out.pt"), "x")
+    assert sorted(os.listdir(tmp_path)) == sorted(kept + ["out.pt"])
+    for n in stale:
+        assert f"removed {tmp_path / n}: a partial output of process {gone.pid} on {host}, which is gone" in caplog.text
+    assert "host is not recorded" in caplog.text and ".out.pt.partial-12345-0123abcd" in caplog.text
+    # The temporary name records this host and process.
+    assert os.path.basename(atomic.temp_name(str(tmp_path / "out.pt"))).startswith(
+        f".out.pt.partial-{host}-{os.getpid()}-"
+    )

@@ -144,7 +144,7 @@ def test_unconditional_input_defaults_to_the_checkpoints_null_caption(tmp_path):
     from mugv_jax.sample import cli as sample
 
     weights, null = _release_with_sidecar(tmp_path)
-    assert null_lib.sidecar_path(weights) == str(tmp_path / "dit_ema.null_text.safetensors")
+    assert null_lib.sidecar_path(weights) == str(tmp_path / "dit_ema.safetensors.null_text.safetensors")
     text_path, y, mask = _cond_text(tmp_path)
     length = y.shape[2]
     kw = dict(text_path=text_path, checkpoint=weights, zeros=False, text_dim=null.shape[1])
@@ -175,7 +175,7 @@ def test_unconditional_input_errors_name_what_was_looked_for(tmp_path):
     kw = dict(text_path=text_path, checkpoint=weights, text_dim=64)
     with pytest.raises(app.UsageError) as e:
         sample.unconditional_input({"y": y, "mask": mask}, null_text=None, zeros=False, **kw)
-    assert str(tmp_path / "bare.null_text.safetensors") in str(e.value)
+    assert str(tmp_path / "bare.safetensors.null_text.safetensors") in str(e.value)
     assert "--null_text" in str(e.value) and "--zero_null_text" in str(e.value) and text_path in str(e.value)
     with pytest.raises(app.UsageError, match="null caption file not found: .*missing.safetensors"):
         sample.unconditional_input(
@@ -226,7 +226,8 @@ def test_sample_cli_guides_against_the_trained_null_caption(tmp_path, model):
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
     assert (
-        f"unconditional input: the trained null caption from {tmp_path / 'dit_ema.null_text.safetensors'}" in res.stderr
+        f"unconditional input: the trained null caption from {tmp_path / 'dit_ema.safetensors.null_text.safetensors'}"
+        in res.stderr
     )
     assert "sampling" in res.stderr  # the progress bar
     assert "(config detected from the shapes: tiny)" in res.stderr  # the golden file stores none
@@ -268,5 +269,5 @@ def test_sample_cli_without_null_caption_stops_before_loading(tmp_path):
         text=True,
     )
     assert res.returncode != 0
-    assert "weights.null_text.safetensors does not exist" in res.stderr and "--zero_null_text" in res.stderr
+    assert "weights.safetensors.null_text.safetensors does not exist" in res.stderr and "--zero_null_text" in res.stderr
     assert "loading" not in res.stderr and not (tmp_path / "o.safetensors").exists()
