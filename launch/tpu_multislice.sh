@@ -9,6 +9,7 @@
 # stage's global batch over NUM_SLICES × the slice's data parallelism (less accumulation); the
 # script refuses it otherwise. Other configs get mesh.dcn.data=$NUM_SLICES as they are.
 #
+# illustrative: the queued-resource creation below reserves billed TPU slices
 # The slices come from one queued resource created with --node-count=$NUM_SLICES (for example
 #   gcloud compute tpus queued-resources create $QR_NAME --zone=$ZONE --accelerator-type=v5p-256 \
 #     --runtime-version=v2-alpha-tpuv5 --node-count=2 --node-prefix=$QR_NAME).

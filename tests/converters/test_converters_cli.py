@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
+from tests.doc_commands import doc_command
 from tests.helpers import DIT_WEIGHTS, dit_weights
 
 REPO = Path(__file__).resolve().parents[2]
@@ -36,7 +37,12 @@ def test_convert_inspect_verify_and_overwrite_refusal(tmp_path):
     # bf16 against the float32 original: different dtype, equal within bf16 rounding.
     r = cli("verify", DIT_WEIGHTS, dst, "--quiet")
     assert r.returncode == 1 and "dtype float32 vs bfloat16" in r.stdout
-    r = cli("verify", DIT_WEIGHTS, dst, "--atol", "0.01", "--quiet")
+    documented = doc_command(
+        "docs/converters.md",
+        "python -m converters verify dit.pt dit_bf16",
+        {"dit.pt": DIT_WEIGHTS, "dit_bf16.safetensors": str(dst)},
+    )
+    r = cli(*documented[3:], "--quiet")
     assert r.returncode == 0 and "equal (within atol 0.01): 63 tensors" in r.stdout
 
     before = dst.read_bytes()
@@ -50,26 +56,22 @@ def test_convert_inspect_verify_and_overwrite_refusal(tmp_path):
 
 
 def test_cli_through_megatron_and_jax(tmp_path):
-    r = cli(
-        "convert",
-        "--src",
-        f"release:{DIT_WEIGHTS}",
-        "--dst",
-        f"megatron-legacy:{tmp_path}/lg",
-        "--tp",
-        "2",
-        "--pp",
-        "2",
-        "--quiet",
+    # README's commands; tiny has fewer heads than the 10B's TP 4 needs, so TP 2.
+    to_legacy = doc_command(
+        "README.md",
+        "python -m converters convert --src release:dit.pt --dst megatron-legacy:",
+        {"dit.pt": DIT_WEIGHTS, "/ckpt/tp4": f"{tmp_path}/lg", "--tp 4": "--tp 2"},
     )
+    r = cli(*to_legacy[3:], "--quiet")
     assert r.returncode == 0, r.stderr
     r = cli("convert", "--src", f"megatron:{tmp_path}/lg", "--dst", f"megatron:{tmp_path}/td", "--quiet")
     assert r.returncode == 0, r.stderr
     r = cli("convert", "--src", f"{tmp_path}/td", "--dst", f"jax:{tmp_path}/jx@3", "--quiet")
     assert r.returncode == 0, r.stderr
-    r = cli("inspect", f"{tmp_path}/jx")
+    r = cli(*doc_command("README.md", "python -m converters inspect", {"/ckpt/mugv10b": f"{tmp_path}/jx"})[3:])
     assert "format: jax" in r.stdout and "step: 3" in r.stdout and "[stored in the checkpoint]" in r.stdout
-    r = cli("verify", f"jax:{tmp_path}/jx", DIT_WEIGHTS, "--quiet")
+    bit_exact = {"dit.pt": DIT_WEIGHTS, "/ckpt/mugv10b": f"{tmp_path}/jx"}
+    r = cli(*doc_command("README.md", "python -m converters verify release:", bit_exact)[3:], "--quiet")
     assert r.returncode == 0 and "equal (bit-identical): 63 tensors" in r.stdout, r.stdout + r.stderr
 
 

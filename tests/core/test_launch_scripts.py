@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.doc_commands import doc_command, split_env
+
 ROOT = Path(__file__).resolve().parents[2]
 TUPLE = "--config.data.buckets=((2,4,6,8),)"  # README: tuples as strings
 SPACED = "--config.note=two words; not a command"
@@ -170,3 +172,65 @@ def test_slurm_scripts_find_the_checkout_from_anywhere(tmp_path, script):
         ["bash", str(copy), *args], cwd=env["SLURM_SUBMIT_DIR"], env=env, capture_output=True, text=True
     )
     assert res.returncode != 0 and "cannot find the mugv checkout" in res.stderr and "MUGV_REPO" in res.stderr
+
+
+# The launch commands the docs show, as written (tests/doc_commands.py), with the cluster stubbed:
+# `sbatch --nodes=N` runs the script with bash under the Slurm stubs above, gcloud is the stub
+# that runs each worker's command locally.
+GCLOUD_DOCS = {
+    "tpu_pod": lambda: doc_command("launch/tpu_pod.sh", "TPU_NAME="),
+    "tpu_multislice": lambda: doc_command("launch/tpu_multislice.sh", "QR_NAME="),
+}
+SLURM_DOCS = {
+    "jax_gpu_slurm": lambda: doc_command(
+        "launch/jax_gpu_slurm.sbatch", "sbatch --nodes=8", {"sbatch --nodes=8": "bash"}
+    ),
+    "megatron_slurm_defaults": lambda: doc_command(
+        "launch/megatron_slurm.sbatch", "sbatch --nodes=8", {"sbatch --nodes=8": "bash"}
+    ),
+    "megatron_slurm": lambda: doc_command("launch/megatron_slurm.sbatch", "CONFIG=", {"sbatch --nodes=16": "bash"}),
+    "readme_megatron_slurm": lambda: doc_command(
+        "README.md", "CONFIG=configs/mugv_10b.py:video_720:h100x128", {"sbatch --nodes=16": "bash"}
+    ),
+    "megatron_training_slurm": lambda: doc_command(
+        "docs/megatron_training.md", "CONFIG=configs/mugv_10b.py:video_720:h100x128", {"sbatch --nodes=16": "bash"}
+    ),
+    "megatron_torchrun": lambda: doc_command("launch/megatron_torchrun.sh", "CONFIG="),
+    "megatron_training_torchrun": lambda: doc_command(
+        "docs/megatron_training.md", "CONFIG=configs/mugv_10b.py:video_720 WORKDIR"
+    ),
+}
+
+
+def _doc_flags_reach_the_trainer(script_args: list[str], doc_env: dict, argv: list[str]) -> None:
+    config, workdir, flags = (script_args + [None, None])[:2] + [script_args[2:]]
+    config, workdir = config or doc_env.get("CONFIG"), workdir or doc_env.get("WORKDIR")
+    if config:
+        assert f"--config={config}" in argv, argv
+    if workdir:
+        assert f"--workdir={workdir}" in argv, argv
+    assert argv[len(argv) - len(flags) :] == flags, (argv, flags)
+
+
+@pytest.mark.parametrize("case", sorted(GCLOUD_DOCS))
+def test_documented_tpu_launch_commands_run_as_written(tmp_path, case):
+    doc_env, (script, *args) = split_env(GCLOUD_DOCS[case]())
+    home, worker_bin = _fake_worker(tmp_path)
+    env = dict(os.environ, PATH=f"{_gcloud(tmp_path, home, worker_bin)}{os.pathsep}{os.environ['PATH']}", **doc_env)
+    res = subprocess.run(["bash", script, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    _doc_flags_reach_the_trainer(args, {}, _argv(home))
+
+
+@pytest.mark.parametrize("case", sorted(SLURM_DOCS))
+def test_documented_gpu_launch_commands_run_as_written(tmp_path, case):
+    doc_env, (bash, script, *args) = split_env(SLURM_DOCS[case]())
+    assert bash == "bash"
+    _, env = _slurm(tmp_path, Path(script).name)
+    env.update(doc_env)
+    res = subprocess.run(["bash", script, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    cwd, *argv = (tmp_path / "argv").read_text().split("\0")[:-1]
+    assert cwd == str(ROOT)
+    script_args = args if "jax" in script else ["", ""] + args  # CONFIG/WORKDIR: variables for Megatron
+    _doc_flags_reach_the_trainer([a or None for a in script_args[:2]] + script_args[2:], doc_env, argv)

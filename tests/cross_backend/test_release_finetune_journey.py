@@ -33,6 +33,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.doc_commands import doc_command
+
 ROOT = Path(__file__).resolve().parents[2]
 PROMPT = "cyclists riding bicycles along a street"
 FRAMES, HEIGHT, WIDTH = 17, 32, 48
@@ -119,8 +121,11 @@ def _sample_and_decode(user, checkpoint: Path, prompt: Path, name: str) -> np.nd
     assert "(config stored in the checkpoint)" in res.stderr
     assert "the trained null caption from" in res.stderr  # the export's sidecar
     out = user / "videos_out"
-    _run("-m", "mugv_jax.vae", "decode", "--weights", str(user / "models" / "vae.pt"), "--vae-config", "tiny",
-         "--out", str(out), str(latents))  # fmt: skip
+    tiny = {"vae.pt": str(user / "models" / "vae.pt"), "--vae-config release": "--vae-config tiny"}
+    decode = doc_command(
+        "docs/vae.md", "python -m mugv_jax.vae decode", {**tiny, "videos/": str(out), "latents/a.npy ...": str(latents)}
+    )
+    _run(*decode[1:])
     frames, fps = decode_video(str(out / f"{name}.mp4"))
     assert frames.shape == (FRAMES, HEIGHT, WIDTH, 3) and fps == 30
     assert np.all(np.isfinite(frames.astype(np.float32))) and frames.std() > 1.0, frames.std()
@@ -134,8 +139,8 @@ def test_release_finetune_on_jax_then_megatron(user, prepared, capsys):
 
     # Fine-tune from the release file, on the prepared data (data.path = prepare's --out).
     run = user / "run"
-    res = _run("-m", "mugv_jax.train", "--config=configs/tiny.py", f"--workdir={run}",
-               f"--config.init_from={user / 'models' / 'dit.pt'}", f"--config.data.path={prepared}",
+    train = doc_command("README.md", "python -m mugv_jax.train --config=configs/tiny.py", {"runs/tiny": str(run)})
+    res = _run(*train[1:], f"--config.init_from={user / 'models' / 'dit.pt'}", f"--config.data.path={prepared}",
                *DATA_FLAGS, *STEPS)  # fmt: skip
     assert "finished at step 2 (num_steps)" in res.stdout
     assert f"initialised from {user / 'models' / 'dit.pt'} (raw weights)" in res.stderr
@@ -147,8 +152,10 @@ def test_release_finetune_on_jax_then_megatron(user, prepared, capsys):
 
     # Export its EMA in the release layout (with the trained null caption beside it).
     export = user / "export" / "dit_ema.safetensors"
-    assert converters(["convert", "--src", f"jax:{run}/checkpoints", "--weights", "ema",
-                       "--dst", f"release:{export}", "--quiet"]) == 0  # fmt: skip
+    # docs/converters.md: a run's EMA to a release file.
+    to_release = {"/out/dit_ema.safetensors": str(export), "/runs/a/checkpoints@20000": f"{run}/checkpoints"}
+    assert converters([*doc_command("docs/converters.md", "python -m converters convert --src jax:", to_release)[3:],
+                       "--quiet"]) == 0  # fmt: skip
     assert (user / "export" / "dit_ema.null_text.safetensors").exists()
 
     # A prompt, through the encoder the data was prepared with.
@@ -166,7 +173,11 @@ def test_release_finetune_on_jax_then_megatron(user, prepared, capsys):
     assert "finished at step 2 (num_steps)" in res.stdout
     assert "world 2 = TP 2" in res.stderr and f"initialised from jax:{run}/checkpoints (ema weights)" in res.stderr
     mexport = user / "mexport" / "dit_ema.safetensors"
-    assert converters(["convert", "--src", f"megatron:{mrun}/checkpoints", "--weights", "ema",
-                       "--dst", f"release:{mexport}", "--quiet"]) == 0  # fmt: skip
+    to_release = {
+        "/out/dit_ema.safetensors": str(mexport),
+        "jax:/runs/a/checkpoints@20000": f"megatron:{mrun}/checkpoints",
+    }
+    assert converters([*doc_command("docs/converters.md", "python -m converters convert --src jax:", to_release)[3:],
+                       "--quiet"]) == 0  # fmt: skip
     megatron_frames = _sample_and_decode(user, mexport, prompt, "megatron_sample")
     assert not np.array_equal(jax_frames, megatron_frames)  # two runs, two sets of weights

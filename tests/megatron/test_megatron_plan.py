@@ -15,6 +15,7 @@ import pytest
 
 from mugv.training import model_config_from
 from mugv_megatron import plan as mplan
+from tests.doc_commands import doc_command
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
@@ -34,7 +35,13 @@ def _cli(*args):
 
 
 def test_cli_plans_video_720_on_128_h100s_within_80_gb(tmp_path):
-    code, out = _cli("--config=configs/mugv_10b.py:video_720:h100x128", f"--json={tmp_path / 'plan.json'}")
+    # The command README.md and docs/megatron_training.md show (docs/scaling.md's, without its optional flags).
+    argv = doc_command("README.md", "python -m mugv_megatron.plan")
+    assert argv == doc_command(
+        "docs/megatron_training.md", "python -m mugv_megatron.plan --config=configs/mugv_10b.py:video_720:h100x128"
+    )
+    assert argv == doc_command("docs/scaling.md", "python -m mugv_megatron.plan")
+    code, out = _cli(*argv[3:], f"--json={tmp_path / 'plan.json'}")
     assert code == 0, out
     summary = json.loads((tmp_path / "plan.json").read_text())
     assert summary["fits"] and summary["gpus"] == 128 and summary["kind"] == "h100"
@@ -122,13 +129,9 @@ def test_docs_show_the_generated_megatron_table():
 def test_the_documented_one_node_layout_fits():
     """docs/megatron_training.md: the planner command before the hand-set one-node launch."""
     code, out = _cli(
-        "--config=configs/mugv_10b.py:video_720",
-        "--gpus=8",
-        "--kind=h100",
-        "--config.megatron.tp=4",
-        "--config.megatron.sp=true",
-        "--config.megatron.recompute=full",
-        "--config.megatron.micro_batch_size=1",
+        *doc_command(
+            "docs/megatron_training.md", "python -m mugv_megatron.plan --config=configs/mugv_10b.py:video_720 --gpus=8"
+        )[3:]
     )
     assert code == 0 and "fits" in out, out
     assert "47 GiB per GPU" in open(os.path.join(ROOT, "docs", "megatron_training.md")).read()

@@ -11,6 +11,7 @@ from mugv.data.video import decode_video, write_mp4
 from mugv_jax.vae.__main__ import EXIT_FATAL, EXIT_SKIPPED, main
 from mugv_jax.vae.checkpoint import random_vae
 from mugv_jax.vae.trainer import save_release
+from tests.doc_commands import doc_command
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +40,14 @@ def test_batch_encode_skips_truncated_and_corrupt_then_decodes(tmp_path, weights
     with open(garbage, "wb") as f:
         f.write(b"not a video at all" * 10)
     out = tmp_path / "latents"
-    base = ["--weights", weights, "--vae-config", "tiny", "--out", str(out)]
-    code = main(["encode", *base, truncated, good, garbage])
+    # docs/vae.md's commands on the tiny VAE, these videos and directories.
+    tiny = {"vae.pt": weights, "--vae-config release": "--vae-config tiny"}
+    encode = doc_command(
+        "docs/vae.md",
+        "python -m mugv_jax.vae encode",
+        {**tiny, "latents/": str(out), "a.mp4 b.gif ...": f"{truncated} {good} {garbage}"},
+    )
+    code = main(encode[3:])
     err = capsys.readouterr().err
     assert code == EXIT_SKIPPED
     assert "2 of 3 inputs skipped" in err
@@ -55,7 +62,12 @@ def test_batch_encode_skips_truncated_and_corrupt_then_decodes(tmp_path, weights
     assert sorted(os.listdir(out)) == ["good.json", "good.npy"]
 
     videos = tmp_path / "videos"
-    assert main(["decode", *base[:-1], str(videos), str(out / "good.npy")]) == 0
+    decode = doc_command(
+        "docs/vae.md",
+        "python -m mugv_jax.vae decode",
+        {**tiny, "videos/": str(videos), "latents/a.npy ...": str(out / "good.npy")},
+    )
+    assert main(decode[3:]) == 0
     err = capsys.readouterr().err
     assert "good: decode_window" in err and "good: decode_frames" in err
     assert f"wrote {videos / 'good.mp4'}: 9 frames of 24×32 at 8 fps" in err
