@@ -156,7 +156,7 @@ def test_release_finetune_on_jax_then_megatron(user, prepared, capsys):
     to_release = {"/out/dit_ema.safetensors": str(export), "/runs/a/checkpoints@20000": f"{run}/checkpoints"}
     assert converters([*doc_command("docs/converters.md", "python -m converters convert --src jax:", to_release)[3:],
                        "--quiet"]) == 0  # fmt: skip
-    assert (user / "export" / "dit_ema.null_text.safetensors").exists()
+    assert (user / "export" / "dit_ema.safetensors.null_text.safetensors").exists()  # issue 27: the whole name
 
     # A prompt, through the encoder the data was prepared with.
     prompt = user / "prompt.safetensors"
