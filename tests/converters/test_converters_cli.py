@@ -55,7 +55,7 @@ def test_convert_inspect_verify_and_overwrite_refusal(tmp_path):
     assert r.returncode == 0 and "equal (bit-identical): 63 tensors" in r.stdout
 
 
-def test_cli_through_megatron_and_jax(tmp_path):
+def test_cli_through_megatron_and_jax(tmp_path, capsys):
     # README's commands; tiny has fewer heads than the 10B's TP 4 needs, so TP 2.
     to_legacy = doc_command(
         "README.md",
@@ -73,6 +73,17 @@ def test_cli_through_megatron_and_jax(tmp_path):
     bit_exact = {"dit.pt": DIT_WEIGHTS, "/ckpt/mugv10b": f"{tmp_path}/jx"}
     r = cli(*doc_command("README.md", "python -m converters verify release:", bit_exact)[3:], "--quiet")
     assert r.returncode == 0 and "equal (bit-identical): 63 tensors" in r.stdout, r.stdout + r.stderr
+    # The written checkpoints against their recorded checksums, the torch_dist one inspected (the
+    # docs' commands, in this process: no more subprocesses).
+    from converters.cli import main
+
+    jx, td = {"/ckpt/mugv10b": f"{tmp_path}/jx"}, {"/ckpt/mcore": f"{tmp_path}/td"}
+    assert main(doc_command("README.md", "python -m converters verify jax:", jx)[3:]) == 0
+    assert main(doc_command("docs/converters.md", "python -m converters verify megatron:", td)[3:]) == 0
+    assert main(doc_command("docs/converters.md", "python -m converters inspect", td)[3:]) == 0
+    out = capsys.readouterr().out
+    assert f"jax:{tmp_path}/jx: checksums match" in out and f"megatron:{tmp_path}/td: checksums match" in out
+    assert "format: megatron" in out and "tensors: 63" in out
 
 
 def test_verify_names_the_differing_tensor_and_errors_are_one_line(tmp_path):

@@ -10,6 +10,8 @@ from absl import flags
 from mugv.data import shards
 from mugv.data.loader import ShardLoader
 from mugv_data import reference_format as ref
+from mugv_data.__main__ import main as mugv_data
+from tests.doc_commands import doc_command
 
 MEAN = np.array(
     [
@@ -116,11 +118,17 @@ def test_reference_rows_normalise_real_once(tmp_path):
     assert np.array_equal(np.asarray(ref.LATENT_STD, np.float32), STD)
 
 
-def test_import_to_shards_and_load(tmp_path):
+def test_import_to_shards_and_load(tmp_path, capsys):
     flags.FLAGS.mark_as_parsed()
     (tmp_path / "ref").mkdir()
     csv_path, truth = _make_reference(tmp_path / "ref")
-    ds = ref.import_reference(str(csv_path), str(tmp_path / "out"))
+    out = str(tmp_path / "out")
+    mugv_data(
+        doc_command("docs/data.md", "python -m mugv_data import-reference", {"train.csv": str(csv_path), "OUT": out})[
+            3:
+        ]
+    )
+    ds = capsys.readouterr().out.strip().splitlines()[-1]
     index = shards.read_index(ds)
     assert index["buckets"] == [[2, 4, 6], [3, 4, 4]] and index["bucket_ids"] == [0, 0, 1]
     r = shards.RecordReader(ds)
@@ -133,6 +141,11 @@ def test_import_to_shards_and_load(tmp_path):
     batch = next(ShardLoader(ds, {0: 2}, text_len=L, seed=0))
     assert batch["latents"].shape == (2, 24, 2, 4, 6) and batch["y"].shape == (2, 1, L, D)
     assert sorted(batch["mask"].sum(1).tolist()) == [3, 4]
+    # And back out, from the dataset directory docs/data.md names (OUT/mugv_clips/1.0.0).
+    back = tmp_path / "back"
+    mugv_data(doc_command("docs/data.md", "python -m mugv_data export-reference", {"OUT": out, "DIR": str(back)})[3:])
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(back / "train.csv")
+    assert sorted(r["sample_id"] for r in ref.read_csv(str(back / "train.csv"))) == ["clip0", "clip1", "clip2"]
 
 
 @pytest.mark.parametrize("source", ["generated", "real"])
