@@ -7,19 +7,22 @@ from __future__ import annotations
 import logging
 import sys
 
-from mugv_jax.train.backend import train
-
 
 def main(argv):
     from absl import flags
 
+    from mugv.run.config import as_run_config
+
     FLAGS = flags.FLAGS
+    run = as_run_config(FLAGS.config)  # validated before anything is built: errors name the flag
+    from mugv_jax.train.backend import train
+
     if FLAGS.distributed or FLAGS.coordinator_address:
         from mugv_jax.parallel import distributed
 
         distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    summary = train(FLAGS.config, FLAGS.workdir)
+    summary = train(run, FLAGS.workdir)
     print(
         f"finished at step {summary['step']} ({summary['stopped_by']}); last loss {summary['loss']}; "
         f"skipped steps {summary['skipped']}; workdir {FLAGS.workdir}"
@@ -49,7 +52,7 @@ def _define_flags():
 
 
 if __name__ == "__main__":
-    from absl import app
+    from mugv.run.cli import run_app
 
     _define_flags()
-    app.run(main)
+    run_app(main)

@@ -7,17 +7,13 @@ from __future__ import annotations
 import logging
 import sys
 
-import torch.distributed as dist
-
-from mugv_megatron.parallel import state as parallel
-from mugv_megatron.train.backend import train
-
 
 def main(argv):
     from absl import flags
 
+    from mugv.run.config import as_run_config
+
     FLAGS = flags.FLAGS
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     overrides = {
         "tp": FLAGS.tp,
         "pp": FLAGS.pp,
@@ -25,7 +21,15 @@ def main(argv):
         "sp": FLAGS.sp,
         "distributed_optimizer": FLAGS.distributed_optimizer,
     }
-    summary = train(FLAGS.config, FLAGS.workdir, overrides)
+    run = as_run_config(FLAGS.config)  # validated before torch loads: errors name the flag
+    import torch.distributed as dist
+
+    from mugv_megatron.parallel import state as parallel
+    from mugv_megatron.train.backend import train, with_overrides
+
+    run = with_overrides(run, overrides)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    summary = train(run, FLAGS.workdir)
     if dist.get_rank() == 0:
         print(
             f"finished at step {summary['step']} ({summary['stopped_by']}); last loss {summary['loss']}; "
@@ -54,7 +58,7 @@ def _define_flags():
 
 
 if __name__ == "__main__":
-    from absl import app
+    from mugv.run.cli import run_app
 
     _define_flags()
-    app.run(main)
+    run_app(main)
