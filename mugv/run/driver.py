@@ -26,7 +26,7 @@ import signal
 import time
 from typing import Any, Protocol
 
-from mugv.run.config import LoopConfig
+from mugv.run.config import ConfigError, LoopConfig
 from mugv.run.metrics import MetricsWriter
 from mugv.training import flatten
 
@@ -98,7 +98,7 @@ def restore_data_state(it, data_state: dict, backend, resolved: dict) -> None:
             if changed
             else "resume with the --config.data.* flags the run was started with (in the checkpoint's config)"
         )
-        raise ValueError(
+        raise ConfigError(
             f"{backend.checkpoint_dir}: the checkpoint's data position {sorted(data_state)} does not fit "
             f"this run's data ({type(e).__name__}: {e});\n  {hint}"
         ) from None
