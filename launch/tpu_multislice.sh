@@ -2,7 +2,11 @@
 # Train on several TPU slices joined over the data-centre network (multi-slice, DCN).
 #
 #   QR_NAME=my-qr ZONE=us-east5-a NUM_SLICES=2 [PROJECT=my-proj] \
-#     launch/tpu_multislice.sh configs/mugv_10b.py:video_720 gs://my-bucket/runs/720p [train flags...]
+#     launch/tpu_multislice.sh configs/mugv_10b.py:video_720:v5p-256x2 gs://my-bucket/runs/720p [train flags...]
+#
+# A configs/mugv_10b.py stage must name the slices (<pod>x$NUM_SLICES): that layout keeps the
+# stage's global batch over NUM_SLICES × the slice's data parallelism (less accumulation); the
+# script refuses it otherwise. Other configs get mesh.dcn.data=$NUM_SLICES as they are.
 #
 # The slices come from one queued resource created with --node-count=$NUM_SLICES (for example
 #   gcloud compute tpus queued-resources create $QR_NAME --zone=$ZONE --accelerator-type=v5p-256 \
@@ -15,6 +19,11 @@ CONFIG=${1:?usage: tpu_multislice.sh CONFIG WORKDIR [train flags...]}
 WORKDIR=${2:?usage: tpu_multislice.sh CONFIG WORKDIR [train flags...]}
 shift 2
 : "${QR_NAME:?set QR_NAME}" "${ZONE:?set ZONE}" "${NUM_SLICES:?set NUM_SLICES}"
+if [[ "$CONFIG" == *mugv_10b.py:* && "${CONFIG%%@*}" != *x"$NUM_SLICES" ]]; then
+  echo "tpu_multislice.sh: $CONFIG is laid out for one slice; name the $NUM_SLICES slices in the pod," \
+    "e.g. configs/mugv_10b.py:video_720:v5p-256x$NUM_SLICES (keeps the stage's global batch)" >&2
+  exit 2
+fi
 GCLOUD=(gcloud compute tpus tpu-vm)
 [[ -n "${PROJECT:-}" ]] && GCLOUD+=(--project="$PROJECT")
 REPO=$(cd "$(dirname "$0")/.." && pwd)

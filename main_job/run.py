@@ -22,9 +22,11 @@ import numpy as np
 from tqdm import tqdm
 
 from main_job import dataset, measure, media
-from main_job.stages import Stages, atomic_write_json
+from main_job.stages import Stages
+from mugv.data.video import write_mp4
+from mugv.io.atomic import write_json
+from mugv.layouts.jax import flatten
 from mugv.run.config import RunConfig, as_run_config
-from mugv.training import flatten
 
 log = logging.getLogger("mugv.main_job")
 
@@ -186,9 +188,9 @@ def padded_frames(num_frames: int) -> int:
     """Frames to ask the VAE decoder for so that dropping the first `padded − num_frames` gives
     frames 0..num_frames−1 in order: an 8k+1-frame clip was encoded with 7 copies of frame 0 in
     front (the first-frame rule), so its latents decode to 8k+8 frames. Asked for only 8k+1,
-    the release's windowing (mugv_jax/vae/plan.py) crops at the front of the *last* window,
+    the release's windowing (mugv_jax/vae/windows.py) crops at the front of the *last* window,
     and a clip longer than one chunk comes back as [f0 ×7, f0..f8, f16] for 17 frames."""
-    from mugv_jax.vae.plan import first_frame_copies
+    from mugv_jax.vae.windows import first_frame_copies
 
     return num_frames + first_frame_copies(num_frames)
 
@@ -341,7 +343,7 @@ def stage_dit(config, stages: Stages, encode_record: dict) -> dict:
     import jax
     from absl import flags
 
-    from mugv import null_text
+    from mugv.io import null_text
     from mugv.safetensors_io import save_atomic
     from mugv_jax import dit
     from mugv_jax.dit.checkpoint import model_from_params
@@ -475,7 +477,7 @@ def stage_sample(
                 )
             # Every seed counts in the checks; the page shows the first few.
             if s < int(config.sample.media_seeds):
-                media.write_mp4(os.path.join(d, f"{name}.mp4"), videos[mode][i], pr["fps"], scale=scale)
+                write_mp4(os.path.join(d, f"{name}.mp4"), media.upscale(videos[mode][i], scale), pr["fps"])
                 grid_rows = [(f"{mode} sample: {pr['caption']}", videos[mode][i])]
                 if pr["kind"] == "held-out":  # the prompt's own rendering right under the sample
                     grid_rows.append(("ground truth of this prompt (never trained on)", held_out[p]))
@@ -486,10 +488,10 @@ def stage_sample(
     # Reference videos for the page: the training clip each prompt is compared with.
     for p, pr in enumerate(prompts):
         ref_index, _ = _reference_clip(pr, meta)
-        media.write_mp4(os.path.join(d, f"reference_{p:02d}.mp4"), train[ref_index], pr["fps"], scale=scale)
+        write_mp4(os.path.join(d, f"reference_{p:02d}.mp4"), media.upscale(train[ref_index], scale), pr["fps"])
         if pr["kind"] == "held-out":
-            media.write_mp4(os.path.join(d, f"truth_{p:02d}.mp4"), held_out[p], pr["fps"], scale=scale)
-            media.write_mp4(os.path.join(d, f"truth_vae_{p:02d}.mp4"), recon_truth[p], pr["fps"], scale=scale)
+            write_mp4(os.path.join(d, f"truth_{p:02d}.mp4"), media.upscale(held_out[p], scale), pr["fps"])
+            write_mp4(os.path.join(d, f"truth_vae_{p:02d}.mp4"), media.upscale(recon_truth[p], scale), pr["fps"])
     held_meta = meta["held_out"]
     vae_held = measure.reconstruction(
         held_out, recon_truth[: len(held_meta)], [h["colour"] for h in held_meta], [h["direction"] for h in held_meta]
@@ -596,7 +598,7 @@ def run(config, workdir: str, redo=(), progress: bool = True) -> dict:
     }
     summary["report"] = report.write(workdir, config, summary, sample_rec)
     summary["wall_seconds"] = time.time() - t_start
-    atomic_write_json(os.path.join(workdir, "summary.json"), summary)
+    write_json(os.path.join(workdir, "summary.json"), summary, default=str)
     print(
         f"report: {summary['report']}  ({summary['wall_seconds']:.0f}s; stages run: "
         f"{','.join(timings) or 'none'}; reused: {','.join(reused) or 'none'})",

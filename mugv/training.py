@@ -86,18 +86,6 @@ def shift_ratio(latent_shape: tuple[int, int, int], shift_num_frames: int | None
     return float(((h * SPATIAL_DOWNSAMPLE) * (w * SPATIAL_DOWNSAMPLE) / BASE_RESOLUTION) ** 0.5 * f**0.5)
 
 
-def unflatten(flat: dict[str, object]) -> dict:
-    """{"a.b.c": v} → {"a": {"b": {"c": v}}}."""
-    out: dict = {}
-    for path, v in flat.items():
-        node = out
-        *parents, leaf = path.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = v
-    return out
-
-
 @dataclasses.dataclass(frozen=True)
 class MegatronOptions:
     """`config.megatron`: how the Megatron backend runs (the JAX backend's counterparts are
@@ -128,6 +116,10 @@ class MegatronOptions:
     # Checkpoints written by a forked writer while training continues; published (renamed, named
     # in the tracker) once every rank's writer is done.
     async_save: bool = True
+    # Samples per data-parallel rank in one micro-batch; gradient accumulation is then the global
+    # batch / (data parallel × micro_batch_size), whatever the world size. None: the accumulation
+    # is optim.grad_accum_steps (shared with the JAX backend, whose data parallelism differs).
+    micro_batch_size: int | None = None
 
     def __post_init__(self):
         for key in ("tp", "pp", "cp"):
@@ -143,19 +135,9 @@ class MegatronOptions:
             raise ValueError(
                 f"--config.megatron.recompute must be 'none', 'full' or 'selective', got {self.recompute!r}"
             )
+        if self.micro_batch_size is not None and int(self.micro_batch_size) < 1:
+            raise ValueError(f"--config.megatron.micro_batch_size must be >= 1 or None, got {self.micro_batch_size}")
         if self.params_dtype not in (None, "float32", "bfloat16"):
             raise ValueError(
                 f"--config.megatron.params_dtype must be None, 'float32' or 'bfloat16', got {self.params_dtype!r}"
             )
-
-
-def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
-    """{"a": {"b": {"c": v}}} → {"a.b.c": v} (the inverse of `unflatten`)."""
-    out: dict = {}
-    for k, v in tree.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out

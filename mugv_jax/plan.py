@@ -136,6 +136,32 @@ def cpu_attention_kernels():
         attention.BACKENDS.update(saved)
 
 
+def planning_mesh(config, devices=None):
+    """The run's mesh over the planning devices. Fake CPU devices form one slice, so a multi-slice
+    mesh (config.mesh.dcn) is planned as one mesh of the same axis sizes (dcn × ici per axis):
+    the shardings, and every per-device byte, are those of the multi-slice run; only which links
+    carry the collectives differs."""
+    import jax
+
+    from mugv_jax.parallel import mesh as mesh_lib
+    from mugv_jax.parallel.sharding import MESH_AXES
+
+    devices = list(devices if devices is not None else jax.devices())
+    mesh = as_run_config(config).mesh
+    ici, dcn = mesh.ici.as_dict(), mesh.dcn.as_dict()
+    slices = math.prod(dcn.values())
+    if slices == 1 or len({getattr(d, "slice_index", 0) for d in devices}) > 1:
+        return mesh_lib.build_mesh(ici, dcn, devices=devices)
+    if slices < 1 or len(devices) % slices:
+        raise ValueError(
+            f"mesh.dcn {dcn}: planning on one slice of {len(devices)} devices needs explicit positive slice "
+            f"counts whose product divides the devices"
+        )
+    per_slice = mesh_lib.resolve_axis_sizes(ici, len(devices) // slices, "mesh.ici")
+    whole = {a: n * int(dcn.get(a, 1)) for a, n in zip(MESH_AXES, per_slice)}
+    return mesh_lib.build_mesh(whole, {}, devices=devices)
+
+
 def plan_step(config, *, bucket_index: int | None = None, devices=None) -> Plan:
     """Compile the train step of `config` (an ml_collections training config) for its mesh over
     `devices` (default all) with abstract inputs, and measure it. `bucket_index` indexes
@@ -151,7 +177,7 @@ def plan_step(config, *, bucket_index: int | None = None, devices=None) -> Plan:
     run = as_run_config(config)
     # The trainer the run would build (model, runtime options, optimizer, sharding rules, mesh);
     # the context-parallel mode travels inside `attention` ("splash+ulysses").
-    trainer = build_trainer(run, devices=devices)
+    trainer = build_trainer(run, mesh=planning_mesh(run, devices))
     model_cfg, options, optim, mesh = trainer.model_config, trainer.options, trainer.optim, trainer.mesh
     buckets = plan_buckets(run)
     for i, b in enumerate(buckets):  # the trainer's own check (mugv.run.config), on the planned shapes
@@ -483,12 +509,9 @@ def summary(p: Plan, kind: str, mfu: float) -> dict:
 
 
 def write_json(p: Plan, kind: str, mfu: float, path: str) -> None:
-    import json
+    from mugv.io import atomic
 
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(summary(p, kind, mfu), f, indent=1)
-    os.replace(tmp, path)
+    atomic.write_json(path, summary(p, kind, mfu), indent=1)
 
 
 def main(argv):

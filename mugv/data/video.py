@@ -1,6 +1,10 @@
-"""Video decoding (PyAV), shared by data preparation and the VAE's video readers."""
+"""Video files through PyAV: decoding (data preparation, the VAE's video readers) and the one H.264
+mp4 writer (the VAE's decode command, the main job's report, test fixtures)."""
 
 from __future__ import annotations
+
+import os
+from fractions import Fraction
 
 import numpy as np
 
@@ -37,3 +41,37 @@ def decode_video(path: str, max_frames: int | None = None) -> tuple[np.ndarray, 
     if fps <= 0:
         raise VideoDecodeError(path, "stream has no frame rate")
     return np.stack(frames), fps
+
+
+def write_mp4(path: str, frames: np.ndarray, fps: float, *, crf: int = 18) -> str:
+    """uint8 frames [T, H, W, 3] → H.264 yuv420p mp4 at `path`, which plays in browsers.
+
+    Written to a temporary name and renamed, so `path` is whole or absent. yuv420p needs even H
+    and W. The rate is `fps` as a fraction (29.97 stays 29.97); crf 18 is near visually lossless,
+    since the files are looked at to judge colours and reconstructions."""
+    import av  # local: the loader side must not need PyAV
+
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"{path}: frames must be uint8 [T, H, W, 3], got {frames.dtype} {frames.shape}")
+    _, h, w, _ = frames.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"{path}: H.264 yuv420p needs even frame sizes, got {h}x{w}")
+    if not fps or fps <= 0:
+        raise ValueError(f"{path}: fps must be positive, got {fps}")
+    tmp = f"{path}.tmp.mp4"
+    try:
+        with av.open(tmp, "w") as out:
+            stream = out.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
+            stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+            stream.options = {"crf": str(crf)}
+            for frame in frames:
+                for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                    out.mux(packet)
+            for packet in stream.encode():
+                out.mux(packet)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path

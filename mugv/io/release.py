@@ -35,6 +35,9 @@ from mugv.io.base import (
 
 ST_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
+INDEX_SUFFIX = ".index.json"
+# Our safetensors carry the model config as JSON under this metadata key.
+CONFIG_METADATA = "mugv_config"
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 
 _ST_DTYPES = {
@@ -60,20 +63,25 @@ TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 def kind_of(path: str) -> str:
     """'safetensors' or 'torch' for a single file (by suffix), else 'sharded': a directory of
     shards, named by the directory or by its index json."""
-    if path.endswith(".index.json"):
+    if path.endswith(INDEX_SUFFIX):
         return "sharded"
     if os.path.isfile(path):
         return "safetensors" if path.endswith(".safetensors") else "torch"
     if path.endswith(".safetensors"):
         return "safetensors"
-    if path.endswith(TORCH_SUFFIXES) and not path.endswith(".index.json"):
+    if path.endswith(TORCH_SUFFIXES):
         return "torch"
     return "sharded"
 
 
+def is_shard_dir(path: str) -> bool:
+    """A directory holding a sharded release (its index json)."""
+    return os.path.isdir(path) and any(n.endswith(INDEX_SUFFIX) for n in os.listdir(path))
+
+
 def output_path(path: str) -> str:
     """What a release output creates: the file, or the shard directory (for an index json)."""
-    return os.path.dirname(path) if path.endswith(".index.json") else path
+    return os.path.dirname(path) if path.endswith(INDEX_SUFFIX) else path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,7 +230,7 @@ def _open_file(path: str):
 
 
 def _index_path(path: str) -> str:
-    if path.endswith(".index.json"):
+    if path.endswith(INDEX_SUFFIX):
         return path
     for name in (ST_INDEX, BIN_INDEX):
         if os.path.isfile(os.path.join(path, name)):
@@ -271,8 +279,8 @@ class ReleaseReader(Reader):
                 self._entries[name] = entry
                 self._where[name] = path
         meta = getattr(next(iter(self._files.values())), "metadata", {}) if self._files else {}
-        if "mugv_config" in meta:
-            self.stored_config = DiTConfig.from_dict(json.loads(meta["mugv_config"]))
+        if CONFIG_METADATA in meta:
+            self.stored_config = DiTConfig.from_dict(json.loads(meta[CONFIG_METADATA]))
 
     def entries(self) -> dict[str, Entry]:
         return dict(self._entries)
@@ -334,9 +342,9 @@ class ReleaseWriter(Writer):
         self.kind = kind_of(target)
         self._outs: dict[str, object] = {}
         self._where: dict[str, str] = {}
-        meta = {"format": "pt", "mugv_config": json.dumps(config.to_dict())}
+        meta = {"format": "pt", CONFIG_METADATA: json.dumps(config.to_dict())}
         if self.kind == "sharded":
-            index_name = os.path.basename(target) if target.endswith(".index.json") else ST_INDEX
+            index_name = os.path.basename(target) if target.endswith(INDEX_SUFFIX) else ST_INDEX
             if index_name not in (ST_INDEX, BIN_INDEX):
                 raise ValueError(f"{target}: a sharded release is named by its index, {ST_INDEX} or {BIN_INDEX}")
             os.makedirs(tmp)

@@ -1,14 +1,21 @@
-"""Megatron-Core `torch_dist` checkpoints (dist_checkpointing over PyTorch DCP), read in release names.
+"""Megatron-Core `torch_dist` checkpoints (dist_checkpointing over PyTorch DCP): the key scheme
+both writers use (the Megatron trainer, mugv_megatron/train/checkpointing.py, and the converters)
+and the reader, in release names.
 
-    <save dir>/latest_checkpointed_iteration.txt
-    <save dir>/iter_XXXXXXX/{.metadata, *.distcp, common.pt, metadata.json}
+    <save dir>/iter_XXXXXXX/{.metadata, *.distcp, common.pt, metadata.json}   (mugv.io.megatron)
 
-Tensors are stored in their global (un-split, per-head regrouped Megatron) shapes, layer tensors
-stacked as `decoder.layers.<sub>` [depth, …] (mugv/layouts/megatron.py names them). Each chunk
-of a tensor (one layer, or one TP shard of one, as the trainer's ranks or the converters saved
-it) is a `torch.save` archive inside a `.distcp` file; `.metadata` says which chunks make a
-tensor and where each archive lies. Both the Megatron trainer's checkpoints (weights, and its EMA
-under `optimizer.state.exp_moving_avg.<name>`) and the converters' outputs have this layout.
+Keys (`stored_key`): tensors are stored in their global (un-split, per-head regrouped Megatron)
+shapes; a layer's tensor `decoder.layers.<i>.<sub>` is layer i of the stack `decoder.layers.<sub>`
+[depth, …] (what Megatron's layer stack saves, so a checkpoint loads under any PP size), other
+tensors keep their Megatron names (mugv/layouts/megatron.py). A training checkpoint stores more
+state under the same keys behind a prefix: the EMA (`EMA_PREFIX`), Adam's moments and the main
+weights (`optimizer_prefix(kind)`), a preference run's reference weights (`REFERENCE_PREFIX`); and
+the null caption (`NULL_TEXT_KEY`) and per-rank RNG states (`RNG_KEY`). `common.pt` holds
+`mugv.io.megatron.common_state`.
+
+Each chunk of a tensor (one layer, or one TP shard of one, as the trainer's ranks or the
+converters saved it) is a `torch.save` archive inside a `.distcp` file; `.metadata` says which
+chunks make a tensor and where each archive lies.
 
 Reading does not need a process group: `.metadata` is unpickled with only DCP's own classes
 allowed, and a tensor (one layer of a stacked one) whose chunks are plain archives is read
@@ -29,7 +36,6 @@ import json
 import math
 import os
 import pickle
-import re
 import threading
 import warnings
 from collections.abc import Callable, Iterator
@@ -38,57 +44,37 @@ from pathlib import Path
 
 import numpy as np
 
-from mugv.config import DiTConfig
 from mugv.io import torch_cpu, torchzip
-from mugv.io.base import Entry, Reader, from_torch, map_file, numpy_dtype_of_torch
+from mugv.io.base import Entry, from_torch, map_file, numpy_dtype_of_torch
+from mugv.io.megatron import MegatronReader, is_torch_dist_dir, resolve_iteration_dir, stored_config
 from mugv.layouts import megatron as layout
 
-TRACKER = "latest_checkpointed_iteration.txt"
-# The Megatron trainer's EMA of the weights (mugv_megatron/train/checkpointing.py).
 EMA_PREFIX = "optimizer.state.exp_moving_avg."
+REFERENCE_PREFIX = "optimizer.state.reference_model."
+# The trainer's null caption: the Megatron name of the release's (unreleased) y_embedding.
+NULL_TEXT_KEY = layout.megatron_name("y_embedder.y_embedding")
+RNG_KEY = "rng_state"
+COMMON_FILE = "common.pt"
 # Entries that are not model weights (or not release weights): skipped when reading.
-_SKIP_PREFIXES = ("optimizer.", "rng_state")
-NULL_CAPTION_KEY = "context_embedder.drop_emb"
-_LAYER = re.compile(r"^" + re.escape(layout.LAYER_PREFIX) + r"(\d+)\.(.+)$")
+_SKIP_PREFIXES = ("optimizer.", RNG_KEY)
+
+
+def optimizer_prefix(kind: str) -> str:
+    """The prefix of the optimizer state `kind` (exp_avg, exp_avg_sq, param) of every weight."""
+    return f"optimizer.state.{kind}."
+
+
+def stored_key(name: str, prefix: str = "") -> tuple[str, int | None]:
+    """(DCP key, layer or None) under which the Megatron tensor `name` (of the state `prefix`
+    names) is stored: a layer's tensor at its index of the stack, other tensors under their name."""
+    layer, suffix = layout.split_layer(name)
+    return prefix + (name if layer is None else layout.LAYER_PREFIX + suffix), layer
 
 
 def is_skipped(key: str) -> bool:
     """Whether a checkpoint entry is not a release weight (optimizer state, RNG, TE extra
     state, the trainer's null caption)."""
-    return key.startswith(_SKIP_PREFIXES) or "_extra_state" in key or key == NULL_CAPTION_KEY
-
-
-def split_layer(name: str) -> tuple[int | None, str]:
-    """(layer, suffix) of `decoder.layers.<i>.<suffix>`, (None, name) for other names."""
-    m = _LAYER.match(name)
-    return (int(m.group(1)), m.group(2)) if m else (None, name)
-
-
-def iter_dir_name(iteration: int | str) -> str:
-    return "release" if iteration == "release" else f"iter_{int(iteration):07d}"
-
-
-def resolve_iteration_dir(path: str, iteration: int | None, marker) -> tuple[str, int | str]:
-    """The iter_XXXXXXX directory of a save directory (via the tracker, or `iteration`), or
-    `path` itself when `marker(path)` says it already is one."""
-    if marker(path):
-        base = os.path.basename(os.path.normpath(path))
-        m = re.match(r"^iter_(\d+)$", base)
-        return path, (int(m.group(1)) if m else base)
-    if iteration is None:
-        tracker = os.path.join(path, TRACKER)
-        if not os.path.isfile(tracker):
-            raise FileNotFoundError(f"{path}: not a Megatron checkpoint (no {TRACKER}, and not an iteration directory)")
-        text = open(tracker).read().strip()
-        iteration = "release" if text == "release" else int(text)
-    d = os.path.join(path, iter_dir_name(iteration))
-    if not marker(d):
-        raise FileNotFoundError(f"{path}: iteration {iteration} has no checkpoint at {d}")
-    return d, iteration
-
-
-def is_torch_dist_dir(d: str) -> bool:
-    return os.path.isfile(os.path.join(d, "metadata.json")) and os.path.isfile(os.path.join(d, ".metadata"))
+    return key.startswith(_SKIP_PREFIXES) or "_extra_state" in key or key == NULL_TEXT_KEY
 
 
 # Only these may appear in a torch_dist `.metadata`, which torch reads with plain pickle.
@@ -183,22 +169,6 @@ def _chunk_table(metadata, directory: str) -> dict[str, _Chunks]:
     return out
 
 
-class MegatronReader(Reader):
-    """What the Megatron readers share (this one and the converters' legacy reader): the config
-    the per-head regroup needs (heads and head dim), as set by the caller (`layout_config`), else
-    the checkpoint's stored config, else detected from the shapes."""
-
-    stored_config: DiTConfig | None = None
-    layout_config: DiTConfig | None = None
-
-    def _config_for_layout(self) -> DiTConfig:
-        if self.layout_config is None:
-            from mugv.schema import detect_config
-
-            self.layout_config = self.stored_config or detect_config(self.entries())
-        return self.layout_config
-
-
 class TorchDistReader(MegatronReader):
     format = "megatron"
 
@@ -241,11 +211,11 @@ class TorchDistReader(MegatronReader):
             if name.startswith(layout.LAYER_PREFIX):
                 sub = name[len(layout.LAYER_PREFIX) :]
                 for i in range(shape[0]):
-                    self._add(f"{layout.LAYER_PREFIX}{i}.{sub}", (key, i, shape[0], shape[1:], dtype))
+                    self._add(layout.layer_name(i, sub), (key, i, shape[0], shape[1:], dtype))
             else:
                 self._add(name, (key, None, None, shape, dtype))
         self.stored_config = None
-        common = os.path.join(self.dir, "common.pt")
+        common = os.path.join(self.dir, COMMON_FILE)
         if os.path.isfile(common):
             try:
                 state = torchzip.load_torch_file(common, allow_namespace=True)
@@ -253,9 +223,7 @@ class TorchDistReader(MegatronReader):
                 # A trainer's common.pt may hold objects outside the weights-only allowlist; the
                 # config is then detected from the tensor shapes.
                 state = {}
-            cfg = state.get("mugv", {}).get("model") if isinstance(state, dict) else None
-            if cfg:
-                self.stored_config = DiTConfig.from_dict(cfg)
+            self.stored_config = stored_config(state)
         self._lock = threading.Lock()
         self._maps: dict[str, object] = {}
         self._strategy = None
@@ -349,7 +317,7 @@ class TorchDistReader(MegatronReader):
 
     def read_stored(self, key: str) -> np.ndarray | None:
         """The tensor stored under DCP key `key` as it is stored (no layout change), or None when
-        the checkpoint has none; e.g. the Megatron trainer's null caption, `NULL_CAPTION_KEY`."""
+        the checkpoint has none."""
         if key not in self._tensors:
             return None
         shape, dtype = self._tensors[key]
@@ -358,6 +326,10 @@ class TorchDistReader(MegatronReader):
             return self._read_region(pieces, *self._region(None, shape), numpy_dtype_of_torch(dtype), key)
         with self._lock:
             return self._load_dcp({key: (key, None, None, shape, dtype)})[key]
+
+    def null_text(self) -> tuple[np.ndarray, str] | None:
+        null = self.read_stored(NULL_TEXT_KEY)
+        return None if null is None else (np.asarray(null, np.float32), f"megatron:{self.dir} {NULL_TEXT_KEY}")
 
     # --- dist_checkpointing, for transformed chunks ----------------------------------------------
 

@@ -81,7 +81,8 @@ class TargetConfig:
 
     name: str = ""
     kind: str = ""
-    devices: int = 0
+    devices: int = 0  # all slices together
+    slices: int = 1  # `<pod>x<N>`: N slices joined by mesh.dcn
 
 
 Bucket = tuple[int, int, int, int]  # (latent frames, latent height, latent width, global batch)
@@ -283,10 +284,15 @@ class RunConfig:
         stages set "ema" for their jax: hand-over, and a release start overrides only init_from."""
         if not self.init_from:
             return None
-        from mugv.io.weights import parse_spec
+        from mugv.io.spec import WITH_EMA, parse_spec, resolve
 
-        kind = parse_spec(self.init_from)[0]
-        return self.init_from, ("raw" if kind == "release" else self.init_weights)
+        fmt = parse_spec(self.init_from).format
+        if fmt is None:  # an unprefixed path: what is on disk says (a missing one, the reader)
+            try:
+                fmt = resolve(self.init_from).format
+            except (FileNotFoundError, ValueError):
+                pass
+        return self.init_from, (self.init_weights if fmt in WITH_EMA else "raw")
 
     def global_batches(self) -> list[tuple[str, int]]:
         """(the flag that sets it, size) of every global batch a step of this run takes."""

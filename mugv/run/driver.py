@@ -26,9 +26,10 @@ import signal
 import time
 from typing import Any, Protocol
 
+from mugv.io.atomic import write_json
+from mugv.layouts.jax import flatten
 from mugv.run.config import ConfigError, LoopConfig
 from mugv.run.metrics import MetricsWriter
-from mugv.training import flatten
 
 log = logging.getLogger("mugv.run")
 
@@ -104,13 +105,6 @@ def restore_data_state(it, data_state: dict, backend, resolved: dict) -> None:
         ) from None
 
 
-def write_json_atomic(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
 def run(loop: LoopConfig, workdir: str, backend: Backend, task: Task, *, resolved: dict) -> dict:
     """Run (or resume) `task` on `backend` until loop.num_steps; returns a summary
     {step, loss, skipped, stopped_by, evaluations}. `resolved` (the run config as plain data) is
@@ -125,7 +119,7 @@ def run(loop: LoopConfig, workdir: str, backend: Backend, task: Task, *, resolve
     else:
         backend.initialize()
     if backend.is_main:
-        write_json_atomic(os.path.join(workdir, "config.json"), resolved)
+        write_json(os.path.join(workdir, "config.json"), resolved)
     evaluation = task.evaluation()
     eval_every = task.evaluate_every() if evaluation is not None else 0
     sample_every = loop.sample_every if hasattr(backend, "write_samples") else 0

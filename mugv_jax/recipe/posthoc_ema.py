@@ -86,8 +86,9 @@ def _run_pieces(workdir: str):
 def main(argv=None) -> int:
     from tqdm import tqdm
 
-    from mugv.io.orbax import load_params as jax_params
+    from mugv.io.atomic import write_json
     from mugv.io.orbax import resolve_step_dir
+    from mugv.io.weights import load_params as jax_params
     from mugv.run import validation as run_validation
     from mugv_jax.recipe.expand import save_params
     from mugv_jax.train import validation
@@ -120,11 +121,8 @@ def main(argv=None) -> int:
     for d, l in losses.items():
         print(f"decay {d}: validation loss {l:.6f}{'  <- best' if d == best else ''}")
     path = save_params(params, trainer.model_config, a.dst, step=int(steps[-1]))
-    with open(os.path.join(a.dst, "posthoc_ema.json.tmp"), "w") as f:
-        json.dump(
-            {"steps": list(map(int, steps)), "losses": losses, "best_decay": best, "weights": a.weights}, f, indent=2
-        )
-    os.replace(os.path.join(a.dst, "posthoc_ema.json.tmp"), os.path.join(a.dst, "posthoc_ema.json"))
+    summary = {"steps": list(map(int, steps)), "losses": losses, "best_decay": best, "weights": a.weights}
+    write_json(os.path.join(a.dst, "posthoc_ema.json"), summary)
     print(f"wrote {path} (decay {best}; use init_from=jax:{a.dst})")
     return 0
 

@@ -9,7 +9,7 @@ features) and optionally `neg_y`/`neg_mask` (a negative prompt, as the release s
 a negative prompt the unconditional branch of classifier-free guidance gets the null caption the
 model was trained with (rows [:L], all valid): from --null_text, else from the sidecar next to
 the checkpoint (`dit.null_text.safetensors` beside `dit.safetensors`, written by the exporters;
-mugv/null_text.py). If neither exists the command stops and names both; --zero_null_text opts
+mugv/io/null_text.py). If neither exists the command stops and names both; --zero_null_text opts
 into a zero caption instead (which no mugv-trained model saw). --cond_latent (optional) holds
 `z` [1, C, 1, h, w]: the image-to-video reference latent, kept clean as frame 0. The result,
 `latents` [1, C, T, h, w], is written atomically; decode it with the VAE.
@@ -64,7 +64,7 @@ def unconditional_input(
     checkpoint's sidecar; zeros only when asked for. Anything ambiguous or missing is an error."""
     import numpy as np
 
-    from mugv import null_text as null_lib
+    from mugv.io import null_text as null_lib
     from mugv_jax.sample import sampler
 
     y = text["y"]

@@ -20,18 +20,18 @@ import jax
 import numpy as np
 
 from mugv.config import DiTConfig
-from mugv.io import orbax
-from mugv.io.weights import open_weights
+from mugv.io.spec import parse_spec
+from mugv.io.weights import load_params, open_weights
+from mugv.layouts.jax import unflatten
 from mugv.run import driver, tasks
 from mugv.run.config import RunConfig, as_run_config
 from mugv.run.validation import ValidationSet
-from mugv.training import unflatten
 from mugv_jax.dit import checkpoint as dit_checkpoint
 from mugv_jax.dit.model import RuntimeOptions
 from mugv_jax.parallel import mesh as mesh_lib
 from mugv_jax.parallel import sharding
-from mugv_jax.recipe import preference as pref
 from mugv_jax.train import checkpointing, validation
+from mugv_jax.train import preference as pref
 from mugv_jax.train import step as trainer_lib
 
 log = logging.getLogger("mugv.train")
@@ -41,9 +41,9 @@ def init_params_from(spec: str, model_cfg: DiTConfig, weights: str = "raw"):
     """Initial parameters (nested dict) from `config.init_from`: `jax:DIR[@STEP]` (an orbax
     checkpoint), `megatron:DIR[@ITER]` (torch_dist) or a release-layout file (.pt / .safetensors /
     index); `weights` "raw" or "ema" (`config.init_weights`)."""
-    if spec.startswith("jax:"):
-        # The JAX layout as stored: no round trip through release names.
-        found, params = orbax.load_params(spec, weights=weights)
+    if parse_spec(spec).format == "jax":
+        # Named as JAX: the layout as stored, no round trip through release names.
+        found, params = load_params(spec, weights=weights)
         if found != model_cfg:
             raise ValueError(f"config.init_from={spec} holds a {found} model, but the run's model is {model_cfg}")
         return params
@@ -51,12 +51,13 @@ def init_params_from(spec: str, model_cfg: DiTConfig, weights: str = "raw"):
     return unflatten(dit_checkpoint.params_from_release_items(state.items(), model_cfg))
 
 
-def build_trainer(config, mode: str = "pretrain", devices=None):
+def build_trainer(config, mode: str = "pretrain", devices=None, mesh=None):
     """The Trainer (or PreferenceTrainer) a run config describes: model, runtime options,
-    optimizer, objective, sharding rules and mesh (over `devices`, default all)."""
+    optimizer, objective, sharding rules and mesh (over `devices`, default all; or `mesh`)."""
     run = as_run_config(config)
     options = RuntimeOptions(compute_dtype=run.compute_dtype, attention=run.attention, remat=run.remat)
-    mesh = mesh_lib.build_mesh(run.mesh.ici.as_dict(), run.mesh.dcn.as_dict(), devices=devices)
+    if mesh is None:
+        mesh = mesh_lib.build_mesh(run.mesh.ici.as_dict(), run.mesh.dcn.as_dict(), devices=devices)
     args = (run.model_config, options, run.optim, run.objective, mesh)
     rules = sharding.rules_with(run.sharding_rules)
     if mode == "preference":

@@ -22,8 +22,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mugv import rng as rng_ref
 from mugv.config import DiTConfig
+from mugv.layouts.jax import unflatten as _unflatten
 from mugv.training import ObjectiveConfig, OptimConfig
-from mugv.training import unflatten as _unflatten
 from mugv_jax.dit import checkpoint as dit_ckpt
 from mugv_jax.dit.model import RuntimeOptions, forward
 from mugv_jax.parallel import sharding

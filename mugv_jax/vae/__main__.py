@@ -14,6 +14,8 @@ import sys
 
 import numpy as np
 
+from mugv.io.atomic import atomic_output, write_json
+
 EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_SKIPPED = 0, 1, 2, 3
 
 
@@ -45,19 +47,15 @@ def _stem(path: str) -> str:
 
 def _write_latents(z: np.ndarray, out: str, fmt: str, meta: dict) -> str:
     path = os.path.join(out, meta["name"] + (".npy" if fmt == "npy" else ".safetensors"))
-    tmp = path + ".tmp"
-    if fmt == "npy":
-        with open(tmp, "wb") as f:
-            np.save(f, z)
-    else:
-        from safetensors.numpy import save_file
+    with atomic_output(path, force=True) as tmp:
+        if fmt == "npy":
+            with open(tmp, "wb") as f:
+                np.save(f, z)
+        else:
+            from safetensors.numpy import save_file
 
-        save_file({"latents": z}, tmp, metadata={k: json.dumps(v) for k, v in meta.items()})
-    os.replace(tmp, path)
-    side = os.path.join(out, meta["name"] + ".json")
-    with open(side + ".tmp", "w") as f:
-        json.dump(meta, f)
-    os.replace(side + ".tmp", side)
+            save_file({"latents": z}, tmp, metadata={k: json.dumps(v) for k, v in meta.items()})
+    write_json(os.path.join(out, meta["name"] + ".json"), meta, indent=None)
     return path
 
 
@@ -84,29 +82,6 @@ def _read_latents(path: str) -> tuple[np.ndarray, dict]:
     if z.ndim != 5:
         raise ValueError(f"{path}: latents must be [C, T', h, w] or [B, C, T', h, w], got shape {z.shape}")
     return z, meta
-
-
-def write_mp4(frames: np.ndarray, path: str, fps: float) -> None:
-    """uint8 [T, H, W, 3] → H.264 yuv420p mp4 (H and W must be even), written to a temp name."""
-    import av
-
-    t, h, w, _ = frames.shape
-    if h % 2 or w % 2:
-        raise ValueError(f"{path}: yuv420p needs even frame sizes, got {h}×{w}")
-    tmp = path + ".tmp.mp4"
-    try:
-        with av.open(tmp, "w") as out:
-            stream = out.add_stream("libx264", rate=max(1, round(fps)))
-            stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-            for f in frames:
-                for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-                    out.mux(packet)
-            for packet in stream.encode():
-                out.mux(packet)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _report(done: int, failures: list[tuple[str, str]], what: str) -> int:
@@ -164,6 +139,7 @@ def cmd_encode(args) -> int:
 def cmd_decode(args) -> int:
     from tqdm import tqdm
 
+    from mugv.data.video import write_mp4
     from mugv_jax.vae.videos import to_uint8
 
     os.makedirs(args.out, exist_ok=True)
@@ -181,7 +157,7 @@ def cmd_decode(args) -> int:
         num_frames = args.num_frames or meta.get("num_frames") or 8 * z.shape[2]
         video = np.asarray(model.decode(z, int(num_frames)))
         frames = to_uint8(video[0].transpose(1, 2, 3, 0))
-        write_mp4(frames, os.path.join(args.out, _stem(path) + ".mp4"), args.fps or meta.get("fps") or 24.0)
+        write_mp4(os.path.join(args.out, _stem(path) + ".mp4"), frames, args.fps or meta.get("fps") or 24.0)
         done += 1
     return _report(done, failures, "unreadable latents")
 

@@ -35,7 +35,8 @@ from mugv.run.config import RunConfig, as_run_config
 from mugv.run.typed import ConfigError
 from mugv.run.validation import ValidationSet
 from mugv_megatron.parallel import state as parallel
-from mugv_megatron.train import checkpointing, evaluation
+from mugv_megatron.plan import batch_split
+from mugv_megatron.train import checkpointing, validation
 
 log = logging.getLogger("mugv.megatron.train")
 
@@ -128,10 +129,20 @@ class MegatronBackend:
                 f"data parallelism: set --config.megatron.pp=1 and --config.megatron.cp=1 (got "
                 f"pp={opts.pp}, cp={opts.cp})"
             )
+        if task.name == "preference" and opts.micro_batch_size is not None:
+            raise ConfigError(
+                "--config.mode='preference' does not accumulate gradients: unset "
+                f"--config.megatron.micro_batch_size (got {opts.micro_batch_size})"
+            )
         world, model_parallel = world_size(), opts.tp * opts.cp * opts.pp
-        if world % model_parallel == 0:  # (init_distributed names the other case)
+        if task.name != "preference" and world % model_parallel == 0:  # (init_distributed names the other case)
+            # Refused here, before any process group or model exists (the step would fail later).
             dp = world // model_parallel
-            run.check_batch_split(dp, f"the data-parallel size {dp} (world {world} / tp·cp·pp {model_parallel})")
+            for what, batch in run.global_batches():
+                try:
+                    batch_split(batch, dp, opts.micro_batch_size, run.optim.grad_accum_steps)
+                except ValueError as err:
+                    raise ConfigError(f"{what}: {err}") from None
         init_distributed(opts.tp, opts.cp, opts.pp)
         self.checkpoint_dir = self.ckpt_dir = os.path.join(workdir, "checkpoints")
         self.run_config = resolved
@@ -158,6 +169,7 @@ class MegatronBackend:
             local_attention=opts.local_attention,
             params_dtype=opts.params_dtype,
             recompute=opts.recompute,
+            micro_batch_size=opts.micro_batch_size,
             overlap_grad_reduce=opts.overlap_grad_reduce,
             overlap_param_gather=opts.overlap_param_gather,
             release_state=release_state,
@@ -232,7 +244,7 @@ class MegatronBackend:
 
     def evaluate(self, request) -> dict:
         if isinstance(request, ValidationSet):
-            return request.summarize(evaluation.validation_per_t(self.trainer, request))
+            return request.summarize(validation.validation_per_t(self.trainer, request))
         if isinstance(request, tasks.PreferenceEvaluation):
             sums: dict = {}
             for i, b in enumerate(request.batches):

@@ -1,6 +1,7 @@
 """torch_dist training checkpoints of the Megatron trainer (megatron.core.dist_checkpointing).
 
-Layout (the converters' `megatron:` reader reads the weights out of it):
+Layout (names and key scheme: mugv/io/megatron.py and mugv/io/torch_dist.py, whose reader the
+converters and `init_from` read the weights with):
   <workdir>/checkpoints/latest_checkpointed_iteration.txt      the newest complete step
   <workdir>/checkpoints/iter_XXXXXXX/{.metadata, *.distcp, common.pt, metadata.json}
 Sharded entries (global, un-split shapes; TP shards, pipeline stages and DP/CP replicas are
@@ -47,32 +48,22 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import re
 import shutil
 import warnings
 
 import torch
 import torch.distributed as dist
 
+from mugv.io.megatron import PARTIAL_SUFFIX, common_state, is_partial_iter_dir, iter_dir, write_tracker
+from mugv.io.megatron import iterations as steps
+from mugv.io.torch_dist import EMA_PREFIX, NULL_TEXT_KEY, REFERENCE_PREFIX, RNG_KEY, optimizer_prefix, stored_key
 from mugv.layouts import megatron as layout
 
 log = logging.getLogger(__name__)
 
-TRACKER = "latest_checkpointed_iteration.txt"
-CHECKPOINT_VERSION = 3.0
-NULL_TEXT_KEY = "context_embedder.drop_emb"
-REF_PREFIX = "optimizer.state.reference_model."  # skipped by weight readers like the moments
-_ITER = re.compile(r"^iter_(\d{7})$")
-_TMP = re.compile(r"^iter_(\d{7})\.tmp$")
-_LAYER = re.compile(r"^" + re.escape(layout.LAYER_PREFIX) + r"(\d+)\.(.+)$")
-
 
 class IncompatibleCheckpoint(ValueError):
     """A readable checkpoint of another model or optimizer: never silently skipped."""
-
-
-def iter_dir(directory: str, step: int) -> str:
-    return os.path.join(directory, f"iter_{step:07d}")
 
 
 def _parallel():
@@ -101,12 +92,10 @@ def sharded_tensor(name: str, tensor: torch.Tensor, depth: int, prefix: str = ""
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
     tp_rank, tp, dp_rank, pp_rank = _parallel()
-    m = _LAYER.match(name)
+    key, layer = stored_key(name, prefix)
     offsets, prepend = [], 0
-    key = name
-    if m:
-        key, prepend = layout.LAYER_PREFIX + m.group(2), 1
-        index = layer_offset + int(m.group(1))
+    if layer is not None:
+        prepend, index = 1, layer_offset + layer
         if not 0 <= index < depth:
             raise ValueError(f"{name}: layer {index} (offset {layer_offset}) outside the model's {depth} layers")
         offsets.append((0, index, depth))
@@ -114,7 +103,7 @@ def sharded_tensor(name: str, tensor: torch.Tensor, depth: int, prefix: str = ""
     if rule != "replicated" and tp > 1:
         offsets.append(((0 if rule == "column" else 1) + prepend, tp_rank, tp))
     replica = (tp_rank if rule == "replicated" else 0, pp_rank if stage_replicated(name) else 0, dp_rank)
-    return ShardedTensor.from_rank_offsets(prefix + key, tensor, *offsets, replica_id=replica, prepend_axis_num=prepend)
+    return ShardedTensor.from_rank_offsets(key, tensor, *offsets, replica_id=replica, prepend_axis_num=prepend)
 
 
 def layer_offset(model) -> int:
@@ -141,7 +130,7 @@ def _state_dict(trainer, *, loading: bool) -> dict:
         ema = {n: torch.zeros(p.shape, dtype=torch.float32) for n, p in trainer.module.named_parameters()}
     else:
         ema = trainer.ema.full_state()
-    sd["ema"] = {n: sharded_tensor(n, t, depth, "optimizer.state.exp_moving_avg.", off) for n, t in ema.items()}
+    sd["ema"] = {n: sharded_tensor(n, t, depth, EMA_PREFIX, off) for n, t in ema.items()}
     if opt.kind == "torch_adamw":
         states = {n: {k: fresh(t) for k, t in opt.moments(p).items()} for n, p in trainer.module.named_parameters()}
     elif loading:
@@ -152,19 +141,19 @@ def _state_dict(trainer, *, loading: bool) -> dict:
     else:
         states = opt.full_states()
     sd["optimizer"] = {
-        f"{kind}.{n}": sharded_tensor(n, t, depth, f"optimizer.state.{kind}.", off)
+        f"{kind}.{n}": sharded_tensor(n, t, depth, optimizer_prefix(kind), off)
         for n, per in states.items()
         for kind, t in per.items()
     }
     if getattr(trainer, "ref", None) is not None:
         # Preference runs: the frozen reference model (the weights the run started from).
-        sd["ref"] = {n: sharded_tensor(n, fresh(t), depth, REF_PREFIX, off) for n, t in trainer.ref.items()}
+        sd["ref"] = {n: sharded_tensor(n, fresh(t), depth, REFERENCE_PREFIX, off) for n, t in trainer.ref.items()}
     sd["null_text"] = sharded_tensor(NULL_TEXT_KEY, fresh(trainer.null_text), depth)
     rank, world = dist.get_rank(), dist.get_world_size()
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
-    sd["rng_state"] = ShardedObject("rng_state", rng, (world,), (rank,), replica_id=0)
+    sd["rng_state"] = ShardedObject(RNG_KEY, rng, (world,), (rank,), replica_id=0)
     return sd
 
 
@@ -202,11 +191,8 @@ def _publish(directory: str, step: int, keep: int) -> None:
         final = iter_dir(directory, step)
         if os.path.exists(final):
             shutil.rmtree(final)
-        os.replace(final + ".tmp", final)
-        tracker_tmp = os.path.join(directory, TRACKER + ".tmp")
-        with open(tracker_tmp, "w") as f:
-            f.write(str(step))
-        os.replace(tracker_tmp, os.path.join(directory, TRACKER))
+        os.replace(final + PARTIAL_SUFFIX, final)
+        write_tracker(directory, step)
         for old in steps(directory)[:-keep] if keep > 0 else []:
             shutil.rmtree(iter_dir(directory, old), ignore_errors=True)
     dist.barrier()
@@ -230,26 +216,24 @@ def save(
     finalize_async(blocking=True)
     step = trainer.step
     final = iter_dir(directory, step)
-    tmp = final + ".tmp"
+    tmp = final + PARTIAL_SUFFIX
     if dist.get_rank() == 0:
         os.makedirs(directory, exist_ok=True)
         # Left by a run killed before its save was finalized (or by a failed write).
         for name in os.listdir(directory):
-            if _TMP.match(name):
+            if is_partial_iter_dir(name):
                 shutil.rmtree(os.path.join(directory, name))
         os.makedirs(tmp)
     dist.barrier()
     trainer.sync_params()
     sd = _state_dict(trainer, loading=False)
-    sd["iteration"] = step
-    sd["checkpoint_version"] = CHECKPOINT_VERSION
-    sd["mugv"] = {
-        "model": trainer.model_config.to_dict(),
-        "trainer": trainer.counters(),
-        "optimizer": {"kind": trainer.optimizer.kind, "count": trainer.optimizer.count},
-        "data": dict(data_state),
-        "config": run_config or {},
-    }
+    sd.update(common_state(trainer.model_config, step))
+    sd["mugv"].update(
+        trainer=trainer.counters(),
+        optimizer={"kind": trainer.optimizer.kind, "count": trainer.optimizer.count},
+        data=dict(data_state),
+        config=run_config or {},
+    )
     # One writer thread per rank: CPU tests share two cores. (The writer reports through a
     # spawn-context multiprocessing manager: a script calling this needs a __main__ guard.)
     strategy = TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=1)
@@ -262,12 +246,6 @@ def save(
     request.add_finalize_fn(functools.partial(_publish, directory, step, keep))
     _async_queue().schedule_async_request(request)
     return final
-
-
-def steps(directory: str) -> list[int]:
-    if not os.path.isdir(directory):
-        return []
-    return sorted(int(m.group(1)) for n in os.listdir(directory) if (m := _ITER.match(n)))
 
 
 def load(path: str, trainer) -> dict:
@@ -299,7 +277,7 @@ def load(path: str, trainer) -> dict:
         from megatron.core.dist_checkpointing import load_sharded_metadata
 
         saved = load_sharded_metadata(path)
-        obj = next((v for k, v in saved.items() if k.startswith("rng_state")), None)
+        obj = next((v for k, v in saved.items() if k.startswith(RNG_KEY)), None)
         saved_world = None if obj is None else tuple(obj.global_shape)
     except Exception:  # noqa: BLE001 - metadata is only used to decide whether RNG can be restored
         saved_world = None

@@ -17,10 +17,10 @@ from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file as load_torch_st
 
 from converters.convert import convert, inspect, verify
-from converters.formats import open_reader
 from converters.loaders import release_state
 from mugv.config import PRESETS, DiTConfig, get_config
 from mugv.io.orbax import config_from_jax_shapes
+from mugv.io.spec import open_reader
 from mugv.layouts import jax as jax_layout
 from mugv.layouts import megatron as mlayout
 from mugv.schema import detect_config, release_schema, shape_fields
@@ -247,17 +247,7 @@ def trainer_checkpoint(tmp_path_factory):
 
 
 def _release_of(tree):
-    flat = {}
-
-    def walk(node, prefix):
-        for k, v in node.items():
-            if isinstance(v, dict):
-                walk(v, f"{prefix}{k}.")
-            else:
-                flat[f"{prefix}{k}"] = v
-
-    walk(tree, "")
-    return dict(jax_layout.jax_to_release_all(flat, TINY))
+    return dict(jax_layout.jax_to_release_all(jax_layout.flatten(tree), TINY))
 
 
 @pytest.mark.parametrize("step,weights", [(None, "raw"), (1, "raw"), (2, "ema")])
@@ -288,7 +278,7 @@ def test_trainer_checkpoint_inspect_and_missing_step(trainer_checkpoint):
 def test_jax_params_initialise_the_trainer(tmp_path):
     import jax
 
-    from mugv.io.orbax import load_params as jax_params
+    from mugv.io.weights import load_params as jax_params
     from tests.trainer_helpers import make_trainer
 
     convert(DIT_WEIGHTS, f"jax:{tmp_path}/jx")

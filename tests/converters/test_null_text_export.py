@@ -1,5 +1,5 @@
-"""Release exports carry the trained null caption as a sidecar (mugv/null_text.py,
-converters/null_text.py): `convert` from a JAX or Megatron training checkpoint to release format
+"""Release exports carry the trained null caption as a sidecar (mugv/io/null_text.py,
+`Reader.null_text`): `convert` from a JAX or Megatron training checkpoint to release format
 writes it, release → release copies it, a stale one is never left beside other weights, and the
 sampler's default unconditional input finds it."""
 
@@ -10,7 +10,7 @@ import pytest
 
 from converters import cli
 from converters import training_state as ts
-from mugv import null_text as null_lib
+from mugv.io import null_text as null_lib
 from tests.cross_backend.test_training_state import CFG, OBJECTIVE, OPTIM, SEED
 from tests.helpers import DIT_WEIGHTS
 

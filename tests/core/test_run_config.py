@@ -137,13 +137,14 @@ def test_a_typo_on_the_command_line_is_one_line_naming_the_nearest_field(argv, m
 
 
 def test_every_command_line_that_takes_config_answers_a_typo_in_one_line():
-    """Both trainers, the planner and the main job, as a user runs them: one line, exit 2, no
+    """Both trainers, both planners and the main job, as a user runs them: one line, exit 2, no
     traceback (the error comes from flag parsing, before jax or torch load)."""
     env = {**os.environ, "PYTHONPATH": ROOT}
     commands = [
         ["mugv_jax.train", "--config=configs/tiny.py", "--workdir=unused", "--config.optim.learnig_rate=1"],
         ["mugv_megatron.train", "--config=configs/tiny.py", "--workdir=unused", "--config.optim.learnig_rate=1"],
         ["mugv_jax.plan", "--config=configs/tiny.py", "--devices=8", "--config.optim.learnig_rate=1"],
+        ["mugv_megatron.plan", "--config=configs/tiny.py", "--gpus=8", "--config.optim.learnig_rate=1"],
         ["main_job", "--quick", "--workdir=unused", "--config.dit.optim.learnig_rate=1"],
     ]
     for module, *args in commands:

@@ -89,6 +89,7 @@ def test_the_documented_release_start_takes_the_release_weights_on_both_backends
     from safetensors.numpy import load_file
 
     from mugv.layouts import megatron as mlayout
+    from mugv.layouts.jax import flatten
     from mugv.run.config import model_config_from
     from mugv_jax import dit
     from mugv_jax.dit.checkpoint import model_from_params
@@ -99,13 +100,7 @@ def test_the_documented_release_start_takes_the_release_weights_on_both_backends
     assert c.init_weights == "ema"
     c.num_steps = 0
     summary = jax_train.train(c, str(tmp_path / "jax"))
-    flat = {}
-
-    def walk(node, prefix=""):
-        for k, v in node.items():
-            walk(v, f"{prefix}{k}.") if isinstance(v, dict) else flat.__setitem__(prefix + k, np.asarray(v))
-
-    walk(summary["state"]["params"])
+    flat = {k: np.asarray(v) for k, v in flatten(summary["state"]["params"]).items()}
     model = model_config_from(c)
     exported = dit.export_release_state_dict(model_from_params(model, flat))
     for name, ref in golden.items():

@@ -119,8 +119,8 @@ def _release_with_sidecar(tmp_path, seed=3):
     write it; returns (weights path, null caption [max_text_tokens, D])."""
     import shutil
 
-    from mugv import null_text as null_lib
     from mugv.config import get_config
+    from mugv.io import null_text as null_lib
 
     cfg = get_config("tiny")
     weights = str(tmp_path / "dit_ema.safetensors")
@@ -140,7 +140,7 @@ def _cond_text(tmp_path):
 
 
 def test_unconditional_input_defaults_to_the_checkpoints_null_caption(tmp_path):
-    from mugv import null_text as null_lib
+    from mugv.io import null_text as null_lib
     from mugv_jax.sample import cli as sample
 
     weights, null = _release_with_sidecar(tmp_path)

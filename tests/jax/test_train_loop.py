@@ -17,7 +17,7 @@ from mugv.run.config import ConfigError, model_config_from
 from mugv.run.driver import NonFiniteLossError
 from mugv_jax.train import backend as train_lib
 from mugv_jax.train import checkpointing
-from tests.trainer_helpers import host_batch, make_source, make_trainer, to_numpy
+from tests.trainer_helpers import guard_train_steps, host_batch, make_source, make_trainer, to_numpy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import tiny as tiny_config
@@ -25,6 +25,12 @@ from configs import tiny as tiny_config
 # Learning: mean loss of the last 20 steps must fall below this fraction of the best caption-blind
 # constant prediction's loss (measured: 0.31 after 150 steps with the tiny config's fixed shift).
 LEARNED_LOSS_RATIO = 0.5
+
+
+@pytest.fixture(autouse=True)
+def _no_implicit_transfers_in_steps(monkeypatch):
+    # Every step of the in-process runs, the driver's included (subprocess runs are not reached).
+    guard_train_steps(monkeypatch)
 
 
 def _config(**overrides):
@@ -212,6 +218,7 @@ def test_sigterm_saves_at_the_step_boundary_and_exits_zero(tmp_path):
 @pytest.mark.parametrize("kind", ["release", "jax", "release_ema"])
 def test_init_from_release_file_or_converted_jax_checkpoint(tmp_path, kind):
     from converters.convert import convert
+    from mugv.layouts.jax import flatten
     from mugv_jax import dit
     from mugv_jax.dit.checkpoint import model_from_params
     from tests.helpers import DIT_WEIGHTS, dit_weights
@@ -222,13 +229,7 @@ def test_init_from_release_file_or_converted_jax_checkpoint(tmp_path, kind):
         spec = f"jax:{tmp_path / 'converted'}"
     c = _config(num_steps=0, init_from=spec, init_weights="ema" if kind == "release_ema" else "raw")
     summary = train_lib.train(c, str(tmp_path / "run"))
-    flat = {}
-
-    def walk(node, prefix=""):
-        for k, v in node.items():
-            walk(v, f"{prefix}{k}.") if isinstance(v, dict) else flat.__setitem__(prefix + k, np.asarray(v))
-
-    walk(jax.device_get(summary["state"]["params"]))
+    flat = {k: np.asarray(v) for k, v in flatten(jax.device_get(summary["state"]["params"])).items()}
     exported = dit.export_release_state_dict(model_from_params(model_config_from(c), flat))
     for name, ref in dit_weights().items():
         np.testing.assert_array_equal(exported[name], ref)

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from mugv.config import get_config
+from mugv.io.megatron import TRACKER
 from mugv.layouts import megatron as layout
 from mugv.run.driver import NonFiniteLossError
 from mugv.training import ObjectiveConfig, OptimConfig, shift_ratio
@@ -136,7 +137,7 @@ def test_checkpoint_layout_and_converter_reader(resumed):
     from mugv.io.torch_dist import TorchDistReader
 
     ckdir = resumed["ckdir"]
-    assert open(os.path.join(ckdir, checkpointing.TRACKER)).read() == "2"
+    assert open(os.path.join(ckdir, TRACKER)).read() == "2"
     assert not [n for n in os.listdir(ckdir) if n.endswith(".tmp")]
     reader = TorchDistReader(ckdir)
     assert reader.stored_config == CFG
@@ -226,8 +227,8 @@ def test_parallel_sizes_are_checked_before_set_up(tmp_path):
 
 
 def test_a_batch_split_that_does_not_divide_is_refused_before_set_up(tmp_path):
-    """The same check as the JAX trainer's and the planner's (mugv.run.config), before any
-    process group, model or workdir exists; it used to fail only at the first step."""
+    """The split mugv_megatron.plan plans (micro-batch × DP × accumulation), checked on every
+    global batch of the typed config before any process group, model or workdir exists."""
     from configs.tiny import get_config as tiny_config
     from mugv.run.config import ConfigError
     from mugv_megatron.train import backend as train
@@ -237,8 +238,8 @@ def test_a_batch_split_that_does_not_divide_is_refused_before_set_up(tmp_path):
     config.data.buckets = ((2, 4, 4, 4),)
     with pytest.raises(
         ConfigError,
-        match=r"--config.data.buckets\[0\]=\(2, 4, 4, 4\): global batch 4 is not a multiple .* "
-        r"not divisible by optim.grad_accum_steps=3;\n  set --config.optim.grad_accum_steps to one of \[1, 2, 4\]",
+        match=r"^--config.data.buckets\[0\]=\(2, 4, 4, 4\): 4 samples per data-parallel rank \(global batch 4 / "
+        r"DP 1\) do not split into config.optim.grad_accum_steps=3 micro-batches",
     ):
         train.train(config, str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 import mugv_jax.vae as vae
-from mugv.data.video import decode_video
-from mugv_jax.vae.__main__ import EXIT_FATAL, EXIT_SKIPPED, main, write_mp4
-from mugv_jax.vae.init import random_vae
-from mugv_jax.vae.training import save_release
+from mugv.data.video import decode_video, write_mp4
+from mugv_jax.vae.__main__ import EXIT_FATAL, EXIT_SKIPPED, main
+from mugv_jax.vae.checkpoint import random_vae
+from mugv_jax.vae.trainer import save_release
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def _moving_square(t=9, h=24, w=32):
 
 def test_batch_encode_skips_truncated_and_corrupt_then_decodes(tmp_path, weights, capsys):
     good = str(tmp_path / "good.mp4")
-    write_mp4(_moving_square(), good, fps=8)
+    write_mp4(good, _moving_square(), fps=8)
     data = open(good, "rb").read()
     truncated = str(tmp_path / "truncated.mp4")
     with open(truncated, "wb") as f:  # the moov index is written last: cut it off

@@ -9,9 +9,10 @@ classifier-free guidance when no negative prompt is given:
     dit_ema.safetensors            the release-layout weights
     dit_ema.null_text.safetensors  {"null_text": float32 [max_text_tokens, D]}, metadata "source"
 
-The sidecar of `W` is W with its weight suffix (.safetensors, .pt, .pth, .bin,
+The sidecar of `W` is W with its weight suffix (.safetensors, .pt, .pth, .bin, .ckpt,
 .safetensors.index.json, .index.json) replaced by `.null_text.safetensors`; a shard folder's is
-`null_text.safetensors` inside it.
+`null_text.safetensors` inside it. Training checkpoints keep theirs inside (`Reader.null_text`);
+`python -m converters convert` to release format writes it from there.
 """
 
 from __future__ import annotations
@@ -20,9 +21,12 @@ import os
 
 import numpy as np
 
+from mugv.io.atomic import atomic_output
+from mugv.io.release import INDEX_SUFFIX, TORCH_SUFFIXES
+
 KEY = "null_text"
 SUFFIX = ".null_text.safetensors"
-_WEIGHT_SUFFIXES = (".safetensors.index.json", ".index.json", ".safetensors", ".pt", ".pth", ".bin")
+_WEIGHT_SUFFIXES = (".safetensors" + INDEX_SUFFIX, INDEX_SUFFIX, ".safetensors", *TORCH_SUFFIXES)
 
 
 def sidecar_path(weights: str) -> str:
@@ -45,16 +49,15 @@ def save(path: str, null_text, *, source: str) -> str:
     arr = np.ascontiguousarray(np.asarray(null_text, np.float32))
     if arr.ndim != 2:
         raise ValueError(f"null caption for {path} must be [max_text_tokens, text_dim], got {list(arr.shape)}")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
+    with atomic_output(path, force=True, make_parent=True) as tmp:
         save_file({KEY: arr}, tmp, metadata={"source": source})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
     return path
+
+
+def find_sidecar(weights: str) -> tuple[np.ndarray, str] | None:
+    """(null caption, sidecar path) of the release weights at `weights`, None without a sidecar."""
+    side = sidecar_path(weights)
+    return (load(side), side) if os.path.isfile(side) else None
 
 
 def load(path: str, *, text_dim: int | None = None) -> np.ndarray:
