@@ -32,7 +32,7 @@ from mugv.io import megatron as save_dir
 from mugv.io import torch_cpu, torchzip
 from mugv.io.base import Entry, Writer, file_backed, from_torch, numpy_dtype_of_torch, to_torch, torch_dtype_of
 from mugv.io.staging import RawStore
-from mugv.io.torch_dist import is_skipped, stored_key
+from mugv.io.torch_dist import is_skipped, stored_key, write_digests
 from mugv.layouts import megatron as layout
 
 DEFAULT_ITERATION = 1
@@ -148,6 +148,8 @@ class TorchDistWriter(Writer):
             torch.serialization.set_crc32_options(crc)
         del sd
         self.staging.close()
+        # Every byte checksummed, each tensor's archive on its own (mugv.io.torch_dist).
+        write_digests(self.iter_dir)
         save_dir.write_tracker(self.tmp, self.iteration)
 
     def abort(self) -> None:
@@ -253,6 +255,28 @@ class LegacyReader(save_dir.MegatronReader):
             )
         ((_, array),) = layout.megatron_to_release(gname, full, self._config_for_layout())
         return np.ascontiguousarray(array)
+
+    def integrity(self):
+        """Each rank file's tensors against the CRCs our legacy writer records."""
+        from mugv.io.digest import Check, CorruptCheckpoint
+
+        problems, checked, recorded = [], 0, False
+        for f in self.files.values():
+            try:
+                z = torchzip.TorchZipFile(f)
+            except torchzip.NeedsTorch:
+                continue
+            if not z.digests:
+                continue
+            recorded = True
+            model = z.obj.get("model", {}) if isinstance(z.obj, dict) else {}
+            for name, ref in model.items():
+                if isinstance(ref, torchzip.TensorRef):
+                    try:
+                        checked += z.array(ref, name).nbytes
+                    except CorruptCheckpoint as e:
+                        problems += e.problems
+        return Check(problems, checked) if recorded else None
 
     def describe(self) -> dict:
         return {

@@ -125,12 +125,16 @@ class DataConfig:
     """`config.data`: where a run's batches come from (mugv/run/data.py)."""
 
     source: str = "synthetic"  # "synthetic" | "shards" (python -m mugv_data prepare)
-    path: str = ""  # shards: the prepared dataset (OUT/mugv_clips/1.0.0)
+    path: str = ""  # shards: the prepared dataset (or the --out directory prepare wrote it under)
     batch_size: int = 8  # shards: global batch size for every bucket
     num_workers: int = 0  # shards: grain worker processes
+    verify: bool = False  # shards: check every byte against index.json's CRCs at open (sizes always)
+    on_bad_shard: str = "refuse"  # shards: "refuse" a missing/changed file, or "exclude" it (loudly)
+    max_skipped_records: int = 100  # shards: more unreadable records than this stop the run
     # (latent frames, latent height, latent width, global batch size); one shape per batch.
     buckets: tuple[Bucket, ...] = ((2, 4, 6, 8),)
     text_len: int = 8
+    truncate_captions: bool = False  # shards: cut captions longer than text_len (default: refuse)
     num_prompts: int = 4  # synthetic: distinct captions
     fps: float = 24.0
     mix: MixConfig = MixConfig()
@@ -138,6 +142,10 @@ class DataConfig:
     def __post_init__(self):
         if self.source not in ("synthetic", "shards"):
             raise ValueError(f"--config.data.source={self.source!r} is not available (known: 'synthetic', 'shards')")
+        if self.on_bad_shard not in ("refuse", "exclude"):
+            raise ValueError(f"--config.data.on_bad_shard={self.on_bad_shard!r}: must be 'refuse' or 'exclude'")
+        if self.max_skipped_records < 0:
+            raise ValueError(f"--config.data.max_skipped_records must be >= 0, got {self.max_skipped_records}")
         if not self.buckets:
             raise ValueError("--config.data.buckets is empty: give at least one (frames, h, w, batch)")
         _check_buckets(self.buckets, "data.buckets")

@@ -44,6 +44,10 @@ class ShardSlice:
         per = b // self.count
         return {k: v[self.index * per : (self.index + 1) * per] for k, v in batch.items()}
 
+    @property
+    def skipped(self) -> int:
+        return int(getattr(self.inner, "skipped", 0))
+
     def get_state(self) -> dict:
         return self.inner.get_state()
 
@@ -89,7 +93,9 @@ def build_iterator(config, model_cfg: DiTConfig, shard: tuple[int, int] = (0, 1)
     if d.source == "synthetic":
         return ShardSlice(synthetic.DataIterator(synthetic_source(run, model_cfg)), shard)
     if not d.path:
-        raise ValueError("--config.data.source='shards' needs --config.data.path (a prepared dataset directory)")
+        raise ValueError(
+            "--config.data.source='shards' needs --config.data.path (the --out of python -m mugv_data prepare)"
+        )
     loader = ShardLoader(
         d.path,
         d.batch_size,
@@ -98,6 +104,10 @@ def build_iterator(config, model_cfg: DiTConfig, shard: tuple[int, int] = (0, 1)
         process_index=shard[0],
         process_count=shard[1],
         num_workers=d.num_workers,
+        truncate_text=d.truncate_captions,
+        verify=d.verify,
+        on_bad_shard=d.on_bad_shard,
+        max_skipped=d.max_skipped_records,
     )
     if (loader.latent_channels, loader.text_dim) != (model_cfg.in_channels, model_cfg.text_dim):
         raise ValueError(

@@ -22,13 +22,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import time
 from typing import Any, Protocol
 
 from mugv.io.atomic import write_json
 from mugv.layouts.jax import flatten
+from mugv.run import preemption
 from mugv.run.config import ConfigError, LoopConfig
+from mugv.run.console import StepClock
 from mugv.run.metrics import MetricsWriter
 
 log = logging.getLogger("mugv.run")
@@ -108,7 +109,19 @@ def restore_data_state(it, data_state: dict, backend, resolved: dict) -> None:
 def run(loop: LoopConfig, workdir: str, backend: Backend, task: Task, *, resolved: dict) -> dict:
     """Run (or resume) `task` on `backend` until loop.num_steps; returns a summary
     {step, loss, skipped, stopped_by, evaluations}. `resolved` (the run config as plain data) is
-    written to <workdir>/config.json once the run has started (a refused resume leaves it)."""
+    written to <workdir>/config.json once the run has started (a refused resume leaves it).
+
+    A SIGTERM (remembered from the process's start when its `__main__` called
+    `preemption.install()`) saves at the next step boundary and returns; one that arrives before
+    the first step returns before anything is written."""
+    with preemption.handling():
+        try:
+            return _run(loop, workdir, backend, task, resolved)
+        finally:
+            preemption.reset()
+
+
+def _run(loop: LoopConfig, workdir: str, backend: Backend, task: Task, resolved: dict) -> dict:
     os.makedirs(workdir, exist_ok=True)
     it = task.iterator(backend.data_shard)
     data_state = backend.restore()
@@ -118,6 +131,18 @@ def run(loop: LoopConfig, workdir: str, backend: Backend, task: Task, *, resolve
         log.info("resumed from %s at step %d (%s backend)", backend.checkpoint_dir, backend.step, backend.name)
     else:
         backend.initialize()
+    # Every process must agree to stop (a collective save would hang on the others).
+    if backend.any_process(preemption.requested()):
+        log.warning("SIGTERM received before the first step: exiting with nothing written or changed")
+        if hasattr(it, "close"):
+            it.close()
+        return {
+            "step": backend.step,
+            "loss": None,
+            "skipped": backend.skipped(),
+            "stopped_by": "sigterm",
+            "evaluations": [],
+        }
     if backend.is_main:
         write_json(os.path.join(workdir, "config.json"), resolved)
     evaluation = task.evaluation()
@@ -126,8 +151,6 @@ def run(loop: LoopConfig, workdir: str, backend: Backend, task: Task, *, resolve
     profile_start, profile_steps = loop.profile.start_step, loop.profile.num_steps
 
     writer = MetricsWriter(os.path.join(workdir, task.log_dir), enabled=backend.is_main)
-    stop = {"signal": None}
-    prev_handler = signal.signal(signal.SIGTERM, lambda sig, frame: stop.update(signal=sig))
     total = loop.num_steps
     summary: dict = {
         "step": backend.step,
@@ -149,6 +172,7 @@ def run(loop: LoopConfig, workdir: str, backend: Backend, task: Task, *, resolve
         backend.save(it.get_state(), force=force)
 
     window_t, window_steps = time.perf_counter(), 0
+    clock = StepClock(backend.step, total)
     profiling = False
     first_batch = None
     try:
@@ -161,7 +185,10 @@ def run(loop: LoopConfig, workdir: str, backend: Backend, task: Task, *, resolve
             batch = next(it)
             if first_batch is None:
                 first_batch = batch
+                if backend.is_main and getattr(backend, "first_step_note", None):
+                    log.info(backend.first_step_note)  # e.g. a JAX compile: minutes of silence otherwise
             handle = backend.train_step(batch)
+            clock.stepped(backend.step)
             window_steps += 1
             step = backend.step
             if profiling and step >= profile_start + profile_steps:
@@ -172,9 +199,10 @@ def run(loop: LoopConfig, workdir: str, backend: Backend, task: Task, *, resolve
                 dt = (time.perf_counter() - window_t) / window_steps
                 scalars = task.scalars(batch, fetched, dt, backend)
                 scalars["skipped_steps"] = backend.skipped()
+                scalars["data/skipped_records"] = int(getattr(it, "skipped", 0) or 0)
                 writer.write(step, scalars)
                 if backend.is_main:
-                    writer.print(task.console(step, total, scalars))
+                    writer.print(f"{task.console(step, total, scalars)} | {clock.suffix(step)}")
                 summary.update(loss=scalars.get("loss"), skipped=scalars["skipped_steps"])
                 window_t, window_steps = time.perf_counter(), 0
             nonfinite = backend.nonfinite_in_a_row(handle)
@@ -189,7 +217,7 @@ def run(loop: LoopConfig, workdir: str, backend: Backend, task: Task, *, resolve
                         f"{good[-1] if good else 'none'}"
                     )
             # Every process must agree to stop, or the collective save would hang on the others.
-            if backend.any_process(stop["signal"] is not None):
+            if backend.any_process(preemption.requested()):
                 log.warning("SIGTERM received: saving step %d and exiting", step)
                 save(force=True)
                 summary["stopped_by"] = "sigterm"
@@ -205,7 +233,6 @@ def run(loop: LoopConfig, workdir: str, backend: Backend, task: Task, *, resolve
         summary["skipped"] = backend.skipped()
         backend.finish()
     finally:
-        signal.signal(signal.SIGTERM, prev_handler)
         if profiling:
             backend.stop_profile()
         writer.close()

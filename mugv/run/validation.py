@@ -80,7 +80,13 @@ def heldout_batches(config, model_cfg: DiTConfig) -> list[dict]:
             raise ValueError(
                 "--config.validation.path must name a held-out prepared dataset when --config.data.source='shards'"
             )
-        loader = ShardLoader(v.path, run.data.batch_size, text_len=run.data.text_len, seed=v.seed)
+        loader = ShardLoader(
+            v.path,
+            run.data.batch_size,
+            text_len=run.data.text_len,
+            seed=v.seed,
+            truncate_text=run.data.truncate_captions,
+        )
         out = []
         for _ in range(n):
             b = next(loader)

@@ -69,6 +69,7 @@ class JaxBackend:
     """The JAX side of a DiT run (pretraining or preference) for mugv.run.driver."""
 
     name = "jax"
+    first_step_note = "compiling the step (first step only)…"
 
     def __init__(self, run: RunConfig, workdir: str, task, resolved: dict):
         self.run, self.task = run, task
@@ -102,7 +103,7 @@ class JaxBackend:
     # --- state -----------------------------------------------------------------------------------
 
     def restore(self):
-        restored = self.ckpt.restore_latest(self.trainer.abstract_state())
+        restored = self.ckpt.restore_latest(self.trainer.abstract_state(), model=self.model_cfg.to_dict())
         if restored is None:
             return None
         self.step, self.state, data_state, self.restored_config = restored
@@ -122,6 +123,7 @@ class JaxBackend:
     def train_step(self, batch: dict):
         self.state, metrics = self.trainer.train_step(self.state, self.trainer.put_batch(batch))
         self.step += 1
+        self.ckpt.poll()  # the digest table of a finished asynchronous save
         return metrics
 
     def fetch(self, metrics) -> dict:

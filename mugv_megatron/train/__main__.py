@@ -4,8 +4,12 @@ there has the rest).
 
 from __future__ import annotations
 
-import logging
-import sys
+# Before anything heavy is imported: a SIGTERM during start-up is a request to stop, not a crash.
+from mugv.run import preemption
+
+preemption.install()
+
+from mugv.run.console import setup_logging, verbosity_flag  # noqa: E402
 
 
 def main(argv):
@@ -21,6 +25,8 @@ def main(argv):
         "sp": FLAGS.sp,
         "distributed_optimizer": FLAGS.distributed_optimizer,
     }
+    if FLAGS.verify_data:
+        FLAGS.config.data.verify = True
     run = as_run_config(FLAGS.config)  # validated before torch loads: errors name the flag
     import torch.distributed as dist
 
@@ -28,7 +34,7 @@ def main(argv):
     from mugv_megatron.train.backend import train, with_overrides
 
     run = with_overrides(run, overrides)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    setup_logging(verbosity_flag())  # third-party INFO (orbax, absl) only with --verbosity
     summary = train(run, FLAGS.workdir)
     if dist.get_rank() == 0:
         print(
@@ -53,6 +59,9 @@ def _define_flags():
         None,
         "megatron DistributedOptimizer on CUDA "
         "(overrides config.megatron.distributed_optimizer; torch AdamW otherwise)",
+    )
+    flags.DEFINE_bool(
+        "verify_data", False, "check every shard byte against the dataset's recorded CRCs at open (config.data.verify)"
     )
     flags.mark_flags_as_required(["config", "workdir"])
 
