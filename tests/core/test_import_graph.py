@@ -209,7 +209,14 @@ CONVERT_PATH = [
     ["mugv.io.spec", "mugv.io.null_text", "mugv.io.latents", "mugv.io.text_features"],
     ["mugv.io.release", "mugv.io.orbax", "mugv.io.torch_dist"],
     ["mugv.io.megatron", "mugv.io.torchzip", "mugv.io.staging", "mugv.io.torch_cpu", "mugv.safetensors_io"],
-    ["mugv.io.base", "mugv.io.atomic", "mugv.layouts.jax", "mugv.layouts.megatron"],
+    [
+        "mugv.io.base",
+        "mugv.io.atomic",
+        "mugv.io.digest",
+        "mugv.io.mismatch",
+        "mugv.layouts.jax",
+        "mugv.layouts.megatron",
+    ],
     ["mugv.schema"],
     ["mugv.config"],
 ]
