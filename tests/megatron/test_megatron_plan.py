@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from mugv.training import model_config_from
+from mugv.run.config import model_config_from
 from mugv_megatron import plan as mplan
 from tests.doc_commands import doc_command
 
