@@ -202,9 +202,8 @@ SLURM_DOCS = {
 }
 
 
-def _doc_flags_reach_the_trainer(script_args: list[str], doc_env: dict, argv: list[str]) -> None:
-    config, workdir, flags = (script_args + [None, None])[:2] + [script_args[2:]]
-    config, workdir = config or doc_env.get("CONFIG"), workdir or doc_env.get("WORKDIR")
+def _trainer_gets(argv: list[str], config: str | None, workdir: str | None, flags: list[str]) -> None:
+    """The trainer's argv names the documented config and workdir and ends with the doc's flags."""
     if config:
         assert f"--config={config}" in argv, argv
     if workdir:
@@ -219,7 +218,8 @@ def test_documented_tpu_launch_commands_run_as_written(tmp_path, case):
     env = dict(os.environ, PATH=f"{_gcloud(tmp_path, home, worker_bin)}{os.pathsep}{os.environ['PATH']}", **doc_env)
     res = subprocess.run(["bash", script, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
-    _doc_flags_reach_the_trainer(args, {}, _argv(home))
+    config, workdir, *flags = args
+    _trainer_gets(_argv(home), config, workdir, flags)
 
 
 @pytest.mark.parametrize("case", sorted(SLURM_DOCS))
@@ -232,5 +232,8 @@ def test_documented_gpu_launch_commands_run_as_written(tmp_path, case):
     assert res.returncode == 0, res.stderr
     cwd, *argv = (tmp_path / "argv").read_text().split("\0")[:-1]
     assert cwd == str(ROOT)
-    script_args = args if "jax" in script else ["", ""] + args  # CONFIG/WORKDIR: variables for Megatron
-    _doc_flags_reach_the_trainer([a or None for a in script_args[:2]] + script_args[2:], doc_env, argv)
+    if "jax" in script:
+        config, workdir, *flags = args
+    else:  # the Megatron scripts take CONFIG and WORKDIR as variables
+        config, workdir, flags = doc_env.get("CONFIG"), doc_env.get("WORKDIR"), args
+    _trainer_gets(argv, config, workdir, flags)
