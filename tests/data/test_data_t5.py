@@ -9,6 +9,7 @@ import torch
 
 from mugv.config import PRESETS
 from mugv_data import text
+from tests.doc_commands import doc_command
 from tests.stand_ins import tiny_t5_config
 
 
@@ -135,7 +136,9 @@ def test_prompt_command_writes_the_samplers_text_file(hub_t5, tmp_path, capsys):
     np.testing.assert_array_equal(got["neg_y"][0, 0], neg_y)
     np.testing.assert_array_equal(got["neg_mask"][0], neg_mask)
     # Without --negative: only the prompt (the sampler then guides against the null caption).
-    main([*args, f"--out={tmp_path / 'plain.safetensors'}"])
+    # docs/data.md's command, with prepare's encoder.
+    plain = {"features.safetensors": str(tmp_path / "plain.safetensors")}
+    main([*doc_command("docs/data.md", "python -m mugv_data text", plain)[3:], *args[1:3]])
     assert sorted(text_features.read(str(tmp_path / "plain.safetensors"))) == ["mask", "y"]
     with pytest.raises(SystemExit, match="a prompt has no measured score"):
         main([*args, "--aes-suffix=score", f"--out={tmp_path / 'x.safetensors'}"])
