@@ -9,6 +9,7 @@ by a test through `doc_command`, so what the doc says is what executes.
 
 from __future__ import annotations
 
+import ast
 import re
 import shlex
 from dataclasses import dataclass
@@ -161,12 +162,17 @@ def split_env(argv: list[str]) -> tuple[dict[str, str], list[str]]:
 _CALL = re.compile(r"""doc_command\(\s*(["'])(.+?)\1\s*,\s*(["'])(.+?)\3""", re.S)
 
 
-def covering_calls(root: Path = ROOT) -> set[tuple[str, str]]:
-    """(file, prefix) of every literal `doc_command("file", "prefix"…)` call under root/tests."""
-    calls: set[tuple[str, str]] = set()
-    for path in (root / "tests").rglob("*.py"):
+def covering_calls(root: Path = ROOT) -> dict[tuple[str, str], list[str]]:
+    """(file, prefix) of every `doc_command(FILE, PREFIX, …)` call with string literals under root/tests → the
+    test files that make it."""
+    calls: dict[tuple[str, str], list[str]] = {}
+    for path in sorted((root / "tests").rglob("*.py")):
         for m in _CALL.finditer(path.read_text()):
-            calls.add((m.group(2), m.group(4).encode().decode("unicode_escape")))
+            key = (
+                ast.literal_eval(m.group(1) + m.group(2) + m.group(1)),
+                ast.literal_eval(m.group(3) + m.group(4) + m.group(3)),
+            )
+            calls.setdefault(key, []).append(path.relative_to(root).as_posix())
     return calls
 
 
@@ -178,3 +184,18 @@ def uncovered(root: Path = ROOT) -> list[DocCommand]:
         for c in all_commands(root)
         if c.illustrative is None and not any(f == c.file and c.text.startswith(p) for f, p in calls)
     ]
+
+
+def ambiguous_calls(root: Path = ROOT, skip: tuple[str, ...] = ()) -> list[str]:
+    """Literal calls (outside the test files in `skip`) whose prefix does not name exactly one
+    command of their file, as 'test files: file prefix (n commands)': a doc edited under a test."""
+    texts: dict[str, list[str]] = {}
+    for c in all_commands(root):
+        texts.setdefault(c.file, []).append(c.text)
+    bad = []
+    for (file, prefix), tests in covering_calls(root).items():
+        tests = [t for t in tests if t not in skip]
+        n = sum(t.startswith(prefix) for t in texts.get(file, []))
+        if tests and n != 1:
+            bad.append(f"{', '.join(tests)}: {file} {prefix!r} ({n} commands)")
+    return bad

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.doc_commands import all_commands, doc_command, find, split_env, uncovered
+from tests.doc_commands import all_commands, ambiguous_calls, doc_command, find, split_env, uncovered
 
 
 def test_every_documented_command_is_run_or_marked_illustrative():
@@ -15,6 +15,13 @@ def test_every_documented_command_is_run_or_marked_illustrative():
         "'# illustrative: <why>' line before them in the block (launch scripts: in the header):\n  "
         + "\n  ".join(f"{c.where()}: {c.text}" for c in missing)
     )
+
+
+def test_every_doc_command_call_names_one_command():
+    # Checked statically, so a doc edited on another branch shows here, not minutes into a run.
+    # (This file's own calls name the temporary docs below.)
+    bad = ambiguous_calls(skip=("tests/core/test_docs_commands.py",))
+    assert not bad, "doc_command prefixes that name no or several commands:\n  " + "\n  ".join(bad)
 
 
 def _tree(tmp_path, block: str, test: str = ""):
@@ -41,6 +48,7 @@ def test_the_checker_fails_on_an_added_command_until_it_is_covered_or_marked(tmp
     # A call naming another file does not cover this one.
     _tree(tmp_path, "python -m selftest_new --flag=2\n", test='doc_command("README.md", "python -m selftest_new")\n')
     assert [c.where() for c in uncovered(tmp_path)] == ["docs/new.md:4"]
+    assert ambiguous_calls(tmp_path) == ["tests/test_x.py: README.md 'python -m selftest_new' (0 commands)"]
 
 
 def test_doc_command_substitutes_what_the_doc_says_and_refuses_what_it_does_not(tmp_path):
