@@ -27,6 +27,7 @@ class DocCommand:
     line: int  # 1-based line of the command's first line
     text: str  # continuations joined, prompt stripped
     illustrative: str | None  # the reason, when marked
+    block: str | None = None  # NAME of a block after `<!-- commands: NAME -->`, run whole by doc_block
 
     def where(self) -> str:
         return f"{self.file}:{self.line}"
@@ -38,7 +39,7 @@ def doc_files(root: Path = ROOT) -> list[Path]:
     return [p for p in docs + launch if p.is_file()]
 
 
-def _commands(rel: str, lines: list[tuple[int, str]]) -> list[DocCommand]:
+def _commands(rel: str, lines: list[tuple[int, str]], block: str | None = None) -> list[DocCommand]:
     """Commands of one block or header: `\\` continuations and option synopses (`[--x]` lines)
     joined to their command; comment lines skipped; in a block with `$ ` prompts (console), the
     other lines are output."""
@@ -65,31 +66,37 @@ def _commands(rel: str, lines: list[tuple[int, str]]) -> list[DocCommand]:
                 start = number
         pending.append(text[:-1].rstrip() if text.endswith("\\") else text)
         if not text.endswith("\\"):
-            out.append(DocCommand(rel, start, " ".join(p for p in pending if p), reason))
+            out.append(DocCommand(rel, start, " ".join(p for p in pending if p), reason, block))
             pending = []
     if pending:
-        out.append(DocCommand(rel, start, " ".join(p for p in pending if p), reason))
+        out.append(DocCommand(rel, start, " ".join(p for p in pending if p), reason, block))
     return out
 
 
-def _markdown_blocks(lines: list[str]) -> list[list[tuple[int, str]]]:
-    """Lines of each fenced shell block (other languages are skipped)."""
-    blocks: list[list[tuple[int, str]]] = []
-    fence, current = None, None
+def _markdown_blocks(lines: list[str]) -> list[tuple[str | None, list[tuple[int, str]]]]:
+    """(name, lines) of each fenced shell block (other languages are skipped); the name is NAME
+    when the line before the fence is `<!-- commands: NAME -->`."""
+    blocks: list[tuple[str | None, list[tuple[int, str]]]] = []
+    fence, current, name = None, None, None
     for i, line in enumerate(lines, 1):
         m = _FENCE.match(line)
         if fence is None:
             if m:
                 fence = m.group(1)
                 current = [] if m.group(2).lower() in SHELL_TAGS else None
+                named = _NAMED.match(lines[i - 2]) if i > 1 else None
+                name = named.group(1) if named else None
             continue
         if m and not m.group(2) and line.strip().startswith(fence):
             if current is not None:
-                blocks.append(current)
+                blocks.append((name, current))
             fence, current = None, None
         elif current is not None:
             current.append((i, line))
     return blocks
+
+
+_NAMED = re.compile(r"^\s*<!--\s*commands:\s*(\S+)\s*-->")
 
 
 def _header_usage(lines: list[str]) -> list[tuple[int, str]]:
@@ -114,7 +121,7 @@ def extract(path: Path, root: Path = ROOT) -> list[DocCommand]:
     rel = path.relative_to(root).as_posix()
     lines = path.read_text().splitlines()
     if path.suffix == ".md":
-        return [c for block in _markdown_blocks(lines) for c in _commands(rel, block)]
+        return [c for name, block in _markdown_blocks(lines) for c in _commands(rel, block, name)]
     return _commands(rel, _header_usage(lines))
 
 
@@ -138,10 +145,28 @@ def doc_command(file: str, prefix: str, subs: dict[str, str] | None = None, root
     A substitution the command does not contain is an error: the doc changed under the test.
     """
     text = find(file, prefix, root).text
-    for old, new in (subs or {}).items():
+    for old in subs or {}:
         if old not in text:
             raise LookupError(f"{file}: {prefix!r}: the documented command has no {old!r} to substitute: {text}")
-        text = text.replace(old, new)
+    return _argv(text, subs)
+
+
+def doc_block(file: str, name: str, subs: dict[str, str] | None = None, root: Path = ROOT) -> list[list[str]]:
+    """Every command of the block after `<!-- commands: NAME -->` in `file`, as doc_command gives
+    them; each `subs` key must occur in at least one of them."""
+    texts = [c.text for c in extract(root / file, root) if c.block == name]
+    if not texts:
+        raise LookupError(f"{file}: no shell block after '<!-- commands: {name} -->'")
+    for old in subs or {}:
+        if not any(old in t for t in texts):
+            raise LookupError(f"{file}: block {name!r} has no {old!r} to substitute")
+    return [_argv(t, subs) for t in texts]
+
+
+def _argv(text: str, subs: dict[str, str] | None) -> list[str]:
+    if subs:  # all at once, longest first: a replacement is never substituted again
+        keys = sorted(subs, key=len, reverse=True)
+        text = re.sub("|".join(map(re.escape, keys)), lambda m: subs[m.group(0)], text)
     return shlex.split(_OPTIONAL.sub("", text), comments=True)
 
 
@@ -159,43 +184,39 @@ def split_env(argv: list[str]) -> tuple[dict[str, str], list[str]]:
     return env, argv
 
 
-_CALL = re.compile(r"""doc_command\(\s*(["'])(.+?)\1\s*,\s*(["'])(.+?)\3""", re.S)
+_CALL = re.compile(r"""doc_(command|block)\(\s*(["'])(.+?)\2\s*,\s*(["'])(.+?)\4""", re.S)
 
 
-def covering_calls(root: Path = ROOT) -> dict[tuple[str, str], list[str]]:
-    """(file, prefix) of every `doc_command(FILE, PREFIX, …)` call with string literals under root/tests → the
-    test files that make it."""
-    calls: dict[tuple[str, str], list[str]] = {}
+def covering_calls(root: Path = ROOT) -> dict[tuple[str, str, str], list[str]]:
+    """(kind, file, prefix or block name) of every `doc_command(FILE, PREFIX, …)` or
+    `doc_block(FILE, NAME, …)` call with string literals under root/tests → the test files making it."""
+    calls: dict[tuple[str, str, str], list[str]] = {}
     for path in sorted((root / "tests").rglob("*.py")):
         for m in _CALL.finditer(path.read_text()):
-            key = (
-                ast.literal_eval(m.group(1) + m.group(2) + m.group(1)),
-                ast.literal_eval(m.group(3) + m.group(4) + m.group(3)),
-            )
+            file = ast.literal_eval(m.group(2) + m.group(3) + m.group(2))
+            key = (m.group(1), file, ast.literal_eval(m.group(4) + m.group(5) + m.group(4)))
             calls.setdefault(key, []).append(path.relative_to(root).as_posix())
     return calls
+
+
+def _covers(kind: str, file: str, arg: str, c: DocCommand) -> bool:
+    return file == c.file and (c.text.startswith(arg) if kind == "command" else c.block == arg)
 
 
 def uncovered(root: Path = ROOT) -> list[DocCommand]:
     """Documented commands neither marked illustrative nor taken by a test."""
     calls = covering_calls(root)
-    return [
-        c
-        for c in all_commands(root)
-        if c.illustrative is None and not any(f == c.file and c.text.startswith(p) for f, p in calls)
-    ]
+    return [c for c in all_commands(root) if c.illustrative is None and not any(_covers(*k, c) for k in calls)]
 
 
 def ambiguous_calls(root: Path = ROOT, skip: tuple[str, ...] = ()) -> list[str]:
-    """Literal calls (outside the test files in `skip`) whose prefix does not name exactly one
-    command of their file, as 'test files: file prefix (n commands)': a doc edited under a test."""
-    texts: dict[str, list[str]] = {}
-    for c in all_commands(root):
-        texts.setdefault(c.file, []).append(c.text)
+    """Literal calls (outside the test files in `skip`) that do not name exactly one command (a
+    doc_block: at least one), as 'test files: file prefix (n commands)': a doc edited under a test."""
+    commands = all_commands(root)
     bad = []
-    for (file, prefix), tests in covering_calls(root).items():
+    for (kind, file, arg), tests in covering_calls(root).items():
         tests = [t for t in tests if t not in skip]
-        n = sum(t.startswith(prefix) for t in texts.get(file, []))
-        if tests and n != 1:
-            bad.append(f"{', '.join(tests)}: {file} {prefix!r} ({n} commands)")
+        n = sum(_covers(kind, file, arg, c) for c in commands)
+        if tests and (n != 1 if kind == "command" else n == 0):
+            bad.append(f"{', '.join(tests)}: {file} {arg!r} ({n} commands)")
     return bad

@@ -80,7 +80,7 @@ def test_cli_through_megatron_and_jax(tmp_path, capsys):
     jx, td = {"/ckpt/mugv10b": f"{tmp_path}/jx"}, {"/ckpt/mcore": f"{tmp_path}/td"}
     assert main(doc_command("README.md", "python -m converters verify jax:", jx)[3:]) == 0
     assert main(doc_command("docs/converters.md", "python -m converters verify megatron:", td)[3:]) == 0
-    assert main(doc_command("docs/converters.md", "python -m converters inspect", td)[3:]) == 0
+    assert main(doc_command("docs/converters.md", "python -m converters inspect /ckpt/mcore", td)[3:]) == 0
     out = capsys.readouterr().out
     assert f"jax:{tmp_path}/jx: checksums match" in out and f"megatron:{tmp_path}/td: checksums match" in out
     assert "format: megatron" in out and "tensors: 63" in out

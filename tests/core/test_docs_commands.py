@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.doc_commands import all_commands, ambiguous_calls, doc_command, find, split_env, uncovered
+from tests.doc_commands import all_commands, ambiguous_calls, doc_block, doc_command, find, split_env, uncovered
 
 
 def test_every_documented_command_is_run_or_marked_illustrative():
@@ -49,6 +49,22 @@ def test_the_checker_fails_on_an_added_command_until_it_is_covered_or_marked(tmp
     _tree(tmp_path, "python -m selftest_new --flag=2\n", test='doc_command("README.md", "python -m selftest_new")\n')
     assert [c.where() for c in uncovered(tmp_path)] == ["docs/new.md:4"]
     assert ambiguous_calls(tmp_path) == ["tests/test_x.py: README.md 'python -m selftest_new' (0 commands)"]
+
+
+def test_a_named_block_is_covered_whole_by_doc_block(tmp_path):
+    _tree(tmp_path, "python -m selftest_new --flag=2\n")
+    doc = tmp_path / "docs" / "new.md"
+    doc.write_text(
+        doc.read_text() + "\n<!-- commands: pair -->\n```sh\n# two\npython -m one /ckpt/x\npython -m two /ckpt\n```\n"
+    )
+    assert [c.where() for c in uncovered(tmp_path)] == ["docs/new.md:4", "docs/new.md:14", "docs/new.md:15"]
+    (tmp_path / "tests" / "test_y.py").write_text('doc_block("docs/new.md", "pair")\n')
+    assert [c.where() for c in uncovered(tmp_path)] == ["docs/new.md:4"]
+    # Substitutions at once, longest first: /ckpt/x is not cut by /ckpt, nor a result substituted again.
+    got = doc_block("docs/new.md", "pair", {"/ckpt": "/t/ckpt/x", "/ckpt/x": "/u"}, root=tmp_path)
+    assert got == [["python", "-m", "one", "/u"], ["python", "-m", "two", "/t/ckpt/x"]]
+    with pytest.raises(LookupError, match="no shell block after '<!-- commands: other -->'"):
+        doc_block("docs/new.md", "other", root=tmp_path)
 
 
 def test_doc_command_substitutes_what_the_doc_says_and_refuses_what_it_does_not(tmp_path):

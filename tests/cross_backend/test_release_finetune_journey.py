@@ -154,8 +154,8 @@ def test_release_finetune_on_jax_then_megatron(user, prepared, capsys):
     export = user / "export" / "dit_ema.safetensors"
     # docs/converters.md: a run's EMA to a release file.
     to_release = {"/out/dit_ema.safetensors": str(export), "/runs/a/checkpoints@20000": f"{run}/checkpoints"}
-    assert converters([*doc_command("docs/converters.md", "python -m converters convert --src jax:", to_release)[3:],
-                       "--quiet"]) == 0  # fmt: skip
+    export_ema = doc_command("docs/converters.md", "python -m converters convert --src jax:/runs/a/", to_release)
+    assert converters([*export_ema[3:], "--quiet"]) == 0
     assert (user / "export" / "dit_ema.safetensors.null_text.safetensors").exists()  # issue 27: the whole name
 
     # A prompt, through the encoder the data was prepared with.
@@ -177,7 +177,7 @@ def test_release_finetune_on_jax_then_megatron(user, prepared, capsys):
         "/out/dit_ema.safetensors": str(mexport),
         "jax:/runs/a/checkpoints@20000": f"megatron:{mrun}/checkpoints",
     }
-    assert converters([*doc_command("docs/converters.md", "python -m converters convert --src jax:", to_release)[3:],
-                       "--quiet"]) == 0  # fmt: skip
+    export_ema = doc_command("docs/converters.md", "python -m converters convert --src jax:/runs/a/", to_release)
+    assert converters([*export_ema[3:], "--quiet"]) == 0
     megatron_frames = _sample_and_decode(user, mexport, prompt, "megatron_sample")
     assert not np.array_equal(jax_frames, megatron_frames)  # two runs, two sets of weights
