@@ -1,31 +1,42 @@
 """LoRA on the Megatron DiT (mugv_megatron/model/lora.py) against the one definition and the JAX
-DiT (float32, tests/golden/dit_tiny weights, 3 latent frames of 4x6: non-square, multi-frame):
-with B = 0 the model is the base model bit for bit; with trained adapters (a nonzero B, so both
-factors get gradients) the loss and every adapter gradient equal JAX's; base weights get none.
+DiT, float32, tests/golden/dit_tiny weights:
+- model level (3 latent frames of 4x6, B=2): with B = 0 the model is the frozen base bit for bit;
+  only adapters get gradients;
+- trainer level, mirroring tests/cross_backend/test_cross_backend_training.py (its batch, random
+  numbers and null caption; conditioning frames and dropped captions): with trained adapters (a
+  nonzero B, so both factors get gradients) one step of each trainer gives the same loss, adapter
+  gradients and new adapters; Megatron TP=2 and TP=2 + sequence parallel (two spawned gloo
+  processes) give the TP=1 step.
 
-Tolerances as the full-model step (tests/cross_backend/test_cross_backend_training.py): loss 1e-5
-relative, gradients 1e-4 relative to each tensor's largest entry (the two backends sum in
-different orders; measured values printed)."""
+Tolerances are the full-model step's: loss 1e-5 relative, JAX ⇄ Megatron gradients 1e-4 relative
+to each tensor's largest entry, TP ⇄ TP=1 gradients 1e-5 (only float32 sums reorder); new
+adapters as the full-model test bounds AdamW (measured values printed)."""
 
+import datetime
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
 from safetensors.numpy import load_file
 
 from mugv.config import get_config
+from mugv.io.torch_cpu import free_port
 from mugv.layouts import jax as jax_layout
 from mugv.layouts import megatron as layout
 from mugv.lora import LoraConfig, init_adapters
 from mugv_megatron.model import build
 from mugv_megatron.model import lora as mlora
 from mugv_megatron.parallel import state as parallel
+from tests.cross_backend.test_cross_backend_training import LATENT, LR, OBJECTIVE, OPTIM, make_case, release_weights
 
 WEIGHTS = Path(__file__).parent.parent / "golden" / "dit_tiny" / "weights.safetensors"
 CFG = get_config("tiny")
 LOSS_REL = 1e-5
 GRAD_REL = 1e-4
+TP_GRAD_REL = 1e-5
+TP = 2
 LORA = LoraConfig(rank=4, alpha=8.0, init_seed=3)
 
 
@@ -87,37 +98,6 @@ def megatron():
     return dict(base=base_out, fresh=fresh_out, out=out.detach(), loss=float(loss), grads=grads, frozen=frozen)
 
 
-@pytest.fixture(scope="module")
-def jax_side():
-    import jax
-    import jax.numpy as jnp
-
-    from mugv_jax.dit import checkpoint as dit_ckpt
-    from mugv_jax.dit import lora as dit_lora
-    from mugv_jax.dit.model import RuntimeOptions, forward
-
-    base = jax_layout.unflatten(dit_ckpt.params_from_release_items(load_file(WEIGHTS).items(), CFG))
-    flat = {}
-    for name, arr in _trained_adapters().items():
-        path, layer, a = jax_layout.adapter_to_jax(name, arr, CFG)
-        flat.setdefault(path, [None] * CFG.depth)[layer] = a
-    adapters = jax_layout.unflatten({k: np.stack(v) for k, v in flat.items()})
-    opts = RuntimeOptions(lora_scale=LORA.scale)
-    ins, target = _inputs(), _target()
-
-    def loss_fn(ad):
-        out = forward(dit_lora.merge(base, ad), CFG, opts, **ins)
-        return _loss(out, target, jnp.asarray(_keep()))
-
-    loss, grads = jax.jit(jax.value_and_grad(loss_fn))(adapters)
-    release = {}
-    for path, g in jax_layout.flatten(grads).items():
-        for i in range(CFG.depth):
-            name, a = jax_layout.adapter_to_release(path, np.asarray(g[i]), i)
-            release[name] = a
-    return float(loss), release
-
-
 def test_b_zero_is_the_base_model_bit_for_bit(megatron):
     assert torch.equal(megatron["fresh"], megatron["base"])
     assert float((megatron["out"] - megatron["base"]).abs().max()) > 1e-3  # trained adapters act
@@ -128,20 +108,170 @@ def test_only_the_adapters_get_gradients(megatron):
     assert set(megatron["grads"]) == {layout.megatron_name(k) for k in init_adapters(CFG, LORA)}
 
 
-def test_loss_and_adapter_gradients_match_jax(megatron, jax_side):
-    j_loss, j_grads = jax_side
-    m_loss = megatron["loss"]
+# --- one trainer step on both backends ------------------------------------------------------------
+
+
+def _megatron_step(batch, draws, null, sequence_parallel=False):
+    """(loss, adapter grads, adapters after one step), Megatron names, this rank's shards."""
+    from mugv_megatron.train.step import Trainer
+
+    state = {k: torch.from_numpy(v) for k, v in release_weights().items()}
+    tr = Trainer(
+        CFG,
+        OPTIM,
+        OBJECTIVE,
+        seed=0,
+        release_state=state,
+        use_megatron_optimizer=False,
+        sequence_parallel=sequence_parallel,
+        lora=LORA,
+    )
+    mlora.load_adapters(tr.module, _trained_adapters())
+    tr.ema = tr._new_ema()
+    tr.null_text = torch.from_numpy(null)
+    rows = tr.local_rows(LATENT[0])
+    loss, _, _ = tr.loss_and_grads({k: v[rows] for k, v in batch.items()}, draws.slice(rows.start, rows.stop))
+    grads = {n: p.grad.detach().clone() for n, p in mlora.adapter_parameters(tr.module).items()}
+    metrics = tr.train_step(batch, draws=draws)
+    assert metrics["loss"] == pytest.approx(float(loss), rel=1e-7)
+    params = {n: p.detach().clone() for n, p in mlora.adapter_parameters(tr.module).items()}
+    assert set(tr.ema.shadow) == set(params)  # the EMA is the adapters'
+    return float(loss), grads, params
+
+
+def _to_release(named: dict) -> dict:
+    out = {}
+    for n, t in named.items():
+        for name, a in layout.megatron_to_release(n, t.numpy(), CFG):
+            out[name] = np.asarray(a)
+    return out
+
+
+@pytest.fixture(scope="module")
+def case():
+    return make_case()
+
+
+@pytest.fixture(scope="module")
+def megatron_step(case):
+    parallel.setup(1)
+    return _megatron_step(*case)
+
+
+@pytest.fixture(scope="module")
+def jax_step(case):
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from mugv.training import shift_ratio
+    from mugv_jax.dit import checkpoint as dit_ckpt
+    from mugv_jax.dit import lora as dit_lora
+    from mugv_jax.dit.model import RuntimeOptions
+    from mugv_jax.parallel import mesh as mesh_lib
+    from mugv_jax.train import objective as jobj
+    from mugv_jax.train import step as jtr
+
+    batch, draws, null = case
+    base = jax_layout.unflatten(dit_ckpt.params_from_release_items(load_file(WEIGHTS).items(), CFG))
+    flat = {}
+    for name, arr in _trained_adapters().items():
+        path, layer, a = jax_layout.adapter_to_jax(name, arr, CFG)
+        flat.setdefault(path, [None] * CFG.depth)[layer] = a
+    adapters = jax_layout.unflatten({k: np.stack(v) for k, v in flat.items()})
+    mesh = mesh_lib.build_mesh(dict(data=1, fsdp=1, tensor=1, context=1), devices=jax.devices()[:1])
+    trainer = jtr.Trainer(CFG, RuntimeOptions(lora_scale=LORA.scale), OPTIM, OBJECTIVE, mesh, lora=LORA)
+    # The JAX objective's own functions on the shared random numbers (as the full-model test).
+    x0 = jnp.asarray(batch["latents"])
+    frames, h, w = x0.shape[2:]
+    t = jobj.shift_t(
+        jax.nn.sigmoid(jnp.asarray(draws.u)) * 1000.0, shift_ratio((frames, h, w), OBJECTIVE.shift_num_frames)
+    )
+    eps = jnp.asarray(draws.eps)
+    x_mask = jnp.arange(frames)[None, :] >= jnp.asarray(draws.n_cond)[:, None]
+    xt = jnp.where(x_mask[:, None, :, None, None], jobj.noisy_latents(x0, eps, t), x0)
+    drop = jnp.asarray(draws.drop)
+    y = jnp.where(drop[:, None, None, None], jnp.asarray(null)[: batch["y"].shape[2]][None, None], batch["y"])
+    mask = jnp.where(drop[:, None], 1, jnp.asarray(batch["mask"]))
+    inputs = dict(x=xt, timestep=t, y=y, mask=mask, x_mask=x_mask, fps=jnp.asarray(batch["fps"]), frame_indice=None)
+
+    def step(adapters, inputs, target, t):
+        loss_fn = lambda a: trainer.loss_on_inputs(dit_lora.merge(base, a), inputs, target, t)
+        (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(adapters)
+        updates, _ = trainer.optimizer.update(grads, trainer.optimizer.init(adapters), adapters)
+        return loss, grads, optax.apply_updates(adapters, updates)
+
+    loss, grads, new = jax.jit(step)(adapters, inputs, x0 - eps, t)
+
+    def release(tree):
+        out = {}
+        for path, g in jax_layout.flatten(tree).items():
+            for i in range(CFG.depth):
+                name, a = jax_layout.adapter_to_release(path, np.asarray(g[i]), i)
+                out[name] = a
+        return out
+
+    return float(loss), release(grads), release(new)
+
+
+def test_one_lora_step_matches_jax(megatron_step, jax_step):
+    m_loss, m_grads, m_new = megatron_step[0], _to_release(megatron_step[1]), _to_release(megatron_step[2])
+    j_loss, j_grads, j_new = jax_step
     print(f"loss megatron {m_loss:.8f} jax {j_loss:.8f} rel {abs(m_loss - j_loss) / abs(j_loss):.2e}")
     assert abs(m_loss - j_loss) <= LOSS_REL * abs(j_loss)
-    m_grads = {}
-    for n, g in megatron["grads"].items():
-        for name, a in layout.megatron_to_release(n, g, CFG):
-            m_grads[name] = a
-    assert set(m_grads) == set(j_grads)
+    assert set(m_grads) == set(j_grads) == set(_trained_adapters())
     worst = 0.0
+    before = _trained_adapters()
     for name, want in j_grads.items():
         scale = max(float(np.abs(want).max()), 1e-12)
         err = float(np.abs(m_grads[name] - want).max())
         assert err <= GRAD_REL * scale, (name, err, scale)
         worst = max(worst, err / scale)
+        # AdamW moves by lr·(g/(|g|+eps) + wd·w): equal where |g| is well above the gradient
+        # bound, within 2·lr where a near-zero gradient's sign may differ.
+        sure = np.abs(want) > 10 * GRAD_REL * scale
+        d = np.abs((m_new[name] - before[name]) - (j_new[name] - before[name]))
+        assert d[sure].max(initial=0.0) <= 1e-3 * LR and d.max() <= 2 * LR * (1 + 1e-3), name
     print(f"worst relative adapter gradient error {worst:.2e}")
+
+
+# --- TP = 2 (and + sequence parallel) equals TP = 1 ----------------------------------------------
+
+
+def _tp_worker(rank, port, out_dir):
+    torch.set_num_threads(1)
+    parallel.setup(TP, rank=rank, world_size=TP, master_port=port, timeout=datetime.timedelta(seconds=120))
+    results = {}
+    for variant, sp in (("tp", False), ("tp_sp", True)):
+        loss, grads, params = _megatron_step(*make_case(), sequence_parallel=sp)
+        results[f"{variant}.loss"] = torch.tensor(loss)
+        results.update({f"{variant}.grad.{n}": g for n, g in grads.items()})
+        results.update({f"{variant}.param.{n}": p for n, p in params.items()})
+    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    parallel.teardown()
+
+
+@pytest.fixture(scope="module")
+def tp_ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("lora_tp")
+    mp.spawn(_tp_worker, args=(free_port(), str(out)), nprocs=TP, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(TP)]
+
+
+@pytest.mark.parametrize("variant", ["tp", "tp_sp"])
+def test_tp2_lora_step_matches_tp1(tp_ranks, megatron_step, variant):
+    loss1, grads1, params1 = megatron_step
+    merge = lambda prefix, n: layout.tp_merge(n, [r[prefix + n] for r in tp_ranks], lambda a, d: torch.cat(a, d))
+    for r in tp_ranks:
+        assert abs(r[f"{variant}.loss"].item() - loss1) <= LOSS_REL * abs(loss1)
+    worst = 0.0
+    for name, want in grads1.items():
+        # A whole factor is the same on both ranks (summed over TP under SP), a split one merges.
+        if layout.tp_split_rule(name) == "replicated":
+            assert torch.equal(tp_ranks[0][f"{variant}.grad.{name}"], tp_ranks[1][f"{variant}.grad.{name}"]), name
+        got = merge(f"{variant}.grad.", name)
+        scale = max(want.abs().max().item(), 1e-12)
+        assert (got - want).abs().max().item() <= TP_GRAD_REL * scale, name
+        worst = max(worst, (got - want).abs().max().item() / scale)
+        assert (merge(f"{variant}.param.", name) - params1[name]).abs().max().item() <= 2 * LR * (1 + 1e-3), name
+    print(f"{variant}: worst relative adapter gradient error {worst:.2e}")
