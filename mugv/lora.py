@@ -160,3 +160,25 @@ def init_adapters(config: DiTConfig, lora: LoraConfig) -> dict[str, np.ndarray]:
 def is_frozen(release_name: str, lora: LoraConfig, freeze: FreezeConfig) -> bool:
     """Does a base weight stay fixed? All of them under LoRA; else those of `freeze.modules`."""
     return lora.on or release_name.split(".", 1)[0] in freeze.modules
+
+
+def merged_weight(weight: np.ndarray, a: np.ndarray, b: np.ndarray, lora: LoraConfig) -> np.ndarray:
+    """A base weight [out, in] with its adapter folded in: W + scale · B·A (float32)."""
+    w = np.asarray(weight, np.float32)
+    return (w + np.float32(lora.scale) * (np.asarray(b, np.float32) @ np.asarray(a, np.float32))).astype(w.dtype)
+
+
+def merge_release(items, adapters: dict[str, np.ndarray], lora: LoraConfig):
+    """Yield release (name, tensor) pairs with every adapted linear's weight merged, one tensor at
+    a time (`items`: the base's (name, tensor) pairs; `adapters`: release-named)."""
+    used = set()
+    for name, tensor in items:
+        stem = name.removesuffix(".weight")
+        a_name, b_name = f"{stem}.lora_A.weight", f"{stem}.lora_B.weight"
+        if name.endswith(".weight") and a_name in adapters:
+            used |= {a_name, b_name}
+            tensor = merged_weight(tensor, adapters[a_name], adapters[b_name], lora)
+        yield name, tensor
+    left = sorted(set(adapters) - used)
+    if left:
+        raise KeyError(f"adapters {left[:4]} have no base weight in the release state")

@@ -16,13 +16,38 @@ LORA_KEYS = ("lora_a", "lora_b")
 
 def init_params(config: DiTConfig, lora: LoraConfig) -> dict:
     """Every adapter at the start of training (numpy float32, JAX layout, stacked over layers)."""
-    flat: dict[str, list] = {}
+    values = {}
     for i in range(config.depth):
         for site in lora.sites():
             for which, arr in zip("AB", init_adapter(config, lora, i, site), strict=True):
-                path, layer, a = jax_layout.adapter_to_jax(adapter_name(i, site, which), arr, config)
-                flat.setdefault(path, []).append(a)
+                values[adapter_name(i, site, which)] = arr
+    return from_release(values, config)
+
+
+def from_release(adapters: dict[str, np.ndarray], config: DiTConfig) -> dict:
+    """Nested JAX adapters (stacked over layers) of release-named ones (e.g. a PEFT import);
+    every layer of each adapted linear must be there."""
+    flat: dict[str, list] = {}
+    for name, arr in adapters.items():
+        path, layer, a = jax_layout.adapter_to_jax(name, arr, config)
+        flat.setdefault(path, [None] * config.depth)[layer] = a
+    missing = sorted(p for p, layers in flat.items() if any(x is None for x in layers))
+    if missing:
+        raise KeyError(f"adapters {missing} lack some of the model's {config.depth} layers")
     return jax_layout.unflatten({k: np.stack(v) for k, v in flat.items()})
+
+
+def to_release(adapters: dict) -> dict[str, np.ndarray]:
+    """Release-named float32 adapters (mugv/lora.py) of a nested JAX adapter tree (a state's
+    `params` or `ema` under LoRA), one layer at a time."""
+    out = {}
+    for path, arr in jax_layout.flatten(adapters).items():
+        if path.rsplit(".", 1)[1] not in LORA_KEYS:
+            continue
+        for i in range(arr.shape[0]):
+            name, a = jax_layout.adapter_to_release(path, np.asarray(arr[i], np.float32), i)
+            out[name] = a
+    return out
 
 
 def logical_axes(config: DiTConfig, lora: LoraConfig, base_axes: dict) -> dict:

@@ -174,11 +174,7 @@ def jax_step(case):
 
     batch, draws, null = case
     base = jax_layout.unflatten(dit_ckpt.params_from_release_items(load_file(WEIGHTS).items(), CFG))
-    flat = {}
-    for name, arr in _trained_adapters().items():
-        path, layer, a = jax_layout.adapter_to_jax(name, arr, CFG)
-        flat.setdefault(path, [None] * CFG.depth)[layer] = a
-    adapters = jax_layout.unflatten({k: np.stack(v) for k, v in flat.items()})
+    adapters = dit_lora.from_release(_trained_adapters(), CFG)
     mesh = mesh_lib.build_mesh(dict(data=1, fsdp=1, tensor=1, context=1), devices=jax.devices()[:1])
     trainer = jtr.Trainer(CFG, RuntimeOptions(lora_scale=LORA.scale), OPTIM, OBJECTIVE, mesh, lora=LORA)
     # The JAX objective's own functions on the shared random numbers (as the full-model test).
@@ -203,15 +199,7 @@ def jax_step(case):
 
     loss, grads, new = jax.jit(step)(adapters, inputs, x0 - eps, t)
 
-    def release(tree):
-        out = {}
-        for path, g in jax_layout.flatten(tree).items():
-            for i in range(CFG.depth):
-                name, a = jax_layout.adapter_to_release(path, np.asarray(g[i]), i)
-                out[name] = a
-        return out
-
-    return float(loss), release(grads), release(new)
+    return float(loss), dit_lora.to_release(grads), dit_lora.to_release(new)
 
 
 def test_one_lora_step_matches_jax(megatron_step, jax_step):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from mugv.io import peft as peft_io
 from mugv.layouts import jax as jax_layout
 from mugv.lora import FreezeConfig, LoraConfig, init_adapters
 from mugv.training import OptimConfig
@@ -61,11 +62,7 @@ def test_adapters_move_between_release_and_jax_layouts_exactly():
     assert flat["blocks.attn.qkv.lora_a"].shape == (TINY.depth, TINY.hidden_size, 3)
     assert flat["blocks.attn.qkv.lora_b"].shape == (TINY.depth, 3, 3, TINY.num_heads, TINY.head_dim)
     assert flat["blocks.cross_attn.proj.lora_a"].shape == (TINY.depth, TINY.num_heads, TINY.head_dim, 3)
-    back = {}
-    for path, arr in flat.items():
-        for i in range(arr.shape[0]):
-            name, a = jax_layout.adapter_to_release(path, arr[i], i)
-            back[name] = a
+    back = dit_lora.to_release(nested)
     assert back.keys() == init.keys()
     assert all(np.array_equal(back[k], init[k]) for k in init)
 
@@ -115,7 +112,7 @@ def test_adapters_are_sharded_by_the_one_rule_table_like_their_base():
     assert spec(sh["fc2"], "lora_a")[1] == "tensor" and spec(sh["fc2"], "lora_b")[2] == "fsdp"
 
 
-def test_the_trainer_trains_the_adapters_only(base):
+def test_the_trainer_trains_the_adapters_only(base, tmp_path):
     t = make_trainer(lora=LORA)
     state = t.init_state(0, params=base)
     # Only the adapters train: the base sits apart with no optimizer state and no EMA.
@@ -138,6 +135,12 @@ def test_the_trainer_trains_the_adapters_only(base):
     assert all(np.allclose(ema[k], 0.5 * f0[k] + 0.5 * f1[k], rtol=1e-6, atol=1e-8) for k in f0)
     whole = t.model_params(new)
     assert whole["blocks"]["attn"]["qkv"].keys() == {"kernel", "bias", "lora_a", "lora_b"}
+    # The trained adapters through PEFT's format and back: bit for bit.
+    out = peft_io.write(str(tmp_path / "peft"), dit_lora.to_release(a1), LORA, TINY)
+    lora, back = peft_io.read(out, TINY)
+    assert lora == LORA
+    g = jax_layout.flatten(dit_lora.from_release(back, TINY))
+    assert g.keys() == f1.keys() and all(np.array_equal(g[k], f1[k]) for k in f1)
 
 
 def test_freeze_keeps_a_module_apart_without_optimizer_state_or_ema():
