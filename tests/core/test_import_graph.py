@@ -208,9 +208,16 @@ CONVERT_PATH = [
     ["converters.formats.jax", "converters.formats.megatron", "mugv.io.weights"],
     ["mugv.io.spec", "mugv.io.null_text", "mugv.io.latents", "mugv.io.text_features"],
     ["mugv.io.release", "mugv.io.orbax", "mugv.io.torch_dist"],
-    ["mugv.io.megatron", "mugv.io.torchzip", "mugv.io.staging", "mugv.io.torch_cpu", "mugv.safetensors_io"],
+    [
+        "mugv.io.megatron",
+        "mugv.io.torchzip",
+        "mugv.io.staging",
+        "mugv.io.torch_cpu",
+        "mugv.safetensors_io",
+        "mugv.io.peft",
+    ],
     ["mugv.io.base", "mugv.io.atomic", "mugv.layouts.jax", "mugv.layouts.megatron"],
-    ["mugv.schema"],
+    ["mugv.schema", "mugv.lora"],
     ["mugv.config"],
 ]
 
