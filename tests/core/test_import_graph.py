@@ -216,7 +216,14 @@ CONVERT_PATH = [
         "mugv.safetensors_io",
         "mugv.io.peft",
     ],
-    ["mugv.io.base", "mugv.io.atomic", "mugv.layouts.jax", "mugv.layouts.megatron"],
+    [
+        "mugv.io.base",
+        "mugv.io.atomic",
+        "mugv.io.digest",
+        "mugv.io.mismatch",
+        "mugv.layouts.jax",
+        "mugv.layouts.megatron",
+    ],
     ["mugv.schema", "mugv.lora"],
     ["mugv.config"],
 ]

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from mugv.run import data as run_data
-from mugv.run.config import ConfigError, model_config_from
+from mugv.run.config import ConfigError, as_run_config, model_config_from
 from mugv.run.driver import NonFiniteLossError
 from mugv_jax.train import backend as train_lib
 from mugv_jax.train import checkpointing
@@ -385,7 +385,8 @@ def test_a_workdir_of_another_model_is_refused_naming_both(tmp_path):
     before = sorted(os.listdir(tmp_path / "checkpoints"))
     c = _config()
     c.model_overrides.depth = 1
-    backend = train_lib.JaxBackend(c, str(tmp_path), tasks.for_config(c), {})
+    run = as_run_config(c)
+    backend = train_lib.JaxBackend(run, str(tmp_path), tasks.for_config(run), {})
     with pytest.raises(IncompatibleCheckpoint, match="depth: checkpoint 2, run 1") as e:
         backend.restore()  # what the run loop does first
     assert "another --workdir" in str(e.value)
