@@ -110,3 +110,18 @@ def load_adapters(model, state) -> None:
 def adapter_parameters(model) -> dict[str, torch.nn.Parameter]:
     """This rank's adapter parameters by (local) Megatron name."""
     return {n: p for n, p in model.named_parameters() if ".lora_" in n}
+
+
+def release_adapters(model) -> dict[str, torch.Tensor]:
+    """The model's adapters by release-style name (rows of fused projections ungrouped), for an
+    export (mugv/io/peft.py). One tensor-parallel rank holding whole tensors: TP > 1 shards are
+    merged by the checkpoint converters, not here."""
+    if parallel.tensor_parallel_size() != 1:
+        raise ValueError("release_adapters reads whole adapters: run it at TP=1 (convert a TP>1 checkpoint first)")
+    block, out = model.decoder, {}
+    for name, p in adapter_parameters(model).items():
+        layer, suffix = layout.split_layer(name)
+        full = layout.layer_name(layer + block.layer_offset, suffix)
+        for rname, a in layout.megatron_to_release(full, p.detach().cpu(), model.dit_config):
+            out[rname] = a.contiguous()
+    return out

@@ -90,17 +90,32 @@ def megatron():
     with torch.no_grad():
         fresh_out = model(**ins)
     mlora.load_adapters(model, _trained_adapters())
+    exported = {k: v.numpy() for k, v in mlora.release_adapters(model).items()}
     out = model(**ins)
     loss = _loss(out, torch.from_numpy(_target()), torch.from_numpy(_keep()))
     loss.backward()
     grads = {n: p.grad.numpy().copy() for n, p in model.named_parameters() if p.grad is not None}
     frozen = [n for n, p in model.named_parameters() if p.requires_grad and ".lora_" not in n]
-    return dict(base=base_out, fresh=fresh_out, out=out.detach(), loss=float(loss), grads=grads, frozen=frozen)
+    return dict(
+        base=base_out,
+        fresh=fresh_out,
+        out=out.detach(),
+        loss=float(loss),
+        grads=grads,
+        frozen=frozen,
+        exported=exported,
+    )
 
 
 def test_b_zero_is_the_base_model_bit_for_bit(megatron):
     assert torch.equal(megatron["fresh"], megatron["base"])
     assert float((megatron["out"] - megatron["base"]).abs().max()) > 1e-3  # trained adapters act
+
+
+def test_adapters_load_and_export_by_release_name_bit_exact(megatron):
+    trained = _trained_adapters()
+    assert megatron["exported"].keys() == trained.keys()
+    assert all(np.array_equal(megatron["exported"][k], trained[k]) for k in trained)
 
 
 def test_only_the_adapters_get_gradients(megatron):
