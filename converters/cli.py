@@ -2,6 +2,7 @@
 
     python -m converters convert --src release:dit.pt --dst jax:/ckpt/jax [--model 10b]
         [--dtype keep|float32|bfloat16] [--tp N --pp M] [--weights raw|ema] [--workers N] [--force]
+        [--ema-layout mugv|official]
     python -m converters inspect PATH
     python -m converters verify A B [--atol 1e-6]
 
@@ -40,7 +41,17 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--tp", type=int, default=1, help="tensor-parallel size (Megatron outputs)")
     c.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (Megatron outputs)")
     c.add_argument(
-        "--weights", default="raw", choices=["raw", "ema"], help="JAX source: the trained params (raw) or their EMA"
+        "--weights",
+        default="raw",
+        choices=["raw", "ema"],
+        help="training checkpoint source (JAX, Megatron torch_dist): the trained weights (raw) or their EMA",
+    )
+    c.add_argument(
+        "--ema-layout",
+        choices=["mugv", "official"],
+        default=None,
+        help="torch_dist output: also write the source training checkpoint's EMA, in our layout (the "
+        "weights' shapes) or the official trainer's for --tp (what its ema_restore.py reads)",
     )
     c.add_argument(
         "--max-shard-size",
@@ -90,6 +101,7 @@ def _run(args) -> int:
             progress=not args.quiet,
             max_shard_bytes=shard,
             workers=args.workers,
+            ema_layout=args.ema_layout,
         )
         print(
             f"wrote {r.dst}: {r.tensors} tensors, {api.human_bytes(r.bytes_written)}, "
@@ -97,7 +109,7 @@ def _run(args) -> int:
         )
         if r.null_text:
             print(f"wrote {r.null_text}: the trained null caption (sampling's unconditional input)")
-        elif r.dst.startswith("release:"):
+        elif r.dst.startswith(("release:", "megatron")):
             print("no null caption in the source: sampling without a negative prompt needs --null_text")
         return 0
     if args.command == "inspect":

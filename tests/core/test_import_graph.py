@@ -204,14 +204,16 @@ CONVERT_PATH = [
     ["converters.__main__"],
     ["converters.cli"],
     ["converters.convert"],
+    ["converters.vae"],
     ["converters.detect", "converters.pipeline", "converters.formats"],
     ["converters.formats.jax", "converters.formats.megatron", "mugv.io.weights"],
     ["mugv.io.spec", "mugv.io.null_text"],
     ["mugv.io.release", "mugv.io.orbax", "mugv.io.torch_dist"],
-    ["mugv.io.megatron", "mugv.io.torchzip", "mugv.io.staging", "mugv.io.torch_cpu"],
+    ["mugv.io.megatron", "mugv.io.staging", "mugv.io.torch_cpu"],
+    ["mugv.io.torchzip"],
     ["mugv.io.base", "mugv.io.atomic", "mugv.layouts.jax", "mugv.layouts.megatron"],
     ["mugv.schema"],
-    ["mugv.config"],
+    ["mugv.config", "mugv.vae_config"],
 ]
 
 
