@@ -55,12 +55,16 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "synthetic"  # "synthetic" | "shards" (python -m mugv_data prepare)
-    c.data.path = ""  # shards: the prepared dataset directory
+    c.data.path = ""  # shards: the prepared dataset (or the --out directory prepare wrote it under)
     c.data.batch_size = 8  # shards: global batch size for every bucket
     c.data.num_workers = 0  # shards: grain worker processes
+    c.data.verify = False  # shards: check every byte against index.json's CRCs at open (sizes always)
+    c.data.on_bad_shard = "refuse"  # shards: "refuse" a missing/changed file, or "exclude" it (loudly)
+    c.data.max_skipped_records = 100  # shards: more unreadable records than this stop the run
     # (latent frames, latent height, latent width, global batch size); one shape per batch.
     c.data.buckets = ((2, 4, 6, 8),)
     c.data.text_len = 8
+    c.data.truncate_captions = False  # shards: cut captions longer than text_len (default: refuse)
     c.data.num_prompts = 4
     c.data.fps = 24.0
     # Image:video mixing (curriculum stage 1): a second child loader of single-frame buckets drawn

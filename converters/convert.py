@@ -127,12 +127,15 @@ def convert(
         raise ValueError(f"--dtype must be keep or one of {sorted(DTYPE_NAMES)}, got {dtype!r}")
     out_dtype = None if dtype == "keep" else DTYPE_NAMES[dtype]
     out = output_path(dst)
-    check_output_free(out, force)
+    check_output_free(out, force, make_parent=True)  # a missing parent is made once the source opened
     sidecar = null_lib.sidecar_path(dst.path) if dst.format == "release" else None
-    if sidecar and os.path.lexists(sidecar) and not force:
-        raise FileExistsError(
-            f"null-caption sidecar {sidecar} of output {dst.path} already exists; pass --force to overwrite it"
-        )
+    # An older-named sidecar this output would own is replaced with it too.
+    legacy = null_lib.legacy_sidecar_path(dst.path) if sidecar else None
+    for claimed in (sidecar, legacy):
+        if claimed and os.path.lexists(claimed) and not force:
+            raise FileExistsError(
+                f"null-caption sidecar {claimed} of output {dst.path} already exists; pass --force to overwrite it"
+            )
     reader, config, origin = open_checked(src, model=model, weights=weights)
     with reader:
         # Training and Megatron checkpoints hold their own; release weights carry theirs beside them.
@@ -145,7 +148,7 @@ def convert(
         if ema_layout is not None:
             ema_reader, _, _ = open_checked(src, model=config, weights="ema")
             ema = (ema_reader, out_dtype, ema_layout)
-        with atomic_output(out, force=force) as tmp, contextlib.ExitStack() as stack:
+        with atomic_output(out, force=force, make_parent=True) as tmp, contextlib.ExitStack() as stack:
             if ema is not None:
                 stack.enter_context(ema[0])
             writer = make_writer(
@@ -183,6 +186,8 @@ def convert(
             null_lib.save(sidecar, null[0], source=null[1])
         elif os.path.lexists(sidecar):
             os.remove(sidecar)  # from an earlier output; it does not belong to these weights
+        if legacy and os.path.lexists(legacy):
+            os.remove(legacy)  # the replaced weights' older-named sidecar (refused above without --force)
     where = None
     if null is not None and kept_in == "release":
         where = sidecar
@@ -191,6 +196,30 @@ def convert(
     return ConvertResult(
         str(src), str(dst), config, origin, len(entries), sum(e.nbytes for e in entries.values()), where
     )
+
+
+@dataclasses.dataclass
+class IntegrityResult:
+    spec: str
+    recorded: bool  # whether the checkpoint records checksums at all
+    problems: list[str]
+    bytes_checked: int
+
+
+def check_integrity(spec, *, weights: str = "raw") -> IntegrityResult:
+    """Every byte of the checkpoint `spec` against the checksums recorded when it was written
+    (mugv.io.digest): torch_dist and JAX checkpoints, our release files and legacy rank files."""
+    from mugv.io.digest import CorruptCheckpoint
+
+    try:
+        reader = open_any(spec, weights=_weights_for(spec, weights))
+    except CorruptCheckpoint as e:  # the files read to open it already differ
+        return IntegrityResult(str(spec), True, e.problems, 0)
+    with reader:
+        found = reader.integrity()
+    if found is None:
+        return IntegrityResult(str(spec), False, [], 0)
+    return IntegrityResult(str(spec), True, found.problems, found.bytes_checked)
 
 
 @dataclasses.dataclass

@@ -2,7 +2,7 @@
 # Megatron-Core MUG-DiT training on one node (or one node of a manual multi-node run) with torchrun.
 #
 #   CONFIG=configs/mugv_10b.py:video_720:h100x128 WORKDIR=/ckpt/run1 \
-#       bash launch/megatron_torchrun.sh --config.init_from=/models/dit.pt
+#       bash launch/megatron_torchrun.sh --config.init_from=/models/dit.pt --config.data.path=/data/prepared
 #
 # Variables (defaults in brackets): CONFIG [configs/tiny.py], WORKDIR [runs/megatron],
 # GPUS_PER_NODE [all visible GPUs], NNODES [1], NODE_RANK [0], MASTER_ADDR [127.0.0.1],

@@ -11,7 +11,6 @@ one); an interrupted run resumes. See docs/main_job.md; the stages are main_job/
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 
@@ -30,14 +29,10 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    from absl import logging as absl_logging
+    from mugv.run.console import setup_logging, verbosity_flag
 
     # Orbax and XLA log every checkpoint step at INFO; the stage log and progress bars are enough.
-    absl_logging.set_verbosity(absl_logging.WARNING)
-    logging.basicConfig(
-        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
-    logging.getLogger("mugv").setLevel(logging.INFO)
+    setup_logging(verbosity_flag())
     try:
         main_run.run(FLAGS.config, FLAGS.workdir, FLAGS.redo)
     except KeyboardInterrupt:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import os
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
@@ -271,6 +272,7 @@ class JaxWriter(Writer):
             manager.wait_until_finished()
         manager.close()
         self.staging.close()
+        orbax.write_digests(os.path.join(self.tmp, str(self.step)))
 
     def abort(self) -> None:
         self.staging.close()

@@ -99,6 +99,11 @@ class Reader:
         is), or None when the checkpoint holds none (only training checkpoints do)."""
         return None
 
+    def integrity(self):
+        """Every byte against the checksums recorded at write (a `mugv.io.digest.Check`), or None
+        when the checkpoint records none (written before checksums, or by another tool)."""
+        return None
+
     @property
     def location(self) -> str:
         """What errors name: the file, or the step / iteration directory read."""

@@ -6,13 +6,18 @@ Both trainers replace dropped captions with a fixed random `null_text` [max_text
 write it beside the weights as a sidecar, and the sampler uses it as the unconditional input of
 classifier-free guidance when no negative prompt is given:
 
-    dit_ema.safetensors            the release-layout weights
-    dit_ema.null_text.safetensors  {"null_text": float32 [max_text_tokens, D]}, metadata "source"
+    dit_ema.safetensors                        the release-layout weights
+    dit_ema.safetensors.null_text.safetensors  {"null_text": float32 [max_text_tokens, D]},
+                                               metadata "source"
 
-The sidecar of `W` is W with its weight suffix (.safetensors, .pt, .pth, .bin, .ckpt,
-.safetensors.index.json, .index.json) replaced by `.null_text.safetensors`; a shard folder's is
-`null_text.safetensors` inside it. Training checkpoints keep theirs inside (`Reader.null_text`);
-`python -m converters convert` to release format writes it from there.
+The sidecar of a weights file `W` is `W.null_text.safetensors` (its whole name, suffix included,
+so `X.safetensors` and `X.pt` side by side each have their own); an index json's is
+`<index stem>.null_text.safetensors` in its folder (`model.null_text.safetensors`), a shard
+folder's is `null_text.safetensors` inside it. Sidecars written before this rule replaced the
+weight suffix (`X.null_text.safetensors`, shared by `X.safetensors` and `X.pt`): they are still
+read, when exactly one weights file of that stem is there to own them. Training checkpoints keep
+theirs inside (`Reader.null_text`); `python -m converters convert` to release format writes it
+from there.
 """
 
 from __future__ import annotations
@@ -26,20 +31,50 @@ from mugv.io.release import INDEX_SUFFIX, TORCH_SUFFIXES
 
 KEY = "null_text"
 SUFFIX = ".null_text.safetensors"
-_WEIGHT_SUFFIXES = (".safetensors" + INDEX_SUFFIX, INDEX_SUFFIX, ".safetensors", *TORCH_SUFFIXES)
+_INDEX_SUFFIXES = (".safetensors" + INDEX_SUFFIX, INDEX_SUFFIX)
+_FILE_SUFFIXES = (".safetensors", *TORCH_SUFFIXES)
 
 
 def sidecar_path(weights: str) -> str:
-    """Where the null caption of the release weights at `weights` lives."""
+    """Where the null caption of the release weights at `weights` lives (and is written)."""
     weights = os.fspath(weights)
     if os.path.isdir(weights):
         return os.path.join(weights, KEY + ".safetensors")
     head, name = os.path.split(weights)
-    for suffix in _WEIGHT_SUFFIXES:
+    for suffix in _INDEX_SUFFIXES:
         if name.endswith(suffix) and len(name) > len(suffix):
-            name = name[: -len(suffix)]
-            break
+            return os.path.join(head, name[: -len(suffix)] + SUFFIX)
     return os.path.join(head, name + SUFFIX)
+
+
+def _stem(weights: str) -> tuple[str, str] | None:
+    head, name = os.path.split(os.fspath(weights))
+    for suffix in _FILE_SUFFIXES:
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return head, name[: -len(suffix)]
+    return None
+
+
+def legacy_sidecar_path(weights: str) -> str | None:
+    """The name sidecars had before each weights file got its own (`X.null_text.safetensors`
+    for `X.safetensors` and `X.pt` alike): read, and replaced with the weights it belongs to,
+    only while exactly one weights file of stem X is there to own it; None otherwise."""
+    stem = _stem(weights)
+    if stem is None or os.path.isdir(weights):
+        return None
+    head, base = stem
+    owners = [s for s in _FILE_SUFFIXES if os.path.lexists(os.path.join(head, base + s))]
+    if owners and owners != [os.fspath(weights)[len(os.path.join(head, base)) :]]:
+        return None
+    return os.path.join(head, base + SUFFIX)
+
+
+def existing_sidecar(weights: str) -> str | None:
+    """The sidecar file of `weights` that is there: its own, else an unambiguous older one."""
+    for path in (sidecar_path(weights), legacy_sidecar_path(weights)):
+        if path and os.path.isfile(path):
+            return path
+    return None
 
 
 def save(path: str, null_text, *, source: str) -> str:
@@ -56,8 +91,8 @@ def save(path: str, null_text, *, source: str) -> str:
 
 def find_sidecar(weights: str) -> tuple[np.ndarray, str] | None:
     """(null caption, sidecar path) of the release weights at `weights`, None without a sidecar."""
-    side = sidecar_path(weights)
-    return (load(side), side) if os.path.isfile(side) else None
+    side = existing_sidecar(weights)
+    return (load(side), side) if side else None
 
 
 def load(path: str, *, text_dim: int | None = None) -> np.ndarray:

@@ -9,6 +9,9 @@ restore and without the JAX model.
         data     the data iterator's JSON state (position); trainer checkpoints only
         config   JSON, the model's DiTConfig under "model" (a trainer's: the whole run config)
 
+    mugv_digests.json  the step's digest table (mugv.io.digest: every file, written once the
+                       step is complete); readers check it before reading
+
 `resolve_step_dir` finds a step (newest unless asked) from a manager dir, its workdir or a step
 dir. `StoredParams` opens `state/params` (or `state/ema`) array by array with tensorstore;
 `JaxReader` serves them in release names, one layer at a time. orbax and tensorstore (and with
@@ -27,6 +30,8 @@ from functools import partial
 import numpy as np
 
 from mugv.config import DiTConfig
+from mugv.io import digest
+from mugv.io.atomic import write_text
 from mugv.io.base import Entry, Reader
 from mugv.io.staging import RawStore
 from mugv.layouts import jax as jax_layout
@@ -44,6 +49,50 @@ PARAMS, EMA, NULL_TEXT = "params", "ema", "null_text"
 MODEL = "model"
 # Files orbax writes: a PyTree item's metadata, a JSON item's content.
 _TREE_METADATA, _JSON_ITEM = "_METADATA", "metadata"
+# The step's digest table, beside its items.
+DIGESTS_FILE = "mugv_digests.json"
+
+
+def write_digests(step_dir: str) -> dict:
+    """Record the digest table of a complete step (every file under it)."""
+    files = digest.all_files(step_dir, exclude=lambda rel: rel == DIGESTS_FILE)
+    table = digest.compute(step_dir, files, workers=digest.default_workers())
+    write_text(os.path.join(step_dir, DIGESTS_FILE), digest.dumps(table))
+    return table
+
+
+def read_digests(step_dir: str) -> dict | None:
+    """The step's digest table; None when it has none (written before checksums, or killed
+    between publishing the step and recording its table); an unreadable table is corruption."""
+    path = os.path.join(step_dir, DIGESTS_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path, "rb") as f:
+        return digest.loads(f.read().decode("utf-8", "replace"), path)
+
+
+def verify(step_dir: str, *, files_only: bool = False) -> digest.Check | None:
+    """Every byte of a step against its digest table; None when it has none."""
+    table = read_digests(step_dir)
+    if table is None:
+        return None
+    return digest.check(step_dir, table, workers=digest.default_workers(), files_only=files_only)
+
+
+def check_digests(step_dir: str) -> None:
+    """Raise CorruptCheckpoint naming every file of the step that differs from its table."""
+    found = verify(step_dir)
+    if found is not None and not found.ok:
+        raise digest.CorruptCheckpoint(step_dir, found.problems)
+
+
+def stored_run_config(step_dir: str) -> dict | None:
+    """The step's config item (the run config, the model under MODEL), None without one."""
+    path = os.path.join(step_dir, CONFIG, _JSON_ITEM)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 def config_item(config: DiTConfig, run_config: dict | None = None) -> dict:
@@ -136,6 +185,16 @@ def state_entries(state_dir: str) -> list[tuple[str, ...]]:
     return [ast.literal_eval(k) for k in _state_metadata(state_dir)["tree_metadata"]]
 
 
+def state_leaves(state_dir: str) -> list[tuple[str, ...]]:
+    """The key paths of the values a saved state item holds (its empty nodes left out)."""
+    tree = _state_metadata(state_dir)["tree_metadata"]
+    return [
+        ast.literal_eval(k)
+        for k, v in tree.items()
+        if not (v.get("value_metadata") or {}).get("skip_deserialize", False)
+    ]
+
+
 def open_state_arrays(state_dir: str, names: list[str]) -> dict:
     """{dotted leaf name: tensorstore array, opened but not read} of a saved state item, with
     orbax's own read spec and context (OCDBT or not, zarr v2 or v3, as the metadata says)."""
@@ -164,6 +223,7 @@ class StoredParams:
         self.path, self.weights = path, weights
         self.step_dir, self.step, self.steps = resolve_step_dir(path, step)
         self.state_dir = os.path.join(self.step_dir, STATE)
+        check_digests(self.step_dir)
         tree = state_entries(self.state_dir)
         self.state_keys = sorted({k[0] for k in tree})
         self.root = PARAMS if weights == "raw" else EMA
@@ -251,6 +311,9 @@ class JaxReader(Reader):
     @property
     def location(self) -> str:
         return self.step_dir
+
+    def integrity(self) -> digest.Check | None:
+        return verify(self.step_dir)
 
     def entries(self) -> dict[str, Entry]:
         return dict(self._entries)

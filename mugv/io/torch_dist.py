@@ -31,6 +31,7 @@ torch (and megatron.core for that fallback) are imported inside the functions th
 from __future__ import annotations
 
 import bisect
+import collections
 import io
 import json
 import math
@@ -44,7 +45,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mugv.io import torch_cpu, torchzip
+from mugv.io import digest, torch_cpu, torchzip
+from mugv.io.atomic import write_text
 from mugv.io.base import Entry, from_torch, map_file, numpy_dtype_of_torch
 from mugv.io.megatron import MegatronFile, MegatronReader, is_torch_dist_dir, resolve_iteration_dir, stored_config
 from mugv.layouts import megatron as layout
@@ -55,6 +57,8 @@ REFERENCE_PREFIX = "optimizer.state.reference_model."
 NULL_TEXT_KEY = layout.megatron_name("y_embedder.y_embedding")
 RNG_KEY = "rng_state"
 COMMON_FILE = "common.pt"
+# The iteration's digest table (mugv.io.digest): every file, each .distcp split per stored chunk.
+DIGESTS_FILE = "mugv_digests.json"
 # Entries that are not model weights (or not release weights): skipped when reading.
 _SKIP_PREFIXES = ("optimizer.", RNG_KEY)
 
@@ -218,6 +222,59 @@ def read_metadata(ckpt_dir: str):
             ) from e
 
 
+def digest_parts(ckpt_dir: str) -> dict[str, list[digest.Part]]:
+    """{file: [(start, end, tensor)]}: where each stored chunk's archive lies, from `.metadata`
+    (a tensor stored in several chunks, e.g. one per layer, is named with the chunk's offset)."""
+    storage = getattr(read_metadata(ckpt_dir), "storage_data", {})
+    chunks = collections.Counter(index.fqn for index in storage)
+    parts: dict[str, list] = {}
+    for index, info in storage.items():
+        label = index.fqn
+        if chunks[index.fqn] > 1:
+            label += f" [chunk at {list(index.offset or ())}]"
+        start = int(info.offset)
+        parts.setdefault(info.relative_path, []).append((start, start + int(info.length), label))
+    return parts
+
+
+def digest_files(ckpt_dir: str) -> list[str]:
+    return digest.all_files(ckpt_dir, exclude=lambda rel: rel == DIGESTS_FILE)
+
+
+def compute_digests(ckpt_dir: str, files: list[str] | None = None, *, workers: int | None = None) -> dict:
+    """The digest table of an iteration directory (of `files` only, when several processes share
+    the work: `digest.merge` their tables)."""
+    files = digest_files(ckpt_dir) if files is None else files
+    return digest.compute(ckpt_dir, files, digest_parts(ckpt_dir), workers=workers or digest.default_workers())
+
+
+def write_digests(ckpt_dir: str, table: dict | None = None) -> dict:
+    """Record the table in the iteration directory (computed here unless given); call once the
+    iteration is complete, before it is published."""
+    table = compute_digests(ckpt_dir) if table is None else table
+    write_text(os.path.join(ckpt_dir, DIGESTS_FILE), digest.dumps(table))
+    return table
+
+
+def read_digests(ckpt_dir: str) -> dict | None:
+    """The iteration's digest table, None when it has none (written before checksums, or not by
+    mugv); an unreadable table is corruption."""
+    path = os.path.join(ckpt_dir, DIGESTS_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path, "rb") as f:
+        return digest.loads(f.read().decode("utf-8", "replace"), path)
+
+
+def verify(ckpt_dir: str, *, select=lambda i, rel: True, files_only: bool = False) -> digest.Check | None:
+    """Every byte of the iteration against its digest table (the files `select` picks); None when
+    it has no table."""
+    table = read_digests(ckpt_dir)
+    if table is None:
+        return None
+    return digest.check(ckpt_dir, table, select=select, workers=digest.default_workers(), files_only=files_only)
+
+
 # A chunk of a stored tensor: (offsets, sizes, (file, byte offset, length) of its plain archive,
 # or None when its record is transformed or missing).
 _Chunk = tuple
@@ -283,6 +340,8 @@ class TorchDistReader(MegatronReader):
             raise ValueError(f"weights must be 'raw' or 'ema', got {weights!r}")
         self.path, self.weights = path, weights
         self.dir, self.iteration = resolve_iteration_dir(path, iteration, is_torch_dist_dir)
+        # Metadata and common.pt are checked before they are parsed; each archive when read.
+        self._record_crcs = self._check_small_files()
         with open(os.path.join(self.dir, "metadata.json")) as f:
             backend = json.load(f).get("sharded_backend")
         if backend != "torch_dist":
@@ -343,6 +402,22 @@ class TorchDistReader(MegatronReader):
         self._chunks = _chunk_table(metadata, self.dir)
         self._direct = self._direct_index()
 
+    def _check_small_files(self) -> dict[tuple[str, int, int], int]:
+        """Check the files that are not tensor data (metadata, common.pt) against the digest
+        table now; return each archive's recorded CRC, checked when it is read."""
+        table = read_digests(self.dir)
+        if table is None:
+            return {}
+        small = {rel: w for rel, w in table["files"].items() if "parts" not in w}
+        found = digest.check(self.dir, {"algorithm": table["algorithm"], "files": small})
+        if not found.ok:
+            raise digest.CorruptCheckpoint(self.dir, found.problems)
+        return {
+            (os.path.join(self.dir, rel), start, end): crc
+            for rel, w in table["files"].items()
+            for start, end, crc, _ in w.get("parts", ())
+        }
+
     def _add(self, mname: str, src: tuple) -> None:
         try:
             name = layout.release_name(mname)
@@ -396,6 +471,11 @@ class TorchDistReader(MegatronReader):
             if path not in self._maps:
                 self._maps[path] = map_file(path)
         mapping = self._maps[path]
+        want = self._record_crcs.get((path, offset, offset + length))
+        if want is not None and digest.crc32(memoryview(mapping)[offset : offset + length]) != want:
+            raise digest.CorruptCheckpoint(
+                self.dir, [f"{path}: tensor {what} (bytes {offset}-{offset + length}) changed"]
+            )
         try:
             archive = torchzip.TorchZipFile(path, offset, length, mapping)
             if not isinstance(archive.obj, torchzip.TensorRef):
@@ -511,6 +591,9 @@ class TorchDistReader(MegatronReader):
         }
 
     # --- the Reader contract --------------------------------------------------------------------
+
+    def integrity(self) -> digest.Check | None:
+        return verify(self.dir)
 
     def entries(self) -> dict[str, Entry]:
         return dict(self._entries)

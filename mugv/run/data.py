@@ -41,6 +41,10 @@ class ShardSlice:
         per = b // self.count
         return {k: v[self.index * per : (self.index + 1) * per] for k, v in batch.items()}
 
+    @property
+    def skipped(self) -> int:
+        return int(getattr(self.inner, "skipped", 0))
+
     def get_state(self) -> dict:
         return self.inner.get_state()
 
@@ -88,7 +92,9 @@ def build_iterator(config, model_cfg: DiTConfig, shard: tuple[int, int] = (0, 1)
     if d.source != "shards":
         raise ValueError(f"config.data.source={d.source!r} is not available (known: 'synthetic', 'shards')")
     if not d.get("path"):
-        raise ValueError("config.data.source='shards' needs config.data.path (a prepared dataset directory)")
+        raise ValueError(
+            "config.data.source='shards' needs config.data.path (the --out directory of python -m mugv_data prepare)"
+        )
     loader = ShardLoader(
         d.path,
         int(d.batch_size),
@@ -97,6 +103,10 @@ def build_iterator(config, model_cfg: DiTConfig, shard: tuple[int, int] = (0, 1)
         process_index=shard[0],
         process_count=shard[1],
         num_workers=int(d.get("num_workers", 0)),
+        truncate_text=bool(d.get("truncate_captions", False)),
+        verify=bool(d.get("verify", False)),
+        on_bad_shard=str(d.get("on_bad_shard", "refuse")),
+        max_skipped=int(d.get("max_skipped_records", 100)),
     )
     if (loader.latent_channels, loader.text_dim) != (model_cfg.in_channels, model_cfg.text_dim):
         raise ValueError(

@@ -21,12 +21,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import time
 from typing import Any, Protocol
 
 from mugv.io.atomic import write_json
 from mugv.io.spec import WITH_EMA, parse_spec
+from mugv.run import preemption
+from mugv.run.console import StepClock
 from mugv.run.metrics import MetricsWriter
 
 log = logging.getLogger("mugv.run")
@@ -84,11 +85,21 @@ def check_init(config) -> None:
 
 def run(config, workdir: str, backend: Backend, task: Task, *, resolved: dict | None = None) -> dict:
     """Run (or resume) `task` on `backend` until config.num_steps; returns a summary
-    {step, loss, skipped, stopped_by, evaluations}."""
+    {step, loss, skipped, stopped_by, evaluations}.
+
+    A SIGTERM (remembered from the process's start when its `__main__` called
+    `preemption.install()`) saves at the next step boundary and returns; one that arrives before
+    the first step returns before anything is written."""
+    with preemption.handling():
+        try:
+            return _run(config, workdir, backend, task, resolved)
+        finally:
+            preemption.reset()
+
+
+def _run(config, workdir: str, backend: Backend, task: Task, resolved: dict | None) -> dict:
     os.makedirs(workdir, exist_ok=True)
     resolved = resolved if resolved is not None else json.loads(config.to_json_best_effort())
-    if backend.is_main:
-        write_json(os.path.join(workdir, "config.json"), resolved)
 
     it = task.iterator(backend.data_shard)
     data_state = backend.restore()
@@ -99,6 +110,20 @@ def run(config, workdir: str, backend: Backend, task: Task, *, resolved: dict | 
     else:
         check_init(config)
         backend.initialize()
+    # Every process must agree to stop (a collective save would hang on the others).
+    if backend.any_process(preemption.requested()):
+        log.warning("SIGTERM received before the first step: exiting with nothing written or changed")
+        if hasattr(it, "close"):
+            it.close()
+        return {
+            "step": backend.step,
+            "loss": None,
+            "skipped": backend.skipped(),
+            "stopped_by": "sigterm",
+            "evaluations": [],
+        }
+    if backend.is_main:
+        write_json(os.path.join(workdir, "config.json"), resolved)
     evaluation = task.evaluation()
     eval_every = task.evaluate_every() if evaluation is not None else 0
     sample_every = int(config.get("sample", {}).get("every", 0) or 0) if hasattr(backend, "write_samples") else 0
@@ -107,8 +132,6 @@ def run(config, workdir: str, backend: Backend, task: Task, *, resolved: dict | 
     profile_steps = int(profile.num_steps) if profile is not None else 0
 
     writer = MetricsWriter(os.path.join(workdir, task.log_dir), enabled=backend.is_main)
-    stop = {"signal": None}
-    prev_handler = signal.signal(signal.SIGTERM, lambda sig, frame: stop.update(signal=sig))
     total = int(config.num_steps)
     summary: dict = {
         "step": backend.step,
@@ -130,6 +153,7 @@ def run(config, workdir: str, backend: Backend, task: Task, *, resolved: dict | 
         backend.save(it.get_state(), force=force)
 
     window_t, window_steps = time.perf_counter(), 0
+    clock = StepClock(backend.step, total)
     profiling = False
     first_batch = None
     try:
@@ -142,7 +166,10 @@ def run(config, workdir: str, backend: Backend, task: Task, *, resolved: dict | 
             batch = next(it)
             if first_batch is None:
                 first_batch = batch
+                if backend.is_main and getattr(backend, "first_step_note", None):
+                    log.info(backend.first_step_note)  # e.g. a JAX compile: minutes of silence otherwise
             handle = backend.train_step(batch)
+            clock.stepped(backend.step)
             window_steps += 1
             step = backend.step
             if profiling and step >= profile_start + profile_steps:
@@ -153,9 +180,10 @@ def run(config, workdir: str, backend: Backend, task: Task, *, resolved: dict | 
                 dt = (time.perf_counter() - window_t) / window_steps
                 scalars = task.scalars(batch, fetched, dt, backend)
                 scalars["skipped_steps"] = backend.skipped()
+                scalars["data/skipped_records"] = int(getattr(it, "skipped", 0) or 0)
                 writer.write(step, scalars)
                 if backend.is_main:
-                    writer.print(task.console(step, total, scalars))
+                    writer.print(f"{task.console(step, total, scalars)} | {clock.suffix(step)}")
                 summary.update(loss=scalars.get("loss"), skipped=scalars["skipped_steps"])
                 window_t, window_steps = time.perf_counter(), 0
             nonfinite = backend.nonfinite_in_a_row(handle)
@@ -170,7 +198,7 @@ def run(config, workdir: str, backend: Backend, task: Task, *, resolved: dict | 
                         f"{good[-1] if good else 'none'}"
                     )
             # Every process must agree to stop, or the collective save would hang on the others.
-            if backend.any_process(stop["signal"] is not None):
+            if backend.any_process(preemption.requested()):
                 log.warning("SIGTERM received: saving step %d and exiting", step)
                 save(force=True)
                 summary["stopped_by"] = "sigterm"
@@ -186,7 +214,6 @@ def run(config, workdir: str, backend: Backend, task: Task, *, resolved: dict | 
         summary["skipped"] = backend.skipped()
         backend.finish()
     finally:
-        signal.signal(signal.SIGTERM, prev_handler)
         if profiling:
             backend.stop_profile()
         writer.close()

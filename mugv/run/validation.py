@@ -80,7 +80,13 @@ def heldout_batches(config, model_cfg: DiTConfig) -> list[dict]:
             raise ValueError(
                 "config.validation.path must name a held-out prepared dataset when config.data.source='shards'"
             )
-        loader = ShardLoader(v.path, int(config.data.batch_size), text_len=int(config.data.text_len), seed=int(v.seed))
+        loader = ShardLoader(
+            v.path,
+            int(config.data.batch_size),
+            text_len=int(config.data.text_len),
+            seed=int(v.seed),
+            truncate_text=bool(config.data.get("truncate_captions", False)),
+        )
         out = []
         for _ in range(n):
             b = next(loader)

@@ -4,10 +4,13 @@ the rest).
 
 from __future__ import annotations
 
-import logging
-import sys
+# Before anything heavy is imported: a SIGTERM during start-up is a request to stop, not a crash.
+from mugv.run import preemption
 
-from mugv_jax.train.backend import train
+preemption.install()
+
+from mugv.run.console import setup_logging, verbosity_flag  # noqa: E402
+from mugv_jax.train.backend import train  # noqa: E402
 
 
 def main(argv):
@@ -18,7 +21,9 @@ def main(argv):
         from mugv_jax.parallel import distributed
 
         distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    setup_logging(verbosity_flag())  # third-party INFO (orbax, absl) only with --verbosity
+    if FLAGS.verify_data:
+        FLAGS.config.data.verify = True
     summary = train(FLAGS.config, FLAGS.workdir)
     print(
         f"finished at step {summary['step']} ({summary['stopped_by']}); last loss {summary['loss']}; "
@@ -45,6 +50,9 @@ def _define_flags():
     )
     flags.DEFINE_integer("num_processes", None, "multi-host: number of processes (or MUGV_NUM_PROCESSES)")
     flags.DEFINE_integer("process_id", None, "multi-host: this process's index (or MUGV_PROCESS_ID)")
+    flags.DEFINE_bool(
+        "verify_data", False, "check every shard byte against the dataset's recorded CRCs at open (config.data.verify)"
+    )
     flags.mark_flags_as_required(["config", "workdir"])
 
 

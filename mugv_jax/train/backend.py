@@ -76,6 +76,7 @@ class JaxBackend:
     """The JAX side of a DiT run (pretraining or preference) for mugv.run.driver."""
 
     name = "jax"
+    first_step_note = "compiling the step (first step only)…"
 
     def __init__(self, config, workdir: str, task, resolved: dict):
         self.config, self.task = config, task
@@ -107,7 +108,7 @@ class JaxBackend:
     # --- state -----------------------------------------------------------------------------------
 
     def restore(self):
-        restored = self.ckpt.restore_latest(self.trainer.abstract_state())
+        restored = self.ckpt.restore_latest(self.trainer.abstract_state(), model=self.model_cfg.to_dict())
         if restored is None:
             return None
         self.step, self.state, data_state, _ = restored
@@ -128,6 +129,7 @@ class JaxBackend:
     def train_step(self, batch: dict):
         self.state, metrics = self.trainer.train_step(self.state, self.trainer.put_batch(batch))
         self.step += 1
+        self.ckpt.poll()  # the digest table of a finished asynchronous save
         return metrics
 
     def fetch(self, metrics) -> dict:

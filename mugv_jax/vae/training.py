@@ -117,6 +117,7 @@ class VAEBackend:
     """The VAE Trainer behind the driver's backend interface (JAX, one process)."""
 
     name = "jax"
+    first_step_note = "compiling the step (first step only)…"
     is_main = True
     data_shard = (0, 1)
     recompute = "none"

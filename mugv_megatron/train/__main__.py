@@ -4,20 +4,23 @@ there has the rest).
 
 from __future__ import annotations
 
-import logging
-import sys
+# Before anything heavy is imported: a SIGTERM during start-up is a request to stop, not a crash.
+from mugv.run import preemption
 
-import torch.distributed as dist
+preemption.install()
 
-from mugv_megatron.parallel import state as parallel
-from mugv_megatron.train.backend import train
+import torch.distributed as dist  # noqa: E402
+
+from mugv.run.console import setup_logging, verbosity_flag  # noqa: E402
+from mugv_megatron.parallel import state as parallel  # noqa: E402
+from mugv_megatron.train.backend import train  # noqa: E402
 
 
 def main(argv):
     from absl import flags
 
     FLAGS = flags.FLAGS
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    setup_logging(verbosity_flag())  # third-party INFO (orbax, absl) only with --verbosity
     overrides = {
         "tp": FLAGS.tp,
         "pp": FLAGS.pp,
@@ -25,6 +28,8 @@ def main(argv):
         "sp": FLAGS.sp,
         "distributed_optimizer": FLAGS.distributed_optimizer,
     }
+    if FLAGS.verify_data:
+        FLAGS.config.data.verify = True
     summary = train(FLAGS.config, FLAGS.workdir, overrides)
     if dist.get_rank() == 0:
         print(
@@ -49,6 +54,9 @@ def _define_flags():
         None,
         "megatron DistributedOptimizer on CUDA "
         "(overrides config.megatron.distributed_optimizer; torch AdamW otherwise)",
+    )
+    flags.DEFINE_bool(
+        "verify_data", False, "check every shard byte against the dataset's recorded CRCs at open (config.data.verify)"
     )
     flags.mark_flags_as_required(["config", "workdir"])
 

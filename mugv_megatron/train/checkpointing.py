@@ -33,9 +33,16 @@ are no longer accepted), `dp_reshardable` only reshards over DP and stores bucke
 removed, with padded offsets: with more than one bucket (overlap_grad_reduce's 40M-element
 buckets) it writes and reads shifted elements ("param range exceeds unpadded buffer").
 
-A checkpoint is written to `iter_XXXXXXX.tmp`, renamed when complete, and only then named in
-the tracker (also written to a temporary file and renamed), so a crash never leaves a partial
-checkpoint that looks complete. `save(..., async_save=True)` returns once the state is staged in
+A checkpoint is written to `iter_XXXXXXX.tmp`, its digest table (mugv.io.torch_dist,
+`mugv_digests.json`: every file, each tensor chunk of the `.distcp` files; the ranks share the
+reading) recorded, renamed when complete, and only then named in the tracker (also written to a
+temporary file and renamed), so a crash never leaves a partial checkpoint that looks complete.
+A resume checks the newest checkpoint against its table before loading it: changed bytes are
+named (file and tensor) in a prominent warning, the checkpoint is moved aside
+(`iter_XXXXXXX.unreadable-<time>`, never deleted) and the previous one is used; a readable
+checkpoint of another model or optimizer is refused (`IncompatibleCheckpoint`). Rotation keeps
+`keep` iterations and deletes older ones only once the new save is published with its table,
+and only iterations that carry one (those mugv wrote). `save(..., async_save=True)` returns once the state is staged in
 host memory (a forked writer per rank then writes it); the rename and the tracker update run in
 the save's finalize step, on every rank once all writers are done, from `finalize_async()` (the
 train loop calls it each step; the next save and the end of the run call it blocking). A run
@@ -54,9 +61,12 @@ import warnings
 import torch
 import torch.distributed as dist
 
+from mugv.io import digest, torch_dist
+from mugv.io.atomic import quarantine
 from mugv.io.megatron import PARTIAL_SUFFIX, Layout, common_state, is_partial_iter_dir, iter_dir, write_tracker
 from mugv.io.megatron import iterations as steps
 from mugv.io.megatron import megatron_lm_args as args_for
+from mugv.io.mismatch import IncompatibleCheckpoint
 from mugv.io.torch_dist import (
     EMA_PREFIX,
     NULL_TEXT_KEY,
@@ -67,12 +77,9 @@ from mugv.io.torch_dist import (
     stored_key,
 )
 from mugv.layouts import megatron as layout
+from mugv.run import preemption
 
 log = logging.getLogger(__name__)
-
-
-class IncompatibleCheckpoint(ValueError):
-    """A readable checkpoint of another model or optimizer: never silently skipped."""
 
 
 def _parallel():
@@ -250,18 +257,75 @@ def finalize_async(blocking: bool = False) -> int:
     return len(_async_queue().maybe_finalize_async_calls(blocking=blocking))
 
 
+def _gather(obj) -> list:
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def _publish(directory: str, step: int, keep: int) -> None:
-    """Rename the complete `iter_XXXXXXX.tmp`, name it in the tracker, prune old ones."""
+    """Record the digest table of the complete `iter_XXXXXXX.tmp` (each rank reads its share of
+    the files), rename it, name it in the tracker, rotate old ones."""
     dist.barrier()
-    if dist.get_rank() == 0:
-        final = iter_dir(directory, step)
+    final = iter_dir(directory, step)
+    tmp = final + PARTIAL_SUFFIX
+    rank, world = dist.get_rank(), dist.get_world_size()
+    files = torch_dist.digest_files(tmp)
+    tables = _gather(torch_dist.compute_digests(tmp, files[rank::world]))
+    if rank == 0:
+        torch_dist.write_digests(tmp, digest.merge(tables))
         if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(final + PARTIAL_SUFFIX, final)
+            # Skipped as unreadable by this run's resume (or another's): kept aside, not deleted.
+            log.warning("moved %s aside to %s: this save takes its name", final, quarantine(final))
+        os.replace(tmp, final)
         write_tracker(directory, step)
-        for old in steps(directory)[:-keep] if keep > 0 else []:
-            shutil.rmtree(iter_dir(directory, old), ignore_errors=True)
+        _rotate(directory, step, keep)
     dist.barrier()
+
+
+def _rotate(directory: str, newest: int, keep: int) -> None:
+    """Delete iterations older than the `keep` newest, once `newest` is published with every file
+    its table names; only iterations with a digest table (mugv wrote them) are deleted."""
+    if keep <= 0:
+        return
+    found = torch_dist.verify(iter_dir(directory, newest), files_only=True)
+    if found is None or not found.ok:
+        log.error(
+            "not rotating checkpoints: the new save %s does not match its digest table (%s)",
+            iter_dir(directory, newest),
+            "no table" if found is None else "; ".join(found.problems[:3]),
+        )
+        return
+    for old in steps(directory)[:-keep]:
+        path = iter_dir(directory, old)
+        if os.path.isfile(os.path.join(path, torch_dist.DIGESTS_FILE)):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            log.info("rotation leaves %s: it has no digest table (not written by this version of mugv)", path)
+
+
+_WRITER_HELPER = None
+
+
+def _shield_writer_helper() -> None:
+    """megatron's torch_dist writer reports each save's results through a queue served by a
+    spawned multiprocessing manager, made on the first save and kept. In the trainer's process
+    group it died of the group's SIGTERM (what Slurm, timeout and Kubernetes send) before the
+    save that SIGTERM asks for, which then failed with BrokenPipeError. Made here instead, it
+    ignores SIGTERM and dies with the trainer."""
+    global _WRITER_HELPER
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if _WRITER_HELPER is not None or getattr(filesystem_async, "_results_queue", None) is not None:
+        return
+    import multiprocessing as mp
+    from multiprocessing.managers import SyncManager
+
+    manager = SyncManager(ctx=mp.get_context("spawn"))
+    with preemption.helpers_ignore_sigterm():
+        manager.start(preemption.helper_init)
+    _WRITER_HELPER = manager
+    filesystem_async._results_queue = manager.Queue()
 
 
 def save(
@@ -303,6 +367,7 @@ def save(
     )
     # One writer thread per rank: CPU tests share two cores. (The writer reports through a
     # spawn-context multiprocessing manager: a script calling this needs a __main__ guard.)
+    _shield_writer_helper()
     strategy = TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -327,18 +392,13 @@ def load(path: str, trainer) -> dict:
         raise ValueError(f"{path}: not a mugv Megatron training checkpoint (common.pt has no 'mugv')")
     saved_cfg = meta["model"]
     if saved_cfg != trainer.model_config.to_dict():
-        raise IncompatibleCheckpoint(
-            f"{path}: checkpoint holds model {saved_cfg}, the run's model is {trainer.model_config.to_dict()}"
-        )
+        raise IncompatibleCheckpoint(path, "model", saved_cfg, trainer.model_config.to_dict())
     counters = meta.get("trainer", {})
     missing = {"step", "nonfinite", "skipped", "seed"} - set(counters)
     if missing or "count" not in meta.get("optimizer", {}) or "data" not in meta:
         raise ValueError(f"{path}: common.pt lacks trainer counters {sorted(missing)} / optimizer count / data state")
     if meta["optimizer"]["kind"] != trainer.optimizer.kind:
-        raise IncompatibleCheckpoint(
-            f"{path}: optimizer state of kind {meta['optimizer']['kind']!r} cannot be "
-            f"resumed with {trainer.optimizer.kind!r}"
-        )
+        raise IncompatibleCheckpoint(path, "optimizer", meta["optimizer"]["kind"], trainer.optimizer.kind)
     saved_grid = None
     try:
         from megatron.core.dist_checkpointing import load_sharded_metadata
@@ -400,25 +460,61 @@ def _restore_rng(rng: dict) -> None:
             tensor_parallel.get_cuda_rng_tracker().set_states(rng["rng_tracker_states"])
 
 
+def verify(path: str) -> None:
+    """Check every byte of an iteration against its digest table, the ranks sharing the reading
+    (collective); raises CorruptCheckpoint naming the files and tensors that changed. An
+    iteration without a table (written before checksums) is used unverified, with a warning."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    try:
+        found = torch_dist.verify(path, select=lambda i, rel: i % world == rank)
+        problems = None if found is None else found.problems
+    except digest.CorruptCheckpoint as e:
+        problems = e.problems
+    everyone = _gather(problems)
+    if all(p is None for p in everyone):
+        log.warning("%s has no digest table (%s): resuming from it unverified", path, torch_dist.DIGESTS_FILE)
+        return
+    bad = [p for ps in everyone for p in (ps or [])]
+    if bad:
+        raise digest.CorruptCheckpoint(path, bad)
+
+
+def _loud(path: str, e: BaseException) -> None:
+    lines = getattr(e, "problems", None) or (str(e).splitlines()[:1] if str(e) else [])
+    log.error(
+        "\n%s\nCHECKPOINT UNREADABLE: checkpoint %s is unreadable (%s):\n  %s\nIt is moved aside "
+        "(never deleted) and the previous checkpoint is used; this run's next save at that step takes "
+        "its place.\n%s",
+        "=" * 100,
+        path,
+        type(e).__name__,
+        "\n  ".join(line[:300] for line in lines[:8]),
+        "=" * 100,
+    )
+
+
 def restore_latest(directory: str, trainer) -> dict | None:
-    """Restore from the newest readable checkpoint under `directory` (an unreadable one is
-    skipped with a warning); None if there is none."""
+    """Restore from the newest readable checkpoint under `directory`; None if there is none.
+
+    The newest is first checked against its digest table; one that does not match or does not
+    load is reported loudly, moved aside (`iter_XXXXXXX.unreadable-<time>`) and the previous one
+    tried. A readable checkpoint of another model or optimizer raises IncompatibleCheckpoint."""
     # torch DCP wraps read errors in a BaseException subclass.
     from torch.distributed.checkpoint.api import CheckpointException
 
     for step in reversed(steps(directory)):
         path = iter_dir(directory, step)
         try:
+            verify(path)
             meta = load(path, trainer)
         except IncompatibleCheckpoint:
             raise
         except (Exception, CheckpointException) as e:  # noqa: BLE001 - any read failure: try the previous
-            log.warning(
-                "checkpoint %s is unreadable (%s: %s); trying the previous one",
-                path,
-                type(e).__name__,
-                str(e).splitlines()[0][:300] if str(e) else "",
-            )
+            _loud(path, e)
+            dist.barrier()
+            if dist.get_rank() == 0:
+                log.warning("moved %s aside to %s", path, quarantine(path))
+            dist.barrier()
             continue
         return meta
     return None

@@ -366,6 +366,8 @@ def test_unsafe_or_broken_files_are_refused_with_the_file_named(tmp_path):
     convert(DIT_WEIGHTS, f"megatron:{tmp_path}/mc")
     meta = tmp_path / "mc" / "iter_0000001" / ".metadata"
     meta.write_bytes(pickle.dumps(collections.Counter(a=1)))
+    # As another tool's checkpoint would come: no digest table (ours reports the change first).
+    os.remove(tmp_path / "mc" / "iter_0000001" / "mugv_digests.json")
     with pytest.raises(
         ValueError,
         match=r"\.metadata: refusing to read torch_dist metadata "
@@ -438,15 +440,15 @@ def test_existing_output_needs_force(tmp_path):
 def test_a_failing_conversion_leaves_nothing(tmp_path, monkeypatch, fmt):
     from mugv.io.release import ReleaseReader
 
-    items = ReleaseReader.items
+    jobs = ReleaseReader.jobs  # what a conversion reads through (each tensor checked on a worker)
 
     def failing(self):
-        for i, item in enumerate(items(self)):
+        for i, item in enumerate(jobs(self)):
             if i == 30:
                 raise RuntimeError("disk on fire")
             yield item
 
-    monkeypatch.setattr(ReleaseReader, "items", failing)
+    monkeypatch.setattr(ReleaseReader, "jobs", failing)
     with pytest.raises(RuntimeError, match="disk on fire"):
         convert(DIT_WEIGHTS, fmt.format(d=tmp_path))
     assert os.listdir(tmp_path) == []
@@ -457,12 +459,12 @@ def test_a_killed_conversion_leaves_nothing_that_looks_complete(tmp_path):
     code = (
         "import time, sys\n"
         "from mugv.io.release import ReleaseReader\n"
-        "items = ReleaseReader.items\n"
+        "jobs = ReleaseReader.jobs\n"
         "def slow(self):\n"
-        "    for i, item in enumerate(items(self)):\n"
+        "    for i, item in enumerate(jobs(self)):\n"
         "        time.sleep(0.5 if i > 5 else 0)\n"
         "        yield item\n"
-        "ReleaseReader.items = slow\n"
+        "ReleaseReader.jobs = slow\n"
         "from converters.cli import main\n"
         f"sys.exit(main(['convert', '--src', {DIT_WEIGHTS!r}, '--dst', 'release:{tmp_path}/out.pt',"
         " '--quiet']))\n"

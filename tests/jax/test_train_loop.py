@@ -17,6 +17,7 @@ from mugv.run.driver import NonFiniteLossError
 from mugv.training import model_config_from
 from mugv_jax.train import backend as train_lib
 from mugv_jax.train import checkpointing
+from tests.helpers import snapshot
 from tests.trainer_helpers import guard_train_steps, host_batch, make_source, make_trainer, to_numpy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -150,7 +151,10 @@ def _run_cli(workdir, *extra, wait=True):
         "--config.data.buckets=((2,4,6,8),)",
         *extra,
     ]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Its own process group: signals go to the group, as Slurm, timeout and Kubernetes send them.
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     if wait:
         out, err = proc.communicate(timeout=600)
         return proc.returncode, out, err
@@ -203,7 +207,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run_bitwise(tmp_path):
 def test_sigterm_saves_at_the_step_boundary_and_exits_zero(tmp_path):
     proc = _run_cli(tmp_path, "--config.num_steps=100000", "--config.checkpoint_every=100000", wait=False)
     _wait_for_step(tmp_path, 2, proc)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)  # the whole group, as a scheduler sends it
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
     assert "(sigterm)" in out
@@ -211,6 +215,15 @@ def test_sigterm_saves_at_the_step_boundary_and_exits_zero(tmp_path):
     assert len(steps) == 1 and steps[0] >= 2
     saved = json.load(open(tmp_path / "config.json"))
     assert saved["data"]["buckets"] == [[2, 4, 6, 8]]  # the --config override was applied
+    # A SIGTERM during start-up (it used to end the process with 143): exit 0, nothing changed.
+    before = snapshot(tmp_path)
+    proc = _run_cli(tmp_path, "--config.num_steps=100000", "--config.checkpoint_every=100000", wait=False)
+    time.sleep(1.0)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "before the first step" in err and "(sigterm)" in out
+    assert snapshot(tmp_path) == before
 
 
 @pytest.mark.parametrize("kind", ["release", "jax"])
@@ -262,6 +275,8 @@ def test_trains_from_prepared_array_record_shards(tmp_path):
     c.data.source, c.data.path, c.data.batch_size, c.data.text_len = "shards", ds, 4, 8
     summary = train_lib.train(c, str(tmp_path / "run"))
     assert summary["step"] == 3 and np.isfinite(summary["loss"])
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "tensorboard" / "metrics.jsonl")]
+    assert rows[-1]["data/skipped_records"] == 0  # unreadable records are counted in the metrics
     cfg = checkpointing.read_config(str(tmp_path / "run" / "checkpoints"))
     assert cfg["data"]["source"] == "shards"
     t = make_trainer((8, 1, 1, 1))
@@ -272,3 +287,88 @@ def test_trains_from_prepared_array_record_shards(tmp_path):
     c.model_overrides.text_dim = 32
     with pytest.raises(ValueError, match="text width 64"):
         train_lib.train(c, str(tmp_path / "run2"))
+
+
+def _flip(path, offset=None):
+    size = os.path.getsize(path)
+    offset = size // 2 if offset is None else offset
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x01]))
+
+
+def test_a_changed_byte_is_named_set_aside_and_the_step_saved_again(tmp_path, caplog):
+    """Before checksums a changed byte in a step loaded silently, and a truncated newest step was
+    never replaced: orbax skipped saving any step <= the broken one and the return value was
+    ignored. Now the step is named, moved aside, the previous restored, and the step saved again."""
+    from mugv.io import orbax as layout
+
+    t = make_trainer()
+    state = t.init_state(0)
+    ck = checkpointing.Checkpointer(str(tmp_path), use_async=False)
+    ck.save(1, state, {"position": 1}, {})
+    ck.save(2, state, {"position": 2}, {})
+    ck.close()
+    table = layout.read_digests(str(tmp_path / "2"))
+    biggest = max(table["files"], key=lambda rel: table["files"][rel]["size"])
+    _flip(tmp_path / "2" / biggest)
+    ck = checkpointing.Checkpointer(str(tmp_path), use_async=False)
+    with caplog.at_level(logging.WARNING):
+        step, _, data, _ = ck.restore_latest(t.abstract_state())
+    assert step == 1 and data == {"position": 1}
+    assert "CHECKPOINT UNREADABLE" in caplog.text and biggest in caplog.text
+    aside = [n for n in os.listdir(tmp_path) if n.startswith("2.unreadable-")]
+    assert len(aside) == 1 and ck.steps() == [1]
+    ck.save(2, state, {"position": 22}, {})  # the re-run's save takes the name back
+    ck.close()
+    step, _, data, _ = checkpointing.Checkpointer(str(tmp_path)).restore_latest(t.abstract_state())
+    assert step == 2 and data == {"position": 22}
+    assert aside[0] in os.listdir(tmp_path)  # never deleted
+
+
+def test_a_refused_save_is_an_error(tmp_path):
+    t = make_trainer()
+    state = t.init_state(0)
+    ck = checkpointing.Checkpointer(str(tmp_path), use_async=False)
+    ck.save(5, state, {}, {})
+    with pytest.raises(checkpointing.SaveRefused, match="declined to save step 3"):
+        ck.save(3, state, {}, {})
+    ck.close()
+
+
+def test_rotation_keeps_steps_it_cannot_vouch_for(tmp_path):
+    from mugv.io import orbax as layout
+
+    t = make_trainer()
+    state = t.init_state(0)
+    ck = checkpointing.Checkpointer(str(tmp_path), keep=2, use_async=True)
+    ck.save(1, state, {}, {})
+    ck.save(2, state, {}, {})
+    ck.wait()
+    os.remove(tmp_path / "1" / layout.DIGESTS_FILE)  # e.g. written before checksums
+    for s in (3, 4):
+        ck.save(s, state, {}, {})
+    ck.close()
+    assert ck.steps() == [1, 3, 4]  # 2 rotated out once 4 was recorded; 1 is not provably ours
+
+
+def test_a_workdir_of_another_model_is_refused_naming_both(tmp_path):
+    """Before, a re-run with another model took the old checkpoints for unreadable, trained from
+    random weights and rotated the old run's steps away."""
+    from mugv.config import get_config
+    from mugv.io.mismatch import IncompatibleCheckpoint
+    from mugv.run import tasks
+
+    ck = checkpointing.Checkpointer(str(tmp_path / "checkpoints"), use_async=False)
+    ck.save(4, {"step": np.zeros((), np.int32)}, {}, {"model": get_config("tiny").to_dict()})
+    ck.close()
+    before = sorted(os.listdir(tmp_path / "checkpoints"))
+    c = _config()
+    c.model_overrides.depth = 1
+    backend = train_lib.JaxBackend(c, str(tmp_path), tasks.for_config(c), {})
+    with pytest.raises(IncompatibleCheckpoint, match="depth: checkpoint 2, run 1") as e:
+        backend.restore()  # what the run loop does first
+    assert "another --workdir" in str(e.value)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == before
