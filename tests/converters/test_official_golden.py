@@ -17,12 +17,13 @@ import pytest
 import torch
 
 from converters import cli
-from converters.convert import convert, verify
+from converters.convert import convert, open_checked, verify
 from converters.formats.megatron import LegacyReader
 from mugv.io import megatron as save_dir
 from mugv.io import null_text as null_lib
 from mugv.io.spec import open_reader
 from mugv.io.torch_dist import EMA_PREFIX, NULL_TEXT_KEY, TorchDistReader, read_metadata
+from mugv.io.weights import open_weights
 
 OFFICIAL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "golden", "official")
 
@@ -80,6 +81,11 @@ def test_the_official_ema_layout_is_read_with_weights_ema(tmp_path):
     assert verify(golden("ema.pt"), out).equal
     # The official checkpoint's null caption went with it, as the release sidecar.
     assert os.path.isfile(null_lib.sidecar_path(out))
+    # A run's `config.init_from=megatron:… init_weights=ema` reads it the same way.
+    reader, config, _ = open_checked(src)
+    reader.close()
+    started = open_weights(src, model=config, weights="ema")
+    assert set(started) == set(ema) and all(np.array_equal(started[n], ema[n]) for n in ema)
 
 
 def test_our_legacy_writer_reproduces_hf2mcore(release, null, tmp_path):
