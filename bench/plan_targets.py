@@ -126,7 +126,7 @@ def megatron_rows(stages, pods) -> tuple[list[str], bool]:
 
 
 def megatron_search(stages, pods) -> None:
-    from mugv.training import model_config_from
+    from mugv.run.config import model_config_from
     from mugv_megatron import plan as mplan
 
     done = set()

@@ -34,9 +34,8 @@ height, latent width, global batch); pixel = latent × 8, pixel frames = 8·(lat
 (7 latent frames = 49 frames ≈ 2 s at 24 fps, 10 = 73 ≈ 3 s, 14 = 105 ≈ 5 s at 21 fps).
 """
 
-import ml_collections
-
 from configs.base import base_config
+from mugv.run.config import check_batch_split
 
 DEFAULT_ROOT = "runs/mugv_10b"
 EXPANDED = "expanded"
@@ -233,20 +232,15 @@ def apply_layout(c, clip, pod_name, accumulate=True):
         per_rank = c.data.buckets[0][3] // dp
         micro = max(m for m in range(1, micro + 1) if per_rank % m == 0)
     accum = c.data.buckets[0][3] // (dp * micro) if accumulate else 1
-    for batch in batches:
-        if batch % (accum * dp):
-            raise ValueError(
-                f"{where}: global batch {batch} is not a multiple of data·fsdp ({dp}) × grad_accum_steps ({accum})"
-            )
+    for batch in batches:  # the trainers' and the planner's own check
+        check_batch_split(batch, accum, dict(data=data * slices, fsdp=fsdp), where)
     c.mesh.ici = dict(data=data, fsdp=fsdp, tensor=tensor, context=context)
     c.mesh.dcn = dict(data=slices, fsdp=1, tensor=1, context=1)
     c.attention = attention
     c.remat = remat
     c.optim.grad_accum_steps = accum
     name = pod_name + (f"x{slices}" if slices > 1 else "")
-    c.target = ml_collections.ConfigDict(
-        dict(name=name, kind=pod["kind"], devices=pod["devices"] * slices, slices=slices)
-    )
+    c.target.name, c.target.kind, c.target.devices, c.target.slices = name, pod["kind"], pod["devices"] * slices, slices
 
 
 def apply_megatron_layout(c, clip, pod_name, accumulate=True):
@@ -309,23 +303,9 @@ def get_config(arg: str = "video_720"):
         c.mode = "preference"
         c.init_from = f"jax:{root}/sft_posthoc_ema"  # written by mugv_jax.recipe.posthoc_ema
         c.optim.warmup_steps = 0
-        c.preference = ml_collections.ConfigDict(
-            dict(
-                labels="",
-                heldout_labels="",
-                clips="",
-                batch_size=64,
-                heldout_batches=4,
-                heldout_seed=99,
-                eval_every=200,
-                beta_dpo=2000.0,
-                beta_kto=2000.0,
-                sft_weight=0.2,
-                kto_desirable_weight=1.0,
-                kto_undesirable_weight=1.0,
-                shift_ratio=None,
-            )
-        )
+        p = c.preference  # fields not set here keep mugv.training.PreferenceConfig's defaults
+        p.batch_size, p.heldout_batches, p.eval_every = 64, 4, 200
+        p.beta_dpo, p.beta_kto, p.sft_weight = 2000.0, 2000.0, 0.2
     # Preference steps do not accumulate gradients (mugv_jax/train/preference.py).
     apply_layout(c, s["clip"], pod, accumulate=not s.get("preference"))
     apply_megatron_layout(c, s["clip"], pod, accumulate=not s.get("preference"))

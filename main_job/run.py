@@ -10,7 +10,6 @@ report  loss curves, frame grids, config, throughput → <workdir>/report.html (
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import logging
@@ -27,6 +26,7 @@ from main_job.stages import Stages
 from mugv.data.video import write_mp4
 from mugv.io.atomic import write_json
 from mugv.layouts.jax import flatten
+from mugv.run.config import RunConfig, as_run_config
 
 log = logging.getLogger("mugv.main_job")
 
@@ -333,11 +333,10 @@ class _TrainProgress:
         self._thread.join()
 
 
-def dit_train_config(config, stages: Stages, encode_record: dict):
-    c = copy.deepcopy(config.dit)
-    with c.unlocked():
-        c.data.path = os.path.join(stages.workdir, encode_record["dataset"])
-    return c
+def dit_train_config(config, stages: Stages, encode_record: dict) -> RunConfig:
+    """`config.dit` as a run config, on the shards the encode stage wrote."""
+    run = as_run_config(config.dit)
+    return run.replace(data=dataclasses.replace(run.data, path=os.path.join(stages.workdir, encode_record["dataset"])))
 
 
 def stage_dit(config, stages: Stages, encode_record: dict) -> dict:
@@ -351,13 +350,13 @@ def stage_dit(config, stages: Stages, encode_record: dict) -> dict:
     from mugv_jax.train import backend as train_lib
 
     d = stages.start("dit", keep_partial=True)
-    c = dit_train_config(config, stages, encode_record)
+    run = dit_train_config(config, stages, encode_record)
     if not flags.FLAGS.is_parsed():  # grain reads absl flags; callers outside app.run
         flags.FLAGS.mark_as_parsed()
     t0 = time.time()
-    with _TrainProgress(os.path.join(d, "tensorboard", "metrics.jsonl"), int(c.num_steps)):
-        summary = train_lib.train(c, d)
-    model_cfg = train_lib.model_config_from(c)
+    with _TrainProgress(os.path.join(d, "tensorboard", "metrics.jsonl"), run.num_steps):
+        summary = train_lib.train(run, d)
+    model_cfg = run.model_config
     ema = {k: np.asarray(v) for k, v in flatten(jax.device_get(summary["state"]["ema"])).items()}
     null = np.asarray(jax.device_get(summary["state"]["null_text"]))
     np.save(os.path.join(d, "null_text.npy"), null)
@@ -365,7 +364,7 @@ def stage_dit(config, stages: Stages, encode_record: dict) -> dict:
     save_atomic(
         dit.export_release_state_dict(model_from_params(model_cfg, ema)),
         path,
-        metadata={"model": c.model, "step": str(summary["step"])},
+        metadata={"model": run.model, "step": str(summary["step"])},
     )
     # The sampler's default unconditional input (python -m mugv_jax.sample --checkpoint=PATH).
     null_text.save(null_text.sidecar_path(path), null, source=f"main job dit stage, step {summary['step']}")
@@ -558,6 +557,7 @@ def run(config, workdir: str, redo=(), progress: bool = True) -> dict:
     from main_job import report
 
     t_start = time.time()
+    as_run_config(config.dit)  # a wrong --config.dit.* is refused now, not after the VAE trained
     os.makedirs(workdir, exist_ok=True)
     stages = Stages(workdir, ORDER, redo)
     timings, reused = {}, []

@@ -27,6 +27,7 @@ import sys
 from mugv import flops as flops_lib
 from mugv import geometry
 from mugv.config import DiTConfig
+from mugv.run.config import as_run_config
 from mugv_megatron import memory
 
 MiB, GiB = 1024**2, 1024**3
@@ -56,13 +57,10 @@ def run_buckets(config) -> list[tuple[int, int, int, int]]:
     """Every (latent frames, height, width, global batch) a run of `config` steps with: the video
     buckets, then the mixed-in image buckets; with the shard loader every bucket's batch is
     data.batch_size."""
-    d = config.data
-    buckets = [tuple(int(v) for v in b) for b in d.buckets]
-    mix = d.get("mix")
-    if mix is not None and (float(mix.image_fraction_start) > 0 or float(mix.image_fraction_end) > 0):
-        buckets += [tuple(int(v) for v in b) for b in mix.image_buckets]
-    if str(d.get("source", "")) == "shards":
-        buckets = [(*b[:3], int(d.batch_size)) for b in buckets]
+    d = as_run_config(config).data
+    buckets = list(d.buckets) + (list(d.mix.image_buckets) if d.mix.on else [])
+    if d.source == "shards":
+        buckets = [(*b[:3], d.batch_size) for b in buckets]
     return buckets
 
 
@@ -245,31 +243,25 @@ def search(model: DiTConfig, buckets, *, gpus: int, kind: str, text_len: int, li
 
 def layout_of(config) -> memory.Layout:
     """The Megatron layout a config asks for (config.megatron; mugv.training.MegatronOptions)."""
-    from mugv.training import MegatronOptions, dataclass_from
-
-    m = dataclass_from(MegatronOptions, config.megatron)
+    m = as_run_config(config).megatron
     attention = "te" if m.use_te else m.local_attention
-    return memory.Layout(
-        int(m.tp), bool(m.sp), int(m.pp), int(m.cp), int(m.micro_batch_size or 1), m.recompute, attention
-    )
+    return memory.Layout(m.tp, m.sp, m.pp, m.cp, m.micro_batch_size or 1, m.recompute, attention)
 
 
 def plan_config(config, gpus: int, kind: str) -> Plan:
-    from mugv.training import MegatronOptions, dataclass_from, model_config_from
-
-    m = dataclass_from(MegatronOptions, config.megatron)
-    compute = str(config.compute_dtype)
+    run = as_run_config(config)
+    m, compute = run.megatron, run.compute_dtype
     params = m.params_dtype or ("bfloat16" if compute == "bfloat16" and m.distributed_optimizer else "float32")
     return plan(
-        model_config_from(config),
-        run_buckets(config),
-        layout_of(config),
+        run.model_config,
+        run_buckets(run),
+        layout_of(run),
         gpus=gpus,
         kind=kind,
-        text_len=int(config.data.text_len),
+        text_len=run.data.text_len,
         micro_batch_size=m.micro_batch_size,
-        grad_accum_steps=int(config.optim.grad_accum_steps),
-        distributed_optimizer=bool(m.distributed_optimizer),
+        grad_accum_steps=run.optim.grad_accum_steps,
+        distributed_optimizer=m.distributed_optimizer,
         params_dtype=params,
         compute_dtype=compute,
     )
@@ -326,11 +318,11 @@ def suggestions(p: Plan, config, n: int = 3) -> list[str]:
         [b.bucket for b in p.buckets],
         gpus=p.gpus,
         kind=p.kind,
-        text_len=int(config.data.text_len),
+        text_len=as_run_config(config).data.text_len,
         limit=n,
         distributed_optimizer=p.distributed_optimizer,
         params_dtype=p.params_dtype,
-        compute_dtype=str(config.compute_dtype),
+        compute_dtype=as_run_config(config).compute_dtype,
     )
     if not found:
         return [f"no layout of {p.gpus} GPUs fits: use more GPUs, shorter clips or a smaller global batch"]
@@ -375,9 +367,9 @@ def main(argv):
     from absl import flags
 
     FLAGS = flags.FLAGS
-    config = FLAGS.config
-    t = config.get("target") or {}  # the pod the config was laid out for (configs/mugv_10b.py)
-    name, target_kind, target_devices = str(t.get("name", "")), str(t.get("kind", "")), int(t.get("devices", 0))
+    config = as_run_config(FLAGS.config)  # errors name the --config. flag (mugv.run.cli)
+    t = config.target  # the pod the config was laid out for (configs/mugv_10b.py)
+    name, target_kind, target_devices = t.name, t.kind, t.devices
     kind = FLAGS.kind or (target_kind if target_kind in DEVICES else "h100")
     gpus = FLAGS.gpus or target_devices
     if not gpus:
@@ -392,7 +384,7 @@ def main(argv):
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"model {config.model}, stage {config.get('stage', '-')}" + (f", pod {name}" if name else ""))
+    print(f"model {config.model}, stage {config.stage or '-'}" + (f", pod {name}" if name else ""))
     print(report(p, FLAGS.hfu))
     if not p.fits:
         print("\n".join(suggestions(p, config)))
@@ -422,7 +414,7 @@ def _define_flags():
 
 
 if __name__ == "__main__":
-    from absl import app
+    from mugv.run.cli import run_app
 
     _define_flags()
-    app.run(main)
+    run_app(main)

@@ -15,6 +15,7 @@ Each checkpoint is read once; the sweep keeps one float64 accumulator per decay.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -67,20 +68,19 @@ def sweep(averages: Sequence, decays: Sequence[float], evaluate: Callable[[objec
     return best, averages[list(map(float, decays)).index(best)], losses
 
 
-def _run_pieces(run: str):
-    """(config, Trainer) of a training workdir from its config.json."""
-    import ml_collections
-
+def _run_pieces(workdir: str):
+    """(run config, Trainer) of a training workdir from its config.json."""
+    from mugv.run.config import as_run_config
     from mugv_jax.train import backend as train_lib
 
-    path = os.path.join(run, "config.json")
+    path = os.path.join(workdir, "config.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"--run {run}: no config.json (a workdir of python -m mugv_jax.train)")
+        raise FileNotFoundError(f"--run {workdir}: no config.json (a workdir of python -m mugv_jax.train)")
     with open(path) as f:
         d = json.load(f)
     d.pop("model_resolved", None)
-    config = ml_collections.ConfigDict(d)
-    return config, train_lib.build_trainer(config)
+    run = as_run_config(d)
+    return run, train_lib.build_trainer(run)
 
 
 def main(argv=None) -> int:
@@ -104,14 +104,12 @@ def main(argv=None) -> int:
     _, _, steps = resolve_step_dir(a.run, None)
     if not steps:
         p.error(f"--run {a.run}: give a workdir or checkpoints directory (several steps), not one step")
-    config, trainer = _run_pieces(a.run)
+    run, trainer = _run_pieces(a.run)
     if a.num_batches:
-        config.validation.num_batches = a.num_batches
+        run = run.replace(validation=dataclasses.replace(run.validation, num_batches=a.num_batches))
     vset = run_validation.ValidationSet(
-        run_validation.with_noise(
-            run_validation.heldout_batches(config, trainer.model_config), int(config.validation.seed)
-        ),
-        t_values=tuple(config.validation.t_values),
+        run_validation.with_noise(run_validation.heldout_batches(run, trainer.model_config), run.validation.seed),
+        t_values=run.validation.t_values,
     )
     validator = validation.Validator(trainer, vset)
     loaded = (

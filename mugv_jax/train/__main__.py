@@ -10,21 +10,25 @@ from mugv.run import preemption
 preemption.install()
 
 from mugv.run.console import setup_logging, verbosity_flag  # noqa: E402
-from mugv_jax.train.backend import train  # noqa: E402
 
 
 def main(argv):
     from absl import flags
 
+    from mugv.run.config import as_run_config
+
     FLAGS = flags.FLAGS
+    if FLAGS.verify_data:
+        FLAGS.config.data.verify = True
+    run = as_run_config(FLAGS.config)  # validated before anything is built: errors name the flag
+    from mugv_jax.train.backend import train
+
     if FLAGS.distributed or FLAGS.coordinator_address:
         from mugv_jax.parallel import distributed
 
         distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     setup_logging(verbosity_flag())  # third-party INFO (orbax, absl) only with --verbosity
-    if FLAGS.verify_data:
-        FLAGS.config.data.verify = True
-    summary = train(FLAGS.config, FLAGS.workdir)
+    summary = train(run, FLAGS.workdir)
     print(
         f"finished at step {summary['step']} ({summary['stopped_by']}); last loss {summary['loss']}; "
         f"skipped steps {summary['skipped']}; workdir {FLAGS.workdir}"
@@ -57,7 +61,7 @@ def _define_flags():
 
 
 if __name__ == "__main__":
-    from absl import app
+    from mugv.run.cli import run_app
 
     _define_flags()
-    app.run(main)
+    run_app(main)

@@ -238,7 +238,11 @@ class Trainer:
         key = self.step_key(state)
         loss, aux, grads = self.loss_and_grads(state["params"], state["null_text"], batch, key)
         new_state, metrics = self.apply_gradients(state, loss, grads)
-        metrics.update(loss=loss, loss_by_t_quartile=aux["q_sum"] / jnp.maximum(aux["q_count"], 1))
+        metrics.update(
+            loss=loss,
+            loss_by_t_quartile=aux["q_sum"] / jnp.maximum(aux["q_count"], 1),
+            loss_by_t_count=aux["q_count"],  # 0: no sample in that quartile this step
+        )
         return new_state, metrics
 
     def train_step(self, state, batch):

@@ -25,6 +25,7 @@ import numpy as np
 
 from mugv.io.atomic import write_json
 from mugv.run import driver
+from mugv.run.config import LoopConfig
 from mugv.vae_config import TEMPORAL_GROUP, VAEConfig, get_vae_config
 from mugv_jax.vae.clips import CropIterator, CropSampler, load_clips
 from mugv_jax.vae.trainer import Trainer
@@ -236,7 +237,10 @@ def train_vae(config, workdir: str, clips: Iterable[np.ndarray] | None = None, p
     config_json["vae_config"] = vae_cfg.to_dict()
     backend = VAEBackend(config, trainer, workdir, config_json)
     try:
-        summary = driver.run(config, workdir, backend, VAETask(config, sampler, eval_x), resolved=config_json)
+        loop = LoopConfig(
+            num_steps=config.num_steps, log_every=config.log_every, checkpoint_every=config.checkpoint_every
+        )
+        summary = driver.run(loop, workdir, backend, VAETask(config, sampler, eval_x), resolved=config_json)
     finally:
         backend.finish()
     before = backend.before["eval/psnr"], backend.before["eval/ssim"]

@@ -9,18 +9,15 @@ from mugv.run import preemption
 
 preemption.install()
 
-import torch.distributed as dist  # noqa: E402
-
 from mugv.run.console import setup_logging, verbosity_flag  # noqa: E402
-from mugv_megatron.parallel import state as parallel  # noqa: E402
-from mugv_megatron.train.backend import train  # noqa: E402
 
 
 def main(argv):
     from absl import flags
 
+    from mugv.run.config import as_run_config
+
     FLAGS = flags.FLAGS
-    setup_logging(verbosity_flag())  # third-party INFO (orbax, absl) only with --verbosity
     overrides = {
         "tp": FLAGS.tp,
         "pp": FLAGS.pp,
@@ -30,7 +27,15 @@ def main(argv):
     }
     if FLAGS.verify_data:
         FLAGS.config.data.verify = True
-    summary = train(FLAGS.config, FLAGS.workdir, overrides)
+    run = as_run_config(FLAGS.config)  # validated before torch loads: errors name the flag
+    import torch.distributed as dist
+
+    from mugv_megatron.parallel import state as parallel
+    from mugv_megatron.train.backend import train, with_overrides
+
+    run = with_overrides(run, overrides)
+    setup_logging(verbosity_flag())  # third-party INFO (orbax, absl) only with --verbosity
+    summary = train(run, FLAGS.workdir)
     if dist.get_rank() == 0:
         print(
             f"finished at step {summary['step']} ({summary['stopped_by']}); last loss {summary['loss']}; "
@@ -62,7 +67,7 @@ def _define_flags():
 
 
 if __name__ == "__main__":
-    from absl import app
+    from mugv.run.cli import run_app
 
     _define_flags()
-    app.run(main)
+    run_app(main)

@@ -476,5 +476,6 @@ class Trainer:
             "learning_rate": lr,
             "finite": finite,
             "loss_by_t_quartile": (q_sum / q_count.clamp_min(1)).tolist(),
+            "loss_by_t_count": q_count.tolist(),  # 0: no sample in that quartile this step
             "nonfinite_in_a_row": self.nonfinite,
         }

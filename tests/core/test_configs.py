@@ -3,7 +3,8 @@
 import pytest
 
 from configs import mugv_10b, tiny, vae_release, vae_tiny
-from mugv.training import ObjectiveConfig, OptimConfig, dataclass_from, model_config_from
+from mugv.run.config import dataclass_from, model_config_from
+from mugv.training import ObjectiveConfig, OptimConfig
 
 
 @pytest.mark.parametrize("stage", sorted(mugv_10b.STAGES))

@@ -153,15 +153,18 @@ def test_open_reader_refusals_name_the_spec_and_the_way_out(on_disk):
 
 def test_init_from_reads_the_same_grammar(on_disk):
     """`config.init_from` takes the same specs, aliases included, and names its own config keys."""
-    from ml_collections import ConfigDict
-
     from mugv.io import weights
-    from mugv.run.driver import check_init
+    from mugv.run.config import RunConfig
 
-    check_init(ConfigDict({"init_from": f"orbax:{on_disk['jax workdir']}", "init_weights": "ema"}))
-    check_init(ConfigDict({"init_from": f"torch_dist:{on_disk['torch_dist save']}", "init_weights": "ema"}))
-    with pytest.raises(ValueError, match="config.init_from='/some/dit.pt' is a release file"):
-        check_init(ConfigDict({"init_from": "/some/dit.pt", "init_weights": "ema"}))
+    def weights_read(init_from):
+        return RunConfig(init_from=init_from, init_weights="ema").starting_weights()[1]
+
+    assert weights_read(f"orbax:{on_disk['jax workdir']}") == "ema"
+    assert weights_read(f"torch_dist:{on_disk['torch_dist save']}") == "ema"
+    assert weights_read(on_disk["jax workdir"]) == "ema"  # detected on disk
+    # A release file holds one set of weights: that set is read whatever init_weights says (issue
+    # 25: the 10B stages set "ema" for their jax: hand-over; a release start changes init_from only).
+    assert weights_read("/some/dit.pt") == weights_read(f"release:{DIT_WEIGHTS}") == "raw"
     with pytest.raises(ValueError, match=r"config.init_from=.* is a legacy Megatron checkpoint .* convert --src"):
         weights.open_weights(on_disk["legacy save"], model="tiny")
     with pytest.raises(FileNotFoundError, match=r"^config.init_from=jax:/no/such: /no/such does not exist$"):

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from mugv.run import data as run_data
+from mugv.run.config import ConfigError, as_run_config, model_config_from
 from mugv.run.driver import NonFiniteLossError
-from mugv.training import model_config_from
 from mugv_jax.train import backend as train_lib
 from mugv_jax.train import checkpointing
 from tests.helpers import snapshot
@@ -226,7 +226,9 @@ def test_sigterm_saves_at_the_step_boundary_and_exits_zero(tmp_path):
     assert snapshot(tmp_path) == before
 
 
-@pytest.mark.parametrize("kind", ["release", "jax"])
+# "release_ema": a stage that hands over EMA weights (init_weights="ema") started from a release
+# file: the file's one set of weights is used.
+@pytest.mark.parametrize("kind", ["release", "jax", "release_ema"])
 def test_init_from_release_file_or_converted_jax_checkpoint(tmp_path, kind):
     from converters.convert import convert
     from mugv.layouts.jax import flatten
@@ -238,7 +240,7 @@ def test_init_from_release_file_or_converted_jax_checkpoint(tmp_path, kind):
     if kind == "jax":
         convert(f"release:{DIT_WEIGHTS}", f"jax:{tmp_path / 'converted'}", model="tiny")
         spec = f"jax:{tmp_path / 'converted'}"
-    c = _config(num_steps=0, init_from=spec)
+    c = _config(num_steps=0, init_from=spec, init_weights="ema" if kind == "release_ema" else "raw")
     summary = train_lib.train(c, str(tmp_path / "run"))
     flat = {k: np.asarray(v) for k, v in flatten(jax.device_get(summary["state"]["params"])).items()}
     exported = dit.export_release_state_dict(model_from_params(model_config_from(c), flat))
@@ -272,7 +274,8 @@ def test_trains_from_prepared_array_record_shards(tmp_path):
         text_dim=64,
     )
     c = _config(num_steps=3, checkpoint_every=3)
-    c.data.source, c.data.path, c.data.batch_size, c.data.text_len = "shards", ds, 4, 8
+    # 8 rows: the global batch splits evenly over the 8 devices (a batch of 4 is refused).
+    c.data.source, c.data.path, c.data.batch_size, c.data.text_len = "shards", ds, 8, 8
     summary = train_lib.train(c, str(tmp_path / "run"))
     assert summary["step"] == 3 and np.isfinite(summary["loss"])
     rows = [json.loads(line) for line in open(tmp_path / "run" / "tensorboard" / "metrics.jsonl")]
@@ -287,6 +290,21 @@ def test_trains_from_prepared_array_record_shards(tmp_path):
     c.model_overrides.text_dim = 32
     with pytest.raises(ValueError, match="text width 64"):
         train_lib.train(c, str(tmp_path / "run2"))
+
+
+def test_a_batch_the_mesh_cannot_split_is_refused_before_anything_compiles(tmp_path):
+    # 4 samples over data = 8 devices: the trainer used to replicate the batch silently.
+    c = _config(num_steps=1)
+    c.data.buckets = ((2, 4, 6, 4),)
+    with pytest.raises(ConfigError) as e:
+        train_lib.train(c, str(tmp_path))
+    assert str(e.value).startswith(
+        "--config.data.buckets[0]=(2, 4, 6, 4): global batch 4 is not a multiple of optim.grad_accum_steps × "
+        "data-parallel ranks (1 × 8): its micro-batch 4 (global batch 4 / optim.grad_accum_steps=1) is not "
+        "divisible by data × fsdp = 8"
+    )
+    assert "make the global batch a multiple of 8" in str(e.value)
+    assert not os.path.exists(tmp_path / "checkpoints") and not os.path.exists(tmp_path / "config.json")
 
 
 def _flip(path, offset=None):
@@ -367,7 +385,8 @@ def test_a_workdir_of_another_model_is_refused_naming_both(tmp_path):
     before = sorted(os.listdir(tmp_path / "checkpoints"))
     c = _config()
     c.model_overrides.depth = 1
-    backend = train_lib.JaxBackend(c, str(tmp_path), tasks.for_config(c), {})
+    run = as_run_config(c)
+    backend = train_lib.JaxBackend(run, str(tmp_path), tasks.for_config(run), {})
     with pytest.raises(IncompatibleCheckpoint, match="depth: checkpoint 2, run 1") as e:
         backend.restore()  # what the run loop does first
     assert "another --workdir" in str(e.value)

@@ -109,6 +109,25 @@ def test_non_finite_batch_skips_the_update_and_counts():
     assert int(state["step"]) == 3
 
 
+def test_sharding_rules_are_a_config_field_defaulting_to_the_table():
+    from mugv.run.config import as_run_config
+    from mugv_jax.parallel import sharding
+    from mugv_jax.train.backend import build_trainer
+
+    mesh = {"ici": {"data": 4, "fsdp": 2, "tensor": 1, "context": 1}}
+    fc1 = lambda run: build_trainer(run).abstract_state()["params"]["blocks"]["mlp"]["fc1"]["kernel"].sharding.spec
+
+    assert sharding.rules_with(()) == sharding.DEFAULT_RULES
+    assert fc1(as_run_config({"mesh": mesh}))[1] == "fsdp"  # the table: embed → fsdp
+    run = as_run_config({"mesh": mesh, "sharding_rules": [["embed", None], ["mlp", ["fsdp"]]]})
+    spec = fc1(run)
+    assert spec[1] is None and spec[2] == "fsdp"  # [layers, embed, mlp]
+    with pytest.raises(ValueError, match=r"--config.sharding_rules entry \('embd', None\): no logical axis 'embd'"):
+        build_trainer(as_run_config({"sharding_rules": [["embd", None]]}))
+    with pytest.raises(ValueError, match=r"\['model'\] are not mesh axes"):
+        build_trainer(as_run_config({"sharding_rules": [["mlp", "model"]]}))
+
+
 def test_an_implicit_transfer_inside_a_guarded_step_fails():
     # The batch as host numpy arrays instead of put_batch's device arrays: the jitted step would
     # copy it to the devices on the quiet, and the guard refuses.

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from mugv.training import model_config_from
+from mugv.run.config import model_config_from
 from mugv_megatron import plan as mplan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -226,6 +226,25 @@ def test_parallel_sizes_are_checked_before_set_up(tmp_path):
         train.train(config, str(tmp_path / "run"), {"pp": 3})
 
 
+def test_a_batch_split_that_does_not_divide_is_refused_before_set_up(tmp_path):
+    """The split mugv_megatron.plan plans (micro-batch × DP × accumulation), checked on every
+    global batch of the typed config before any process group, model or workdir exists."""
+    from configs.tiny import get_config as tiny_config
+    from mugv.run.config import ConfigError
+    from mugv_megatron.train import backend as train
+
+    config = tiny_config()
+    config.optim.grad_accum_steps = 3
+    config.data.buckets = ((2, 4, 4, 4),)
+    with pytest.raises(
+        ConfigError,
+        match=r"^--config.data.buckets\[0\]=\(2, 4, 4, 4\): 4 samples per data-parallel rank \(global batch 4 / "
+        r"DP 1\) do not split into config.optim.grad_accum_steps=3 micro-batches",
+    ):
+        train.train(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # the command line: metrics, SIGTERM → save and exit 0, resume
 
