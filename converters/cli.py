@@ -19,6 +19,7 @@ import json
 import sys
 
 from converters.formats import FORMATS
+from mugv.config import DiTConfig
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -114,7 +115,7 @@ def _run(args) -> int:
         )
         if r.null_text:
             print(f"wrote {r.null_text}: the trained null caption (sampling's unconditional input)")
-        elif r.dst.startswith(("release:", "megatron")):
+        elif r.dst.startswith(("release:", "megatron")) and isinstance(r.config, DiTConfig):  # not a VAE
             print("no null caption in the source: sampling without a negative prompt needs --null_text")
         return 0
     if args.command == "inspect":
