@@ -24,6 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mugv import rng as rng_ref
 from mugv.config import DiTConfig
+from mugv.init import InitialWeights
 from mugv.layouts.jax import unflatten as _unflatten
 from mugv.lora import FreezeConfig, LoraConfig
 from mugv.training import ObjectiveConfig, OptimConfig
@@ -169,10 +170,11 @@ class Trainer:
         return out
 
     def init_state(self, seed: int, params=None):
-        """A sharded fresh state; `params` (nested dict, e.g. from a release checkpoint) or random."""
+        """A sharded fresh state; `params` (nested dict, e.g. from a release checkpoint) or the
+        seed's fresh weights (`mugv.init`, the same the Megatron trainer starts from)."""
         if params is None:
-            model = dit_ckpt.init(self.model_config, seed=seed, options=self.options)
-            params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+            fresh = InitialWeights(self.model_config, seed)
+            params = _unflatten(dit_ckpt.params_from_release_items(fresh.items(), self.model_config))
         if self.lora.on:
             params = dit_lora.merge(params, dit_lora.init_params(self.model_config, self.lora))
         abstract = self.abstract_state()
