@@ -18,6 +18,7 @@ from collections.abc import Callable
 import numpy as np
 
 from mugv.config import DiTConfig
+from mugv.lora import SITES
 
 Shape = tuple[int, ...]
 
@@ -294,3 +295,51 @@ def unflatten(flat: dict[str, object]) -> dict:
             node = node.setdefault(p, {})
         node[leaf] = v
     return out
+
+
+# --- LoRA adapters (mugv/lora.py) --------------------------------------------------------------
+# An adapter of a block linear whose kernel is [in..., out...] (per layer) is stored as
+#   lora_a [in..., rank]   (release lora_A.weight [rank, in], transposed, input axes split out)
+#   lora_b [rank, out...]  (release lora_B.weight [out, rank], transposed, output axes split out)
+# next to the kernel, so the one sharding table shards A over its base's input axes and B over
+# its output axes.
+
+_ADAPTER = re.compile(r"^blocks\.(\d+)\.(.+)\.lora_([AB])\.weight$")
+
+
+def adapter_split(site: str, config: DiTConfig) -> tuple[Shape, Shape]:
+    """(input axes, output axes) of a block linear's per-layer kernel, e.g. ((C,), (3, H, D))."""
+    kernel = tuple(_BLOCK_RULES[f"{site}.weight"].shape(config))
+    fan_in = next(s.shape_in(config) for s in SITES if s.release == site)
+    for n in range(1, len(kernel)):
+        if int(np.prod(kernel[:n])) == fan_in:
+            return kernel[:n], kernel[n:]
+    raise KeyError(f"{site}: no input/output split of its kernel {kernel}")
+
+
+def adapter_jax_path(site: str, which: str) -> str:
+    """JAX path of a site's adapter tensor (`which` "A" or "B"): blocks.attn.qkv.lora_a."""
+    kernel = _BLOCK_RULES[f"{site}.weight"].jax_path
+    return kernel.rsplit(".", 1)[0] + f".lora_{which.lower()}"
+
+
+def adapter_to_jax(name: str, array: np.ndarray, config: DiTConfig) -> tuple[str, int, np.ndarray]:
+    """One release-style adapter tensor → (JAX path, layer, array for that layer)."""
+    m = _ADAPTER.match(name)
+    if not m or f"{m.group(2)}.weight" not in _BLOCK_RULES:
+        raise KeyError(f"{name!r} is not a block adapter tensor (blocks.<i>.<linear>.lora_A|B.weight)")
+    layer, site, which = int(m.group(1)), m.group(2), m.group(3)
+    ins, outs = adapter_split(site, config)
+    t = transpose2d(np.asarray(array))
+    t = t.reshape(*ins, t.shape[1]) if which == "A" else t.reshape(t.shape[0], *outs)
+    return adapter_jax_path(site, which), layer, np.ascontiguousarray(t)
+
+
+def adapter_to_release(jax_path: str, array: np.ndarray, layer: int) -> tuple[str, np.ndarray]:
+    """One layer of a JAX adapter tensor → (release-style name, [rank, in] or [out, rank])."""
+    kernel = jax_path.rsplit(".", 1)[0] + ".kernel"
+    which = jax_path.rsplit("_", 1)[1].upper()
+    site = _JAX_TO_BLOCK[kernel].rsplit(".", 1)[0]
+    a = np.asarray(array)
+    flat = a.reshape(-1, a.shape[-1]) if which == "A" else a.reshape(a.shape[0], -1)
+    return f"blocks.{layer}.{site}.lora_{which}.weight", np.ascontiguousarray(transpose2d(flat))

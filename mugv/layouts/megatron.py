@@ -21,6 +21,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any, Literal
 
 from mugv.config import DiTConfig
+from mugv.lora import SITES
 from mugv.schema import Shape, release_schema
 
 Array = Any  # numpy.ndarray or torch.Tensor: anything with reshape / swapaxes / slicing
@@ -87,7 +88,7 @@ _PER_HEAD_FUSED: dict[str, int] = {
 
 # Tensor-parallel split rule per Megatron suffix (docs/reference.md §4.6); everything else is
 # replicated on every rank.
-_COLUMN_PARALLEL = frozenset(
+_COLUMN_PARALLEL = set(
     {
         "self_attention.linear_qkv.weight",
         "self_attention.linear_qkv.bias",
@@ -99,13 +100,29 @@ _COLUMN_PARALLEL = frozenset(
         "mlp.linear_fc1.bias",
     }
 )
-_ROW_PARALLEL = frozenset(
+_ROW_PARALLEL = set(
     {
         "self_attention.linear_proj.weight",
         "cross_attention.linear_proj.weight",
         "mlp.linear_fc2.weight",
     }
 )
+
+# LoRA adapters (mugv/lora.py) sit under their base linear, named as PEFT names them
+# (`…linear_qkv.lora_A.weight`), and split as the reference does: a column-parallel base gets a
+# whole A and a column-parallel B (rows regrouped per head like the base's), a row-parallel base
+# a row-parallel A and a whole B.
+for _site in SITES:
+    _base = _BLOCK_NAMES[f"{_site.release}.weight"].removesuffix(".weight")
+    for _w in "AB":
+        _BLOCK_NAMES[f"{_site.release}.lora_{_w}.weight"] = f"{_base}.lora_{_w}.weight"
+    _fused = _PER_HEAD_FUSED.get(f"{_base}.weight")
+    if _fused:
+        _PER_HEAD_FUSED[f"{_base}.lora_B.weight"] = _fused
+    if _site.parallel == "column":
+        _COLUMN_PARALLEL |= {f"{_base}.lora_B.weight"}
+    else:
+        _ROW_PARALLEL |= {f"{_base}.lora_A.weight"}
 
 _MEGATRON_TO_GLOBAL = {m: r for r, m in _GLOBAL_NAMES.items()}
 _MEGATRON_TO_BLOCK = {m: r for r, m in _BLOCK_NAMES.items()}

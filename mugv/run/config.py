@@ -19,6 +19,7 @@ import dataclasses
 import typing
 
 from mugv.config import DiTConfig, get_config
+from mugv.lora import FreezeConfig, LoraConfig
 from mugv.run.typed import ConfigError, flag, from_mapping, to_config_dict
 from mugv.training import MegatronOptions, ObjectiveConfig, OptimConfig, PreferenceConfig
 
@@ -234,6 +235,8 @@ class RunConfig:
     data: DataConfig = DataConfig()
     preference: PreferenceConfig = PreferenceConfig()
     megatron: MegatronOptions = MegatronOptions()  # the Megatron backend's execution settings
+    lora: LoraConfig = LoraConfig()  # low-rank adapters, base frozen (mugv/lora.py; off while rank 0)
+    freeze: FreezeConfig = FreezeConfig()  # release modules kept fixed
     log_every: int = 10
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
@@ -362,6 +365,8 @@ _SECTIONS = {
     ObjectiveConfig: "objective",
     MegatronOptions: "megatron",
     PreferenceConfig: "preference",
+    LoraConfig: "lora",
+    FreezeConfig: "freeze",
 }
 
 

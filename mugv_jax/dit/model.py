@@ -53,6 +53,8 @@ class RuntimeOptions:
     # "none" | "ulysses" | "ring" over the mesh axes of the logical `length` axis
     # (mugv_jax/parallel/context_parallel.py). `attention="xla+ring"` sets both from one config string.
     context_parallel: str = "none"
+    # LoRA's alpha / rank (mugv/lora.py), applied where the params carry adapters (lora_a, lora_b).
+    lora_scale: float = 0.0
 
     def __post_init__(self):
         if "+" in self.attention:
@@ -202,13 +204,20 @@ class FinalLayer(nnx.Module):
 
 
 def _dense(x, p, opts: RuntimeOptions, n_in: int = 1):
-    """x[..., in...] · kernel[in..., out...] + bias, in the compute dtype."""
+    """x[..., in...] · kernel[in..., out...] + bias, in the compute dtype; plus the LoRA update
+    scale · (x·A)·B where the params carry an adapter (A [in..., r], B [r, out...])."""
     dt = opts.compute_dtype
     k = p["kernel"]
     contract = tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))
-    y = jax.lax.dot_general(
-        x.astype(dt), k.astype(dt), (contract, ((), ())), precision=opts.precision, preferred_element_type=F32
+    dot = lambda a, w, c: jax.lax.dot_general(
+        a.astype(dt), w.astype(dt), (c, ((), ())), precision=opts.precision, preferred_element_type=F32
     )
+    y = dot(x, k, contract)
+    if "lora_a" in p:
+        if not opts.lora_scale:
+            raise ValueError("params carry LoRA adapters but RuntimeOptions.lora_scale is 0 (set alpha / rank)")
+        low = dot(x, p["lora_a"], contract)  # [..., r]
+        y = y + opts.lora_scale * dot(low, p["lora_b"], ((low.ndim - 1,), (0,)))
     return (y + p["bias"].astype(F32)).astype(dt)
 
 

@@ -32,6 +32,7 @@ DEFAULT_RULES: tuple[tuple[str, object], ...] = (
     ("channels", None),  # latent channels
     ("conv_in", None),  # VAE convolution input / output channels
     ("conv_out", None),
+    ("lora_rank", None),  # LoRA adapters' rank axis (A [in…, rank], B [rank, out…])
     # activations
     ("batch", ("data", "fsdp")),
     ("length", "context"),  # video token axis: context parallel

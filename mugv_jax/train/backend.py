@@ -24,7 +24,7 @@ from mugv.io.spec import parse_spec
 from mugv.io.weights import load_params, open_weights
 from mugv.layouts.jax import unflatten
 from mugv.run import driver, tasks
-from mugv.run.config import RunConfig, as_run_config
+from mugv.run.config import ConfigError, RunConfig, as_run_config
 from mugv.run.validation import ValidationSet
 from mugv_jax.dit import checkpoint as dit_checkpoint
 from mugv_jax.dit.model import RuntimeOptions
@@ -72,6 +72,13 @@ class JaxBackend:
     first_step_note = "compiling the step (first step only)…"
 
     def __init__(self, run: RunConfig, workdir: str, task, resolved: dict):
+        if run.lora.on or run.freeze.modules:
+            # The Trainer takes them (mugv_jax/train/step.py); checkpoints, EMA export and sampling
+            # of a split state are not wired into the run loop yet.
+            raise ConfigError(
+                f"--config.lora.rank={run.lora.rank} / --config.freeze.modules={run.freeze.modules}: LoRA and "
+                f"frozen modules are not in the jax run loop yet; leave them at their defaults"
+            )
         self.run, self.task = run, task
         self.trainer = build_trainer(run, task.name)
         self.model_cfg, self.options, self.mesh = self.trainer.model_config, self.trainer.options, self.trainer.mesh

@@ -71,6 +71,8 @@ class PreferenceTrainer(trainer_lib.Trainer):
 
     def __init__(self, *args, preference: PreferenceConfig = PreferenceConfig(), **kwargs):  # noqa: B008 -- frozen
         super().__init__(*args, **kwargs)
+        if self.splits:  # `ref` and the step take the whole params; a split state is not wired here
+            raise ValueError("preference training does not take config.lora or config.freeze yet")
         if self.optim.grad_accum_steps != 1:
             raise ValueError("preference training does not accumulate gradients (optim.grad_accum_steps=1)")
         self.preference = preference

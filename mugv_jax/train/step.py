@@ -5,6 +5,8 @@ The state is a plain pytree (dict) so that orbax saves and restores it onto any 
   opt_state   optax AdamW (+ clipping) state, sharded like params
   ema         float32 exponential moving average of params, sharded like params
   null_text   [max_text_tokens, text_dim] features that replace dropped captions (not trained)
+  frozen      only with LoRA or config.freeze: the weights that do not train (no gradients, no
+              optimizer state, no EMA); `params` then holds only what trains (the adapters)
   step        int32, rng (uint32 [seed, 0]: the key word of mugv.rng's draws), nonfinite (consecutive skipped steps),
   skipped (total)
 One `jax.jit` with explicit in/out shardings and donated state does a whole step, including
@@ -22,9 +24,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mugv import rng as rng_ref
 from mugv.config import DiTConfig
+from mugv.init import InitialWeights
 from mugv.layouts.jax import unflatten as _unflatten
+from mugv.lora import FreezeConfig, LoraConfig
 from mugv.training import ObjectiveConfig, OptimConfig
 from mugv_jax.dit import checkpoint as dit_ckpt
+from mugv_jax.dit import lora as dit_lora
 from mugv_jax.dit.model import RuntimeOptions, forward
 from mugv_jax.parallel import sharding
 from mugv_jax.train import objective as obj
@@ -72,19 +77,37 @@ class Trainer:
         objective: ObjectiveConfig,
         mesh: Mesh,
         rules=sharding.DEFAULT_RULES,
+        lora: LoraConfig = LoraConfig(),  # noqa: B008 -- frozen dataclasses
+        freeze: FreezeConfig = FreezeConfig(),  # noqa: B008
     ):
+        if lora.on and options.lora_scale != lora.scale:
+            raise ValueError(f"RuntimeOptions.lora_scale={options.lora_scale} but config.lora gives {lora.scale}")
         self.model_config, self.options, self.optim, self.objective = model_config, options, optim, objective
         self.mesh, self.rules = mesh, rules
+        self.lora, self.freeze = lora, freeze
+        self.splits = lora.on or bool(freeze.modules)
         self.optimizer = make_optimizer(optim)
         self.schedule = learning_rate_schedule(optim)
         self._steps: dict = {}
 
     # --- state --------------------------------------------------------------------------------
 
+    def split(self, tree):
+        """(trainable, frozen) parts of a full params tree (or one shaped like it)."""
+        return dit_lora.split(tree, self.lora, self.freeze)
+
+    def model_params(self, state, which: str = "params"):
+        """The whole model's params of a state: `which` ("params" or "ema") with the frozen part."""
+        return dit_lora.merge(state[which], state["frozen"]) if self.splits else state[which]
+
     def _fresh_state(self, params, seed: int):
+        """The state of full model params (adapters included under LoRA)."""
         c = self.model_config
         null_text = jnp.asarray(rng_ref.null_text(seed, c.max_text_tokens, c.text_dim))
-        return {
+        frozen = None
+        if self.splits:
+            params, frozen = self.split(params)
+        state = {
             "params": params,
             "opt_state": self.optimizer.init(params),
             "ema": jax.tree.map(jnp.copy, params),
@@ -94,23 +117,44 @@ class Trainer:
             "nonfinite": jnp.zeros((), jnp.int32),
             "skipped": jnp.zeros((), jnp.int32),
         }
+        if frozen is not None:
+            state["frozen"] = frozen
+        return state
+
+    def abstract_params(self):
+        """ShapeDtypeStructs of the full model params (adapters included under LoRA)."""
+        params = nnx.to_pure_dict(nnx.state(dit_ckpt.abstract_model(self.model_config), nnx.Param))
+        if self.lora.on:
+            adapters = jax.eval_shape(lambda: dit_lora.init_params(self.model_config, self.lora))
+            params = dit_lora.merge(params, adapters)
+        return params
+
+    def param_axes(self):
+        """Nested logical axes of the full model params (adapters included under LoRA)."""
+        axes = param_logical_axes(self.model_config)
+        if self.lora.on:
+            axes = dit_lora.merge(axes, dit_lora.logical_axes(self.model_config, self.lora, axes))
+        return axes
 
     def abstract_state(self):
         """ShapeDtypeStructs of the state (with shardings): the restore target for orbax."""
-        params = nnx.to_pure_dict(nnx.state(dit_ckpt.abstract_model(self.model_config), nnx.Param))
+        params = self.abstract_params()
         abstract = jax.eval_shape(lambda p: self._fresh_state(p, 0), params)
         shardings = self.state_shardings(abstract)
         return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
     def state_shardings(self, abstract_state):
-        axes = param_logical_axes(self.model_config)
         mesh = self.mesh
-        p_shard = jax.tree.map(
-            lambda a, names: NamedSharding(mesh, sharding.spec_for_shape(a.shape, names, mesh, self.rules)),
-            abstract_state["params"],
-            axes,
+        axes, frozen_axes = self.param_axes(), None
+        if self.splits:
+            axes, frozen_axes = self.split(axes)
+        shard = lambda tree, names: jax.tree.map(
+            lambda a, n: NamedSharding(mesh, sharding.spec_for_shape(a.shape, n, mesh, self.rules)),
+            tree,
+            names,
             is_leaf=lambda x: isinstance(x, tuple),
         )
+        p_shard = shard(abstract_state["params"], axes)
         replicated = NamedSharding(mesh, PartitionSpec())
         opt_shard = optax.tree_map_params(
             self.optimizer,
@@ -121,16 +165,24 @@ class Trainer:
         )
         out = {k: jax.tree.map(lambda _: replicated, v) for k, v in abstract_state.items()}
         out.update(params=p_shard, ema=p_shard, opt_state=opt_shard)
+        if frozen_axes is not None:
+            out["frozen"] = shard(abstract_state["frozen"], frozen_axes)
         return out
 
     def init_state(self, seed: int, params=None):
-        """A sharded fresh state; `params` (nested dict, e.g. from a release checkpoint) or random."""
+        """A sharded fresh state; `params` (nested dict, e.g. from a release checkpoint) or the
+        seed's fresh weights (`mugv.init`, the same the Megatron trainer starts from)."""
         if params is None:
-            model = dit_ckpt.init(self.model_config, seed=seed, options=self.options)
-            params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+            fresh = InitialWeights(self.model_config, seed)
+            params = _unflatten(dit_ckpt.params_from_release_items(fresh.items(), self.model_config))
+        if self.lora.on:
+            params = dit_lora.merge(params, dit_lora.init_params(self.model_config, self.lora))
         abstract = self.abstract_state()
         shardings = jax.tree.map(lambda a: a.sharding, abstract)
-        params = jax.device_put(params, shardings["params"])
+        whole = shardings["params"]
+        if self.splits:
+            whole = dit_lora.merge(whole, shardings["frozen"])
+        params = jax.device_put(params, whole)
         make = jax.jit(lambda p: self._fresh_state(p, seed), out_shardings=shardings)
         return make(params)
 
@@ -172,15 +224,19 @@ class Trainer:
         inputs, target, t = obj.prepare(key, batch, null_text, self.objective)
         return self.loss_on_inputs(params, inputs, target, t)
 
-    def loss_and_grads(self, params, null_text, batch, key):
-        """(loss, aux, grads) of one global batch, accumulated over optim.grad_accum_steps micro-batches."""
+    def loss_and_grads(self, params, null_text, batch, key, frozen=None):
+        """(loss, aux, grads) of one global batch, accumulated over optim.grad_accum_steps
+        micro-batches; gradients of `params` only (the trainable part when `frozen` is given)."""
         accum = self.optim.grad_accum_steps
         b = next(iter(batch.values())).shape[0]
         if b % accum:
             raise ValueError(f"global batch {b} is not divisible by optim.grad_accum_steps={accum}")
         # All randomness is drawn for the global batch, so accumulation changes memory, not math.
         inputs, target, t = obj.prepare(key, batch, null_text, self.objective)
-        grad_fn = jax.value_and_grad(self.loss_on_inputs, has_aux=True)
+        loss_fn = self.loss_on_inputs
+        if frozen is not None:
+            loss_fn = lambda p, *a: self.loss_on_inputs(dit_lora.merge(p, frozen), *a)
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         if accum == 1:
             (loss, aux), grads = grad_fn(params, inputs, target, t)
             return loss, aux, grads
@@ -234,7 +290,7 @@ class Trainer:
 
     def _step_fn(self, state, batch):
         key = self.step_key(state)
-        loss, aux, grads = self.loss_and_grads(state["params"], state["null_text"], batch, key)
+        loss, aux, grads = self.loss_and_grads(state["params"], state["null_text"], batch, key, state.get("frozen"))
         new_state, metrics = self.apply_gradients(state, loss, grads)
         metrics.update(
             loss=loss,

@@ -77,7 +77,11 @@ def load_release_state(model, state: Mapping[str, torch.Tensor], source: str = "
     config = model.dit_config
     check_state_dict_shapes({k: tuple(v.shape) for k, v in state.items()}, release_schema(config), source)
     tp, rank = parallel.tensor_parallel_size(), parallel.tensor_parallel_rank()
-    own = {k: v for k, v in model.state_dict().items() if not k.endswith(layout.EXTRA_STATE_SUFFIX)}
+    own = {
+        k: v
+        for k, v in model.state_dict().items()
+        if not k.endswith(layout.EXTRA_STATE_SUFFIX) and ".lora_" not in k  # adapters: mugv_megatron/model/lora.py
+    }
     # The same maps on shape-only tensors give every shard's shape without touching the data.
     shard_shapes = {
         k: tuple(v.shape)

@@ -65,6 +65,11 @@ def refused_fields(run: RunConfig) -> list[str]:
             f"config.sample.every={run.sample.every} (the megatron backend does not sample during "
             f"training; convert a checkpoint and use python -m mugv_jax.sample)"
         )
+    if run.lora.on or run.freeze.modules:
+        out.append(
+            f"config.lora.rank={run.lora.rank} / config.freeze.modules={run.freeze.modules} (LoRA and frozen "
+            f"modules are not in the megatron run loop yet; leave them at their defaults)"
+        )
     return out
 
 

@@ -50,14 +50,18 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Mapping
 
 import torch
 import torch.distributed as dist
 
 from mugv import rng
 from mugv.config import DiTConfig
+from mugv.init import InitialWeights
+from mugv.lora import LoraConfig
 from mugv.training import ObjectiveConfig, OptimConfig
 from mugv_megatron.model import build as dit
+from mugv_megatron.model import lora as lora_lib
 from mugv_megatron.model import recompute as recompute_lib
 from mugv_megatron.parallel import pipeline_parallel as pipeline
 from mugv_megatron.train import objective as obj
@@ -67,6 +71,23 @@ from mugv_megatron.train.ema import EMA, ShardedEMA
 PARAMS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 T_QUARTILES = 4
+
+
+class _TorchTensors(Mapping):
+    """A mapping of numpy arrays read as torch tensors, one at a time (`mugv.init` draws each
+    tensor when read, so a fresh 10B model is never whole in host memory)."""
+
+    def __init__(self, arrays: Mapping):
+        self.arrays = arrays
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return torch.from_numpy(self.arrays[name])
+
+    def __iter__(self):
+        return iter(self.arrays)
+
+    def __len__(self) -> int:
+        return len(self.arrays)
 
 
 class Trainer:
@@ -89,12 +110,14 @@ class Trainer:
         ddp_bucket_size: int | None = None,
         local_attention: str = "megatron",
         micro_batch_size: int | None = None,
+        lora: LoraConfig | None = None,
     ):
         """`use_megatron_optimizer` (default: CUDA present) selects megatron's DDP +
         DistributedOptimizer; `params_dtype` (None: "bfloat16" with it when computing in bf16,
         else "float32"); the overlaps apply only with it (megatron DDP's buckets, of
         `ddp_bucket_size` elements when given). `micro_batch_size` (samples per data-parallel
-        rank per micro-batch) sets the accumulation per step; None: optim.grad_accum_steps."""
+        rank per micro-batch) sets the accumulation per step; None: optim.grad_accum_steps.
+        `lora` (mugv/lora.py, on): the base is frozen and only its adapters train (EMA of them)."""
         from megatron.core import parallel_state as ps
 
         if compute_dtype not in ("float32", "bfloat16"):
@@ -143,21 +166,33 @@ class Trainer:
         self.cp_size = ps.get_context_parallel_world_size()
         # CP or PP: the step runs through megatron's DDP and mugv_megatron.parallel.pipeline_parallel.
         self.staged = self.pp_size > 1 or self.cp_size > 1
-        # Every rank of a stage draws the same initial weights (replicated tensors must agree
-        # over TP/CP/DP; megatron cuts TP shards from a full CPU-initialised tensor).
+        self.lora = lora if lora is not None and lora.on else None
+        if self.lora and (self.staged or use_megatron_optimizer):
+            raise ValueError(
+                "config.lora on the megatron trainer: not yet with pipeline/context parallelism or megatron's "
+                "distributed optimizer (set config.megatron.distributed_optimizer=False, pp=cp=1)"
+            )
         torch.manual_seed(self.seed + self.pp_rank)
+        # Every weight is loaded below (megatron's own initialisation would be overwritten).
         self.module = dit.build_model(
             model_config,
             sequence_parallel=sequence_parallel,
             use_te=use_te,
             params_dtype=PARAMS_DTYPES[params_dtype],
             local_attention=local_attention,
+            perform_initialization=False,
         )
         recompute_lib.apply(self.module, self.recompute)
         if self.pp_size > 1:
             self._sync_replicated_embedders()
-        if release_state is not None:
-            self._load_release_state(release_state, "config.init_from")
+        source = "config.init_from"
+        if release_state is None:
+            # A fresh run: the seed's weights of mugv.init, the ones the JAX trainer starts from
+            # (the same on every rank and stage, whatever the layout).
+            release_state, source = _TorchTensors(InitialWeights(model_config, self.seed)), "mugv.init"
+        self._load_release_state(release_state, source)
+        if self.lora:
+            lora_lib.add_adapters(self.module, self.lora)
         self.module.train()
         self.null_text = torch.from_numpy(
             rng.null_text(self.seed, model_config.max_text_tokens, model_config.text_dim)
@@ -199,7 +234,7 @@ class Trainer:
             bf16_params=params_dtype == "bfloat16",
             overlap_param_gather=self.overlap_param_gather,
         )
-        if release_state is not None and params_dtype != "float32":
+        if params_dtype != "float32":
             # The model holds the release weights rounded to bf16; the main weights take them exact.
             self.optimizer.set_main_params(pipeline.stage_state(self.module, release_state))
         self.ema = self._new_ema()
@@ -208,7 +243,8 @@ class Trainer:
     def _new_ema(self):
         if self.optimizer.kind == "megatron_distributed":
             return ShardedEMA(self.module, self.optimizer, self.optim.ema_decay)
-        return EMA(self.module.named_parameters(), self.optim.ema_decay)
+        trained = ((n, p) for n, p in self.module.named_parameters() if p.requires_grad or not self.lora)
+        return EMA(trained, self.optim.ema_decay)
 
     def reinitialize_from(self, release_state: dict, source: str = "config.init_from") -> None:
         """Weights (and main weights and EMA) from a release state dict, as a fresh run starts."""
