@@ -3,8 +3,6 @@ run as written on the golden official checkpoints, a Megatron trainer checkpoint
 (the paths substituted)."""
 
 import os
-import re
-import shlex
 import shutil
 
 import numpy as np
@@ -13,19 +11,9 @@ import torch
 from converters import cli
 from mugv.io import null_text as null_lib
 from tests.converters.test_vae_convert import finish, vae_run
+from tests.doc_commands import doc_block
 
-DOC = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "docs", "converters.md"
-)
 OFFICIAL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "golden", "official")
-
-
-def commands(block: str) -> list[list[str]]:
-    """The commands of the ```sh block after `<!-- commands: block -->` in docs/converters.md."""
-    text = open(DOC).read()
-    body = re.search(rf"<!-- commands: {block} -->\n```sh\n(.*?)```", text, re.S).group(1)
-    lines = [ln.split("  #")[0].strip() for ln in body.splitlines() if ln.strip() and not ln.startswith("#")]
-    return [shlex.split(ln) for ln in lines]
 
 
 def run(cmds, paths: dict[str, str]) -> None:
@@ -51,7 +39,7 @@ def test_the_official_trainer_commands_run(tmp_path):
     checkpointing.save(str(tmp_path / "m" / "checkpoints"), tr, {"position": 0})
     os.makedirs(tmp_path / "ckpt")
     run(
-        commands("official"),
+        doc_block("docs/converters.md", "official"),
         {"/official": str(official), "/ckpt": str(tmp_path / "ckpt"), "/runs/m": str(tmp_path / "m")},
     )
     # The official null caption went with the weights; the outputs exist where the block says.
@@ -64,7 +52,7 @@ def test_the_vae_commands_run(tmp_path):
     finish(workdir, shift, scale)
     trainer.export(os.path.join(workdir, "vae.safetensors"), shift, scale)
     os.makedirs(tmp_path / "ckpt")
-    run(commands("vae"), {"/runs/vae": workdir, "/ckpt": str(tmp_path / "ckpt")})
+    run(doc_block("docs/converters.md", "vae"), {"/runs/vae": workdir, "/ckpt": str(tmp_path / "ckpt")})
     from safetensors.numpy import load_file
 
     back = load_file(str(tmp_path / "ckpt" / "vae.safetensors"))
