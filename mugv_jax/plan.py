@@ -18,18 +18,16 @@ Caveats: the figures come from the CPU compiler. It partitions the same way, but
 fuses differently from the TPU/GPU compilers and may keep bf16 matmul operands in float32, so
 temporaries are an estimate (typically pessimistic); leave ~10% headroom. XLA's cost analysis
 counts a scanned layer body once, so its FLOPs are far below the analytic count for deep models.
-The fused attention kernels cannot run on the CPU: `splash` is compiled in Pallas interpret mode
-(the same kernel and custom backward, so the same residuals; like the Mosaic call on a TPU, the
-SPMD partitioner cannot split it, so outside a shard_map its operands are gathered), and `cudnn`
-is planned with XLA's attention, which is partitioned over batch and heads like cuDNN's custom
-partitioning but materialises the scores (an upper bound on the fused kernel's memory).
+The fused attention kernels cannot run on the CPU: `splash` and `cudnn` (and their ring steps)
+are compiled as the blockwise "chunked" kernel (mugv_jax/parallel/blockwise.py) inside the same
+shard_maps, with the same collectives and the fused kernels' memory profile: q, k, v, the output
+and the log-sum-exp kept for the backward, one block of scores at a time, never the N² scores.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import math
 import os
 import sys
@@ -129,10 +127,13 @@ def check_batch_split(batch: int, accum: int, mesh_shape: dict, what: str = "buc
         )
 
 
+STAND_IN = "the blockwise stand-in for the fused kernel (O(N·d) residuals, no N² scores)"
+
+
 @contextlib.contextmanager
 def cpu_attention_kernels():
-    """Make the fused kernels compile on the CPU (see the module docstring): `splash` in Pallas
-    interpret mode, `cudnn` as XLA attention. Restores the backend table on exit."""
+    """Make the fused kernels compile on the CPU (see the module docstring): `splash` and `cudnn`,
+    ring steps included, compute with the blockwise "chunked" kernel inside the same shard_maps."""
     import jax
 
     from mugv_jax.parallel import attention
@@ -140,18 +141,8 @@ def cpu_attention_kernels():
     if jax.default_backend() != "cpu":
         yield {}
         return
-    saved = dict(attention.BACKENDS)
-    attention.BACKENDS.update(
-        splash=functools.partial(attention._splash_attention, interpret=True), cudnn=attention.BACKENDS["xla"]
-    )
-    try:
-        yield {
-            "splash": "splash in Pallas interpret mode",
-            "cudnn": "XLA attention in place of cuDNN (scores materialised: an upper bound)",
-        }
-    finally:
-        attention.BACKENDS.clear()
-        attention.BACKENDS.update(saved)
+    with attention.stand_in("chunked"):
+        yield {"splash": STAND_IN, "cudnn": STAND_IN}
 
 
 def plan_step(config, *, bucket_index: int | None = None, devices=None) -> Plan:

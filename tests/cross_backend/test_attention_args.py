@@ -325,8 +325,9 @@ def test_cudnn_arguments_compute_the_masked_attention():
 
 
 def test_kernel_backends_run_per_shard_under_a_mesh():
-    """Under a mesh the Pallas kernel runs inside a shard_map over batch and heads (a custom call
-    the partitioner cannot split) and equals the XLA reference, padded queries zeroed."""
+    """Under a mesh the splash kernel (Pallas interpret mode here) runs inside a shard_map over
+    batch and heads (a custom call the partitioner cannot split) and equals the XLA reference,
+    padded queries zeroed."""
     from mugv_jax.parallel import sharding
     from tests.trainer_helpers import make_mesh
 
@@ -334,8 +335,8 @@ def test_kernel_backends_run_per_shard_under_a_mesh():
     pad = jnp.broadcast_to(jnp.arange(16) < 14, (2, 16))
     mesh = make_mesh((2, 1, 4, 1))
     hi = jax.lax.Precision.HIGHEST
-    with sharding.activation_sharding(mesh):
-        fn = lambda q, k, v: cp.self_attention(q, k, v, key_mask=pad, implementation="pallas", precision=hi)
+    with sharding.activation_sharding(mesh), attention.stand_in(interpret_splash=True):
+        fn = lambda q, k, v: cp.self_attention(q, k, v, key_mask=pad, implementation="splash", precision=hi)
         jaxpr = str(jax.make_jaxpr(fn)(q, k, v))
         got = jax.jit(fn)(q, k, v)
     assert "shard_map" in jaxpr and "pallas_call" in jaxpr

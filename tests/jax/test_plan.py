@@ -182,3 +182,16 @@ def test_planner_cli_fits_the_shipped_10b_720p_plan():
     total = float(total_line.split("GiB")[0])
     hbm = float(total_line.split(" of ")[1].split(" GiB HBM")[0])
     assert 0 < total <= 0.9 * hbm and "fits (" in out
+
+
+def test_planner_compiles_the_cudnn_layouts_on_the_cpu():
+    """`--config.attention=cudnn+ulysses` plans on the CPU with the fused stand-in in place of
+    cuDNN, in self-attention (Ulysses) and cross-attention (per shard). It crashed: the stand-in
+    did not take cuDNN's mask arguments."""
+    c = tiny_config.get_config()
+    c.mesh.ici = dict(data=2, fsdp=2, tensor=1, context=2)
+    c.data.buckets = ((3, 4, 6, 8),)
+    c.attention = "cudnn+ulysses"
+    c.compute_dtype = "bfloat16"
+    p = plan_lib.plan_step(c)
+    assert p.attention == "cudnn+ulysses" and p.stand_in == plan_lib.STAND_IN and p.temp_bytes > 0

@@ -100,18 +100,16 @@ def _assert_planned_shardings(exported, state, batch, mesh):
 
 # (attention, mesh (data, fsdp, tensor, context), leading dim of the kernels' query operand,
 #  collective the scheme adds). The query operand is per device: splash takes [heads, seq, 128]
-#  per sample, the Pallas flash kernel [samples·heads, seq, 72]; 8 heads and 2 samples in all.
+#  per sample; 8 heads and 2 samples in all.
 CASES = [
     # tensor 4: 2 heads per device.
     ("splash", (2, 1, 4, 1), {"2"}, None),
     # self-attention after the all-to-all: 8/4 heads; cross-attention: all 8 heads, 1/4 of queries.
     ("splash+ulysses", (1, 2, 1, 4), {"2", "8"}, "all_to_all"),
-    # self-attention is the XLA ring; cross-attention on splash per length shard.
+    # self-attention: splash ring steps on one K/V block each; cross-attention per length shard.
     ("splash+ring", (1, 2, 1, 4), {"8"}, "collective_permute"),
-    # data 2 × tensor 4: 1 sample × 2 heads.
-    ("pallas", (2, 1, 4, 1), {"2"}, None),
 ]
-KERNELS = {"splash": ("splash_mha_fwd", "splash_mha_dq", "splash_mha_dkv"), "pallas": ("_flash_kernel",)}
+KERNELS = {"splash": ("splash_mha_fwd", "splash_mha_dq", "splash_mha_dkv")}
 
 
 @pytest.mark.parametrize("attention,mesh_shape,lead,collective", CASES)
@@ -122,7 +120,7 @@ def test_train_step_exports_for_tpu_with_kernels_per_shard(attention, mesh_shape
     calls = _kernel_calls(text)
     backend = attention.split("+")[0]
     names = {name for name, _ in calls}
-    # Forward and backward kernels (Pallas flash: forward only; its backward is XLA).
+    # Forward and backward kernels.
     for kernel in KERNELS[backend]:
         assert any(n.startswith(kernel) for n in names), (kernel, names)
     assert all(n.startswith(KERNELS[backend]) for n in names), names
@@ -130,8 +128,8 @@ def test_train_step_exports_for_tpu_with_kernels_per_shard(attention, mesh_shape
     # unsplittable custom call in the SPMD region would be gathered and computed whole.
     assert "sdy.manual_computation" in text or "SPMDFullToShardShape" in text
     assert {q.split("x")[0] for _, q in calls} == lead, calls
-    width = "128" if backend == "splash" else "72"  # splash pads head dim 72 to 128 lanes
-    assert all(q.endswith("x" + width) and q.count("x") == 2 for _, q in calls), calls
+    # splash pads head dim 72 to 128 lanes
+    assert all(q.endswith("x128") and q.count("x") == 2 for _, q in calls), calls
     if collective:
         assert collective in text
     _assert_planned_shardings(exported, state, batch, trainer.mesh)
