@@ -33,8 +33,6 @@ import os
 import sys
 import time
 
-from mugv.training import ObjectiveConfig, OptimConfig
-
 GiB = 1024**3
 
 # HBM per device (bytes) and bf16 dense peak (FLOP/s).
@@ -149,25 +147,18 @@ def plan_step(config, *, bucket_index: int | None = None, devices=None) -> Plan:
     """Compile the train step of `config` (an ml_collections training config) for its mesh over
     `devices` (default all) with abstract inputs, and measure it. `bucket_index` indexes
     `plan_buckets(config)`; default: the bucket with the most tokens per step."""
-    import jax
-    import numpy as np
-    from jax.sharding import NamedSharding, PartitionSpec
 
     from mugv import flops as flops_lib
     from mugv.geometry import num_tokens, num_video_tokens
-    from mugv.training import dataclass_from as _dataclass_from
     from mugv.training import model_config_from
-    from mugv_jax.dit.model import RuntimeOptions
     from mugv_jax.parallel import mesh as mesh_lib
+    from mugv_jax.train import backend as train_backend
     from mugv_jax.train import step as trainer_lib
 
     model_cfg = model_config_from(config)
-    # The trainer builds its RuntimeOptions from exactly these three fields (mugv_jax/train/backend.py);
-    # the context-parallel mode travels inside `attention` ("splash+ulysses").
-    options = RuntimeOptions(compute_dtype=config.compute_dtype, attention=config.attention, remat=config.remat)
     mesh = mesh_lib.build_mesh(dict(config.mesh.ici), dict(config.mesh.get("dcn", {}) or {}), devices=devices)
-    optim = _dataclass_from(OptimConfig, config.optim)
-    trainer = trainer_lib.Trainer(model_cfg, options, optim, _dataclass_from(ObjectiveConfig, config.objective), mesh)
+    trainer = train_backend.build_trainer(config, mesh=mesh)
+    options, optim = trainer.options, trainer.optim
     buckets = plan_buckets(config)
     for i, b in enumerate(buckets):
         check_batch_split(b[3], optim.grad_accum_steps, dict(mesh.shape), f"bucket {i} {b}")
@@ -179,24 +170,7 @@ def plan_step(config, *, bucket_index: int | None = None, devices=None) -> Plan:
         raise ValueError(f"bucket index {bucket_index}: the config has {len(buckets)} buckets {buckets}")
     f, h, w, batch = buckets[bucket_index]
     text_len = int(config.data.text_len)
-    batch_abstract = {
-        "latents": jax.ShapeDtypeStruct((batch, model_cfg.in_channels, f, h, w), np.float32),
-        "y": jax.ShapeDtypeStruct((batch, 1, text_len, model_cfg.text_dim), np.float32),
-        "mask": jax.ShapeDtypeStruct((batch, text_len), np.int32),
-        "fps": jax.ShapeDtypeStruct((batch,), np.float32),
-    }
-    batch_sh = trainer.batch_sharding(batch_abstract)
-    batch_abstract = {
-        k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh[k]) for k, v in batch_abstract.items()
-    }
-    state = trainer.abstract_state()
-    state_sh = jax.tree.map(lambda a: a.sharding, state)
-    step = jax.jit(
-        trainer._step_fn,
-        in_shardings=(state_sh, batch_sh),
-        out_shardings=(state_sh, NamedSharding(mesh, PartitionSpec())),
-        donate_argnums=(0,),
-    )
+    step, state, batch_abstract = trainer.abstract_step(trainer_lib.batch_shapes(model_cfg, (f, h, w), batch, text_len))
     t0 = time.perf_counter()
     with cpu_attention_kernels() as stand_ins:
         compiled = step.lower(state, batch_abstract).compile()

@@ -44,6 +44,8 @@ from jax.sharding import PartitionSpec
 
 from mugv_jax.parallel import blockwise, sharding
 
+_state = threading.local()  # stand_in, lowering_for
+
 
 def _xla_attention(q, k, v, key_mask, precision, **_):
     scale = q.shape[-1] ** -0.5
@@ -80,6 +82,27 @@ def _round_up(x, m):
     return -(-x // m) * m
 
 
+def platform() -> str:
+    """The platform being traced for ("cpu", "gpu", "tpu"): the one `lowering_for` names, else the
+    device of an enclosing abstract mesh, else JAX's backend."""
+    named = getattr(_state, "platform", None)
+    if named:
+        return named
+    device = jax.sharding.get_abstract_mesh().abstract_device
+    return device.platform if device is not None else jax.default_backend()
+
+
+@contextlib.contextmanager
+def lowering_for(name: str):
+    """Trace the kernels for platform `name` on this machine (mugv_jax/export.py lowers for a pod)."""
+    prev = getattr(_state, "platform", None)
+    _state.platform = name
+    try:
+        yield
+    finally:
+        _state.platform = prev
+
+
 # --- cuDNN ---------------------------------------------------------------------------------------
 
 
@@ -109,10 +132,10 @@ def cudnn_arguments(q, k, v, key_mask, *, key_mask_prefix: bool = False, pad_que
 
 
 def _check_cudnn(q):
-    if jax.default_backend() != "gpu":
+    if platform() != "gpu":
         raise RuntimeError(
             f"attention='cudnn' needs an NVIDIA GPU, but the JAX backend is "
-            f"{jax.default_backend()!r}; use attention='xla' or 'chunked' (or 'splash' on TPU)"
+            f"{platform()!r}; use attention='xla' or 'chunked' (or 'splash' on TPU)"
         )
     if q.dtype not in (jnp.bfloat16, jnp.float16):
         raise ValueError(
@@ -121,11 +144,25 @@ def _check_cudnn(q):
         )
 
 
+def _even(x, axis=1):
+    """Pad a sequence axis to an even length: jax's cuDNN path refuses odd training lengths (it
+    passes a placeholder bias, and biased kernels need even lengths). The extra query row is cut;
+    the extra key lies beyond every sequence length, so cuDNN masks it."""
+    if x.shape[axis] % 2 == 0:
+        return x
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, 1)
+    return jnp.pad(x, pad)
+
+
 def _cudnn_attention(q, k, v, key_mask, precision, key_mask_prefix=False, pad_queries=False):
     _check_cudnn(q)
+    nq = q.shape[1]
     q, k, v, kwargs = cudnn_arguments(q, k, v, key_mask, key_mask_prefix=key_mask_prefix, pad_queries=pad_queries)
-    out = jax.nn.dot_product_attention(q, k, v, implementation="cudnn", **kwargs)
-    return _zero_if_no_key(out, key_mask)
+    if key_mask is None and k.shape[1] % 2:
+        kwargs["key_value_seq_lengths"] = jnp.full(k.shape[:1], k.shape[1], jnp.int32)
+    out = jax.nn.dot_product_attention(_even(q), _even(k), _even(v), implementation="cudnn", **kwargs)
+    return _zero_if_no_key(out[:, :nq], key_mask)
 
 
 def _cudnn_call(q, k, key_mask):
@@ -136,7 +173,7 @@ def _cudnn_call(q, k, key_mask):
 
     _check_cudnn(q)
     lengths = jnp.sum(key_mask, axis=-1, dtype=jnp.int32)
-    q_len = jnp.full(lengths.shape, q.shape[1], jnp.int32)
+    q_len = jnp.full(lengths.shape, q.shape[1], jnp.int32)  # every query row (the ring zeroes padding)
     unused = jnp.zeros(0, q.dtype)
     fa.check_cudnn_version()
     params = dict(
@@ -153,27 +190,62 @@ def _cudnn_call(q, k, key_mask):
 
 
 def _cudnn_ring_fwd(q, k, v, key_mask, precision):
+    nq = q.shape[1]
     fa, params, (bias, q_len, kv_len, *offsets), lengths = _cudnn_call(q, k, key_mask)
     out, lse = fa._dot_product_attention_fwd_p_wrapper.bind(
-        q, k, v, bias, q_len, kv_len, *offsets, **params, is_training=True
+        _even(q), _even(k), _even(v), bias, q_len, kv_len, *offsets, **params, is_training=True
     )[:2]
     empty = (lengths == 0)[:, None, None]  # a block of padding only: contributes nothing
-    return jnp.where(empty[..., None], 0, out), jnp.where(empty, -jnp.inf, lse.astype(jnp.float32))
+    # cuDNN's softmax statistics are [B, H, Nq]: the log-sum-exp of the scaled scores.
+    lse = jnp.where(empty, -jnp.inf, lse[:, :, :nq].astype(jnp.float32))
+    return jnp.where(empty[..., None], 0, out[:, :nq]), lse
 
 
 def _cudnn_ring_bwd(q, k, v, key_mask, out, lse, dout, precision):
+    nq, nk = q.shape[1], k.shape[1]
     fa, params, (bias, q_len, kv_len, *offsets), lengths = _cudnn_call(q, k, key_mask)
+    lse = _even(jnp.where(jnp.isfinite(lse), lse, 0.0), axis=2)
     # A query with no valid key anywhere does not occur (the ring's blocks hold the real tokens).
     grads = fa._dot_product_attention_bwd_p_wrapper.bind(
-        q, k, v, bias, q_len, kv_len, *offsets, lse, out.astype(q.dtype), dout.astype(q.dtype), **params
+        _even(q),
+        _even(k),
+        _even(v),
+        bias,
+        q_len,
+        kv_len,
+        *offsets,
+        lse,
+        _even(out.astype(q.dtype)),
+        _even(dout.astype(q.dtype)),
+        **params,
     )
     empty = (lengths == 0)[:, None, None, None]
-    return tuple(jnp.where(empty, 0, g) for g in grads[:3])
+    dq, dk, dv = grads[0][:, :nq], grads[1][:, :nk], grads[2][:, :nk]
+    return tuple(jnp.where(empty, 0, g) for g in (dq, dk, dv))
 
 
 # --- TPU splash attention ------------------------------------------------------------------------
 
 SPLASH_LANES = 128  # TPU vector lane width: the head dim is padded up to a multiple of this
+
+
+def _splash_block(nq, nk):
+    return 512 if min(nq, nk) >= 512 else 128
+
+
+def kernel_operands(implementation: str, q_shape, k_shape) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Shapes of the q and k operands a backend's kernel call receives for [b, n, h, d] inputs:
+    splash takes one sample's [heads, length, 128], lengths padded to its block; cuDNN
+    [b, n, h, d] with the lengths made even (`_even`)."""
+    if implementation == "cudnn":
+        even = lambda s: (s[0], _round_up(s[1], 2), *s[2:])
+        return even(tuple(q_shape)), even(tuple(k_shape))
+    if implementation != "splash":
+        return tuple(q_shape), tuple(k_shape)
+    _, nq, h, d = q_shape
+    nk = k_shape[1]
+    blk, d_p = _splash_block(nq, nk), _round_up(d, SPLASH_LANES)
+    return (h, _round_up(nq, blk), d_p), (h, _round_up(nk, blk), d_p)
 
 
 def _splash_kernel(nq_p, nk_p, heads, blk, interpret):
@@ -209,16 +281,14 @@ class _SplashCall:
 
 
 def _splash_prepare(q, k, v, key_mask, interpret):
-    if jax.default_backend() != "tpu" and not interpret:
+    if platform() != "tpu" and not interpret:
         raise RuntimeError(
-            f"attention='splash' needs a TPU, but the JAX backend is "
-            f"{jax.default_backend()!r}; use attention='xla' or 'chunked'"
+            f"attention='splash' needs a TPU, but the JAX backend is {platform()!r}; use attention='xla' or 'chunked'"
         )
     b, nq, h, d = q.shape
     nk = k.shape[1]
-    d_p = _round_up(d, SPLASH_LANES)
-    blk = 512 if min(nq, nk) >= 512 else 128
-    nq_p, nk_p = _round_up(nq, blk), _round_up(nk, blk)
+    (_, nq_p, d_p), (_, nk_p, _) = kernel_operands("splash", q.shape, k.shape)
+    blk = _splash_block(nq, nk)
     # Scale before padding with the true head dim: the kernel itself does not scale.
     qs = (q.astype(jnp.float32) * d**-0.5).astype(q.dtype)
     prep = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, d_p - d))).transpose(0, 2, 1, 3)
@@ -357,8 +427,6 @@ RING_STEPS: dict[str, RingStep] = {
     "cudnn": RingStep(_cudnn_ring_fwd, _cudnn_ring_bwd),
     "splash": RingStep(_splash_ring_fwd, _splash_ring_bwd),
 }
-
-_state = threading.local()
 
 
 @contextlib.contextmanager

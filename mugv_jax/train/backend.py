@@ -57,14 +57,16 @@ def init_params_from(spec: str, model_cfg: DiTConfig, weights: str = "raw"):
     return unflatten(dit_checkpoint.params_from_release_items(state.items(), model_cfg))
 
 
-def build_trainer(config, mode: str = "pretrain"):
+def build_trainer(config, mode: str = "pretrain", mesh=None):
     """The Trainer (or PreferenceTrainer) a run config describes: model, runtime options,
-    optimizer, objective and mesh."""
+    optimizer, objective and mesh (or the given one: the planner's fake devices, an abstract
+    mesh for lowering)."""
     model_cfg = model_config_from(config)
     options = RuntimeOptions(compute_dtype=config.compute_dtype, attention=config.attention, remat=config.remat)
     optim = dataclass_from(OptimConfig, config.optim)
     objective = dataclass_from(ObjectiveConfig, config.objective)
-    mesh = mesh_lib.build_mesh(dict(config.mesh.ici), dict(config.mesh.get("dcn", {}) or {}))
+    if mesh is None:
+        mesh = mesh_lib.build_mesh(dict(config.mesh.ici), dict(config.mesh.get("dcn", {}) or {}))
     if mode == "preference":
         return pref.PreferenceTrainer(
             model_cfg, options, optim, objective, mesh, preference=preference_config_from(config)
