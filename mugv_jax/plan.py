@@ -570,7 +570,12 @@ def _define_flags():
     flags.DEFINE_string(
         "kind", None, f"device kind: {', '.join(sorted(DEVICE_KINDS))} (default: config.target.kind, else tpu-v5p)"
     )
-    flags.DEFINE_string("remat", None, "override config.remat (none, full, dots, dots_no_batch, offload_dots)")
+    flags.DEFINE_string(
+        "remat",
+        None,
+        "override config.remat: none, full, dots, dots_no_batch, offload_dots, or a named save-list "
+        "(save_qkv_proj, save_attn_out, save_qkv_attn, offload_qkv_proj, offload_attn_out; mugv_jax/dit/model.py)",
+    )
     flags.DEFINE_string(
         "shape",
         None,

@@ -22,6 +22,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from mugv.config import DiTConfig
 from mugv_jax.dit import ops
@@ -31,15 +32,38 @@ from mugv_jax.parallel.sharding import constrain
 
 F32 = jnp.float32
 
-# Named activation-recompute policies for the scanned block (MaxText style).
+# Activations the block tags with `checkpoint_name`, so a remat policy can name what it keeps:
+#   qkv_proj  the fused q/k/v projection of self-attention, [B, N, 3, H, D]
+#   attn_out  the self-attention output [B, N, H, D] (and, from the fused kernels and the ring,
+#             the output and log-sum-exp their backward needs: saved, the kernel is not re-run)
+ACTIVATION_NAMES = ("qkv_proj", "attn_out")
+
+
+def _offload(*names):
+    # Keep the named activations in pinned host memory instead of HBM (GPU/TPU with host offload;
+    # the CPU backend has no separate host memory space).
+    return jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[],
+        names_which_can_be_offloaded=list(names),
+        offload_src="device",
+        offload_dst="pinned_host",
+    )
+
+
+# Activation-recompute policies for the scanned block: jax's generic ones, and named save-lists
+# over ACTIVATION_NAMES (MaxText's habit).
 REMAT_POLICIES: dict[str, Callable | None] = {
     "none": None,  # keep every activation
     "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block in backward
     "dots": jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs, recompute the rest
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-    # Keep weight-matmul outputs in pinned host memory instead of HBM (GPU/TPU with host offload;
-    # the CPU backend has no separate host memory space).
     "offload_dots": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
+    "save_qkv_proj": jax.checkpoint_policies.save_only_these_names("qkv_proj"),
+    "save_attn_out": jax.checkpoint_policies.save_only_these_names("attn_out"),
+    # Neither the projections nor the attention kernel's forward are recomputed.
+    "save_qkv_attn": jax.checkpoint_policies.save_only_these_names("qkv_proj", "attn_out"),
+    "offload_qkv_proj": _offload("qkv_proj"),
+    "offload_attn_out": _offload("attn_out"),
 }
 
 
@@ -224,13 +248,20 @@ def _block(p, x, cond, config: DiTConfig, opts: RuntimeOptions):
 
     # Self-attention.
     h = ops.modulate(ops.layer_norm(x, eps), shift_msa, scale_msa)
-    qkv = _dense(h, p["attn"]["qkv"], opts)  # [B, N, 3, H, D]
+    qkv = checkpoint_name(_dense(h, p["attn"]["qkv"], opts), "qkv_proj")  # [B, N, 3, H, D]
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     q = ops.apply_rope(ops.rms_norm(q, p["attn"]["q_norm"]["scale"], eps), rope_cos, rope_sin)
     k = ops.apply_rope(ops.rms_norm(k, p["attn"]["k_norm"]["scale"], eps), rope_cos, rope_sin)
     q = constrain(q, ("batch", "length", "act_heads", None))
     a = cp.self_attention(
-        q, k, v, key_mask=self_mask, mode=opts.context_parallel, implementation=opts.attention, precision=opts.precision
+        q,
+        k,
+        v,
+        key_mask=self_mask,
+        mode=opts.context_parallel,
+        implementation=opts.attention,
+        precision=opts.precision,
+        residual_name="attn_out",
     )
     a = _dense(a, p["attn"]["proj"], opts, n_in=2)
     x = x + gate_msa * a.astype(F32)

@@ -40,6 +40,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec
 
 from mugv_jax.parallel import blockwise, sharding
@@ -68,8 +69,8 @@ def _full_mask(k, key_mask):
     return jnp.ones(k.shape[:2], bool) if key_mask is None else key_mask.astype(bool)
 
 
-def _chunked_attention(q, k, v, key_mask, precision, **_):
-    return blockwise.attention(q, k, v, _full_mask(k, key_mask), precision)
+def _chunked_attention(q, k, v, key_mask, precision, residual_name=None, **_):
+    return blockwise.attention(q, k, v, _full_mask(k, key_mask), precision, blockwise.BLOCK, residual_name)
 
 
 def _zero_if_no_key(out, key_mask):
@@ -155,7 +156,7 @@ def _even(x, axis=1):
     return jnp.pad(x, pad)
 
 
-def _cudnn_attention(q, k, v, key_mask, precision, key_mask_prefix=False, pad_queries=False):
+def _cudnn_attention(q, k, v, key_mask, precision, key_mask_prefix=False, pad_queries=False, **_):
     _check_cudnn(q)
     nq = q.shape[1]
     q, k, v, kwargs = cudnn_arguments(q, k, v, key_mask, key_mask_prefix=key_mask_prefix, pad_queries=pad_queries)
@@ -248,7 +249,7 @@ def kernel_operands(implementation: str, q_shape, k_shape) -> tuple[tuple[int, .
     return (h, _round_up(nq, blk), d_p), (h, _round_up(nk, blk), d_p)
 
 
-def _splash_kernel(nq_p, nk_p, heads, blk, interpret):
+def _splash_kernel(nq_p, nk_p, heads, blk, interpret, residual_name=None):
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
@@ -263,7 +264,14 @@ def _splash_kernel(nq_p, nk_p, heads, blk, interpret):
         block_kv_dq=blk,
     )
     mask = sm.MultiHeadMask([sm.FullMask((nq_p, nk_p))] * heads)
-    return sk.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+    return sk.make_splash_mha(
+        mask,
+        block_sizes=sizes,
+        head_shards=1,
+        q_seq_shards=1,
+        interpret=interpret,
+        residual_checkpoint_name=residual_name,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -280,7 +288,7 @@ class _SplashCall:
     d: int
 
 
-def _splash_prepare(q, k, v, key_mask, interpret):
+def _splash_prepare(q, k, v, key_mask, interpret, residual_name=None):
     if platform() != "tpu" and not interpret:
         raise RuntimeError(
             f"attention='splash' needs a TPU, but the JAX backend is {platform()!r}; use attention='xla' or 'chunked'"
@@ -299,7 +307,7 @@ def _splash_prepare(q, k, v, key_mask, interpret):
         prep(v, nk_p),
         jnp.zeros((b, nq_p), jnp.int32),
         kv_ids,
-        _splash_kernel(nq_p, nk_p, h, blk, interpret),
+        _splash_kernel(nq_p, nk_p, h, blk, interpret, residual_name),
         nq,
         d,
     )
@@ -310,10 +318,10 @@ def _splash_out(c: _SplashCall, x, dtype):
     return x.transpose(0, 2, 1, 3)[:, : c.nq, :, : c.d].astype(dtype)
 
 
-def _splash_attention(q, k, v, key_mask, precision, interpret: bool = False, **_):
+def _splash_attention(q, k, v, key_mask, precision, interpret: bool = False, residual_name=None, **_):
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
 
-    c = _splash_prepare(q, k, v, key_mask, interpret)
+    c = _splash_prepare(q, k, v, key_mask, interpret, residual_name)
     out = jax.vmap(lambda q_, k_, v_, qi, ki: c.kernel(q_, k_, v_, segment_ids=sk.SegmentIds(qi, ki)))(
         c.q, c.k, c.v, c.q_ids, c.kv_ids
     )
@@ -475,12 +483,27 @@ def local_attention(
     precision=None,
     key_mask_prefix: bool = False,
     pad_queries: bool = False,
+    residual_name: str | None = None,
 ):
     """`dot_product_attention` on arrays this device holds whole (inside a shard_map, or with no
     mesh): the backend is called directly."""
     name, extra = _resolve(implementation)
     fn = BACKENDS[name]
-    out = fn(q, k, v, key_mask, precision, key_mask_prefix=key_mask_prefix, pad_queries=pad_queries, **extra)
+    out = fn(
+        q,
+        k,
+        v,
+        key_mask,
+        precision,
+        key_mask_prefix=key_mask_prefix,
+        pad_queries=pad_queries,
+        residual_name=residual_name,
+        **extra,
+    )
+    if residual_name and name in ("xla", "cudnn"):
+        # These name nothing inside (XLA's residuals are the probabilities; cuDNN's are internal to
+        # jax's primitive): tag the output itself, which the output projection's backward needs.
+        out = checkpoint_name(out, residual_name)
     if pad_queries and key_mask is not None:
         # Padded positions are not queries: zero rows, the same from every backend.
         out = jnp.where(key_mask[:, :, None, None], out, jnp.zeros_like(out))
@@ -497,6 +520,7 @@ def dot_product_attention(
     precision=None,
     key_mask_prefix: bool = False,
     pad_queries: bool = False,
+    residual_name: str | None = None,
 ) -> jax.Array:
     """softmax(q·kᵀ/√d)·v over [batch, length, heads, head_dim] inputs.
 
@@ -504,6 +528,8 @@ def dot_product_attention(
     key_mask_prefix: the valid keys of every sample come first (a padding mask).
     pad_queries: q and k are one sequence (self-attention) and key_mask also marks which queries
       are padding; their output rows are zero. Needs key_mask_prefix.
+    residual_name: `checkpoint_name` of what the fused kernels keep for their backward (output
+      and log-sum-exp; splash and chunked), so a named remat policy can save them.
     Under `sharding.activation_sharding` a kernel backend runs per shard: batch and heads as the
     rules shard them, queries also split over `length` (the keys whole: XLA gathers them).
     """
@@ -521,6 +547,7 @@ def dot_product_attention(
             precision=precision,
             key_mask_prefix=key_mask_prefix,
             pad_queries=pad_queries,
+            residual_name=residual_name,
         )
     mesh, rules = ctx
     q_spec = sharding.spec_for_shape(q.shape, _Q_AXES, mesh, rules)
@@ -538,6 +565,7 @@ def dot_product_attention(
         precision=precision,
         key_mask_prefix=key_mask_prefix,
         pad_queries=pad_queries,
+        residual_name=residual_name,
     )
     key_mask = _full_mask(k, key_mask)
     mask_spec = PartitionSpec(kv_spec[0], None)

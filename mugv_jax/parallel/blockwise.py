@@ -18,6 +18,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 BLOCK = 512  # keys per block: score temporaries are [B, H, Nq, BLOCK] float32
 
@@ -105,18 +106,22 @@ def backward(q, k, v, key_mask, out, lse, dout, *, precision=None, block: int = 
     return (dq * scale).astype(q.dtype), (merge(dk) * scale).astype(k.dtype), merge(dv).astype(v.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def attention(q, k, v, key_mask, precision=None, block: int = BLOCK):
-    """softmax(q·kᵀ/√d)·v over valid keys; a query with no valid key gets zeros."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def attention(q, k, v, key_mask, precision=None, block: int = BLOCK, name: str | None = None):
+    """softmax(q·kᵀ/√d)·v over valid keys; a query with no valid key gets zeros. `name` tags the
+    output and log-sum-exp kept for the backward (`checkpoint_name`), so a remat policy can save
+    them instead of recomputing the forward."""
     return forward(q, k, v, key_mask, precision=precision, block=block)[0]
 
 
-def _attention_fwd(q, k, v, key_mask, precision, block):
+def _attention_fwd(q, k, v, key_mask, precision, block, name):
     out, lse = forward(q, k, v, key_mask, precision=precision, block=block)
+    if name:  # one tagged output: the primal result and the residual are the same saved array
+        out, lse = checkpoint_name(out, name), checkpoint_name(lse, name)
     return out, (q, k, v, key_mask, out, lse)
 
 
-def _attention_bwd(precision, block, res, dout):
+def _attention_bwd(precision, block, name, res, dout):
     q, k, v, key_mask, out, lse = res
     dq, dk, dv = backward(q, k, v, key_mask, out, lse, dout, precision=precision, block=block)
     return dq, dk, dv, None

@@ -26,6 +26,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec
 
 from mugv_jax.parallel import sharding
@@ -40,11 +41,22 @@ def sequence_multiple() -> int:
     return sharding.logical_axis_size("length")
 
 
-def self_attention(q, k, v, *, key_mask=None, mode: str = "none", implementation: str = "xla", precision=None):
+def self_attention(
+    q,
+    k,
+    v,
+    *,
+    key_mask=None,
+    mode: str = "none",
+    implementation: str = "xla",
+    precision=None,
+    residual_name: str | None = None,
+):
     """Bidirectional self-attention over [batch, length, heads, head_dim], context parallel.
 
     key_mask marks the model's trailing sequence padding (valid tokens first), so the fused kernels
     take it as sequence lengths for keys and queries alike; padded query rows come out zero.
+    residual_name tags what the kernels (and the ring) keep for the backward, for remat policies.
     """
     if mode not in MODES:
         raise ValueError(f"unknown context_parallel mode {mode!r}; choose from {MODES}")
@@ -60,6 +72,7 @@ def self_attention(q, k, v, *, key_mask=None, mode: str = "none", implementation
             precision=precision,
             key_mask_prefix=True,
             pad_queries=True,
+            residual_name=residual_name,
         )
     mesh, rules = ctx
     if q.shape[1] % degree:
@@ -86,14 +99,18 @@ def self_attention(q, k, v, *, key_mask=None, mode: str = "none", implementation
                 f"context_parallel='ulysses' splits the {local_heads} heads per tensor shard over the "
                 f"context degree {degree}, which does not divide them; use 'ring' or change mesh.ici"
             )
-        body = functools.partial(_ulysses, axis=axis, implementation=implementation, precision=precision)
+        body = functools.partial(
+            _ulysses, axis=axis, implementation=implementation, precision=precision, residual_name=residual_name
+        )
     else:
-        body = functools.partial(_ring, axis=axis, degree=degree, step=ring_step(implementation), precision=precision)
+        body = functools.partial(
+            _ring, axis=axis, degree=degree, step=ring_step(implementation), precision=precision, name=residual_name
+        )
     fn = jax.shard_map(body, mesh=mesh, in_specs=(spec, spec, spec, mask_spec), out_specs=spec, check_vma=False)
     return fn(q, k, v, key_mask)
 
 
-def _ulysses(q, k, v, key_mask, *, axis, implementation, precision):
+def _ulysses(q, k, v, key_mask, *, axis, implementation, precision, residual_name):
     # [b, n/c, h, d] → [b, n, h/c, d]: chunks are concatenated in device order = sequence order.
     to_heads = lambda x: jax.lax.all_to_all(x, axis, split_axis=2, concat_axis=1, tiled=True)
     full_mask = jax.lax.all_gather(key_mask, axis, axis=1, tiled=True)
@@ -106,12 +123,13 @@ def _ulysses(q, k, v, key_mask, *, axis, implementation, precision):
         precision=precision,
         key_mask_prefix=True,
         pad_queries=True,
+        residual_name=residual_name,
     )
     return jax.lax.all_to_all(out, axis, split_axis=1, concat_axis=2, tiled=True)
 
 
-def _ring(q, k, v, key_mask, *, axis, degree, step: RingStep, precision):
-    out = _ring_attention(q, k, v, key_mask, axis, degree, step, precision)
+def _ring(q, k, v, key_mask, *, axis, degree, step: RingStep, precision, name):
+    out = _ring_attention(q, k, v, key_mask, axis, degree, step, precision, name)
     # Padded positions are not queries: zero rows, as from the other schemes.
     return jnp.where(key_mask[:, :, None, None], out, jnp.zeros_like(out))
 
@@ -129,8 +147,8 @@ def _combine(lse, o, lse_i, o_i):
     return new, o * weight(lse) + o_i.astype(jnp.float32) * weight(lse_i)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def _ring_attention(q, k, v, key_mask, axis, degree, step, precision):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def _ring_attention(q, k, v, key_mask, axis, degree, step, precision, name):
     return _ring_forward(q, k, v, key_mask, axis, degree, step, precision)[0]
 
 
@@ -148,12 +166,14 @@ def _ring_forward(q, k, v, key_mask, axis, degree, step, precision):
     return o.astype(q.dtype), lse
 
 
-def _ring_fwd(q, k, v, key_mask, axis, degree, step, precision):
+def _ring_fwd(q, k, v, key_mask, axis, degree, step, precision, name):
     out, lse = _ring_forward(q, k, v, key_mask, axis, degree, step, precision)
+    if name:  # what the backward keeps, visible to a named remat policy
+        out, lse = checkpoint_name(out, name), checkpoint_name(lse, name)
     return out, (q, k, v, key_mask, out, lse)
 
 
-def _ring_bwd(axis, degree, step, precision, res, dout):
+def _ring_bwd(axis, degree, step, precision, name, res, dout):
     q, k, v, key_mask, out, lse = res
 
     def body(carry, _):
