@@ -1,7 +1,7 @@
 """Plan a pod run on the CPU: per-device memory, FLOPs and step time of the real train step.
 
     python -m mugv_jax.plan --config=configs/mugv_10b.py:video_720[:POD] [--devices=128 --kind=tpu-v5p] \
-        [--config.mesh.ici.fsdp=64 --config.mesh.ici.context=4 ...] [--remat=full] [--mfu=0.4]
+        [--config.mesh.ici.fsdp=64 --config.mesh.ici.context=4 ...] [--remat=full]
 
 --devices and --kind default to the pod the config was laid out for (`config.target`). Exit
 status 0 when the plan fits the device's HBM; otherwise 1, after a list of changes (mesh axis,
@@ -33,16 +33,12 @@ import os
 import sys
 import time
 
+from mugv import roofline
+
 GiB = 1024**3
 
-# HBM per device (bytes) and bf16 dense peak (FLOP/s).
-DEVICE_KINDS = {
-    "tpu-v5p": dict(hbm=95 * GiB, peak=459e12),
-    "tpu-v6e": dict(hbm=32 * GiB, peak=918e12),
-    "tpu-v5e": dict(hbm=16 * GiB, peak=197e12),
-    "h100": dict(hbm=80 * GiB, peak=989e12),
-    "h200": dict(hbm=141 * GiB, peak=989e12),
-}
+# HBM per device (bytes) and bf16 dense peak (FLOP/s); bandwidths and the rest: mugv/roofline.py.
+DEVICE_KINDS = {name: dict(hbm=d.hbm, peak=d.peak) for name, d in roofline.DEVICES.items()}
 
 
 @dataclasses.dataclass
@@ -70,6 +66,13 @@ class Plan:
     depth: int = 56
     hidden: int = 3456
     tokens: int = 0  # self-attention sequence per sample (video + start/end)
+    kind: str = "tpu-v5p"  # the device kind the roofline and the collectives' bandwidth are for
+    # per step and device: {op: {"count": executions, "bytes": sent}} (mugv_jax/hlo_stats.py)
+    collectives: dict = dataclasses.field(default_factory=dict)
+    remat_warnings: list = dataclasses.field(default_factory=list)  # SPMD involuntary full remats
+    # seconds per op class (mugv/roofline.py): matmul, attention, elementwise, collectives, and
+    # step (the prediction), serial (no overlap), mfu, hardware_factor (attention FLOPs factor)
+    roofline: dict = dataclasses.field(default_factory=dict)
 
     @property
     def state_bytes(self):
@@ -143,14 +146,18 @@ def cpu_attention_kernels():
         yield {"splash": STAND_IN, "cudnn": STAND_IN}
 
 
-def plan_step(config, *, bucket_index: int | None = None, devices=None) -> Plan:
+def plan_step(config, *, bucket_index: int | None = None, devices=None, kind: str | None = None) -> Plan:
     """Compile the train step of `config` (an ml_collections training config) for its mesh over
-    `devices` (default all) with abstract inputs, and measure it. `bucket_index` indexes
+    `devices` (default all) with abstract inputs, and measure it; the step time is predicted for
+    `kind` devices (default: the config's target pod, else tpu-v5p). `bucket_index` indexes
     `plan_buckets(config)`; default: the bucket with the most tokens per step."""
+
+    import jax
 
     from mugv import flops as flops_lib
     from mugv.geometry import num_tokens, num_video_tokens
     from mugv.training import model_config_from
+    from mugv_jax import hlo_stats
     from mugv_jax.parallel import mesh as mesh_lib
     from mugv_jax.train import backend as train_backend
     from mugv_jax.train import step as trainer_lib
@@ -171,15 +178,44 @@ def plan_step(config, *, bucket_index: int | None = None, devices=None) -> Plan:
     f, h, w, batch = buckets[bucket_index]
     text_len = int(config.data.text_len)
     step, state, batch_abstract = trainer.abstract_step(trainer_lib.batch_shapes(model_cfg, (f, h, w), batch, text_len))
+    kind = kind or _target(config)[1] or "tpu-v5p"
     t0 = time.perf_counter()
-    with cpu_attention_kernels() as stand_ins:
-        compiled = step.lower(state, batch_abstract).compile()
+    # Compiled here, not read from a persistent cache: the partitioner's log is part of the plan.
+    cache = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        with (
+            cpu_attention_kernels() as stand_ins,
+            hlo_stats.partitioned_module() as (dump, partitioned),
+            hlo_stats.capture_compile_log() as log,
+        ):
+            compiled = step.lower(state, batch_abstract).compile(compiler_options=dump)
+    finally:
+        jax.config.update("jax_enable_compilation_cache", cache)
     seconds = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     n_tok = num_video_tokens((f, h, w), model_cfg)
     other = {k: v for k, v in state.items() if k not in ("params", "opt_state", "ema")}
+    model_flops = flops_lib.step_flops(model_cfg, batch, n_tok, text_len).train
+    found = hlo_stats.collectives(partitioned[0] if partitioned else compiled.as_text())
+    dev = roofline.DEVICES[kind]
+    factor = roofline.hardware_factor(options.attention, model_cfg.head_dim, dev.platform)
+    step_cost = roofline.step_cost(
+        model_cfg,
+        batch / mesh.size,
+        n_tok,
+        text_len,
+        options.remat,
+        factor,
+        params=_per_device_bytes(state["params"]) / 4,
+        tensor=mesh.shape["tensor"],
+    )
+    step_cost = dataclasses.replace(
+        step_cost, collective_seconds=hlo_stats.seconds(found, dev.link, dev.node, dev.network)
+    )
+    pred = roofline.predict(step_cost, dev, model_flops / mesh.size)
     return Plan(
         mesh=dict(mesh.shape),
         bucket=(f, h, w, batch),
@@ -192,7 +228,7 @@ def plan_step(config, *, bucket_index: int | None = None, devices=None) -> Plan:
         xla_argument_bytes=int(mem.argument_size_in_bytes),
         xla_output_bytes=int(mem.output_size_in_bytes),
         xla_alias_bytes=int(mem.alias_size_in_bytes),
-        analytic_flops=flops_lib.step_flops(model_cfg, batch, n_tok, text_len).train,
+        analytic_flops=model_flops,
         xla_flops=float(cost["flops"]) if cost and "flops" in cost else None,
         compile_seconds=seconds,
         grad_accum_steps=optim.grad_accum_steps,
@@ -203,6 +239,19 @@ def plan_step(config, *, bucket_index: int | None = None, devices=None) -> Plan:
         depth=model_cfg.depth,
         hidden=model_cfg.hidden_size,
         tokens=num_tokens((f, h, w), model_cfg),
+        kind=kind,
+        collectives=hlo_stats.summarize(found),
+        remat_warnings=hlo_stats.involuntary_rematerializations(log[0]),
+        roofline=dict(
+            matmul=pred.matmul,
+            attention=pred.attention,
+            elementwise=pred.elementwise,
+            collectives=pred.collectives,
+            step=pred.seconds,
+            serial=pred.serial_seconds,
+            mfu=pred.mfu(dev.peak),
+            hardware_factor=factor,
+        ),
     )
 
 
@@ -213,10 +262,9 @@ def fits(p: Plan, kind: str) -> bool:
     return p.total_bytes <= DEVICE_KINDS[kind]["hbm"]
 
 
-def report(p: Plan, kind: str, mfu: float) -> str:
+def report(p: Plan, kind: str) -> str:
     dev = DEVICE_KINDS[kind]
     n = math.prod(p.mesh.values())
-    step_s = p.analytic_flops / (n * dev["peak"] * mfu)
     g = lambda b: f"{b / GiB:8.2f} GiB"
     free = 1 - p.total_bytes / dev["hbm"]
     verdict = (
@@ -245,15 +293,15 @@ def report(p: Plan, kind: str, mfu: float) -> str:
         f"  batch + other state       {g(p.batch_bytes + p.other_state_bytes)}",
         f"  temporaries (XLA)         {g(p.temp_bytes)}   activations, gradients, buffers",
         f"  total (XLA args + temps)  {g(p.total_bytes)}   of {dev['hbm'] / GiB:.0f} GiB HBM: " + verdict,
-        f"FLOPs per step: analytic {p.analytic_flops:.3e} ({p.analytic_flops / n:.3e} per device); "
+        f"FLOPs per step: model {p.analytic_flops:.3e} ({p.analytic_flops / n:.3e} per device); "
         + (
             f"XLA cost analysis {p.xla_flops:.3e} per device (scanned layer counted once)"
             if p.xla_flops is not None
             else "XLA cost analysis unavailable"
         ),
-        f"predicted step time at {mfu:.0%} MFU ({dev['peak'] / 1e12:.0f} TFLOP/s peak): {step_s:.2f} s",
-        f"(compiled in {p.compile_seconds:.0f} s on {os.cpu_count()} CPU cores)",
     ]
+    lines += _collective_lines(p) + _roofline_lines(p, kind)
+    lines.append(f"(compiled in {p.compile_seconds:.0f} s on {os.cpu_count()} CPU cores)")
     if not fits(p, kind) or free < HEADROOM:
         lines += suggestions(p, kind)
     return "\n".join(lines)
@@ -454,10 +502,33 @@ def suggestions(p: Plan, kind: str) -> list[str]:
     return lines
 
 
-def summary(p: Plan, kind: str, mfu: float) -> dict:
+def _collective_lines(p: Plan) -> list[str]:
+    total = sum(v["bytes"] for v in p.collectives.values())
+    parts = ", ".join(
+        f"{op} {v['count']}× {v['bytes'] / GiB:.2f} GiB" for op, v in sorted(p.collectives.items()) if v["bytes"]
+    )
+    lines = [f"collectives per step, sent per device: {total / GiB:.2f} GiB ({parts or 'none'})"]
+    lines.append(f"SPMD involuntary full rematerializations: {len(p.remat_warnings)}")
+    lines += [f"  {w[:300]}" for w in p.remat_warnings]
+    return lines
+
+
+def _roofline_lines(p: Plan, kind: str) -> list[str]:
+    r = p.roofline
+    if not r:
+        return []
+    return [
+        f"step time, roofline per op class on {kind} (mugv/roofline.py): matmul {r['matmul']:.2f} s + attention "
+        f"{r['attention']:.2f} s (hardware FLOPs ×{r['hardware_factor']:.2f} for head dim 72) + elementwise "
+        f"{r['elementwise']:.2f} s; collectives {r['collectives']:.2f} s",
+        f"predicted step time {r['step']:.2f} s (collectives overlapped; {r['serial']:.2f} s without overlap), "
+        f"MFU {r['mfu']:.1%}",
+    ]
+
+
+def summary(p: Plan, kind: str) -> dict:
     """The plan as plain data (bench/plan_*.py collect these)."""
     dev = DEVICE_KINDS[kind]
-    n = math.prod(p.mesh.values())
     return {
         **dataclasses.asdict(p),
         "kind": kind,
@@ -466,17 +537,19 @@ def summary(p: Plan, kind: str, mfu: float) -> dict:
         "state_bytes": p.state_bytes,
         "fits": fits(p, kind),
         "micro_batch": p.micro_batch,
-        "step_seconds": p.analytic_flops / (n * dev["peak"] * mfu),
-        "mfu": mfu,
+        "step_seconds": p.roofline.get("step"),
+        "mfu": p.roofline.get("mfu"),
+        "remat_warning_count": len(p.remat_warnings),
+        "collective_bytes": sum(v["bytes"] for v in p.collectives.values()),
     }
 
 
-def write_json(p: Plan, kind: str, mfu: float, path: str) -> None:
+def write_json(p: Plan, kind: str, path: str) -> None:
     import json
 
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
-        json.dump(summary(p, kind, mfu), f, indent=1)
+        json.dump(summary(p, kind), f, indent=1)
     os.replace(tmp, path)
 
 
@@ -522,14 +595,14 @@ def main(argv):
                 raise ValueError(f"--shape={FLAGS.shape!r}: want FRAMES,HEIGHT,WIDTH,BATCH in latent units") from None
             config.data.buckets = (shape,)
             config.data.mix.image_fraction_start = config.data.mix.image_fraction_end = 0.0
-    p = plan_step(config, bucket_index=FLAGS.bucket)
+    p = plan_step(config, bucket_index=FLAGS.bucket, kind=kind)
     print(
         f"model {config.model}, stage {config.get('stage', '-')}"
         + (f", layout planned for {name} ({target_devices} × {target_kind})" if name else "")
     )
-    print(report(p, kind, FLAGS.mfu))
+    print(report(p, kind))
     if FLAGS.json:
-        write_json(p, kind, FLAGS.mfu, FLAGS.json)
+        write_json(p, kind, FLAGS.json)
     dcn = dict(config.mesh.get("dcn", {}) or {})
     if math.prod(int(v) for v in dcn.values()) > 1 and not fits(p, kind):
         print(f"note: the mesh spans slices (mesh.dcn = {dcn}); the overrides above are for one slice")
@@ -587,7 +660,6 @@ def _define_flags():
         None,
         "index into the config's buckets, video then mixed-in image buckets (default: the most tokens per step)",
     )
-    flags.DEFINE_float("mfu", 0.4, "model FLOPs utilisation assumed for the step-time prediction")
     flags.DEFINE_string("json", None, "also write the plan as JSON to this path")
     flags.mark_flags_as_required(["config"])
 

@@ -484,7 +484,10 @@ def forward(
     # Final layer on video tokens, modulated by the pre-t_block conditioning vector.
     fl = params["final_layer"]
     hv = h[:, 1 : 1 + n_video]
-    c_sel = ops.select_per_token(video_mask, cond_t, cond_0)
+    # Laid out like the tokens: left free, the partitioner splits the modulation's gradient over
+    # `embed` (the table's weight sharding) and re-lays the [B, N, C] activation gradient to match
+    # ("involuntary full rematerialization" in the planner's log).
+    c_sel = constrain(ops.select_per_token(video_mask, cond_t, cond_0), ("batch", "length", "act_embed"))
     table = fl["scale_shift_table"].astype(F32)
     hv = ops.modulate(ops.layer_norm(hv, config.norm_eps), c_sel + table[0], c_sel + table[1])
     out = _dense(hv, fl["linear"], opts).astype(F32)  # [B, N, pt·ph·pw·C_out]

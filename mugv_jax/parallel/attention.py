@@ -10,7 +10,7 @@ Backends (RuntimeOptions.attention):
 Head dim 72 (the release's): the TPU kernels want the head dim on the 128-lane axis, so "splash"
 zero-pads q/k/v to 128 (exact: zero columns add nothing to q·kᵀ and come out as zero output
 columns that are cut off; the softmax scale uses the true head dim). cuDNN takes 72 directly.
-`hardware_flops_factor` gives each kernel's work on its platform relative to the model's.
+`mugv.roofline.hardware_factor` gives each kernel's work on its platform relative to the model's.
 
 Masks. Every backend takes a per-key validity mask, and the fused kernels get it in their own
 form, never as a dense bias: cuDNN as per-sample sequence lengths (`cudnn_arguments`), splash as
@@ -43,6 +43,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec
 
+from mugv import roofline
 from mugv_jax.parallel import blockwise, sharding
 
 _state = threading.local()  # stand_in, lowering_for
@@ -227,7 +228,7 @@ def _cudnn_ring_bwd(q, k, v, key_mask, out, lse, dout, precision):
 
 # --- TPU splash attention ------------------------------------------------------------------------
 
-SPLASH_LANES = 128  # TPU vector lane width: the head dim is padded up to a multiple of this
+SPLASH_LANES = roofline.TPU_LANES  # the head dim is padded up to a multiple of the lane width
 
 
 def _splash_block(nq, nk):
@@ -429,8 +430,9 @@ def _chunked_ring(block):
 
 
 RING_STEPS: dict[str, RingStep] = {
-    # The XLA reference's ring step is one block of scores per step, recomputed in the backward.
-    "xla": _chunked_ring(1 << 30),
+    # XLA's ring steps are the blockwise kernel too: a whole K/V block's scores per step (and
+    # three of them in its backward) would hold [b, h, N/c, N/c] float32 several times over.
+    "xla": _chunked_ring(blockwise.BLOCK),
     "chunked": _chunked_ring(blockwise.BLOCK),
     "cudnn": RingStep(_cudnn_ring_fwd, _cudnn_ring_bwd),
     "splash": RingStep(_splash_ring_fwd, _splash_ring_bwd),
@@ -576,19 +578,6 @@ def dot_product_attention(
         out_specs=q_spec,
         check_vma=False,
     )(q, k, v, key_mask)
-
-
-# Work of each kernel relative to the model's attention FLOPs, per platform: the TPU kernels put
-# the head dim on the 128-lane axis (both matmuls: 128/72 at head dim 72); cuDNN's Hopper kernels
-# take 72 but step the q·kᵀ contraction in k-tiles of 16 (72 → 80) while the p·v output width
-# stays 72 (a multiple of 8). XLA and the chunked stand-in on a GPU compute the true width.
-def hardware_flops_factor(kernel: str, head_dim: int, platform: str) -> float:
-    """Hardware attention FLOPs / model attention FLOPs of `kernel` on `platform` ("tpu" | "gpu")."""
-    if platform == "tpu":
-        return _round_up(head_dim, SPLASH_LANES) / head_dim
-    if kernel == "cudnn":
-        return (_round_up(head_dim, 16) + _round_up(head_dim, 8)) / (2 * head_dim)
-    return 1.0
 
 
 def head_dim_cost(head_dim: int, lanes: int = SPLASH_LANES) -> float:
