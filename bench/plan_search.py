@@ -14,7 +14,9 @@ parallelism adds communication), then the largest micro-batch (each accumulation
 all-gathers the FSDP parameters again), then the policy order given. A candidate is skipped
 without compiling when a lower bound on its memory (state, gradients, float32 layer inputs, what
 the policy saves, the kernels' score blocks) already exceeds 90% of HBM, or when a measured plan
-of the same mesh and policy with a larger micro-batch, scaled down, still would. The first plan
+of the same mesh and policy with a larger micro-batch, scaled down, still would, or (with
+--results) when an earlier plan of the same mesh, policy and kernel on this pod (another stage),
+scaled by its smallest activation bytes per local token, does. The first plan
 within 90% of HBM wins; the script prints every plan it ran (with its roofline step time) and
 the LAYOUTS line for configs/mugv_10b.py.
 """
@@ -93,6 +95,29 @@ def lower_bound(cand: dict, model, tokens: int) -> float:
     return sharded + layer_inputs + scores
 
 
+def _prior_per_token(path: str, pod: str) -> dict:
+    """{(mesh, remat, attention): (bytes besides activations, activation bytes per local token)}
+    from earlier plans on `pod` in a results file (other stages): the smallest per-token figure,
+    so that a candidate is skipped only when even that estimate does not fit."""
+    out = {}
+    if not os.path.exists(path):
+        return out
+    with open(path) as f:
+        for line in f:
+            r = json.loads(line)
+            if "error" in r or r.get("pod") != pod:
+                continue
+            cand = r["candidate"]
+            grads = r["params_bytes"] * (1 + (cand["accum"] > 1))
+            act = max(r["temp_bytes"] - grads, 0)
+            tokens = math.ceil(r["tokens"] / cand["mesh"][3]) * cand["micro"]
+            key = (tuple(cand["mesh"]), cand["remat"], cand["attention"])
+            entry = (r["total_bytes"] - act, act / tokens)
+            if key not in out or entry[1] < out[key][1]:
+                out[key] = entry
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stage", required=True, choices=list(mugv_10b.STAGES))
@@ -119,7 +144,8 @@ def main():
         f"per sample; target ≤ {target / GiB:.1f} GiB; {machine()}",
         flush=True,
     )
-    measured = {}  # mesh → (micro, act bytes) of the plans that did not fit
+    measured = {}  # (mesh, remat) → (micro, total, act bytes) of the plans that did not fit
+    per_token = _prior_per_token(args.results, args.pod) if args.results else {}
     ran = 0
     tensors = tuple(int(t) for t in args.tensors.split(","))
     remats = tuple(args.remats.split(","))
@@ -136,6 +162,13 @@ def main():
             print(f"skip {tag}: lower bound {lb / GiB:.1f} GiB", flush=True)
             continue
         key = (cand["mesh"], cand["remat"])
+        prior = per_token.get((cand["mesh"], cand["remat"], cand["attention"]))
+        if prior and key not in measured:
+            sharded, act = prior
+            est = sharded + act * cand["micro"] * math.ceil(tokens / cand["mesh"][3])
+            if est > target:
+                print(f"skip {tag}: ≈ {est / GiB:.1f} GiB scaled from earlier plans of this mesh", flush=True)
+                continue
         if key in measured:
             micro0, total0, act0 = measured[key]
             est = total0 - act0 * (1 - cand["micro"] / micro0)

@@ -202,14 +202,24 @@ def test_planner_cli_fits_the_shipped_10b_720p_plan():
     assert "predicted step time" in out and "collectives per step, sent per device" in out
 
 
-def test_planner_compiles_the_cudnn_layouts_on_the_cpu():
-    """`--config.attention=cudnn+ulysses` plans on the CPU with the fused stand-in in place of
-    cuDNN, in self-attention (Ulysses) and cross-attention (per shard). It crashed: the stand-in
-    did not take cuDNN's mask arguments."""
-    c = tiny_config.get_config()
-    c.mesh.ici = dict(data=2, fsdp=2, tensor=1, context=2)
-    c.data.buckets = ((3, 4, 6, 8),)
-    c.attention = "cudnn+ulysses"
-    c.compute_dtype = "bfloat16"
-    p = plan_lib.plan_step(c)
-    assert p.attention == "cudnn+ulysses" and p.stand_in == plan_lib.STAND_IN and p.temp_bytes > 0
+def test_planner_traces_the_cudnn_layouts_on_the_cpu():
+    """`--config.attention=cudnn` (with or without Ulysses) traces the planner's step with the
+    fused stand-in in place of cuDNN, in self-attention (local or Ulysses) and cross-attention (per
+    shard). It crashed (`_xla_attention() got an unexpected keyword argument 'key_mask_prefix'`):
+    the stand-in did not take cuDNN's mask arguments. Lowered, not compiled: the crash was in tracing."""
+    from mugv.training import model_config_from
+    from mugv_jax.parallel import mesh as mesh_lib
+    from mugv_jax.train import step as trainer_lib
+
+    for attention, mesh in (("cudnn", dict(data=2, fsdp=4)), ("cudnn+ulysses", dict(data=2, fsdp=2, context=2))):
+        c = tiny_config.get_config()
+        c.mesh.ici = {**dict(data=1, fsdp=1, tensor=1, context=1), **mesh}
+        c.attention = attention
+        c.compute_dtype = "bfloat16"
+        trainer = train_lib.build_trainer(c, mesh=mesh_lib.build_mesh(dict(c.mesh.ici)))
+        shapes = trainer_lib.batch_shapes(model_config_from(c), (3, 4, 6), 8, int(c.data.text_len))
+        step, state, batch = trainer.abstract_step(shapes)
+        with plan_lib.cpu_attention_kernels() as stand_ins:
+            text = step.lower(state, batch).as_text()
+        assert stand_ins["cudnn"] == plan_lib.STAND_IN
+        assert "cudnn" not in text and ("all_to_all" in text) == attention.endswith("ulysses")
