@@ -2,11 +2,13 @@
 
 The forward walks the keys in blocks with an online softmax and returns the output and the
 log-sum-exp of the scaled scores; the backward recomputes each block's probabilities from that
-log-sum-exp (FlashAttention-2's backward). Only q, k, v, the output and the log-sum-exp are kept
-for the backward: O(N·d) residuals and one [batch, heads, queries, block] score block at a time,
-never the N² scores. That is what splash and cuDNN keep, so the planner compiles this in their
-place on the CPU (mugv_jax/plan.py), and the ring of mugv_jax/parallel/context_parallel.py uses
-`forward`/`backward` as the step of any backend that returns the log-sum-exp.
+log-sum-exp (FlashAttention-2's backward). Queries are blocked too, so only q, k, v, the output
+and the log-sum-exp are kept for the backward (O(N·d) residuals) and the scores exist one
+[batch, heads, Q_BLOCK, BLOCK] tile at a time, however long the sequence: never the N² scores.
+That is what splash and cuDNN keep (their tiles live in VMEM/SRAM), so the planner compiles this
+in their place on the CPU (mugv_jax/plan.py), and the ring of
+mugv_jax/parallel/context_parallel.py uses `forward`/`backward` as the step of any backend that
+returns the log-sum-exp.
 
 Layouts: q [B, Nq, H, D], k/v [B, Nk, H, D], key_mask [B, Nk] bool, lse [B, H, Nq] float32
 (natural log; -inf for a query with no valid key, whose output row is zero).
@@ -20,21 +22,28 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-BLOCK = 512  # keys per block: score temporaries are [B, H, Nq, BLOCK] float32
+BLOCK = 512  # keys per block
+Q_BLOCK = 1024  # queries per block: score temporaries are [B, H, Q_BLOCK, BLOCK] float32
 
 
-def _blocks(k, v, key_mask, block):
-    """k, v, mask split into [n_blocks, B, block, ...] (keys padded with masked zeros)."""
-    nk = k.shape[1]
-    block = min(block, nk)
-    pad = -nk % block
+def _split(x, block, axis=1, fill=0):
+    """x padded along `axis` to a multiple of `block` and split into [n_blocks, ..., block, ...]."""
+    n = x.shape[axis]
+    block = min(block, n)
+    pad = -n % block
     if pad:
-        k = jnp.pad(k, ((0, 0), (0, pad), (0, 0), (0, 0)))
-        v = jnp.pad(v, ((0, 0), (0, pad), (0, 0), (0, 0)))
-        key_mask = jnp.pad(key_mask, ((0, 0), (0, pad)))
-    n = (nk + pad) // block
-    split = lambda x: jnp.moveaxis(x.reshape(x.shape[0], n, block, *x.shape[2:]), 1, 0)
-    return split(k), split(v), split(key_mask), block
+        widths = [(0, 0)] * x.ndim
+        widths[axis] = (0, pad)
+        x = jnp.pad(x, widths, constant_values=fill)
+    x = x.reshape(*x.shape[:axis], (n + pad) // block, block, *x.shape[axis + 1 :])
+    return jnp.moveaxis(x, axis, 0)
+
+
+def _merge(x, n, axis=1):
+    """Inverse of `_split`: [n_blocks, ..., block, ...] → the first n along `axis`."""
+    x = jnp.moveaxis(x, 0, axis)
+    x = x.reshape(*x.shape[:axis], -1, *x.shape[axis + 2 :])
+    return jax.lax.slice_in_dim(x, 0, n, axis=axis)
 
 
 def _scores(q, kb, mb, scale, precision):
@@ -42,11 +51,9 @@ def _scores(q, kb, mb, scale, precision):
     return jnp.where(mb[:, None, None, :], s, -jnp.inf)
 
 
-def forward(q, k, v, key_mask, *, precision=None, block: int = BLOCK):
-    """(output [B, Nq, H, D] in q's dtype, lse [B, H, Nq] float32)."""
+def _forward_block(q, kb, vb, mb, scale, precision):
+    """One block of queries against every key block: (out [B, q, H, D] float32, lse [B, H, q])."""
     b, nq, h, d = q.shape
-    scale = d**-0.5
-    kb, vb, mb, _ = _blocks(k, v, key_mask, block)
 
     def step(carry, blk):
         m, l, acc = carry
@@ -58,7 +65,7 @@ def forward(q, k, v, key_mask, *, precision=None, block: int = BLOCK):
         p = jnp.exp(s - shift[..., None])
         corr = jnp.exp(m - shift)
         pv = jnp.einsum(
-            "bhqk,bkhd->bhqd", p.astype(v.dtype), vj, precision=precision, preferred_element_type=jnp.float32
+            "bhqk,bkhd->bhqd", p.astype(vj.dtype), vj, precision=precision, preferred_element_type=jnp.float32
         )
         return (m_new, l * corr + p.sum(axis=-1), acc * corr[..., None] + pv), None
 
@@ -71,39 +78,60 @@ def forward(q, k, v, key_mask, *, precision=None, block: int = BLOCK):
     valid = l > 0
     lse = jnp.where(valid, m + jnp.log(jnp.where(valid, l, 1.0)), -jnp.inf)
     out = jnp.where(valid[..., None], acc / jnp.where(valid, l, 1.0)[..., None], 0.0)
-    return out.transpose(0, 2, 1, 3).astype(q.dtype), lse
+    return out.transpose(0, 2, 1, 3), lse
 
 
-def backward(q, k, v, key_mask, out, lse, dout, *, precision=None, block: int = BLOCK):
+def forward(q, k, v, key_mask, *, precision=None, block: int = BLOCK, q_block: int = Q_BLOCK):
+    """(output [B, Nq, H, D] in q's dtype, lse [B, H, Nq] float32)."""
+    nq = q.shape[1]
+    scale = q.shape[-1] ** -0.5
+    kb, vb, mb = _split(k, block), _split(v, block), _split(key_mask, block, fill=False)
+    out, lse = jax.lax.map(lambda qi: _forward_block(qi, kb, vb, mb, scale, precision), _split(q, q_block))
+    return _merge(out, nq).astype(q.dtype), _merge(lse, nq, axis=2)
+
+
+def backward(q, k, v, key_mask, out, lse, dout, *, precision=None, block: int = BLOCK, q_block: int = Q_BLOCK):
     """(dq, dk, dv) of sum(out · dout), given the forward's output and log-sum-exp. `out` and
     `lse` may be those of a larger attention this block of keys is part of (a ring step): the
     probabilities exp(s - lse) are then the global ones and the gradients sum over blocks."""
-    nk = k.shape[1]
+    nq, nk = q.shape[1], k.shape[1]
     scale = q.shape[-1] ** -0.5
-    kb, vb, mb, blk_len = _blocks(k, v, key_mask, block)
+    kb, vb, mb = _split(k, block), _split(v, block), _split(key_mask, block, fill=False)
     # D_i = rowsum(dO ⊙ O), [B, H, Nq]
     di = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32), dout.astype(jnp.float32))
-    lse_safe = jnp.where(jnp.isfinite(lse), lse, jnp.inf)  # no valid key: p = 0
+    lse = jnp.where(jnp.isfinite(lse), lse, jnp.inf)  # no valid key: p = 0
+    q_blocks = (_split(q, q_block), _split(dout, q_block))
+    q_blocks += (_split(lse, q_block, axis=2), _split(di, q_block, axis=2))
 
-    def step(dq, blk):
-        kj, vj, mj = blk
-        p = jnp.exp(_scores(q, kj, mj, scale, precision) - lse_safe[..., None])
-        dv = jnp.einsum(
-            "bhqk,bqhd->bkhd", p.astype(dout.dtype), dout, precision=precision, preferred_element_type=jnp.float32
-        )
-        dp = jnp.einsum("bqhd,bkhd->bhqk", dout, vj, precision=precision, preferred_element_type=jnp.float32)
-        ds = p * (dp - di[..., None])
-        dq = dq + jnp.einsum(
-            "bhqk,bkhd->bqhd", ds.astype(kj.dtype), kj, precision=precision, preferred_element_type=jnp.float32
-        )
-        dk = jnp.einsum(
-            "bhqk,bqhd->bkhd", ds.astype(q.dtype), q, precision=precision, preferred_element_type=jnp.float32
-        )
-        return dq, (dk, dv)
+    def per_query_block(dkv, qblk):
+        qi, doi, lsei, dii = qblk
 
-    dq, (dk, dv) = jax.lax.scan(step, jnp.zeros(q.shape, jnp.float32), (kb, vb, mb))
-    merge = lambda x: jnp.moveaxis(x, 0, 1).reshape(x.shape[1], -1, *x.shape[3:])[:, :nk]
-    return (dq * scale).astype(q.dtype), (merge(dk) * scale).astype(k.dtype), merge(dv).astype(v.dtype)
+        def per_key_block(dq, blk):
+            kj, vj, mj = blk
+            p = jnp.exp(_scores(qi, kj, mj, scale, precision) - lsei[..., None])
+            dv = jnp.einsum(
+                "bhqk,bqhd->bkhd", p.astype(doi.dtype), doi, precision=precision, preferred_element_type=jnp.float32
+            )
+            dp = jnp.einsum("bqhd,bkhd->bhqk", doi, vj, precision=precision, preferred_element_type=jnp.float32)
+            ds = p * (dp - dii[..., None])
+            dq = dq + jnp.einsum(
+                "bhqk,bkhd->bqhd", ds.astype(kj.dtype), kj, precision=precision, preferred_element_type=jnp.float32
+            )
+            dk = jnp.einsum(
+                "bhqk,bqhd->bkhd", ds.astype(qi.dtype), qi, precision=precision, preferred_element_type=jnp.float32
+            )
+            return dq, (dk, dv)
+
+        dq, (dk, dv) = jax.lax.scan(per_key_block, jnp.zeros(qi.shape, jnp.float32), (kb, vb, mb))
+        return (dkv[0] + dk, dkv[1] + dv), dq
+
+    zeros = jnp.zeros(kb.shape, jnp.float32)
+    (dk, dv), dq = jax.lax.scan(per_query_block, (zeros, zeros), q_blocks)
+    return (
+        (_merge(dq, nq) * scale).astype(q.dtype),
+        (_merge(dk, nk) * scale).astype(k.dtype),
+        _merge(dv, nk).astype(v.dtype),
+    )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
