@@ -63,6 +63,7 @@ class Plan:
     attention: str = "xla"  # backend+mode as configured
     stand_in: str = ""  # how the CPU compiled a kernel that runs only on the pod
     heads: int = 48
+    head_dim: int = 72
     depth: int = 56
     hidden: int = 3456
     tokens: int = 0  # self-attention sequence per sample (video + start/end)
@@ -236,6 +237,7 @@ def plan_step(config, *, bucket_index: int | None = None, devices=None, kind: st
         attention=str(config.attention),
         stand_in=stand_ins.get(options.attention, ""),
         heads=model_cfg.num_heads,
+        head_dim=model_cfg.head_dim,
         depth=model_cfg.depth,
         hidden=model_cfg.hidden_size,
         tokens=num_tokens((f, h, w), model_cfg),
@@ -251,6 +253,8 @@ def plan_step(config, *, bucket_index: int | None = None, devices=None, kind: st
             serial=pred.serial_seconds,
             mfu=pred.mfu(dev.peak),
             hardware_factor=factor,
+            hardware_flops=mesh.size
+            * (step_cost.matmul_flops + step_cost.attention_fwd_flops + step_cost.attention_bwd_flops),
         ),
     )
 
@@ -517,10 +521,12 @@ def _roofline_lines(p: Plan, kind: str) -> list[str]:
     r = p.roofline
     if not r:
         return []
+    hw = r.get("hardware_flops", 0.0)
     return [
+        f"hardware FLOPs per step {hw:.3e} (recompute of remat {p.remat}, attention ×{r['hardware_factor']:.2f} "
+        f"for head dim {p.head_dim} on {kind}): {hw / p.analytic_flops:.2f}× the model FLOPs",
         f"step time, roofline per op class on {kind} (mugv/roofline.py): matmul {r['matmul']:.2f} s + attention "
-        f"{r['attention']:.2f} s (hardware FLOPs ×{r['hardware_factor']:.2f} for head dim 72) + elementwise "
-        f"{r['elementwise']:.2f} s; collectives {r['collectives']:.2f} s",
+        f"{r['attention']:.2f} s + elementwise {r['elementwise']:.2f} s; collectives {r['collectives']:.2f} s",
         f"predicted step time {r['step']:.2f} s (collectives overlapped; {r['serial']:.2f} s without overlap), "
         f"MFU {r['mfu']:.1%}",
     ]

@@ -82,6 +82,7 @@ def test_report_says_whether_it_fits():
             serial=1.5,
             mfu=0.4,
             hardware_factor=1.78,
+            hardware_flops=4 * 459e12 * 0.6,
         ),
     )
     assert "DOES NOT FIT" in plan_lib.report(p, "tpu-v6e")  # 40 GiB of temporaries > 32 GiB
@@ -89,6 +90,7 @@ def test_report_says_whether_it_fits():
     assert text.split("HBM: ")[1].startswith("fits")
     assert "predicted step time 1.00 s (collectives overlapped; 1.50 s without overlap), MFU 40.0%" in text
     assert "collectives per step, sent per device: 2.00 GiB (all-gather 3× 2.00 GiB)" in text
+    assert "attention ×1.78 for head dim 72 on tpu-v5p): 1.50× the model FLOPs" in text
     assert "SPMD involuntary full rematerializations: 1" in text and "not able to go from sharding A" in text
 
 
