@@ -15,8 +15,8 @@ all-gathers the FSDP parameters again), then the policy order given. A candidate
 without compiling when a lower bound on its memory (state, gradients, float32 layer inputs, what
 the policy saves, the kernels' score blocks) already exceeds 90% of HBM, or when a measured plan
 of the same mesh and policy with a larger micro-batch, scaled down, still would, or (with
---results) when an earlier plan of the same mesh, policy and kernel on this pod (another stage),
-scaled by its smallest activation bytes per local token, does. The first plan
+--results) when the state plus the smallest activation bytes per local token of the earlier plans
+with this policy and kernel on this pod (other stages, other meshes) would. The first plan
 within 90% of HBM wins; the script prints every plan it ran (with its roofline step time) and
 the LAYOUTS line for configs/mugv_10b.py.
 """
@@ -96,9 +96,9 @@ def lower_bound(cand: dict, model, tokens: int) -> float:
 
 
 def _prior_per_token(path: str, pod: str) -> dict:
-    """{(mesh, remat, attention): (bytes besides activations, activation bytes per local token)}
-    from earlier plans on `pod` in a results file (other stages): the smallest per-token figure,
-    so that a candidate is skipped only when even that estimate does not fit."""
+    """{(remat, kernel): activation bytes per local token} from earlier plans on `pod` in a
+    results file (other stages, other meshes): the smallest figure, so that a candidate is skipped
+    only when even that estimate does not fit."""
     out = {}
     if not os.path.exists(path):
         return out
@@ -111,10 +111,8 @@ def _prior_per_token(path: str, pod: str) -> dict:
             grads = r["params_bytes"] * (1 + (cand["accum"] > 1))
             act = max(r["temp_bytes"] - grads, 0)
             tokens = math.ceil(r["tokens"] / cand["mesh"][3]) * cand["micro"]
-            key = (tuple(cand["mesh"]), cand["remat"], cand["attention"])
-            entry = (r["total_bytes"] - act, act / tokens)
-            if key not in out or entry[1] < out[key][1]:
-                out[key] = entry
+            key = (cand["remat"], cand["attention"].partition("+")[0])
+            out[key] = min(out.get(key, math.inf), act / tokens)
     return out
 
 
@@ -154,6 +152,7 @@ def main():
         pod["devices"], bucket[3], model.hidden_size, model.num_heads, kernel, args.max_context, tensors, remats
     ):
         lb = lower_bound(cand, model, tokens)
+        lb_state = lower_bound(dict(cand, micro=0), model, tokens)  # the sharded state alone
         tag = (
             f"mesh {cand['mesh']} {cand['attention']:14s} {cand['remat']:13s} micro {cand['micro']:3d} × "
             f"accum {cand['accum']:3d}"
@@ -162,12 +161,11 @@ def main():
             print(f"skip {tag}: lower bound {lb / GiB:.1f} GiB", flush=True)
             continue
         key = (cand["mesh"], cand["remat"])
-        prior = per_token.get((cand["mesh"], cand["remat"], cand["attention"]))
+        prior = per_token.get((cand["remat"], cand["attention"].partition("+")[0]))
         if prior and key not in measured:
-            sharded, act = prior
-            est = sharded + act * cand["micro"] * math.ceil(tokens / cand["mesh"][3])
+            est = lb_state + prior * cand["micro"] * math.ceil(tokens / cand["mesh"][3])
             if est > target:
-                print(f"skip {tag}: ≈ {est / GiB:.1f} GiB scaled from earlier plans of this mesh", flush=True)
+                print(f"skip {tag}: ≈ {est / GiB:.1f} GiB scaled from earlier plans on this pod", flush=True)
                 continue
         if key in measured:
             micro0, total0, act0 = measured[key]

@@ -101,16 +101,14 @@ def test_roofline_check_prints_the_prediction_beside_the_measurement():
     assert ratio == pytest.approx(2.989 / seconds, abs=0.01) and 1 < ratio < 3
 
 
-def test_search_scales_earlier_plans_of_the_same_mesh(tmp_path):
-    """A plan of one stage tells the next stage's search what a local token costs on that mesh."""
+def test_search_scales_earlier_plans_on_the_pod(tmp_path):
+    """A plan of one stage tells the next stages' search what a local token costs on that pod."""
     cand = dict(mesh=[1, 128, 1, 1], attention="splash", remat="full", micro=6, accum=3)
     plan = _plan(pod="v5p-256", candidate=cand, tokens=6442, params_bytes=2**30, temp_bytes=78 * 2**30)
-    plan["total_bytes"] = 80 * 2**30
+    other = dict(plan, candidate=dict(cand, mesh=[1, 64, 1, 2], attention="splash+ulysses"), temp_bytes=40 * 2**30)
     path = tmp_path / "plans.jsonl"
-    path.write_text(json.dumps(plan) + "\n" + json.dumps(dict(plan, pod="h100x64")) + "\n")
+    path.write_text("\n".join(json.dumps(r) for r in (plan, other, dict(plan, pod="h100x64"))) + "\n")
     prior = plan_search._prior_per_token(str(path), "v5p-256")
-    (sharded, per_token),  = prior.values()  # fmt: skip
-    assert list(prior) == [((1, 128, 1, 1), "full", "splash")]
-    # activations: temporaries less the gradients and the accumulator (2 × params), per local token
-    assert per_token == pytest.approx((78 - 2) * 2**30 / (6 * 6442))
-    assert sharded == pytest.approx(80 * 2**30 - (78 - 2) * 2**30)
+    # activations: temporaries less the gradients and the accumulator (2 × params), per local token;
+    # the smallest over the pod's plans with this policy and kernel (any mesh, any context mode)
+    assert prior == {("full", "splash"): pytest.approx((40 - 2) * 2**30 / (6 * 3221))}
