@@ -414,7 +414,10 @@ def forward(
     text = ops.layer_norm(text, config.caption_norm_eps)
     if capture:
         acts["y_embedder"] = text[:, None]
-    text = text.astype(opts.compute_dtype)
+    # Laid out like every activation (samples over data × fsdp): left free, the caption takes the
+    # embedder weights' `embed` sharding, and every layer's cross-attention k/v projection of the
+    # whole micro-batch's captions ends in an all-reduce over fsdp.
+    text = constrain(text.astype(opts.compute_dtype), ("batch", "text_length", "act_embed"))
     text_mask = jnp.ones(y.shape[:1] + y.shape[2:3], bool) if mask is None else jnp.asarray(mask).astype(bool)
 
     # Patch embed (zero-pad each axis up to a patch multiple, as the release does), (t,h,w) order.

@@ -361,9 +361,10 @@ def _shipped_configs():
         module = importlib.import_module(f"configs.{path.stem}")
         if not hasattr(module, "get_config") or path.stem in ("mcore",):
             continue
-        args = list(getattr(module, "STAGES", {})) or {"tiny": [None, "i2v"], "main": ["quick", "full"]}.get(
-            path.stem, [None]
-        )
+        # Every stage on every pod it is laid out for (the h100 layouts carry cuDNN).
+        pods = list(getattr(module, "PODS", {})) or [None]
+        stages = [s if p is None else f"{s}:{p}" for s in getattr(module, "STAGES", {}) for p in pods]
+        args = stages or {"tiny": [None, "i2v"], "main": ["quick", "full"]}.get(path.stem, [None])
         for arg in args:
             config = module.get_config(arg) if arg is not None else module.get_config()
             if "attention" in config:  # the VAE configs have no DiT
@@ -395,9 +396,10 @@ def test_no_shipped_config_selects_an_arbitrary_mask(pretend_cuda):
     from mugv_megatron.model.dit import padded_length
 
     configs = _shipped_configs()
-    assert {"mugv_10b:video_720", "tiny:", "tiny_curriculum:sft"} <= {n for n, _ in configs}
+    assert {"mugv_10b:video_720:h100x64", "tiny:", "tiny_curriculum:sft"} <= {n for n, _ in configs}
     overrides = _launch_attention_overrides()
-    assert "cudnn" in overrides  # launch/jax_gpu_slurm.sbatch
+    # The GPU layouts carry cuDNN themselves (launch/jax_gpu_slurm.sbatch no longer overrides it).
+    assert {n for n, c in configs if c.attention.split("+")[0] == "cudnn"} >= {"mugv_10b:video_720:h100x128"}
     checked_cudnn = 0
     for _name, c in configs:
         model = model_config_from(c)

@@ -28,10 +28,12 @@ from mugv.training import ObjectiveConfig, OptimConfig
 from mugv_jax import export
 from mugv_jax.dit.model import RuntimeOptions
 from mugv_jax.train import step as tr
+from tests.helpers import run_module
 from tests.trainer_helpers import make_mesh
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
+import mugv_10b  # noqa: E402
 
 CONFIG = DiTConfig(depth=2, hidden_size=576, num_heads=8, text_dim=32, max_text_tokens=16)
 BATCH, TEXT_LEN = 2, 12
@@ -94,3 +96,22 @@ def test_train_step_lowers_with_fused_kernels_in_every_attention(kind, backend, 
         assert collective in text
     assert export.check_shardings(exported, state, batch, mesh)
     assert export.residual_constraints(text, trainer, BATCH, TOKENS) > 0
+
+
+def test_shipped_10b_layout_lowers_for_tpu_at_its_real_device_count():
+    """`python -m mugv_jax.export --config=configs/mugv_10b.py:video_720` (README): the default
+    stage on its default pod, v5p-256 = 128 chips, lowered for TPU over an abstract mesh of 128 TPU
+    v5p devices on this CPU: a fused kernel in every attention, the planned shardings."""
+    proc = run_module("mugv_jax.export", "--config=configs/mugv_10b.py:video_720", timeout=600)
+    out = proc.stdout
+    print(out)
+    assert proc.returncode == 0, out + proc.stderr[-3000:]
+    c = mugv_10b.get_config("video_720")
+    assert c.attention.startswith("splash") and c.target.devices == 128
+    assert f"{c.attention} on 128 × tpu-v5p" in out and "bucket (14, 160, 90, 256)" in out
+    for which in ("self", "cross"):
+        for phase in ("fwd", "bwd"):
+            line = next(line for line in out.splitlines() if f"{which}-attention {phase}:" in line)
+            assert int(line.split(": ")[1].split()[0]) > 0 and "MISSING" not in line
+    assert "splash_mha_fwd" in out and "splash_mha_dkv" in out
+    assert "with the planned shardings: yes" in out and out.rstrip().endswith("complete")

@@ -1,19 +1,14 @@
 """The planner's memory figures equal what a real sharded run allocates; its suggestions; the
 shipped 10B 720p layout fits."""
 
-import os
-import subprocess
-import sys
-
 import jax
 
+from configs import tiny as tiny_config
 from mugv.data.synthetic import Bucket
 from mugv_jax import plan as plan_lib
 from mugv_jax.train import backend as train_lib
+from tests.helpers import run_module
 from tests.trainer_helpers import host_batch, make_source
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import tiny as tiny_config
 
 # The 10B plan compiled in CI: a 720p stage × pod that compiles in about half a minute of CPU (128 fake devices).
 CI_PLAN = "video_720:h100x128"
@@ -182,16 +177,7 @@ def test_report_says_what_to_change_when_a_plan_does_not_fit():
 
 def test_planner_cli_fits_the_shipped_10b_720p_plan():
     """The real 10B train step at 720p × 5 s, compiled for the pod its config is laid out for."""
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run(
-        [sys.executable, "-m", "mugv_jax.plan", f"--config=configs/mugv_10b.py:{CI_PLAN}"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
+    proc = run_module("mugv_jax.plan", f"--config=configs/mugv_10b.py:{CI_PLAN}", timeout=1200)
     out = proc.stdout
     assert proc.returncode == 0, out + proc.stderr[-3000:]
     assert "(14, 160, 90, 256)" in out and "model 10b, stage video_720" in out
