@@ -56,3 +56,14 @@ def run_module(module: str, *args: str, timeout: float):
     return subprocess.run(
         [sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
     )
+
+
+def snapshot(root) -> dict:
+    """{file: bytes} of everything under `root` (small test workdirs): what a run changed."""
+    out = {}
+    for dirpath, _, names in os.walk(root):
+        for n in names:
+            p = os.path.join(dirpath, n)
+            with open(p, "rb") as f:
+                out[os.path.relpath(p, root)] = f.read()
+    return out
