@@ -218,7 +218,7 @@ def export_config(config, kind: str, devices: int, bucket_index: int | None = No
     import jax
 
     from mugv.geometry import num_tokens
-    from mugv.training import model_config_from
+    from mugv.run.config import model_config_from
     from mugv_jax.parallel import mesh as mesh_lib
     from mugv_jax.plan import plan_buckets
     from mugv_jax.train import backend as train_backend
@@ -284,11 +284,13 @@ def report(e: Export) -> str:
 def main(argv):
     from absl import flags
 
-    from mugv_jax.plan import _fake_devices, _target
+    from mugv.run.config import as_run_config
+    from mugv_jax.plan import _fake_devices
 
     FLAGS = flags.FLAGS
     config = FLAGS.config
-    _, kind, devices = _target(config)
+    target = as_run_config(config).target  # validates the config: errors name the --config. flag
+    kind, devices = target.kind, target.devices
     if not kind:
         raise ValueError(
             "python -m mugv_jax.export needs a config with a target pod (configs/mugv_10b.py:<stage>:<pod>)"

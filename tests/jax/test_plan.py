@@ -195,7 +195,7 @@ def test_planner_traces_the_cudnn_layouts_on_the_cpu():
     fused stand-in in place of cuDNN, in self-attention (local or Ulysses) and cross-attention (per
     shard). It crashed (`_xla_attention() got an unexpected keyword argument 'key_mask_prefix'`):
     the stand-in did not take cuDNN's mask arguments. Lowered, not compiled: the crash was in tracing."""
-    from mugv.training import model_config_from
+    from mugv.run.config import model_config_from
     from mugv_jax.parallel import mesh as mesh_lib
     from mugv_jax.train import step as trainer_lib
 
