@@ -12,7 +12,8 @@ shardings; nothing is allocated) over N fake CPU devices, so XLA's SPMD partitio
 exactly as on the pod. Reported per device: parameters, optimizer state and EMA (from the
 shardings), the compiled step's temporaries (activations, gradients, collectives buffers: XLA's
 memory analysis), total against the device's HBM; FLOPs per step (analytic, mugv/flops.py,
-beside XLA's cost analysis) and the step time predicted at the given MFU.
+beside XLA's cost analysis), the collectives per step and the partitioner's involuntary
+rematerializations, and the step time predicted by a roofline per op class (mugv/roofline.py).
 
 Caveats: the figures come from the CPU compiler. It partitions the same way, but schedules and
 fuses differently from the TPU/GPU compilers and may keep bf16 matmul operands in float32, so
