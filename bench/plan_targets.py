@@ -15,7 +15,7 @@ plan of the 10B step takes 30–60 s of CPU time. Stages whose train step is the
 buckets and layout: image_360's video bucket = video_360_2s, sft = video_720) are planned once;
 image_360's image bucket is planned as its own row. The preference stage is listed but not
 planned: the planner compiles the pretraining step, not the DPO/KTO step. Exit status 1 if any
-plan does not fit.
+plan does not fit or carries an involuntary full rematerialization.
 """
 
 from __future__ import annotations
@@ -52,12 +52,35 @@ def programs(stages, pods):
     return out
 
 
+def _layout_key(stage, pod, bucket):
+    """What makes a plan one of the shipped layout's: stage, pod, bucket and the layout fields."""
+    c = mugv_10b.get_config(f"{stage}:{pod}")
+    mesh = tuple(int(c.mesh.ici[a]) for a in ("data", "fsdp", "tensor", "context"))
+    return (stage, pod, bucket, mesh, c.attention, c.remat, c.optim.grad_accum_steps)
+
+
+def _planned(path):
+    """{layout key: plan} of the successful plans in a plan_search .jsonl."""
+    out = {}
+    with open(path) as f:
+        for line in f:
+            r = json.loads(line)
+            if "error" in r or "stage" not in r:
+                continue
+            m = r["mesh"]
+            mesh = (m["data"], m["fsdp"], m["tensor"], m["context"])
+            key = (r["stage"], r["pod"], r.get("bucket_index"), mesh, r["attention"], r["remat"], r["grad_accum_steps"])
+            out[key] = r
+    return out
+
+
 def row(names, pod, bucket, r) -> str:
     label = ", ".join(names) + (" (images)" if bucket not in (None, "skip") else "")
+    empty = " |" * (len(HEADER.splitlines()[1].split("|")) - 5)
     if bucket == "skip":
-        return f"| {label} | {pod} | preference step: not planned | | | | | | | | |"
+        return f"| {label} | {pod} | preference step: not planned |{empty}"
     if "error" in r:
-        return f"| {label} | {pod} | planner failed: {r['error'][:120]} | | | | | | | | |"
+        return f"| {label} | {pod} | planner failed: {r['error'][:120]} |{empty}"
     f, h, w, b = r["bucket"]
     mesh = r["mesh"]
     free = 1 - r["total_bytes"] / r["hbm_bytes"]
@@ -66,16 +89,17 @@ def row(names, pod, bucket, r) -> str:
         f"| {label} | {pod} | {f}×{h}×{w} × {b} | ({mesh['data']}, {mesh['fsdp']}, {mesh['tensor']}, "
         f"{mesh['context']}) | {r['attention']}, {r['remat']} | {r['micro_batch']} × {r['grad_accum_steps']} | "
         f"{r['state_bytes'] / GiB:.1f} | {r['temp_bytes'] / GiB:.1f} | **{r['total_bytes'] / GiB:.1f}** / "
-        f"{r['hbm_bytes'] / GiB:.0f} ({verdict}) | {r['step_seconds']:.1f} | "
-        f"{r['wall_seconds']:.0f} / {r['cpu_seconds']:.0f} |"
+        f"{r['hbm_bytes'] / GiB:.0f} ({verdict}) | {r['collective_bytes'] / GiB:.0f} | {r['remat_warning_count']} | "
+        f"{r['step_seconds']:.1f} / {r['mfu']:.1%} | {r['wall_seconds']:.0f} / {r['cpu_seconds']:.0f} |"
     )
 
 
 HEADER = (
     "| stages | pod | bucket (latent f×h×w) × global batch | mesh (data, fsdp, tensor, context) | "
     "attention, remat | micro-batch per rank × accumulation | state GiB | temporaries GiB | "
-    "total GiB / HBM | step s at 40% MFU | compile wall / CPU s |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|"
+    "total GiB / HBM | collectives GiB sent per device | involuntary remats | predicted step s / MFU | "
+    "compile wall / CPU s |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -161,6 +185,11 @@ def main():
     ap.add_argument("--search", action="store_true", help="megatron: search the layouts instead of the table")
     ap.add_argument("--results", default=None, help="also append each plan's JSON summary to this .jsonl")
     ap.add_argument("--log_dir", default=None, help="keep every planner output here")
+    ap.add_argument(
+        "--reuse",
+        default=None,
+        help="a .jsonl of plans (bench/plan_search.py --results): shipped layouts found there are not re-planned",
+    )
     args = ap.parse_args()
     stages, pods = args.stages.split(","), args.pods.split(",")
     for s in stages:
@@ -180,11 +209,16 @@ def main():
         f"{datetime.date.today().isoformat()}, {machine()}; python -m mugv_jax.plan per row, one at a time", flush=True
     )
     todo = programs(stages, pods)
+    planned = _planned(args.reuse) if args.reuse else {}
     lines, ok = [], True
     for names, pod, bucket in todo:
-        r = {} if bucket == "skip" else run_plan(names[0], pod, bucket=bucket, log_dir=args.log_dir)
+        r = {}
         if bucket != "skip":
-            ok &= bool(r.get("fits"))
+            r = planned.get(_layout_key(names[0], pod, bucket)) or run_plan(
+                names[0], pod, bucket=bucket, log_dir=args.log_dir
+            )
+        if bucket != "skip":
+            ok &= bool(r.get("fits")) and r.get("remat_warning_count") == 0
             if args.results:
                 with open(args.results, "a") as f:
                     f.write(

@@ -132,27 +132,29 @@ DEFAULT_POD = "v5p-256"
 
 # (clip, pod) → mesh (data, fsdp, tensor, context), attention ("backend+context-parallel mode"),
 # remat policy, and `micro`: samples per data-parallel rank in one micro-batch;
-# optim.grad_accum_steps is then batch / (data · fsdp · micro). Chosen by
-# `python bench/plan_search.py --stage=S --pod=P` (the first candidate in its order of expected
-# speed that the planner finds within 90% of HBM) and checked by `python bench/plan_targets.py`;
-# docs/scaling.md has the figures and why the attention is XLA's (ring when context > 1).
+# optim.grad_accum_steps is then batch / (data · fsdp · micro). The attention is the pod's fused
+# kernel (splash on TPU, cuDNN on H100) with Ulysses where the heads per tensor shard divide by the
+# context degree, else the fused ring. Chosen by `python bench/plan_search.py --stage=S --pod=P`
+# (the first candidate in its order of expected speed that the planner finds within 90% of HBM)
+# or carried over from the XLA-attention layouts (the fused kernels only need less memory), and
+# checked by `python bench/plan_targets.py`; docs/scaling.md says which and has the figures.
 LAYOUTS = {
-    ("360p_2s", "v5p-256"): ((1, 128, 1, 1), "xla", "full", 1),
-    ("360p_3s", "v5p-256"): ((1, 64, 1, 2), "xla+ring", "full", 4),
-    ("360p_5s", "v5p-256"): ((1, 64, 1, 2), "xla+ring", "full", 1),
-    ("720p_5s", "v5p-256"): ((1, 16, 1, 8), "xla+ring", "full", 2),
-    ("360p_2s", "v6e-256"): ((1, 128, 1, 2), "xla+ring", "full", 2),
-    ("360p_3s", "v6e-256"): ((1, 64, 1, 4), "xla+ring", "full", 2),
-    ("360p_5s", "v6e-256"): ((1, 64, 1, 4), "xla+ring", "full", 1),
-    ("720p_5s", "v6e-256"): ((1, 8, 2, 16), "xla+ring", "full", 1),
-    ("360p_2s", "h100x64"): ((1, 64, 1, 1), "xla", "full", 2),
-    ("360p_3s", "h100x64"): ((1, 32, 1, 2), "xla+ring", "full", 2),
-    ("360p_5s", "h100x64"): ((1, 32, 1, 2), "xla+ring", "full", 1),
-    ("720p_5s", "h100x64"): ((1, 4, 2, 8), "xla+ring", "full", 2),
-    ("360p_2s", "h100x128"): ((1, 128, 1, 1), "xla", "full", 2),
-    ("360p_3s", "h100x128"): ((1, 64, 1, 2), "xla+ring", "full", 3),
-    ("360p_5s", "h100x128"): ((1, 64, 1, 2), "xla+ring", "full", 2),
-    ("720p_5s", "h100x128"): ((1, 16, 1, 8), "xla+ring", "full", 1),
+    ("360p_2s", "v5p-256"): ((1, 128, 1, 1), "splash", "full", 6),
+    ("360p_3s", "v5p-256"): ((1, 128, 1, 1), "splash", "full", 4),
+    ("360p_5s", "v5p-256"): ((1, 64, 1, 2), "splash+ulysses", "full", 1),
+    ("720p_5s", "v5p-256"): ((1, 16, 1, 8), "splash+ulysses", "full", 2),
+    ("360p_2s", "v6e-256"): ((1, 128, 1, 2), "splash+ulysses", "full", 2),
+    ("360p_3s", "v6e-256"): ((1, 64, 1, 4), "splash+ulysses", "full", 2),
+    ("360p_5s", "v6e-256"): ((1, 64, 1, 4), "splash+ulysses", "full", 1),
+    ("720p_5s", "v6e-256"): ((1, 8, 2, 16), "splash+ring", "full", 1),
+    ("360p_2s", "h100x64"): ((1, 64, 1, 1), "cudnn", "full", 2),
+    ("360p_3s", "h100x64"): ((1, 32, 1, 2), "cudnn+ulysses", "full", 2),
+    ("360p_5s", "h100x64"): ((1, 32, 1, 2), "cudnn+ulysses", "full", 1),
+    ("720p_5s", "h100x64"): ((1, 4, 2, 8), "cudnn+ulysses", "full", 2),
+    ("360p_2s", "h100x128"): ((1, 128, 1, 1), "cudnn", "full", 2),
+    ("360p_3s", "h100x128"): ((1, 64, 1, 2), "cudnn+ulysses", "full", 3),
+    ("360p_5s", "h100x128"): ((1, 64, 1, 2), "cudnn+ulysses", "full", 2),
+    ("720p_5s", "h100x128"): ((1, 16, 1, 8), "cudnn+ulysses", "full", 1),
 }
 
 # (clip, pod) → the Megatron trainer's layout on the H100 pods: (tp, sp, pp, cp, micro_batch_size,

@@ -36,27 +36,29 @@ class StepFlops:
         return self.train / num_devices
 
 
-def _attention_flops_per_layer(config: DiTConfig, num_video_tokens: int, num_text_tokens: int) -> float:
-    """The batched (activation × activation) matmuls of one layer: scores and values of self-
-    attention over all tokens and of cross-attention against the text."""
-    c, n, l = config.hidden_size, num_video_tokens + 2, num_text_tokens
-    return float(2 * 2 * n * n * c + 2 * 2 * n * l * c)
-
-
-def _layer_flops(config: DiTConfig, num_video_tokens: int, num_text_tokens: int) -> float:
+def layer_parts(config: DiTConfig, num_video_tokens: int, num_text_tokens: int) -> dict[str, float]:
+    """Forward matmul FLOPs of one layer for one sample, by the parts recompute policies name:
+    the fused qkv projection, the self- and cross-attention scores and values (the batched
+    activation × activation matmuls), and the other weight matmuls."""
     c, f = config.hidden_size, config.mlp_hidden_size
     n = num_video_tokens + 2
     l = num_text_tokens
-    return float(
-        2 * n * c * 3 * c  # fused qkv
-        + 2 * 2 * n * n * c  # q·kᵀ and attn·v over all heads
-        + 2 * n * c * c  # self-attn output projection
-        + 2 * n * c * c  # cross-attn q
-        + 2 * l * c * 2 * c  # cross-attn kv on text
-        + 2 * 2 * n * l * c  # cross-attn scores and values
-        + 2 * n * c * c  # cross-attn output projection
-        + 2 * 2 * n * c * f  # MLP fc1 + fc2
-    )
+    return {
+        "qkv": float(2 * n * c * 3 * c),
+        "self_attention": float(2 * 2 * n * n * c),  # q·kᵀ and attn·v over all heads
+        "cross_attention": float(2 * 2 * n * l * c),
+        "linear_rest": float(
+            2 * n * c * c  # self-attn output projection
+            + 2 * n * c * c  # cross-attn q
+            + 2 * l * c * 2 * c  # cross-attn kv on text
+            + 2 * n * c * c  # cross-attn output projection
+            + 2 * 2 * n * c * f  # MLP fc1 + fc2
+        ),
+    }
+
+
+def _layer_flops(config: DiTConfig, num_video_tokens: int, num_text_tokens: int) -> float:
+    return sum(layer_parts(config, num_video_tokens, num_text_tokens).values())
 
 
 def forward_flops_per_sample(config: DiTConfig, num_video_tokens: int, num_text_tokens: int) -> float:
@@ -79,33 +81,42 @@ def step_flops(config: DiTConfig, batch_size: int, num_video_tokens: int, num_te
     return StepFlops(forward=fwd, train=3.0 * fwd)
 
 
-# What each recompute policy runs twice, as a part of the layers' forward matmuls. Keeping every
-# matmul output (JAX "dots") recomputes only element-wise work; keeping the weight matmuls but not
-# the batched ones (JAX "dots_no_batch" / "offload_dots", whose batch-dimension dots are the
-# attention scores and values; Megatron "selective", which re-runs the core attention) recomputes
-# the attention matmuls; "full" re-runs each layer's whole forward (embedders and final layer,
-# outside the remat'd blocks, are never recomputed).
+# What each recompute policy runs twice (parts of `layer_parts`). Keeping every matmul output
+# (JAX "dots") recomputes only element-wise work; keeping the weight matmuls but not the batched
+# ones (JAX "dots_no_batch" / "offload_dots", whose batch-dimension dots are the attention scores
+# and values; Megatron "selective", which re-runs the core attention) recomputes the attention
+# matmuls; "full" re-runs each layer's whole forward (embedders and final layer, outside the
+# remat'd blocks, are never recomputed); the named save-lists (mugv_jax/dit/model.py) re-run the
+# layer but for what they keep: the qkv projection, and with attn_out the self-attention kernel
+# (its output and log-sum-exp are kept).
+_ATTENTION = frozenset({"self_attention", "cross_attention"})
+_LAYER = frozenset({"qkv", "linear_rest"}) | _ATTENTION
 RECOMPUTE_PARTS = {
-    "none": "nothing",
-    "dots": "nothing",
-    "dots_no_batch": "attention",
-    "offload_dots": "attention",
-    "selective": "attention",
-    "full": "layers",
+    "none": frozenset(),
+    "dots": frozenset(),
+    "dots_no_batch": _ATTENTION,
+    "offload_dots": _ATTENTION,
+    "selective": _ATTENTION,
+    "full": _LAYER,
+    "save_qkv_proj": _LAYER - {"qkv"},
+    "offload_qkv_proj": _LAYER - {"qkv"},
+    "save_attn_out": _LAYER - {"self_attention"},
+    "offload_attn_out": _LAYER - {"self_attention"},
+    "save_qkv_attn": _LAYER - {"qkv", "self_attention"},
 }
 
 
-def recompute_flops_per_sample(config: DiTConfig, num_video_tokens: int, num_text_tokens: int, policy: str) -> float:
-    """Forward matmul FLOPs that `policy` (a JAX remat policy or a Megatron recompute mode)
-    re-runs during backward, per sample."""
+def recompute_parts(policy: str) -> frozenset:
+    """The `layer_parts` that `policy` (a JAX remat policy or a Megatron recompute mode) re-runs."""
     if policy not in RECOMPUTE_PARTS:
         raise ValueError(f"unknown recompute/remat policy {policy!r}; known: {sorted(RECOMPUTE_PARTS)}")
-    part = RECOMPUTE_PARTS[policy]
-    if part == "nothing":
-        return 0.0
-    if part == "attention":
-        return config.depth * _attention_flops_per_layer(config, num_video_tokens, num_text_tokens)
-    return config.depth * _layer_flops(config, num_video_tokens, num_text_tokens)
+    return RECOMPUTE_PARTS[policy]
+
+
+def recompute_flops_per_sample(config: DiTConfig, num_video_tokens: int, num_text_tokens: int, policy: str) -> float:
+    """Forward matmul FLOPs that `policy` re-runs during backward, per sample."""
+    parts = layer_parts(config, num_video_tokens, num_text_tokens)
+    return config.depth * sum(parts[p] for p in recompute_parts(policy))
 
 
 def hardware_step_flops(

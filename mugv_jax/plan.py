@@ -1,7 +1,7 @@
 """Plan a pod run on the CPU: per-device memory, FLOPs and step time of the real train step.
 
     python -m mugv_jax.plan --config=configs/mugv_10b.py:video_720[:POD] [--devices=128 --kind=tpu-v5p] \
-        [--config.mesh.ici.fsdp=64 --config.mesh.ici.context=4 ...] [--remat=full] [--mfu=0.4]
+        [--config.mesh.ici.fsdp=64 --config.mesh.ici.context=4 ...] [--remat=full]
 
 --devices and --kind default to the pod the config was laid out for (`config.target`). Exit
 status 0 when the plan fits the device's HBM; otherwise 1, after a list of changes (mesh axis,
@@ -12,41 +12,35 @@ shardings; nothing is allocated) over N fake CPU devices, so XLA's SPMD partitio
 exactly as on the pod. Reported per device: parameters, optimizer state and EMA (from the
 shardings), the compiled step's temporaries (activations, gradients, collectives buffers: XLA's
 memory analysis), total against the device's HBM; FLOPs per step (analytic, mugv/flops.py,
-beside XLA's cost analysis) and the step time predicted at the given MFU.
+beside XLA's cost analysis), the collectives per step and the partitioner's involuntary
+rematerializations, and the step time predicted by a roofline per op class (mugv/roofline.py).
 
 Caveats: the figures come from the CPU compiler. It partitions the same way, but schedules and
 fuses differently from the TPU/GPU compilers and may keep bf16 matmul operands in float32, so
 temporaries are an estimate (typically pessimistic); leave ~10% headroom. XLA's cost analysis
 counts a scanned layer body once, so its FLOPs are far below the analytic count for deep models.
-The fused attention kernels cannot run on the CPU: `splash` is compiled in Pallas interpret mode
-(the same kernel and custom backward, so the same residuals; like the Mosaic call on a TPU, the
-SPMD partitioner cannot split it, so outside a shard_map its operands are gathered), and `cudnn`
-is planned with XLA's attention, which is partitioned over batch and heads like cuDNN's custom
-partitioning but materialises the scores (an upper bound on the fused kernel's memory).
+The fused attention kernels cannot run on the CPU: `splash` and `cudnn` (and their ring steps)
+are compiled as the blockwise "chunked" kernel (mugv_jax/parallel/blockwise.py) inside the same
+shard_maps, with the same collectives and the fused kernels' memory profile: q, k, v, the output
+and the log-sum-exp kept for the backward, one block of scores at a time, never the N² scores.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import math
 import os
 import sys
 import time
 
+from mugv import roofline
 from mugv.run.config import as_run_config, check_batch_split
 
 GiB = 1024**3
 
-# HBM per device (bytes) and bf16 dense peak (FLOP/s).
-DEVICE_KINDS = {
-    "tpu-v5p": dict(hbm=95 * GiB, peak=459e12),
-    "tpu-v6e": dict(hbm=32 * GiB, peak=918e12),
-    "tpu-v5e": dict(hbm=16 * GiB, peak=197e12),
-    "h100": dict(hbm=80 * GiB, peak=989e12),
-    "h200": dict(hbm=141 * GiB, peak=989e12),
-}
+# HBM per device (bytes) and bf16 dense peak (FLOP/s); bandwidths and the rest: mugv/roofline.py.
+DEVICE_KINDS = {name: dict(hbm=d.hbm, peak=d.peak) for name, d in roofline.DEVICES.items()}
 
 
 @dataclasses.dataclass
@@ -71,9 +65,17 @@ class Plan:
     attention: str = "xla"  # backend+mode as configured
     stand_in: str = ""  # how the CPU compiled a kernel that runs only on the pod
     heads: int = 48
+    head_dim: int = 72
     depth: int = 56
     hidden: int = 3456
     tokens: int = 0  # self-attention sequence per sample (video + start/end)
+    kind: str = "tpu-v5p"  # the device kind the roofline and the collectives' bandwidth are for
+    # per step and device: {op: {"count": executions, "bytes": sent}} (mugv_jax/hlo_stats.py)
+    collectives: dict = dataclasses.field(default_factory=dict)
+    remat_warnings: list = dataclasses.field(default_factory=list)  # SPMD involuntary full remats
+    # seconds per op class (mugv/roofline.py): matmul, attention, elementwise, collectives, and
+    # step (the prediction), serial (no overlap), mfu, hardware_factor (attention FLOPs factor)
+    roofline: dict = dataclasses.field(default_factory=dict)
 
     @property
     def state_bytes(self):
@@ -111,10 +113,13 @@ def plan_buckets(config) -> list[tuple[int, int, int, int]]:
     return list(data.buckets) + (list(data.mix.image_buckets) if data.mix.on else [])
 
 
+STAND_IN = "the blockwise stand-in for the fused kernel (O(N·d) residuals, no N² scores)"
+
+
 @contextlib.contextmanager
 def cpu_attention_kernels():
-    """Make the fused kernels compile on the CPU (see the module docstring): `splash` in Pallas
-    interpret mode, `cudnn` as XLA attention. Restores the backend table on exit."""
+    """Make the fused kernels compile on the CPU (see the module docstring): `splash` and `cudnn`,
+    ring steps included, compute with the blockwise "chunked" kernel inside the same shard_maps."""
     import jax
 
     from mugv_jax.parallel import attention
@@ -122,18 +127,8 @@ def cpu_attention_kernels():
     if jax.default_backend() != "cpu":
         yield {}
         return
-    saved = dict(attention.BACKENDS)
-    attention.BACKENDS.update(
-        splash=functools.partial(attention._splash_attention, interpret=True), cudnn=attention.BACKENDS["xla"]
-    )
-    try:
-        yield {
-            "splash": "splash in Pallas interpret mode",
-            "cudnn": "XLA attention in place of cuDNN (scores materialised: an upper bound)",
-        }
-    finally:
-        attention.BACKENDS.clear()
-        attention.BACKENDS.update(saved)
+    with attention.stand_in("chunked"):
+        yield {"splash": STAND_IN, "cudnn": STAND_IN}
 
 
 def planning_mesh(config, devices=None):
@@ -162,16 +157,18 @@ def planning_mesh(config, devices=None):
     return mesh_lib.build_mesh(whole, {}, devices=devices)
 
 
-def plan_step(config, *, bucket_index: int | None = None, devices=None) -> Plan:
+def plan_step(config, *, bucket_index: int | None = None, devices=None, kind: str | None = None) -> Plan:
     """Compile the train step of `config` (an ml_collections training config) for its mesh over
-    `devices` (default all) with abstract inputs, and measure it. `bucket_index` indexes
+    `devices` (default all) with abstract inputs, and measure it; the step time is predicted for
+    `kind` devices (default: the config's target pod, else tpu-v5p). `bucket_index` indexes
     `plan_buckets(config)`; default: the bucket with the most tokens per step."""
+
     import jax
-    import numpy as np
-    from jax.sharding import NamedSharding, PartitionSpec
 
     from mugv import flops as flops_lib
     from mugv.geometry import num_tokens, num_video_tokens
+    from mugv_jax import hlo_stats
+    from mugv_jax.train import step as trainer_lib
     from mugv_jax.train.backend import build_trainer
 
     run = as_run_config(config)
@@ -190,33 +187,45 @@ def plan_step(config, *, bucket_index: int | None = None, devices=None) -> Plan:
         raise ValueError(f"bucket index {bucket_index}: the config has {len(buckets)} buckets {buckets}")
     f, h, w, batch = buckets[bucket_index]
     text_len = run.data.text_len
-    batch_abstract = {
-        "latents": jax.ShapeDtypeStruct((batch, model_cfg.in_channels, f, h, w), np.float32),
-        "y": jax.ShapeDtypeStruct((batch, 1, text_len, model_cfg.text_dim), np.float32),
-        "mask": jax.ShapeDtypeStruct((batch, text_len), np.int32),
-        "fps": jax.ShapeDtypeStruct((batch,), np.float32),
-    }
-    batch_sh = trainer.batch_sharding(batch_abstract)
-    batch_abstract = {
-        k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh[k]) for k, v in batch_abstract.items()
-    }
-    state = trainer.abstract_state()
-    state_sh = jax.tree.map(lambda a: a.sharding, state)
-    step = jax.jit(
-        trainer._step_fn,
-        in_shardings=(state_sh, batch_sh),
-        out_shardings=(state_sh, NamedSharding(mesh, PartitionSpec())),
-        donate_argnums=(0,),
-    )
+    step, state, batch_abstract = trainer.abstract_step(trainer_lib.batch_shapes(model_cfg, (f, h, w), batch, text_len))
+    kind = kind or run.target.kind or "tpu-v5p"
     t0 = time.perf_counter()
-    with cpu_attention_kernels() as stand_ins:
-        compiled = step.lower(state, batch_abstract).compile()
+    # Compiled here, not read from a persistent cache: the partitioner's log is part of the plan.
+    cache = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        with (
+            cpu_attention_kernels() as stand_ins,
+            hlo_stats.partitioned_module() as (dump, partitioned),
+            hlo_stats.capture_compile_log() as log,
+        ):
+            compiled = step.lower(state, batch_abstract).compile(compiler_options=dump)
+    finally:
+        jax.config.update("jax_enable_compilation_cache", cache)
     seconds = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     n_tok = num_video_tokens((f, h, w), model_cfg)
     other = {k: v for k, v in state.items() if k not in ("params", "opt_state", "ema")}
+    model_flops = flops_lib.step_flops(model_cfg, batch, n_tok, text_len).train
+    found = hlo_stats.collectives(partitioned[0] if partitioned else compiled.as_text())
+    dev = roofline.DEVICES[kind]
+    factor = roofline.hardware_factor(options.attention, model_cfg.head_dim, dev.platform)
+    step_cost = roofline.step_cost(
+        model_cfg,
+        batch / mesh.size,
+        n_tok,
+        text_len,
+        options.remat,
+        factor,
+        params=_per_device_bytes(state["params"]) / 4,
+        tensor=mesh.shape["tensor"],
+    )
+    step_cost = dataclasses.replace(
+        step_cost, collective_seconds=hlo_stats.seconds(found, dev.link, dev.node, dev.network)
+    )
+    pred = roofline.predict(step_cost, dev, model_flops / mesh.size)
     return Plan(
         mesh=dict(mesh.shape),
         bucket=(f, h, w, batch),
@@ -229,7 +238,7 @@ def plan_step(config, *, bucket_index: int | None = None, devices=None) -> Plan:
         xla_argument_bytes=int(mem.argument_size_in_bytes),
         xla_output_bytes=int(mem.output_size_in_bytes),
         xla_alias_bytes=int(mem.alias_size_in_bytes),
-        analytic_flops=flops_lib.step_flops(model_cfg, batch, n_tok, text_len).train,
+        analytic_flops=model_flops,
         xla_flops=float(cost["flops"]) if cost and "flops" in cost else None,
         compile_seconds=seconds,
         grad_accum_steps=optim.grad_accum_steps,
@@ -237,9 +246,25 @@ def plan_step(config, *, bucket_index: int | None = None, devices=None) -> Plan:
         attention=run.attention,
         stand_in=stand_ins.get(options.attention, ""),
         heads=model_cfg.num_heads,
+        head_dim=model_cfg.head_dim,
         depth=model_cfg.depth,
         hidden=model_cfg.hidden_size,
         tokens=num_tokens((f, h, w), model_cfg),
+        kind=kind,
+        collectives=hlo_stats.summarize(found),
+        remat_warnings=hlo_stats.involuntary_rematerializations(log[0]),
+        roofline=dict(
+            matmul=pred.matmul,
+            attention=pred.attention,
+            elementwise=pred.elementwise,
+            collectives=pred.collectives,
+            step=pred.seconds,
+            serial=pred.serial_seconds,
+            mfu=pred.mfu(dev.peak),
+            hardware_factor=factor,
+            hardware_flops=mesh.size
+            * (step_cost.matmul_flops + step_cost.attention_fwd_flops + step_cost.attention_bwd_flops),
+        ),
     )
 
 
@@ -250,10 +275,9 @@ def fits(p: Plan, kind: str) -> bool:
     return p.total_bytes <= DEVICE_KINDS[kind]["hbm"]
 
 
-def report(p: Plan, kind: str, mfu: float) -> str:
+def report(p: Plan, kind: str) -> str:
     dev = DEVICE_KINDS[kind]
     n = math.prod(p.mesh.values())
-    step_s = p.analytic_flops / (n * dev["peak"] * mfu)
     g = lambda b: f"{b / GiB:8.2f} GiB"
     free = 1 - p.total_bytes / dev["hbm"]
     verdict = (
@@ -282,15 +306,15 @@ def report(p: Plan, kind: str, mfu: float) -> str:
         f"  batch + other state       {g(p.batch_bytes + p.other_state_bytes)}",
         f"  temporaries (XLA)         {g(p.temp_bytes)}   activations, gradients, buffers",
         f"  total (XLA args + temps)  {g(p.total_bytes)}   of {dev['hbm'] / GiB:.0f} GiB HBM: " + verdict,
-        f"FLOPs per step: analytic {p.analytic_flops:.3e} ({p.analytic_flops / n:.3e} per device); "
+        f"FLOPs per step: model {p.analytic_flops:.3e} ({p.analytic_flops / n:.3e} per device); "
         + (
             f"XLA cost analysis {p.xla_flops:.3e} per device (scanned layer counted once)"
             if p.xla_flops is not None
             else "XLA cost analysis unavailable"
         ),
-        f"predicted step time at {mfu:.0%} MFU ({dev['peak'] / 1e12:.0f} TFLOP/s peak): {step_s:.2f} s",
-        f"(compiled in {p.compile_seconds:.0f} s on {os.cpu_count()} CPU cores)",
     ]
+    lines += _collective_lines(p) + _roofline_lines(p, kind)
+    lines.append(f"(compiled in {p.compile_seconds:.0f} s on {os.cpu_count()} CPU cores)")
     if not fits(p, kind) or free < HEADROOM:
         lines += suggestions(p, kind)
     return "\n".join(lines)
@@ -491,10 +515,35 @@ def suggestions(p: Plan, kind: str) -> list[str]:
     return lines
 
 
-def summary(p: Plan, kind: str, mfu: float) -> dict:
+def _collective_lines(p: Plan) -> list[str]:
+    total = sum(v["bytes"] for v in p.collectives.values())
+    parts = ", ".join(
+        f"{op} {v['count']}× {v['bytes'] / GiB:.2f} GiB" for op, v in sorted(p.collectives.items()) if v["bytes"]
+    )
+    lines = [f"collectives per step, sent per device: {total / GiB:.2f} GiB ({parts or 'none'})"]
+    lines.append(f"SPMD involuntary full rematerializations: {len(p.remat_warnings)}")
+    lines += [f"  {w[:300]}" for w in p.remat_warnings]
+    return lines
+
+
+def _roofline_lines(p: Plan, kind: str) -> list[str]:
+    r = p.roofline
+    if not r:
+        return []
+    hw = r.get("hardware_flops", 0.0)
+    return [
+        f"hardware FLOPs per step {hw:.3e} (recompute of remat {p.remat}, attention ×{r['hardware_factor']:.2f} "
+        f"for head dim {p.head_dim} on {kind}): {hw / p.analytic_flops:.2f}× the model FLOPs",
+        f"step time, roofline per op class on {kind} (mugv/roofline.py): matmul {r['matmul']:.2f} s + attention "
+        f"{r['attention']:.2f} s + elementwise {r['elementwise']:.2f} s; collectives {r['collectives']:.2f} s",
+        f"predicted step time {r['step']:.2f} s (collectives overlapped; {r['serial']:.2f} s without overlap), "
+        f"MFU {r['mfu']:.1%}",
+    ]
+
+
+def summary(p: Plan, kind: str) -> dict:
     """The plan as plain data (bench/plan_*.py collect these)."""
     dev = DEVICE_KINDS[kind]
-    n = math.prod(p.mesh.values())
     return {
         **dataclasses.asdict(p),
         "kind": kind,
@@ -503,15 +552,17 @@ def summary(p: Plan, kind: str, mfu: float) -> dict:
         "state_bytes": p.state_bytes,
         "fits": fits(p, kind),
         "micro_batch": p.micro_batch,
-        "step_seconds": p.analytic_flops / (n * dev["peak"] * mfu),
-        "mfu": mfu,
+        "step_seconds": p.roofline.get("step"),
+        "mfu": p.roofline.get("mfu"),
+        "remat_warning_count": len(p.remat_warnings),
+        "collective_bytes": sum(v["bytes"] for v in p.collectives.values()),
     }
 
 
-def write_json(p: Plan, kind: str, mfu: float, path: str) -> None:
+def write_json(p: Plan, kind: str, path: str) -> None:
     from mugv.io import atomic
 
-    atomic.write_json(path, summary(p, kind, mfu), indent=1)
+    atomic.write_json(path, summary(p, kind), indent=1)
 
 
 def main(argv):
@@ -553,14 +604,14 @@ def main(argv):
             config.data.buckets = (shape,)
             config.data.mix.image_fraction_start = config.data.mix.image_fraction_end = 0.0
     run = as_run_config(config)
-    p = plan_step(run, bucket_index=FLAGS.bucket)
+    p = plan_step(run, bucket_index=FLAGS.bucket, kind=kind)
     print(
         f"model {run.model}, stage {run.stage or '-'}"
         + (f", layout planned for {name} ({target_devices} × {target_kind})" if name else "")
     )
-    print(report(p, kind, FLAGS.mfu))
+    print(report(p, kind))
     if FLAGS.json:
-        write_json(p, kind, FLAGS.mfu, FLAGS.json)
+        write_json(p, kind, FLAGS.json)
     dcn = run.mesh.dcn.as_dict()
     if math.prod(dcn.values()) > 1 and not fits(p, kind):
         print(f"note: the mesh spans slices (mesh.dcn = {dcn}); the overrides above are for one slice")
@@ -601,7 +652,12 @@ def _define_flags():
     flags.DEFINE_string(
         "kind", None, f"device kind: {', '.join(sorted(DEVICE_KINDS))} (default: config.target.kind, else tpu-v5p)"
     )
-    flags.DEFINE_string("remat", None, "override config.remat (none, full, dots, dots_no_batch, offload_dots)")
+    flags.DEFINE_string(
+        "remat",
+        None,
+        "override config.remat: none, full, dots, dots_no_batch, offload_dots, or a named save-list "
+        "(save_qkv_proj, save_attn_out, save_qkv_attn, offload_qkv_proj, offload_attn_out; mugv_jax/dit/model.py)",
+    )
     flags.DEFINE_string(
         "shape",
         None,
@@ -613,7 +669,6 @@ def _define_flags():
         None,
         "index into the config's buckets, video then mixed-in image buckets (default: the most tokens per step)",
     )
-    flags.DEFINE_float("mfu", 0.4, "model FLOPs utilisation assumed for the step-time prediction")
     flags.DEFINE_string("json", None, "also write the plan as JSON to this path")
     flags.mark_flags_as_required(["config"])
 

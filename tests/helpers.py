@@ -7,6 +7,7 @@ from functools import cache
 
 import numpy as np
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
 DIT_WEIGHTS = os.path.join(GOLDEN, "dit_tiny", "weights.safetensors")
 DIT_VECTORS = os.path.join(GOLDEN, "dit_tiny", "vectors.safetensors")
@@ -42,6 +43,19 @@ def max_abs(a, b) -> float:
 def rel_l2(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def run_module(module: str, *args: str, timeout: float):
+    """`python -m module args` from the repository root in a fresh process, with JAX left to find
+    its own devices (no fake-device XLA_FLAGS or platform from this test process)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def snapshot(root) -> dict:

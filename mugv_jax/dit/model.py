@@ -22,6 +22,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from mugv.config import DiTConfig
 from mugv_jax.dit import ops
@@ -31,15 +32,38 @@ from mugv_jax.parallel.sharding import constrain
 
 F32 = jnp.float32
 
-# Named activation-recompute policies for the scanned block (MaxText style).
+# Activations the block tags with `checkpoint_name`, so a remat policy can name what it keeps:
+#   qkv_proj  the fused q/k/v projection of self-attention, [B, N, 3, H, D]
+#   attn_out  the self-attention output [B, N, H, D] (and, from the fused kernels and the ring,
+#             the output and log-sum-exp their backward needs: saved, the kernel is not re-run)
+ACTIVATION_NAMES = ("qkv_proj", "attn_out")
+
+
+def _offload(*names):
+    # Keep the named activations in pinned host memory instead of HBM (GPU/TPU with host offload;
+    # the CPU backend has no separate host memory space).
+    return jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[],
+        names_which_can_be_offloaded=list(names),
+        offload_src="device",
+        offload_dst="pinned_host",
+    )
+
+
+# Activation-recompute policies for the scanned block: jax's generic ones, and named save-lists
+# over ACTIVATION_NAMES (MaxText's habit).
 REMAT_POLICIES: dict[str, Callable | None] = {
     "none": None,  # keep every activation
     "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block in backward
     "dots": jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs, recompute the rest
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-    # Keep weight-matmul outputs in pinned host memory instead of HBM (GPU/TPU with host offload;
-    # the CPU backend has no separate host memory space).
     "offload_dots": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
+    "save_qkv_proj": jax.checkpoint_policies.save_only_these_names("qkv_proj"),
+    "save_attn_out": jax.checkpoint_policies.save_only_these_names("attn_out"),
+    # Neither the projections nor the attention kernel's forward are recomputed.
+    "save_qkv_attn": jax.checkpoint_policies.save_only_these_names("qkv_proj", "attn_out"),
+    "offload_qkv_proj": _offload("qkv_proj"),
+    "offload_attn_out": _offload("attn_out"),
 }
 
 
@@ -233,13 +257,20 @@ def _block(p, x, cond, config: DiTConfig, opts: RuntimeOptions):
 
     # Self-attention.
     h = ops.modulate(ops.layer_norm(x, eps), shift_msa, scale_msa)
-    qkv = _dense(h, p["attn"]["qkv"], opts)  # [B, N, 3, H, D]
+    qkv = checkpoint_name(_dense(h, p["attn"]["qkv"], opts), "qkv_proj")  # [B, N, 3, H, D]
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     q = ops.apply_rope(ops.rms_norm(q, p["attn"]["q_norm"]["scale"], eps), rope_cos, rope_sin)
     k = ops.apply_rope(ops.rms_norm(k, p["attn"]["k_norm"]["scale"], eps), rope_cos, rope_sin)
     q = constrain(q, ("batch", "length", "act_heads", None))
     a = cp.self_attention(
-        q, k, v, key_mask=self_mask, mode=opts.context_parallel, implementation=opts.attention, precision=opts.precision
+        q,
+        k,
+        v,
+        key_mask=self_mask,
+        mode=opts.context_parallel,
+        implementation=opts.attention,
+        precision=opts.precision,
+        residual_name="attn_out",
     )
     a = _dense(a, p["attn"]["proj"], opts, n_in=2)
     x = x + gate_msa * a.astype(F32)
@@ -392,7 +423,10 @@ def forward(
     text = ops.layer_norm(text, config.caption_norm_eps)
     if capture:
         acts["y_embedder"] = text[:, None]
-    text = text.astype(opts.compute_dtype)
+    # Laid out like every activation (samples over data × fsdp): left free, the caption takes the
+    # embedder weights' `embed` sharding, and every layer's cross-attention k/v projection of the
+    # whole micro-batch's captions ends in an all-reduce over fsdp.
+    text = constrain(text.astype(opts.compute_dtype), ("batch", "text_length", "act_embed"))
     text_mask = jnp.ones(y.shape[:1] + y.shape[2:3], bool) if mask is None else jnp.asarray(mask).astype(bool)
 
     # Patch embed (zero-pad each axis up to a patch multiple, as the release does), (t,h,w) order.
@@ -462,7 +496,10 @@ def forward(
     # Final layer on video tokens, modulated by the pre-t_block conditioning vector.
     fl = params["final_layer"]
     hv = h[:, 1 : 1 + n_video]
-    c_sel = ops.select_per_token(video_mask, cond_t, cond_0)
+    # Laid out like the tokens: left free, the partitioner splits the modulation's gradient over
+    # `embed` (the table's weight sharding) and re-lays the [B, N, C] activation gradient to match
+    # ("involuntary full rematerialization" in the planner's log).
+    c_sel = constrain(ops.select_per_token(video_mask, cond_t, cond_0), ("batch", "length", "act_embed"))
     table = fl["scale_shift_table"].astype(F32)
     hv = ops.modulate(ops.layer_norm(hv, config.norm_eps), c_sel + table[0], c_sel + table[1])
     out = _dense(hv, fl["linear"], opts).astype(F32)  # [B, N, pt·ph·pw·C_out]

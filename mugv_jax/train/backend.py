@@ -53,7 +53,8 @@ def init_params_from(spec: str, model_cfg: DiTConfig, weights: str = "raw"):
 
 def build_trainer(config, mode: str = "pretrain", devices=None, mesh=None):
     """The Trainer (or PreferenceTrainer) a run config describes: model, runtime options,
-    optimizer, objective, sharding rules and mesh (over `devices`, default all; or `mesh`)."""
+    optimizer, objective, sharding rules and mesh (over `devices`, default all; or `mesh`: the planner's fake
+    devices, an abstract mesh for lowering)."""
     run = as_run_config(config)
     options = RuntimeOptions(compute_dtype=run.compute_dtype, attention=run.attention, remat=run.remat)
     if mesh is None:

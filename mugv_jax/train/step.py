@@ -66,6 +66,17 @@ def param_logical_axes(config: DiTConfig) -> dict:
     return _unflatten(sharding.param_logical_axes(dit_ckpt.abstract_model(config)))
 
 
+def batch_shapes(config: DiTConfig, latent: tuple[int, int, int], batch: int, text_len: int) -> dict:
+    """{name: (shape, dtype)} of a global batch of `latent` (frames, height, width) clips."""
+    f, h, w = latent
+    return {
+        "latents": ((batch, config.in_channels, f, h, w), np.float32),
+        "y": ((batch, 1, text_len, config.text_dim), np.float32),
+        "mask": ((batch, text_len), np.int32),
+        "fps": ((batch,), np.float32),
+    }
+
+
 class Trainer:
     """Holds the static pieces of training (config, mesh, optimizer) and builds jitted steps."""
 
@@ -298,6 +309,21 @@ class Trainer:
             loss_by_t_count=aux["q_count"],  # 0: no sample in that quartile this step
         )
         return new_state, metrics
+
+    def abstract_step(self, batch_shapes: dict):
+        """(the jitted step, its abstract state, its abstract batch) for a batch given as
+        {name: (shape, dtype)}, with the shardings `train_step` uses: what the planner compiles
+        and mugv_jax/export.py lowers for a pod, nothing allocated."""
+        arrays = {k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in batch_shapes.items()}
+        batch_sh = self.batch_sharding(arrays)
+        batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh[k]) for k, v in arrays.items()}
+        state = self.abstract_state()
+        state_sh = jax.tree.map(lambda a: a.sharding, state)
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        step = jax.jit(
+            self._step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated), donate_argnums=(0,)
+        )
+        return step, state, batch
 
     def train_step(self, state, batch):
         """The compiled step for this batch's shapes (cached per bucket)."""

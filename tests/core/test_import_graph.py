@@ -30,7 +30,7 @@ ALLOWED = {
 # The rooms of each backend by layer, lowest first. The JAX preference trainer lives in train/ (a
 # training mode, like Megatron's), so train/ never reaches up into recipe/.
 LAYERS = {
-    "mugv_jax": (("parallel",), ("dit",), ("sample",), ("train",), ("recipe", "vae", "plan")),
+    "mugv_jax": (("parallel", "hlo_stats"), ("dit",), ("sample",), ("train",), ("recipe", "vae", "plan"), ("export",)),
     # memory.py and plan.py are the framework-free planner (the trainer checks its batch split).
     "mugv_megatron": (("memory",), ("plan",), ("parallel",), ("model",), ("train",)),
 }

@@ -325,8 +325,9 @@ def test_cudnn_arguments_compute_the_masked_attention():
 
 
 def test_kernel_backends_run_per_shard_under_a_mesh():
-    """Under a mesh the Pallas kernel runs inside a shard_map over batch and heads (a custom call
-    the partitioner cannot split) and equals the XLA reference, padded queries zeroed."""
+    """Under a mesh the splash kernel (Pallas interpret mode here) runs inside a shard_map over
+    batch and heads (a custom call the partitioner cannot split) and equals the XLA reference,
+    padded queries zeroed."""
     from mugv_jax.parallel import sharding
     from tests.trainer_helpers import make_mesh
 
@@ -334,8 +335,8 @@ def test_kernel_backends_run_per_shard_under_a_mesh():
     pad = jnp.broadcast_to(jnp.arange(16) < 14, (2, 16))
     mesh = make_mesh((2, 1, 4, 1))
     hi = jax.lax.Precision.HIGHEST
-    with sharding.activation_sharding(mesh):
-        fn = lambda q, k, v: cp.self_attention(q, k, v, key_mask=pad, implementation="pallas", precision=hi)
+    with sharding.activation_sharding(mesh), attention.stand_in(interpret_splash=True):
+        fn = lambda q, k, v: cp.self_attention(q, k, v, key_mask=pad, implementation="splash", precision=hi)
         jaxpr = str(jax.make_jaxpr(fn)(q, k, v))
         got = jax.jit(fn)(q, k, v)
     assert "shard_map" in jaxpr and "pallas_call" in jaxpr
@@ -360,9 +361,10 @@ def _shipped_configs():
         module = importlib.import_module(f"configs.{path.stem}")
         if not hasattr(module, "get_config") or path.stem in ("mcore",):
             continue
-        args = list(getattr(module, "STAGES", {})) or {"tiny": [None, "i2v"], "main": ["quick", "full"]}.get(
-            path.stem, [None]
-        )
+        # Every stage on every pod it is laid out for (the h100 layouts carry cuDNN).
+        pods = list(getattr(module, "PODS", {})) or [None]
+        stages = [s if p is None else f"{s}:{p}" for s in getattr(module, "STAGES", {}) for p in pods]
+        args = stages or {"tiny": [None, "i2v"], "main": ["quick", "full"]}.get(path.stem, [None])
         for arg in args:
             config = module.get_config(arg) if arg is not None else module.get_config()
             if "attention" in config:  # the VAE configs have no DiT
@@ -394,9 +396,10 @@ def test_no_shipped_config_selects_an_arbitrary_mask(pretend_cuda):
     from mugv_megatron.model.dit import padded_length
 
     configs = _shipped_configs()
-    assert {"mugv_10b:video_720", "tiny:", "tiny_curriculum:sft"} <= {n for n, _ in configs}
+    assert {"mugv_10b:video_720:h100x64", "tiny:", "tiny_curriculum:sft"} <= {n for n, _ in configs}
     overrides = _launch_attention_overrides()
-    assert "cudnn" in overrides  # launch/jax_gpu_slurm.sbatch
+    # The GPU layouts carry cuDNN themselves (launch/jax_gpu_slurm.sbatch no longer overrides it).
+    assert {n for n, c in configs if c.attention.split("+")[0] == "cudnn"} >= {"mugv_10b:video_720:h100x128"}
     checked_cudnn = 0
     for _name, c in configs:
         model = model_config_from(c)

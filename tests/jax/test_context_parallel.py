@@ -94,7 +94,7 @@ def test_ulysses_rejects_heads_not_divisible_by_context():
 
 
 def test_runtime_options_parse_backend_and_mode():
-    o = RuntimeOptions(attention="pallas+ring")
-    assert (o.attention, o.context_parallel) == ("pallas", "ring")
+    o = RuntimeOptions(attention="chunked+ring")
+    assert (o.attention, o.context_parallel) == ("chunked", "ring")
     with pytest.raises(ValueError, match="context_parallel"):
         RuntimeOptions(context_parallel="stripes")
