@@ -33,5 +33,5 @@ exec "$py" -m pytest -q -p no:cacheprovider -n "${MUGV_TEST_WORKERS:-2}" --dist=
   tests/jax/test_sampler.py::test_golden_i2v_sampling_with_guidance \
   tests/jax/test_trainer.py \
   tests/jax/test_plan.py::test_planner_memory_matches_a_real_step \
-  tests/jax/test_tpu_export.py \
+  tests/jax/test_export.py::test_shipped_10b_layout_lowers_for_tpu_at_its_real_device_count \
   "$@"
