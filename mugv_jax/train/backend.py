@@ -33,6 +33,7 @@ from mugv.training import (
     preference_config_from,
     unflatten,
 )
+from mugv_jax import compilation_cache
 from mugv_jax.dit import checkpoint as dit_checkpoint
 from mugv_jax.dit.model import RuntimeOptions
 from mugv_jax.parallel import mesh as mesh_lib
@@ -227,6 +228,7 @@ def resolved_config(config, model_cfg: DiTConfig) -> dict:
 
 def train(config, workdir: str) -> dict:
     """Run (or resume) training; returns the driver's summary plus the final `state`."""
+    compilation_cache.setup(compilation_cache.workdir_cache_dir(workdir))
     task = tasks.for_config(config)
     resolved = resolved_config(config, task.model_cfg)
     backend = JaxBackend(config, workdir, task, resolved)

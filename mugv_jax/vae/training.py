@@ -34,6 +34,7 @@ from flax import nnx
 
 from mugv.run import driver
 from mugv.vae_config import TEMPORAL_GROUP, VAEConfig, get_vae_config
+from mugv_jax import compilation_cache
 from mugv_jax.vae import losses
 from mugv_jax.vae.checkpoint import export_release_state_dict, load
 from mugv_jax.vae.discriminator import PatchDiscriminator
@@ -618,6 +619,7 @@ def train_vae(config, workdir: str, clips: Iterable[np.ndarray] | None = None, p
     _check(config, vae_cfg)
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
+    compilation_cache.setup(compilation_cache.workdir_cache_dir(workdir))
     weights = os.path.join(workdir, WEIGHTS_NAME)
     result_path = os.path.join(workdir, RESULT_NAME)
     if os.path.isfile(result_path) and os.path.isfile(weights):
