@@ -144,7 +144,7 @@ def dit_weights(preset) -> dict:
 
 
 def _nested(flat):
-    from mugv.training import unflatten
+    from mugv.layouts.jax import unflatten
 
     return unflatten(flat)
 

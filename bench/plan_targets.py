@@ -1,6 +1,13 @@
 """Plan every 10B stage on every pod it is laid out for and print the table (docs/scaling.md).
 
     python bench/plan_targets.py [--stages=video_720,sft] [--pods=v5p-256,h100x64] [--results=plans.jsonl]
+    python bench/plan_targets.py --backend=megatron [--search]
+
+`--backend=megatron` prints the Megatron layouts of the H100 pods (configs/mugv_10b.py
+MEGATRON_LAYOUTS) with mugv_megatron.plan's analytic per-GPU memory, in a second or two: the table
+of docs/scaling.md "Megatron layouts on H100" is this output verbatim (a test compares them).
+`--search` prints instead, per clip and pod, the fastest layouts the estimate finds that fit, and
+the MEGATRON_LAYOUTS lines of the first.
 
 Each plan is `python -m mugv_jax.plan --config=configs/mugv_10b.py:<stage>:<pod>` in a fresh
 process (the fake device count is fixed when jax starts), run one after another: a 256-device
@@ -72,10 +79,86 @@ HEADER = (
 )
 
 
+MEGATRON_HEADER = (
+    "| stages | pod | bucket (latent f×h×w) × global batch | TP, SP, PP, CP | recompute | "
+    "micro-batch × DP × accumulation | state GiB | activations GiB | total GiB / GPU | largest part | "
+    "step s at 40% HFU |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def megatron_pods(pods):
+    return [p for p in pods if any(pod == p for _, pod in mugv_10b.MEGATRON_LAYOUTS)]
+
+
+def megatron_rows(stages, pods) -> tuple[list[str], bool]:
+    """The Megatron table's rows (one per distinct plan) and whether every plan fits."""
+    from mugv_megatron import plan as mplan
+
+    rows, seen, ok = [], {}, True
+    for pod in megatron_pods(pods):
+        for stage in stages:
+            c = mugv_10b.get_config(f"{stage}:{pod}")
+            if c.mode != "pretrain":
+                rows.append([[stage], f"| {stage} | {pod} | preference step: not planned | | | | | | | | |"])
+                continue
+            p = mplan.plan_config(c, int(c.target.devices), "h100")
+            w, lay = p.worst, p.layout
+            key = (pod, w.bucket, lay, w.accumulation)
+            if key in seen:
+                seen[key][0].append(stage)
+                continue
+            ok &= p.fits
+            e = w.estimate
+            f, h, wd, batch = w.bucket
+            part, size = e.dominant(1)[0]
+            verdict = "fits" if p.fits else "DOES NOT FIT"
+            line = (
+                f"| {{names}} | {pod} | {f}×{h}×{wd} × {batch} | {lay.tp}, {'on' if lay.sp else 'off'}, {lay.pp}, "
+                f"{lay.cp} | {lay.recompute} | {w.micro_batch} × {p.data_parallel} × {w.accumulation} | "
+                f"{e.state_total / GiB:.1f} | {e.activation_total / GiB:.1f} | **{e.total / GiB:.1f}** / "
+                f"{mplan.DEVICES['h100']['memory'] / GiB:.1f} ({verdict}) | {part} ({size / GiB:.1f}) | "
+                f"{p.step_seconds(0.4):.1f} |"
+            )
+            seen[key] = [[stage], line]
+            rows.append(seen[key])
+    return [line.replace("{names}", ", ".join(names)) for names, line in rows], ok
+
+
+def megatron_search(stages, pods) -> None:
+    from mugv.run.config import model_config_from
+    from mugv_megatron import plan as mplan
+
+    done = set()
+    for pod in megatron_pods(pods):
+        for stage in stages:
+            c = mugv_10b.get_config(f"{stage}:{pod}")
+            clip = mugv_10b.STAGES[stage][1]["clip"]
+            if c.mode != "pretrain" or (clip, pod) in done:
+                continue
+            done.add((clip, pod))
+            found = mplan.search(
+                model_config_from(c),
+                mplan.run_buckets(c),
+                gpus=int(c.target.devices),
+                kind="h100",
+                text_len=int(c.data.text_len),
+                limit=3,
+            )
+            for q in found:
+                print(f"# {stage} on {pod}: {q.layout.describe()}: {q.total / GiB:.1f} GiB")
+            if found:
+                lay = found[0].layout
+                row = (lay.tp, lay.sp, lay.pp, lay.cp, lay.micro_batch, lay.recompute)
+                print(f'    ("{clip}", "{pod}"): {row!r},'.replace("'", '"'))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stages", default=",".join(mugv_10b.STAGES))
     ap.add_argument("--pods", default=",".join(mugv_10b.PODS))
+    ap.add_argument("--backend", choices=("jax", "megatron"), default="jax")
+    ap.add_argument("--search", action="store_true", help="megatron: search the layouts instead of the table")
     ap.add_argument("--results", default=None, help="also append each plan's JSON summary to this .jsonl")
     ap.add_argument("--log_dir", default=None, help="keep every planner output here")
     args = ap.parse_args()
@@ -86,6 +169,13 @@ def main():
     for p in pods:
         if p not in mugv_10b.PODS:
             ap.error(f"--pods: unknown pod {p!r}; choose from {list(mugv_10b.PODS)}")
+    if args.backend == "megatron":
+        if args.search:
+            megatron_search(stages, pods)
+            return 0
+        lines, ok = megatron_rows(stages, pods)
+        print(MEGATRON_HEADER + "\n" + "\n".join(lines))
+        return 0 if ok else 1
     print(
         f"{datetime.date.today().isoformat()}, {machine()}; python -m mugv_jax.plan per row, one at a time", flush=True
     )

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import mugv_jax.vae as vae
-from mugv_jax.vae.init import random_vae
+from mugv_jax.vae.checkpoint import random_vae
 from mugv_jax.vae.jitted import JittedVAE
 from mugv_jax.vae.tiling import Tiled, Tiling
 

@@ -91,7 +91,7 @@ def get_config(arg: str | None = None):
     # MiniLM features are 384 wide; captions are at most 16 tokens.
     # Depth 4 instead of the preset's 2: with 12 video tokens a step is overhead-bound, so the
     # extra layers cost little and help the model compose colour and direction.
-    d.model_overrides = ml_collections.ConfigDict(dict(text_dim=384, max_text_tokens=16, depth=4))
+    d.model_overrides.text_dim, d.model_overrides.max_text_tokens, d.model_overrides.depth = 384, 16, 4
     # 1200 full-run steps: on the same VAE every held-out check came out as at 2000 steps
     # (docs/main_job.md), and the 80 s saved train the VAE longer.
     d.num_steps = 500 if quick else 1200

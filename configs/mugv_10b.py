@@ -1,4 +1,4 @@
-"""MUG-V 10B training curriculum: `--config=configs/mugv_10b.py:<stage>[:<pod>][@ROOT]`.
+"""MUG-V 10B training curriculum: `--config=configs/mugv_10b.py:<stage>[:<pod>[x<slices>]][@ROOT]`.
 
 Stages follow the paper (docs/reference.md §7; docs/training_recipe.md has the commands). Each stage runs
 in workdir ROOT/<stage> (ROOT defaults to runs/mugv_10b) and starts from the previous stage's
@@ -12,14 +12,17 @@ the tuned hidden-1728 model widened ×2 by `python -m mugv_jax.recipe.expand`.
   video_360_5s   360p, 5 s clips        } run each until the validation loss plateaus
   video_720      720p, 5 s clips from the high-quality subset, first-frame masking kept
   sft            annealed SFT: curated subset, cosine decay to 0, checkpoints kept for post-hoc EMA
-  preference     DPO + KTO with the SFT loss as regulariser (mugv_jax/recipe/preference.py)
+  preference     DPO + KTO with the SFT loss as regulariser (mugv_jax/train/preference.py)
 
 <pod> picks the machine the stage is laid out for (default v5p-256): the mesh, the attention
 kernel and context-parallel mode, the remat policy and the micro-batch, with gradient
 accumulation making up the stage's global batch. Pods: v5p-256, v6e-256 (TPU, splash kernel),
 h100x64, h100x128 (H100 GPUs, cuDNN kernel). Every layout was chosen and checked with the
 planner (`python -m mugv_jax.plan --config=configs/mugv_10b.py:<stage>:<pod>`; all of them:
-`python bench/plan_targets.py`; figures in docs/scaling.md).
+`python bench/plan_targets.py`; figures in docs/scaling.md). `<pod>x<N>` (TPU pods) is N slices
+of the pod joined over DCN (launch/tpu_multislice.sh): the same per-slice mesh, data parallelism
+across slices, the same global batch. The H100 pods also carry the Megatron trainer's layout
+(MEGATRON_LAYOUTS, config.megatron; `python -m mugv_megatron.plan`).
 
 The paper publishes no batch size, step count or learning rate: a stage's global batch is
 TOKENS_PER_STEP video tokens divided by the tokens of its largest sample, rounded down to a
@@ -31,9 +34,8 @@ height, latent width, global batch); pixel = latent × 8, pixel frames = 8·(lat
 (7 latent frames = 49 frames ≈ 2 s at 24 fps, 10 = 73 ≈ 3 s, 14 = 105 ≈ 5 s at 21 fps).
 """
 
-import ml_collections
-
 from configs.base import base_config
+from mugv.run.config import check_batch_split
 
 DEFAULT_ROOT = "runs/mugv_10b"
 EXPANDED = "expanded"
@@ -153,45 +155,113 @@ LAYOUTS = {
     ("720p_5s", "h100x128"): ((1, 16, 1, 8), "xla+ring", "full", 1),
 }
 
+# (clip, pod) → the Megatron trainer's layout on the H100 pods: (tp, sp, pp, cp, micro_batch_size,
+# recompute); the accumulation is then batch / (data parallel · micro), data parallel = GPUs /
+# (tp·pp·cp). Chosen by `python bench/plan_targets.py --backend=megatron --search` (the fastest
+# candidate of mugv_megatron.plan.search whose analytic memory estimate fits the H100 with 10%
+# headroom) and checked by tests/megatron/test_megatron_plan.py; docs/scaling.md has the figures.
+# The JAX layout above and this one are separate: each backend reads only its own (config.mesh,
+# attention, remat, optim.grad_accum_steps for JAX; config.megatron for Megatron).
+MEGATRON_LAYOUTS = {
+    ("360p_2s", "h100x64"): (4, True, 1, 1, 1, "none"),
+    ("360p_3s", "h100x64"): (4, True, 1, 1, 1, "none"),
+    ("360p_5s", "h100x64"): (8, True, 1, 1, 1, "none"),
+    ("720p_5s", "h100x64"): (2, True, 1, 1, 1, "full"),
+    ("360p_2s", "h100x128"): (4, True, 1, 1, 1, "none"),
+    ("360p_3s", "h100x128"): (4, True, 1, 1, 1, "none"),
+    ("360p_5s", "h100x128"): (8, True, 1, 1, 1, "none"),
+    ("720p_5s", "h100x128"): (2, True, 1, 1, 1, "full"),
+}
+
+
+def parse_pod(name: str) -> tuple[str, int]:
+    """`<pod>` or `<pod>x<N>`, N TPU slices of that pod joined over DCN → (pod, N)."""
+    if name in PODS:
+        return name, 1
+    base, sep, count = name.rpartition("x")
+    if sep and base in PODS and count.isdigit() and int(count) >= 1:
+        if not PODS[base]["kind"].startswith("tpu"):
+            raise ValueError(f"configs/mugv_10b.py: pod {name!r}: slices are TPU slices; GPUs are one pod (h100xN)")
+        return base, int(count)
+    choices = list(PODS) + [f"{p}x2" for p in PODS if PODS[p]["kind"].startswith("tpu")]
+    raise ValueError(f"configs/mugv_10b.py: unknown pod {name!r}; choose from {choices} (x<N>: N slices)")
+
 
 def parse_arg(arg):
-    """`<stage>[:<pod>][@ROOT]` → (stage, pod, root). ROOT may itself contain ':' (gs://...)."""
+    """`<stage>[:<pod>[x<slices>]][@ROOT]` → (stage, pod, root). ROOT may itself contain ':' (gs://...)."""
     head, _, root = (arg or "").partition("@")
     stage, _, pod = head.partition(":")
     if stage not in STAGES:
         raise ValueError(f"configs/mugv_10b.py: unknown stage {stage!r}; choose from {list(STAGES)}")
     pod = pod or DEFAULT_POD
-    if pod not in PODS:
-        raise ValueError(f"configs/mugv_10b.py: unknown pod {pod!r} in {arg!r}; choose from {list(PODS)}")
+    try:
+        parse_pod(pod)
+    except ValueError as e:
+        raise ValueError(f"{e} (in {arg!r})") from None
     return stage, pod, root or DEFAULT_ROOT
 
 
 def apply_layout(c, clip, pod_name, accumulate=True):
-    """Set mesh, attention, remat and grad_accum_steps of config `c` for `clip` on `pod_name`."""
+    """Set mesh, attention, remat and grad_accum_steps of config `c` for `clip` on `pod_name`.
+
+    On N slices (`<pod>x<N>`) every slice has the pod's mesh, data parallelism spans the slices
+    (mesh.dcn.data = N) and the global batch stays the stage's: the accumulation shrinks, and
+    where the per-rank samples do not split into the planned micro-batch, the largest smaller
+    micro-batch that does is used (less memory than planned)."""
+    pod_name, slices = parse_pod(pod_name)
     pod = PODS[pod_name]
     (data, fsdp, tensor, context), attention, remat, micro = LAYOUTS[(clip, pod_name)]
     mode = attention.partition("+")[2]
-    where = f"configs/mugv_10b.py LAYOUTS[{(clip, pod_name)}]"
+    where = f"configs/mugv_10b.py LAYOUTS[{(clip, pod_name)}]" + (f" on {slices} slices" if slices > 1 else "")
     if data * fsdp * tensor * context != pod["devices"]:
         raise ValueError(f"{where}: mesh {(data, fsdp, tensor, context)} does not cover {pod['devices']} devices")
     if HIDDEN % fsdp:
         raise ValueError(f"{where}: fsdp={fsdp} does not divide the hidden size {HIDDEN}")
     if mode == "ulysses" and HEADS % (tensor * context):
         raise ValueError(f"{where}: Ulysses needs heads/tensor ({HEADS}/{tensor}) divisible by context={context}")
-    dp = data * fsdp
+    dp = data * fsdp * slices
     batches = [b[3] for b in c.data.buckets] + [b[3] for b in c.data.mix.image_buckets]
+    if slices > 1 and accumulate:
+        for batch in batches:
+            if batch % dp:
+                fit = [n for n in range(1, slices) if batch % (data * fsdp * n) == 0]
+                raise ValueError(
+                    f"{where}: global batch {batch} does not split over {dp} data-parallel ranks "
+                    f"({slices} slices × data·fsdp {data * fsdp}); it splits over {', '.join(map(str, fit))} slice(s)"
+                )
+        per_rank = c.data.buckets[0][3] // dp
+        micro = max(m for m in range(1, micro + 1) if per_rank % m == 0)
     accum = c.data.buckets[0][3] // (dp * micro) if accumulate else 1
-    for batch in batches:
-        if batch % (accum * dp):
-            raise ValueError(
-                f"{where}: global batch {batch} is not a multiple of data·fsdp ({dp}) × grad_accum_steps ({accum})"
-            )
+    for batch in batches:  # the trainers' and the planner's own check
+        check_batch_split(batch, accum, dict(data=data * slices, fsdp=fsdp), where)
     c.mesh.ici = dict(data=data, fsdp=fsdp, tensor=tensor, context=context)
-    c.mesh.dcn = dict(data=1, fsdp=1, tensor=1, context=1)
+    c.mesh.dcn = dict(data=slices, fsdp=1, tensor=1, context=1)
     c.attention = attention
     c.remat = remat
     c.optim.grad_accum_steps = accum
-    c.target = ml_collections.ConfigDict(dict(name=pod_name, kind=pod["kind"], devices=pod["devices"]))
+    name = pod_name + (f"x{slices}" if slices > 1 else "")
+    c.target.name, c.target.kind, c.target.devices, c.target.slices = name, pod["kind"], pod["devices"] * slices, slices
+
+
+def apply_megatron_layout(c, clip, pod_name, accumulate=True):
+    """Set config.megatron of `c` for `clip` on an H100 pod (other pods keep the defaults)."""
+    if (clip, pod_name) not in MEGATRON_LAYOUTS:  # TPU pods (and their slices): the defaults
+        return
+    tp, sp, pp, cp, micro, recompute = MEGATRON_LAYOUTS[(clip, pod_name)]
+    where = f"configs/mugv_10b.py MEGATRON_LAYOUTS[{(clip, pod_name)}]"
+    gpus = PODS[pod_name]["devices"]
+    if gpus % (tp * pp * cp) or HEADS % tp:
+        raise ValueError(f"{where}: tp·pp·cp = {tp * pp * cp} must divide {gpus} GPUs and tp the {HEADS} heads")
+    dp = gpus // (tp * pp * cp)
+    batches = [b[3] for b in c.data.buckets] + [b[3] for b in c.data.mix.image_buckets]
+    for batch in batches if accumulate else ():
+        if batch % (dp * micro):
+            raise ValueError(
+                f"{where}: global batch {batch} is not a multiple of data parallel {dp} × micro-batch {micro}"
+            )
+    c.megatron.update(dict(tp=tp, sp=sp, pp=pp, cp=cp, recompute=recompute))
+    # Preference steps do not accumulate (mugv_megatron/train/preference.py): one batch per step.
+    c.megatron.micro_batch_size = micro if accumulate else None
 
 
 def get_config(arg: str = "video_720"):
@@ -233,25 +303,12 @@ def get_config(arg: str = "video_720"):
         c.mode = "preference"
         c.init_from = f"jax:{root}/sft_posthoc_ema"  # written by mugv_jax.recipe.posthoc_ema
         c.optim.warmup_steps = 0
-        c.preference = ml_collections.ConfigDict(
-            dict(
-                labels="",
-                heldout_labels="",
-                clips="",
-                batch_size=64,
-                heldout_batches=4,
-                heldout_seed=99,
-                eval_every=200,
-                beta_dpo=2000.0,
-                beta_kto=2000.0,
-                sft_weight=0.2,
-                kto_desirable_weight=1.0,
-                kto_undesirable_weight=1.0,
-                shift_ratio=None,
-            )
-        )
-    # Preference steps do not accumulate gradients (mugv_jax/recipe/preference.py).
+        p = c.preference  # fields not set here keep mugv.training.PreferenceConfig's defaults
+        p.batch_size, p.heldout_batches, p.eval_every = 64, 4, 200
+        p.beta_dpo, p.beta_kto, p.sft_weight = 2000.0, 2000.0, 0.2
+    # Preference steps do not accumulate gradients (mugv_jax/train/preference.py).
     apply_layout(c, s["clip"], pod, accumulate=not s.get("preference"))
+    apply_megatron_layout(c, s["clip"], pod, accumulate=not s.get("preference"))
     c.validation.every = 2000
     c.validation.num_batches = 8
     c.log_every = 10

@@ -11,8 +11,6 @@ Toy stand-ins: "images" are one-latent-frame buckets, "360p" is 4×6 latents, "7
 "2 s → 5 s" is 2 → 3 latent frames; the SFT "curated subset" is a two-caption synthetic set.
 """
 
-import ml_collections
-
 from configs.base import base_config
 
 DEFAULT_ROOT = "runs/tiny_curriculum"
@@ -57,8 +55,8 @@ def get_config(arg: str | None = "stage1_image_video"):
     prev, s = STAGES[stage]
     c = base_config()
     c.model = "tiny"
-    if "model_overrides" in s:
-        c.model_overrides = ml_collections.ConfigDict(s["model_overrides"])
+    for field, value in s.get("model_overrides", {}).items():
+        c.model_overrides[field] = value
     c.stage = stage
     c.init_from = (
         "" if prev is None else (f"jax:{root}/{EXPANDED}" if prev == EXPANDED else f"jax:{root}/{prev}/checkpoints")

@@ -6,8 +6,6 @@ labelled set in the documented format with
 Set init_from to the SFT checkpoint (the frozen reference model is the starting weights).
 """
 
-import ml_collections
-
 from configs.base import base_config
 
 
@@ -21,23 +19,8 @@ def get_config(labels: str | None = None):
     c.optim.learning_rate = 1e-3
     c.optim.warmup_steps = 0
     c.optim.ema_decay = 0.9
-    c.preference = ml_collections.ConfigDict(
-        dict(
-            labels=labels or "",
-            heldout_labels="",
-            clips="",
-            batch_size=8,
-            heldout_batches=2,
-            heldout_seed=99,
-            eval_every=20,
-            beta_dpo=200.0,
-            beta_kto=200.0,
-            sft_weight=0.1,
-            kto_desirable_weight=1.0,
-            kto_undesirable_weight=1.0,
-            shift_ratio=1.0,
-        )
-    )
+    c.preference.labels = labels or ""  # the other fields: mugv.training.PreferenceConfig's defaults
+    c.preference.shift_ratio = 1.0
     c.log_every = 10
     c.checkpoint_every = 60
     return c

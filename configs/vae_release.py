@@ -4,7 +4,7 @@
 random weights unless `init_from` names a release `vae.pt`/`.safetensors`.
 """
 
-from configs.vae_tiny import vae_train_config
+from configs.vae_tiny import vae_train_config, with_stage
 
 
 def get_config(arg: str | None = None):
@@ -25,11 +25,4 @@ def get_config(arg: str | None = None):
     c.log_every = 50
     c.eval_every = 2000
     c.checkpoint_every = 2000
-    if arg == "final":
-        c.freeze_spatial = True
-        c.loss.gan = 0.05
-        c.loss.gan_start_step = 0
-        c.loss.saliency_start_step = 0
-    elif arg:
-        raise ValueError(f"configs/vae_release.py: unknown argument {arg!r} (known: final)")
-    return c
+    return with_stage(c, arg, "configs/vae_release.py")

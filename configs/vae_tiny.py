@@ -66,13 +66,18 @@ def vae_train_config() -> ml_collections.ConfigDict:
     return c
 
 
-def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    c = vae_train_config()
+def with_stage(c: ml_collections.ConfigDict, arg: str | None, config_file: str) -> ml_collections.ConfigDict:
+    """`c` set up for the stage `arg` of a VAE run: None (the first) or "final" (adversarial term
+    and saliency-weighted ℓ1 on, spatial part frozen). Shared by every configs/vae_*.py."""
     if arg == "final":
         c.freeze_spatial = True
         c.loss.gan = 0.05
         c.loss.gan_start_step = 0
         c.loss.saliency_start_step = 0
     elif arg:
-        raise ValueError(f"configs/vae_tiny.py: unknown argument {arg!r} (known: final)")
+        raise ValueError(f"{config_file}: unknown argument {arg!r} (known: final)")
     return c
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    return with_stage(vae_train_config(), arg, "configs/vae_tiny.py")

@@ -3,6 +3,7 @@
     python -m converters convert --src release:dit.pt --dst jax:/ckpt/jax [--model 10b]
         [--dtype keep|float32|bfloat16] [--tp N --pp M] [--weights raw|ema] [--workers N] [--force]
     python -m converters inspect PATH
+    python -m converters verify A              # every byte against the checksums recorded at write
     python -m converters verify A B [--atol 1e-6]
 
 FORMAT is release, megatron (torch_dist; reading also detects legacy), megatron-legacy or jax;
@@ -64,9 +65,13 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--weights", default="raw", choices=["raw", "ema"])
     i.add_argument("--json", action="store_true", help="print JSON")
 
-    v = sub.add_parser("verify", help="compare two checkpoints (any formats) tensor by tensor")
+    v = sub.add_parser(
+        "verify",
+        help="check a checkpoint against the checksums recorded when it was written, or compare two "
+        "(any formats) tensor by tensor after checking each",
+    )
     v.add_argument("a", help="[FORMAT:]PATH[@N]")
-    v.add_argument("b", help="[FORMAT:]PATH[@N]")
+    v.add_argument("b", nargs="?", help="[FORMAT:]PATH[@N]: compare with A")
     v.add_argument("--atol", type=float, default=0.0, help="0 (default): bit-identical")
     v.add_argument("--weights", default="raw", choices=["raw", "ema"])
     v.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -113,6 +118,22 @@ def _run(args) -> int:
                 print(f"{k}: {v}")
         return 0
     if args.command == "verify":
+        corrupt = False
+        for spec in [args.a] + ([args.b] if args.b else []):
+            c = api.check_integrity(spec, weights=args.weights)
+            if not c.recorded:
+                print(f"{spec}: no checksums recorded (written before checksums, or by another tool)")
+                if not args.b:
+                    return 1
+            elif c.problems:
+                corrupt = True
+                print(f"CORRUPT: {spec}: {len(c.problems)} problems")
+                for line in c.problems[:50]:
+                    print(f"  {line}")
+            else:
+                print(f"{spec}: checksums match ({api.human_bytes(c.bytes_checked)} checked)")
+        if corrupt or not args.b:
+            return 1 if corrupt else 0
         r = api.verify(args.a, args.b, atol=args.atol, weights=args.weights, progress=not args.quiet)
         mode = "bit-identical" if args.atol == 0 else f"within atol {args.atol:g}"
         if r.equal:
@@ -131,7 +152,7 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
         return _run(args)
-    except (ValueError, KeyError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+    except (ValueError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError, RuntimeError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"error: {msg}", file=sys.stderr)
         return 2

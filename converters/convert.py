@@ -1,4 +1,13 @@
-"""convert / verify / inspect: compositions of a reader and a writer, one tensor at a time."""
+"""convert / verify / inspect: compositions of a reader and a writer, one tensor at a time.
+
+A checkpoint is named by the one spec grammar (`mugv.io.spec`); `open_checked` opens it with the
+core's reader (the legacy Megatron reader is ours, `formats/megatron.py`) and settles its config
+(`detect.py`); `convert` hands the reader's jobs to a writer (`formats/`) on the pipeline's threads
+(`pipeline.py`) into a temporary output (`mugv.io.atomic`). A release output also gets the
+source's null caption as its sidecar (`mugv.io.null_text`): a training checkpoint's own
+(`Reader.null_text`: JAX `state["null_text"]`, Megatron `context_embedder.drop_emb`), or a release
+source's sidecar, copied. Legacy Megatron files and weights-only JAX checkpoints hold none.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +20,13 @@ import numpy as np
 
 from converters import pipeline
 from converters.detect import describe_config, resolve_config
-from converters.formats import Spec, detect_format, make_writer, open_reader, output_path, parse_spec
-from converters.null_text import training_null_text
-from mugv import null_text as null_lib
+from converters.formats import make_writer, output_path
+from converters.formats.megatron import LegacyReader
 from mugv.config import DiTConfig, get_config
-from mugv.io.base import DTYPE_NAMES, Entry, atomic_output, cast, check_output_free, dtype_name
+from mugv.io import null_text as null_lib
+from mugv.io.atomic import atomic_output, check_output_free
+from mugv.io.base import DTYPE_NAMES, Entry, cast, dtype_name
+from mugv.io.spec import WITH_EMA, open_reader, parse_spec, resolve
 from mugv.schema import release_schema
 
 
@@ -28,14 +39,15 @@ def _progress(iterable, total: int, desc: str, enabled: bool):
     return tqdm(iterable, total=total, desc=desc, unit="tensor", file=sys.stderr, leave=False)
 
 
-def _spec(s) -> Spec:
-    return parse_spec(s) if isinstance(s, str) else s
+def open_any(spec, *, weights: str = "raw"):
+    """A reader of the checkpoint `spec` in any format, legacy Megatron files included."""
+    return open_reader(spec, weights=weights, legacy=LegacyReader)
 
 
 def open_checked(spec, *, model: DiTConfig | str | None = None, weights: str = "raw"):
     """(reader, config, where the config came from), the checkpoint checked strictly against
     the release schema of that config (error names every missing/unexpected/mis-shaped tensor)."""
-    reader = open_reader(_spec(spec), weights=weights)
+    reader = open_any(spec, weights=weights)
     try:
         config, origin = resolve_config(
             reader.entries(),
@@ -81,29 +93,35 @@ def convert(
     `dtype` is "keep" (bit-exact) or a floating dtype every tensor is cast to. The output is
     written under a temporary name and renamed when complete; an existing `dst` is refused
     unless `force`. A release output gets the source's trained null caption as a sidecar
-    (converters/null_text.py), so sampling finds it; a stale sidecar there is replaced or,
+    (mugv/io/null_text.py), so sampling finds it; a stale sidecar there is replaced or,
     when the source has none, removed. `workers` threads read, transform and write tensors at once
     (None: a default for this machine, 1: one tensor at a time in this thread); the output is the
     same bytes.
     """
-    src, dst = _spec(src), _spec(dst)
+    src, dst = parse_spec(src), parse_spec(dst)
     if dtype != "keep" and dtype not in DTYPE_NAMES:
         raise ValueError(f"--dtype must be keep or one of {sorted(DTYPE_NAMES)}, got {dtype!r}")
     out_dtype = None if dtype == "keep" else DTYPE_NAMES[dtype]
     out = output_path(dst)
-    check_output_free(out, force)
+    check_output_free(out, force, make_parent=True)  # a missing parent is made once the source opened
     sidecar = null_lib.sidecar_path(dst.path) if dst.format == "release" else None
-    if sidecar and os.path.lexists(sidecar) and not force:
-        raise FileExistsError(
-            f"null-caption sidecar {sidecar} of output {dst.path} already exists; pass --force to overwrite it"
-        )
+    # An older-named sidecar this output would own is replaced with it too.
+    legacy = null_lib.legacy_sidecar_path(dst.path) if sidecar else None
+    for claimed in (sidecar, legacy):
+        if claimed and os.path.lexists(claimed) and not force:
+            raise FileExistsError(
+                f"null-caption sidecar {claimed} of output {dst.path} already exists; pass --force to overwrite it"
+            )
     reader, config, origin = open_checked(src, model=model, weights=weights)
     with reader:
-        null = training_null_text(reader) if sidecar else None
+        # A training checkpoint holds its own; release weights carry theirs beside them.
+        null = None
+        if sidecar:
+            null = null_lib.find_sidecar(reader.path) if reader.format == "release" else reader.null_text()
         found = reader.entries()
         entries = {n: Entry(found[n].shape, out_dtype or found[n].dtype) for n in release_schema(config)}
         workers = pipeline.default_workers() if workers is None else workers
-        with atomic_output(out, force) as tmp:
+        with atomic_output(out, force=force, make_parent=True) as tmp:
             writer = make_writer(
                 dst, tmp, config, entries, tp=tp, pp=pp, max_shard_bytes=max_shard_bytes, workers=workers
             )
@@ -130,6 +148,8 @@ def convert(
             null_lib.save(sidecar, null[0], source=null[1])
         elif os.path.lexists(sidecar):
             os.remove(sidecar)  # from an earlier output; it does not belong to these weights
+        if legacy and os.path.lexists(legacy):
+            os.remove(legacy)  # the replaced weights' older-named sidecar (refused above without --force)
     return ConvertResult(
         str(src),
         str(dst),
@@ -139,6 +159,30 @@ def convert(
         sum(e.nbytes for e in entries.values()),
         sidecar if null is not None else None,
     )
+
+
+@dataclasses.dataclass
+class IntegrityResult:
+    spec: str
+    recorded: bool  # whether the checkpoint records checksums at all
+    problems: list[str]
+    bytes_checked: int
+
+
+def check_integrity(spec, *, weights: str = "raw") -> IntegrityResult:
+    """Every byte of the checkpoint `spec` against the checksums recorded when it was written
+    (mugv.io.digest): torch_dist and JAX checkpoints, our release files and legacy rank files."""
+    from mugv.io.digest import CorruptCheckpoint
+
+    try:
+        reader = open_any(spec, weights=_weights_for(spec, weights))
+    except CorruptCheckpoint as e:  # the files read to open it already differ
+        return IntegrityResult(str(spec), True, e.problems, 0)
+    with reader:
+        found = reader.integrity()
+    if found is None:
+        return IntegrityResult(str(spec), False, [], 0)
+    return IntegrityResult(str(spec), True, found.problems, found.bytes_checked)
 
 
 @dataclasses.dataclass
@@ -156,8 +200,7 @@ def _bits(a: np.ndarray) -> np.ndarray:
 def _weights_for(spec, weights: str) -> str:
     # Only training checkpoints (JAX, Megatron torch_dist) keep an EMA; the other side of a
     # comparison has just its weights.
-    spec = _spec(spec)
-    return weights if (spec.format or detect_format(spec.path)) in ("jax", "megatron") else "raw"
+    return weights if resolve(spec).format in WITH_EMA else "raw"
 
 
 def verify(
@@ -219,8 +262,8 @@ def _compare(name: str, x: np.ndarray, y: np.ndarray, atol: float) -> tuple[str 
 
 def inspect(spec, *, weights: str = "raw") -> dict:
     """Format, config, tensor count, dtypes and size of a checkpoint (no tensor data is read)."""
-    spec = _spec(spec)
-    reader = open_reader(spec, weights=weights)
+    spec = parse_spec(spec)
+    reader = open_any(spec, weights=weights)
     with reader:
         entries = reader.entries()
         info: dict = {"path": spec.path, "format": reader.format}

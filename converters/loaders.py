@@ -7,7 +7,7 @@ Each reads the checkpoint through the converters' readers (the core's `mugv.io` 
 legacy Megatron files; strict schema check first), so the whole model is in memory once, as the
 model itself needs. The trainers' `init_from` reads through `mugv.io.weights.open_weights`; a
 Flax model or params from a JAX checkpoint come from `mugv_jax.dit.checkpoint.load_trainer_checkpoint`
-/ `mugv.io.orbax.load_params`.
+/ `mugv.io.weights.load_params`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def release_state(spec, *, model=None, weights: str = "raw") -> dict[str, np.nda
     `weights="ema"` takes a training checkpoint's EMA."""
     reader, config, _ = open_checked(spec, model=model, weights=weights)
     with reader:
-        state = dict(reader.items())
+        state = reader.read_all()
     return {name: state[name] for name in release_schema(config)}
 
 

@@ -22,26 +22,17 @@ from __future__ import annotations
 import numpy as np
 
 from mugv.config import DiTConfig
+from mugv.io import orbax
 from mugv.layouts import jax as jax_layout
 from mugv.layouts import megatron as mlayout
 from mugv.training import ObjectiveConfig, OptimConfig
-from mugv.training import unflatten as _unflatten
-
-
-def _flatten(tree, prefix: str = "") -> dict[str, np.ndarray]:
-    import jax
-
-    out = {}
-    if isinstance(tree, dict):
-        for k, v in tree.items():
-            out.update(_flatten(v, f"{prefix}.{k}" if prefix else k))
-    else:
-        out[prefix] = np.asarray(jax.device_get(tree))
-    return out
 
 
 def jax_tree_to_release(tree, config: DiTConfig) -> dict[str, np.ndarray]:
-    return dict(jax_layout.jax_to_release_all(_flatten(tree), config))
+    import jax
+
+    flat = {k: np.asarray(jax.device_get(v)) for k, v in jax_layout.flatten(tree).items()}
+    return dict(jax_layout.jax_to_release_all(flat, config))
 
 
 def release_to_jax_tree(release: dict[str, np.ndarray], config: DiTConfig) -> dict:
@@ -57,7 +48,7 @@ def release_to_jax_tree(release: dict[str, np.ndarray], config: DiTConfig) -> di
         if missing:
             raise ValueError(f"{path}: layers {missing} are missing")
         flat[path] = np.stack(layers)
-    return _unflatten(flat)
+    return jax_layout.unflatten(flat)
 
 
 def _adam_states(opt_state):
@@ -228,6 +219,6 @@ def megatron_to_jax(src: str, dst: str, run_config: dict | None = None) -> int:
     shardings = jax.tree.map(lambda a: a.sharding, abstract)
     state = jax.device_put(jax.tree.map(lambda v, a: jnp.asarray(v, a.dtype), state, abstract), shardings)
     ck = Checkpointer(dst, use_async=False)
-    ck.save(mt.step, state, dict(meta["data"]), {**run_cfg, "model": config.to_dict()}, force=True)
+    ck.save(mt.step, state, dict(meta["data"]), orbax.config_item(config, run_cfg), force=True)
     ck.close()
     return mt.step

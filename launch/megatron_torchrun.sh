@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Megatron-Core MUG-DiT training on one node (or one node of a manual multi-node run) with torchrun.
 #
-#   CONFIG=configs/mugv_10b.py:video_720 WORKDIR=/ckpt/run1 TP_SIZE=4 SP=1 \
-#       bash launch/megatron_torchrun.sh --config.init_from=/models/dit.pt
+#   CONFIG=configs/mugv_10b.py:video_720:h100x128 WORKDIR=/ckpt/run1 \
+#       bash launch/megatron_torchrun.sh --config.init_from=/models/dit.pt --config.data.path=/data/prepared
 #
 # Variables (defaults in brackets): CONFIG [configs/tiny.py], WORKDIR [runs/megatron],
 # GPUS_PER_NODE [all visible GPUs], NNODES [1], NODE_RANK [0], MASTER_ADDR [127.0.0.1],
-# MASTER_PORT [29500], TP_SIZE [1], SP [0 = off, 1 = sequence parallel], PP_SIZE [1], CP_SIZE [1].
-# Data parallel = world size / (TP_SIZE * CP_SIZE * PP_SIZE). Extra arguments go to
-# mugv_megatron.train (docs/megatron_training.md).
+# MASTER_PORT [29500]; TP_SIZE, SP [0 = off, 1 = sequence parallel], PP_SIZE, CP_SIZE override the
+# config's config.megatron layout (the H100 pods of configs/mugv_10b.py carry a planned one:
+# python -m mugv_megatron.plan) only when set. Data parallel = world size / (TP * CP * PP).
+# Extra arguments go to mugv_megatron.train (docs/megatron_training.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,10 +21,6 @@ NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
-TP_SIZE=${TP_SIZE:-1}
-SP=${SP:-0}
-PP_SIZE=${PP_SIZE:-1}
-CP_SIZE=${CP_SIZE:-1}
 PYTHON=${PYTHON:-python}
 
 # Recommended environment of the reference launchers (docs/reference.md §4.1).
@@ -38,11 +35,15 @@ export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton-cache-${USER:-$(id -u)}}
 export NCCL_IB_SL=${NCCL_IB_SL:-1}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
 
-SP_FLAG=--nosp
-[[ "$SP" == 1 ]] && SP_FLAG=--sp
+# Only the sizes that are set: the config's own layout stays otherwise.
+LAYOUT=()
+[[ -n "${TP_SIZE:-}" ]] && LAYOUT+=(--tp="$TP_SIZE")
+[[ -n "${SP:-}" ]] && { [[ "$SP" == 1 ]] && LAYOUT+=(--sp) || LAYOUT+=(--nosp); }
+[[ -n "${PP_SIZE:-}" ]] && LAYOUT+=(--pp="$PP_SIZE")
+[[ -n "${CP_SIZE:-}" ]] && LAYOUT+=(--cp="$CP_SIZE")
 
 # exec (no pipe): torchrun must receive SIGTERM directly to pass it on to the ranks.
 exec torchrun --nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" --node_rank "$NODE_RANK" \
     --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
     -m mugv_megatron.train --config="$CONFIG" --workdir="$WORKDIR" \
-    --tp="$TP_SIZE" "$SP_FLAG" --pp="$PP_SIZE" --cp="$CP_SIZE" "$@"
+    ${LAYOUT[@]+"${LAYOUT[@]}"} "$@"

@@ -11,33 +11,34 @@ one); an interrupted run resumes. See docs/main_job.md; the stages are main_job/
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from main_job import run as main_run
+from mugv.run.cli import run_app
 
 _CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "main.py")
-config_flags.DEFINE_config_file("config", _CONFIG, "main-job config (configs/main.py[:quick])", lock_config=True)
-flags.DEFINE_string("workdir", "outputs/main", "work directory: stages, checkpoints, report.html")
-flags.DEFINE_bool("quick", False, "the shortened version: same as --config=configs/main.py:quick")
-flags.DEFINE_list("redo", [], "stages to run again even if done: data,vae,encode,dit,sample")
 FLAGS = flags.FLAGS
+
+
+def _define_flags():
+    config_flags.DEFINE_config_file(
+        "config", None, "main-job config (configs/main.py[:quick]; default configs/main.py)", lock_config=True
+    )
+    flags.DEFINE_string("workdir", "outputs/main", "work directory: stages, checkpoints, report.html")
+    flags.DEFINE_bool("quick", False, "the shortened version: same as --config=configs/main.py:quick")
+    flags.DEFINE_list("redo", [], "stages to run again even if done: data,vae,encode,dit,sample")
 
 
 def main(argv):
     del argv
-    from absl import logging as absl_logging
+    from mugv.run.console import setup_logging, verbosity_flag
 
     # Orbax and XLA log every checkpoint step at INFO; the stage log and progress bars are enough.
-    absl_logging.set_verbosity(absl_logging.WARNING)
-    logging.basicConfig(
-        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
-    logging.getLogger("mugv").setLevel(logging.INFO)
+    setup_logging(verbosity_flag())
     try:
         main_run.run(FLAGS.config, FLAGS.workdir, FLAGS.redo)
     except KeyboardInterrupt:
@@ -50,14 +51,19 @@ def main(argv):
 
 
 def _argv(argv: list[str]) -> list[str]:
-    """`--quick` selects configs/main.py:quick before flag parsing, so --config.* overrides apply
-    to it."""
-    if "--quick" not in argv:
-        return argv
-    if any(a == "--config" or a.startswith("--config=") for a in argv):
+    """The config file named on the command line before flag parsing (configs/main.py, or its
+    `:quick` variant for `--quick`), so --config.* overrides apply to it and are parsed with the
+    other flags."""
+    given = any(a == "--config" or a.startswith("--config=") for a in argv)
+    if "--quick" in argv and given:
         raise SystemExit("--quick selects --config=configs/main.py:quick; pass one or the other")
-    return [argv[0], f"--config={os.path.abspath(_CONFIG)}:quick", *argv[1:]]
+    if given:
+        return argv
+    variant = ":quick" if "--quick" in argv else ""
+    return [argv[0], f"--config={os.path.abspath(_CONFIG)}{variant}", *argv[1:]]
 
 
 if __name__ == "__main__":
-    app.run(main, argv=_argv(sys.argv))
+    sys.argv = _argv(sys.argv)
+    _define_flags()
+    run_app(main)

@@ -15,6 +15,7 @@ import numpy as np
 from tqdm import tqdm
 
 from mugv.data import procedural
+from mugv.io.atomic import atomic_output, write_json
 
 CLIPS_FILE = "clips.npz"
 META_FILE = "clips.json"
@@ -131,13 +132,11 @@ def build(cfg, seed: int, out_dir: str) -> dict:
         "frames": int(cfg.frames),
         "size": int(cfg.size),
     }
-    tmp = os.path.join(out_dir, "clips.tmp.npz")
-    np.savez(
-        tmp, train=np.stack([c["frames"] for c in train]), held_out=np.stack([truths[k].frames for k in sorted(held)])
-    )
-    os.replace(tmp, os.path.join(out_dir, CLIPS_FILE))
-    with open(os.path.join(out_dir, META_FILE), "w") as f:
-        json.dump(meta, f, indent=1)
+    with atomic_output(os.path.join(out_dir, CLIPS_FILE), force=True) as tmp, open(tmp, "wb") as f:
+        np.savez(
+            f, train=np.stack([c["frames"] for c in train]), held_out=np.stack([truths[k].frames for k in sorted(held)])
+        )
+    write_json(os.path.join(out_dir, META_FILE), meta, indent=1)
     return {
         "num_train": len(train),
         "num_real": len(real),

@@ -1,4 +1,5 @@
-"""Videos and frame grids for the report: H.264 mp4 through PyAV, PNG grids through Pillow."""
+"""Pictures for the report: nearest-neighbour upscaling and PNG frame grids through Pillow (its mp4s
+go through mugv.data.video.write_mp4)."""
 
 from __future__ import annotations
 
@@ -14,31 +15,6 @@ def upscale(video: np.ndarray, factor: int) -> np.ndarray:
     if factor == 1:
         return video
     return video.repeat(factor, axis=-3).repeat(factor, axis=-2)
-
-
-def write_mp4(path: str, video: np.ndarray, fps: float, *, scale: int = 1) -> str:
-    """video [T, H, W, 3] uint8 → H.264 mp4 (yuv420p, plays in Chromium), written to a temporary
-    name and renamed."""
-    from fractions import Fraction
-
-    import av
-
-    v = upscale(np.asarray(video, np.uint8), scale)
-    t, h, w, _ = v.shape
-    if h % 2 or w % 2:
-        raise ValueError(f"{path}: H.264 needs even frame sizes, got {h}x{w}")
-    tmp = f"{path}.tmp.mp4"
-    with av.open(tmp, "w") as c:
-        s = c.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
-        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
-        s.options = {"crf": "18"}
-        for frame in v:
-            for p in s.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
-    os.replace(tmp, path)
-    return path
 
 
 def frame_grid(path: str, rows: Sequence[tuple[str, np.ndarray]], *, every: int = 2, scale: int = 3) -> str:

@@ -13,6 +13,8 @@ import html
 import json
 import os
 
+from mugv.io.atomic import atomic_output, write_text
+
 LOSS_PNG = "loss_dit.png"
 VAE_LOSS_PNG = "loss_vae.png"
 
@@ -82,10 +84,9 @@ def plot_losses(rows: list[dict], path: str, title: str, keys=("loss",)) -> str 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, format="png")
+    with atomic_output(path, force=True) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
@@ -353,9 +354,4 @@ given). Frame grids show every second frame; videos are upscaled {int(config.sam
 {_CHECK_SCRIPT}
 </body></html>
 """
-    path = os.path.join(workdir, "report.html")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(page)
-    os.replace(tmp, path)
-    return path
+    return write_text(os.path.join(workdir, "report.html"), page)

@@ -10,7 +10,6 @@ report  loss curves, frame grids, config, throughput → <workdir>/report.html (
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import logging
@@ -23,8 +22,11 @@ import numpy as np
 from tqdm import tqdm
 
 from main_job import dataset, measure, media
-from main_job.stages import Stages, atomic_write_json
-from mugv.training import flatten
+from main_job.stages import Stages
+from mugv.data.video import write_mp4
+from mugv.io.atomic import write_json
+from mugv.layouts.jax import flatten
+from mugv.run.config import RunConfig, as_run_config
 
 log = logging.getLogger("mugv.main_job")
 
@@ -186,9 +188,9 @@ def padded_frames(num_frames: int) -> int:
     """Frames to ask the VAE decoder for so that dropping the first `padded − num_frames` gives
     frames 0..num_frames−1 in order: an 8k+1-frame clip was encoded with 7 copies of frame 0 in
     front (the first-frame rule), so its latents decode to 8k+8 frames. Asked for only 8k+1,
-    the release's windowing (mugv_jax/vae/plan.py) crops at the front of the *last* window,
+    the release's windowing (mugv_jax/vae/windows.py) crops at the front of the *last* window,
     and a clip longer than one chunk comes back as [f0 ×7, f0..f8, f16] for 17 frames."""
-    from mugv_jax.vae.plan import first_frame_copies
+    from mugv_jax.vae.windows import first_frame_copies
 
     return num_frames + first_frame_copies(num_frames)
 
@@ -331,31 +333,30 @@ class _TrainProgress:
         self._thread.join()
 
 
-def dit_train_config(config, stages: Stages, encode_record: dict):
-    c = copy.deepcopy(config.dit)
-    with c.unlocked():
-        c.data.path = os.path.join(stages.workdir, encode_record["dataset"])
-    return c
+def dit_train_config(config, stages: Stages, encode_record: dict) -> RunConfig:
+    """`config.dit` as a run config, on the shards the encode stage wrote."""
+    run = as_run_config(config.dit)
+    return run.replace(data=dataclasses.replace(run.data, path=os.path.join(stages.workdir, encode_record["dataset"])))
 
 
 def stage_dit(config, stages: Stages, encode_record: dict) -> dict:
     import jax
     from absl import flags
 
-    from mugv import null_text
+    from mugv.io import null_text
     from mugv.safetensors_io import save_atomic
     from mugv_jax import dit
     from mugv_jax.dit.checkpoint import model_from_params
     from mugv_jax.train import backend as train_lib
 
     d = stages.start("dit", keep_partial=True)
-    c = dit_train_config(config, stages, encode_record)
+    run = dit_train_config(config, stages, encode_record)
     if not flags.FLAGS.is_parsed():  # grain reads absl flags; callers outside app.run
         flags.FLAGS.mark_as_parsed()
     t0 = time.time()
-    with _TrainProgress(os.path.join(d, "tensorboard", "metrics.jsonl"), int(c.num_steps)):
-        summary = train_lib.train(c, d)
-    model_cfg = train_lib.model_config_from(c)
+    with _TrainProgress(os.path.join(d, "tensorboard", "metrics.jsonl"), run.num_steps):
+        summary = train_lib.train(run, d)
+    model_cfg = run.model_config
     ema = {k: np.asarray(v) for k, v in flatten(jax.device_get(summary["state"]["ema"])).items()}
     null = np.asarray(jax.device_get(summary["state"]["null_text"]))
     np.save(os.path.join(d, "null_text.npy"), null)
@@ -363,7 +364,7 @@ def stage_dit(config, stages: Stages, encode_record: dict) -> dict:
     save_atomic(
         dit.export_release_state_dict(model_from_params(model_cfg, ema)),
         path,
-        metadata={"model": c.model, "step": str(summary["step"])},
+        metadata={"model": run.model, "step": str(summary["step"])},
     )
     # The sampler's default unconditional input (python -m mugv_jax.sample --checkpoint=PATH).
     null_text.save(null_text.sidecar_path(path), null, source=f"main job dit stage, step {summary['step']}")
@@ -476,7 +477,7 @@ def stage_sample(
                 )
             # Every seed counts in the checks; the page shows the first few.
             if s < int(config.sample.media_seeds):
-                media.write_mp4(os.path.join(d, f"{name}.mp4"), videos[mode][i], pr["fps"], scale=scale)
+                write_mp4(os.path.join(d, f"{name}.mp4"), media.upscale(videos[mode][i], scale), pr["fps"])
                 grid_rows = [(f"{mode} sample: {pr['caption']}", videos[mode][i])]
                 if pr["kind"] == "held-out":  # the prompt's own rendering right under the sample
                     grid_rows.append(("ground truth of this prompt (never trained on)", held_out[p]))
@@ -487,10 +488,10 @@ def stage_sample(
     # Reference videos for the page: the training clip each prompt is compared with.
     for p, pr in enumerate(prompts):
         ref_index, _ = _reference_clip(pr, meta)
-        media.write_mp4(os.path.join(d, f"reference_{p:02d}.mp4"), train[ref_index], pr["fps"], scale=scale)
+        write_mp4(os.path.join(d, f"reference_{p:02d}.mp4"), media.upscale(train[ref_index], scale), pr["fps"])
         if pr["kind"] == "held-out":
-            media.write_mp4(os.path.join(d, f"truth_{p:02d}.mp4"), held_out[p], pr["fps"], scale=scale)
-            media.write_mp4(os.path.join(d, f"truth_vae_{p:02d}.mp4"), recon_truth[p], pr["fps"], scale=scale)
+            write_mp4(os.path.join(d, f"truth_{p:02d}.mp4"), media.upscale(held_out[p], scale), pr["fps"])
+            write_mp4(os.path.join(d, f"truth_vae_{p:02d}.mp4"), media.upscale(recon_truth[p], scale), pr["fps"])
     held_meta = meta["held_out"]
     vae_held = measure.reconstruction(
         held_out, recon_truth[: len(held_meta)], [h["colour"] for h in held_meta], [h["direction"] for h in held_meta]
@@ -556,6 +557,7 @@ def run(config, workdir: str, redo=(), progress: bool = True) -> dict:
     from main_job import report
 
     t_start = time.time()
+    as_run_config(config.dit)  # a wrong --config.dit.* is refused now, not after the VAE trained
     os.makedirs(workdir, exist_ok=True)
     stages = Stages(workdir, ORDER, redo)
     timings, reused = {}, []
@@ -596,7 +598,7 @@ def run(config, workdir: str, redo=(), progress: bool = True) -> dict:
     }
     summary["report"] = report.write(workdir, config, summary, sample_rec)
     summary["wall_seconds"] = time.time() - t_start
-    atomic_write_json(os.path.join(workdir, "summary.json"), summary)
+    write_json(os.path.join(workdir, "summary.json"), summary, default=str)
     print(
         f"report: {summary['report']}  ({summary['wall_seconds']:.0f}s; stages run: "
         f"{','.join(timings) or 'none'}; reused: {','.join(reused) or 'none'})",

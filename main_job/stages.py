@@ -13,14 +13,9 @@ import os
 import shutil
 from collections.abc import Iterable, Sequence
 
+from mugv.io.atomic import write_json
+
 MARKER = "DONE.json"
-
-
-def atomic_write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-    os.replace(tmp, path)
 
 
 class Stages:
@@ -58,5 +53,5 @@ class Stages:
         return d
 
     def finish(self, name: str, result: dict) -> dict:
-        atomic_write_json(os.path.join(self.dir(name), MARKER), result)
+        write_json(os.path.join(self.dir(name), MARKER), result, default=str)
         return result

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
-import tempfile
 
 import numpy as np
+
+from mugv.io.atomic import atomic_output
 
 
 def save_atomic(tensors: dict[str, np.ndarray], path: str | os.PathLike, metadata: dict | None = None) -> None:
@@ -13,20 +14,10 @@ def save_atomic(tensors: dict[str, np.ndarray], path: str | os.PathLike, metadat
     half-written file under the final name, and an existing file stays intact until the end."""
     from safetensors.numpy import save_file
 
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=directory)
-    os.close(fd)
-    try:
+    with atomic_output(os.fspath(path), force=True, make_parent=True) as tmp:
         # asarray(order="C"), not ascontiguousarray: the latter turns 0-d tensors (the VAE's
         # scalar `logvar`) into shape (1,), which a strict load then rejects.
         save_file({k: np.asarray(v, order="C") for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def load_tensors(path: str | os.PathLike, required: tuple[str, ...] = (), what: str = "file"):

@@ -1,12 +1,12 @@
-"""Run-config pieces both trainers read the same way (framework-free, so the JAX and Megatron
-trainers cannot drift apart): the `config.optim` and `config.objective` sections as validated
-frozen dataclasses, the resolution rule of the timestep shift, and the run's model config."""
+"""Run-config sections both trainers read the same way (framework-free, so the JAX and Megatron
+trainers cannot drift apart): `config.optim`, `config.objective`, `config.preference` and
+`config.megatron` as validated frozen dataclasses holding their defaults, and the resolution rule
+of the timestep shift. The whole run config, built from them once, is mugv/run/config.py."""
 
 from __future__ import annotations
 
 import dataclasses
 
-from mugv.config import DiTConfig, get_config
 from mugv.geometry import SPATIAL_DOWNSAMPLE
 
 BASE_RESOLUTION = 512 * 512
@@ -29,11 +29,11 @@ class OptimConfig:
 
     def __post_init__(self):
         if self.schedule not in ("constant", "cosine"):
-            raise ValueError(f"optim.schedule must be 'constant' or 'cosine', got {self.schedule!r}")
+            raise ValueError(f"--config.optim.schedule must be 'constant' or 'cosine', got {self.schedule!r}")
         if self.schedule == "cosine" and self.decay_steps <= 0:
-            raise ValueError("optim.decay_steps must be > 0 for the cosine schedule")
+            raise ValueError("--config.optim.decay_steps must be > 0 for the cosine schedule")
         if self.grad_accum_steps < 1:
-            raise ValueError(f"optim.grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+            raise ValueError(f"--config.optim.grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,17 +52,24 @@ class ObjectiveConfig:
 
     def __post_init__(self):
         if self.i2v_mode not in ("first", "quarter"):
-            raise ValueError(f"objective.i2v_mode must be 'first' or 'quarter', got {self.i2v_mode!r}")
+            raise ValueError(f"--config.objective.i2v_mode must be 'first' or 'quarter', got {self.i2v_mode!r}")
         for name in ("i2v_prob", "caption_dropout_prob"):
             p = getattr(self, name)
             if not 0.0 <= p <= 1.0:
-                raise ValueError(f"objective.{name} must be in [0, 1], got {p}")
+                raise ValueError(f"--config.objective.{name} must be in [0, 1], got {p}")
 
 
 @dataclasses.dataclass(frozen=True)
 class PreferenceConfig:
-    """The loss fields of `config.preference` (the section also names the label files)."""
+    """`config.preference`: the labelled data of a `mode="preference"` run and its loss."""
 
+    labels: str = ""  # label JSONL (mugv.data.preference)
+    heldout_labels: str = ""  # held-out label JSONL ("" = no held-out evaluation)
+    clips: str = ""  # the clips' directory ("" = <dir of labels>/clips)
+    batch_size: int = 8  # global batch of pairs (DPO) or labelled clips (KTO)
+    heldout_batches: int = 2
+    heldout_seed: int = 99
+    eval_every: int = 20
     beta_dpo: float = 200.0
     beta_kto: float = 200.0
     sft_weight: float = 0.1
@@ -77,33 +84,6 @@ def shift_ratio(latent_shape: tuple[int, int, int], shift_num_frames: int | None
     frames, h, w = latent_shape
     f = shift_num_frames if shift_num_frames is not None else frames
     return float(((h * SPATIAL_DOWNSAMPLE) * (w * SPATIAL_DOWNSAMPLE) / BASE_RESOLUTION) ** 0.5 * f**0.5)
-
-
-def model_config_from(config) -> DiTConfig:
-    """The DiTConfig of a run config: the `model` preset with `model_overrides` applied."""
-    return get_config(config.model, **dict(config.get("model_overrides", {}) or {}))
-
-
-def dataclass_from(cls, section):
-    """`cls(**section)`, refusing fields the dataclass does not have (a typo in a config)."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    values = dict(section)
-    unknown = set(values) - known
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} fields in config: {sorted(unknown)}")
-    return cls(**values)
-
-
-def unflatten(flat: dict[str, object]) -> dict:
-    """{"a.b.c": v} → {"a": {"b": {"c": v}}}."""
-    out: dict = {}
-    for path, v in flat.items():
-        node = out
-        *parents, leaf = path.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = v
-    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,54 +116,28 @@ class MegatronOptions:
     # Checkpoints written by a forked writer while training continues; published (renamed, named
     # in the tracker) once every rank's writer is done.
     async_save: bool = True
+    # Samples per data-parallel rank in one micro-batch; gradient accumulation is then the global
+    # batch / (data parallel × micro_batch_size), whatever the world size. None: the accumulation
+    # is optim.grad_accum_steps (shared with the JAX backend, whose data parallelism differs).
+    micro_batch_size: int | None = None
 
     def __post_init__(self):
         for key in ("tp", "pp", "cp"):
             if int(getattr(self, key)) < 1:
-                raise ValueError(f"config.megatron.{key} must be >= 1, got {getattr(self, key)}")
+                raise ValueError(f"--config.megatron.{key} must be >= 1, got {getattr(self, key)}")
         if self.sp and int(self.tp) < 2:
-            raise ValueError("config.megatron.sp (sequence parallel) needs config.megatron.tp >= 2")
+            raise ValueError("--config.megatron.sp (sequence parallel) needs --config.megatron.tp >= 2")
         if self.local_attention not in ("sdpa", "megatron"):
             raise ValueError(
-                f"config.megatron.local_attention must be 'sdpa' or 'megatron', got {self.local_attention!r}"
+                f"--config.megatron.local_attention must be 'sdpa' or 'megatron', got {self.local_attention!r}"
             )
         if self.recompute not in ("none", "full", "selective"):
-            raise ValueError(f"config.megatron.recompute must be 'none', 'full' or 'selective', got {self.recompute!r}")
+            raise ValueError(
+                f"--config.megatron.recompute must be 'none', 'full' or 'selective', got {self.recompute!r}"
+            )
+        if self.micro_batch_size is not None and int(self.micro_batch_size) < 1:
+            raise ValueError(f"--config.megatron.micro_batch_size must be >= 1 or None, got {self.micro_batch_size}")
         if self.params_dtype not in (None, "float32", "bfloat16"):
             raise ValueError(
-                f"config.megatron.params_dtype must be None, 'float32' or 'bfloat16', got {self.params_dtype!r}"
+                f"--config.megatron.params_dtype must be None, 'float32' or 'bfloat16', got {self.params_dtype!r}"
             )
-
-
-def megatron_section():
-    """The `config.megatron` ConfigDict with MegatronOptions' defaults (None-default fields keep
-    their type so `--config.megatron.use_te=true` works)."""
-    import ml_collections
-
-    section = ml_collections.ConfigDict()
-    for f in dataclasses.fields(MegatronOptions):
-        if f.default is None:
-            kind = str if "str" in str(f.type) else bool
-            section[f.name] = ml_collections.FieldReference(None, field_type=kind)
-        else:
-            section[f.name] = f.default
-    return section
-
-
-def preference_config_from(config) -> PreferenceConfig:
-    """PreferenceConfig from `config.preference` (its label-file and evaluation fields are the
-    task's, not the loss's)."""
-    fields = {f.name for f in dataclasses.fields(PreferenceConfig)}
-    return PreferenceConfig(**{k: v for k, v in dict(config.preference).items() if k in fields})
-
-
-def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
-    """{"a": {"b": {"c": v}}} → {"a.b.c": v} (the inverse of `unflatten`)."""
-    out: dict = {}
-    for k, v in tree.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out

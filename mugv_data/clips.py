@@ -270,7 +270,7 @@ def process_video(
                 "video": video_id,
                 "path": path,
                 "kept": False,
-                "reason": "decode_error",
+                "reason": "damaged" if e.damaged else "decode_error",
                 "error": e.reason,
             }
         ], []

@@ -22,6 +22,12 @@ from mugv_data.clips import Deduper, FilterConfig
 from mugv_data.encode import PixelBucket
 
 ITEM_STRIDE = 2**20  # shots per item; keys stay exact in tfds's 128-bit key space
+UNCAPTIONED = ("refuse", "skip", "empty")
+NO_CAPTION_HELP = (
+    "give captions (--captions=FILE with a clip_id or video row), a --captioner, or choose "
+    "--uncaptioned=skip (leave such clips out, counted) or --uncaptioned=empty (train them with an "
+    "empty caption)"
+)
 
 
 @dataclasses.dataclass
@@ -41,6 +47,7 @@ class PrepareSpec:
     max_frames: int | None = 300
     aes_suffix: str | float | None = None  # None, "score" (the clip's), or a fixed score
     plugins: tuple[str, ...] = ()  # modules that register scorers/captioners
+    uncaptioned: str = "refuse"  # a clip with no caption: "refuse", "skip" (counted) or "empty"
     procedural_count: int = 64
     procedural_frames: int = 17
     procedural_size: int = 32
@@ -151,6 +158,12 @@ class ItemWorker:
                 cap, aes = bundled.caption_for(c.video), None
                 rec["caption_source"] = "bundled" if cap else "none"
             aes = c.aesthetic if aes is None else aes
+            if not cap:
+                if s.uncaptioned == "refuse":
+                    raise ValueError(f"clip {c.clip_id} has no caption; {NO_CAPTION_HELP}")
+                if s.uncaptioned == "skip":
+                    rec.update(kept=False, reason="no_caption")
+                    continue
             cap = text.with_aesthetic_suffix(cap, self._aes_for(c.clip_id, aes))
             rec["caption"] = cap
             out.append(ClipInput(c.clip_id, c.video, cap, c.frames, c.fps))
@@ -174,6 +187,30 @@ class ItemWorker:
                 f"scorer or an 'aesthetic' column in the captions file)"
             )
         return measured
+
+
+def uncaptioned_videos(spec: PrepareSpec) -> list[str]:
+    """Videos none of whose clips can get a caption (no captioner, no row in the captions file,
+    no bundled caption): checked before any work when such clips are refused."""
+    from mugv.data import bundled
+    from mugv_data import scorers
+
+    if spec.source != "files" or spec.filters.captioner or spec.uncaptioned != "refuse":
+        return []
+    rows = scorers.ManifestCaptions(spec.captions) if spec.captions else None
+    names = [(p, os.path.basename(p)) for p in spec.paths]
+    return [p for p, n in names if not bundled.caption_for(n) and not (rows and rows.covers(n))]
+
+
+def check_captions(spec: PrepareSpec) -> None:
+    if spec.uncaptioned not in UNCAPTIONED:
+        raise ValueError(f"--uncaptioned={spec.uncaptioned!r}: choose one of {', '.join(UNCAPTIONED)}")
+    missing = uncaptioned_videos(spec)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ValueError(
+            f"{len(missing)} of {len(spec.paths)} videos have no caption for any clip ({shown}); {NO_CAPTION_HELP}"
+        )
 
 
 def _write_manifest(path: str, records: Sequence[dict]) -> None:

@@ -20,6 +20,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from mugv.io.atomic import atomic_output
+
 # docs/reference.md §6.5 (= mugv.vae_config.RELEASE_LATENT_SHIFT/SCALE, the release VAE buffers).
 from mugv.vae_config import RELEASE_LATENT_SCALE as LATENT_STD
 from mugv.vae_config import RELEASE_LATENT_SHIFT as LATENT_MEAN
@@ -108,7 +110,7 @@ def write_reference(
     os.makedirs(os.path.join(out_dir, "latents"), exist_ok=True)
     os.makedirs(os.path.join(out_dir, "text_features"), exist_ok=True)
     csv_path = os.path.join(out_dir, csv_name)
-    with open(csv_path + ".tmp", "w", newline="") as f:
+    with atomic_output(csv_path, force=True) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(COLUMNS)
         for ex in examples:
@@ -130,7 +132,6 @@ def write_reference(
             torch.save(torch.from_numpy(lat), os.path.join(out_dir, lat_rel))
             torch.save({"y": torch.from_numpy(y), "mask": torch.from_numpy(mask)}, os.path.join(out_dir, txt_rel))
             w.writerow([sid, source, lat_rel, txt_rel])
-    os.replace(csv_path + ".tmp", csv_path)
     return csv_path
 
 

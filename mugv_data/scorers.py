@@ -166,3 +166,9 @@ class ManifestCaptions:
 
     def lookup(self, clip_id: str, video: str) -> tuple[str, float | None] | None:
         return self.by_clip.get(clip_id) or self.by_video.get(video)
+
+    def covers(self, video: str) -> bool:
+        """Whether any row names `video` (a video row, or a clip row of one of its clips)."""
+        return bool(self.by_video.get(video, ("",))[0]) or any(
+            c.startswith(f"{video}#") and cap for c, (cap, _) in self.by_clip.items()
+        )

@@ -35,7 +35,7 @@ import os
 import sys
 import time
 
-from mugv.training import ObjectiveConfig, OptimConfig
+from mugv.run.config import as_run_config, check_batch_split
 
 GiB = 1024**3
 
@@ -107,26 +107,8 @@ def _per_device_bytes(tree) -> int:
 def plan_buckets(config) -> list[tuple[int, int, int, int]]:
     """Every batch shape a run of `config` compiles: the video buckets, then (when images are
     mixed in) the image buckets."""
-    buckets = [tuple(int(v) for v in b) for b in config.data.buckets]
-    mix = config.data.get("mix")
-    if mix is not None and (float(mix.image_fraction_start) > 0 or float(mix.image_fraction_end) > 0):
-        buckets += [tuple(int(v) for v in b) for b in mix.image_buckets]
-    return buckets
-
-
-def check_batch_split(batch: int, accum: int, mesh_shape: dict, what: str = "bucket") -> None:
-    """The trainer splits a global batch into `accum` micro-batches (Trainer.loss_and_grads) and
-    shards each over data × fsdp; a micro-batch that does not divide would be silently
-    replicated over the mesh axes it does not divide by, so refuse it here."""
-    dp = mesh_shape.get("data", 1) * mesh_shape.get("fsdp", 1)
-    if batch % accum:
-        raise ValueError(f"{what}: global batch {batch} is not divisible by optim.grad_accum_steps={accum}")
-    if (batch // accum) % dp:
-        raise ValueError(
-            f"{what}: micro-batch {batch // accum} (global batch {batch} / optim.grad_accum_steps="
-            f"{accum}) is not divisible by data × fsdp = {dp} (mesh {mesh_shape}); choose "
-            f"grad_accum_steps so that batch / grad_accum_steps is a multiple of {dp}"
-        )
+    data = as_run_config(config).data
+    return list(data.buckets) + (list(data.mix.image_buckets) if data.mix.on else [])
 
 
 @contextlib.contextmanager
@@ -154,6 +136,32 @@ def cpu_attention_kernels():
         attention.BACKENDS.update(saved)
 
 
+def planning_mesh(config, devices=None):
+    """The run's mesh over the planning devices. Fake CPU devices form one slice, so a multi-slice
+    mesh (config.mesh.dcn) is planned as one mesh of the same axis sizes (dcn × ici per axis):
+    the shardings, and every per-device byte, are those of the multi-slice run; only which links
+    carry the collectives differs."""
+    import jax
+
+    from mugv_jax.parallel import mesh as mesh_lib
+    from mugv_jax.parallel.sharding import MESH_AXES
+
+    devices = list(devices if devices is not None else jax.devices())
+    mesh = as_run_config(config).mesh
+    ici, dcn = mesh.ici.as_dict(), mesh.dcn.as_dict()
+    slices = math.prod(dcn.values())
+    if slices == 1 or len({getattr(d, "slice_index", 0) for d in devices}) > 1:
+        return mesh_lib.build_mesh(ici, dcn, devices=devices)
+    if slices < 1 or len(devices) % slices:
+        raise ValueError(
+            f"mesh.dcn {dcn}: planning on one slice of {len(devices)} devices needs explicit positive slice "
+            f"counts whose product divides the devices"
+        )
+    per_slice = mesh_lib.resolve_axis_sizes(ici, len(devices) // slices, "mesh.ici")
+    whole = {a: n * int(dcn.get(a, 1)) for a, n in zip(MESH_AXES, per_slice)}
+    return mesh_lib.build_mesh(whole, {}, devices=devices)
+
+
 def plan_step(config, *, bucket_index: int | None = None, devices=None) -> Plan:
     """Compile the train step of `config` (an ml_collections training config) for its mesh over
     `devices` (default all) with abstract inputs, and measure it. `bucket_index` indexes
@@ -164,21 +172,15 @@ def plan_step(config, *, bucket_index: int | None = None, devices=None) -> Plan:
 
     from mugv import flops as flops_lib
     from mugv.geometry import num_tokens, num_video_tokens
-    from mugv.training import dataclass_from as _dataclass_from
-    from mugv.training import model_config_from
-    from mugv_jax.dit.model import RuntimeOptions
-    from mugv_jax.parallel import mesh as mesh_lib
-    from mugv_jax.train import step as trainer_lib
+    from mugv_jax.train.backend import build_trainer
 
-    model_cfg = model_config_from(config)
-    # The trainer builds its RuntimeOptions from exactly these three fields (mugv_jax/train/backend.py);
+    run = as_run_config(config)
+    # The trainer the run would build (model, runtime options, optimizer, sharding rules, mesh);
     # the context-parallel mode travels inside `attention` ("splash+ulysses").
-    options = RuntimeOptions(compute_dtype=config.compute_dtype, attention=config.attention, remat=config.remat)
-    mesh = mesh_lib.build_mesh(dict(config.mesh.ici), dict(config.mesh.get("dcn", {}) or {}), devices=devices)
-    optim = _dataclass_from(OptimConfig, config.optim)
-    trainer = trainer_lib.Trainer(model_cfg, options, optim, _dataclass_from(ObjectiveConfig, config.objective), mesh)
-    buckets = plan_buckets(config)
-    for i, b in enumerate(buckets):
+    trainer = build_trainer(run, mesh=planning_mesh(run, devices))
+    model_cfg, options, optim, mesh = trainer.model_config, trainer.options, trainer.optim, trainer.mesh
+    buckets = plan_buckets(run)
+    for i, b in enumerate(buckets):  # the trainer's own check (mugv.run.config), on the planned shapes
         check_batch_split(b[3], optim.grad_accum_steps, dict(mesh.shape), f"bucket {i} {b}")
     if bucket_index is None:  # the most tokens per step is the memory peak
         bucket_index = max(
@@ -187,7 +189,7 @@ def plan_step(config, *, bucket_index: int | None = None, devices=None) -> Plan:
     if not 0 <= bucket_index < len(buckets):
         raise ValueError(f"bucket index {bucket_index}: the config has {len(buckets)} buckets {buckets}")
     f, h, w, batch = buckets[bucket_index]
-    text_len = int(config.data.text_len)
+    text_len = run.data.text_len
     batch_abstract = {
         "latents": jax.ShapeDtypeStruct((batch, model_cfg.in_channels, f, h, w), np.float32),
         "y": jax.ShapeDtypeStruct((batch, 1, text_len, model_cfg.text_dim), np.float32),
@@ -232,7 +234,7 @@ def plan_step(config, *, bucket_index: int | None = None, devices=None) -> Plan:
         compile_seconds=seconds,
         grad_accum_steps=optim.grad_accum_steps,
         remat=options.remat,
-        attention=str(config.attention),
+        attention=run.attention,
         stand_in=stand_ins.get(options.attention, ""),
         heads=model_cfg.num_heads,
         depth=model_cfg.depth,
@@ -507,17 +509,9 @@ def summary(p: Plan, kind: str, mfu: float) -> dict:
 
 
 def write_json(p: Plan, kind: str, mfu: float, path: str) -> None:
-    import json
+    from mugv.io import atomic
 
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(summary(p, kind, mfu), f, indent=1)
-    os.replace(tmp, path)
-
-
-def _target(config):
-    t = config.get("target")
-    return (str(t.get("name", "")), str(t.get("kind", "")), int(t.get("devices", 0))) if t else ("", "", 0)
+    atomic.write_json(path, summary(p, kind, mfu), indent=1)
 
 
 def main(argv):
@@ -525,7 +519,8 @@ def main(argv):
 
     FLAGS = flags.FLAGS
     config = FLAGS.config
-    name, target_kind, target_devices = _target(config)
+    target = as_run_config(config).target  # validates the config: errors name the --config. flag
+    name, target_kind, target_devices = target.name, target.kind, target.devices
     kind = FLAGS.kind or target_kind or "tpu-v5p"
     devices = FLAGS.devices or target_devices
     if kind not in DEVICE_KINDS:
@@ -557,16 +552,17 @@ def main(argv):
                 raise ValueError(f"--shape={FLAGS.shape!r}: want FRAMES,HEIGHT,WIDTH,BATCH in latent units") from None
             config.data.buckets = (shape,)
             config.data.mix.image_fraction_start = config.data.mix.image_fraction_end = 0.0
-    p = plan_step(config, bucket_index=FLAGS.bucket)
+    run = as_run_config(config)
+    p = plan_step(run, bucket_index=FLAGS.bucket)
     print(
-        f"model {config.model}, stage {config.get('stage', '-')}"
+        f"model {run.model}, stage {run.stage or '-'}"
         + (f", layout planned for {name} ({target_devices} × {target_kind})" if name else "")
     )
     print(report(p, kind, FLAGS.mfu))
     if FLAGS.json:
         write_json(p, kind, FLAGS.mfu, FLAGS.json)
-    dcn = dict(config.mesh.get("dcn", {}) or {})
-    if math.prod(int(v) for v in dcn.values()) > 1 and not fits(p, kind):
+    dcn = run.mesh.dcn.as_dict()
+    if math.prod(dcn.values()) > 1 and not fits(p, kind):
         print(f"note: the mesh spans slices (mesh.dcn = {dcn}); the overrides above are for one slice")
     return 0 if fits(p, kind) else 1
 
@@ -624,7 +620,7 @@ def _define_flags():
 
 if __name__ == "__main__":
     _prepare_devices(sys.argv[1:])
-    from absl import app
+    from mugv.run.cli import run_app
 
     _define_flags()
-    app.run(main)
+    run_app(main)

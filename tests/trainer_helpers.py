@@ -1,5 +1,7 @@
 """Small builders shared by the trainer tests."""
 
+import contextlib
+
 import jax
 import numpy as np
 
@@ -43,3 +45,25 @@ def host_batch(source, index=0):
 
 def to_numpy(tree):
     return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
+
+
+@contextlib.contextmanager
+def no_implicit_transfers():
+    """big_vision's habit: inside, an implicit host↔device transfer (a numpy array or Python scalar
+    handed to a jitted function, `float()` of a device array) raises; jax.device_put / device_get
+    state the intended ones."""
+    with jax.transfer_guard("disallow"):
+        yield
+
+
+def guard_train_steps(monkeypatch, trainer_class=tr.Trainer):
+    """Run every `trainer_class.train_step` of the test (the DiT Trainer's by default; the VAE's
+    has its own) under `no_implicit_transfers`, so a step that silently moves data between host
+    and devices fails the test."""
+    step = trainer_class.train_step
+
+    def guarded(self, *args, **kwargs):
+        with no_implicit_transfers():
+            return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_class, "train_step", guarded)

@@ -1,15 +1,5 @@
-"""Orbax checkpoints of the JAX trainer (mugv_jax/train/checkpointing.py), read and written per tensor.
-
-A trainer checkpoint is `<manager dir>/<step>/` with items `state` (params and ema: nested dicts
-keyed by the JAX layout's dotted paths, mugv/layouts/jax.py), `data` and `config`
-({"model": DiTConfig dict}). `PATH@STEP` picks a step, else the newest.
-
-Reading opens each array of `state/params` (or `state/ema`) with tensorstore directly
-(`mugv.io.orbax.StoredParams`), so one layer of a stacked array is read at a time, and
-several reads are in flight at once (tensorstore reads and decodes on its own threads). If the
-stored chunks span several layers (the trainer writes one chunk per device shard, layers
-included), that array is first copied chunk by chunk into a raw staging file (under $TMPDIR),
-which bounds memory by one storage chunk (orbax caps chunks at 2 GiB) rather than by the array.
+"""The JAX writer: an orbax checkpoint of the JAX trainer's layout (mugv/io/orbax.py names it and
+reads it), written per tensor.
 
 Writing produces a CheckpointManager directory with one step whose `state` item holds `params`
 and `ema` (= params) and whose `config` item holds {"model": config}. Nothing else (no optimizer
@@ -25,21 +15,17 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import re
-import tempfile
-from collections.abc import Callable, Iterator
+import os
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 import numpy as np
 
-from converters.formats.staging import RawStore
-from mugv.config import DiTConfig, get_config
-from mugv.io.base import Entry, Reader, Writer, file_backed
-from mugv.io.orbax import StoredParams
+from mugv.config import DiTConfig
+from mugv.io import orbax
+from mugv.io.base import Entry, Writer, file_backed
+from mugv.io.staging import RawStore
 from mugv.layouts import jax as jax_layout
-from mugv.schema import release_schema
-from mugv.training import unflatten
 
 DEFAULT_STEP = 0
 # Writes handed to tensorstore but not yet committed, at most (see StreamingHandler). Each holds
@@ -49,153 +35,6 @@ _IN_FLIGHT_BYTES = 128 * 2**20
 _IN_FLIGHT_WRITES = 4
 # Layers read ahead of the writes, at most (beyond one per worker thread).
 _READ_AHEAD_BYTES = 256 * 2**20
-
-
-# ---------------------------------------------------------------------------------------------
-# Names
-
-
-def _tiny_release_names() -> dict[str, dict[int | None, str]]:
-    """JAX path → {layer or None: release name}. Names do not depend on sizes, so a two-layer
-    stand-in model gives the map for every config."""
-    cfg = get_config("tiny")
-    out: dict[str, dict[int | None, str]] = {}
-    for path, shape in jax_layout.jax_param_shapes(cfg).items():
-        if jax_layout.is_stacked(path):
-            out[path] = {
-                i: jax_layout.jax_to_release(path, np.zeros(shape[1:], np.float32), cfg, i)[0] for i in range(2)
-            }
-        else:
-            out[path] = {None: jax_layout.jax_to_release(path, np.zeros(shape, np.float32), cfg)[0]}
-    return out
-
-
-_NAMES = _tiny_release_names()
-_BLOCK = re.compile(r"^blocks\.\d+\.(.+)$")
-
-
-_GLOBAL_PATHS = {names[None]: p for p, names in _NAMES.items() if None in names}
-_BLOCK_PATHS = {_BLOCK.match(names[0]).group(1): p for p, names in _NAMES.items() if 0 in names}
-
-
-def jax_path_of(release_name: str) -> tuple[str, int | None]:
-    """(JAX path, layer or None) of a release tensor; KeyError naming it if it has none."""
-    if release_name in _GLOBAL_PATHS:
-        return _GLOBAL_PATHS[release_name], None
-    m = re.match(r"^blocks\.(\d+)\.(.+)$", release_name)
-    if m and m.group(2) in _BLOCK_PATHS:
-        return _BLOCK_PATHS[m.group(2)], int(m.group(1))
-    raise KeyError(f"release tensor {release_name!r} has no JAX layout counterpart")
-
-
-def release_name_of(jax_path: str, layer: int | None) -> str:
-    if layer is None:
-        return _NAMES[jax_path][None]
-    return re.sub(r"^blocks\.\d+\.", f"blocks.{layer}.", _NAMES[jax_path][0])
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading
-
-
-class JaxReader(Reader):
-    format = "jax"
-
-    def __init__(self, path: str, step: int | None = None, weights: str = "raw"):
-        stored = StoredParams(path, step, weights)
-        self.path, self.weights = path, weights
-        self.step_dir, self.step, self.steps = stored.step_dir, stored.step, stored.steps
-        self.state_dir = stored.state_dir
-        self.state_keys, self.stored_config = stored.state_keys, stored.stored_config
-        self._arrays = stored.arrays
-        config = self.layout_config = stored.config
-        root = stored.root
-        want = jax_layout.jax_param_shapes(config)
-        schema = release_schema(config)
-        self._src: dict[str, tuple[str, int | None]] = {}
-        self._entries: dict[str, Entry] = {}
-        for p, a in self._arrays.items():
-            dtype = np.dtype(a.dtype.numpy_dtype)
-            if p not in want:
-                # Reported as unexpected by the strict schema check.
-                self._src[f"{root}.{p}"] = (p, None)
-                self._entries[f"{root}.{p}"] = Entry(a.shape, dtype)
-                continue
-            layers = range(a.shape[0]) if jax_layout.is_stacked(p) else [None]
-            for layer in layers:
-                name = release_name_of(p, layer)
-                self._src[name] = (p, layer)
-                self._entries[name] = Entry(schema[name], dtype)
-
-    def entries(self) -> dict[str, Entry]:
-        return dict(self._entries)
-
-    def _to_release(self, path: str, layer: int | None, array: np.ndarray) -> tuple[str, np.ndarray]:
-        return jax_layout.jax_to_release(path, array, self.layout_config, layer=layer)
-
-    def get(self, name: str) -> np.ndarray:
-        if name not in self._src:
-            raise KeyError(f"{self.step_dir}: no tensor {name!r}")
-        path, layer = self._src[name]
-        a = self._arrays[path]
-        data = a.read().result() if layer is None else a[layer].read().result()
-        return self._to_release(path, layer, data)[1]
-
-    def items(self) -> Iterator[tuple[str, np.ndarray]]:
-        for path, a in self._arrays.items():
-            if path not in jax_layout.jax_param_shapes(self.layout_config):
-                raise KeyError(f"{self.step_dir}: unexpected parameter {path}")
-            if not jax_layout.is_stacked(path):
-                yield self._to_release(path, None, a.read().result())
-            elif a.chunk_layout.read_chunk.shape[0] == 1:
-                for i in range(a.shape[0]):
-                    yield self._to_release(path, i, a[i].read().result())
-            else:
-                yield from self._staged_layers(path, a)
-
-    def jobs(self) -> Iterator[tuple[str, Callable[[], np.ndarray]]]:
-        # Each read starts in tensorstore (its own threads read and decompress) when the job is
-        # taken; the transform runs on the pipeline's thread that waits for it.
-        for path, a in self._arrays.items():
-            if path not in jax_layout.jax_param_shapes(self.layout_config):
-                raise KeyError(f"{self.step_dir}: unexpected parameter {path}")
-            if not jax_layout.is_stacked(path):
-                yield release_name_of(path, None), partial(self._finish, path, None, a.read())
-            elif a.chunk_layout.read_chunk.shape[0] == 1:
-                for i in range(a.shape[0]):
-                    yield release_name_of(path, i), partial(self._finish, path, i, a[i].read())
-            else:
-                for name, array in self._staged_layers(path, a):
-                    yield name, (lambda x=array: x)
-
-    def _finish(self, path: str, layer: int | None, future) -> np.ndarray:
-        return self._to_release(path, layer, future.result())[1]
-
-    def _staged_layers(self, path: str, a) -> Iterator[tuple[str, np.ndarray]]:
-        # Reading layer by layer would decode every chunk once per layer; copy each chunk once.
-        chunk = tuple(a.chunk_layout.read_chunk.shape)
-        store = RawStore(tempfile.mkdtemp(prefix="mugv-convert-"))
-        try:
-            store.create(path, tuple(a.shape), np.dtype(a.dtype.numpy_dtype))
-            grid = [range(0, n, c) for n, c in zip(a.shape, chunk)]
-            for starts in np.ndindex(*[len(g) for g in grid]):
-                region = tuple(slice(g[i], min(g[i] + c, n)) for g, i, c, n in zip(grid, starts, chunk, a.shape))
-                store.write_region(path, region, a[region].read().result())
-            for i in range(a.shape[0]):
-                yield self._to_release(path, i, store.read(path, i))
-        finally:
-            store.close()
-
-    def describe(self) -> dict:
-        d = {
-            "step directory": self.step_dir,
-            "step": self.step,
-            "weights": self.weights,
-            "state entries": self.state_keys,
-        }
-        if self.steps:
-            d["steps present"] = self.steps
-        return d
 
 
 # ---------------------------------------------------------------------------------------------
@@ -396,7 +235,7 @@ class JaxWriter(Writer):
         shapes = jax_layout.jax_param_shapes(config)
         dtypes: dict[str, np.dtype] = {}
         for name, e in self.entries.items():
-            path, _ = jax_path_of(name)
+            path, _ = jax_layout.jax_path_of(name)
             if dtypes.setdefault(path, e.dtype) != e.dtype:
                 raise ValueError(
                     f"{target}: the layers of JAX parameter {path} would have mixed "
@@ -412,7 +251,7 @@ class JaxWriter(Writer):
         if file_backed(array):
             # A view of the mapped source: nothing is staged; the layout transform runs when
             # orbax takes the layer.
-            path, layer = jax_path_of(name)
+            path, layer = jax_layout.jax_path_of(name)
             self.staging.keep(path, array, index=layer, transform=partial(_to_jax, name, self.config))
             return
         path, layer, jarr = jax_layout.release_to_jax(name, array, self.config)
@@ -421,20 +260,19 @@ class JaxWriter(Writer):
     def finish(self) -> None:
         import orbax.checkpoint as ocp
 
-        params = unflatten({p: _stand_in(p, self.staging.entry(p)) for p in self.staging._arrays})
+        params = jax_layout.unflatten({p: _stand_in(p, self.staging.entry(p)) for p in self.staging.keys()})
         options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
-        manager = ocp.CheckpointManager(self.tmp, options=options, item_names=("state", "config"))
+        manager = ocp.CheckpointManager(self.tmp, options=options, item_names=orbax.WEIGHTS_ITEMS)
+        items = {
+            orbax.STATE: ocp.args.StandardSave({orbax.PARAMS: params, orbax.EMA: params}),
+            orbax.CONFIG: ocp.args.JsonSave(orbax.config_item(self.config)),
+        }
         with _streaming_numpy_handler(self.staging, self.workers):
-            manager.save(
-                self.step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardSave({"params": params, "ema": params}),
-                    config=ocp.args.JsonSave({"model": self.config.to_dict()}),
-                ),
-            )
+            manager.save(self.step, args=ocp.args.Composite(**items))
             manager.wait_until_finished()
         manager.close()
         self.staging.close()
+        orbax.write_digests(os.path.join(self.tmp, str(self.step)))
 
     def abort(self) -> None:
         self.staging.close()

@@ -1,16 +1,16 @@
-"""Megatron-Core checkpoints: `torch_dist` (dist_checkpointing) and the legacy per-rank files.
+"""Megatron-Core checkpoints: the torch_dist writer, and the legacy per-rank files read and
+written.
 
-Both sit in a save directory with `latest_checkpointed_iteration.txt` and `iter_XXXXXXX/`
-(docs/reference.md §4.6); names and per-head regrouping come from mugv/layouts/megatron.py.
+Both sit in a save directory (mugv/io/megatron.py names it: tracker, `iter_XXXXXXX/`,
+docs/reference.md §4.6); names and per-head regrouping come from mugv/layouts/megatron.py.
 
 torch_dist (`iter_XXXXXXX/{.metadata, __0_0.distcp, common.pt, metadata.json}`): read by the
 core's `mugv.io.torch_dist.TorchDistReader` (both trainers' `init_from` use it too), written
-here with `megatron.core.dist_checkpointing` in one process. Layer tensors are stacked as
-`decoder.layers.<sub>` [depth, …], each layer saved as its own chunk (the shape Megatron's layer
-stack saves), non-layer tensors under their plain names, all full (un-split) tensors; TP/PP do
-not change it. Writing stages the tensors on disk first because DCP saves a whole state dict in
-one call; the staged files are memory-mapped into that call, so the data goes file → page cache
-→ file.
+here with `megatron.core.dist_checkpointing` in one process, under the key scheme of
+`mugv.io.torch_dist.stored_key`: each layer saved as its own chunk of its stack, all full
+(un-split) tensors; TP/PP do not change it. Writing stages the tensors on disk first because DCP
+saves a whole state dict in one call; the staged files are memory-mapped into that call, so the
+data goes file → page cache → file.
 
 Legacy (`iter_XXXXXXX/mp_rank_{tp:02d}[_{pp:03d}]/model_optim_rng.pt`, each `{"model": {…}}`):
 column-parallel tensors cut along dim 0, row-parallel along dim 1 (after the per-head regroup),
@@ -23,29 +23,19 @@ on the first stage, final_layer on the last, the t/fps/caption embedders on ever
 from __future__ import annotations
 
 import os
-import re
 import warnings
 
 import numpy as np
 
-from converters.formats.staging import RawStore
 from mugv.config import DiTConfig
+from mugv.io import megatron as save_dir
 from mugv.io import torch_cpu, torchzip
 from mugv.io.base import Entry, Writer, file_backed, from_torch, numpy_dtype_of_torch, to_torch, torch_dtype_of
-from mugv.io.torch_dist import (
-    TRACKER,
-    MegatronReader,
-    is_skipped,
-    is_torch_dist_dir,
-    iter_dir_name,
-    resolve_iteration_dir,
-    split_layer,
-)
+from mugv.io.staging import RawStore
+from mugv.io.torch_dist import is_skipped, stored_key, write_digests
 from mugv.layouts import megatron as layout
 
-CHECKPOINT_VERSION = 3.0
 DEFAULT_ITERATION = 1
-_RANK_DIR = re.compile(r"^mp_rank_(\d+)(?:_(\d+))?$")
 
 
 def check_parallel(config: DiTConfig, tp: int, pp: int) -> None:
@@ -64,32 +54,13 @@ def check_parallel(config: DiTConfig, tp: int, pp: int) -> None:
         raise ValueError("cannot lay out the model for Megatron: " + "; ".join(problems))
 
 
-def is_legacy_dir(d: str) -> bool:
-    return os.path.isdir(d) and any(_RANK_DIR.match(n) for n in os.listdir(d))
-
-
-def detect_variant(path: str) -> str:
-    """'torch_dist' or 'legacy' for a save directory or an iteration directory."""
-    candidates = [path]
-    tracker = os.path.join(path, TRACKER)
-    if os.path.isfile(tracker):
-        text = open(tracker).read().strip()
-        candidates.append(os.path.join(path, iter_dir_name("release" if text == "release" else int(text))))
-    for d in candidates:
-        if is_torch_dist_dir(d):
-            return "torch_dist"
-        if is_legacy_dir(d):
-            return "legacy"
-    raise FileNotFoundError(f"{path}: neither a torch_dist nor a legacy Megatron checkpoint")
-
-
 def _stage_of(release_name: str, config: DiTConfig, pp: int) -> list[tuple[int, str]]:
     """(PP stage, stage-local Megatron name) of every copy of a release tensor."""
     mname = layout.megatron_name(release_name)
-    layer, suffix = split_layer(mname)
+    layer, suffix = layout.split_layer(mname)
     if layer is not None:
         per = config.depth // pp
-        return [(layer // per, f"{layout.LAYER_PREFIX}{layer % per}.{suffix}")]
+        return [(layer // per, layout.layer_name(layer % per, suffix))]
     if mname.startswith(("x_embedder.", "start_token", "end_token")):
         return [(0, mname)]
     if mname.startswith("final_layer."):
@@ -117,7 +88,7 @@ class TorchDistWriter(Writer):
         self.tmp, self.iteration = tmp, iteration
         self.write_processes = max(1, write_processes)
         os.makedirs(tmp)
-        self.iter_dir = os.path.join(tmp, iter_dir_name(iteration))
+        self.iter_dir = save_dir.iter_dir(tmp, iteration)
         os.makedirs(self.iter_dir)
         self.staging = RawStore(os.path.join(tmp, ".staging"))
         torch_cpu.one_process_group("writing torch_dist with the converters")
@@ -139,7 +110,7 @@ class TorchDistWriter(Writer):
 
         depth = self.config.depth
         sd: dict = {}
-        for mname in list(self.staging._arrays):
+        for mname in self.staging.keys():
             entry = self.staging.entry(mname)
             # The storage of each tensor is exactly the tensor (its own staging file, or
             # from_numpy of a view), so dist_checkpointing writes it without a copy.
@@ -152,16 +123,14 @@ class TorchDistWriter(Writer):
                     size=int(np.prod(entry.shape, dtype=np.int64)),
                     dtype=torch_dtype_of(entry.dtype),
                 ).view(entry.shape)
-            layer, suffix = split_layer(mname)
+            key, layer = stored_key(mname)
             if layer is None:
-                sd[mname] = ShardedTensor.from_rank_offsets(mname, t, replica_id=0)
+                sd[mname] = ShardedTensor.from_rank_offsets(key, t, replica_id=0)
             else:
                 sd[mname] = ShardedTensor.from_rank_offsets(
-                    layout.LAYER_PREFIX + suffix, t.view(1, *entry.shape), (0, layer, depth), replica_id=0
+                    key, t.view(1, *entry.shape), (0, layer, depth), replica_id=0
                 )
-        sd["mugv"] = {"model": self.config.to_dict()}
-        sd["iteration"] = self.iteration
-        sd["checkpoint_version"] = CHECKPOINT_VERSION
+        sd.update(save_dir.common_state(self.config, self.iteration))
         # Each tensor goes into the .distcp files as a torch.save archive; their CRC32s cost a
         # pass over every byte and torch.load does not check them.
         crc = torch.serialization.get_crc32_options()
@@ -179,8 +148,9 @@ class TorchDistWriter(Writer):
             torch.serialization.set_crc32_options(crc)
         del sd
         self.staging.close()
-        with open(os.path.join(self.tmp, TRACKER), "w") as f:
-            f.write(str(self.iteration))
+        # Every byte checksummed, each tensor's archive on its own (mugv.io.torch_dist).
+        write_digests(self.iter_dir)
+        save_dir.write_tracker(self.tmp, self.iteration)
 
     def abort(self) -> None:
         self.staging.close()
@@ -190,25 +160,17 @@ class TorchDistWriter(Writer):
 # Legacy per-rank files
 
 
-def rank_dir_name(tp_rank: int, pp_rank: int, pp: int) -> str:
-    return f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
-
-
 def _concat(arrays, axis):
     return np.concatenate(arrays, axis=axis)
 
 
-class LegacyReader(MegatronReader):
+class LegacyReader(save_dir.MegatronReader):
     format = "megatron"
 
     def __init__(self, path: str, iteration: int | None = None):
         self.path = path
-        self.dir, self.iteration = resolve_iteration_dir(path, iteration, is_legacy_dir)
-        ranks = {}
-        for n in os.listdir(self.dir):
-            m = _RANK_DIR.match(n)
-            if m:
-                ranks[(int(m.group(1)), int(m.group(2) or 0))] = os.path.join(self.dir, n)
+        self.dir, self.iteration = save_dir.resolve_iteration_dir(path, iteration, save_dir.is_legacy_dir)
+        ranks = save_dir.rank_dirs(self.dir)
         self.tp = 1 + max(t for t, _ in ranks)
         self.pp = 1 + max(p for _, p in ranks)
         missing = [(t, p) for t in range(self.tp) for p in range(self.pp) if (t, p) not in ranks]
@@ -221,9 +183,9 @@ class LegacyReader(MegatronReader):
         self.files = {}
         self.stored_config = None
         for (t, p), d in sorted(ranks.items()):
-            f = os.path.join(d, "model_optim_rng.pt")
+            f = os.path.join(d, save_dir.LEGACY_FILE)
             if not os.path.isfile(f):
-                raise FileNotFoundError(f"{d}: no model_optim_rng.pt")
+                raise FileNotFoundError(f"{d}: no {save_dir.LEGACY_FILE}")
             state = torchzip.load_torch_file(f, allow_namespace=True)
             if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
                 keys = list(state)[:8] if isinstance(state, dict) else type(state).__name__
@@ -233,14 +195,13 @@ class LegacyReader(MegatronReader):
                 )
             self._models[(t, p)] = state["model"]
             self.files[(t, p)] = f
-            cfg = state.get("mugv", {}).get("model") if isinstance(state.get("mugv"), dict) else None
-            if cfg and self.stored_config is None:
-                self.stored_config = DiTConfig.from_dict(cfg)
+            if self.stored_config is None:
+                self.stored_config = save_dir.stored_config(state)
         # Stage-local layer indices → global: stages hold consecutive layers.
         offsets, total = [], 0
         for p in range(self.pp):
             offsets.append(total)
-            layers = {split_layer(k)[0] for k in self._models[(0, p)]} - {None}
+            layers = {layout.split_layer(k)[0] for k in self._models[(0, p)]} - {None}
             total += (max(layers) + 1) if layers else 0
         self.depth = total
         # release name → (PP stage, stage-local Megatron name, global Megatron name)
@@ -258,8 +219,8 @@ class LegacyReader(MegatronReader):
                     raise ValueError(
                         f"{self.files[(0, p)]}: model entry {local!r} is a {type(value).__name__}, not a tensor"
                     )
-                layer, suffix = split_layer(local)
-                gname = local if layer is None else f"{layout.LAYER_PREFIX}{layer + offsets[p]}.{suffix}"
+                layer, suffix = layout.split_layer(local)
+                gname = local if layer is None else layout.layer_name(layer + offsets[p], suffix)
                 try:
                     name = layout.release_name(gname)
                 except KeyError:
@@ -295,6 +256,28 @@ class LegacyReader(MegatronReader):
         ((_, array),) = layout.megatron_to_release(gname, full, self._config_for_layout())
         return np.ascontiguousarray(array)
 
+    def integrity(self):
+        """Each rank file's tensors against the CRCs our legacy writer records."""
+        from mugv.io.digest import Check, CorruptCheckpoint
+
+        problems, checked, recorded = [], 0, False
+        for f in self.files.values():
+            try:
+                z = torchzip.TorchZipFile(f)
+            except torchzip.NeedsTorch:
+                continue
+            if not z.digests:
+                continue
+            recorded = True
+            model = z.obj.get("model", {}) if isinstance(z.obj, dict) else {}
+            for name, ref in model.items():
+                if isinstance(ref, torchzip.TensorRef):
+                    try:
+                        checked += z.array(ref, name).nbytes
+                    except CorruptCheckpoint as e:
+                        problems += e.problems
+        return Check(problems, checked) if recorded else None
+
     def describe(self) -> dict:
         return {
             "variant": "legacy",
@@ -324,7 +307,7 @@ class LegacyWriter(Writer):
         super().__init__(target, config, entries)
         check_parallel(config, tp, pp)
         self.tp, self.pp, self.tmp, self.iteration = tp, pp, tmp, iteration
-        it_dir = os.path.join(tmp, iter_dir_name(iteration))
+        it_dir = save_dir.iter_dir(tmp, iteration)
         # (TP rank, PP stage) → {stage-local Megatron name: slot}
         slots: dict[tuple[int, int], dict] = {(t, p): {} for t in range(tp) for p in range(pp)}
         self._route: dict[str, list[tuple[int, str]]] = {}
@@ -340,16 +323,11 @@ class LegacyWriter(Writer):
                     slots[(t, p)][local] = torchzip.TensorSlot(key, Entry(shard.shape, e.dtype))
         self._files: dict[tuple[int, int], torchzip.StreamingTorchFile] = {}
         for (t, p), rank_slots in slots.items():
-            d = os.path.join(it_dir, rank_dir_name(t, p, pp))
+            d = os.path.join(it_dir, save_dir.rank_dir_name(t, p, pp))
             os.makedirs(d)
-            obj = {
-                "model": rank_slots,
-                "checkpoint_version": CHECKPOINT_VERSION,
-                "iteration": iteration,
-                "mugv": {"model": config.to_dict()},
-            }
+            obj = {"model": rank_slots, **save_dir.common_state(config, iteration)}
             self._files[(t, p)] = torchzip.StreamingTorchFile(
-                os.path.join(d, "model_optim_rng.pt"), obj, list(rank_slots.values())
+                os.path.join(d, save_dir.LEGACY_FILE), obj, list(rank_slots.values())
             )
         self._slots = slots
 
@@ -363,8 +341,7 @@ class LegacyWriter(Writer):
     def finish(self) -> None:
         for f in self._files.values():
             f.close()
-        with open(os.path.join(self.tmp, TRACKER), "w") as f:
-            f.write(str(self.iteration))
+        save_dir.write_tracker(self.tmp, self.iteration)
 
     def abort(self) -> None:
         for f in self._files.values():

@@ -11,23 +11,61 @@ and the hosts together read exactly the global batch.
 Batch s is a pure function of s, so the iterator's state is just {"step": s, ...}: resuming builds
 the grain pipeline from step s and yields the identical next batch, with or without workers.
 
-Unreadable records: a record whose bytes do not decode is skipped and replaced by the next
-readable record of the same bucket in that epoch's order (deterministically, so resumption is
-still exact); `skipped` counts them and `skipped_records` names the first few.
+Damaged data is never used silently:
+* at open every shard file the index names must be there with its recorded size (and, with
+  `verify=True`, its recorded CRC-32); a bad one is refused naming the file, or with
+  `on_bad_shard="exclude"` left out with a loud warning naming it and the records lost;
+* a record whose bytes do not decode is skipped, logged with its file as it happens, and replaced
+  by the next readable record of the same bucket in that epoch's order (deterministically, so
+  resumption is still exact); `skipped` counts them (the run logs it as `data/skipped_records`),
+  `skipped_records` names the first few, and more than `max_skipped` stop the run.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import sys
 from collections.abc import Mapping
 
 import numpy as np
 
-from mugv.data.shards import RecordReader, read_index
+from mugv.data.shards import BadShard, RecordReader, check_shards, read_index, resolve_dataset
 
+log = logging.getLogger("mugv.data")
 _MAX_REPORTED = 32
+ON_BAD_SHARD = ("refuse", "exclude")
+
+
+class TooManySkipped(RuntimeError):
+    """More unreadable records than the run allows (`max_skipped`)."""
+
+
+def check_text_len(index: dict, ds_dir: str, text_len: int, truncate: bool) -> int:
+    """How many captions of the dataset are longer than `text_len` tokens. More than none is
+    refused unless `truncate` (then they are cut, and the count is logged): a shorter text length
+    than the data was prepared with must not cut captions silently."""
+    lens = index.get("text_lens")
+    prepared = (index.get("dit_overrides") or {}).get("max_text_tokens")
+    if lens is not None:
+        longer, longest = sum(n > text_len for n in lens), max(lens, default=0)
+    elif prepared is not None and prepared > text_len:  # an index from before text_lens: its bound
+        longer, longest = None, prepared
+    else:
+        return 0
+    if not longer and longer is not None:
+        return 0
+    what = f"{longer} of {len(lens)} captions" if longer is not None else "captions"
+    where = f"{what} in {ds_dir} have more than text_len={text_len} tokens (up to {longest}"
+    where += f"; prepared with --text-len={prepared})" if prepared is not None else ")"
+    if not truncate:
+        raise ValueError(
+            f"{where}: set config.data.text_len={longest} (and config.model_overrides.max_text_tokens), "
+            f"or config.data.truncate_captions=True to cut them to {text_len} tokens"
+        )
+    log.warning("%s: cut to %d tokens (config.data.truncate_captions)", where, text_len)
+    return longer or 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,8 +116,17 @@ class BatchPlan:
 class _LoadBatch:
     """step → host-local batch dict. Picklable for grain worker processes."""
 
-    def __init__(self, ds_dir: str, plan: BatchPlan, text_len: int, process_index: int, process_count: int):
-        self.reader = RecordReader(ds_dir)
+    def __init__(
+        self,
+        ds_dir: str,
+        plan: BatchPlan,
+        text_len: int,
+        process_index: int,
+        process_count: int,
+        files: dict[str, int] | None = None,
+        exclude=(),
+    ):
+        self.reader = RecordReader(ds_dir, files, exclude)
         self.plan, self.text_len = plan, text_len
         self.process_index, self.process_count = process_index, process_count
 
@@ -87,7 +134,8 @@ class _LoadBatch:
         try:
             return self.reader[int(idx)], None
         except Exception as e:  # any decode failure of one record is that record's problem
-            return None, f"record {int(idx)}: {type(e).__name__}: {str(e)[:200]}"
+            where = self.reader.locate(int(idx))
+            return None, f"record {int(idx)} ({where}): {type(e).__name__}: {str(e)[:200] or 'no message'}"
 
     def __call__(self, step: int) -> dict:
         bucket, ids, order = self.plan.batch(int(step))
@@ -103,7 +151,8 @@ class _LoadBatch:
                 skipped.append(err)
                 if tries >= len(order):
                     raise RuntimeError(
-                        f"no readable record left in bucket {bucket} of {self.reader.ds_dir}; last error: {err}"
+                        f"no readable record left in bucket {bucket} of {self.reader.ds_dir}; last error: {err}. "
+                        f"Check the shard files with --config.data.verify=true"
                     )
                 idx = order[(pos + tries) % len(order)]
                 tries += 1
@@ -140,7 +189,9 @@ class ShardLoader:
     """Iterator over host-local batches; `get_state`/`set_state` JSON-able (checkpoint with the model).
 
     batch_size: one int for every bucket, or {bucket_id: global batch size}; buckets left out of
-    the mapping are not read. text_len: the padded caption length L of `y`/`mask`.
+    the mapping are not read. text_len: the padded caption length L of `y`/`mask`; a dataset
+    with longer captions is refused unless `truncate_text` (they are then cut to L). `ds_dir`
+    may be the dataset or the `--out` directory `prepare` wrote it under.
     """
 
     def __init__(
@@ -155,13 +206,27 @@ class ShardLoader:
         process_count: int = 1,
         num_workers: int = 0,
         start_step: int = 0,
+        truncate_text: bool = False,
+        verify: bool = False,
+        on_bad_shard: str = "refuse",
+        max_skipped: int | None = None,
     ):
+        ds_dir = resolve_dataset(ds_dir)
         index = read_index(ds_dir)
+        self.truncated_captions = check_text_len(index, ds_dir, text_len, truncate_text)
         self.ds_dir, self.text_len, self.seed, self.num_workers = ds_dir, text_len, seed, num_workers
+        self.max_skipped = max_skipped
         shapes = index["buckets"]
         bucket_ids = np.asarray(index["bucket_ids"], np.int64)
+        files = {n: int(f["records"]) for n, f in index["files"].items()} if "files" in index else None
+        excluded = self._check_files(index, verify, on_bad_shard)
+        first = 0
+        for name, count in (files or {}).items():
+            if name in excluded:
+                bucket_ids[first : first + count] = -1  # planned into no batch
+            first += count
         if isinstance(batch_size, int):
-            present = sorted(set(bucket_ids.tolist()))
+            present = sorted(b for b in set(bucket_ids.tolist()) if b >= 0)
             batch_size = {b: batch_size for b in present}
         for b, bs in batch_size.items():
             if not 0 <= b < len(shapes):
@@ -173,11 +238,37 @@ class ShardLoader:
         self.plan = BatchPlan(bucket_ids, batch_size, seed, shuffle)
         self.buckets = [LatentBucket(*shapes[b], batch_size=bs) for b, bs in sorted(batch_size.items())]
         self.latent_channels, self.text_dim = index["latent_channels"], index["text_dim"]
-        self._load = _LoadBatch(ds_dir, self.plan, text_len, process_index, process_count)
+        self._load = _LoadBatch(ds_dir, self.plan, text_len, process_index, process_count, files, excluded)
         self.step = start_step
         self.skipped = 0
         self.skipped_records: list[str] = []
         self._it = None
+
+    def _check_files(self, index: dict, verify: bool, on_bad_shard: str) -> set[str]:
+        """The shard files to leave out (none unless `on_bad_shard="exclude"`); raises BadShard."""
+        if on_bad_shard not in ON_BAD_SHARD:
+            raise ValueError(f"config.data.on_bad_shard must be one of {ON_BAD_SHARD}, got {on_bad_shard!r}")
+        bad = check_shards(self.ds_dir, index, verify=verify)
+        if not bad:
+            return set()
+        records = {n: int(index["files"][n]["records"]) for n in bad if n in index.get("files", {})}
+        listing = "\n  ".join(f"{p} ({records.get(n, '?')} records)" for n, p in bad.items())
+        if on_bad_shard == "refuse":
+            raise BadShard(
+                f"dataset {self.ds_dir}: {len(bad)} shard file(s) differ from its index.json:\n  {listing}\n"
+                f"Rebuild the dataset (python -m mugv_data prepare ... --force), restore the files, or train "
+                f"without them: --config.data.on_bad_shard=exclude"
+            )
+        log.error(
+            "\n%s\nDATA EXCLUDED: dataset %s: %d shard file(s) left out, %d records lost:\n  %s\n%s",
+            "=" * 100,
+            self.ds_dir,
+            len(bad),
+            sum(records.values()),
+            listing,
+            "=" * 100,
+        )
+        return set(bad)
 
     def _make_iter(self):
         import grain
@@ -196,8 +287,21 @@ class ShardLoader:
         batch = next(self._it)
         self.step += 1
         skipped = batch.pop("_skipped")
-        self.skipped += len(skipped)
+        for what in skipped:
+            self.skipped += 1
+            log.warning(
+                "step %d: skipped unreadable %s; replaced by the next readable record of its bucket (%d so far)",
+                self.step - 1,
+                what,
+                self.skipped,
+            )
         self.skipped_records.extend(skipped[: max(0, _MAX_REPORTED - len(self.skipped_records))])
+        if self.max_skipped is not None and self.skipped > self.max_skipped:
+            raise TooManySkipped(
+                f"dataset {self.ds_dir}: {self.skipped} unreadable records skipped, more than "
+                f"config.data.max_skipped_records={self.max_skipped} (first: {self.skipped_records[:3]}); "
+                f"check the files with --config.data.verify=true"
+            )
         return batch
 
     def get_state(self) -> dict:
@@ -269,6 +373,10 @@ class MixedLoader:
         self.counts[i] += 1
         self.last_index = i
         return batch
+
+    @property
+    def skipped(self) -> int:
+        return sum(int(getattr(l, "skipped", 0)) for l in self.loaders)
 
     def get_state(self) -> dict:
         return {

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from mugv.io.atomic import write_text
 from mugv.safetensors_io import save_atomic
 
 
@@ -214,8 +215,4 @@ def write_synthetic(
             if labels:
                 lines.append({"source": "physics", "prompt": f"prompt {p}", "clip": good, "label": "good"})
                 lines.append({"source": "physics", "prompt": f"prompt {p}", "clip": bad, "label": "bad"})
-    path = os.path.join(directory, "labels.jsonl")
-    with open(path + ".tmp", "w") as fh:
-        fh.writelines(json.dumps(r) + "\n" for r in lines)
-    os.replace(path + ".tmp", path)
-    return path
+    return write_text(os.path.join(directory, "labels.jsonl"), "".join(json.dumps(r) + "\n" for r in lines))

@@ -31,6 +31,9 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from mugv.io import digest
+from mugv.io.atomic import remove_path, remove_stale_partials, temp_name
+
 LATENT_DTYPES = ("bfloat16", "float32")
 VERSION = "1.0.0"
 INDEX_FILE = "index.json"
@@ -152,7 +155,14 @@ def _builder_cls():
             def _generate_examples(self):
                 for key, ex in _keyed(self._examples):
                     ex = _check_example(ex, self._channels, self._text_dim, self._latent_dtype)
-                    self.records.append({"key": key, "sample_id": ex["sample_id"], "bucket_id": int(ex["bucket_id"])})
+                    self.records.append(
+                        {
+                            "key": key,
+                            "sample_id": ex["sample_id"],
+                            "bucket_id": int(ex["bucket_id"]),
+                            "text_len": int(ex["text_len"]),
+                        }
+                    )
                     yield key, ex
 
         _BUILDER_CLS = MugvClips
@@ -247,14 +257,21 @@ def write_shards(
         root = os.path.join(out_dir, name)
         epath.Path(root).mkdir(parents=True, exist_ok=True)
         # tfds names its directory after the builder class; it builds (through its own
-        # `incomplete.*` directory) under a private parent, then one rename publishes it.
+        # `incomplete.*` directory) under a private parent, then one rename publishes it. Locally
+        # the parent is a partial name of this host and process, so a re-run removes what a
+        # killed build left (mugv.io.atomic); remote filesystems keep one `.tfds` parent.
+        if "://" in root:
+            private = os.path.join(root, ".tfds")
+        else:
+            remove_stale_partials(final)
+            private = temp_name(final)
         builder = _builder_cls()(
             examples=examples,
             latent_channels=latent_channels,
             text_dim=text_dim,
             latent_dtype=latent_dtype,
             beam=beam_options is not None,
-            data_dir=os.path.join(root, ".tfds"),
+            data_dir=private,
             file_format="array_record",
         )
         kw = {}
@@ -262,20 +279,27 @@ def write_shards(
             kw["num_shards"] = num_shards
         if beam_options is not None:
             kw["beam_options"] = beam_options
-        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(**kw) if kw else None)
-        epath.Path(builder.data_dir).rename(final)
+        try:
+            builder.download_and_prepare(download_config=tfds.download.DownloadConfig(**kw) if kw else None)
+            epath.Path(builder.data_dir).rename(final)
+        finally:
+            if "://" not in root:
+                remove_path(private)
         records = sorted(builder.records, key=lambda r: r["key"])
     if not records:
         # Beam workers, or a build published before a crash: the shards themselves say it all.
         records = scan_records(final)
     index = {
         "num_examples": len(records),
+        # Every shard file with its size, CRC-32 and record count: the loader checks them at open.
+        "files": shard_table(final),
         "latent_channels": latent_channels,
         "text_dim": text_dim,
         "latent_dtype": latent_dtype,
         "buckets": [list(map(int, b)) for b in buckets],
         "bucket_ids": [r["bucket_id"] for r in records],
         "sample_ids": [r["sample_id"] for r in records],
+        "text_lens": [r["text_len"] for r in records],  # caption tokens per record (loaders check their length)
         **(extra_index or {}),
     }
     # index.json is the completion marker: readers refuse a directory without it.
@@ -292,23 +316,101 @@ def _atomic_json(path: str, obj) -> None:
 
 
 def shard_files(ds_dir: str) -> list[str]:
-    files = sorted(glob.glob(os.path.join(ds_dir, "*.array_record-*-of-*")))
+    files = shard_files_in(ds_dir)
     if not files:
         raise FileNotFoundError(f"no array_record shards in {ds_dir}")
     return files
 
 
-class RecordReader:
-    """Random access to decoded records. Picklable (opens files lazily), so grain workers can use it."""
+def num_records(path: str) -> int:
+    from array_record.python.array_record_module import ArrayRecordReader
 
-    def __init__(self, ds_dir: str):
+    reader = ArrayRecordReader(path)
+    try:
+        return int(reader.num_records())
+    finally:
+        reader.close()
+
+
+def shard_table(ds_dir: str) -> dict[str, dict]:
+    """{shard file name: {size, crc32, records}} in record order (what index.json records)."""
+    names = [os.path.basename(f) for f in shard_files(ds_dir)]
+    table = digest.compute(ds_dir, names, workers=digest.default_workers())["files"]
+    return {n: {**table[n], "records": num_records(os.path.join(ds_dir, n))} for n in names}
+
+
+class BadShard(RuntimeError):
+    """A shard file the index names is missing, of another size, or (when checked) another CRC."""
+
+
+def check_shards(ds_dir: str, index: dict, *, verify: bool = False) -> dict[str, str]:
+    """{shard file: problem} for the files of `ds_dir` that do not match its index: missing or of
+    another size always; with `verify`, every byte against the CRC recorded at write. A dataset
+    written before the index recorded its files is only checked for shards at all."""
+    files = index.get("files")
+    if files is None:
+        shard_files(ds_dir)
+        return {}
+    found = digest.check(
+        ds_dir, {"algorithm": digest.ALGORITHM, "files": files}, workers=digest.default_workers(), files_only=not verify
+    )
+    out = {}
+    for problem in found.problems:
+        name = next((n for n in files if problem.startswith(os.path.join(ds_dir, n) + ":")), problem)
+        out[name] = problem
+    return out
+
+
+class RecordReader:
+    """Random access to decoded records. Picklable (opens files lazily), so grain workers can use it.
+
+    `files` ({name: record count}, in record order, from index.json) and `exclude` (names) read
+    the dataset without some of its files: record numbers stay those of the whole dataset."""
+
+    def __init__(self, ds_dir: str, files: dict[str, int] | None = None, exclude=()):
         self.ds_dir = ds_dir
-        self.files = shard_files(ds_dir)
+        self.layout: list[tuple[str, int, int]] = []  # (file, first record, records)
+        if files is None:
+            self.files = shard_files(ds_dir)
+        else:
+            first = 0
+            for name, count in files.items():
+                self.layout.append((name, first, int(count)))
+                first += int(count)
+            self.files = [os.path.join(ds_dir, n) for n, _, _ in self.layout if n not in exclude]
+        self.excluded = set(exclude)
         self._source = None
         self._features = None
 
+    def locate(self, index: int) -> str:
+        """The shard file that holds record `index` (for errors)."""
+        for name, first, count in self.layout:
+            if first <= index < first + count:
+                return name
+        return f"one of the shards of {self.ds_dir}"
+
+    def _local(self, index: int) -> int:
+        if not self.excluded:
+            return index
+        before = 0
+        for name, first, count in self.layout:
+            if first <= index < first + count:
+                if name in self.excluded:
+                    raise KeyError(f"record {index} is in excluded shard {name}")
+                return index - first + before
+            if name not in self.excluded:
+                before += count
+        raise IndexError(f"record {index} is not in {self.ds_dir}")
+
     def __getstate__(self):
-        return {"ds_dir": self.ds_dir, "files": self.files, "_source": None, "_features": None}
+        return {
+            "ds_dir": self.ds_dir,
+            "files": self.files,
+            "layout": self.layout,
+            "excluded": self.excluded,
+            "_source": None,
+            "_features": None,
+        }
 
     def __setstate__(self, state):
         self.__dict__.update(state)
@@ -334,7 +436,7 @@ class RecordReader:
 
     def raw(self, index: int) -> bytes:
         self._open()
-        return self._source[index]
+        return self._source[self._local(index)]
 
     def __getitem__(self, index: int) -> dict:
         raw = self.raw(index)
@@ -351,8 +453,37 @@ def scan_records(ds_dir: str) -> list[dict]:
     out = []
     for i in range(len(reader)):
         ex = reader[i]
-        out.append({"sample_id": ex["sample_id"], "bucket_id": int(ex["bucket_id"])})
+        out.append({"sample_id": ex["sample_id"], "bucket_id": int(ex["bucket_id"]), "text_len": int(ex["text_len"])})
     return out
+
+
+def resolve_dataset(path: str) -> str:
+    """The finished dataset directory `path` names: the dataset itself (it holds index.json), or
+    the `--out` directory `prepare` was given (the one finished dataset under it,
+    `<out>/<name>/<version>/`). Errors say what was found and which path to use."""
+    if os.path.isfile(os.path.join(path, INDEX_FILE)):
+        return path
+    finished = sorted(os.path.dirname(p) for p in glob.glob(os.path.join(path, "*", "*", INDEX_FILE)))
+    if len(finished) == 1:
+        return finished[0]
+    if finished:
+        raise ValueError(f"{path} holds {len(finished)} prepared datasets ({', '.join(finished)}): name one of them")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(
+            f"dataset {path} does not exist: no finished mugv_data dataset ({INDEX_FILE}) there; give "
+            f"the directory `python -m mugv_data prepare --out` wrote"
+        )
+    unfinished = sorted(glob.glob(os.path.join(path, "*", VERSION))) or ([path] if shard_files_in(path) else [])
+    hint = (
+        f"{', '.join(unfinished)} has no {INDEX_FILE}: its `prepare` did not finish (run it again)"
+        if unfinished
+        else f"no {INDEX_FILE} in it or in {os.path.join(path, '<name>', VERSION)}"
+    )
+    raise FileNotFoundError(f"{path} is not a finished mugv_data dataset directory: {hint}")
+
+
+def shard_files_in(ds_dir: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(ds_dir, "*.array_record-*-of-*")))
 
 
 def read_index(ds_dir: str) -> dict:

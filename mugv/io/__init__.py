@@ -1,8 +1,12 @@
-"""Checkpoint files without a framework: the reader/writer contract and atomic outputs (`base`),
-the release layout as `.pt`, `.safetensors` or HF shards (`release`), torch zip files
-(`torchzip`), the params/EMA of a JAX trainer checkpoint (`orbax`), Megatron torch_dist
-checkpoints (`torch_dist`), torch.distributed on a machine without CUDA (`torch_cpu`), and a
-run's starting weights from any of them (`weights.open_weights`, what `config.init_from` reads).
+"""Checkpoint files without a framework, one module per format with its names, its reader and
+the writer helpers the trainers need: release files as `.pt`, `.safetensors` or HF shards
+(`release`) and their null-caption sidecar (`null_text`), JAX trainer checkpoints (`orbax`),
+Megatron save directories (`megatron`) and torch_dist checkpoints (`torch_dist`). `spec` is the
+one `FORMAT:PATH[@N]` grammar, format detection and `open_reader` for every format; `weights` a
+run's starting weights from any of them (`open_weights`, what `config.init_from` reads). Beneath
+them: the reader/writer contract (`base`), outputs that appear complete or not at all
+(`atomic`), tensors parked on disk (`staging`), torch zip files (`torchzip`) and
+torch.distributed on a machine without CUDA (`torch_cpu`). docs/architecture.md maps them.
 
 Both backends and the converters read checkpoints through these readers: memory-mapped where the
 format allows, one tensor at a time, numpy arrays out. Importing these modules imports no

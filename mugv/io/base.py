@@ -1,4 +1,5 @@
-"""What every checkpoint format shares: the reader/writer contract, dtypes, atomic outputs, staging.
+"""What every checkpoint format shares: the reader/writer contract, dtypes, memory-mapped reads and
+positioned writes (atomic outputs: `mugv.io.atomic`).
 
 A reader exposes the checkpoint in canonical release names (mugv/schema.py) whatever its
 on-disk layout: `entries()` gives every tensor's shape and dtype without reading data, `items()`
@@ -12,12 +13,9 @@ use), converted to and from torch by reinterpreting the 16-bit pattern, never by
 
 from __future__ import annotations
 
-import contextlib
 import mmap
 import os
-import shutil
 import threading
-import uuid
 from collections.abc import Callable, Iterator
 
 import ml_dtypes
@@ -90,6 +88,26 @@ class Reader:
 
     def get(self, name: str) -> np.ndarray:
         raise NotImplementedError
+
+    def read_all(self) -> dict[str, np.ndarray]:
+        """Every tensor at once (the whole model in memory, as a model needs), by the format's
+        fastest whole read; `items()` bounds memory instead."""
+        return dict(self.items())
+
+    def null_text(self) -> tuple[np.ndarray, str] | None:
+        """(the trained null caption [max_text_tokens, D] float32, where in the checkpoint it
+        is), or None when the checkpoint holds none (only training checkpoints do)."""
+        return None
+
+    def integrity(self):
+        """Every byte against the checksums recorded at write (a `mugv.io.digest.Check`), or None
+        when the checkpoint records none (written before checksums, or by another tool)."""
+        return None
+
+    @property
+    def location(self) -> str:
+        """What errors name: the file, or the step / iteration directory read."""
+        return self.path
 
     def describe(self) -> dict:
         """Format-specific facts for `inspect` (step, iteration, TP/PP, files)."""
@@ -205,57 +223,6 @@ def cast(array: np.ndarray, dtype: np.dtype | None) -> np.ndarray:
     if dtype is None or array.dtype == dtype:
         return array
     return array.astype(dtype)
-
-
-# ---------------------------------------------------------------------------------------------
-# Outputs appear complete or not at all
-
-
-def partial_name(path: str) -> str:
-    """The temporary name of an output being written: hidden, in the same directory (so the
-    final rename is atomic), and marked partial so an interrupted run leaves nothing that
-    looks like a checkpoint."""
-    parent, base = os.path.split(os.path.abspath(path))
-    return os.path.join(parent, f".{base}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-
-
-def remove_path(path: str) -> None:
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path)
-    elif os.path.lexists(path):
-        os.unlink(path)
-
-
-def check_output_free(path: str, force: bool) -> None:
-    if os.path.lexists(path) and not force:
-        raise FileExistsError(f"output {path} already exists; pass --force to overwrite it")
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise FileNotFoundError(f"output directory {parent} does not exist (for {path})")
-
-
-@contextlib.contextmanager
-def atomic_output(path: str, force: bool = False):
-    """Yield a temporary path next to `path`; on success rename it to `path`.
-
-    An existing `path` is refused unless `force`, and then replaced only after the new output is
-    complete. On any failure the temporary output is removed.
-    """
-    path = os.path.abspath(path)
-    check_output_free(path, force)
-    tmp = partial_name(path)
-    try:
-        yield tmp
-        if os.path.lexists(path):
-            old = partial_name(path) + ".old"
-            os.rename(path, old)
-            os.rename(tmp, path)
-            remove_path(old)
-        else:
-            os.rename(tmp, path)
-    except BaseException:
-        remove_path(tmp)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ the layout is fixed from the entries up front and each tensor lands with a posit
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import struct
@@ -20,7 +21,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from mugv.config import DiTConfig
-from mugv.io import torchzip
+from mugv.io import digest, torchzip
 from mugv.io.base import (
     BF16,
     Entry,
@@ -35,6 +36,11 @@ from mugv.io.base import (
 
 ST_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
+INDEX_SUFFIX = ".index.json"
+# Our safetensors carry the model config as JSON under this metadata key.
+CONFIG_METADATA = "mugv_config"
+# ... and each tensor's CRC-32 (8 hex digits per tensor, in header order) under this one.
+DIGESTS_METADATA = "mugv_crc32"
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 
 _ST_DTYPES = {
@@ -60,20 +66,25 @@ TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 def kind_of(path: str) -> str:
     """'safetensors' or 'torch' for a single file (by suffix), else 'sharded': a directory of
     shards, named by the directory or by its index json."""
-    if path.endswith(".index.json"):
+    if path.endswith(INDEX_SUFFIX):
         return "sharded"
     if os.path.isfile(path):
         return "safetensors" if path.endswith(".safetensors") else "torch"
     if path.endswith(".safetensors"):
         return "safetensors"
-    if path.endswith(TORCH_SUFFIXES) and not path.endswith(".index.json"):
+    if path.endswith(TORCH_SUFFIXES):
         return "torch"
     return "sharded"
 
 
+def is_shard_dir(path: str) -> bool:
+    """A directory holding a sharded release (its index json)."""
+    return os.path.isdir(path) and any(n.endswith(INDEX_SUFFIX) for n in os.listdir(path))
+
+
 def output_path(path: str) -> str:
     """What a release output creates: the file, or the shard directory (for an index json)."""
-    return os.path.dirname(path) if path.endswith(".index.json") else path
+    return os.path.dirname(path) if path.endswith(INDEX_SUFFIX) else path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,23 +127,47 @@ class SafetensorsFile:
                 )
             self._info[name] = (entry, self._base + begin)
         self._map = map_file(path)
+        self.digests = _parse_digests(self.metadata.get(DIGESTS_METADATA), list(header), path)
 
     def entries(self) -> dict[str, Entry]:
         return {k: e for k, (e, _) in self._info.items()}
 
     def get(self, name: str) -> np.ndarray:
         entry, offset = self._info[name]
-        return mapped_array(self._map, entry.dtype, entry.shape, offset)
+        array = mapped_array(self._map, entry.dtype, entry.shape, offset)
+        check_tensor(self.path, name, array, self.digests)
+        return array
+
+
+def _parse_digests(text: str | None, names: list[str], path: str) -> dict[str, int]:
+    if not text:
+        return {}
+    if len(text) != 8 * len(names):
+        raise digest.CorruptCheckpoint(
+            path, [f"{path}: digest table of {len(text)} characters for {len(names)} tensors"]
+        )
+    try:
+        return {n: int(text[8 * i : 8 * i + 8], 16) for i, n in enumerate(names)}
+    except ValueError:
+        raise digest.CorruptCheckpoint(path, [f"{path}: unreadable digest table"]) from None
+
+
+def check_tensor(path: str, name: str, array: np.ndarray, digests: dict[str, int]) -> None:
+    """Raise CorruptCheckpoint if `array`'s bytes differ from the CRC recorded at write."""
+    want = digests.get(name)
+    if want is not None and digest.crc32(np.ascontiguousarray(array).reshape(-1).view(np.uint8)) != want:
+        raise digest.CorruptCheckpoint(path, [f"{path}: tensor {name} changed"])
 
 
 class SafetensorsOut:
-    """A safetensors file laid out from the entries up front, filled one tensor at a time."""
+    """A safetensors file laid out from the entries up front, filled one tensor at a time; each
+    tensor's CRC-32 goes into space reserved in the header's metadata when the file is closed."""
 
     def __init__(self, path: str, entries: dict[str, Entry], metadata: dict[str, str] | None = None):
         self.path = path
-        header: dict = {}
-        if metadata:
-            header["__metadata__"] = metadata
+        header: dict = {"__metadata__": {**(metadata or {}), DIGESTS_METADATA: "0" * 8 * len(entries)}}
+        self._names = list(entries)
+        self._crcs: dict[str, int] = {}
         offset = 0
         self._offsets = {}
         for name, e in entries.items():
@@ -147,6 +182,7 @@ class SafetensorsOut:
             offset += e.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+        self._digests_at = 8 + raw.index(f'"{DIGESTS_METADATA}":"'.encode()) + len(DIGESTS_METADATA) + 4
         self._base = 8 + len(raw)
         with open(path, "wb") as f:
             f.write(struct.pack("<Q", len(raw)))
@@ -155,15 +191,22 @@ class SafetensorsOut:
         self._fd = os.open(path, os.O_WRONLY)
 
     def write(self, name: str, array: np.ndarray) -> None:
-        pwrite_all(self._fd, array, self._base + self._offsets[name])
+        data = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+        pwrite_all(self._fd, data, self._base + self._offsets[name])
+        self._crcs[name] = digest.crc32(data)
 
     def close(self) -> None:
         if self._fd is not None:
+            text = "".join(f"{self._crcs.get(n, 0):08x}" for n in self._names).encode()
+            os.pwrite(self._fd, text, self._digests_at)
             os.fsync(self._fd)
             os.close(self._fd)
             self._fd = None
 
-    abort = close
+    def abort(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,6 +244,13 @@ class TorchStateFile:
             return {k: Entry(v.shape, numpy_dtype_of_torch(v.dtype)) for k, v in self._sd.items()}
         return {k: v.entry for k, v in self._sd.items()}
 
+    @property
+    def digests(self) -> dict[str, int]:
+        if self._torch:
+            return {}
+        by_storage = self._zip.digests
+        return {n: by_storage[r.storage.key] for n, r in self._sd.items() if r.storage.key in by_storage}
+
     def get(self, name: str) -> np.ndarray:
         if self._torch:
             return from_torch(self._sd[name])
@@ -222,7 +272,7 @@ def _open_file(path: str):
 
 
 def _index_path(path: str) -> str:
-    if path.endswith(".index.json"):
+    if path.endswith(INDEX_SUFFIX):
         return path
     for name in (ST_INDEX, BIN_INDEX):
         if os.path.isfile(os.path.join(path, name)):
@@ -271,8 +321,8 @@ class ReleaseReader(Reader):
                 self._entries[name] = entry
                 self._where[name] = path
         meta = getattr(next(iter(self._files.values())), "metadata", {}) if self._files else {}
-        if "mugv_config" in meta:
-            self.stored_config = DiTConfig.from_dict(json.loads(meta["mugv_config"]))
+        if CONFIG_METADATA in meta:
+            self.stored_config = DiTConfig.from_dict(json.loads(meta[CONFIG_METADATA]))
 
     def entries(self) -> dict[str, Entry]:
         return dict(self._entries)
@@ -284,9 +334,30 @@ class ReleaseReader(Reader):
         return self._files[self._where[name]].get(name)
 
     def items(self) -> Iterator[tuple[str, np.ndarray]]:
-        # Views cost nothing until read, so the consumer's threads do the reading in parallel.
         for name in self._entries:
             yield name, self.get(name)
+
+    def jobs(self):
+        # Reading a tensor (and checking its CRC) runs on the consumer's threads, in parallel.
+        for name in self._entries:
+            yield name, functools.partial(self.get, name)
+
+    def integrity(self) -> digest.Check | None:
+        """Every tensor against the CRC recorded at write (None when the files record none: the
+        official release, files of other tools)."""
+        known = [n for n in self._entries if n in getattr(self._files[self._where[n]], "digests", {})]
+        if not known:
+            return None
+        problems, checked = [], 0
+        for name in known:
+            try:
+                array = self.get(name)
+                checked += array.nbytes
+            except digest.CorruptCheckpoint as e:
+                problems += e.problems
+        unchecked = [n for n in self._entries if n not in known]
+        problems += [f"{self._where[n]}: tensor {n} has no recorded CRC" for n in unchecked]
+        return digest.Check(problems, checked)
 
     def close(self) -> None:
         # Arrays already handed out keep their mapping alive; the file closes with the last one.
@@ -334,9 +405,9 @@ class ReleaseWriter(Writer):
         self.kind = kind_of(target)
         self._outs: dict[str, object] = {}
         self._where: dict[str, str] = {}
-        meta = {"format": "pt", "mugv_config": json.dumps(config.to_dict())}
+        meta = {"format": "pt", CONFIG_METADATA: json.dumps(config.to_dict())}
         if self.kind == "sharded":
-            index_name = os.path.basename(target) if target.endswith(".index.json") else ST_INDEX
+            index_name = os.path.basename(target) if target.endswith(INDEX_SUFFIX) else ST_INDEX
             if index_name not in (ST_INDEX, BIN_INDEX):
                 raise ValueError(f"{target}: a sharded release is named by its index, {ST_INDEX} or {BIN_INDEX}")
             os.makedirs(tmp)

@@ -1,14 +1,21 @@
-"""Megatron-Core `torch_dist` checkpoints (dist_checkpointing over PyTorch DCP), read in release names.
+"""Megatron-Core `torch_dist` checkpoints (dist_checkpointing over PyTorch DCP): the key scheme
+both writers use (the Megatron trainer, mugv_megatron/train/checkpointing.py, and the converters)
+and the reader, in release names.
 
-    <save dir>/latest_checkpointed_iteration.txt
-    <save dir>/iter_XXXXXXX/{.metadata, *.distcp, common.pt, metadata.json}
+    <save dir>/iter_XXXXXXX/{.metadata, *.distcp, common.pt, metadata.json}   (mugv.io.megatron)
 
-Tensors are stored in their global (un-split, per-head regrouped Megatron) shapes, layer tensors
-stacked as `decoder.layers.<sub>` [depth, …] (mugv/layouts/megatron.py names them). Each chunk
-of a tensor (one layer, or one TP shard of one, as the trainer's ranks or the converters saved
-it) is a `torch.save` archive inside a `.distcp` file; `.metadata` says which chunks make a
-tensor and where each archive lies. Both the Megatron trainer's checkpoints (weights, and its EMA
-under `optimizer.state.exp_moving_avg.<name>`) and the converters' outputs have this layout.
+Keys (`stored_key`): tensors are stored in their global (un-split, per-head regrouped Megatron)
+shapes; a layer's tensor `decoder.layers.<i>.<sub>` is layer i of the stack `decoder.layers.<sub>`
+[depth, …] (what Megatron's layer stack saves, so a checkpoint loads under any PP size), other
+tensors keep their Megatron names (mugv/layouts/megatron.py). A training checkpoint stores more
+state under the same keys behind a prefix: the EMA (`EMA_PREFIX`), Adam's moments and the main
+weights (`optimizer_prefix(kind)`), a preference run's reference weights (`REFERENCE_PREFIX`); and
+the null caption (`NULL_TEXT_KEY`) and per-rank RNG states (`RNG_KEY`). `common.pt` holds
+`mugv.io.megatron.common_state`.
+
+Each chunk of a tensor (one layer, or one TP shard of one, as the trainer's ranks or the
+converters saved it) is a `torch.save` archive inside a `.distcp` file; `.metadata` says which
+chunks make a tensor and where each archive lies.
 
 Reading does not need a process group: `.metadata` is unpickled with only DCP's own classes
 allowed, and a tensor (one layer of a stacked one) whose chunks are plain archives is read
@@ -24,12 +31,12 @@ torch (and megatron.core for that fallback) are imported inside the functions th
 from __future__ import annotations
 
 import bisect
+import collections
 import io
 import json
 import math
 import os
 import pickle
-import re
 import threading
 import warnings
 from collections.abc import Callable, Iterator
@@ -38,57 +45,40 @@ from pathlib import Path
 
 import numpy as np
 
-from mugv.config import DiTConfig
-from mugv.io import torch_cpu, torchzip
-from mugv.io.base import Entry, Reader, from_torch, map_file, numpy_dtype_of_torch
+from mugv.io import digest, torch_cpu, torchzip
+from mugv.io.atomic import write_text
+from mugv.io.base import Entry, from_torch, map_file, numpy_dtype_of_torch
+from mugv.io.megatron import MegatronReader, is_torch_dist_dir, resolve_iteration_dir, stored_config
 from mugv.layouts import megatron as layout
 
-TRACKER = "latest_checkpointed_iteration.txt"
-# The Megatron trainer's EMA of the weights (mugv_megatron/train/checkpointing.py).
 EMA_PREFIX = "optimizer.state.exp_moving_avg."
+REFERENCE_PREFIX = "optimizer.state.reference_model."
+# The trainer's null caption: the Megatron name of the release's (unreleased) y_embedding.
+NULL_TEXT_KEY = layout.megatron_name("y_embedder.y_embedding")
+RNG_KEY = "rng_state"
+COMMON_FILE = "common.pt"
+# The iteration's digest table (mugv.io.digest): every file, each .distcp split per stored chunk.
+DIGESTS_FILE = "mugv_digests.json"
 # Entries that are not model weights (or not release weights): skipped when reading.
-_SKIP_PREFIXES = ("optimizer.", "rng_state")
-NULL_CAPTION_KEY = "context_embedder.drop_emb"
-_LAYER = re.compile(r"^" + re.escape(layout.LAYER_PREFIX) + r"(\d+)\.(.+)$")
+_SKIP_PREFIXES = ("optimizer.", RNG_KEY)
+
+
+def optimizer_prefix(kind: str) -> str:
+    """The prefix of the optimizer state `kind` (exp_avg, exp_avg_sq, param) of every weight."""
+    return f"optimizer.state.{kind}."
+
+
+def stored_key(name: str, prefix: str = "") -> tuple[str, int | None]:
+    """(DCP key, layer or None) under which the Megatron tensor `name` (of the state `prefix`
+    names) is stored: a layer's tensor at its index of the stack, other tensors under their name."""
+    layer, suffix = layout.split_layer(name)
+    return prefix + (name if layer is None else layout.LAYER_PREFIX + suffix), layer
 
 
 def is_skipped(key: str) -> bool:
     """Whether a checkpoint entry is not a release weight (optimizer state, RNG, TE extra
     state, the trainer's null caption)."""
-    return key.startswith(_SKIP_PREFIXES) or "_extra_state" in key or key == NULL_CAPTION_KEY
-
-
-def split_layer(name: str) -> tuple[int | None, str]:
-    """(layer, suffix) of `decoder.layers.<i>.<suffix>`, (None, name) for other names."""
-    m = _LAYER.match(name)
-    return (int(m.group(1)), m.group(2)) if m else (None, name)
-
-
-def iter_dir_name(iteration: int | str) -> str:
-    return "release" if iteration == "release" else f"iter_{int(iteration):07d}"
-
-
-def resolve_iteration_dir(path: str, iteration: int | None, marker) -> tuple[str, int | str]:
-    """The iter_XXXXXXX directory of a save directory (via the tracker, or `iteration`), or
-    `path` itself when `marker(path)` says it already is one."""
-    if marker(path):
-        base = os.path.basename(os.path.normpath(path))
-        m = re.match(r"^iter_(\d+)$", base)
-        return path, (int(m.group(1)) if m else base)
-    if iteration is None:
-        tracker = os.path.join(path, TRACKER)
-        if not os.path.isfile(tracker):
-            raise FileNotFoundError(f"{path}: not a Megatron checkpoint (no {TRACKER}, and not an iteration directory)")
-        text = open(tracker).read().strip()
-        iteration = "release" if text == "release" else int(text)
-    d = os.path.join(path, iter_dir_name(iteration))
-    if not marker(d):
-        raise FileNotFoundError(f"{path}: iteration {iteration} has no checkpoint at {d}")
-    return d, iteration
-
-
-def is_torch_dist_dir(d: str) -> bool:
-    return os.path.isfile(os.path.join(d, "metadata.json")) and os.path.isfile(os.path.join(d, ".metadata"))
+    return key.startswith(_SKIP_PREFIXES) or "_extra_state" in key or key == NULL_TEXT_KEY
 
 
 # Only these may appear in a torch_dist `.metadata`, which torch reads with plain pickle.
@@ -126,6 +116,59 @@ def read_metadata(ckpt_dir: str):
                 f"{path}: refusing to read torch_dist metadata ({e}); it may only "
                 f"hold torch.distributed.checkpoint metadata objects"
             ) from e
+
+
+def digest_parts(ckpt_dir: str) -> dict[str, list[digest.Part]]:
+    """{file: [(start, end, tensor)]}: where each stored chunk's archive lies, from `.metadata`
+    (a tensor stored in several chunks, e.g. one per layer, is named with the chunk's offset)."""
+    storage = getattr(read_metadata(ckpt_dir), "storage_data", {})
+    chunks = collections.Counter(index.fqn for index in storage)
+    parts: dict[str, list] = {}
+    for index, info in storage.items():
+        label = index.fqn
+        if chunks[index.fqn] > 1:
+            label += f" [chunk at {list(index.offset or ())}]"
+        start = int(info.offset)
+        parts.setdefault(info.relative_path, []).append((start, start + int(info.length), label))
+    return parts
+
+
+def digest_files(ckpt_dir: str) -> list[str]:
+    return digest.all_files(ckpt_dir, exclude=lambda rel: rel == DIGESTS_FILE)
+
+
+def compute_digests(ckpt_dir: str, files: list[str] | None = None, *, workers: int | None = None) -> dict:
+    """The digest table of an iteration directory (of `files` only, when several processes share
+    the work: `digest.merge` their tables)."""
+    files = digest_files(ckpt_dir) if files is None else files
+    return digest.compute(ckpt_dir, files, digest_parts(ckpt_dir), workers=workers or digest.default_workers())
+
+
+def write_digests(ckpt_dir: str, table: dict | None = None) -> dict:
+    """Record the table in the iteration directory (computed here unless given); call once the
+    iteration is complete, before it is published."""
+    table = compute_digests(ckpt_dir) if table is None else table
+    write_text(os.path.join(ckpt_dir, DIGESTS_FILE), digest.dumps(table))
+    return table
+
+
+def read_digests(ckpt_dir: str) -> dict | None:
+    """The iteration's digest table, None when it has none (written before checksums, or not by
+    mugv); an unreadable table is corruption."""
+    path = os.path.join(ckpt_dir, DIGESTS_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path, "rb") as f:
+        return digest.loads(f.read().decode("utf-8", "replace"), path)
+
+
+def verify(ckpt_dir: str, *, select=lambda i, rel: True, files_only: bool = False) -> digest.Check | None:
+    """Every byte of the iteration against its digest table (the files `select` picks); None when
+    it has no table."""
+    table = read_digests(ckpt_dir)
+    if table is None:
+        return None
+    return digest.check(ckpt_dir, table, select=select, workers=digest.default_workers(), files_only=files_only)
 
 
 # A chunk of a stored tensor: (offsets, sizes, (file, byte offset, length) of its plain archive,
@@ -183,22 +226,6 @@ def _chunk_table(metadata, directory: str) -> dict[str, _Chunks]:
     return out
 
 
-class MegatronReader(Reader):
-    """What the Megatron readers share (this one and the converters' legacy reader): the config
-    the per-head regroup needs (heads and head dim), as set by the caller (`layout_config`), else
-    the checkpoint's stored config, else detected from the shapes."""
-
-    stored_config: DiTConfig | None = None
-    layout_config: DiTConfig | None = None
-
-    def _config_for_layout(self) -> DiTConfig:
-        if self.layout_config is None:
-            from mugv.schema import detect_config
-
-            self.layout_config = self.stored_config or detect_config(self.entries())
-        return self.layout_config
-
-
 class TorchDistReader(MegatronReader):
     format = "megatron"
 
@@ -209,6 +236,8 @@ class TorchDistReader(MegatronReader):
             raise ValueError(f"weights must be 'raw' or 'ema', got {weights!r}")
         self.path, self.weights = path, weights
         self.dir, self.iteration = resolve_iteration_dir(path, iteration, is_torch_dist_dir)
+        # Metadata and common.pt are checked before they are parsed; each archive when read.
+        self._record_crcs = self._check_small_files()
         with open(os.path.join(self.dir, "metadata.json")) as f:
             backend = json.load(f).get("sharded_backend")
         if backend != "torch_dist":
@@ -241,11 +270,11 @@ class TorchDistReader(MegatronReader):
             if name.startswith(layout.LAYER_PREFIX):
                 sub = name[len(layout.LAYER_PREFIX) :]
                 for i in range(shape[0]):
-                    self._add(f"{layout.LAYER_PREFIX}{i}.{sub}", (key, i, shape[0], shape[1:], dtype))
+                    self._add(layout.layer_name(i, sub), (key, i, shape[0], shape[1:], dtype))
             else:
                 self._add(name, (key, None, None, shape, dtype))
         self.stored_config = None
-        common = os.path.join(self.dir, "common.pt")
+        common = os.path.join(self.dir, COMMON_FILE)
         if os.path.isfile(common):
             try:
                 state = torchzip.load_torch_file(common, allow_namespace=True)
@@ -253,14 +282,28 @@ class TorchDistReader(MegatronReader):
                 # A trainer's common.pt may hold objects outside the weights-only allowlist; the
                 # config is then detected from the tensor shapes.
                 state = {}
-            cfg = state.get("mugv", {}).get("model") if isinstance(state, dict) else None
-            if cfg:
-                self.stored_config = DiTConfig.from_dict(cfg)
+            self.stored_config = stored_config(state)
         self._lock = threading.Lock()
         self._maps: dict[str, object] = {}
         self._strategy = None
         self._chunks = _chunk_table(metadata, self.dir)
         self._direct = self._direct_index()
+
+    def _check_small_files(self) -> dict[tuple[str, int, int], int]:
+        """Check the files that are not tensor data (metadata, common.pt) against the digest
+        table now; return each archive's recorded CRC, checked when it is read."""
+        table = read_digests(self.dir)
+        if table is None:
+            return {}
+        small = {rel: w for rel, w in table["files"].items() if "parts" not in w}
+        found = digest.check(self.dir, {"algorithm": table["algorithm"], "files": small})
+        if not found.ok:
+            raise digest.CorruptCheckpoint(self.dir, found.problems)
+        return {
+            (os.path.join(self.dir, rel), start, end): crc
+            for rel, w in table["files"].items()
+            for start, end, crc, _ in w.get("parts", ())
+        }
 
     def _add(self, mname: str, src: tuple) -> None:
         try:
@@ -300,6 +343,11 @@ class TorchDistReader(MegatronReader):
             if path not in self._maps:
                 self._maps[path] = map_file(path)
         mapping = self._maps[path]
+        want = self._record_crcs.get((path, offset, offset + length))
+        if want is not None and digest.crc32(memoryview(mapping)[offset : offset + length]) != want:
+            raise digest.CorruptCheckpoint(
+                self.dir, [f"{path}: tensor {what} (bytes {offset}-{offset + length}) changed"]
+            )
         try:
             archive = torchzip.TorchZipFile(path, offset, length, mapping)
             if not isinstance(archive.obj, torchzip.TensorRef):
@@ -349,7 +397,7 @@ class TorchDistReader(MegatronReader):
 
     def read_stored(self, key: str) -> np.ndarray | None:
         """The tensor stored under DCP key `key` as it is stored (no layout change), or None when
-        the checkpoint has none; e.g. the Megatron trainer's null caption, `NULL_CAPTION_KEY`."""
+        the checkpoint has none."""
         if key not in self._tensors:
             return None
         shape, dtype = self._tensors[key]
@@ -358,6 +406,10 @@ class TorchDistReader(MegatronReader):
             return self._read_region(pieces, *self._region(None, shape), numpy_dtype_of_torch(dtype), key)
         with self._lock:
             return self._load_dcp({key: (key, None, None, shape, dtype)})[key]
+
+    def null_text(self) -> tuple[np.ndarray, str] | None:
+        null = self.read_stored(NULL_TEXT_KEY)
+        return None if null is None else (np.asarray(null, np.float32), f"megatron:{self.dir} {NULL_TEXT_KEY}")
 
     # --- dist_checkpointing, for transformed chunks ----------------------------------------------
 
@@ -409,6 +461,9 @@ class TorchDistReader(MegatronReader):
         }
 
     # --- the Reader contract --------------------------------------------------------------------
+
+    def integrity(self) -> digest.Check | None:
+        return verify(self.dir)
 
     def entries(self) -> dict[str, Entry]:
         return dict(self._entries)

@@ -29,8 +29,11 @@ from typing import Any
 import numpy as np
 
 from mugv.io.base import BF16, Entry, map_file, mapped_array, pwrite_all, torch_dtype_of
+from mugv.io.digest import CorruptCheckpoint, crc32
 
 _LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")
+# Our streaming writer's record of each storage's CRC-32 (mugv.io.digest).
+DIGESTS_RECORD = "mugv_crc32"
 
 
 class TensorSlot:
@@ -105,12 +108,18 @@ class StreamingTorchFile:
         writer.write_record("byteorder", sys.byteorder, len(sys.byteorder))
         for s in slots:
             writer.write_record_metadata(f"data/{s.key}", s.entry.nbytes)
+        # Each storage's CRC-32 (8 hex digits, in slot order), filled in on close; torch.load
+        # ignores the record, TorchZipFile checks each tensor against it.
+        writer.write_record_metadata(DIGESTS_RECORD, 8 * (len(slots) + 1))
         writer.write_end_of_file()
         del writer
         with zipfile.ZipFile(path) as z:
             records = {info.filename.split("/", 1)[1]: info for info in z.infolist()}
         with open(path, "rb") as f:
             self._offsets = {key: _record_data_offset(f, records[f"data/{key}"]) for key in self._slots}
+            self._digests_at = _record_data_offset(f, records[DIGESTS_RECORD])
+        self._crcs: dict[str, int] = {}
+        self._pickle_crc = crc32(data)
         self._fd = os.open(path, os.O_WRONLY)
         self._pending = set(self._slots)
 
@@ -121,7 +130,9 @@ class StreamingTorchFile:
                 f"{self.path}: record {key} expects {list(slot.entry.shape)} "
                 f"{slot.entry.dtype}, got {list(array.shape)} {array.dtype}"
             )
-        pwrite_all(self._fd, array, self._offsets[key])
+        data = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+        pwrite_all(self._fd, data, self._offsets[key])
+        self._crcs[key] = crc32(data)
         self._pending.discard(key)
 
     def close(self) -> None:
@@ -130,6 +141,8 @@ class StreamingTorchFile:
                 os.close(self._fd)
                 self._fd = None
                 raise RuntimeError(f"{self.path}: {len(self._pending)} tensors never written")
+            text = "".join(f"{self._crcs[k]:08x}" for k in self._slots) + f"{self._pickle_crc:08x}"
+            os.pwrite(self._fd, text.encode(), self._digests_at)
             os.fsync(self._fd)
             os.close(self._fd)
             self._fd = None
@@ -335,6 +348,8 @@ class TorchZipFile:
                     if info.compress_type != zipfile.ZIP_STORED:
                         raise NeedsTorch(f"compressed record {name}")
                     offsets[name[len(prefix) + 5 :]] = (start + _record_data_offset(f, info), info.file_size)
+            digests = by_name.get(prefix + DIGESTS_RECORD)
+            digests = None if digests is None else _read_record(f, digests, path)
 
         def record(key: str) -> tuple[int, int]:
             if key not in offsets:
@@ -344,10 +359,26 @@ class TorchZipFile:
             return offsets[key]
 
         try:
-            self.obj = _StateUnpickler(io.BytesIO(data), record, path).load()
+            unpickler = _StateUnpickler(io.BytesIO(data), record, path)
+            self.obj = unpickler.load()
         except (pickle.UnpicklingError, EOFError, AttributeError, TypeError) as e:
             raise ValueError(f"cannot read {path} as a torch checkpoint: {str(e).splitlines()[0][:500]}") from e
         self._map = mapping if mapping is not None else map_file(path)
+        self.digests: dict[str, int] = {}
+        if digests is not None:
+            # Our writer's storages are keyed 0..n-1 in slot order, as the record lists them.
+            keys = sorted(offsets, key=lambda k: (len(k), k))
+            if len(digests) != 8 * (len(keys) + 1):
+                raise CorruptCheckpoint(
+                    path, [f"{path}: digest record of {len(digests)} bytes for {len(keys)} tensors"]
+                )
+            try:
+                crcs = [int(digests[i : i + 8], 16) for i in range(0, len(digests), 8)]
+            except ValueError:
+                raise CorruptCheckpoint(path, [f"{path}: unreadable digest record"]) from None
+            if crc32(data) != crcs[-1]:
+                raise CorruptCheckpoint(path, [f"{path}: the pickled structure (names, shapes, dtypes) changed"])
+            self.digests = dict(zip(keys, crcs))
 
     def array(self, ref: TensorRef, name: str) -> np.ndarray:
         """Tensor `name` (for errors) as a numpy view of the file, without a copy."""
@@ -361,6 +392,11 @@ class TorchZipFile:
                 f"{ref.storage_offset}, strides {list(ref.stride)}) reaches past its "
                 f"storage data/{s.key} of {s.numel} elements"
             )
+        want = self.digests.get(s.key)
+        if want is not None:
+            whole = mapped_array(self._map, np.uint8, (s.numel * s.dtype.itemsize,), s.offset, prefetch=False)
+            if crc32(whole) != want:
+                raise CorruptCheckpoint(self.path, [f"{self.path}: tensor {name} (storage data/{s.key}) changed"])
         contiguous = tuple(int(np.prod(ref.shape[i + 1 :], dtype=np.int64)) for i in range(len(ref.shape)))
         if ref.stride == contiguous:
             return mapped_array(self._map, s.dtype, ref.shape, s.offset + ref.storage_offset * s.dtype.itemsize)

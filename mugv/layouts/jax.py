@@ -227,6 +227,23 @@ def is_stacked(jax_path: str) -> bool:
     return jax_path in _JAX_TO_BLOCK
 
 
+def jax_path_of(name: str) -> tuple[str, int | None]:
+    """(JAX path, layer or None) of a release tensor; KeyError naming it if it has none."""
+    rule, layer = _rule_for(name)
+    return rule.jax_path, layer
+
+
+def release_name_of(jax_path: str, layer: int | None = None) -> str:
+    """The release name of a JAX tensor (one layer of a stacked one); KeyError naming it."""
+    if jax_path in _JAX_TO_GLOBAL:
+        return _JAX_TO_GLOBAL[jax_path]
+    if jax_path in _JAX_TO_BLOCK:
+        if layer is None:
+            raise ValueError(f"{jax_path} is stacked over layers: pass the layer index")
+        return f"blocks.{layer}.{_JAX_TO_BLOCK[jax_path]}"
+    raise KeyError(f"JAX parameter {jax_path!r} has no release layout rule")
+
+
 def release_to_jax(name: str, array: np.ndarray, config: DiTConfig) -> tuple[str, int | None, np.ndarray]:
     """One release tensor → (JAX path, layer index or None, array in JAX layout for that layer)."""
     rule, layer = _rule_for(name)
@@ -238,17 +255,9 @@ def jax_to_release(
     jax_path: str, array: np.ndarray, config: DiTConfig, layer: int | None = None
 ) -> tuple[str, np.ndarray]:
     """One JAX tensor (one layer's slice for stacked ones) → (release name, array)."""
-    if jax_path in _JAX_TO_GLOBAL:
-        name = _JAX_TO_GLOBAL[jax_path]
-        return name, np.ascontiguousarray(_GLOBAL_RULES[name].to_release(np.asarray(array), config))
-    if jax_path in _JAX_TO_BLOCK:
-        if layer is None:
-            raise ValueError(f"{jax_path} is stacked over layers: pass the layer index")
-        suffix = _JAX_TO_BLOCK[jax_path]
-        return f"blocks.{layer}.{suffix}", np.ascontiguousarray(
-            _BLOCK_RULES[suffix].to_release(np.asarray(array), config)
-        )
-    raise KeyError(f"JAX parameter {jax_path!r} has no release layout rule")
+    name = release_name_of(jax_path, layer)
+    rule = _GLOBAL_RULES[name] if jax_path in _JAX_TO_GLOBAL else _BLOCK_RULES[_JAX_TO_BLOCK[jax_path]]
+    return name, np.ascontiguousarray(rule.to_release(np.asarray(array), config))
 
 
 def jax_to_release_all(params: dict[str, np.ndarray], config: DiTConfig):
@@ -259,3 +268,29 @@ def jax_to_release_all(params: dict[str, np.ndarray], config: DiTConfig):
                 yield jax_to_release(path, arr[i], config, layer=i)
         else:
             yield jax_to_release(path, arr, config)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    """{"a": {"b": {"c": v}}} → {"a.b.c": v}: a nested params tree (or one shaped like it: the
+    Adam moments, the EMA) keyed by dotted JAX paths. The inverse of `unflatten`."""
+    out: dict = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def unflatten(flat: dict[str, object]) -> dict:
+    """{"a.b.c": v} → {"a": {"b": {"c": v}}}: the nested tree the model, the trainer and orbax
+    checkpoints hold."""
+    out: dict = {}
+    for path, v in flat.items():
+        node = out
+        *parents, leaf = path.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = v
+    return out

@@ -146,9 +146,15 @@ def ungroup_per_head(array: Array, fused: int, config: DiTConfig) -> Array:
 # Names
 
 
-def _split_megatron_name(name: str) -> tuple[int | None, str]:
+def split_layer(name: str) -> tuple[int | None, str]:
+    """(layer, suffix) of `decoder.layers.<i>.<suffix>`, (None, name) for other names."""
     m = _MEGATRON_LAYER.match(name)
     return (int(m.group(1)), m.group(2)) if m else (None, name)
+
+
+def layer_name(layer: int, suffix: str) -> str:
+    """`decoder.layers.<layer>.<suffix>`, the inverse of `split_layer`."""
+    return f"{LAYER_PREFIX}{layer}.{suffix}"
 
 
 def megatron_name(release_name: str) -> str:
@@ -165,7 +171,7 @@ def megatron_name(release_name: str) -> str:
 
 def release_name(megatron_name_: str) -> str:
     """The release name of a Megatron tensor; KeyError naming the tensor if it has none."""
-    layer, suffix = _split_megatron_name(megatron_name_)
+    layer, suffix = split_layer(megatron_name_)
     if layer is not None:
         if suffix in _MEGATRON_TO_BLOCK:
             return f"blocks.{layer}.{_MEGATRON_TO_BLOCK[suffix]}"
@@ -186,7 +192,7 @@ def megatron_schema(config: DiTConfig) -> dict[str, Shape]:
 def release_to_megatron(name: str, array: Array, config: DiTConfig) -> list[tuple[str, Array]]:
     """One release tensor → its Megatron tensor(s), full (un-split) shape."""
     target = megatron_name(name)
-    _, suffix = _split_megatron_name(target)
+    _, suffix = split_layer(target)
     fused = _PER_HEAD_FUSED.get(suffix)
     if fused is not None:
         _check_fused_rows(name, array, fused, config)
@@ -202,7 +208,7 @@ def megatron_to_release(name: str, array: Array, config: DiTConfig) -> list[tupl
     if name.endswith(EXTRA_STATE_SUFFIX):
         return []
     target = release_name(name)
-    _, suffix = _split_megatron_name(name)
+    _, suffix = split_layer(name)
     fused = _PER_HEAD_FUSED.get(suffix)
     if fused is not None:
         _check_fused_rows(name, array, fused, config)
@@ -230,7 +236,7 @@ def megatron_state_to_release(state: dict[str, Array], config: DiTConfig) -> dic
 
 def tp_split_rule(name: str) -> SplitRule:
     """How Megatron shards `name` over tensor-parallel ranks: column (dim 0), row (dim 1) or not."""
-    _, suffix = _split_megatron_name(name)
+    _, suffix = split_layer(name)
     if suffix in _COLUMN_PARALLEL:
         return "column"
     if suffix in _ROW_PARALLEL:

@@ -14,9 +14,12 @@ child are mixed with an image share annealed over the steps (mugv.data.loader.Mi
 
 from __future__ import annotations
 
+import dataclasses
+
 from mugv.config import DiTConfig
 from mugv.data import synthetic
 from mugv.data.loader import MixedLoader, ShardLoader
+from mugv.run.config import MixConfig, RunConfig, as_run_config
 
 
 class ShardSlice:
@@ -41,6 +44,10 @@ class ShardSlice:
         per = b // self.count
         return {k: v[self.index * per : (self.index + 1) * per] for k, v in batch.items()}
 
+    @property
+    def skipped(self) -> int:
+        return int(getattr(self.inner, "skipped", 0))
+
     def get_state(self) -> dict:
         return self.inner.get_state()
 
@@ -53,16 +60,16 @@ class ShardSlice:
 
 
 def synthetic_source(config, model_cfg: DiTConfig) -> synthetic.SyntheticTextToLatent:
-    d = config.data
-    buckets = [synthetic.Bucket(*map(int, b)) for b in d.buckets]
+    run = as_run_config(config)
+    d = run.data
     return synthetic.SyntheticTextToLatent(
-        buckets,
+        [synthetic.Bucket(*b) for b in d.buckets],
         in_channels=model_cfg.in_channels,
         text_dim=model_cfg.text_dim,
-        text_len=int(d.text_len),
-        num_prompts=int(d.num_prompts),
-        fps=float(d.fps),
-        seed=int(config.seed),
+        text_len=d.text_len,
+        num_prompts=d.num_prompts,
+        fps=d.fps,
+        seed=run.seed,
     )
 
 
@@ -74,68 +81,67 @@ def image_fraction(step: int, start: float, end: float, anneal_steps: int) -> fl
 
 
 def mixing_images(config) -> bool:
-    mix = config.data.get("mix")
-    return mix is not None and (float(mix.image_fraction_start) > 0 or float(mix.image_fraction_end) > 0)
+    return as_run_config(config).data.mix.on
 
 
 def build_iterator(config, model_cfg: DiTConfig, shard: tuple[int, int] = (0, 1)):
     """This shard's batch iterator for `config.data` (see the module docstring)."""
-    if mixing_images(config):
-        return _image_video_iterator(config, model_cfg, shard)
-    d = config.data
+    run = as_run_config(config)
+    d = run.data
+    if d.mix.on:
+        return _image_video_iterator(run, model_cfg, shard)
     if d.source == "synthetic":
-        return ShardSlice(synthetic.DataIterator(synthetic_source(config, model_cfg)), shard)
-    if d.source != "shards":
-        raise ValueError(f"config.data.source={d.source!r} is not available (known: 'synthetic', 'shards')")
-    if not d.get("path"):
-        raise ValueError("config.data.source='shards' needs config.data.path (a prepared dataset directory)")
+        return ShardSlice(synthetic.DataIterator(synthetic_source(run, model_cfg)), shard)
+    if not d.path:
+        raise ValueError(
+            "--config.data.source='shards' needs --config.data.path (the --out of python -m mugv_data prepare)"
+        )
     loader = ShardLoader(
         d.path,
-        int(d.batch_size),
-        text_len=int(d.text_len),
-        seed=int(config.seed),
+        d.batch_size,
+        text_len=d.text_len,
+        seed=run.seed,
         process_index=shard[0],
         process_count=shard[1],
-        num_workers=int(d.get("num_workers", 0)),
+        num_workers=d.num_workers,
+        truncate_text=d.truncate_captions,
+        verify=d.verify,
+        on_bad_shard=d.on_bad_shard,
+        max_skipped=d.max_skipped_records,
     )
     if (loader.latent_channels, loader.text_dim) != (model_cfg.in_channels, model_cfg.text_dim):
         raise ValueError(
             f"dataset {d.path} has {loader.latent_channels} latent channels and text width "
-            f"{loader.text_dim}; model {config.model} expects {model_cfg.in_channels} and "
-            f"{model_cfg.text_dim} (set config.model_overrides.text_dim)"
+            f"{loader.text_dim}; model {run.model} expects {model_cfg.in_channels} and "
+            f"{model_cfg.text_dim} (set --config.model_overrides.text_dim)"
         )
     return loader
 
 
-def _image_video_iterator(config, model_cfg: DiTConfig, shard: tuple[int, int]):
+def _image_video_iterator(run: RunConfig, model_cfg: DiTConfig, shard: tuple[int, int]):
     """MixedLoader over [images, video]: the image child is the data config with the image buckets
     (synthetic) or image dataset (shards); weights follow `image_fraction(step)`."""
-    mix = config.data.mix
-    for name in ("image_fraction_start", "image_fraction_end"):
-        if not 0.0 <= float(mix[name]) <= 1.0:
-            raise ValueError(f"config.data.mix.{name} must be in [0, 1], got {mix[name]}")
-    video_cfg = config.copy_and_resolve_references()
-    video_cfg.data.mix.image_fraction_start = video_cfg.data.mix.image_fraction_end = 0.0
-    image_cfg = video_cfg.copy_and_resolve_references()
-    if config.data.source == "shards":
+    mix = run.data.mix
+    video = dataclasses.replace(run.data, mix=MixConfig())
+    if video.source == "shards":
         if not mix.image_path:
-            raise ValueError("config.data.mix.image_path must name the prepared image dataset")
-        image_cfg.data.path = mix.image_path
+            raise ValueError("--config.data.mix.image_path must name the prepared image dataset")
+        image = dataclasses.replace(video, path=mix.image_path)
     else:
         if not mix.image_buckets:
-            raise ValueError("config.data.mix.image_buckets must list (1, h, w, batch) image buckets")
-        bad = [b for b in mix.image_buckets if int(b[0]) != 1]
-        if bad:
-            raise ValueError(f"config.data.mix.image_buckets must have 1 latent frame, got {bad}")
-        image_cfg.data.buckets = tuple(tuple(b) for b in mix.image_buckets)
-    start, end, steps = float(mix.image_fraction_start), float(mix.image_fraction_end), int(mix.anneal_steps)
+            raise ValueError("--config.data.mix.image_buckets must list (1, h, w, batch) image buckets")
+        image = dataclasses.replace(video, buckets=mix.image_buckets)
+    start, end, steps = mix.image_fraction_start, mix.image_fraction_end, mix.anneal_steps
 
     def weights(step):
         f = image_fraction(step, start, end, steps)
         return (f, 1.0 - f)
 
     return MixedLoader(
-        [build_iterator(image_cfg, model_cfg, shard), build_iterator(video_cfg, model_cfg, shard)],
+        [
+            build_iterator(run.replace(data=image), model_cfg, shard),
+            build_iterator(run.replace(data=video), model_cfg, shard),
+        ],
         weights,
-        seed=int(config.seed),
+        seed=run.seed,
     )

@@ -1,11 +1,12 @@
 """The one run loop every trainer uses: JAX and Megatron, pretraining, preference and the VAE.
 
-    python -m mugv_jax.train ...      → run(config, workdir, JaxBackend, PretrainTask | PreferenceTask)
-    python -m mugv_megatron.train ... → run(config, workdir, MegatronBackend, PretrainTask | PreferenceTask)
-    python -m mugv_jax.vae train ...  → run(config, workdir, VAEBackend, VAETask)
+    python -m mugv_jax.train ...      → run(run.loop(), workdir, JaxBackend, PretrainTask | PreferenceTask)
+    python -m mugv_megatron.train ... → run(run.loop(), workdir, MegatronBackend, PretrainTask | PreferenceTask)
+    python -m mugv_jax.vae train ...  → run(LoopConfig(...), workdir, VAEBackend, VAETask)
 
-The driver owns what must not drift between them: config.json, the data iterator and its position
-in every checkpoint, resume from the newest readable checkpoint (else a fresh start, from
+It reads the typed cadences and limits of a run (mugv.run.config.LoopConfig), never the config
+dict. The driver owns what must not drift between them: config.json, the data iterator and its
+position in every checkpoint, resume from the newest readable checkpoint (else a fresh start, from
 `config.init_from` when set), the checkpoint / log / evaluation / sample cadence, metrics (one
 FLOPs/MFU definition, mugv/flops.py), SIGTERM (save at the next step boundary, exit 0) and
 non-finite steps (skipped by the backend, counted; `config.max_nonfinite_in_a_row` in a row stop
@@ -21,10 +22,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import time
 from typing import Any, Protocol
 
+from mugv.io.atomic import write_json
+from mugv.layouts.jax import flatten
+from mugv.run import preemption
+from mugv.run.config import ConfigError, LoopConfig
+from mugv.run.console import StepClock
 from mugv.run.metrics import MetricsWriter
 
 log = logging.getLogger("mugv.run")
@@ -42,6 +47,8 @@ class Backend(Protocol):
     device_kind: str
     step: int  # optimizer steps taken (restored or 0)
     checkpoint_dir: str  # where its checkpoints are
+    # Optional: the restored checkpoint's run config (plain data), to name what a resume changed.
+    restored_config: dict | None
 
     def restore(self) -> dict | None: ...  # newest readable checkpoint's data state, or None
     def initialize(self) -> None: ...  # fresh state (config.init_from or random)
@@ -67,54 +74,84 @@ class Task(Protocol):
     def console(self, step: int, total: int, scalars: dict) -> str: ...
 
 
-def check_init(config) -> None:
-    """`init_weights="ema"` reads the EMA of a training checkpoint; a release file has one set."""
-    spec, weights = str(config.get("init_from", "") or ""), str(config.get("init_weights", "raw"))
-    if weights not in ("raw", "ema"):
-        raise ValueError(f"config.init_weights must be 'raw' or 'ema', got {weights!r}")
-    if spec and weights == "ema" and not spec.startswith(("jax:", "megatron:")):
-        raise ValueError(
-            f"config.init_weights='ema' takes the EMA of a training checkpoint (jax:DIR or "
-            f"megatron:DIR), but config.init_from={spec!r} is a release file with one set of "
-            f"weights: set config.init_weights='raw'"
+def _changed_data_flags(saved: dict | None, resolved: dict) -> list[str]:
+    """`--config.data.*=<saved>` for every data field the checkpoint's run had set differently."""
+    if not saved or not isinstance(saved.get("data"), dict):
+        return []
+    now = flatten(json.loads(json.dumps(resolved.get("data", {}))), "data.")  # tuples as the JSON lists
+    was = flatten(saved["data"], "data.")
+
+    def fmt(v):  # as a flag takes it: tuples spelled as Python tuples
+        as_tuple = lambda x: tuple(as_tuple(i) for i in x) if isinstance(x, list) else x
+        return repr(as_tuple(v)).replace(" ", "") if isinstance(v, list) else v
+
+    return [f"--config.{k}={fmt(v)}" for k, v in sorted(was.items()) if k not in now or now[k] != v]
+
+
+def restore_data_state(it, data_state: dict, backend, resolved: dict) -> None:
+    """Put the iterator where the checkpoint left it; a position of another kind of data (the
+    run was started with other --config.data flags) is refused naming those flags."""
+    try:
+        it.set_state(data_state)
+    except (KeyError, ValueError, TypeError) as e:
+        changed = _changed_data_flags(getattr(backend, "restored_config", None), resolved)
+        hint = (
+            "resume with the data flags the run was started with: " + " ".join(changed)
+            if changed
+            else "resume with the --config.data.* flags the run was started with (in the checkpoint's config)"
         )
+        raise ConfigError(
+            f"{backend.checkpoint_dir}: the checkpoint's data position {sorted(data_state)} does not fit "
+            f"this run's data ({type(e).__name__}: {e});\n  {hint}"
+        ) from None
 
 
-def write_json_atomic(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+def run(loop: LoopConfig, workdir: str, backend: Backend, task: Task, *, resolved: dict) -> dict:
+    """Run (or resume) `task` on `backend` until loop.num_steps; returns a summary
+    {step, loss, skipped, stopped_by, evaluations}. `resolved` (the run config as plain data) is
+    written to <workdir>/config.json once the run has started (a refused resume leaves it).
+
+    A SIGTERM (remembered from the process's start when its `__main__` called
+    `preemption.install()`) saves at the next step boundary and returns; one that arrives before
+    the first step returns before anything is written."""
+    with preemption.handling():
+        try:
+            return _run(loop, workdir, backend, task, resolved)
+        finally:
+            preemption.reset()
 
 
-def run(config, workdir: str, backend: Backend, task: Task, *, resolved: dict | None = None) -> dict:
-    """Run (or resume) `task` on `backend` until config.num_steps; returns a summary
-    {step, loss, skipped, stopped_by, evaluations}."""
+def _run(loop: LoopConfig, workdir: str, backend: Backend, task: Task, resolved: dict) -> dict:
     os.makedirs(workdir, exist_ok=True)
-    resolved = resolved if resolved is not None else json.loads(config.to_json_best_effort())
-    if backend.is_main:
-        write_json_atomic(os.path.join(workdir, "config.json"), resolved)
-
     it = task.iterator(backend.data_shard)
     data_state = backend.restore()
     restored = data_state is not None
     if restored:
-        it.set_state(data_state)
+        restore_data_state(it, data_state, backend, resolved)
         log.info("resumed from %s at step %d (%s backend)", backend.checkpoint_dir, backend.step, backend.name)
     else:
-        check_init(config)
         backend.initialize()
+    # Every process must agree to stop (a collective save would hang on the others).
+    if backend.any_process(preemption.requested()):
+        log.warning("SIGTERM received before the first step: exiting with nothing written or changed")
+        if hasattr(it, "close"):
+            it.close()
+        return {
+            "step": backend.step,
+            "loss": None,
+            "skipped": backend.skipped(),
+            "stopped_by": "sigterm",
+            "evaluations": [],
+        }
+    if backend.is_main:
+        write_json(os.path.join(workdir, "config.json"), resolved)
     evaluation = task.evaluation()
     eval_every = task.evaluate_every() if evaluation is not None else 0
-    sample_every = int(config.get("sample", {}).get("every", 0) or 0) if hasattr(backend, "write_samples") else 0
-    profile = config.get("profile")
-    profile_start = int(profile.start_step) if profile is not None else -1
-    profile_steps = int(profile.num_steps) if profile is not None else 0
+    sample_every = loop.sample_every if hasattr(backend, "write_samples") else 0
+    profile_start, profile_steps = loop.profile.start_step, loop.profile.num_steps
 
     writer = MetricsWriter(os.path.join(workdir, task.log_dir), enabled=backend.is_main)
-    stop = {"signal": None}
-    prev_handler = signal.signal(signal.SIGTERM, lambda sig, frame: stop.update(signal=sig))
-    total = int(config.num_steps)
+    total = loop.num_steps
     summary: dict = {
         "step": backend.step,
         "loss": None,
@@ -135,6 +172,7 @@ def run(config, workdir: str, backend: Backend, task: Task, *, resolved: dict | 
         backend.save(it.get_state(), force=force)
 
     window_t, window_steps = time.perf_counter(), 0
+    clock = StepClock(backend.step, total)
     profiling = False
     first_batch = None
     try:
@@ -147,26 +185,30 @@ def run(config, workdir: str, backend: Backend, task: Task, *, resolved: dict | 
             batch = next(it)
             if first_batch is None:
                 first_batch = batch
+                if backend.is_main and getattr(backend, "first_step_note", None):
+                    log.info(backend.first_step_note)  # e.g. a JAX compile: minutes of silence otherwise
             handle = backend.train_step(batch)
+            clock.stepped(backend.step)
             window_steps += 1
             step = backend.step
             if profiling and step >= profile_start + profile_steps:
                 backend.stop_profile()
                 profiling = False
-            if step % int(config.log_every) == 0 or step == total:
+            if step % loop.log_every == 0 or step == total:
                 fetched = backend.fetch(handle)  # waits for the step: time the window after it
                 dt = (time.perf_counter() - window_t) / window_steps
                 scalars = task.scalars(batch, fetched, dt, backend)
                 scalars["skipped_steps"] = backend.skipped()
+                scalars["data/skipped_records"] = int(getattr(it, "skipped", 0) or 0)
                 writer.write(step, scalars)
                 if backend.is_main:
-                    writer.print(task.console(step, total, scalars))
+                    writer.print(f"{task.console(step, total, scalars)} | {clock.suffix(step)}")
                 summary.update(loss=scalars.get("loss"), skipped=scalars["skipped_steps"])
                 window_t, window_steps = time.perf_counter(), 0
             nonfinite = backend.nonfinite_in_a_row(handle)
             if nonfinite:
                 log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", step, nonfinite)
-                limit = int(config.get("max_nonfinite_in_a_row", 10))
+                limit = loop.max_nonfinite_in_a_row
                 if nonfinite >= limit:
                     good = backend.checkpoints()
                     raise NonFiniteLossError(
@@ -175,12 +217,12 @@ def run(config, workdir: str, backend: Backend, task: Task, *, resolved: dict | 
                         f"{good[-1] if good else 'none'}"
                     )
             # Every process must agree to stop, or the collective save would hang on the others.
-            if backend.any_process(stop["signal"] is not None):
+            if backend.any_process(preemption.requested()):
                 log.warning("SIGTERM received: saving step %d and exiting", step)
                 save(force=True)
                 summary["stopped_by"] = "sigterm"
                 break
-            if step % int(config.checkpoint_every) == 0 or step == total:
+            if step % loop.checkpoint_every == 0 or step == total:
                 save()
             if eval_every > 0 and (step % eval_every == 0 or step == total):
                 evaluate()
@@ -191,7 +233,6 @@ def run(config, workdir: str, backend: Backend, task: Task, *, resolved: dict | 
         summary["skipped"] = backend.skipped()
         backend.finish()
     finally:
-        signal.signal(signal.SIGTERM, prev_handler)
         if profiling:
             backend.stop_profile()
         writer.close()

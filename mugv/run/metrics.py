@@ -3,9 +3,26 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
+
+
+def json_row(step: int, scalars: dict) -> str:
+    """One strict-JSON line: a non-finite value is written as null and named, with what it was,
+    under "nonfinite" (a bare NaN is not JSON, and strict parsers refuse the whole file)."""
+    row: dict = {"step": step, "time": time.time()}
+    bad = {}
+    for k, v in scalars.items():
+        v = None if v is None else float(v)
+        if v is not None and not math.isfinite(v):
+            bad[k] = "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
+            v = None
+        row[k] = v
+    if bad:
+        row["nonfinite"] = bad
+    return json.dumps(row, allow_nan=False)
 
 
 class MetricsWriter:
@@ -29,16 +46,7 @@ class MetricsWriter:
         for k, v in scalars.items():
             if v is not None:
                 self.tb.add_scalar(k, float(v), step)
-        self.jsonl.write(
-            json.dumps(
-                {
-                    "step": step,
-                    "time": time.time(),
-                    **{k: (None if v is None else float(v)) for k, v in scalars.items()},
-                }
-            )
-            + "\n"
-        )
+        self.jsonl.write(json_row(step, scalars) + "\n")
         self.jsonl.flush()
 
     def print(self, line: str) -> None:

@@ -8,15 +8,13 @@ from __future__ import annotations
 import os
 
 from mugv import flops as flops_lib
-from mugv.config import DiTConfig
 from mugv.data import preference as pref_data
 from mugv.geometry import num_video_tokens
 from mugv.run import data as run_data
 from mugv.run import validation
+from mugv.run.config import RunConfig, as_run_config
 from mugv.run.data import ShardSlice
-from mugv.training import model_config_from
 
-MODES = ("pretrain", "preference")
 MODEL_KEYS = ("latents", "y", "mask", "fps", "frame_indice")
 
 
@@ -52,18 +50,18 @@ class PretrainTask:
     name = "pretrain"
     log_dir = "tensorboard"
 
-    def __init__(self, config, model_cfg: DiTConfig | None = None):
-        self.config = config
-        self.model_cfg = model_cfg or model_config_from(config)
+    def __init__(self, run: RunConfig):
+        self.run = run
+        self.model_cfg = run.model_config
 
     def iterator(self, shard):
-        return _ModelKeys(run_data.build_iterator(self.config, self.model_cfg, shard))
+        return _ModelKeys(run_data.build_iterator(self.run, self.model_cfg, shard))
 
     def evaluation(self):
-        return validation.from_config(self.config, self.model_cfg)
+        return validation.from_config(self.run, self.model_cfg)
 
     def evaluate_every(self) -> int:
-        return int(self.config.validation.every)
+        return self.run.validation.every
 
     def scalars(self, batch: dict, fetched: dict, seconds: float, backend) -> dict:
         b = batch["latents"].shape[0] * backend.data_shard[1]
@@ -85,8 +83,10 @@ class PretrainTask:
             "mfu": flops_lib.mfu(sf.train, seconds, n_dev, peak),
             "hfu": flops_lib.mfu(hw, seconds, n_dev, peak),
         }
-        for q, v in enumerate(fetched["loss_by_t_quartile"]):
-            out[f"loss_by_t/q{q}"] = v
+        # A quartile no sample of the step fell in has no loss: logged as absent (None: left out of
+        # TensorBoard, null in metrics.jsonl), not as 0.
+        for q, (v, n) in enumerate(zip(fetched["loss_by_t_quartile"], fetched["loss_by_t_count"])):
+            out[f"loss_by_t/q{q}"] = v if n > 0 else None
         return out
 
     def console(self, step: int, total: int, s: dict) -> str:
@@ -116,38 +116,34 @@ class PreferenceTask:
     name = "preference"
     log_dir = "tensorboard"
 
-    def __init__(self, config, model_cfg: DiTConfig | None = None):
-        self.config = config
-        self.model_cfg = model_cfg or model_config_from(config)
-        if "preference" not in config:
-            raise ValueError(
-                "config.mode='preference' needs a config.preference section (see configs/tiny_preference.py)"
-            )
+    def __init__(self, run: RunConfig):
+        self.run = run
+        self.model_cfg = run.model_config
 
     def _iterator(self, labels_key: str, seed: int) -> pref_data.PreferenceIterator:
-        p = self.config.preference
-        path = p[labels_key]
+        p = self.run.preference
+        path = getattr(p, labels_key)
         if not path:
-            raise ValueError(f"config.preference.{labels_key} must name a label JSONL file")
+            raise ValueError(
+                f"--config.preference.{labels_key} must name a label JSONL file (configs/tiny_preference.py)"
+            )
         clips = p.clips or os.path.join(os.path.dirname(os.path.abspath(path)), "clips")
         return pref_data.PreferenceIterator(
-            pref_data.read_labels(path), pref_data.ClipStore(clips), int(p.batch_size), seed=seed
+            pref_data.read_labels(path), pref_data.ClipStore(clips), p.batch_size, seed=seed
         )
 
     def iterator(self, shard):
-        return ShardSlice(self._iterator("labels", int(self.config.seed)), shard)
+        return ShardSlice(self._iterator("labels", self.run.seed), shard)
 
     def evaluation(self):
-        p = self.config.preference
+        p = self.run.preference
         if not p.heldout_labels:
             return None
-        it = self._iterator("heldout_labels", int(p.heldout_seed))
-        return PreferenceEvaluation(
-            [it.batch(i) for i in range(max(int(p.heldout_batches), len(it.names)))], int(p.heldout_seed)
-        )
+        it = self._iterator("heldout_labels", p.heldout_seed)
+        return PreferenceEvaluation([it.batch(i) for i in range(max(p.heldout_batches, len(it.names)))], p.heldout_seed)
 
     def evaluate_every(self) -> int:
-        return int(self.config.preference.eval_every)
+        return self.run.preference.eval_every
 
     def scalars(self, batch: dict, fetched: dict, seconds: float, backend) -> dict:
         kind = pref_data.batch_kind(batch)
@@ -160,10 +156,7 @@ class PreferenceTask:
         return f"step {step}/{total} " + " ".join(f"{k}={v:.4g}" for k, v in sorted(s.items()) if v is not None)
 
 
-def for_config(config, model_cfg: DiTConfig | None = None):
-    mode = config.get("mode", "pretrain")
-    if mode == "pretrain":
-        return PretrainTask(config, model_cfg)
-    if mode == "preference":
-        return PreferenceTask(config, model_cfg)
-    raise ValueError(f"config.mode must be one of {MODES}, got {mode!r}")
+def for_config(config):
+    """The task of a run config's `mode` (RunConfig validates it)."""
+    run = as_run_config(config)
+    return PreferenceTask(run) if run.mode == "preference" else PretrainTask(run)

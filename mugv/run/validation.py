@@ -24,8 +24,8 @@ import numpy as np
 from mugv.config import DiTConfig
 from mugv.data.loader import ShardLoader
 from mugv.run import data as run_data
+from mugv.run.config import DEFAULT_T_VALUES, as_run_config
 
-DEFAULT_T_VALUES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 # Synthetic held-out batches start here: far from any index a training run reaches.
 SYNTHETIC_OFFSET = 1_000_000_000
 MODEL_KEYS = ("latents", "y", "mask", "fps")
@@ -73,31 +73,34 @@ def with_noise(batches: Sequence[dict], seed: int) -> list[dict]:
 
 def heldout_batches(config, model_cfg: DiTConfig) -> list[dict]:
     """The held-out batches a run's config describes (see the module docstring), without noise."""
-    v = config.validation
-    n = int(v.num_batches)
-    if config.data.source == "shards" or v.get("path"):
-        if not v.get("path"):
+    run = as_run_config(config)
+    v, n = run.validation, run.validation.num_batches
+    if run.data.source == "shards" or v.path:
+        if not v.path:
             raise ValueError(
-                "config.validation.path must name a held-out prepared dataset when config.data.source='shards'"
+                "--config.validation.path must name a held-out prepared dataset when --config.data.source='shards'"
             )
-        loader = ShardLoader(v.path, int(config.data.batch_size), text_len=int(config.data.text_len), seed=int(v.seed))
+        loader = ShardLoader(
+            v.path,
+            run.data.batch_size,
+            text_len=run.data.text_len,
+            seed=v.seed,
+            truncate_text=run.data.truncate_captions,
+        )
         out = []
         for _ in range(n):
             b = next(loader)
             out.append({k: b[k] for k in MODEL_KEYS})
         loader.close()
         return out
-    source = run_data.synthetic_source(config, model_cfg)
+    source = run_data.synthetic_source(run, model_cfg)
     return [{k: v_ for k, v_ in source.batch(SYNTHETIC_OFFSET + i).items() if k in MODEL_KEYS} for i in range(n)]
 
 
 def from_config(config, model_cfg: DiTConfig) -> ValidationSet | None:
-    """The run's validation set, or None when config.validation.every is 0 (or the section is absent)."""
-    v = config.get("validation")
-    if v is None or int(v.every) <= 0:
+    """The run's validation set, or None when config.validation.every is 0."""
+    run = as_run_config(config)
+    v = run.validation
+    if v.every <= 0:
         return None
-    return ValidationSet(
-        with_noise(heldout_batches(config, model_cfg), int(v.seed)),
-        t_values=tuple(v.t_values),
-        weights=str(v.get("weights", "ema")),
-    )
+    return ValidationSet(with_noise(heldout_batches(run, model_cfg), v.seed), t_values=v.t_values, weights=v.weights)

@@ -19,8 +19,8 @@ from flax import nnx
 
 from mugv.config import DiTConfig, get_config
 from mugv.io.base import is_floating
-from mugv.io.orbax import load_flat_params
 from mugv.io.release import ReleaseReader
+from mugv.io.weights import load_flat_params
 from mugv.layouts import jax as jax_layout
 from mugv.schema import check_state_dict_shapes, release_schema
 from mugv_jax.dit.model import MUGDiT, RuntimeOptions
@@ -86,7 +86,7 @@ def load(
 
 def load_trainer_checkpoint(spec: str, *, weights: str = "raw", options: RuntimeOptions | None = None) -> MUGDiT:
     """The model with the params (weights="raw") or EMA ("ema") of a JAX trainer checkpoint
-    `jax:PATH[@STEP]`, at the config stored with them (mugv.io.orbax)."""
+    `jax:PATH[@STEP]`, at the config stored with them (mugv.io.weights.load_flat_params)."""
     config, flat = load_flat_params(spec, weights=weights)
     return model_from_params(config, flat, options)
 

@@ -48,6 +48,23 @@ def rules_dict(rules: Iterable[tuple[str, object]] = DEFAULT_RULES) -> dict[str,
     return dict(rules)
 
 
+def rules_with(overrides: Iterable[tuple[str, object]] = ()) -> tuple[tuple[str, object], ...]:
+    """DEFAULT_RULES with rows replaced by `overrides` (`config.sharding_rules`: (logical axis,
+    mesh axis | (mesh axes…) | None) entries). The table stays the one default; a run may change
+    how a logical axis is sharded, not invent axes the model does not name."""
+    table = rules_dict()
+    for name, target in overrides:
+        where = f"--config.sharding_rules entry ({name!r}, {target!r})"
+        if name not in table:
+            raise ValueError(f"{where}: no logical axis {name!r}; the model's axes are {sorted(table)}")
+        axes = () if target is None else (target,) if isinstance(target, str) else tuple(target)
+        bad = [a for a in axes if a not in MESH_AXES]
+        if bad:
+            raise ValueError(f"{where}: {bad} are not mesh axes {MESH_AXES}")
+        table[name] = None if not axes else axes[0] if len(axes) == 1 else axes
+    return tuple(table.items())
+
+
 def logical_to_spec(logical_axes: Sequence[str | None], rules=DEFAULT_RULES, mesh: Mesh | None = None) -> PartitionSpec:
     """PartitionSpec for logical axis names; mesh axes absent from `mesh` (or of size 1) are dropped."""
     table = rules_dict(rules)

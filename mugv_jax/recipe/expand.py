@@ -36,7 +36,9 @@ import sys
 import numpy as np
 
 from mugv.config import DiTConfig
-from mugv.training import flatten, unflatten
+from mugv.io import orbax
+from mugv.io.spec import parse_spec
+from mugv.layouts.jax import flatten, unflatten
 
 # Per parameter path: (axis, kind) for every axis that grows. "rep" replicates an output axis,
 # "sum" replicates a contracted input axis and divides by e. Negative axes count from the end so
@@ -179,7 +181,7 @@ def save_params(params: dict, config: DiTConfig, directory: str, step: int = 0) 
 
     ck = checkpointing.Checkpointer(directory, keep=1, use_async=False)
     try:
-        ck.save(step, {"params": params, "ema": params}, {}, {"model": config.to_dict()}, force=True)
+        ck.save(step, {orbax.PARAMS: params, orbax.EMA: params}, {}, orbax.config_item(config), force=True)
         ck.wait()
     finally:
         ck.close()
@@ -189,10 +191,10 @@ def save_params(params: dict, config: DiTConfig, directory: str, step: int = 0) 
 def load_any(spec: str, weights: str = "raw") -> tuple[DiTConfig, dict]:
     """(config, nested params) from `jax:DIR[@STEP]` or a release file `.pt`/`.safetensors`
     (`FILE:PRESET`, e.g. `dit.safetensors:tiny`, picks the release model's size)."""
-    if spec.startswith("jax:"):
-        from mugv.io.orbax import load_params as jax_params
+    if parse_spec(spec).format == "jax":
+        from mugv.io.weights import load_params
 
-        return jax_params(spec, weights=weights)
+        return load_params(spec, weights=weights)
     from flax import nnx
 
     from mugv.config import get_config

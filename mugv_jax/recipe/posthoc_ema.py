@@ -15,6 +15,7 @@ Each checkpoint is read once; the sweep keeps one float64 accumulator per decay.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -67,27 +68,27 @@ def sweep(averages: Sequence, decays: Sequence[float], evaluate: Callable[[objec
     return best, averages[list(map(float, decays)).index(best)], losses
 
 
-def _run_pieces(run: str):
-    """(config, Trainer) of a training workdir from its config.json."""
-    import ml_collections
-
+def _run_pieces(workdir: str):
+    """(run config, Trainer) of a training workdir from its config.json."""
+    from mugv.run.config import as_run_config
     from mugv_jax.train import backend as train_lib
 
-    path = os.path.join(run, "config.json")
+    path = os.path.join(workdir, "config.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"--run {run}: no config.json (a workdir of python -m mugv_jax.train)")
+        raise FileNotFoundError(f"--run {workdir}: no config.json (a workdir of python -m mugv_jax.train)")
     with open(path) as f:
         d = json.load(f)
     d.pop("model_resolved", None)
-    config = ml_collections.ConfigDict(d)
-    return config, train_lib.build_trainer(config)
+    run = as_run_config(d)
+    return run, train_lib.build_trainer(run)
 
 
 def main(argv=None) -> int:
     from tqdm import tqdm
 
-    from mugv.io.orbax import load_params as jax_params
+    from mugv.io.atomic import write_json
     from mugv.io.orbax import resolve_step_dir
+    from mugv.io.weights import load_params as jax_params
     from mugv.run import validation as run_validation
     from mugv_jax.recipe.expand import save_params
     from mugv_jax.train import validation
@@ -103,14 +104,12 @@ def main(argv=None) -> int:
     _, _, steps = resolve_step_dir(a.run, None)
     if not steps:
         p.error(f"--run {a.run}: give a workdir or checkpoints directory (several steps), not one step")
-    config, trainer = _run_pieces(a.run)
+    run, trainer = _run_pieces(a.run)
     if a.num_batches:
-        config.validation.num_batches = a.num_batches
+        run = run.replace(validation=dataclasses.replace(run.validation, num_batches=a.num_batches))
     vset = run_validation.ValidationSet(
-        run_validation.with_noise(
-            run_validation.heldout_batches(config, trainer.model_config), int(config.validation.seed)
-        ),
-        t_values=tuple(config.validation.t_values),
+        run_validation.with_noise(run_validation.heldout_batches(run, trainer.model_config), run.validation.seed),
+        t_values=run.validation.t_values,
     )
     validator = validation.Validator(trainer, vset)
     loaded = (
@@ -122,11 +121,8 @@ def main(argv=None) -> int:
     for d, l in losses.items():
         print(f"decay {d}: validation loss {l:.6f}{'  <- best' if d == best else ''}")
     path = save_params(params, trainer.model_config, a.dst, step=int(steps[-1]))
-    with open(os.path.join(a.dst, "posthoc_ema.json.tmp"), "w") as f:
-        json.dump(
-            {"steps": list(map(int, steps)), "losses": losses, "best_decay": best, "weights": a.weights}, f, indent=2
-        )
-    os.replace(os.path.join(a.dst, "posthoc_ema.json.tmp"), os.path.join(a.dst, "posthoc_ema.json"))
+    summary = {"steps": list(map(int, steps)), "losses": losses, "best_decay": best, "weights": a.weights}
+    write_json(os.path.join(a.dst, "posthoc_ema.json"), summary)
     print(f"wrote {path} (decay {best}; use init_from=jax:{a.dst})")
     return 0
 

@@ -1,18 +1,21 @@
 """Sample video latents from a DiT checkpoint and saved caption features.
 
-    python -m mugv_jax.sample --checkpoint=dit.safetensors --model=10b \
+    python -m mugv_jax.sample --checkpoint=dit.safetensors \
         --text=features.safetensors --num_frames=105 --height=1280 --width=720 \
         --out=latents.safetensors
 
+--model defaults to the config stored in the checkpoint, else the one its tensor shapes describe.
 --text is a safetensors file with `y` [1, 1, L, D] and `mask` [1, L] (the prompt's text-encoder
-features) and optionally `neg_y`/`neg_mask` (a negative prompt, as the release samples). Without
+features; `python -m mugv_data text` writes it, mugv/io/text_features.py) and optionally
+`neg_y`/`neg_mask` (a negative prompt, as the release samples). Without
 a negative prompt the unconditional branch of classifier-free guidance gets the null caption the
 model was trained with (rows [:L], all valid): from --null_text, else from the sidecar next to
-the checkpoint (`dit.null_text.safetensors` beside `dit.safetensors`, written by the exporters;
-mugv/null_text.py). If neither exists the command stops and names both; --zero_null_text opts
+the checkpoint (`dit.safetensors.null_text.safetensors` beside `dit.safetensors`, written by the exporters;
+mugv/io/null_text.py). If neither exists the command stops and names both; --zero_null_text opts
 into a zero caption instead (which no mugv-trained model saw). --cond_latent (optional) holds
 `z` [1, C, 1, h, w]: the image-to-video reference latent, kept clean as frame 0. The result,
-`latents` [1, C, T, h, w], is written atomically; decode it with the VAE.
+`latents` [1, C, T, h, w] with its pixel size and fps (mugv/io/latents.py), is written
+atomically; `python -m mugv_jax.vae decode` turns it into an mp4.
 """
 
 from __future__ import annotations
@@ -25,7 +28,11 @@ from absl import app, flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "release-layout DiT checkpoint (.safetensors or .pt)")
-flags.DEFINE_string("model", "10b", "model preset (mugv.config.PRESETS)")
+flags.DEFINE_string(
+    "model",
+    None,
+    "model preset (mugv.config.PRESETS); default: the checkpoint's stored config, else detected from its shapes",
+)
 flags.DEFINE_string("text", None, "safetensors with y, mask[, neg_y, neg_mask]")
 flags.DEFINE_string(
     "null_text",
@@ -70,7 +77,7 @@ def unconditional_input(
     checkpoint's sidecar; zeros only when asked for. Anything ambiguous or missing is an error."""
     import numpy as np
 
-    from mugv import null_text as null_lib
+    from mugv.io import null_text as null_lib
     from mugv_jax.sample import sampler
 
     y = text["y"]
@@ -92,7 +99,7 @@ def unconditional_input(
     if zeros:
         return np.zeros_like(y), np.ones(y.shape[:1] + y.shape[2:3], np.int32), "a zero caption (--zero_null_text)"
     sidecar = null_lib.sidecar_path(checkpoint)
-    path = null_text or (sidecar if os.path.isfile(sidecar) else None)
+    path = null_text or null_lib.existing_sidecar(checkpoint)
     if path is None:
         raise app.UsageError(
             f"no unconditional input for classifier-free guidance: --text {text_path} has no negative "
@@ -108,15 +115,35 @@ def unconditional_input(
     return neg_y, neg_mask, f"the trained null caption from {path}"
 
 
+def checkpoint_config(path: str, model: str | None):
+    """(DiTConfig, where it came from): --model, else the checkpoint's stored config, else the
+    one its tensor shapes describe (headers only: nothing is read before the text is checked)."""
+    from mugv.config import get_config
+    from mugv.io.release import ReleaseReader
+    from mugv.schema import detect_config, preset_name
+
+    if model:
+        return get_config(model), f"--model={model}"
+    if not os.path.exists(path):
+        raise app.UsageError(f"--checkpoint {path} does not exist")
+    with ReleaseReader(path) as reader:
+        if reader.stored_config is not None:
+            return reader.stored_config, "config stored in the checkpoint"
+        config = detect_config(reader.entries())
+    return config, f"config detected from the shapes: {preset_name(config) or 'custom'}"
+
+
 def main(argv):
     del argv
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    from mugv.config import get_config
     from mugv.geometry import latent_shape
-    from mugv.safetensors_io import load_tensors, save_atomic
+    from mugv.io import latents as latents_file
+    from mugv.io import text_features
+    from mugv.safetensors_io import load_tensors
+    from mugv.schema import preset_name
     from mugv_jax import compilation_cache, dit
     from mugv_jax.sample import sampler
 
@@ -124,8 +151,9 @@ def main(argv):
 
     # Text and the unconditional input first: a missing null caption is reported before minutes
     # of loading a 10B checkpoint.
-    text_dim = get_config(FLAGS.model).text_dim
-    text = load_tensors(FLAGS.text, ("y", "mask"), what="--text features")
+    config, origin = checkpoint_config(FLAGS.checkpoint, FLAGS.model)
+    text_dim = config.text_dim
+    text = text_features.read(FLAGS.text)
     y, mask = text["y"], text["mask"]
     if y.ndim != 4 or y.shape[0] != 1 or y.shape[-1] != text_dim:
         raise app.UsageError(f"--text {FLAGS.text}: y must be [1, 1, L, {text_dim}], got {list(y.shape)}")
@@ -141,8 +169,8 @@ def main(argv):
 
     options = dit.RuntimeOptions(compute_dtype=jnp.dtype(FLAGS.dtype))
     t0 = time.time()
-    model = dit.load(FLAGS.checkpoint, FLAGS.model, options=options, progress=True)
-    print(f"loaded {FLAGS.checkpoint} ({FLAGS.model}) in {time.time() - t0:.1f}s", file=sys.stderr)
+    model = dit.load(FLAGS.checkpoint, config, options=options, progress=True)
+    print(f"loaded {FLAGS.checkpoint} ({origin}) in {time.time() - t0:.1f}s", file=sys.stderr)
 
     micro = FLAGS.micro_frame_size or None
     t_lat, h_lat, w_lat = latent_shape(FLAGS.num_frames, FLAGS.height, FLAGS.width, micro)
@@ -181,16 +209,19 @@ def main(argv):
     out = np.asarray(out)
     if not np.all(np.isfinite(out)):
         raise RuntimeError("sampling produced non-finite latents; nothing was written")
-    save_atomic(
-        {"latents": out},
+    latents_file.write(
         FLAGS.out,
-        metadata={
+        out,
+        {
+            "num_frames": FLAGS.num_frames,
+            "height": FLAGS.height,
+            "width": FLAGS.width,
+            "fps": FLAGS.fps,
+            "model": preset_name(config) or "custom",
             "checkpoint": os.path.abspath(FLAGS.checkpoint),
-            "model": FLAGS.model,
-            "steps": str(FLAGS.steps),
-            "cfg_scale": str(FLAGS.cfg_scale),
-            "seed": str(FLAGS.seed),
-            "pixel_size": f"{FLAGS.num_frames}x{FLAGS.height}x{FLAGS.width}",
+            "steps": FLAGS.steps,
+            "cfg_scale": FLAGS.cfg_scale,
+            "seed": FLAGS.seed,
         },
     )
     print(f"wrote {FLAGS.out}: latents {list(out.shape)}, mean {out.mean():+.4f}, std {out.std():.4f}")

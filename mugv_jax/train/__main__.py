@@ -4,22 +4,31 @@ the rest).
 
 from __future__ import annotations
 
-import logging
-import sys
+# Before anything heavy is imported: a SIGTERM during start-up is a request to stop, not a crash.
+from mugv.run import preemption
 
-from mugv_jax.train.backend import train
+preemption.install()
+
+from mugv.run.console import setup_logging, verbosity_flag  # noqa: E402
 
 
 def main(argv):
     from absl import flags
 
+    from mugv.run.config import as_run_config
+
     FLAGS = flags.FLAGS
+    if FLAGS.verify_data:
+        FLAGS.config.data.verify = True
+    run = as_run_config(FLAGS.config)  # validated before anything is built: errors name the flag
+    from mugv_jax.train.backend import train
+
     if FLAGS.distributed or FLAGS.coordinator_address:
         from mugv_jax.parallel import distributed
 
         distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    summary = train(FLAGS.config, FLAGS.workdir)
+    setup_logging(verbosity_flag())  # third-party INFO (orbax, absl) only with --verbosity
+    summary = train(run, FLAGS.workdir)
     print(
         f"finished at step {summary['step']} ({summary['stopped_by']}); last loss {summary['loss']}; "
         f"skipped steps {summary['skipped']}; workdir {FLAGS.workdir}"
@@ -45,11 +54,14 @@ def _define_flags():
     )
     flags.DEFINE_integer("num_processes", None, "multi-host: number of processes (or MUGV_NUM_PROCESSES)")
     flags.DEFINE_integer("process_id", None, "multi-host: this process's index (or MUGV_PROCESS_ID)")
+    flags.DEFINE_bool(
+        "verify_data", False, "check every shard byte against the dataset's recorded CRCs at open (config.data.verify)"
+    )
     flags.mark_flags_as_required(["config", "workdir"])
 
 
 if __name__ == "__main__":
-    from absl import app
+    from mugv.run.cli import run_app
 
     _define_flags()
-    app.run(main)
+    run_app(main)

@@ -13,7 +13,6 @@ JAX backend: the sharded train state, its step, evaluation, orbax checkpoints an
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 
@@ -21,24 +20,19 @@ import jax
 import numpy as np
 
 from mugv.config import DiTConfig
-from mugv.io import orbax
-from mugv.io.weights import open_weights
+from mugv.io.spec import parse_spec
+from mugv.io.weights import load_params, open_weights
+from mugv.layouts.jax import unflatten
 from mugv.run import driver, tasks
+from mugv.run.config import RunConfig, as_run_config
 from mugv.run.validation import ValidationSet
-from mugv.training import (
-    ObjectiveConfig,
-    OptimConfig,
-    dataclass_from,
-    model_config_from,
-    preference_config_from,
-    unflatten,
-)
 from mugv_jax import compilation_cache
 from mugv_jax.dit import checkpoint as dit_checkpoint
 from mugv_jax.dit.model import RuntimeOptions
 from mugv_jax.parallel import mesh as mesh_lib
-from mugv_jax.recipe import preference as pref
+from mugv_jax.parallel import sharding
 from mugv_jax.train import checkpointing, validation
+from mugv_jax.train import preference as pref
 from mugv_jax.train import step as trainer_lib
 
 log = logging.getLogger("mugv.train")
@@ -48,9 +42,9 @@ def init_params_from(spec: str, model_cfg: DiTConfig, weights: str = "raw"):
     """Initial parameters (nested dict) from `config.init_from`: `jax:DIR[@STEP]` (an orbax
     checkpoint), `megatron:DIR[@ITER]` (torch_dist) or a release-layout file (.pt / .safetensors /
     index); `weights` "raw" or "ema" (`config.init_weights`)."""
-    if spec.startswith("jax:"):
-        # The JAX layout as stored: no round trip through release names.
-        found, params = orbax.load_params(spec, weights=weights)
+    if parse_spec(spec).format == "jax":
+        # Named as JAX: the layout as stored, no round trip through release names.
+        found, params = load_params(spec, weights=weights)
         if found != model_cfg:
             raise ValueError(f"config.init_from={spec} holds a {found} model, but the run's model is {model_cfg}")
         return params
@@ -58,34 +52,35 @@ def init_params_from(spec: str, model_cfg: DiTConfig, weights: str = "raw"):
     return unflatten(dit_checkpoint.params_from_release_items(state.items(), model_cfg))
 
 
-def build_trainer(config, mode: str = "pretrain"):
+def build_trainer(config, mode: str = "pretrain", devices=None, mesh=None):
     """The Trainer (or PreferenceTrainer) a run config describes: model, runtime options,
-    optimizer, objective and mesh."""
-    model_cfg = model_config_from(config)
-    options = RuntimeOptions(compute_dtype=config.compute_dtype, attention=config.attention, remat=config.remat)
-    optim = dataclass_from(OptimConfig, config.optim)
-    objective = dataclass_from(ObjectiveConfig, config.objective)
-    mesh = mesh_lib.build_mesh(dict(config.mesh.ici), dict(config.mesh.get("dcn", {}) or {}))
+    optimizer, objective, sharding rules and mesh (over `devices`, default all; or `mesh`)."""
+    run = as_run_config(config)
+    options = RuntimeOptions(compute_dtype=run.compute_dtype, attention=run.attention, remat=run.remat)
+    if mesh is None:
+        mesh = mesh_lib.build_mesh(run.mesh.ici.as_dict(), run.mesh.dcn.as_dict(), devices=devices)
+    args = (run.model_config, options, run.optim, run.objective, mesh)
+    rules = sharding.rules_with(run.sharding_rules)
     if mode == "preference":
-        return pref.PreferenceTrainer(
-            model_cfg, options, optim, objective, mesh, preference=preference_config_from(config)
-        )
-    return trainer_lib.Trainer(model_cfg, options, optim, objective, mesh)
+        return pref.PreferenceTrainer(*args, rules=rules, preference=run.preference)
+    return trainer_lib.Trainer(*args, rules=rules)
 
 
 class JaxBackend:
     """The JAX side of a DiT run (pretraining or preference) for mugv.run.driver."""
 
     name = "jax"
+    first_step_note = "compiling the step (first step only)…"
 
-    def __init__(self, config, workdir: str, task, resolved: dict):
-        self.config, self.task = config, task
-        self.trainer = build_trainer(config, task.name)
+    def __init__(self, run: RunConfig, workdir: str, task, resolved: dict):
+        self.run, self.task = run, task
+        self.trainer = build_trainer(run, task.name)
         self.model_cfg, self.options, self.mesh = self.trainer.model_config, self.trainer.options, self.trainer.mesh
+        # Refused here, before anything compiles: a micro-batch that does not divide the mesh's
+        # data axes would be replicated over them.
+        run.check_batch_split(dict(self.mesh.shape))
         self.ckpt = checkpointing.Checkpointer(
-            os.path.join(workdir, "checkpoints"),
-            keep=int(config.keep_checkpoints),
-            use_async=bool(config.async_checkpoint),
+            os.path.join(workdir, "checkpoints"), keep=run.keep_checkpoints, use_async=run.async_checkpoint
         )
         self.workdir = workdir
         self.checkpoint_dir = self.ckpt.directory
@@ -94,13 +89,14 @@ class JaxBackend:
         self.data_shard = (jax.process_index(), jax.process_count())
         self.num_devices = self.mesh.size
         self.device_kind = jax.devices()[0].device_kind
-        self.recompute = config.remat
+        self.recompute = run.remat
         self.state, self.step = None, 0
+        self.restored_config = None
         self._validator = None
         log.info(
             "%s; model %s (%d layers, hidden %d)",
             mesh_lib.describe(self.mesh),
-            config.model,
+            run.model,
             self.model_cfg.depth,
             self.model_cfg.hidden_size,
         )
@@ -108,20 +104,19 @@ class JaxBackend:
     # --- state -----------------------------------------------------------------------------------
 
     def restore(self):
-        restored = self.ckpt.restore_latest(self.trainer.abstract_state())
+        restored = self.ckpt.restore_latest(self.trainer.abstract_state(), model=self.model_cfg.to_dict())
         if restored is None:
             return None
-        self.step, self.state, data_state, _ = restored
+        self.step, self.state, data_state, self.restored_config = restored
         return data_state
 
     def initialize(self) -> None:
-        c = self.config
-        params = None
-        if c.init_from:
-            weights = c.get("init_weights", "raw")
-            params = init_params_from(c.init_from, self.model_cfg, weights)
-            log.info("initialised from %s (%s weights) with a fresh optimizer", c.init_from, weights)
-        self.state = self.trainer.init_state(int(c.seed), params)
+        params, start = None, self.run.starting_weights()
+        if start is not None:
+            spec, weights = start
+            params = init_params_from(spec, self.model_cfg, weights)
+            log.info("initialised from %s (%s weights) with a fresh optimizer", spec, weights)
+        self.state = self.trainer.init_state(self.run.seed, params)
         self.step = int(jax.device_get(self.state["step"]))
 
     # --- steps -----------------------------------------------------------------------------------
@@ -129,6 +124,7 @@ class JaxBackend:
     def train_step(self, batch: dict):
         self.state, metrics = self.trainer.train_step(self.state, self.trainer.put_batch(batch))
         self.step += 1
+        self.ckpt.poll()  # the digest table of a finished asynchronous save
         return metrics
 
     def fetch(self, metrics) -> dict:
@@ -187,8 +183,8 @@ class JaxBackend:
         from mugv.safetensors_io import save_atomic
         from mugv_jax.sample import sampler
 
-        config, model_cfg = self.config, self.model_cfg
-        n = int(config.sample.count)
+        run, model_cfg = self.run, self.model_cfg
+        n = run.sample.count
         y, mask, fps = batch["y"][:n], batch["mask"][:n], batch["fps"][:n]
         f, h, w = batch["latents"].shape[2:]
         velocity = sampler.make_guided_velocity_from_params(self.state["ema"], model_cfg, self.options)
@@ -205,11 +201,11 @@ class JaxBackend:
                 np.ones((1, length), np.int32),
                 height=h * 8,
                 width=w * 8,
-                num_steps=int(config.sample.steps),
-                guidance_scale=float(config.sample.cfg_scale),
-                key=jax.random.PRNGKey(int(config.seed) + i),
+                num_steps=run.sample.steps,
+                guidance_scale=run.sample.cfg_scale,
+                key=jax.random.PRNGKey(run.seed + i),
                 fps=float(fps[i]),
-                shift=config.objective.get("shift_ratio"),
+                shift=run.objective.shift_ratio,
                 velocity_fn=velocity,
             )
             out.append(np.asarray(z)[0])
@@ -220,18 +216,14 @@ class JaxBackend:
         return path
 
 
-def resolved_config(config, model_cfg: DiTConfig) -> dict:
-    resolved = json.loads(config.to_json_best_effort())
-    resolved["model_resolved"] = model_cfg.to_dict()
-    return resolved
-
-
 def train(config, workdir: str) -> dict:
-    """Run (or resume) training; returns the driver's summary plus the final `state`."""
+    """Run (or resume) training of a run config (a RunConfig or the ml_collections dict of one);
+    returns the driver's summary plus the final `state`."""
     compilation_cache.setup(compilation_cache.workdir_cache_dir(workdir))
-    task = tasks.for_config(config)
-    resolved = resolved_config(config, task.model_cfg)
-    backend = JaxBackend(config, workdir, task, resolved)
-    summary = driver.run(config, workdir, backend, task, resolved=resolved)
+    run = as_run_config(config)
+    task = tasks.for_config(run)
+    resolved = run.resolved()
+    backend = JaxBackend(run, workdir, task, resolved)
+    summary = driver.run(run.loop(), workdir, backend, task, resolved=resolved)
     summary["state"] = backend.state
     return summary

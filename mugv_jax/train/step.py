@@ -22,8 +22,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mugv import rng as rng_ref
 from mugv.config import DiTConfig
+from mugv.layouts.jax import unflatten as _unflatten
 from mugv.training import ObjectiveConfig, OptimConfig
-from mugv.training import unflatten as _unflatten
 from mugv_jax.dit import checkpoint as dit_ckpt
 from mugv_jax.dit.model import RuntimeOptions, forward
 from mugv_jax.parallel import sharding
@@ -236,7 +236,11 @@ class Trainer:
         key = self.step_key(state)
         loss, aux, grads = self.loss_and_grads(state["params"], state["null_text"], batch, key)
         new_state, metrics = self.apply_gradients(state, loss, grads)
-        metrics.update(loss=loss, loss_by_t_quartile=aux["q_sum"] / jnp.maximum(aux["q_count"], 1))
+        metrics.update(
+            loss=loss,
+            loss_by_t_quartile=aux["q_sum"] / jnp.maximum(aux["q_count"], 1),
+            loss_by_t_count=aux["q_count"],  # 0: no sample in that quartile this step
+        )
         return new_state, metrics
 
     def train_step(self, state, batch):

@@ -6,8 +6,7 @@ video = vae.decode(z, num_frames=T)
 """
 
 from mugv.vae_config import VAE_PRESETS, VAEConfig, get_vae_config, latent_size, release_vae_schema
-from mugv_jax.vae.checkpoint import export_release_state_dict, load, release_state
-from mugv_jax.vae.init import random_vae
+from mugv_jax.vae.checkpoint import export_release_state_dict, load, random_vae, release_state
 from mugv_jax.vae.jitted import JittedVAE, jit
 from mugv_jax.vae.model import VideoVAE
 from mugv_jax.vae.tiling import Tiled, Tiling

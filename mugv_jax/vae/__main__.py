@@ -14,6 +14,8 @@ import sys
 
 import numpy as np
 
+from mugv.io import latents as latents_file
+
 EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_SKIPPED = 0, 1, 2, 3
 
 
@@ -26,7 +28,32 @@ def _vae_config(spec: str):
     return get_vae_config(spec)
 
 
-def _model(args):
+class ChunkProgress:
+    """A bar per network call inside one video (JittedVAE.progress): a long clip shows where it is."""
+
+    def __init__(self):
+        self.bar, self.network, self.name = None, None, ""
+
+    def start(self, name: str) -> None:
+        self.close()
+        self.name = name
+
+    def __call__(self, network: str, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        if network != self.network or self.bar is None:
+            self.close()
+            self.network = network
+            self.bar = tqdm(total=total, desc=f"  {self.name}: {network}", unit="chunk", leave=False, file=sys.stderr)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.bar, self.network = None, None
+
+
+def _model(args, progress: ChunkProgress | None = None):
     import mugv_jax.vae as vae
     from mugv_jax import compilation_cache
     from mugv_jax.vae.tiling import Tiled, Tiling
@@ -37,6 +64,7 @@ def _model(args):
     if args.micro_batch_size:
         cfg = cfg.replace(micro_batch_size=args.micro_batch_size)
     model = vae.jit(vae.load(args.weights, cfg))
+    model.progress = progress
     if args.tile:
         return Tiled(model, Tiling(args.tile, args.overlap)), cfg
     return model, cfg
@@ -44,72 +72,6 @@ def _model(args):
 
 def _stem(path: str) -> str:
     return os.path.splitext(os.path.basename(path))[0]
-
-
-def _write_latents(z: np.ndarray, out: str, fmt: str, meta: dict) -> str:
-    path = os.path.join(out, meta["name"] + (".npy" if fmt == "npy" else ".safetensors"))
-    tmp = path + ".tmp"
-    if fmt == "npy":
-        with open(tmp, "wb") as f:
-            np.save(f, z)
-    else:
-        from safetensors.numpy import save_file
-
-        save_file({"latents": z}, tmp, metadata={k: json.dumps(v) for k, v in meta.items()})
-    os.replace(tmp, path)
-    side = os.path.join(out, meta["name"] + ".json")
-    with open(side + ".tmp", "w") as f:
-        json.dump(meta, f)
-    os.replace(side + ".tmp", side)
-    return path
-
-
-def _read_latents(path: str) -> tuple[np.ndarray, dict]:
-    side = os.path.splitext(path)[0] + ".json"
-    meta = {}
-    if os.path.isfile(side):
-        with open(side) as f:
-            meta = json.load(f)
-    if path.endswith(".npy"):
-        z = np.load(path)
-    elif path.endswith(".safetensors"):
-        from safetensors import safe_open
-
-        with safe_open(path, framework="numpy") as f:
-            if "latents" not in f.keys():
-                raise ValueError(f"{path} has no tensor 'latents' (found {sorted(f.keys())})")
-            z = f.get_tensor("latents")
-            meta = {**{k: json.loads(v) for k, v in (f.metadata() or {}).items()}, **meta}
-    else:
-        raise ValueError(f"{path}: latents must be .npy or .safetensors")
-    if z.ndim == 4:
-        z = z[None]
-    if z.ndim != 5:
-        raise ValueError(f"{path}: latents must be [C, T', h, w] or [B, C, T', h, w], got shape {z.shape}")
-    return z, meta
-
-
-def write_mp4(frames: np.ndarray, path: str, fps: float) -> None:
-    """uint8 [T, H, W, 3] → H.264 yuv420p mp4 (H and W must be even), written to a temp name."""
-    import av
-
-    t, h, w, _ = frames.shape
-    if h % 2 or w % 2:
-        raise ValueError(f"{path}: yuv420p needs even frame sizes, got {h}×{w}")
-    tmp = path + ".tmp.mp4"
-    try:
-        with av.open(tmp, "w") as out:
-            stream = out.add_stream("libx264", rate=max(1, round(fps)))
-            stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-            for f in frames:
-                for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-                    out.mux(packet)
-            for packet in stream.encode():
-                out.mux(packet)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _report(done: int, failures: list[tuple[str, str]], what: str) -> int:
@@ -129,7 +91,8 @@ def cmd_encode(args) -> int:
     from mugv_jax.vae.videos import read_videos, to_unit
 
     os.makedirs(args.out, exist_ok=True)
-    model, _ = _model(args)
+    chunks = ChunkProgress()
+    model, _ = _model(args, chunks)
     failures: list[tuple[str, str]] = []
     done = 0
     key = jax.random.key(args.seed)
@@ -146,6 +109,7 @@ def cmd_encode(args) -> int:
         # Crop to multiples of 8 so that decode gives back the same size.
         y0, x0 = (frames.shape[1] - h) // 2, (frames.shape[2] - w) // 2
         video = to_unit(frames[:, y0 : y0 + h, x0 : x0 + w]).transpose(3, 0, 1, 2)[None]
+        chunks.start(_stem(path))
         if args.sample:
             z = model.encode(video, sample=True, key=jax.random.fold_in(key, done))
         else:
@@ -159,7 +123,13 @@ def cmd_encode(args) -> int:
             "width": w,
             "sample": bool(args.sample),
         }
-        _write_latents(np.asarray(z[0], np.float32), args.out, args.format, meta)
+        out = latents_file.write(
+            os.path.join(args.out, f"{meta['name']}.{args.format}"), np.asarray(z[0]), meta, sidecar=True
+        )
+        chunks.close()
+        tqdm.write(
+            f"wrote {out}: latents {list(z.shape[1:])} from {meta['num_frames']} frames of {h}×{w}", file=sys.stderr
+        )
         done += 1
     return _report(done, failures, "unreadable videos")
 
@@ -167,14 +137,16 @@ def cmd_encode(args) -> int:
 def cmd_decode(args) -> int:
     from tqdm import tqdm
 
+    from mugv.data.video import write_mp4
     from mugv_jax.vae.videos import to_uint8
 
     os.makedirs(args.out, exist_ok=True)
-    model, cfg = _model(args)
+    chunks = ChunkProgress()
+    model, cfg = _model(args, chunks)
     failures, done = [], 0
     for path in tqdm(args.inputs, desc="decode", unit="file"):
         try:
-            z, meta = _read_latents(path)
+            z, meta = latents_file.read(path)
         except (OSError, ValueError) as e:
             failures.append((path, f"{type(e).__name__}: {e}"))
             continue
@@ -182,9 +154,19 @@ def cmd_decode(args) -> int:
             failures.append((path, f"latents have {z.shape[1]} channels, the VAE expects {cfg.embed_dim}"))
             continue
         num_frames = args.num_frames or meta.get("num_frames") or 8 * z.shape[2]
+        chunks.start(_stem(path))
         video = np.asarray(model.decode(z, int(num_frames)))
+        chunks.close()
         frames = to_uint8(video[0].transpose(1, 2, 3, 0))
-        write_mp4(frames, os.path.join(args.out, _stem(path) + ".mp4"), args.fps or meta.get("fps") or 24.0)
+        # Sampled sizes that are not multiples of 8 decode padded: crop back to the asked size.
+        frames = frames[:, : meta.get("height") or None, : meta.get("width") or None]
+        fps = args.fps or meta.get("fps") or 24.0
+        out = os.path.join(args.out, _stem(path) + ".mp4")
+        write_mp4(out, frames, fps)
+        tqdm.write(
+            f"wrote {out}: {frames.shape[0]} frames of {frames.shape[1]}×{frames.shape[2]} at {fps:g} fps",
+            file=sys.stderr,
+        )
         done += 1
     return _report(done, failures, "unreadable latents")
 

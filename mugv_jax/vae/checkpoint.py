@@ -1,13 +1,21 @@
-"""Release `vae.pt` layout ↔ `VideoVAE`: strict loading and bit-exact export.
+"""Release `vae.pt` layout ↔ `VideoVAE`: strict loading, bit-exact export, fast random init.
 
 Module attributes mirror the release's module tree and parameters keep PyTorch layout, so a
 variable's dotted path is its release name and values move without any transform; the
 round trip release → JAX → release is therefore bit-exact by construction (and tested). Files are
 read through the project's one release reader (`mugv.io.release`, memory-mapped).
+
+`random_vae` fills the same abstract model from numpy instead of a file. The NNX constructor
+draws every weight with its own jax.random op: eagerly that is one compile per distinct shape,
+under `nnx.jit` one very large compile (~10 min for the release config on a loaded 2-core CPU).
+For benchmarks, tests and fresh training runs the exact stream does not matter, so it draws the
+same distributions from numpy: weights N(0, 1/fan_in) like `layers._normal_param`, biases 0,
+norm scales 1, buffers and `logvar` at the constructor's values.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 
@@ -18,7 +26,13 @@ from flax import nnx
 
 from mugv.io.base import dtype_name, is_floating
 from mugv.io.release import ReleaseReader
-from mugv.vae_config import VAEConfig, get_vae_config, release_vae_schema
+from mugv.vae_config import (
+    RELEASE_LATENT_SCALE,
+    RELEASE_LATENT_SHIFT,
+    VAEConfig,
+    get_vae_config,
+    release_vae_schema,
+)
 from mugv_jax.vae.layers import F32, Buffer
 from mugv_jax.vae.model import VideoVAE
 
@@ -98,4 +112,31 @@ def load(path: str | os.PathLike, config: VAEConfig | str = "release", *, comput
     check_strict({n: tuple(v.get_value().shape) for n, v in variables.items()}, shapes, path)
     for name, var in variables.items():
         var.set_value(jnp.asarray(get(name), dtype=var.get_value().dtype))
+    return nnx.merge(graphdef, state)
+
+
+def random_vae(config: VAEConfig | str, seed: int = 0, compute_dtype=F32) -> VideoVAE:
+    """A `VideoVAE` with random weights drawn in numpy (no XLA compile; see the module docstring)."""
+    config = get_vae_config(config)
+    abstract = nnx.eval_shape(lambda: VideoVAE(config, rngs=nnx.Rngs(0), compute_dtype=compute_dtype))
+    graphdef, state = nnx.split(abstract)
+    rng = np.random.default_rng(seed)
+    c = config.embed_dim
+    for path, var in nnx.to_flat_state(state):
+        name = ".".join(str(p) for p in path)
+        shape = tuple(var.get_value().shape)
+        if name == "shift":
+            v = np.asarray(RELEASE_LATENT_SHIFT if c == len(RELEASE_LATENT_SHIFT) else (0.0,) * c)
+        elif name == "scale":
+            v = np.asarray(RELEASE_LATENT_SCALE if c == len(RELEASE_LATENT_SCALE) else (1.0,) * c)
+        elif name == "logvar":
+            v = np.full(shape, 4.0)
+        elif len(shape) >= 2:
+            fan_in = math.prod(shape[1:])
+            v = rng.standard_normal(shape, dtype=np.float32) / math.sqrt(fan_in)
+        elif name.endswith("bias"):
+            v = np.zeros(shape)
+        else:  # GroupNorm scale
+            v = np.ones(shape)
+        var.set_value(jnp.asarray(np.asarray(v, np.float32).reshape(shape)))
     return nnx.merge(graphdef, state)

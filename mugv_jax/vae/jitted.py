@@ -44,6 +44,9 @@ class JittedVAE(Pipeline):
         self._options = compiler_options
         self._compiled: dict[tuple[str, bool], Callable] = {}
         self._recording: dict[str, list] | None = None
+        # progress(network, chunks done, chunks of this call): called as each chunk finishes, so
+        # a long video shows where it is (the command line's bars).
+        self.progress: Callable[[str, int, int], None] | None = None
 
     def with_pipeline(self, **changes) -> JittedVAE:
         """The same networks (and compiled executables) under other chunking settings.
@@ -82,7 +85,13 @@ class JittedVAE(Pipeline):
         state = self._parts[part][1]
         if self._recording is None:
             fn = self._network(network, capture=False)
-            return [fn(state, x) for x in inputs]
+            if self.progress is None:
+                return [fn(state, x) for x in inputs]
+            outs = []
+            for x in inputs:
+                outs.append(jax.block_until_ready(fn(state, x)))
+                self.progress(network, len(outs), len(inputs))
+            return outs
         fn = self._network(network, capture=True)
         outs = []
         for x in inputs:

@@ -28,7 +28,7 @@ import numpy as np
 
 from mugv.vae_config import TEMPORAL_GROUP, VAEConfig
 from mugv_jax.vae.layers import F32
-from mugv_jax.vae.plan import ZERO, decode_windows, encode_calls
+from mugv_jax.vae.windows import ZERO, decode_windows, encode_calls
 
 NETWORKS = ("encode_frames", "decode_frames", "encode_groups", "decode_window")
 

@@ -37,6 +37,7 @@ from megatron.core.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 
 from mugv.config import DiTConfig
+from mugv_megatron.memory import padded_length
 from mugv_megatron.model.attention import trailing_padding
 from mugv_megatron.model.embedders import CaptionEmbedder, FinalLayer, PatchEmbed3D, SinusoidEmbedder, unpatchify
 from mugv_megatron.model.layer import MODULATION_ROWS, LayerInputs, MUGDiTBlock
@@ -44,12 +45,6 @@ from mugv_megatron.model.rope import rope_angles, rope_cos_sin
 from mugv_megatron.parallel import context_parallel
 
 SPECIAL_TOKEN_INIT_STD = 0.02
-
-
-def padded_length(length: int, *, tp: int, sp: bool, cp: int) -> int:
-    """The sequence length after padding to an even split over CP chunks and SP ranks."""
-    multiple = cp * (tp if sp else 1)
-    return -(-length // multiple) * multiple
 
 
 def valid_tokens_first(text: torch.Tensor, valid: torch.Tensor):

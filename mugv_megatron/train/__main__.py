@@ -4,20 +4,20 @@ there has the rest).
 
 from __future__ import annotations
 
-import logging
-import sys
+# Before anything heavy is imported: a SIGTERM during start-up is a request to stop, not a crash.
+from mugv.run import preemption
 
-import torch.distributed as dist
+preemption.install()
 
-from mugv_megatron.parallel import state as parallel
-from mugv_megatron.train.backend import train
+from mugv.run.console import setup_logging, verbosity_flag  # noqa: E402
 
 
 def main(argv):
     from absl import flags
 
+    from mugv.run.config import as_run_config
+
     FLAGS = flags.FLAGS
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     overrides = {
         "tp": FLAGS.tp,
         "pp": FLAGS.pp,
@@ -25,7 +25,17 @@ def main(argv):
         "sp": FLAGS.sp,
         "distributed_optimizer": FLAGS.distributed_optimizer,
     }
-    summary = train(FLAGS.config, FLAGS.workdir, overrides)
+    if FLAGS.verify_data:
+        FLAGS.config.data.verify = True
+    run = as_run_config(FLAGS.config)  # validated before torch loads: errors name the flag
+    import torch.distributed as dist
+
+    from mugv_megatron.parallel import state as parallel
+    from mugv_megatron.train.backend import train, with_overrides
+
+    run = with_overrides(run, overrides)
+    setup_logging(verbosity_flag())  # third-party INFO (orbax, absl) only with --verbosity
+    summary = train(run, FLAGS.workdir)
     if dist.get_rank() == 0:
         print(
             f"finished at step {summary['step']} ({summary['stopped_by']}); last loss {summary['loss']}; "
@@ -50,11 +60,14 @@ def _define_flags():
         "megatron DistributedOptimizer on CUDA "
         "(overrides config.megatron.distributed_optimizer; torch AdamW otherwise)",
     )
+    flags.DEFINE_bool(
+        "verify_data", False, "check every shard byte against the dataset's recorded CRCs at open (config.data.verify)"
+    )
     flags.mark_flags_as_required(["config", "workdir"])
 
 
 if __name__ == "__main__":
-    from absl import app
+    from mugv.run.cli import run_app
 
     _define_flags()
-    app.run(main)
+    run_app(main)

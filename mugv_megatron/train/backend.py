@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import logging
 import os
 
@@ -32,38 +31,48 @@ from mugv.data.preference import batch_kind
 from mugv.io.base import to_torch
 from mugv.io.weights import open_weights
 from mugv.run import driver, tasks
+from mugv.run.config import RunConfig, as_run_config
+from mugv.run.typed import ConfigError
 from mugv.run.validation import ValidationSet
-from mugv.training import (
-    MegatronOptions,
-    ObjectiveConfig,
-    OptimConfig,
-    dataclass_from,
-    model_config_from,
-    preference_config_from,
-)
 from mugv_megatron.parallel import state as parallel
-from mugv_megatron.train import checkpointing, evaluation
+from mugv_megatron.plan import batch_split
+from mugv_megatron.train import checkpointing, validation
 
 log = logging.getLogger("mugv.megatron.train")
 
 
+def with_overrides(run: RunConfig, overrides: dict | None) -> RunConfig:
+    """`run` with the command line's --tp/--sp/--pp/--cp/... (None: not given) in config.megatron."""
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if not given:
+        return run
+    try:
+        return run.replace(megatron=dataclasses.replace(run.megatron, **given))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+
+
 def megatron_options(config, overrides: dict | None = None) -> dict:
     """config.megatron (defaults: mugv.training.MegatronOptions) with non-None overrides applied."""
-    opts = dataclasses.asdict(MegatronOptions())
-    opts.update({k: v for k, v in dict(config.get("megatron", {}) or {}).items()})
-    opts.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    return dataclasses.asdict(dataclass_from(MegatronOptions, opts))
+    return dataclasses.asdict(with_overrides(as_run_config(config), overrides).megatron)
 
 
-def refused_fields(config) -> list[str]:
-    """Recipe fields of `config` set to something the Megatron backend cannot do."""
+def refused_fields(run: RunConfig) -> list[str]:
+    """Recipe fields of `run` set to something the Megatron backend cannot do."""
     out = []
-    if int(config.get("sample", {}).get("every", 0) or 0) > 0:
+    if run.sample.every > 0:
         out.append(
-            f"config.sample.every={config.sample.every} (the megatron backend does not sample during "
+            f"config.sample.every={run.sample.every} (the megatron backend does not sample during "
             f"training; convert a checkpoint and use python -m mugv_jax.sample)"
         )
     return out
+
+
+def world_size() -> int:
+    """The world torchrun describes (or the one already initialised; 1 without a launcher)."""
+    if dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", 1))
 
 
 def init_distributed(tp: int, cp: int = 1, pp: int = 1) -> None:
@@ -103,61 +112,73 @@ class MegatronBackend:
 
     name = "megatron"
 
-    def __init__(self, config, workdir: str, task, resolved: dict, overrides: dict | None = None):
+    def __init__(self, run: RunConfig, workdir: str, task, resolved: dict):
         from megatron.core import parallel_state as ps
 
-        refused = refused_fields(config)
+        refused = refused_fields(run)
         if refused:
-            raise ValueError("the megatron backend cannot honour " + "; ".join(refused))
-        self.config, self.task = config, task
-        self.opts = opts = megatron_options(config, overrides)
-        self.model_cfg = model_cfg = model_config_from(config)
-        self.optim_cfg = dataclass_from(OptimConfig, config.optim)
-        self.objective = dataclass_from(ObjectiveConfig, config.objective)
-        if model_cfg.depth % int(opts["pp"]):
-            raise ValueError(f"config.megatron.pp={opts['pp']} does not divide the model's {model_cfg.depth} layers")
-        if task.name == "preference" and (int(opts["pp"]) > 1 or int(opts["cp"]) > 1):
-            raise ValueError(
-                f"config.mode='preference' on the megatron backend runs with tensor, sequence and "
-                f"data parallelism: set config.megatron.pp=1 and config.megatron.cp=1 (got "
-                f"pp={opts['pp']}, cp={opts['cp']})"
+            raise ConfigError("the megatron backend cannot honour " + "; ".join(refused))
+        self.run, self.task = run, task
+        self.opts = opts = run.megatron
+        self.model_cfg = model_cfg = run.model_config
+        if model_cfg.depth % opts.pp:
+            raise ConfigError(f"--config.megatron.pp={opts.pp} does not divide the model's {model_cfg.depth} layers")
+        if task.name == "preference" and (opts.pp > 1 or opts.cp > 1):
+            raise ConfigError(
+                f"--config.mode='preference' on the megatron backend runs with tensor, sequence and "
+                f"data parallelism: set --config.megatron.pp=1 and --config.megatron.cp=1 (got "
+                f"pp={opts.pp}, cp={opts.cp})"
             )
-        init_distributed(int(opts["tp"]), int(opts["cp"]), int(opts["pp"]))
+        if task.name == "preference" and opts.micro_batch_size is not None:
+            raise ConfigError(
+                "--config.mode='preference' does not accumulate gradients: unset "
+                f"--config.megatron.micro_batch_size (got {opts.micro_batch_size})"
+            )
+        world, model_parallel = world_size(), opts.tp * opts.cp * opts.pp
+        if task.name != "preference" and world % model_parallel == 0:  # (init_distributed names the other case)
+            # Refused here, before any process group or model exists (the step would fail later).
+            dp = world // model_parallel
+            for what, batch in run.global_batches():
+                try:
+                    batch_split(batch, dp, opts.micro_batch_size, run.optim.grad_accum_steps)
+                except ValueError as err:
+                    raise ConfigError(f"{what}: {err}") from None
+        init_distributed(opts.tp, opts.cp, opts.pp)
         self.checkpoint_dir = self.ckpt_dir = os.path.join(workdir, "checkpoints")
-        self.run_config = {**resolved, "megatron": opts}
+        self.run_config = resolved
         self.is_main = dist.get_rank() == 0
         self.data_shard = (ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
         self.num_devices = dist.get_world_size()
         self.device_kind = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-        self.recompute = opts["recompute"]
+        self.recompute = opts.recompute
         self.trainer = None
+        self.restored_config = None
         self.step = 0
         self._profiler = None
 
     def _build(self, release_state: dict | None):
         from mugv_megatron.train.step import Trainer
 
-        opts, config = self.opts, self.config
+        opts, run = self.opts, self.run
         kwargs = dict(
-            seed=int(config.seed),
-            compute_dtype=config.compute_dtype,
-            sequence_parallel=bool(opts["sp"]),
-            use_megatron_optimizer=torch.cuda.is_available() and bool(opts["distributed_optimizer"]),
-            use_te=opts["use_te"],
-            local_attention=opts["local_attention"],
-            params_dtype=opts["params_dtype"],
-            recompute=opts["recompute"],
-            overlap_grad_reduce=bool(opts["overlap_grad_reduce"]),
-            overlap_param_gather=bool(opts["overlap_param_gather"]),
+            seed=run.seed,
+            compute_dtype=run.compute_dtype,
+            sequence_parallel=opts.sp,
+            use_megatron_optimizer=torch.cuda.is_available() and opts.distributed_optimizer,
+            use_te=opts.use_te,
+            local_attention=opts.local_attention,
+            params_dtype=opts.params_dtype,
+            recompute=opts.recompute,
+            micro_batch_size=opts.micro_batch_size,
+            overlap_grad_reduce=opts.overlap_grad_reduce,
+            overlap_param_gather=opts.overlap_param_gather,
             release_state=release_state,
         )
         if self.task.name == "preference":
             from mugv_megatron.train.preference import PreferenceTrainer
 
-            return PreferenceTrainer(
-                self.model_cfg, self.optim_cfg, self.objective, preference=preference_config_from(config), **kwargs
-            )
-        return Trainer(self.model_cfg, self.optim_cfg, self.objective, **kwargs)
+            return PreferenceTrainer(self.model_cfg, run.optim, run.objective, preference=run.preference, **kwargs)
+        return Trainer(self.model_cfg, run.optim, run.objective, **kwargs)
 
     def _describe(self) -> None:
         if self.is_main:
@@ -166,12 +187,12 @@ class MegatronBackend:
                 "Megatron-Core: world %d = TP %d x CP %d x PP %d x DP %d%s; model %s (%d layers, hidden %d); "
                 "optimizer %s",
                 dist.get_world_size(),
-                self.opts["tp"],
+                self.opts.tp,
                 t.cp_size,
                 t.pp_size,
                 t.dp_size,
-                " + SP" if self.opts["sp"] else "",
-                self.config.model,
+                " + SP" if self.opts.sp else "",
+                self.run.model,
                 self.model_cfg.depth,
                 self.model_cfg.hidden_size,
                 t.optimizer.kind,
@@ -187,16 +208,17 @@ class MegatronBackend:
         if meta is None:
             self.trainer = None  # every checkpoint unreadable: start as a fresh run would
             return None
+        self.restored_config = meta.get("config")
         self.step = self.trainer.step
         self._describe()
         return meta["data"]
 
     def initialize(self) -> None:
-        c = self.config
-        weights = c.get("init_weights", "raw")
-        state = release_state_from(c.init_from, self.model_cfg, weights)
-        if state is not None:
-            log.info("initialised from %s (%s weights) with a fresh optimizer", c.init_from, weights)
+        state, start = None, self.run.starting_weights()
+        if start is not None:
+            spec, weights = start
+            state = release_state_from(spec, self.model_cfg, weights)
+            log.info("initialised from %s (%s weights) with a fresh optimizer", spec, weights)
         self.trainer = self._build(state)
         self.step = self.trainer.step
         self._describe()
@@ -222,7 +244,7 @@ class MegatronBackend:
 
     def evaluate(self, request) -> dict:
         if isinstance(request, ValidationSet):
-            return request.summarize(evaluation.validation_per_t(self.trainer, request))
+            return request.summarize(validation.validation_per_t(self.trainer, request))
         if isinstance(request, tasks.PreferenceEvaluation):
             sums: dict = {}
             for i, b in enumerate(request.batches):
@@ -241,8 +263,8 @@ class MegatronBackend:
             self.trainer,
             data_state,
             self.run_config,
-            keep=int(self.config.keep_checkpoints),
-            async_save=bool(self.opts["async_save"]) and not force,
+            keep=self.run.keep_checkpoints,
+            async_save=self.opts.async_save and not force,
         )
 
     def checkpoints(self) -> list[str]:
@@ -275,12 +297,13 @@ class MegatronBackend:
 
 
 def train(config, workdir: str, overrides: dict | None = None) -> dict:
-    """Run (or resume) training; returns the driver's summary plus the `trainer`."""
-    task = tasks.for_config(config)
-    resolved = json.loads(config.to_json_best_effort())
-    resolved["model_resolved"] = task.model_cfg.to_dict()
-    backend = MegatronBackend(config, workdir, task, resolved, overrides)
-    resolved["megatron"] = backend.opts
-    summary = driver.run(config, workdir, backend, task, resolved=resolved)
+    """Run (or resume) training of a run config (a RunConfig or the ml_collections dict of one)
+    with the command line's `overrides` of config.megatron; returns the driver's summary plus the
+    `trainer`."""
+    run = with_overrides(as_run_config(config), overrides)
+    task = tasks.for_config(run)
+    resolved = run.resolved()
+    backend = MegatronBackend(run, workdir, task, resolved)
+    summary = driver.run(run.loop(), workdir, backend, task, resolved=resolved)
     summary["trainer"] = backend.trainer
     return summary

@@ -1,6 +1,7 @@
 """torch_dist training checkpoints of the Megatron trainer (megatron.core.dist_checkpointing).
 
-Layout (the converters' `megatron:` reader reads the weights out of it):
+Layout (names and key scheme: mugv/io/megatron.py and mugv/io/torch_dist.py, whose reader the
+converters and `init_from` read the weights with):
   <workdir>/checkpoints/latest_checkpointed_iteration.txt      the newest complete step
   <workdir>/checkpoints/iter_XXXXXXX/{.metadata, *.distcp, common.pt, metadata.json}
 Sharded entries (global, un-split shapes; TP shards, pipeline stages and DP/CP replicas are
@@ -32,9 +33,16 @@ are no longer accepted), `dp_reshardable` only reshards over DP and stores bucke
 removed, with padded offsets: with more than one bucket (overlap_grad_reduce's 40M-element
 buckets) it writes and reads shifted elements ("param range exceeds unpadded buffer").
 
-A checkpoint is written to `iter_XXXXXXX.tmp`, renamed when complete, and only then named in
-the tracker (also written to a temporary file and renamed), so a crash never leaves a partial
-checkpoint that looks complete. `save(..., async_save=True)` returns once the state is staged in
+A checkpoint is written to `iter_XXXXXXX.tmp`, its digest table (mugv.io.torch_dist,
+`mugv_digests.json`: every file, each tensor chunk of the `.distcp` files; the ranks share the
+reading) recorded, renamed when complete, and only then named in the tracker (also written to a
+temporary file and renamed), so a crash never leaves a partial checkpoint that looks complete.
+A resume checks the newest checkpoint against its table before loading it: changed bytes are
+named (file and tensor) in a prominent warning, the checkpoint is moved aside
+(`iter_XXXXXXX.unreadable-<time>`, never deleted) and the previous one is used; a readable
+checkpoint of another model or optimizer is refused (`IncompatibleCheckpoint`). Rotation keeps
+`keep` iterations and deletes older ones only once the new save is published with its table,
+and only iterations that carry one (those mugv wrote). `save(..., async_save=True)` returns once the state is staged in
 host memory (a forked writer per rank then writes it); the rename and the tracker update run in
 the save's finalize step, on every rank once all writers are done, from `finalize_async()` (the
 train loop calls it each step; the next save and the end of the run call it blocking). A run
@@ -47,32 +55,22 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import re
 import shutil
 import warnings
 
 import torch
 import torch.distributed as dist
 
+from mugv.io import digest, torch_dist
+from mugv.io.atomic import quarantine
+from mugv.io.megatron import PARTIAL_SUFFIX, common_state, is_partial_iter_dir, iter_dir, write_tracker
+from mugv.io.megatron import iterations as steps
+from mugv.io.mismatch import IncompatibleCheckpoint
+from mugv.io.torch_dist import EMA_PREFIX, NULL_TEXT_KEY, REFERENCE_PREFIX, RNG_KEY, optimizer_prefix, stored_key
 from mugv.layouts import megatron as layout
+from mugv.run import preemption
 
 log = logging.getLogger(__name__)
-
-TRACKER = "latest_checkpointed_iteration.txt"
-CHECKPOINT_VERSION = 3.0
-NULL_TEXT_KEY = "context_embedder.drop_emb"
-REF_PREFIX = "optimizer.state.reference_model."  # skipped by weight readers like the moments
-_ITER = re.compile(r"^iter_(\d{7})$")
-_TMP = re.compile(r"^iter_(\d{7})\.tmp$")
-_LAYER = re.compile(r"^" + re.escape(layout.LAYER_PREFIX) + r"(\d+)\.(.+)$")
-
-
-class IncompatibleCheckpoint(ValueError):
-    """A readable checkpoint of another model or optimizer: never silently skipped."""
-
-
-def iter_dir(directory: str, step: int) -> str:
-    return os.path.join(directory, f"iter_{step:07d}")
 
 
 def _parallel():
@@ -101,12 +99,10 @@ def sharded_tensor(name: str, tensor: torch.Tensor, depth: int, prefix: str = ""
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
     tp_rank, tp, dp_rank, pp_rank = _parallel()
-    m = _LAYER.match(name)
+    key, layer = stored_key(name, prefix)
     offsets, prepend = [], 0
-    key = name
-    if m:
-        key, prepend = layout.LAYER_PREFIX + m.group(2), 1
-        index = layer_offset + int(m.group(1))
+    if layer is not None:
+        prepend, index = 1, layer_offset + layer
         if not 0 <= index < depth:
             raise ValueError(f"{name}: layer {index} (offset {layer_offset}) outside the model's {depth} layers")
         offsets.append((0, index, depth))
@@ -114,7 +110,7 @@ def sharded_tensor(name: str, tensor: torch.Tensor, depth: int, prefix: str = ""
     if rule != "replicated" and tp > 1:
         offsets.append(((0 if rule == "column" else 1) + prepend, tp_rank, tp))
     replica = (tp_rank if rule == "replicated" else 0, pp_rank if stage_replicated(name) else 0, dp_rank)
-    return ShardedTensor.from_rank_offsets(prefix + key, tensor, *offsets, replica_id=replica, prepend_axis_num=prepend)
+    return ShardedTensor.from_rank_offsets(key, tensor, *offsets, replica_id=replica, prepend_axis_num=prepend)
 
 
 def layer_offset(model) -> int:
@@ -141,7 +137,7 @@ def _state_dict(trainer, *, loading: bool) -> dict:
         ema = {n: torch.zeros(p.shape, dtype=torch.float32) for n, p in trainer.module.named_parameters()}
     else:
         ema = trainer.ema.full_state()
-    sd["ema"] = {n: sharded_tensor(n, t, depth, "optimizer.state.exp_moving_avg.", off) for n, t in ema.items()}
+    sd["ema"] = {n: sharded_tensor(n, t, depth, EMA_PREFIX, off) for n, t in ema.items()}
     if opt.kind == "torch_adamw":
         states = {n: {k: fresh(t) for k, t in opt.moments(p).items()} for n, p in trainer.module.named_parameters()}
     elif loading:
@@ -152,19 +148,19 @@ def _state_dict(trainer, *, loading: bool) -> dict:
     else:
         states = opt.full_states()
     sd["optimizer"] = {
-        f"{kind}.{n}": sharded_tensor(n, t, depth, f"optimizer.state.{kind}.", off)
+        f"{kind}.{n}": sharded_tensor(n, t, depth, optimizer_prefix(kind), off)
         for n, per in states.items()
         for kind, t in per.items()
     }
     if getattr(trainer, "ref", None) is not None:
         # Preference runs: the frozen reference model (the weights the run started from).
-        sd["ref"] = {n: sharded_tensor(n, fresh(t), depth, REF_PREFIX, off) for n, t in trainer.ref.items()}
+        sd["ref"] = {n: sharded_tensor(n, fresh(t), depth, REFERENCE_PREFIX, off) for n, t in trainer.ref.items()}
     sd["null_text"] = sharded_tensor(NULL_TEXT_KEY, fresh(trainer.null_text), depth)
     rank, world = dist.get_rank(), dist.get_world_size()
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
-    sd["rng_state"] = ShardedObject("rng_state", rng, (world,), (rank,), replica_id=0)
+    sd["rng_state"] = ShardedObject(RNG_KEY, rng, (world,), (rank,), replica_id=0)
     return sd
 
 
@@ -195,21 +191,75 @@ def finalize_async(blocking: bool = False) -> int:
     return len(_async_queue().maybe_finalize_async_calls(blocking=blocking))
 
 
+def _gather(obj) -> list:
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def _publish(directory: str, step: int, keep: int) -> None:
-    """Rename the complete `iter_XXXXXXX.tmp`, name it in the tracker, prune old ones."""
+    """Record the digest table of the complete `iter_XXXXXXX.tmp` (each rank reads its share of
+    the files), rename it, name it in the tracker, rotate old ones."""
     dist.barrier()
-    if dist.get_rank() == 0:
-        final = iter_dir(directory, step)
+    final = iter_dir(directory, step)
+    tmp = final + PARTIAL_SUFFIX
+    rank, world = dist.get_rank(), dist.get_world_size()
+    files = torch_dist.digest_files(tmp)
+    tables = _gather(torch_dist.compute_digests(tmp, files[rank::world]))
+    if rank == 0:
+        torch_dist.write_digests(tmp, digest.merge(tables))
         if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(final + ".tmp", final)
-        tracker_tmp = os.path.join(directory, TRACKER + ".tmp")
-        with open(tracker_tmp, "w") as f:
-            f.write(str(step))
-        os.replace(tracker_tmp, os.path.join(directory, TRACKER))
-        for old in steps(directory)[:-keep] if keep > 0 else []:
-            shutil.rmtree(iter_dir(directory, old), ignore_errors=True)
+            # Skipped as unreadable by this run's resume (or another's): kept aside, not deleted.
+            log.warning("moved %s aside to %s: this save takes its name", final, quarantine(final))
+        os.replace(tmp, final)
+        write_tracker(directory, step)
+        _rotate(directory, step, keep)
     dist.barrier()
+
+
+def _rotate(directory: str, newest: int, keep: int) -> None:
+    """Delete iterations older than the `keep` newest, once `newest` is published with every file
+    its table names; only iterations with a digest table (mugv wrote them) are deleted."""
+    if keep <= 0:
+        return
+    found = torch_dist.verify(iter_dir(directory, newest), files_only=True)
+    if found is None or not found.ok:
+        log.error(
+            "not rotating checkpoints: the new save %s does not match its digest table (%s)",
+            iter_dir(directory, newest),
+            "no table" if found is None else "; ".join(found.problems[:3]),
+        )
+        return
+    for old in steps(directory)[:-keep]:
+        path = iter_dir(directory, old)
+        if os.path.isfile(os.path.join(path, torch_dist.DIGESTS_FILE)):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            log.info("rotation leaves %s: it has no digest table (not written by this version of mugv)", path)
+
+
+_WRITER_HELPER = None
+
+
+def _shield_writer_helper() -> None:
+    """megatron's torch_dist writer reports each save's results through a queue served by a
+    spawned multiprocessing manager, made on the first save and kept. In the trainer's process
+    group it died of the group's SIGTERM (what Slurm, timeout and Kubernetes send) before the
+    save that SIGTERM asks for, which then failed with BrokenPipeError. Made here instead, it
+    ignores SIGTERM and dies with the trainer."""
+    global _WRITER_HELPER
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if _WRITER_HELPER is not None or getattr(filesystem_async, "_results_queue", None) is not None:
+        return
+    import multiprocessing as mp
+    from multiprocessing.managers import SyncManager
+
+    manager = SyncManager(ctx=mp.get_context("spawn"))
+    with preemption.helpers_ignore_sigterm():
+        manager.start(preemption.helper_init)
+    _WRITER_HELPER = manager
+    filesystem_async._results_queue = manager.Queue()
 
 
 def save(
@@ -230,28 +280,27 @@ def save(
     finalize_async(blocking=True)
     step = trainer.step
     final = iter_dir(directory, step)
-    tmp = final + ".tmp"
+    tmp = final + PARTIAL_SUFFIX
     if dist.get_rank() == 0:
         os.makedirs(directory, exist_ok=True)
         # Left by a run killed before its save was finalized (or by a failed write).
         for name in os.listdir(directory):
-            if _TMP.match(name):
+            if is_partial_iter_dir(name):
                 shutil.rmtree(os.path.join(directory, name))
         os.makedirs(tmp)
     dist.barrier()
     trainer.sync_params()
     sd = _state_dict(trainer, loading=False)
-    sd["iteration"] = step
-    sd["checkpoint_version"] = CHECKPOINT_VERSION
-    sd["mugv"] = {
-        "model": trainer.model_config.to_dict(),
-        "trainer": trainer.counters(),
-        "optimizer": {"kind": trainer.optimizer.kind, "count": trainer.optimizer.count},
-        "data": dict(data_state),
-        "config": run_config or {},
-    }
+    sd.update(common_state(trainer.model_config, step))
+    sd["mugv"].update(
+        trainer=trainer.counters(),
+        optimizer={"kind": trainer.optimizer.kind, "count": trainer.optimizer.count},
+        data=dict(data_state),
+        config=run_config or {},
+    )
     # One writer thread per rank: CPU tests share two cores. (The writer reports through a
     # spawn-context multiprocessing manager: a script calling this needs a __main__ guard.)
+    _shield_writer_helper()
     strategy = TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -262,12 +311,6 @@ def save(
     request.add_finalize_fn(functools.partial(_publish, directory, step, keep))
     _async_queue().schedule_async_request(request)
     return final
-
-
-def steps(directory: str) -> list[int]:
-    if not os.path.isdir(directory):
-        return []
-    return sorted(int(m.group(1)) for n in os.listdir(directory) if (m := _ITER.match(n)))
 
 
 def load(path: str, trainer) -> dict:
@@ -282,24 +325,19 @@ def load(path: str, trainer) -> dict:
         raise ValueError(f"{path}: not a mugv Megatron training checkpoint (common.pt has no 'mugv')")
     saved_cfg = meta["model"]
     if saved_cfg != trainer.model_config.to_dict():
-        raise IncompatibleCheckpoint(
-            f"{path}: checkpoint holds model {saved_cfg}, the run's model is {trainer.model_config.to_dict()}"
-        )
+        raise IncompatibleCheckpoint(path, "model", saved_cfg, trainer.model_config.to_dict())
     counters = meta.get("trainer", {})
     missing = {"step", "nonfinite", "skipped", "seed"} - set(counters)
     if missing or "count" not in meta.get("optimizer", {}) or "data" not in meta:
         raise ValueError(f"{path}: common.pt lacks trainer counters {sorted(missing)} / optimizer count / data state")
     if meta["optimizer"]["kind"] != trainer.optimizer.kind:
-        raise IncompatibleCheckpoint(
-            f"{path}: optimizer state of kind {meta['optimizer']['kind']!r} cannot be "
-            f"resumed with {trainer.optimizer.kind!r}"
-        )
+        raise IncompatibleCheckpoint(path, "optimizer", meta["optimizer"]["kind"], trainer.optimizer.kind)
     saved_world = None
     try:
         from megatron.core.dist_checkpointing import load_sharded_metadata
 
         saved = load_sharded_metadata(path)
-        obj = next((v for k, v in saved.items() if k.startswith("rng_state")), None)
+        obj = next((v for k, v in saved.items() if k.startswith(RNG_KEY)), None)
         saved_world = None if obj is None else tuple(obj.global_shape)
     except Exception:  # noqa: BLE001 - metadata is only used to decide whether RNG can be restored
         saved_world = None
@@ -341,25 +379,61 @@ def load(path: str, trainer) -> dict:
     return meta
 
 
+def verify(path: str) -> None:
+    """Check every byte of an iteration against its digest table, the ranks sharing the reading
+    (collective); raises CorruptCheckpoint naming the files and tensors that changed. An
+    iteration without a table (written before checksums) is used unverified, with a warning."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    try:
+        found = torch_dist.verify(path, select=lambda i, rel: i % world == rank)
+        problems = None if found is None else found.problems
+    except digest.CorruptCheckpoint as e:
+        problems = e.problems
+    everyone = _gather(problems)
+    if all(p is None for p in everyone):
+        log.warning("%s has no digest table (%s): resuming from it unverified", path, torch_dist.DIGESTS_FILE)
+        return
+    bad = [p for ps in everyone for p in (ps or [])]
+    if bad:
+        raise digest.CorruptCheckpoint(path, bad)
+
+
+def _loud(path: str, e: BaseException) -> None:
+    lines = getattr(e, "problems", None) or (str(e).splitlines()[:1] if str(e) else [])
+    log.error(
+        "\n%s\nCHECKPOINT UNREADABLE: checkpoint %s is unreadable (%s):\n  %s\nIt is moved aside "
+        "(never deleted) and the previous checkpoint is used; this run's next save at that step takes "
+        "its place.\n%s",
+        "=" * 100,
+        path,
+        type(e).__name__,
+        "\n  ".join(line[:300] for line in lines[:8]),
+        "=" * 100,
+    )
+
+
 def restore_latest(directory: str, trainer) -> dict | None:
-    """Restore from the newest readable checkpoint under `directory` (an unreadable one is
-    skipped with a warning); None if there is none."""
+    """Restore from the newest readable checkpoint under `directory`; None if there is none.
+
+    The newest is first checked against its digest table; one that does not match or does not
+    load is reported loudly, moved aside (`iter_XXXXXXX.unreadable-<time>`) and the previous one
+    tried. A readable checkpoint of another model or optimizer raises IncompatibleCheckpoint."""
     # torch DCP wraps read errors in a BaseException subclass.
     from torch.distributed.checkpoint.api import CheckpointException
 
     for step in reversed(steps(directory)):
         path = iter_dir(directory, step)
         try:
+            verify(path)
             meta = load(path, trainer)
         except IncompatibleCheckpoint:
             raise
         except (Exception, CheckpointException) as e:  # noqa: BLE001 - any read failure: try the previous
-            log.warning(
-                "checkpoint %s is unreadable (%s: %s); trying the previous one",
-                path,
-                type(e).__name__,
-                str(e).splitlines()[0][:300] if str(e) else "",
-            )
+            _loud(path, e)
+            dist.barrier()
+            if dist.get_rank() == 0:
+                log.warning("moved %s aside to %s", path, quarantine(path))
+            dist.barrier()
             continue
         return meta
     return None

@@ -1,5 +1,5 @@
 """Preference optimisation (DPO, KTO, SFT regulariser) on the Megatron trainer: the losses of
-`mugv_jax/recipe/preference.py`, in torch, on the same draws (mugv.rng's preference tags), so a
+`mugv_jax/train/preference.py`, in torch, on the same draws (mugv.rng's preference tags), so a
 preference stage gives the same losses on either backend.
 
 The frozen reference model is the starting weights, kept as tensors beside the module (`ref`,

@@ -88,11 +88,13 @@ class Trainer:
         overlap_param_gather: bool = False,
         ddp_bucket_size: int | None = None,
         local_attention: str = "megatron",
+        micro_batch_size: int | None = None,
     ):
         """`use_megatron_optimizer` (default: CUDA present) selects megatron's DDP +
         DistributedOptimizer; `params_dtype` (None: "bfloat16" with it when computing in bf16,
         else "float32"); the overlaps apply only with it (megatron DDP's buckets, of
-        `ddp_bucket_size` elements when given)."""
+        `ddp_bucket_size` elements when given). `micro_batch_size` (samples per data-parallel
+        rank per micro-batch) sets the accumulation per step; None: optim.grad_accum_steps."""
         from megatron.core import parallel_state as ps
 
         if compute_dtype not in ("float32", "bfloat16"):
@@ -129,6 +131,7 @@ class Trainer:
         self.recompute = recompute_lib.check(recompute)
         self.model_config, self.optim, self.objective = model_config, optim_config, objective
         self.seed = int(seed)
+        self.micro_batch_size = None if micro_batch_size is None else int(micro_batch_size)
         self.device = (
             torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         )
@@ -294,12 +297,20 @@ class Trainer:
     def loss_and_grads(self, batch: dict, draws: obj.Draws):
         """Forward + backward of this rank's batch (all micro-batches) and the gradient
         reductions. Returns (mean loss of the local batch, per-t-quartile sums and counts)."""
-        accum = self.optim.grad_accum_steps
         b = batch["latents"].shape[0]
         if len(draws.u if isinstance(draws, obj.Draws) else draws) != b:
             raise ValueError(f"draws for {len(draws.u if isinstance(draws, obj.Draws) else draws)} rows, batch of {b}")
-        if b % accum:
-            raise ValueError(f"batch {b} per data-parallel rank is not divisible by optim.grad_accum_steps={accum}")
+        if self.micro_batch_size is not None:
+            if b % self.micro_batch_size:
+                raise ValueError(
+                    f"batch {b} per data-parallel rank is not divisible by "
+                    f"config.megatron.micro_batch_size={self.micro_batch_size}"
+                )
+            accum = b // self.micro_batch_size
+        else:
+            accum = self.optim.grad_accum_steps
+            if b % accum:
+                raise ValueError(f"batch {b} per data-parallel rank is not divisible by optim.grad_accum_steps={accum}")
         mb = b // accum
         if self.staged:
             return self._staged_loss_and_grads(batch, draws, accum, mb)
@@ -442,5 +453,6 @@ class Trainer:
             "learning_rate": lr,
             "finite": finite,
             "loss_by_t_quartile": (q_sum / q_count.clamp_min(1)).tolist(),
+            "loss_by_t_count": q_count.tolist(),  # 0: no sample in that quartile this step
             "nonfinite_in_a_row": self.nonfinite,
         }

@@ -83,3 +83,16 @@ def test_verify_names_the_differing_tensor_and_errors_are_one_line(tmp_path):
     assert "1 problems over 63 compared tensors" in r.stdout
     r = cli("convert", "--src", tmp_path / "nope.pt", "--dst", f"jax:{tmp_path}/x")
     assert r.returncode == 2 and r.stderr.strip() == f"error: {tmp_path}/nope.pt does not exist"
+
+
+def test_convert_makes_the_destinations_missing_parents(tmp_path, capsys):
+    """Issue 25: `--dst release:/out/new/dir/dit.safetensors` under a directory that does not exist
+    yet is made (it was refused); a parent that is a file is still refused in one line."""
+    from converters.cli import main
+
+    dst = tmp_path / "new" / "deeper" / "dit.safetensors"
+    assert main(["convert", "--src", DIT_WEIGHTS, "--dst", f"release:{dst}", "--quiet"]) == 0
+    assert sorted(p.name for p in dst.parent.iterdir()) == ["dit.safetensors"]
+    (tmp_path / "file").write_text("")
+    assert main(["convert", "--src", DIT_WEIGHTS, "--dst", f"release:{tmp_path}/file/dit.pt", "--quiet"]) == 2
+    assert f"error: output {tmp_path}/file/dit.pt: {tmp_path}/file is not a directory" in capsys.readouterr().err

@@ -17,10 +17,10 @@ from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file as load_torch_st
 
 from converters.convert import convert, inspect, verify
-from converters.formats import open_reader
 from converters.loaders import release_state
 from mugv.config import PRESETS, DiTConfig, get_config
 from mugv.io.orbax import config_from_jax_shapes
+from mugv.io.spec import open_reader
 from mugv.layouts import jax as jax_layout
 from mugv.layouts import megatron as mlayout
 from mugv.schema import detect_config, release_schema, shape_fields
@@ -247,17 +247,7 @@ def trainer_checkpoint(tmp_path_factory):
 
 
 def _release_of(tree):
-    flat = {}
-
-    def walk(node, prefix):
-        for k, v in node.items():
-            if isinstance(v, dict):
-                walk(v, f"{prefix}{k}.")
-            else:
-                flat[f"{prefix}{k}"] = v
-
-    walk(tree, "")
-    return dict(jax_layout.jax_to_release_all(flat, TINY))
+    return dict(jax_layout.jax_to_release_all(jax_layout.flatten(tree), TINY))
 
 
 @pytest.mark.parametrize("step,weights", [(None, "raw"), (1, "raw"), (2, "ema")])
@@ -288,7 +278,7 @@ def test_trainer_checkpoint_inspect_and_missing_step(trainer_checkpoint):
 def test_jax_params_initialise_the_trainer(tmp_path):
     import jax
 
-    from mugv.io.orbax import load_params as jax_params
+    from mugv.io.weights import load_params as jax_params
     from tests.trainer_helpers import make_trainer
 
     convert(DIT_WEIGHTS, f"jax:{tmp_path}/jx")
@@ -376,6 +366,8 @@ def test_unsafe_or_broken_files_are_refused_with_the_file_named(tmp_path):
     convert(DIT_WEIGHTS, f"megatron:{tmp_path}/mc")
     meta = tmp_path / "mc" / "iter_0000001" / ".metadata"
     meta.write_bytes(pickle.dumps(collections.Counter(a=1)))
+    # As another tool's checkpoint would come: no digest table (ours reports the change first).
+    os.remove(tmp_path / "mc" / "iter_0000001" / "mugv_digests.json")
     with pytest.raises(
         ValueError,
         match=r"\.metadata: refusing to read torch_dist metadata "
@@ -448,15 +440,15 @@ def test_existing_output_needs_force(tmp_path):
 def test_a_failing_conversion_leaves_nothing(tmp_path, monkeypatch, fmt):
     from mugv.io.release import ReleaseReader
 
-    items = ReleaseReader.items
+    jobs = ReleaseReader.jobs  # what a conversion reads through (each tensor checked on a worker)
 
     def failing(self):
-        for i, item in enumerate(items(self)):
+        for i, item in enumerate(jobs(self)):
             if i == 30:
                 raise RuntimeError("disk on fire")
             yield item
 
-    monkeypatch.setattr(ReleaseReader, "items", failing)
+    monkeypatch.setattr(ReleaseReader, "jobs", failing)
     with pytest.raises(RuntimeError, match="disk on fire"):
         convert(DIT_WEIGHTS, fmt.format(d=tmp_path))
     assert os.listdir(tmp_path) == []
@@ -467,12 +459,12 @@ def test_a_killed_conversion_leaves_nothing_that_looks_complete(tmp_path):
     code = (
         "import time, sys\n"
         "from mugv.io.release import ReleaseReader\n"
-        "items = ReleaseReader.items\n"
+        "jobs = ReleaseReader.jobs\n"
         "def slow(self):\n"
-        "    for i, item in enumerate(items(self)):\n"
+        "    for i, item in enumerate(jobs(self)):\n"
         "        time.sleep(0.5 if i > 5 else 0)\n"
         "        yield item\n"
-        "ReleaseReader.items = slow\n"
+        "ReleaseReader.jobs = slow\n"
         "from converters.cli import main\n"
         f"sys.exit(main(['convert', '--src', {DIT_WEIGHTS!r}, '--dst', 'release:{tmp_path}/out.pt',"
         " '--quiet']))\n"

@@ -128,7 +128,7 @@ def test_bytes_in_flight_are_capped_and_errors_stop_new_jobs():
 def test_writers_keep_views_of_a_mapped_source_instead_of_staging(tmp_path, monkeypatch):
     """From a memory-mapped release file the torch_dist and jax writers stage nothing on disk
     (the source is the staging); a cast copy is staged."""
-    from converters.formats.staging import RawStore
+    from mugv.io.staging import RawStore
 
     created = []
     original = RawStore.create
@@ -169,7 +169,7 @@ def test_tiled_transpose_moves_the_bits_unchanged(shape):
 def test_torch_dist_read_through_dist_checkpointing_equals_the_mapped_read(sources, tmp_path, monkeypatch):
     """Chunkings the mapped reader does not take (a TP-sharded trainer save) go through
     dist_checkpointing, on the pipeline's threads; both give the same bits."""
-    from converters.formats import open_reader
+    from mugv.io.spec import open_reader
     from mugv.io.torch_dist import TorchDistReader
 
     assert open_reader(sources["torch_dist"]).describe()["read"] == "memory-mapped chunks"

@@ -18,8 +18,9 @@ from mugv.io.torch_dist import TorchDistReader
 from mugv.io.weights import open_weights
 from mugv.layouts import jax as jax_layout
 from mugv.layouts import megatron as mlayout
+from mugv.layouts.jax import unflatten
 from mugv.schema import release_schema
-from mugv.training import ObjectiveConfig, OptimConfig, unflatten
+from mugv.training import ObjectiveConfig, OptimConfig
 from tests.helpers import DIT_WEIGHTS, dit_weights
 
 TINY = get_config("tiny")

@@ -17,7 +17,8 @@ def test_core_imports_without_jax_or_torch():
     code = (
         "import sys, mugv, mugv.geometry, mugv.flops, mugv.training, mugv.schema, mugv.layouts.jax, "
         "mugv.layouts.megatron, mugv.io.base, mugv.io.release, mugv.io.torchzip, mugv.io.orbax, "
-        "mugv.io.torch_dist, mugv.io.torch_cpu, mugv.io.weights; "
+        "mugv.io.torch_dist, mugv.io.torch_cpu, mugv.io.weights, mugv.io.spec, mugv.io.megatron, "
+        "mugv.io.atomic, mugv.io.staging, mugv.io.null_text; "
         "bad = [m for m in ('jax', 'torch', 'flax', 'orbax', 'tensorstore', 'megatron') if m in sys.modules]; "
         "assert not bad, bad"
     )

@@ -2,8 +2,9 @@
 
 import pytest
 
-from configs import mugv_10b, tiny
-from mugv.training import ObjectiveConfig, OptimConfig, dataclass_from, model_config_from
+from configs import mugv_10b, tiny, vae_release, vae_tiny
+from mugv.run.config import dataclass_from, model_config_from
+from mugv.training import ObjectiveConfig, OptimConfig
 
 
 @pytest.mark.parametrize("stage", sorted(mugv_10b.STAGES))
@@ -30,3 +31,14 @@ def test_unknown_stage_and_fields_are_named():
         dataclass_from(OptimConfig, c.optim)
     with pytest.raises(ValueError, match="unknown argument"):
         tiny.get_config("nonsense")
+
+
+@pytest.mark.parametrize("module,name", [(vae_tiny, "configs/vae_tiny.py"), (vae_release, "configs/vae_release.py")])
+def test_vae_configs_share_the_final_stage(module, name):
+    first, final = module.get_config(), module.get_config("final")
+    assert not first.freeze_spatial and first.loss.gan == 0.0 and first.loss.saliency_start_step == -1
+    assert final.freeze_spatial and final.loss.gan == 0.05 and final.loss.saliency_start_step == 0
+    # The stage changes those fields only; the preset's own settings stay.
+    assert final.vae_preset == first.vae_preset and final.num_steps == first.num_steps
+    with pytest.raises(ValueError, match=f"{name}: unknown argument 'nonsense'"):
+        module.get_config("nonsense")

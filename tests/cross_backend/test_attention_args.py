@@ -388,7 +388,7 @@ def test_no_shipped_config_selects_an_arbitrary_mask(pretend_cuda):
     import pathlib
 
     from mugv import geometry
-    from mugv.training import model_config_from
+    from mugv.run.config import model_config_from
     from mugv_jax.dit.model import RuntimeOptions
     from mugv_megatron.model.attention import CORE_ATTENTION_TYPE, padding_mask_arguments, trailing_padding
     from mugv_megatron.model.dit import padded_length

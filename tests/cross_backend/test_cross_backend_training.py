@@ -94,16 +94,7 @@ def _to_release(named: dict) -> dict:
 def _jax_flat_to_release(tree) -> dict:
     import jax
 
-    flat = {}
-
-    def walk(prefix, node):
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(f"{prefix}.{k}" if prefix else k, v)
-        else:
-            flat[prefix] = np.asarray(jax.device_get(node))
-
-    walk("", tree)
+    flat = {k: np.asarray(jax.device_get(v)) for k, v in jax_layout.flatten(tree).items()}
     return dict(jax_layout.jax_to_release_all(flat, CFG))
 
 

@@ -111,13 +111,59 @@ def test_manifest_captions_and_aesthetic_suffix(tmp_path):
     ]
     assert [r["caption_source"] for _, r in records] == ["manifest", "manifest"]
     assert examples[0][1]["latents"].shape == (24, 2, 4, 4)
-    fixed = pipeline.PrepareSpec(**{**spec.__dict__, "captions": None, "aes_suffix": 6.0})
+    fixed = pipeline.PrepareSpec(**{**spec.__dict__, "captions": None, "aes_suffix": 6.0, "uncaptioned": "empty"})
     _, ex2 = pipeline.ItemWorker(fixed)(0)
-    # No caption anywhere for an unknown file: the suffix alone, as the release formats it.
+    # No caption anywhere for an unknown file, kept by choice (issue 25: the default refuses):
+    # the suffix alone, as the release formats it.
     assert [ex["caption"] for _, ex in ex2] == [" aesthetic score: 6.0."] * 2
-    no_score = pipeline.PrepareSpec(**{**spec.__dict__, "captions": None})
+    no_score = pipeline.PrepareSpec(**{**spec.__dict__, "captions": None, "uncaptioned": "empty"})
     with pytest.raises(ValueError, match=r"clip.mp4#0000.*aesthetic"):
         pipeline.ItemWorker(no_score)(0)
     (tmp_path / "bad.jsonl").write_text('{"video": "x.mp4"}\n')
     with pytest.raises(ValueError, match="bad.jsonl row 1"):
         scorers.ManifestCaptions(str(tmp_path / "bad.jsonl"))
+
+
+def test_clips_without_a_caption_are_refused_or_skipped_loudly(tmp_path, capsys):
+    """Issue 25: a clip with no caption became an empty caption silently. The default refuses,
+    before any video is decoded when a whole video has none; --uncaptioned=skip leaves such clips
+    out with reason no_caption and one WARNING line with the count."""
+    from absl import flags
+
+    from mugv.data import shards
+    from mugv_data.__main__ import main
+
+    flags.FLAGS.mark_as_parsed()
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for name, seed in (("captioned.mp4", 5), ("silent.mp4", 7)):
+        _write_mp4(str(videos / name), np.concatenate([textured_scene(seed, 16), textured_scene(seed + 1, 16)]), 8)
+    # Only the first shot of captioned.mp4 has a row.
+    (tmp_path / "caps.csv").write_text("clip_id,caption\ncaptioned.mp4#0000,a first shot\n")
+    common = [f"--videos={videos}", "--vae=patch-mean", "--text-encoder=hashing", "--text-len=8"]
+    common += ["--buckets=16x32x32", f"--captions={tmp_path / 'caps.csv'}", "--min-seconds=1"]
+    out = tmp_path / "out"
+    with pytest.raises(
+        SystemExit, match=r"error: 1 of 2 videos have no caption for any clip \(.*silent.mp4\).*--captions"
+    ):
+        main(["prepare", f"--out={out}", *common])
+    assert not out.exists()  # refused before any work
+
+    main(["prepare", f"--out={out}", *common, "--uncaptioned=skip"])
+    err = capsys.readouterr().err
+    assert f"WARNING: 3 clips without a caption left out (--uncaptioned=skip); see {out}/manifest.jsonl" in err
+    index = shards.read_index(shards.dataset_dir(str(out)))
+    assert index["sample_ids"] == ["captioned.mp4#0000"]
+    # A clip the file does not cover, in a video it does, is refused by name when it is reached.
+    spec = pipeline.PrepareSpec(
+        source="files",
+        buckets=[PixelBucket(16, 32, 32)],
+        paths=[str(videos / "captioned.mp4")],
+        filters=FilterConfig(min_seconds=1.0),
+        captions=str(tmp_path / "caps.csv"),
+        text_encoder="hashing",
+        text_len=8,
+    )
+    pipeline.check_captions(spec)
+    with pytest.raises(ValueError, match=r"clip captioned.mp4#0001 has no caption; give captions"):
+        pipeline.ItemWorker(spec)(0)

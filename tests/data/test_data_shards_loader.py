@@ -229,11 +229,17 @@ def test_loader_skips_and_counts_an_unreadable_record(dataset, tmp_path):
     for r in raw:
         w.write(r)
     w.close()
+    # As if the record had been written that way: the index records the file as it now is.
+    index = shards.read_index(bad_dir)
+    index["files"] = shards.shard_table(bad_dir)
+    from mugv.io.atomic import write_json
+
+    write_json(os.path.join(bad_dir, shards.INDEX_FILE), index)
 
     loader = ShardLoader(bad_dir, BATCH, text_len=TEXT_LEN, seed=11)
     batches = _take(loader, loader.plan.batches_per_epoch)
     assert loader.skipped == 1
-    assert loader.skipped_records[0].startswith("record 2: DecodeError")
+    assert loader.skipped_records[0].startswith(f"record 2 ({os.path.basename(first)}): DecodeError")
     assert loader.get_state()["skipped"] == 1
     bucket = examples[2]["bucket_id"]
     assert all(b["latents"].shape[0] == BATCH[int(b["bucket_id"][0])] for b in batches)
@@ -296,3 +302,115 @@ def test_mixed_loader_resumes_to_the_identical_next_batch(dataset):
         assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match="seed"):
         _mixed(ds_dir, weights, seed=6).set_state(state)
+
+
+# --- issue 25: data.path as prepare's --out, and no silent caption truncation ----------------
+
+
+def test_loader_takes_the_directory_prepare_was_given(dataset, tmp_path):
+    ds_dir, _ = dataset
+    out = os.path.dirname(os.path.dirname(ds_dir))  # <out>/mugv_clips/1.0.0
+    assert ShardLoader(out, BATCH, text_len=TEXT_LEN, seed=3).ds_dir == ds_dir
+    with pytest.raises(FileNotFoundError, match=f"dataset {tmp_path / 'nope'} does not exist.*prepare --out"):
+        ShardLoader(str(tmp_path / "nope"), 2, text_len=TEXT_LEN)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match=rf"{empty} is not a finished .*no index.json in it or in .*1.0.0"):
+        ShardLoader(str(empty), 2, text_len=TEXT_LEN)
+    (empty / "mugv_clips" / "1.0.0").mkdir(parents=True)  # a prepare that did not finish
+    with pytest.raises(FileNotFoundError, match="mugv_clips/1.0.0 has no index.json: its `prepare` did not finish"):
+        ShardLoader(str(empty), 2, text_len=TEXT_LEN)
+    two = tmp_path / "two"
+    for name in ("x", "y"):
+        shutil.copytree(ds_dir, two / name / "1.0.0")
+    with pytest.raises(ValueError, match=r"holds 2 prepared datasets \(.*x/1.0.0, .*y/1.0.0\): name one"):
+        ShardLoader(str(two), 2, text_len=TEXT_LEN)
+
+
+def test_a_shorter_text_len_than_the_captions_is_refused_or_cut_with_a_count(dataset, tmp_path, caplog):
+    import json
+
+    ds_dir, examples = dataset
+    lens = shards.read_index(ds_dir)["text_lens"]
+    assert lens == [int(e["text_len"]) for e in examples]
+    longest, short = max(lens), max(lens) - 1
+    longer = sum(n > short for n in lens)
+    assert longer == len(lens) == 32  # every procedural caption has 6 tokens
+    ShardLoader(ds_dir, BATCH, text_len=longest)  # every caption fits
+    with pytest.raises(ValueError, match=rf"{longer} of 32 captions .* more than text_len={short} tokens \(up to "):
+        ShardLoader(ds_dir, BATCH, text_len=short)
+    with caplog.at_level("WARNING", logger="mugv.data"):
+        cut = ShardLoader(ds_dir, BATCH, text_len=short, truncate_text=True)
+    assert cut.truncated_captions == longer and f"{longer} of 32 captions" in caplog.text
+    assert next(cut)["mask"].sum(1).max() <= short
+    # A dataset indexed before text_lens: refused by the length it was prepared with.
+    old = tmp_path / "old"
+    shutil.copytree(ds_dir, old)
+    index = shards.read_index(str(old))
+    del index["text_lens"]
+    index["dit_overrides"] = {"text_dim": 16, "max_text_tokens": TEXT_LEN}
+    (old / "index.json").write_text(json.dumps(index))
+    with pytest.raises(
+        ValueError, match=rf"captions in .* more than text_len=4 tokens .*prepared with --text-len={TEXT_LEN}"
+    ):
+        ShardLoader(str(old), BATCH, text_len=4)
+
+
+def _broken_copy(ds_dir, tmp_path, how):
+    bad_dir = str(tmp_path / how)
+    shutil.copytree(ds_dir, bad_dir)
+    victim = shards.shard_files(bad_dir)[1]
+    if how == "deleted":
+        os.remove(victim)
+    elif how == "truncated":
+        with open(victim, "r+b") as f:
+            f.truncate(os.path.getsize(victim) // 2)
+    else:  # garbled: same size, changed bytes inside the first records (riegeli then fails them)
+        with open(victim, "r+b") as f:
+            for offset in (200, 3000):
+                f.seek(offset)
+                chunk = f.read(16)
+                f.seek(offset)
+                f.write(bytes(b ^ 0x5A for b in chunk))
+    return bad_dir, os.path.basename(victim)
+
+
+@pytest.mark.parametrize("how", ["deleted", "truncated"])
+def test_a_missing_or_cut_shard_is_refused_naming_it_or_excluded_loudly(dataset, tmp_path, how, caplog):
+    """Before: a deleted shard was replaced silently (no log line, no metric); a half-truncated one
+    made the whole dataset unreadable with an error naming no file."""
+    import logging
+
+    ds_dir, _ = dataset
+    bad_dir, victim = _broken_copy(ds_dir, tmp_path, how)
+    records = shards.read_index(bad_dir)["files"][victim]["records"]
+    with pytest.raises(shards.BadShard, match=f"(?s){victim}.*\\({records} records\\).*on_bad_shard=exclude"):
+        ShardLoader(bad_dir, BATCH, text_len=TEXT_LEN, seed=11)
+    with caplog.at_level(logging.WARNING, logger="mugv.data"):
+        loader = ShardLoader(bad_dir, BATCH, text_len=TEXT_LEN, seed=11, on_bad_shard="exclude")
+    assert "DATA EXCLUDED" in caplog.text and victim in caplog.text and f"{records} records lost" in caplog.text
+    first = sum(f["records"] for n, f in shards.read_index(bad_dir)["files"].items() if n < victim)
+    lost = set(range(first, first + records))
+    for b in range(loader.plan.batches_per_epoch):
+        _, ids, _ = loader.plan.batch(b)
+        assert not lost & set(ids.tolist())
+    _take(loader, loader.plan.batches_per_epoch)
+    assert loader.skipped == 0
+
+
+def test_changed_bytes_are_refused_when_verified_and_skipped_loudly_otherwise(dataset, tmp_path, caplog):
+    import logging
+
+    from mugv.data.loader import TooManySkipped
+
+    ds_dir, _ = dataset
+    bad_dir, victim = _broken_copy(ds_dir, tmp_path, "garbled")
+    with pytest.raises(shards.BadShard, match=f"{victim}: crc32"):
+        ShardLoader(bad_dir, BATCH, text_len=TEXT_LEN, seed=11, verify=True)
+    loader = ShardLoader(bad_dir, BATCH, text_len=TEXT_LEN, seed=11)  # sizes match: opens
+    with caplog.at_level(logging.WARNING, logger="mugv.data"):
+        _take(loader, 2 * loader.plan.batches_per_epoch)
+    assert loader.skipped >= 1 and "skipped unreadable record" in caplog.text and victim in caplog.text
+    strict = ShardLoader(bad_dir, BATCH, text_len=TEXT_LEN, seed=11, max_skipped=0)
+    with pytest.raises(TooManySkipped, match="max_skipped_records=0"):
+        _take(strict, 2 * strict.plan.batches_per_epoch)

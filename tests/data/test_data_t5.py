@@ -9,12 +9,13 @@ import torch
 
 from mugv.config import PRESETS
 from mugv_data import text
+from tests.stand_ins import tiny_t5_config
 
 
 @pytest.fixture(scope="module")
 def t5_dir(tmp_path_factory):
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+    from transformers import T5EncoderModel, T5TokenizerFast
 
     path = str(tmp_path_factory.mktemp("t5"))
     tok = Tokenizer(models.Unigram())
@@ -37,21 +38,8 @@ def t5_dir(tmp_path_factory):
     T5TokenizerFast(
         tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=0
     ).save_pretrained(path)
-    # T5 v1.1 structure (gated-GELU, relative position buckets) at toy size.
-    cfg = T5Config(
-        vocab_size=64,
-        d_model=32,
-        d_kv=8,
-        d_ff=48,
-        num_layers=2,
-        num_heads=4,
-        feed_forward_proj="gated-gelu",
-        relative_attention_num_buckets=8,
-        relative_attention_max_distance=16,
-        layer_norm_epsilon=1e-6,
-    )
     torch.manual_seed(0)
-    T5EncoderModel(cfg).save_pretrained(path)
+    T5EncoderModel(tiny_t5_config(d_model=32)).save_pretrained(path)
     return path
 
 
@@ -94,3 +82,60 @@ def test_t5_null_and_negative_features(t5_dir):
 def test_t5_missing_directory_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "nope")):
         text.T5TextEncoder(str(tmp_path / "nope"))
+
+
+# --- a real T5 directory and the prompt command (issue 25 items 2 and 3) ---------------------
+
+
+@pytest.fixture(scope="module")
+def hub_t5(tmp_path_factory):
+    from tests.stand_ins import hub_t5_dir
+
+    return hub_t5_dir(str(tmp_path_factory.mktemp("t5_hub") / "t5-v1_1-xxl"))
+
+
+def test_hub_layout_t5_directory_loads(hub_t5):
+    """The hub's t5-v1_1-xxl has `spiece.model` and no `tokenizer.json`: its tokenizer needs
+    sentencepiece, which pyproject.toml must therefore install (without it transformers stops with
+    'tiktoken is required…')."""
+    import os
+    import tomllib
+
+    assert "spiece.model" in os.listdir(hub_t5) and "tokenizer.json" not in os.listdir(hub_t5)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with open(os.path.join(root, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)["project"]
+    # In the data tools' extra (prepare's encoders); newer releases clash with the pinned protobuf.
+    assert "sentencepiece>=0.2.0,<0.2.1" in project["optional-dependencies"]["data"]
+    enc = text.get_encoder(f"t5:{hub_t5}", max_length=12)
+    feats, mask = enc.encode(["a red square moving left", ""])
+    ids = enc.tokenizer("a red square moving left")["input_ids"]
+    assert ids[-1] == 1 and 2 not in ids  # EOS appended, every word known to the trained pieces
+    assert feats.shape == (2, 12, 32) and mask.sum(1).tolist() == [min(len(ids), 12), 1]
+    assert not np.any(feats[mask == 0]) and np.all(np.isfinite(feats))
+
+
+def test_prompt_command_writes_the_samplers_text_file(hub_t5, tmp_path, capsys):
+    """`python -m mugv_data text` encodes a prompt (and the negative prompt) with prepare's encoder
+    into the file `python -m mugv_jax.sample --text` reads."""
+    from mugv.io import text_features
+    from mugv_data.__main__ import main
+
+    out = str(tmp_path / "prompt" / "features.safetensors")
+    args = ["text", f"--text-encoder=t5:{hub_t5}", "--text-len=16", "--prompt=a blue circle moving up"]
+    main([*args, "--aes-suffix=6.0", "--negative", f"--out={out}"])
+    assert f"wrote {out}: y [1, 1, 16, 32]" in capsys.readouterr().out
+    got = text_features.read(out)
+    enc = text.T5TextEncoder(hub_t5, max_length=16)
+    want_y, want_mask = enc.encode(["a blue circle moving up aesthetic score: 6.0."])
+    neg_y, neg_mask = text.negative_features(enc)
+    assert got["y"].shape == (1, 1, 16, 32) and got["mask"].dtype == np.int32
+    np.testing.assert_array_equal(got["y"][0, 0], want_y[0])
+    np.testing.assert_array_equal(got["mask"][0], want_mask[0])
+    np.testing.assert_array_equal(got["neg_y"][0, 0], neg_y)
+    np.testing.assert_array_equal(got["neg_mask"][0], neg_mask)
+    # Without --negative: only the prompt (the sampler then guides against the null caption).
+    main([*args, f"--out={tmp_path / 'plain.safetensors'}"])
+    assert sorted(text_features.read(str(tmp_path / "plain.safetensors"))) == ["mask", "y"]
+    with pytest.raises(SystemExit, match="a prompt has no measured score"):
+        main([*args, "--aes-suffix=score", f"--out={tmp_path / 'x.safetensors'}"])

@@ -11,6 +11,7 @@ from mugv.data import procedural, shards
 from mugv.data.loader import ShardLoader
 from mugv_data.__main__ import main
 from mugv_data.text import HashingTextEncoder, MiniLMEncoder, null_features
+from tests.helpers import snapshot
 
 
 def test_procedural_is_deterministic_and_matches_its_caption():
@@ -116,6 +117,17 @@ def test_prepare_cli_procedural(tmp_path):
     assert b["latents"].shape == (5, 24, 3, 4, 4) and b["y"].shape == (5, 1, 10, 64)
     main(args)  # a second run reuses the finished dataset
     assert json.load(open(os.path.join(ds, "index.json"))) == index
+    # Another text length into the same --out: refused, naming the difference, nothing changed
+    # (it used to keep the old shards and rewrite the null/negative caption files).
+    before = snapshot(out)
+    other = [a if not a.startswith("--text-len") else "--text-len=12" for a in args]
+    with pytest.raises(SystemExit, match="text_len: 10 there, 12 now.*--force"):
+        main(other)
+    assert snapshot(out) == before
+    main(other + ["--force"])  # rebuilt whole
+    rebuilt = shards.read_index(ds)
+    assert rebuilt["recipe"]["text_len"] == 12 and np.load(os.path.join(out, "null_text.npz"))["y"].shape == (12, 64)
+    assert sorted(os.listdir(out)) == ["mugv_clips", "negative_text.npz", "null_text.npz"]  # the old one gone
 
 
 def test_loader_side_imports_no_jax():

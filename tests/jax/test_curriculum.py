@@ -10,7 +10,7 @@ import pytest
 
 from configs import mugv_10b, tiny_curriculum
 from mugv.run import data as run_data
-from mugv.training import model_config_from
+from mugv.run.config import model_config_from
 from mugv_jax.train import backend as train_lib
 
 STAGE1_STEPS = 8

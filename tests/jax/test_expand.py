@@ -97,7 +97,7 @@ def test_zero_sum_noise_statistics():
 
 
 def test_cli_writes_a_checkpoint_the_trainer_can_init_from(small, tmp_path):
-    from mugv.io.orbax import load_params as jax_params
+    from mugv.io.weights import load_params as jax_params
 
     cfg, params = small
     src = tmp_path / "small"

@@ -9,8 +9,8 @@ import pytest
 
 from configs import tiny_preference
 from mugv.data import preference as D
-from mugv_jax.recipe import preference as P
 from mugv_jax.train import backend as train_lib
+from mugv_jax.train import preference as P
 
 
 def _sig(x):

@@ -119,8 +119,8 @@ def _release_with_sidecar(tmp_path, seed=3):
     write it; returns (weights path, null caption [max_text_tokens, D])."""
     import shutil
 
-    from mugv import null_text as null_lib
     from mugv.config import get_config
+    from mugv.io import null_text as null_lib
 
     cfg = get_config("tiny")
     weights = str(tmp_path / "dit_ema.safetensors")
@@ -140,11 +140,11 @@ def _cond_text(tmp_path):
 
 
 def test_unconditional_input_defaults_to_the_checkpoints_null_caption(tmp_path):
-    from mugv import null_text as null_lib
+    from mugv.io import null_text as null_lib
     from mugv_jax.sample import cli as sample
 
     weights, null = _release_with_sidecar(tmp_path)
-    assert null_lib.sidecar_path(weights) == str(tmp_path / "dit_ema.null_text.safetensors")
+    assert null_lib.sidecar_path(weights) == str(tmp_path / "dit_ema.safetensors.null_text.safetensors")
     text_path, y, mask = _cond_text(tmp_path)
     length = y.shape[2]
     kw = dict(text_path=text_path, checkpoint=weights, zeros=False, text_dim=null.shape[1])
@@ -175,7 +175,7 @@ def test_unconditional_input_errors_name_what_was_looked_for(tmp_path):
     kw = dict(text_path=text_path, checkpoint=weights, text_dim=64)
     with pytest.raises(app.UsageError) as e:
         sample.unconditional_input({"y": y, "mask": mask}, null_text=None, zeros=False, **kw)
-    assert str(tmp_path / "bare.null_text.safetensors") in str(e.value)
+    assert str(tmp_path / "bare.safetensors.null_text.safetensors") in str(e.value)
     assert "--null_text" in str(e.value) and "--zero_null_text" in str(e.value) and text_path in str(e.value)
     with pytest.raises(app.UsageError, match="null caption file not found: .*missing.safetensors"):
         sample.unconditional_input(
@@ -202,7 +202,9 @@ def test_unconditional_input_errors_name_what_was_looked_for(tmp_path):
 def test_sample_cli_guides_against_the_trained_null_caption(tmp_path, model):
     """Black box: the CLI without a negative prompt samples exactly what the sampler gives with
     the sidecar's null caption as the unconditional input, and not what it gives with zeros (the
-    CLI's input before the sidecar existed). It writes atomically."""
+    CLI's input before the sidecar existed). It writes atomically. Without --model it takes the
+    checkpoint's config (issue 25: the default was 10b), and the VAE decoder's reader takes its
+    metadata (issue 25: it refused the sample command's plain strings)."""
     import jax
 
     weights, null = _release_with_sidecar(tmp_path)
@@ -213,7 +215,6 @@ def test_sample_cli_guides_against_the_trained_null_caption(tmp_path, model):
         "-m",
         "mugv_jax.sample",
         f"--checkpoint={weights}",
-        "--model=tiny",
         f"--text={text_path}",
         "--num_frames=17",
         "--height=48",
@@ -225,9 +226,11 @@ def test_sample_cli_guides_against_the_trained_null_caption(tmp_path, model):
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
     assert (
-        f"unconditional input: the trained null caption from {tmp_path / 'dit_ema.null_text.safetensors'}" in res.stderr
+        f"unconditional input: the trained null caption from {tmp_path / 'dit_ema.safetensors.null_text.safetensors'}"
+        in res.stderr
     )
     assert "sampling" in res.stderr  # the progress bar
+    assert "(config detected from the shapes: tiny)" in res.stderr  # the golden file stores none
     assert [p.name for p in out.parent.iterdir()] == ["lat.safetensors"]  # no temp file left
     got = load_file(str(out))["latents"]
     assert got.shape == (1, 24, 3, 6, 8) and np.all(np.isfinite(got))
@@ -238,6 +241,16 @@ def test_sample_cli_guides_against_the_trained_null_caption(tmp_path, model):
     # Same computation in two processes (XLA CPU): equal to float32 round-off.
     assert max_abs(got, want) <= 1e-5
     assert max_abs(want, zeros) > 1e-2  # the unconditional input matters at this scale
+
+    # The decoder's reader (mugv/io/latents.py) takes the sample's metadata typed: 17 frames at
+    # 48×64 and the conditioning fps (the journey test decodes such a file to mp4).
+    from mugv.io import latents
+    from mugv_jax.vae import __main__ as vae_cli
+
+    assert vae_cli.latents_file is latents
+    _, meta = latents.read(str(out))
+    assert (meta["num_frames"], meta["height"], meta["width"], meta["fps"]) == (17, 48, 64, 30.0)
+    assert meta["model"] == "tiny" and meta["steps"] == 2
 
 
 def test_sample_cli_without_null_caption_stops_before_loading(tmp_path):
@@ -256,5 +269,5 @@ def test_sample_cli_without_null_caption_stops_before_loading(tmp_path):
         text=True,
     )
     assert res.returncode != 0
-    assert "weights.null_text.safetensors does not exist" in res.stderr and "--zero_null_text" in res.stderr
+    assert "weights.safetensors.null_text.safetensors does not exist" in res.stderr and "--zero_null_text" in res.stderr
     assert "loading" not in res.stderr and not (tmp_path / "o.safetensors").exists()

@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 
 from mugv.run import data as run_data
+from mugv.run.config import ConfigError, as_run_config, model_config_from
 from mugv.run.driver import NonFiniteLossError
-from mugv.training import model_config_from
 from mugv_jax.train import backend as train_lib
 from mugv_jax.train import checkpointing
-from tests.trainer_helpers import host_batch, make_source, make_trainer, to_numpy
+from tests.helpers import snapshot
+from tests.trainer_helpers import guard_train_steps, host_batch, make_source, make_trainer, to_numpy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import tiny as tiny_config
@@ -25,6 +26,12 @@ from configs import tiny as tiny_config
 # Learning: mean loss of the last 20 steps must fall below this fraction of the best caption-blind
 # constant prediction's loss (measured: 0.31 after 150 steps with the tiny config's fixed shift).
 LEARNED_LOSS_RATIO = 0.5
+
+
+@pytest.fixture(autouse=True)
+def _no_implicit_transfers_in_steps(monkeypatch):
+    # Every step of the in-process runs, the driver's included (subprocess runs are not reached).
+    guard_train_steps(monkeypatch)
 
 
 def _config(**overrides):
@@ -144,7 +151,10 @@ def _run_cli(workdir, *extra, wait=True, env=None, stderr=subprocess.PIPE):
         "--config.data.buckets=((2,4,6,8),)",
         *extra,
     ]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
+    # Its own process group: signals go to the group, as Slurm, timeout and Kubernetes send them.
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env, start_new_session=True
+    )
     if wait:
         out, err = proc.communicate(timeout=600)
         return proc.returncode, out, err
@@ -210,7 +220,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run_bitwise(tmp_path):
 def test_sigterm_saves_at_the_step_boundary_and_exits_zero(tmp_path):
     proc = _run_cli(tmp_path, "--config.num_steps=100000", "--config.checkpoint_every=100000", wait=False)
     _wait_for_step(tmp_path, 2, proc)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)  # the whole group, as a scheduler sends it
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
     assert "(sigterm)" in out
@@ -218,11 +228,23 @@ def test_sigterm_saves_at_the_step_boundary_and_exits_zero(tmp_path):
     assert len(steps) == 1 and steps[0] >= 2
     saved = json.load(open(tmp_path / "config.json"))
     assert saved["data"]["buckets"] == [[2, 4, 6, 8]]  # the --config override was applied
+    # A SIGTERM during start-up (it used to end the process with 143): exit 0, nothing changed.
+    before = snapshot(tmp_path)
+    proc = _run_cli(tmp_path, "--config.num_steps=100000", "--config.checkpoint_every=100000", wait=False)
+    time.sleep(1.0)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "before the first step" in err and "(sigterm)" in out
+    assert snapshot(tmp_path) == before
 
 
-@pytest.mark.parametrize("kind", ["release", "jax"])
+# "release_ema": a stage that hands over EMA weights (init_weights="ema") started from a release
+# file: the file's one set of weights is used.
+@pytest.mark.parametrize("kind", ["release", "jax", "release_ema"])
 def test_init_from_release_file_or_converted_jax_checkpoint(tmp_path, kind):
     from converters.convert import convert
+    from mugv.layouts.jax import flatten
     from mugv_jax import dit
     from mugv_jax.dit.checkpoint import model_from_params
     from tests.helpers import DIT_WEIGHTS, dit_weights
@@ -231,15 +253,9 @@ def test_init_from_release_file_or_converted_jax_checkpoint(tmp_path, kind):
     if kind == "jax":
         convert(f"release:{DIT_WEIGHTS}", f"jax:{tmp_path / 'converted'}", model="tiny")
         spec = f"jax:{tmp_path / 'converted'}"
-    c = _config(num_steps=0, init_from=spec)
+    c = _config(num_steps=0, init_from=spec, init_weights="ema" if kind == "release_ema" else "raw")
     summary = train_lib.train(c, str(tmp_path / "run"))
-    flat = {}
-
-    def walk(node, prefix=""):
-        for k, v in node.items():
-            walk(v, f"{prefix}{k}.") if isinstance(v, dict) else flat.__setitem__(prefix + k, np.asarray(v))
-
-    walk(jax.device_get(summary["state"]["params"]))
+    flat = {k: np.asarray(v) for k, v in flatten(jax.device_get(summary["state"]["params"])).items()}
     exported = dit.export_release_state_dict(model_from_params(model_config_from(c), flat))
     for name, ref in dit_weights().items():
         np.testing.assert_array_equal(exported[name], ref)
@@ -271,9 +287,12 @@ def test_trains_from_prepared_array_record_shards(tmp_path):
         text_dim=64,
     )
     c = _config(num_steps=3, checkpoint_every=3)
-    c.data.source, c.data.path, c.data.batch_size, c.data.text_len = "shards", ds, 4, 8
+    # 8 rows: the global batch splits evenly over the 8 devices (a batch of 4 is refused).
+    c.data.source, c.data.path, c.data.batch_size, c.data.text_len = "shards", ds, 8, 8
     summary = train_lib.train(c, str(tmp_path / "run"))
     assert summary["step"] == 3 and np.isfinite(summary["loss"])
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "tensorboard" / "metrics.jsonl")]
+    assert rows[-1]["data/skipped_records"] == 0  # unreadable records are counted in the metrics
     cfg = checkpointing.read_config(str(tmp_path / "run" / "checkpoints"))
     assert cfg["data"]["source"] == "shards"
     t = make_trainer((8, 1, 1, 1))
@@ -284,3 +303,104 @@ def test_trains_from_prepared_array_record_shards(tmp_path):
     c.model_overrides.text_dim = 32
     with pytest.raises(ValueError, match="text width 64"):
         train_lib.train(c, str(tmp_path / "run2"))
+
+
+def test_a_batch_the_mesh_cannot_split_is_refused_before_anything_compiles(tmp_path):
+    # 4 samples over data = 8 devices: the trainer used to replicate the batch silently.
+    c = _config(num_steps=1)
+    c.data.buckets = ((2, 4, 6, 4),)
+    with pytest.raises(ConfigError) as e:
+        train_lib.train(c, str(tmp_path))
+    assert str(e.value).startswith(
+        "--config.data.buckets[0]=(2, 4, 6, 4): global batch 4 is not a multiple of optim.grad_accum_steps × "
+        "data-parallel ranks (1 × 8): its micro-batch 4 (global batch 4 / optim.grad_accum_steps=1) is not "
+        "divisible by data × fsdp = 8"
+    )
+    assert "make the global batch a multiple of 8" in str(e.value)
+    assert not os.path.exists(tmp_path / "checkpoints") and not os.path.exists(tmp_path / "config.json")
+
+
+def _flip(path, offset=None):
+    size = os.path.getsize(path)
+    offset = size // 2 if offset is None else offset
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x01]))
+
+
+def test_a_changed_byte_is_named_set_aside_and_the_step_saved_again(tmp_path, caplog):
+    """Before checksums a changed byte in a step loaded silently, and a truncated newest step was
+    never replaced: orbax skipped saving any step <= the broken one and the return value was
+    ignored. Now the step is named, moved aside, the previous restored, and the step saved again."""
+    from mugv.io import orbax as layout
+
+    t = make_trainer()
+    state = t.init_state(0)
+    ck = checkpointing.Checkpointer(str(tmp_path), use_async=False)
+    ck.save(1, state, {"position": 1}, {})
+    ck.save(2, state, {"position": 2}, {})
+    ck.close()
+    table = layout.read_digests(str(tmp_path / "2"))
+    biggest = max(table["files"], key=lambda rel: table["files"][rel]["size"])
+    _flip(tmp_path / "2" / biggest)
+    ck = checkpointing.Checkpointer(str(tmp_path), use_async=False)
+    with caplog.at_level(logging.WARNING):
+        step, _, data, _ = ck.restore_latest(t.abstract_state())
+    assert step == 1 and data == {"position": 1}
+    assert "CHECKPOINT UNREADABLE" in caplog.text and biggest in caplog.text
+    aside = [n for n in os.listdir(tmp_path) if n.startswith("2.unreadable-")]
+    assert len(aside) == 1 and ck.steps() == [1]
+    ck.save(2, state, {"position": 22}, {})  # the re-run's save takes the name back
+    ck.close()
+    step, _, data, _ = checkpointing.Checkpointer(str(tmp_path)).restore_latest(t.abstract_state())
+    assert step == 2 and data == {"position": 22}
+    assert aside[0] in os.listdir(tmp_path)  # never deleted
+
+
+def test_a_refused_save_is_an_error(tmp_path):
+    t = make_trainer()
+    state = t.init_state(0)
+    ck = checkpointing.Checkpointer(str(tmp_path), use_async=False)
+    ck.save(5, state, {}, {})
+    with pytest.raises(checkpointing.SaveRefused, match="declined to save step 3"):
+        ck.save(3, state, {}, {})
+    ck.close()
+
+
+def test_rotation_keeps_steps_it_cannot_vouch_for(tmp_path):
+    from mugv.io import orbax as layout
+
+    t = make_trainer()
+    state = t.init_state(0)
+    ck = checkpointing.Checkpointer(str(tmp_path), keep=2, use_async=True)
+    ck.save(1, state, {}, {})
+    ck.save(2, state, {}, {})
+    ck.wait()
+    os.remove(tmp_path / "1" / layout.DIGESTS_FILE)  # e.g. written before checksums
+    for s in (3, 4):
+        ck.save(s, state, {}, {})
+    ck.close()
+    assert ck.steps() == [1, 3, 4]  # 2 rotated out once 4 was recorded; 1 is not provably ours
+
+
+def test_a_workdir_of_another_model_is_refused_naming_both(tmp_path):
+    """Before, a re-run with another model took the old checkpoints for unreadable, trained from
+    random weights and rotated the old run's steps away."""
+    from mugv.config import get_config
+    from mugv.io.mismatch import IncompatibleCheckpoint
+    from mugv.run import tasks
+
+    ck = checkpointing.Checkpointer(str(tmp_path / "checkpoints"), use_async=False)
+    ck.save(4, {"step": np.zeros((), np.int32)}, {}, {"model": get_config("tiny").to_dict()})
+    ck.close()
+    before = sorted(os.listdir(tmp_path / "checkpoints"))
+    c = _config()
+    c.model_overrides.depth = 1
+    run = as_run_config(c)
+    backend = train_lib.JaxBackend(run, str(tmp_path), tasks.for_config(run), {})
+    with pytest.raises(IncompatibleCheckpoint, match="depth: checkpoint 2, run 1") as e:
+        backend.restore()  # what the run loop does first
+    assert "another --workdir" in str(e.value)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == before

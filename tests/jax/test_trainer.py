@@ -6,10 +6,15 @@ import pytest
 
 from mugv.training import OptimConfig
 from mugv_jax.train import step as tr
-from tests.trainer_helpers import host_batch, make_source, make_trainer, to_numpy
+from tests.trainer_helpers import guard_train_steps, host_batch, make_source, make_trainer, to_numpy
 
 # float32: a parallel layout only reorders reductions.
 PARALLEL_RTOL = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def _no_implicit_transfers_in_steps(monkeypatch):
+    guard_train_steps(monkeypatch)
 
 
 def _loss_and_grads(trainer, state, batch):
@@ -102,3 +107,32 @@ def test_non_finite_batch_skips_the_update_and_counts():
     state, m = t.train_step(state, t.put_batch(good))
     assert bool(m["finite"]) and int(state["nonfinite"]) == 0 and int(state["skipped"]) == 2
     assert int(state["step"]) == 3
+
+
+def test_sharding_rules_are_a_config_field_defaulting_to_the_table():
+    from mugv.run.config import as_run_config
+    from mugv_jax.parallel import sharding
+    from mugv_jax.train.backend import build_trainer
+
+    mesh = {"ici": {"data": 4, "fsdp": 2, "tensor": 1, "context": 1}}
+    fc1 = lambda run: build_trainer(run).abstract_state()["params"]["blocks"]["mlp"]["fc1"]["kernel"].sharding.spec
+
+    assert sharding.rules_with(()) == sharding.DEFAULT_RULES
+    assert fc1(as_run_config({"mesh": mesh}))[1] == "fsdp"  # the table: embed → fsdp
+    run = as_run_config({"mesh": mesh, "sharding_rules": [["embed", None], ["mlp", ["fsdp"]]]})
+    spec = fc1(run)
+    assert spec[1] is None and spec[2] == "fsdp"  # [layers, embed, mlp]
+    with pytest.raises(ValueError, match=r"--config.sharding_rules entry \('embd', None\): no logical axis 'embd'"):
+        build_trainer(as_run_config({"sharding_rules": [["embd", None]]}))
+    with pytest.raises(ValueError, match=r"\['model'\] are not mesh axes"):
+        build_trainer(as_run_config({"sharding_rules": [["mlp", "model"]]}))
+
+
+def test_an_implicit_transfer_inside_a_guarded_step_fails():
+    # The batch as host numpy arrays instead of put_batch's device arrays: the jitted step would
+    # copy it to the devices on the quiet, and the guard refuses.
+    t = make_trainer()
+    state = t.init_state(0)
+    batch = host_batch(make_source())
+    with pytest.raises(jax.errors.JaxRuntimeError, match="Disallowed host-to-device transfer"):
+        t.train_step(state, batch)

@@ -85,7 +85,7 @@ def test_every_stage_ran_and_left_its_outputs():
 
 def test_exported_dit_weights_carry_the_trained_null_caption():
     # python -m mugv_jax.sample --checkpoint=<dit_ema.safetensors> finds it without flags.
-    from mugv import null_text
+    from mugv.io import null_text
 
     workdir, _, summary = quick_run()
     side = null_text.load(null_text.sidecar_path(os.path.join(workdir, summary["dit"]["weights"])))
@@ -139,8 +139,8 @@ def test_second_run_reuses_every_stage_and_redo_repeats_only_what_was_asked():
 
 def _decoded_frame_sources(num_frames, micro, asked=None):
     """Which input frame each frame of decode(encode(clip), asked) stands for, from the encode and
-    decode plans alone (mugv_jax/vae/plan.py)."""
-    from mugv_jax.vae.plan import ZERO, decode_windows, encode_calls
+    decode plans alone (mugv_jax/vae/windows.py)."""
+    from mugv_jax.vae.windows import ZERO, decode_windows, encode_calls
 
     groups = [g for call in encode_calls(num_frames, micro) for g in call]
     out = []

@@ -26,3 +26,36 @@ def full_state(trainer, null_text: bool = True) -> dict:
     if null_text:
         out["null_text"] = trainer.null_text.clone()
     return out
+
+
+def layer_saved_bytes(model, index: int, forward) -> int:
+    """Bytes of the distinct storages autograd saves inside decoder layer `index` while
+    `forward()` runs with grad: parameters excluded, and so is what an earlier layer saved too
+    (the RoPE tables, the text: shared by every layer). `forward` must return the output, which is
+    kept alive until the count is taken (saved tensors live as long as the graph)."""
+    import torch
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    earlier, mine, where = set(), {}, {"layer": None}
+
+    def pack(t):
+        st = t.untyped_storage()
+        key = st.data_ptr()
+        if where["layer"] is not None and st.nbytes() and key not in params:
+            if where["layer"] < index:
+                earlier.add(key)
+            elif where["layer"] == index and key not in earlier:
+                mine[key] = st.nbytes()
+        return t
+
+    handles = []
+    for i, layer in enumerate(model.decoder.layers):
+        handles.append(layer.register_forward_pre_hook(lambda m, a, i=i: where.update(layer=i)))
+        handles.append(layer.register_forward_hook(lambda m, a, o: where.update(layer=None)))
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = forward()  # noqa: F841 -- holds the graph (and the saved tensors) until counted
+        return sum(mine.values())
+    finally:
+        for h in handles:
+            h.remove()

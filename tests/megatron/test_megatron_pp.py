@@ -158,3 +158,16 @@ def test_grads_of_every_parameter_are_compared(pp_run):
     for name, grad in reference["grads"].items():
         assert grad.abs().max() > 0, name
     assert len(reference["grads"]) == len(list(dit.build_model(SMALL, perform_initialization=False).parameters()))
+
+
+@pytest.mark.parametrize("name", PP_LAYOUTS)
+def test_parameters_of_each_stage_are_the_estimate(pp_run, name):
+    """mugv_megatron.memory counts a stage's parameters as megatron builds them: its layers' TP
+    shards, every embedder, the final layer on the last stage only."""
+    from mugv_megatron import memory
+
+    ranks, _, _ = pp_run
+    sizes = PP_LAYOUTS[name]
+    for res in ranks:
+        stage = res[f"{name}.pp_rank"].item()
+        assert res[f"{name}.numel"].item() == memory.stage_parameters(SMALL, sizes["tp"], sizes["pp"], stage)

@@ -15,10 +15,13 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
+from mugv.config import get_config
 from mugv.io.torch_cpu import free_port
 from mugv.layouts import megatron as layout
+from mugv_megatron import memory
 from mugv_megatron.model import build as dit
 from mugv_megatron.parallel import state as parallel
+from tests.megatron.helpers import layer_saved_bytes
 
 GOLDEN = Path(__file__).parent.parent / "golden" / "dit_tiny"
 WEIGHTS = GOLDEN / "weights.safetensors"
@@ -97,6 +100,11 @@ def _worker(rank, port, out_dir):
             for name, value in acts.items():
                 results[f"{variant}.{case}.act.{name}"] = value
             results[f"{variant}.{case}.local_tokens"] = torch.tensor(local_tokens[-1])
+        # Megatron's own memory on this rank, for the estimate (mugv_megatron/memory.py).
+        results[f"{variant}.numel"] = torch.tensor(sum(p.numel() for p in model.parameters()))
+        args, kwargs = case_inputs(vectors, "odd")
+        saved = layer_saved_bytes(model, 1, lambda: model(*args, **kwargs))  # noqa: B023 -- called at once
+        results[f"{variant}.odd.saved_layer_bytes"] = torch.tensor(saved)
         backward_fixed_loss(model, *case_inputs(vectors, "i2v"))
         finalize_tp_grads(model)
         for name, p in model.named_parameters():
@@ -189,3 +197,22 @@ def test_gradients_match_single_process(ranks, single_process, variant):
         got = layout.tp_merge(name, shards, lambda arrays, dim: torch.cat(arrays, dim))
         scale = max(want.abs().max().item(), 1.0)
         assert max_abs_err(got, want) <= GRAD_REL_ERR * scale, name
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_memory_estimate_of_each_rank(ranks, odd_case, variant):
+    """mugv_megatron.memory against megatron's own TP=2 model: the parameters on each rank, and
+    the bytes autograd saves in a layer for the odd case (17 tokens; padded to 18 under SP),
+    float32. Bound 1% (what the estimate leaves out: LayerNorm statistics)."""
+    cfg = get_config("tiny")
+    per_layer, embedders, final = memory.rank_parameters(cfg, TP)
+    b, _, t, h, w = odd_case["odd.in.x"].shape
+    sample = memory.Sample(
+        tokens=t * (h // 2) * (w // 2) + 2, text=odd_case["odd.in.y"].shape[2], latent_voxels=t * h * w
+    )
+    lay = memory.Layout(tp=TP, sp=variant == "tp_sp", micro_batch=b, attention="megatron")  # dit.load's
+    want = memory.kept_activations(memory.layer_activations(cfg, sample, lay, memory.Dtypes(4, 4, 4)), "none")
+    for rank in range(TP):
+        assert ranks[rank][f"{variant}.numel"].item() == per_layer * cfg.depth + embedders + final
+        got = ranks[rank][f"{variant}.odd.saved_layer_bytes"].item()
+        assert abs(want / got - 1) <= 0.01, (rank, want, got)

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from mugv.config import get_config
+from mugv.io.megatron import TRACKER
 from mugv.layouts import megatron as layout
 from mugv.run.driver import NonFiniteLossError
 from mugv.training import ObjectiveConfig, OptimConfig, shift_ratio
@@ -136,7 +137,7 @@ def test_checkpoint_layout_and_converter_reader(resumed):
     from mugv.io.torch_dist import TorchDistReader
 
     ckdir = resumed["ckdir"]
-    assert open(os.path.join(ckdir, checkpointing.TRACKER)).read() == "2"
+    assert open(os.path.join(ckdir, TRACKER)).read() == "2"
     assert not [n for n in os.listdir(ckdir) if n.endswith(".tmp")]
     reader = TorchDistReader(ckdir)
     assert reader.stored_config == CFG
@@ -225,6 +226,25 @@ def test_parallel_sizes_are_checked_before_set_up(tmp_path):
         train.train(config, str(tmp_path / "run"), {"pp": 3})
 
 
+def test_a_batch_split_that_does_not_divide_is_refused_before_set_up(tmp_path):
+    """The split mugv_megatron.plan plans (micro-batch × DP × accumulation), checked on every
+    global batch of the typed config before any process group, model or workdir exists."""
+    from configs.tiny import get_config as tiny_config
+    from mugv.run.config import ConfigError
+    from mugv_megatron.train import backend as train
+
+    config = tiny_config()
+    config.optim.grad_accum_steps = 3
+    config.data.buckets = ((2, 4, 4, 4),)
+    with pytest.raises(
+        ConfigError,
+        match=r"^--config.data.buckets\[0\]=\(2, 4, 4, 4\): 4 samples per data-parallel rank \(global batch 4 / "
+        r"DP 1\) do not split into config.optim.grad_accum_steps=3 micro-batches",
+    ):
+        train.train(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # the command line: metrics, SIGTERM → save and exit 0, resume
 
@@ -243,14 +263,17 @@ def test_cli_sigterm_saves_and_resumes(tmp_path):
         "--config.data.buckets=((2,4,4,4),)",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    # Its own process group, signalled whole, as Slurm, timeout and Kubernetes do.
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
     metrics = workdir / "tensorboard" / "metrics.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
             break
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out.decode()[-3000:]
     assert b"(sigterm)" in out
@@ -270,6 +293,18 @@ def test_cli_sigterm_saves_and_resumes(tmp_path):
     steps = checkpointing.steps(str(workdir / "checkpoints"))
     assert len(steps) == 1 and steps[0] >= rows[-1]["step"]
     k = steps[0]
+    # A SIGTERM during start-up (it used to end the process with 143): exit 0, nothing changed.
+    from tests.helpers import snapshot
+
+    before = snapshot(workdir)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    time.sleep(1.0)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out.decode()[-3000:]
+    assert b"before the first step" in out and snapshot(workdir) == before
     # Resume in this process to k + 2 with the same config.
     from configs.tiny import get_config as tiny_config
     from mugv_megatron.train import backend as train
@@ -302,3 +337,55 @@ def test_unreadable_newest_checkpoint_falls_back_to_previous(resumed, tmp_path, 
     got = full_state(tr)
     for k, v in resumed["at_save"].items():
         assert torch.equal(got[k], v), k
+
+
+def _flip(path, offset):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x10]))
+
+
+def test_a_changed_byte_in_the_newest_checkpoint_is_named_and_it_falls_back(resumed, tmp_path, caplog):
+    """Before checksums one changed byte in a tensor loaded silently (the resume trained from the
+    garbage). Now the digest table names the file and tensor, the checkpoint is moved aside and the
+    previous one is restored whole."""
+    import shutil
+
+    from mugv.io import digest, torch_dist
+
+    ckdir = tmp_path / "checkpoints"
+    shutil.copytree(resumed["ckdir"], ckdir)
+    shutil.copytree(ckdir / "iter_0000002", ckdir / "iter_0000009")
+    table = torch_dist.read_digests(str(ckdir / "iter_0000009"))
+    rel, entry = next((r, e) for r, e in table["files"].items() if "parts" in e)
+    start, end, _, tensor = next(p for p in entry["parts"] if p[3].startswith("decoder.layers.mlp.linear_fc1.weight"))
+    assert tensor == "decoder.layers.mlp.linear_fc1.weight [chunk at [1, 0, 0]]" or "[chunk at [0, 0, 0]]" in tensor
+    _flip(ckdir / "iter_0000009" / rel, (start + end) // 2)
+    # The reader the converters and init_from use refuses it too, naming the tensor it reads.
+    layer = tensor.split("[chunk at [")[1][0]
+    with pytest.raises(digest.CorruptCheckpoint, match=f"{rel}: tensor blocks.{layer}.mlp.fc1.weight"):
+        dict(torch_dist.TorchDistReader(str(ckdir / "iter_0000009")).items())
+    tr = make_trainer(seed=5)
+    with caplog.at_level("WARNING"):
+        meta = checkpointing.restore_latest(str(ckdir), tr)
+    assert "CHECKPOINT UNREADABLE" in caplog.text and f"{rel}: tensor {tensor}" in caplog.text
+    assert meta["trainer"]["step"] == 2 and tr.step == 2
+    got = full_state(tr)
+    for k, v in resumed["at_save"].items():
+        assert torch.equal(got[k], v), k
+    aside = [n for n in os.listdir(ckdir) if n.startswith("iter_0000009.unreadable-")]
+    assert len(aside) == 1 and checkpointing.steps(str(ckdir)) == [2]  # moved aside, not deleted
+
+
+def test_a_checkpoint_of_another_model_is_refused_naming_both(resumed):
+    from mugv.io.mismatch import IncompatibleCheckpoint
+    from mugv_megatron.train.step import Trainer
+
+    other = get_config("tiny", depth=1)
+    tr = Trainer(other, OPTIM, OBJECTIVE, seed=0, use_megatron_optimizer=False)
+    with pytest.raises(IncompatibleCheckpoint) as e:
+        checkpointing.restore_latest(resumed["ckdir"], tr)
+    assert "depth: checkpoint 2, run 1" in str(e.value) and "another --workdir" in str(e.value)
+    assert checkpointing.steps(resumed["ckdir"]) == [2]

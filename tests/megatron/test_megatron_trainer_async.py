@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from mugv.config import get_config
+from mugv.io.megatron import TRACKER
 from mugv.training import ObjectiveConfig, OptimConfig
 from mugv_megatron.train import checkpointing
 from tests.megatron import helpers
@@ -46,7 +47,7 @@ def state(trainer) -> dict:
 
 
 def tracker(directory) -> str:
-    return open(os.path.join(directory, checkpointing.TRACKER)).read()
+    return open(os.path.join(directory, TRACKER)).read()
 
 
 def test_async_save_is_published_by_its_finalize_with_the_state_at_the_save(tmp_path):

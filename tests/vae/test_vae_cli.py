@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 import mugv_jax.vae as vae
-from mugv.data.video import decode_video
-from mugv_jax.vae.__main__ import EXIT_FATAL, EXIT_SKIPPED, main, write_mp4
-from mugv_jax.vae.init import random_vae
-from mugv_jax.vae.training import save_release
+from mugv.data.video import decode_video, write_mp4
+from mugv_jax.vae.__main__ import EXIT_FATAL, EXIT_SKIPPED, main
+from mugv_jax.vae.checkpoint import random_vae
+from mugv_jax.vae.trainer import save_release
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def _moving_square(t=9, h=24, w=32):
 
 def test_batch_encode_skips_truncated_and_corrupt_then_decodes(tmp_path, weights, capsys):
     good = str(tmp_path / "good.mp4")
-    write_mp4(_moving_square(), good, fps=8)
+    write_mp4(good, _moving_square(), fps=8)
     data = open(good, "rb").read()
     truncated = str(tmp_path / "truncated.mp4")
     with open(truncated, "wb") as f:  # the moov index is written last: cut it off
@@ -45,6 +45,9 @@ def test_batch_encode_skips_truncated_and_corrupt_then_decodes(tmp_path, weights
     assert code == EXIT_SKIPPED
     assert "2 of 3 inputs skipped" in err
     assert f"{truncated}: " in err and f"{garbage}: " in err and f"{good}:" not in err
+    # Issue 25: progress inside a video (a bar per network call, by chunk) and the output path.
+    assert "good: encode_frames" in err and "good: encode_groups" in err and "chunk" in err
+    assert f"wrote {out / 'good.npy'}: latents [24, 2, 3, 4] from 9 frames of 24×32" in err
     z = np.load(out / "good.npy")
     assert z.shape == (24, 2, 3, 4)  # T'=⌈9/8⌉... chunked: 7 copies of frame 0 + 9 → 16 frames
     meta = json.load(open(out / "good.json"))
@@ -53,6 +56,9 @@ def test_batch_encode_skips_truncated_and_corrupt_then_decodes(tmp_path, weights
 
     videos = tmp_path / "videos"
     assert main(["decode", *base[:-1], str(videos), str(out / "good.npy")]) == 0
+    err = capsys.readouterr().err
+    assert "good: decode_window" in err and "good: decode_frames" in err
+    assert f"wrote {videos / 'good.mp4'}: 9 frames of 24×32 at 8 fps" in err
     frames, fps = decode_video(str(videos / "good.mp4"))
     assert frames.shape == (9, 24, 32, 3) and fps == 8
 

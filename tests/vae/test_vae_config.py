@@ -16,7 +16,7 @@ from mugv.vae_config import (
     release_vae_schema,
     schema_num_params,
 )
-from mugv_jax.vae.plan import ZERO, decode_windows, encode_calls
+from mugv_jax.vae.windows import ZERO, decode_windows, encode_calls
 from tests.helpers import GOLDEN
 
 RELEASE_SCHEMA = os.path.join(GOLDEN, "release_vae_schema.json")

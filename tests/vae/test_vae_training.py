@@ -12,7 +12,15 @@ import pytest
 import mugv_jax.vae as vae
 from configs import vae_tiny
 from mugv_jax.vae import losses
-from mugv_jax.vae.training import _optimizer, train_vae
+from mugv_jax.vae import trainer as vae_trainer
+from mugv_jax.vae.trainer import _optimizer
+from mugv_jax.vae.training import train_vae
+from tests.trainer_helpers import guard_train_steps
+
+
+@pytest.fixture(autouse=True)
+def _no_implicit_transfers_in_steps(monkeypatch):
+    guard_train_steps(monkeypatch, vae_trainer.Trainer)
 
 
 def _config(**loss):
@@ -116,7 +124,7 @@ def _numbered_clips(n, frames=17, size=8):
 
 
 def test_whole_clip_holdout_never_reaches_training():
-    from mugv_jax.vae.training import CropSampler, holdout_indices
+    from mugv_jax.vae.clips import CropSampler, holdout_indices
 
     clips = _numbered_clips(10)
     held = holdout_indices(10, 3)
@@ -136,8 +144,8 @@ def test_whole_clip_holdout_never_reaches_training():
 
 
 def test_first_frame_padding_is_what_the_encode_pipeline_groups():
-    from mugv_jax.vae.plan import encode_calls
-    from mugv_jax.vae.training import CropSampler, first_frame_padded
+    from mugv_jax.vae.clips import CropSampler, first_frame_padded
+    from mugv_jax.vae.windows import encode_calls
 
     clip = np.arange(17, dtype=np.uint8)[:, None, None, None] * np.ones((1, 8, 8, 3), np.uint8)
     padded = first_frame_padded(clip)
@@ -205,7 +213,7 @@ def test_dilated_contrast_weighs_the_ring_around_the_object_like_the_object():
 
 
 def test_init_logvar_starts_the_posterior_noise_small():
-    from mugv_jax.vae.training import _init_logvar
+    from mugv_jax.vae.trainer import _init_logvar
 
     model = vae.random_vae("tiny", seed=0)
     _init_logvar(model, -6.0)

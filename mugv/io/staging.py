@@ -1,6 +1,7 @@
-"""Staging: tensors parked until a format that needs them all at once (torch_dist, orbax) can
-take them: on disk (not in memory), or, for a view of a memory-mapped source, as that view (no
-bytes copied; the source file is the staging)."""
+"""Staging: tensors parked until a format that needs them all at once (the torch_dist and orbax
+writers) can take them, or a stored array re-chunked by layer (the JAX reader): on disk (not in
+memory), or, for a view of a memory-mapped source, as that view (no bytes copied; the source file
+is the staging)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,10 @@ class RawStore:
         # (key, row or None) → (view of a mapped source, transform applied when read)
         self._kept: dict[tuple[str, int | None], tuple[np.ndarray, Callable | None]] = {}
         self._lock = threading.Lock()
+
+    def keys(self) -> list[str]:
+        """Every array parked here, in the order it was created or kept."""
+        return list(self._arrays)
 
     def file(self, key: str) -> str | None:
         """The staging file of `key`; None when it is kept as a view."""

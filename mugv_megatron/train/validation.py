@@ -1,4 +1,4 @@
-"""Evaluations of a Megatron run the driver asks for: the fixed-timestep validation loss
+"""The Megatron half of validation the driver asks for: the fixed-timestep validation loss
 (mugv/run/validation.py defines the set) on the raw or EMA weights.
 
 Every data-parallel replica evaluates its rows of each held-out global batch and the means are
