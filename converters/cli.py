@@ -2,6 +2,7 @@
 
     python -m converters convert --src release:dit.pt --dst jax:/ckpt/jax [--model 10b]
         [--dtype keep|float32|bfloat16] [--tp N --pp M] [--weights raw|ema] [--workers N] [--force]
+        [--ema-layout mugv|official]
     python -m converters inspect PATH
     python -m converters verify A              # every byte against the checksums recorded at write
     python -m converters verify A B [--atol 1e-6]
@@ -18,6 +19,7 @@ import json
 import sys
 
 from converters.formats import FORMATS
+from mugv.config import DiTConfig
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,7 +43,17 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--tp", type=int, default=1, help="tensor-parallel size (Megatron outputs)")
     c.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (Megatron outputs)")
     c.add_argument(
-        "--weights", default="raw", choices=["raw", "ema"], help="JAX source: the trained params (raw) or their EMA"
+        "--weights",
+        default="raw",
+        choices=["raw", "ema"],
+        help="training checkpoint source (JAX, Megatron torch_dist): the trained weights (raw) or their EMA",
+    )
+    c.add_argument(
+        "--ema-layout",
+        choices=["mugv", "official"],
+        default=None,
+        help="torch_dist output: also write the source training checkpoint's EMA, in our layout (the "
+        "weights' shapes) or the official trainer's for --tp (what its ema_restore.py reads)",
     )
     c.add_argument(
         "--max-shard-size",
@@ -95,6 +107,7 @@ def _run(args) -> int:
             progress=not args.quiet,
             max_shard_bytes=shard,
             workers=args.workers,
+            ema_layout=args.ema_layout,
         )
         print(
             f"wrote {r.dst}: {r.tensors} tensors, {api.human_bytes(r.bytes_written)}, "
@@ -102,7 +115,7 @@ def _run(args) -> int:
         )
         if r.null_text:
             print(f"wrote {r.null_text}: the trained null caption (sampling's unconditional input)")
-        elif r.dst.startswith("release:"):
+        elif r.dst.startswith(("release:", "megatron")) and isinstance(r.config, DiTConfig):  # not a VAE
             print("no null caption in the source: sampling without a negative prompt needs --null_text")
         return 0
     if args.command == "inspect":

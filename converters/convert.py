@@ -12,13 +12,14 @@ source's sidecar, copied. Legacy Megatron files and weights-only JAX checkpoints
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import os
 import sys
 
 import numpy as np
 
-from converters import pipeline
+from converters import pipeline, vae
 from converters.detect import describe_config, resolve_config
 from converters.formats import make_writer, output_path
 from converters.formats.megatron import LegacyReader
@@ -27,7 +28,11 @@ from mugv.io import null_text as null_lib
 from mugv.io.atomic import atomic_output, check_output_free
 from mugv.io.base import DTYPE_NAMES, Entry, cast, dtype_name
 from mugv.io.spec import WITH_EMA, open_reader, parse_spec, resolve
+from mugv.io.torch_dist import NULL_TEXT_KEY
 from mugv.schema import release_schema
+
+# How `--ema-layout` lays out an EMA in a torch_dist output (mugv.io.torch_dist).
+EMA_LAYOUTS = ("mugv", "official")
 
 
 def _progress(iterable, total: int, desc: str, enabled: bool):
@@ -71,7 +76,8 @@ class ConvertResult:
     config_origin: str
     tensors: int
     bytes_written: int
-    null_text: str | None = None  # the release output's null-caption sidecar, when one was written
+    # Where the source's null caption went: the release output's sidecar, or the Megatron output.
+    null_text: str | None = None
 
 
 def convert(
@@ -87,6 +93,7 @@ def convert(
     progress: bool = False,
     max_shard_bytes: int | None = None,
     workers: int | None = None,
+    ema_layout: str | None = None,
 ) -> ConvertResult:
     """Convert the checkpoint `src` into `dst` (specs "FORMAT:PATH[@N]").
 
@@ -96,9 +103,26 @@ def convert(
     (mugv/io/null_text.py), so sampling finds it; a stale sidecar there is replaced or,
     when the source has none, removed. `workers` threads read, transform and write tensors at once
     (None: a default for this machine, 1: one tensor at a time in this thread); the output is the
-    same bytes.
+    same bytes. `ema_layout` ("mugv" or "official"): a torch_dist output also carries the EMA of
+    the source training checkpoint, in our layout or in the official trainer's for TP `tp` (what
+    its `ema_restore.py` reads).
     """
     src, dst = parse_spec(src), parse_spec(dst)
+    if vae.is_vae(src):
+        out_dtype = None if dtype == "keep" else DTYPE_NAMES.get(dtype)
+        if dtype != "keep" and out_dtype is None:
+            raise ValueError(f"--dtype must be keep or one of {sorted(DTYPE_NAMES)}, got {dtype!r}")
+        if (tp, pp) != (1, 1) or weights != "raw" or ema_layout is not None:
+            raise ValueError(f"{src} is a video VAE: --tp/--pp, --weights ema and --ema-layout are DiT options")
+        config, origin, n, nbytes = vae.convert_vae(
+            src, dst, model=model, dtype=out_dtype, force=force, max_shard_bytes=max_shard_bytes, workers=workers
+        )
+        return ConvertResult(str(src), str(dst), config, origin, n, nbytes)
+    if ema_layout is not None:
+        if ema_layout not in EMA_LAYOUTS:
+            raise ValueError(f"--ema-layout must be one of {EMA_LAYOUTS}, got {ema_layout!r}")
+        if dst.format != "megatron":
+            raise ValueError(f"--ema-layout writes an EMA into a torch_dist output (megatron:PATH), not {dst}")
     if dtype != "keep" and dtype not in DTYPE_NAMES:
         raise ValueError(f"--dtype must be keep or one of {sorted(DTYPE_NAMES)}, got {dtype!r}")
     out_dtype = None if dtype == "keep" else DTYPE_NAMES[dtype]
@@ -114,16 +138,30 @@ def convert(
             )
     reader, config, origin = open_checked(src, model=model, weights=weights)
     with reader:
-        # A training checkpoint holds its own; release weights carry theirs beside them.
-        null = None
-        if sidecar:
-            null = null_lib.find_sidecar(reader.path) if reader.format == "release" else reader.null_text()
+        # Training and Megatron checkpoints hold their own; release weights carry theirs beside them.
+        null = null_lib.find_sidecar(reader.path) if reader.format == "release" else reader.null_text()
+        kept_in = "release" if sidecar else "megatron" if dst.format in ("megatron", "megatron-legacy") else None
         found = reader.entries()
         entries = {n: Entry(found[n].shape, out_dtype or found[n].dtype) for n in release_schema(config)}
         workers = pipeline.default_workers() if workers is None else workers
-        with atomic_output(out, force=force, make_parent=True) as tmp:
+        ema = None
+        if ema_layout is not None:
+            ema_reader, _, _ = open_checked(src, model=config, weights="ema")
+            ema = (ema_reader, out_dtype, ema_layout)
+        with atomic_output(out, force=force, make_parent=True) as tmp, contextlib.ExitStack() as stack:
+            if ema is not None:
+                stack.enter_context(ema[0])
             writer = make_writer(
-                dst, tmp, config, entries, tp=tp, pp=pp, max_shard_bytes=max_shard_bytes, workers=workers
+                dst,
+                tmp,
+                config,
+                entries,
+                tp=tp,
+                pp=pp,
+                max_shard_bytes=max_shard_bytes,
+                workers=workers,
+                null_text=null[0] if null is not None and kept_in == "megatron" else None,
+                ema=ema,
             )
             try:
                 desc = f"{os.path.basename(os.path.normpath(src.path))} → {dst.format}"
@@ -150,14 +188,13 @@ def convert(
             os.remove(sidecar)  # from an earlier output; it does not belong to these weights
         if legacy and os.path.lexists(legacy):
             os.remove(legacy)  # the replaced weights' older-named sidecar (refused above without --force)
+    where = None
+    if null is not None and kept_in == "release":
+        where = sidecar
+    elif null is not None and kept_in == "megatron":
+        where = f"{out} ({NULL_TEXT_KEY})"
     return ConvertResult(
-        str(src),
-        str(dst),
-        config,
-        origin,
-        len(entries),
-        sum(e.nbytes for e in entries.values()),
-        sidecar if null is not None else None,
+        str(src), str(dst), config, origin, len(entries), sum(e.nbytes for e in entries.values()), where
     )
 
 

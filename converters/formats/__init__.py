@@ -32,9 +32,13 @@ def make_writer(
     pp: int = 1,
     max_shard_bytes: int | None = None,
     workers: int = 1,
+    null_text=None,
+    ema=None,
 ) -> Writer:
     """A writer for `spec` into `tmp`; `workers` is how many threads (processes for torch_dist)
-    its own flush may use."""
+    its own flush may use. `null_text`: the source's null caption, which the Megatron formats keep
+    as `context_embedder.drop_emb` (release outputs get a sidecar, written by the caller). `ema`:
+    (reader, dtype, layout) of an EMA a torch_dist output carries next to the weights."""
     fmt = spec.format
     if fmt is None:
         raise ValueError(f"{spec.path}: name the output format (FORMAT:PATH, one of {FORMATS})")
@@ -49,9 +53,18 @@ def make_writer(
         iteration = spec.number if spec.number is not None else DEFAULT_ITERATION
         if fmt == "megatron":
             return TorchDistWriter(
-                spec.path, tmp, config, entries, tp=tp, pp=pp, write_processes=workers, iteration=iteration
+                spec.path,
+                tmp,
+                config,
+                entries,
+                tp=tp,
+                pp=pp,
+                write_processes=workers,
+                iteration=iteration,
+                null_text=null_text,
+                ema=ema,
             )
-        return LegacyWriter(spec.path, tmp, config, entries, tp=tp, pp=pp, iteration=iteration)
+        return LegacyWriter(spec.path, tmp, config, entries, tp=tp, pp=pp, iteration=iteration, null_text=null_text)
     if fmt == "jax":
         from converters.formats.jax import DEFAULT_STEP, JaxWriter
 

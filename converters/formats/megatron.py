@@ -30,9 +30,18 @@ import numpy as np
 from mugv.config import DiTConfig
 from mugv.io import megatron as save_dir
 from mugv.io import torch_cpu, torchzip
-from mugv.io.base import Entry, Writer, file_backed, from_torch, numpy_dtype_of_torch, to_torch, torch_dtype_of
+from mugv.io.base import Entry, Writer, cast, file_backed, to_torch, torch_dtype_of
 from mugv.io.staging import RawStore
-from mugv.io.torch_dist import is_skipped, stored_key, write_digests
+from mugv.io.torch_dist import (
+    EMA_PREFIX,
+    NULL_TEXT_KEY,
+    extra_state_objects,
+    is_skipped,
+    official_ema_fragments,
+    stored_key,
+    to_official_ema,
+    write_digests,
+)
 from mugv.layouts import megatron as layout
 
 DEFAULT_ITERATION = 1
@@ -52,6 +61,12 @@ def check_parallel(config: DiTConfig, tp: int, pp: int) -> None:
             problems.append(f"PP {pp} does not divide {config.depth} layers evenly")
     if problems:
         raise ValueError("cannot lay out the model for Megatron: " + "; ".join(problems))
+
+
+def _as_weights(null_text: np.ndarray, entries: dict[str, Entry]) -> np.ndarray:
+    """The null caption in the weights' dtype, as the official model keeps its `drop_emb` buffer
+    (bf16 in a bf16 run; hf2mcore's float32 files hold it in float32)."""
+    return np.ascontiguousarray(cast(np.asarray(null_text), entries["x_embedder.proj.weight"].dtype))
 
 
 def _stage_of(release_name: str, config: DiTConfig, pp: int) -> list[tuple[int, str]]:
@@ -82,10 +97,17 @@ class TorchDistWriter(Writer):
         pp: int = 1,
         iteration: int = DEFAULT_ITERATION,
         write_processes: int = 1,
+        null_text: np.ndarray | None = None,
+        ema=None,
     ):
+        """`ema`: (reader of the source's EMA, its output dtype or None, layout "mugv" or
+        "official"): the EMA is written next to the weights, `optimizer.state.exp_moving_avg.<key>`
+        in our layout (the weight's own shape) or the official trainer's for TP `tp`."""
         super().__init__(target, config, entries)
         check_parallel(config, tp, pp)
-        self.tmp, self.iteration = tmp, iteration
+        self.tmp, self.iteration, self.tp = tmp, iteration, tp
+        self.null_text = None if null_text is None else _as_weights(null_text, self.entries)
+        self.ema = ema
         self.write_processes = max(1, write_processes)
         os.makedirs(tmp)
         self.iter_dir = save_dir.iter_dir(tmp, iteration)
@@ -102,12 +124,32 @@ class TorchDistWriter(Writer):
                 self.staging.create(mname, marr.shape, marr.dtype)
                 self.staging.write(mname, np.ascontiguousarray(marr))
 
+    def _stage_ema(self) -> None:
+        """The source's EMA, one tensor at a time, staged under its DCP key's name: in the
+        official layout each layer already as `to_official_ema` lays it out."""
+        reader, dtype, ema_layout = self.ema
+        for name, array in reader.items():
+            for mname, marr in layout.release_to_megatron(name, cast(array, dtype), self.config):
+                layer, _ = layout.split_layer(mname)
+                if ema_layout == "official":
+                    per_layer = marr.shape
+                    frags = official_ema_fragments(mname, per_layer, self.tp)
+                    marr = (
+                        to_official_ema(marr[None], frags, True)[0]
+                        if layer is not None
+                        else to_official_ema(marr, frags, False)
+                    )
+                self.staging.create(EMA_PREFIX + mname, marr.shape, marr.dtype)
+                self.staging.write(EMA_PREFIX + mname, np.ascontiguousarray(marr))
+
     def finish(self) -> None:
         import torch
         from megatron.core import dist_checkpointing
         from megatron.core.dist_checkpointing.mapping import ShardedTensor
         from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 
+        if self.ema is not None:
+            self._stage_ema()
         depth = self.config.depth
         sd: dict = {}
         for mname in self.staging.keys():
@@ -123,13 +165,21 @@ class TorchDistWriter(Writer):
                     size=int(np.prod(entry.shape, dtype=np.int64)),
                     dtype=torch_dtype_of(entry.dtype),
                 ).view(entry.shape)
-            key, layer = stored_key(mname)
+            if mname.startswith(EMA_PREFIX):
+                key, layer = stored_key(mname[len(EMA_PREFIX) :], EMA_PREFIX)
+            else:
+                key, layer = stored_key(mname)
             if layer is None:
                 sd[mname] = ShardedTensor.from_rank_offsets(key, t, replica_id=0)
             else:
                 sd[mname] = ShardedTensor.from_rank_offsets(
                     key, t.view(1, *entry.shape), (0, layer, depth), replica_id=0
                 )
+        if self.null_text is not None:
+            null = to_torch(self.null_text)
+            sd["null_text"] = ShardedTensor.from_rank_offsets(NULL_TEXT_KEY, null, replica_id=0)
+        # What Megatron-LM's load asks for beside the weights (docs/converters.md, "Megatron-LM").
+        sd.update(extra_state_objects(depth, range(depth), final_layer=True))
         sd.update(save_dir.common_state(self.config, self.iteration))
         # Each tensor goes into the .distcp files as a torch.save archive; their CRC32s cost a
         # pass over every byte and torch.load does not check them.
@@ -180,20 +230,23 @@ class LegacyReader(save_dir.MegatronReader):
                 f"(TP rank, PP rank) {missing} of a TP {self.tp} x PP {self.pp} grid"
             )
         self._models: dict[tuple[int, int], dict] = {}
+        self._files: dict[tuple[int, int], save_dir.MegatronFile] = {}
         self.files = {}
         self.stored_config = None
         for (t, p), d in sorted(ranks.items()):
             f = os.path.join(d, save_dir.LEGACY_FILE)
             if not os.path.isfile(f):
                 raise FileNotFoundError(f"{d}: no {save_dir.LEGACY_FILE}")
-            state = torchzip.load_torch_file(f, allow_namespace=True)
+            rank_file = save_dir.MegatronFile(f)
+            state = rank_file.obj
             if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
-                keys = list(state)[:8] if isinstance(state, dict) else type(state).__name__
+                keys = list(state)[:8] if isinstance(state, dict) else rank_file.describe(state)
                 raise ValueError(
                     f"{f}: expected a dict with a 'model' state dict (keys: {keys}); "
                     f"virtual-pipeline checkpoints (model0, model1, …) are not supported"
                 )
             self._models[(t, p)] = state["model"]
+            self._files[(t, p)] = rank_file
             self.files[(t, p)] = f
             if self.stored_config is None:
                 self.stored_config = save_dir.stored_config(state)
@@ -208,16 +261,15 @@ class LegacyReader(save_dir.MegatronReader):
         self._src: dict[str, tuple[int, str, str]] = {}
         self._entries: dict[str, Entry] = {}
         self.skipped = []
-        import torch
-
         for p in range(self.pp):
+            rank_file = self._files[(0, p)]
             for local, value in self._models[(0, p)].items():
                 if is_skipped(local):
                     self.skipped.append(local)
                     continue
-                if not isinstance(value, torch.Tensor):
+                if not rank_file.is_tensor(value):
                     raise ValueError(
-                        f"{self.files[(0, p)]}: model entry {local!r} is a {type(value).__name__}, not a tensor"
+                        f"{self.files[(0, p)]}: model entry {local!r} is {rank_file.describe(value)}, not a tensor"
                     )
                 layer, suffix = layout.split_layer(local)
                 gname = local if layer is None else layout.layer_name(layer + offsets[p], suffix)
@@ -227,12 +279,13 @@ class LegacyReader(save_dir.MegatronReader):
                     name = gname
                 if name in self._src:
                     continue  # an embedder replicated on every stage: the first copy is used
-                shape = list(value.shape)
+                entry = rank_file.entry(value)
+                shape = list(entry.shape)
                 rule = layout.tp_split_rule(gname)
                 if rule != "replicated":
                     shape[0 if rule == "column" else 1] *= self.tp
                 self._src[name] = (p, local, gname)
-                self._entries[name] = Entry(shape, numpy_dtype_of_torch(value.dtype))
+                self._entries[name] = Entry(shape, entry.dtype)
 
     def entries(self) -> dict[str, Entry]:
         return dict(self._entries)
@@ -246,7 +299,12 @@ class LegacyReader(save_dir.MegatronReader):
             value = self._models[(t, p)].get(local)
             if value is None:
                 raise ValueError(f"{self.files[(t, p)]}: tensor {local} is missing on TP rank {t} (present on rank 0)")
-            shards.append(from_torch(value))
+            rank_file = self._files[(t, p)]
+            if not rank_file.is_tensor(value):
+                raise ValueError(
+                    f"{self.files[(t, p)]}: model entry {local!r} is {rank_file.describe(value)}, not a tensor"
+                )
+            shards.append(rank_file.array(value, local))
         full = layout.tp_merge(gname, shards, _concat)
         want = self._entries[name].shape
         if tuple(full.shape) != want:
@@ -256,6 +314,16 @@ class LegacyReader(save_dir.MegatronReader):
         ((_, array),) = layout.megatron_to_release(gname, full, self._config_for_layout())
         return np.ascontiguousarray(array)
 
+    def null_text(self) -> tuple[np.ndarray, str] | None:
+        """hf2mcore's `context_embedder.drop_emb` (the official trainer's null caption, always
+        written), or ours; None when the files hold none."""
+        value = self._models[(0, 0)].get(NULL_TEXT_KEY)
+        rank_file = self._files[(0, 0)]
+        if value is None or not rank_file.is_tensor(value):
+            return None
+        array = rank_file.array(value, NULL_TEXT_KEY)
+        return np.array(array, np.float32), f"megatron-legacy:{self.files[(0, 0)]} {NULL_TEXT_KEY}"
+
     def integrity(self):
         """Each rank file's tensors against the CRCs our legacy writer records."""
         from mugv.io.digest import Check, CorruptCheckpoint
@@ -263,7 +331,7 @@ class LegacyReader(save_dir.MegatronReader):
         problems, checked, recorded = [], 0, False
         for f in self.files.values():
             try:
-                z = torchzip.TorchZipFile(f)
+                z = torchzip.TorchZipFile(f, unread_globals=True)
             except torchzip.NeedsTorch:
                 continue
             if not z.digests:
@@ -303,10 +371,12 @@ class LegacyWriter(Writer):
         tp: int = 1,
         pp: int = 1,
         iteration: int = DEFAULT_ITERATION,
+        null_text: np.ndarray | None = None,
     ):
         super().__init__(target, config, entries)
         check_parallel(config, tp, pp)
         self.tp, self.pp, self.tmp, self.iteration = tp, pp, tmp, iteration
+        null = None if null_text is None else _as_weights(null_text, self.entries)
         it_dir = save_dir.iter_dir(tmp, iteration)
         # (TP rank, PP stage) → {stage-local Megatron name: slot}
         slots: dict[tuple[int, int], dict] = {(t, p): {} for t in range(tp) for p in range(pp)}
@@ -321,14 +391,21 @@ class LegacyWriter(Writer):
                     shard = layout.tp_shard(mname, stand_in, t, tp)
                     key = str(len(slots[(t, p)]))
                     slots[(t, p)][local] = torchzip.TensorSlot(key, Entry(shard.shape, e.dtype))
+        if null is not None:
+            # The null caption sits in the caption embedder, which every stage holds (hf2mcore's place).
+            for rank_slots in slots.values():
+                rank_slots[NULL_TEXT_KEY] = torchzip.TensorSlot(str(len(rank_slots)), Entry(null.shape, null.dtype))
+        args = save_dir.megatron_lm_args(config, iteration, save_dir.Layout(tp=tp, pp=pp), ckpt_format="torch")
         self._files: dict[tuple[int, int], torchzip.StreamingTorchFile] = {}
         for (t, p), rank_slots in slots.items():
             d = os.path.join(it_dir, save_dir.rank_dir_name(t, p, pp))
             os.makedirs(d)
-            obj = {"model": rank_slots, **save_dir.common_state(config, iteration)}
+            obj = {"model": rank_slots, **save_dir.common_state(config, iteration, args)}
             self._files[(t, p)] = torchzip.StreamingTorchFile(
                 os.path.join(d, save_dir.LEGACY_FILE), obj, list(rank_slots.values())
             )
+            if null is not None:
+                self._files[(t, p)].write(rank_slots[NULL_TEXT_KEY].key, null)
         self._slots = slots
 
     def _write(self, name: str, array: np.ndarray) -> None:

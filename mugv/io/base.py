@@ -154,7 +154,8 @@ class Writer:
             if name in self._written:
                 raise ValueError(f"{self.path}: tensor {name} written twice")
             self._written.add(name)
-        self._write(name, np.ascontiguousarray(array))
+        # asarray(order="C"), not ascontiguousarray: that makes a 0-d tensor (the VAE's `logvar`) 1-d.
+        self._write(name, np.asarray(array, order="C"))
 
     def _write(self, name: str, array: np.ndarray) -> None:
         raise NotImplementedError

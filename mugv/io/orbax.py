@@ -137,6 +137,15 @@ def resolve_step_dir(path: str, step: int | None) -> tuple[str, int | None, list
     return os.path.join(manager, str(step)), step, steps
 
 
+def read_config_item(step_dir: str) -> dict | None:
+    """The JSON config item of a step (a trainer's run config, or `{"model": …}`), None without one."""
+    config_file = os.path.join(step_dir, CONFIG, _JSON_ITEM)
+    if not os.path.isfile(config_file):
+        return None
+    with open(config_file) as f:
+        return json.load(f)
+
+
 def config_from_jax_shapes(shapes: dict[str, tuple], source: str) -> DiTConfig:
     """Detect the config from JAX-layout shapes via the release-name detector."""
     need = {
@@ -225,12 +234,9 @@ class StoredParams:
         self.arrays = {p: opened[f"{self.root}.{p}"] for p in paths}
         shapes = {p: tuple(a.shape) for p, a in self.arrays.items()}
         self.stored_config = None
-        config_file = os.path.join(self.step_dir, CONFIG, _JSON_ITEM)
-        if os.path.isfile(config_file):
-            with open(config_file) as f:
-                model = json.load(f).get(MODEL)
-            if isinstance(model, dict):
-                self.stored_config = DiTConfig.from_dict(model)
+        model = (read_config_item(self.step_dir) or {}).get(MODEL)
+        if isinstance(model, dict):
+            self.stored_config = DiTConfig.from_dict(model)
         self.config = self.stored_config or config_from_jax_shapes(shapes, self.step_dir)
         want = jax_layout.jax_param_shapes(self.config)
         bad = [

@@ -33,12 +33,15 @@ from mugv.io.base import (
     numpy_dtype_of_torch,
     pwrite_all,
 )
+from mugv.vae_config import VAEConfig
 
 ST_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 INDEX_SUFFIX = ".index.json"
-# Our safetensors carry the model config as JSON under this metadata key.
+# Our safetensors carry the model config as JSON under this metadata key (a VAE's its VAEConfig
+# under the other).
 CONFIG_METADATA = "mugv_config"
+VAE_CONFIG_METADATA = "mugv_vae_config"
 # ... and each tensor's CRC-32 (8 hex digits per tensor, in header order) under this one.
 DIGESTS_METADATA = "mugv_crc32"
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
@@ -323,6 +326,9 @@ class ReleaseReader(Reader):
         meta = getattr(next(iter(self._files.values())), "metadata", {}) if self._files else {}
         if CONFIG_METADATA in meta:
             self.stored_config = DiTConfig.from_dict(json.loads(meta[CONFIG_METADATA]))
+        self.stored_vae_config = None
+        if VAE_CONFIG_METADATA in meta:
+            self.stored_vae_config = VAEConfig.from_dict(json.loads(meta[VAE_CONFIG_METADATA]))
 
     def entries(self) -> dict[str, Entry]:
         return dict(self._entries)
@@ -396,7 +402,7 @@ class ReleaseWriter(Writer):
         self,
         target: str,
         tmp: str,
-        config: DiTConfig,
+        config: DiTConfig | VAEConfig,
         entries: dict[str, Entry],
         *,
         max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
@@ -405,7 +411,8 @@ class ReleaseWriter(Writer):
         self.kind = kind_of(target)
         self._outs: dict[str, object] = {}
         self._where: dict[str, str] = {}
-        meta = {"format": "pt", CONFIG_METADATA: json.dumps(config.to_dict())}
+        key = VAE_CONFIG_METADATA if isinstance(config, VAEConfig) else CONFIG_METADATA
+        meta = {"format": "pt", key: json.dumps(config.to_dict())}
         if self.kind == "sharded":
             index_name = os.path.basename(target) if target.endswith(INDEX_SUFFIX) else ST_INDEX
             if index_name not in (ST_INDEX, BIN_INDEX):

@@ -48,7 +48,7 @@ import numpy as np
 from mugv.io import digest, torch_cpu, torchzip
 from mugv.io.atomic import write_text
 from mugv.io.base import Entry, from_torch, map_file, numpy_dtype_of_torch
-from mugv.io.megatron import MegatronReader, is_torch_dist_dir, resolve_iteration_dir, stored_config
+from mugv.io.megatron import MegatronFile, MegatronReader, is_torch_dist_dir, resolve_iteration_dir, stored_config
 from mugv.layouts import megatron as layout
 
 EMA_PREFIX = "optimizer.state.exp_moving_avg."
@@ -61,6 +61,110 @@ COMMON_FILE = "common.pt"
 DIGESTS_FILE = "mugv_digests.json"
 # Entries that are not model weights (or not release weights): skipped when reading.
 _SKIP_PREFIXES = ("optimizer.", RNG_KEY)
+
+
+# Transformer Engine keeps an `_extra_state` (FP8 metadata) in every TE module, and the official
+# ScaleShiftTable one for compatibility (None). The official model built with the TE layer spec
+# asks its torch_dist load for these, with the local spec for the core attentions (TE's in both
+# specs) and the scale-shift tables; a checkpoint without them fails Megatron-LM's default load
+# (`--dist-ckpt-strictness assume_ok_unexpected`). Written as None, which TE's and the
+# ScaleShiftTable's `set_extra_state` take as "nothing to restore" (what hf2mcore's `--use-te` writes).
+EXTRA_STATE = "._extra_state"
+TE_LAYER_MODULES = (
+    "self_attention.linear_qkv",
+    "self_attention.core_attention",
+    "self_attention.linear_proj",
+    "self_attention.q_layernorm",
+    "self_attention.k_layernorm",
+    "cross_attention.linear_q",
+    "cross_attention.linear_kv",
+    "cross_attention.core_attention",
+    "cross_attention.linear_proj",
+    "cross_attention.q_layernorm",
+    "cross_attention.k_layernorm",
+    "mlp.linear_fc1",
+    "mlp.linear_fc2",
+    "scale_shift_table",
+)
+LOCAL_LAYER_MODULES = ("self_attention.core_attention", "cross_attention.core_attention", "scale_shift_table")
+FINAL_LAYER_MODULES = ("final_layer.scale_shift_table",)
+
+
+def extra_state_objects(depth: int, layers, *, final_layer: bool, replica_id=0) -> dict:
+    """{key: ShardedObject} of the `_extra_state` placeholders of the TE layer spec (a superset of
+    the local spec's) for the given global layer indices (and the final layer's): a layer's at
+    offset (layer,) of shape (depth,), as megatron's `make_sharded_object_for_checkpoint` keys a
+    stacked layer's, the final layer's at (0,) of (1,)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    out = {}
+    for layer in layers:
+        for module in TE_LAYER_MODULES:
+            key = layout.LAYER_PREFIX + module + EXTRA_STATE
+            out[f"{key}/{layer}"] = ShardedObject(key, None, (depth,), (layer,), replica_id=replica_id)
+    if final_layer:
+        for module in FINAL_LAYER_MODULES:
+            out[module + EXTRA_STATE] = ShardedObject(module + EXTRA_STATE, None, (1,), (0,), replica_id=replica_id)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The official trainer's EMA layout (docs/reference.md §4.7; what its convertor/ema_restore.py reads)
+#
+# The official trainer keeps the EMA as a state of megatron's distributed optimizer saved
+# `fully_sharded_model_space`: each rank's shard of a parameter flattened, which megatron's
+# torch_dist strategy stores under the "N-D flattened" global shape: the stack axis (layers),
+# then how many shards each axis of a layer's tensor is cut into, then the elements of one shard.
+# So a column-parallel weight [L, R, C] at TP t is [L, t, 1, R/t·C], a row-parallel one
+# [L, 1, t, R·C/t], a replicated one [L, 1, 1, R·C], a layer's vector [L, t or 1, N/(t or 1)],
+# a tensor outside the layers [1, …, 1, numel]; a 1-D tensor outside the layers keeps its shape
+# (megatron stores 1-D flattened tensors as they are).
+
+
+def official_ema_fragments(megatron_name: str, per_layer_shape: tuple, tp: int) -> tuple[int, ...]:
+    """Shards per axis of one layer's (or a non-layer) tensor under TP `tp` (the split rule)."""
+    frags = [1] * len(per_layer_shape)
+    rule = layout.tp_split_rule(megatron_name)
+    if rule != "replicated" and tp > 1:
+        frags[0 if rule == "column" else 1] = tp
+    return tuple(frags)
+
+
+def to_official_ema(array: np.ndarray, frags: tuple[int, ...], stacked: bool) -> np.ndarray:
+    """A tensor (the stack's layers first when `stacked`) in the official layout."""
+    lead = array.shape[:1] if stacked else ()
+    shape = array.shape[len(lead) :]
+    if not stacked and len(shape) == 1:
+        return array
+    local = [d // f for d, f in zip(shape, frags)]
+    split = array.reshape(*lead, *(x for f, l in zip(frags, local) for x in (f, l)))
+    k = len(shape)
+    order = [*range(len(lead)), *(len(lead) + 2 * i for i in range(k)), *(len(lead) + 2 * i + 1 for i in range(k))]
+    return np.ascontiguousarray(split.transpose(order)).reshape(*lead, *frags, math.prod(local))
+
+
+def from_official_ema(stored: np.ndarray, shape: tuple[int, ...], stacked: bool) -> np.ndarray:
+    """The inverse of `to_official_ema`: a stored EMA tensor back in the weight's `shape` (layers
+    first when `stacked`; `stored` may hold any number of whole layers)."""
+    lead = stored.shape[:1] if stacked else ()
+    per = tuple(shape[1:] if stacked else shape)
+    if not stacked and len(per) == 1:
+        return stored.reshape(per)
+    frags = tuple(stored.shape[len(lead) : -1])
+    fits = len(frags) == len(per) and not any(d % f for d, f in zip(per, frags))
+    if not fits or stored.shape[-1] * math.prod(frags) != math.prod(per):
+        raise ValueError(f"an EMA stored as {list(stored.shape)} is not the official layout of a {list(shape)} weight")
+    local = [d // f for d, f in zip(per, frags)]
+    k, n = len(per), len(lead)
+    grid = stored.reshape(*lead, *frags, *local)
+    order = [*range(n), *(x for i in range(k) for x in (n + i, n + k + i))]
+    return np.ascontiguousarray(grid.transpose(order)).reshape(*lead, *per)
+
+
+def is_official_ema(ema_shape: tuple, weight_shape: tuple) -> bool:
+    """Whether an EMA stored as `ema_shape` is in the official layout of a `weight_shape` weight
+    (ours stores the weight's own shape)."""
+    return tuple(ema_shape) != tuple(weight_shape) and math.prod(ema_shape) == math.prod(weight_shape)
 
 
 def optimizer_prefix(kind: str) -> str:
@@ -265,24 +369,33 @@ class TorchDistReader(MegatronReader):
         self._src: dict[str, tuple] = {}
         self._layer_cache: tuple = (None, {})
         self._entries: dict[str, Entry] = {}
+        # release name → the weight's shape (one layer's), for EMA entries stored in the official
+        # layout (`from_official_ema` turns what is read back into it).
+        self._official: dict[str, tuple] = {}
         for name, key in chosen.items():
             shape, dtype = self._tensors[key]
+            weight_shape = self._tensors[name][0] if name in self._tensors else shape
+            official = key != name and is_official_ema(shape, weight_shape)
             if name.startswith(layout.LAYER_PREFIX):
                 sub = name[len(layout.LAYER_PREFIX) :]
                 for i in range(shape[0]):
-                    self._add(layout.layer_name(i, sub), (key, i, shape[0], shape[1:], dtype))
+                    added = self._add(layout.layer_name(i, sub), (key, i, shape[0], shape[1:], dtype))
+                    if official:
+                        self._decode_as(added, weight_shape[1:], dtype)
             else:
-                self._add(name, (key, None, None, shape, dtype))
+                added = self._add(name, (key, None, None, shape, dtype))
+                if official:
+                    self._decode_as(added, weight_shape, dtype)
         self.stored_config = None
         common = os.path.join(self.dir, COMMON_FILE)
         if os.path.isfile(common):
+            # Megatron-LM's common.pt holds its `args` (with enums), optimizer and scheduler state:
+            # read without running pickled code, only our `mugv` entry is used. One torch cannot
+            # read either leaves the config to be detected from the tensor shapes.
             try:
-                state = torchzip.load_torch_file(common, allow_namespace=True)
+                self.stored_config = stored_config(MegatronFile(common).obj)
             except ValueError:
-                # A trainer's common.pt may hold objects outside the weights-only allowlist; the
-                # config is then detected from the tensor shapes.
-                state = {}
-            self.stored_config = stored_config(state)
+                self.stored_config = None
         self._lock = threading.Lock()
         self._maps: dict[str, object] = {}
         self._strategy = None
@@ -312,6 +425,21 @@ class TorchDistReader(MegatronReader):
             name = mname  # reported as unexpected by the strict schema check
         self._src[name] = (mname, *src)
         self._entries[name] = Entry(src[3], numpy_dtype_of_torch(src[4]))
+        return name
+
+    def _decode_as(self, name: str, shape: tuple, dtype) -> None:
+        self._official[name] = tuple(shape)
+        self._entries[name] = Entry(shape, numpy_dtype_of_torch(dtype))
+
+    def _as_weight(self, name: str, stored: np.ndarray) -> np.ndarray:
+        """A tensor as read (one layer of a stack, or whole) in the weight's shape."""
+        shape = self._official.get(name)
+        if shape is None:
+            return stored
+        stacked = self._src[name][2] is not None
+        if stacked:
+            return from_official_ema(stored[None], (1, *shape), True)[0]
+        return from_official_ema(stored, shape, False)
 
     @staticmethod
     def _region(layer: int | None, shape: tuple) -> tuple[tuple, tuple]:
@@ -392,7 +520,8 @@ class TorchDistReader(MegatronReader):
     def _read_direct(self, name: str) -> np.ndarray:
         mname, key, layer, _, shape, _ = self._src[name]
         raw = self._read_region(self._direct[name], *self._region(layer, shape), self._entries[name].dtype, name)
-        ((_, out),) = layout.megatron_to_release(mname, raw.reshape(shape), self._config_for_layout())
+        weight = self._as_weight(name, raw.reshape(shape))
+        ((_, out),) = layout.megatron_to_release(mname, weight, self._config_for_layout())
         return np.ascontiguousarray(out)
 
     def read_stored(self, key: str) -> np.ndarray | None:
@@ -419,7 +548,8 @@ class TorchDistReader(MegatronReader):
             raw = self._load_dcp({name: self._src[name][1:] for name in names})
         out = {}
         for name in names:
-            ((_, array),) = layout.megatron_to_release(self._src[name][0], raw[name], self._config_for_layout())
+            weight = self._as_weight(name, raw[name])
+            ((_, array),) = layout.megatron_to_release(self._src[name][0], weight, self._config_for_layout())
             out[name] = np.ascontiguousarray(array)
         return out
 

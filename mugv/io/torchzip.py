@@ -17,10 +17,12 @@ raise `NeedsTorch`; callers then use `load_torch_file` (torch's weights-only unp
 
 from __future__ import annotations
 
+import argparse
 import collections
 import io
 import os
 import pickle
+import re
 import struct
 import sys
 import zipfile
@@ -153,27 +155,26 @@ class StreamingTorchFile:
             self._fd = None
 
 
-def load_torch_file(path: str, allow_namespace: bool = False):
+def load_torch_file(path: str, allow=()):
     """`torch.load(path, weights_only=True)` with the file named in any error, memory-mapped
     unless the file predates the zip format (torch cannot map those; they are read whole).
 
-    `allow_namespace` admits `argparse.Namespace` (Megatron's saved `args`), which holds plain
-    values and so is as safe as the weights-only allowlist.
+    `allow`: classes and functions admitted beside torch's weights-only allowlist (exactly
+    these, e.g. `mugv.io.megatron.SAFE_GLOBALS`). A refused global is named in the error.
     """
-    import argparse
-
     import torch
 
     mmap = zipfile.is_zipfile(path)
+    # The context removes what it added on exit: admit only what is not admitted already, or a
+    # class megatron.core registered for the whole process (its `args`, numpy) would go with it.
+    present = set(torch.serialization.get_safe_globals())
     try:
-        if allow_namespace:
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        with torch.serialization.safe_globals([g for g in allow if g not in present]):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile) as e:
-        raise ValueError(
-            f"cannot read {path} as a torch checkpoint with weights_only=True: {str(e).splitlines()[0][:500]}"
-        ) from e
+        refused = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f"it holds a {refused.group(1)}, which is not read" if refused else str(e).splitlines()[0][:500]
+        raise ValueError(f"cannot read {path} as a torch checkpoint with weights_only=True: {what}") from e
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,10 +239,48 @@ _GLOBALS = {
 }
 
 
+class Unread:
+    """Stands for an object of a class outside the state-dict allow-list (`kind`: its
+    "module.name"), in files read with `unread_globals`: the class is never looked up or called,
+    and whatever the pickle gives it (arguments, state, items) is dropped. A Megatron-LM
+    checkpoint holds such objects beside its tensors (`args` enums, numpy RNG state, TE's
+    `io.BytesIO` extra state); a reader that needs one of them as a tensor names `kind`."""
+
+    kind = "?"
+
+    def __new__(cls, *args, **kwargs):
+        return object.__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+    def __setitem__(self, key, value):
+        pass
+
+    def append(self, value):
+        pass
+
+    def extend(self, values):
+        pass
+
+    def add(self, value):
+        pass
+
+    def __repr__(self):
+        return f"<unread {self.kind}>"
+
+
+def _unread_class(module: str, name: str) -> type:
+    return type("Unread", (Unread,), {"kind": f"{module}.{name}"})
+
+
 class _StateUnpickler(pickle.Unpickler):
-    def __init__(self, file, records, path: str):
+    def __init__(self, file, records, path: str, unread_globals: bool = False):
         super().__init__(file)
-        self._records, self._path = records, path
+        self._records, self._path, self._unread = records, path, unread_globals
         self._storages: dict[str, _Storage] = {}
 
     def find_class(self, module, name):
@@ -249,6 +288,9 @@ class _StateUnpickler(pickle.Unpickler):
             return _GLOBALS[(module, name)]
         if module == "torch" and name in _STORAGE_DTYPES:
             return _StorageType(_STORAGE_DTYPES[name])
+        if self._unread:
+            # A plain attribute container (Megatron's `args`), safe to build; anything else stands in.
+            return argparse.Namespace if (module, name) == ("argparse", "Namespace") else _unread_class(module, name)
         raise NeedsTorch(f"global {module}.{name}")
 
     def persistent_load(self, pid):
@@ -322,9 +364,13 @@ class TorchZipFile:
 
     `start`/`length` read an archive stored inside a larger file (a torch_dist .distcp holds one
     per tensor); `mapping` is that file's mapping when the caller shares one between archives.
+    `unread_globals`: objects of classes outside the allow-list become `Unread` stand-ins
+    instead of refusing the file (Megatron files: only their tensors and plain values are read).
     """
 
-    def __init__(self, path: str, start: int = 0, length: int | None = None, mapping=None):
+    def __init__(
+        self, path: str, start: int = 0, length: int | None = None, mapping=None, *, unread_globals: bool = False
+    ):
         self.path = path
         with open(path, "rb") as raw:
             size = os.fstat(raw.fileno()).st_size if length is None else length
@@ -359,8 +405,7 @@ class TorchZipFile:
             return offsets[key]
 
         try:
-            unpickler = _StateUnpickler(io.BytesIO(data), record, path)
-            self.obj = unpickler.load()
+            self.obj = _StateUnpickler(io.BytesIO(data), record, path, unread_globals).load()
         except (pickle.UnpicklingError, EOFError, AttributeError, TypeError) as e:
             raise ValueError(f"cannot read {path} as a torch checkpoint: {str(e).splitlines()[0][:500]}") from e
         self._map = mapping if mapping is not None else map_file(path)

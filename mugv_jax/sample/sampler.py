@@ -30,7 +30,7 @@ def shift_ratio(height: int, width: int, num_latent_frames: int, *, round_to_bf1
     """r = sqrt(H·W/512²)·sqrt(T_latent). The release passes H, W, T as bf16 tensors, so its r is
     bf16-rounded (7.0 instead of 7.0156 at 720p/5 s); `round_to_bf16` reproduces that."""
     if round_to_bf16:
-        bf = lambda v: np.asarray(v, np.float32).astype(jnp.bfloat16)
+        bf = _bf16
         hw = (bf(height) * bf(width)).astype(jnp.bfloat16)
         ratio_space = np.sqrt((hw / bf(BASE_RESOLUTION)).astype(jnp.bfloat16)).astype(jnp.bfloat16)
         ratio_time = np.sqrt(bf(num_latent_frames)).astype(jnp.bfloat16)
@@ -38,19 +38,32 @@ def shift_ratio(height: int, width: int, num_latent_frames: int, *, round_to_bf1
     return float(np.sqrt(height * width / BASE_RESOLUTION) * np.sqrt(num_latent_frames))
 
 
-def shift_timesteps(t: np.ndarray, ratio: float) -> np.ndarray:
-    """τ' = rτ / (1 + (r − 1)τ) on t ∈ [0, 1000], float32."""
+def shift_timesteps(t: np.ndarray, ratio: float, *, round_to_bf16: bool = False) -> np.ndarray:
+    """τ' = rτ / (1 + (r − 1)τ) on t ∈ [0, 1000], float32.
+
+    `round_to_bf16`: the release's arithmetic with its bf16 ratio (`shift_ratio(...,
+    round_to_bf16=True)`): `ratio − 1` is a bf16 tensor minus a Python number, so it is rounded to
+    bf16 too, before the products promote to float32. Exact for r ≥ 0.5 (Sterbenz); below, r − 1
+    loses r's low bits (toy sizes: r ≈ 0.1)."""
     tau = np.asarray(t, np.float32) / np.float32(NUM_TIMESTEPS)
     r = np.float32(ratio)
-    return (r * tau / (np.float32(1) + (r - np.float32(1)) * tau) * np.float32(NUM_TIMESTEPS)).astype(np.float32)
+    r_minus_1 = r - np.float32(1)
+    if round_to_bf16:
+        r_minus_1 = np.float32((_bf16(ratio) - _bf16(1.0)).astype(jnp.bfloat16))
+    return (r * tau / (np.float32(1) + r_minus_1 * tau) * np.float32(NUM_TIMESTEPS)).astype(np.float32)
 
 
-def sampling_timesteps(num_steps: int, ratio: float) -> np.ndarray:
-    """The shifted float32 time grid t'_0 = 1000 > … > t'_{N−1} (N values; the last step goes to 0)."""
+def _bf16(v) -> np.ndarray:
+    return np.asarray(v, np.float32).astype(jnp.bfloat16)
+
+
+def sampling_timesteps(num_steps: int, ratio: float, *, round_to_bf16: bool = False) -> np.ndarray:
+    """The shifted float32 time grid t'_0 = 1000 > … > t'_{N−1} (N values; the last step goes to
+    0); `round_to_bf16`: the release's bf16 shift arithmetic (`shift_timesteps`)."""
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     raw = np.array([(1.0 - i / num_steps) * NUM_TIMESTEPS for i in range(num_steps)], np.float32)
-    return shift_timesteps(raw, ratio)
+    return shift_timesteps(raw, ratio, round_to_bf16=round_to_bf16)
 
 
 def null_caption_input(null_text, length: int, batch: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -153,6 +166,8 @@ def sample(
     then inject fresh noise, as the release's scheduler does.
     height, width: pixel size, used only for the timestep shift. shift: a fixed shift ratio that
     replaces the resolution/length rule (use the one the model was trained with).
+    frame_indice: temporal RoPE positions, [1, T+2] for every sample or [B, T+2] per sample.
+    round_shift_to_bf16: the release's bf16 shift (its ratio and `ratio − 1` rounded to bf16).
     """
     z = jnp.asarray(z, jnp.float32)
     b, _, t_lat = z.shape[:3]
@@ -177,10 +192,19 @@ def sample(
     fps = jnp.broadcast_to(jnp.asarray(fps, jnp.float32).reshape(-1), (2 * b,))
     if frame_indice is None:
         frame_indice = jnp.arange(t_lat + 2, dtype=jnp.int32)[None]
+    frame_indice = jnp.asarray(frame_indice, jnp.int32)
+    if frame_indice.ndim != 2 or frame_indice.shape[0] not in (1, b) or frame_indice.shape[1] != t_lat + 2:
+        raise ValueError(
+            f"frame_indice must be [1, T+2] or per sample [B, T+2] = [{b}, {t_lat + 2}], got {list(frame_indice.shape)}"
+        )
+    if frame_indice.shape[0] > 1:
+        # Per-sample positions: the conditional and the unconditional half of the batch both take them.
+        frame_indice = jnp.concatenate([frame_indice, frame_indice])
     velocity = velocity_fn or make_guided_velocity(model)
 
-    ratio = shift if shift is not None else shift_ratio(height, width, t_lat, round_to_bf16=round_shift_to_bf16)
-    timesteps = sampling_timesteps(num_steps, ratio)
+    bf16_shift = round_shift_to_bf16 and shift is None
+    ratio = shift if shift is not None else shift_ratio(height, width, t_lat, round_to_bf16=bf16_shift)
+    timesteps = sampling_timesteps(num_steps, ratio, round_to_bf16=bf16_shift)
     noise_added = jnp.zeros((b, t_lat), bool)
     steps = range(num_steps)
     if progress:

@@ -22,6 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mugv import rng as rng_ref
 from mugv.config import DiTConfig
+from mugv.init import InitialWeights
 from mugv.layouts.jax import unflatten as _unflatten
 from mugv.training import ObjectiveConfig, OptimConfig
 from mugv_jax.dit import checkpoint as dit_ckpt
@@ -124,10 +125,11 @@ class Trainer:
         return out
 
     def init_state(self, seed: int, params=None):
-        """A sharded fresh state; `params` (nested dict, e.g. from a release checkpoint) or random."""
+        """A sharded fresh state; `params` (nested dict, e.g. from a release checkpoint) or the
+        seed's fresh weights (`mugv.init`, the same the Megatron trainer starts from)."""
         if params is None:
-            model = dit_ckpt.init(self.model_config, seed=seed, options=self.options)
-            params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+            fresh = InitialWeights(self.model_config, seed)
+            params = _unflatten(dit_ckpt.params_from_release_items(fresh.items(), self.model_config))
         abstract = self.abstract_state()
         shardings = jax.tree.map(lambda a: a.sharding, abstract)
         params = jax.device_put(params, shardings["params"])

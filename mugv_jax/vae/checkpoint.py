@@ -140,3 +140,13 @@ def random_vae(config: VAEConfig | str, seed: int = 0, compute_dtype=F32) -> Vid
             v = np.ones(shape)
         var.set_value(jnp.asarray(np.asarray(v, np.float32).reshape(shape)))
     return nnx.merge(graphdef, state)
+
+
+def abstract_params(config: VAEConfig | str) -> dict[str, tuple[int, ...]]:
+    """{release name: shape} of the VAE's trained parameters (its buffers excluded), in the
+    order jax flattens their tree (the order of the trainer's checkpointed leaves)."""
+    config = get_vae_config(config)
+    abstract = nnx.eval_shape(lambda: VideoVAE(config, rngs=nnx.Rngs(0)))
+    _, params, _ = nnx.split(abstract, nnx.Param, ...)
+    leaves, _ = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(params))
+    return {".".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape) for path, leaf in leaves}

@@ -243,11 +243,16 @@ class Trainer:
         c = self.vae_cfg.embed_dim
         model.shift.set_value(jnp.asarray(shift, jnp.float32).reshape(1, c, 1, 1, 1))
         model.scale.set_value(jnp.asarray(scale, jnp.float32).reshape(1, c, 1, 1, 1))
-        save_release(export_release_state_dict(model), path)
+        save_release(export_release_state_dict(model), path, self.vae_cfg)
 
 
-def save_release(tensors: dict[str, np.ndarray], path: str) -> None:
-    """Atomic safetensors write (0-d tensors stay 0-d: the release's scalar `logvar`)."""
+def save_release(tensors: dict[str, np.ndarray], path: str, config: VAEConfig | None = None) -> None:
+    """Atomic safetensors write (0-d tensors stay 0-d: the release's scalar `logvar`), with the
+    VAE's config in the metadata where `python -m converters` finds it (mugv.io.release)."""
+    import json
+
+    from mugv.io.release import VAE_CONFIG_METADATA
     from mugv.safetensors_io import save_atomic
 
-    save_atomic(tensors, path)
+    meta = None if config is None else {"format": "pt", VAE_CONFIG_METADATA: json.dumps(config.to_dict())}
+    save_atomic(tensors, path, metadata=meta)

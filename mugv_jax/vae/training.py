@@ -271,3 +271,76 @@ def train_vae(config, workdir: str, clips: Iterable[np.ndarray] | None = None, p
     write_json(result_path, result, indent=1)
     result["vae_config"] = vae_cfg
     return result
+
+
+# --- a run's checkpoints, read back as release weights --------------------------------------------
+
+
+class RunWeights:
+    """The VAE weights of one step of a training run (`<workdir>/checkpoints/<step>/`, newest
+    unless `step`), in release names, one tensor at a time (`python -m converters convert --src
+    jax:WORKDIR`). The checkpoint stores the trainer's tree as flat leaves (`_flat`): its sorted
+    keys put `params` last, in the order of the abstract model's Param tree; the latent
+    `shift`/`scale` buffers are not trained, and come from the run's result file (written when the
+    run finishes, for its last step)."""
+
+    def __init__(self, path: str, step: int | None = None):
+        from mugv.io import orbax as orbax_io
+        from mugv_jax.vae.checkpoint import abstract_params
+
+        self.path = path
+        step_dir, self.step, _ = orbax_io.resolve_step_dir(path, step)
+        self.location = step_dir
+        run = orbax_io.read_config_item(step_dir) or {}
+        if not isinstance(run.get("vae_config"), dict):
+            raise ValueError(f"{step_dir}: not a VAE training checkpoint (its config item has no 'vae_config')")
+        self.config = VAEConfig.from_dict(run["vae_config"])
+        state_dir = os.path.join(step_dir, orbax_io.STATE)
+        keys = sorted(".".join(k) for k in orbax_io.state_entries(state_dir))
+        params = abstract_params(self.config)
+        if len(keys) < len(params):
+            raise ValueError(f"{step_dir}: {len(keys)} stored arrays, fewer than the VAE's {len(params)} parameters")
+        names = dict(zip(params, keys[len(keys) - len(params) :]))
+        self._arrays = orbax_io.open_state_arrays(state_dir, list(names.values()))
+        self._key = names
+        bad = [
+            f"{n}: {list(self._arrays[k].shape)} stored, the VAE has {list(params[n])}"
+            for n, k in names.items()
+            if tuple(self._arrays[k].shape) != tuple(params[n])
+        ]
+        if bad:
+            raise ValueError(f"{step_dir} does not hold this run's VAE ({self.config}):\n  " + "\n  ".join(bad[:20]))
+        workdir = os.path.dirname(os.path.dirname(os.path.abspath(step_dir)))
+        result = os.path.join(workdir, RESULT_NAME)
+        stats = None
+        if os.path.isfile(result):
+            with open(result) as f:
+                done = json.load(f)
+            if done.get("steps") == self.step:
+                stats = done
+        if stats is None:
+            raise ValueError(
+                f"{step_dir}: the latent shift/scale of step {self.step} are not known: they are measured "
+                f"when the run finishes ({result}, for its last step). Finish the run (python -m mugv_jax.vae "
+                f"train ... --workdir={workdir}) and convert its last step, or convert {WEIGHTS_NAME}"
+            )
+        c = self.config.embed_dim
+        self._buffers = {
+            "shift": np.asarray(stats["shift"], np.float32).reshape(1, c, 1, 1, 1),
+            "scale": np.asarray(stats["scale"], np.float32).reshape(1, c, 1, 1, 1),
+        }
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """{release name: shape} of every tensor, in release order."""
+        from mugv.vae_config import release_vae_schema
+
+        stored = {n: tuple(self._arrays[k].shape) for n, k in self._key.items()}
+        stored.update({n: b.shape for n, b in self._buffers.items()})
+        return {n: stored[n] for n in release_vae_schema(self.config) if n in stored}
+
+    def get(self, name: str) -> np.ndarray:
+        if name in self._buffers:
+            return self._buffers[name]
+        if name not in self._key:
+            raise KeyError(f"{self.location}: no tensor {name!r}")
+        return np.asarray(self._arrays[self._key[name]].read().result())

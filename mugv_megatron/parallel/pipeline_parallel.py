@@ -228,12 +228,14 @@ def stage_state(
     check_state_dict_shapes({k: tuple(v.shape) for k, v in release_state.items()}, release_schema(config), source)
     tp = parallel_state.get_tensor_model_parallel_world_size()
     rank = parallel_state.get_tensor_model_parallel_rank()
-    megatron_state = layout.release_state_to_megatron(dict(release_state), config)
     first = module.decoder.layer_offset
     count = len(module.decoder.layers)
     prefix = "decoder.layers."
     out = {}
-    for name, tensor in layout.iter_tp_shards(megatron_state, rank, tp):
+    # One release tensor at a time: another stage's tensors are dropped as soon as they are read.
+    megatron_tensors = (pair for n, t in release_state.items() for pair in layout.release_to_megatron(n, t, config))
+    for name, full in megatron_tensors:
+        tensor = layout.tp_shard(name, full, rank, tp)
         if name.startswith(prefix):
             index, rest = name[len(prefix) :].split(".", 1)
             local = int(index) - first

@@ -63,10 +63,19 @@ import torch.distributed as dist
 
 from mugv.io import digest, torch_dist
 from mugv.io.atomic import quarantine
-from mugv.io.megatron import PARTIAL_SUFFIX, common_state, is_partial_iter_dir, iter_dir, write_tracker
+from mugv.io.megatron import PARTIAL_SUFFIX, Layout, common_state, is_partial_iter_dir, iter_dir, write_tracker
 from mugv.io.megatron import iterations as steps
+from mugv.io.megatron import megatron_lm_args as args_for
 from mugv.io.mismatch import IncompatibleCheckpoint
-from mugv.io.torch_dist import EMA_PREFIX, NULL_TEXT_KEY, REFERENCE_PREFIX, RNG_KEY, optimizer_prefix, stored_key
+from mugv.io.torch_dist import (
+    EMA_PREFIX,
+    NULL_TEXT_KEY,
+    REFERENCE_PREFIX,
+    RNG_KEY,
+    extra_state_objects,
+    optimizer_prefix,
+    stored_key,
+)
 from mugv.layouts import megatron as layout
 from mugv.run import preemption
 
@@ -121,8 +130,6 @@ def layer_offset(model) -> int:
 def _state_dict(trainer, *, loading: bool) -> dict:
     """The sharded state dict to save, or (loading) to load into: then the targets are fresh
     tensors, so that a checkpoint failing half-way leaves the trainer untouched."""
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
-
     depth = trainer.model_config.depth
     off = layer_offset(trainer.module)
     opt = trainer.optimizer
@@ -156,12 +163,71 @@ def _state_dict(trainer, *, loading: bool) -> dict:
         # Preference runs: the frozen reference model (the weights the run started from).
         sd["ref"] = {n: sharded_tensor(n, fresh(t), depth, REFERENCE_PREFIX, off) for n, t in trainer.ref.items()}
     sd["null_text"] = sharded_tensor(NULL_TEXT_KEY, fresh(trainer.null_text), depth)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    sd["rng_state"] = ShardedObject(RNG_KEY, rng, (world,), (rank,), replica_id=0)
+    sd["rng_state"] = _rng_object(None if loading else rng_states())
     return sd
+
+
+def rng_states() -> dict:
+    """This process's generator states, as Megatron-LM's `get_rng_state` collects them (python,
+    numpy, torch CPU; with CUDA the CUDA generator and megatron's model-parallel tracker)."""
+    import random
+
+    import numpy as np
+
+    rng = {
+        "random_rng_state": random.getstate(),
+        "np_rng_state": np.random.get_state(),
+        "torch_rng_state": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        from megatron.core import tensor_parallel
+
+        rng["cuda_rng_state"] = torch.cuda.get_rng_state()
+        rng["rng_tracker_states"] = tensor_parallel.get_cuda_rng_tracker().get_states()
+    return rng
+
+
+def rng_complete(rng: dict) -> bool:
+    """Whether Megatron-LM can restore these states (it needs the CUDA ones and a non-empty tracker)."""
+    return "cuda_rng_state" in rng and bool(rng.get("rng_tracker_states"))
+
+
+def _rng_object(rng: dict | None):
+    """Megatron-LM's `rng_state` entry: a one-element list per (PP, TP) rank, the DP/CP ranks
+    replicas of it (so a checkpoint's states apply when the TP and PP sizes match)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    tp_rank, tp, dp_rank, pp_rank = _parallel()
+    pp = ps.get_pipeline_model_parallel_world_size()
+    return ShardedObject(RNG_KEY, None if rng is None else [rng], (pp, tp), (pp_rank, tp_rank), replica_id=dp_rank)
+
+
+def _extra_states(trainer) -> dict:
+    """The TE `_extra_state` placeholders of this stage's layers (and the final layer on the last
+    stage) that Megatron-LM's load of the official model asks for (mugv.io.torch_dist)."""
+    tp_rank, _, dp_rank, _ = _parallel()
+    off, count = layer_offset(trainer.module), len(trainer.module.decoder.layers)
+    return extra_state_objects(
+        trainer.model_config.depth,
+        range(off, off + count),
+        final_layer=bool(getattr(trainer.module, "post_process", True)),
+        replica_id=(0, tp_rank, dp_rank),
+    )
+
+
+def megatron_lm_args(trainer, step: int, rng: dict):
+    """Megatron-LM's `args` for this run's checkpoint (mugv.io.megatron.megatron_lm_args)."""
+    from megatron.core import parallel_state as ps
+
+    layout = Layout(
+        tp=ps.get_tensor_model_parallel_world_size(),
+        pp=ps.get_pipeline_model_parallel_world_size(),
+        cp=ps.get_context_parallel_world_size(),
+        dp=ps.get_data_parallel_world_size(),
+        sequence_parallel=bool(getattr(trainer.module.config, "sequence_parallel", False)),
+    )
+    return args_for(trainer.model_config, step, layout, rng_saved=rng_complete(rng), seed=trainer.seed)
 
 
 _ASYNC_QUEUE = None
@@ -291,7 +357,8 @@ def save(
     dist.barrier()
     trainer.sync_params()
     sd = _state_dict(trainer, loading=False)
-    sd.update(common_state(trainer.model_config, step))
+    sd.update(_extra_states(trainer))
+    sd.update(common_state(trainer.model_config, step, megatron_lm_args(trainer, step, sd["rng_state"].data[0])))
     sd["mugv"].update(
         trainer=trainer.counters(),
         optimizer={"kind": trainer.optimizer.kind, "count": trainer.optimizer.count},
@@ -332,18 +399,19 @@ def load(path: str, trainer) -> dict:
         raise ValueError(f"{path}: common.pt lacks trainer counters {sorted(missing)} / optimizer count / data state")
     if meta["optimizer"]["kind"] != trainer.optimizer.kind:
         raise IncompatibleCheckpoint(path, "optimizer", meta["optimizer"]["kind"], trainer.optimizer.kind)
-    saved_world = None
+    saved_grid = None
     try:
         from megatron.core.dist_checkpointing import load_sharded_metadata
 
         saved = load_sharded_metadata(path)
         obj = next((v for k, v in saved.items() if k.startswith(RNG_KEY)), None)
-        saved_world = None if obj is None else tuple(obj.global_shape)
+        saved_grid = None if obj is None else tuple(obj.global_shape)
     except Exception:  # noqa: BLE001 - metadata is only used to decide whether RNG can be restored
-        saved_world = None
-    if saved_world != want_rng.global_shape:
-        # Another world size: the per-rank RNG states do not map; the step's randomness is
-        # derived from (seed, step) anyway, so only unused torch generator states are lost.
+        saved_grid = None
+    if saved_grid != want_rng.global_shape:
+        # Another (PP, TP) grid (or a checkpoint from before Megatron-LM's layout): the per-rank
+        # RNG states do not map; the step's randomness is derived from (seed, step) anyway, so
+        # only unused generator states are lost.
         sd.pop("rng_state")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -371,12 +439,25 @@ def load(path: str, trainer) -> dict:
             meta["optimizer"]["count"],
         )
     if "rng_state" in loaded:
-        rng = loaded["rng_state"]
-        torch.set_rng_state(rng["cpu"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"])
+        _restore_rng(loaded["rng_state"][0])
     trainer.set_counters(meta["trainer"])
     return meta
+
+
+def _restore_rng(rng: dict) -> None:
+    import random
+
+    import numpy as np
+
+    random.setstate(rng["random_rng_state"])
+    np.random.set_state(rng["np_rng_state"])
+    torch.set_rng_state(rng["torch_rng_state"])
+    if torch.cuda.is_available() and "cuda_rng_state" in rng:
+        from megatron.core import tensor_parallel
+
+        torch.cuda.set_rng_state(rng["cuda_rng_state"])
+        if rng.get("rng_tracker_states"):
+            tensor_parallel.get_cuda_rng_tracker().set_states(rng["rng_tracker_states"])
 
 
 def verify(path: str) -> None:

@@ -50,12 +50,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Mapping
 
 import torch
 import torch.distributed as dist
 
 from mugv import rng
 from mugv.config import DiTConfig
+from mugv.init import InitialWeights
 from mugv.training import ObjectiveConfig, OptimConfig
 from mugv_megatron.model import build as dit
 from mugv_megatron.model import recompute as recompute_lib
@@ -67,6 +69,23 @@ from mugv_megatron.train.ema import EMA, ShardedEMA
 PARAMS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 T_QUARTILES = 4
+
+
+class _TorchTensors(Mapping):
+    """A mapping of numpy arrays read as torch tensors, one at a time (`mugv.init` draws each
+    tensor when read, so a fresh 10B model is never whole in host memory)."""
+
+    def __init__(self, arrays: Mapping):
+        self.arrays = arrays
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return torch.from_numpy(self.arrays[name])
+
+    def __iter__(self):
+        return iter(self.arrays)
+
+    def __len__(self) -> int:
+        return len(self.arrays)
 
 
 class Trainer:
@@ -143,21 +162,25 @@ class Trainer:
         self.cp_size = ps.get_context_parallel_world_size()
         # CP or PP: the step runs through megatron's DDP and mugv_megatron.parallel.pipeline_parallel.
         self.staged = self.pp_size > 1 or self.cp_size > 1
-        # Every rank of a stage draws the same initial weights (replicated tensors must agree
-        # over TP/CP/DP; megatron cuts TP shards from a full CPU-initialised tensor).
         torch.manual_seed(self.seed + self.pp_rank)
+        # Every weight is loaded below (megatron's own initialisation would be overwritten).
         self.module = dit.build_model(
             model_config,
             sequence_parallel=sequence_parallel,
             use_te=use_te,
             params_dtype=PARAMS_DTYPES[params_dtype],
             local_attention=local_attention,
+            perform_initialization=False,
         )
         recompute_lib.apply(self.module, self.recompute)
         if self.pp_size > 1:
             self._sync_replicated_embedders()
-        if release_state is not None:
-            self._load_release_state(release_state, "config.init_from")
+        source = "config.init_from"
+        if release_state is None:
+            # A fresh run: the seed's weights of mugv.init, the ones the JAX trainer starts from
+            # (the same on every rank and stage, whatever the layout).
+            release_state, source = _TorchTensors(InitialWeights(model_config, self.seed)), "mugv.init"
+        self._load_release_state(release_state, source)
         self.module.train()
         self.null_text = torch.from_numpy(
             rng.null_text(self.seed, model_config.max_text_tokens, model_config.text_dim)
@@ -199,7 +222,7 @@ class Trainer:
             bf16_params=params_dtype == "bfloat16",
             overlap_param_gather=self.overlap_param_gather,
         )
-        if release_state is not None and params_dtype != "float32":
+        if params_dtype != "float32":
             # The model holds the release weights rounded to bf16; the main weights take them exact.
             self.optimizer.set_main_params(pipeline.stage_state(self.module, release_state))
         self.ema = self._new_ema()

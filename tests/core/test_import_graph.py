@@ -204,11 +204,13 @@ CONVERT_PATH = [
     ["converters.__main__"],
     ["converters.cli"],
     ["converters.convert"],
+    ["converters.vae"],
     ["converters.detect", "converters.pipeline", "converters.formats"],
     ["converters.formats.jax", "converters.formats.megatron", "mugv.io.weights"],
     ["mugv.io.spec", "mugv.io.null_text", "mugv.io.latents", "mugv.io.text_features"],
     ["mugv.io.release", "mugv.io.orbax", "mugv.io.torch_dist"],
-    ["mugv.io.megatron", "mugv.io.torchzip", "mugv.io.staging", "mugv.io.torch_cpu", "mugv.safetensors_io"],
+    ["mugv.io.megatron", "mugv.io.staging", "mugv.io.torch_cpu", "mugv.safetensors_io"],
+    ["mugv.io.torchzip"],
     [
         "mugv.io.base",
         "mugv.io.atomic",
@@ -218,7 +220,7 @@ CONVERT_PATH = [
         "mugv.layouts.megatron",
     ],
     ["mugv.schema"],
-    ["mugv.config"],
+    ["mugv.config", "mugv.vae_config"],
 ]
 
 

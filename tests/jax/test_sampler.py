@@ -271,3 +271,49 @@ def test_sample_cli_without_null_caption_stops_before_loading(tmp_path):
     assert res.returncode != 0
     assert "weights.safetensors.null_text.safetensors does not exist" in res.stderr and "--zero_null_text" in res.stderr
     assert "loading" not in res.stderr and not (tmp_path / "o.safetensors").exists()
+
+
+# --- the release's edges (issue 27 item 6) ----------------------------------------------------
+
+
+def _release_shift(t: np.ndarray, height: int, width: int, frames: int) -> np.ndarray:
+    """The release's `timestep_transform` with its bf16 size tensors, in torch: the ratio is
+    bf16, `ratio - 1` a bf16 tensor minus a number (bf16), the products promote to float32."""
+    import torch
+
+    bf = lambda v: torch.tensor([float(v)], dtype=torch.bfloat16)  # noqa: E731
+    ratio = ((bf(height) * bf(width)) / (512 * 512)).sqrt() * bf(frames).sqrt() * 1.0
+    tau = torch.from_numpy(np.asarray(t, np.float32)) / 1000
+    return (ratio * tau / (1 + (ratio - 1) * tau) * 1000).numpy()
+
+
+def test_bf16_shift_rounds_ratio_minus_one_like_the_release():
+    """Below r = 0.5 the release's `ratio - 1` drops the low bits of its bf16 ratio; with
+    round_shift_to_bf16 the grid is the release's bit for bit, at toy and at release sizes."""
+    raw = np.array([(1.0 - i / 25) * 1000 for i in range(25)], np.float32)
+    differs = 0
+    for h, w, t in [(1280, 720, 14), (720, 1280, 4), (48, 40, 1), (56, 40, 2), (40, 24, 3), (64, 64, 1), (24, 24, 1)]:
+        r = sampler.shift_ratio(h, w, t, round_to_bf16=True)
+        grid = sampler.sampling_timesteps(25, r, round_to_bf16=True)
+        np.testing.assert_array_equal(grid, _release_shift(raw, h, w, t))
+        differs += not np.array_equal(grid, sampler.sampling_timesteps(25, r))
+    assert differs >= 1  # the toy sizes where r − 1 rounds
+
+
+def test_per_sample_frame_indices_are_taken_for_each_sample(model):
+    """frame_indice [B, T+2] with B > 1 (the release sampler takes it): each sample is sampled
+    with its own temporal positions, as when the whole batch has that sample's (one compile:
+    every call has the same shapes)."""
+    v = dit_vectors()
+    z = np.zeros((2, 24, 3, 6, 8), np.float32)
+    noise = np.random.default_rng(0).standard_normal(z.shape).astype(np.float32)
+    text = [np.repeat(v[f"sampler.in.{k}"], 2, 0) for k in ("cond_y", "cond_mask", "neg_y", "neg_mask")]
+    a, b = np.array([0, 1, 2, 3, 4], np.int32), np.array([0, 3, 6, 9, 12], np.int32)
+    kw = dict(height=48, width=64, num_steps=2, fps=30.0, noise=noise)
+    mixed = np.asarray(sampler.sample(model, z, *text, frame_indice=np.stack([a, b]), **kw))
+    all_a = np.asarray(sampler.sample(model, z, *text, frame_indice=np.stack([a, a]), **kw))
+    all_b = np.asarray(sampler.sample(model, z, *text, frame_indice=np.stack([b, b]), **kw))
+    assert max_abs(mixed[0], all_a[0]) <= 1e-5 and max_abs(mixed[1], all_b[1]) <= 1e-5
+    assert max_abs(all_a[1], all_b[1]) > 1e-3  # the positions matter
+    with pytest.raises(ValueError, match=r"frame_indice must be \[1, T\+2\] or per sample \[B, T\+2\] = \[2, 5\]"):
+        sampler.sample(model, z, *text, frame_indice=np.stack([a, b])[:, :4], **kw)
