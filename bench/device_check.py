@@ -508,18 +508,18 @@ def part_megatron_step(args):
 
 
 def part_megatron_distopt(args):
-    """The Megatron GPU training path end to end (mugv_megatron/train/device_check.py): 10B-width layers
+    """The Megatron GPU training path end to end (bench/megatron_distopt.py): 10B-width layers
     with the DistributedOptimizer, bf16 parameters + fp32 main weights, full recompute, both
     overlaps; two steps, an async save, a step, a restore into a fresh trainer, compared."""
+    from bench import megatron_distopt
     from mugv_megatron.parallel import distopt_cpu
-    from mugv_megatron.train import device_check
 
     if args.dry_run:  # CPU: tiny width, megatron's optimizer under the shim
         distopt_cpu.apply()
     import tempfile
 
     work = getattr(args, "work", None) or tempfile.mkdtemp(prefix="device-check-distopt-")
-    got = device_check.run(
+    got = megatron_distopt.run(
         os.path.join(work, "distopt"),
         model="tiny" if args.dry_run else "10b",
         bucket_size=200_000 if args.dry_run else None,

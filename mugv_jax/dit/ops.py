@@ -2,10 +2,19 @@
 
 Everything that the release computes in float32 (norm statistics, RoPE angles, sinusoids, the
 modulation-table addition) is computed in float32 here whatever the compute dtype.
+
+The norms, the GELU and the per-token selection have hand-written backward passes (custom VJPs)
+that keep what a hand-written kernel keeps (the normalised input and 1/σ, the GELU's input, the
+token mask) instead of every intermediate autodiff would keep. The forward is the same code; the
+gradients agree with autodiff to float32 rounding (tests/jax/test_dit_ops.py). Under the scanned
+blocks each kept intermediate is a stacked buffer written in the forward and read back in the
+backward, so this is most of what `remat="none"` costs over torch autograd on a CPU
+(bench/cpu_vs_torch.py, docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -17,26 +26,102 @@ from mugv.config import DiTConfig
 F32 = jnp.float32
 
 
-def layer_norm(x, eps, scale=None, bias=None):
-    x = x.astype(F32)
-    mean = jnp.mean(x, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-    y = (x - mean) * jax.lax.rsqrt(var + eps)
+def _sum_to(g, shape):
+    """g summed over its leading axes down to `shape` (a parameter's gradient), float32."""
+    return jnp.sum(g.astype(F32), axis=tuple(range(g.ndim - len(shape)))).reshape(shape)
+
+
+def _normalised_grad(gxhat, xhat, rstd):
+    """d/dx of xhat = (x − mean)·rstd (mean removed or not), given d/dxhat: one float32 pass."""
+    return rstd * (gxhat - xhat * jnp.mean(gxhat * xhat, axis=-1, keepdims=True))
+
+
+def _layer_norm_fwd(x, scale, bias, eps, dtype):
+    x32 = x.astype(F32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    rstd = jax.lax.rsqrt(var + eps)
+    xhat = (x32 - mean) * rstd
+    y = xhat
     if scale is not None:
         y = y * scale.astype(F32)
     if bias is not None:
         y = y + bias.astype(F32)
-    return y
+    return y, (xhat, rstd, scale, bias)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _layer_norm(x, scale, bias, eps, dtype):
+    return _layer_norm_fwd(x, scale, bias, eps, dtype)[0]
+
+
+def _layer_norm_bwd(eps, dtype, res, g):
+    xhat, rstd, scale, bias = res
+    g = g.astype(F32)
+    gxhat = g if scale is None else g * scale.astype(F32)
+    gxhat = gxhat - jnp.mean(gxhat, axis=-1, keepdims=True)
+    dx = _normalised_grad(gxhat, xhat, rstd).astype(dtype)
+    dscale = None if scale is None else _sum_to(g * xhat, scale.shape).astype(scale.dtype)
+    dbias = None if bias is None else _sum_to(g, bias.shape).astype(bias.dtype)
+    return dx, dscale, dbias
+
+
+_layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+def layer_norm(x, eps, scale=None, bias=None):
+    """LayerNorm over the last axis in float32 (float32 result), optional affine."""
+    return _layer_norm(x, scale, bias, eps, jnp.dtype(x.dtype))
+
+
+def _rms_norm_fwd(x, scale, eps):
+    # Release order: statistics in float32, cast back to the input dtype, then × weight.
+    x32 = x.astype(F32)
+    rstd = jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+    y = (x32 * rstd).astype(x.dtype)
+    return y * scale.astype(x.dtype), (x, rstd, scale)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _rms_norm(x, scale, eps):
+    return _rms_norm_fwd(x, scale, eps)[0]
+
+
+def _rms_norm_bwd(eps, res, g):
+    x, rstd, scale = res
+    xhat = x.astype(F32) * rstd
+    dscale = _sum_to(g * xhat.astype(x.dtype), scale.shape).astype(scale.dtype)
+    gxhat = (g * scale.astype(x.dtype)).astype(F32)
+    return _normalised_grad(gxhat, xhat, rstd).astype(x.dtype), dscale
+
+
+_rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
 
 
 def rms_norm(x, scale, eps):
-    # Release order: statistics in float32, cast back to the input dtype, then × weight.
-    y = x.astype(F32) * jax.lax.rsqrt(jnp.mean(jnp.square(x.astype(F32)), axis=-1, keepdims=True) + eps)
-    return y.astype(x.dtype) * scale.astype(x.dtype)
+    return _rms_norm(x, scale, eps)
 
 
-def gelu_tanh(x):
+_GELU_C = math.sqrt(2.0 / math.pi)
+
+
+def _gelu(x):
     return jax.nn.gelu(x, approximate=True)
+
+
+@jax.custom_vjp
+def gelu_tanh(x):
+    return _gelu(x)
+
+
+def _gelu_bwd(x, g):
+    x32 = x.astype(F32)
+    t = jnp.tanh(_GELU_C * (x32 + 0.044715 * x32**3))
+    dt = _GELU_C * (1.0 + 3 * 0.044715 * x32 * x32)
+    return ((g.astype(F32) * (0.5 * (1.0 + t) + 0.5 * x32 * (1.0 - t * t) * dt)).astype(x.dtype),)
+
+
+gelu_tanh.defvjp(lambda x: (_gelu(x), x), _gelu_bwd)
 
 
 def modulate(x_normed, shift, scale):
@@ -54,9 +139,25 @@ def sinusoidal_embedding(t, dim: int, max_period: float = 10000.0):
     return emb
 
 
+def _select(token_mask, when_true, when_false):
+    return jnp.where(token_mask[:, :, None], when_true[:, None, :], when_false[:, None, :])
+
+
+@jax.custom_vjp
 def select_per_token(token_mask, when_true, when_false):
     """Per-token choice between two per-sample vectors: [B,N] mask, [B,C] × 2 → [B,N,C]."""
-    return jnp.where(token_mask[:, :, None], when_true[:, None, :], when_false[:, None, :])
+    return _select(token_mask, when_true, when_false)
+
+
+def _select_bwd(token_mask, g):
+    # Keeps the [B, N] mask, not autodiff's [B, N, C] broadcast of it.
+    zero = jnp.zeros_like(g)
+    on = jnp.sum(jnp.where(token_mask[:, :, None], g, zero), axis=1)
+    off = jnp.sum(jnp.where(token_mask[:, :, None], zero, g), axis=1)
+    return jnp.zeros(token_mask.shape, jax.dtypes.float0), on, off
+
+
+select_per_token.defvjp(lambda m, a, b: (_select(m, a, b), m), _select_bwd)
 
 
 # --- 3D RoPE -------------------------------------------------------------------------------------

@@ -44,26 +44,14 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec
 
 from mugv import roofline
-from mugv_jax.parallel import blockwise, sharding
+from mugv_jax.parallel import blockwise, sharding, xla_attention
 
 _state = threading.local()  # stand_in, lowering_for
 
 
 def _xla_attention(q, k, v, key_mask, precision, **_):
-    scale = q.shape[-1] ** -0.5
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=precision, preferred_element_type=jnp.float32) * scale
-    if key_mask is not None:
-        logits = jnp.where(key_mask[:, None, None, :], logits, -jnp.inf)
-        # A sample with no valid key attends to nothing: zero output instead of NaN.
-        any_valid = jnp.any(key_mask, axis=-1)[:, None, None, None]
-        logits = jnp.where(any_valid, logits, 0.0)
-    probs = jax.nn.softmax(logits, axis=-1)
-    if key_mask is not None:
-        probs = jnp.where(any_valid, probs, 0.0)
-    out = jnp.einsum(
-        "bhqk,bkhd->bqhd", probs.astype(v.dtype), v, precision=precision, preferred_element_type=jnp.float32
-    )
-    return out.astype(q.dtype)
+    # A sample with no valid key attends to nothing: zero output instead of NaN.
+    return xla_attention.attention(q, k, v, None if key_mask is None else key_mask.astype(bool), precision)
 
 
 def _full_mask(k, key_mask):

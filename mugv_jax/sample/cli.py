@@ -59,6 +59,12 @@ flags.DEFINE_integer("seed", 42, "noise seed")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype")
 flags.DEFINE_bool("bf16_shift", False, "round the timestep-shift ratio to bf16 like the release")
 flags.DEFINE_float("shift", None, "fixed timestep-shift ratio (default: the resolution/length rule)")
+flags.DEFINE_string(
+    "compilation_cache",
+    None,
+    "JAX persistent compilation cache directory, or 'off' (default: $MUGV_COMPILATION_CACHE, "
+    "else JAX's own setting, else ~/.cache/mugv/jax)",
+)
 flags.mark_flags_as_required(["checkpoint", "text"])
 
 
@@ -138,8 +144,10 @@ def main(argv):
     from mugv.io import text_features
     from mugv.safetensors_io import load_tensors
     from mugv.schema import preset_name
-    from mugv_jax import dit
+    from mugv_jax import compilation_cache, dit
     from mugv_jax.sample import sampler
+
+    compilation_cache.setup(compilation_cache.user_cache_dir(), FLAGS.compilation_cache)
 
     # Text and the unconditional input first: a missing null caption is reported before minutes
     # of loading a 10B checkpoint.

@@ -26,6 +26,7 @@ from mugv.layouts.jax import unflatten
 from mugv.run import driver, tasks
 from mugv.run.config import ConfigError, RunConfig, as_run_config
 from mugv.run.validation import ValidationSet
+from mugv_jax import compilation_cache
 from mugv_jax.dit import checkpoint as dit_checkpoint
 from mugv_jax.dit.model import RuntimeOptions
 from mugv_jax.parallel import mesh as mesh_lib
@@ -226,6 +227,7 @@ class JaxBackend:
 def train(config, workdir: str) -> dict:
     """Run (or resume) training of a run config (a RunConfig or the ml_collections dict of one);
     returns the driver's summary plus the final `state`."""
+    compilation_cache.setup(compilation_cache.workdir_cache_dir(workdir))
     run = as_run_config(config)
     task = tasks.for_config(run)
     resolved = run.resolved()

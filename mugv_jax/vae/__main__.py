@@ -55,7 +55,10 @@ class ChunkProgress:
 
 def _model(args, progress: ChunkProgress | None = None):
     import mugv_jax.vae as vae
+    from mugv_jax import compilation_cache
     from mugv_jax.vae.tiling import Tiled, Tiling
+
+    compilation_cache.setup(compilation_cache.user_cache_dir(), args.compilation_cache)
 
     cfg = _vae_config(args.vae_config)
     if args.micro_batch_size:
@@ -209,6 +212,12 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("--tile", type=int, default=0, help="spatial tile in latents (0: no tiling)")
         s.add_argument("--overlap", type=int, default=8, help="tile overlap in latents")
         s.add_argument("--out", required=True, help="output directory")
+        s.add_argument(
+            "--compilation-cache",
+            default=None,
+            help="JAX persistent compilation cache directory, or 'off' (default: $MUGV_COMPILATION_CACHE, "
+            "else JAX's own setting, else ~/.cache/mugv/jax)",
+        )
 
     e = sub.add_parser("encode", help="videos (mp4, gif, ...) → latents")
     model_args(e)

@@ -4,7 +4,9 @@ The release runs its networks chunk by chunk (4 frames per 2D call, one temporal
 `micro_frame_size` frames, one decode window at a time). Compiling each network for its chunk
 shape, rather than each whole encode/decode, means clips of any length reuse the same few
 executables, and memory is bounded by one chunk. The glue between chunks (gathers, crops,
-concatenation, normalisation) runs eagerly.
+concatenation, normalisation) runs eagerly. The networks hold their own copy of the conv kernels,
+laid out for the convolution (`layers.spatial_kernels`): the model's weights are not read again,
+and changing them later does not change this JittedVAE.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import jax
 from flax import nnx
 
 from mugv.vae_config import PIPELINE_FIELDS
+from mugv_jax.vae.layers import spatial_kernels
 from mugv_jax.vae.model import NETWORK_METHODS, VideoVAE
 from mugv_jax.vae.orchestration import Pipeline
 
@@ -30,7 +33,14 @@ class JittedVAE(Pipeline):
         self.model = model
         self.config = model.config
         self.compute_dtype = model.compute_dtype
-        self._parts = {part: nnx.split(getattr(model, part)) for part in ("spatial_vae", "temporal_vae")}
+        # Kernels laid out once for channels-last convolution, not transposed on every call, and
+        # on a CPU 3D convolutions tap by tap (mugv_jax/vae/layers.py): the networks run on a copy
+        # of the conv weights.
+        cpu = jax.default_backend() == "cpu"
+        self._parts = {
+            part: nnx.split(spatial_kernels(getattr(model, part), conv3d_by_taps=cpu))
+            for part in ("spatial_vae", "temporal_vae")
+        }
         self._options = compiler_options
         self._compiled: dict[tuple[str, bool], Callable] = {}
         self._recording: dict[str, list] | None = None

@@ -4,7 +4,15 @@ Parameters are stored exactly as the release stores them (PyTorch layout: conv w
 [C_out, C_in, *kernel], linear weight [out, in]) and named `weight`/`bias`, so that a module's
 parameter path *is* its release state-dict name and loading/exporting needs no transposes.
 Activations are channels-last ([N, (T,) H, W, C]); the convolution's dimension numbers bridge the
-two layouts.
+two layouts. Bridging costs a transpose of every kernel on every call (XLA has no other way to
+feed a channels-last convolution from [C_out, C_in, ...] weights): over a third of a one-frame
+2D call on a CPU. `spatial_kernels(module)` gives a copy whose kernels are laid out once as
+[*kernel, C_in, C_out]; `JittedVAE` runs that copy (bench/cpu_vs_torch.py, docs/benchmarks.md).
+
+On a CPU the copy also runs each 3D convolution as one 2D convolution per temporal tap, summed in
+float32: XLA's CPU backend has a fast 2D convolution and a 3D one up to 2x slower (the same
+arithmetic, added in another order). Not in training: three times the convolutions to compile,
+forward and backward, costs more than it saves at the sizes anyone trains on a CPU.
 
 Numerics: parameters are float32 and cast to the compute dtype per op. Convolutions and matmuls
 run at HIGHEST precision with float32 accumulation (accelerators would otherwise round inputs to
@@ -40,8 +48,11 @@ def _const_param(value: float, shape, axes) -> nnx.Param:
     return nnx.Param(jnp.full(shape, value, F32), logical_axes=tuple(axes))
 
 
+TORCH_LAYOUT, SPATIAL_LAYOUT = "torch", "spatial"  # [C_out, C_in, *kernel] | [*kernel, C_in, C_out]
+
+
 class ConvNd(nnx.Module):
-    """A bias-optional convolution with a PyTorch-layout kernel over channels-last activations.
+    """A bias-optional convolution over channels-last activations, kernel in the release layout.
 
     `padding` is per spatial axis (front, back) zero padding; the release pads with zeros
     explicitly (F.pad) and then runs an unpadded conv, which is the same thing.
@@ -67,22 +78,72 @@ class ConvNd(nnx.Module):
         self.stride = tuple(stride)
         self.padding = tuple(tuple(p) for p in padding)
         self.dtype = dtype
-        spatial = "DHW"[-nd:]
-        self.dimension_numbers = (f"N{spatial}C", f"OI{spatial}", f"N{spatial}C")
+        self.kernel_layout = TORCH_LAYOUT
+        self.conv3d_by_taps = False
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        y = jax.lax.conv_general_dilated(
-            x.astype(self.dtype),
-            self.weight[...].astype(self.dtype),
-            window_strides=self.stride,
-            padding=self.padding,
-            dimension_numbers=self.dimension_numbers,
+    def _conv(self, x, w, stride=None, padding=None):
+        """x [N, (T,) H, W, C]; w a kernel of as many spatial axes, in this module's layout."""
+        spatial = "DHW"[-(x.ndim - 2) :]
+        kernel = f"OI{spatial}" if self.kernel_layout == TORCH_LAYOUT else f"{spatial}IO"
+        return jax.lax.conv_general_dilated(
+            x,
+            w,
+            window_strides=self.stride if stride is None else stride,
+            padding=self.padding if padding is None else padding,
+            dimension_numbers=(f"N{spatial}C", kernel, f"N{spatial}C"),
             precision=HIGHEST,
             preferred_element_type=F32,
         )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        w = self.weight[...].astype(self.dtype)
+        x = x.astype(self.dtype)
+        if len(self.stride) == 3 and self.conv3d_by_taps:
+            y = self._conv3d_by_taps(x, w)
+        else:
+            y = self._conv(x, w)
         if self.bias is not None:
             y = y + self.bias[...]
         return y.astype(self.dtype)
+
+    def _conv3d_by_taps(self, x, w):
+        """x [N, T, H, W, C]: Σ over temporal taps of a 2D convolution of the (strided) frames."""
+        n, t, h, wd, c = x.shape
+        (front, back), *space = self.padding
+        st = self.stride[0]
+        kt = w.shape[2] if self.kernel_layout == TORCH_LAYOUT else w.shape[0]
+        t_out = (t + front + back - kt) // st + 1
+        xp = jnp.pad(x, ((0, 0), (front, back), (0, 0), (0, 0), (0, 0)))
+        y = None
+        for dt in range(kt):
+            frames = xp[:, dt : dt + st * (t_out - 1) + 1 : st].reshape(n * t_out, h, wd, c)
+            tap = w[:, :, dt] if self.kernel_layout == TORCH_LAYOUT else w[dt]
+            part = self._conv(frames, tap, self.stride[1:], space)
+            y = part if y is None else y + part
+        return y.reshape(n, t_out, *y.shape[1:])
+
+
+def spatial_kernels(module: nnx.Module, conv3d_by_taps: bool = False) -> nnx.Module:
+    """A copy of `module` whose convolutions hold their kernels as [*kernel, C_in, C_out] (the
+    layout XLA convolves channels-last activations with), transposed once here instead of on every
+    call, and with `conv3d_by_taps` run 3D convolutions tap by tap. Other parameters are shared
+    with `module`, whose own kernels are left as they are; the copy's kernels are new arrays (the
+    conv weights are held twice while both live)."""
+    graphdef, state = nnx.split(module)
+    copy = nnx.merge(graphdef, state)
+    for _, m in nnx.iter_modules(copy):
+        if isinstance(m, ConvNd) and m.kernel_layout == TORCH_LAYOUT:
+            nd = m.weight[...].ndim - 2
+            perm = (*range(2, 2 + nd), 1, 0)
+            axes = m.weight.get_metadata().get("logical_axes")
+            m.weight = nnx.Param(
+                jnp.transpose(m.weight[...], perm),
+                logical_axes=None if axes is None else tuple(axes[i] for i in perm),
+            )
+            m.kernel_layout = SPATIAL_LAYOUT
+        if isinstance(m, ConvNd):
+            m.conv3d_by_taps = conv3d_by_taps
+    return copy
 
 
 def conv2d(cin, cout, k, *, dtype, rngs, stride=1, padding=None, bias=True) -> ConvNd:
@@ -127,13 +188,23 @@ class GroupNorm(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        shape = x.shape
-        xg = x.astype(F32).reshape(shape[0], -1, self.groups, shape[-1] // self.groups)
-        mean = jnp.mean(xg, axis=(1, 3), keepdims=True)
-        centred = xg - mean
-        var = jnp.mean(centred * centred, axis=(1, 3), keepdims=True)  # biased, like torch
-        y = (centred * jax.lax.rsqrt(var + self.eps)).reshape(shape)
-        return (y * self.weight[...] + self.bias[...]).astype(self.dtype)
+        # Sums per channel over the positions (the channel axis stays minor: XLA's CPU reductions
+        # are fast that way, and 2x slower over (positions, channels-in-group) at once), then per
+        # group; the normalisation and affine fold into one per-channel scale and shift.
+        shape, c = x.shape, x.shape[-1]
+        per_group = c // self.groups
+        x32 = x.astype(F32).reshape(shape[0], -1, c)
+        count = x32.shape[1] * per_group
+
+        def per_channel_group_mean(values):  # [N, C] sums → [N, C] mean of each channel's group
+            return jnp.repeat(jnp.sum(values.reshape(shape[0], self.groups, per_group), axis=-1) / count, per_group, -1)
+
+        mean = per_channel_group_mean(jnp.sum(x32, axis=1))
+        centred = x32 - mean[:, None, :]
+        var = per_channel_group_mean(jnp.sum(centred * centred, axis=1))  # biased, like torch
+        scale = jax.lax.rsqrt(var + self.eps) * self.weight[...]
+        shift = self.bias[...] - mean * scale
+        return (x32 * scale[:, None, :] + shift[:, None, :]).reshape(shape).astype(self.dtype)
 
 
 class Linear(nnx.Module):

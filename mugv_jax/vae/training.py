@@ -27,6 +27,7 @@ from mugv.io.atomic import write_json
 from mugv.run import driver
 from mugv.run.config import LoopConfig
 from mugv.vae_config import TEMPORAL_GROUP, VAEConfig, get_vae_config
+from mugv_jax import compilation_cache
 from mugv_jax.vae.clips import CropIterator, CropSampler, load_clips
 from mugv_jax.vae.trainer import Trainer
 
@@ -207,6 +208,7 @@ def train_vae(config, workdir: str, clips: Iterable[np.ndarray] | None = None, p
     _check(config, vae_cfg)
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
+    compilation_cache.setup(compilation_cache.workdir_cache_dir(workdir))
     weights = os.path.join(workdir, WEIGHTS_NAME)
     result_path = os.path.join(workdir, RESULT_NAME)
     if os.path.isfile(result_path) and os.path.isfile(weights):

@@ -28,9 +28,17 @@ ALLOWED = {
     "main_job": {"mugv", "mugv_jax", "mugv_data", "configs", "converters"},
 }
 # The rooms of each backend by layer, lowest first. The JAX preference trainer lives in train/ (a
-# training mode, like Megatron's), so train/ never reaches up into recipe/.
+# training mode, like Megatron's), so train/ never reaches up into recipe/. compilation_cache.py
+# imports nothing of ours: the trainers and sampler CLIs call it at start-up.
 LAYERS = {
-    "mugv_jax": (("parallel", "hlo_stats"), ("dit",), ("sample",), ("train",), ("recipe", "vae", "plan"), ("export",)),
+    "mugv_jax": (
+        ("parallel", "hlo_stats", "compilation_cache"),
+        ("dit",),
+        ("sample",),
+        ("train",),
+        ("recipe", "vae", "plan"),
+        ("export",),
+    ),
     # memory.py and plan.py are the framework-free planner (the trainer checks its batch split).
     "mugv_megatron": (("memory",), ("plan",), ("parallel",), ("model",), ("train",)),
 }

@@ -140,7 +140,7 @@ def test_non_finite_limit_stops_the_run(tmp_path, monkeypatch):
         train_lib.train(c, str(tmp_path))
 
 
-def _run_cli(workdir, *extra, wait=True):
+def _run_cli(workdir, *extra, wait=True, env=None, stderr=subprocess.PIPE):
     cmd = [
         sys.executable,
         "-m",
@@ -153,7 +153,7 @@ def _run_cli(workdir, *extra, wait=True):
     ]
     # Its own process group: signals go to the group, as Slurm, timeout and Kubernetes send them.
     proc = subprocess.Popen(
-        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env, start_new_session=True
     )
     if wait:
         out, err = proc.communicate(timeout=600)
@@ -181,10 +181,16 @@ def _final_params(workdir):
 
 
 def test_sigkill_then_resume_matches_an_uninterrupted_run_bitwise(tmp_path):
+    """...and the resume compiles its step from the persistent compilation cache that the killed
+    start wrote into its workdir (the trainer's default; the suite's shared cache is kept out)."""
     steps = ["--config.num_steps=6", "--config.checkpoint_every=2"]
     rc, out, err = _run_cli(tmp_path / "ref", *steps)
     assert rc == 0, err[-3000:]
-    proc = _run_cli(tmp_path / "killed", *steps, wait=False)
+    own_cache = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    own_cache.update(JAX_LOG_COMPILES="1", JAX_EXPLAIN_CACHE_MISSES="1")
+    # The killed run's log goes to a file: nobody reads a pipe while it runs.
+    first_log = open(tmp_path / "killed.log", "w")
+    proc = _run_cli(tmp_path / "killed", *steps, wait=False, env=own_cache, stderr=first_log)
     _wait_for_step(tmp_path / "killed", 3, proc)
     # orbax renames a step directory into place only once it is complete.
     t0 = time.time()
@@ -192,11 +198,18 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run_bitwise(tmp_path):
         assert proc.poll() is None
         time.sleep(0.1)
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.communicate()
+    first_log.close()
+    first_err = (tmp_path / "killed.log").read_text()
     assert proc.returncode == -signal.SIGKILL
-    rc, out, err = _run_cli(tmp_path / "killed", *steps)
+    assert "PERSISTENT COMPILATION CACHE MISS for 'jit__step_fn'" in first_err, first_err[-3000:]
+    cached = os.listdir(tmp_path / "killed" / "jax_cache")
+    assert any(name.startswith("jit__step_fn-") for name in cached), cached
+    rc, out, err = _run_cli(tmp_path / "killed", *steps, env=own_cache)
     assert rc == 0, err[-3000:]
     assert "resumed from" in err and "at step" in err
+    assert "Persistent compilation cache hit for 'jit__step_fn'" in err, err[-3000:]
+    assert "CACHE MISS for 'jit__step_fn'" not in err
     ref_step, ref = _final_params(tmp_path / "ref")
     got_step, got = _final_params(tmp_path / "killed")
     assert ref_step == got_step == 6

@@ -9,7 +9,7 @@ runs side by side, from the same seed and on the same batches:
 B saves a checkpoint (async) after two steps and takes a third; then rank 0 alone (DP=1) restores
 that checkpoint into a fresh DistributedOptimizer trainer and takes the same third step.
 What CPU cannot show (NCCL, CUDA streams, TE's fused Adam, bf16 kernels) is left to
-`mugv_megatron.train.device_check` on a GPU.
+bench/megatron_distopt.py on a GPU.
 """
 
 import os
@@ -149,9 +149,9 @@ def _worker(rank, port, port1, out):
     }
     d.train_step(data[2])
     one["weights.3"] = weights(d)
-    from mugv_megatron.train import device_check
+    from bench import megatron_distopt
 
-    one["device_check"] = device_check.run(os.path.join(out, "device_check"), model="tiny", bucket_size=BUCKET)
+    one["device_check"] = megatron_distopt.run(os.path.join(out, "device_check"), model="tiny", bucket_size=BUCKET)
     torch.save(one, os.path.join(out, "dp1.pt"))
     parallel.teardown()
 
@@ -268,7 +268,7 @@ def test_bf16_parameters_with_fp32_main_weights(runs):
 
 
 def test_gpu_device_check_script_runs_tiny_on_cpu(runs):
-    """mugv_megatron.train.device_check (the GPU check of this path, 10B width) on the tiny model: its
+    """bench/megatron_distopt.py (the GPU check of this path, 10B width) on the tiny model: its
     checks pass and it measured what it reports."""
     got = runs["dp1"]["device_check"]
     assert got["model"] == "tiny, 2 layers" and got["buckets"] > 1

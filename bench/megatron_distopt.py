@@ -1,9 +1,10 @@
 """The GPU check of the Megatron trainer's CUDA path (what the CPU tests cannot run).
 
-    python -m mugv_megatron.train.device_check --workdir /tmp/mgpu_check          # one GPU (DP = 1)
-    torchrun --nproc_per_node 8 -m mugv_megatron.train.device_check --workdir ...  # DP = 8
+    python bench/megatron_distopt.py --workdir /tmp/mgpu_check                 # one GPU (DP = 1)
+    torchrun --nproc_per_node 8 bench/megatron_distopt.py --workdir /tmp/x      # DP = 8
 
-or `mugv_megatron.train.device_check.run(workdir)` from a bench script. On the 10B width (hidden 3456,
+(both need CUDA GPUs), or `run(workdir)` from a bench script (bench/device_check.py's
+`megatron_distopt` part). On the 10B width (hidden 3456,
 48 heads, MLP 13824) with two layers (about 0.5 B parameters): megatron DDP + DistributedOptimizer
 with bf16 parameters and fp32 main weights, bf16 compute, full activation recompute, overlapped
 grad reduce-scatter and param all-gather (about a dozen 40M-element buckets), per-sample draws on
@@ -27,11 +28,15 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 
 import torch
 
-from mugv.training import ObjectiveConfig, OptimConfig
+# Run as a script (`python bench/megatron_distopt.py`): the repository root holds the packages.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from mugv.training import ObjectiveConfig, OptimConfig  # noqa: E402
 
 LATENT = (4, 16, 16)  # T, H, W per sample: 4·8·8 = 256 video tokens
 TEXT_LEN = 64
