@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The JAX-only test leg: Python 3.12 with the newest jax/flax (constraints/ci-py312-jax.txt) and no
-# torch, running the JAX model, sampler, trainer, planner and TPU-export tests. scripts/test.sh runs
+# torch, running the JAX model, sampler, trainer, planner and TPU-export tests (one or a few of each
+# kind: the full suite runs them all on Python 3.11; this leg proves the newest jax runs them). scripts/test.sh runs
 # it after the full suite. The venv is .venv-py312 (override: MUGV_VENV_PY312); the interpreter is
 # $PYTHON312, else pyenv's newest 3.12, else a python3.12 on PATH that runs. Without one the leg is reported as not run
 # (exit 0), unless MUGV_JAX_LEG=required (CI), where a missing interpreter is an error.
@@ -31,7 +32,9 @@ exec "$py" -m pytest -q -p no:cacheprovider -n "${MUGV_TEST_WORKERS:-2}" --dist=
   tests/core/test_lint.py \
   tests/jax/test_dit_golden.py \
   tests/jax/test_sampler.py::test_golden_i2v_sampling_with_guidance \
-  tests/jax/test_trainer.py \
+  tests/jax/test_trainer.py::test_one_step_updates_params_ema_and_counters \
+  'tests/jax/test_trainer.py::test_parallel_layout_gives_single_device_loss_and_gradients[shape2]' \
+  tests/jax/test_trainer.py::test_an_implicit_transfer_inside_a_guarded_step_fails \
   tests/jax/test_plan.py::test_planner_memory_matches_a_real_step \
   tests/jax/test_export.py::test_shipped_10b_layout_lowers_for_tpu_at_its_real_device_count \
   "$@"
