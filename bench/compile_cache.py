@@ -9,7 +9,7 @@ start finds everything the first compiled, and once with the cache off. JAX's co
 for each start it prints the train steps' compile seconds as JAX logs them (on a cache hit, the
 load), whether the cache was hit, and the start's wall seconds (imports, data, every compile).
 The machine is named; results go in docs/benchmarks.md. It starts three trainers (minutes on a
-2-core machine), so the suite does not run it: tests/jax/test_train_loop.py checks the cache hit.
+2-core machine), so the suite does not run it: tests/mugv_jax/test_train_loop.py checks the cache hit.
 """
 
 from __future__ import annotations

@@ -58,7 +58,7 @@ TIMEOUTS = {
 LATENT_720P = (14, 90, 160)  # 105 frames at 1280×720 (mugv.geometry: 50,400 + 2 tokens)
 TEXT_TOKENS = 300  # configs/mugv_10b.py data.text_len
 VALID_TEXT = 120  # a caption with padding: the mask path is exercised
-# Golden tolerances (tests/jax/test_dit_golden.py): float32 absolute, bfloat16 relative L2.
+# Golden tolerances (tests/mugv_jax/test_dit_golden.py): float32 absolute, bfloat16 relative L2.
 GOLDEN_ATOL, BF16_REL_L2 = 1e-4, 1e-2
 # A cuDNN version for the lowering-only dry run, where no cuDNN is loaded.
 DRY_CUDNN_VERSION = 90800

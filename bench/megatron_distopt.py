@@ -14,7 +14,7 @@ then runs the third step on the restored trainer and compares. Raises AssertionE
 first failed check; prints (and returns) the measured numbers. Needs about 20 GB of GPU memory and
 10 GB of disk; a few minutes on one H100/H200, most of it the save.
 
-The CPU tests (tests/megatron/test_megatron_distopt.py, under mugv_megatron.parallel.distopt_cpu) already check the
+The CPU tests (tests/mugv_megatron/test_megatron_distopt.py, under mugv_megatron.parallel.distopt_cpu) already check the
 optimizer's math against torch AdamW, the checkpoint's layout and DP resharding; this adds what
 only CUDA has: NCCL collectives overlapped on their stream, TE's fused Adam (when Transformer
 Engine is installed), bf16 kernels, the forked async writer staging GPU tensors, CUDA draws.
@@ -101,7 +101,7 @@ def run(
     keep_files: bool = False,
 ) -> dict:
     """`model`/`depth`: the width to check and its layer count. Without CUDA it runs only under
-    mugv_megatron.parallel.distopt_cpu (tests/megatron/test_megatron_distopt.py runs it that way, tiny, to keep the
+    mugv_megatron.parallel.distopt_cpu (tests/mugv_megatron/test_megatron_distopt.py runs it that way, tiny, to keep the
     script itself working); the GPU-only parts are then skipped."""
     from mugv.config import get_config
     from mugv_megatron.parallel import distopt_cpu

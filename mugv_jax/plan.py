@@ -329,7 +329,7 @@ def report(p: Plan, kind: str) -> str:
 #   act      the rest of XLA's temporaries (activations, attention, collective buffers): in
 #            proportion to the tokens one device processes per micro-batch, micro × tokens / context;
 #   rest     batch and other state (unchanged).
-# These are estimates scaled from one compiled step (tests/jax/test_plan.py checks them against
+# These are estimates scaled from one compiled step (tests/mugv_jax/test_plan.py checks them against
 # re-planned steps of the tiny model); re-run the planner on the suggestion.
 UPDATE_BUFFERS = 3
 

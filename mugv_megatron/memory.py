@@ -20,7 +20,7 @@ core attention) of a model config and a bucket:
 The dtypes of the saved tensors depend on how the step runs (`Dtypes`): the trainer computes under
 CUDA autocast with bf16 weights, where LayerNorm runs (and returns) float32; the modulation, q/k
 RMSNorm statistics, gated residual and RoPE are float32 in every mode (mugv_megatron/model/layer.py).
-The test pins the estimate to saved-tensor bytes measured on the CPU (tests/megatron/
+The test pins the estimate to saved-tensor bytes measured on the CPU (tests/mugv_megatron/
 test_megatron_memory.py) and to the one peak measured on a GPU (docs/benchmarks.md, H200).
 """
 

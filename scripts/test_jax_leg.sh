@@ -29,12 +29,12 @@ py="$(PYTHON="$py312" MUGV_VENV="${MUGV_VENV_PY312:-$root/.venv-py312}" \
 cd "$root"
 "$py" -c 'import importlib.util as u, jax, sys; assert u.find_spec("torch") is None, "the JAX leg must not have torch"; print(f"[mugv] JAX leg: Python {sys.version.split()[0]}, jax {jax.__version__}", file=sys.stderr)'
 exec "$py" -m pytest -q -p no:cacheprovider -n "${MUGV_TEST_WORKERS:-2}" --dist=loadfile \
-  tests/core/test_lint.py \
-  tests/jax/test_dit_golden.py \
-  tests/jax/test_sampler.py::test_golden_i2v_sampling_with_guidance \
-  tests/jax/test_trainer.py::test_one_step_updates_params_ema_and_counters \
-  'tests/jax/test_trainer.py::test_parallel_layout_gives_single_device_loss_and_gradients[shape2]' \
-  tests/jax/test_trainer.py::test_an_implicit_transfer_inside_a_guarded_step_fails \
-  tests/jax/test_plan.py::test_planner_memory_matches_a_real_step \
-  tests/jax/test_export.py::test_shipped_10b_layout_lowers_for_tpu_at_its_real_device_count \
+  tests/project/test_lint.py \
+  tests/mugv_jax/test_dit_golden.py \
+  tests/mugv_jax/test_sampler.py::test_golden_i2v_sampling_with_guidance \
+  tests/mugv_jax/test_trainer.py::test_one_step_updates_params_ema_and_counters \
+  'tests/mugv_jax/test_trainer.py::test_parallel_layout_gives_single_device_loss_and_gradients[shape2]' \
+  tests/mugv_jax/test_trainer.py::test_an_implicit_transfer_inside_a_guarded_step_fails \
+  tests/mugv_jax/test_plan.py::test_planner_memory_matches_a_real_step \
+  tests/mugv_jax/test_export.py::test_shipped_10b_layout_lowers_for_tpu_at_its_real_device_count \
   "$@"

@@ -3,7 +3,7 @@
 Commands come from the fenced shell blocks of README.md and docs/*.md (tagged bash/sh/shell/
 console or untagged) and from the usage lines of the launch scripts' header comments. A
 `# illustrative: <why>` line marks the commands after it (to the end of its block or header) as
-not run by any test. tests/core/test_docs_commands.py requires every other command to be taken
+not run by any test. tests/project/test_docs_commands.py requires every other command to be taken
 by a test through `doc_command`, so what the doc says is what executes.
 """
 

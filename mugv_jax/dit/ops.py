@@ -6,7 +6,7 @@ modulation-table addition) is computed in float32 here whatever the compute dtyp
 The norms, the GELU and the per-token selection have hand-written backward passes (custom VJPs)
 that keep what a hand-written kernel keeps (the normalised input and 1/σ, the GELU's input, the
 token mask) instead of every intermediate autodiff would keep. The forward is the same code; the
-gradients agree with autodiff to float32 rounding (tests/jax/test_dit_ops.py). Under the scanned
+gradients agree with autodiff to float32 rounding (tests/mugv_jax/test_dit_ops.py). Under the scanned
 blocks each kept intermediate is a stacked buffer written in the forward and read back in the
 backward, so this is most of what `remat="none"` costs over torch autograd on a CPU
 (bench/cpu_vs_torch.py, docs/benchmarks.md).

@@ -6,7 +6,7 @@ VJP keeps only the output and the per-row log-sum-exp, recomputes the probabilit
 and forms the gradients directly (dv = pᵀg, ds = p·(g·vᵀ − rowsum(g∘o)), dq = ds·k, dk = dsᵀ·q).
 On one CPU core that halves the attention's forward+backward (bench/cpu_vs_torch.py), and the
 residuals are O(N·d) instead of O(N²). Values are the same math; gradients agree with autodiff to
-float32 rounding (tests/jax/test_attention_backends.py).
+float32 rounding (tests/mugv_jax/test_attention_backends.py).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
 H-head model into a hidden-e·C, e·H-head one (head dim and depth unchanged) that computes the same
 function, then perturbs it so the copies can drift apart when training continues.
 
-Construction (every claim is checked by tests/jax/test_expand.py): the widened residual stream is the
+Construction (every claim is checked by tests/mugv_jax/test_expand.py): the widened residual stream is the
 small one tiled e times, x' = [x, x, ..., x]. Then
 * LayerNorm over the hidden dim (with or without affine, tiled) sees the same mean and variance,
   so LN(x') = tile(LN(x)); modulation shift/scale/gate vectors are tiled.

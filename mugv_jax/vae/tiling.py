@@ -10,7 +10,7 @@ overlaps.
 Tiling can never be exact for this VAE: the 2D mid-block attention spans the whole frame and
 every GroupNorm takes statistics over the whole frame (2D) or window (3D), so a tile sees
 different statistics than the full frame — no receptive-field overlap recovers them. The seams
-are smoothed, not removed; tests/vae/test_vae_tiling.py states the measured error.
+are smoothed, not removed; tests/mugv_jax/test_vae_tiling.py states the measured error.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from mugv.schema import release_schema
 from mugv.vae_config import get_vae_config, release_vae_schema
 from tests.helpers import GOLDEN, case_inputs, dit_vectors, dit_weights, max_abs
 
-# The golden vectors' float32 bound (docs/reference.md §9; tests/jax/test_dit_golden.py).
+# The golden vectors' float32 bound (docs/reference.md §9; tests/mugv_jax/test_dit_golden.py).
 GOLDEN_ATOL = 1e-4
 
 

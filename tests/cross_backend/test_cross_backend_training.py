@@ -36,7 +36,7 @@ CFG = get_config("tiny")
 # entry (measured: see the report in docs/megatron_training.md).
 LOSS_REL = 1e-5
 GRAD_REL = 1e-4
-# TP only reorders float32 sums: same bound as tests/megatron/test_megatron_tp.py.
+# TP only reorders float32 sums: same bound as tests/mugv_megatron/test_megatron_tp.py.
 TP_GRAD_REL = 1e-5
 LR, WD = 1e-3, 0.01
 OPTIM = OptimConfig(learning_rate=LR, warmup_steps=0, weight_decay=WD, clip_norm=1.0, ema_decay=0.9)

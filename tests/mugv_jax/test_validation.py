@@ -6,7 +6,7 @@ from mugv.run import validation as run_validation
 from mugv.run.config import model_config_from
 from mugv_jax.train import backend as train_lib
 from mugv_jax.train import validation
-from tests.jax.test_curriculum import STAGE1_STEPS, stage1_run
+from tests.mugv_jax.test_curriculum import STAGE1_STEPS, stage1_run
 
 
 def _rows(root):

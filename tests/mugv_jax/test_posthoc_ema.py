@@ -54,7 +54,7 @@ def test_cli_sweeps_a_real_run_and_writes_the_best_average(tmp_path):
     import jax
 
     from mugv.io.weights import load_params as jax_params
-    from tests.jax.test_curriculum import STAGE1_STEPS, stage1_run
+    from tests.mugv_jax.test_curriculum import STAGE1_STEPS, stage1_run
 
     root, _, _ = stage1_run()
     run = os.path.join(root, "stage1_image_video")

@@ -1,5 +1,5 @@
 """mugv_data.clips: shots in the manifest, quality filters with recorded reasons, dedup, decode errors.
-The shot detectors themselves are tested in test_data_shots.py."""
+The shot detectors themselves are tested in test_shots.py."""
 
 import json
 import os

@@ -10,7 +10,7 @@ from absl import flags
 
 from mugv.data import shards
 from mugv_data.__main__ import main
-from tests.data.test_data_clips import _write_mp4, textured_scene
+from tests.mugv_data.test_clips import _write_mp4, textured_scene
 
 
 def _videos(root):

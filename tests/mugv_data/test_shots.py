@@ -18,7 +18,7 @@ import torch
 from mugv.data import bundled, video
 from mugv_data import clips, shots
 from mugv_data.shots import Cut, ShotSplitter
-from tests.data.test_data_clips import textured_scene
+from tests.mugv_data.test_clips import textured_scene
 
 HAND_CHECKED_CUTS = {
     "bigbuckbunny.mp4": [],

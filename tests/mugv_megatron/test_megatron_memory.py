@@ -29,7 +29,7 @@ from mugv.config import get_config
 from mugv_megatron import memory
 from mugv_megatron.model import build as dit
 from mugv_megatron.model import recompute
-from tests.megatron.helpers import layer_saved_bytes
+from tests.mugv_megatron.helpers import layer_saved_bytes
 
 LAYER_REL_ERR = 0.01
 PEAK_REL_ERR = 0.03

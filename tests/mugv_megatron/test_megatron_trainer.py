@@ -2,7 +2,7 @@
 
 Runs at TP=1 in this process (megatron's one-process gloo world) on the tiny model; the
 TP=2 trainer step is checked in tests/cross_backend/test_cross_backend_training.py, PP=2 and CP=2 in
-tests/megatron/test_megatron_trainer_pp_cp.py.
+tests/mugv_megatron/test_megatron_trainer_pp_cp.py.
 """
 
 import json
@@ -25,7 +25,7 @@ from mugv.run.driver import NonFiniteLossError
 from mugv.training import ObjectiveConfig, OptimConfig, shift_ratio
 from mugv_megatron.train import checkpointing, optim
 from mugv_megatron.train import objective as obj
-from tests.megatron import helpers
+from tests.mugv_megatron import helpers
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -209,7 +209,7 @@ def test_run_stops_after_the_nonfinite_limit(tmp_path, monkeypatch):
 
 
 def test_parallel_sizes_are_checked_before_set_up(tmp_path):
-    """pp/cp reach the trainer (tests/megatron/test_megatron_trainer_pp_cp.py runs them); sizes that
+    """pp/cp reach the trainer (tests/mugv_megatron/test_megatron_trainer_pp_cp.py runs them); sizes that
     cannot work are refused, naming the option, before any process group is touched."""
     import ml_collections
 

@@ -1,6 +1,6 @@
 """Attention backends that cannot run on the CPU say so; what each kernel costs at head dim 72.
 
-(The kernels against the XLA reference: tests/jax/test_fused_attention.py.)"""
+(The kernels against the XLA reference: tests/mugv_jax/test_fused_attention.py.)"""
 
 import jax
 import jax.numpy as jnp

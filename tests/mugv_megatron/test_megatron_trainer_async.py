@@ -20,7 +20,7 @@ from mugv.config import get_config
 from mugv.io.megatron import TRACKER
 from mugv.training import ObjectiveConfig, OptimConfig
 from mugv_megatron.train import checkpointing
-from tests.megatron import helpers
+from tests.mugv_megatron import helpers
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -83,7 +83,7 @@ def test_async_save_is_published_by_its_finalize_with_the_state_at_the_save(tmp_
 KILLED_RUN = textwrap.dedent("""
     import os, signal, sys
     sys.path.insert(0, {root!r})
-    from tests.megatron.test_megatron_trainer_async import iterator, make_trainer, run
+    from tests.mugv_megatron.test_megatron_trainer_async import iterator, make_trainer, run
     from mugv_megatron.train import checkpointing
 
     if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 The 4-layer model is split over two stages (layers 0–1 and 2–3). Every stage holds the
 embedders (patch, timestep, fps, caption, start/end tokens, timestep_block); only the last holds
-the final layer. Layouts, run in the spawn shared with tests/megatron/test_megatron_cp.py:
+the final layer. Layouts, run in the spawn shared with tests/mugv_megatron/test_megatron_cp.py:
 * PP = 2 × DP = 2, one micro-batch per replica;
 * PP = 2 × TP = 2 with sequence parallelism, two micro-batches of different lengths;
 * PP = 2 × CP = 2, the same two micro-batches.
@@ -22,7 +22,7 @@ from mugv_megatron.model.dit import MUGDiT
 from mugv_megatron.model.spec import get_local_layer_spec
 from mugv_megatron.model.transformer_config import make_transformer_config
 from mugv_megatron.parallel import pipeline_parallel as pipeline
-from tests.megatron.test_megatron_cp import (
+from tests.mugv_megatron.test_megatron_cp import (
     PP_LAYOUTS,
     SMALL,
     all_layouts,
@@ -141,7 +141,7 @@ def test_later_stage_without_an_input_tensor_fails(release_weights):
     _, state = release_weights
     model = build_stage(LAYERS_PER_STAGE, LAYERS_PER_STAGE, first=False, last=True)
     pipeline.load_release_state(model, state, source="weights")
-    from tests.megatron.test_megatron_cp import make_micro_batches, model_inputs
+    from tests.mugv_megatron.test_megatron_cp import make_micro_batches, model_inputs
 
     args, kwargs = model_inputs(make_micro_batches()[1])
     with pytest.raises(

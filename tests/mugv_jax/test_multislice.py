@@ -73,7 +73,7 @@ def test_the_planner_plans_a_dcn_mesh(monkeypatch):
     for b in plan_lib.plan_buckets(c):  # 16 samples over 2 slices × data 2 × fsdp 2
         plan_lib.check_batch_split(b[3], 1, dict(mesh.shape))
 
-    # plan_step compiles on exactly that mesh (the compile itself: tests/jax/test_plan.py).
+    # plan_step compiles on exactly that mesh (the compile itself: tests/mugv_jax/test_plan.py).
     class Planned(Exception):
         pass
 

@@ -1,6 +1,6 @@
 """Where mugv_jax.compilation_cache.setup puts JAX's persistent compilation cache, and that a
 fresh in-memory state then compiles from it. (The trainer's second start reading the cache its
-first start wrote: tests/jax/test_train_loop.py, the SIGKILL-and-resume test.)"""
+first start wrote: tests/mugv_jax/test_train_loop.py, the SIGKILL-and-resume test.)"""
 
 import jax
 import jax.numpy as jnp

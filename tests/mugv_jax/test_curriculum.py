@@ -18,14 +18,14 @@ STAGE1_STEPS = 8
 
 @functools.cache
 def stage1_run():
-    """Stage 1 of the tiny curriculum, a few steps (shared with tests/jax/test_validation.py).
+    """Stage 1 of the tiny curriculum, a few steps (shared with tests/mugv_jax/test_validation.py).
     Image mixing is off here (one compiled step); test_image_fraction_* covers the mixing."""
     root = tempfile.mkdtemp(prefix="mugv-curriculum-")
     c = tiny_curriculum.get_config(f"stage1_image_video@{root}")
-    c.init_from = ""  # the expanded small model is tests/jax/test_expand.py's business
+    c.init_from = ""  # the expanded small model is tests/mugv_jax/test_expand.py's business
     c.num_steps = STAGE1_STEPS
     c.validation.every = STAGE1_STEPS // 2
-    c.checkpoint_every = STAGE1_STEPS // 2  # two checkpoints: tests/jax/test_posthoc_ema.py averages them
+    c.checkpoint_every = STAGE1_STEPS // 2  # two checkpoints: tests/mugv_jax/test_posthoc_ema.py averages them
     c.keep_checkpoints = 4
     c.data.mix.image_fraction_start = c.data.mix.image_fraction_end = 0.0
     c.async_checkpoint = False

@@ -21,7 +21,7 @@ from mugv.layouts import megatron as layout
 from mugv_megatron import memory
 from mugv_megatron.model import build as dit
 from mugv_megatron.parallel import state as parallel
-from tests.megatron.helpers import layer_saved_bytes
+from tests.mugv_megatron.helpers import layer_saved_bytes
 
 GOLDEN = Path(__file__).parent.parent / "golden" / "dit_tiny"
 WEIGHTS = GOLDEN / "weights.safetensors"

@@ -9,7 +9,7 @@ from mugv_data import clips, scorers
 from mugv_data import prepare as pipeline
 from mugv_data.clips import FilterConfig
 from mugv_data.encode import PixelBucket
-from tests.data.test_data_clips import SIZE, _write_mp4, textured_scene
+from tests.mugv_data.test_clips import SIZE, _write_mp4, textured_scene
 
 
 class BrightnessAesthetic:

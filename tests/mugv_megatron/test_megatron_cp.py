@@ -1,6 +1,6 @@
 """Context parallelism equals the one-process model: outputs, loss and every parameter gradient.
 
-One spawn of four gloo processes runs every layout of this file and of tests/megatron/test_megatron_pp.py
+One spawn of four gloo processes runs every layout of this file and of tests/mugv_megatron/test_megatron_pp.py
 in turn (megatron's parallel state is rebuilt between layouts, the process group is kept; process
 start-up dominates the cost on two CPU cores). The context-parallel layouts:
 * CP = 2 × DP = 2: each data-parallel replica gets its own micro-batch; the loss scaling and
@@ -11,7 +11,7 @@ start/end, padded to 48; and 2×4×6 → 12 patches, 14 tokens, padded to 16 und
 padded text, a conditioning frame and uneven frame indices. Every rank loads its part of a
 release-layout checkpoint (pipeline.load_release_state).
 
-The helpers and the spawn are shared with tests/megatron/test_megatron_pp.py.
+The helpers and the spawn are shared with tests/mugv_megatron/test_megatron_pp.py.
 """
 
 import datetime
@@ -29,7 +29,7 @@ from mugv.layouts import megatron as layout
 from mugv_megatron.model import build as dit
 from mugv_megatron.parallel import pipeline_parallel as pipeline
 from mugv_megatron.parallel import state as parallel
-from tests.megatron.helpers import layer_saved_bytes
+from tests.mugv_megatron.helpers import layer_saved_bytes
 
 # Smaller than "tiny" but with every structural feature: 4 layers (2 per pipeline stage),
 # 2 heads (1 per TP rank), head dim 48 (8 RoPE pairs per axis).

@@ -1,0 +1,1 @@
+"""Framework-free core (mugv/): configs, FLOPs, random numbers, schema, the import graph."""

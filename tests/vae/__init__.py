@@ -1,1 +1,0 @@
-"""The JAX video VAE: golden parity, checkpoints, tiling, training, CLI."""
