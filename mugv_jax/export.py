@@ -46,7 +46,14 @@ def abstract_mesh(ici: dict, kind: str):
         raise ValueError(f"device kind {kind!r}: choose from {sorted(DEVICES)}")
     platform, device_kind, _ = DEVICES[kind]
     device = jax.sharding.AbstractDevice(device_kind=device_kind, num_cores=1, platform=platform)
-    return jax.sharding.AbstractMesh(tuple(int(ici.get(a, 1)) for a in MESH_AXES), MESH_AXES, abstract_device=device)
+    # Auto axes, like the trainer's device mesh: newer jax (0.12) makes an AbstractMesh's axes
+    # Explicit by default, which types every array's sharding and refuses the accumulation reshape.
+    return jax.sharding.AbstractMesh(
+        tuple(int(ici.get(a, 1)) for a in MESH_AXES),
+        MESH_AXES,
+        abstract_device=device,
+        axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
+    )
 
 
 @contextlib.contextmanager
