@@ -111,9 +111,13 @@ def _pretend_cuda():
     import jax
     from jax._src.cudnn import fused_attention_stablehlo as fa
 
+    from mugv_jax.parallel import attention
+
+    # lowering_for: the kernels are traced for the GPU even inside the CPU mesh's shardings.
     with (
         mock.patch.object(jax, "default_backend", lambda: "gpu"),
         mock.patch.object(fa, "check_cudnn_version", lambda: DRY_CUDNN_VERSION),
+        attention.lowering_for("gpu"),
     ):
         yield
 

@@ -30,11 +30,11 @@ cd "$root"
 "$py" -c 'import importlib.util as u, jax, sys; assert u.find_spec("torch") is None, "the JAX leg must not have torch"; print(f"[mugv] JAX leg: Python {sys.version.split()[0]}, jax {jax.__version__}", file=sys.stderr)'
 exec "$py" -m pytest -q -p no:cacheprovider -n "${MUGV_TEST_WORKERS:-2}" --dist=loadfile \
   tests/project/test_lint.py \
-  tests/mugv_jax/test_dit_golden.py \
+  'tests/mugv_jax/test_dit_golden.py::test_golden_output_and_every_activation[t2v]' \
+  tests/mugv_jax/test_dit_golden.py::test_rope_positions_of_special_tokens_matter \
+  tests/mugv_jax/test_dit_golden.py::test_bad_inputs_name_the_argument \
   tests/mugv_jax/test_sampler.py::test_golden_i2v_sampling_with_guidance \
   tests/mugv_jax/test_trainer.py::test_one_step_updates_params_ema_and_counters \
-  'tests/mugv_jax/test_trainer.py::test_parallel_layout_gives_single_device_loss_and_gradients[shape2]' \
-  tests/mugv_jax/test_trainer.py::test_an_implicit_transfer_inside_a_guarded_step_fails \
   tests/mugv_jax/test_plan.py::test_planner_memory_matches_a_real_step \
   tests/mugv_jax/test_export.py::test_shipped_10b_layout_lowers_for_tpu_at_its_real_device_count \
   "$@"

@@ -180,7 +180,7 @@ class Trainer:
             use_te=use_te,
             params_dtype=PARAMS_DTYPES[params_dtype],
             local_attention=local_attention,
-            perform_initialization=False,
+            perform_initialization=True,
         )
         recompute_lib.apply(self.module, self.recompute)
         if self.pp_size > 1:
