@@ -1,7 +1,7 @@
 """The main job end to end, shortened (configs/main.py:quick): procedural + bundled clips → VAE
 training → shards → MUG-DiT training with the real trainer → held-out text-to-video and
-image-to-video samples → mp4s, grids, report. One run per test process (`quick_run`, shared with
-tests/main_job/test_report_browser.py)."""
+image-to-video samples → mp4s, grids, report, and the report in a headless browser. One run per
+test process (`quick_run`), shared by every test of this file."""
 
 import atexit
 import json
@@ -13,6 +13,7 @@ import time
 import numpy as np
 
 from configs import main as main_config
+from main_job import browser
 from main_job import run as main_run
 from main_job.run import ORDER
 
@@ -160,3 +161,36 @@ def test_main_job_decodes_its_clips_in_frame_order():
         for t in (17, 9, 16, 20, 33):
             p = padded_frames(t)
             assert _decoded_frame_sources(t, micro, p)[p - t :] == list(range(t)), (micro, t)
+
+
+# --- the report in a real headless browser (Debian's Chromium; MUGV_CHROMIUM names it): every
+# <img> decodes and every <video> loads its metadata; the check itself is shown to fail on a
+# corrupted PNG and a truncated mp4. In this file so that pytest-xdist's per-file scheduling gives
+# it the same worker, and so the same quick run, as the tests above (in a file of its own it paid
+# for a second quick run: 6 minutes of the suite).
+
+
+def test_every_image_and_video_of_the_report_loads_in_chromium():
+    workdir, _, summary = quick_run()
+    result = browser.check_report(summary["report"])
+    page = open(summary["report"]).read()
+    assert len(result["images"]) == page.count("<img ") >= 2 + 6 * 2 * 2
+    assert len(result["videos"]) == page.count("<video ") >= 6 * 2 * 2
+    assert browser.broken(result) == []
+    assert all(v["duration"] > 0 and v["readyState"] >= 1 for v in result["videos"])
+
+
+def test_the_browser_check_fails_on_a_broken_image_and_a_broken_video(tmp_path):
+    workdir, _, summary = quick_run()
+    copy = tmp_path / "report"
+    shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("dit", "vae", "encode", "data"))
+    (copy / "loss_dit.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    video = copy / "sample" / "t2v_00_0.mp4"
+    video.write_bytes(video.read_bytes()[:64])
+    result = browser.check_report(str(copy / "report.html"))
+    bad = sorted(m["src"] for kind in ("images", "videos") for m in result[kind] if not m["ok"])
+    # Each element that shows one of the two broken files is reported (the sample video is on the
+    # page twice: in the at-a-glance table and in its prompt's section), and nothing else.
+    page = (copy / "report.html").read_text()
+    assert sorted(set(bad)) == ["loss_dit.png", "sample/t2v_00_0.mp4"], bad
+    assert bad.count("sample/t2v_00_0.mp4") == page.count('src="sample/t2v_00_0.mp4"') == 2, bad
