@@ -5,7 +5,7 @@
 # single-threaded XLA compiles, so it runs in two worker processes (one per core of the CI
 # machine); MUGV_TEST_WORKERS=0 runs it in one process. Arguments go to the full suite's pytest
 # (then the leg is left out: a selection is being run). The 30 slowest tests are listed at the end,
-# to keep the suite inside its 25-minute budget.
+# to keep the suite inside its 25-minute budget; files start longest first (tests/conftest.py).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 py="$(bash "$root/scripts/ensure_venv.sh")"
@@ -15,7 +15,7 @@ workers="${MUGV_TEST_WORKERS:-2}"
 if [ "$workers" = "0" ]; then
   "$py" -m pytest tests -q -p no:cacheprovider --durations=30 "$@"
 else
-  "$py" -m pytest tests -q -p no:cacheprovider --durations=30 -n "$workers" --dist=loadfile "$@"
+  "$py" -m pytest tests -q -p no:cacheprovider --durations=30 -n "$workers" --dist=loadfile --no-loadscope-reorder "$@"
 fi
 if [ "$#" -eq 0 ] && [ "${MUGV_JAX_LEG:-}" != "skip" ]; then
   bash "$root/scripts/test_jax_leg.sh"

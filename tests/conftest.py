@@ -9,3 +9,47 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="mugv-jax-cache-"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+
+
+# Longest files first. The suite runs in two pytest-xdist workers, one file at a time each
+# (--dist=loadfile, so a file's module fixtures are built once); handing out the longest files
+# first keeps a long file from starting last while the other worker idles (the greedy
+# longest-processing-time order). Seconds per file of one suite run on the 2-core VM with other
+# jobs beside it (2026-12-07, load ≈ 12: only the order matters), from scripts/file_seconds.py;
+# a file not listed keeps its place after the listed ones. scripts/test.sh passes
+# --no-loadscope-reorder so that xdist keeps this order.
+FILE_SECONDS = {
+    "tests/mugv_jax/test_train_loop.py": 700,
+    "tests/main_job/test_main_job.py": 521,
+    "tests/mugv_jax/test_plan.py": 453,
+    "tests/cross_backend/test_recipe_parity.py": 308,
+    "tests/mugv_jax/test_trainer.py": 289,
+    "tests/mugv_jax/test_vae_training.py": 280,
+    "tests/cross_backend/test_fault_campaign.py": 263,
+    "tests/cross_backend/test_stage_configs_both_backends.py": 262,
+    "tests/mugv_jax/test_vae_golden.py": 219,
+    "tests/cross_backend/test_release_finetune_journey.py": 200,
+    "tests/bench/test_device_check.py": 192,
+    "tests/mugv_jax/test_context_parallel.py": 171,
+    "tests/mugv_jax/test_multihost.py": 128,
+    "tests/converters/test_converters_cli.py": 119,
+    "tests/mugv_jax/test_preference.py": 106,
+    "tests/bench/test_cpu_vs_torch.py": 102,
+    "tests/cross_backend/test_cli_parity.py": 101,
+    "tests/mugv_jax/test_vae_tiling.py": 96,
+    "tests/cross_backend/test_training_state.py": 93,
+    "tests/mugv_jax/test_dit_remat.py": 90,
+    "tests/mugv_megatron/test_megatron_trainer.py": 84,
+    "tests/cross_backend/test_cross_backend_training.py": 72,
+    "tests/mugv_jax/test_fused_attention.py": 65,
+    "tests/cross_backend/test_preference_parity.py": 64,
+    "tests/mugv_jax/test_dit_params.py": 63,
+    "tests/mugv_jax/test_export.py": 61,
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    def weight(item):
+        return -FILE_SECONDS.get(item.nodeid.split("::")[0], 0.0)
+
+    items.sort(key=weight)  # stable: tests keep their order within a file
