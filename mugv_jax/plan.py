@@ -199,7 +199,10 @@ def plan_step(config, *, bucket_index: int | None = None, devices=None, kind: st
             hlo_stats.partitioned_module() as (dump, partitioned),
             hlo_stats.capture_compile_log() as log,
         ):
-            compiled = step.lower(state, batch_abstract).compile(compiler_options=dump)
+            # LLVM's optimisation level changes only the CPU machine code, which a plan never runs:
+            # memory (buffer assignment), FLOPs and collectives come from the HLO passes before it.
+            options = dict(dump, xla_backend_optimization_level=0)
+            compiled = step.lower(state, batch_abstract).compile(compiler_options=options)
     finally:
         jax.config.update("jax_enable_compilation_cache", cache)
     seconds = time.perf_counter() - t0
