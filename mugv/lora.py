@@ -77,6 +77,9 @@ class LoraConfig:
     targets: tuple[str, ...] = TARGETS
     init_seed: int = 0  # A's gaussian draws (B starts at zero)
     dropout: float = 0.0
+    # A PEFT adapter directory (mugv/io/peft.py) to continue training from, instead of the fresh
+    # start; its rank, alpha and targets must be these.
+    init_from: str = ""
 
     def __post_init__(self):
         if self.rank < 0:
@@ -118,6 +121,41 @@ class FreezeConfig:
         unknown = [m for m in self.modules if m not in MODULES]
         if unknown:
             raise ValueError(f"--config.freeze.modules: {unknown} are not release modules; choose from {MODULES}")
+
+
+def identity(lora: LoraConfig, freeze: FreezeConfig) -> dict:
+    """What a checkpoint's state depends on (a resume must match it): the adapters' shapes and
+    scale, and the frozen modules. `init_from` and `init_seed` only choose a fresh start."""
+    if not lora.on:
+        return {"lora": None, "freeze": list(freeze.modules)}
+    return {
+        "lora": {"rank": lora.rank, "alpha": float(lora.alpha), "targets": list(lora.targets)},
+        "freeze": list(freeze.modules),
+    }
+
+
+def saved_identity(run_config: dict | None) -> dict:
+    """`identity` of the run config a checkpoint stored (one without LoRA fields: no LoRA)."""
+    saved = run_config if isinstance(run_config, dict) else {}
+    lora, freeze = saved.get("lora") or {}, saved.get("freeze") or {}
+    modules = list(freeze.get("modules") or ())
+    if not int(lora.get("rank", 0)):
+        return {"lora": None, "freeze": modules}
+    return {
+        "lora": {"rank": int(lora["rank"]), "alpha": float(lora["alpha"]), "targets": list(lora["targets"])},
+        "freeze": modules,
+    }
+
+
+def check_resume(path: str, saved_run_config: dict | None, lora: LoraConfig, freeze: FreezeConfig) -> None:
+    """Refuse (IncompatibleCheckpoint, naming both) a checkpoint whose LoRA / frozen modules
+    differ from the run's; a checkpoint that stored no run config is one without LoRA."""
+    from mugv.io.mismatch import IncompatibleCheckpoint
+
+    saved = saved_identity(saved_run_config)
+    want = identity(lora, freeze)
+    if saved != want:
+        raise IncompatibleCheckpoint(path, "LoRA / frozen modules (--config.lora.*, --config.freeze.*)", saved, want)
 
 
 def adapter_name(block: int, site: Site, which: str) -> str:

@@ -20,7 +20,7 @@ import numpy as np
 
 from mugv.config import DiTConfig
 from mugv.io.atomic import atomic_output
-from mugv.lora import SITES, TARGETS, LoraConfig, adapter_schema
+from mugv.lora import SITES, TARGETS, FreezeConfig, LoraConfig, adapter_schema, identity
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -108,3 +108,16 @@ def read(path: str, config: DiTConfig) -> tuple[LoraConfig, dict[str, np.ndarray
             f"missing {sorted(set(expected) - set(found))[:4]}, unexpected {sorted(set(found) - set(expected))[:4]}"
         )
     return lora, adapters
+
+
+def read_for(lora: LoraConfig, config: DiTConfig) -> dict[str, np.ndarray]:
+    """The adapters of `lora.init_from` (a PEFT directory) for a run with `lora`: refused unless
+    its rank, alpha and targets are the run's."""
+    found, adapters = read(lora.init_from, config)
+    if identity(found, FreezeConfig()) != identity(lora, FreezeConfig()):
+        raise ValueError(
+            f"--config.lora.init_from={lora.init_from} holds a rank-{found.rank} adapter (alpha {found.alpha}, "
+            f"targets {found.targets}), the run's --config.lora is rank {lora.rank} (alpha {lora.alpha}, "
+            f"targets {lora.targets}): set --config.lora.rank/alpha/targets to the adapter's"
+        )
+    return adapters
