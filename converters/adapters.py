@@ -29,8 +29,7 @@ from mugv.io.atomic import atomic_output, check_output_free
 from mugv.io.base import Entry
 from mugv.io.spec import parse_spec, resolve
 from mugv.layouts import jax as jax_layout
-from mugv.lora import LoraConfig, adapter_schema, merge_release
-from mugv.run.typed import from_mapping
+from mugv.lora import LoraConfig, check_adapters, merge_release
 
 # Where a checkpoint's run config keeps the LoRA section (RunConfig.lora).
 LORA = "lora"
@@ -38,20 +37,19 @@ LORA = "lora"
 
 def _lora_of(run_config: dict | None, where: str) -> LoraConfig:
     section = (run_config or {}).get(LORA) or {}
-    lora = from_mapping(LoraConfig, {k: v for k, v in section.items() if k != "init_from"}, "lora")
+    lora = LoraConfig(
+        rank=int(section.get("rank", 0)),
+        alpha=float(section.get("alpha", LoraConfig.alpha)),
+        targets=tuple(section.get("targets", LoraConfig.targets)),
+        init_seed=int(section.get("init_seed", 0)),
+    )
     if not lora.on:
         raise ValueError(f"{where}: not a LoRA run (its config has lora.rank 0): there are no adapters to read")
     return lora
 
 
 def _checked(adapters: dict, config: DiTConfig, lora: LoraConfig, where: str) -> dict[str, np.ndarray]:
-    want = adapter_schema(config, lora)
-    found = {k: tuple(v.shape) for k, v in adapters.items()}
-    if found != want:
-        raise ValueError(
-            f"{where}: the adapters do not match its lora config (rank {lora.rank}, targets {lora.targets}): "
-            f"missing {sorted(set(want) - set(found))[:4]}, unexpected {sorted(set(found) - set(want))[:4]}"
-        )
+    check_adapters(where, adapters, config, lora)
     return {k: np.asarray(v, np.float32) for k, v in adapters.items()}
 
 

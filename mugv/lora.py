@@ -147,17 +147,6 @@ def saved_identity(run_config: dict | None) -> dict:
     }
 
 
-def check_resume(path: str, saved_run_config: dict | None, lora: LoraConfig, freeze: FreezeConfig) -> None:
-    """Refuse (IncompatibleCheckpoint, naming both) a checkpoint whose LoRA / frozen modules
-    differ from the run's; a checkpoint that stored no run config is one without LoRA."""
-    from mugv.io.mismatch import IncompatibleCheckpoint
-
-    saved = saved_identity(saved_run_config)
-    want = identity(lora, freeze)
-    if saved != want:
-        raise IncompatibleCheckpoint(path, "LoRA / frozen modules (--config.lora.*, --config.freeze.*)", saved, want)
-
-
 def adapter_name(block: int, site: Site, which: str) -> str:
     """Release-style name of an adapter tensor; `which` is "A" or "B"."""
     return f"blocks.{block}.{site.release}.lora_{which}.weight"
@@ -173,6 +162,20 @@ def adapter_schema(config: DiTConfig, lora: LoraConfig) -> dict[str, tuple[int, 
             out[adapter_name(i, site, "A")] = (lora.rank, site.shape_in(config))
             out[adapter_name(i, site, "B")] = (site.shape_out(config), lora.rank)
     return out
+
+
+def check_adapters(where: str, adapters: dict, config: DiTConfig, lora: LoraConfig) -> None:
+    """Refuse release-named adapters that are not exactly `lora`'s for `config` (naming what is
+    missing, unexpected or mis-shaped)."""
+    want = adapter_schema(config, lora)
+    found = {k: tuple(np.shape(v)) for k, v in adapters.items()}
+    if found != want:
+        wrong = sorted(k for k in set(found) & set(want) if found[k] != want[k])
+        raise ValueError(
+            f"{where}: the tensors do not match a rank-{lora.rank} adapter of this model on {lora.targets}: "
+            f"missing {sorted(set(want) - set(found))[:4]}, unexpected {sorted(set(found) - set(want))[:4]}, "
+            f"wrong shapes {wrong[:4]}"
+        )
 
 
 def init_adapter(config: DiTConfig, lora: LoraConfig, block: int, site: Site) -> tuple[np.ndarray, np.ndarray]:

@@ -19,9 +19,9 @@ import os
 import jax
 import numpy as np
 
-from mugv import lora as lora_lib
 from mugv.config import DiTConfig
 from mugv.io import peft
+from mugv.io.mismatch import check_lora
 from mugv.io.spec import parse_spec
 from mugv.io.weights import load_params, open_weights
 from mugv.layouts.jax import unflatten
@@ -118,7 +118,7 @@ class JaxBackend:
     # --- state -----------------------------------------------------------------------------------
 
     def restore(self):
-        check = lambda step_dir, saved: lora_lib.check_resume(step_dir, saved, self.run.lora, self.run.freeze)
+        check = lambda step_dir, saved: check_lora(step_dir, saved, self.run.lora, self.run.freeze)
         restored = self.ckpt.restore_latest(
             self.trainer.abstract_state(), model=self.model_cfg.to_dict(), check_config=check
         )

@@ -67,7 +67,7 @@ from mugv.io.atomic import quarantine
 from mugv.io.megatron import PARTIAL_SUFFIX, Layout, common_state, is_partial_iter_dir, iter_dir, write_tracker
 from mugv.io.megatron import iterations as steps
 from mugv.io.megatron import megatron_lm_args as args_for
-from mugv.io.mismatch import IncompatibleCheckpoint
+from mugv.io.mismatch import IncompatibleCheckpoint, check_lora
 from mugv.io.torch_dist import (
     EMA_PREFIX,
     NULL_TEXT_KEY,
@@ -405,7 +405,7 @@ def load(path: str, trainer) -> dict:
         raise ValueError(f"{path}: common.pt lacks trainer counters {sorted(missing)} / optimizer count / data state")
     lora = getattr(trainer, "lora", None) or lora_lib.LoraConfig()
     freeze = getattr(trainer, "freeze", None) or lora_lib.FreezeConfig()
-    lora_lib.check_resume(path, meta.get("config"), lora, freeze)
+    check_lora(path, meta.get("config"), lora, freeze)
     if meta["optimizer"]["kind"] != trainer.optimizer.kind:
         raise IncompatibleCheckpoint(path, "optimizer", meta["optimizer"]["kind"], trainer.optimizer.kind)
     saved_grid = None

@@ -101,12 +101,12 @@ def test_adapters_round_trip_jax_megatron_jax_bit_exact_over_tp_shards():
 
 
 def test_a_resume_with_other_adapters_or_frozen_modules_is_refused_naming_both():
-    from mugv.io.mismatch import IncompatibleCheckpoint
+    from mugv.io.mismatch import IncompatibleCheckpoint, check_lora
 
     run = as_run_config({"lora": {"rank": 4, "alpha": 8.0, "init_from": "peft_dir"}}).to_dict()
     same = lora.LoraConfig(rank=4, alpha=8.0, init_seed=7)  # init_seed / init_from only pick a start
-    lora.check_resume("ckpt", run, same, lora.FreezeConfig())
-    lora.check_resume("ckpt", {"model": {}}, lora.LoraConfig(), lora.FreezeConfig())  # no LoRA fields: no LoRA
+    check_lora("ckpt", run, same, lora.FreezeConfig())
+    check_lora("ckpt", {"model": {}}, lora.LoraConfig(), lora.FreezeConfig())  # no LoRA fields: no LoRA
     for other, freeze, shown in [
         (lora.LoraConfig(rank=2, alpha=8.0), lora.FreezeConfig(), "'rank': 4.*'rank': 2"),
         (lora.LoraConfig(rank=4, alpha=4.0), lora.FreezeConfig(), "'alpha': 8.0.*'alpha': 4.0"),
@@ -114,5 +114,5 @@ def test_a_resume_with_other_adapters_or_frozen_modules_is_refused_naming_both()
         (same, lora.FreezeConfig(("y_embedder",)), r"freeze: checkpoint \[\], run \['y_embedder'\]"),
     ]:
         with pytest.raises(IncompatibleCheckpoint, match=shown) as e:
-            lora.check_resume("ckpt", run, other, freeze)
+            check_lora("ckpt", run, other, freeze)
         assert "ckpt" in str(e.value) and "--config.lora" in str(e.value)
