@@ -151,3 +151,12 @@ def test_freeze_keeps_a_module_apart_without_optimizer_state_or_ema():
     assert state["ema"].keys() == state["params"].keys() == set(t.abstract_params()) - {"y_embedder"}
     n_trainable = sum(x.size for x in jax.tree.leaves(state["params"]))
     assert 2 * n_trainable <= sum(x.size for x in jax.tree.leaves(state["opt_state"])) <= 2 * n_trainable + 4
+
+
+def test_preference_mode_with_lora_or_frozen_modules_is_refused_naming_the_flags():
+    from mugv.run.config import ConfigError, as_run_config
+    from mugv_jax.train.backend import build_trainer
+
+    for tuned in ({"lora": {"rank": 4}}, {"freeze": {"modules": ["y_embedder"]}}):
+        with pytest.raises(ConfigError, match="--config.mode='preference' with --config.lora.rank"):
+            build_trainer(as_run_config({"mode": "preference", **tuned}), "preference")

@@ -58,3 +58,19 @@ def test_frozen_modules_keep_their_values_and_have_no_optimizer_state(tmp_path):
     with pytest.raises(IncompatibleCheckpoint, match="y_embedder"):
         checkpointing.restore_latest(ckdir, _trainer(FreezeConfig()))
     assert checkpointing.steps(ckdir) == [2]  # nothing moved aside
+
+
+def test_lora_and_freeze_are_refused_where_the_trainer_cannot_run_them_naming_the_flags():
+    from mugv.run.config import as_run_config
+    from mugv_megatron.train.backend import refused_fields
+
+    lora = {"lora": {"rank": 4}}
+    assert refused_fields(as_run_config(lora)) == []
+    for extra, flag in [
+        ({"megatron": {"pp": 2}}, "--config.megatron.pp=1"),
+        ({"megatron": {"cp": 2}}, "--config.megatron.cp=1"),
+        ({"mode": "preference"}, "config.mode='preference'"),
+    ]:
+        for tuned in (lora, {"freeze": {"modules": ["y_embedder"]}}):
+            (msg,) = refused_fields(as_run_config({**tuned, **extra}))
+            assert flag in msg and ("config.lora.rank" in msg), msg
