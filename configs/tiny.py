@@ -1,7 +1,8 @@
 """The tiny model on synthetic caption-dependent latents: the bundled main job and the tests.
 
 `--config=configs/tiny.py` (default) or `configs/tiny.py:i2v` to train with image-to-video
-conditioning frames as well.
+conditioning frames as well; `configs/tiny.py:lora` fine-tunes rank-4 LoRA adapters on every
+target (the base frozen; start it from a release file with `--config.init_from=dit.pt`).
 """
 
 from configs.base import base_config
@@ -25,6 +26,11 @@ def get_config(arg: str | None = None):
     if arg == "i2v":
         c.objective.i2v_prob = 0.5
         c.objective.i2v_mode = "quarter"
+    elif arg == "lora":
+        c.lora.rank = 4
+        c.lora.alpha = 4.0
+        c.num_steps = 200
+        c.checkpoint_every = 100
     elif arg:
-        raise ValueError(f"configs/tiny.py: unknown argument {arg!r} (known: i2v)")
+        raise ValueError(f"configs/tiny.py: unknown argument {arg!r} (known: i2v, lora)")
     return c

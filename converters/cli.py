@@ -3,12 +3,16 @@
     python -m converters convert --src release:dit.pt --dst jax:/ckpt/jax [--model 10b]
         [--dtype keep|float32|bfloat16] [--tp N --pp M] [--weights raw|ema] [--workers N] [--force]
         [--ema-layout mugv|official]
+    python -m converters convert --src jax:RUN --dst megatron:DIR --adapters [--weights raw|ema]
+    python -m converters export-peft --src jax:RUN|megatron:RUN --dst PEFT_DIR [--weights raw|ema]
+    python -m converters merge --base dit.pt --adapters jax:RUN|megatron:RUN|PEFT_DIR --dst release:merged.safetensors
     python -m converters inspect PATH
     python -m converters verify A              # every byte against the checksums recorded at write
     python -m converters verify A B [--atol 1e-6]
 
 FORMAT is release, megatron (torch_dist; reading also detects legacy), megatron-legacy or jax;
-`PATH@N` names a JAX step or a Megatron iteration. Errors print one message and exit 2; verify
+`PATH@N` names a JAX step or a Megatron iteration. `--adapters` converts only a LoRA run's
+adapters (converters/adapters.py): an adapter-only checkpoint, bit-exact. Errors print one message and exit 2; verify
 exits 1 when the checkpoints differ.
 """
 
@@ -71,6 +75,26 @@ def _parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--force", action="store_true", help="replace an existing output")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
+    c.add_argument(
+        "--adapters",
+        action="store_true",
+        help="only the LoRA adapters of a run (or an adapter-only checkpoint), as an adapter-only jax:/megatron: one",
+    )
+
+    e = sub.add_parser("export-peft", help="a LoRA run's adapters as a PEFT adapter directory")
+    e.add_argument("--src", required=True, help="jax:RUN[@STEP] or megatron:RUN[@ITER]")
+    e.add_argument(
+        "--dst", required=True, help="the directory to write (adapter_model.safetensors + adapter_config.json)"
+    )
+    e.add_argument("--weights", default="raw", choices=["raw", "ema"], help="the trained adapters (raw) or their EMA")
+    e.add_argument("--force", action="store_true", help="replace an existing output")
+
+    m = sub.add_parser("merge", help="a release file of a base with LoRA adapters folded in (W + scale·B·A)")
+    m.add_argument("--base", required=True, help="the base checkpoint, any format ([FORMAT:]PATH[@N])")
+    m.add_argument("--adapters", required=True, help="jax:RUN, megatron:RUN (or adapter-only) or a PEFT directory")
+    m.add_argument("--dst", required=True, help="release:PATH (.safetensors, .pt, or a directory of shards)")
+    m.add_argument("--weights", default="raw", choices=["raw", "ema"], help="a run's adapters (raw) or their EMA")
+    m.add_argument("--force", action="store_true", help="replace an existing output")
 
     i = sub.add_parser("inspect", help="format, config, tensor count, dtypes and size")
     i.add_argument("path", help="[FORMAT:]PATH[@N]")
@@ -93,6 +117,28 @@ def _parser() -> argparse.ArgumentParser:
 def _run(args) -> int:
     from converters import convert as api
 
+    if args.command == "convert" and args.adapters:
+        from converters import adapters
+
+        if (args.tp, args.pp) != (1, 1) or args.dtype != "keep" or args.ema_layout or args.model:
+            raise ValueError(
+                "--adapters converts the adapters as they are: drop --tp/--pp/--dtype/--ema-layout/--model"
+            )
+        config, lora, tensors = adapters.convert(args.src, args.dst, weights=args.weights, force=args.force)
+        print(f"wrote {args.dst}: {len(tensors)} adapter tensors (rank {lora.rank}, targets {','.join(lora.targets)})")
+        return 0
+    if args.command == "export-peft":
+        from converters import adapters
+
+        config, lora, tensors = adapters.export_peft(args.src, args.dst, weights=args.weights, force=args.force)
+        print(f"wrote {args.dst}: a PEFT LoRA adapter, {len(tensors)} tensors (rank {lora.rank}, alpha {lora.alpha})")
+        return 0
+    if args.command == "merge":
+        from converters import adapters
+
+        config, n = adapters.merge(args.base, args.adapters, args.dst, weights=args.weights, force=args.force)
+        print(f"wrote {args.dst}: {n} tensors, the adapters of {args.adapters} merged into {args.base}")
+        return 0
     if args.command == "convert":
         shard = None if args.max_shard_size is None else int(args.max_shard_size * 1e9)
         r = api.convert(

@@ -77,6 +77,9 @@ class LoraConfig:
     targets: tuple[str, ...] = TARGETS
     init_seed: int = 0  # A's gaussian draws (B starts at zero)
     dropout: float = 0.0
+    # A PEFT adapter directory (mugv/io/peft.py) to continue training from, instead of the fresh
+    # start; its rank, alpha and targets must be these.
+    init_from: str = ""
 
     def __post_init__(self):
         if self.rank < 0:
@@ -120,6 +123,30 @@ class FreezeConfig:
             raise ValueError(f"--config.freeze.modules: {unknown} are not release modules; choose from {MODULES}")
 
 
+def identity(lora: LoraConfig, freeze: FreezeConfig) -> dict:
+    """What a checkpoint's state depends on (a resume must match it): the adapters' shapes and
+    scale, and the frozen modules. `init_from` and `init_seed` only choose a fresh start."""
+    if not lora.on:
+        return {"lora": None, "freeze": list(freeze.modules)}
+    return {
+        "lora": {"rank": lora.rank, "alpha": float(lora.alpha), "targets": list(lora.targets)},
+        "freeze": list(freeze.modules),
+    }
+
+
+def saved_identity(run_config: dict | None) -> dict:
+    """`identity` of the run config a checkpoint stored (one without LoRA fields: no LoRA)."""
+    saved = run_config if isinstance(run_config, dict) else {}
+    lora, freeze = saved.get("lora") or {}, saved.get("freeze") or {}
+    modules = list(freeze.get("modules") or ())
+    if not int(lora.get("rank", 0)):
+        return {"lora": None, "freeze": modules}
+    return {
+        "lora": {"rank": int(lora["rank"]), "alpha": float(lora["alpha"]), "targets": list(lora["targets"])},
+        "freeze": modules,
+    }
+
+
 def adapter_name(block: int, site: Site, which: str) -> str:
     """Release-style name of an adapter tensor; `which` is "A" or "B"."""
     return f"blocks.{block}.{site.release}.lora_{which}.weight"
@@ -135,6 +162,20 @@ def adapter_schema(config: DiTConfig, lora: LoraConfig) -> dict[str, tuple[int, 
             out[adapter_name(i, site, "A")] = (lora.rank, site.shape_in(config))
             out[adapter_name(i, site, "B")] = (site.shape_out(config), lora.rank)
     return out
+
+
+def check_adapters(where: str, adapters: dict, config: DiTConfig, lora: LoraConfig) -> None:
+    """Refuse release-named adapters that are not exactly `lora`'s for `config` (naming what is
+    missing, unexpected or mis-shaped)."""
+    want = adapter_schema(config, lora)
+    found = {k: tuple(np.shape(v)) for k, v in adapters.items()}
+    if found != want:
+        wrong = sorted(k for k in set(found) & set(want) if found[k] != want[k])
+        raise ValueError(
+            f"{where}: the tensors do not match a rank-{lora.rank} adapter of this model on {lora.targets}: "
+            f"missing {sorted(set(want) - set(found))[:4]}, unexpected {sorted(set(found) - set(want))[:4]}, "
+            f"wrong shapes {wrong[:4]}"
+        )
 
 
 def init_adapter(config: DiTConfig, lora: LoraConfig, block: int, site: Site) -> tuple[np.ndarray, np.ndarray]:

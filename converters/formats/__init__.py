@@ -34,11 +34,13 @@ def make_writer(
     workers: int = 1,
     null_text=None,
     ema=None,
+    common: dict | None = None,
 ) -> Writer:
     """A writer for `spec` into `tmp`; `workers` is how many threads (processes for torch_dist)
     its own flush may use. `null_text`: the source's null caption, which the Megatron formats keep
     as `context_embedder.drop_emb` (release outputs get a sidecar, written by the caller). `ema`:
-    (reader, dtype, layout) of an EMA a torch_dist output carries next to the weights."""
+    (reader, dtype, layout) of an EMA a torch_dist output carries next to the weights. `common`:
+    entries a torch_dist output adds to common.pt's `mugv` (an adapter-only checkpoint's lora)."""
     fmt = spec.format
     if fmt is None:
         raise ValueError(f"{spec.path}: name the output format (FORMAT:PATH, one of {FORMATS})")
@@ -63,6 +65,7 @@ def make_writer(
                 iteration=iteration,
                 null_text=null_text,
                 ema=ema,
+                common=common,
             )
         return LegacyWriter(spec.path, tmp, config, entries, tp=tp, pp=pp, iteration=iteration, null_text=null_text)
     if fmt == "jax":

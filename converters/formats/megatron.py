@@ -99,8 +99,10 @@ class TorchDistWriter(Writer):
         write_processes: int = 1,
         null_text: np.ndarray | None = None,
         ema=None,
+        common: dict | None = None,
     ):
-        """`ema`: (reader of the source's EMA, its output dtype or None, layout "mugv" or
+        """`common`: entries added to common.pt's `mugv` beside the model config.
+        `ema`: (reader of the source's EMA, its output dtype or None, layout "mugv" or
         "official"): the EMA is written next to the weights, `optimizer.state.exp_moving_avg.<key>`
         in our layout (the weight's own shape) or the official trainer's for TP `tp`."""
         super().__init__(target, config, entries)
@@ -108,6 +110,7 @@ class TorchDistWriter(Writer):
         self.tmp, self.iteration, self.tp = tmp, iteration, tp
         self.null_text = None if null_text is None else _as_weights(null_text, self.entries)
         self.ema = ema
+        self.common = dict(common or {})
         self.write_processes = max(1, write_processes)
         os.makedirs(tmp)
         self.iter_dir = save_dir.iter_dir(tmp, iteration)
@@ -181,6 +184,7 @@ class TorchDistWriter(Writer):
         # What Megatron-LM's load asks for beside the weights (docs/converters.md, "Megatron-LM").
         sd.update(extra_state_objects(depth, range(depth), final_layer=True))
         sd.update(save_dir.common_state(self.config, self.iteration))
+        sd["mugv"].update(self.common)
         # Each tensor goes into the .distcp files as a torch.save archive; their CRC32s cost a
         # pass over every byte and torch.load does not check them.
         crc = torch.serialization.get_crc32_options()

@@ -36,3 +36,13 @@ class IncompatibleCheckpoint(ValueError):
             f"another --workdir (nothing was changed)"
         )
         self.path, self.what, self.saved, self.run = path, what, saved, run
+
+
+def check_lora(path: str, saved_run_config: dict | None, lora, freeze) -> None:
+    """Refuse a checkpoint whose LoRA / frozen modules (the run config it stored) differ from the
+    run's `lora` / `freeze` (mugv/lora.py); one that stored no run config is one without LoRA."""
+    from mugv.lora import identity, saved_identity
+
+    saved, want = saved_identity(saved_run_config), identity(lora, freeze)
+    if saved != want:
+        raise IncompatibleCheckpoint(path, "LoRA / frozen modules (--config.lora.*, --config.freeze.*)", saved, want)

@@ -4,7 +4,8 @@ restore and without the JAX model.
 
     <workdir>/checkpoints/<step>/          a CheckpointManager directory, one step per directory
         state    the train-state pytree (StandardSave): params, opt_state, ema, null_text, step,
-                 rng, nonfinite, skipped; params/ema are nested dicts keyed by the JAX layout's
+                 rng, nonfinite, skipped (and frozen: the weights that do not train, whose
+                 params and ema then hold only what trains); params/ema are nested dicts keyed by the JAX layout's
                  dotted paths (mugv/layouts/jax.py). A converters output holds params and ema only.
         data     the data iterator's JSON state (position); trainer checkpoints only
         config   JSON, the model's DiTConfig under "model" (a trainer's: the whole run config)
@@ -45,6 +46,8 @@ TRAINER_ITEMS = (STATE, DATA, CONFIG)
 WEIGHTS_ITEMS = (STATE, CONFIG)
 # Entries of the state item read here.
 PARAMS, EMA, NULL_TEXT = "params", "ema", "null_text"
+# Weights that do not train (config.freeze, LoRA's base): beside params, with no EMA of their own.
+FROZEN = "frozen"
 # Where the config item holds the model's DiTConfig.
 MODEL = "model"
 # Files orbax writes: a PyTree item's metadata, a JSON item's content.
@@ -230,8 +233,19 @@ class StoredParams:
         paths = [".".join(k[1:]) for k in tree if k[0] == self.root]
         if not paths:
             raise ValueError(f"{self.step_dir}: the state holds no {self.root!r} (entries: {self.state_keys})")
-        opened = open_state_arrays(self.state_dir, [f"{self.root}.{p}" for p in paths])
+        if any(p.rsplit(".", 1)[-1] in jax_layout.LORA_KEYS for p in paths):
+            raise ValueError(
+                f"{self.step_dir} is a LoRA run: its {self.root} are adapters of a frozen base. Merge them into "
+                f"the base with `python -m converters merge --base BASE --adapters jax:{path}` or export them "
+                f"with `python -m converters export-peft --src jax:{path}`"
+            )
+        # A run with config.freeze keeps the frozen modules apart (`frozen`: no EMA of their own, as
+        # they do not change); they complete both the raw weights and the EMA.
+        frozen = [".".join(k[1:]) for k in tree if k[0] == FROZEN]
+        names = [f"{self.root}.{p}" for p in paths] + [f"{FROZEN}.{p}" for p in frozen]
+        opened = open_state_arrays(self.state_dir, names)
         self.arrays = {p: opened[f"{self.root}.{p}"] for p in paths}
+        self.arrays.update({p: opened[f"{FROZEN}.{p}"] for p in frozen})
         shapes = {p: tuple(a.shape) for p, a in self.arrays.items()}
         self.stored_config = None
         model = (read_config_item(self.step_dir) or {}).get(MODEL)

@@ -20,7 +20,7 @@ import numpy as np
 
 from mugv.config import DiTConfig
 from mugv.io.atomic import atomic_output
-from mugv.lora import SITES, TARGETS, LoraConfig, adapter_schema
+from mugv.lora import SITES, TARGETS, FreezeConfig, LoraConfig, adapter_schema, check_adapters, identity
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -100,11 +100,18 @@ def read(path: str, config: DiTConfig) -> tuple[LoraConfig, dict[str, np.ndarray
     )
     tensors = load_file(w_path)
     adapters = {k.removeprefix(PREFIX): v.astype(np.float32) for k, v in tensors.items()}
-    expected = adapter_schema(config, lora)
-    found = {k: tuple(v.shape) for k, v in adapters.items()}
-    if found != expected:
-        raise ValueError(
-            f"{w_path}: tensors do not match a rank-{lora.rank} adapter of this model on {targets}: "
-            f"missing {sorted(set(expected) - set(found))[:4]}, unexpected {sorted(set(found) - set(expected))[:4]}"
-        )
+    check_adapters(w_path, adapters, config, lora)
     return lora, adapters
+
+
+def read_for(lora: LoraConfig, config: DiTConfig) -> dict[str, np.ndarray]:
+    """The adapters of `lora.init_from` (a PEFT directory) for a run with `lora`: refused unless
+    its rank, alpha and targets are the run's."""
+    found, adapters = read(lora.init_from, config)
+    if identity(found, FreezeConfig()) != identity(lora, FreezeConfig()):
+        raise ValueError(
+            f"--config.lora.init_from={lora.init_from} holds a rank-{found.rank} adapter (alpha {found.alpha}, "
+            f"targets {found.targets}), the run's --config.lora is rank {lora.rank} (alpha {lora.alpha}, "
+            f"targets {lora.targets}): set --config.lora.rank/alpha/targets to the adapter's"
+        )
+    return adapters

@@ -343,3 +343,33 @@ def adapter_to_release(jax_path: str, array: np.ndarray, layer: int) -> tuple[st
     a = np.asarray(array)
     flat = a.reshape(-1, a.shape[-1]) if which == "A" else a.reshape(a.shape[0], -1)
     return f"blocks.{layer}.{site}.lora_{which}.weight", np.ascontiguousarray(transpose2d(flat))
+
+
+# The leaf names of adapter tensors next to their kernel.
+LORA_KEYS = ("lora_a", "lora_b")
+
+
+def adapters_from_release(adapters: dict[str, np.ndarray], config: DiTConfig) -> dict:
+    """Nested JAX adapters (stacked over layers) of release-named ones (e.g. a PEFT import);
+    every layer of each adapted linear must be there."""
+    flat: dict[str, list] = {}
+    for name, arr in adapters.items():
+        path, layer, a = adapter_to_jax(name, arr, config)
+        flat.setdefault(path, [None] * config.depth)[layer] = a
+    missing = sorted(p for p, layers in flat.items() if any(x is None for x in layers))
+    if missing:
+        raise KeyError(f"adapters {missing} lack some of the model's {config.depth} layers")
+    return unflatten({k: np.stack(v) for k, v in flat.items()})
+
+
+def adapters_to_release(adapters: dict) -> dict[str, np.ndarray]:
+    """Release-named float32 adapters (mugv/lora.py) of a nested JAX adapter tree (a state's
+    `params` or `ema` under LoRA), one layer at a time."""
+    out = {}
+    for path, arr in flatten(adapters).items():
+        if path.rsplit(".", 1)[1] not in LORA_KEYS:
+            continue
+        for i in range(arr.shape[0]):
+            name, a = adapter_to_release(path, np.asarray(arr[i], np.float32), i)
+            out[name] = a
+    return out

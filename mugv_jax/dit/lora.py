@@ -11,7 +11,7 @@ from mugv.config import DiTConfig
 from mugv.layouts import jax as jax_layout
 from mugv.lora import FreezeConfig, LoraConfig, adapter_name, init_adapter
 
-LORA_KEYS = ("lora_a", "lora_b")
+LORA_KEYS = jax_layout.LORA_KEYS
 
 
 def init_params(config: DiTConfig, lora: LoraConfig) -> dict:
@@ -25,29 +25,13 @@ def init_params(config: DiTConfig, lora: LoraConfig) -> dict:
 
 
 def from_release(adapters: dict[str, np.ndarray], config: DiTConfig) -> dict:
-    """Nested JAX adapters (stacked over layers) of release-named ones (e.g. a PEFT import);
-    every layer of each adapted linear must be there."""
-    flat: dict[str, list] = {}
-    for name, arr in adapters.items():
-        path, layer, a = jax_layout.adapter_to_jax(name, arr, config)
-        flat.setdefault(path, [None] * config.depth)[layer] = a
-    missing = sorted(p for p, layers in flat.items() if any(x is None for x in layers))
-    if missing:
-        raise KeyError(f"adapters {missing} lack some of the model's {config.depth} layers")
-    return jax_layout.unflatten({k: np.stack(v) for k, v in flat.items()})
+    """Nested JAX adapters (stacked over layers) of release-named ones (e.g. a PEFT import)."""
+    return jax_layout.adapters_from_release(adapters, config)
 
 
 def to_release(adapters: dict) -> dict[str, np.ndarray]:
-    """Release-named float32 adapters (mugv/lora.py) of a nested JAX adapter tree (a state's
-    `params` or `ema` under LoRA), one layer at a time."""
-    out = {}
-    for path, arr in jax_layout.flatten(adapters).items():
-        if path.rsplit(".", 1)[1] not in LORA_KEYS:
-            continue
-        for i in range(arr.shape[0]):
-            name, a = jax_layout.adapter_to_release(path, np.asarray(arr[i], np.float32), i)
-            out[name] = a
-    return out
+    """Release-named float32 adapters of a nested JAX adapter tree (a state's `params` or `ema`)."""
+    return jax_layout.adapters_to_release(adapters)
 
 
 def logical_axes(config: DiTConfig, lora: LoraConfig, base_axes: dict) -> dict:

@@ -20,6 +20,8 @@ import jax
 import numpy as np
 
 from mugv.config import DiTConfig
+from mugv.io import peft
+from mugv.io.mismatch import check_lora
 from mugv.io.spec import parse_spec
 from mugv.io.weights import load_params, open_weights
 from mugv.layouts.jax import unflatten
@@ -28,6 +30,7 @@ from mugv.run.config import ConfigError, RunConfig, as_run_config
 from mugv.run.validation import ValidationSet
 from mugv_jax import compilation_cache
 from mugv_jax.dit import checkpoint as dit_checkpoint
+from mugv_jax.dit import lora as dit_lora
 from mugv_jax.dit.model import RuntimeOptions
 from mugv_jax.parallel import mesh as mesh_lib
 from mugv_jax.parallel import sharding
@@ -57,14 +60,24 @@ def build_trainer(config, mode: str = "pretrain", devices=None, mesh=None):
     optimizer, objective, sharding rules and mesh (over `devices`, default all; or `mesh`: the planner's fake
     devices, an abstract mesh for lowering)."""
     run = as_run_config(config)
-    options = RuntimeOptions(compute_dtype=run.compute_dtype, attention=run.attention, remat=run.remat)
+    options = RuntimeOptions(
+        compute_dtype=run.compute_dtype,
+        attention=run.attention,
+        remat=run.remat,
+        lora_scale=run.lora.scale if run.lora.on else 0.0,
+    )
     if mesh is None:
         mesh = mesh_lib.build_mesh(run.mesh.ici.as_dict(), run.mesh.dcn.as_dict(), devices=devices)
     args = (run.model_config, options, run.optim, run.objective, mesh)
     rules = sharding.rules_with(run.sharding_rules)
     if mode == "preference":
+        if run.lora.on or run.freeze.modules:
+            raise ConfigError(
+                "--config.mode='preference' with --config.lora.rank / --config.freeze.modules: preference "
+                "training of adapters or with frozen modules is not built; train them in pretrain mode"
+            )
         return pref.PreferenceTrainer(*args, rules=rules, preference=run.preference)
-    return trainer_lib.Trainer(*args, rules=rules)
+    return trainer_lib.Trainer(*args, rules=rules, lora=run.lora, freeze=run.freeze)
 
 
 class JaxBackend:
@@ -74,13 +87,6 @@ class JaxBackend:
     first_step_note = "compiling the step (first step only)…"
 
     def __init__(self, run: RunConfig, workdir: str, task, resolved: dict):
-        if run.lora.on or run.freeze.modules:
-            # The Trainer takes them (mugv_jax/train/step.py); checkpoints, EMA export and sampling
-            # of a split state are not wired into the run loop yet.
-            raise ConfigError(
-                f"--config.lora.rank={run.lora.rank} / --config.freeze.modules={run.freeze.modules}: LoRA and "
-                f"frozen modules are not in the jax run loop yet; leave them at their defaults"
-            )
         self.run, self.task = run, task
         self.trainer = build_trainer(run, task.name)
         self.model_cfg, self.options, self.mesh = self.trainer.model_config, self.trainer.options, self.trainer.mesh
@@ -112,7 +118,10 @@ class JaxBackend:
     # --- state -----------------------------------------------------------------------------------
 
     def restore(self):
-        restored = self.ckpt.restore_latest(self.trainer.abstract_state(), model=self.model_cfg.to_dict())
+        check = lambda step_dir, saved: check_lora(step_dir, saved, self.run.lora, self.run.freeze)
+        restored = self.ckpt.restore_latest(
+            self.trainer.abstract_state(), model=self.model_cfg.to_dict(), check_config=check
+        )
         if restored is None:
             return None
         self.step, self.state, data_state, self.restored_config = restored
@@ -124,7 +133,11 @@ class JaxBackend:
             spec, weights = start
             params = init_params_from(spec, self.model_cfg, weights)
             log.info("initialised from %s (%s weights) with a fresh optimizer", spec, weights)
-        self.state = self.trainer.init_state(self.run.seed, params)
+        adapters = None
+        if self.run.lora.init_from:
+            adapters = dit_lora.from_release(peft.read_for(self.run.lora, self.model_cfg), self.model_cfg)
+            log.info("adapters from the PEFT adapter %s", self.run.lora.init_from)
+        self.state = self.trainer.init_state(self.run.seed, params, adapters=adapters)
         self.step = int(jax.device_get(self.state["step"]))
 
     # --- steps -----------------------------------------------------------------------------------
@@ -151,7 +164,8 @@ class JaxBackend:
         if isinstance(request, ValidationSet):
             if self._validator is None:
                 self._validator = validation.Validator(self.trainer, request)
-            return self._validator.evaluate(self.state["params" if request.weights == "raw" else "ema"])
+            weights = "params" if request.weights == "raw" else "ema"
+            return self._validator.evaluate(self.trainer.model_params(self.state, weights))
         if isinstance(request, tasks.PreferenceEvaluation):
             return pref.heldout_metrics(
                 self.trainer, self.state, [validation.local_rows(b) for b in request.batches], request.seed
@@ -195,7 +209,9 @@ class JaxBackend:
         n = run.sample.count
         y, mask, fps = batch["y"][:n], batch["mask"][:n], batch["fps"][:n]
         f, h, w = batch["latents"].shape[2:]
-        velocity = sampler.make_guided_velocity_from_params(self.state["ema"], model_cfg, self.options)
+        velocity = sampler.make_guided_velocity_from_params(
+            self.trainer.model_params(self.state, "ema"), model_cfg, self.options
+        )
         null = np.asarray(jax.device_get(self.state["null_text"]))
         length = y.shape[2]
         out = []

@@ -167,14 +167,17 @@ class Checkpointer:
         got = self.manager.restore(step, args=ocp.args.Composite(**items))
         return got[STATE], got[DATA], got[CONFIG]
 
-    def check_compatible(self, step: int, abstract_state, model: dict | None = None) -> None:
-        """Raise IncompatibleCheckpoint if `step` holds another model (its config item) or another
-        state layout (its tree of entries and shapes) than the run's."""
+    def check_compatible(self, step: int, abstract_state, model: dict | None = None, check_config=None) -> None:
+        """Raise IncompatibleCheckpoint if `step` holds another model (its config item), another
+        state layout (its tree of entries and shapes) than the run's, or a run config that
+        `check_config(step_dir, saved run config)` refuses (the LoRA / frozen modules)."""
         step_dir = self.step_dir(step)
         if model is not None:
             saved = (layout.stored_run_config(step_dir) or {}).get(MODEL)
             if saved is not None and saved != model:
                 raise IncompatibleCheckpoint(step_dir, "model", saved, model)
+        if check_config is not None:
+            check_config(step_dir, layout.stored_run_config(step_dir))
         saved_tree = {tuple(k): None for k in layout.state_leaves(os.path.join(step_dir, STATE))}
         want = _key_paths(abstract_state)
         missing, unexpected = sorted(set(want) - set(saved_tree)), sorted(set(saved_tree) - set(want))
@@ -188,7 +191,7 @@ class Checkpointer:
                 detail=f"; only in the checkpoint: {show(unexpected)}, only in the run: {show(missing)}",
             )
 
-    def restore_latest(self, abstract_state, model: dict | None = None):
+    def restore_latest(self, abstract_state, model: dict | None = None, check_config=None):
         """(step, state, data_state, config) from the newest usable checkpoint, or None.
 
         Each step tried is checked against its digest table, then against the run (`model`, the
@@ -198,7 +201,7 @@ class Checkpointer:
         for step in reversed(self.steps()):
             try:
                 layout.check_digests(self.step_dir(step))
-                self.check_compatible(step, abstract_state, model)
+                self.check_compatible(step, abstract_state, model, check_config)
                 state, data, config = self.restore(step, abstract_state)
             except IncompatibleCheckpoint:
                 raise

@@ -180,14 +180,16 @@ class Trainer:
             out["frozen"] = shard(abstract_state["frozen"], frozen_axes)
         return out
 
-    def init_state(self, seed: int, params=None):
+    def init_state(self, seed: int, params=None, adapters=None):
         """A sharded fresh state; `params` (nested dict, e.g. from a release checkpoint) or the
-        seed's fresh weights (`mugv.init`, the same the Megatron trainer starts from)."""
+        seed's fresh weights (`mugv.init`, the same the Megatron trainer starts from); under LoRA
+        `adapters` (nested, e.g. a PEFT import) or the definition's fresh ones."""
         if params is None:
             fresh = InitialWeights(self.model_config, seed)
             params = _unflatten(dit_ckpt.params_from_release_items(fresh.items(), self.model_config))
         if self.lora.on:
-            params = dit_lora.merge(params, dit_lora.init_params(self.model_config, self.lora))
+            fresh = dit_lora.init_params(self.model_config, self.lora) if adapters is None else adapters
+            params = dit_lora.merge(params, fresh)
         abstract = self.abstract_state()
         shardings = jax.tree.map(lambda a: a.sharding, abstract)
         whole = shardings["params"]

@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from mugv.config import DiTConfig
 from mugv.data.preference import batch_kind
+from mugv.io import peft
 from mugv.io.base import to_torch
 from mugv.io.weights import open_weights
 from mugv.run import driver, tasks
@@ -65,10 +66,19 @@ def refused_fields(run: RunConfig) -> list[str]:
             f"config.sample.every={run.sample.every} (the megatron backend does not sample during "
             f"training; convert a checkpoint and use python -m mugv_jax.sample)"
         )
-    if run.lora.on or run.freeze.modules:
+    tuned = run.lora.on or run.freeze.modules
+    if tuned and run.mode == "preference":
         out.append(
-            f"config.lora.rank={run.lora.rank} / config.freeze.modules={run.freeze.modules} (LoRA and frozen "
-            f"modules are not in the megatron run loop yet; leave them at their defaults)"
+            f"config.lora.rank={run.lora.rank} / config.freeze.modules={run.freeze.modules} with "
+            f"config.mode='preference' (preference training of adapters or with frozen modules is not built)"
+        )
+    elif tuned and (
+        run.megatron.pp > 1 or run.megatron.cp > 1 or (torch.cuda.is_available() and run.megatron.distributed_optimizer)
+    ):
+        out.append(
+            f"config.lora.rank={run.lora.rank} / config.freeze.modules={run.freeze.modules} with "
+            f"pipeline/context parallelism or megatron's distributed optimizer (set "
+            f"--config.megatron.pp=1 --config.megatron.cp=1 --config.megatron.distributed_optimizer=False)"
         )
     return out
 
@@ -183,7 +193,7 @@ class MegatronBackend:
             from mugv_megatron.train.preference import PreferenceTrainer
 
             return PreferenceTrainer(self.model_cfg, run.optim, run.objective, preference=run.preference, **kwargs)
-        return Trainer(self.model_cfg, run.optim, run.objective, **kwargs)
+        return Trainer(self.model_cfg, run.optim, run.objective, lora=run.lora, freeze=run.freeze, **kwargs)
 
     def _describe(self) -> None:
         if self.is_main:
@@ -225,6 +235,12 @@ class MegatronBackend:
             state = release_state_from(spec, self.model_cfg, weights)
             log.info("initialised from %s (%s weights) with a fresh optimizer", spec, weights)
         self.trainer = self._build(state)
+        if self.run.lora.init_from:
+            from mugv_megatron.model import lora as model_lora
+
+            model_lora.load_adapters(self.trainer.module, peft.read_for(self.run.lora, self.model_cfg))
+            self.trainer.ema = self.trainer._new_ema()  # the EMA starts from the imported adapters
+            log.info("adapters from the PEFT adapter %s", self.run.lora.init_from)
         self.step = self.trainer.step
         self._describe()
 

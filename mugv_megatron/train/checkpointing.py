@@ -61,12 +61,13 @@ import warnings
 import torch
 import torch.distributed as dist
 
+from mugv import lora as lora_lib
 from mugv.io import digest, torch_dist
 from mugv.io.atomic import quarantine
 from mugv.io.megatron import PARTIAL_SUFFIX, Layout, common_state, is_partial_iter_dir, iter_dir, write_tracker
 from mugv.io.megatron import iterations as steps
 from mugv.io.megatron import megatron_lm_args as args_for
-from mugv.io.mismatch import IncompatibleCheckpoint
+from mugv.io.mismatch import IncompatibleCheckpoint, check_lora
 from mugv.io.torch_dist import (
     EMA_PREFIX,
     NULL_TEXT_KEY,
@@ -146,7 +147,12 @@ def _state_dict(trainer, *, loading: bool) -> dict:
         ema = trainer.ema.full_state()
     sd["ema"] = {n: sharded_tensor(n, t, depth, EMA_PREFIX, off) for n, t in ema.items()}
     if opt.kind == "torch_adamw":
-        states = {n: {k: fresh(t) for k, t in opt.moments(p).items()} for n, p in trainer.module.named_parameters()}
+        # Frozen weights (LoRA's base, config.freeze) have no optimizer state.
+        states = {
+            n: {k: fresh(t) for k, t in opt.moments(p).items()}
+            for n, p in trainer.module.named_parameters()
+            if p.requires_grad
+        }
     elif loading:
         states = {
             n: {k: torch.zeros(p.shape, dtype=torch.float32) for k in opt.STATE_KEYS}
@@ -397,6 +403,9 @@ def load(path: str, trainer) -> dict:
     missing = {"step", "nonfinite", "skipped", "seed"} - set(counters)
     if missing or "count" not in meta.get("optimizer", {}) or "data" not in meta:
         raise ValueError(f"{path}: common.pt lacks trainer counters {sorted(missing)} / optimizer count / data state")
+    lora = getattr(trainer, "lora", None) or lora_lib.LoraConfig()
+    freeze = getattr(trainer, "freeze", None) or lora_lib.FreezeConfig()
+    check_lora(path, meta.get("config"), lora, freeze)
     if meta["optimizer"]["kind"] != trainer.optimizer.kind:
         raise IncompatibleCheckpoint(path, "optimizer", meta["optimizer"]["kind"], trainer.optimizer.kind)
     saved_grid = None
@@ -428,6 +437,8 @@ def load(path: str, trainer) -> dict:
         opt.set_count(meta["optimizer"]["count"])
         with torch.no_grad():
             for n, p in trainer.module.named_parameters():
+                if not p.requires_grad:
+                    continue
                 for kind, t in opt.moments(p).items():
                     t.copy_(loaded["optimizer"][f"{kind}.{n}"])
     else:

@@ -58,7 +58,8 @@ import torch.distributed as dist
 from mugv import rng
 from mugv.config import DiTConfig
 from mugv.init import InitialWeights
-from mugv.lora import LoraConfig
+from mugv.layouts import megatron as layout
+from mugv.lora import FreezeConfig, LoraConfig
 from mugv.training import ObjectiveConfig, OptimConfig
 from mugv_megatron.model import build as dit
 from mugv_megatron.model import lora as lora_lib
@@ -111,13 +112,16 @@ class Trainer:
         local_attention: str = "megatron",
         micro_batch_size: int | None = None,
         lora: LoraConfig | None = None,
+        freeze: FreezeConfig | None = None,
     ):
         """`use_megatron_optimizer` (default: CUDA present) selects megatron's DDP +
         DistributedOptimizer; `params_dtype` (None: "bfloat16" with it when computing in bf16,
         else "float32"); the overlaps apply only with it (megatron DDP's buckets, of
         `ddp_bucket_size` elements when given). `micro_batch_size` (samples per data-parallel
         rank per micro-batch) sets the accumulation per step; None: optim.grad_accum_steps.
-        `lora` (mugv/lora.py, on): the base is frozen and only its adapters train (EMA of them)."""
+        `lora` (mugv/lora.py, on): the base is frozen and only its adapters train (EMA of them).
+        `freeze`: release modules that keep their starting values (no gradients, no optimizer
+        state; the EMA still covers them, at their fixed values)."""
         from megatron.core import parallel_state as ps
 
         if compute_dtype not in ("float32", "bfloat16"):
@@ -167,10 +171,11 @@ class Trainer:
         # CP or PP: the step runs through megatron's DDP and mugv_megatron.parallel.pipeline_parallel.
         self.staged = self.pp_size > 1 or self.cp_size > 1
         self.lora = lora if lora is not None and lora.on else None
-        if self.lora and (self.staged or use_megatron_optimizer):
+        self.freeze = freeze if freeze is not None and freeze.modules else None
+        if (self.lora or self.freeze) and (self.staged or use_megatron_optimizer):
             raise ValueError(
-                "config.lora on the megatron trainer: not yet with pipeline/context parallelism or megatron's "
-                "distributed optimizer (set config.megatron.distributed_optimizer=False, pp=cp=1)"
+                "config.lora / config.freeze on the megatron trainer: not yet with pipeline/context parallelism "
+                "or megatron's distributed optimizer (set config.megatron.distributed_optimizer=False, pp=cp=1)"
             )
         torch.manual_seed(self.seed + self.pp_rank)
         # Every weight is loaded below, but megatron's initialisation stays on: with it off the
@@ -193,6 +198,10 @@ class Trainer:
             # (the same on every rank and stage, whatever the layout).
             release_state, source = _TorchTensors(InitialWeights(model_config, self.seed)), "mugv.init"
         self._load_release_state(release_state, source)
+        if self.freeze:
+            for n, p in self.module.named_parameters():
+                if layout.release_name(n).split(".", 1)[0] in self.freeze.modules:
+                    p.requires_grad_(False)
         if self.lora:
             lora_lib.add_adapters(self.module, self.lora)
         self.module.train()

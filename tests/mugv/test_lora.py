@@ -98,3 +98,21 @@ def test_adapters_round_trip_jax_megatron_jax_bit_exact_over_tp_shards():
         "blocks.0.attn.qkv.lora_B.weight", start["blocks.0.attn.qkv.lora_B.weight"], CFG
     )
     assert not np.array_equal(qkv_b[0][1], start["blocks.0.attn.qkv.lora_B.weight"])  # regrouped per head
+
+
+def test_a_resume_with_other_adapters_or_frozen_modules_is_refused_naming_both():
+    from mugv.io.mismatch import IncompatibleCheckpoint, check_lora
+
+    run = as_run_config({"lora": {"rank": 4, "alpha": 8.0, "init_from": "peft_dir"}}).to_dict()
+    same = lora.LoraConfig(rank=4, alpha=8.0, init_seed=7)  # init_seed / init_from only pick a start
+    check_lora("ckpt", run, same, lora.FreezeConfig())
+    check_lora("ckpt", {"model": {}}, lora.LoraConfig(), lora.FreezeConfig())  # no LoRA fields: no LoRA
+    for other, freeze, shown in [
+        (lora.LoraConfig(rank=2, alpha=8.0), lora.FreezeConfig(), "'rank': 4.*'rank': 2"),
+        (lora.LoraConfig(rank=4, alpha=4.0), lora.FreezeConfig(), "'alpha': 8.0.*'alpha': 4.0"),
+        (lora.LoraConfig(), lora.FreezeConfig(), "lora: .*'rank': 4.*None"),
+        (same, lora.FreezeConfig(("y_embedder",)), r"freeze: checkpoint \[\], run \['y_embedder'\]"),
+    ]:
+        with pytest.raises(IncompatibleCheckpoint, match=shown) as e:
+            check_lora("ckpt", run, other, freeze)
+        assert "ckpt" in str(e.value) and "--config.lora" in str(e.value)

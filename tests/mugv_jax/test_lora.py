@@ -151,3 +151,32 @@ def test_freeze_keeps_a_module_apart_without_optimizer_state_or_ema():
     assert state["ema"].keys() == state["params"].keys() == set(t.abstract_params()) - {"y_embedder"}
     n_trainable = sum(x.size for x in jax.tree.leaves(state["params"]))
     assert 2 * n_trainable <= sum(x.size for x in jax.tree.leaves(state["opt_state"])) <= 2 * n_trainable + 4
+
+
+def test_preference_mode_with_lora_or_frozen_modules_is_refused_naming_the_flags():
+    from mugv.run.config import ConfigError, as_run_config
+    from mugv_jax.train.backend import build_trainer
+
+    for tuned in ({"lora": {"rank": 4}}, {"freeze": {"modules": ["y_embedder"]}}):
+        with pytest.raises(ConfigError, match="--config.mode='preference' with --config.lora.rank"):
+            build_trainer(as_run_config({"mode": "preference", **tuned}), "preference")
+
+
+def test_a_frozen_module_run_exports_whole_and_a_lora_run_points_to_merge(tmp_path):
+    from mugv.io.weights import open_weights
+    from mugv_jax.train import checkpointing
+
+    release = load_file(str(GOLDEN))
+    params = jax_layout.unflatten(dit_ckpt.params_from_release_items(release.items(), TINY))
+    for name, trainer in [
+        ("freeze", make_trainer(freeze=FreezeConfig(modules=("y_embedder",)))),
+        ("lora", make_trainer(lora=LORA)),
+    ]:
+        ckpt = checkpointing.Checkpointer(str(tmp_path / name / "checkpoints"), use_async=False)
+        ckpt.save(0, trainer.init_state(0, params), {}, {"model": TINY.to_dict()})
+        ckpt.close()
+    for weights in ("raw", "ema"):  # the frozen module completes both
+        got = open_weights(f"jax:{tmp_path / 'freeze'}", model=TINY, weights=weights)
+        assert got.keys() == release.keys() and all(np.array_equal(got[k], release[k]) for k in release)
+    with pytest.raises(ValueError, match="is a LoRA run.*python -m converters merge"):
+        open_weights(f"jax:{tmp_path / 'lora'}", model=TINY)

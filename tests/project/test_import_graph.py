@@ -211,6 +211,7 @@ def test_the_checker_sees_function_level_imports_and_cycles():
 CONVERT_PATH = [
     ["converters.__main__"],
     ["converters.cli"],
+    ["converters.adapters"],
     ["converters.convert"],
     ["converters.vae"],
     ["converters.detect", "converters.pipeline", "converters.formats"],
