@@ -201,8 +201,8 @@ def plan_step(config, *, bucket_index: int | None = None, devices=None, kind: st
         ):
             # LLVM's optimisation level changes only the CPU machine code, which a plan never runs:
             # memory (buffer assignment), FLOPs and collectives come from the HLO passes before it.
-            options = dict(dump, xla_backend_optimization_level=0)
-            compiled = step.lower(state, batch_abstract).compile(compiler_options=options)
+            fast = dict(dump, xla_backend_optimization_level=0)
+            compiled = step.lower(state, batch_abstract).compile(compiler_options=fast)
     finally:
         jax.config.update("jax_enable_compilation_cache", cache)
     seconds = time.perf_counter() - t0
