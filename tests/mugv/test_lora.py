@@ -29,6 +29,8 @@ def test_off_by_default_and_settable_like_any_section():
         ({"lora": {"rank": 4, "targets": ["linear_qkv", "to_q"]}}, "--config.lora.targets"),
         ({"lora": {"rank": 4, "dropout": 0.1}}, "--config.lora.dropout"),
         ({"lora": {"rank": 4, "alpha": 0.0}}, "--config.lora.alpha"),
+        ({"lora": {"rank": 4, "base_dtype": "float16"}}, "--config.lora.base_dtype"),
+        ({"lora": {"base_dtype": "bfloat16"}}, "--config.lora.base_dtype"),
         ({"freeze": {"modules": ["caption_embedder"]}}, "--config.freeze.modules"),
     ],
 )
