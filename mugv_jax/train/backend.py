@@ -57,14 +57,19 @@ def build_trainer(config, mode: str = "pretrain", devices=None, mesh=None):
     optimizer, objective, sharding rules and mesh (over `devices`, default all; or `mesh`: the planner's fake
     devices, an abstract mesh for lowering)."""
     run = as_run_config(config)
-    options = RuntimeOptions(compute_dtype=run.compute_dtype, attention=run.attention, remat=run.remat)
+    options = RuntimeOptions(
+        compute_dtype=run.compute_dtype,
+        attention=run.attention,
+        remat=run.remat,
+        lora_scale=run.lora.scale if run.lora.on else 0.0,
+    )
     if mesh is None:
         mesh = mesh_lib.build_mesh(run.mesh.ici.as_dict(), run.mesh.dcn.as_dict(), devices=devices)
     args = (run.model_config, options, run.optim, run.objective, mesh)
     rules = sharding.rules_with(run.sharding_rules)
     if mode == "preference":
         return pref.PreferenceTrainer(*args, rules=rules, preference=run.preference)
-    return trainer_lib.Trainer(*args, rules=rules)
+    return trainer_lib.Trainer(*args, rules=rules, lora=run.lora, freeze=run.freeze)
 
 
 class JaxBackend:

@@ -68,6 +68,16 @@ def test_targets_rows_carry_the_roofline_and_the_compile_checks():
     assert skip.count("|") == line.count("|")
 
 
+def test_targets_plan_every_lora_stage_on_every_small_slice():
+    from configs import mugv_10b
+
+    todo = plan_targets.programs(list(mugv_10b.LORA_STAGES), list(mugv_10b.LORA_PODS))
+    assert sorted((names[0], pod) for names, pod, _ in todo) == sorted(
+        (s, p) for s in mugv_10b.LORA_STAGES for p in mugv_10b.LORA_PODS
+    )
+    assert all(bucket is None for _, _, bucket in todo)  # no image buckets, nothing skipped
+
+
 def test_targets_reuse_the_searched_plan_of_the_shipped_layout(tmp_path):
     from configs import mugv_10b
 
