@@ -329,11 +329,12 @@ def report(p: Plan, kind: str) -> str:
         f"mesh {p.mesh} ({n} devices, {kind}), bucket (frames, h, w, batch) = {p.bucket}",
         f"layout: attention {backend}, context parallel {mode or 'none'}, remat {p.remat}; global batch "
         f"{p.bucket[3]} = {p.grad_accum_steps} micro-batch(es) × {p.bucket[3] // p.grad_accum_steps} "
-        f"({p.micro_batch} per data-parallel rank of {p.data_parallel}), {p.tokens} tokens per sample",
+        f"({p.micro_batch} per data-parallel rank of {p.data_parallel}), {p.tokens} tokens per sample"
+        + (f"; LoRA rank {p.lora_rank}, base frozen" if p.lora_rank else ""),
     ]
     if p.stand_in:
         lines.append(f"  (compiled on the CPU with {p.stand_in})")
-    trained = f"LoRA adapters, rank {p.lora_rank}" if p.lora_rank else "parameters"
+    trained = "LoRA adapters" if p.lora_rank else "parameters"
     lines += ["per device:", f"  {trained + ' (float32)':26}{g(p.params_bytes)}"]
     if p.frozen_bytes:
         lines.append(
