@@ -191,6 +191,29 @@ def test_report_says_what_to_change_when_a_plan_does_not_fit():
     assert "remat dots → full" in text
 
 
+def test_suggestions_shard_a_frozen_base_over_fsdp():
+    # A LoRA plan: 20 GiB of bf16 base on every device of a data-parallel mesh.
+    base = int(20 * plan_lib.GiB)
+    p = _big_plan(
+        mesh={"data": 4, "fsdp": 1, "tensor": 1, "context": 2},
+        bucket=(14, 160, 90, 16),
+        grad_accum_steps=4,
+        frozen_bytes=base,
+        frozen_dtype="bfloat16",
+        lora_rank=64,
+        xla_argument_bytes=int(5.27 * plan_lib.GiB) + base,
+    )
+    model = plan_lib._model(p)
+    same = plan_lib.Layout(4, 1, 1, 2, 1, "full", "ring")
+    assert model.estimate(same) == pytest.approx(p.total_bytes, rel=1e-9)
+    # fsdp 4 holds a quarter of the base (and of the adapters' state); the activations are unchanged.
+    wider = plan_lib.Layout(1, 4, 1, 2, 1, "full", "ring")
+    saved = model.estimate(same) - model.estimate(wider)
+    assert saved == pytest.approx(0.75 * base + 0.75 * p.params_bytes * (4 + plan_lib.UPDATE_BUFFERS + 1), rel=1e-6)
+    text = plan_lib.report(p, "h100")
+    assert "frozen base (bfloat16)" in text and "LoRA rank 64, base frozen" in text
+
+
 def test_planner_cli_fits_the_shipped_10b_720p_plan():
     """The real 10B train step at 720p × 5 s, compiled for the pod its config is laid out for."""
     proc = run_module("mugv_jax.plan", f"--config=configs/mugv_10b.py:{CI_PLAN}", timeout=1200)
