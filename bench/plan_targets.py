@@ -2,6 +2,7 @@
 
     python bench/plan_targets.py [--stages=video_720,sft] [--pods=v5p-256,h100x64] [--results=plans.jsonl]
     python bench/plan_targets.py --backend=megatron [--search]
+    python bench/plan_targets.py --lora [--stages=lora_720] [--pods=h100x8] [--results=plans.jsonl]
 
 `--backend=megatron` prints the Megatron layouts of the H100 pods (configs/mugv_10b.py
 MEGATRON_LAYOUTS) with mugv_megatron.plan's analytic per-GPU memory, in a second or two: the table
@@ -13,7 +14,9 @@ Each plan is `python -m mugv_jax.plan --config=configs/mugv_10b.py:<stage>:<pod>
 process (the fake device count is fixed when jax starts), run one after another: a 256-device
 plan of the 10B step takes 30–60 s of CPU time. Stages whose train step is the same program (same
 buckets and layout: image_360's video bucket = video_360_2s, sft = video_720) are planned once;
-image_360's image bucket is planned as its own row. The preference stage is listed but not
+image_360's image bucket is planned as its own row. `--lora` plans the LoRA fine-tunes instead
+(LORA_STAGES on the small slices of LORA_PODS: the frozen bfloat16 base, the float32 adapters;
+docs/scaling.md "LoRA fine-tunes"). The preference stage is listed but not
 planned: the planner compiles the pretraining step, not the DPO/KTO step. Exit status 1 if any
 plan does not fit or carries an involuntary full rematerialization.
 """
@@ -179,8 +182,9 @@ def megatron_search(stages, pods) -> None:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stages", default=",".join(mugv_10b.STAGES))
-    ap.add_argument("--pods", default=",".join(mugv_10b.PODS))
+    ap.add_argument("--stages", default=None, help="default: every stage (with --lora, every LoRA stage)")
+    ap.add_argument("--pods", default=None, help="default: every pod (with --lora, the LoRA stages' pods)")
+    ap.add_argument("--lora", action="store_true", help="plan the LoRA stages on their small slices")
     ap.add_argument("--backend", choices=("jax", "megatron"), default="jax")
     ap.add_argument("--search", action="store_true", help="megatron: search the layouts instead of the table")
     ap.add_argument("--results", default=None, help="also append each plan's JSON summary to this .jsonl")
@@ -191,13 +195,20 @@ def main():
         help="a .jsonl of plans (bench/plan_search.py --results): shipped layouts found there are not re-planned",
     )
     args = ap.parse_args()
-    stages, pods = args.stages.split(","), args.pods.split(",")
+    known_stages = mugv_10b.LORA_STAGES if args.lora else mugv_10b.STAGES
+    known_pods = mugv_10b.LORA_PODS if args.lora else mugv_10b.PODS
+    stages = args.stages.split(",") if args.stages else list(known_stages)
+    pods = args.pods.split(",") if args.pods else list(known_pods)
     for s in stages:
-        if s not in mugv_10b.STAGES:
-            ap.error(f"--stages: unknown stage {s!r}; choose from {list(mugv_10b.STAGES)}")
+        if s not in known_stages:
+            ap.error(
+                f"--stages: unknown stage {s!r}; choose from {list(known_stages)}" + (" (with --lora)" * args.lora)
+            )
     for p in pods:
-        if p not in mugv_10b.PODS:
-            ap.error(f"--pods: unknown pod {p!r}; choose from {list(mugv_10b.PODS)}")
+        if p not in known_pods:
+            ap.error(f"--pods: unknown pod {p!r}; choose from {list(known_pods)}" + (" (with --lora)" * args.lora))
+    if args.lora and args.backend == "megatron":
+        ap.error("--lora plans the JAX step (the Megatron planner has no LoRA estimate yet)")
     if args.backend == "megatron":
         if args.search:
             megatron_search(stages, pods)

@@ -14,7 +14,14 @@ the tuned hidden-1728 model widened ×2 by `python -m mugv_jax.recipe.expand`.
   sft            annealed SFT: curated subset, cosine decay to 0, checkpoints kept for post-hoc EMA
   preference     DPO + KTO with the SFT loss as regulariser (mugv_jax/train/preference.py)
 
-<pod> picks the machine the stage is laid out for (default v5p-256): the mesh, the attention
+LoRA fine-tunes of the 10B (the reference trainer's --lora: rank 64, alpha 32, every block linear;
+the base frozen and stored in bfloat16, the adapters trained in float32), on the user's clips from
+the release weights ROOT/dit.pt, in workdir ROOT/<stage>; laid out for a small slice (LORA_PODS):
+
+  lora_360       360p, 5 s clips
+  lora_720       720p, 5 s clips
+
+<pod> picks the machine the stage is laid out for (default v5p-256; for the LoRA stages h100x8): the mesh, the attention
 kernel and context-parallel mode, the remat policy and the micro-batch, with gradient
 accumulation making up the stage's global batch. Pods: v5p-256, v6e-256 (TPU, splash kernel),
 h100x64, h100x128 (H100 GPUs, cuDNN kernel). Every layout was chosen and checked with the
@@ -106,6 +113,16 @@ STAGES = {
     ),
 }
 
+# LoRA fine-tunes: global batches sized for a few chips (the published curriculum's 16M tokens per
+# step are a pod's), the reference trainer's adapters, a constant rate after a short warm-up.
+LORA_RANK, LORA_ALPHA = 64, 32.0
+LORA_STAGES = {
+    "lora_360": dict(clip="360p_5s", video=tuple((14, h, w, 64) for h, w in _360P), steps=2_000, lr=1e-4),
+    "lora_720": dict(clip="720p_5s", video=tuple((14, h, w, 16) for h, w in _720P), steps=2_000, lr=1e-4),
+}
+LORA_DEFAULT_POD = "h100x8"
+RELEASE_WEIGHTS = "dit.pt"  # under ROOT: the official release's DiT weights
+
 
 # The machines a stage is laid out for: the planner's device kind and device count (JAX devices).
 # Pod names follow the vendor: a TPU v5p-N slice counts TensorCores, two per chip, and JAX shows
@@ -129,6 +146,12 @@ PODS = {
     "h100x128": dict(kind="h100", devices=pod_devices("h100x128")),
 }
 DEFAULT_POD = "v5p-256"
+# The small slices the LoRA stages are laid out for (LORA_LAYOUTS); the curriculum needs a pod.
+LORA_PODS = {
+    "h100x8": dict(kind="h100", devices=pod_devices("h100x8")),
+    "v5p-16": dict(kind="tpu-v5p", devices=pod_devices("v5p-16")),
+    "v6e-16": dict(kind="tpu-v6e", devices=pod_devices("v6e-16")),
+}
 
 # (clip, pod) → mesh (data, fsdp, tensor, context), attention ("backend+context-parallel mode"),
 # remat policy, and `micro`: samples per data-parallel rank in one micro-batch;
@@ -175,17 +198,32 @@ MEGATRON_LAYOUTS = {
     ("720p_5s", "h100x128"): (2, True, 1, 1, 1, "full"),
 }
 
+# (clip, pod) → the LoRA stages' layouts, as LAYOUTS. The frozen base has no gradients, optimizer
+# state or EMA and is stored in bfloat16 (20 GiB for the whole 10B), so where it fits whole a
+# device keeps it (data parallelism: no all-gathers of the base) and fsdp only where HBM is short
+# (v6e's 32 GiB); context parallelism where one sample's activations are too large. Chosen and
+# checked with `python bench/plan_targets.py --lora` (docs/scaling.md "LoRA fine-tunes").
+LORA_LAYOUTS = {
+    ("360p_5s", "h100x8"): ((8, 1, 1, 1), "cudnn", "full", 1),
+    ("720p_5s", "h100x8"): ((4, 1, 1, 2), "cudnn+ulysses", "full", 1),
+    ("360p_5s", "v5p-16"): ((8, 1, 1, 1), "splash", "full", 2),
+    ("720p_5s", "v5p-16"): ((4, 1, 1, 2), "splash+ulysses", "full", 1),
+    ("360p_5s", "v6e-16"): ((1, 16, 1, 1), "splash", "full", 1),
+    ("720p_5s", "v6e-16"): ((1, 2, 1, 8), "splash+ulysses", "full", 1),
+}
+
 
 def parse_pod(name: str) -> tuple[str, int]:
     """`<pod>` or `<pod>x<N>`, N TPU slices of that pod joined over DCN → (pod, N)."""
-    if name in PODS:
+    pods = {**PODS, **LORA_PODS}
+    if name in pods:
         return name, 1
     base, sep, count = name.rpartition("x")
-    if sep and base in PODS and count.isdigit() and int(count) >= 1:
-        if not PODS[base]["kind"].startswith("tpu"):
+    if sep and base in pods and count.isdigit() and int(count) >= 1:
+        if not pods[base]["kind"].startswith("tpu"):
             raise ValueError(f"configs/mugv_10b.py: pod {name!r}: slices are TPU slices; GPUs are one pod (h100xN)")
         return base, int(count)
-    choices = list(PODS) + [f"{p}x2" for p in PODS if PODS[p]["kind"].startswith("tpu")]
+    choices = list(pods) + [f"{p}x2" for p in pods if pods[p]["kind"].startswith("tpu")]
     raise ValueError(f"configs/mugv_10b.py: unknown pod {name!r}; choose from {choices} (x<N>: N slices)")
 
 
@@ -193,9 +231,11 @@ def parse_arg(arg):
     """`<stage>[:<pod>[x<slices>]][@ROOT]` → (stage, pod, root). ROOT may itself contain ':' (gs://...)."""
     head, _, root = (arg or "").partition("@")
     stage, _, pod = head.partition(":")
-    if stage not in STAGES:
-        raise ValueError(f"configs/mugv_10b.py: unknown stage {stage!r}; choose from {list(STAGES)}")
-    pod = pod or DEFAULT_POD
+    if stage not in STAGES and stage not in LORA_STAGES:
+        raise ValueError(
+            f"configs/mugv_10b.py: unknown stage {stage!r}; choose from {list(STAGES) + list(LORA_STAGES)}"
+        )
+    pod = pod or (LORA_DEFAULT_POD if stage in LORA_STAGES else DEFAULT_POD)
     try:
         parse_pod(pod)
     except ValueError as e:
@@ -203,18 +243,25 @@ def parse_arg(arg):
     return stage, pod, root or DEFAULT_ROOT
 
 
-def apply_layout(c, clip, pod_name, accumulate=True):
+def apply_layout(c, clip, pod_name, accumulate=True, lora=False):
     """Set mesh, attention, remat and grad_accum_steps of config `c` for `clip` on `pod_name`.
 
     On N slices (`<pod>x<N>`) every slice has the pod's mesh, data parallelism spans the slices
     (mesh.dcn.data = N) and the global batch stays the stage's: the accumulation shrinks, and
     where the per-rank samples do not split into the planned micro-batch, the largest smaller
-    micro-batch that does is used (less memory than planned)."""
+    micro-batch that does is used (less memory than planned). `lora`: the LoRA stages' table."""
     pod_name, slices = parse_pod(pod_name)
-    pod = PODS[pod_name]
-    (data, fsdp, tensor, context), attention, remat, micro = LAYOUTS[(clip, pod_name)]
+    pod = {**PODS, **LORA_PODS}[pod_name]
+    table, table_name = (LORA_LAYOUTS, "LORA_LAYOUTS") if lora else (LAYOUTS, "LAYOUTS")
+    if (clip, pod_name) not in table:
+        laid_out = sorted(p for c, p in table if c == clip)
+        kind = "LoRA stages" if lora else "the curriculum (a LoRA stage fits a small slice)"
+        raise ValueError(
+            f"configs/mugv_10b.py: no {table_name} entry for {clip} on pod {pod_name!r}; {kind}: choose from {laid_out}"
+        )
+    (data, fsdp, tensor, context), attention, remat, micro = table[(clip, pod_name)]
     mode = attention.partition("+")[2]
-    where = f"configs/mugv_10b.py LAYOUTS[{(clip, pod_name)}]" + (f" on {slices} slices" if slices > 1 else "")
+    where = f"configs/mugv_10b.py {table_name}[{(clip, pod_name)}]" + (f" on {slices} slices" if slices > 1 else "")
     if data * fsdp * tensor * context != pod["devices"]:
         raise ValueError(f"{where}: mesh {(data, fsdp, tensor, context)} does not cover {pod['devices']} devices")
     if HIDDEN % fsdp:
@@ -266,8 +313,38 @@ def apply_megatron_layout(c, clip, pod_name, accumulate=True):
     c.megatron.micro_batch_size = micro if accumulate else None
 
 
+def lora_config(stage, pod, root):
+    """A LoRA fine-tune (LORA_STAGES) of the release weights ROOT/dit.pt on the user's clips."""
+    s = LORA_STAGES[stage]
+    c = base_config()
+    c.model = "10b"
+    c.stage = stage
+    c.compute_dtype = "bfloat16"
+    c.init_from = f"release:{root}/{RELEASE_WEIGHTS}"
+    c.num_steps = s["steps"]
+    c.optim.learning_rate = s["lr"]
+    c.optim.warmup_steps = 100
+    c.optim.ema_decay = 0.999
+    c.lora.rank, c.lora.alpha, c.lora.base_dtype = LORA_RANK, LORA_ALPHA, "bfloat16"
+    c.data.source = "shards"
+    c.data.buckets = s["video"]
+    c.data.batch_size = s["video"][0][3]
+    c.data.text_len = 300
+    c.objective.i2v_prob = 0.2
+    c.objective.i2v_mode = "first"
+    c.objective.caption_dropout_prob = 0.1
+    c.checkpoint_every = 500
+    apply_layout(c, s["clip"], pod, lora=True)
+    c.validation.every = 500
+    c.validation.num_batches = 4
+    c.log_every = 10
+    return c
+
+
 def get_config(arg: str = "video_720"):
     stage, pod, root = parse_arg(arg)
+    if stage in LORA_STAGES:
+        return lora_config(stage, pod, root)
     prev, s = STAGES[stage]
     c = base_config()
     c.model = "10b"

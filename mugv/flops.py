@@ -2,7 +2,8 @@
 
 Model FLOPs count the matmuls of the forward pass (2·m·n·k each) from the actual step geometry —
 video tokens incl. start/end, text tokens, bidirectional self-attention over all tokens — and a
-training step is 3× forward (backward = 2× forward). Recompute is not counted: MFU is model
+training step is 3× forward (backward = 2× forward); a LoRA step computes no weight gradients of
+its frozen base (`lora_step_flops`). Recompute is not counted: MFU is model
 FLOPs over time. Hardware FLOPs (`hardware_step_flops`, for HFU) add the matmuls that the
 recompute policy runs a second time in backward, with one table for both trainers' policies:
 JAX's remat policies (`mugv_jax/dit/model.py`) and Megatron's recompute modes
@@ -15,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 
 from mugv.config import DiTConfig
+from mugv.lora import LoraConfig
 
 # bf16 dense peak per device, FLOP/s (H100, v5p, v6e: docs/reference.md §8).
 PEAK_FLOPS = {
@@ -79,6 +81,29 @@ def forward_flops_per_sample(config: DiTConfig, num_video_tokens: int, num_text_
 def step_flops(config: DiTConfig, batch_size: int, num_video_tokens: int, num_text_tokens: int) -> StepFlops:
     fwd = batch_size * forward_flops_per_sample(config, num_video_tokens, num_text_tokens)
     return StepFlops(forward=fwd, train=3.0 * fwd)
+
+
+def lora_layer_flops(config: DiTConfig, num_video_tokens: int, num_text_tokens: int, lora: LoraConfig) -> float:
+    """Forward matmul FLOPs of one layer's LoRA adapters for one sample: x·A and (x·A)·B of every
+    adapted linear (the cross-attention kv on the caption tokens, the others on every token)."""
+    n, l = num_video_tokens + 2, num_text_tokens
+    per_token = lambda s: 2 * lora.rank * (s.shape_in(config) + s.shape_out(config))
+    return float(sum((l if s.release == "cross_attn.kv_linear" else n) * per_token(s) for s in lora.sites()))
+
+
+def lora_step_flops(
+    config: DiTConfig, batch_size: int, num_video_tokens: int, num_text_tokens: int, lora: LoraConfig
+) -> StepFlops:
+    """Model FLOPs of a LoRA step: the frozen base needs no weight gradients, so its backward is
+    the input gradients alone (1× the weight matmuls, 2× the attention matmuls, 1× the embedders
+    and final layer: an upper bound, the caption and patch embedders need none), and the adapters
+    train like any weight (3× their forward)."""
+    layer = layer_parts(config, num_video_tokens, num_text_tokens)
+    base = forward_flops_per_sample(config, num_video_tokens, num_text_tokens)
+    adapters = config.depth * lora_layer_flops(config, num_video_tokens, num_text_tokens, lora)
+    attn = layer["self_attention"] + layer["cross_attention"]
+    backward = base + config.depth * attn  # every matmul once more, the attention's twice
+    return StepFlops(forward=batch_size * (base + adapters), train=batch_size * (base + backward + 3 * adapters))
 
 
 # What each recompute policy runs twice (parts of `layer_parts`). Keeping every matmul output

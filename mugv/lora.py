@@ -53,6 +53,8 @@ SITES: tuple[Site, ...] = (
 # The reference trainer's target list (megatron-trainer.md §4.6), in its order.
 TARGETS: tuple[str, ...] = ("linear_qkv", "linear_proj", "linear_kv", "linear_q", "linear_fc1", "linear_fc2")
 
+BASE_DTYPES: tuple[str, ...] = ("float32", "bfloat16")
+
 # Release modules (top-level names of the release state dict) that `config.freeze.modules` may name.
 MODULES: tuple[str, ...] = (
     "start_token",
@@ -80,6 +82,9 @@ class LoraConfig:
     # A PEFT adapter directory (mugv/io/peft.py) to continue training from, instead of the fresh
     # start; its rank, alpha and targets must be these.
     init_from: str = ""
+    # How the frozen base weights are stored while the adapters train (float32 always): bfloat16
+    # halves the base's memory; the forward then computes with the rounded base.
+    base_dtype: str = "float32"
 
     def __post_init__(self):
         if self.rank < 0:
@@ -94,6 +99,13 @@ class LoraConfig:
             )
         if self.rank and not self.targets:
             raise ValueError("--config.lora.targets is empty: name at least one target or set --config.lora.rank=0")
+        if self.base_dtype not in BASE_DTYPES:
+            raise ValueError(f"--config.lora.base_dtype={self.base_dtype!r}: choose from {', '.join(BASE_DTYPES)}")
+        if self.base_dtype != "float32" and not self.rank:
+            raise ValueError(
+                f"--config.lora.base_dtype={self.base_dtype!r} applies to the frozen base under LoRA: "
+                "set --config.lora.rank > 0 or leave base_dtype at float32"
+            )
         if self.dropout != 0.0:
             # Both backends would have to draw the same dropout masks (mugv.rng); not built yet.
             raise ValueError(f"--config.lora.dropout={self.dropout}: only 0.0 is supported")
@@ -125,11 +137,17 @@ class FreezeConfig:
 
 def identity(lora: LoraConfig, freeze: FreezeConfig) -> dict:
     """What a checkpoint's state depends on (a resume must match it): the adapters' shapes and
-    scale, and the frozen modules. `init_from` and `init_seed` only choose a fresh start."""
+    scale, the stored base's dtype (a bfloat16 base is a rounded one), and the frozen modules.
+    `init_from` and `init_seed` only choose a fresh start."""
     if not lora.on:
         return {"lora": None, "freeze": list(freeze.modules)}
     return {
-        "lora": {"rank": lora.rank, "alpha": float(lora.alpha), "targets": list(lora.targets)},
+        "lora": {
+            "rank": lora.rank,
+            "alpha": float(lora.alpha),
+            "targets": list(lora.targets),
+            "base_dtype": lora.base_dtype,
+        },
         "freeze": list(freeze.modules),
     }
 
@@ -142,7 +160,12 @@ def saved_identity(run_config: dict | None) -> dict:
     if not int(lora.get("rank", 0)):
         return {"lora": None, "freeze": modules}
     return {
-        "lora": {"rank": int(lora["rank"]), "alpha": float(lora["alpha"]), "targets": list(lora["targets"])},
+        "lora": {
+            "rank": int(lora["rank"]),
+            "alpha": float(lora["alpha"]),
+            "targets": list(lora["targets"]),
+            "base_dtype": lora.get("base_dtype", "float32"),
+        },
         "freeze": modules,
     }
 

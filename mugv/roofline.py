@@ -28,6 +28,7 @@ import dataclasses
 
 from mugv import flops
 from mugv.config import DiTConfig
+from mugv.lora import LoraConfig
 
 GB = 1e9
 MATMUL_EFFICIENCY = 0.70
@@ -133,10 +134,14 @@ def step_cost(
     hardware_factor: float,
     params: float,
     tensor: int = 1,
+    lora: LoraConfig | None = None,
 ) -> StepCost:
     """FLOPs and bytes of one step on one device of a pod that splits the work evenly: `samples`
-    = global batch / devices, `params` parameters held by the device. Element-wise work on the
-    residual stream is not split by tensor parallelism (the stream is replicated over `tensor`)."""
+    = global batch / devices, `params` trained parameters held by the device (they take the
+    optimizer's traffic). Element-wise work on the residual stream is not split by tensor
+    parallelism (the stream is replicated over `tensor`). Under `lora` (on) the base weights are
+    frozen: their backward is the input gradients alone (once, not twice, the weight matmuls;
+    `flops.lora_step_flops`), and the adapters' matmuls run forward, backward and recompute."""
     layer = flops.layer_parts(config, video_tokens, text)
     recompute = flops.recompute_parts(remat)
     attn = layer["self_attention"] + layer["cross_attention"]
@@ -150,8 +155,13 @@ def step_cost(
     elementwise = depth * samples * tensor * (video_tokens + 2) * per_token * passes
     # embedders and the final layer run outside the blocks (never recomputed)
     outside = flops.forward_flops_per_sample(config, video_tokens, text) - depth * sum(layer.values())
+    if lora is not None and lora.on:
+        adapters = flops.lora_layer_flops(config, video_tokens, text, lora)
+        matmul = depth * (2 * linear + re_linear + (3 + bool(recompute)) * adapters) + 2 * outside
+    else:
+        matmul = depth * (3 * linear + re_linear) + 3 * outside
     return StepCost(
-        matmul_flops=samples * (depth * (3 * linear + re_linear) + 3 * outside),
+        matmul_flops=samples * matmul,
         attention_fwd_flops=depth * samples * (attn + re_attn) * hardware_factor,
         attention_bwd_flops=depth * samples * 2 * attn * hardware_factor,
         elementwise_bytes=elementwise + params * OPTIMIZER_BYTES_PER_PARAM,

@@ -47,7 +47,7 @@ DEVICE_KINDS = {name: dict(hbm=d.hbm, peak=d.peak) for name, d in roofline.DEVIC
 class Plan:
     mesh: dict
     bucket: tuple
-    params_bytes: int  # per device
+    params_bytes: int  # per device: what trains (under LoRA the adapters)
     optimizer_bytes: int  # Adam moments, per device
     ema_bytes: int
     other_state_bytes: int  # null caption, counters
@@ -76,10 +76,14 @@ class Plan:
     # seconds per op class (mugv/roofline.py): matmul, attention, elementwise, collectives, and
     # step (the prediction), serial (no overlap), mfu, hardware_factor (attention FLOPs factor)
     roofline: dict = dataclasses.field(default_factory=dict)
+    # Under LoRA (or config.freeze): the frozen base per device, no gradients, optimizer state or EMA.
+    frozen_bytes: int = 0
+    frozen_dtype: str = ""
+    lora_rank: int = 0
 
     @property
     def state_bytes(self):
-        return self.params_bytes + self.optimizer_bytes + self.ema_bytes + self.other_state_bytes
+        return self.params_bytes + self.optimizer_bytes + self.ema_bytes + self.frozen_bytes + self.other_state_bytes
 
     @property
     def total_bytes(self):
@@ -114,6 +118,12 @@ def plan_buckets(config) -> list[tuple[int, int, int, int]]:
 
 
 STAND_IN = "the blockwise stand-in for the fused kernel (O(N·d) residuals, no N² scores)"
+# The CPU has no bfloat16 matmuls: its compiler widens a bfloat16 operand to float32, and for a
+# base stored in bfloat16 it widens the whole stacked base at once, outside the layer loop (a
+# float32 copy of the base in the temporaries: measured +1.9× the base's bytes at tiny width),
+# which a TPU or GPU never makes. So a bfloat16 base is compiled as a float32 one, cast to the
+# compute dtype layer by layer as the trained weights are, and counted in its own dtype.
+BASE_STAND_IN = "the {dtype} base as float32 (the CPU would widen the whole {dtype} stack), counted in {dtype}"
 
 
 @contextlib.contextmanager
@@ -172,6 +182,10 @@ def plan_step(config, *, bucket_index: int | None = None, devices=None, kind: st
     from mugv_jax.train.backend import build_trainer
 
     run = as_run_config(config)
+    base_dtype = run.lora.base_dtype if run.lora.on else ""
+    if base_dtype != "float32" and base_dtype and jax.default_backend() == "cpu":
+        # See BASE_STAND_IN: compiled with a float32 base, its bytes counted in `base_dtype` below.
+        run = dataclasses.replace(run, lora=dataclasses.replace(run.lora, base_dtype="float32"))
     # The trainer the run would build (model, runtime options, optimizer, sharding rules, mesh);
     # the context-parallel mode travels inside `attention` ("splash+ulysses").
     trainer = build_trainer(run, mesh=planning_mesh(run, devices))
@@ -210,8 +224,25 @@ def plan_step(config, *, bucket_index: int | None = None, devices=None, kind: st
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     n_tok = num_video_tokens((f, h, w), model_cfg)
-    other = {k: v for k, v in state.items() if k not in ("params", "opt_state", "ema")}
-    model_flops = flops_lib.step_flops(model_cfg, batch, n_tok, text_len).train
+    other = {k: v for k, v in state.items() if k not in ("params", "opt_state", "ema", "frozen")}
+    frozen = state.get("frozen", {})
+    frozen_bytes = _per_device_bytes(frozen)
+    stand_in = stand_ins.get(options.attention, "")
+    if base_dtype and base_dtype != str(next(iter(jax.tree.leaves(frozen))).dtype):
+        stored = _per_device_bytes(
+            jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, base_dtype, sharding=a.sharding), frozen)
+        )
+        # The run's arguments hold the base in its own dtype; the rest of the program is the same.
+        argument_bytes = int(mem.argument_size_in_bytes) - (frozen_bytes - stored)
+        frozen_bytes = stored
+        stand_in = "; ".join(filter(None, (stand_in, BASE_STAND_IN.format(dtype=base_dtype))))
+    else:
+        argument_bytes = int(mem.argument_size_in_bytes)
+    lora = trainer.lora if trainer.lora.on else None
+    if lora is not None:
+        model_flops = flops_lib.lora_step_flops(model_cfg, batch, n_tok, text_len, lora).train
+    else:
+        model_flops = flops_lib.step_flops(model_cfg, batch, n_tok, text_len).train
     found = hlo_stats.collectives(partitioned[0] if partitioned else compiled.as_text())
     dev = roofline.DEVICES[kind]
     factor = roofline.hardware_factor(options.attention, model_cfg.head_dim, dev.platform)
@@ -224,6 +255,7 @@ def plan_step(config, *, bucket_index: int | None = None, devices=None, kind: st
         factor,
         params=_per_device_bytes(state["params"]) / 4,
         tensor=mesh.shape["tensor"],
+        lora=lora,
     )
     step_cost = dataclasses.replace(
         step_cost, collective_seconds=hlo_stats.seconds(found, dev.link, dev.node, dev.network)
@@ -233,12 +265,15 @@ def plan_step(config, *, bucket_index: int | None = None, devices=None, kind: st
         mesh=dict(mesh.shape),
         bucket=(f, h, w, batch),
         params_bytes=_per_device_bytes(state["params"]),
+        frozen_bytes=frozen_bytes,
+        frozen_dtype=base_dtype or ",".join(sorted({str(x.dtype) for x in jax.tree.leaves(frozen)})),
+        lora_rank=trainer.lora.rank,
         optimizer_bytes=_per_device_bytes(state["opt_state"]),
         ema_bytes=_per_device_bytes(state["ema"]),
         other_state_bytes=_per_device_bytes(other),
         batch_bytes=_per_device_bytes(batch_abstract),
         temp_bytes=int(mem.temp_size_in_bytes),
-        xla_argument_bytes=int(mem.argument_size_in_bytes),
+        xla_argument_bytes=argument_bytes,
         xla_output_bytes=int(mem.output_size_in_bytes),
         xla_alias_bytes=int(mem.alias_size_in_bytes),
         analytic_flops=model_flops,
@@ -247,7 +282,7 @@ def plan_step(config, *, bucket_index: int | None = None, devices=None, kind: st
         grad_accum_steps=optim.grad_accum_steps,
         remat=options.remat,
         attention=run.attention,
-        stand_in=stand_ins.get(options.attention, ""),
+        stand_in=stand_in,
         heads=model_cfg.num_heads,
         head_dim=model_cfg.head_dim,
         depth=model_cfg.depth,
@@ -297,19 +332,26 @@ def report(p: Plan, kind: str) -> str:
         f"mesh {p.mesh} ({n} devices, {kind}), bucket (frames, h, w, batch) = {p.bucket}",
         f"layout: attention {backend}, context parallel {mode or 'none'}, remat {p.remat}; global batch "
         f"{p.bucket[3]} = {p.grad_accum_steps} micro-batch(es) × {p.bucket[3] // p.grad_accum_steps} "
-        f"({p.micro_batch} per data-parallel rank of {p.data_parallel}), {p.tokens} tokens per sample",
+        f"({p.micro_batch} per data-parallel rank of {p.data_parallel}), {p.tokens} tokens per sample"
+        + (f"; LoRA rank {p.lora_rank}, base frozen" if p.lora_rank else ""),
     ]
     if p.stand_in:
         lines.append(f"  (compiled on the CPU with {p.stand_in})")
+    trained = "LoRA adapters" if p.lora_rank else "parameters"
+    lines += ["per device:", f"  {trained + ' (float32)':26}{g(p.params_bytes)}"]
+    if p.frozen_bytes:
+        lines.append(
+            f"  {'frozen base (' + p.frozen_dtype + ')':26}{g(p.frozen_bytes)}   no gradients, optimizer state or EMA"
+        )
     lines += [
-        "per device:",
-        f"  parameters (float32)      {g(p.params_bytes)}",
         f"  optimizer (Adam moments)  {g(p.optimizer_bytes)}",
         f"  EMA                       {g(p.ema_bytes)}",
         f"  batch + other state       {g(p.batch_bytes + p.other_state_bytes)}",
         f"  temporaries (XLA)         {g(p.temp_bytes)}   activations, gradients, buffers",
         f"  total (XLA args + temps)  {g(p.total_bytes)}   of {dev['hbm'] / GiB:.0f} GiB HBM: " + verdict,
-        f"FLOPs per step: model {p.analytic_flops:.3e} ({p.analytic_flops / n:.3e} per device); "
+        f"FLOPs per step: model {p.analytic_flops:.3e} ({p.analytic_flops / n:.3e} per device"
+        + ("; LoRA: no weight gradients of the frozen base" if p.lora_rank else "")
+        + "); "
         + (
             f"XLA cost analysis {p.xla_flops:.3e} per device (scanned layer counted once)"
             if p.xla_flops is not None
@@ -326,7 +368,7 @@ def report(p: Plan, kind: str) -> str:
 # --- what to change when a plan does not fit ------------------------------------------------------
 #
 # The measured plan is split into three parts that scale differently with the layout:
-#   sharded  parameters, Adam moments and EMA (arguments), and the optimizer step's float32
+#   sharded  parameters, Adam moments and EMA (arguments), a frozen base (LoRA), and the optimizer step's float32
 #            temporaries: gradients, updates, new moments (UPDATE_BUFFERS parameter-sized buffers,
 #            + the accumulator when grad_accum > 1); all divided by fsdp;
 #   act      the rest of XLA's temporaries (activations, attention, collective buffers): in
@@ -366,9 +408,11 @@ class _Model:
     depth: int
     hidden: int
     tokens: int
+    frozen: float = 0.0  # a frozen base (LoRA): sharded over fsdp, no gradients or updates
 
     def estimate(self, lay: Layout) -> float:
         params = self.params * self.fsdp / lay.fsdp
+        frozen = self.frozen * self.fsdp / lay.fsdp
         accum = self.batch // (lay.dp * lay.micro)
         sharded = params * (4 + UPDATE_BUFFERS + (accum > 1))
         act = self.act * (lay.micro / self.micro) * (self.context / lay.context)
@@ -376,7 +420,7 @@ class _Model:
             # Layer inputs (float32) of every layer, plus one layer's working set.
             tokens = lay.micro * self.tokens / lay.context
             act = self.depth * tokens * self.hidden * 4 + act / self.depth
-        return sharded + act + self.rest
+        return sharded + frozen + act + self.rest
 
 
 def _model(p: Plan) -> _Model:
@@ -390,7 +434,8 @@ def _model(p: Plan) -> _Model:
         micro=p.micro_batch,
         context=p.mesh.get("context", 1),
         remat=p.remat,
-        rest=p.total_bytes - sharded - act,
+        rest=p.total_bytes - sharded - act - p.frozen_bytes,
+        frozen=p.frozen_bytes,
         batch=p.bucket[3],
         heads=p.heads,
         depth=p.depth,

@@ -6,7 +6,8 @@ The state is a plain pytree (dict) so that orbax saves and restores it onto any 
   ema         float32 exponential moving average of params, sharded like params
   null_text   [max_text_tokens, text_dim] features that replace dropped captions (not trained)
   frozen      only with LoRA or config.freeze: the weights that do not train (no gradients, no
-              optimizer state, no EMA); `params` then holds only what trains (the adapters)
+              optimizer state, no EMA; under LoRA in config.lora.base_dtype); `params` then holds
+              only what trains (the adapters, float32)
   step        int32, rng (uint32 [seed, 0]: the key word of mugv.rng's draws), nonfinite (consecutive skipped steps),
   skipped (total)
 One `jax.jit` with explicit in/out shardings and donated state does a whole step, including
@@ -118,6 +119,8 @@ class Trainer:
         frozen = None
         if self.splits:
             params, frozen = self.split(params)
+            if self.lora.on:  # the frozen base in its storage dtype (config.lora.base_dtype)
+                frozen = jax.tree.map(lambda w: w.astype(self.lora.base_dtype), frozen)
         state = {
             "params": params,
             "opt_state": self.optimizer.init(params),

@@ -80,6 +80,11 @@ def refused_fields(run: RunConfig) -> list[str]:
             f"pipeline/context parallelism or megatron's distributed optimizer (set "
             f"--config.megatron.pp=1 --config.megatron.cp=1 --config.megatron.distributed_optimizer=False)"
         )
+    if run.lora.on and run.lora.base_dtype != "float32":
+        out.append(
+            f"config.lora.base_dtype={run.lora.base_dtype!r} (a frozen base in its own dtype is built on the "
+            f"JAX backend only; here --config.megatron.params_dtype sets every weight's dtype)"
+        )
     return out
 
 

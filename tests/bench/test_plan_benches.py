@@ -68,6 +68,37 @@ def test_targets_rows_carry_the_roofline_and_the_compile_checks():
     assert skip.count("|") == line.count("|")
 
 
+def test_targets_plan_every_lora_stage_on_every_small_slice():
+    from configs import mugv_10b
+
+    todo = plan_targets.programs(list(mugv_10b.LORA_STAGES), list(mugv_10b.LORA_PODS))
+    assert sorted((names[0], pod) for names, pod, _ in todo) == sorted(
+        (s, p) for s in mugv_10b.LORA_STAGES for p in mugv_10b.LORA_PODS
+    )
+    assert all(bucket is None for _, _, bucket in todo)  # no image buckets, nothing skipped
+
+
+def test_the_lora_table_of_docs_scaling_is_the_planners_output():
+    """docs/scaling.md "LoRA fine-tunes": every row is bench/plan_targets.py's row of a plan kept
+    in bench/results/, and every kept plan fits with no involuntary rematerialization."""
+    from configs import mugv_10b
+
+    with open(os.path.join(ROOT, "bench", "results", "plan_lora_2026-12-07.jsonl")) as f:
+        plans = [json.loads(line) for line in f]
+    with open(os.path.join(ROOT, "docs", "scaling.md")) as f:
+        doc = f.read()
+    for r in plans:
+        assert r["stages"][0] in mugv_10b.LORA_STAGES and r["fits"] and r["remat_warning_count"] == 0
+        assert r["lora_rank"] == 64 and r["frozen_dtype"] == "bfloat16"
+        # The plan is of the shipped layout.
+        c = mugv_10b.get_config(f"{r['stages'][0]}:{r['pod']}")
+        assert tuple(r["mesh"][a] for a in ("data", "fsdp", "tensor", "context")) == tuple(
+            c.mesh.ici[a] for a in ("data", "fsdp", "tensor", "context")
+        )
+        assert (r["attention"], r["grad_accum_steps"]) == (c.attention, c.optim.grad_accum_steps)
+        assert plan_targets.row(r["stages"], r["pod"], None, r) in doc
+
+
 def test_targets_reuse_the_searched_plan_of_the_shipped_layout(tmp_path):
     from configs import mugv_10b
 

@@ -29,6 +29,8 @@ def test_off_by_default_and_settable_like_any_section():
         ({"lora": {"rank": 4, "targets": ["linear_qkv", "to_q"]}}, "--config.lora.targets"),
         ({"lora": {"rank": 4, "dropout": 0.1}}, "--config.lora.dropout"),
         ({"lora": {"rank": 4, "alpha": 0.0}}, "--config.lora.alpha"),
+        ({"lora": {"rank": 4, "base_dtype": "float16"}}, "--config.lora.base_dtype"),
+        ({"lora": {"base_dtype": "bfloat16"}}, "--config.lora.base_dtype"),
         ({"freeze": {"modules": ["caption_embedder"]}}, "--config.freeze.modules"),
     ],
 )
@@ -110,6 +112,11 @@ def test_a_resume_with_other_adapters_or_frozen_modules_is_refused_naming_both()
     for other, freeze, shown in [
         (lora.LoraConfig(rank=2, alpha=8.0), lora.FreezeConfig(), "'rank': 4.*'rank': 2"),
         (lora.LoraConfig(rank=4, alpha=4.0), lora.FreezeConfig(), "'alpha': 8.0.*'alpha': 4.0"),
+        (
+            lora.LoraConfig(rank=4, alpha=8.0, base_dtype="bfloat16"),
+            lora.FreezeConfig(),
+            "'base_dtype': 'float32'.*'base_dtype': 'bfloat16'",
+        ),
         (lora.LoraConfig(), lora.FreezeConfig(), "lora: .*'rank': 4.*None"),
         (same, lora.FreezeConfig(("y_embedder",)), r"freeze: checkpoint \[\], run \['y_embedder'\]"),
     ]:

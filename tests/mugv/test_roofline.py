@@ -26,6 +26,26 @@ def test_roofline_counts_the_hardware_flops_of_every_remat_policy():
     assert padded.attention_bwd_flops == pytest.approx(plain.attention_bwd_flops * 128 / 72)
 
 
+def test_roofline_of_a_lora_step_counts_no_weight_gradients_of_the_base():
+    from mugv.lora import LoraConfig
+
+    cfg, lora = get_config("10b"), LoraConfig(rank=64, alpha=32.0)
+    n, text, batch = num_video_tokens((14, 160, 90), cfg), 300, 8
+    total = lambda c: c.matmul_flops + c.attention_fwd_flops + c.attention_bwd_flops
+    model = flops.lora_step_flops(cfg, batch, n, text, lora).train
+    cost = lambda policy: roofline.step_cost(cfg, batch, n, text, policy, hardware_factor=1.0, params=0, lora=lora)
+    assert total(cost("none")) == pytest.approx(model, rel=1e-12)
+    # Full remat runs each layer's forward again, the adapters' included.
+    again = (
+        batch * cfg.depth * (sum(flops.layer_parts(cfg, n, text).values()) + flops.lora_layer_flops(cfg, n, text, lora))
+    )
+    assert total(cost("full")) == pytest.approx(model + again, rel=1e-12)
+    # The attention is unchanged (its backward is input gradients anyway); the matmuls shrink.
+    full = roofline.step_cost(cfg, batch, n, text, "full", hardware_factor=1.0, params=0)
+    assert cost("full").attention_bwd_flops == full.attention_bwd_flops
+    assert 0.7 < cost("full").matmul_flops / full.matmul_flops < 0.8
+
+
 def test_head_dim_72_costs_per_kernel_and_platform():
     assert roofline.hardware_factor("splash", 72, "tpu") == pytest.approx(128 / 72)
     assert roofline.hardware_factor("xla", 72, "tpu") == pytest.approx(128 / 72)  # the MXU pads too

@@ -3,9 +3,11 @@ computes W + scale·B·A exactly as a merged weight would (float32); adapters mo
 and JAX layouts exactly; the trainer trains the adapters only: the base stays bit-identical and has
 no optimizer state or EMA, and sharding follows the one rule table."""
 
+import dataclasses
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
@@ -24,6 +26,9 @@ GOLDEN = Path(__file__).parent.parent / "golden" / "dit_tiny" / "weights.safeten
 LORA = LoraConfig(rank=3, alpha=6.0, init_seed=11)
 # A merged weight W + s·B·A sums in another order than W·x + s·B·(A·x): float32 rounding only.
 MERGED_RTOL = 1e-5
+# A bfloat16 base against a float32 one holding the same values: the same float32 arithmetic,
+# up to XLA fusing the casts differently.
+BF16_BASE_RTOL = 1e-6
 
 
 def _inputs():
@@ -122,6 +127,7 @@ def test_the_trainer_trains_the_adapters_only(base, tmp_path):
     n_adapter = sum(v.size for v in trainable.values())
     # Adam's μ and ν of the adapters, and step counters.
     assert 2 * n_adapter <= sum(x.size for x in jax.tree.leaves(state["opt_state"])) <= 2 * n_adapter + 4
+    assert {x.dtype for x in jax.tree.leaves(state["frozen"])} == {np.dtype(np.float32)}  # base_dtype's default
     frozen0, a0 = to_numpy(state["frozen"]), to_numpy(state["params"])
     new, metrics = t.train_step(state, t.put_batch(host_batch(make_source())))
     assert bool(metrics["finite"])
@@ -141,6 +147,32 @@ def test_the_trainer_trains_the_adapters_only(base, tmp_path):
     assert lora == LORA
     g = jax_layout.flatten(dit_lora.from_release(back, TINY))
     assert g.keys() == f1.keys() and all(np.array_equal(g[k], f1[k]) for k in f1)
+
+
+def test_a_bfloat16_base_is_stored_in_bfloat16_and_trains_float32_adapters(base):
+    t = make_trainer(lora=dataclasses.replace(LORA, base_dtype="bfloat16"))
+    state = t.init_state(0, params=base)
+    dtypes = lambda tree: {x.dtype for x in jax.tree.leaves(tree)}
+    assert dtypes(state["frozen"]) == dtypes(t.abstract_state()["frozen"]) == {jnp.dtype(jnp.bfloat16)}
+    assert dtypes(state["params"]) == {jnp.dtype(jnp.float32)}
+    batch = t.put_batch(host_batch(make_source()))
+    key = t.step_key(state)
+    grads = jax.eval_shape(t.loss_and_grads, state["params"], state["null_text"], batch, key, state["frozen"])[2]
+    assert dtypes(grads) == {jnp.dtype(jnp.float32)}
+    # The loss is that of a float32 base holding the same rounded values: the forward casts every
+    # weight to the compute dtype (float32 here), so the rounding is the only difference.
+    widened = dit_lora.merge(state["params"], jax.tree.map(lambda w: w.astype(jnp.float32), state["frozen"]))
+    ref_loss = float(jax.jit(t.loss_and_metrics)(widened, state["null_text"], batch, key)[0])
+    frozen0, a0 = to_numpy(state["frozen"]), jax_layout.flatten(to_numpy(state["params"]))
+    new, metrics = t.train_step(state, batch)
+    assert bool(metrics["finite"])
+    np.testing.assert_allclose(float(metrics["loss"]), ref_loss, rtol=BF16_BASE_RTOL)
+    # The step keeps the base in bfloat16, unchanged, and moves the float32 adapters (B first).
+    assert dtypes(new["frozen"]) == {jnp.dtype(jnp.bfloat16)}
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(frozen0), jax.tree.leaves(to_numpy(new["frozen"]))))
+    assert dtypes(new["params"]) == dtypes(new["ema"]) == {jnp.dtype(jnp.float32)}
+    a1 = jax_layout.flatten(to_numpy(new["params"]))
+    assert all(np.abs(a0[k] - a1[k]).min() > 0 for k in a0 if k.endswith("lora_b"))
 
 
 def test_freeze_keeps_a_module_apart_without_optimizer_state_or_ema():

@@ -2,6 +2,7 @@
 shipped 10B 720p layout fits."""
 
 import jax
+import pytest
 
 from configs import tiny as tiny_config
 from mugv.data.synthetic import Bucket
@@ -19,11 +20,14 @@ def _device0_bytes(tree):
     return sum(s.data.nbytes for leaf in jax.tree.leaves(tree) for s in leaf.addressable_shards if s.device == dev)
 
 
-def test_planner_memory_matches_a_real_step():
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_planner_memory_matches_a_real_step(lora):
     c = tiny_config.get_config()
     c.mesh.ici = dict(data=2, fsdp=4, tensor=1, context=1)
     c.data.buckets = ((3, 4, 6, 8),)
     c.optim.warmup_steps = 0
+    if lora:  # adapters train; the base is frozen, in bfloat16, without optimizer state or EMA
+        c.lora.rank, c.lora.alpha, c.lora.base_dtype = 4, 8.0, "bfloat16"
     p = plan_lib.plan_step(c)  # abstract: nothing allocated
     assert p.mesh == {"data": 2, "fsdp": 4, "tensor": 1, "context": 1} and p.bucket == (3, 4, 6, 8)
 
@@ -38,15 +42,27 @@ def test_planner_memory_matches_a_real_step():
     assert p.optimizer_bytes == _device0_bytes(new_state["opt_state"])
     assert p.ema_bytes == _device0_bytes(new_state["ema"])
     assert p.state_bytes == _device0_bytes(new_state)
+    assert p.frozen_bytes == (_device0_bytes(new_state["frozen"]) if lora else 0)
+    if lora:
+        assert p.frozen_dtype == "bfloat16" and p.lora_rank == 4 and p.params_bytes < p.frozen_bytes
+        assert "frozen base (bfloat16)" in plan_lib.report(p, "tpu-v5p")
     assert p.batch_bytes == batch_bytes
     # fsdp=4 really divides the big tensors: the per-device parameters are far below the total.
-    total_params = sum(x.nbytes for x in jax.tree.leaves(jax.device_get(new_state["params"])))
-    assert p.params_bytes < 0.5 * total_params
+    big = "frozen" if lora else "params"  # under LoRA the base
+    total_params = sum(x.nbytes for x in jax.tree.leaves(jax.device_get(new_state[big])))
+    assert (p.frozen_bytes if lora else p.params_bytes) < 0.5 * total_params
     # XLA's arguments are exactly the state and the batch held by one device.
     assert p.xla_argument_bytes == p.state_bytes + p.batch_bytes
     key = next(iter(trainer._steps))
     compiled = trainer._steps[key].lower(new_state, batch).compile()
-    assert p.temp_bytes == compiled.memory_analysis().temp_size_in_bytes > 0
+    if lora:
+        # The CPU widens the whole bfloat16 base to float32 (mugv_jax.plan.BASE_STAND_IN); the
+        # planner compiled a float32 base instead: its temporaries lack that copy, which is at
+        # least the device's base in float32 (measured: 2.28× its bfloat16 bytes).
+        extra = compiled.memory_analysis().temp_size_in_bytes - p.temp_bytes
+        assert 2 * p.frozen_bytes <= extra <= 2.5 * p.frozen_bytes
+    else:
+        assert p.temp_bytes == compiled.memory_analysis().temp_size_in_bytes > 0
     assert p.analytic_flops > 0 and p.xla_flops > 0
 
 
@@ -173,6 +189,29 @@ def test_report_says_what_to_change_when_a_plan_does_not_fit():
     # A lighter remat policy gets `remat → full` offered, with the layer-input estimate.
     text = plan_lib.report(_big_plan(remat="dots"), "tpu-v5p")
     assert "remat dots → full" in text
+
+
+def test_suggestions_shard_a_frozen_base_over_fsdp():
+    # A LoRA plan: 20 GiB of bf16 base on every device of a data-parallel mesh.
+    base = int(20 * plan_lib.GiB)
+    p = _big_plan(
+        mesh={"data": 4, "fsdp": 1, "tensor": 1, "context": 2},
+        bucket=(14, 160, 90, 16),
+        grad_accum_steps=4,
+        frozen_bytes=base,
+        frozen_dtype="bfloat16",
+        lora_rank=64,
+        xla_argument_bytes=int(5.27 * plan_lib.GiB) + base,
+    )
+    model = plan_lib._model(p)
+    same = plan_lib.Layout(4, 1, 1, 2, 1, "full", "ring")
+    assert model.estimate(same) == pytest.approx(p.total_bytes, rel=1e-9)
+    # fsdp 4 holds a quarter of the base (and of the adapters' state); the activations are unchanged.
+    wider = plan_lib.Layout(1, 4, 1, 2, 1, "full", "ring")
+    saved = model.estimate(same) - model.estimate(wider)
+    assert saved == pytest.approx(0.75 * base + 0.75 * p.params_bytes * (4 + plan_lib.UPDATE_BUFFERS + 1), rel=1e-6)
+    text = plan_lib.report(p, "h100")
+    assert "frozen base (bfloat16)" in text and "LoRA rank 64, base frozen" in text
 
 
 def test_planner_cli_fits_the_shipped_10b_720p_plan():

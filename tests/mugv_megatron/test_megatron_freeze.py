@@ -74,3 +74,5 @@ def test_lora_and_freeze_are_refused_where_the_trainer_cannot_run_them_naming_th
         for tuned in (lora, {"freeze": {"modules": ["y_embedder"]}}):
             (msg,) = refused_fields(as_run_config({**tuned, **extra}))
             assert flag in msg and ("config.lora.rank" in msg), msg
+    (msg,) = refused_fields(as_run_config({"lora": {"rank": 4, "base_dtype": "bfloat16"}}))
+    assert "config.lora.base_dtype='bfloat16'" in msg and "--config.megatron.params_dtype" in msg, msg
