@@ -148,7 +148,7 @@ LAYOUTS = {
     ("360p_5s", "v6e-256"): ((1, 64, 1, 4), "splash+ulysses", "full", 1),
     ("720p_5s", "v6e-256"): ((1, 8, 2, 16), "splash+ring", "full", 1),
     ("360p_2s", "h100x64"): ((1, 64, 1, 1), "cudnn", "full", 2),
-    ("360p_3s", "h100x64"): ((1, 32, 1, 2), "cudnn+ulysses", "full", 2),
+    ("360p_3s", "h100x64"): ((1, 32, 1, 2), "cudnn+ulysses", "full", 3),
     ("360p_5s", "h100x64"): ((1, 32, 1, 2), "cudnn+ulysses", "full", 1),
     ("720p_5s", "h100x64"): ((1, 4, 2, 8), "cudnn+ulysses", "full", 2),
     ("360p_2s", "h100x128"): ((1, 128, 1, 1), "cudnn", "full", 2),
