@@ -78,7 +78,7 @@ def _planned(paths):
                     continue
                 m = r["mesh"]
                 mesh = (m["data"], m["fsdp"], m["tensor"], m["context"])
-                for stage in [r["stage"]] if "stage" in r else r.get("stages", []):  # a row serves its stages
+                for stage in {r.get("stage"), *r.get("stages", [])} - {None}:  # a row serves its stages
                     key = (stage, r["pod"], _bucket_index(r), mesh, r["attention"], r["remat"], r["grad_accum_steps"])
                     out[key] = r
     return out

@@ -123,7 +123,10 @@ def test_targets_reuse_their_own_results_and_a_later_file_wins(tmp_path):
     m = {a: int(c.mesh.ici[a]) for a in ("data", "fsdp", "tensor", "context")}
     layout = dict(mesh=m, attention=c.attention, remat=c.remat, grad_accum_steps=c.optim.grad_accum_steps)
     old, new = tmp_path / "old.jsonl", tmp_path / "new.jsonl"
-    video = dict(_plan(**layout), stages=["video_360_2s", "image_360"], pod="v5p-256", command="plan")
+    # a search plan (stage) the targets run recorded for both stages it serves (stages)
+    video = dict(
+        _plan(**layout), stage="video_360_2s", stages=["video_360_2s", "image_360"], pod="v5p-256", command="x"
+    )
     images = dict(video, stages=["image_360"], command="python -m mugv_jax.plan --bucket=3", step_seconds=5.0)
     old.write_text("\n".join(json.dumps(r) for r in (video, images)) + "\n")
     new.write_text(json.dumps(dict(video, step_seconds=42.0)) + "\n")
