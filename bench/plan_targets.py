@@ -62,18 +62,28 @@ def _layout_key(stage, pod, bucket):
     return (stage, pod, bucket, mesh, c.attention, c.remat, c.optim.grad_accum_steps)
 
 
-def _planned(path):
-    """{layout key: plan} of the successful plans in a plan_search .jsonl."""
+def _bucket_index(r):
+    if "bucket_index" in r:  # plan_search.py
+        return r["bucket_index"]
+    flag = [a for a in r.get("command", "").split() if a.startswith("--bucket=")]  # plan_targets.py
+    return int(flag[0].split("=", 1)[1]) if flag else None
+
+
+def _planned(paths):
+    """{layout key: plan} of the successful plans in .jsonl files of bench/plan_search.py or of
+    this script (`--results`), comma-separated; a later plan of the same layout wins."""
     out = {}
-    with open(path) as f:
-        for line in f:
-            r = json.loads(line)
-            if "error" in r or "stage" not in r:
-                continue
-            m = r["mesh"]
-            mesh = (m["data"], m["fsdp"], m["tensor"], m["context"])
-            key = (r["stage"], r["pod"], r.get("bucket_index"), mesh, r["attention"], r["remat"], r["grad_accum_steps"])
-            out[key] = r
+    for path in paths.split(","):
+        with open(path) as f:
+            for line in f:
+                r = json.loads(line)
+                if "error" in r or "mesh" not in r:
+                    continue
+                m = r["mesh"]
+                mesh = (m["data"], m["fsdp"], m["tensor"], m["context"])
+                for stage in {r.get("stage"), *r.get("stages", [])} - {None}:  # a row serves its stages
+                    key = (stage, r["pod"], _bucket_index(r), mesh, r["attention"], r["remat"], r["grad_accum_steps"])
+                    out[key] = r
     return out
 
 
@@ -192,7 +202,8 @@ def main():
     ap.add_argument(
         "--reuse",
         default=None,
-        help="a .jsonl of plans (bench/plan_search.py --results): shipped layouts found there are not re-planned",
+        help="comma-separated .jsonl files of plans (bench/plan_search.py or this script's --results): shipped "
+        "layouts found there are not re-planned (a later file's plan wins)",
     )
     args = ap.parse_args()
     known_stages = mugv_10b.LORA_STAGES if args.lora else mugv_10b.STAGES
@@ -223,14 +234,15 @@ def main():
     planned = _planned(args.reuse) if args.reuse else {}
     lines, ok = [], True
     for names, pod, bucket in todo:
-        r = {}
+        r, reused = {}, False
         if bucket != "skip":
-            r = planned.get(_layout_key(names[0], pod, bucket)) or run_plan(
-                names[0], pod, bucket=bucket, log_dir=args.log_dir
-            )
+            r = planned.get(_layout_key(names[0], pod, bucket))
+            reused = r is not None
+            r = r or run_plan(names[0], pod, bucket=bucket, log_dir=args.log_dir)
         if bucket != "skip":
             ok &= bool(r.get("fits")) and r.get("remat_warning_count") == 0
-            if args.results:
+            # a plan read from --results itself is there already
+            if args.results and not (reused and args.results in (args.reuse or "").split(",")):
                 with open(args.results, "a") as f:
                     f.write(
                         json.dumps({"stages": names, "pod": pod, **{k: v for k, v in r.items() if k != "report"}})

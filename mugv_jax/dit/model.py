@@ -432,16 +432,19 @@ def forward(
     # Patch embed (zero-pad each axis up to a patch multiple, as the release does), (t,h,w) order.
     xp = jnp.pad(x.astype(F32), ((0, 0), (0, 0), (0, gt * pt - t), (0, gh * ph - hh), (0, gw * pw - ww)))
     xp = xp.reshape(b, config.in_channels, gt, pt, gh, ph, gw, pw).transpose(0, 2, 4, 6, 3, 5, 7, 1)
-    tokens = (
-        _dense(
-            xp.reshape(b, gt, gh, gw, pt, ph, pw, config.in_channels),
-            {"kernel": params["x_embedder"]["kernel"], "bias": params["x_embedder"]["bias"]},
-            opts,
-            n_in=4,
-        )
-        .astype(F32)
-        .reshape(b, n_video, config.hidden_size)
+    # Patches in token order, laid out like the tokens before the projection: projected as
+    # [B, gt, gh, gw, ...] and then flattened, the partitioner gave the projection a batch × embed
+    # tiling that the flatten to [B, N, C] cannot keep, and replicated it to re-lay it over
+    # (batch, length) ("involuntary full rematerialization" under fsdp × context, Ulysses).
+    patches = constrain(
+        xp.reshape(b, n_video, pt, ph, pw, config.in_channels), ("batch", "length", None, None, None, None)
     )
+    tokens = _dense(
+        patches,
+        {"kernel": params["x_embedder"]["kernel"], "bias": params["x_embedder"]["bias"]},
+        opts,
+        n_in=4,
+    ).astype(F32)
     if capture:
         acts["x_embedder"] = tokens
     start = jnp.broadcast_to(params["start_token"].astype(F32), (b, 1, config.hidden_size))

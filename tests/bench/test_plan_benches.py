@@ -143,3 +143,26 @@ def test_search_scales_earlier_plans_on_the_pod(tmp_path):
     # activations: temporaries less the gradients and the accumulator (2 × params), per local token;
     # the smallest over the pod's plans with this policy and kernel (any mesh, any context mode)
     assert prior == {("full", "splash"): pytest.approx((40 - 2) * 2**30 / (6 * 3221))}
+
+
+def test_targets_reuse_their_own_results_and_a_later_file_wins(tmp_path):
+    """The table is regenerated from plan_targets' own --results (rows naming their stages, the
+    image bucket by its --bucket flag); a later file's plan of the same layout replaces an earlier one."""
+    from configs import mugv_10b
+
+    c = mugv_10b.get_config("video_360_2s:v5p-256")
+    m = {a: int(c.mesh.ici[a]) for a in ("data", "fsdp", "tensor", "context")}
+    layout = dict(mesh=m, attention=c.attention, remat=c.remat, grad_accum_steps=c.optim.grad_accum_steps)
+    old, new = tmp_path / "old.jsonl", tmp_path / "new.jsonl"
+    # a search plan (stage) the targets run recorded for both stages it serves (stages)
+    video = dict(
+        _plan(**layout), stage="video_360_2s", stages=["video_360_2s", "image_360"], pod="v5p-256", command="x"
+    )
+    images = dict(video, stages=["image_360"], command="python -m mugv_jax.plan --bucket=3", step_seconds=5.0)
+    old.write_text("\n".join(json.dumps(r) for r in (video, images)) + "\n")
+    new.write_text(json.dumps(dict(video, step_seconds=42.0)) + "\n")
+    found = plan_targets._planned(f"{old},{new}")
+    key = plan_targets._layout_key
+    assert found[key("image_360", "v5p-256", None)]["step_seconds"] == 42.0  # the later file's
+    assert found[key("video_360_2s", "v5p-256", None)]["step_seconds"] == 42.0
+    assert found[key("image_360", "v5p-256", 3)]["step_seconds"] == 5.0

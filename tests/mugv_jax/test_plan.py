@@ -250,3 +250,25 @@ def test_planner_traces_the_cudnn_layouts_on_the_cpu():
             text = step.lower(state, batch).as_text()
         assert stand_ins["cudnn"] == plan_lib.STAND_IN
         assert "cudnn" not in text and ("all_to_all" in text) == attention.endswith("ulysses")
+
+
+def test_ulysses_under_fsdp_plans_without_involuntary_rematerialization():
+    """The 360p layouts fsdp × context 2 with Ulysses (v5p-256 `video_360_5s`, h100x128
+    `video_360_3s`) at tiny width on 16 devices, fsdp 8 × context 2 (8 devices do not show it):
+    the patch-embed projection, flattened to tokens after it, was replicated and re-laid over
+    (batch, length): "Involuntary full rematerialization ... %copy = f32[4,36,1,36] copy(%reshape)"."""
+    proc = run_module(
+        "mugv_jax.plan",
+        "--config=configs/mugv_10b.py:video_360_5s:v5p-256",
+        "--devices=16",
+        "--config.model=tiny",
+        "--config.mesh.ici.fsdp=8",
+        "--config.data.text_len=16",
+        "--config.optim.grad_accum_steps=4",
+        "--shape=3,8,12,32",
+        timeout=900,
+    )
+    out = proc.stdout
+    assert proc.returncode == 0, out + proc.stderr[-3000:]
+    assert "{'data': 1, 'fsdp': 8, 'tensor': 1, 'context': 2}" in out and "context parallel ulysses" in out, out
+    assert "SPMD involuntary full rematerializations: 0" in out, out
