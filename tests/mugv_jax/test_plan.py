@@ -56,11 +56,13 @@ def test_planner_memory_matches_a_real_step(lora):
     key = next(iter(trainer._steps))
     compiled = trainer._steps[key].lower(new_state, batch).compile()
     if lora:
-        # The CPU widens the whole bfloat16 base to float32 (mugv_jax.plan.BASE_STAND_IN); the
-        # planner compiled a float32 base instead: its temporaries lack that copy, which is at
-        # least the device's base in float32 (measured: 2.28× its bfloat16 bytes).
+        # The CPU widens the bfloat16 base to float32 (mugv_jax.plan.BASE_STAND_IN); the planner
+        # compiled a float32 base instead: its temporaries lack that widened copy, which is at
+        # least the device's bfloat16 base and at most a float32 one with slack (measured: 2.28×
+        # its bfloat16 bytes with jax 0.10.2, whose XLA widens the whole stack at once; 1.16×
+        # with jax 0.12.1, the JAX leg's).
         extra = compiled.memory_analysis().temp_size_in_bytes - p.temp_bytes
-        assert 2 * p.frozen_bytes <= extra <= 2.5 * p.frozen_bytes
+        assert p.frozen_bytes <= extra <= 2.5 * p.frozen_bytes, (extra, p.frozen_bytes)
     else:
         assert p.temp_bytes == compiled.memory_analysis().temp_size_in_bytes > 0
     assert p.analytic_flops > 0 and p.xla_flops > 0
