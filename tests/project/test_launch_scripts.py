@@ -237,3 +237,28 @@ def test_documented_gpu_launch_commands_run_as_written(tmp_path, case):
     else:  # the Megatron scripts take CONFIG and WORKDIR as variables
         config, workdir, flags = doc_env.get("CONFIG"), doc_env.get("WORKDIR"), args
     _trainer_gets(argv, config, workdir, flags)
+
+
+def test_the_tpu_tarball_leaves_out_environments_caches_and_outputs(tmp_path):
+    """A checkout that ran the tests holds .venv and .venv-py312 (GBs): the copy sent to every
+    TPU worker must not (it took 96 s to pack one here before)."""
+    repo, out = tmp_path / "repo", tmp_path / "src.tgz"
+    for name in (
+        "mugv/a.py",
+        "configs/outputs.py",
+        ".venv/big",
+        ".venv-py312/big",
+        ".git/HEAD",
+        "outputs/x",
+        "mugv.egg-info/PKG-INFO",
+        ".ruff_cache/x",
+        ".pytest_cache/x",
+        "mugv/__pycache__/a.pyc",
+    ):
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).write_text("x")
+    cmd = f'source "{ROOT}/launch/tpu_common.sh"; tpu_pack "{repo}" "{out}"'
+    subprocess.run(["bash", "-c", cmd], check=True, timeout=60)
+    names = subprocess.run(["tar", "-tzf", str(out)], check=True, capture_output=True, text=True).stdout.split()
+    files = sorted(n.removeprefix("./") for n in names if not n.endswith("/"))
+    assert files == ["configs/outputs.py", "mugv/a.py"], files
