@@ -73,7 +73,9 @@ def _median(v):
 
 
 def _single_thread_env(fast_compile: bool):
-    flags = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+    # Every token a --flag: XLA stops reading XLA_FLAGS at a bare word (the TensorFlow option
+    # `intra_op_parallelism_threads=1` stood here and silently dropped --fast-compile's flag).
+    flags = "--xla_cpu_multi_thread_eigen=false"
     os.environ["XLA_FLAGS"] = flags + (" --xla_backend_optimization_level=0" if fast_compile else "")
     os.environ["JAX_PLATFORMS"] = "cpu"
     for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):

@@ -31,6 +31,18 @@ def test_tiny_run_agrees_and_prints_ratios(tmp_path):
     assert "tiny:16" in report and "vs torch: recon" in report
 
 
+def test_child_xla_flags_are_all_read(monkeypatch):
+    """XLA reads XLA_FLAGS only up to the first token that is not a --flag: --fast-compile's
+    level-0 flag must be one XLA sees (a child compiles with it)."""
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    bench._single_thread_env(fast_compile=True)
+    tokens = os.environ["XLA_FLAGS"].split()
+    assert "--xla_backend_optimization_level=0" in tokens
+    assert all(t.startswith("--") for t in tokens), tokens
+    bench._single_thread_env(fast_compile=False)
+    assert "--xla_backend_optimization_level=0" not in os.environ["XLA_FLAGS"].split()
+
+
 def test_a_disagreement_fails_the_run():
     rng = np.random.default_rng(0)
     out, grads = rng.standard_normal((2, 3)), {"a": rng.standard_normal(4), "b": rng.standard_normal(5)}
