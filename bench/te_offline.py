@@ -1,6 +1,6 @@
 """Transformer Engine on an offline GPU machine: packed here into carries, installed there.
 
-    python bench/te_offline.py pack --out .whl/te FILE...     # here: the TE wheel, the torch sdist, extra wheels
+    python bench/te_offline.py pack --out .whl/te DIR   # here: DIR holds the TE wheel, the torch sdist, extra wheels
     python bench/te_offline.py install --parts .whl/te --target /tmp/site   # there, once every carry is in
 
 What has to travel (measured 2026-12-07): the core wheel transformer_engine_cu13-2.20.2 (276.5 MB,
@@ -270,7 +270,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("pack", help="split files into carries with a manifest")
-    p.add_argument("files", nargs="+")
+    p.add_argument("files", nargs="+", help="files, or directories standing for their files")
     p.add_argument("--out", required=True)
     p.add_argument("--carry-mib", type=float, help="carry size (default: 64 MiB - the working tree - 1 MiB)")
     i = sub.add_parser("install", help="verify, reassemble and install (on the GPU machine)")
@@ -281,7 +281,10 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.cmd == "pack":
         size = None if args.carry_mib is None else int(args.carry_mib * 2**20)
-        m = pack(args.files, args.out, size)
+        files = []
+        for f in args.files:  # a directory stands for its files
+            files += sorted(os.path.join(f, n) for n in os.listdir(f)) if os.path.isdir(f) else [f]
+        m = pack(files, args.out, size)
         print(f"{len(m['carries'])} carries of <= {m['carry_bytes'] / 2**20:.1f} MiB under {args.out}:")
         for c in m["carries"]:
             names = [p["path"] for f in m["files"] for p in f["parts"] if p["path"].startswith(c + "/")]

@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+from tests.doc_commands import doc_command
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # The default parts (bench/device_check.py DEFAULT_PARTS) and the geometry row.
 PARTS = (
@@ -27,8 +29,12 @@ BUCKETS = ("attention fwd", "attention bwd", "matmuls", "norms/elementwise", "co
 def _run(tmp_path, *extra):
     env = dict(os.environ, PYTHON=sys.executable)
     env.pop("OUT", None)
+    # docs/benchmarks.md's command, with this test's output directory.
+    argv = doc_command(
+        "docs/benchmarks.md", "bash bench/device_check.sh --dry-run", {"/tmp/device-check": str(tmp_path)}
+    )
     proc = subprocess.run(
-        ["bash", os.path.join(ROOT, "bench", "device_check.sh"), "--dry-run", "--out", str(tmp_path), *extra],
+        [*argv, *extra],
         cwd=ROOT,
         env=env,
         text=True,

@@ -12,6 +12,7 @@ import zipfile
 import pytest
 
 from bench import te_offline
+from tests.doc_commands import doc_command
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LIMIT = 64 * 1024
@@ -111,3 +112,24 @@ def test_torch_extension_build_is_offline_pytorch_only_for_hopper(tmp_path):
     assert env["PYTHONPATH"].split(os.pathsep)[0] == "/tmp/site"
     cmd = te_offline.torch_build_command("/src", "/wheels")
     assert cmd[1:4] == ["-m", "pip", "wheel"] and {"--no-index", "--no-build-isolation", "--no-deps"} <= set(cmd)
+
+
+def test_the_documented_pack_and_install_commands(tmp_path):
+    """docs/benchmarks.md's commands, on the synthetic wheel: pack a directory, install the carries."""
+    src = tmp_path / "in"
+    src.mkdir()
+    wheel = _wheel(tmp_path)
+    os.rename(wheel, src / os.path.basename(wheel))
+    out, site = str(tmp_path / "te"), str(tmp_path / "site")
+    pack = doc_command(
+        "docs/benchmarks.md", "python bench/te_offline.py pack", {".whl/te": out, "/tmp/te-in": str(src)}
+    )
+    install = doc_command(
+        "docs/benchmarks.md", "python bench/te_offline.py install", {".whl/te": out, "/tmp/site": site}
+    )
+    for argv in (pack, install):
+        got = subprocess.run([sys.executable, *argv[1:]], cwd=ROOT, capture_output=True, text=True)
+        assert got.returncode == 0, got.stderr
+    assert os.path.isfile(os.path.join(site, "fakete", "lib.bin"))
+    with open(os.path.join(out, te_offline.MANIFEST)) as fh:
+        assert [f["name"] for f in json.load(fh)["files"]] == [os.path.basename(wheel)]
