@@ -7,7 +7,10 @@ What has to travel (measured 2026-12-07): the core wheel transformer_engine_cu13
 one 343.5 MB libtransformer_engine.so in it), the torch extension transformer_engine_torch-2.20.2
 (source only, a 0.5 MB sdist: 33 C++ files, a `CppExtension` — no .cu, so g++ against the installed
 torch, not nvcc, builds it), and pydantic with its own needs (transformer_engine.common.recipe
-imports it; the GPU image lacks it: pydantic, pydantic-core, annotated-types, typing-inspection).
+imports it; the GPU image lacks it: pydantic, pydantic-core, annotated-types, typing-inspection,
+typing-extensions), and the `transformer_engine` meta-package wheel 2.20.2 (1.2 MB: TE refuses to
+load its torch extension unless the distributions transformer-engine, transformer-engine-cu13 and
+transformer_engine_torch are all installed at one version).
 The image has the rest (torch 2.11+cu130, einops, onnx, onnxscript, packaging, setuptools, pybind11,
 ninja).
 
@@ -259,6 +262,8 @@ def install(parts_dir, target, build_wheel_to=None, jobs=None):
     pip_install(wheels, target)
     sdists = [f for f in files if f.endswith(".tar.gz") and os.path.basename(f).startswith("transformer_engine_torch-")]
     has_ext = any(os.path.basename(w).startswith("transformer_engine_torch-") for w in wheels)
+    # Built by an earlier run on this machine: the build is minutes, the check is not.
+    has_ext = has_ext or any(n.startswith("transformer_engine_torch") and n.endswith(".so") for n in os.listdir(target))
     built = None
     if sdists and not has_ext:
         built = build_torch_extension(sdists[0], target, build_wheel_to or os.path.join(parts_dir, "built"), jobs)

@@ -133,3 +133,21 @@ def test_the_documented_pack_and_install_commands(tmp_path):
     assert os.path.isfile(os.path.join(site, "fakete", "lib.bin"))
     with open(os.path.join(out, te_offline.MANIFEST)) as fh:
         assert [f["name"] for f in json.load(fh)["files"]] == [os.path.basename(wheel)]
+
+
+def test_the_extension_is_built_from_its_sdist_once(tmp_path, monkeypatch):
+    sdist = tmp_path / "transformer_engine_torch-2.20.2.tar.gz"
+    sdist.write_bytes(b"not unpacked in this test")
+    out = str(tmp_path / "te")
+    te_offline.pack([_wheel(tmp_path), str(sdist)], out, LIMIT)
+    builds, installs = [], []
+    monkeypatch.setattr(te_offline, "build_torch_extension", lambda s, t, w, j: builds.append(s) or "ext.whl")
+    monkeypatch.setattr(te_offline, "pip_install", lambda wheels, target: installs.append(wheels))
+    target = tmp_path / "site"
+    target.mkdir()
+    got = te_offline.install(out, str(target))
+    assert [os.path.basename(b) for b in builds] == [sdist.name] and got["built"] == "ext.whl"
+    assert [os.path.basename(w) for w in installs[0]] == ["fakete-1.0-py3-none-any.whl"] and installs[1] == ["ext.whl"]
+    # An extension already built into the target on this machine is not built again.
+    (target / "transformer_engine_torch.cpython-312-x86_64-linux-gnu.so").write_bytes(b"")
+    assert te_offline.install(out, str(target))["built"] is None and len(builds) == 1
