@@ -36,8 +36,9 @@ Budget on the GPU (estimates; the previous lease timed only whole calls): the de
 the profile first — jax_step_cudnn and the four remat policies with the shipped flags (~60-90 s
 each, the first paying ~60 s of compilation and autotuning, which the others find in the shared
 compilation cache), megatron_step (~60 s) — then the parity parts (~30-60 s each) and
-megatron_distopt while --budget lasts; a part that no longer fits is skipped with the command
-that runs it alone. Each part also has its own timeout (TIMEOUTS).
+megatron_distopt while --budget lasts (counted from device_check.sh's start, so a Transformer
+Engine install there is inside it); a part that no longer fits is skipped with the command that
+runs it alone. Each part also has its own timeout (TIMEOUTS).
 
 --dry-run runs on the CPU in about a minute: the argument building and geometry of the 720p step
 (cuDNN's arguments traced through JAX's checks, the XLA memory estimate), and tiny-width versions
@@ -454,7 +455,11 @@ def _jax_step_part(args, attention, remat=None, flags="none"):
         times.append(time.perf_counter() - t0)
     # The profile: separate steps, so the timed ones above carry no tracing overhead.
     trace_dir = os.path.join(getattr(args, "work", None) or tempfile.mkdtemp(), f"trace-{attention}-{remat}-{flags}")
-    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+    import inspect
+
+    # The perfetto JSON when this jax can write it; profile_table reads the *.trace.json.gz otherwise.
+    perfetto = "create_perfetto_trace" in inspect.signature(jax.profiler.trace).parameters
+    with jax.profiler.trace(trace_dir, **({"create_perfetto_trace": True} if perfetto else {})):
         for _ in range(args.profile_steps):
             with jax.profiler.TraceAnnotation(profile_table.STEP_MARK):
                 state, metrics = compiled(state, batch)
@@ -868,12 +873,13 @@ def main(argv=None):
         results["geometry"] = run_inline_geometry(args)
         import tempfile
 
-        start = time.perf_counter()
+        # The budget counts from device_check.sh's start: installing Transformer Engine is in it.
+        start = float(os.environ.get("DEVICE_CHECK_STARTED") or time.time())
         with tempfile.TemporaryDirectory(prefix="device-check-") as work:
             args.work = work
             for name in parts:
                 log(f"[{name}]")
-                left = args.budget - (time.perf_counter() - start)
+                left = args.budget - (time.time() - start)
                 if isolate and left < MIN_PART_S:
                     results[name] = dict(
                         status="skipped",

@@ -10,6 +10,8 @@
 # missing (Transformer Engine) are skipped with the reason printed. Results: $OUT (or --out DIR):
 # the log holds a per-op profile table of every step part.
 set -euo pipefail
+# device_check.py's --budget counts from here, the installs below included.
+export DEVICE_CHECK_STARTED=${DEVICE_CHECK_STARTED:-$(date +%s)}
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 # The dry run needs no wheels (and the carried ones are for the device's python).

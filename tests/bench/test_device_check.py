@@ -26,8 +26,8 @@ PARTS = (
 BUCKETS = ("attention fwd", "attention bwd", "matmuls", "norms/elementwise", "collectives", "other")
 
 
-def _run(tmp_path, *extra):
-    env = dict(os.environ, PYTHON=sys.executable)
+def _run(tmp_path, *extra, **env_extra):
+    env = dict(os.environ, PYTHON=sys.executable, **env_extra)
     env.pop("OUT", None)
     # docs/benchmarks.md's command, with this test's output directory.
     argv = doc_command(
@@ -89,6 +89,16 @@ def test_parts_run_isolated_and_unknown_parts_are_named(tmp_path):
     assert result["status"] == "ok" and result["profile"]["buckets_ms"]["matmuls"] > 0
     code, out = _run(tmp_path, "--parts", "nonsense")
     assert code != 0 and "unknown parts ['nonsense']" in out
+
+
+def test_no_part_starts_past_the_budget_counted_from_the_script_start(tmp_path):
+    import time
+
+    # As if the Transformer Engine install had taken 1000 s of the 480 s budget.
+    code, out = _run(tmp_path, "--isolate", "--parts", "megatron_golden", DEVICE_CHECK_STARTED=str(time.time() - 1000))
+    assert code == 0, out[-4000:]
+    assert "the --budget of 480 s is spent; run it alone with --parts megatron_golden" in out
+    assert "  | " not in out  # no part process was started
 
 
 def test_the_shipped_xla_flags_are_read_from_the_gpu_launch_script(tmp_path):
