@@ -198,8 +198,10 @@ def classify(name: str, hlo_op: HloOp | None = None) -> str:
     if _COLLECTIVE.search(words):
         return "collectives"
     if hlo_op is not None:
-        dot_files = hlo_op.files if hlo_op.opcode in ("dot", "convolution") else hlo_op.inner_dot_files
-        has_dot = hlo_op.opcode in ("dot", "convolution") or bool(hlo_op.inner_dot_names) or "gemm" in words
+        # A dot, convolution or cuBLAS call itself, or a fusion holding one: the matmul decides.
+        own_dot = hlo_op.opcode in ("dot", "convolution") or bool(_MATMUL.search(hlo_op.target))
+        has_dot = own_dot or bool(hlo_op.inner_dot_names) or "gemm" in words
+        dot_files = hlo_op.files if own_dot else hlo_op.inner_dot_files
         files = dot_files if has_dot else hlo_op.files + hlo_op.inner_files
         if _is_attention_source(files):
             names = (hlo_op.op_name,) + (hlo_op.inner_dot_names if has_dot else hlo_op.inner_op_names)

@@ -126,6 +126,9 @@ def test_kernel_names_alone_classify_like_the_hlo_does():
     assert pt.classify("input_fusion", ops["gemm_fusion.1"]) == "matmuls"
     assert pt.classify("loop_fusion", ops["input_reduce_fusion"]) == "norms/elementwise"
     assert pt.classify("custom-call.4", ops["custom-call.4"]) == "attention bwd"
+    # A cuBLAS GEMM traced from the attention code (XLA attention's scores) is attention's.
+    assert pt.classify("sm90_xmma_gemm_bf16bf16", ops["custom-call.7"]) == "matmuls"
+    assert pt.classify("sm90_xmma_gemm_bf16bf16", ops["custom-call.8"]) == "attention bwd"
 
 
 def test_torch_trace_kernels_and_nested_cpu_ops(tmp_path):
