@@ -20,9 +20,12 @@ today). Compression does not pay: the .so is 77 % CUDA fatbin (251 MiB of uncomp
 sm_75/80/89/90/100/103/107/120; sm_90's share is 17.5 MiB), and zstd -19 --long takes it only to
 76 % (zstd -3: 78 %) after 6 CPU minutes. Keeping only the sm_90 cubins would cut ~233 MiB, but
 that means rewriting the ELF's .nv_fatbin section with no cuobjdump/nvprune here to check it: not done.
-So 263.7 MiB of wheel -> 7 carries of <= 44 MiB; ignored paths stay on a warm machine between
+So 267.9 MiB of files -> 7 carries of <= 44 MiB; ignored paths stay on a warm machine between
 calls, so the carries accumulate there as long as each call follows the last within the machine's
-~30 s idle window.
+~30 s idle window. The calls (`pack` prints what each carry holds):
+  calls 1-6   command `ls .whl/te`, carry [".whl/te/carry-K", ".whl/te/manifest.json"]
+  call 7      command `bash bench/device_check.sh`, timeout_s 600, carry [".whl/te/carry-7",
+              ".whl/te/manifest.json", and the top-level .whl/*.whl it needs (megatron-core ...)]
 
 The plan in device time (15 min per session; estimates where no device confirmed them):
   start of the machine            1-2 min
@@ -30,11 +33,13 @@ The plan in device time (15 min per session; estimates where no device confirmed
   install (verify, reassemble, pip --target)           ~0.5 min
   build the torch extension (33 C++ TUs with torch and pybind11 headers, MAX_JOBS=16 on 16
   cores: ~3 waves of ~40-60 s each + the link)          ~3-4 min
-  -> ~8-10 min before any measurement; the device check itself is ~8 min: over 15 min together.
-So one session builds: install + build, and brings the extension back as a wheel through $OUT
-(`install --build-wheel-to $OUT`, one file far under 16 MiB); that wheel then goes into .whl/te
-(`pack` it with the rest) and a later session carries and installs it in ~5 min, leaving ~9 min for
-`bash bench/device_check.sh`, which runs `install` itself when .whl/te holds a manifest.
+  -> carrying and installing fit (~5 min, ~10 left for the 8-minute check); the build does not
+     fit beside a whole check: over 15 min in one session.
+So in the first session with a device, `bash bench/device_check.sh` (which runs `install` itself
+when .whl/te holds a manifest, its --budget counting the build) spends ~4 of its 8 minutes building
+and profiles what fits in the rest; `install --build-wheel-to $OUT` brings the extension back as a
+wheel (expected a few MiB, under the 16 MiB a returned file may have: an estimate). Packed with the
+rest, it spares every later session the build: ~5 min to carry and install, then the whole check.
 """
 
 from __future__ import annotations
