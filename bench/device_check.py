@@ -464,7 +464,7 @@ def _jax_step_part(args, attention, remat=None, flags="none"):
             with jax.profiler.TraceAnnotation(profile_table.STEP_MARK):
                 state, metrics = compiled(state, batch)
                 jax.block_until_ready((state, metrics))
-    prof = profile_table.profile_dir(trace_dir, compiled.as_text())
+    prof, ops = profile_table.profile_dir(trace_dir, compiled.as_text())
     step = sorted(times)[len(times) // 2]
     peak_bytes, limit = _jax_peak_bytes()
     peak = flops.peak_flops_for(jax.local_devices()[0].device_kind)
@@ -482,6 +482,7 @@ def _jax_step_part(args, attention, remat=None, flags="none"):
         mfu=mfu,
         peak_gib=None if peak_bytes is None else peak_bytes / 2**30,
         profile=profile_table.as_dict(prof),
+        ops=ops,
     )
 
 
@@ -557,7 +558,8 @@ def _torch_profile(args, step, cuda):
                     torch.cuda.synchronize()
     path = os.path.join(getattr(args, "work", None) or tempfile.mkdtemp(), "megatron-step.trace.json")
     prof.export_chrome_trace(path)
-    return profile_table.bucket(profile_table.load_events(path))
+    events = profile_table.load_events(path)
+    return profile_table.bucket(events), profile_table.extract(events)
 
 
 def part_megatron_step(args):
@@ -621,7 +623,7 @@ def part_megatron_step(args):
     train_flops = _flops(cfg, latent, text_len)
     name = torch.cuda.get_device_name(0) if cuda else "cpu"
     peak = flops.peak_flops_for(name) if cuda else None
-    prof = _torch_profile(args, step, cuda)
+    prof, ops = _torch_profile(args, step, cuda)
     mfu = flops.mfu(train_flops, step_s, 1, peak)
     log(
         profile_table.format_table(
@@ -632,6 +634,7 @@ def part_megatron_step(args):
         status="ok" if math.isfinite(loss) else "failed",
         backend=f"megatron/{spec_name}",
         profile=profile_table.as_dict(prof),
+        ops=ops,
         note="" if te_ok else f"TE spec skipped: {te_reason}",
         layers=cfg.depth,
         hidden=cfg.hidden_size,
@@ -812,6 +815,15 @@ def _write_atomic(path, text):
     os.replace(tmp, path)
 
 
+def _write_atomic_gz(path, text):
+    import gzip
+
+    tmp = path + ".tmp"
+    with gzip.open(tmp, "wt") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny widths, in-process, seconds")
@@ -893,8 +905,12 @@ def main(argv=None):
                 log(f"  -> {results[name]['status']} in {results[name]['wall_s']:.1f} s")
         log("")
         log(table(results))
+    # The profiled ops go to their own file (bench/profile_table.py re-buckets them on any machine).
+    ops = {name: r.pop("ops") for name, r in results.items() if r.get("ops")}
     if args.out:
         os.makedirs(args.out, exist_ok=True)
+        if ops:
+            _write_atomic_gz(os.path.join(args.out, "device_check_ops.json.gz"), json.dumps(ops))
         _write_atomic(os.path.join(args.out, "device_check.json"), json.dumps(results, indent=1, default=str))
         _write_atomic(os.path.join(args.out, "device_check.log"), buffer.getvalue())
     bad = [n for n, r in results.items() if r["status"] in ("failed", "timeout")]

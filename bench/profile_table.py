@@ -70,7 +70,7 @@ class HloOp:
     op_name: str = ""  # the JAX name stack (metadata op_name)
     files: tuple[str, ...] = ()  # source file of its innermost JAX frame
     # What a fusion or call holds (filled once the whole module is read).
-    inner_opcodes: frozenset = frozenset()
+    inner_opcodes: tuple[str, ...] = ()
     inner_files: tuple[str, ...] = ()
     inner_op_names: tuple[str, ...] = ()
     inner_dot_files: tuple[str, ...] = ()
@@ -134,12 +134,17 @@ def parse_hlo(text: str) -> dict[str, HloOp]:
 
     for op in ops.values():
         inner = list(inside(op, set()))
-        op.inner_opcodes = frozenset({i.opcode for i in inner} | {i.target for i in inner if i.target})
-        op.inner_files = tuple(f for i in inner for f in i.files)
-        op.inner_op_names = tuple(i.op_name for i in inner if i.op_name)
-        op.inner_dot_files = tuple(f for i in inner if i.opcode in ("dot", "convolution") for f in i.files)
-        op.inner_dot_names = tuple(i.op_name for i in inner if i.opcode in ("dot", "convolution"))
+        op.inner_opcodes = tuple(sorted({i.opcode for i in inner} | {i.target for i in inner if i.target}))
+        # Each distinct once: these travel back from the device in the ops file.
+        op.inner_files = _distinct(f for i in inner for f in i.files)
+        op.inner_op_names = _distinct(i.op_name for i in inner if i.op_name)
+        op.inner_dot_files = _distinct(f for i in inner if i.opcode in ("dot", "convolution") for f in i.files)
+        op.inner_dot_names = _distinct(i.op_name for i in inner if i.opcode in ("dot", "convolution"))
     return ops
+
+
+def _distinct(items):
+    return tuple(dict.fromkeys(items))
 
 
 def _names(group):
@@ -324,20 +329,35 @@ def _self_time(ops):
             stack.append((min(start + dur, stack[-1][0]) if stack else start + dur, e, op))
 
 
-def bucket(events: list[dict], hlo: dict[str, HloOp] | None = None, top: int = 6) -> Profile:
-    """Bucket the device ops of a trace's step windows (see the module docstring)."""
+def step_ops(events: list[dict], hlo: dict[str, HloOp] | None = None):
+    """(step windows, [(event, its HloOp or None, the HLO name it was found by)]) of the device ops
+    overlapping a window."""
     windows = step_windows(events)
     if not windows:
         raise ValueError(f"no {STEP_MARK!r} step events in the trace: wrap each profiled step in one")
     hlo = hlo or {}
+    ops = []
+    for e in device_ops(events):
+        start, end = float(e["ts"]), float(e["ts"]) + float(e["dur"])
+        if not any(start < hi and end > lo for lo, hi in windows):
+            continue
+        key = next((k for k in (e.get("args", {}).get("hlo_op", ""), e.get("name", "")) if k in hlo), "")
+        op = hlo.get(key)
+        if op is None or op.opcode not in CONTROL_FLOW:  # a loop spans its body's ops, which have events
+            ops.append((e, op, key))
+    return windows, ops
+
+
+def bucket(events: list[dict], hlo: dict[str, HloOp] | None = None, top: int = 6) -> Profile:
+    """Bucket the device ops of a trace's step windows (see the module docstring)."""
+    windows, ops = step_ops(events, hlo)
+    return _bucket(windows, [(e, op) for e, op, _ in ops], top)
+
+
+def _bucket(windows, ops, top):
     rank = {c: i for i, c in enumerate(CATEGORIES)}
     edges = []  # (time, +1/-1, category index)
     per_name: dict[tuple, float] = {}
-    ops = []
-    for e in device_ops(events):
-        op = hlo.get(e.get("args", {}).get("hlo_op", ""), None) or hlo.get(e.get("name", ""))
-        if op is None or op.opcode not in CONTROL_FLOW:  # a loop spans its body's ops, which have events
-            ops.append((e, op))
     for e, op, start, end in _self_time(ops):
         name = e.get("name", "")
         cat = classify(name, op)
@@ -370,9 +390,35 @@ def bucket(events: list[dict], hlo: dict[str, HloOp] | None = None, top: int = 6
     )
 
 
-def profile_dir(directory: str, hlo_text: str | None = None) -> Profile:
-    """The profile of the newest trace under a profiler log directory."""
-    return bucket(load_events(find_trace(directory)), parse_hlo(hlo_text) if hlo_text else None)
+# --- what comes back from the device: the ops, small enough to re-bucket here ------------------
+
+
+def extract(events: list[dict], hlo: dict[str, HloOp] | None = None) -> dict:
+    """The step windows, the device ops in them and the HLO instructions they name, as JSON-able
+    data: a trace's few MiB reduced to what bucketing reads, so a classification can be revised
+    on the CPU after the device is gone (bucket_extract)."""
+    windows, ops = step_ops(events, hlo)
+    used = {key: dataclasses.asdict(op) for _, op, key in ops if op is not None}
+    rows = [[e.get("name", ""), key, float(e["ts"]), float(e["dur"]), e.get("pid"), e.get("tid")] for e, _, key in ops]
+    return dict(windows=windows, ops=rows, hlo=used)
+
+
+def bucket_extract(data: dict, top: int = 6) -> Profile:
+    hlo = {
+        k: HloOp(**{f: tuple(v) if isinstance(v, list) else v for f, v in d.items()}) for k, d in data["hlo"].items()
+    }
+    ops = [
+        (dict(name=name, ts=ts, dur=dur, pid=pid, tid=tid), hlo.get(key))
+        for name, key, ts, dur, pid, tid in data["ops"]
+    ]
+    return _bucket([tuple(w) for w in data["windows"]], ops, top)
+
+
+def profile_dir(directory: str, hlo_text: str | None = None) -> tuple[Profile, dict]:
+    """The profile of the newest trace under a profiler log directory, and its extract."""
+    events = load_events(find_trace(directory))
+    hlo = parse_hlo(hlo_text) if hlo_text else None
+    return bucket(events, hlo), extract(events, hlo)
 
 
 def format_table(title: str, prof: Profile) -> str:
@@ -400,3 +446,21 @@ def as_dict(prof: Profile) -> dict:
         buckets_ms={c: prof.buckets_us[c] / per for c in TABLE_ORDER},
         longest=[dict(name=n, category=c, ms=us / per) for n, c, us in prof.top],
     )
+
+
+def main(argv=None):
+    """Print the tables of a device check's ops file again (bucketed by this module as it is now)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("ops", help="device_check_ops.json.gz from bench/device_check.py --out")
+    args = ap.parse_args(argv)
+    with gzip.open(args.ops, "rt") as fh:
+        parts = json.load(fh)
+    for name, data in parts.items():
+        print(format_table(f"{name} (re-bucketed from {os.path.basename(args.ops)})", bucket_extract(data)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

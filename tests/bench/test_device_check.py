@@ -72,6 +72,18 @@ def test_dry_run_completes_and_prints_the_table(tmp_path):
         assert prof["busy_ms"] + prof["host_gaps_ms"] == pytest.approx(prof["step_ms"], rel=1e-9)
     assert results["jax_step_xla"]["profile"]["buckets_ms"]["attention fwd"] > 0
     assert "  profile xla/remat=full/flags=none on cpu" in out and "  profile megatron/sdpa on cpu" in out
+    # The profiled ops came back in their own file, and re-bucket to the same tables anywhere.
+    argv = doc_command("docs/benchmarks.md", "python bench/profile_table.py", {"/tmp/device-check": str(tmp_path)})
+    again = subprocess.run(
+        [sys.executable, *argv[1:]], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True
+    )
+    assert again.returncode == 0, again.stderr
+    for name in ("jax_step_xla", "megatron_step"):
+        title = next(line for line in again.stdout.splitlines() if line.startswith(f"{name} (re-bucketed"))
+        rows = again.stdout[again.stdout.index(title) :].splitlines()[2:9]
+        got = {line[:22].strip(): float(line.split()[-2]) for line in rows}
+        want = results[name]["profile"]["buckets_ms"]
+        assert all(got[c] == pytest.approx(want[c], abs=1e-3) for c in BUCKETS), (name, got, want)
     assert (tmp_path / "device_check.log").read_text().endswith(table.rstrip("\n") + "\n")
 
 

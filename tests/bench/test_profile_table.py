@@ -107,6 +107,13 @@ def test_jax_gpu_trace_buckets_each_kernel_to_its_category_and_sums_to_busy():
     assert pt.as_dict(prof)["buckets_ms"]["matmuls"] == pytest.approx(0.1)
 
 
+def test_the_extract_rebuckets_to_the_same_profile():
+    events, hlo = _jax_trace(), pt.parse_hlo(HLO)
+    data = json.loads(json.dumps(pt.extract(events, hlo)))  # through JSON, as it comes back
+    assert pt.bucket_extract(data) == pt.bucket(events, hlo)
+    assert len(data["ops"]) == 2 * 10 and "while.1" not in data["hlo"]  # stream ops in the windows only
+
+
 def test_kernel_names_alone_classify_like_the_hlo_does():
     """Without the module's HLO (a torch trace, an unknown op), names decide."""
     assert pt.classify("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16") == "attention fwd"
@@ -176,7 +183,8 @@ def test_torch_trace_kernels_and_nested_cpu_ops(tmp_path):
     path = tmp_path / "t.pt.trace.json.gz"
     with gzip.open(path, "wt") as fh:
         json.dump({"traceEvents": ev}, fh)
-    prof = pt.profile_dir(str(tmp_path))
+    prof, ops = pt.profile_dir(str(tmp_path))
+    assert pt.bucket_extract(json.loads(json.dumps(ops))) == prof  # what comes back re-buckets alike
     # kernels only (the CPU op is the launch side); the host window, not the device-side copy
     assert prof.buckets_us == {
         "attention fwd": 100,
