@@ -900,6 +900,8 @@ def main(argv=None):
                     )
                 elif isolate:
                     results[name] = run_isolated(name, args, min(TIMEOUTS[name], left))
+                    if results[name]["status"] == "timeout" and left < TIMEOUTS[name]:
+                        results[name]["reason"] += f" (the end of the --budget; alone: --parts {name})"
                 else:
                     results[name] = run_inline(name, args)
                 log(f"  -> {results[name]['status']} in {results[name]['wall_s']:.1f} s")

@@ -123,3 +123,26 @@ def test_the_shipped_xla_flags_are_read_from_the_gpu_launch_script(tmp_path):
     script.write_text("export XLA_FLAGS=--nothing\n")
     with pytest.raises(ValueError, match="x.sbatch: no 'export XLA_FLAGS"):
         device_check.shipped_xla_flags(str(script))
+
+
+def test_a_part_cut_by_the_budget_says_so(tmp_path, monkeypatch):
+    from bench import device_check
+
+    timeouts = []
+
+    def stopped(name, args, timeout):
+        timeouts.append(timeout)
+        return dict(status="timeout", reason=f"stopped after {timeout:.0f} s", wall_s=timeout)
+
+    monkeypatch.setattr(device_check, "run_isolated", stopped)
+    monkeypatch.setattr(device_check, "geometry_check", lambda args: dict(status="ok"))
+    monkeypatch.setenv("DEVICE_CHECK_STARTED", "")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # main() sets it for the dry run: undone after the test
+    code = device_check.main(
+        ["--dry-run", "--isolate", "--parts", "megatron_step", "--budget", "50", "--out", str(tmp_path)]
+    )
+    assert code == 1 and len(timeouts) == 1 and 45 < timeouts[0] <= 50  # the budget's rest, not the part's 100 s
+    import json
+
+    reason = json.loads((tmp_path / "device_check.json").read_text())["megatron_step"]["reason"]
+    assert "the end of the --budget; alone: --parts megatron_step" in reason
