@@ -1,7 +1,8 @@
-"""One device check for the fused attention paths: golden parity and 10B-width train steps on one GPU.
+"""One device check for the fused attention paths: golden parity, and profiled 10B-width train steps on one GPU.
 
-    bash bench/device_check.sh              # on the GPU machine (~4-7 min on one H100/H200)
-    bash bench/device_check.sh --dry-run    # on a CPU: every part at tiny width, in-process
+    bash bench/device_check.sh              # on the GPU machine: at most --budget (480 s) on one H100/H200
+    bash bench/device_check.sh --dry-run    # on a CPU: every default part at tiny width, in-process
+    bash bench/device_check.sh --dry-run --parts all    # every variant (~5 min on a busy 2-core VM)
 
 Parts (each in its own process on the GPU, so a crash or an OOM stays in its row and each peak
 memory is its own):
@@ -11,24 +12,45 @@ memory is its own):
                    ("megatron" unfused, "sdpa" torch flash) and the Transformer Engine spec
                    (bfloat16) when transformer_engine imports
   jax_step_xla     one train step of 10B-width layers (hidden 3456, 48 heads, head dim 72,
-  jax_step_cudnn   --layers layers, bf16 compute, remat "full" as the 10B configs) at the 720p×5 s
-  megatron_step    token count (latent 14×90×160 → 50,402 tokens, batch 1, 300 caption tokens);
-                   Megatron with TE when it imports, else the local spec on torch SDPA, with
+  jax_step_cudnn   --layers layers, bf16 compute, --remat as the 10B configs, no XLA flags) at the
+                   720p×5 s token count (latent 14×90×160 → 50,402 tokens, batch 1, 300 caption
+                   tokens): the baselines docs/benchmarks.md recorded
+  jax_<attention>_<remat>_<flags>
+                   the same step for each attention backend (xla, cudnn) × remat policy (full,
+                   dots_no_batch, offload_dots, save_qkv_attn — the named save-list keeping the
+                   q/k/v projection and the attention output) × XLA flag set (none, shipped: the
+                   XLA_FLAGS of launch/jax_gpu_slurm.sbatch, given as compile options)
+  megatron_step    Megatron with TE when it imports, else the local spec on torch SDPA, with
                    per-layer recompute like the JAX step
-Each step row prints step time, model TFLOP/s and MFU from mugv/flops.py (one FLOP definition for
+  megatron_distopt the Megatron GPU training path end to end (bench/megatron_distopt.py)
+Each step part times --steps steps (after the first), then profiles --profile-steps more
+(jax.profiler / torch.profiler) and prints a per-op table from the trace (bench/profile_table.py):
+attention fwd/bwd, matmuls, norms/elementwise, collectives, other and host gaps, in ms per step and
+% of the step, beside step time, model TFLOP/s and MFU from mugv/flops.py (one FLOP definition for
 both trainers; recompute not counted) and peak device memory. A part whose package is missing is
 skipped with the reason printed; the XLA step is skipped where its unfused [B, h, N, N] scores
-cannot fit. The full log and a JSON of every row go to --out (default $OUT when set).
+cannot fit (at 720p always: 454 GiB per layer). The full log and a JSON of every row go to --out
+(default $OUT when set).
 
---dry-run runs on the CPU in seconds: the argument building and geometry of the 720p step (cuDNN's
-arguments traced through JAX's checks, the XLA memory estimate), and tiny-width versions of every
-part (cuDNN parts are lowered for CUDA instead of run).
+Budget on the GPU (estimates; the previous lease timed only whole calls): the default parts run
+the profile first — jax_step_cudnn and the four remat policies with the shipped flags (~60-90 s
+each, the first paying ~60 s of compilation and autotuning, which the others find in the shared
+compilation cache), megatron_step (~60 s) — then the parity parts (~30-60 s each) and
+megatron_distopt while --budget lasts (counted from device_check.sh's start, so a Transformer
+Engine install there is inside it); a part that no longer fits is skipped with the command that
+runs it alone. Each part also has its own timeout (TIMEOUTS).
+
+--dry-run runs on the CPU in about a minute: the argument building and geometry of the 720p step
+(cuDNN's arguments traced through JAX's checks, the XLA memory estimate), and tiny-width versions
+of the parts (cuDNN steps are lowered for CUDA instead of run; the XLA steps are profiled on the
+CPU, so the trace parser runs on a real trace).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
 import json
 import math
@@ -36,6 +58,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 
@@ -44,17 +67,57 @@ from mugv.training import ObjectiveConfig, OptimConfig
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-PARTS = ("jax_golden", "megatron_golden", "jax_step_xla", "jax_step_cudnn", "megatron_step", "megatron_distopt")
-# Seconds each part may take on the GPU before it is stopped: 8 min at the very most, ~4-5 min
-# expected (imports and JAX compiles dominate the golden parts; the cuDNN step compiles for ~1 min).
+# The profiled JAX variants beyond the two baseline steps (jax_step_xla, jax_step_cudnn: remat
+# "full", no XLA flags, as recorded in docs/benchmarks.md): attention backend × remat policy
+# (mugv_jax/dit/model.py REMAT_POLICIES; save_qkv_attn is the MaxText-style named save-list) × XLA
+# flag set ("shipped": what launch/jax_gpu_slurm.sbatch exports).
+ATTENTIONS = ("xla", "cudnn")
+REMATS = ("full", "dots_no_batch", "offload_dots", "save_qkv_attn")
+FLAG_SETS = ("none", "shipped")
+
+
+def variant_name(attention, remat, flags):
+    if remat == "full" and flags == "none":
+        return f"jax_step_{attention}"
+    return f"jax_{attention}_{remat}_{flags}"
+
+
+VARIANTS = {variant_name(a, r, f): (a, r, f) for a in ATTENTIONS for r in REMATS for f in FLAG_SETS}
+PARTS = (
+    "jax_golden",
+    "megatron_golden",
+    *VARIANTS,
+    "megatron_step",
+    "megatron_distopt",
+)
+# The default run, profile first: the cuDNN step (the recorded baseline) and its remat policies
+# under the shipped flags, the Megatron step; then the parity and distopt parts while the
+# --budget lasts. The XLA step at 720p cannot fit (454 GiB of scores per layer): its row only says so.
+DEFAULT_PARTS = (
+    "jax_step_cudnn",
+    *(variant_name("cudnn", r, "shipped") for r in REMATS),
+    "megatron_step",
+    "jax_golden",
+    "megatron_golden",
+    "jax_step_xla",
+    "megatron_distopt",
+)
+# Seconds each part may take on the GPU before it is stopped; the whole run also stops starting
+# parts once --budget (480 s) is spent. Expected on one H100/H200 (estimates: the previous lease
+# timed only the run as a whole): a cuDNN step variant ~60-90 s (compile ~60 s for the first,
+# less once XLA's autotuning results sit in the shared compilation cache; 1 + 2 timed + 1
+# profiled steps of ~3 s), the Megatron step ~60 s, the golden parts ~30-60 s each.
 TIMEOUTS = {
     "jax_golden": 150,
     "megatron_golden": 60,
+    **{name: 120 for name in VARIANTS},
     "jax_step_xla": 60,
     "jax_step_cudnn": 180,
     "megatron_step": 100,
     "megatron_distopt": 200,
 }
+BUDGET_S = 480
+MIN_PART_S = 30  # a part is not started with less of the budget left than this
 LATENT_720P = (14, 90, 160)  # 105 frames at 1280×720 (mugv.geometry: 50,400 + 2 tokens)
 TEXT_TOKENS = 300  # configs/mugv_10b.py data.text_len
 VALID_TEXT = 120  # a caption with padding: the mask path is exercised
@@ -292,22 +355,50 @@ def part_megatron_golden(args):
     return dict(status="ok" if ok else "failed", parity=rows, skipped=skipped, device=device)
 
 
-def _jax_step_part(args, attention):
+GPU_LAUNCH = os.path.join(ROOT, "launch", "jax_gpu_slurm.sbatch")
+
+
+def shipped_xla_flags(path=GPU_LAUNCH) -> dict:
+    """The XLA GPU flags the GPU launch script exports, as compile options {name: value}."""
+    import re
+
+    with open(path) as fh:
+        text = fh.read()
+    block = re.search(r'export XLA_FLAGS="\$\{XLA_FLAGS:-(.*?)\}"', text, re.S)
+    if not block:
+        raise ValueError(f"{path}: no 'export XLA_FLAGS=\"${{XLA_FLAGS:-...}}\"' line to read the shipped flags from")
+    flags = {}
+    for name, value in re.findall(r"--(xla_\w+)=(\S+)", block.group(1).replace("\\\n", " ")):
+        flags[name] = {"true": True, "false": False}.get(value.lower(), int(value) if value.isdigit() else value)
+    return flags
+
+
+def _flag_options(flags: str) -> dict:
+    if flags == "none":
+        return {}
+    if flags == "shipped":
+        return shipped_xla_flags()
+    raise ValueError(f"unknown XLA flag set {flags!r}; choose from {FLAG_SETS}")
+
+
+def _jax_step_part(args, attention, remat=None, flags="none"):
     import jax
     import jax.numpy as jnp
     import numpy as np
 
+    from bench import profile_table
     from mugv import flops, geometry
     from mugv_jax.dit.model import RuntimeOptions
     from mugv_jax.parallel import mesh as mesh_lib
     from mugv_jax.train import step as tr
 
+    remat = remat or args.remat
     cfg = _step_config(args.dry_run, args.layers)
     latent, text_len, valid = _step_geometry(args.dry_run)
     n = geometry.num_tokens(latent, cfg)
     train_flops = _flops(cfg, latent, text_len)
     result = dict(
-        backend=f"{attention}/remat={args.remat}",
+        backend=f"{attention}/remat={remat}/flags={flags}",
         layers=cfg.depth,
         hidden=cfg.hidden_size,
         tokens=n,
@@ -326,12 +417,12 @@ def _jax_step_part(args, attention):
             )
     if attention == "cudnn" and args.dry_run:
         # No cuDNN here: lower the whole train step for CUDA and read the kernels it asks for.
-        return _cudnn_step_lowering(args, cfg, latent, text_len, result)
+        return _cudnn_step_lowering(args, cfg, latent, text_len, result, remat)
 
     mesh = mesh_lib.build_mesh({"data": -1}, devices=jax.local_devices()[:1])
     trainer = tr.Trainer(
         cfg,
-        RuntimeOptions(attention=attention, compute_dtype=jnp.bfloat16, remat=args.remat),
+        RuntimeOptions(attention=attention, compute_dtype=jnp.bfloat16, remat=remat),
         OptimConfig(learning_rate=1e-5, warmup_steps=0),
         ObjectiveConfig(i2v_prob=0.2, caption_dropout_prob=0.1),
         mesh,
@@ -346,34 +437,61 @@ def _jax_step_part(args, attention):
     }
     state = trainer.init_state(0)
     batch = trainer.put_batch(batch)
+    step_fn, _, _ = trainer.abstract_step({k: (v.shape, v.dtype) for k, v in batch.items()})
     t0 = time.perf_counter()
-    state, metrics = trainer.train_step(state, batch)
+    # The flag set as compile options: the same DebugOptions XLA_FLAGS sets, per variant.
+    compiled = step_fn.lower(state, batch).compile(compiler_options=_flag_options(flags))
+    compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    state, metrics = compiled(state, batch)
     jax.block_until_ready((state, metrics))
     loss = float(metrics["loss"])
     first = time.perf_counter() - t0
     times = []
     for _ in range(args.steps):
         t0 = time.perf_counter()
-        state, metrics = trainer.train_step(state, batch)
+        state, metrics = compiled(state, batch)
         jax.block_until_ready((state, metrics))  # the optimizer update too, not just the loss
         times.append(time.perf_counter() - t0)
+    # The profile: separate steps, so the timed ones above carry no tracing overhead.
+    trace_dir = os.path.join(getattr(args, "work", None) or tempfile.mkdtemp(), f"trace-{attention}-{remat}-{flags}")
+    import inspect
+
+    # The perfetto JSON when this jax can write it; profile_table reads the *.trace.json.gz otherwise.
+    perfetto = "create_perfetto_trace" in inspect.signature(jax.profiler.trace).parameters
+    with jax.profiler.trace(trace_dir, **({"create_perfetto_trace": True} if perfetto else {})):
+        for _ in range(args.profile_steps):
+            with jax.profiler.TraceAnnotation(profile_table.STEP_MARK):
+                state, metrics = compiled(state, batch)
+                jax.block_until_ready((state, metrics))
+    prof, ops = profile_table.profile_dir(trace_dir, compiled.as_text())
     step = sorted(times)[len(times) // 2]
     peak_bytes, limit = _jax_peak_bytes()
     peak = flops.peak_flops_for(jax.local_devices()[0].device_kind)
+    mfu = flops.mfu(train_flops, step, 1, peak)
+    log(profile_table.format_table(_profile_title(result, step, mfu), prof))
     return dict(
         result,
         status="ok" if math.isfinite(loss) else "failed",
         loss=loss,
-        compile_and_first_step_s=first,
+        compile_s=compile_s,
+        first_step_s=first,
         step_s=step,
         step_times_s=times,
         tflops=train_flops / step / 1e12,
-        mfu=flops.mfu(train_flops, step, 1, peak),
+        mfu=mfu,
         peak_gib=None if peak_bytes is None else peak_bytes / 2**30,
+        profile=profile_table.as_dict(prof),
+        ops=ops,
     )
 
 
-def _cudnn_step_lowering(args, cfg, latent, text_len, result):
+def _profile_title(result, step_s, mfu):
+    mfu_text = "-" if mfu is None else f"{100 * mfu:.1f} %"
+    return f"  profile {result['backend']} on {result['device']}: step {step_s:.3f} s (timed, untraced), MFU {mfu_text}"
+
+
+def _cudnn_step_lowering(args, cfg, latent, text_len, result, remat="full"):
     """The cuDNN train step of the trainer, lowered for CUDA (dry run): which kernels, no bias."""
     import jax
     import jax.numpy as jnp
@@ -386,7 +504,7 @@ def _cudnn_step_lowering(args, cfg, latent, text_len, result):
     mesh = mesh_lib.build_mesh({"data": -1}, devices=jax.local_devices()[:1])
     trainer = tr.Trainer(
         cfg,
-        RuntimeOptions(attention="cudnn", compute_dtype=jnp.bfloat16, remat="full"),
+        RuntimeOptions(attention="cudnn", compute_dtype=jnp.bfloat16, remat=remat),
         OptimConfig(learning_rate=1e-5, warmup_steps=0),
         ObjectiveConfig(),
         mesh,
@@ -404,14 +522,6 @@ def _cudnn_step_lowering(args, cfg, latent, text_len, result):
     good = _padding_kernels_only(targets, masks, backward=True)
     log(f"  train step lowered for CUDA: kernels {targets}, mask types {masks}")
     return dict(result, status="ok" if good else "failed", lowered_kernels=targets, mask_types=masks)
-
-
-def part_jax_step_xla(args):
-    return _jax_step_part(args, "xla")
-
-
-def part_jax_step_cudnn(args):
-    return _jax_step_part(args, "cudnn")
 
 
 class _Recompute:
@@ -432,9 +542,30 @@ class _Recompute:
         return Recompute(layer)
 
 
+def _torch_profile(args, step, cuda):
+    """args.profile_steps steps under torch.profiler, bucketed like the JAX steps."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from bench import profile_table
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(args.profile_steps):
+            with record_function(profile_table.STEP_MARK):
+                step()
+                if cuda:
+                    torch.cuda.synchronize()
+    path = os.path.join(getattr(args, "work", None) or tempfile.mkdtemp(), "megatron-step.trace.json")
+    prof.export_chrome_trace(path)
+    events = profile_table.load_events(path)
+    return profile_table.bucket(events), profile_table.extract(events)
+
+
 def part_megatron_step(args):
     import torch
 
+    from bench import profile_table
     from mugv import flops, geometry
     from mugv_megatron.model.dit import MUGDiT
     from mugv_megatron.model.spec import get_layer_spec
@@ -492,9 +623,18 @@ def part_megatron_step(args):
     train_flops = _flops(cfg, latent, text_len)
     name = torch.cuda.get_device_name(0) if cuda else "cpu"
     peak = flops.peak_flops_for(name) if cuda else None
+    prof, ops = _torch_profile(args, step, cuda)
+    mfu = flops.mfu(train_flops, step_s, 1, peak)
+    log(
+        profile_table.format_table(
+            _profile_title(dict(backend=f"megatron/{spec_name}", device=name), step_s, mfu), prof
+        )
+    )
     return dict(
         status="ok" if math.isfinite(loss) else "failed",
         backend=f"megatron/{spec_name}",
+        profile=profile_table.as_dict(prof),
+        ops=ops,
         note="" if te_ok else f"TE spec skipped: {te_reason}",
         layers=cfg.depth,
         hidden=cfg.hidden_size,
@@ -505,7 +645,7 @@ def part_megatron_step(args):
         step_s=step_s,
         step_times_s=times,
         tflops=train_flops / step_s / 1e12,
-        mfu=flops.mfu(train_flops, step_s, 1, peak),
+        mfu=mfu,
         device=name,
         peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
     )
@@ -569,11 +709,16 @@ def geometry_check(args):
     return dict(status="ok", tokens=n, model_tflop_per_step=flop / 1e12)
 
 
+def _variant_part(name, args):
+    attention, remat, flags = VARIANTS[name]
+    # The baseline steps take --remat; the other variants name their own policy.
+    return _jax_step_part(args, attention, None if name.startswith("jax_step_") else remat, flags)
+
+
 PART_FUNCS = {
     "jax_golden": part_jax_golden,
     "megatron_golden": part_megatron_golden,
-    "jax_step_xla": part_jax_step_xla,
-    "jax_step_cudnn": part_jax_step_cudnn,
+    **{name: functools.partial(_variant_part, name) for name in VARIANTS},
     "megatron_step": part_megatron_step,
     "megatron_distopt": part_megatron_distopt,
 }
@@ -613,9 +758,17 @@ def run_isolated(name, args, timeout):
         str(args.steps),
         "--remat",
         args.remat,
+        "--profile-steps",
+        str(args.profile_steps),
+        "--work",
+        args.work,
     ] + (["--dry-run"] if args.dry_run else [])
+    # One compilation cache for all parts: XLA's autotuning results (kept there) are shared by the
+    # variants, so only the first one pays for them.
+    env = dict(os.environ)
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(args.work, "jax-cache"))
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     reader = threading.Thread(target=lambda: [log("  | " + line.rstrip()) for line in proc.stdout], daemon=True)
     reader.start()
     try:
@@ -624,7 +777,7 @@ def run_isolated(name, args, timeout):
         proc.kill()
         proc.wait()
         reader.join(5)
-        return dict(status="timeout", reason=f"stopped after {timeout} s", wall_s=time.perf_counter() - t0)
+        return dict(status="timeout", reason=f"stopped after {timeout:.0f} s", wall_s=time.perf_counter() - t0)
     reader.join(5)
     if os.path.exists(out):
         with open(out) as fh:
@@ -640,18 +793,18 @@ def _fmt(v, spec, width):
 
 
 def table(results):
-    head = f"{'part':<16} {'backend':<16} {'status':<8} {'step s':>8} {'TFLOP/s':>8} {'MFU %':>6} {'peak GiB':>9}"
+    head = f"{'part':<32} {'backend':<40} {'status':<8} {'step s':>8} {'TFLOP/s':>8} {'MFU %':>6} {'peak GiB':>9}"
     lines = [head, "-" * len(head)]
     for name, r in results.items():
         mfu = None if r.get("mfu") is None else 100 * r["mfu"]
         lines.append(
-            f"{name:<16} {str(r.get('backend', '')):<16} {r['status']:<8} "
+            f"{name:<32} {str(r.get('backend', '')):<40} {r['status']:<8} "
             f"{_fmt(r.get('step_s'), '.3f', 8)} {_fmt(r.get('tflops'), '.1f', 8)} "
             f"{_fmt(mfu, '.1f', 6)} {_fmt(r.get('peak_gib'), '.1f', 9)}"
         )
         for key in ("reason", "note"):
             if r.get(key):
-                lines.append(f"{'':<16} {r[key]}")
+                lines.append(f"{'':<32} {r[key]}")
     return "\n".join(lines)
 
 
@@ -662,13 +815,32 @@ def _write_atomic(path, text):
     os.replace(tmp, path)
 
 
+def _write_atomic_gz(path, text):
+    import gzip
+
+    tmp = path + ".tmp"
+    with gzip.open(tmp, "wt") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny widths, in-process, seconds")
     ap.add_argument("--layers", type=int, default=4, help="10B-width layers in the step parts (2-4)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps after the first (default 3; 1 with --dry-run)")
-    ap.add_argument("--remat", default="full", help="JAX remat policy of the step parts (the 10B configs: full)")
-    ap.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset of " + ",".join(PARTS))
+    ap.add_argument("--profile-steps", type=int, default=None, help="profiled steps per step part (default 1)")
+    ap.add_argument(
+        "--remat", default="full", help="JAX remat policy of jax_step_xla/jax_step_cudnn (10B configs: full)"
+    )
+    ap.add_argument(
+        "--parts",
+        default=",".join(DEFAULT_PARTS),
+        help="comma-separated parts, or 'all' (every variant); choose from " + ",".join(PARTS),
+    )
+    ap.add_argument(
+        "--budget", type=float, default=BUDGET_S, help="seconds for the whole GPU run: no part starts past it"
+    )
     ap.add_argument("--out", default=os.environ.get("OUT", ""), help="directory for the log and JSON")
     ap.add_argument(
         "--isolate",
@@ -678,9 +850,12 @@ def main(argv=None):
     )
     ap.add_argument("--part", help=argparse.SUPPRESS)
     ap.add_argument("--json", help=argparse.SUPPRESS)
+    ap.add_argument("--work", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.steps is None:
-        args.steps = 1 if args.dry_run else 3
+        args.steps = 1 if args.dry_run else 2
+    if args.profile_steps is None:
+        args.profile_steps = 1
     if args.dry_run:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
@@ -693,7 +868,7 @@ def main(argv=None):
         _write_atomic(args.json, json.dumps(result, indent=1, default=str))
         return 0
 
-    parts = [p for p in args.parts.split(",") if p]
+    parts = list(PARTS) if args.parts == "all" else [p for p in args.parts.split(",") if p]
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
         ap.error(f"unknown parts {unknown}; choose from {list(PARTS)}")
@@ -710,16 +885,34 @@ def main(argv=None):
         results["geometry"] = run_inline_geometry(args)
         import tempfile
 
+        # The budget counts from device_check.sh's start: installing Transformer Engine is in it.
+        start = float(os.environ.get("DEVICE_CHECK_STARTED") or time.time())
         with tempfile.TemporaryDirectory(prefix="device-check-") as work:
             args.work = work
             for name in parts:
                 log(f"[{name}]")
-                results[name] = run_isolated(name, args, TIMEOUTS[name]) if isolate else run_inline(name, args)
+                left = args.budget - (time.time() - start)
+                if isolate and left < MIN_PART_S:
+                    results[name] = dict(
+                        status="skipped",
+                        reason=f"the --budget of {args.budget:.0f} s is spent; run it alone with --parts {name}",
+                        wall_s=0.0,
+                    )
+                elif isolate:
+                    results[name] = run_isolated(name, args, min(TIMEOUTS[name], left))
+                    if results[name]["status"] == "timeout" and left < TIMEOUTS[name]:
+                        results[name]["reason"] += f" (the end of the --budget; alone: --parts {name})"
+                else:
+                    results[name] = run_inline(name, args)
                 log(f"  -> {results[name]['status']} in {results[name]['wall_s']:.1f} s")
         log("")
         log(table(results))
+    # The profiled ops go to their own file (bench/profile_table.py re-buckets them on any machine).
+    ops = {name: r.pop("ops") for name, r in results.items() if r.get("ops")}
     if args.out:
         os.makedirs(args.out, exist_ok=True)
+        if ops:
+            _write_atomic_gz(os.path.join(args.out, "device_check_ops.json.gz"), json.dumps(ops))
         _write_atomic(os.path.join(args.out, "device_check.json"), json.dumps(results, indent=1, default=str))
         _write_atomic(os.path.join(args.out, "device_check.log"), buffer.getvalue())
     bad = [n for n, r in results.items() if r["status"] in ("failed", "timeout")]
