@@ -59,7 +59,14 @@ def _bwd(precision, res, g):
     p = jnp.exp(_scores(q, k, key_mask, precision) - lse)  # [B, H, Nq, Nk]
     dv = dot("bhqk,bqhd->bkhd", p.astype(g.dtype), g)
     dp = dot("bqhd,bkhd->bhqk", g, v)
-    delta = jnp.swapaxes(jnp.sum(g.astype(F32) * out.astype(F32), axis=-1), 1, 2)[..., None]  # [B, H, Nq, 1]
+    # Row sums of g∘o as a contraction (mugv_jax/dit/ops.py row_dot says why), [B, H, Nq, 1].
+    delta = jnp.einsum(
+        "bqhd,bqhd->bhq",
+        g.astype(F32),
+        out.astype(F32),
+        precision=jax.lax.Precision.HIGHEST,
+        preferred_element_type=F32,
+    )[..., None]
     ds = p * (dp - delta) * q.shape[-1] ** -0.5
     dq = dot("bhqk,bkhd->bqhd", ds.astype(k.dtype), k)
     dk = dot("bhqk,bqhd->bkhd", ds.astype(q.dtype), q)
