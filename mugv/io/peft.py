@@ -13,6 +13,7 @@ renamed when complete, and an existing one is refused unless `force`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -108,6 +109,8 @@ def read_for(lora: LoraConfig, config: DiTConfig) -> dict[str, np.ndarray]:
     """The adapters of `lora.init_from` (a PEFT directory) for a run with `lora`: refused unless
     its rank, alpha and targets are the run's."""
     found, adapters = read(lora.init_from, config)
+    # The base's dtype is the run's choice (a PEFT adapter has none): compared as the run's.
+    found = dataclasses.replace(found, base_dtype=lora.base_dtype)
     if identity(found, FreezeConfig()) != identity(lora, FreezeConfig()):
         raise ValueError(
             f"--config.lora.init_from={lora.init_from} holds a rank-{found.rank} adapter (alpha {found.alpha}, "

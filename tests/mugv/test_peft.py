@@ -3,6 +3,7 @@ the release's module names (built from the release schema, tests/golden/dit_tiny
 adapted linears compute base + scale·B·A like the definition; PEFT's merge equals ours
 (mugv.lora.merge_release); the directory reads back exactly; mismatches are refused."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -111,3 +112,15 @@ def test_the_export_reads_back_exactly_and_mismatches_are_refused(exported, tmp_
         peft_io.write(str(tmp_path / "x"), {k: v for k, v in trained.items() if "blocks.1." not in k}, LORA, CFG)
     with pytest.raises(ValueError, match="do not match"):
         peft_io.read(exported, get_config("tiny", depth=CFG.depth + 1))
+
+
+def test_read_for_takes_the_adapter_whatever_the_base_dtype(exported):
+    """`config.lora.init_from`: the adapter must match the run's rank, alpha and targets; how the
+    run stores its frozen base (base_dtype) is the run's, not the adapter's."""
+    trained = _trained()
+    for base_dtype in ("float32", "bfloat16"):
+        run = dataclasses.replace(LORA, init_from=exported, base_dtype=base_dtype)
+        got = peft_io.read_for(run, CFG)
+        assert got.keys() == trained.keys() and all(np.array_equal(got[k], trained[k]) for k in trained)
+    with pytest.raises(ValueError, match=r"rank-4 adapter .* --config.lora is rank 8"):
+        peft_io.read_for(dataclasses.replace(LORA, init_from=exported, rank=8), CFG)
