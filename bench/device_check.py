@@ -51,6 +51,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import gzip
+import inspect
 import io
 import json
 import math
@@ -455,8 +457,6 @@ def _jax_step_part(args, attention, remat=None, flags="none"):
         times.append(time.perf_counter() - t0)
     # The profile: separate steps, so the timed ones above carry no tracing overhead.
     trace_dir = os.path.join(getattr(args, "work", None) or tempfile.mkdtemp(), f"trace-{attention}-{remat}-{flags}")
-    import inspect
-
     # The perfetto JSON when this jax can write it; profile_table reads the *.trace.json.gz otherwise.
     perfetto = "create_perfetto_trace" in inspect.signature(jax.profiler.trace).parameters
     with jax.profiler.trace(trace_dir, **({"create_perfetto_trace": True} if perfetto else {})):
@@ -660,7 +660,6 @@ def part_megatron_distopt(args):
 
     if args.dry_run:  # CPU: tiny width, megatron's optimizer under the shim
         distopt_cpu.apply()
-    import tempfile
 
     work = getattr(args, "work", None) or tempfile.mkdtemp(prefix="device-check-distopt-")
     got = megatron_distopt.run(
@@ -809,17 +808,9 @@ def table(results):
 
 
 def _write_atomic(path, text):
+    """Written under a temporary name and renamed when complete (gzip-compressed for a .gz path)."""
     tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
-def _write_atomic_gz(path, text):
-    import gzip
-
-    tmp = path + ".tmp"
-    with gzip.open(tmp, "wt") as fh:
+    with gzip.open(tmp, "wt") if path.endswith(".gz") else open(tmp, "w") as fh:
         fh.write(text)
     os.replace(tmp, path)
 
@@ -883,8 +874,6 @@ def main(argv=None):
         results = {}
         log("[geometry] 720p×5 s step arguments")
         results["geometry"] = run_inline_geometry(args)
-        import tempfile
-
         # The budget counts from device_check.sh's start: installing Transformer Engine is in it.
         start = float(os.environ.get("DEVICE_CHECK_STARTED") or time.time())
         with tempfile.TemporaryDirectory(prefix="device-check-") as work:
@@ -912,7 +901,7 @@ def main(argv=None):
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         if ops:
-            _write_atomic_gz(os.path.join(args.out, "device_check_ops.json.gz"), json.dumps(ops))
+            _write_atomic(os.path.join(args.out, "device_check_ops.json.gz"), json.dumps(ops))
         _write_atomic(os.path.join(args.out, "device_check.json"), json.dumps(results, indent=1, default=str))
         _write_atomic(os.path.join(args.out, "device_check.log"), buffer.getvalue())
     bad = [n for n, r in results.items() if r["status"] in ("failed", "timeout")]
