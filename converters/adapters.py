@@ -29,20 +29,14 @@ from mugv.io.atomic import atomic_output, check_output_free
 from mugv.io.base import Entry
 from mugv.io.spec import parse_spec, resolve
 from mugv.layouts import jax as jax_layout
-from mugv.lora import LoraConfig, check_adapters, merge_release
+from mugv.lora import LoraConfig, check_adapters, merge_release, stored
 
-# Where a checkpoint's run config keeps the LoRA section (RunConfig.lora).
+# Where a checkpoint's run config keeps the LoRA section (RunConfig.lora; mugv.lora.stored reads it).
 LORA = "lora"
 
 
 def _lora_of(run_config: dict | None, where: str) -> LoraConfig:
-    section = (run_config or {}).get(LORA) or {}
-    lora = LoraConfig(
-        rank=int(section.get("rank", 0)),
-        alpha=float(section.get("alpha", LoraConfig.alpha)),
-        targets=tuple(section.get("targets", LoraConfig.targets)),
-        init_seed=int(section.get("init_seed", 0)),
-    )
+    lora, _ = stored(run_config)
     if not lora.on:
         raise ValueError(f"{where}: not a LoRA run (its config has lora.rank 0): there are no adapters to read")
     return lora

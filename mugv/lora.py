@@ -152,22 +152,27 @@ def identity(lora: LoraConfig, freeze: FreezeConfig) -> dict:
     }
 
 
-def saved_identity(run_config: dict | None) -> dict:
-    """`identity` of the run config a checkpoint stored (one without LoRA fields: no LoRA)."""
+def stored(run_config: dict | None) -> tuple[LoraConfig, FreezeConfig]:
+    """The LoRA and frozen modules a checkpoint's stored run config records (one stored without
+    these sections, or none at all: no LoRA, nothing frozen)."""
     saved = run_config if isinstance(run_config, dict) else {}
-    lora, freeze = saved.get("lora") or {}, saved.get("freeze") or {}
-    modules = list(freeze.get("modules") or ())
-    if not int(lora.get("rank", 0)):
-        return {"lora": None, "freeze": modules}
-    return {
-        "lora": {
-            "rank": int(lora["rank"]),
-            "alpha": float(lora["alpha"]),
-            "targets": list(lora["targets"]),
-            "base_dtype": lora.get("base_dtype", "float32"),
-        },
-        "freeze": modules,
-    }
+    section, freeze = saved.get("lora") or {}, saved.get("freeze") or {}
+    frozen = FreezeConfig(modules=tuple(freeze.get("modules") or ()))
+    if not int(section.get("rank", 0)):
+        return LoraConfig(), frozen
+    lora = LoraConfig(
+        rank=int(section["rank"]),
+        alpha=float(section.get("alpha", LoraConfig.alpha)),
+        targets=tuple(section.get("targets", TARGETS)),
+        init_seed=int(section.get("init_seed", 0)),
+        base_dtype=section.get("base_dtype", "float32"),
+    )
+    return lora, frozen
+
+
+def saved_identity(run_config: dict | None) -> dict:
+    """`identity` of the run config a checkpoint stored."""
+    return identity(*stored(run_config))
 
 
 def adapter_name(block: int, site: Site, which: str) -> str:
