@@ -183,7 +183,8 @@ def plan_step(config, *, bucket_index: int | None = None, devices=None, kind: st
 
     run = as_run_config(config)
     base_dtype = run.lora.base_dtype if run.lora.on else ""
-    if base_dtype != "float32" and base_dtype and jax.default_backend() == "cpu":
+    widened = base_dtype not in ("", "float32") and jax.default_backend() == "cpu"
+    if widened:
         # See BASE_STAND_IN: compiled with a float32 base, its bytes counted in `base_dtype` below.
         run = dataclasses.replace(run, lora=dataclasses.replace(run.lora, base_dtype="float32"))
     # The trainer the run would build (model, runtime options, optimizer, sharding rules, mesh);
@@ -228,7 +229,7 @@ def plan_step(config, *, bucket_index: int | None = None, devices=None, kind: st
     frozen = state.get("frozen", {})
     frozen_bytes = _per_device_bytes(frozen)
     stand_in = stand_ins.get(options.attention, "")
-    if base_dtype and base_dtype != str(next(iter(jax.tree.leaves(frozen))).dtype):
+    if widened:
         stored = _per_device_bytes(
             jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, base_dtype, sharding=a.sharding), frozen)
         )
