@@ -244,12 +244,17 @@ def torch_build_command(sdist_dir, wheel_dir):
 
 def build_torch_extension(sdist, target, wheel_dir, jobs=None):
     """Builds transformer_engine_torch from its sdist into a wheel in wheel_dir; returns its path."""
-    work = tempfile.mkdtemp(prefix="te-torch-")
-    with tarfile.open(sdist) as tf:
-        tf.extractall(work, filter="data")
-    (src,) = [os.path.join(work, d) for d in os.listdir(work)]
     os.makedirs(wheel_dir, exist_ok=True)
-    subprocess.run(torch_build_command(src, wheel_dir), env=torch_build_env(target, jobs), check=True)
+    with tempfile.TemporaryDirectory(prefix="te-torch-") as work:
+        with tarfile.open(sdist) as tf:
+            tf.extractall(work, filter="data")
+        (src,) = [os.path.join(work, d) for d in os.listdir(work)]
+        cmd = torch_build_command(src, wheel_dir)
+        if subprocess.run(cmd, env=torch_build_env(target, jobs)).returncode:
+            raise PartError(
+                f"building the torch extension from {os.path.basename(sdist)} failed (pip's output above; it "
+                f"needs the GPU machine's torch, setuptools, CUDA headers and nvcc): {' '.join(cmd)}"
+            )
     built = [f for f in os.listdir(wheel_dir) if f.startswith("transformer_engine_torch-") and f.endswith(".whl")]
     if not built:
         raise RuntimeError(f"pip wheel wrote no transformer_engine_torch wheel into {wheel_dir}")

@@ -151,3 +151,26 @@ def test_the_extension_is_built_from_its_sdist_once(tmp_path, monkeypatch):
     # An extension already built into the target on this machine is not built again.
     (target / "transformer_engine_torch.cpython-312-x86_64-linux-gnu.so").write_bytes(b"")
     assert te_offline.install(out, str(target))["built"] is None and len(builds) == 1
+
+
+def test_a_failed_extension_build_is_one_message_and_leaves_no_tree(tmp_path, monkeypatch, capsys):
+    """The build runs where torch, setuptools and CUDA are (the GPU image); where it fails, install
+    says so in one line naming the sdist and the command (exit 2), not a traceback."""
+    import tarfile
+
+    src = tmp_path / "transformer_engine_torch-2.20.2"
+    src.mkdir()
+    (src / "setup.py").write_text("raise SystemExit('no torch here')\n")
+    sdist = tmp_path / "transformer_engine_torch-2.20.2.tar.gz"
+    with tarfile.open(sdist, "w:gz") as tf:
+        tf.add(src, arcname=src.name)
+    out = str(tmp_path / "te")
+    te_offline.pack([_wheel(tmp_path), str(sdist)], out, LIMIT)
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(te_offline.tempfile, "tempdir", None)
+    monkeypatch.setattr(te_offline, "torch_build_command", lambda s, w: [sys.executable, os.path.join(s, "setup.py")])
+    assert te_offline.main(["install", "--parts", out, "--target", str(tmp_path / "site")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "building the torch extension from transformer_engine_torch-2.20.2.tar.gz failed" in err[0]
+    assert os.listdir(tmp_path / "tmp") == []  # the unpacked sdist is gone
