@@ -19,23 +19,33 @@ import jax.numpy as jnp
 F32 = jnp.float32
 
 
-def _scores(q, k, key_mask, precision):
-    s = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=precision, preferred_element_type=F32) * q.shape[-1] ** -0.5
+def _heads(*xs):
+    # [B, N, H, D] ↔ [B, H, N, D]. Inside, everything is heads-major: the batched dots then read
+    # and write [N, N] blocks row-major, so XLA moves the O(N·d) operands instead of transposing
+    # the [B, H, Nq, Nk] probabilities for the p·v and dsᵀ·q products (on one CPU core the module's
+    # forward+backward went from ~40 to ~35 ms at [1, 482, 8, 72]; docs/benchmarks.md).
+    return tuple(jnp.swapaxes(x, 1, 2) for x in xs)
+
+
+def _scores(qh, kh, key_mask, precision):
+    s = jnp.einsum("bhqd,bhkd->bhqk", qh, kh, precision=precision, preferred_element_type=F32)
+    s = s * qh.shape[-1] ** -0.5
     if key_mask is not None:
         s = jnp.where(key_mask[:, None, None, :], s, -jnp.inf)
     return s
 
 
 def _forward(q, k, v, key_mask, precision):
-    s = _scores(q, k, key_mask, precision)
+    qh, kh, vh = _heads(q, k, v)
+    s = _scores(qh, kh, key_mask, precision)
     m = jnp.max(s, axis=-1, keepdims=True)
     m = jnp.where(jnp.isfinite(m), m, 0.0)  # a row with no valid key: every p is 0
     p = jnp.exp(s - m)
     denom = jnp.sum(p, axis=-1, keepdims=True)
     valid = denom > 0
-    out = jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), v, precision=precision, preferred_element_type=F32)
+    out = jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), vh, precision=precision, preferred_element_type=F32)
     inv = jnp.where(valid, 1.0 / jnp.where(valid, denom, 1.0), 0.0)  # [B, H, Nq, 1]
-    out = (out * jnp.swapaxes(inv, 1, 2)).astype(q.dtype)
+    (out,) = _heads((out * inv).astype(q.dtype))
     # +inf where nothing is valid: the backward's exp(s − lse) is then 0 for the whole row.
     lse = jnp.where(valid, m + jnp.log(jnp.where(valid, denom, 1.0)), jnp.inf)
     return out, lse
@@ -56,9 +66,6 @@ def _fwd(q, k, v, key_mask, precision):
 def _bwd(precision, res, g):
     q, k, v, key_mask, out, lse = res
     dot = functools.partial(jnp.einsum, precision=precision, preferred_element_type=F32)
-    p = jnp.exp(_scores(q, k, key_mask, precision) - lse)  # [B, H, Nq, Nk]
-    dv = dot("bhqk,bqhd->bkhd", p.astype(g.dtype), g)
-    dp = dot("bqhd,bkhd->bhqk", g, v)
     # Row sums of g∘o as a contraction (mugv_jax/dit/ops.py row_dot says why), [B, H, Nq, 1].
     delta = jnp.einsum(
         "bqhd,bqhd->bhq",
@@ -67,9 +74,14 @@ def _bwd(precision, res, g):
         precision=jax.lax.Precision.HIGHEST,
         preferred_element_type=F32,
     )[..., None]
+    qh, kh, vh, gh = _heads(q, k, v, g)
+    p = jnp.exp(_scores(qh, kh, key_mask, precision) - lse)  # [B, H, Nq, Nk]
+    dv = dot("bhqk,bhqd->bhkd", p.astype(g.dtype), gh)
+    dp = dot("bhqd,bhkd->bhqk", gh, vh)
     ds = p * (dp - delta) * q.shape[-1] ** -0.5
-    dq = dot("bhqk,bkhd->bqhd", ds.astype(k.dtype), k)
-    dk = dot("bhqk,bqhd->bkhd", ds.astype(q.dtype), q)
+    dq = dot("bhqk,bhkd->bhqd", ds.astype(k.dtype), kh)
+    dk = dot("bhqk,bhqd->bhkd", ds.astype(q.dtype), qh)
+    dq, dk, dv = _heads(dq, dk, dv)
     no_grad = None if key_mask is None else jnp.zeros(key_mask.shape, jax.dtypes.float0)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), no_grad
 
