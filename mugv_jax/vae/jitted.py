@@ -17,6 +17,7 @@ import jax
 from flax import nnx
 
 from mugv.vae_config import PIPELINE_FIELDS
+from mugv_jax.backend_options import convolution_options
 from mugv_jax.vae.layers import spatial_kernels
 from mugv_jax.vae.model import NETWORK_METHODS, VideoVAE
 from mugv_jax.vae.orchestration import Pipeline
@@ -26,7 +27,8 @@ class JittedVAE(Pipeline):
     """encode / decode / posterior / spatial_* / temporal_* of a `VideoVAE`, network-compiled.
 
     `compiler_options` go to XLA, e.g. {"xla_backend_optimization_level": 0} for much faster
-    compiles of small CPU jobs.
+    compiles of small CPU jobs, over the backend's defaults for convolutions
+    (mugv_jax/backend_options.py).
     """
 
     def __init__(self, model: VideoVAE, compiler_options: dict | None = None):
@@ -41,7 +43,7 @@ class JittedVAE(Pipeline):
             part: nnx.split(spatial_kernels(getattr(model, part), conv3d_by_taps=cpu))
             for part in ("spatial_vae", "temporal_vae")
         }
-        self._options = compiler_options
+        self._options = convolution_options(compiler_options)
         self._compiled: dict[tuple[str, bool], Callable] = {}
         self._recording: dict[str, list] | None = None
         # progress(network, chunks done, chunks of this call): called as each chunk finishes, so

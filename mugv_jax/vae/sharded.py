@@ -17,6 +17,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from mugv_jax.backend_options import convolution_options
 from mugv_jax.parallel.sharding import DEFAULT_RULES, logical_to_spec
 from mugv_jax.vae.model import VideoVAE
 from mugv_jax.vae.tiling import Tiled, Tiling
@@ -57,9 +58,14 @@ def sharded_encode(model: VideoVAE, mesh: Mesh, tiling: Tiling | None = None) ->
     def local_sample(state, x, noise):
         return _pipeline(graphdef, state, tiling).encode(x, sample=True, noise=noise)
 
-    mode = jax.jit(jax.shard_map(local_mode, mesh=mesh, in_specs=(replicated, spec), out_specs=spec, check_vma=False))
+    options = convolution_options()
+    mode = jax.jit(
+        jax.shard_map(local_mode, mesh=mesh, in_specs=(replicated, spec), out_specs=spec, check_vma=False),
+        compiler_options=options,
+    )
     sample = jax.jit(
-        jax.shard_map(local_sample, mesh=mesh, in_specs=(replicated, spec, spec), out_specs=spec, check_vma=False)
+        jax.shard_map(local_sample, mesh=mesh, in_specs=(replicated, spec, spec), out_specs=spec, check_vma=False),
+        compiler_options=options,
     )
     sharding = NamedSharding(mesh, spec)
 
@@ -87,7 +93,10 @@ def sharded_decode(model: VideoVAE, mesh: Mesh, num_frames: int, tiling: Tiling 
     def local(state, z):
         return _pipeline(graphdef, state, tiling).decode(z, num_frames)
 
-    fn = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(replicated, spec), out_specs=spec, check_vma=False))
+    fn = jax.jit(
+        jax.shard_map(local, mesh=mesh, in_specs=(replicated, spec), out_specs=spec, check_vma=False),
+        compiler_options=convolution_options(),
+    )
 
     def call(z):
         n = _batch_devices(mesh, spec)

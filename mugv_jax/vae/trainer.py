@@ -17,6 +17,7 @@ import optax
 from flax import nnx
 
 from mugv.vae_config import TEMPORAL_GROUP, VAEConfig
+from mugv_jax.backend_options import convolution_options
 from mugv_jax.vae import losses
 from mugv_jax.vae.checkpoint import export_release_state_dict, load, random_vae
 from mugv_jax.vae.clips import CropSampler
@@ -120,7 +121,7 @@ class Trainer:
         self.step = 0
         self._steps = {}
         self._eval = None
-        opts = dict(config.compiler_options) if config.get("compiler_options") else None
+        opts = convolution_options(dict(config.compiler_options) if config.get("compiler_options") else None)
         self._jit = lambda f, **kw: jax.jit(f, compiler_options=opts, **kw)
 
     # pure dict ↔ module

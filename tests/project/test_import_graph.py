@@ -29,10 +29,11 @@ ALLOWED = {
 }
 # The rooms of each backend by layer, lowest first. The JAX preference trainer lives in train/ (a
 # training mode, like Megatron's), so train/ never reaches up into recipe/. compilation_cache.py
-# imports nothing of ours: the trainers and sampler CLIs call it at start-up.
+# and backend_options.py import nothing of ours: the trainers and sampler CLIs call the first at
+# start-up, the VAE's jits take their compiler options from the second.
 LAYERS = {
     "mugv_jax": (
-        ("parallel", "hlo_stats", "compilation_cache"),
+        ("parallel", "hlo_stats", "compilation_cache", "backend_options"),
         ("dit",),
         ("sample",),
         ("train",),
