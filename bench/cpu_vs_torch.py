@@ -3,6 +3,7 @@
     python bench/cpu_vs_torch.py                                  # DiT, train step, VAE (release VAE at 64²)
     python bench/cpu_vs_torch.py --preset tiny --repeats 1 --vae tiny:16 --fast-compile   # smoke test (tested)
     python bench/cpu_vs_torch.py --parts vae --vae release:128,release:256
+    python bench/cpu_vs_torch.py --parts dit --allocator system      # glibc's default allocator
 
 Sides, all built from one set of release-layout weights:
   dit   jax             mugv_jax.dit.forward under jax.jit, float32, remat per --jax-remat
@@ -19,9 +20,12 @@ All parts run in one process pinned to one core (`taskset`, --core), every side 
 (XLA's Eigen pool and torch's intra-op pool at 1 thread). The sides are timed in turn, call after
 call, so on a shared machine each sees the same load; times are CPU seconds of the process per
 call (median of --repeats; the first call, which compiles for JAX, is shown apart), wall seconds
-beside them. Before any time is printed, every side's outputs (and, for the DiT, its gradients per
-release tensor) are compared with a torch side's: a disagreement beyond OUT_ATOL / GRAD_REL /
-VAE_REL fails the run. The DiT loss for the backward is Σ out·r / numel(out) with a fixed random r.
+beside them. The process's glibc keeps the memory it frees (--allocator keep, the default; `system`
+for glibc's defaults): otherwise XLA's one temp buffer per call is mapped and faulted in afresh each
+call, a cost of the allocator rather than of either side's code. Before any time is printed, every
+side's outputs (and, for the DiT, its gradients per release tensor) are compared with a torch
+side's: a disagreement beyond OUT_ATOL / GRAD_REL / VAE_REL fails the run. The DiT loss for the
+backward is Σ out·r / numel(out) with a fixed random r.
 Ratio = JAX ÷ side: below 1, JAX is faster. Results: docs/benchmarks.md ("JAX against torch on the CPU").
 """
 
@@ -80,6 +84,34 @@ def _single_thread_env(fast_compile: bool):
     os.environ["JAX_PLATFORMS"] = "cpu"
     for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[k] = "1"
+
+
+# glibc's mallopt parameters (malloc.h).
+M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
+ALLOCATORS = ("keep", "system")
+
+
+def keep_freed_memory():
+    """glibc keeps what the process frees for its next allocation: one arena, no block of its own
+    mapped per large allocation, nothing trimmed. XLA's CPU client allocates each call's
+    temporaries as one buffer (191 MB for the small DiT's forward+backward) from a worker thread;
+    by default glibc maps it fresh and unmaps it every call: ~50,000 page faults, ~10% of the
+    call (docs/benchmarks.md). torch's per-op buffers fault no pages either way. Must run before
+    the process starts threads (their arenas are fixed then): the child calls it first."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError) as e:
+        raise SystemExit(  # noqa: B904 (a one-line refusal, not a traceback)
+            f"--allocator keep needs glibc's mallopt ({name or 'no libc found'}: {e}); use --allocator system"
+        )
+    for param, value in ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**31 - 1)):
+        if mallopt(param, ctypes.c_int(value)) != 1:
+            raise SystemExit(f"--allocator keep: mallopt({param}, {value}) refused; use --allocator system")
 
 
 FIRST: dict = {}  # (side, phase) → seconds of its first call (a JAX compile included)
@@ -488,6 +520,7 @@ def spawn(args, jobs):
     cmd = [sys.executable, os.path.abspath(__file__), "--child", ",".join(jobs), "--work", args.work]
     cmd += ["--preset", args.preset, "--repeats", str(args.repeats), "--jax-remat", args.jax_remat]
     cmd += ["--fast-compile"] if args.fast_compile else []
+    cmd += ["--allocator", args.allocator]
     if shutil.which("taskset"):
         cmd = ["taskset", "-c", str(args.core), *cmd]
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -512,10 +545,19 @@ def main(argv=None):
         action="store_true",
         help="XLA without LLVM optimisation: faster compiles, slower runs (a smoke test, not a measurement)",
     )
+    ap.add_argument(
+        "--allocator",
+        default="keep",
+        choices=ALLOCATORS,
+        help="keep: glibc keeps freed memory for every side (XLA maps a fresh temp buffer per call "
+        "otherwise); system: glibc's defaults",
+    )
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
+        if args.allocator == "keep":
+            keep_freed_memory()
         _single_thread_env(args.fast_compile)
         run_jobs(args)
         return 0
@@ -534,6 +576,11 @@ def main(argv=None):
 
     say(f"bench/cpu_vs_torch.py on {machine()}; {_versions()}")
     say(f"all parts in one process pinned to core {args.core}, every side single-threaded, float32")
+    say(
+        "allocator: glibc keeps freed memory, for every side (--allocator keep)"
+        if args.allocator == "keep"
+        else "allocator: glibc's defaults (--allocator system): each JAX call maps its temp buffer afresh"
+    )
     if args.fast_compile:
         say("--fast-compile: XLA's LLVM optimisation off, so the JAX times are NOT representative")
     if "dit" in parts or "step" in parts:

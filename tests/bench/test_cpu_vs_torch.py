@@ -21,6 +21,7 @@ def test_tiny_run_agrees_and_prints_ratios(tmp_path):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     out = proc.stdout
     assert "MISMATCH" not in out and "NOT representative" in out
+    assert "allocator: glibc keeps freed memory, for every side" in out
     report = (tmp_path / "report.txt").read_text()
     assert report == out
     for side in DIT_SIDES[1:]:
@@ -41,6 +42,43 @@ def test_child_xla_flags_are_all_read(monkeypatch):
     assert all(t.startswith("--") for t in tokens), tokens
     bench._single_thread_env(fast_compile=False)
     assert "--xla_backend_optimization_level=0" not in os.environ["XLA_FLAGS"].split()
+
+
+FAULTS = """
+import ctypes, ctypes.util, resource, sys, threading
+sys.path.insert(0, {root!r})
+from bench import cpu_vs_torch as bench
+if sys.argv[1] == "keep":
+    bench.keep_freed_memory()
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+faults = []
+def work():  # as XLA's CPU client does: one large temp buffer per call, from a worker thread
+    for _ in range(5):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        a = libc.malloc(100 << 20)
+        ctypes.memset(a, 1, 100 << 20)
+        libc.free(a)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+t = threading.Thread(target=work)
+t.start()
+t.join()
+print(max(faults[1:]))
+"""
+
+
+def test_keep_freed_memory_stops_the_per_call_page_faults():
+    """A 100 MB buffer allocated, touched and freed again and again by a thread: with glibc's
+    defaults each round maps it afresh (~24,000 page faults); with keep_freed_memory none."""
+    code = FAULTS.format(root=ROOT)
+    faults = {}
+    for mode in bench.ALLOCATORS:
+        proc = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        faults[mode] = int(proc.stdout.split()[-1])
+    assert faults["system"] > 20_000, faults
+    assert faults["keep"] < 100, faults
 
 
 def test_a_disagreement_fails_the_run():
